@@ -1,0 +1,274 @@
+//! Idempotency keys: each key is in flight, or finished with the answer it got.
+//!
+//! Answers that placed an order are journaled with the order and kept here for the retention period
+//! (they come back at start-up). Answers that placed nothing (`404`, `409 out_of_stock`) live only in
+//! a bounded map: a flood of rejections costs no disk write and no unbounded memory.
+
+use super::records::StoredAnswer;
+use crate::domain::IdempotencyKey;
+use rustc_hash::FxHashMap;
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+
+/// How many independently locked parts each map is split into, so that concurrent requests with
+/// different keys rarely wait for one another.
+const SHARDS: usize = 64;
+
+/// Limits of the map of answers that placed nothing.
+#[derive(Debug, Clone, Copy)]
+pub struct RejectionLimits {
+    /// The most answers kept; the oldest go first. Bounds memory under a rejection flood.
+    pub entries_max: usize,
+    /// How long an answer is replayed; after that the key may be used afresh.
+    pub age_ms_max: i64,
+}
+
+impl Default for RejectionLimits {
+    fn default() -> Self {
+        // 1 Mi answers of ~200 bytes is ~200 MiB at most; 10 minutes covers a client's retries.
+        Self {
+            entries_max: 1 << 20,
+            age_ms_max: 10 * 60 * 1000,
+        }
+    }
+}
+
+/// What [`IdempotencyStore::begin`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    /// The key is new: it is now in flight, and the caller must `finish` or `abandon` it.
+    Started,
+    /// The key finished earlier with this same request: send this answer again.
+    Replay(Arc<StoredAnswer>),
+}
+
+/// Why a key cannot be used now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum KeyError {
+    /// A request with this key is still running.
+    #[error("a request with this idempotency key is still running")]
+    InUse,
+    /// The key was used with another request.
+    #[error("this idempotency key was used with another request")]
+    Reused,
+}
+
+enum Slot {
+    InFlight { fingerprint: String },
+    Finished(Arc<StoredAnswer>),
+}
+
+#[derive(Default)]
+struct RejectionShard {
+    answers: FxHashMap<IdempotencyKey, Arc<StoredAnswer>>,
+    /// Keys in the order they were inserted, for eviction by age and size.
+    order: VecDeque<IdempotencyKey>,
+}
+
+/// The idempotency keys of one process.
+pub struct IdempotencyStore {
+    slots: Box<[Mutex<FxHashMap<IdempotencyKey, Slot>>]>,
+    rejections: Box<[Mutex<RejectionShard>]>,
+    limits: RejectionLimits,
+}
+
+fn shard_of(key: &IdempotencyKey) -> usize {
+    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
+    key.hash(&mut hasher);
+    (hasher.finish() as usize) % SHARDS
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding one of these locks leaves a consistent map (every update is one
+    // insert or remove), so the poison flag carries no information.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl IdempotencyStore {
+    /// An empty store.
+    pub fn new(limits: RejectionLimits) -> Self {
+        Self {
+            slots: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            rejections: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            limits,
+        }
+    }
+
+    /// Restores an answer that placed an order (from the journal at start-up).
+    pub fn restore(&self, key: IdempotencyKey, answer: StoredAnswer) {
+        let shard = shard_of(&key);
+        lock(&self.slots[shard]).insert(key, Slot::Finished(Arc::new(answer)));
+    }
+
+    fn check(fingerprint: &str, answer: &Arc<StoredAnswer>) -> Result<Begin, KeyError> {
+        if answer.fingerprint == fingerprint {
+            Ok(Begin::Replay(Arc::clone(answer)))
+        } else {
+            Err(KeyError::Reused)
+        }
+    }
+
+    /// Marks the key in flight, or says how it was used before.
+    pub fn begin(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<Begin, KeyError> {
+        let shard = shard_of(key);
+        let mut slots = lock(&self.slots[shard]);
+        match slots.get(key) {
+            Some(Slot::InFlight { .. }) => return Err(KeyError::InUse),
+            Some(Slot::Finished(answer)) => return Self::check(fingerprint, answer),
+            None => {}
+        }
+        {
+            let rejections = lock(&self.rejections[shard]);
+            if let Some(answer) = rejections.answers.get(key) {
+                if now_ms - answer.at_ms < self.limits.age_ms_max {
+                    return Self::check(fingerprint, answer);
+                }
+            }
+        }
+        slots.insert(
+            key.clone(),
+            Slot::InFlight {
+                fingerprint: fingerprint.to_owned(),
+            },
+        );
+        Ok(Begin::Started)
+    }
+
+    /// Records the answer of an in-flight key. `placed_order` answers are kept until purged (the
+    /// caller journaled them first); others go to the bounded rejection map.
+    pub fn finish(&self, key: &IdempotencyKey, answer: StoredAnswer, placed_order: bool) {
+        let shard = shard_of(key);
+        let answer = Arc::new(answer);
+        let mut slots = lock(&self.slots[shard]);
+        if placed_order {
+            slots.insert(key.clone(), Slot::Finished(answer));
+            return;
+        }
+        slots.remove(key);
+        let mut rejections = lock(&self.rejections[shard]);
+        let at_ms = answer.at_ms;
+        if rejections.answers.insert(key.clone(), answer).is_none() {
+            rejections.order.push_back(key.clone());
+        }
+        let entries_max = (self.limits.entries_max / SHARDS).max(1);
+        while let Some(oldest) = rejections.order.front() {
+            let expired = rejections
+                .answers
+                .get(oldest)
+                .is_none_or(|a| at_ms - a.at_ms >= self.limits.age_ms_max);
+            if rejections.order.len() <= entries_max && !expired {
+                break;
+            }
+            if let Some(oldest) = rejections.order.pop_front() {
+                rejections.answers.remove(&oldest);
+            }
+        }
+    }
+
+    /// Forgets an in-flight key whose request ended without an answer worth keeping (a `400` or a
+    /// `503`): the client may retry with it.
+    pub fn abandon(&self, key: &IdempotencyKey) {
+        let shard = shard_of(key);
+        let mut slots = lock(&self.slots[shard]);
+        if matches!(slots.get(key), Some(Slot::InFlight { .. })) {
+            slots.remove(key);
+        }
+    }
+
+    /// The fingerprint of an in-flight key (for diagnostics and tests).
+    pub fn in_flight_fingerprint(&self, key: &IdempotencyKey) -> Option<String> {
+        match lock(&self.slots[shard_of(key)]).get(key) {
+            Some(Slot::InFlight { fingerprint }) => Some(fingerprint.clone()),
+            _ => None,
+        }
+    }
+
+    /// Drops kept answers older than `cutoff_ms` (retention); returns how many were dropped.
+    pub fn purge_before(&self, cutoff_ms: i64) -> usize {
+        let mut dropped = 0;
+        for shard in self.slots.iter() {
+            let mut slots = lock(shard);
+            let before = slots.len();
+            slots.retain(|_, slot| match slot {
+                Slot::InFlight { .. } => true,
+                Slot::Finished(answer) => answer.at_ms >= cutoff_ms,
+            });
+            dropped += before - slots.len();
+        }
+        dropped
+    }
+
+    /// How many answers the rejection map holds now.
+    pub fn rejections_len(&self) -> usize {
+        self.rejections.iter().map(|s| lock(s).answers.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(k: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(k).unwrap()
+    }
+
+    fn answer(fingerprint: &str, status: u16, at_ms: i64) -> StoredAnswer {
+        StoredAnswer {
+            fingerprint: fingerprint.into(),
+            status,
+            body: format!("{{\"status\":{status}}}"),
+            at_ms,
+        }
+    }
+
+    #[test]
+    fn a_key_is_in_use_until_finished_then_replayed() {
+        let store = IdempotencyStore::new(RejectionLimits::default());
+        let k = key("k1");
+        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+        assert_eq!(store.begin(&k, "f", 0), Err(KeyError::InUse));
+        assert_eq!(store.begin(&k, "other", 0), Err(KeyError::InUse));
+        store.finish(&k, answer("f", 201, 0), true);
+        match store.begin(&k, "f", 1) {
+            Ok(Begin::Replay(a)) => assert_eq!(a.status, 201),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        assert_eq!(store.begin(&k, "other", 1), Err(KeyError::Reused));
+    }
+
+    #[test]
+    fn rejections_are_bounded_by_size_and_age() {
+        let limits = RejectionLimits {
+            entries_max: SHARDS * 2,
+            age_ms_max: 1_000,
+        };
+        let store = IdempotencyStore::new(limits);
+        for i in 0..10_000 {
+            let k = key(&format!("r{i}"));
+            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+            store.finish(&k, answer("f", 409, 0), false);
+        }
+        assert!(store.rejections_len() <= SHARDS * 2);
+        let k = key("late");
+        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+        store.finish(&k, answer("f", 404, 0), false);
+        assert!(matches!(store.begin(&k, "f", 999), Ok(Begin::Replay(_))));
+        // Past its age the rejection is forgotten and the key starts afresh.
+        assert_eq!(store.begin(&k, "f", 1_000), Ok(Begin::Started));
+    }
+
+    #[test]
+    fn abandon_frees_the_key() {
+        let store = IdempotencyStore::new(RejectionLimits::default());
+        let k = key("k");
+        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+        store.abandon(&k);
+        assert_eq!(store.begin(&k, "g", 0), Ok(Begin::Started));
+    }
+}

@@ -1,0 +1,679 @@
+//! Hot stock counters: per SKU, the units split across per-core shards, moved with atomics only.
+//!
+//! Every shard is one cache line holding three counters (`available`, `reserved`, `sold`). A
+//! reservation takes units from the caller's own shard with one compare-and-swap and counts them as
+//! reserved in the same shard, so threads on different cores never write the same line. A shard that
+//! runs dry steals units from the others. When a read-only scan finds no unit anywhere the SKU is
+//! flagged sold out, and from then on a rejection is one relaxed load of a line nobody writes.
+//!
+//! Per shard the counters may go negative (a unit reserved on one shard can be released on another);
+//! only the sums are meaningful, and [`Inventory::view`] returns sums that satisfy
+//! `available + reserved + sold == stock` with none negative, retrying until its scan is consistent.
+//!
+//! No Mutex or RwLock is taken on the reserve, release or commit paths. The SKU index is an
+//! [`ArcSwap`] of an immutable map, replaced (under a writer-only mutex) when a product is added.
+
+use crate::domain::Sku;
+use arc_swap::ArcSwap;
+use rustc_hash::FxHashMap;
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// The most shards one SKU is split into: more cores than this share shards.
+pub const SHARDS_MAX: usize = 64;
+
+/// How many times a reservation retries its collection of units from all shards when racing
+/// threads keep moving them, before it answers "short". Each failed round means another thread made
+/// progress, so this bound is reached only under pathological contention.
+const COLLECT_ROUNDS_MAX: usize = 64;
+
+/// One core's part of a SKU's stock, alone on its cache line (128 bytes: adjacent-line prefetch on
+/// x86 pulls pairs of 64-byte lines).
+#[repr(align(128))]
+#[derive(Default)]
+struct Shard {
+    /// Units that can be reserved from this shard.
+    available: AtomicI64,
+    /// Units reserved through this shard, minus units released or committed through it.
+    reserved: AtomicI64,
+    /// Units committed (sold) through this shard, minus units refunded through it.
+    sold: AtomicI64,
+}
+
+/// A flag alone on its cache line, so the sold-out check never shares a line with a counter.
+#[repr(align(128))]
+#[derive(Default)]
+struct PaddedFlag(AtomicBool);
+
+/// The stock of one SKU.
+pub struct SkuStock {
+    /// Read by every request for this SKU, written only when it sells out or units come back.
+    sold_out: PaddedFlag,
+    /// Units the shop owns: changed only by [`Inventory::set_stock`], which callers serialise per SKU.
+    stock: AtomicI64,
+    /// The per-core counters.
+    shards: Box<[Shard]>,
+}
+
+/// A consistent reading of one SKU's counters: `available + reserved + sold == stock`, none negative.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StockView {
+    /// Units the shop owns.
+    pub stock: i64,
+    /// Units that can still be reserved.
+    pub available: i64,
+    /// Units held by unfinished orders.
+    pub reserved: i64,
+    /// Units paid for.
+    pub sold: i64,
+}
+
+/// A position in the inventory's append-only SKU table; valid for the inventory that issued it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SkuIndex(u32);
+
+/// Units held by one reservation, per SKU. Give it back with [`Inventory::release`], turn it into
+/// sold units with [`Inventory::commit`]. Dropping it without either leaks the units (on purpose a
+/// plain value: holds live inside orders, which carry their own state).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use = "a hold keeps units reserved until it is released or committed"]
+pub struct Hold {
+    lines: Vec<(SkuIndex, i64)>,
+}
+
+impl Hold {
+    /// The SKUs and units held, one line per SKU, in the order the request first named them.
+    pub fn lines(&self) -> &[(SkuIndex, i64)] {
+        &self.lines
+    }
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ReserveError {
+    /// This SKU (the first short one in request order) has fewer units available than asked.
+    #[error("out of stock")]
+    OutOfStock {
+        /// The SKU that was short.
+        index: SkuIndex,
+    },
+}
+
+/// Why a stock change was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SetStockError {
+    /// The new stock would be below the units already held or sold.
+    #[error("stock {requested} is below the {committed} units reserved or sold")]
+    BelowCommitted {
+        /// The stock asked for.
+        requested: i64,
+        /// Units reserved plus sold when the change was refused.
+        committed: i64,
+    },
+}
+
+thread_local! {
+    /// This thread's home shard number, given out round robin on first use so that threads spread
+    /// evenly over the shards.
+    static HOME_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_HOME_SHARD: AtomicUsize = AtomicUsize::new(0);
+
+fn home_shard(shard_count: usize) -> usize {
+    HOME_SHARD.with(|home| {
+        let mut value = home.get();
+        if value == usize::MAX {
+            value = NEXT_HOME_SHARD.fetch_add(1, Ordering::Relaxed);
+            home.set(value);
+        }
+        value % shard_count
+    })
+}
+
+impl SkuStock {
+    fn new(shard_count: usize, stock: i64) -> Self {
+        let shards: Box<[Shard]> = (0..shard_count).map(|_| Shard::default()).collect();
+        // Spread the initial units evenly so every core starts with a local supply.
+        let per_shard = stock / shard_count as i64;
+        let remainder = stock % shard_count as i64;
+        for (i, shard) in shards.iter().enumerate() {
+            let extra = i64::from((i as i64) < remainder);
+            shard.available.store(per_shard + extra, Ordering::Relaxed);
+        }
+        let sku = Self {
+            sold_out: PaddedFlag::default(),
+            stock: AtomicI64::new(stock),
+            shards,
+        };
+        sku.sold_out.0.store(stock == 0, Ordering::SeqCst);
+        sku
+    }
+
+    /// Takes up to `want` units from one shard; returns how many it took.
+    fn take_from(shard: &Shard, want: i64) -> i64 {
+        let mut current = shard.available.load(Ordering::Acquire);
+        loop {
+            let take = current.min(want);
+            if take <= 0 {
+                return 0;
+            }
+            match shard.available.compare_exchange_weak(
+                current,
+                current - take,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return take,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Adds units back to a shard's available count and clears the sold-out flag. The order (add
+    /// first, then clear) pairs with [`Self::mark_sold_out`]'s re-check so the flag never stays set
+    /// while units are available.
+    fn give_back(&self, shard: usize, units: i64) {
+        if units == 0 {
+            return;
+        }
+        self.shards[shard]
+            .available
+            .fetch_add(units, Ordering::AcqRel);
+        if self.sold_out.0.load(Ordering::SeqCst) {
+            self.sold_out.0.store(false, Ordering::SeqCst);
+        }
+    }
+
+    fn available_sum(&self) -> i64 {
+        self.shards
+            .iter()
+            .map(|s| s.available.load(Ordering::Acquire))
+            .sum()
+    }
+
+    /// Sets the sold-out flag after a scan found nothing, then scans again: a unit given back
+    /// between the first scan and the flag would otherwise be hidden behind the flag.
+    fn mark_sold_out(&self) {
+        self.sold_out.0.store(true, Ordering::SeqCst);
+        if self.available_sum() > 0 {
+            self.sold_out.0.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes `units` from the shards into the caller's hand, home shard first. Returns false (and
+    /// puts everything it took back) if they cannot be collected.
+    fn collect(&self, home: usize, units: i64) -> bool {
+        let shard_count = self.shards.len();
+        for _ in 0..COLLECT_ROUNDS_MAX {
+            let seen = self.available_sum();
+            if seen < units {
+                if seen <= 0 {
+                    self.mark_sold_out();
+                }
+                return false;
+            }
+            let mut taken = Self::take_from(&self.shards[home], units);
+            let mut offset = 1;
+            while taken < units && offset < shard_count {
+                let victim = &self.shards[(home + offset) % shard_count];
+                // Steal half of what the victim has (at least what is missing), so the home shard
+                // gets a local supply for the next reservations instead of stealing every time.
+                let victim_available = victim.available.load(Ordering::Acquire);
+                let want = (units - taken).max(victim_available / 2);
+                taken += Self::take_from(victim, want);
+                offset += 1;
+            }
+            if taken >= units {
+                self.give_back(home, taken - units);
+                return true;
+            }
+            // Racing threads moved units while this one scanned: put back and look again.
+            self.give_back(home, taken);
+        }
+        false
+    }
+
+    /// Reserves `units` (> 0) on the caller's shard.
+    fn reserve(&self, home: usize, units: i64) -> bool {
+        if self.sold_out.0.load(Ordering::Relaxed) {
+            return false;
+        }
+        let shard = &self.shards[home];
+        let current = shard.available.load(Ordering::Acquire);
+        let fast = current >= units
+            && shard
+                .available
+                .compare_exchange(
+                    current,
+                    current - units,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                )
+                .is_ok();
+        if !fast && !self.collect(home, units) {
+            return false;
+        }
+        shard.reserved.fetch_add(units, Ordering::AcqRel);
+        true
+    }
+
+    fn release(&self, home: usize, units: i64) {
+        self.shards[home]
+            .reserved
+            .fetch_sub(units, Ordering::AcqRel);
+        self.give_back(home, units);
+    }
+
+    fn commit(&self, home: usize, units: i64) {
+        let shard = &self.shards[home];
+        shard.reserved.fetch_sub(units, Ordering::AcqRel);
+        shard.sold.fetch_add(units, Ordering::AcqRel);
+    }
+
+    fn refund(&self, home: usize, units: i64) {
+        self.shards[home].sold.fetch_sub(units, Ordering::AcqRel);
+        self.give_back(home, units);
+    }
+
+    /// One scan of all counters; `None` if it was torn by concurrent writers.
+    fn try_view(&self) -> Option<StockView> {
+        let stock_before = self.stock.load(Ordering::Acquire);
+        let (mut available, mut reserved, mut sold) = (0i64, 0i64, 0i64);
+        for shard in self.shards.iter() {
+            reserved += shard.reserved.load(Ordering::Acquire);
+            sold += shard.sold.load(Ordering::Acquire);
+            available += shard.available.load(Ordering::Acquire);
+        }
+        let stock = self.stock.load(Ordering::Acquire);
+        let consistent = stock == stock_before
+            && available >= 0
+            && reserved >= 0
+            && sold >= 0
+            && available + reserved + sold == stock;
+        consistent.then_some(StockView {
+            stock,
+            available,
+            reserved,
+            sold,
+        })
+    }
+
+    fn view(&self) -> StockView {
+        let mut attempt: u32 = 0;
+        loop {
+            if let Some(view) = self.try_view() {
+                return view;
+            }
+            attempt = attempt.saturating_add(1);
+            if attempt < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+/// Lock-free reads, append-only: a table of SKU stocks in segments that never move once allocated.
+/// Segment `k` holds `SEGMENT_BASE << k` entries, so 26 segments hold over 2^32 entries.
+struct StockTable {
+    segments: [AtomicPtr<SkuStock>; TABLE_SEGMENTS],
+    /// Entries published so far; an index below it points at an initialised entry.
+    len: AtomicUsize,
+}
+
+const SEGMENT_BASE: usize = 64;
+const TABLE_SEGMENTS: usize = 26;
+
+fn segment_of(index: usize) -> (usize, usize, usize) {
+    // Entries 0..64 are segment 0, 64..192 segment 1, 192..448 segment 2, ...
+    let scaled = index / SEGMENT_BASE + 1;
+    let segment = (usize::BITS - 1 - scaled.leading_zeros()) as usize;
+    let segment_start = SEGMENT_BASE * ((1 << segment) - 1);
+    (segment, index - segment_start, SEGMENT_BASE << segment)
+}
+
+impl StockTable {
+    fn new() -> Self {
+        Self {
+            segments: std::array::from_fn(|_| AtomicPtr::new(std::ptr::null_mut())),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    fn get(&self, index: SkuIndex) -> &SkuStock {
+        let index = index.0 as usize;
+        assert!(
+            index < self.len.load(Ordering::Acquire),
+            "SKU index from another inventory"
+        );
+        let (segment, offset, _) = segment_of(index);
+        let base = self.segments[segment].load(Ordering::Acquire);
+        // SAFETY: `index < len`, and `push` allocated this segment and wrote this entry before it
+        // published `len` with Release; entries are never moved or freed before `self` is dropped.
+        unsafe { &*base.add(offset) }
+    }
+
+    /// Appends an entry. Callers serialise pushes (the inventory's writer mutex).
+    fn push(&self, stock: SkuStock) -> SkuIndex {
+        let index = self.len.load(Ordering::Acquire);
+        assert!(index < u32::MAX as usize, "too many SKUs");
+        let (segment, offset, size) = segment_of(index);
+        let mut base = self.segments[segment].load(Ordering::Acquire);
+        if base.is_null() {
+            let mut storage: Vec<std::mem::MaybeUninit<SkuStock>> = Vec::with_capacity(size);
+            // SAFETY: MaybeUninit needs no initialisation.
+            unsafe { storage.set_len(size) };
+            base = Box::into_raw(storage.into_boxed_slice()) as *mut SkuStock;
+            self.segments[segment].store(base, Ordering::Release);
+        }
+        // SAFETY: the segment has `size > offset` slots, this slot is not yet published, and pushes
+        // are serialised, so nobody else reads or writes it.
+        unsafe { base.add(offset).write(stock) };
+        self.len.store(index + 1, Ordering::Release);
+        SkuIndex(index as u32)
+    }
+}
+
+impl Drop for StockTable {
+    fn drop(&mut self) {
+        let len = *self.len.get_mut();
+        for index in 0..len {
+            let (segment, offset, _) = segment_of(index);
+            let base = *self.segments[segment].get_mut();
+            // SAFETY: every index below len was written once and is dropped once here.
+            unsafe { std::ptr::drop_in_place(base.add(offset)) };
+        }
+        for (segment, pointer) in self.segments.iter_mut().enumerate() {
+            let base = *pointer.get_mut();
+            if !base.is_null() {
+                let size = SEGMENT_BASE << segment;
+                // SAFETY: allocated in `push` as a boxed slice of `size` MaybeUninit<SkuStock>.
+                drop(unsafe {
+                    Box::from_raw(std::ptr::slice_from_raw_parts_mut(
+                        base as *mut std::mem::MaybeUninit<SkuStock>,
+                        size,
+                    ))
+                });
+            }
+        }
+    }
+}
+
+// SAFETY: the table hands out shared references to `SkuStock`, which is Sync (atomics only); the raw
+// pointers are only dereferenced as described in `get` and `push`.
+unsafe impl Send for StockTable {}
+unsafe impl Sync for StockTable {}
+
+/// All SKUs' stock. Cheap to share behind an `Arc`.
+pub struct Inventory {
+    shard_count: usize,
+    table: StockTable,
+    index: ArcSwap<FxHashMap<Sku, SkuIndex>>,
+    /// Serialises additions of SKUs (never taken on the reserve path).
+    add_lock: Mutex<()>,
+}
+
+impl Inventory {
+    /// An empty inventory whose SKUs are split into `shard_count` shards (clamped to 1..=64; use the
+    /// number of cores that serve requests).
+    pub fn new(shard_count: usize) -> Self {
+        Self {
+            shard_count: shard_count.clamp(1, SHARDS_MAX),
+            table: StockTable::new(),
+            index: ArcSwap::from_pointee(FxHashMap::default()),
+            add_lock: Mutex::new(()),
+        }
+    }
+
+    /// The number of shards per SKU.
+    pub fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    /// Finds a SKU. Lock-free.
+    #[inline]
+    pub fn lookup(&self, sku: &Sku) -> Option<SkuIndex> {
+        self.index.load().get(sku).copied()
+    }
+
+    /// Adds a SKU with `stock` units, all available (or with `reserved`/`sold` units already taken,
+    /// when rebuilding from the journal). Returns the existing index if the SKU is already known,
+    /// unchanged.
+    pub fn add(&self, sku: &Sku, stock: i64, reserved: i64, sold: i64) -> SkuIndex {
+        let _writer = self.add_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(existing) = self.lookup(sku) {
+            return existing;
+        }
+        assert!(
+            reserved >= 0 && sold >= 0 && reserved + sold <= stock,
+            "rebuilt stock of {sku} breaks the identity: stock {stock}, reserved {reserved}, sold {sold}"
+        );
+        let entry = SkuStock::new(self.shard_count, stock - reserved - sold);
+        entry.stock.store(stock, Ordering::Release);
+        entry.shards[0].reserved.store(reserved, Ordering::Release);
+        entry.shards[0].sold.store(sold, Ordering::Release);
+        let index = self.table.push(entry);
+        let mut map = FxHashMap::clone(&self.index.load());
+        map.insert(sku.clone(), index);
+        self.index.store(Arc::new(map));
+        index
+    }
+
+    /// How many SKUs are known.
+    pub fn len(&self) -> usize {
+        self.table.len.load(Ordering::Acquire)
+    }
+
+    /// True before the first SKU is added.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// True if the SKU was flagged sold out (a cache: it clears when units come back).
+    #[inline]
+    pub fn is_sold_out(&self, index: SkuIndex) -> bool {
+        self.table.get(index).sold_out.0.load(Ordering::Relaxed)
+    }
+
+    /// Reserves units of one SKU; the rejection of a sold-out SKU touches no shared line.
+    #[inline]
+    pub fn reserve_one(&self, index: SkuIndex, units: i64) -> Result<Hold, ReserveError> {
+        debug_assert!(units > 0);
+        let home = home_shard(self.shard_count);
+        if self.table.get(index).reserve(home, units) {
+            Ok(Hold {
+                lines: vec![(index, units)],
+            })
+        } else {
+            Err(ReserveError::OutOfStock { index })
+        }
+    }
+
+    /// Reserves every line or none. Lines naming one SKU count together; the error names the first
+    /// short SKU in the order the lines first name them.
+    pub fn reserve(&self, lines: &[(SkuIndex, i64)]) -> Result<Hold, ReserveError> {
+        let mut merged: Vec<(SkuIndex, i64)> = Vec::with_capacity(lines.len());
+        for &(index, units) in lines {
+            debug_assert!(units > 0);
+            match merged.iter_mut().find(|(seen, _)| *seen == index) {
+                Some((_, total)) => *total += units,
+                None => merged.push((index, units)),
+            }
+        }
+        let home = home_shard(self.shard_count);
+        for (taken, &(index, units)) in merged.iter().enumerate() {
+            if !self.table.get(index).reserve(home, units) {
+                for &(done_index, done_units) in &merged[..taken] {
+                    self.table.get(done_index).release(home, done_units);
+                }
+                return Err(ReserveError::OutOfStock { index });
+            }
+        }
+        Ok(Hold { lines: merged })
+    }
+
+    /// Gives the held units back: they become available again.
+    pub fn release(&self, hold: Hold) {
+        let home = home_shard(self.shard_count);
+        for (index, units) in hold.lines {
+            self.table.get(index).release(home, units);
+        }
+    }
+
+    /// Turns the held units into sold units.
+    pub fn commit(&self, hold: Hold) {
+        let home = home_shard(self.shard_count);
+        for (index, units) in hold.lines {
+            self.table.get(index).commit(home, units);
+        }
+    }
+
+    /// Moves sold units back to available (a refund).
+    pub fn refund(&self, lines: &[(SkuIndex, i64)]) {
+        let home = home_shard(self.shard_count);
+        for &(index, units) in lines {
+            self.table.get(index).refund(home, units);
+        }
+    }
+
+    /// Rebuilds a hold for units that are already counted as reserved (an order read back from the
+    /// journal, or one whose lines the caller kept).
+    pub fn hold_of(&self, lines: Vec<(SkuIndex, i64)>) -> Hold {
+        Hold { lines }
+    }
+
+    /// Changes the units the shop owns. Callers serialise changes per SKU. Raising adds available
+    /// units; lowering takes available units away and is refused if fewer are available than the
+    /// decrease (the held and sold units are not the shop's to take back).
+    pub fn set_stock(&self, index: SkuIndex, stock: i64) -> Result<StockView, SetStockError> {
+        let entry = self.table.get(index);
+        let home = home_shard(self.shard_count);
+        let current = entry.stock.load(Ordering::Acquire);
+        if stock > current {
+            entry.stock.fetch_add(stock - current, Ordering::AcqRel);
+            entry.give_back(home, stock - current);
+        } else if stock < current {
+            let decrease = current - stock;
+            if !entry.collect(home, decrease) {
+                let view = entry.view();
+                return Err(SetStockError::BelowCommitted {
+                    requested: stock,
+                    committed: view.reserved + view.sold,
+                });
+            }
+            entry.stock.fetch_sub(decrease, Ordering::AcqRel);
+        }
+        Ok(entry.view())
+    }
+
+    /// A consistent reading of one SKU's counters.
+    pub fn view(&self, index: SkuIndex) -> StockView {
+        self.table.get(index).view()
+    }
+
+    /// One scan that may be torn by concurrent writers (`None` then); tests use it to show that a
+    /// reader retrying it never returns a broken view.
+    pub fn try_view(&self, index: SkuIndex) -> Option<StockView> {
+        self.table.get(index).try_view()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sku(name: &str) -> Sku {
+        Sku::parse(name).unwrap()
+    }
+
+    #[test]
+    fn segments_cover_indices_without_gaps() {
+        let mut expected_start = 0;
+        for segment in 0..6 {
+            let size = SEGMENT_BASE << segment;
+            assert_eq!(segment_of(expected_start), (segment, 0, size));
+            assert_eq!(
+                segment_of(expected_start + size - 1),
+                (segment, size - 1, size)
+            );
+            expected_start += size;
+        }
+    }
+
+    #[test]
+    fn reserve_release_commit_keep_the_identity() {
+        let inventory = Inventory::new(4);
+        let a = inventory.add(&sku("a"), 10, 0, 0);
+        let hold = inventory.reserve(&[(a, 3), (a, 2)]).unwrap();
+        assert_eq!(hold.lines(), &[(a, 5)]);
+        assert_eq!(
+            inventory.view(a),
+            StockView {
+                stock: 10,
+                available: 5,
+                reserved: 5,
+                sold: 0
+            }
+        );
+        inventory.commit(hold);
+        assert_eq!(inventory.view(a).sold, 5);
+        let rest = inventory.reserve_one(a, 5).unwrap();
+        assert!(inventory.reserve_one(a, 1).is_err());
+        assert!(inventory.is_sold_out(a));
+        inventory.release(rest);
+        assert!(!inventory.is_sold_out(a));
+        assert_eq!(inventory.view(a).available, 5);
+    }
+
+    #[test]
+    fn multi_item_reservation_is_all_or_nothing() {
+        let inventory = Inventory::new(2);
+        let a = inventory.add(&sku("a"), 5, 0, 0);
+        let b = inventory.add(&sku("b"), 1, 0, 0);
+        let err = inventory.reserve(&[(a, 3), (b, 2)]).unwrap_err();
+        assert_eq!(err, ReserveError::OutOfStock { index: b });
+        assert_eq!(inventory.view(a).available, 5);
+        assert_eq!(inventory.view(b).available, 1);
+    }
+
+    #[test]
+    fn stock_cannot_drop_below_committed_units() {
+        let inventory = Inventory::new(3);
+        let a = inventory.add(&sku("a"), 10, 0, 0);
+        let hold = inventory.reserve_one(a, 6).unwrap();
+        assert_eq!(
+            inventory.set_stock(a, 5),
+            Err(SetStockError::BelowCommitted {
+                requested: 5,
+                committed: 6
+            })
+        );
+        assert_eq!(inventory.set_stock(a, 6).unwrap().available, 0);
+        assert!(inventory.reserve_one(a, 1).is_err());
+        assert_eq!(inventory.set_stock(a, 8).unwrap().available, 2);
+        inventory.commit(hold);
+        assert_eq!(
+            inventory.view(a),
+            StockView {
+                stock: 8,
+                available: 2,
+                reserved: 0,
+                sold: 6
+            }
+        );
+    }
+
+    #[test]
+    fn stealing_finds_units_on_other_shards() {
+        let inventory = Inventory::new(8);
+        let a = inventory.add(&sku("a"), 8, 0, 0);
+        // One shard holds one unit; a single thread must still reserve all eight.
+        let hold = inventory.reserve_one(a, 8).unwrap();
+        assert_eq!(inventory.view(a).reserved, 8);
+        inventory.release(hold);
+        assert_eq!(inventory.view(a).available, 8);
+    }
+}

@@ -1,0 +1,181 @@
+//! What the journal stores, and the durable state that is the fold of those records.
+//!
+//! A record carries the whole new copy of what it changed (a product, or an order with the answer
+//! given under its idempotency key), so replay keeps the last copy of each and never re-runs logic.
+//! Stock counters are not journaled: they are derived from the products' stock and the orders'
+//! statuses when the engine is rebuilt, so replay cannot drift from what the orders say.
+
+use super::order::{Order, OrderStatus};
+use crate::domain::{Cents, Currency, IdempotencyKey, OrderId, Sku, Stock};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+
+/// A product as the shop defined it last.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Product {
+    /// The product's id.
+    pub sku: Sku,
+    /// Shown to buyers.
+    pub name: String,
+    /// Price of one unit now; orders keep the price of their own moment.
+    pub price_cents: Cents,
+    /// The currency of the price.
+    pub currency: Currency,
+    /// Units the shop owns: available, held and sold together.
+    pub stock: Stock,
+}
+
+/// The answer given to a request under an idempotency key, kept so a replay returns it unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredAnswer {
+    /// A digest of the parsed request: the same key with another request is refused.
+    pub fingerprint: String,
+    /// The HTTP status of the first answer.
+    pub status: u16,
+    /// The body of the first answer, byte for byte.
+    pub body: String,
+    /// When the answer was given (Unix milliseconds): retention counts from here.
+    pub at_ms: i64,
+}
+
+/// One journal record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Record {
+    /// A product was created or changed.
+    Product {
+        /// The product's new definition.
+        product: Product,
+    },
+    /// An order was placed or changed.
+    Order {
+        /// The whole order after the change.
+        order: Order,
+        /// The statuses the order entered with this change, in order: one event each.
+        entered: Vec<OrderStatus>,
+        /// When the change happened (Unix milliseconds).
+        at_ms: i64,
+        /// The answer that placed the order, kept under its idempotency key.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        answer: Option<(IdempotencyKey, StoredAnswer)>,
+    },
+}
+
+impl Record {
+    /// How many events this record carries (one per status entered).
+    pub fn event_count(&self) -> u32 {
+        match self {
+            Record::Product { .. } => 0,
+            Record::Order { entered, .. } => entered.len() as u32,
+        }
+    }
+
+    /// The events this record carries, numbered from `first_seq`.
+    pub fn events(&self, first_seq: u64) -> Vec<Event> {
+        match self {
+            Record::Product { .. } => Vec::new(),
+            Record::Order {
+                order,
+                entered,
+                at_ms,
+                ..
+            } => entered
+                .iter()
+                .enumerate()
+                .map(|(i, &status)| Event {
+                    seq: first_seq + i as u64,
+                    status,
+                    order_id: order.order_id.clone(),
+                    at_ms: *at_ms,
+                    total_cents: order.total_cents,
+                    currency: order.currency,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One order event: an order entered a status. `seq` is assigned in commit order by the journal's
+/// single writer, so readers never see a gap fill in later.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// Position in the event log, from 1, without gaps.
+    pub seq: u64,
+    /// The status entered (the event type is `order.<status>`).
+    pub status: OrderStatus,
+    /// The order that changed.
+    pub order_id: OrderId,
+    /// When (Unix milliseconds).
+    pub at_ms: i64,
+    /// The order's total, for consumers that do not want to fetch the order.
+    pub total_cents: i64,
+    /// The order's currency.
+    pub currency: Currency,
+}
+
+/// The durable state: what the journal's records add up to. Built at start-up from the last
+/// snapshot plus the records after it; snapshots are this struct written out.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct State {
+    /// Every product, by SKU.
+    pub products: BTreeMap<Sku, Product>,
+    /// Every retained order, by id.
+    #[serde(with = "as_pairs")]
+    pub orders: HashMap<OrderId, Order>,
+    /// Answers that placed an order, by idempotency key.
+    #[serde(with = "as_pairs")]
+    pub answers: HashMap<IdempotencyKey, StoredAnswer>,
+    /// The event log, in commit order.
+    pub events: Vec<Event>,
+    /// The sequence number of the last record folded in (0: none).
+    pub last_lsn: u64,
+}
+
+impl State {
+    /// Folds one record in. `lsn` must grow by one per call; `first_event_seq` is the seq the journal
+    /// gave the record's first event.
+    pub fn apply(&mut self, lsn: u64, first_event_seq: u64, record: Record) {
+        self.events.extend(record.events(first_event_seq));
+        match record {
+            Record::Product { product } => {
+                self.products.insert(product.sku.clone(), product);
+            }
+            Record::Order { order, answer, .. } => {
+                if let Some((key, answer)) = answer {
+                    self.answers.insert(key, answer);
+                }
+                self.orders.insert(order.order_id.clone(), order);
+            }
+        }
+        self.last_lsn = lsn;
+    }
+
+    /// The seq the next event will get.
+    pub fn next_event_seq(&self) -> u64 {
+        self.events.last().map_or(1, |e| e.seq + 1)
+    }
+}
+
+/// Maps with non-string keys are written as lists of pairs, so JSON can carry them.
+mod as_pairs {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use std::collections::HashMap;
+    use std::hash::Hash;
+
+    pub fn serialize<K: Serialize, V: Serialize, S: Serializer>(
+        map: &HashMap<K, V>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_seq(map.iter())
+    }
+
+    pub fn deserialize<'de, K, V, D>(deserializer: D) -> Result<HashMap<K, V>, D::Error>
+    where
+        K: Deserialize<'de> + Eq + Hash,
+        V: Deserialize<'de>,
+        D: Deserializer<'de>,
+    {
+        let pairs: Vec<(K, V)> = Vec::deserialize(deserializer)?;
+        Ok(pairs.into_iter().collect())
+    }
+}

@@ -1,0 +1,646 @@
+//! The embedded journal: append-only segment files in the data directory, group commit with one
+//! `fdatasync` per batch, snapshots that keep start-up replay short.
+//!
+//! Files: `<first lsn, 20 digits>.wal` segments (see [`format`] for the framing) and
+//! `snapshot-<lsn, 20 digits>.json` snapshots of the durable [`State`] after record `lsn`
+//! (`len:u32 | crc32c:u32 | JSON`). Start-up reads the newest snapshot, replays the records after
+//! it, cuts a torn tail off the last segment, and refuses to start on anything else that is bad.
+//!
+//! Concurrency: appenders encode their record on their own thread, then, under one short lock,
+//! take the next lsn and event seq and copy the frame into the pending buffer. One writer thread
+//! swaps the buffer out, writes it, syncs it, publishes its events and answers every waiter. While it
+//! syncs, the next batch accumulates, so batches grow with load by themselves and a lone appender
+//! waits for exactly one sync.
+
+pub mod format;
+pub mod storage;
+
+use super::{Appended, Journal, JournalError, JournalStats, Ticket};
+use crate::engine::records::{Event, Record, State};
+use format::{encode_frame, scan_segment, Tail, PAYLOAD_LEN_MAX};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use storage::{Storage, StorageFile};
+use tokio::sync::oneshot;
+
+/// Settings of the file journal.
+#[derive(Debug, Clone)]
+pub struct FileJournalConfig {
+    /// A segment that reached this size is closed and the next batch starts a new one. Bounds how
+    /// much a checkpoint reads at once and how much a torn-tail scan may have to cover.
+    pub segment_bytes_max: u64,
+    /// After this many closed segments since the last snapshot, a snapshot is taken in the
+    /// background and the segments it covers are removed. Bounds start-up replay.
+    pub checkpoint_segments: usize,
+}
+
+impl Default for FileJournalConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes_max: 64 << 20,
+            checkpoint_segments: 4,
+        }
+    }
+}
+
+fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}.wal")
+}
+
+fn snapshot_name(lsn: u64) -> String {
+    format!("snapshot-{lsn:020}.json")
+}
+
+fn parse_number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_prefix(prefix)?.strip_suffix(suffix)?;
+    if digits.len() == 20 && digits.bytes().all(|b| b.is_ascii_digit()) {
+        digits.parse().ok()
+    } else {
+        None
+    }
+}
+
+/// What a fold of snapshot and segments found.
+struct Recovered {
+    state: State,
+    next_lsn: u64,
+    next_event_seq: u64,
+    /// The last segment read, its first lsn and its length after any cut.
+    last_segment: Option<(u64, u64)>,
+    /// The segments read (closed or not), oldest first.
+    segments_read: Vec<u64>,
+    /// The snapshots present, oldest first.
+    snapshots: Vec<u64>,
+}
+
+fn corrupt(storage: &dyn Storage, name: &str, offset: u64, reason: impl Into<String>) -> JournalError {
+    JournalError::Corrupt {
+        file: storage.describe(name),
+        offset,
+        reason: reason.into(),
+    }
+}
+
+fn read_snapshot(storage: &dyn Storage, lsn: u64) -> Result<State, JournalError> {
+    let name = snapshot_name(lsn);
+    let bytes = storage
+        .read(&name)
+        .map_err(|e| JournalError::io(format!("reading {}", storage.describe(&name)), &e))?;
+    if bytes.len() < 8 {
+        return Err(corrupt(storage, &name, 0, "snapshot shorter than its header"));
+    }
+    let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+    let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
+    if bytes.len() != 8 + len || crc32c::crc32c(&bytes[8..]) != crc {
+        return Err(corrupt(storage, &name, 0, "snapshot length or checksum mismatch"));
+    }
+    let state: State = serde_json::from_slice(&bytes[8..])
+        .map_err(|e| corrupt(storage, &name, 8, format!("snapshot does not decode: {e}")))?;
+    if state.last_lsn != lsn {
+        return Err(corrupt(
+            storage,
+            &name,
+            8,
+            format!("snapshot says lsn {} but is named {lsn}", state.last_lsn),
+        ));
+    }
+    Ok(state)
+}
+
+fn write_snapshot(storage: &dyn Storage, state: &State) -> Result<(), JournalError> {
+    let json = serde_json::to_vec(state).map_err(|e| JournalError::Io {
+        context: "encoding a snapshot".into(),
+        message: e.to_string(),
+    })?;
+    let mut bytes = Vec::with_capacity(json.len() + 8);
+    bytes.extend_from_slice(&(json.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    let name = snapshot_name(state.last_lsn);
+    storage
+        .write_atomic(&name, &bytes)
+        .map_err(|e| JournalError::io(format!("writing {}", storage.describe(&name)), &e))
+}
+
+/// Folds the newest snapshot and the segments after it into the durable state. Segments starting
+/// at or after `stop_before` are not read (a checkpoint leaves the active segment alone). With
+/// `repair`, a torn tail of the last segment is cut off the file.
+fn fold(
+    storage: &dyn Storage,
+    stop_before: Option<u64>,
+    repair: bool,
+) -> Result<Recovered, JournalError> {
+    let names = storage
+        .list()
+        .map_err(|e| JournalError::io(format!("listing {}", storage.describe("")), &e))?;
+    let mut segments: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_number(n, "", ".wal"))
+        .filter(|&lsn| stop_before.is_none_or(|stop| lsn < stop))
+        .collect();
+    segments.sort_unstable();
+    let mut snapshots: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_number(n, "snapshot-", ".json"))
+        .collect();
+    snapshots.sort_unstable();
+
+    let mut state = match snapshots.last() {
+        Some(&lsn) => read_snapshot(storage, lsn)?,
+        None => State::default(),
+    };
+    let mut next_lsn = state.last_lsn + 1;
+    let mut next_event_seq = state.next_event_seq();
+    let mut last_segment = None;
+    let mut segments_read = Vec::new();
+
+    for (i, &first_lsn) in segments.iter().enumerate() {
+        let is_last = i + 1 == segments.len();
+        // A segment whose successor starts at or before the next lsn holds nothing new.
+        if segments.get(i + 1).is_some_and(|&next| next <= next_lsn) {
+            continue;
+        }
+        let name = segment_name(first_lsn);
+        if first_lsn > next_lsn {
+            return Err(corrupt(
+                storage,
+                &name,
+                0,
+                format!("records {next_lsn}..{first_lsn} are missing (a segment was lost)"),
+            ));
+        }
+        let bytes = storage
+            .read(&name)
+            .map_err(|e| JournalError::io(format!("reading {}", storage.describe(&name)), &e))?;
+        let scan = scan_segment(&bytes, first_lsn);
+        for frame in &scan.frames {
+            if frame.lsn < next_lsn {
+                continue;
+            }
+            if frame.first_event_seq != next_event_seq {
+                return Err(corrupt(
+                    storage,
+                    &name,
+                    frame.offset as u64,
+                    format!(
+                        "record {} starts its events at seq {} where {next_event_seq} was expected",
+                        frame.lsn, frame.first_event_seq
+                    ),
+                ));
+            }
+            let record: Record = serde_json::from_slice(frame.payload).map_err(|e| {
+                corrupt(
+                    storage,
+                    &name,
+                    frame.offset as u64,
+                    format!("record {} does not decode: {e}", frame.lsn),
+                )
+            })?;
+            next_event_seq += u64::from(record.event_count());
+            state.apply(frame.lsn, frame.first_event_seq, record);
+            next_lsn += 1;
+        }
+        let mut len = bytes.len() as u64;
+        match scan.tail {
+            Tail::Clean => {}
+            Tail::Torn { offset } if is_last && stop_before.is_none() => {
+                tracing::warn!(
+                    file = %storage.describe(&name),
+                    offset,
+                    cut_bytes = bytes.len() - offset,
+                    "cutting the torn tail of the journal (a batch that was never acknowledged)"
+                );
+                if repair {
+                    storage.truncate(&name, offset as u64).map_err(|e| {
+                        JournalError::io(format!("cutting {}", storage.describe(&name)), &e)
+                    })?;
+                }
+                len = offset as u64;
+            }
+            Tail::Torn { offset } => {
+                return Err(corrupt(
+                    storage,
+                    &name,
+                    offset as u64,
+                    "a closed segment ends in a bad record",
+                ))
+            }
+            Tail::Corrupt { offset, reason } => {
+                return Err(corrupt(storage, &name, offset as u64, reason))
+            }
+        }
+        segments_read.push(first_lsn);
+        last_segment = Some((first_lsn, len));
+    }
+    Ok(Recovered {
+        state,
+        next_lsn,
+        next_event_seq,
+        last_segment,
+        segments_read,
+        snapshots,
+    })
+}
+
+/// Writes a snapshot of everything in the closed segments (those before `active_first_lsn`) and
+/// removes the files it makes redundant. Runs beside the writer: it reads only closed segments.
+fn checkpoint(storage: &dyn Storage, active_first_lsn: u64) -> Result<u64, JournalError> {
+    let recovered = fold(storage, Some(active_first_lsn), false)?;
+    let lsn = recovered.state.last_lsn;
+    if recovered.segments_read.is_empty() || recovered.snapshots.last().is_some_and(|&s| s >= lsn) {
+        return Ok(lsn);
+    }
+    write_snapshot(storage, &recovered.state)?;
+    for first_lsn in recovered.segments_read {
+        let name = segment_name(first_lsn);
+        remove_if_present(storage, &name)?;
+    }
+    for old in recovered.snapshots {
+        remove_if_present(storage, &snapshot_name(old))?;
+    }
+    storage
+        .sync_dir()
+        .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
+    Ok(lsn)
+}
+
+fn remove_if_present(storage: &dyn Storage, name: &str) -> Result<(), JournalError> {
+    match storage.remove(name) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(JournalError::io(
+            format!("removing {}", storage.describe(name)),
+            &e,
+        )),
+        _ => Ok(()),
+    }
+}
+
+enum Phase {
+    Open,
+    Closing,
+    Failed(JournalError),
+}
+
+struct Pending {
+    /// Frames waiting for the writer.
+    bytes: Vec<u8>,
+    /// Who waits for them, and what each gets.
+    waiters: Vec<(oneshot::Sender<Result<Appended, JournalError>>, Appended)>,
+    /// Their events, published once they are durable.
+    events: Vec<Event>,
+    next_lsn: u64,
+    next_event_seq: u64,
+    /// The lsn of the first frame in `bytes` (meaningful while it is not empty).
+    batch_first_lsn: u64,
+    phase: Phase,
+}
+
+struct Shared {
+    storage: Arc<dyn Storage>,
+    config: FileJournalConfig,
+    pending: Mutex<Pending>,
+    wake_writer: Condvar,
+    events: RwLock<Vec<Event>>,
+    stats: JournalStats,
+    /// True while a background checkpoint thread exists (at most one is started).
+    checkpoint_running: AtomicBool,
+    /// Held while a checkpoint runs, so two never remove the same files.
+    checkpoint_lock: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The writer and appenders update `Pending` field by field without calling code that could
+    // panic in between, so a poisoned lock still guards a consistent value.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The embedded journal.
+pub struct FileJournal {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct Writer {
+    shared: Arc<Shared>,
+    file: Box<dyn StorageFile>,
+    file_first_lsn: u64,
+    file_len: u64,
+    closed_since_checkpoint: usize,
+}
+
+impl FileJournal {
+    /// Opens the journal in `storage`: recovers the durable state (cutting a torn tail, refusing
+    /// corruption) and starts the writer. Returns the journal and the state it recovered.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        config: FileJournalConfig,
+    ) -> Result<(Self, State), JournalError> {
+        let recovered = fold(storage.as_ref(), None, true)?;
+        let (file, file_first_lsn, file_len) = match recovered.last_segment {
+            Some((first_lsn, len)) => {
+                let name = segment_name(first_lsn);
+                let file = storage.open_append(&name).map_err(|e| {
+                    JournalError::io(format!("opening {}", storage.describe(&name)), &e)
+                })?;
+                (file, first_lsn, len)
+            }
+            None => {
+                let name = segment_name(recovered.next_lsn);
+                let file = storage.create(&name).map_err(|e| {
+                    JournalError::io(format!("creating {}", storage.describe(&name)), &e)
+                })?;
+                storage
+                    .sync_dir()
+                    .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
+                (file, recovered.next_lsn, 0)
+            }
+        };
+        let closed_since_checkpoint = recovered.segments_read.len().saturating_sub(1);
+        let state = recovered.state;
+        tracing::info!(
+            records = state.last_lsn,
+            products = state.products.len(),
+            orders = state.orders.len(),
+            events = state.events.len(),
+            "journal recovered"
+        );
+        let shared = Arc::new(Shared {
+            storage,
+            config,
+            pending: Mutex::new(Pending {
+                bytes: Vec::with_capacity(1 << 20),
+                waiters: Vec::new(),
+                events: Vec::new(),
+                next_lsn: recovered.next_lsn,
+                next_event_seq: recovered.next_event_seq,
+                batch_first_lsn: recovered.next_lsn,
+                phase: Phase::Open,
+            }),
+            wake_writer: Condvar::new(),
+            events: RwLock::new(state.events.clone()),
+            stats: JournalStats::default(),
+            checkpoint_running: AtomicBool::new(false),
+            checkpoint_lock: Mutex::new(()),
+        });
+        let writer = Writer {
+            shared: Arc::clone(&shared),
+            file,
+            file_first_lsn,
+            file_len,
+            closed_since_checkpoint,
+        };
+        let handle = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| JournalError::io("starting the journal writer thread", &e))?;
+        Ok((
+            Self {
+                shared,
+                writer: Mutex::new(Some(handle)),
+            },
+            state,
+        ))
+    }
+
+    /// Opens the journal in a directory on disk.
+    pub fn open_dir(
+        dir: &std::path::Path,
+        config: FileJournalConfig,
+    ) -> Result<(Self, State), JournalError> {
+        let storage = storage::DiskStorage::open(dir)
+            .map_err(|e| JournalError::io(format!("opening {}", dir.display()), &e))?;
+        Self::open(Arc::new(storage), config)
+    }
+
+    /// Takes a snapshot now of everything in closed segments (normally done in the background).
+    /// Returns the lsn the newest snapshot covers.
+    pub fn checkpoint_now(&self) -> Result<u64, JournalError> {
+        // The newest segment on disk is the one the writer appends to: leave it out.
+        let names = self
+            .shared
+            .storage
+            .list()
+            .map_err(|e| JournalError::io("listing the journal directory", &e))?;
+        let active = names
+            .iter()
+            .filter_map(|n| parse_number(n, "", ".wal"))
+            .max()
+            .unwrap_or(u64::MAX);
+        self.shared.checkpoint(active)
+    }
+}
+
+impl Shared {
+    /// Runs one checkpoint at a time, whoever asks.
+    fn checkpoint(&self, active_first_lsn: u64) -> Result<u64, JournalError> {
+        let _one_at_a_time = self
+            .checkpoint_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        checkpoint(self.storage.as_ref(), active_first_lsn)
+    }
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut spare = Vec::with_capacity(1 << 20);
+        loop {
+            let (bytes, waiters, events, batch_first_lsn) = {
+                let mut pending = lock(&self.shared.pending);
+                while pending.bytes.is_empty() && matches!(pending.phase, Phase::Open) {
+                    pending = self
+                        .shared
+                        .wake_writer
+                        .wait(pending)
+                        .unwrap_or_else(|e| e.into_inner());
+                }
+                if pending.bytes.is_empty() {
+                    return;
+                }
+                let bytes = std::mem::replace(&mut pending.bytes, std::mem::take(&mut spare));
+                (
+                    bytes,
+                    std::mem::take(&mut pending.waiters),
+                    std::mem::take(&mut pending.events),
+                    pending.batch_first_lsn,
+                )
+            };
+            let result = self.commit(&bytes, batch_first_lsn, waiters.len() as u64);
+            match result {
+                Ok(()) => {
+                    if !events.is_empty() {
+                        self.shared
+                            .events
+                            .write()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .extend(events);
+                    }
+                    for (sender, appended) in waiters {
+                        // A waiter that gave up (its request was dropped) needs no answer.
+                        let _ = sender.send(Ok(appended));
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(%error, "journal write failed; refusing further appends");
+                    let mut pending = lock(&self.shared.pending);
+                    pending.phase = Phase::Failed(error.clone());
+                    let later = std::mem::take(&mut pending.waiters);
+                    pending.bytes.clear();
+                    pending.events.clear();
+                    drop(pending);
+                    for (sender, _) in waiters.into_iter().chain(later) {
+                        let _ = sender.send(Err(error.clone()));
+                    }
+                }
+            }
+            spare = bytes;
+            spare.clear();
+        }
+    }
+
+    fn commit(&mut self, bytes: &[u8], batch_first_lsn: u64, records: u64) -> Result<(), JournalError> {
+        if self.file_len > 0
+            && self.file_len + bytes.len() as u64 > self.shared.config.segment_bytes_max
+        {
+            self.roll(batch_first_lsn)?;
+        }
+        let storage = &self.shared.storage;
+        let name = segment_name(self.file_first_lsn);
+        self.file
+            .append(bytes)
+            .map_err(|e| JournalError::io(format!("writing {}", storage.describe(&name)), &e))?;
+        let started = Instant::now();
+        self.file
+            .sync_data()
+            .map_err(|e| JournalError::io(format!("syncing {}", storage.describe(&name)), &e))?;
+        let sync_nanos = started.elapsed().as_nanos() as u64;
+        self.file_len += bytes.len() as u64;
+        self.shared
+            .stats
+            .record_batch(records, bytes.len() as u64, sync_nanos);
+        Ok(())
+    }
+
+    /// Starts a new segment for the batch beginning at `first_lsn` (the current one is synced).
+    fn roll(&mut self, first_lsn: u64) -> Result<(), JournalError> {
+        let storage = &self.shared.storage;
+        let name = segment_name(first_lsn);
+        self.file = storage
+            .create(&name)
+            .map_err(|e| JournalError::io(format!("creating {}", storage.describe(&name)), &e))?;
+        storage
+            .sync_dir()
+            .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
+        self.file_first_lsn = first_lsn;
+        self.file_len = 0;
+        self.closed_since_checkpoint += 1;
+        if self.closed_since_checkpoint >= self.shared.config.checkpoint_segments
+            && !self.shared.checkpoint_running.swap(true, Ordering::AcqRel)
+        {
+            self.closed_since_checkpoint = 0;
+            let shared = Arc::clone(&self.shared);
+            let spawned = std::thread::Builder::new()
+                .name("journal-checkpoint".into())
+                .spawn(move || {
+                    match shared.checkpoint(first_lsn) {
+                        Ok(lsn) => tracing::info!(lsn, "journal snapshot written"),
+                        Err(error) => tracing::error!(%error, "journal snapshot failed"),
+                    }
+                    shared.checkpoint_running.store(false, Ordering::Release);
+                });
+            if let Err(error) = spawned {
+                tracing::error!(%error, "could not start the snapshot thread");
+                self.shared.checkpoint_running.store(false, Ordering::Release);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Journal for FileJournal {
+    fn append(&self, record: Record) -> Ticket {
+        let payload = match serde_json::to_vec(&record) {
+            Ok(payload) if payload.len() <= PAYLOAD_LEN_MAX => payload,
+            Ok(payload) => {
+                return Ticket::failed(JournalError::Io {
+                    context: "encoding a record".into(),
+                    message: format!("record of {} bytes exceeds {PAYLOAD_LEN_MAX}", payload.len()),
+                })
+            }
+            Err(e) => {
+                return Ticket::failed(JournalError::Io {
+                    context: "encoding a record".into(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let (sender, receiver) = oneshot::channel();
+        let mut pending = lock(&self.shared.pending);
+        match &pending.phase {
+            Phase::Open => {}
+            Phase::Closing => return Ticket::failed(JournalError::Closed),
+            Phase::Failed(error) => return Ticket::failed(error.clone()),
+        }
+        let lsn = pending.next_lsn;
+        let first_event_seq = pending.next_event_seq;
+        pending.next_lsn += 1;
+        pending.next_event_seq += u64::from(record.event_count());
+        if pending.bytes.is_empty() {
+            pending.batch_first_lsn = lsn;
+        }
+        let batch_first_lsn = pending.batch_first_lsn;
+        encode_frame(&mut pending.bytes, lsn, first_event_seq, batch_first_lsn, &payload);
+        let events = record.events(first_event_seq);
+        pending.events.extend(events);
+        pending.waiters.push((
+            sender,
+            Appended {
+                lsn,
+                first_event_seq,
+            },
+        ));
+        let writer_may_sleep = pending.waiters.len() == 1;
+        drop(pending);
+        if writer_may_sleep {
+            self.shared.wake_writer.notify_one();
+        }
+        Ticket::waiting(receiver)
+    }
+
+    fn events(&self, after_seq: u64, limit: usize) -> Vec<Event> {
+        let events = self.shared.events.read().unwrap_or_else(|e| e.into_inner());
+        let start = events.partition_point(|e| e.seq <= after_seq);
+        events[start..].iter().take(limit).cloned().collect()
+    }
+
+    fn stats(&self) -> &JournalStats {
+        &self.shared.stats
+    }
+
+    fn close(&self) {
+        {
+            let mut pending = lock(&self.shared.pending);
+            if matches!(pending.phase, Phase::Open) {
+                pending.phase = Phase::Closing;
+            }
+        }
+        self.shared.wake_writer.notify_one();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(handle) = handle {
+            if handle.join().is_err() {
+                tracing::error!("the journal writer thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for FileJournal {
+    fn drop(&mut self) {
+        self.close();
+    }
+}

@@ -1,0 +1,153 @@
+//! The journal: the durable truth. Callers append records and await a [`Ticket`], which resolves
+//! only once the record is on stable storage. One writer commits everything pending as one batch
+//! (group commit). The journal also holds the event log: each record's events get their `seq` in
+//! commit order and become readable once durable.
+//!
+//! Implementations: [`file::FileJournal`] (the embedded default); the MySQL one comes later and
+//! passes the same tests.
+
+pub mod file;
+
+use crate::engine::records::{Event, Record};
+use crate::engine::RecordSink;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use tokio::sync::oneshot;
+
+/// Why the journal could not do what was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JournalError {
+    /// Writing or syncing failed. The journal refuses every later append: after a failed
+    /// `fdatasync` the kernel may have dropped the bytes, so only a restart (and recovery) is safe.
+    #[error("journal I/O failed ({context}): {message}")]
+    Io {
+        /// What the journal was doing.
+        context: String,
+        /// The operating system's message.
+        message: String,
+    },
+    /// The journal's files hold a bad record that is not a torn tail; nothing was changed.
+    #[error("journal corrupt at {file} offset {offset}: {reason} (restore the file from a backup or move it away; the journal refuses to start)")]
+    Corrupt {
+        /// The file.
+        file: String,
+        /// Where in it.
+        offset: u64,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The journal was closed.
+    #[error("the journal is closed")]
+    Closed,
+}
+
+impl JournalError {
+    pub(crate) fn io(context: impl Into<String>, error: &std::io::Error) -> Self {
+        JournalError::Io {
+            context: context.into(),
+            message: error.to_string(),
+        }
+    }
+}
+
+/// Where an appended record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    /// The record's sequence number.
+    pub lsn: u64,
+    /// The seq of its first event (if it has any).
+    pub first_event_seq: u64,
+}
+
+/// Resolves once the appended record is durable (or the append failed). Await it from async code or
+/// call [`Ticket::wait`] from a plain thread.
+#[must_use = "an append is durable only once its ticket resolves"]
+pub struct Ticket(TicketInner);
+
+enum TicketInner {
+    Waiting(oneshot::Receiver<Result<Appended, JournalError>>),
+    Failed(Option<JournalError>),
+}
+
+impl Ticket {
+    pub(crate) fn waiting(receiver: oneshot::Receiver<Result<Appended, JournalError>>) -> Self {
+        Ticket(TicketInner::Waiting(receiver))
+    }
+
+    pub(crate) fn failed(error: JournalError) -> Self {
+        Ticket(TicketInner::Failed(Some(error)))
+    }
+
+    /// Blocks the calling thread until the record is durable. Not for async code.
+    pub fn wait(self) -> Result<Appended, JournalError> {
+        match self.0 {
+            TicketInner::Waiting(receiver) => receiver
+                .blocking_recv()
+                .unwrap_or(Err(JournalError::Closed)),
+            TicketInner::Failed(error) => Err(error.unwrap_or(JournalError::Closed)),
+        }
+    }
+}
+
+impl Future for Ticket {
+    type Output = Result<Appended, JournalError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            TicketInner::Waiting(receiver) => Pin::new(receiver)
+                .poll(cx)
+                .map(|r| r.unwrap_or(Err(JournalError::Closed))),
+            TicketInner::Failed(error) => {
+                Poll::Ready(Err(error.take().unwrap_or(JournalError::Closed)))
+            }
+        }
+    }
+}
+
+/// Counters for `/metrics` and benchmarks.
+#[derive(Debug, Default)]
+pub struct JournalStats {
+    /// Batches committed.
+    pub batches: AtomicU64,
+    /// Records committed.
+    pub records: AtomicU64,
+    /// Bytes committed.
+    pub bytes: AtomicU64,
+    /// Total time spent in sync calls (nanoseconds).
+    pub sync_nanos: AtomicU64,
+    /// The largest batch so far (records).
+    pub batch_records_max: AtomicU64,
+}
+
+impl JournalStats {
+    pub(crate) fn record_batch(&self, records: u64, bytes: u64, sync_nanos: u64) {
+        self.batches.fetch_add(1, Ordering::Relaxed);
+        self.records.fetch_add(records, Ordering::Relaxed);
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        self.sync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
+        self.batch_records_max.fetch_max(records, Ordering::Relaxed);
+    }
+}
+
+/// A durable, ordered store of records with group commit.
+pub trait Journal: Send + Sync {
+    /// Enqueues a record; the ticket resolves once it is durable.
+    fn append(&self, record: Record) -> Ticket;
+    /// Up to `limit` durable events with `seq > after_seq`, in order.
+    fn events(&self, after_seq: u64, limit: usize) -> Vec<Event>;
+    /// Counters.
+    fn stats(&self) -> &JournalStats;
+    /// Waits for everything appended so far to be durable, then stops the writer. Later appends
+    /// fail with [`JournalError::Closed`].
+    fn close(&self);
+}
+
+impl<J: Journal + ?Sized> RecordSink for J {
+    type Ticket = Ticket;
+
+    fn submit(&self, record: Record) -> Ticket {
+        self.append(record)
+    }
+}
