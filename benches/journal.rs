@@ -1,1 +1,120 @@
-fn main(){}
+//! Durable appends per second into the file journal on the real disk, with 1, 64 and 1,024
+//! concurrent appenders (tokio tasks, each awaiting its append before the next).
+//!
+//! `cargo bench --bench journal`. The journal lives under `target/bench-journal` (the repository's
+//! disk, never tmpfs). Each record is a typical paid order with its two events and stored answer.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mimalloc::MiMalloc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use turnstile::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku};
+use turnstile::engine::order::{Order, OrderItem, OrderStatus};
+use turnstile::engine::records::{Record, StoredAnswer};
+use turnstile::journal::file::{FileJournal, FileJournalConfig};
+use turnstile::journal::Journal;
+
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
+
+fn order_record(n: u64) -> Record {
+    let order = Order {
+        order_id: OrderId::parse(format!("ord_bench_{n}")).expect("id"),
+        status: OrderStatus::Paid,
+        customer_id: CustomerId::parse(format!("customer-{}", n % 9_973)).expect("customer"),
+        items: vec![OrderItem {
+            sku: Sku::parse(format!("sku-{}", n % 10_000)).expect("sku"),
+            quantity: 1,
+            unit_price_cents: Cents::parse(1_999).expect("price"),
+        }],
+        total_cents: 1_999,
+        currency: Currency::parse("EUR").expect("currency"),
+        created_at_ms: 1_764_000_000_000,
+        hold_deadline_ms: 1_764_000_900_000,
+        payment_id: Some(format!("pay_{n}")),
+    };
+    let body = format!(
+        "{{\"order_id\":\"ord_bench_{n}\",\"status\":\"paid\",\"customer_id\":\"customer-1\",\"items\":[{{\"sku\":\"sku-1\",\"quantity\":1,\"unit_price_cents\":1999}}],\"total_cents\":1999,\"currency\":\"EUR\",\"created_at\":\"2025-11-24T16:00:00Z\"}}"
+    );
+    Record::Order {
+        order,
+        entered: vec![OrderStatus::Reserved, OrderStatus::Paid],
+        at_ms: 1_764_000_000_000,
+        answer: Some((
+            IdempotencyKey::parse(format!("key-{n}")).expect("key"),
+            StoredAnswer {
+                fingerprint: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                    .into(),
+                status: 201,
+                body,
+                at_ms: 1_764_000_000_000,
+            },
+        )),
+    }
+}
+
+fn durable_appends(c: &mut Criterion) {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-journal");
+    std::fs::create_dir_all(&base).expect("bench dir");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("journal");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(1));
+    for appenders in [1u64, 64, 1_024] {
+        let dir = tempfile::tempdir_in(&base).expect("tempdir");
+        let (journal, _) =
+            FileJournal::open_dir(dir.path(), FileJournalConfig::default()).expect("journal");
+        let journal = Arc::new(journal);
+        let mut counter = 0u64;
+        group.bench_function(format!("durable_appends/{appenders}_appenders"), |b| {
+            b.iter_custom(|iters| {
+                let per_task = iters.div_ceil(appenders);
+                let first = counter;
+                counter += per_task * appenders;
+                let started = Instant::now();
+                runtime.block_on(async {
+                    let tasks: Vec<_> = (0..appenders)
+                        .map(|task| {
+                            let journal = Arc::clone(&journal);
+                            tokio::spawn(async move {
+                                for i in 0..per_task {
+                                    let n = first + task * per_task + i;
+                                    journal.append(order_record(n)).await.expect("append");
+                                }
+                            })
+                        })
+                        .collect();
+                    for task in tasks {
+                        task.await.expect("task");
+                    }
+                });
+                // Scale to the iterations asked for (the tasks may have done a few more).
+                started
+                    .elapsed()
+                    .mul_f64(iters as f64 / (per_task * appenders) as f64)
+            })
+        });
+        let stats = journal.stats();
+        let batches = stats
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .max(1);
+        let records = stats.records.load(std::sync::atomic::Ordering::Relaxed);
+        let sync_nanos = stats.sync_nanos.load(std::sync::atomic::Ordering::Relaxed);
+        eprintln!(
+            "journal {appenders} appenders: {records} records in {batches} batches ({:.1} records/batch), mean fdatasync {:.3} ms",
+            records as f64 / batches as f64,
+            sync_nanos as f64 / batches as f64 / 1e6
+        );
+        journal.close();
+    }
+    group.finish();
+}
+
+criterion_group!(benches, durable_appends);
+criterion_main!(benches);

@@ -17,3 +17,4 @@ pub mod domain;
 pub mod engine;
 pub mod journal;
 pub mod server;
+mod sync;

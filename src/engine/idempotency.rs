@@ -6,9 +6,9 @@
 
 use super::records::StoredAnswer;
 use crate::domain::IdempotencyKey;
+use crate::sync::lock;
 use rustc_hash::FxHashMap;
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::{Arc, Mutex};
 
 /// How many independently locked parts each map is split into, so that concurrent requests with
@@ -74,15 +74,7 @@ pub struct IdempotencyStore {
 }
 
 fn shard_of(key: &IdempotencyKey) -> usize {
-    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
-    key.hash(&mut hasher);
-    (hasher.finish() as usize) % SHARDS
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding one of these locks leaves a consistent map (every update is one
-    // insert or remove), so the poison flag carries no information.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::shard_of(key, SHARDS)
 }
 
 impl IdempotencyStore {

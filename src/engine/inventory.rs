@@ -10,8 +10,10 @@
 //! only the sums are meaningful, and [`Inventory::view`] returns sums that satisfy
 //! `available + reserved + sold == stock` with none negative, retrying until its scan is consistent.
 //!
-//! No Mutex or RwLock is taken on the reserve, release or commit paths. The SKU index is an
-//! [`ArcSwap`] of an immutable map, replaced (under a writer-only mutex) when a product is added.
+//! No Mutex or RwLock is taken on the reserve, release or commit paths. The SKU index is split
+//! into parts, each an [`ArcSwap`] of an immutable map that is copied and replaced (under a
+//! writer-only mutex) when a product is added: lookups are lock-free, and adding a SKU copies only
+//! its part (1/64 of the index), so creating 10,000 products stays cheap.
 
 use crate::domain::Sku;
 use arc_swap::ArcSwap;
@@ -407,11 +409,14 @@ impl Drop for StockTable {
 unsafe impl Send for StockTable {}
 unsafe impl Sync for StockTable {}
 
+/// Parts of the SKU index, each replaced as a whole when a SKU is added to it.
+const INDEX_PARTS: usize = 64;
+
 /// All SKUs' stock. Cheap to share behind an `Arc`.
 pub struct Inventory {
     shard_count: usize,
     table: StockTable,
-    index: ArcSwap<FxHashMap<Sku, SkuIndex>>,
+    index: Box<[ArcSwap<FxHashMap<Sku, SkuIndex>>]>,
     /// Serialises additions of SKUs (never taken on the reserve path).
     add_lock: Mutex<()>,
 }
@@ -423,7 +428,9 @@ impl Inventory {
         Self {
             shard_count: shard_count.clamp(1, SHARDS_MAX),
             table: StockTable::new(),
-            index: ArcSwap::from_pointee(FxHashMap::default()),
+            index: (0..INDEX_PARTS)
+                .map(|_| ArcSwap::from_pointee(FxHashMap::default()))
+                .collect(),
             add_lock: Mutex::new(()),
         }
     }
@@ -433,17 +440,21 @@ impl Inventory {
         self.shard_count
     }
 
+    fn index_part(&self, sku: &Sku) -> &ArcSwap<FxHashMap<Sku, SkuIndex>> {
+        &self.index[crate::sync::shard_of(sku, INDEX_PARTS)]
+    }
+
     /// Finds a SKU. Lock-free.
     #[inline]
     pub fn lookup(&self, sku: &Sku) -> Option<SkuIndex> {
-        self.index.load().get(sku).copied()
+        self.index_part(sku).load().get(sku).copied()
     }
 
     /// Adds a SKU with `stock` units, all available (or with `reserved`/`sold` units already taken,
     /// when rebuilding from the journal). Returns the existing index if the SKU is already known,
     /// unchanged.
     pub fn add(&self, sku: &Sku, stock: i64, reserved: i64, sold: i64) -> SkuIndex {
-        let _writer = self.add_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _writer = crate::sync::lock(&self.add_lock);
         if let Some(existing) = self.lookup(sku) {
             return existing;
         }
@@ -456,9 +467,10 @@ impl Inventory {
         entry.shards[0].reserved.store(reserved, Ordering::Release);
         entry.shards[0].sold.store(sold, Ordering::Release);
         let index = self.table.push(entry);
-        let mut map = FxHashMap::clone(&self.index.load());
+        let part = self.index_part(sku);
+        let mut map = FxHashMap::clone(&part.load());
         map.insert(sku.clone(), index);
-        self.index.store(Arc::new(map));
+        part.store(Arc::new(map));
         index
     }
 
@@ -664,6 +676,20 @@ mod tests {
                 sold: 6
             }
         );
+    }
+
+    #[test]
+    fn many_skus_are_found_again() {
+        let inventory = Inventory::new(2);
+        let indices: Vec<SkuIndex> = (0..5_000)
+            .map(|i| inventory.add(&sku(&format!("s{i}")), i, 0, 0))
+            .collect();
+        for (i, index) in indices.iter().enumerate() {
+            assert_eq!(inventory.lookup(&sku(&format!("s{i}"))), Some(*index));
+            assert_eq!(inventory.view(*index).stock, i as i64);
+        }
+        assert_eq!(inventory.lookup(&sku("missing")), None);
+        assert_eq!(inventory.len(), 5_000);
     }
 
     #[test]

@@ -10,15 +10,16 @@ pub mod order;
 pub mod records;
 
 use crate::domain::{Currency, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
+use crate::sync::lock;
 use idempotency::{IdempotencyStore, RejectionLimits};
 use inventory::{Hold, Inventory, ReserveError, SetStockError, SkuIndex, StockView};
 use order::{IllegalTransition, Order, OrderItem, OrderStatus};
 use records::{Product, Record, State, StoredAnswer};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeSet;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 /// Where the engine sends its durable changes. `submit` must not block for long: it enqueues.
 pub trait RecordSink {
@@ -92,15 +93,7 @@ pub enum EngineError {
 const MAP_SHARDS: usize = 64;
 
 fn shard_index<K: Hash>(key: &K) -> usize {
-    let mut hasher = rustc_hash::FxBuildHasher.build_hasher();
-    key.hash(&mut hasher);
-    (hasher.finish() as usize) % MAP_SHARDS
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // Every update under these locks is a single insert or field change, so a panic elsewhere cannot
-    // leave the map half-changed; the poison flag carries no information.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+    crate::sync::shard_of(key, MAP_SHARDS)
 }
 
 struct ProductEntry {
@@ -287,12 +280,17 @@ impl Engine {
             let view = self
                 .inventory
                 .set_stock(entry.index, product.stock.get())
-                .map_err(|SetStockError::BelowCommitted { requested, committed }| {
-                    EngineError::StockBelowCommitted {
-                        requested,
-                        committed,
-                    }
-                })?;
+                .map_err(
+                    |SetStockError::BelowCommitted {
+                         requested,
+                         committed,
+                     }| {
+                        EngineError::StockBelowCommitted {
+                            requested,
+                            committed,
+                        }
+                    },
+                )?;
             entry.product = product.clone();
             let ticket = sink.submit(Record::Product { product });
             return Ok((view, ticket));
@@ -300,9 +298,7 @@ impl Engine {
         let ticket = sink.submit(Record::Product {
             product: product.clone(),
         });
-        let index = self
-            .inventory
-            .add(&product.sku, product.stock.get(), 0, 0);
+        let index = self.inventory.add(&product.sku, product.stock.get(), 0, 0);
         products.insert(product.sku.clone(), ProductEntry { product, index });
         Ok((self.inventory.view(index), ticket))
     }
@@ -359,9 +355,8 @@ impl Engine {
                 unit_price_cents: price,
             });
         }
-        let currency = currency.ok_or_else(|| {
-            EngineError::Inconsistent("a reservation without lines".to_owned())
-        })?;
+        let currency = currency
+            .ok_or_else(|| EngineError::Inconsistent("a reservation without lines".to_owned()))?;
         Ok(Reservation {
             hold,
             items,
@@ -494,8 +489,7 @@ impl Engine {
             }
         }
         if before.holds_stock() && !next.holds_stock() {
-            lock(&self.holds_by_deadline)
-                .remove(&(entry.order.hold_deadline_ms, order_id.clone()));
+            lock(&self.holds_by_deadline).remove(&(entry.order.hold_deadline_ms, order_id.clone()));
         }
         let ticket = sink.submit(Record::Order {
             order: entry.order.clone(),

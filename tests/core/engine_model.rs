@@ -29,11 +29,24 @@ impl RecordSink for RecordingSink {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Upsert { sku: usize, stock: i64 },
-    Checkout { lines: Vec<(usize, i64)>, outcome: u8 },
-    Transition { order: usize, to: OrderStatus },
-    Cancel { order: usize },
-    Advance { ms: i64 },
+    Upsert {
+        sku: usize,
+        stock: i64,
+    },
+    Checkout {
+        lines: Vec<(usize, i64)>,
+        outcome: u8,
+    },
+    Transition {
+        order: usize,
+        to: OrderStatus,
+    },
+    Cancel {
+        order: usize,
+    },
+    Advance {
+        ms: i64,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -148,7 +161,9 @@ fn run(ops: Vec<Op>) {
                         None => merged.push((i, q)),
                     }
                 }
-                let unknown = lines.iter().find(|(i, _)| *i >= SKUS || model.stock[*i].is_none());
+                let unknown = lines
+                    .iter()
+                    .find(|(i, _)| *i >= SKUS || model.stock[*i].is_none());
                 let short = merged
                     .iter()
                     .find(|(i, q)| model.view(*i).is_some_and(|v| v.available < *q));
@@ -156,12 +171,19 @@ fn run(ops: Vec<Op>) {
                 if let Some(&(i, _)) = unknown {
                     assert_eq!(result.err(), Some(EngineError::UnknownSku(sku(&name(i)))));
                 } else if let Some(&(i, _)) = short {
-                    assert_eq!(result.err(), Some(EngineError::OutOfStock { sku: sku(&name(i)) }));
+                    assert_eq!(
+                        result.err(),
+                        Some(EngineError::OutOfStock { sku: sku(&name(i)) })
+                    );
                 } else {
                     let reservation = result.expect("reservation");
                     let payment_outcome = match outcome {
-                        0 => PaymentOutcome::Paid { payment_id: "p".into() },
-                        1 => PaymentOutcome::Pending { payment_id: "p".into() },
+                        0 => PaymentOutcome::Paid {
+                            payment_id: "p".into(),
+                        },
+                        1 => PaymentOutcome::Pending {
+                            payment_id: "p".into(),
+                        },
                         _ => PaymentOutcome::Failed { payment_id: None },
                     };
                     let (order, _, ()) = engine.place_order(
@@ -218,7 +240,8 @@ fn run(ops: Vec<Op>) {
                         expected.push(order.id.clone());
                     }
                 }
-                let mut got: Vec<OrderId> = released.into_iter().map(|(o, ())| o.order_id).collect();
+                let mut got: Vec<OrderId> =
+                    released.into_iter().map(|(o, ())| o.order_id).collect();
                 got.sort();
                 expected.sort();
                 assert_eq!(got, expected, "expired holds");
@@ -243,12 +266,21 @@ fn run(ops: Vec<Op>) {
         assert_eq!(event.seq, i as u64 + 1, "event seqs have no gaps");
         match last.get(&event.order_id) {
             None => assert_eq!(event.status, OrderStatus::Reserved, "first event"),
-            Some(prev) => assert!(prev.can_become(event.status), "{prev:?} -> {:?}", event.status),
+            Some(prev) => assert!(
+                prev.can_become(event.status),
+                "{prev:?} -> {:?}",
+                event.status
+            ),
         }
         last.insert(&event.order_id, event.status);
     }
     for order in &model.orders {
-        assert_eq!(last.get(&order.id), Some(&order.status), "last event of {}", order.id);
+        assert_eq!(
+            last.get(&order.id),
+            Some(&order.status),
+            "last event of {}",
+            order.id
+        );
     }
 }
 
@@ -262,7 +294,8 @@ fn engine_matches_a_simple_model() {
         failure_persistence: None,
         ..Config::default()
     };
-    let mut runner = TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
     if let Err(failure) = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
         run(ops);
         Ok(())

@@ -28,7 +28,11 @@ fn watch(
             view.available >= 0 && view.reserved >= 0 && view.sold >= 0,
             "negative counter seen: {view:?}"
         );
-        assert_eq!(view.available + view.reserved + view.sold, view.stock, "{view:?}");
+        assert_eq!(
+            view.available + view.reserved + view.sold,
+            view.stock,
+            "{view:?}"
+        );
         // Nothing is refunded in these tests, so sold units only grow.
         assert!(view.sold >= last_sold[i], "sold went back: {view:?}");
         last_sold[i] = view.sold;
@@ -105,7 +109,10 @@ fn hot_sku_counters_equal_the_threads_tallies() {
         }
     );
     eprintln!("sold {sold}, still held {reserved}, rejected {rejected}, reader saw {views} views");
-    assert!(rejected > 0, "the test should have sold the SKU out at some point");
+    assert!(
+        rejected > 0,
+        "the test should have sold the SKU out at some point"
+    );
     for hold in outstanding {
         inventory.release(hold);
     }
@@ -129,8 +136,11 @@ fn exactly_as_many_buyers_as_units_are_admitted() {
     let admitted = Arc::new(AtomicU64::new(0));
     let workers: Vec<_> = (0..THREADS)
         .map(|_| {
-            let (inventory, barrier, admitted) =
-                (Arc::clone(&inventory), Arc::clone(&barrier), Arc::clone(&admitted));
+            let (inventory, barrier, admitted) = (
+                Arc::clone(&inventory),
+                Arc::clone(&barrier),
+                Arc::clone(&admitted),
+            );
             std::thread::spawn(move || {
                 barrier.wait();
                 for _ in 0..2_000 {
@@ -182,8 +192,11 @@ fn many_skus_and_baskets_counters_equal_the_tallies() {
     let barrier = Arc::new(Barrier::new(THREADS));
     let workers: Vec<_> = (0..THREADS)
         .map(|t| {
-            let (inventory, barrier, indices) =
-                (Arc::clone(&inventory), Arc::clone(&barrier), indices.clone());
+            let (inventory, barrier, indices) = (
+                Arc::clone(&inventory),
+                Arc::clone(&barrier),
+                indices.clone(),
+            );
             std::thread::spawn(move || {
                 let mut rng = Rng::new(seed ^ (t as u64 + 11).wrapping_mul(0x9E37_79B9));
                 let mut holds: Vec<Hold> = Vec::new();

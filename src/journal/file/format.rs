@@ -160,9 +160,8 @@ pub fn scan_segment(bytes: &[u8], first_lsn: u64) -> Scan<'_> {
 /// after `bad_offset`.
 fn later_batch_follows(bytes: &[u8], bad_offset: usize, expected_lsn: u64) -> bool {
     (bad_offset + 1..bytes.len().saturating_sub(HEADER_LEN - 1)).any(|at| {
-        read_frame(bytes, at).is_some_and(|f| {
-            f.batch_first_lsn > expected_lsn && f.lsn >= f.batch_first_lsn
-        })
+        read_frame(bytes, at)
+            .is_some_and(|f| f.batch_first_lsn > expected_lsn && f.lsn >= f.batch_first_lsn)
     })
 }
 

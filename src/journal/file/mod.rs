@@ -17,9 +17,10 @@ pub mod storage;
 
 use super::{Appended, Journal, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record, State};
+use crate::sync::lock;
 use format::{encode_frame, scan_segment, Tail, PAYLOAD_LEN_MAX};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use storage::{Storage, StorageFile};
@@ -65,6 +66,7 @@ fn parse_number(name: &str, prefix: &str, suffix: &str) -> Option<u64> {
 /// What a fold of snapshot and segments found.
 struct Recovered {
     state: State,
+    report: RecoveryReport,
     next_lsn: u64,
     next_event_seq: u64,
     /// The last segment read, its first lsn and its length after any cut.
@@ -75,7 +77,12 @@ struct Recovered {
     snapshots: Vec<u64>,
 }
 
-fn corrupt(storage: &dyn Storage, name: &str, offset: u64, reason: impl Into<String>) -> JournalError {
+fn corrupt(
+    storage: &dyn Storage,
+    name: &str,
+    offset: u64,
+    reason: impl Into<String>,
+) -> JournalError {
     JournalError::Corrupt {
         file: storage.describe(name),
         offset,
@@ -89,12 +96,22 @@ fn read_snapshot(storage: &dyn Storage, lsn: u64) -> Result<State, JournalError>
         .read(&name)
         .map_err(|e| JournalError::io(format!("reading {}", storage.describe(&name)), &e))?;
     if bytes.len() < 8 {
-        return Err(corrupt(storage, &name, 0, "snapshot shorter than its header"));
+        return Err(corrupt(
+            storage,
+            &name,
+            0,
+            "snapshot shorter than its header",
+        ));
     }
     let len = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
     let crc = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]);
     if bytes.len() != 8 + len || crc32c::crc32c(&bytes[8..]) != crc {
-        return Err(corrupt(storage, &name, 0, "snapshot length or checksum mismatch"));
+        return Err(corrupt(
+            storage,
+            &name,
+            0,
+            "snapshot length or checksum mismatch",
+        ));
     }
     let state: State = serde_json::from_slice(&bytes[8..])
         .map_err(|e| corrupt(storage, &name, 8, format!("snapshot does not decode: {e}")))?;
@@ -151,6 +168,11 @@ fn fold(
         Some(&lsn) => read_snapshot(storage, lsn)?,
         None => State::default(),
     };
+    let mut report = RecoveryReport {
+        snapshot_lsn: state.last_lsn,
+        records_replayed: 0,
+        torn_bytes_cut: 0,
+    };
     let mut next_lsn = state.last_lsn + 1;
     let mut next_event_seq = state.next_event_seq();
     let mut last_segment = None;
@@ -201,6 +223,7 @@ fn fold(
             next_event_seq += u64::from(record.event_count());
             state.apply(frame.lsn, frame.first_event_seq, record);
             next_lsn += 1;
+            report.records_replayed += 1;
         }
         let mut len = bytes.len() as u64;
         match scan.tail {
@@ -218,6 +241,7 @@ fn fold(
                     })?;
                 }
                 len = offset as u64;
+                report.torn_bytes_cut = (bytes.len() - offset) as u64;
             }
             Tail::Torn { offset } => {
                 return Err(corrupt(
@@ -236,6 +260,7 @@ fn fold(
     }
     Ok(Recovered {
         state,
+        report,
         next_lsn,
         next_event_seq,
         last_segment,
@@ -309,14 +334,20 @@ struct Shared {
     checkpoint_lock: Mutex<()>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    // The writer and appenders update `Pending` field by field without calling code that could
-    // panic in between, so a poisoned lock still guards a consistent value.
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
+/// What start-up found, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// The lsn the snapshot covered (0: no snapshot).
+    pub snapshot_lsn: u64,
+    /// Records replayed from segments after the snapshot.
+    pub records_replayed: u64,
+    /// Bytes cut off a torn tail.
+    pub torn_bytes_cut: u64,
 }
 
 /// The embedded journal.
 pub struct FileJournal {
+    recovery: RecoveryReport,
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -358,8 +389,11 @@ impl FileJournal {
         };
         let closed_since_checkpoint = recovered.segments_read.len().saturating_sub(1);
         let state = recovered.state;
+        let recovery = recovered.report;
         tracing::info!(
             records = state.last_lsn,
+            snapshot_lsn = recovery.snapshot_lsn,
+            replayed = recovery.records_replayed,
             products = state.products.len(),
             orders = state.orders.len(),
             events = state.events.len(),
@@ -396,6 +430,7 @@ impl FileJournal {
             .map_err(|e| JournalError::io("starting the journal writer thread", &e))?;
         Ok((
             Self {
+                recovery,
                 shared,
                 writer: Mutex::new(Some(handle)),
             },
@@ -411,6 +446,11 @@ impl FileJournal {
         let storage = storage::DiskStorage::open(dir)
             .map_err(|e| JournalError::io(format!("opening {}", dir.display()), &e))?;
         Self::open(Arc::new(storage), config)
+    }
+
+    /// What start-up found.
+    pub fn recovery(&self) -> RecoveryReport {
+        self.recovery
     }
 
     /// Takes a snapshot now of everything in closed segments (normally done in the background).
@@ -434,10 +474,7 @@ impl FileJournal {
 impl Shared {
     /// Runs one checkpoint at a time, whoever asks.
     fn checkpoint(&self, active_first_lsn: u64) -> Result<u64, JournalError> {
-        let _one_at_a_time = self
-            .checkpoint_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let _one_at_a_time = lock(&self.checkpoint_lock);
         checkpoint(self.storage.as_ref(), active_first_lsn)
     }
 }
@@ -499,7 +536,12 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, bytes: &[u8], batch_first_lsn: u64, records: u64) -> Result<(), JournalError> {
+    fn commit(
+        &mut self,
+        bytes: &[u8],
+        batch_first_lsn: u64,
+        records: u64,
+    ) -> Result<(), JournalError> {
         if self.file_len > 0
             && self.file_len + bytes.len() as u64 > self.shared.config.segment_bytes_max
         {
@@ -551,7 +593,9 @@ impl Writer {
                 });
             if let Err(error) = spawned {
                 tracing::error!(%error, "could not start the snapshot thread");
-                self.shared.checkpoint_running.store(false, Ordering::Release);
+                self.shared
+                    .checkpoint_running
+                    .store(false, Ordering::Release);
             }
         }
         Ok(())
@@ -565,7 +609,10 @@ impl Journal for FileJournal {
             Ok(payload) => {
                 return Ticket::failed(JournalError::Io {
                     context: "encoding a record".into(),
-                    message: format!("record of {} bytes exceeds {PAYLOAD_LEN_MAX}", payload.len()),
+                    message: format!(
+                        "record of {} bytes exceeds {PAYLOAD_LEN_MAX}",
+                        payload.len()
+                    ),
                 })
             }
             Err(e) => {
@@ -590,7 +637,13 @@ impl Journal for FileJournal {
             pending.batch_first_lsn = lsn;
         }
         let batch_first_lsn = pending.batch_first_lsn;
-        encode_frame(&mut pending.bytes, lsn, first_event_seq, batch_first_lsn, &payload);
+        encode_frame(
+            &mut pending.bytes,
+            lsn,
+            first_event_seq,
+            batch_first_lsn,
+            &payload,
+        );
         let events = record.events(first_event_seq);
         pending.events.extend(events);
         pending.waiters.push((
@@ -626,11 +679,7 @@ impl Journal for FileJournal {
             }
         }
         self.shared.wake_writer.notify_one();
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("the journal writer thread panicked");

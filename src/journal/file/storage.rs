@@ -148,9 +148,14 @@ struct SimulatedState {
 }
 
 /// A disk in memory that keeps, across [`SimulatedDisk::power_cut`], only what was synced.
+///
+/// Give the journal a [`SimulatedDisk::machine`] view: after a power cut every operation through
+/// it fails, as a dead machine's would, while the test keeps using the disk itself.
 #[derive(Clone, Default)]
 pub struct SimulatedDisk {
     state: Arc<Mutex<SimulatedState>>,
+    /// The power generation this view belongs to; `None` for the test's own view.
+    bound: Option<u64>,
 }
 
 fn gone() -> io::Error {
@@ -165,6 +170,23 @@ impl SimulatedDisk {
 
     fn lock(&self) -> MutexGuard<'_, SimulatedState> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A view of the disk for one machine's life: it stops working at the next power cut.
+    pub fn machine(&self) -> SimulatedDisk {
+        SimulatedDisk {
+            state: Arc::clone(&self.state),
+            bound: Some(self.lock().generation),
+        }
+    }
+
+    /// Locks the state for an operation of this view; fails once the view's machine lost power.
+    fn alive(&self) -> io::Result<MutexGuard<'_, SimulatedState>> {
+        let state = self.lock();
+        match self.bound {
+            Some(generation) if generation != state.generation => Err(gone()),
+            _ => Ok(state),
+        }
     }
 
     /// Cuts the power: every byte not synced and every directory entry not synced is lost, and
@@ -252,13 +274,13 @@ impl Storage for SimulatedDisk {
     }
 
     fn list(&self) -> io::Result<Vec<String>> {
-        let mut names: Vec<String> = self.lock().files.keys().cloned().collect();
+        let mut names: Vec<String> = self.alive()?.files.keys().cloned().collect();
         names.sort();
         Ok(names)
     }
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
-        self.lock()
+        self.alive()?
             .files
             .get(name)
             .map(|f| f.data.clone())
@@ -266,7 +288,7 @@ impl Storage for SimulatedDisk {
     }
 
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
-        let mut state = self.lock();
+        let mut state = self.alive()?;
         if state.files.contains_key(name) {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -277,26 +299,32 @@ impl Storage for SimulatedDisk {
             .files
             .insert(name.to_owned(), SimulatedFile::default());
         Ok(Box::new(SimulatedHandle {
-            disk: self.clone(),
+            disk: SimulatedDisk {
+                state: Arc::clone(&self.state),
+                bound: None,
+            },
             name: name.to_owned(),
             generation: state.generation,
         }))
     }
 
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
-        let state = self.lock();
+        let state = self.alive()?;
         if !state.files.contains_key(name) {
             return Err(io::Error::new(io::ErrorKind::NotFound, name.to_owned()));
         }
         Ok(Box::new(SimulatedHandle {
-            disk: self.clone(),
+            disk: SimulatedDisk {
+                state: Arc::clone(&self.state),
+                bound: None,
+            },
             name: name.to_owned(),
             generation: state.generation,
         }))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.alive()?;
         let file = state
             .files
             .get_mut(name)
@@ -307,14 +335,14 @@ impl Storage for SimulatedDisk {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.alive()?;
         Self::take_sync(&mut state)?;
         state.durable_names = state.files.keys().cloned().collect();
         Ok(())
     }
 
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.alive()?;
         Self::take_sync(&mut state)?;
         state.files.insert(
             name.to_owned(),
@@ -328,7 +356,7 @@ impl Storage for SimulatedDisk {
     }
 
     fn remove(&self, name: &str) -> io::Result<()> {
-        let mut state = self.lock();
+        let mut state = self.alive()?;
         state.files.remove(name);
         state.durable_names.remove(name);
         Ok(())
