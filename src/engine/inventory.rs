@@ -243,18 +243,25 @@ impl SkuStock {
             return false;
         }
         let shard = &self.shards[home];
-        let current = shard.available.load(Ordering::Acquire);
-        let fast = current >= units
-            && shard
-                .available
-                .compare_exchange(
-                    current,
-                    current - units,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                )
-                .is_ok();
-        if !fast && !self.collect(home, units) {
+        let mut current = shard.available.load(Ordering::Acquire);
+        // Fast path: the home shard has enough. Retry while it still has (threads sharing a shard
+        // race here); go to the slow path only when it runs short.
+        let mut taken = false;
+        while current >= units {
+            match shard.available.compare_exchange_weak(
+                current,
+                current - units,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    taken = true;
+                    break;
+                }
+                Err(actual) => current = actual,
+            }
+        }
+        if !taken && !self.collect(home, units) {
             return false;
         }
         shard.reserved.fetch_add(units, Ordering::AcqRel);
