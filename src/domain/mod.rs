@@ -107,125 +107,76 @@ id_type!(
 /// The most units one checkout line may ask for (API.md).
 pub const QUANTITY_MAX: i64 = 1_000_000;
 
-/// Units of one SKU in one checkout line: 1..=1,000,000.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "i64", into = "i64")]
-pub struct Quantity(i64);
-
-impl Quantity {
-    /// Accepts 1..=1,000,000.
-    pub fn parse(raw: i64) -> Result<Self, InvalidValue> {
-        if (1..=QUANTITY_MAX).contains(&raw) {
-            Ok(Self(raw))
-        } else {
-            Err(InvalidValue::new(
-                "quantity",
-                format!("must be between 1 and {QUANTITY_MAX}"),
-            ))
-        }
-    }
-
-    /// The number of units.
-    pub fn get(self) -> i64 {
-        self.0
-    }
-}
-
-impl TryFrom<i64> for Quantity {
-    type Error = InvalidValue;
-    fn try_from(raw: i64) -> Result<Self, InvalidValue> {
-        Self::parse(raw)
-    }
-}
-
-impl From<Quantity> for i64 {
-    fn from(q: Quantity) -> i64 {
-        q.0
-    }
-}
-
 /// The most units the shop may own of one SKU. Bounded so that no sum of stock counters can overflow
 /// an `i64`, whatever the number of shards or of orders.
 pub const STOCK_MAX: i64 = 1 << 40;
 
-/// Units the shop owns of one SKU (available, held and sold together): 0..=2^40.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "i64", into = "i64")]
-pub struct Stock(i64);
-
-impl Stock {
-    /// Accepts 0..=2^40.
-    pub fn parse(raw: i64) -> Result<Self, InvalidValue> {
-        if (0..=STOCK_MAX).contains(&raw) {
-            Ok(Self(raw))
-        } else {
-            Err(InvalidValue::new(
-                "stock",
-                format!("must be between 0 and {STOCK_MAX}"),
-            ))
-        }
-    }
-
-    /// The number of units.
-    pub fn get(self) -> i64 {
-        self.0
-    }
-}
-
-impl TryFrom<i64> for Stock {
-    type Error = InvalidValue;
-    fn try_from(raw: i64) -> Result<Self, InvalidValue> {
-        Self::parse(raw)
-    }
-}
-
-impl From<Stock> for i64 {
-    fn from(s: Stock) -> i64 {
-        s.0
-    }
-}
-
-/// An amount of money in minor units (cents), never negative. Bounded to 2^53 so that a total of up to
-/// 100 lines of 1,000,000 units each cannot overflow, and so that JSON clients that read numbers as
-/// doubles see the exact value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "i64", into = "i64")]
-pub struct Cents(i64);
-
-/// The largest unit price accepted: with 100 lines × 1,000,000 units the total stays below 2^63.
+/// The largest unit price accepted: with 100 lines × 1,000,000 units the total stays below 2^63,
+/// and JSON clients that read numbers as doubles see exact values.
 pub const PRICE_CENTS_MAX: i64 = 1 << 36;
 
-impl Cents {
-    /// Accepts 0..=2^36 (a unit price; totals are computed, not parsed).
-    pub fn parse(raw: i64) -> Result<Self, InvalidValue> {
-        if (0..=PRICE_CENTS_MAX).contains(&raw) {
-            Ok(Self(raw))
-        } else {
-            Err(InvalidValue::new(
-                "price_cents",
-                format!("must be between 0 and {PRICE_CENTS_MAX}"),
-            ))
+macro_rules! bounded_int {
+    ($(#[$doc:meta])* $name:ident, $field:literal, $min:expr, $max:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "i64", into = "i64")]
+        pub struct $name(i64);
+
+        impl $name {
+            /// Accepts values from the minimum to the maximum, both included.
+            pub fn parse(raw: i64) -> Result<Self, InvalidValue> {
+                if ($min..=$max).contains(&raw) {
+                    Ok(Self(raw))
+                } else {
+                    Err(InvalidValue::new(
+                        $field,
+                        format!("must be between {} and {}", $min, $max),
+                    ))
+                }
+            }
+
+            /// The value.
+            pub fn get(self) -> i64 {
+                self.0
+            }
         }
-    }
 
-    /// The amount in minor units.
-    pub fn get(self) -> i64 {
-        self.0
-    }
+        impl TryFrom<i64> for $name {
+            type Error = InvalidValue;
+            fn try_from(raw: i64) -> Result<Self, InvalidValue> {
+                Self::parse(raw)
+            }
+        }
+
+        impl From<$name> for i64 {
+            fn from(value: $name) -> i64 {
+                value.0
+            }
+        }
+    };
 }
 
-impl TryFrom<i64> for Cents {
-    type Error = InvalidValue;
-    fn try_from(raw: i64) -> Result<Self, InvalidValue> {
-        Self::parse(raw)
-    }
-}
-
-impl From<Cents> for i64 {
-    fn from(c: Cents) -> i64 {
-        c.0
-    }
-}
+bounded_int!(
+    /// Units of one SKU in one checkout line: 1..=1,000,000.
+    Quantity,
+    "quantity",
+    1,
+    QUANTITY_MAX
+);
+bounded_int!(
+    /// Units the shop owns of one SKU (available, held and sold together): 0..=2^40.
+    Stock,
+    "stock",
+    0,
+    STOCK_MAX
+);
+bounded_int!(
+    /// A unit price in minor units (cents): 0..=2^36. Totals are computed, not parsed.
+    Cents,
+    "price_cents",
+    0,
+    PRICE_CENTS_MAX
+);
 
 /// An ISO-4217-style currency code: three upper-case ASCII letters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

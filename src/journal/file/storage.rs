@@ -219,6 +219,18 @@ impl SimulatedDisk {
         }
     }
 
+    /// A handle to `name` for the machine alive at `generation`.
+    fn handle(&self, name: &str, generation: u64) -> Box<dyn StorageFile> {
+        Box::new(SimulatedHandle {
+            disk: SimulatedDisk {
+                state: Arc::clone(&self.state),
+                bound: None,
+            },
+            name: name.to_owned(),
+            generation,
+        })
+    }
+
     fn take_sync(state: &mut SimulatedState) -> io::Result<()> {
         match &mut state.syncs_left {
             Some(0) => Err(io::Error::other("injected sync failure")),
@@ -298,14 +310,7 @@ impl Storage for SimulatedDisk {
         state
             .files
             .insert(name.to_owned(), SimulatedFile::default());
-        Ok(Box::new(SimulatedHandle {
-            disk: SimulatedDisk {
-                state: Arc::clone(&self.state),
-                bound: None,
-            },
-            name: name.to_owned(),
-            generation: state.generation,
-        }))
+        Ok(self.handle(name, state.generation))
     }
 
     fn open_append(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
@@ -313,14 +318,7 @@ impl Storage for SimulatedDisk {
         if !state.files.contains_key(name) {
             return Err(io::Error::new(io::ErrorKind::NotFound, name.to_owned()));
         }
-        Ok(Box::new(SimulatedHandle {
-            disk: SimulatedDisk {
-                state: Arc::clone(&self.state),
-                bound: None,
-            },
-            name: name.to_owned(),
-            generation: state.generation,
-        }))
+        Ok(self.handle(name, state.generation))
     }
 
     fn truncate(&self, name: &str, len: u64) -> io::Result<()> {
