@@ -11,10 +11,24 @@
 //!   ([`engine::records`]).
 //! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log) and the
 //!   embedded file journal ([`journal::file`]: segments, framing, recovery, snapshots).
-//! - [`server`]: wiring: open the journal, rebuild the engine, run until a stop signal.
+//! - [`payment`]: the `PaymentGateway` trait, the in-process simulator, webhook signatures.
+//! - [`sessions`]: carts with idle expiry (in process).
+//! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
+//! - [`config`]: `serve`'s options: flags > environment > JSON file > defaults.
+//! - [`metrics`]: counters and histograms in the Prometheus text format.
+//! - [`server`]: wiring, the hold sweeper, graceful shutdown.
+//! - [`http_client`], [`random`], [`time`]: small helpers at the edges.
 
+pub mod api;
+pub mod config;
 pub mod domain;
 pub mod engine;
+pub mod http_client;
 pub mod journal;
+pub mod metrics;
+pub mod payment;
+pub mod random;
 pub mod server;
+pub mod sessions;
 mod sync;
+pub mod time;

@@ -1,9 +1,9 @@
 //! The `turnstile` binary: parses the command line, sets up tracing, calls the library.
 
 use mimalloc::MiMalloc;
-use std::path::PathBuf;
 use std::process::ExitCode;
-use turnstile::server::{self, ServeOptions};
+use turnstile::config;
+use turnstile::server;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
@@ -12,17 +12,12 @@ const USAGE: &str = "\
 turnstile: a checkout engine for flash sales
 
 Usage:
-  turnstile [serve] [--data-dir DIR]
+  turnstile [serve] [OPTIONS]      run the checkout server (the default command)
+  turnstile migrate --mysql-url URL  apply the MySQL migrations (not in this build yet)
+  turnstile gateway-sim [OPTIONS]  stand-alone payment gateway simulator (not in this build yet)
+  turnstile help                   this help; `turnstile serve --help` lists serve's options
 
-Commands:
-  serve    start the engine on the embedded journal (the default command)
-
-Options:
-  --data-dir DIR   where the embedded journal lives (env TURNSTILE_DATA_DIR; default ./data)
-  -h, --help       print this help
-
-The HTTP API arrives with the next release; for now `serve` recovers the journal, rebuilds the
-engine, says so, and waits for SIGTERM or Ctrl-C.";
+Exit codes: 0 normal stop, 1 runtime failure, 2 bad usage or configuration.";
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
@@ -31,39 +26,47 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 
-    let mut args = std::env::args().skip(1).peekable();
-    if args.peek().map(String::as_str) == Some("serve") {
-        args.next();
-    }
-    let mut data_dir = std::env::var_os("TURNSTILE_DATA_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("./data"));
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "-h" | "--help" => {
-                eprintln!("{USAGE}");
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (command, rest) = match args.first().map(String::as_str) {
+        None => ("serve", &args[..]),
+        Some(first) if first.starts_with("--") || first == "-h" => ("serve", &args[..]),
+        Some(first) => (first, &args[1..]),
+    };
+    match command {
+        "serve" => {
+            if rest.iter().any(|a| a == "-h" || a == "--help") {
+                eprint!("{}", config::serve_help());
                 return ExitCode::SUCCESS;
             }
-            "--data-dir" => match args.next() {
-                Some(dir) => data_dir = PathBuf::from(dir),
-                None => {
-                    eprintln!("turnstile: --data-dir needs a directory\n\n{USAGE}");
+            let config = match config::parse_serve(rest, &|name| std::env::var(name).ok()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("turnstile serve: {error}");
                     return ExitCode::from(2);
                 }
-            },
-            other => {
-                eprintln!("turnstile: unknown argument {other:?}\n\n{USAGE}");
-                return ExitCode::from(2);
+            };
+            match server::run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!(%error, "turnstile stopped");
+                    ExitCode::FAILURE
+                }
             }
         }
-    }
-    match server::run(ServeOptions { data_dir }) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            tracing::error!(%error, "turnstile stopped");
-            ExitCode::FAILURE
+        "help" | "-h" | "--help" => {
+            eprintln!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "migrate" | "gateway-sim" => {
+            eprintln!("turnstile {command}: not available in this build yet\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+        other => {
+            eprintln!("turnstile: unknown command {other:?}\n\n{USAGE}");
+            ExitCode::from(2)
         }
     }
 }

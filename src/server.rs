@@ -1,20 +1,30 @@
-//! Wiring: open the journal, rebuild the engine from it, and run until SIGTERM/SIGINT.
-//!
-//! The HTTP API is not served yet (it arrives with the HTTP issue): for now `serve` proves that the
-//! engine starts on the embedded journal, recovers what it holds, and stops cleanly.
+//! Wiring and lifecycle: open the journal, rebuild the engine, serve HTTP, sweep expired holds,
+//! and on SIGTERM/SIGINT stop accepting, finish in-flight requests, flush the journal, return.
 
+use crate::api::{self, AppState};
+use crate::config::ServeConfig;
+use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::{Journal, JournalError};
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::metrics::Metrics;
+use crate::payment::simulator::{Simulator, SimulatorConfig};
+use crate::sessions::CartStore;
+use crate::time::now_ms;
+use axum::serve::ListenerExt;
+use std::io::Write;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// What `serve` needs.
-#[derive(Debug, Clone)]
-pub struct ServeOptions {
-    /// Where the embedded journal lives.
-    pub data_dir: PathBuf,
-}
+/// Carts expire after this long without use (API.md).
+const CART_IDLE_MS: i64 = 3_600 * 1_000;
+
+/// Answers that placed an order are kept at least this long (DESIGN.md).
+const ANSWER_RETENTION_MS: i64 = 24 * 3_600 * 1_000;
+
+/// The most holds one sweep releases, so one sweep never stalls the runtime.
+const SWEEP_HOLDS_MAX: usize = 10_000;
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -25,11 +35,11 @@ pub enum ServeError {
     /// The journal's content contradicts itself.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
-    /// The async runtime or the signal handlers could not start.
+    /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
-    Runtime {
-        /// What was being started.
-        context: &'static str,
+    Io {
+        /// What was being done.
+        context: String,
         /// Why it failed.
         source: std::io::Error,
     },
@@ -43,42 +53,141 @@ pub fn order_id_prefix() -> String {
     format!("ord_{micros:x}_")
 }
 
-/// Opens the journal, rebuilds the engine and waits for a stop signal.
-pub fn run(options: ServeOptions) -> Result<(), ServeError> {
-    let (journal, state) = FileJournal::open_dir(&options.data_dir, FileJournalConfig::default())?;
-    let config = EngineConfig {
-        order_id_prefix: order_id_prefix(),
-        ..EngineConfig::default()
-    };
-    let engine = Engine::from_state(config, &state)?;
-    drop(state);
-    tracing::info!(
-        data_dir = %options.data_dir.display(),
-        skus = engine.inventory().len(),
-        "engine ready on the embedded journal; the HTTP API is not served yet"
-    );
-    let runtime = tokio::runtime::Builder::new_current_thread()
+/// Runs the server until a stop signal.
+pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
-        .map_err(|source| ServeError::Runtime {
-            context: "starting the async runtime",
+        .map_err(|source| ServeError::Io {
+            context: "starting the async runtime".into(),
             source,
         })?;
-    runtime.block_on(wait_for_stop_signal())?;
-    tracing::info!("stop signal received; flushing the journal");
-    journal.close();
-    Ok(())
+    runtime.block_on(serve(config, workers))
 }
 
-async fn wait_for_stop_signal() -> Result<(), ServeError> {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut terminate = signal(SignalKind::terminate()).map_err(|source| ServeError::Runtime {
-        context: "installing the SIGTERM handler",
+async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
+    let (journal, state) = FileJournal::open_dir(&config.data_dir, FileJournalConfig::default())?;
+    let journal: Arc<dyn Journal> = Arc::new(journal);
+    let engine = Engine::from_state(
+        EngineConfig {
+            shard_count: workers,
+            hold_ttl_ms: config.hold_ttl.as_millis() as i64,
+            rejections: RejectionLimits::default(),
+            order_id_prefix: order_id_prefix(),
+        },
+        &state,
+    )?;
+    drop(state);
+    let webhook_secret = match &config.webhook_secret {
+        Some(secret) => secret.as_bytes().to_vec(),
+        None => crate::random::random_bytes(32),
+    };
+    let simulator = Simulator::new(SimulatorConfig {
+        webhook_secret: webhook_secret.clone(),
+        pending_delay: config.sim_pending_delay,
+        webhook_attempts_max: 20,
+    });
+    let app = Arc::new(AppState {
+        engine,
+        journal: Arc::clone(&journal),
+        carts: CartStore::new(CART_IDLE_MS),
+        gateway: Arc::new(Arc::clone(&simulator)),
+        webhook_secret,
+        gateway_timeout: config.gateway_timeout,
+        metrics: Metrics::new(api::ROUTES),
+    });
+
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| ServeError::Io {
+            context: format!("listening on {}", config.listen),
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Io {
+        context: "reading the listen address".into(),
         source,
     })?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+    simulator.set_webhook_target(local);
+    let listener = listener.tap_io(|stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+    });
+    tracing::info!(
+        %local,
+        data_dir = %config.data_dir.display(),
+        skus = app.engine.inventory().len(),
+        holds = app.engine.holds_len(),
+        "serving on the embedded journal, in-process carts and the in-process payment simulator"
+    );
+    // The contract's ready line (API.md), on standard output for scripts to wait on.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
+    drop(stdout);
+
+    let sweeper = tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl));
+    let router = api::router(Arc::clone(&app));
+    let served = axum::serve(listener, router)
+        .with_graceful_shutdown(stop_signal())
+        .await;
+    sweeper.abort();
+    tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
+    journal.close();
+    served.map_err(|source| ServeError::Io {
+        context: "serving HTTP".into(),
+        source,
+    })
+}
+
+/// Releases expired holds (voiding their payments), expired carts and answers past retention.
+async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
+    let interval = (hold_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_slow_sweep = now_ms();
+    loop {
+        ticker.tick().await;
+        let now = now_ms();
+        let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX, &*app.journal);
+        for (order, ticket) in released {
+            if let Err(error) = ticket.await {
+                tracing::error!(%error, order_id = %order.order_id, "could not journal an expired hold");
+                continue;
+            }
+            app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
+            if let Some(payment_id) = order.payment_id {
+                if let Err(error) = app.gateway.void(payment_id.clone()).await {
+                    tracing::warn!(%payment_id, %error, "could not void the payment of an expired hold");
+                }
+            }
+        }
+        if now - last_slow_sweep >= 60_000 {
+            last_slow_sweep = now;
+            let carts = app.carts.sweep(now);
+            let answers = app
+                .engine
+                .idempotency()
+                .purge_before(now - ANSWER_RETENTION_MS);
+            tracing::debug!(carts, answers, "expired carts and answers dropped");
+        }
     }
-    Ok(())
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut terminate) => {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "no SIGTERM handler; stopping on Ctrl-C only");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    tracing::info!("stop signal received");
 }

@@ -156,6 +156,20 @@ pub enum PaymentOutcome {
     },
 }
 
+/// An order about to be placed: its id (taken before the payment), its held units, its buyer and
+/// how its payment ended.
+#[derive(Debug)]
+pub struct NewOrder {
+    /// From [`Engine::new_order_id`].
+    pub order_id: OrderId,
+    /// The held units and prices.
+    pub reservation: Reservation,
+    /// The buyer.
+    pub customer_id: CustomerId,
+    /// How the payment ended.
+    pub outcome: PaymentOutcome,
+}
+
 /// The answer to keep under the checkout's idempotency key, rendered from the new order.
 pub struct AnswerSpec<'a> {
     /// The checkout's key.
@@ -270,7 +284,7 @@ impl Engine {
 
     /// Creates or changes a product. A new product is journaled before it becomes visible, so no
     /// order can be journaled ahead of its product.
-    pub fn upsert_product<S: RecordSink>(
+    pub fn upsert_product<S: RecordSink + ?Sized>(
         &self,
         product: Product,
         sink: &S,
@@ -370,7 +384,9 @@ impl Engine {
         self.inventory.release(reservation.hold);
     }
 
-    fn new_order_id(&self) -> OrderId {
+    /// A fresh order id, unique across restarts. The checkout takes it before authorising the
+    /// payment, so the gateway can name the order in its webhook.
+    pub fn new_order_id(&self) -> OrderId {
         let number = self.next_order_number.fetch_add(1, Ordering::Relaxed);
         let raw = format!("{}{number}", self.config.order_id_prefix);
         // The prefix is validated by the caller's config; a bad one is a programming error that
@@ -380,15 +396,19 @@ impl Engine {
 
     /// Turns a reservation into an order whose payment ended as `outcome`, journals it with its
     /// events (and the answer under the checkout's key), and moves its units accordingly.
-    pub fn place_order<S: RecordSink>(
+    pub fn place_order<S: RecordSink + ?Sized>(
         &self,
-        reservation: Reservation,
-        customer_id: CustomerId,
-        outcome: PaymentOutcome,
+        new_order: NewOrder,
         answer: Option<AnswerSpec<'_>>,
         now_ms: i64,
         sink: &S,
     ) -> (Order, Option<StoredAnswer>, S::Ticket) {
+        let NewOrder {
+            order_id,
+            reservation,
+            customer_id,
+            outcome,
+        } = new_order;
         let (status, payment_id) = match outcome {
             PaymentOutcome::Paid { payment_id } => (OrderStatus::Paid, Some(payment_id)),
             PaymentOutcome::Pending { payment_id } => {
@@ -397,7 +417,7 @@ impl Engine {
             PaymentOutcome::Failed { payment_id } => (OrderStatus::Released, payment_id),
         };
         let order = Order {
-            order_id: self.new_order_id(),
+            order_id,
             status,
             customer_id,
             items: reservation.items,
@@ -462,7 +482,7 @@ impl Engine {
     /// Moves an order to `next`, moving its units and journaling the change. Returns the order as
     /// it stands afterwards, and `None` for the ticket when nothing changed because the order was
     /// already in `next`.
-    pub fn transition<S: RecordSink>(
+    pub fn transition<S: RecordSink + ?Sized>(
         &self,
         order_id: &OrderId,
         next: OrderStatus,
@@ -502,7 +522,7 @@ impl Engine {
 
     /// Cancels an order: a held one is released, a paid one refunded; a finished one is returned
     /// unchanged (cancelling twice is harmless).
-    pub fn cancel<S: RecordSink>(
+    pub fn cancel<S: RecordSink + ?Sized>(
         &self,
         order_id: &OrderId,
         now_ms: i64,
@@ -528,7 +548,7 @@ impl Engine {
 
     /// Releases every order whose hold deadline has passed at `now_ms`, at most `limit` of them
     /// (bounded work per sweep). Returns the released orders with their tickets.
-    pub fn expire_holds<S: RecordSink>(
+    pub fn expire_holds<S: RecordSink + ?Sized>(
         &self,
         now_ms: i64,
         limit: usize,

@@ -10,6 +10,7 @@ pub mod file;
 
 use crate::engine::records::{Event, Record};
 use crate::engine::RecordSink;
+use crate::metrics::{Histogram, BATCH_BOUNDS_RECORDS, LATENCY_BOUNDS_SECONDS};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -107,7 +108,7 @@ impl Future for Ticket {
 }
 
 /// Counters for `/metrics` and benchmarks.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct JournalStats {
     /// Batches committed.
     pub batches: AtomicU64,
@@ -119,6 +120,24 @@ pub struct JournalStats {
     pub sync_nanos: AtomicU64,
     /// The largest batch so far (records).
     pub batch_records_max: AtomicU64,
+    /// Records per batch.
+    pub batch_records: Histogram,
+    /// Time of one sync (`fdatasync` or COMMIT), in seconds.
+    pub commit_seconds: Histogram,
+}
+
+impl Default for JournalStats {
+    fn default() -> Self {
+        Self {
+            batches: AtomicU64::new(0),
+            records: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            sync_nanos: AtomicU64::new(0),
+            batch_records_max: AtomicU64::new(0),
+            batch_records: Histogram::new(BATCH_BOUNDS_RECORDS),
+            commit_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
+        }
+    }
 }
 
 impl JournalStats {
@@ -128,6 +147,44 @@ impl JournalStats {
         self.bytes.fetch_add(bytes, Ordering::Relaxed);
         self.sync_nanos.fetch_add(sync_nanos, Ordering::Relaxed);
         self.batch_records_max.fetch_max(records, Ordering::Relaxed);
+        self.batch_records.record(records as f64);
+        self.commit_seconds.record(sync_nanos as f64 / 1e9);
+    }
+
+    /// Appends the journal's metrics in the Prometheus text format.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        for (name, help, value) in [
+            (
+                "turnstile_journal_batches_total",
+                "Group commits.",
+                &self.batches,
+            ),
+            (
+                "turnstile_journal_records_total",
+                "Records committed.",
+                &self.records,
+            ),
+            (
+                "turnstile_journal_bytes_total",
+                "Bytes committed.",
+                &self.bytes,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                value.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str("# HELP turnstile_journal_batch_records Records per group commit.\n");
+        out.push_str("# TYPE turnstile_journal_batch_records histogram\n");
+        self.batch_records
+            .render(out, "turnstile_journal_batch_records", "");
+        out.push_str("# HELP turnstile_journal_commit_seconds Time of one fdatasync or COMMIT.\n");
+        out.push_str("# TYPE turnstile_journal_commit_seconds histogram\n");
+        self.commit_seconds
+            .render(out, "turnstile_journal_commit_seconds", "");
     }
 }
 
@@ -139,6 +196,8 @@ pub trait Journal: Send + Sync {
     fn events(&self, after_seq: u64, limit: usize) -> Vec<Event>;
     /// Counters.
     fn stats(&self) -> &JournalStats;
+    /// `Ok` while appends can succeed; the error that stopped them otherwise.
+    fn health(&self) -> Result<(), JournalError>;
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
     /// fail with [`JournalError::Closed`].
     fn close(&self);

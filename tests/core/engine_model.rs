@@ -11,7 +11,7 @@ use turnstile::domain::{CustomerId, OrderId, Quantity};
 use turnstile::engine::inventory::StockView;
 use turnstile::engine::order::OrderStatus;
 use turnstile::engine::records::{Record, State};
-use turnstile::engine::{Engine, EngineConfig, EngineError, PaymentOutcome, RecordSink};
+use turnstile::engine::{Engine, EngineConfig, EngineError, NewOrder, PaymentOutcome, RecordSink};
 
 const SKUS: usize = 3;
 const HOLD_TTL_MS: i64 = 1_000;
@@ -187,9 +187,12 @@ fn run(ops: Vec<Op>) {
                         _ => PaymentOutcome::Failed { payment_id: None },
                     };
                     let (order, _, ()) = engine.place_order(
-                        reservation,
-                        CustomerId::parse("c").expect("customer"),
-                        payment_outcome,
+                        NewOrder {
+                            order_id: engine.new_order_id(),
+                            reservation,
+                            customer_id: CustomerId::parse("c").expect("customer"),
+                            outcome: payment_outcome,
+                        },
                         None,
                         now_ms,
                         &sink,

@@ -9,7 +9,7 @@ use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
 use turnstile::engine::idempotency::Begin;
 use turnstile::engine::order::OrderStatus;
 use turnstile::engine::records::{Record, State};
-use turnstile::engine::{AnswerSpec, Engine, EngineConfig, PaymentOutcome};
+use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome};
 use turnstile::journal::file::format::{self, HEADER_LEN};
 use turnstile::journal::file::storage::{SimulatedDisk, Storage};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
@@ -75,9 +75,12 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
             ])
             .expect("reserve");
         let (order, answer, ticket) = engine.place_order(
-            reservation,
-            CustomerId::parse("c1").expect("customer"),
-            outcome,
+            NewOrder {
+                order_id: engine.new_order_id(),
+                reservation,
+                customer_id: CustomerId::parse("c1").expect("customer"),
+                outcome,
+            },
             Some(AnswerSpec {
                 key: &key,
                 fingerprint: "fp",

@@ -671,6 +671,14 @@ impl Journal for FileJournal {
         &self.shared.stats
     }
 
+    fn health(&self) -> Result<(), JournalError> {
+        match &lock(&self.shared.pending).phase {
+            Phase::Open => Ok(()),
+            Phase::Closing => Err(JournalError::Closed),
+            Phase::Failed(error) => Err(error.clone()),
+        }
+    }
+
     fn close(&self) {
         {
             let mut pending = lock(&self.shared.pending);

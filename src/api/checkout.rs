@@ -1,0 +1,422 @@
+//! `POST /v1/checkout`: validate, claim the idempotency key, hold every item (lock-free; a sold-out
+//! SKU is refused here without a disk write), authorise the payment, journal the order with its
+//! events and its answer in one record, and only then answer.
+//!
+//! Everything up to the hold is synchronous, so a client that disconnects cannot leave a key in
+//! flight; the rest runs in its own task, so it finishes even if the client goes away.
+
+use super::{check_length, json_response, parse_json, read_body, ApiError, Shared};
+use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
+use crate::engine::idempotency::{Begin, KeyError};
+use crate::engine::order::{Order, OrderStatus};
+use crate::engine::records::StoredAnswer;
+use crate::engine::{AnswerSpec, EngineError, NewOrder, PaymentOutcome, Reservation};
+use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
+use crate::random::hex;
+use crate::time::{now_ms, rfc3339};
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The most lines one checkout may have (API.md).
+pub const LINES_MAX: usize = 100;
+
+/// The longest payment token accepted.
+const TOKEN_CHARS_MAX: usize = 255;
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct LineBody {
+    sku: Sku,
+    quantity: Quantity,
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct CheckoutBody {
+    #[serde(default)]
+    cart_id: Option<CartId>,
+    #[serde(default)]
+    items: Option<Vec<LineBody>>,
+    customer_id: CustomerId,
+    payment_token: String,
+}
+
+#[derive(Serialize)]
+struct ItemView<'a> {
+    sku: &'a str,
+    quantity: i64,
+    unit_price_cents: i64,
+}
+
+#[derive(Serialize)]
+struct OrderView<'a> {
+    order_id: &'a str,
+    status: &'a str,
+    customer_id: &'a str,
+    items: Vec<ItemView<'a>>,
+    total_cents: i64,
+    currency: &'a str,
+    created_at: String,
+}
+
+/// The order as the API shows it.
+pub fn order_body(order: &Order) -> String {
+    let view = OrderView {
+        order_id: order.order_id.as_str(),
+        status: order.status.as_str(),
+        customer_id: order.customer_id.as_str(),
+        items: order
+            .items
+            .iter()
+            .map(|item| ItemView {
+                sku: item.sku.as_str(),
+                quantity: item.quantity,
+                unit_price_cents: item.unit_price_cents.get(),
+            })
+            .collect(),
+        total_cents: order.total_cents,
+        currency: order.currency.as_str(),
+        created_at: rfc3339(order.created_at_ms),
+    };
+    serde_json::to_string(&view).unwrap_or_default()
+}
+
+fn answer(status: u16, body: String, replayed: bool) -> Response {
+    let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = json_response(status, body);
+    if replayed {
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    response
+}
+
+/// Keeps an answer that placed nothing (bounded map) and sends it.
+fn reject(state: &Shared, key: &IdempotencyKey, fingerprint: String, error: ApiError) -> Response {
+    let body = error.body();
+    state.engine.idempotency().finish(
+        key,
+        StoredAnswer {
+            fingerprint,
+            status: error.status.as_u16(),
+            body: body.clone(),
+            at_ms: now_ms(),
+        },
+        false,
+    );
+    answer(error.status.as_u16(), body, false)
+}
+
+pub(super) async fn checkout(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let key = headers
+        .get("idempotency-key")
+        .ok_or_else(|| ApiError::invalid("the Idempotency-Key header is required"))?
+        .to_str()
+        .map_err(|_| ApiError::invalid("Idempotency-Key: must be visible ASCII characters"))
+        .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| ApiError::invalid(e.to_string())))?;
+    check_length(&headers)?;
+    let request: CheckoutBody = parse_json(&read_body(body).await?)?;
+    let lines_given = match (&request.cart_id, &request.items) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid("give either cart_id or items, not both"))
+        }
+        (None, None) => return Err(ApiError::invalid("give cart_id or items")),
+        (None, Some(items)) if items.is_empty() || items.len() > LINES_MAX => {
+            return Err(ApiError::invalid(format!(
+                "items: must hold 1 to {LINES_MAX} lines"
+            )))
+        }
+        (_, items) => items.is_some(),
+    };
+    let token = &request.payment_token;
+    if token.is_empty()
+        || token.len() > TOKEN_CHARS_MAX
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(ApiError::invalid(format!(
+            "payment_token: must be 1 to {TOKEN_CHARS_MAX} visible ASCII characters"
+        )));
+    }
+    // The fingerprint is taken of the parsed request re-serialised, so field order and white
+    // space do not make two requests different.
+    let canonical = serde_json::to_vec(&request).unwrap_or_default();
+    let fingerprint = hex(&Sha256::digest(&canonical));
+
+    match state
+        .engine
+        .idempotency()
+        .begin(&key, &fingerprint, now_ms())
+    {
+        Ok(Begin::Started) => {}
+        Ok(Begin::Replay(stored)) => {
+            state.metrics.replays.fetch_add(1, Ordering::Relaxed);
+            return Ok(answer(stored.status, stored.body.clone(), true));
+        }
+        Err(KeyError::InUse) => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                "a request with this Idempotency-Key is still running",
+            ))
+        }
+        Err(KeyError::Reused) => {
+            return Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was used with another request",
+            ))
+        }
+    }
+
+    let lines: Vec<(Sku, Quantity)> = if lines_given {
+        request
+            .items
+            .iter()
+            .flatten()
+            .map(|line| (line.sku.clone(), line.quantity))
+            .collect()
+    } else {
+        let cart = request
+            .cart_id
+            .as_ref()
+            .and_then(|id| state.carts.get(id, now_ms()).ok());
+        match cart {
+            None => {
+                state
+                    .metrics
+                    .rejections_not_found
+                    .fetch_add(1, Ordering::Relaxed);
+                return Ok(reject(
+                    &state,
+                    &key,
+                    fingerprint,
+                    ApiError::not_found("no such cart, or it expired"),
+                ));
+            }
+            Some(cart) if cart.items.is_empty() => {
+                state.engine.idempotency().abandon(&key);
+                return Err(ApiError::invalid("the cart is empty"));
+            }
+            Some(cart) => {
+                let mut lines = Vec::with_capacity(cart.items.len());
+                for (sku, quantity) in cart.items {
+                    match Quantity::parse(quantity) {
+                        Ok(quantity) => lines.push((sku, quantity)),
+                        Err(e) => {
+                            state.engine.idempotency().abandon(&key);
+                            return Err(ApiError::invalid(e.to_string()));
+                        }
+                    }
+                }
+                lines
+            }
+        }
+    };
+
+    let reservation = match state.engine.reserve(&lines) {
+        Ok(reservation) => reservation,
+        Err(EngineError::OutOfStock { sku }) => {
+            state
+                .metrics
+                .rejections_out_of_stock
+                .fetch_add(1, Ordering::Relaxed);
+            let error = ApiError::new(
+                StatusCode::CONFLICT,
+                "out_of_stock",
+                format!("not enough units of {sku}"),
+            )
+            .with("sku", sku.as_str());
+            return Ok(reject(&state, &key, fingerprint, error));
+        }
+        Err(EngineError::UnknownSku(sku)) => {
+            state
+                .metrics
+                .rejections_not_found
+                .fetch_add(1, Ordering::Relaxed);
+            let error = ApiError::not_found(format!("no product {sku}"));
+            return Ok(reject(&state, &key, fingerprint, error));
+        }
+        Err(EngineError::MixedCurrency) => {
+            state.engine.idempotency().abandon(&key);
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "mixed_currency",
+                "the products of one checkout must share one currency",
+            ));
+        }
+        Err(other) => {
+            state.engine.idempotency().abandon(&key);
+            return Err(ApiError::invalid(other.to_string()));
+        }
+    };
+    state.metrics.reservations.fetch_add(1, Ordering::Relaxed);
+
+    let finishing = Finishing {
+        state: Arc::clone(&state),
+        key,
+        fingerprint,
+        reservation,
+        customer_id: request.customer_id,
+        token: request.payment_token,
+        cart_id: request.cart_id,
+    };
+    tokio::spawn(finishing.run()).await.map_err(|error| {
+        tracing::error!(%error, "a checkout task failed");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the checkout failed unexpectedly; retry with the same Idempotency-Key",
+        )
+    })
+}
+
+/// The part of a checkout after the hold: payment, journal, answer.
+struct Finishing {
+    state: Shared,
+    key: IdempotencyKey,
+    fingerprint: String,
+    reservation: Reservation,
+    customer_id: CustomerId,
+    token: String,
+    cart_id: Option<CartId>,
+}
+
+/// How the payment went, and the answer that goes with it.
+enum Paid {
+    Approved(String),
+    Pending(String),
+    Declined(String),
+    TimedOut,
+}
+
+impl Finishing {
+    async fn run(self) -> Response {
+        let state = &self.state;
+        let order_id = state.engine.new_order_id();
+        let request = AuthorizeRequest {
+            // Derived from the client's key: a re-run of this checkout can never pay twice.
+            idempotency_key: format!("turnstile:{}", self.key.as_str()),
+            order_id: order_id.as_str().to_owned(),
+            token: self.token.clone(),
+            amount_cents: self.reservation.total_cents(),
+            currency: self.reservation.currency().as_str().to_owned(),
+        };
+        let authorised =
+            tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
+        let paid = match authorised {
+            Ok(Ok(Authorization::Approved { payment_id })) => Paid::Approved(payment_id),
+            Ok(Ok(Authorization::Pending { payment_id })) => Paid::Pending(payment_id),
+            Ok(Ok(Authorization::Declined { payment_id })) => Paid::Declined(payment_id),
+            Ok(Err(PaymentError::Timeout)) | Err(_) => Paid::TimedOut,
+            Ok(Err(PaymentError::Unreachable(reason))) => {
+                tracing::warn!(%reason, "payment gateway unreachable");
+                Paid::TimedOut
+            }
+        };
+        let outcome = match &paid {
+            Paid::Approved(id) => PaymentOutcome::Paid {
+                payment_id: id.clone(),
+            },
+            Paid::Pending(id) => PaymentOutcome::Pending {
+                payment_id: id.clone(),
+            },
+            Paid::Declined(id) => PaymentOutcome::Failed {
+                payment_id: Some(id.clone()),
+            },
+            Paid::TimedOut => PaymentOutcome::Failed { payment_id: None },
+        };
+        let render = |order: &Order| -> (u16, String) {
+            match (&paid, order.status) {
+                (Paid::Declined(_), _) => {
+                    let error = ApiError::new(
+                        StatusCode::PAYMENT_REQUIRED,
+                        "payment_declined",
+                        "the payment was declined; the stock was released",
+                    )
+                    .with("order_id", order.order_id.as_str());
+                    (402, error.body())
+                }
+                (Paid::TimedOut, _) => {
+                    let error = ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "payment_gateway_timeout",
+                        "the payment gateway did not answer in time; the order was released",
+                    )
+                    .with("order_id", order.order_id.as_str());
+                    (504, error.body())
+                }
+                (_, OrderStatus::PaymentPending) => (202, order_body(order)),
+                _ => (201, order_body(order)),
+            }
+        };
+        let now = now_ms();
+        let (order, stored, ticket) = state.engine.place_order(
+            NewOrder {
+                order_id,
+                reservation: self.reservation,
+                customer_id: self.customer_id,
+                outcome,
+            },
+            Some(AnswerSpec {
+                key: &self.key,
+                fingerprint: &self.fingerprint,
+                render: &render,
+            }),
+            now,
+            &*state.journal,
+        );
+        if let Err(error) = ticket.await {
+            // Not durable: nobody may learn of this order. The key is freed for a retry (the
+            // journal refuses writes until a restart recovers what did reach the disk), and
+            // money that moved is given back.
+            state.engine.idempotency().abandon(&self.key);
+            if let Paid::Approved(payment_id) | Paid::Pending(payment_id) = paid {
+                let gateway = Arc::clone(&state.gateway);
+                tokio::spawn(async move {
+                    if let Err(error) = gateway.void(payment_id.clone()).await {
+                        tracing::error!(%payment_id, %error, "could not void an unrecorded payment");
+                    }
+                });
+            }
+            return ApiError::journal_unavailable(&error).into_response_owned();
+        }
+        let Some(stored) = stored else {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the answer was not rendered",
+            )
+            .into_response_owned();
+        };
+        state
+            .engine
+            .idempotency()
+            .finish(&self.key, stored.clone(), true);
+        if matches!(
+            order.status,
+            OrderStatus::Paid | OrderStatus::PaymentPending
+        ) {
+            if let Some(cart_id) = &self.cart_id {
+                state.carts.clear(cart_id, now);
+            }
+        }
+        answer(stored.status, stored.body, false)
+    }
+}
+
+impl ApiError {
+    fn into_response_owned(self) -> Response {
+        axum::response::IntoResponse::into_response(self)
+    }
+}

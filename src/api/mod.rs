@@ -1,0 +1,282 @@
+//! The HTTP API of `../shared/API.md`: routes, body parsing with exact validation, and the one
+//! mapping from errors to the JSON error shape.
+
+mod carts;
+mod checkout;
+mod events;
+mod ops;
+mod orders;
+mod products;
+mod webhooks;
+
+use crate::engine::Engine;
+use crate::journal::{Journal, JournalError};
+use crate::metrics::Metrics;
+use crate::payment::PaymentGateway;
+use crate::sessions::CartStore;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// The largest request body accepted (API.md).
+pub const BODY_BYTES_MAX: usize = 64 * 1024;
+
+/// Everything the handlers share.
+pub struct AppState {
+    /// Stock, orders, idempotency keys.
+    pub engine: Engine,
+    /// The durable truth and the event log.
+    pub journal: Arc<dyn Journal>,
+    /// Carts.
+    pub carts: CartStore,
+    /// Payments.
+    pub gateway: Arc<dyn PaymentGateway>,
+    /// Verifies webhook signatures.
+    pub webhook_secret: Vec<u8>,
+    /// How long an authorisation may take before `504`.
+    pub gateway_timeout: Duration,
+    /// Counters and histograms for `/metrics`.
+    pub metrics: Metrics,
+}
+
+/// The state as handlers receive it.
+pub type Shared = Arc<AppState>;
+
+/// Every route, for the metrics' labels.
+pub const ROUTES: &[&str] = &[
+    "/v1/products/{sku}",
+    "/v1/carts",
+    "/v1/carts/{cart_id}",
+    "/v1/carts/{cart_id}/items/{sku}",
+    "/v1/checkout",
+    "/v1/orders/{order_id}",
+    "/v1/orders/{order_id}/cancel",
+    "/v1/webhooks/payment",
+    "/v1/events",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+];
+
+/// The router with every route of API.md.
+pub fn router(state: Shared) -> Router {
+    Router::new()
+        .route(
+            "/v1/products/{sku}",
+            put(products::put_product).get(products::get_product),
+        )
+        .route("/v1/carts", post(carts::create_cart))
+        .route("/v1/carts/{cart_id}", get(carts::get_cart))
+        .route("/v1/carts/{cart_id}/items/{sku}", put(carts::put_item))
+        .route("/v1/checkout", post(checkout::checkout))
+        .route("/v1/orders/{order_id}", get(orders::get_order))
+        .route("/v1/orders/{order_id}/cancel", post(orders::cancel_order))
+        .route("/v1/webhooks/payment", post(webhooks::payment_webhook))
+        .route("/v1/events", get(events::list_events))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            record_metrics,
+        ))
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(unknown_route)
+        .with_state(state)
+}
+
+async fn record_metrics(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let response = next.run(request).await;
+    let route = route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE);
+    state
+        .metrics
+        .route(route)
+        .record(response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn unknown_route(State(state): State<Shared>) -> ApiError {
+    state
+        .metrics
+        .route(crate::metrics::UNMATCHED_ROUTE)
+        .record(404, 0.0);
+    ApiError::not_found("no such endpoint")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
+}
+
+/// An error answer: `{"error": code, "message": text, ...extra}` with its status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// The machine-readable code (API.md).
+    pub code: &'static str,
+    /// What happened, for people.
+    pub message: String,
+    /// One extra field (`sku`, `order_id`), if the code has one.
+    pub extra: Option<(&'static str, String)>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sku: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_id: Option<&'a str>,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            extra: None,
+        }
+    }
+
+    /// Adds the one extra field.
+    pub fn with(mut self, field: &'static str, value: impl Into<String>) -> Self {
+        self.extra = Some((field, value.into()));
+        self
+    }
+
+    /// `400 invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+
+    /// `404 not_found`.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// `503 journal_unavailable`.
+    pub fn journal_unavailable(error: &JournalError) -> Self {
+        tracing::error!(%error, "journal unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal_unavailable",
+            "the journal cannot record changes now; nothing was changed, retry later",
+        )
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> String {
+        let extra = |field: &str| {
+            self.extra
+                .as_ref()
+                .filter(|(f, _)| *f == field)
+                .map(|(_, v)| v.as_str())
+        };
+        serde_json::to_string(&ErrorBody {
+            error: self.code,
+            message: &self.message,
+            sku: extra("sku"),
+            order_id: extra("order_id"),
+        })
+        .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", self.code))
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(self.status, self.body())
+    }
+}
+
+/// A JSON answer with a body already rendered.
+pub fn json_response(status: StatusCode, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// Serialises `value` as the JSON answer.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response {
+    match serde_json::to_string(value) {
+        Ok(body) => json_response(status, body),
+        Err(error) => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("could not render the answer: {error}"),
+        )
+        .into_response(),
+    }
+}
+
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request bodies are limited to {BODY_BYTES_MAX} bytes"),
+    )
+}
+
+/// Reads the whole body, at most [`BODY_BYTES_MAX`] bytes (`413` beyond).
+pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
+    axum::body::to_bytes(body, BODY_BYTES_MAX)
+        .await
+        .map_err(|error| {
+            let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
+            while let Some(current) = source {
+                if current.is::<http_body_util::LengthLimitError>() {
+                    return too_large();
+                }
+                source = current.source();
+            }
+            ApiError::invalid(format!("could not read the request body: {error}"))
+        })
+}
+
+/// Parses a JSON body exactly: unknown fields, wrong types and out-of-range values are `400`.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))
+}
+
+/// Checks the `Content-Length` header before reading, so an oversized body is refused at once.
+pub fn check_length(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match declared {
+        Some(length) if length > BODY_BYTES_MAX as u64 => Err(too_large()),
+        _ => Ok(()),
+    }
+}
+
+/// Parses a path segment into a domain id (`400` if it breaks the id rule).
+pub fn path_id<T>(
+    raw: String,
+    parse: fn(String) -> Result<T, crate::domain::InvalidValue>,
+) -> Result<T, ApiError> {
+    parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
+}

@@ -1,0 +1,115 @@
+//! `PUT/GET /v1/products/{sku}`.
+
+use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
+use crate::domain::{Cents, Currency, Sku, Stock};
+use crate::engine::inventory::StockView;
+use crate::engine::records::Product;
+use crate::engine::EngineError;
+use axum::body::Body;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::{Deserialize, Serialize};
+
+/// The longest product name accepted.
+const NAME_CHARS_MAX: usize = 500;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProductBody {
+    name: String,
+    price_cents: Cents,
+    currency: Currency,
+    stock: Stock,
+}
+
+#[derive(Serialize)]
+struct ProductView<'a> {
+    sku: &'a str,
+    name: &'a str,
+    price_cents: i64,
+    currency: &'a str,
+    stock: i64,
+    available: i64,
+    reserved: i64,
+    sold: i64,
+}
+
+fn render(product: &Product, view: StockView) -> Response {
+    json(
+        StatusCode::OK,
+        &ProductView {
+            sku: product.sku.as_str(),
+            name: &product.name,
+            price_cents: product.price_cents.get(),
+            currency: product.currency.as_str(),
+            stock: view.stock,
+            available: view.available,
+            reserved: view.reserved,
+            sold: view.sold,
+        },
+    )
+}
+
+/// Maps a path rejection to the JSON error shape.
+pub(super) fn path_error(rejection: PathRejection) -> ApiError {
+    ApiError::invalid(format!("invalid path: {rejection}"))
+}
+
+pub(super) async fn put_product(
+    State(state): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Path(raw) = path.map_err(path_error)?;
+    let sku = path_id(raw, Sku::parse)?;
+    check_length(&headers)?;
+    let body: ProductBody = parse_json(&read_body(body).await?)?;
+    if body.name.is_empty() || body.name.chars().count() > NAME_CHARS_MAX {
+        return Err(ApiError::invalid(format!(
+            "name: must be 1 to {NAME_CHARS_MAX} characters"
+        )));
+    }
+    let product = Product {
+        sku,
+        name: body.name,
+        price_cents: body.price_cents,
+        currency: body.currency,
+        stock: body.stock,
+    };
+    let (view, ticket) = state
+        .engine
+        .upsert_product(product.clone(), &*state.journal)
+        .map_err(|error| match error {
+            EngineError::StockBelowCommitted {
+                requested,
+                committed,
+            } => ApiError::new(
+                StatusCode::CONFLICT,
+                "stock_below_committed",
+                format!(
+                    "stock {requested} is below the {committed} units already reserved or sold"
+                ),
+            ),
+            other => ApiError::invalid(other.to_string()),
+        })?;
+    ticket
+        .await
+        .map_err(|e| ApiError::journal_unavailable(&e))?;
+    Ok(render(&product, view))
+}
+
+pub(super) async fn get_product(
+    State(state): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(raw) = path.map_err(path_error)?;
+    let sku = path_id(raw, Sku::parse)?;
+    let (product, view) = state
+        .engine
+        .product(&sku)
+        .ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
+    Ok(render(&product, view))
+}

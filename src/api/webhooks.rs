@@ -1,0 +1,98 @@
+//! `POST /v1/webhooks/payment`: the gateway's final word on a pending payment, signed with
+//! `Turnstile-Signature`. Deliveries are idempotent: a second one, or one for an order already
+//! finished, changes nothing (an approval for a released order is refunded).
+
+use super::{check_length, json, parse_json, read_body, ApiError, Shared};
+use crate::domain::OrderId;
+use crate::engine::order::OrderStatus;
+use crate::engine::EngineError;
+use crate::payment::webhook::verify;
+use crate::time::now_ms;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Deserialize;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum Decision {
+    Approved,
+    Declined,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookBody {
+    payment_id: String,
+    order_id: OrderId,
+    status: Decision,
+}
+
+pub(super) async fn payment_webhook(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    check_length(&headers)?;
+    let raw = read_body(body).await?;
+    let signature = headers
+        .get("turnstile-signature")
+        .and_then(|v| v.to_str().ok());
+    verify(&state.webhook_secret, signature, &raw, now_ms() / 1000).map_err(|error| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_signature",
+            error.to_string(),
+        )
+    })?;
+    let body: WebhookBody = parse_json(&raw)?;
+    let order = state
+        .engine
+        .order(&body.order_id)
+        .ok_or_else(|| ApiError::not_found(format!("no order {}", body.order_id)))?;
+    if order.payment_id.as_deref() != Some(body.payment_id.as_str()) {
+        return Err(ApiError::invalid(format!(
+            "payment {} does not belong to order {}",
+            body.payment_id, body.order_id
+        )));
+    }
+    let target = match body.status {
+        Decision::Approved => OrderStatus::Paid,
+        Decision::Declined => OrderStatus::Released,
+    };
+    if order.status.holds_stock() {
+        match state
+            .engine
+            .transition(&body.order_id, target, now_ms(), &*state.journal)
+        {
+            Ok((_, Some(ticket))) => {
+                ticket
+                    .await
+                    .map_err(|e| ApiError::journal_unavailable(&e))?;
+                return Ok(received());
+            }
+            Ok((_, None)) => return Ok(received()),
+            // Finished meanwhile (expired or cancelled): handled as a late delivery below.
+            Err(EngineError::IllegalTransition(_)) => {}
+            Err(other) => return Err(ApiError::invalid(other.to_string())),
+        }
+    }
+    let now = state.engine.order(&body.order_id).map(|o| o.status);
+    if target == OrderStatus::Paid && now == Some(OrderStatus::Released) {
+        // The money was captured for an order that no longer holds its stock: give it back.
+        let gateway = Arc::clone(&state.gateway);
+        let payment_id = body.payment_id;
+        tokio::spawn(async move {
+            if let Err(error) = gateway.refund(payment_id.clone()).await {
+                tracing::error!(%payment_id, %error, "refund of a late approval failed");
+            }
+        });
+    }
+    Ok(received())
+}
+
+fn received() -> Response {
+    json(StatusCode::OK, &serde_json::json!({ "received": true }))
+}

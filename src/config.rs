@@ -1,0 +1,290 @@
+//! The `serve` configuration: command-line flags win over environment variables, which win over the
+//! JSON config file, which wins over the defaults. The config file is refused when its mode lets
+//! group or others read it (it may hold secrets).
+
+use crate::time::parse_duration;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One `serve` option: its flag name, environment variable, default and help text.
+pub struct OptionSpec {
+    /// The flag without `--`.
+    pub name: &'static str,
+    /// The environment variable, if any.
+    pub env: Option<&'static str>,
+    /// The default shown in `--help` (and used when nothing else sets it).
+    pub default: Option<&'static str>,
+    /// What it does.
+    pub help: &'static str,
+}
+
+/// Every `serve` option, in `--help` order.
+pub const SERVE_OPTIONS: &[OptionSpec] = &[
+    OptionSpec { name: "listen", env: Some("TURNSTILE_LISTEN"), default: Some("127.0.0.1:8080"), help: "HTTP listen address (port 0 picks a free port)" },
+    OptionSpec { name: "data-dir", env: Some("TURNSTILE_DATA_DIR"), default: Some("./data"), help: "embedded journal (write-ahead log) location" },
+    OptionSpec { name: "hold-ttl", env: Some("TURNSTILE_HOLD_TTL"), default: Some("15m"), help: "how long an unfinished order may hold stock before it is released" },
+    OptionSpec { name: "webhook-secret", env: Some("TURNSTILE_WEBHOOK_SECRET"), default: None, help: "HMAC key for Turnstile-Signature (default: random at start; the in-process simulator uses the same)" },
+    OptionSpec { name: "gateway-timeout", env: Some("TURNSTILE_GATEWAY_TIMEOUT"), default: Some("5s"), help: "how long an authorisation may take before 504" },
+    OptionSpec { name: "sim-pending-delay", env: Some("TURNSTILE_SIM_PENDING_DELAY"), default: Some("500ms"), help: "in-process simulator: how long tok_pending stays undecided before its webhook" },
+    OptionSpec { name: "mysql-url", env: Some("TURNSTILE_MYSQL_URL"), default: None, help: "use MySQL/MariaDB as the journal (not in this build yet)" },
+    OptionSpec { name: "redis-url", env: Some("TURNSTILE_REDIS_URL"), default: None, help: "carts and submission locks in Redis (not in this build yet)" },
+    OptionSpec { name: "amqp-url", env: Some("TURNSTILE_AMQP_URL"), default: None, help: "also publish order events to RabbitMQ (not in this build yet)" },
+    OptionSpec { name: "gateway-url", env: Some("TURNSTILE_GATEWAY_URL"), default: None, help: "payment gateway over HTTP (not in this build yet)" },
+    OptionSpec { name: "tls-cert", env: None, default: None, help: "serve HTTPS with this certificate (not in this build yet)" },
+    OptionSpec { name: "tls-key", env: None, default: None, help: "private key for --tls-cert (not in this build yet)" },
+    OptionSpec { name: "config", env: Some("TURNSTILE_CONFIG"), default: None, help: "JSON config file (keys = option names); refused if group or others may read it" },
+];
+
+/// A configuration the server cannot start with; the message says what to change.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Where to listen.
+    pub listen: SocketAddr,
+    /// The embedded journal's directory.
+    pub data_dir: PathBuf,
+    /// How long an unfinished order may hold stock.
+    pub hold_ttl: Duration,
+    /// HMAC key for webhooks; `None`: random at start.
+    pub webhook_secret: Option<String>,
+    /// How long an authorisation may take.
+    pub gateway_timeout: Duration,
+    /// How long the in-process simulator keeps `tok_pending` undecided.
+    pub sim_pending_delay: Duration,
+}
+
+/// `--help` for `serve`, generated from [`SERVE_OPTIONS`].
+pub fn serve_help() -> String {
+    let mut out = String::from(
+        "Usage: turnstile serve [OPTIONS]\n\nRuns the checkout server. With no options it works on a fresh machine: embedded journal in\n./data, in-process carts, embedded event log, in-process payment simulator.\nFlags win over environment variables, which win over the config file.\n\nOptions:\n",
+    );
+    for option in SERVE_OPTIONS {
+        let value = if option.name == "config" {
+            " FILE"
+        } else {
+            " VALUE"
+        };
+        out.push_str(&format!(
+            "  --{}{value}\n      {}",
+            option.name, option.help
+        ));
+        if let Some(env) = option.env {
+            out.push_str(&format!(" [env {env}]"));
+        }
+        if let Some(default) = option.default {
+            out.push_str(&format!(" [default {default}]"));
+        }
+        out.push('\n');
+    }
+    out.push_str(
+        "  -h, --help\n      print this help\n\nDurations are written like 500ms, 90s, 15m, 1h.\n",
+    );
+    out
+}
+
+fn normalise(key: &str) -> String {
+    key.chars()
+        .filter(|c| *c != '-' && *c != '_')
+        .collect::<String>()
+        .to_ascii_lowercase()
+}
+
+fn read_config_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {path}: {e}")))?;
+    let mode = metadata.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError(format!(
+            "config file {path} has mode {:o}, which lets group or others read it; it may hold secrets: run `chmod 600 {path}`",
+            mode & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {path}: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError(format!("config file {path} is not valid JSON: {e}")))?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| ConfigError(format!("config file {path} must hold a JSON object")))?;
+    let mut values = HashMap::new();
+    for (key, value) in object {
+        let spec = SERVE_OPTIONS
+            .iter()
+            .find(|o| normalise(o.name) == normalise(key) && o.name != "config")
+            .ok_or_else(|| ConfigError(format!("config file {path}: unknown key {key:?}")))?;
+        let text = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            other => {
+                return Err(ConfigError(format!(
+                    "config file {path}: {key} must be a string, not {other}"
+                )))
+            }
+        };
+        values.insert(spec.name.to_owned(), text);
+    }
+    Ok(values)
+}
+
+/// Parses `serve`'s arguments (after the command word) with `env` for environment lookups.
+pub fn parse_serve(
+    args: &[String],
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<ServeConfig, ConfigError> {
+    let mut flags: HashMap<String, String> = HashMap::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let Some(flag) = arg.strip_prefix("--") else {
+            return Err(ConfigError(format!(
+                "unexpected argument {arg:?} (see --help)"
+            )));
+        };
+        let (name, inline) = match flag.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (flag, None),
+        };
+        if !SERVE_OPTIONS.iter().any(|o| o.name == name) {
+            return Err(ConfigError(format!("unknown option --{name} (see --help)")));
+        }
+        let value = match inline {
+            Some(value) => value,
+            None => rest
+                .next()
+                .cloned()
+                .ok_or_else(|| ConfigError(format!("--{name} needs a value")))?,
+        };
+        flags.insert(name.to_owned(), value);
+    }
+    let env_of = |name: &str| {
+        SERVE_OPTIONS
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.env)
+            .and_then(env)
+    };
+    let file = match flags.get("config").cloned().or_else(|| env_of("config")) {
+        Some(path) => read_config_file(&path)?,
+        None => HashMap::new(),
+    };
+    let value = |name: &str| -> Option<String> {
+        flags
+            .get(name)
+            .cloned()
+            .or_else(|| env_of(name))
+            .or_else(|| file.get(name).cloned())
+            .or_else(|| {
+                SERVE_OPTIONS
+                    .iter()
+                    .find(|o| o.name == name)
+                    .and_then(|o| o.default.map(str::to_owned))
+            })
+    };
+    let duration = |name: &str| -> Result<Duration, ConfigError> {
+        let raw = value(name).unwrap_or_default();
+        parse_duration(&raw).map_err(|e| ConfigError(format!("--{name}: {e}")))
+    };
+    for (name, arrives_with) in [
+        ("mysql-url", "the MySQL journal"),
+        ("redis-url", "the Redis session store"),
+        ("amqp-url", "the RabbitMQ publisher"),
+        ("gateway-url", "the HTTP payment gateway client"),
+        ("tls-cert", "TLS support"),
+        ("tls-key", "TLS support"),
+    ] {
+        if value(name).is_some() {
+            return Err(ConfigError(format!(
+                "--{name} is not supported by this build yet (it arrives with {arrives_with}); remove it to run on the embedded default"
+            )));
+        }
+    }
+    let listen_raw = value("listen").unwrap_or_default();
+    let listen = listen_raw.parse().map_err(|_| {
+        ConfigError(format!(
+            "--listen {listen_raw:?} is not an address like 127.0.0.1:8080"
+        ))
+    })?;
+    let hold_ttl = duration("hold-ttl")?;
+    if hold_ttl.is_zero() {
+        return Err(ConfigError("--hold-ttl must be longer than 0".into()));
+    }
+    let gateway_timeout = duration("gateway-timeout")?;
+    if gateway_timeout.is_zero() {
+        return Err(ConfigError(
+            "--gateway-timeout must be longer than 0".into(),
+        ));
+    }
+    let webhook_secret = value("webhook-secret");
+    if webhook_secret.as_deref() == Some("") {
+        return Err(ConfigError("--webhook-secret must not be empty".into()));
+    }
+    Ok(ServeConfig {
+        listen,
+        data_dir: PathBuf::from(value("data-dir").unwrap_or_default()),
+        hold_ttl,
+        webhook_secret,
+        gateway_timeout,
+        sim_pending_delay: duration("sim-pending-delay")?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn defaults_env_and_flags_in_order() {
+        let none = |_: &str| None;
+        let config = parse_serve(&[], &none).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(config.hold_ttl, Duration::from_secs(900));
+        let env = |name: &str| (name == "TURNSTILE_LISTEN").then(|| "127.0.0.1:9000".to_owned());
+        assert_eq!(parse_serve(&[], &env).unwrap().listen.port(), 9000);
+        let flag = parse_serve(&args(&["--listen", "127.0.0.1:9100"]), &env).unwrap();
+        assert_eq!(flag.listen.port(), 9100);
+        let inline = parse_serve(&args(&["--hold-ttl=2s"]), &none).unwrap();
+        assert_eq!(inline.hold_ttl, Duration::from_secs(2));
+    }
+
+    #[test]
+    fn bad_input_is_refused_with_a_message() {
+        let none = |_: &str| None;
+        for bad in [
+            vec!["--nope", "1"],
+            vec!["--listen"],
+            vec!["--listen", "nowhere"],
+            vec!["--hold-ttl", "5x"],
+            vec!["--mysql-url", "mysql://x"],
+            vec!["stray"],
+        ] {
+            assert!(parse_serve(&args(&bad), &none).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_config_file_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turnstile.json");
+        std::fs::write(&path, r#"{"listen": "127.0.0.1:9200", "hold_ttl": "1m"}"#).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let none = |_: &str| None;
+        let path_arg = path.display().to_string();
+        let error = parse_serve(&args(&["--config", &path_arg]), &none).unwrap_err();
+        assert!(error.0.contains("chmod 600"), "{error}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = parse_serve(&args(&["--config", &path_arg]), &none).unwrap();
+        assert_eq!(config.listen.port(), 9200);
+        assert_eq!(config.hold_ttl, Duration::from_secs(60));
+    }
+}

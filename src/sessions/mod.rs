@@ -1,0 +1,197 @@
+//! Carts (sessions) with idle expiry. The in-process store is the embedded default; carts in it are
+//! lost on restart (DESIGN.md). Redis comes with its own issue, behind the same operations.
+
+use crate::domain::{CartId, Sku};
+use crate::random::TokenGenerator;
+use crate::sync::{lock, shard_of};
+use rustc_hash::FxHashMap;
+use std::sync::Mutex;
+
+/// The most distinct SKUs one cart may hold: a checkout takes at most 100 lines (API.md).
+pub const CART_ITEMS_MAX: usize = 100;
+
+const SHARDS: usize = 64;
+
+/// A cart as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CartView {
+    /// The cart's id.
+    pub cart_id: CartId,
+    /// Lines in the order they were first added.
+    pub items: Vec<(Sku, i64)>,
+    /// When the cart expires unless used again (Unix milliseconds).
+    pub expires_at_ms: i64,
+}
+
+/// Why a cart operation was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum CartError {
+    /// No such cart, or it expired.
+    #[error("no such cart")]
+    NotFound,
+    /// The cart already holds the most SKUs allowed.
+    #[error("a cart holds at most {CART_ITEMS_MAX} different SKUs")]
+    TooManyItems,
+}
+
+struct Cart {
+    items: Vec<(Sku, i64)>,
+    expires_at_ms: i64,
+}
+
+/// Carts in this process's memory.
+pub struct CartStore {
+    shards: Box<[Mutex<FxHashMap<CartId, Cart>>]>,
+    idle_ms: i64,
+    ids: TokenGenerator,
+}
+
+impl CartStore {
+    /// An empty store whose carts expire after `idle_ms` without use.
+    pub fn new(idle_ms: i64) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            idle_ms,
+            ids: TokenGenerator::default(),
+        }
+    }
+
+    fn shard(&self, id: &CartId) -> &Mutex<FxHashMap<CartId, Cart>> {
+        &self.shards[shard_of(id, SHARDS)]
+    }
+
+    /// Creates an empty cart.
+    pub fn create(&self, now_ms: i64) -> CartView {
+        let raw = self.ids.next("cart_");
+        let cart_id = CartId::parse(raw).unwrap_or_else(|e| unreachable!("token shape: {e}"));
+        let expires_at_ms = now_ms + self.idle_ms;
+        lock(self.shard(&cart_id)).insert(
+            cart_id.clone(),
+            Cart {
+                items: Vec::new(),
+                expires_at_ms,
+            },
+        );
+        CartView {
+            cart_id,
+            items: Vec::new(),
+            expires_at_ms,
+        }
+    }
+
+    /// Runs `change` on a live cart, refreshing its expiry; an expired cart is removed.
+    fn with_cart<T>(
+        &self,
+        id: &CartId,
+        now_ms: i64,
+        change: impl FnOnce(&mut Cart) -> Result<T, CartError>,
+    ) -> Result<(T, CartView), CartError> {
+        let mut carts = lock(self.shard(id));
+        let Some(cart) = carts.get_mut(id) else {
+            return Err(CartError::NotFound);
+        };
+        if cart.expires_at_ms <= now_ms {
+            carts.remove(id);
+            return Err(CartError::NotFound);
+        }
+        let value = change(cart)?;
+        cart.expires_at_ms = now_ms + self.idle_ms;
+        let view = CartView {
+            cart_id: id.clone(),
+            items: cart.items.clone(),
+            expires_at_ms: cart.expires_at_ms,
+        };
+        Ok((value, view))
+    }
+
+    /// Sets the quantity of a SKU (0 removes it).
+    pub fn set_item(
+        &self,
+        id: &CartId,
+        sku: &Sku,
+        quantity: i64,
+        now_ms: i64,
+    ) -> Result<CartView, CartError> {
+        self.with_cart(id, now_ms, |cart| {
+            let position = cart.items.iter().position(|(s, _)| s == sku);
+            match (position, quantity) {
+                (Some(i), 0) => {
+                    cart.items.remove(i);
+                }
+                (Some(i), q) => cart.items[i].1 = q,
+                (None, 0) => {}
+                (None, _) if cart.items.len() >= CART_ITEMS_MAX => {
+                    return Err(CartError::TooManyItems)
+                }
+                (None, q) => cart.items.push((sku.clone(), q)),
+            }
+            Ok(())
+        })
+        .map(|((), view)| view)
+    }
+
+    /// A live cart (using it refreshes its expiry).
+    pub fn get(&self, id: &CartId, now_ms: i64) -> Result<CartView, CartError> {
+        self.with_cart(id, now_ms, |_| Ok(()))
+            .map(|((), view)| view)
+    }
+
+    /// Empties a cart (after it was checked out).
+    pub fn clear(&self, id: &CartId, now_ms: i64) {
+        let _ = self.with_cart(id, now_ms, |cart| {
+            cart.items.clear();
+            Ok(())
+        });
+    }
+
+    /// Removes expired carts; returns how many.
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut carts = lock(shard);
+            let before = carts.len();
+            carts.retain(|_, cart| cart.expires_at_ms > now_ms);
+            removed += before - carts.len();
+        }
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn carts_expire_when_idle_and_use_refreshes_them() {
+        let store = CartStore::new(1_000);
+        let cart = store.create(0);
+        let sku = Sku::parse("a").unwrap();
+        let view = store.set_item(&cart.cart_id, &sku, 2, 500).unwrap();
+        assert_eq!(view.items, vec![(sku.clone(), 2)]);
+        assert_eq!(view.expires_at_ms, 1_500);
+        assert!(store.get(&cart.cart_id, 1_400).is_ok());
+        assert_eq!(store.get(&cart.cart_id, 2_400), Err(CartError::NotFound));
+        let other = store.create(0);
+        assert_eq!(store.sweep(5_000), 1);
+        assert_eq!(store.get(&other.cart_id, 5_000), Err(CartError::NotFound));
+    }
+
+    #[test]
+    fn zero_removes_and_the_size_is_bounded() {
+        let store = CartStore::new(60_000);
+        let cart = store.create(0);
+        let sku = Sku::parse("a").unwrap();
+        store.set_item(&cart.cart_id, &sku, 2, 0).unwrap();
+        let view = store.set_item(&cart.cart_id, &sku, 0, 0).unwrap();
+        assert!(view.items.is_empty());
+        for i in 0..CART_ITEMS_MAX {
+            let sku = Sku::parse(format!("s{i}")).unwrap();
+            store.set_item(&cart.cart_id, &sku, 1, 0).unwrap();
+        }
+        let extra = Sku::parse("extra").unwrap();
+        assert_eq!(
+            store.set_item(&cart.cart_id, &extra, 1, 0),
+            Err(CartError::TooManyItems)
+        );
+    }
+}

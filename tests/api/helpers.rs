@@ -1,0 +1,315 @@
+//! Starts the real `turnstile` binary on a free port with its own data directory, and talks to it
+//! over real HTTP with keep-alive connections.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The webhook secret every test server is started with, so tests can sign webhooks.
+pub const WEBHOOK_SECRET: &str = "test-webhook-secret";
+
+/// A running server process.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+    child: Child,
+    /// Keeps the data directory alive for the test's whole life.
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Starts a server on a fresh data directory with extra `args`.
+pub fn spawn_app(args: &[&str]) -> TestApp {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut app = start(&data_dir, args);
+    app._dir = Some(dir);
+    app
+}
+
+/// Starts a server on `data_dir` (kept as it is) with extra `args`.
+pub fn start(data_dir: &Path, args: &[&str]) -> TestApp {
+    let log = std::fs::File::create(data_dir.with_extension("log"))
+        .or_else(|_| std::fs::File::create("/dev/null"))
+        .expect("log file");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("serve")
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(["--webhook-secret", WEBHOOK_SECRET])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log))
+        .spawn()
+        .expect("start turnstile");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read the ready line");
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| {
+            panic!(
+                "turnstile did not start: {line:?} (see {})",
+                data_dir.with_extension("log").display()
+            )
+        })
+        .parse()
+        .expect("address");
+    TestApp {
+        addr,
+        data_dir: data_dir.to_path_buf(),
+        child,
+        _dir: None,
+    }
+}
+
+impl TestApp {
+    /// SIGKILL: the process dies at once, mid-whatever.
+    pub fn kill_9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("send SIGTERM");
+        self.child.wait().expect("wait for the server")
+    }
+
+    /// A new client of this server.
+    pub fn client(&self) -> Client {
+        Client::new(self.addr)
+    }
+
+    /// Takes the data directory away from this app (so a restart can use it after a kill).
+    pub fn into_parts(mut self) -> (PathBuf, Option<tempfile::TempDir>) {
+        self.kill_9();
+        (self.data_dir.clone(), self._dir.take())
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An answer.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: u16,
+    pub replayed: bool,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection, reopened when it breaks.
+pub struct Client {
+    addr: SocketAddr,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    pub fn new(addr: SocketAddr) -> Self {
+        Self { addr, sender: None }
+    }
+
+    async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            let stream = tokio::net::TcpStream::connect(self.addr)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let _ = stream.set_nodelay(true);
+            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            self.sender = Some(sender);
+        }
+        self.sender
+            .as_mut()
+            .ok_or_else(|| "no connection".to_owned())
+    }
+
+    /// Sends a request; `Err` if the server did not answer (connection refused or broken).
+    pub async fn try_send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Answer, String> {
+        let addr = self.addr;
+        let sender = self.connect().await?;
+        sender.ready().await.map_err(|e| format!("ready: {e}"))?;
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .map_err(|e| format!("request: {e}"))?;
+        let result = async {
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| format!("send: {e}"))?;
+            let status = response.status().as_u16();
+            let replayed = response
+                .headers()
+                .get("idempotent-replayed")
+                .is_some_and(|v| v == "true");
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| format!("body: {e}"))?
+                .to_bytes();
+            Ok(Answer {
+                status,
+                replayed,
+                body,
+            })
+        }
+        .await;
+        if result.is_err() {
+            self.sender = None;
+        }
+        result
+    }
+
+    /// Sends a request that must be answered.
+    pub async fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Answer {
+        self.try_send(method, path, headers, body)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    pub async fn get(&mut self, path: &str) -> Answer {
+        self.send("GET", path, &[], "").await
+    }
+
+    pub async fn put_product(&mut self, sku: &str, price_cents: i64, stock: i64) -> Answer {
+        let body = serde_json::json!({
+            "name": format!("product {sku}"),
+            "price_cents": price_cents,
+            "currency": "EUR",
+            "stock": stock,
+        })
+        .to_string();
+        self.send("PUT", &format!("/v1/products/{sku}"), &[], &body)
+            .await
+    }
+
+    pub async fn checkout(
+        &mut self,
+        key: &str,
+        sku: &str,
+        quantity: i64,
+        token: &str,
+    ) -> Result<Answer, String> {
+        let body = serde_json::json!({
+            "items": [{"sku": sku, "quantity": quantity}],
+            "customer_id": "customer-1",
+            "payment_token": token,
+        })
+        .to_string();
+        self.try_send("POST", "/v1/checkout", &[("idempotency-key", key)], &body)
+            .await
+    }
+
+    /// The product's counters; asserts the identity on every read.
+    pub async fn stock(&mut self, sku: &str) -> (i64, i64, i64, i64) {
+        let product = self.get(&format!("/v1/products/{sku}")).await.json();
+        let field = |name: &str| {
+            product[name]
+                .as_i64()
+                .unwrap_or_else(|| panic!("{name} in {product}"))
+        };
+        let (stock, available, reserved, sold) = (
+            field("stock"),
+            field("available"),
+            field("reserved"),
+            field("sold"),
+        );
+        assert_eq!(
+            available + reserved + sold,
+            stock,
+            "identity broken: {product}"
+        );
+        (stock, available, reserved, sold)
+    }
+
+    /// Every event of the log, following `next` page by page.
+    pub async fn all_events(&mut self) -> Vec<Value> {
+        let mut events = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .get(&format!("/v1/events?after={after}&limit=1000"))
+                .await
+                .json();
+            let batch = page["events"].as_array().cloned().unwrap_or_default();
+            if batch.is_empty() {
+                return events;
+            }
+            after = page["next"].as_u64().expect("next");
+            events.extend(batch);
+        }
+    }
+}
+
+/// Waits until `condition` holds, checking every 20 ms, for at most `limit`; panics naming `what`.
+/// Used only where the server acts on a clock (hold expiry, the simulator's webhook delay): the
+/// test waits for the observable result, not for a fixed time.
+pub async fn eventually(what: &str, limit: Duration, mut condition: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition().await {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Signs a webhook body with the test secret.
+pub fn signed(body: &str) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    turnstile::payment::webhook::sign(WEBHOOK_SECRET.as_bytes(), now, body.as_bytes())
+}

@@ -1,0 +1,8 @@
+//! HTTP tests: the real `turnstile` binary on a free port, driven over real HTTP.
+
+mod crash;
+mod flash_sale;
+mod helpers;
+mod lifecycle;
+mod payments;
+mod validation;
