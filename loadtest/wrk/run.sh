@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Measures the HTTP server with wrk on 127.0.0.1 (install: apt-get install wrk):
+#   (a) the flash-sale flood: checkouts of a sold-out SKU, a new Idempotency-Key each;
+#   (b) successful single-item checkouts on 10,000 SKUs with tok_ok;
+# plus GET /healthz, the HTTP ceiling of the machine. Bounded: each run lasts DURATION.
+# Usage: loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+duration=${1:-10s}
+connections=${2:-64}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
+cargo build --release --quiet
+data=$(mktemp -d -p target wrk-data.XXXXXX)
+out=$(mktemp)
+target/release/turnstile serve --listen 127.0.0.1:0 --data-dir "$data" > "$out" 2> "$data.log" &
+server=$!
+trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data" "$data.log" "$out"' EXIT
+for _ in $(seq 1 100); do grep -q "listening on" "$out" && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' "$out")
+echo "server at $addr (data in $data); $(nproc) cores; wrk 1 thread, $connections connections, $duration"
+python3 loadtest/wrk/setup_products.py "$addr"
+echo; echo "== GET /healthz (the HTTP ceiling)"
+wrk -t1 -c"$connections" -d"$duration" --latency "http://$addr/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+echo; echo "== (a) checkouts of a sold-out SKU"
+wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/sold_out.lua "http://$addr" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+echo; echo "== (b) successful checkouts, 10,000 SKUs, tok_ok"
+wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/steady.lua "http://$addr" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
