@@ -38,6 +38,7 @@ fn order_record(n: u64) -> Record {
     );
     Record::Order {
         order,
+        previous: None,
         entered: vec![OrderStatus::Reserved, OrderStatus::Paid],
         at_ms: 1_764_000_000_000,
         answer: Some((

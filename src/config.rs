@@ -28,7 +28,10 @@ pub const SERVE_OPTIONS: &[OptionSpec] = &[
     OptionSpec { name: "webhook-secret", env: Some("TURNSTILE_WEBHOOK_SECRET"), default: None, help: "HMAC key for Turnstile-Signature (default: random at start; the in-process simulator uses the same)" },
     OptionSpec { name: "gateway-timeout", env: Some("TURNSTILE_GATEWAY_TIMEOUT"), default: Some("5s"), help: "how long an authorisation may take before 504" },
     OptionSpec { name: "sim-pending-delay", env: Some("TURNSTILE_SIM_PENDING_DELAY"), default: Some("500ms"), help: "in-process simulator: how long tok_pending stays undecided before its webhook" },
-    OptionSpec { name: "mysql-url", env: Some("TURNSTILE_MYSQL_URL"), default: None, help: "use MySQL/MariaDB as the journal (not in this build yet)" },
+    OptionSpec { name: "mysql-url", env: Some("TURNSTILE_MYSQL_URL"), default: None, help: "use MySQL/MariaDB as the journal instead of the embedded one (mysql://user:pass@host:3306/db; run `turnstile migrate` first)" },
+    OptionSpec { name: "mysql-pool-size", env: Some("TURNSTILE_MYSQL_POOL_SIZE"), default: Some("8"), help: "MySQL connections (the journal's writer uses one; reads share the rest)" },
+    OptionSpec { name: "journal-batch-max", env: Some("TURNSTILE_JOURNAL_BATCH_MAX"), default: Some("2000"), help: "most records in one MySQL transaction (group commit)" },
+    OptionSpec { name: "journal-timeout", env: Some("TURNSTILE_JOURNAL_TIMEOUT"), default: Some("5s"), help: "how long a request waits for its commit before answering 503 journal_unavailable" },
     OptionSpec { name: "redis-url", env: Some("TURNSTILE_REDIS_URL"), default: None, help: "carts and submission locks in Redis (not in this build yet)" },
     OptionSpec { name: "amqp-url", env: Some("TURNSTILE_AMQP_URL"), default: None, help: "also publish order events to RabbitMQ (not in this build yet)" },
     OptionSpec { name: "gateway-url", env: Some("TURNSTILE_GATEWAY_URL"), default: None, help: "payment gateway over HTTP (not in this build yet)" },
@@ -57,6 +60,10 @@ pub struct ServeConfig {
     pub gateway_timeout: Duration,
     /// How long the in-process simulator keeps `tok_pending` undecided.
     pub sim_pending_delay: Duration,
+    /// The MySQL journal, if configured (else the embedded file journal).
+    pub mysql: Option<crate::journal::mysql::MySqlConfig>,
+    /// How long a request waits for its commit before answering 503.
+    pub journal_timeout: Duration,
 }
 
 /// `--help` for `serve`, generated from [`SERVE_OPTIONS`].
@@ -191,7 +198,6 @@ pub fn parse_serve(
         parse_duration(&raw).map_err(|e| ConfigError(format!("--{name}: {e}")))
     };
     for (name, arrives_with) in [
-        ("mysql-url", "the MySQL journal"),
         ("redis-url", "the Redis session store"),
         ("amqp-url", "the RabbitMQ publisher"),
         ("gateway-url", "the HTTP payment gateway client"),
@@ -224,7 +230,42 @@ pub fn parse_serve(
     if webhook_secret.as_deref() == Some("") {
         return Err(ConfigError("--webhook-secret must not be empty".into()));
     }
+    let count = |name: &str, range: std::ops::RangeInclusive<u64>| -> Result<u64, ConfigError> {
+        let raw = value(name).unwrap_or_default();
+        raw.parse::<u64>()
+            .ok()
+            .filter(|n| range.contains(n))
+            .ok_or_else(|| {
+                ConfigError(format!(
+                    "--{name} {raw:?} must be a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ))
+            })
+    };
+    let mysql = match value("mysql-url") {
+        Some(url) => {
+            if !url.starts_with("mysql://") && !url.starts_with("mariadb://") {
+                return Err(ConfigError(format!(
+                    "--mysql-url {url:?} must look like mysql://user:password@host:3306/database"
+                )));
+            }
+            let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
+            mysql.pool_size = count("mysql-pool-size", 2..=256)? as u32;
+            mysql.batch_records_max = count("journal-batch-max", 1..=10_000)? as usize;
+            Some(mysql)
+        }
+        None => None,
+    };
+    let journal_timeout = duration("journal-timeout")?;
+    if journal_timeout.is_zero() {
+        return Err(ConfigError(
+            "--journal-timeout must be longer than 0".into(),
+        ));
+    }
     Ok(ServeConfig {
+        mysql,
+        journal_timeout,
         listen,
         data_dir: PathBuf::from(value("data-dir").unwrap_or_default()),
         hold_ttl,
@@ -264,7 +305,8 @@ mod tests {
             vec!["--listen"],
             vec!["--listen", "nowhere"],
             vec!["--hold-ttl", "5x"],
-            vec!["--mysql-url", "mysql://x"],
+            vec!["--mysql-url", "postgres://x"],
+            vec!["--redis-url", "redis://x"],
             vec!["stray"],
         ] {
             assert!(parse_serve(&args(&bad), &none).is_err(), "{bad:?}");

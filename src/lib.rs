@@ -19,6 +19,9 @@
 //! - [`server`]: wiring, the hold sweeper, graceful shutdown.
 //! - [`http_client`], [`random`], [`time`]: small helpers at the edges.
 
+/// A boxed future, so traits with async methods stay object-safe.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 pub mod api;
 pub mod config;
 pub mod domain;

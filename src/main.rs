@@ -13,7 +13,7 @@ turnstile: a checkout engine for flash sales
 
 Usage:
   turnstile [serve] [OPTIONS]      run the checkout server (the default command)
-  turnstile migrate --mysql-url URL  apply the MySQL migrations (not in this build yet)
+  turnstile migrate --mysql-url URL  apply the MySQL/MariaDB migrations (env TURNSTILE_MYSQL_URL)
   turnstile gateway-sim [OPTIONS]  stand-alone payment gateway simulator (not in this build yet)
   turnstile help                   this help; `turnstile serve --help` lists serve's options
 
@@ -50,6 +50,10 @@ fn main() -> ExitCode {
             };
             match server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
+                Err(error @ server::ServeError::Schema(_)) => {
+                    eprintln!("turnstile serve: {error}");
+                    ExitCode::from(2)
+                }
                 Err(error) => {
                     tracing::error!(%error, "turnstile stopped");
                     ExitCode::FAILURE
@@ -60,13 +64,61 @@ fn main() -> ExitCode {
             eprintln!("{USAGE}");
             ExitCode::SUCCESS
         }
-        "migrate" | "gateway-sim" => {
+        "migrate" => migrate(rest),
+        "gateway-sim" => {
             eprintln!("turnstile {command}: not available in this build yet\n\n{USAGE}");
             ExitCode::from(2)
         }
         other => {
             eprintln!("turnstile: unknown command {other:?}\n\n{USAGE}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `turnstile migrate --mysql-url URL`: applies the embedded migrations.
+fn migrate(args: &[String]) -> ExitCode {
+    let mut url = std::env::var("TURNSTILE_MYSQL_URL").ok();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        match arg.as_str() {
+            "-h" | "--help" => {
+                eprintln!("Usage: turnstile migrate --mysql-url URL\n\nApplies the migrations embedded in this binary to the MySQL/MariaDB database (env TURNSTILE_MYSQL_URL). Safe to run again: applied migrations are skipped.");
+                return ExitCode::SUCCESS;
+            }
+            "--mysql-url" => url = rest.next().cloned(),
+            other => match other.strip_prefix("--mysql-url=") {
+                Some(value) => url = Some(value.to_owned()),
+                None => {
+                    eprintln!("turnstile migrate: unknown argument {other:?} (see --help)");
+                    return ExitCode::from(2);
+                }
+            },
+        }
+    }
+    let Some(url) = url else {
+        eprintln!("turnstile migrate: --mysql-url URL is required (or set TURNSTILE_MYSQL_URL)");
+        return ExitCode::from(2);
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("turnstile migrate: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = turnstile::journal::mysql::MySqlConfig::new(url);
+    match runtime.block_on(turnstile::journal::mysql::migrate(&config)) {
+        Ok(applied) => {
+            eprintln!("turnstile migrate: {applied} migration(s) applied; the schema is current");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("turnstile migrate: {error}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -6,6 +6,7 @@ use crate::config::ServeConfig;
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::file::{FileJournal, FileJournalConfig};
+use crate::journal::mysql::{MySqlJournal, SchemaError};
 use crate::journal::{Journal, JournalError};
 use crate::metrics::Metrics;
 use crate::payment::simulator::{Simulator, SimulatorConfig};
@@ -35,6 +36,9 @@ pub enum ServeError {
     /// The journal's content contradicts itself.
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    /// The database's schema does not fit this binary (run `turnstile migrate`).
+    #[error(transparent)]
+    Schema(crate::journal::mysql::SchemaError),
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -68,8 +72,23 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
 }
 
 async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
-    let (journal, state) = FileJournal::open_dir(&config.data_dir, FileJournalConfig::default())?;
-    let journal: Arc<dyn Journal> = Arc::new(journal);
+    let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
+        Some(mysql) => {
+            let (journal, state) =
+                MySqlJournal::open(mysql.clone())
+                    .await
+                    .map_err(|error| match error {
+                        SchemaError::Journal(error) => ServeError::Journal(error),
+                        other => ServeError::Schema(other),
+                    })?;
+            (Arc::new(journal), state)
+        }
+        None => {
+            let (journal, state) =
+                FileJournal::open_dir(&config.data_dir, FileJournalConfig::default())?;
+            (Arc::new(journal), state)
+        }
+    };
     let engine = Engine::from_state(
         EngineConfig {
             shard_count: workers,
@@ -96,6 +115,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         gateway: Arc::new(Arc::clone(&simulator)),
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
+        journal_timeout: config.journal_timeout,
         metrics: Metrics::new(api::ROUTES),
     });
 
@@ -117,10 +137,11 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     });
     tracing::info!(
         %local,
+        journal = if config.mysql.is_some() { "mysql" } else { "embedded" },
         data_dir = %config.data_dir.display(),
         skus = app.engine.inventory().len(),
         holds = app.engine.holds_len(),
-        "serving on the embedded journal, in-process carts and the in-process payment simulator"
+        "serving (in-process carts and payment simulator)"
     );
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
@@ -134,7 +155,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         .await;
     sweeper.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
-    journal.close();
+    journal.shutdown().await;
     served.map_err(|source| ServeError::Io {
         context: "serving HTTP".into(),
         source,
@@ -152,7 +173,12 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
         let now = now_ms();
         let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX, &*app.journal);
         for (order, ticket) in released {
-            if let Err(error) = ticket.await {
+            // A slow database must not stall the sweeper for longer than a request would wait.
+            let committed = match tokio::time::timeout(app.journal_timeout, ticket).await {
+                Ok(committed) => committed,
+                Err(_) => Err(JournalError::Unavailable("commit took too long".into())),
+            };
+            if let Err(error) = committed {
                 tracing::error!(%error, order_id = %order.order_id, "could not journal an expired hold");
                 continue;
             }

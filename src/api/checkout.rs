@@ -11,6 +11,7 @@ use crate::engine::idempotency::{Begin, KeyError};
 use crate::engine::order::{Order, OrderStatus};
 use crate::engine::records::StoredAnswer;
 use crate::engine::{AnswerSpec, EngineError, NewOrder, PaymentOutcome, Reservation};
+use crate::journal::{Appended, JournalError};
 use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
 use crate::random::hex;
 use crate::time::{now_ms, rfc3339};
@@ -260,6 +261,13 @@ pub(super) async fn checkout(
             return Err(ApiError::invalid(other.to_string()));
         }
     };
+    // No payment for an order that cannot be recorded: with the journal down, give the units
+    // back and say so (a rejection above needed no journal, so the flood stays cheap).
+    if let Err(error) = state.journal.health() {
+        state.engine.release_reservation(reservation);
+        state.engine.idempotency().abandon(&key);
+        return Err(ApiError::journal_unavailable(&error));
+    }
     state.metrics.reservations.fetch_add(1, Ordering::Relaxed);
 
     let finishing = Finishing {
@@ -376,12 +384,64 @@ impl Finishing {
             now,
             &*state.journal,
         );
-        if let Err(error) = ticket.await {
+        let Some(stored) = stored else {
+            return ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the answer was not rendered",
+            )
+            .into_response_owned();
+        };
+        let settlement = Settlement {
+            key: self.key,
+            stored,
+            placed: order.status,
+            cart_id: self.cart_id,
+            payment_id: match paid {
+                Paid::Approved(id) | Paid::Pending(id) => Some(id),
+                Paid::Declined(_) | Paid::TimedOut => None,
+            },
+        };
+        let mut ticket = ticket;
+        match tokio::time::timeout(state.journal_timeout, &mut ticket).await {
+            Ok(committed) => settlement.apply(state, committed),
+            Err(_) => {
+                // The database is slow or down: the record stays queued and commits when it can.
+                // The key stays in flight until then (a retry gets 409, later the replay), so the
+                // order can never be placed twice.
+                let background = Arc::clone(state);
+                tokio::spawn(async move {
+                    let committed = ticket.await;
+                    let _ = settlement.apply(&background, committed);
+                });
+                ApiError::journal_unavailable(&JournalError::Unavailable(format!(
+                    "no commit within {:?}; retry with the same Idempotency-Key",
+                    state.journal_timeout
+                )))
+                .into_response_owned()
+            }
+        }
+    }
+}
+
+/// What a checkout does once its record's commit is known.
+struct Settlement {
+    key: IdempotencyKey,
+    stored: StoredAnswer,
+    placed: OrderStatus,
+    cart_id: Option<CartId>,
+    /// Money that moved and must be given back if the order is not durable.
+    payment_id: Option<String>,
+}
+
+impl Settlement {
+    fn apply(self, state: &Shared, committed: Result<Appended, JournalError>) -> Response {
+        if let Err(error) = committed {
             // Not durable: nobody may learn of this order. The key is freed for a retry (the
-            // journal refuses writes until a restart recovers what did reach the disk), and
-            // money that moved is given back.
+            // journal refuses writes until a restart recovers what reached the disk), and money
+            // that moved is given back.
             state.engine.idempotency().abandon(&self.key);
-            if let Paid::Approved(payment_id) | Paid::Pending(payment_id) = paid {
+            if let Some(payment_id) = self.payment_id {
                 let gateway = Arc::clone(&state.gateway);
                 tokio::spawn(async move {
                     if let Err(error) = gateway.void(payment_id.clone()).await {
@@ -391,27 +451,16 @@ impl Finishing {
             }
             return ApiError::journal_unavailable(&error).into_response_owned();
         }
-        let Some(stored) = stored else {
-            return ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the answer was not rendered",
-            )
-            .into_response_owned();
-        };
         state
             .engine
             .idempotency()
-            .finish(&self.key, stored.clone(), true);
-        if matches!(
-            order.status,
-            OrderStatus::Paid | OrderStatus::PaymentPending
-        ) {
+            .finish(&self.key, self.stored.clone(), true);
+        if matches!(self.placed, OrderStatus::Paid | OrderStatus::PaymentPending) {
             if let Some(cart_id) = &self.cart_id {
-                state.carts.clear(cart_id, now);
+                state.carts.clear(cart_id, now_ms());
             }
         }
-        answer(stored.status, stored.body, false)
+        answer(self.stored.status, self.stored.body, false)
     }
 }
 

@@ -47,7 +47,11 @@ pub(super) async fn list_events(
     })?;
     let after = query.after.unwrap_or(0);
     let limit = query.limit.unwrap_or(LIMIT_DEFAULT).min(LIMIT_MAX);
-    let events = state.journal.events(after, limit);
+    let events = state
+        .journal
+        .events(after, limit)
+        .await
+        .map_err(|e| ApiError::journal_unavailable(&e))?;
     let next = events.last().map_or(after, |e| e.seq);
     let page = Page {
         events: events

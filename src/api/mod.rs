@@ -10,7 +10,7 @@ mod products;
 mod webhooks;
 
 use crate::engine::Engine;
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Appended, Journal, JournalError, Ticket};
 use crate::metrics::Metrics;
 use crate::payment::PaymentGateway;
 use crate::sessions::CartStore;
@@ -43,6 +43,8 @@ pub struct AppState {
     pub webhook_secret: Vec<u8>,
     /// How long an authorisation may take before `504`.
     pub gateway_timeout: Duration,
+    /// How long a request waits for its commit before `503`.
+    pub journal_timeout: Duration,
     /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
 }
@@ -205,6 +207,18 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         json_response(self.status, self.body())
+    }
+}
+
+/// Waits for a record to be durable, at most the journal timeout (`503` after it, or if the
+/// journal failed).
+pub async fn durable(state: &AppState, ticket: Ticket) -> Result<Appended, ApiError> {
+    match tokio::time::timeout(state.journal_timeout, ticket).await {
+        Ok(Ok(appended)) => Ok(appended),
+        Ok(Err(error)) => Err(ApiError::journal_unavailable(&error)),
+        Err(_) => Err(ApiError::journal_unavailable(&JournalError::Unavailable(
+            format!("no commit within {:?}", state.journal_timeout),
+        ))),
     }
 }
 

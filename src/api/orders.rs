@@ -2,7 +2,7 @@
 
 use super::checkout::order_body;
 use super::products::path_error;
-use super::{json_response, path_id, ApiError, Shared};
+use super::{durable, json_response, path_id, ApiError, Shared};
 use crate::domain::OrderId;
 use crate::engine::order::OrderStatus;
 use crate::engine::EngineError;
@@ -41,9 +41,7 @@ pub(super) async fn cancel_order(
             other => ApiError::invalid(other.to_string()),
         })?;
     if let Some(ticket) = ticket {
-        ticket
-            .await
-            .map_err(|e| ApiError::journal_unavailable(&e))?;
+        durable(&state, ticket).await?;
         // Money moves only once the change is durable.
         if let Some(payment_id) = order.payment_id.clone() {
             let gateway = Arc::clone(&state.gateway);

@@ -1,6 +1,6 @@
 //! `PUT/GET /v1/products/{sku}`.
 
-use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
+use super::{check_length, durable, json, parse_json, path_id, read_body, ApiError, Shared};
 use crate::domain::{Cents, Currency, Sku, Stock};
 use crate::engine::inventory::StockView;
 use crate::engine::records::Product;
@@ -95,9 +95,7 @@ pub(super) async fn put_product(
             ),
             other => ApiError::invalid(other.to_string()),
         })?;
-    ticket
-        .await
-        .map_err(|e| ApiError::journal_unavailable(&e))?;
+    durable(&state, ticket).await?;
     Ok(render(&product, view))
 }
 

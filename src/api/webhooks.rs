@@ -2,7 +2,7 @@
 //! `Turnstile-Signature`. Deliveries are idempotent: a second one, or one for an order already
 //! finished, changes nothing (an approval for a released order is refunded).
 
-use super::{check_length, json, parse_json, read_body, ApiError, Shared};
+use super::{check_length, durable, json, parse_json, read_body, ApiError, Shared};
 use crate::domain::OrderId;
 use crate::engine::order::OrderStatus;
 use crate::engine::EngineError;
@@ -68,9 +68,7 @@ pub(super) async fn payment_webhook(
             .transition(&body.order_id, target, now_ms(), &*state.journal)
         {
             Ok((_, Some(ticket))) => {
-                ticket
-                    .await
-                    .map_err(|e| ApiError::journal_unavailable(&e))?;
+                durable(&state, ticket).await?;
                 return Ok(received());
             }
             Ok((_, None)) => return Ok(received()),

@@ -458,6 +458,7 @@ impl Engine {
         let mut orders = lock(&self.orders[shard_index(&order.order_id)]);
         let ticket = sink.submit(Record::Order {
             order: order.clone(),
+            previous: None,
             entered,
             at_ms: now_ms,
             answer: stored.clone(),
@@ -513,6 +514,7 @@ impl Engine {
         }
         let ticket = sink.submit(Record::Order {
             order: entry.order.clone(),
+            previous: Some(before),
             entered: vec![next],
             at_ms: now_ms,
             answer: None,

@@ -72,6 +72,11 @@ impl OrderStatus {
         }
     }
 
+    /// Reads a status as the API writes it.
+    pub fn parse(raw: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == raw)
+    }
+
     /// The status as the API writes it.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -51,6 +51,10 @@ pub enum Record {
     Order {
         /// The whole order after the change.
         order: Order,
+        /// The status the order had before this change (`None`: a new order). Lets a store that
+        /// keeps materialised stock counters apply the change as a delta.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous: Option<OrderStatus>,
         /// The statuses the order entered with this change, in order: one event each.
         entered: Vec<OrderStatus>,
         /// When the change happened (Unix milliseconds).

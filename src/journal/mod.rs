@@ -7,10 +7,13 @@
 //! passes the same tests.
 
 pub mod file;
+pub mod mysql;
+pub(crate) mod pipeline;
 
 use crate::engine::records::{Event, Record};
 use crate::engine::RecordSink;
 use crate::metrics::{Histogram, BATCH_BOUNDS_RECORDS, LATENCY_BOUNDS_SECONDS};
+use crate::BoxFuture;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -39,6 +42,10 @@ pub enum JournalError {
         /// What is wrong.
         reason: String,
     },
+    /// The journal's store is unreachable for now (the database is down); the journal keeps
+    /// retrying and recovers by itself.
+    #[error("the journal's database is unreachable ({0}); retrying")]
+    Unavailable(String),
     /// The journal was closed.
     #[error("the journal is closed")]
     Closed,
@@ -193,14 +200,18 @@ pub trait Journal: Send + Sync {
     /// Enqueues a record; the ticket resolves once it is durable.
     fn append(&self, record: Record) -> Ticket;
     /// Up to `limit` durable events with `seq > after_seq`, in order.
-    fn events(&self, after_seq: u64, limit: usize) -> Vec<Event>;
+    fn events(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>>;
     /// Counters.
     fn stats(&self) -> &JournalStats;
-    /// `Ok` while appends can succeed; the error that stopped them otherwise.
+    /// `Ok` while appends can succeed; the error that stops them otherwise.
     fn health(&self) -> Result<(), JournalError>;
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
     /// fail with [`JournalError::Closed`].
-    fn close(&self);
+    fn shutdown(&self) -> BoxFuture<'_, ()>;
 }
 
 impl<J: Journal + ?Sized> RecordSink for J {

@@ -6,11 +6,7 @@
 pub mod simulator;
 pub mod webhook;
 
-use std::future::Future;
-use std::pin::Pin;
-
-/// A boxed future, so the trait stays object-safe.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+pub use crate::BoxFuture;
 
 /// What to authorise.
 #[derive(Debug, Clone)]

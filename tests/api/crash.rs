@@ -27,9 +27,16 @@ fn order_id(answer: &Answer) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_load_loses_no_acknowledged_order() {
+    kill_9_mid_load(&[]).await;
+}
+
+/// Runs the load, kills the server, restarts it and checks what the module doc says; `extra`
+/// selects the journal. Returns the ids of the orders the answers named.
+pub async fn kill_9_mid_load(extra: &[&str]) -> HashSet<String> {
+    let args: Vec<&str> = ARGS.iter().chain(extra).copied().collect();
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
-    let mut app = start(&data_dir, ARGS);
+    let mut app = start(&data_dir, &args);
     let mut admin = app.client();
     for s in 0..SKUS {
         assert_eq!(
@@ -107,7 +114,7 @@ async fn kill_9_mid_load_loses_no_acknowledged_order() {
         unanswered.len()
     );
 
-    let app = start(&data_dir, ARGS);
+    let app = start(&data_dir, &args);
     let mut client = app.client();
     let mut order_of_key: HashMap<String, String> = HashMap::new();
     for (key, request, first) in &answered {
@@ -201,4 +208,5 @@ async fn kill_9_mid_load_loses_no_acknowledged_order() {
             "{sku}: sold differs from the paid orders"
         );
     }
+    named
 }

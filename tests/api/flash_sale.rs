@@ -2,14 +2,41 @@
 //! with the same key and a tenth paying with a declined card. Exactly 100 orders are paid, replays
 //! are identical, declined orders gave their stock back, and the identity holds.
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, TestApp, TestDatabase};
+use sqlx::Row;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flash_sale_sells_exactly_the_stock() {
-    let app = spawn_app(&[]);
+    flash_sale(&spawn_app(&[])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flash_sale_on_mysql_sells_exactly_the_stock_and_sql_agrees() {
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&["--mysql-url", &database.url]);
+    flash_sale(&app).await;
+    let (stock, available, reserved, sold) = app.client().stock("FLASH").await;
+    let pool = database.pool().await;
+    let row = sqlx::query(
+        "SELECT p.stock, i.reserved, i.sold, \
+           (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id \
+             WHERE oi.sku = p.sku AND o.status = 'paid') AS paid_units \
+         FROM products p JOIN inventory i ON i.sku = p.sku WHERE p.sku = 'FLASH'",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("query");
+    let (sql_stock, sql_reserved, sql_sold): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+    let paid_units: i64 = row.get(3);
+    assert_eq!((sql_stock, sql_reserved, sql_sold), (stock, reserved, sold));
+    assert_eq!(paid_units, sold, "paid orders per SKU = sold");
+    assert_eq!(sql_stock - sql_reserved - sql_sold, available);
+}
+
+async fn flash_sale(app: &TestApp) {
     let mut admin = app.client();
     assert_eq!(admin.put_product("FLASH", 4_999, 100).await.status, 200);
     let next = Arc::new(AtomicUsize::new(0));

@@ -313,3 +313,68 @@ pub fn signed(body: &str) -> String {
         .as_secs() as i64;
     turnstile::payment::webhook::sign(WEBHOOK_SECRET.as_bytes(), now, body.as_bytes())
 }
+
+/// The MariaDB of the machine (started before tests; CI starts it if it is not answering).
+pub const MARIADB_ADDR: &str = "127.0.0.1:3306";
+
+/// A database of its own for one test, migrated with `turnstile migrate`; dropped afterwards.
+pub struct TestDatabase {
+    pub url: String,
+    pub name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        if tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_err() {
+            panic!(
+                "MariaDB is not answering on {MARIADB_ADDR}: start it with \
+                 `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`"
+            );
+        }
+        let name = format!(
+            "turnstile_test_{}",
+            turnstile::random::hex(&turnstile::random::random_bytes(6))
+        );
+        let admin = sqlx::MySqlPool::connect(&format!("mysql://root@{MARIADB_ADDR}/test"))
+            .await
+            .expect("connect to MariaDB as root");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&admin)
+            .await
+            .expect("create the test database");
+        admin.close().await;
+        let url = format!("mysql://root@{MARIADB_ADDR}/{name}");
+        let migrated = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["migrate", "--mysql-url", &url])
+            .output()
+            .expect("run turnstile migrate");
+        assert!(
+            migrated.status.success(),
+            "turnstile migrate failed: {}",
+            String::from_utf8_lossy(&migrated.stderr)
+        );
+        Self { url, name }
+    }
+
+    pub async fn pool(&self) -> sqlx::MySqlPool {
+        sqlx::MySqlPool::connect(&self.url)
+            .await
+            .expect("connect to the test database")
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Best effort: a failed test leaves its database for a look; a passing one cleans up.
+        if !std::thread::panicking() {
+            let _ = Command::new("mariadb")
+                .args([
+                    "-uroot",
+                    "-h127.0.0.1",
+                    "-e",
+                    &format!("DROP DATABASE IF EXISTS {}", self.name),
+                ])
+                .output();
+        }
+    }
+}

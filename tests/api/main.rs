@@ -4,5 +4,6 @@ mod crash;
 mod flash_sale;
 mod helpers;
 mod lifecycle;
+mod mysql;
 mod payments;
 mod validation;

@@ -45,6 +45,7 @@ fn a_power_cut_loses_no_acknowledged_append() {
     let config = FileJournalConfig {
         segment_bytes_max: 16 << 10,
         checkpoint_segments: 3,
+        ..FileJournalConfig::default()
     };
     let mut acked: HashSet<String> = HashSet::new();
     for round in 0..8u64 {

@@ -101,7 +101,7 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
         .expect("cancel");
     refunded.expect("changed").wait().expect("durable");
     let before: Vec<_> = ["a", "b"].iter().map(|s| engine.product(&sku(s))).collect();
-    let events_before = journal.events(0, 1_000);
+    let events_before = journal.events_after(0, 1_000);
     journal.close();
     drop(journal);
 
@@ -134,7 +134,7 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
             other => panic!("key {key:?} not restored: {other:?}"),
         }
     }
-    assert_eq!(journal.events(0, 1_000), events_before);
+    assert_eq!(journal.events_after(0, 1_000), events_before);
     let types: Vec<_> = events_before
         .iter()
         .map(|e| e.status.event_type())
@@ -154,7 +154,7 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
         ]
     );
     // Pages: `after` and `limit` behave as the event API needs.
-    let page = journal.events(3, 2);
+    let page = journal.events_after(3, 2);
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
     // The pending order's hold is known again, so the sweeper can release it.
     assert_eq!(rebuilt.holds_len(), 1);
@@ -166,6 +166,7 @@ fn snapshots_keep_start_up_replay_short() {
     let small = FileJournalConfig {
         segment_bytes_max: 4 << 10,
         checkpoint_segments: 2,
+        ..FileJournalConfig::default()
     };
     let (journal, _) = FileJournal::open(Arc::new(disk.machine()), small.clone()).expect("open");
     let total = 2_000u64;

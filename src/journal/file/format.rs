@@ -9,12 +9,10 @@
 //! is how the scan tells a torn tail (cut it) from corruption (refuse to start): a bad frame followed
 //! by a valid frame of a *later* batch means synced bytes went bad.
 
+pub use crate::journal::pipeline::PAYLOAD_LEN_MAX;
+
 /// Bytes before the payload.
 pub const HEADER_LEN: usize = 32;
-
-/// The largest payload a frame may carry; a header claiming more is bad. Bounds what a corrupt
-/// length field can make the reader allocate or scan.
-pub const PAYLOAD_LEN_MAX: usize = 16 << 20;
 
 /// One record read back from a segment.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,25 +6,24 @@
 //! (`len:u32 | crc32c:u32 | JSON`). Start-up reads the newest snapshot, replays the records after
 //! it, cuts a torn tail off the last segment, and refuses to start on anything else that is bad.
 //!
-//! Concurrency: appenders encode their record on their own thread, then, under one short lock,
-//! take the next lsn and event seq and copy the frame into the pending buffer. One writer thread
-//! swaps the buffer out, writes it, syncs it, publishes its events and answers every waiter. While it
-//! syncs, the next batch accumulates, so batches grow with load by themselves and a lone appender
-//! waits for exactly one sync.
+//! Concurrency: the group commit of [`super::pipeline`]; the writer here is a thread that frames a
+//! batch, writes it with one `write`, syncs it with one `fdatasync`, publishes its events and
+//! answers its waiters.
 
 pub mod format;
 pub mod storage;
 
-use super::{Appended, Journal, JournalError, JournalStats, Ticket};
+use super::pipeline::{Entry, Pipeline};
+use super::{Journal, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record, State};
 use crate::sync::lock;
-use format::{encode_frame, scan_segment, Tail, PAYLOAD_LEN_MAX};
+use crate::BoxFuture;
+use format::{encode_frame, scan_segment, Tail};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 use storage::{Storage, StorageFile};
-use tokio::sync::oneshot;
 
 /// Settings of the file journal.
 #[derive(Debug, Clone)]
@@ -35,6 +34,9 @@ pub struct FileJournalConfig {
     /// After this many closed segments since the last snapshot, a snapshot is taken in the
     /// background and the segments it covers are removed. Bounds start-up replay.
     pub checkpoint_segments: usize,
+    /// The most records one group commit takes: bounds the writer's buffer and how long one batch
+    /// keeps the next one waiting.
+    pub batch_records_max: usize,
 }
 
 impl Default for FileJournalConfig {
@@ -42,6 +44,7 @@ impl Default for FileJournalConfig {
         Self {
             segment_bytes_max: 64 << 20,
             checkpoint_segments: 4,
+            batch_records_max: 8_192,
         }
     }
 }
@@ -301,33 +304,12 @@ fn remove_if_present(storage: &dyn Storage, name: &str) -> Result<(), JournalErr
     }
 }
 
-enum Phase {
-    Open,
-    Closing,
-    Failed(JournalError),
-}
-
-struct Pending {
-    /// Frames waiting for the writer.
-    bytes: Vec<u8>,
-    /// Who waits for them, and what each gets.
-    waiters: Vec<(oneshot::Sender<Result<Appended, JournalError>>, Appended)>,
-    /// Their events, published once they are durable.
-    events: Vec<Event>,
-    next_lsn: u64,
-    next_event_seq: u64,
-    /// The lsn of the first frame in `bytes` (meaningful while it is not empty).
-    batch_first_lsn: u64,
-    phase: Phase,
-}
-
 struct Shared {
     storage: Arc<dyn Storage>,
     config: FileJournalConfig,
-    pending: Mutex<Pending>,
-    wake_writer: Condvar,
+    pipeline: Pipeline,
+    /// The durable events, in seq order.
     events: RwLock<Vec<Event>>,
-    stats: JournalStats,
     /// True while a background checkpoint thread exists (at most one is started).
     checkpoint_running: AtomicBool,
     /// Held while a checkpoint runs, so two never remove the same files.
@@ -402,18 +384,8 @@ impl FileJournal {
         let shared = Arc::new(Shared {
             storage,
             config,
-            pending: Mutex::new(Pending {
-                bytes: Vec::with_capacity(1 << 20),
-                waiters: Vec::new(),
-                events: Vec::new(),
-                next_lsn: recovered.next_lsn,
-                next_event_seq: recovered.next_event_seq,
-                batch_first_lsn: recovered.next_lsn,
-                phase: Phase::Open,
-            }),
-            wake_writer: Condvar::new(),
+            pipeline: Pipeline::new(recovered.next_lsn, recovered.next_event_seq),
             events: RwLock::new(state.events.clone()),
-            stats: JournalStats::default(),
             checkpoint_running: AtomicBool::new(false),
             checkpoint_lock: Mutex::new(()),
         });
@@ -481,67 +453,49 @@ impl Shared {
 
 impl Writer {
     fn run(mut self) {
-        let mut spare = Vec::with_capacity(1 << 20);
-        loop {
-            let (bytes, waiters, events, batch_first_lsn) = {
-                let mut pending = lock(&self.shared.pending);
-                while pending.bytes.is_empty() && matches!(pending.phase, Phase::Open) {
-                    pending = self
-                        .shared
-                        .wake_writer
-                        .wait(pending)
-                        .unwrap_or_else(|e| e.into_inner());
-                }
-                if pending.bytes.is_empty() {
-                    return;
-                }
-                let bytes = std::mem::replace(&mut pending.bytes, std::mem::take(&mut spare));
-                (
-                    bytes,
-                    std::mem::take(&mut pending.waiters),
-                    std::mem::take(&mut pending.events),
-                    pending.batch_first_lsn,
-                )
-            };
-            let result = self.commit(&bytes, batch_first_lsn, waiters.len() as u64);
-            match result {
-                Ok(()) => {
+        let mut batch: Vec<Entry> = Vec::with_capacity(1024);
+        let mut bytes: Vec<u8> = Vec::with_capacity(1 << 20);
+        let mut events: Vec<Event> = Vec::new();
+        while self
+            .shared
+            .pipeline
+            .take_blocking(self.shared.config.batch_records_max, &mut batch)
+        {
+            let batch_first_lsn = batch[0].lsn;
+            bytes.clear();
+            for entry in &mut batch {
+                encode_frame(
+                    &mut bytes,
+                    entry.lsn,
+                    entry.first_event_seq,
+                    batch_first_lsn,
+                    &entry.payload,
+                );
+                events.append(&mut entry.events);
+            }
+            match self.commit(&bytes, batch_first_lsn) {
+                Ok(sync_nanos) => {
                     if !events.is_empty() {
                         self.shared
                             .events
                             .write()
                             .unwrap_or_else(|e| e.into_inner())
-                            .extend(events);
+                            .append(&mut events);
                     }
-                    for (sender, appended) in waiters {
-                        // A waiter that gave up (its request was dropped) needs no answer.
-                        let _ = sender.send(Ok(appended));
-                    }
+                    self.shared
+                        .pipeline
+                        .committed(&mut batch, bytes.len() as u64, sync_nanos);
                 }
                 Err(error) => {
-                    tracing::error!(%error, "journal write failed; refusing further appends");
-                    let mut pending = lock(&self.shared.pending);
-                    pending.phase = Phase::Failed(error.clone());
-                    let later = std::mem::take(&mut pending.waiters);
-                    pending.bytes.clear();
-                    pending.events.clear();
-                    drop(pending);
-                    for (sender, _) in waiters.into_iter().chain(later) {
-                        let _ = sender.send(Err(error.clone()));
-                    }
+                    events.clear();
+                    self.shared.pipeline.fail(&mut batch, error);
                 }
             }
-            spare = bytes;
-            spare.clear();
         }
     }
 
-    fn commit(
-        &mut self,
-        bytes: &[u8],
-        batch_first_lsn: u64,
-        records: u64,
-    ) -> Result<(), JournalError> {
+    /// Writes and syncs one batch; returns the sync's duration in nanoseconds.
+    fn commit(&mut self, bytes: &[u8], batch_first_lsn: u64) -> Result<u64, JournalError> {
         if self.file_len > 0
             && self.file_len + bytes.len() as u64 > self.shared.config.segment_bytes_max
         {
@@ -556,12 +510,8 @@ impl Writer {
         self.file
             .sync_data()
             .map_err(|e| JournalError::io(format!("syncing {}", storage.describe(&name)), &e))?;
-        let sync_nanos = started.elapsed().as_nanos() as u64;
         self.file_len += bytes.len() as u64;
-        self.shared
-            .stats
-            .record_batch(records, bytes.len() as u64, sync_nanos);
-        Ok(())
+        Ok(started.elapsed().as_nanos() as u64)
     }
 
     /// Starts a new segment for the batch beginning at `first_lsn` (the current one is synced).
@@ -602,97 +552,51 @@ impl Writer {
     }
 }
 
-impl Journal for FileJournal {
-    fn append(&self, record: Record) -> Ticket {
-        let payload = match serde_json::to_vec(&record) {
-            Ok(payload) if payload.len() <= PAYLOAD_LEN_MAX => payload,
-            Ok(payload) => {
-                return Ticket::failed(JournalError::Io {
-                    context: "encoding a record".into(),
-                    message: format!(
-                        "record of {} bytes exceeds {PAYLOAD_LEN_MAX}",
-                        payload.len()
-                    ),
-                })
-            }
-            Err(e) => {
-                return Ticket::failed(JournalError::Io {
-                    context: "encoding a record".into(),
-                    message: e.to_string(),
-                })
-            }
-        };
-        let (sender, receiver) = oneshot::channel();
-        let mut pending = lock(&self.shared.pending);
-        match &pending.phase {
-            Phase::Open => {}
-            Phase::Closing => return Ticket::failed(JournalError::Closed),
-            Phase::Failed(error) => return Ticket::failed(error.clone()),
-        }
-        let lsn = pending.next_lsn;
-        let first_event_seq = pending.next_event_seq;
-        pending.next_lsn += 1;
-        pending.next_event_seq += u64::from(record.event_count());
-        if pending.bytes.is_empty() {
-            pending.batch_first_lsn = lsn;
-        }
-        let batch_first_lsn = pending.batch_first_lsn;
-        encode_frame(
-            &mut pending.bytes,
-            lsn,
-            first_event_seq,
-            batch_first_lsn,
-            &payload,
-        );
-        let events = record.events(first_event_seq);
-        pending.events.extend(events);
-        pending.waiters.push((
-            sender,
-            Appended {
-                lsn,
-                first_event_seq,
-            },
-        ));
-        let writer_may_sleep = pending.waiters.len() == 1;
-        drop(pending);
-        if writer_may_sleep {
-            self.shared.wake_writer.notify_one();
-        }
-        Ticket::waiting(receiver)
-    }
-
-    fn events(&self, after_seq: u64, limit: usize) -> Vec<Event> {
-        let events = self.shared.events.read().unwrap_or_else(|e| e.into_inner());
-        let start = events.partition_point(|e| e.seq <= after_seq);
-        events[start..].iter().take(limit).cloned().collect()
-    }
-
-    fn stats(&self) -> &JournalStats {
-        &self.shared.stats
-    }
-
-    fn health(&self) -> Result<(), JournalError> {
-        match &lock(&self.shared.pending).phase {
-            Phase::Open => Ok(()),
-            Phase::Closing => Err(JournalError::Closed),
-            Phase::Failed(error) => Err(error.clone()),
-        }
-    }
-
-    fn close(&self) {
-        {
-            let mut pending = lock(&self.shared.pending);
-            if matches!(pending.phase, Phase::Open) {
-                pending.phase = Phase::Closing;
-            }
-        }
-        self.shared.wake_writer.notify_one();
-        let handle = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+impl FileJournal {
+    /// Waits for everything appended so far to be durable, then stops the writer. Later appends
+    /// fail with [`JournalError::Closed`].
+    pub fn close(&self) {
+        self.shared.pipeline.close();
+        let handle = lock(&self.writer).take();
         if let Some(handle) = handle {
             if handle.join().is_err() {
                 tracing::error!("the journal writer thread panicked");
             }
         }
+    }
+
+    /// Up to `limit` durable events with `seq > after_seq`, in order.
+    pub fn events_after(&self, after_seq: u64, limit: usize) -> Vec<Event> {
+        let events = self.shared.events.read().unwrap_or_else(|e| e.into_inner());
+        let start = events.partition_point(|e| e.seq <= after_seq);
+        events[start..].iter().take(limit).cloned().collect()
+    }
+}
+
+impl Journal for FileJournal {
+    fn append(&self, record: Record) -> Ticket {
+        self.shared.pipeline.submit(record)
+    }
+
+    fn events(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>> {
+        let events = self.events_after(after_seq, limit);
+        Box::pin(async move { Ok(events) })
+    }
+
+    fn stats(&self) -> &JournalStats {
+        &self.shared.pipeline.stats
+    }
+
+    fn health(&self) -> Result<(), JournalError> {
+        self.shared.pipeline.health()
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move { self.close() })
     }
 }
 

@@ -1,0 +1,663 @@
+//! The MySQL/MariaDB journal: the database is the source of truth.
+//!
+//! Group commit as in [`super::pipeline`]; the writer is a task that turns one batch into one
+//! transaction: multi-row INSERTs into the append-only `journal` table and the materialised
+//! `products`, `inventory`, `orders`, `order_items`, `idempotency_keys`, `payments` and `outbox`
+//! tables, then one COMMIT. Every waiter is answered only after COMMIT returns.
+//!
+//! Failures: a transient error (connection lost, server gone, deadlock 1213, lock wait timeout
+//! 1205) retries the same batch with bounded backoff, for as long as it takes; the journal reports
+//! itself unavailable meanwhile (`/readyz` 503, checkouts 503) and recovers by itself. Before a
+//! retry it asks whether the batch's first lsn is already in `journal`, since a connection lost
+//! during COMMIT leaves that unknown: a batch is never applied twice. Any other error (a
+//! constraint refusing a duplicate order, say) fails the journal until a restart.
+//!
+//! Only parameterised queries (`QueryBuilder::push_bind`); nothing is checked against a live
+//! database at build time.
+
+use super::pipeline::{Entry, Pipeline};
+use super::{Journal, JournalError, JournalStats, Ticket};
+use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
+use crate::engine::order::{Order, OrderItem, OrderStatus};
+use crate::engine::records::{Event, Product, Record, State, StoredAnswer};
+use crate::sync::lock;
+use crate::BoxFuture;
+use sqlx::migrate::Migrator;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::{MySql, QueryBuilder, Row};
+use std::collections::{BTreeMap, HashMap};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// The migrations in `migrations/`, embedded in the binary.
+pub static MIGRATOR: Migrator = sqlx::migrate!();
+
+/// Rows per multi-row statement: well below MySQL's 65,535 placeholders for the widest table.
+const ROWS_PER_STATEMENT: usize = 1_000;
+
+/// Settings of the MySQL journal.
+#[derive(Debug, Clone)]
+pub struct MySqlConfig {
+    /// `mysql://user:password@host:port/database`.
+    pub url: String,
+    /// Connections in the pool: the writer uses one at a time; reads (events, readiness) share
+    /// the rest.
+    pub pool_size: u32,
+    /// The most records one transaction takes: bounds statement sizes and lock hold times.
+    pub batch_records_max: usize,
+    /// How long to wait for a connection before counting the database as unreachable.
+    pub connect_timeout: Duration,
+    /// At shutdown, how long the writer keeps retrying a batch the database refuses.
+    pub shutdown_grace: Duration,
+}
+
+impl MySqlConfig {
+    /// Defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 8,
+            batch_records_max: 2_000,
+            connect_timeout: Duration::from_secs(2),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+fn db_error(context: &str, error: &sqlx::Error) -> JournalError {
+    JournalError::Io {
+        context: context.to_owned(),
+        message: error.to_string(),
+    }
+}
+
+fn corrupt(table: &str, reason: impl Into<String>) -> JournalError {
+    JournalError::Corrupt {
+        file: format!("MySQL table {table}"),
+        offset: 0,
+        reason: reason.into(),
+    }
+}
+
+/// Connects a pool (no query is sent yet).
+pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
+    let options = MySqlConnectOptions::from_str(&config.url).map_err(|e| JournalError::Io {
+        context: "reading --mysql-url".into(),
+        message: e.to_string(),
+    })?;
+    Ok(MySqlPoolOptions::new()
+        .max_connections(config.pool_size.max(2))
+        .acquire_timeout(config.connect_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Applies the embedded migrations.
+pub async fn migrate(config: &MySqlConfig) -> Result<usize, JournalError> {
+    let pool = connect(config)?;
+    let before = applied_versions(&pool).await.unwrap_or_default().len();
+    MIGRATOR.run(&pool).await.map_err(|e| JournalError::Io {
+        context: "applying migrations".into(),
+        message: e.to_string(),
+    })?;
+    let after = applied_versions(&pool).await.unwrap_or_default().len();
+    pool.close().await;
+    Ok(after.saturating_sub(before))
+}
+
+async fn applied_versions(pool: &MySqlPool) -> Result<Vec<i64>, sqlx::Error> {
+    let rows =
+        sqlx::query("SELECT version FROM _sqlx_migrations WHERE success = TRUE ORDER BY version")
+            .fetch_all(pool)
+            .await?;
+    rows.iter().map(|r| r.try_get::<i64, _>(0)).collect()
+}
+
+/// Why the schema does not fit this binary.
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    /// Migrations are missing: run `turnstile migrate`.
+    #[error("the database is not migrated ({missing} migration(s) missing): run `turnstile migrate --mysql-url URL` first")]
+    Unmigrated {
+        /// How many of the embedded migrations are not applied.
+        missing: usize,
+    },
+    /// The database has migrations this binary does not know: it is newer.
+    #[error("the database schema is newer than this binary (unknown migration {version}): upgrade turnstile")]
+    Newer {
+        /// The first unknown version.
+        version: i64,
+    },
+    /// The database could not be asked.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+}
+
+/// Checks that exactly the embedded migrations are applied.
+pub async fn check_schema(pool: &MySqlPool) -> Result<(), SchemaError> {
+    let applied = match applied_versions(pool).await {
+        Ok(applied) => applied,
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42S02") => Vec::new(),
+        Err(e) => return Err(db_error("reading the applied migrations", &e).into()),
+    };
+    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
+    if let Some(&version) = applied.iter().find(|v| !known.contains(v)) {
+        return Err(SchemaError::Newer { version });
+    }
+    let missing = known.iter().filter(|v| !applied.contains(v)).count();
+    if missing > 0 {
+        return Err(SchemaError::Unmigrated { missing });
+    }
+    Ok(())
+}
+
+/// The journal on MySQL/MariaDB.
+pub struct MySqlJournal {
+    pool: MySqlPool,
+    pipeline: Arc<Pipeline>,
+    /// True while the writer retries a batch the database did not take.
+    degraded: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl MySqlJournal {
+    /// Connects, checks the schema, reads the durable state and starts the writer.
+    pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
+        let pool = connect(&config)?;
+        check_schema(&pool).await?;
+        let (state, next_event_seq) = load(&pool).await?;
+        let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
+        let degraded = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn(run_writer(
+            pool.clone(),
+            Arc::clone(&pipeline),
+            Arc::clone(&degraded),
+            config,
+        ));
+        tracing::info!(
+            records = state.last_lsn,
+            products = state.products.len(),
+            orders = state.orders.len(),
+            "MySQL journal recovered"
+        );
+        Ok((
+            Self {
+                pool,
+                pipeline,
+                degraded,
+                writer: Mutex::new(Some(writer)),
+            },
+            state,
+        ))
+    }
+
+    /// The pool, for tests and tools that read the tables.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+}
+
+/// A text column. Columns with a binary collation (ids compare byte for byte) arrive as bytes.
+fn text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<String, sqlx::Error> {
+    let bytes: Vec<u8> = row.try_get(index)?;
+    String::from_utf8(bytes).map_err(|e| sqlx::Error::Decode(Box::new(e)))
+}
+
+/// A nullable text column.
+fn optional_text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<Option<String>, sqlx::Error> {
+    let bytes: Option<Vec<u8>> = row.try_get(index)?;
+    bytes
+        .map(|b| String::from_utf8(b).map_err(|e| sqlx::Error::Decode(Box::new(e))))
+        .transpose()
+}
+
+/// Reads the durable state from the materialised tables; returns it and the next event seq.
+async fn load(pool: &MySqlPool) -> Result<(State, u64), JournalError> {
+    let read = |e: sqlx::Error| db_error("reading the durable state", &e);
+    let mut state = State::default();
+    for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
+        .fetch_all(pool)
+        .await
+        .map_err(read)?
+    {
+        let sku = text(&row, 0).map_err(read)?;
+        let product = Product {
+            sku: Sku::parse(sku).map_err(|e| corrupt("products", e.to_string()))?,
+            name: row.try_get(1).map_err(read)?,
+            price_cents: Cents::parse(row.try_get(2).map_err(read)?)
+                .map_err(|e| corrupt("products", e.to_string()))?,
+            currency: Currency::parse(&text(&row, 3).map_err(read)?)
+                .map_err(|e| corrupt("products", e.to_string()))?,
+            stock: Stock::parse(row.try_get(4).map_err(read)?)
+                .map_err(|e| corrupt("products", e.to_string()))?,
+        };
+        state.products.insert(product.sku.clone(), product);
+    }
+    let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
+    for row in sqlx::query(
+        "SELECT order_id, sku, quantity, unit_price_cents FROM order_items ORDER BY order_id, line",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(read)?
+    {
+        let order_id = text(&row, 0).map_err(read)?;
+        let sku = text(&row, 1).map_err(read)?;
+        items.entry(order_id).or_default().push(OrderItem {
+            sku: Sku::parse(sku).map_err(|e| corrupt("order_items", e.to_string()))?,
+            quantity: row.try_get(2).map_err(read)?,
+            unit_price_cents: Cents::parse(row.try_get(3).map_err(read)?)
+                .map_err(|e| corrupt("order_items", e.to_string()))?,
+        });
+    }
+    for row in sqlx::query(
+        "SELECT order_id, status, customer_id, total_cents, currency, created_at_ms, hold_deadline_ms, payment_id FROM orders",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(read)?
+    {
+        let order_id = text(&row, 0).map_err(read)?;
+        let status = text(&row, 1).map_err(read)?;
+        let order = Order {
+            items: items.remove(&order_id).unwrap_or_default(),
+            order_id: OrderId::parse(order_id).map_err(|e| corrupt("orders", e.to_string()))?,
+            status: OrderStatus::parse(&status)
+                .ok_or_else(|| corrupt("orders", format!("unknown status {status:?}")))?,
+            customer_id: CustomerId::parse(text(&row, 2).map_err(read)?)
+                .map_err(|e| corrupt("orders", e.to_string()))?,
+            total_cents: row.try_get(3).map_err(read)?,
+            currency: Currency::parse(&text(&row, 4).map_err(read)?)
+                .map_err(|e| corrupt("orders", e.to_string()))?,
+            created_at_ms: row.try_get(5).map_err(read)?,
+            hold_deadline_ms: row.try_get(6).map_err(read)?,
+            payment_id: optional_text(&row, 7).map_err(read)?,
+        };
+        state.orders.insert(order.order_id.clone(), order);
+    }
+    for row in sqlx::query(
+        "SELECT idempotency_key, fingerprint, status, body, at_ms FROM idempotency_keys",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(read)?
+    {
+        let key = text(&row, 0).map_err(read)?;
+        let status: i16 = row.try_get(2).map_err(read)?;
+        state.answers.insert(
+            IdempotencyKey::parse(key).map_err(|e| corrupt("idempotency_keys", e.to_string()))?,
+            StoredAnswer {
+                fingerprint: text(&row, 1).map_err(read)?,
+                status: u16::try_from(status)
+                    .map_err(|_| corrupt("idempotency_keys", format!("status {status}")))?,
+                body: text(&row, 3).map_err(read)?,
+                at_ms: row.try_get(4).map_err(read)?,
+            },
+        );
+    }
+    let last_lsn: i64 = sqlx::query("SELECT COALESCE(MAX(lsn), 0) FROM journal")
+        .fetch_one(pool)
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(read)?;
+    let last_seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox")
+        .fetch_one(pool)
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(read)?;
+    state.last_lsn = last_lsn as u64;
+    Ok((state, last_seq as u64 + 1))
+}
+
+/// True for errors that go away by themselves: the connection, the server's availability, lock
+/// conflicts.
+fn is_transient(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::Tls(_) => true,
+        sqlx::Error::Database(e) => {
+            let code = e
+                .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                .map(|m| m.number());
+            // 1205 lock wait timeout, 1213 deadlock, 1040 too many connections, 1053 server
+            // shutdown, 1927 connection killed, 2006 gone away, 2013 lost connection,
+            // 1290 read-only (failover), 1836 read-only mode.
+            matches!(
+                code,
+                Some(1205 | 1213 | 1040 | 1053 | 1927 | 2006 | 2013 | 1290 | 1836)
+            )
+        }
+        _ => false,
+    }
+}
+
+async fn run_writer(
+    pool: MySqlPool,
+    pipeline: Arc<Pipeline>,
+    degraded: Arc<AtomicBool>,
+    config: MySqlConfig,
+) {
+    let mut batch: Vec<Entry> = Vec::with_capacity(config.batch_records_max);
+    while pipeline.take(config.batch_records_max, &mut batch).await {
+        let started = Instant::now();
+        let mut backoff = Duration::from_millis(10);
+        let mut attempts: u64 = 0;
+        loop {
+            attempts += 1;
+            let result = commit_batch(&pool, &batch).await;
+            let error = match result {
+                Ok(bytes) => {
+                    if degraded.swap(false, Ordering::AcqRel) {
+                        tracing::info!(attempts, "the database takes writes again");
+                    }
+                    pipeline.committed(&mut batch, bytes, started.elapsed().as_nanos() as u64);
+                    break;
+                }
+                Err(error) => error,
+            };
+            if !is_transient(&error) {
+                pipeline.fail(&mut batch, db_error("committing a batch", &error));
+                break;
+            }
+            if !degraded.swap(true, Ordering::AcqRel) {
+                tracing::warn!(%error, "the database did not take a batch; retrying");
+            }
+            if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
+                pipeline.fail(
+                    &mut batch,
+                    JournalError::Unavailable(format!("gave up at shutdown: {error}")),
+                );
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
+            if let Ok(true) = batch_is_committed(&pool, batch[0].lsn).await {
+                degraded.store(false, Ordering::Release);
+                pipeline.committed(&mut batch, 0, started.elapsed().as_nanos() as u64);
+                break;
+            }
+        }
+    }
+}
+
+async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Error> {
+    let row = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ?")
+        .bind(lsn as i64)
+        .fetch_one(pool)
+        .await?;
+    Ok(row.try_get::<i64, _>(0)? > 0)
+}
+
+fn payment_state(status: OrderStatus) -> &'static str {
+    match status {
+        OrderStatus::Reserved => "authorizing",
+        OrderStatus::PaymentPending => "pending",
+        OrderStatus::Paid => "captured",
+        OrderStatus::Released => "voided",
+        OrderStatus::Refunded => "refunded",
+    }
+}
+
+/// Units an order in `status` counts as (reserved, sold).
+fn counts_as(status: Option<OrderStatus>, quantity: i64) -> (i64, i64) {
+    match status {
+        Some(s) if s.holds_stock() => (quantity, 0),
+        Some(OrderStatus::Paid) => (0, quantity),
+        _ => (0, 0),
+    }
+}
+
+/// One batch, one transaction. Returns the bytes of records written.
+async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Error> {
+    let mut products: Vec<(&Product, i64)> = Vec::new();
+    let mut orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
+    let mut new_items: Vec<(&OrderId, i16, &OrderItem)> = Vec::new();
+    let mut answers: Vec<(&IdempotencyKey, &OrderId, &StoredAnswer)> = Vec::new();
+    let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
+    let mut events: Vec<&Event> = Vec::new();
+    let mut bytes = 0u64;
+    for entry in batch {
+        bytes += entry.payload.len() as u64;
+        events.extend(entry.events.iter());
+        match &entry.record {
+            Record::Product { product } => products.push((product, entry.lsn as i64)),
+            Record::Order {
+                order,
+                previous,
+                answer,
+                ..
+            } => {
+                orders.push((order, entry.lsn as i64, answer.as_ref().map(|(k, _)| k)));
+                if previous.is_none() {
+                    for (line, item) in order.items.iter().enumerate() {
+                        new_items.push((&order.order_id, line as i16, item));
+                    }
+                }
+                for item in &order.items {
+                    let before = counts_as(*previous, item.quantity);
+                    let after = counts_as(Some(order.status), item.quantity);
+                    let delta = deltas.entry(&item.sku).or_default();
+                    delta.0 += after.0 - before.0;
+                    delta.1 += after.1 - before.1;
+                }
+                if let Some((key, stored)) = answer {
+                    answers.push((key, &order.order_id, stored));
+                }
+            }
+        }
+    }
+    deltas.retain(|_, d| *d != (0, 0));
+    let deltas: Vec<(&Sku, (i64, i64))> = deltas.into_iter().collect();
+
+    let mut tx = pool.begin().await?;
+    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
+        q.push_values(chunk, |mut row, entry| {
+            row.push_bind(entry.lsn as i64)
+                .push_bind(entry.first_event_seq as i64)
+                .push_bind(String::from_utf8_lossy(&entry.payload).into_owned());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in products.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO products (sku, name, price_cents, currency, stock, updated_lsn) ",
+        );
+        q.push_values(chunk, |mut row, (product, lsn)| {
+            row.push_bind(product.sku.as_str())
+                .push_bind(product.name.as_str())
+                .push_bind(product.price_cents.get())
+                .push_bind(product.currency.as_str())
+                .push_bind(product.stock.get())
+                .push_bind(*lsn);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE name = VALUES(name), price_cents = VALUES(price_cents), \
+             currency = VALUES(currency), stock = VALUES(stock), updated_lsn = VALUES(updated_lsn)",
+        );
+        q.build().execute(&mut *tx).await?;
+        let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (sku) ");
+        q.push_values(chunk, |mut row, (product, _)| {
+            row.push_bind(product.sku.as_str());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in orders.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
+             hold_deadline_ms, payment_id, idempotency_key, updated_lsn) ",
+        );
+        q.push_values(chunk, |mut row, (order, lsn, key)| {
+            row.push_bind(order.order_id.as_str())
+                .push_bind(order.status.as_str())
+                .push_bind(order.customer_id.as_str())
+                .push_bind(order.total_cents)
+                .push_bind(order.currency.as_str())
+                .push_bind(order.created_at_ms)
+                .push_bind(order.hold_deadline_ms)
+                .push_bind(order.payment_id.as_deref())
+                .push_bind(key.map(|k| k.as_str()))
+                .push_bind(*lsn);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE status = VALUES(status), payment_id = VALUES(payment_id), \
+             hold_deadline_ms = VALUES(hold_deadline_ms), updated_lsn = VALUES(updated_lsn)",
+        );
+        q.build().execute(&mut *tx).await?;
+        let paid: Vec<_> = chunk
+            .iter()
+            .filter(|(o, _, _)| o.payment_id.is_some())
+            .collect();
+        if !paid.is_empty() {
+            let mut q = QueryBuilder::<MySql>::new(
+                "INSERT INTO payments (payment_id, order_id, amount_cents, currency, state, updated_lsn) ",
+            );
+            q.push_values(paid, |mut row, (order, lsn, _)| {
+                row.push_bind(order.payment_id.as_deref())
+                    .push_bind(order.order_id.as_str())
+                    .push_bind(order.total_cents)
+                    .push_bind(order.currency.as_str())
+                    .push_bind(payment_state(order.status))
+                    .push_bind(*lsn);
+            });
+            q.push(
+                " ON DUPLICATE KEY UPDATE state = VALUES(state), updated_lsn = VALUES(updated_lsn)",
+            );
+            q.build().execute(&mut *tx).await?;
+        }
+    }
+    for chunk in new_items.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) ",
+        );
+        q.push_values(chunk, |mut row, (order_id, line, item)| {
+            row.push_bind(order_id.as_str())
+                .push_bind(*line)
+                .push_bind(item.sku.as_str())
+                .push_bind(item.quantity)
+                .push_bind(item.unit_price_cents.get());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in deltas.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO inventory (sku, reserved, sold) ");
+        q.push_values(chunk, |mut row, (sku, (reserved, sold))| {
+            row.push_bind(sku.as_str())
+                .push_bind(*reserved)
+                .push_bind(*sold);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE reserved = reserved + VALUES(reserved), sold = sold + VALUES(sold)",
+        );
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in answers.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO idempotency_keys (idempotency_key, order_id, fingerprint, status, body, at_ms) ",
+        );
+        q.push_values(chunk, |mut row, (key, order_id, answer)| {
+            row.push_bind(key.as_str())
+                .push_bind(order_id.as_str())
+                .push_bind(answer.fingerprint.as_str())
+                .push_bind(answer.status as i16)
+                .push_bind(answer.body.as_str())
+                .push_bind(answer.at_ms);
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO outbox (seq, type, order_id, at_ms, total_cents, currency) ",
+        );
+        q.push_values(chunk, |mut row, event| {
+            row.push_bind(event.seq as i64)
+                .push_bind(event.status.event_type())
+                .push_bind(event.order_id.as_str())
+                .push_bind(event.at_ms)
+                .push_bind(event.total_cents)
+                .push_bind(event.currency.as_str());
+        });
+        q.build().execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(bytes)
+}
+
+impl Journal for MySqlJournal {
+    fn append(&self, record: Record) -> Ticket {
+        self.pipeline.submit(record)
+    }
+
+    fn events(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>> {
+        Box::pin(async move {
+            let read = |e: sqlx::Error| db_error("reading the outbox", &e);
+            let rows = sqlx::query(
+                "SELECT seq, type, order_id, at_ms, total_cents, currency FROM outbox \
+                 WHERE seq > ? ORDER BY seq LIMIT ?",
+            )
+            .bind(after_seq as i64)
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+            rows.iter()
+                .map(|row| {
+                    let kind = text(row, 1).map_err(read)?;
+                    let status = kind
+                        .strip_prefix("order.")
+                        .and_then(OrderStatus::parse)
+                        .ok_or_else(|| corrupt("outbox", format!("unknown type {kind:?}")))?;
+                    Ok(Event {
+                        seq: row.try_get::<i64, _>(0).map_err(read)? as u64,
+                        status,
+                        order_id: OrderId::parse(text(row, 2).map_err(read)?)
+                            .map_err(|e| corrupt("outbox", e.to_string()))?,
+                        at_ms: row.try_get(3).map_err(read)?,
+                        total_cents: row.try_get(4).map_err(read)?,
+                        currency: Currency::parse(&text(row, 5).map_err(read)?)
+                            .map_err(|e| corrupt("outbox", e.to_string()))?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    fn stats(&self) -> &JournalStats {
+        &self.pipeline.stats
+    }
+
+    fn health(&self) -> Result<(), JournalError> {
+        self.pipeline.health()?;
+        if self.degraded.load(Ordering::Acquire) {
+            return Err(JournalError::Unavailable(
+                "the last batch was not taken".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.pipeline.close();
+            let writer = lock(&self.writer).take();
+            if let Some(writer) = writer {
+                if let Err(error) = writer.await {
+                    tracing::error!(%error, "the MySQL journal writer failed");
+                }
+            }
+            self.pool.close().await;
+        })
+    }
+}

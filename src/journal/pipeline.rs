@@ -1,0 +1,224 @@
+//! Group commit, shared by every journal: appenders encode their record on their own thread, take
+//! the next lsn and event seq under one short lock and queue the record; one writer (a thread for
+//! the file journal, a task for MySQL) takes everything queued as one batch, commits it, and answers
+//! every waiter of the batch. While it commits, the next batch accumulates, so batches grow with
+//! load by themselves and a lone appender waits for exactly one commit.
+
+use super::{Appended, JournalError, JournalStats, Ticket};
+use crate::engine::records::{Event, Record};
+use crate::sync::lock;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Condvar, Mutex};
+use tokio::sync::{oneshot, Notify};
+
+/// The largest encoded record accepted (16 MiB): bounds what one append can make the writer hold.
+pub const PAYLOAD_LEN_MAX: usize = 16 << 20;
+
+/// One queued record.
+pub(crate) struct Entry {
+    /// Its sequence number: +1 per record, in commit order.
+    pub lsn: u64,
+    /// The seq of its first event.
+    pub first_event_seq: u64,
+    /// The record.
+    pub record: Record,
+    /// The record as JSON.
+    pub payload: Vec<u8>,
+    /// The record's events, numbered, computed by the appender.
+    pub events: Vec<Event>,
+    waiter: oneshot::Sender<Result<Appended, JournalError>>,
+}
+
+enum Phase {
+    Open,
+    Closing,
+    Failed(JournalError),
+}
+
+struct Queue {
+    entries: Vec<Entry>,
+    next_lsn: u64,
+    next_event_seq: u64,
+    phase: Phase,
+}
+
+/// The queue between appenders and the one writer.
+pub(crate) struct Pipeline {
+    queue: Mutex<Queue>,
+    /// False once the pipeline failed or closed: lets `health` answer without the queue's lock.
+    open: AtomicBool,
+    /// Wakes a writer thread.
+    wake_thread: Condvar,
+    /// Wakes a writer task.
+    wake_task: Notify,
+    /// Counters for `/metrics`.
+    pub stats: JournalStats,
+}
+
+impl Pipeline {
+    /// An empty pipeline whose next record gets `next_lsn` and whose next event gets
+    /// `next_event_seq`.
+    pub fn new(next_lsn: u64, next_event_seq: u64) -> Self {
+        Self {
+            queue: Mutex::new(Queue {
+                entries: Vec::with_capacity(1024),
+                next_lsn,
+                next_event_seq,
+                phase: Phase::Open,
+            }),
+            open: AtomicBool::new(true),
+            wake_thread: Condvar::new(),
+            wake_task: Notify::new(),
+            stats: JournalStats::default(),
+        }
+    }
+
+    /// Queues a record; the ticket resolves when the writer has committed it.
+    pub fn submit(&self, record: Record) -> Ticket {
+        let payload = match serde_json::to_vec(&record) {
+            Ok(payload) if payload.len() <= PAYLOAD_LEN_MAX => payload,
+            Ok(payload) => {
+                return Ticket::failed(JournalError::Io {
+                    context: "encoding a record".into(),
+                    message: format!(
+                        "record of {} bytes exceeds {PAYLOAD_LEN_MAX}",
+                        payload.len()
+                    ),
+                })
+            }
+            Err(e) => {
+                return Ticket::failed(JournalError::Io {
+                    context: "encoding a record".into(),
+                    message: e.to_string(),
+                })
+            }
+        };
+        let (waiter, receiver) = oneshot::channel();
+        let mut queue = lock(&self.queue);
+        match &queue.phase {
+            Phase::Open => {}
+            Phase::Closing => return Ticket::failed(JournalError::Closed),
+            Phase::Failed(error) => return Ticket::failed(error.clone()),
+        }
+        let lsn = queue.next_lsn;
+        let first_event_seq = queue.next_event_seq;
+        queue.next_lsn += 1;
+        queue.next_event_seq += u64::from(record.event_count());
+        let events = record.events(first_event_seq);
+        queue.entries.push(Entry {
+            lsn,
+            first_event_seq,
+            record,
+            payload,
+            events,
+            waiter,
+        });
+        let writer_may_sleep = queue.entries.len() == 1;
+        drop(queue);
+        if writer_may_sleep {
+            self.wake_thread.notify_one();
+            self.wake_task.notify_one();
+        }
+        Ticket::waiting(receiver)
+    }
+
+    fn take_from(queue: &mut Queue, max: usize, spare: &mut Vec<Entry>) {
+        if queue.entries.len() <= max {
+            std::mem::swap(&mut queue.entries, spare);
+        } else {
+            spare.extend(queue.entries.drain(..max));
+        }
+    }
+
+    /// Blocks until records are queued, then moves up to `max` of them into `batch` (which must be
+    /// empty). Returns false once the pipeline is closed or failed and nothing is left.
+    pub fn take_blocking(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
+        let mut queue = lock(&self.queue);
+        while queue.entries.is_empty() && matches!(queue.phase, Phase::Open) {
+            queue = self
+                .wake_thread
+                .wait(queue)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        if queue.entries.is_empty() {
+            return false;
+        }
+        Self::take_from(&mut queue, max, batch);
+        true
+    }
+
+    /// As [`Self::take_blocking`], for a writer task.
+    pub async fn take(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
+        loop {
+            let notified = self.wake_task.notified();
+            {
+                let mut queue = lock(&self.queue);
+                if !queue.entries.is_empty() {
+                    Self::take_from(&mut queue, max, batch);
+                    return true;
+                }
+                if !matches!(queue.phase, Phase::Open) {
+                    return false;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Answers every waiter of a committed batch (and empties it for reuse).
+    pub fn committed(&self, batch: &mut Vec<Entry>, bytes: u64, commit_nanos: u64) {
+        self.stats
+            .record_batch(batch.len() as u64, bytes, commit_nanos);
+        for entry in batch.drain(..) {
+            // A waiter that gave up (its request was dropped) needs no answer.
+            let _ = entry.waiter.send(Ok(Appended {
+                lsn: entry.lsn,
+                first_event_seq: entry.first_event_seq,
+            }));
+        }
+    }
+
+    /// The writer cannot go on: fails the batch, everything queued and every later append.
+    pub fn fail(&self, batch: &mut Vec<Entry>, error: JournalError) {
+        tracing::error!(%error, "journal failed; refusing further appends until a restart");
+        let queued = {
+            let mut queue = lock(&self.queue);
+            queue.phase = Phase::Failed(error.clone());
+            self.open.store(false, Ordering::Release);
+            std::mem::take(&mut queue.entries)
+        };
+        for entry in batch.drain(..).chain(queued) {
+            let _ = entry.waiter.send(Err(error.clone()));
+        }
+    }
+
+    /// Refuses new appends; the writer drains what is queued and stops.
+    pub fn close(&self) {
+        {
+            let mut queue = lock(&self.queue);
+            if matches!(queue.phase, Phase::Open) {
+                queue.phase = Phase::Closing;
+                self.open.store(false, Ordering::Release);
+            }
+        }
+        self.wake_thread.notify_all();
+        self.wake_task.notify_one();
+    }
+
+    /// True once [`Self::close`] was called.
+    pub fn is_closing(&self) -> bool {
+        !self.open.load(Ordering::Acquire)
+    }
+
+    /// `Ok` while appends are accepted.
+    pub fn health(&self) -> Result<(), JournalError> {
+        if self.open.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        match &lock(&self.queue).phase {
+            Phase::Open => Ok(()),
+            Phase::Closing => Err(JournalError::Closed),
+            Phase::Failed(error) => Err(error.clone()),
+        }
+    }
+}

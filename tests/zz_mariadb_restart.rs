@@ -1,0 +1,216 @@
+//! Restarting MariaDB under load: while it is down the server answers 503 (never hangs), it
+//! recovers by itself once MariaDB is back, no acknowledged order is lost, and the identity holds.
+//!
+//! This test stops the machine's MariaDB, so it lives in a test binary of its own whose name sorts
+//! last: `cargo test` runs test binaries one after another, so no other test runs beside it.
+
+#[path = "api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use helpers::{eventually, spawn_app, TestDatabase, MARIADB_ADDR};
+use std::collections::HashMap;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const START_MARIADB: &[&str] = &[
+    "--start",
+    "--oknodo",
+    "--background",
+    "--exec",
+    "/usr/sbin/mariadbd",
+];
+
+/// Starts MariaDB again if the test ends early, so a failure here does not take the database away
+/// from whatever runs next.
+struct RestartOnDrop;
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("start-stop-daemon")
+            .args(START_MARIADB)
+            .status();
+    }
+}
+
+async fn mariadb_answers() -> bool {
+    tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_ok()
+}
+
+fn body(sku: &str) -> String {
+    serde_json::json!({"items": [{"sku": sku, "quantity": 1}], "customer_id": "restart", "payment_token": "tok_ok"}).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing() {
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&["--mysql-url", &database.url, "--journal-timeout", "1s"]);
+    let mut client = app.client();
+    for s in 0..4 {
+        assert_eq!(
+            client
+                .put_product(&format!("R{s}"), 300, 1_000_000)
+                .await
+                .status,
+            200
+        );
+    }
+    let answered = Arc::new(AtomicUsize::new(0));
+    let unavailable = Arc::new(AtomicUsize::new(0));
+    let paid = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let (answered, unavailable, paid, stop, mut client) = (
+                Arc::clone(&answered),
+                Arc::clone(&unavailable),
+                Arc::clone(&paid),
+                Arc::clone(&stop),
+                app.client(),
+            );
+            tokio::spawn(async move {
+                let mut results: Vec<(String, String, u16, String)> = Vec::new();
+                for n in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("restart-{t}-{n}");
+                    let request = body(&format!("R{}", n % 4));
+                    let answer = client
+                        .send(
+                            "POST",
+                            "/v1/checkout",
+                            &[("idempotency-key", &key)],
+                            &request,
+                        )
+                        .await;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    match answer.status {
+                        503 => unavailable.fetch_add(1, Ordering::Relaxed),
+                        201 => paid.fetch_add(1, Ordering::Relaxed),
+                        _ => 0,
+                    };
+                    let order_id = answer.json()["order_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    results.push((key, request, answer.status, order_id));
+                }
+                results
+            })
+        })
+        .collect();
+    eventually(
+        "load before the restart",
+        Duration::from_secs(30),
+        async || answered.load(Ordering::Relaxed) >= 300,
+    )
+    .await;
+
+    let _restart_guard = RestartOnDrop;
+    let stopped = Command::new("mariadb-admin")
+        .args(["-uroot", "-h127.0.0.1", "shutdown"])
+        .status()
+        .expect("run mariadb-admin");
+    assert!(stopped.success(), "mariadb-admin shutdown failed");
+    eventually("MariaDB to stop", Duration::from_secs(60), async || {
+        !mariadb_answers().await
+    })
+    .await;
+    eventually(
+        "503 answers while MariaDB is down",
+        Duration::from_secs(30),
+        async || unavailable.load(Ordering::Relaxed) >= 5,
+    )
+    .await;
+    assert_eq!(
+        client.get("/readyz").await.status,
+        503,
+        "readyz while the database is down"
+    );
+
+    let started = Command::new("start-stop-daemon")
+        .args(START_MARIADB)
+        .status()
+        .expect("start MariaDB");
+    assert!(started.success());
+    eventually(
+        "MariaDB to answer again",
+        Duration::from_secs(120),
+        async || mariadb_answers().await,
+    )
+    .await;
+    eventually(
+        "the server to recover by itself",
+        Duration::from_secs(60),
+        async || client.get("/readyz").await.status == 200,
+    )
+    .await;
+    let paid_before = paid.load(Ordering::Relaxed);
+    eventually(
+        "checkouts to succeed again",
+        Duration::from_secs(30),
+        async || paid.load(Ordering::Relaxed) >= paid_before + 100,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for task in tasks {
+        results.extend(task.await.expect("load task"));
+    }
+    let statuses = results
+        .iter()
+        .fold(HashMap::new(), |mut m: HashMap<u16, usize>, r| {
+            *m.entry(r.2).or_default() += 1;
+            m
+        });
+    eprintln!("answers by status: {statuses:?}");
+    assert!(
+        results.iter().all(|r| matches!(r.2, 201 | 503 | 409)),
+        "unexpected statuses: {statuses:?}"
+    );
+
+    let pool = database.pool().await;
+    for (key, request, status, order_id) in &results {
+        match status {
+            201 => {
+                let found: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM orders WHERE order_id = ? AND status = 'paid'",
+                )
+                .bind(order_id)
+                .fetch_one(&pool)
+                .await
+                .expect("query");
+                assert_eq!(
+                    found, 1,
+                    "acknowledged order {order_id} of {key} is not in MySQL"
+                );
+            }
+            _ => {
+                // Not acknowledged: retried, it yields the one order it made (or a new one), never two.
+                let retry = client
+                    .send("POST", "/v1/checkout", &[("idempotency-key", key)], request)
+                    .await;
+                assert!(
+                    matches!(retry.status, 201 | 409),
+                    "{key}: retry answered {}",
+                    retry.status
+                );
+            }
+        }
+    }
+    let per_key: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT idempotency_key FROM orders WHERE idempotency_key IS NOT NULL GROUP BY idempotency_key HAVING COUNT(*) > 1) t",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("query");
+    assert_eq!(per_key, 0, "a key made two orders");
+    for s in 0..4 {
+        // `stock` asserts the identity.
+        let (_, _, reserved, _) = client.stock(&format!("R{s}")).await;
+        assert_eq!(reserved, 0);
+    }
+}
