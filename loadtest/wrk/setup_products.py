@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Creates the products the wrk scenarios use: SOLDOUT (stock 0) and S0..S9999 (large stock).
+"""Creates the products the wrk scenarios use: SOLDOUT (stock 0), HOT and S0..S9999 (large stock).
 
 Usage: setup_products.py HOST:PORT
 """
@@ -29,9 +29,10 @@ def worker(first, step):
 
 conn = http.client.HTTPConnection(HOST, int(PORT))
 put(conn, "SOLDOUT", 0)
+put(conn, "HOT", 100_000_000)
 threads = [threading.Thread(target=worker, args=(t, 16)) for t in range(16)]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
-print("products ready: SOLDOUT (stock 0), S0..S9999")
+print("products ready: SOLDOUT (stock 0), HOT, S0..S9999")

