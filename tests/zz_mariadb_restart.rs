@@ -35,6 +35,14 @@ impl Drop for RestartOnDrop {
     }
 }
 
+/// True while a mariadbd process exists (it closes its port before it has exited).
+fn mariadb_process_exists() -> bool {
+    Command::new("start-stop-daemon")
+        .args(["--status", "--exec", "/usr/sbin/mariadbd"])
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 async fn mariadb_answers() -> bool {
     tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_ok()
 }
@@ -116,7 +124,7 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
         .expect("run mariadb-admin");
     assert!(stopped.success(), "mariadb-admin shutdown failed");
     eventually("MariaDB to stop", Duration::from_secs(60), async || {
-        !mariadb_answers().await
+        !mariadb_answers().await && !mariadb_process_exists()
     })
     .await;
     eventually(
