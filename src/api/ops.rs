@@ -10,7 +10,7 @@ pub(super) async fn healthz() -> Response {
 }
 
 pub(super) async fn readyz(State(state): State<Shared>) -> Response {
-    match state.journal.health() {
+    match state.journal.ready().await {
         Ok(()) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
         Err(error) => json(
             StatusCode::SERVICE_UNAVAILABLE,

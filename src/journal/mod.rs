@@ -207,8 +207,14 @@ pub trait Journal: Send + Sync {
     ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>>;
     /// Counters.
     fn stats(&self) -> &JournalStats;
-    /// `Ok` while appends can succeed; the error that stops them otherwise.
+    /// `Ok` while appends can succeed, as far as the journal knows without asking its store (cheap:
+    /// checked on every checkout); the error that stops them otherwise.
     fn health(&self) -> Result<(), JournalError>;
+    /// `Ok` if the journal's store answers now (for `/readyz`).
+    fn ready(&self) -> BoxFuture<'_, Result<(), JournalError>> {
+        let health = self.health();
+        Box::pin(async move { health })
+    }
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
     /// fail with [`JournalError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;

@@ -27,7 +27,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
 use sqlx::{MySql, QueryBuilder, Row};
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -184,8 +184,8 @@ pub async fn check_schema(pool: &MySqlPool) -> Result<(), SchemaError> {
 pub struct MySqlJournal {
     pool: MySqlPool,
     pipeline: Arc<Pipeline>,
-    /// True while the writer retries a batch the database did not take.
-    degraded: Arc<AtomicBool>,
+    /// How many parts of the current batch the database did not take and the writer retries.
+    degraded: Arc<AtomicUsize>,
     /// The last event seq below which every event is committed: readers see no further.
     durable_seq: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
@@ -198,7 +198,7 @@ impl MySqlJournal {
         check_schema(&pool).await?;
         let (state, next_event_seq) = load(&pool).await?;
         let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
-        let degraded = Arc::new(AtomicBool::new(false));
+        let degraded = Arc::new(AtomicUsize::new(0));
         let durable_seq = Arc::new(AtomicU64::new(next_event_seq - 1));
         let writer = tokio::spawn(run_writer(
             pool.clone(),
@@ -395,7 +395,7 @@ fn partition(batch: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
 async fn run_writer(
     pool: MySqlPool,
     pipeline: Arc<Pipeline>,
-    degraded: Arc<AtomicBool>,
+    degraded: Arc<AtomicUsize>,
     durable_seq: Arc<AtomicU64>,
     config: MySqlConfig,
 ) {
@@ -439,40 +439,46 @@ async fn run_writer(
 async fn commit_with_retries(
     pool: &MySqlPool,
     pipeline: &Pipeline,
-    degraded: &AtomicBool,
+    degraded: &AtomicUsize,
     part: &[&Entry],
     started: Instant,
     config: &MySqlConfig,
 ) -> Result<u64, JournalError> {
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let error = match commit_batch(pool, part).await {
-            Ok(bytes) => {
-                if degraded.swap(false, Ordering::AcqRel) {
-                    tracing::info!("the database takes writes again");
-                }
-                return Ok(bytes);
+    let mut retrying = false;
+    let outcome = async {
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let error = match commit_batch(pool, part).await {
+                Ok(bytes) => return Ok(bytes),
+                Err(error) => error,
+            };
+            if !is_transient(&error) {
+                return Err(db_error("committing a batch", &error));
             }
-            Err(error) => error,
-        };
-        if !is_transient(&error) {
-            return Err(db_error("committing a batch", &error));
-        }
-        if !degraded.swap(true, Ordering::AcqRel) {
-            tracing::warn!(%error, "the database did not take a batch; retrying");
-        }
-        if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
-            return Err(JournalError::Unavailable(format!(
-                "gave up at shutdown: {error}"
-            )));
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
-        // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
-        if let Ok(true) = batch_is_committed(pool, part[0].lsn).await {
-            return Ok(0);
+            if !retrying {
+                retrying = true;
+                if degraded.fetch_add(1, Ordering::AcqRel) == 0 {
+                    tracing::warn!(%error, "the database did not take a batch; retrying");
+                }
+            }
+            if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
+                return Err(JournalError::Unavailable(format!(
+                    "gave up at shutdown: {error}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+            // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
+            if let Ok(true) = batch_is_committed(pool, part[0].lsn).await {
+                return Ok(0);
+            }
         }
     }
+    .await;
+    if retrying && degraded.fetch_sub(1, Ordering::AcqRel) == 1 && outcome.is_ok() {
+        tracing::info!("the database takes writes again");
+    }
+    outcome
 }
 
 async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Error> {
@@ -731,12 +737,25 @@ impl Journal for MySqlJournal {
 
     fn health(&self) -> Result<(), JournalError> {
         self.pipeline.health()?;
-        if self.degraded.load(Ordering::Acquire) {
+        if self.degraded.load(Ordering::Acquire) > 0 {
             return Err(JournalError::Unavailable(
                 "the last batch was not taken".into(),
             ));
         }
         Ok(())
+    }
+
+    fn ready(&self) -> BoxFuture<'_, Result<(), JournalError>> {
+        Box::pin(async move {
+            self.health()?;
+            // No write may be under way to notice an outage: ask the database itself.
+            let ping = sqlx::query("SELECT 1").fetch_one(&self.pool);
+            match tokio::time::timeout(Duration::from_secs(1), ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(error)) => Err(JournalError::Unavailable(error.to_string())),
+                Err(_) => Err(JournalError::Unavailable("no answer within 1 s".into())),
+            }
+        })
     }
 
     fn shutdown(&self) -> BoxFuture<'_, ()> {
