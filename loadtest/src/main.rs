@@ -1,7 +1,297 @@
-//! Load-test harness for Turnstile. The scenarios, the open-model scheduler and the reports arrive with
-//! the load-test issue; until then this binary only says so, so that the workspace layout is final.
+//! `loadtest`: drives a Turnstile server (or a reference server of a classic design) with a
+//! flash-sale or steady scenario, reports latencies and throughput, and fails (exit 1) when an
+//! invariant is broken.
 
-fn main() {
-    eprintln!("loadtest: no scenarios yet; see the load-test issue");
-    std::process::exit(2);
+use loadtest::reference::{serve_mysql_for_update, ReferenceConfig};
+use loadtest::report::Report;
+use loadtest::run::{run, Model, RunConfig};
+use loadtest::scenario::{Kind, Scenario};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode, Stdio};
+use std::time::Duration;
+
+const USAGE: &str = "\
+Usage:
+  loadtest <flash-sale|steady> [OPTIONS]
+  loadtest serve-reference --kind mysql-for-update --mysql-url URL [--listen ADDR]
+
+Drives a target over keep-alive HTTP/1.1 and checks the invariants afterwards (exit 1 if one is
+broken). Every run is bounded by --duration and --requests and stops by itself.
+
+Options:
+  --target ADDR          the Turnstile server to drive [default 127.0.0.1:8080]
+  --target-kind KIND     turnstile | mysql-for-update (starts the reference server, which needs
+                         --mysql-url) [default turnstile]
+  --mysql-url URL        database for the mysql-for-update reference [default mysql://root@127.0.0.1:3306/test]
+  --model MODEL          open (constant arrival rate, latency from the intended send time) |
+                         closed (each connection sends when answered) [default open]
+  --rate N               open model: requests per second [default 1000]
+  --connections N        keep-alive connections [default 64]
+  --duration D           how long to send, e.g. 10s [default 10s]
+  --requests N           the most requests sent [default 1000000]
+  --stock N              flash-sale: units of the hot SKU [default 1000]
+  --skus N               steady: SKUs [default 10000]
+  --double-percent N     flash-sale: buyers who submit twice with one key [default 10]
+  --decline-percent N    flash-sale: buyers whose card is declined [default 10]
+  --out DIR              also write report.json, report.md, latency.svg, throughput.svg there
+";
+
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like 10s"))?;
+    Ok(match unit {
+        "ms" => Duration::from_millis(value),
+        "" | "s" => Duration::from_secs(value),
+        "m" => Duration::from_secs(value * 60),
+        _ => return Err(format!("{raw:?}: unknown unit {unit:?}")),
+    })
+}
+
+fn options(args: &[String]) -> Result<HashMap<String, String>, String> {
+    let mut map = HashMap::new();
+    let mut rest = args.iter();
+    while let Some(arg) = rest.next() {
+        let name = arg
+            .strip_prefix("--")
+            .ok_or_else(|| format!("unexpected argument {arg:?}"))?;
+        if matches!(name, "no-stock-check") {
+            map.insert(name.to_owned(), "true".to_owned());
+            continue;
+        }
+        let value = rest
+            .next()
+            .ok_or_else(|| format!("--{name} needs a value"))?;
+        map.insert(name.to_owned(), value.clone());
+    }
+    Ok(map)
+}
+
+fn number<T: std::str::FromStr>(
+    options: &HashMap<String, String>,
+    name: &str,
+    default: T,
+) -> Result<T, String> {
+    match options.get(name) {
+        Some(raw) => raw
+            .parse()
+            .map_err(|_| format!("--{name} {raw:?} is not a number")),
+        None => Ok(default),
+    }
+}
+
+/// Starts `loadtest serve-reference` as a child process and returns it with its address.
+fn start_reference(
+    kind: &str,
+    mysql_url: &str,
+) -> Result<(std::process::Child, SocketAddr), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut child = Command::new(exe)
+        .args([
+            "serve-reference",
+            "--kind",
+            kind,
+            "--mysql-url",
+            mysql_url,
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("starting the reference server: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut line = String::new();
+    BufReader::new(stdout)
+        .read_line(&mut line)
+        .map_err(|e| e.to_string())?;
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .ok_or_else(|| format!("the reference server did not start: {line:?}"))?
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    Ok((child, addr))
+}
+
+async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, String> {
+    let target_kind = options
+        .get("target-kind")
+        .map_or("turnstile", String::as_str)
+        .to_owned();
+    let mysql_url = options
+        .get("mysql-url")
+        .cloned()
+        .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
+    let mut reference = None;
+    let addr: SocketAddr = match target_kind.as_str() {
+        "turnstile" => options
+            .get("target")
+            .map_or("127.0.0.1:8080", String::as_str)
+            .parse()
+            .map_err(|_| "--target must be an address like 127.0.0.1:8080")?,
+        "mysql-for-update" => {
+            let (child, addr) = start_reference("mysql-for-update", &mysql_url)?;
+            reference = Some(child);
+            addr
+        }
+        other => {
+            return Err(format!(
+                "--target-kind {other:?}: use turnstile or mysql-for-update"
+            ))
+        }
+    };
+    let model = match options.get("model").map_or("open", String::as_str) {
+        "open" => Model::Open {
+            rate: number(&options, "rate", 1000.0)?,
+        },
+        "closed" => Model::Closed,
+        other => return Err(format!("--model {other:?}: use open or closed")),
+    };
+    let config = RunConfig {
+        addr,
+        model,
+        connections: number(&options, "connections", 64usize)?.clamp(1, 10_000),
+        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
+        requests_max: number(&options, "requests", 1_000_000u64)?,
+        progress: true,
+    };
+    let run_id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let scenario = Scenario {
+        kind,
+        run_id,
+        stock: number(&options, "stock", 1000i64)?,
+        skus: number(&options, "skus", 10_000usize)?.max(1),
+        double_percent: number(&options, "double-percent", 10u64)?.min(100),
+        decline_percent: number(&options, "decline-percent", 10u64)?.min(100),
+    };
+    eprintln!("setting up {} on {target_kind} at {addr}", kind.name());
+    scenario.setup(addr).await?;
+    let requests = scenario.clone();
+    let recording = run(&config, move |i| requests.request(i)).await;
+    let verification = scenario.verify(addr, &recording).await;
+    let model_name = match model {
+        Model::Open { rate } => format!("open model, {rate} req/s"),
+        Model::Closed => "closed model".to_owned(),
+    };
+    let report = Report::new(
+        &target_kind,
+        kind.name(),
+        &model_name,
+        config.connections,
+        &recording,
+        verification,
+    );
+    print!("{}", report.text());
+    if let Some(dir) = options.get("out") {
+        let dir = PathBuf::from(dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for (name, content) in [
+            ("report.json", report.json()),
+            ("report.md", report.markdown()),
+            ("latency.svg", report.latency_svg()),
+            ("throughput.svg", report.throughput_svg()),
+        ] {
+            std::fs::write(dir.join(name), content).map_err(|e| format!("{name}: {e}"))?;
+        }
+        eprintln!("reports written to {}", dir.display());
+    }
+    if let Some(mut child) = reference {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok(report.passed())
+}
+
+async fn serve_reference(options: HashMap<String, String>) -> Result<(), String> {
+    match options.get("kind").map(String::as_str) {
+        Some("mysql-for-update") => {}
+        other => {
+            return Err(format!(
+                "--kind {other:?}: only mysql-for-update is available"
+            ))
+        }
+    }
+    let config = ReferenceConfig {
+        mysql_url: options
+            .get("mysql-url")
+            .cloned()
+            .ok_or("--mysql-url is required")?,
+        listen: options
+            .get("listen")
+            .map_or("127.0.0.1:0", String::as_str)
+            .parse()
+            .map_err(|_| "--listen must be an address")?,
+        pool_size: number(&options, "pool-size", 64u32)?,
+        no_stock_check: options.contains_key("no-stock-check"),
+        stall_at: options
+            .get("stall-at")
+            .map(|s| s.parse())
+            .transpose()
+            .map_err(|_| "--stall-at must be a number")?,
+        stall_for: parse_duration(options.get("stall-for").map_or("1s", String::as_str))?,
+    };
+    let addr = serve_mysql_for_update(config).await?;
+    println!("listening on {addr}");
+    let _ = tokio::signal::ctrl_c().await;
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some(command) = args.first() else {
+        eprint!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    if command == "-h" || command == "--help" {
+        eprint!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let options = match options(&args[1..]) {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("loadtest: {error}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("loadtest: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match command.as_str() {
+        "serve-reference" => runtime.block_on(serve_reference(options)).map(|()| true),
+        scenario => match Kind::parse(scenario) {
+            Some(kind) => runtime.block_on(load(kind, options)),
+            None => {
+                eprintln!("loadtest: unknown scenario {scenario:?}\n\n{USAGE}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("loadtest: invariants violated");
+            ExitCode::FAILURE
+        }
+        Err(error) => {
+            eprintln!("loadtest: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }

@@ -1,0 +1,17 @@
+//! The Turnstile load-test harness: open-model (coordinated-omission corrected) and closed-model
+//! load over keep-alive HTTP/1.1, hdrhistogram latencies per outcome, invariants checked after
+//! every run, reports as text, JSON, Markdown and SVG, and reference servers of the classic designs
+//! for side-by-side ratios.
+//!
+//! # Layout
+//! - [`client`]: one keep-alive connection.
+//! - [`run`]: the open and closed models, bounded in time and count.
+//! - [`scenario`]: flash-sale and steady: setup through the API, requests, invariant checks.
+//! - [`report`]: text, JSON, Markdown, SVG.
+//! - [`reference`]: the `mysql-for-update` reference server.
+
+pub mod client;
+pub mod reference;
+pub mod report;
+pub mod run;
+pub mod scenario;

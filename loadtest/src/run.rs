@@ -1,0 +1,243 @@
+//! Driving load: the open model (requests sent on schedule whether or not earlier ones finished,
+//! latency measured from the intended send time, as wrk2 does) and the closed model (N connections
+//! each sending as soon as its previous answer arrived). Both are bounded in time and in count.
+
+use crate::client::{Answer, Connection, Request};
+use hdrhistogram::Histogram;
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How requests arrive.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Model {
+    /// A constant arrival rate (requests per second), whatever the answers do.
+    Open { rate: f64 },
+    /// Each connection sends its next request when its previous one was answered.
+    Closed,
+}
+
+/// One run's bounds.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub addr: SocketAddr,
+    pub model: Model,
+    /// Keep-alive connections (the closed model's concurrency; the open model's pool).
+    pub connections: usize,
+    pub duration: Duration,
+    /// The most requests sent, whatever the duration.
+    pub requests_max: u64,
+    /// Print a progress line every second (only when standard error is a terminal).
+    pub progress: bool,
+}
+
+/// What one request got: its index, status (0: no answer) and body.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub index: u64,
+    pub status: u16,
+    pub replayed: bool,
+    pub body: hyper::body::Bytes,
+}
+
+/// Everything a run measured.
+pub struct Recording {
+    /// Latency histograms in microseconds, by outcome label (`201`, `409`, `error`, ...).
+    pub latency_by_outcome: BTreeMap<String, Histogram<u64>>,
+    /// All answers together.
+    pub latency_all: Histogram<u64>,
+    /// Answers per second of the run.
+    pub per_second: Vec<u64>,
+    /// Every request's outcome, by index.
+    pub outcomes: Vec<Outcome>,
+    /// Wall time from the first intended send to the last answer.
+    pub elapsed: Duration,
+    pub sent: u64,
+}
+
+fn histogram() -> Histogram<u64> {
+    // 1 µs to 10 minutes, 3 significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+/// Label of an outcome for the per-outcome histograms.
+pub fn label(status: u16) -> String {
+    if status == 0 {
+        "error".to_owned()
+    } else {
+        status.to_string()
+    }
+}
+
+struct Worker {
+    latency_by_outcome: BTreeMap<String, Histogram<u64>>,
+    latency_all: Histogram<u64>,
+    per_second: Vec<u64>,
+    outcomes: Vec<Outcome>,
+}
+
+/// Sends `request(i)` for i = 0, 1, ... under `config`'s model and bounds.
+pub async fn run<F>(config: &RunConfig, request: F) -> Recording
+where
+    F: Fn(u64) -> Request + Send + Sync + 'static,
+{
+    let request = Arc::new(request);
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let start = Instant::now() + Duration::from_millis(20);
+    let deadline = start + config.duration;
+    let hard_stop = deadline + config.duration + Duration::from_secs(10);
+    let total = match config.model {
+        Model::Open { rate } => {
+            ((config.duration.as_secs_f64() * rate) as u64).min(config.requests_max)
+        }
+        Model::Closed => config.requests_max,
+    };
+    let progress = config.progress && std::io::stderr().is_terminal();
+    let reporter = progress.then(|| {
+        let (done, errors, worst_us) = (
+            Arc::clone(&done),
+            Arc::clone(&errors),
+            Arc::clone(&worst_us),
+        );
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            ticker.tick().await;
+            loop {
+                ticker.tick().await;
+                let now = done.load(Ordering::Relaxed);
+                eprint!(
+                    "\r{:>8} answers  {:>8}/s  errors {:>6}  worst so far {:>8.1} ms   ",
+                    now,
+                    now - last,
+                    errors.load(Ordering::Relaxed),
+                    worst_us.load(Ordering::Relaxed) as f64 / 1000.0
+                );
+                last = now;
+            }
+        })
+    });
+    let workers: Vec<_> = (0..config.connections)
+        .map(|_| {
+            let (request, next, done, errors, worst_us) = (
+                Arc::clone(&request),
+                Arc::clone(&next),
+                Arc::clone(&done),
+                Arc::clone(&errors),
+                Arc::clone(&worst_us),
+            );
+            let (addr, model) = (config.addr, config.model);
+            let (start, deadline, hard_stop) = (start, deadline, hard_stop);
+            tokio::spawn(async move {
+                let mut connection = Connection::new(addr);
+                let mut worker = Worker {
+                    latency_by_outcome: BTreeMap::new(),
+                    latency_all: histogram(),
+                    per_second: Vec::new(),
+                    outcomes: Vec::new(),
+                };
+                tokio::time::sleep_until(start.into()).await;
+                loop {
+                    // However slow the target, the run ends: the open model stops claiming new
+                    // requests once it is far behind its schedule.
+                    if Instant::now() >= hard_stop {
+                        break;
+                    }
+                    let index = next.fetch_add(1, Ordering::Relaxed);
+                    if index >= total {
+                        break;
+                    }
+                    let intended = match model {
+                        Model::Open { rate } => {
+                            let at = start + Duration::from_secs_f64(index as f64 / rate);
+                            tokio::time::sleep_until(at.into()).await;
+                            at
+                        }
+                        Model::Closed => {
+                            let now = Instant::now();
+                            if now >= deadline {
+                                break;
+                            }
+                            now
+                        }
+                    };
+                    let outcome = connection.send(&request(index)).await;
+                    let finished = Instant::now();
+                    let micros = finished.saturating_duration_since(intended).as_micros() as u64;
+                    let (status, replayed, body) = match outcome {
+                        Ok(Answer {
+                            status,
+                            replayed,
+                            body,
+                        }) => (status, replayed, body),
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            (0, false, hyper::body::Bytes::new())
+                        }
+                    };
+                    let micros = micros.max(1);
+                    worst_us.fetch_max(micros, Ordering::Relaxed);
+                    let _ = worker.latency_all.record(micros);
+                    let _ = worker
+                        .latency_by_outcome
+                        .entry(label(status))
+                        .or_insert_with(histogram)
+                        .record(micros);
+                    let second = finished.saturating_duration_since(start).as_secs() as usize;
+                    if worker.per_second.len() <= second {
+                        worker.per_second.resize(second + 1, 0);
+                    }
+                    worker.per_second[second] += 1;
+                    worker.outcomes.push(Outcome {
+                        index,
+                        status,
+                        replayed,
+                        body,
+                    });
+                    done.fetch_add(1, Ordering::Relaxed);
+                }
+                worker
+            })
+        })
+        .collect();
+    let mut recording = Recording {
+        latency_by_outcome: BTreeMap::new(),
+        latency_all: histogram(),
+        per_second: Vec::new(),
+        outcomes: Vec::new(),
+        elapsed: Duration::ZERO,
+        sent: 0,
+    };
+    for worker in workers {
+        let Ok(worker) = worker.await else { continue };
+        let _ = recording.latency_all.add(&worker.latency_all);
+        for (label, histogram_of) in worker.latency_by_outcome {
+            let _ = recording
+                .latency_by_outcome
+                .entry(label)
+                .or_insert_with(histogram)
+                .add(&histogram_of);
+        }
+        if recording.per_second.len() < worker.per_second.len() {
+            recording.per_second.resize(worker.per_second.len(), 0);
+        }
+        for (second, count) in worker.per_second.iter().enumerate() {
+            recording.per_second[second] += count;
+        }
+        recording.outcomes.extend(worker.outcomes);
+    }
+    if let Some(reporter) = reporter {
+        reporter.abort();
+        eprintln!();
+    }
+    recording.outcomes.sort_by_key(|o| o.index);
+    recording.sent = recording.outcomes.len() as u64;
+    recording.elapsed = Instant::now().saturating_duration_since(start);
+    recording
+}

@@ -1,0 +1,274 @@
+//! Scenarios: what is sent, how the target is prepared, and the invariants checked afterwards.
+//!
+//! - `flash-sale`: one hot SKU with `stock` units, far more buyers than units, a share of
+//!   double-submits (the same key sent twice) and of declined cards.
+//! - `steady`: many SKUs with large stock; single-item checkouts and 3-line baskets.
+//!
+//! After every run the harness counts, from the answers it received itself, the units sold per SKU
+//! (never more than the stock), checks `available + reserved + sold == stock` on the target, that
+//! each idempotency key maps to one order, and that replays are identical to first answers.
+
+use crate::client::{Connection, Request};
+use crate::run::Recording;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+
+/// Which scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    FlashSale,
+    Steady,
+}
+
+impl Kind {
+    pub fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "flash-sale" => Some(Kind::FlashSale),
+            "steady" => Some(Kind::Steady),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::FlashSale => "flash-sale",
+            Kind::Steady => "steady",
+        }
+    }
+}
+
+/// A scenario with its parameters.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub kind: Kind,
+    /// Makes SKUs and keys unique to this run, so runs can share a target.
+    pub run_id: String,
+    /// Units of the hot SKU (flash-sale).
+    pub stock: i64,
+    /// SKUs (steady).
+    pub skus: usize,
+    /// Percent of buyers who submit twice with the same key (flash-sale).
+    pub double_percent: u64,
+    /// Percent of buyers whose card is declined (flash-sale).
+    pub decline_percent: u64,
+}
+
+/// What the checks found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Verification {
+    /// Broken invariants; a run with any fails.
+    pub violations: Vec<String>,
+    /// What was checked, for the report.
+    pub checked: Vec<String>,
+    /// Orders the harness saw placed (201/202), by SKU: units.
+    pub units_sold_by_harness: BTreeMap<String, i64>,
+}
+
+fn spread(i: u64) -> u64 {
+    // SplitMix64: a deterministic, well-mixed choice per request index.
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Scenario {
+    pub fn hot_sku(&self) -> String {
+        format!("flash-{}", self.run_id)
+    }
+
+    pub fn sku(&self, n: u64) -> String {
+        format!("steady-{}-{n}", self.run_id)
+    }
+
+    /// The SKUs this scenario sells.
+    pub fn all_skus(&self) -> Vec<String> {
+        match self.kind {
+            Kind::FlashSale => vec![self.hot_sku()],
+            Kind::Steady => (0..self.skus as u64).map(|n| self.sku(n)).collect(),
+        }
+    }
+
+    /// Creates the products through the API (several connections at once).
+    pub async fn setup(&self, addr: SocketAddr) -> Result<(), String> {
+        let stock = match self.kind {
+            Kind::FlashSale => self.stock,
+            Kind::Steady => 1_000_000_000,
+        };
+        let skus = self.all_skus();
+        let chunks: Vec<Vec<String>> = skus
+            .chunks(skus.len().div_ceil(16).max(1))
+            .map(<[String]>::to_vec)
+            .collect();
+        let tasks: Vec<_> = chunks
+            .into_iter()
+            .map(|chunk| {
+                tokio::spawn(async move {
+                    let mut connection = Connection::new(addr);
+                    for sku in chunk {
+                        let body = serde_json::json!({"name": sku, "price_cents": 1999, "currency": "EUR", "stock": stock}).to_string();
+                        let request = Request { method: "PUT", path: format!("/v1/products/{sku}"), key: None, body };
+                        connection.expect(&request, 200).await?;
+                    }
+                    Ok::<(), String>(())
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.map_err(|e| e.to_string())??;
+        }
+        Ok(())
+    }
+
+    /// The buyer (key) that request `i` belongs to: in a flash sale, pairs of requests share a
+    /// key for `double_percent` of the buyers.
+    fn buyer(&self, i: u64) -> u64 {
+        match self.kind {
+            Kind::FlashSale if i % 2 == 1 && (i / 2) % 100 < self.double_percent => i - 1,
+            _ => i,
+        }
+    }
+
+    /// Request `i`.
+    pub fn request(&self, i: u64) -> Request {
+        let buyer = self.buyer(i);
+        let body = match self.kind {
+            Kind::FlashSale => {
+                let token = if spread(buyer) % 100 < self.decline_percent {
+                    "tok_decline"
+                } else {
+                    "tok_ok"
+                };
+                serde_json::json!({
+                    "items": [{"sku": self.hot_sku(), "quantity": 1}],
+                    "customer_id": format!("buyer-{buyer}"),
+                    "payment_token": token,
+                })
+            }
+            Kind::Steady => {
+                let choice = spread(buyer);
+                let lines = if choice.is_multiple_of(5) { 3 } else { 1 };
+                let items: Vec<_> = (0..lines)
+                    .map(|l| serde_json::json!({"sku": self.sku(spread(choice + l) % self.skus as u64), "quantity": 1}))
+                    .collect();
+                serde_json::json!({"items": items, "customer_id": format!("buyer-{buyer}"), "payment_token": "tok_ok"})
+            }
+        };
+        Request {
+            method: "POST",
+            path: "/v1/checkout".into(),
+            key: Some(format!("{}-{buyer}", self.run_id)),
+            body: body.to_string(),
+        }
+    }
+
+    /// Checks the invariants against the answers and the target's state.
+    pub async fn verify(&self, addr: SocketAddr, recording: &Recording) -> Verification {
+        let mut verification = Verification::default();
+        let mut order_of_key: HashMap<u64, String> = HashMap::new();
+        let mut first_answer: HashMap<u64, (u16, &[u8])> = HashMap::new();
+        let mut counted_orders: HashSet<String> = HashSet::new();
+        let mut units: BTreeMap<String, i64> = BTreeMap::new();
+        let mut replays = 0;
+        for outcome in &recording.outcomes {
+            let buyer = self.buyer(outcome.index);
+            if outcome.status == 0
+                || outcome.status == 409 && outcome.body.windows(6).any(|w| w == b"in_use")
+            {
+                continue;
+            }
+            match first_answer.get(&buyer) {
+                Some((status, body)) => {
+                    replays += 1;
+                    if *status != outcome.status || *body != &outcome.body[..] {
+                        verification.violations.push(format!(
+                            "key {}-{buyer}: a second answer ({}) differs from the first ({})",
+                            self.run_id, outcome.status, status
+                        ));
+                    }
+                }
+                None => {
+                    first_answer.insert(buyer, (outcome.status, &outcome.body[..]));
+                }
+            }
+            let json: serde_json::Value = serde_json::from_slice(&outcome.body).unwrap_or_default();
+            if let Some(order_id) = json["order_id"].as_str() {
+                match order_of_key.get(&buyer) {
+                    Some(known) if known != order_id => verification.violations.push(format!(
+                        "key {}-{buyer} made two orders: {known} and {order_id}",
+                        self.run_id
+                    )),
+                    Some(_) => {}
+                    None => {
+                        order_of_key.insert(buyer, order_id.to_owned());
+                    }
+                }
+                if matches!(outcome.status, 201 | 202) && counted_orders.insert(order_id.to_owned())
+                {
+                    let request = self.request(outcome.index);
+                    let body: serde_json::Value =
+                        serde_json::from_str(&request.body).unwrap_or_default();
+                    for item in body["items"].as_array().into_iter().flatten() {
+                        let sku = item["sku"].as_str().unwrap_or_default().to_owned();
+                        *units.entry(sku).or_default() += item["quantity"].as_i64().unwrap_or(0);
+                    }
+                }
+            }
+        }
+        verification.checked.push(format!(
+            "{} keys answered, {replays} second answers compared with the first",
+            first_answer.len()
+        ));
+        let mut connection = Connection::new(addr);
+        let mut skus_checked = 0;
+        for sku in self.all_skus() {
+            let request = Request {
+                method: "GET",
+                path: format!("/v1/products/{sku}"),
+                key: None,
+                body: String::new(),
+            };
+            let product = match connection.expect(&request, 200).await {
+                Ok(answer) => {
+                    serde_json::from_slice::<serde_json::Value>(&answer.body).unwrap_or_default()
+                }
+                Err(error) => {
+                    verification
+                        .violations
+                        .push(format!("cannot read {sku}: {error}"));
+                    continue;
+                }
+            };
+            let field = |name: &str| product[name].as_i64().unwrap_or(i64::MIN);
+            let (stock, available, reserved, sold) = (
+                field("stock"),
+                field("available"),
+                field("reserved"),
+                field("sold"),
+            );
+            if available < 0 || reserved < 0 || sold < 0 || available + reserved + sold != stock {
+                verification.violations.push(format!(
+                    "{sku}: available {available} + reserved {reserved} + sold {sold} != stock {stock}"
+                ));
+            }
+            let seen = units.get(&sku).copied().unwrap_or(0);
+            if seen > stock {
+                verification.violations.push(format!(
+                    "{sku}: oversold: the harness received orders for {seen} units of a stock of {stock}"
+                ));
+            }
+            if seen > reserved + sold {
+                verification.violations.push(format!(
+                    "{sku}: the harness received orders for {seen} units but the target counts only {} held or sold",
+                    reserved + sold
+                ));
+            }
+            skus_checked += 1;
+        }
+        verification.checked.push(format!(
+            "{skus_checked} SKUs: identity holds, units ordered (counted by the harness) <= stock and <= held + sold"
+        ));
+        verification.units_sold_by_harness = units;
+        verification
+    }
+}

@@ -1,0 +1,149 @@
+//! The load-test harness against real targets: its counts agree with a real `turnstile serve`,
+//! it catches a target that oversells, and its open model shows a stalled target in the p99.
+
+#[path = "../api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use helpers::{spawn_app, TestDatabase};
+use loadtest::reference::{serve_mysql_for_update, ReferenceConfig};
+use loadtest::report::Report;
+use loadtest::run::{run, Model, RunConfig};
+use loadtest::scenario::{Kind, Scenario};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+fn flash_sale(stock: i64) -> Scenario {
+    Scenario {
+        kind: Kind::FlashSale,
+        run_id: "t".into(),
+        stock,
+        skus: 1,
+        double_percent: 10,
+        decline_percent: 10,
+    }
+}
+
+async fn drive(
+    addr: SocketAddr,
+    scenario: &Scenario,
+    model: Model,
+    duration: Duration,
+    requests_max: u64,
+) -> Report {
+    scenario.setup(addr).await.expect("setup");
+    let config = RunConfig {
+        addr,
+        model,
+        connections: 32,
+        duration,
+        requests_max,
+        progress: false,
+    };
+    let requests = scenario.clone();
+    let recording = run(&config, move |i| requests.request(i)).await;
+    let verification = scenario.verify(addr, &recording).await;
+    Report::new(
+        "test",
+        scenario.kind.name(),
+        "test",
+        config.connections,
+        &recording,
+        verification,
+    )
+}
+
+async fn reference(
+    database: &TestDatabase,
+    no_stock_check: bool,
+    stall_at: Option<u64>,
+) -> SocketAddr {
+    serve_mysql_for_update(ReferenceConfig {
+        mysql_url: database.url.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        pool_size: 32,
+        no_stock_check,
+        stall_at,
+        stall_for: Duration::from_secs(1),
+    })
+    .await
+    .expect("reference server")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_counts_agree_with_the_servers_state() {
+    let app = spawn_app(&[]);
+    let scenario = flash_sale(200);
+    let report = drive(
+        app.addr,
+        &scenario,
+        Model::Open { rate: 2_000.0 },
+        Duration::from_secs(2),
+        4_000,
+    )
+    .await;
+    assert!(report.passed(), "{}", report.text());
+    assert_eq!(report.errors, 0);
+    assert_eq!(report.sent, 4_000);
+    let sold_by_harness = report
+        .verification
+        .units_sold_by_harness
+        .get(&scenario.hot_sku())
+        .copied();
+    let mut client = app.client();
+    let (stock, _, reserved, sold) = client.stock(&scenario.hot_sku()).await;
+    assert_eq!((stock, reserved), (200, 0));
+    assert_eq!(
+        sold_by_harness,
+        Some(sold),
+        "the harness counted other orders than the server has"
+    );
+    assert_eq!(sold, 200, "4,000 buyers for 200 units sell them all");
+    // The outcome histograms add up to what was sent.
+    let counted: u64 = report.by_outcome.iter().map(|o| o.count).sum();
+    assert_eq!(counted, report.sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_target_without_its_stock_check_is_caught_as_an_oversell() {
+    let database = TestDatabase::create().await;
+    let addr = reference(&database, true, None).await;
+    let scenario = flash_sale(50);
+    let report = drive(addr, &scenario, Model::Closed, Duration::from_secs(20), 600).await;
+    assert!(
+        !report.passed(),
+        "an oversell went unnoticed:\n{}",
+        report.text()
+    );
+    assert!(
+        report
+            .verification
+            .violations
+            .iter()
+            .any(|v| v.contains("oversold")),
+        "{:?}",
+        report.verification.violations
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_target_shows_a_p99_of_at_least_the_stall_in_the_open_model() {
+    let database = TestDatabase::create().await;
+    let addr = reference(&database, false, Some(500)).await;
+    let scenario = flash_sale(100);
+    let report = drive(
+        addr,
+        &scenario,
+        Model::Open { rate: 1_000.0 },
+        Duration::from_secs(3),
+        3_000,
+    )
+    .await;
+    assert!(report.passed(), "{}", report.text());
+    assert!(
+        report.all.p99_ms >= 1_000.0,
+        "p99 {} ms hides a 1 s stall:\n{}",
+        report.all.p99_ms,
+        report.text()
+    );
+}
