@@ -16,7 +16,13 @@ use std::time::Duration;
 const USAGE: &str = "\
 Usage:
   loadtest <flash-sale|steady> [OPTIONS]
+  loadtest compare <flash-sale|steady> [OPTIONS]
   loadtest serve-reference --kind mysql-for-update --mysql-url URL [--listen ADDR]
+
+`compare` runs the same scenario against GET /healthz of the target (the machine's HTTP ceiling),
+Turnstile at --target and the mysql-for-update reference in turn: throughput at saturation (closed
+model, --connections each), then latency at one arrival rate every target sustains (open model,
+--rate, default 80% of the slowest target's saturated throughput), and prints the ratio tables.
 
 Drives a target over keep-alive HTTP/1.1 and checks the invariants afterwards (exit 1 if one is
 broken). Every run is bounded by --duration and --requests and stops by itself.
@@ -118,6 +124,178 @@ fn start_reference(
     Ok((child, addr))
 }
 
+/// Runs `kind` once against `addr` with `model`, checks the invariants, returns the report.
+async fn measure(
+    kind: Kind,
+    options: &HashMap<String, String>,
+    target_name: &str,
+    addr: SocketAddr,
+    model: Model,
+) -> Result<Report, String> {
+    let config = RunConfig {
+        addr,
+        model,
+        connections: number(options, "connections", 64usize)?.clamp(1, 10_000),
+        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
+        requests_max: number(options, "requests", 1_000_000u64)?,
+        progress: true,
+    };
+    let run_id = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis())
+    );
+    let scenario = Scenario {
+        kind,
+        run_id,
+        stock: number(options, "stock", 1000i64)?,
+        skus: number(options, "skus", 10_000usize)?.max(1),
+        double_percent: number(options, "double-percent", 10u64)?.min(100),
+        decline_percent: number(options, "decline-percent", 10u64)?.min(100),
+    };
+    eprintln!("setting up {} on {target_name} at {addr}", kind.name());
+    scenario.setup(addr).await?;
+    let requests = scenario.clone();
+    let recording = run(&config, move |i| requests.request(i)).await;
+    let verification = scenario.verify(addr, &recording).await;
+    Ok(Report::new(
+        target_name,
+        kind.name(),
+        &model_name(model),
+        config.connections,
+        &recording,
+        verification,
+    ))
+}
+
+fn model_name(model: Model) -> String {
+    match model {
+        Model::Open { rate } => format!("open model, {rate:.0} req/s"),
+        Model::Closed => "closed model".to_owned(),
+    }
+}
+
+/// GET /healthz of the target: the HTTP ceiling no checkout can pass.
+async fn ceiling(
+    options: &HashMap<String, String>,
+    addr: SocketAddr,
+    model: Model,
+) -> Result<Report, String> {
+    let config = RunConfig {
+        addr,
+        model,
+        connections: number(options, "connections", 64usize)?.clamp(1, 10_000),
+        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
+        requests_max: number(options, "requests", 1_000_000u64)?,
+        progress: true,
+    };
+    let recording = run(&config, |_| loadtest::client::Request {
+        method: "GET",
+        path: "/healthz".into(),
+        key: None,
+        body: String::new(),
+    })
+    .await;
+    Ok(Report::new(
+        "GET /healthz",
+        "ceiling",
+        &model_name(model),
+        config.connections,
+        &recording,
+        Default::default(),
+    ))
+}
+
+async fn compare(kind: Kind, options: HashMap<String, String>) -> Result<bool, String> {
+    let addr: SocketAddr = options
+        .get("target")
+        .map_or("127.0.0.1:8080", String::as_str)
+        .parse()
+        .map_err(|_| "--target must be an address like 127.0.0.1:8080")?;
+    let mysql_url = options
+        .get("mysql-url")
+        .cloned()
+        .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
+    let (mut reference, reference_addr) = start_reference("mysql-for-update", &mysql_url)?;
+    let mut saturated = vec![ceiling(&options, addr, Model::Closed).await?];
+    saturated.push(measure(kind, &options, "turnstile", addr, Model::Closed).await?);
+    saturated.push(
+        measure(
+            kind,
+            &options,
+            "mysql-for-update",
+            reference_addr,
+            Model::Closed,
+        )
+        .await?,
+    );
+    let slowest = saturated
+        .iter()
+        .map(|r| r.throughput_rps)
+        .fold(f64::MAX, f64::min);
+    let rate = match options.get("rate") {
+        Some(raw) => raw.parse().map_err(|_| "--rate must be a number")?,
+        None => (slowest * 0.8).max(1.0),
+    };
+    let mut fixed_rate = vec![ceiling(&options, addr, Model::Open { rate }).await?];
+    fixed_rate.push(measure(kind, &options, "turnstile", addr, Model::Open { rate }).await?);
+    fixed_rate.push(
+        measure(
+            kind,
+            &options,
+            "mysql-for-update",
+            reference_addr,
+            Model::Open { rate },
+        )
+        .await?,
+    );
+    let _ = reference.kill();
+    let _ = reference.wait();
+    let turnstile = &saturated[1];
+    println!(
+        "## {} — throughput at saturation (closed model, {} connections)\n",
+        kind.name(),
+        turnstile.connections
+    );
+    println!("| target | req/s | p99 ms | % of HTTP ceiling | Turnstile ÷ target | invariants |\n| --- | --- | --- | --- | --- | --- |");
+    for report in &saturated {
+        println!(
+            "| {} | {:.0} | {:.2} | {:.0}% | {:.2}× | {} |",
+            report.target,
+            report.throughput_rps,
+            report.all.p99_ms,
+            100.0 * report.throughput_rps / saturated[0].throughput_rps,
+            turnstile.throughput_rps / report.throughput_rps,
+            if report.passed() { "hold" } else { "VIOLATED" }
+        );
+    }
+    println!(
+        "\n## {} — latency at one arrival rate ({rate:.0} req/s, open model)\n",
+        kind.name()
+    );
+    println!("| target | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | invariants |\n| --- | --- | --- | --- | --- | --- | --- |");
+    for report in &fixed_rate {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            report.target,
+            report.all.p50_ms,
+            report.all.p90_ms,
+            report.all.p99_ms,
+            report.all.p999_ms,
+            report.all.max_ms,
+            if report.passed() { "hold" } else { "VIOLATED" }
+        );
+    }
+    for report in saturated.iter().chain(fixed_rate.iter()) {
+        eprint!("{}", report.text());
+    }
+    Ok(saturated
+        .iter()
+        .chain(fixed_rate.iter())
+        .all(Report::passed))
+}
+
 async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, String> {
     let target_kind = options
         .get("target-kind")
@@ -152,45 +330,12 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
         "closed" => Model::Closed,
         other => return Err(format!("--model {other:?}: use open or closed")),
     };
-    let config = RunConfig {
-        addr,
-        model,
-        connections: number(&options, "connections", 64usize)?.clamp(1, 10_000),
-        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
-        requests_max: number(&options, "requests", 1_000_000u64)?,
-        progress: true,
-    };
-    let run_id = format!(
-        "{:x}",
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis())
-    );
-    let scenario = Scenario {
-        kind,
-        run_id,
-        stock: number(&options, "stock", 1000i64)?,
-        skus: number(&options, "skus", 10_000usize)?.max(1),
-        double_percent: number(&options, "double-percent", 10u64)?.min(100),
-        decline_percent: number(&options, "decline-percent", 10u64)?.min(100),
-    };
-    eprintln!("setting up {} on {target_kind} at {addr}", kind.name());
-    scenario.setup(addr).await?;
-    let requests = scenario.clone();
-    let recording = run(&config, move |i| requests.request(i)).await;
-    let verification = scenario.verify(addr, &recording).await;
-    let model_name = match model {
-        Model::Open { rate } => format!("open model, {rate} req/s"),
-        Model::Closed => "closed model".to_owned(),
-    };
-    let report = Report::new(
-        &target_kind,
-        kind.name(),
-        &model_name,
-        config.connections,
-        &recording,
-        verification,
-    );
+    let report = measure(kind, &options, &target_kind, addr, model).await;
+    if let Some(mut child) = reference.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let report = report?;
     print!("{}", report.text());
     if let Some(dir) = options.get("out") {
         let dir = PathBuf::from(dir);
@@ -204,10 +349,6 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
             std::fs::write(dir.join(name), content).map_err(|e| format!("{name}: {e}"))?;
         }
         eprintln!("reports written to {}", dir.display());
-    }
-    if let Some(mut child) = reference {
-        let _ = child.kill();
-        let _ = child.wait();
     }
     Ok(report.passed())
 }
@@ -256,7 +397,12 @@ fn main() -> ExitCode {
         eprint!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    let options = match options(&args[1..]) {
+    let parsed = if command == "compare" {
+        Ok(HashMap::new())
+    } else {
+        options(&args[1..])
+    };
+    let options = match parsed {
         Ok(options) => options,
         Err(error) => {
             eprintln!("loadtest: {error}\n\n{USAGE}");
@@ -275,6 +421,20 @@ fn main() -> ExitCode {
     };
     let result = match command.as_str() {
         "serve-reference" => runtime.block_on(serve_reference(options)).map(|()| true),
+        "compare" => {
+            let Some(kind) = args.get(1).and_then(|k| Kind::parse(k)) else {
+                eprintln!("loadtest compare: name a scenario (flash-sale or steady)\n\n{USAGE}");
+                return ExitCode::from(2);
+            };
+            let options = match self::options(&args[2..]) {
+                Ok(options) => options,
+                Err(error) => {
+                    eprintln!("loadtest: {error}\n\n{USAGE}");
+                    return ExitCode::from(2);
+                }
+            };
+            runtime.block_on(compare(kind, options))
+        }
         scenario => match Kind::parse(scenario) {
             Some(kind) => runtime.block_on(load(kind, options)),
             None => {
