@@ -8,7 +8,7 @@
 #[allow(dead_code)]
 mod helpers;
 
-use helpers::{eventually, spawn_app, TestDatabase, MARIADB_ADDR};
+use helpers::{eventually, spawn_app, JsonBody, TestDatabase, MARIADB_ADDR};
 use std::collections::HashMap;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};

@@ -56,18 +56,32 @@ impl Connection {
 
     /// Sends a request and reads the whole answer; `Err` if there was none.
     pub async fn send(&mut self, request: &Request) -> Result<Answer, String> {
+        let key = request.key.as_deref().map(|k| ("idempotency-key", k));
+        let headers: Vec<(&str, &str)> = key.into_iter().collect();
+        self.send_with(request.method, &request.path, &headers, &request.body)
+            .await
+    }
+
+    /// Sends any request (extra headers included) and reads the whole answer.
+    pub async fn send_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &str,
+    ) -> Result<Answer, String> {
         let host = self.addr.to_string();
         let sender = self.ready().await?;
         let mut builder = hyper::Request::builder()
-            .method(request.method)
-            .uri(&request.path)
+            .method(method)
+            .uri(path)
             .header("host", host)
             .header("content-type", "application/json");
-        if let Some(key) = &request.key {
-            builder = builder.header("idempotency-key", key);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
         }
         let http = builder
-            .body(Full::new(Bytes::from(request.body.clone())))
+            .body(Full::new(Bytes::from(body.to_owned())))
             .map_err(|e| format!("request: {e}"))?;
         let result = async {
             let response = sender

@@ -124,6 +124,22 @@ fn start_reference(
     Ok((child, addr))
 }
 
+/// The bounds of one run from the options.
+fn run_config(
+    options: &HashMap<String, String>,
+    addr: SocketAddr,
+    model: Model,
+) -> Result<RunConfig, String> {
+    Ok(RunConfig {
+        addr,
+        model,
+        connections: number(options, "connections", 64usize)?.clamp(1, 10_000),
+        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
+        requests_max: number(options, "requests", 1_000_000u64)?,
+        progress: true,
+    })
+}
+
 /// Runs `kind` once against `addr` with `model`, checks the invariants, returns the report.
 async fn measure(
     kind: Kind,
@@ -132,14 +148,7 @@ async fn measure(
     addr: SocketAddr,
     model: Model,
 ) -> Result<Report, String> {
-    let config = RunConfig {
-        addr,
-        model,
-        connections: number(options, "connections", 64usize)?.clamp(1, 10_000),
-        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
-        requests_max: number(options, "requests", 1_000_000u64)?,
-        progress: true,
-    };
+    let config = run_config(options, addr, model)?;
     let run_id = format!(
         "{:x}",
         std::time::SystemTime::now()
@@ -182,14 +191,7 @@ async fn ceiling(
     addr: SocketAddr,
     model: Model,
 ) -> Result<Report, String> {
-    let config = RunConfig {
-        addr,
-        model,
-        connections: number(options, "connections", 64usize)?.clamp(1, 10_000),
-        duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
-        requests_max: number(options, "requests", 1_000_000u64)?,
-        progress: true,
-    };
+    let config = run_config(options, addr, model)?;
     let recording = run(&config, |_| loadtest::client::Request {
         method: "GET",
         path: "/healthz".into(),

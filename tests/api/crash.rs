@@ -3,7 +3,7 @@
 //! retried, yields at most one order in all; and once the hold expiry passes no stock is held by an
 //! order that no answer named.
 
-use crate::helpers::{eventually, start, Answer};
+use crate::helpers::{eventually, start, Answer, JsonBody};
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -2,7 +2,7 @@
 //! with the same key and a tenth paying with a declined card. Exactly 100 orders are paid, replays
 //! are identical, declined orders gave their stock back, and the identity holds.
 
-use crate::helpers::{spawn_app, TestApp, TestDatabase};
+use crate::helpers::{spawn_app, JsonBody, TestApp, TestDatabase};
 use sqlx::Row;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,10 +1,6 @@
 //! Starts the real `turnstile` binary on a free port with its own data directory, and talks to it
 //! over real HTTP with keep-alive connections.
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -110,48 +106,30 @@ impl Drop for TestApp {
 }
 
 /// An answer.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    pub status: u16,
-    pub replayed: bool,
-    pub body: Bytes,
+pub use loadtest::client::Answer;
+
+/// Parses an answer's body as JSON.
+pub trait JsonBody {
+    fn json(&self) -> Value;
 }
 
-impl Answer {
-    pub fn json(&self) -> Value {
+impl JsonBody for Answer {
+    fn json(&self) -> Value {
         serde_json::from_slice(&self.body)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
     }
 }
 
-/// One keep-alive HTTP/1.1 connection, reopened when it breaks.
+/// One keep-alive HTTP/1.1 connection (the harness's), reopened when it breaks.
 pub struct Client {
-    addr: SocketAddr,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    connection: loadtest::client::Connection,
 }
 
 impl Client {
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, sender: None }
-    }
-
-    async fn connect(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
-            let stream = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| format!("connect: {e}"))?;
-            let _ = stream.set_nodelay(true);
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
-            self.sender = Some(sender);
+        Self {
+            connection: loadtest::client::Connection::new(addr),
         }
-        self.sender
-            .as_mut()
-            .ok_or_else(|| "no connection".to_owned())
     }
 
     /// Sends a request; `Err` if the server did not answer (connection refused or broken).
@@ -162,46 +140,7 @@ impl Client {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<Answer, String> {
-        let addr = self.addr;
-        let sender = self.connect().await?;
-        sender.ready().await.map_err(|e| format!("ready: {e}"))?;
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", addr.to_string());
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        let request = request
-            .body(Full::new(Bytes::from(body.to_owned())))
-            .map_err(|e| format!("request: {e}"))?;
-        let result = async {
-            let response = sender
-                .send_request(request)
-                .await
-                .map_err(|e| format!("send: {e}"))?;
-            let status = response.status().as_u16();
-            let replayed = response
-                .headers()
-                .get("idempotent-replayed")
-                .is_some_and(|v| v == "true");
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| format!("body: {e}"))?
-                .to_bytes();
-            Ok(Answer {
-                status,
-                replayed,
-                body,
-            })
-        }
-        .await;
-        if result.is_err() {
-            self.sender = None;
-        }
-        result
+        self.connection.send_with(method, path, headers, body).await
     }
 
     /// Sends a request that must be answered.

@@ -3,7 +3,7 @@
 //! acknowledged order in MySQL with nothing half-written.
 
 use crate::crash::kill_9_mid_load;
-use crate::helpers::{spawn_app, TestDatabase};
+use crate::helpers::{spawn_app, JsonBody, TestDatabase};
 use sqlx::Row;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

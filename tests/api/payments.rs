@@ -2,7 +2,7 @@
 //! with a bad or stale signature are refused and change nothing; deliveries are idempotent; a
 //! gateway timeout answers 504 and releases the stock; cancels release or refund; carts check out.
 
-use crate::helpers::{eventually, signed, spawn_app};
+use crate::helpers::{eventually, signed, spawn_app, JsonBody};
 use std::time::Duration;
 
 async fn order_status(client: &mut crate::helpers::Client, order_id: &str) -> String {

@@ -1,6 +1,6 @@
 //! Bad input gets a clear JSON error (400 or 413) and changes nothing.
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, JsonBody};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_changes_nothing() {
