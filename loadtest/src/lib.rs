@@ -9,8 +9,10 @@
 //! - [`scenario`]: flash-sale and steady: setup through the API, requests, invariant checks.
 //! - [`report`]: text, JSON, Markdown, SVG.
 //! - [`reference`]: the `mysql-for-update` reference server.
+//! - [`redis_lua`]: the `redis-lua` reference server.
 
 pub mod client;
+pub mod redis_lua;
 pub mod reference;
 pub mod report;
 pub mod run;

@@ -17,10 +17,10 @@ const USAGE: &str = "\
 Usage:
   loadtest <flash-sale|steady> [OPTIONS]
   loadtest compare <flash-sale|steady> [OPTIONS]
-  loadtest serve-reference --kind mysql-for-update --mysql-url URL [--listen ADDR]
+  loadtest serve-reference --kind mysql-for-update|redis-lua --mysql-url URL [--redis-url URL] [--listen ADDR]
 
 `compare` runs the same scenario against GET /healthz of the target (the machine's HTTP ceiling),
-Turnstile at --target and the mysql-for-update reference in turn: throughput at saturation (closed
+Turnstile at --target and the mysql-for-update and redis-lua references in turn: throughput at saturation (closed
 model, --connections each), then latency at one arrival rate every target sustains (open model,
 --rate, default 80% of the slowest target's saturated throughput), and prints the ratio tables.
 
@@ -29,9 +29,10 @@ broken). Every run is bounded by --duration and --requests and stops by itself.
 
 Options:
   --target ADDR          the Turnstile server to drive [default 127.0.0.1:8080]
-  --target-kind KIND     turnstile | mysql-for-update (starts the reference server, which needs
-                         --mysql-url) [default turnstile]
-  --mysql-url URL        database for the mysql-for-update reference [default mysql://root@127.0.0.1:3306/test]
+  --target-kind KIND     turnstile | mysql-for-update | redis-lua (these two start a reference
+                         server of the classic design) [default turnstile]
+  --mysql-url URL        database for the references [default mysql://root@127.0.0.1:3306/test]
+  --redis-url URL        Redis for the redis-lua reference [default redis://127.0.0.1:6379]
   --model MODEL          open (constant arrival rate, latency from the intended send time) |
                          closed (each connection sends when answered) [default open]
   --rate N               open model: requests per second [default 1000]
@@ -91,22 +92,30 @@ fn number<T: std::str::FromStr>(
     }
 }
 
+fn mysql_url(options: &HashMap<String, String>) -> String {
+    options
+        .get("mysql-url")
+        .cloned()
+        .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into())
+}
+
+fn redis_url(options: &HashMap<String, String>) -> String {
+    options
+        .get("redis-url")
+        .cloned()
+        .unwrap_or_else(|| "redis://127.0.0.1:6379".into())
+}
+
 /// Starts `loadtest serve-reference` as a child process and returns it with its address.
 fn start_reference(
     kind: &str,
-    mysql_url: &str,
+    options: &HashMap<String, String>,
 ) -> Result<(std::process::Child, SocketAddr), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let (mysql, redis) = (mysql_url(options), redis_url(options));
     let mut child = Command::new(exe)
-        .args([
-            "serve-reference",
-            "--kind",
-            kind,
-            "--mysql-url",
-            mysql_url,
-            "--listen",
-            "127.0.0.1:0",
-        ])
+        .args(["serve-reference", "--kind", kind, "--mysql-url", &mysql])
+        .args(["--redis-url", &redis, "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .spawn()
         .map_err(|e| format!("starting the reference server: {e}"))?;
@@ -215,23 +224,17 @@ async fn compare(kind: Kind, options: HashMap<String, String>) -> Result<bool, S
         .map_or("127.0.0.1:8080", String::as_str)
         .parse()
         .map_err(|_| "--target must be an address like 127.0.0.1:8080")?;
-    let mysql_url = options
-        .get("mysql-url")
-        .cloned()
-        .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
-    let (mut reference, reference_addr) = start_reference("mysql-for-update", &mysql_url)?;
+    let (mut for_update, for_update_addr) = start_reference("mysql-for-update", &options)?;
+    let (mut lua, lua_addr) = start_reference("redis-lua", &options)?;
+    let targets = [
+        ("turnstile", addr),
+        ("mysql-for-update", for_update_addr),
+        ("redis-lua", lua_addr),
+    ];
     let mut saturated = vec![ceiling(&options, addr, Model::Closed).await?];
-    saturated.push(measure(kind, &options, "turnstile", addr, Model::Closed).await?);
-    saturated.push(
-        measure(
-            kind,
-            &options,
-            "mysql-for-update",
-            reference_addr,
-            Model::Closed,
-        )
-        .await?,
-    );
+    for (name, target) in targets {
+        saturated.push(measure(kind, &options, name, target, Model::Closed).await?);
+    }
     let slowest = saturated
         .iter()
         .map(|r| r.throughput_rps)
@@ -241,19 +244,13 @@ async fn compare(kind: Kind, options: HashMap<String, String>) -> Result<bool, S
         None => (slowest * 0.8).max(1.0),
     };
     let mut fixed_rate = vec![ceiling(&options, addr, Model::Open { rate }).await?];
-    fixed_rate.push(measure(kind, &options, "turnstile", addr, Model::Open { rate }).await?);
-    fixed_rate.push(
-        measure(
-            kind,
-            &options,
-            "mysql-for-update",
-            reference_addr,
-            Model::Open { rate },
-        )
-        .await?,
-    );
-    let _ = reference.kill();
-    let _ = reference.wait();
+    for (name, target) in targets {
+        fixed_rate.push(measure(kind, &options, name, target, Model::Open { rate }).await?);
+    }
+    for child in [&mut for_update, &mut lua] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let turnstile = &saturated[1];
     println!(
         "## {} — throughput at saturation (closed model, {} connections)\n",
@@ -303,10 +300,6 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
         .get("target-kind")
         .map_or("turnstile", String::as_str)
         .to_owned();
-    let mysql_url = options
-        .get("mysql-url")
-        .cloned()
-        .unwrap_or_else(|| "mysql://root@127.0.0.1:3306/test".into());
     let mut reference = None;
     let addr: SocketAddr = match target_kind.as_str() {
         "turnstile" => options
@@ -314,14 +307,14 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
             .map_or("127.0.0.1:8080", String::as_str)
             .parse()
             .map_err(|_| "--target must be an address like 127.0.0.1:8080")?,
-        "mysql-for-update" => {
-            let (child, addr) = start_reference("mysql-for-update", &mysql_url)?;
+        kind @ ("mysql-for-update" | "redis-lua") => {
+            let (child, addr) = start_reference(kind, &options)?;
             reference = Some(child);
             addr
         }
         other => {
             return Err(format!(
-                "--target-kind {other:?}: use turnstile or mysql-for-update"
+                "--target-kind {other:?}: use turnstile, mysql-for-update or redis-lua"
             ))
         }
     };
@@ -356,13 +349,11 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
 }
 
 async fn serve_reference(options: HashMap<String, String>) -> Result<(), String> {
-    match options.get("kind").map(String::as_str) {
-        Some("mysql-for-update") => {}
-        other => {
-            return Err(format!(
-                "--kind {other:?}: only mysql-for-update is available"
-            ))
-        }
+    let kind = options.get("kind").cloned().unwrap_or_default();
+    if !matches!(kind.as_str(), "mysql-for-update" | "redis-lua") {
+        return Err(format!(
+            "--kind {kind:?}: use mysql-for-update or redis-lua"
+        ));
     }
     let config = ReferenceConfig {
         mysql_url: options
@@ -383,7 +374,11 @@ async fn serve_reference(options: HashMap<String, String>) -> Result<(), String>
             .map_err(|_| "--stall-at must be a number")?,
         stall_for: parse_duration(options.get("stall-for").map_or("1s", String::as_str))?,
     };
-    let addr = serve_mysql_for_update(config).await?;
+    let addr = if kind == "redis-lua" {
+        loadtest::redis_lua::serve_redis_lua(config, &redis_url(&options)).await?
+    } else {
+        serve_mysql_for_update(config).await?
+    };
     println!("listening on {addr}");
     let _ = tokio::signal::ctrl_c().await;
     Ok(())
