@@ -16,7 +16,7 @@ use std::time::Duration;
 fn flash_sale(stock: i64) -> Scenario {
     Scenario {
         kind: Kind::FlashSale,
-        run_id: "t".into(),
+        run_id: format!("t{stock}"),
         stock,
         skus: 1,
         double_percent: 10,
@@ -145,5 +145,32 @@ async fn a_stalled_target_shows_a_p99_of_at_least_the_stall_in_the_open_model() 
         "p99 {} ms hides a 1 s stall:\n{}",
         report.all.p99_ms,
         report.text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_lua_reference_sells_exactly_its_stock() {
+    let database = TestDatabase::create().await;
+    let config = ReferenceConfig {
+        mysql_url: database.url.clone(),
+        listen: "127.0.0.1:0".parse().expect("addr"),
+        pool_size: 16,
+        no_stock_check: false,
+        stall_at: None,
+        stall_for: Duration::from_secs(1),
+    };
+    let addr = loadtest::redis_lua::serve_redis_lua(config, "redis://127.0.0.1:6379")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let scenario = flash_sale(100);
+    let report = drive(addr, &scenario, Model::Closed, Duration::from_secs(20), 800).await;
+    assert!(report.passed(), "{}", report.text());
+    assert_eq!(
+        report
+            .verification
+            .units_sold_by_harness
+            .get(&scenario.hot_sku()),
+        Some(&100),
+        "800 buyers for 100 units sell them all"
     );
 }
