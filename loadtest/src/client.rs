@@ -16,6 +16,20 @@ pub struct Request {
     pub body: String,
 }
 
+/// What one scheduled arrival does: one request, or a buyer's cart flow (create a cart, put its
+/// lines, check it out by `cart_id`), measured as one.
+#[derive(Debug, Clone)]
+pub enum Job {
+    Single(Request),
+    CartCheckout {
+        /// (sku, quantity) lines.
+        lines: Vec<(String, i64)>,
+        customer_id: String,
+        payment_token: String,
+        key: String,
+    },
+}
+
 /// An answer.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -110,6 +124,46 @@ impl Connection {
             self.sender = None;
         }
         result
+    }
+
+    /// Runs a job; the answer is the request's, or the checkout's for a cart flow.
+    pub async fn run(&mut self, job: &Job) -> Result<Answer, String> {
+        match job {
+            Job::Single(request) => self.send(request).await,
+            Job::CartCheckout {
+                lines,
+                customer_id,
+                payment_token,
+                key,
+            } => {
+                let cart = Request {
+                    method: "POST",
+                    path: "/v1/carts".into(),
+                    key: None,
+                    body: String::new(),
+                };
+                let created = self.expect(&cart, 201).await?;
+                let cart: serde_json::Value =
+                    serde_json::from_slice(&created.body).map_err(|e| e.to_string())?;
+                let cart_id = cart["cart_id"].as_str().ok_or("no cart_id")?.to_owned();
+                for (sku, quantity) in lines {
+                    let item = Request {
+                        method: "PUT",
+                        path: format!("/v1/carts/{cart_id}/items/{sku}"),
+                        key: None,
+                        body: serde_json::json!({ "quantity": quantity }).to_string(),
+                    };
+                    self.expect(&item, 200).await?;
+                }
+                let checkout = Request {
+                    method: "POST",
+                    path: "/v1/checkout".into(),
+                    key: Some(key.clone()),
+                    body: serde_json::json!({"cart_id": cart_id, "customer_id": customer_id, "payment_token": payment_token}).to_string(),
+                };
+                self.send(&checkout).await
+            }
+        }
     }
 
     /// Sends a request that must be answered with `expected`; the error names what happened.

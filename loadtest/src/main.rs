@@ -15,7 +15,7 @@ use std::time::Duration;
 
 const USAGE: &str = "\
 Usage:
-  loadtest <flash-sale|steady> [OPTIONS]
+  loadtest <flash-sale|steady|mixed> [OPTIONS]
   loadtest compare <flash-sale|steady> [OPTIONS]
   loadtest serve-reference --kind mysql-for-update|redis-lua --mysql-url URL [--redis-url URL] [--listen ADDR]
 
@@ -36,11 +36,13 @@ Options:
   --model MODEL          open (constant arrival rate, latency from the intended send time) |
                          closed (each connection sends when answered) [default open]
   --rate N               open model: requests per second [default 1000]
+  --rate-to N            open model: ramp the rate from --rate to N over the run
+  --steps K              with --rate-to: K equal steps instead of a linear ramp
   --connections N        keep-alive connections [default 64]
   --duration D           how long to send, e.g. 10s [default 10s]
   --requests N           the most requests sent [default 1000000]
   --stock N              flash-sale: units of the hot SKU [default 1000]
-  --skus N               steady: SKUs [default 10000]
+  --skus N               steady, mixed: SKUs [default 10000]
   --double-percent N     flash-sale: buyers who submit twice with one key [default 10]
   --decline-percent N    flash-sale: buyers whose card is declined [default 10]
   --out DIR              also write report.json, report.md, latency.svg, throughput.svg there
@@ -175,7 +177,7 @@ async fn measure(
     eprintln!("setting up {} on {target_name} at {addr}", kind.name());
     scenario.setup(addr).await?;
     let requests = scenario.clone();
-    let recording = run(&config, move |i| requests.request(i)).await;
+    let recording = run(&config, move |i| requests.job(i)).await;
     let verification = scenario.verify(addr, &recording).await;
     Ok(Report::new(
         target_name,
@@ -190,6 +192,10 @@ async fn measure(
 fn model_name(model: Model) -> String {
     match model {
         Model::Open { rate } => format!("open model, {rate:.0} req/s"),
+        Model::Ramp { from, to, steps: 0 } => format!("open model, {from:.0} → {to:.0} req/s"),
+        Model::Ramp { from, to, steps } => {
+            format!("open model, {from:.0} → {to:.0} req/s in {steps} steps")
+        }
         Model::Closed => "closed model".to_owned(),
     }
 }
@@ -201,11 +207,13 @@ async fn ceiling(
     model: Model,
 ) -> Result<Report, String> {
     let config = run_config(options, addr, model)?;
-    let recording = run(&config, |_| loadtest::client::Request {
-        method: "GET",
-        path: "/healthz".into(),
-        key: None,
-        body: String::new(),
+    let recording = run(&config, |_| {
+        loadtest::client::Job::Single(loadtest::client::Request {
+            method: "GET",
+            path: "/healthz".into(),
+            key: None,
+            body: String::new(),
+        })
     })
     .await;
     Ok(Report::new(
@@ -319,8 +327,15 @@ async fn load(kind: Kind, options: HashMap<String, String>) -> Result<bool, Stri
         }
     };
     let model = match options.get("model").map_or("open", String::as_str) {
-        "open" => Model::Open {
-            rate: number(&options, "rate", 1000.0)?,
+        "open" => match options.get("rate-to") {
+            None => Model::Open {
+                rate: number(&options, "rate", 1000.0)?,
+            },
+            Some(_) => Model::Ramp {
+                from: number(&options, "rate", 1000.0)?,
+                to: number(&options, "rate-to", 1000.0)?,
+                steps: number(&options, "steps", 0u32)?,
+            },
         },
         "closed" => Model::Closed,
         other => return Err(format!("--model {other:?}: use open or closed")),

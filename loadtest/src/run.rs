@@ -2,7 +2,7 @@
 //! latency measured from the intended send time, as wrk2 does) and the closed model (N connections
 //! each sending as soon as its previous answer arrived). Both are bounded in time and in count.
 
-use crate::client::{Answer, Connection, Request};
+use crate::client::{Answer, Connection, Job};
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -16,8 +16,67 @@ use std::time::{Duration, Instant};
 pub enum Model {
     /// A constant arrival rate (requests per second), whatever the answers do.
     Open { rate: f64 },
+    /// An arrival rate going from `from` to `to` over the run: linearly (`steps == 0`) or in
+    /// `steps` equal steps. Open model too.
+    Ramp { from: f64, to: f64, steps: u32 },
     /// Each connection sends its next request when its previous one was answered.
     Closed,
+}
+
+impl Model {
+    /// When request `index` is due, in seconds from the start (`None`: closed model).
+    fn due(self, index: u64, duration: f64) -> Option<f64> {
+        let i = index as f64;
+        match self {
+            Model::Closed => None,
+            Model::Open { rate } => Some(i / rate),
+            Model::Ramp { from, to, steps: 0 } => {
+                let slope = (to - from) / duration;
+                if slope.abs() < 1e-12 {
+                    Some(i / from)
+                } else {
+                    // i = from·t + slope·t²/2, solved for t.
+                    Some((-from + (from * from + 2.0 * slope * i).max(0.0).sqrt()) / slope)
+                }
+            }
+            Model::Ramp { from, to, steps } => {
+                let step_seconds = duration / f64::from(steps);
+                let mut before = 0.0;
+                for step in 0..steps {
+                    let rate = if steps == 1 {
+                        from
+                    } else {
+                        from + (to - from) * f64::from(step) / f64::from(steps - 1)
+                    };
+                    let in_step = rate * step_seconds;
+                    if i < before + in_step {
+                        return Some(f64::from(step) * step_seconds + (i - before) / rate);
+                    }
+                    before += in_step;
+                }
+                Some(duration)
+            }
+        }
+    }
+
+    /// How many requests the schedule holds over `duration` seconds.
+    fn arrivals(self, duration: f64) -> u64 {
+        match self {
+            Model::Closed => u64::MAX,
+            Model::Open { rate } => (duration * rate) as u64,
+            Model::Ramp { from, to, steps: 0 } => (duration * (from + to) / 2.0) as u64,
+            Model::Ramp { from, to, steps } => (0..steps)
+                .map(|step| {
+                    let rate = if steps == 1 {
+                        from
+                    } else {
+                        from + (to - from) * f64::from(step) / f64::from(steps - 1)
+                    };
+                    rate * duration / f64::from(steps)
+                })
+                .sum::<f64>() as u64,
+        }
+    }
 }
 
 /// One run's bounds.
@@ -79,10 +138,10 @@ struct Worker {
     outcomes: Vec<Outcome>,
 }
 
-/// Sends `request(i)` for i = 0, 1, ... under `config`'s model and bounds.
+/// Runs `job(i)` for i = 0, 1, ... under `config`'s model and bounds.
 pub async fn run<F>(config: &RunConfig, request: F) -> Recording
 where
-    F: Fn(u64) -> Request + Send + Sync + 'static,
+    F: Fn(u64) -> Job + Send + Sync + 'static,
 {
     let request = Arc::new(request);
     let next = Arc::new(AtomicU64::new(0));
@@ -92,12 +151,10 @@ where
     let start = Instant::now() + Duration::from_millis(20);
     let deadline = start + config.duration;
     let hard_stop = deadline + config.duration + Duration::from_secs(10);
-    let total = match config.model {
-        Model::Open { rate } => {
-            ((config.duration.as_secs_f64() * rate) as u64).min(config.requests_max)
-        }
-        Model::Closed => config.requests_max,
-    };
+    let total = config
+        .model
+        .arrivals(config.duration.as_secs_f64())
+        .min(config.requests_max);
     let progress = config.progress && std::io::stderr().is_terminal();
     let reporter = progress.then(|| {
         let (done, errors, worst_us) = (
@@ -133,6 +190,7 @@ where
                 Arc::clone(&worst_us),
             );
             let (addr, model) = (config.addr, config.model);
+            let seconds = config.duration.as_secs_f64();
             let (start, deadline, hard_stop) = (start, deadline, hard_stop);
             tokio::spawn(async move {
                 let mut connection = Connection::new(addr);
@@ -153,13 +211,13 @@ where
                     if index >= total {
                         break;
                     }
-                    let intended = match model {
-                        Model::Open { rate } => {
-                            let at = start + Duration::from_secs_f64(index as f64 / rate);
+                    let intended = match model.due(index, seconds) {
+                        Some(due) => {
+                            let at = start + Duration::from_secs_f64(due);
                             tokio::time::sleep_until(at.into()).await;
                             at
                         }
-                        Model::Closed => {
+                        None => {
                             let now = Instant::now();
                             if now >= deadline {
                                 break;
@@ -167,7 +225,7 @@ where
                             now
                         }
                     };
-                    let outcome = connection.send(&request(index)).await;
+                    let outcome = connection.run(&request(index)).await;
                     let finished = Instant::now();
                     let micros = finished.saturating_duration_since(intended).as_micros() as u64;
                     let (status, replayed, body) = match outcome {
@@ -240,4 +298,61 @@ where
     recording.sent = recording.outcomes.len() as u64;
     recording.elapsed = Instant::now().saturating_duration_since(start);
     recording
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedules_hold_their_arrivals_in_order() {
+        for model in [
+            Model::Open { rate: 100.0 },
+            Model::Ramp {
+                from: 100.0,
+                to: 300.0,
+                steps: 0,
+            },
+            Model::Ramp {
+                from: 100.0,
+                to: 300.0,
+                steps: 3,
+            },
+        ] {
+            let total = model.arrivals(10.0);
+            let mut last = -1.0;
+            for i in 0..total {
+                let due = model.due(i, 10.0).expect("open");
+                assert!(due >= last && due <= 10.0 + 1e-6, "{model:?} {i}: {due}");
+                last = due;
+            }
+        }
+        assert_eq!(
+            Model::Ramp {
+                from: 100.0,
+                to: 300.0,
+                steps: 0
+            }
+            .arrivals(10.0),
+            2_000
+        );
+        assert_eq!(
+            Model::Ramp {
+                from: 100.0,
+                to: 300.0,
+                steps: 3
+            }
+            .arrivals(9.0),
+            1_800
+        );
+        // 100/s rising by 20/s each second: 1,000 arrivals after (-100 + sqrt(50,000)) / 20 s.
+        let half = Model::Ramp {
+            from: 100.0,
+            to: 300.0,
+            steps: 0,
+        }
+        .due(1_000, 10.0)
+        .expect("open");
+        assert!((half - 6.1803).abs() < 0.001, "{half}");
+    }
 }

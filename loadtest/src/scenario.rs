@@ -8,7 +8,7 @@
 //! (never more than the stock), checks `available + reserved + sold == stock` on the target, that
 //! each idempotency key maps to one order, and that replays are identical to first answers.
 
-use crate::client::{Connection, Request};
+use crate::client::{Connection, Job, Request};
 use crate::run::Recording;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -18,6 +18,9 @@ use std::net::SocketAddr;
 pub enum Kind {
     FlashSale,
     Steady,
+    /// Carts: each buyer creates a cart, puts 1–3 lines in it and checks out by `cart_id`
+    /// (Turnstile only: the references serve the item-list form alone).
+    Mixed,
 }
 
 impl Kind {
@@ -25,6 +28,7 @@ impl Kind {
         match raw {
             "flash-sale" => Some(Kind::FlashSale),
             "steady" => Some(Kind::Steady),
+            "mixed" => Some(Kind::Mixed),
             _ => None,
         }
     }
@@ -33,6 +37,7 @@ impl Kind {
         match self {
             Kind::FlashSale => "flash-sale",
             Kind::Steady => "steady",
+            Kind::Mixed => "mixed",
         }
     }
 }
@@ -85,7 +90,7 @@ impl Scenario {
     pub fn all_skus(&self) -> Vec<String> {
         match self.kind {
             Kind::FlashSale => vec![self.hot_sku()],
-            Kind::Steady => (0..self.skus as u64).map(|n| self.sku(n)).collect(),
+            Kind::Steady | Kind::Mixed => (0..self.skus as u64).map(|n| self.sku(n)).collect(),
         }
     }
 
@@ -93,7 +98,7 @@ impl Scenario {
     pub async fn setup(&self, addr: SocketAddr) -> Result<(), String> {
         let stock = match self.kind {
             Kind::FlashSale => self.stock,
-            Kind::Steady => 1_000_000_000,
+            Kind::Steady | Kind::Mixed => 1_000_000_000,
         };
         let skus = self.all_skus();
         let chunks: Vec<Vec<String>> = skus
@@ -129,37 +134,61 @@ impl Scenario {
         }
     }
 
-    /// Request `i`.
-    pub fn request(&self, i: u64) -> Request {
+    /// The (sku, quantity) lines of request `i`.
+    pub fn lines(&self, i: u64) -> Vec<(String, i64)> {
         let buyer = self.buyer(i);
-        let body = match self.kind {
-            Kind::FlashSale => {
-                let token = if spread(buyer) % 100 < self.decline_percent {
-                    "tok_decline"
-                } else {
-                    "tok_ok"
-                };
-                serde_json::json!({
-                    "items": [{"sku": self.hot_sku(), "quantity": 1}],
-                    "customer_id": format!("buyer-{buyer}"),
-                    "payment_token": token,
-                })
-            }
-            Kind::Steady => {
+        match self.kind {
+            Kind::FlashSale => vec![(self.hot_sku(), 1)],
+            Kind::Steady | Kind::Mixed => {
                 let choice = spread(buyer);
-                let lines = if choice.is_multiple_of(5) { 3 } else { 1 };
-                let items: Vec<_> = (0..lines)
-                    .map(|l| serde_json::json!({"sku": self.sku(spread(choice + l) % self.skus as u64), "quantity": 1}))
-                    .collect();
-                serde_json::json!({"items": items, "customer_id": format!("buyer-{buyer}"), "payment_token": "tok_ok"})
+                let count = if choice.is_multiple_of(5) { 3 } else { 1 };
+                let mut lines: Vec<(String, i64)> = Vec::new();
+                for l in 0..count {
+                    let sku = self.sku(spread(choice + l) % self.skus as u64);
+                    // A cart holds one line per SKU: merge repeats.
+                    match lines.iter_mut().find(|(s, _)| *s == sku) {
+                        Some((_, quantity)) => *quantity += 1,
+                        None => lines.push((sku, 1)),
+                    }
+                }
+                lines
             }
-        };
-        Request {
+        }
+    }
+
+    fn token(&self, buyer: u64) -> &'static str {
+        if self.kind == Kind::FlashSale && spread(buyer) % 100 < self.decline_percent {
+            "tok_decline"
+        } else {
+            "tok_ok"
+        }
+    }
+
+    /// What arrival `i` does.
+    pub fn job(&self, i: u64) -> Job {
+        let buyer = self.buyer(i);
+        let key = format!("{}-{buyer}", self.run_id);
+        let customer_id = format!("buyer-{buyer}");
+        let lines = self.lines(i);
+        if self.kind == Kind::Mixed {
+            return Job::CartCheckout {
+                lines,
+                customer_id,
+                payment_token: self.token(buyer).into(),
+                key,
+            };
+        }
+        let items: Vec<_> = lines
+            .iter()
+            .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
+            .collect();
+        let body = serde_json::json!({"items": items, "customer_id": customer_id, "payment_token": self.token(buyer)});
+        Job::Single(Request {
             method: "POST",
             path: "/v1/checkout".into(),
-            key: Some(format!("{}-{buyer}", self.run_id)),
+            key: Some(key),
             body: body.to_string(),
-        }
+        })
     }
 
     /// Checks the invariants against the answers and the target's state.
@@ -205,12 +234,8 @@ impl Scenario {
                 }
                 if matches!(outcome.status, 201 | 202) && counted_orders.insert(order_id.to_owned())
                 {
-                    let request = self.request(outcome.index);
-                    let body: serde_json::Value =
-                        serde_json::from_str(&request.body).unwrap_or_default();
-                    for item in body["items"].as_array().into_iter().flatten() {
-                        let sku = item["sku"].as_str().unwrap_or_default().to_owned();
-                        *units.entry(sku).or_default() += item["quantity"].as_i64().unwrap_or(0);
+                    for (sku, quantity) in self.lines(outcome.index) {
+                        *units.entry(sku).or_default() += quantity;
                     }
                 }
             }

@@ -41,7 +41,7 @@ async fn drive(
         progress: false,
     };
     let requests = scenario.clone();
-    let recording = run(&config, move |i| requests.request(i)).await;
+    let recording = run(&config, move |i| requests.job(i)).await;
     let verification = scenario.verify(addr, &recording).await;
     Report::new(
         "test",
