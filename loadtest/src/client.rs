@@ -38,34 +38,110 @@ pub struct Answer {
     pub body: Bytes,
 }
 
-/// A keep-alive connection.
+enum Sender {
+    Http1(SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Sender {
+    fn is_closed(&self) -> bool {
+        match self {
+            Sender::Http1(s) => s.is_closed(),
+            Sender::Http2(s) => s.is_closed(),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        request: hyper::Request<Full<Bytes>>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        match self {
+            Sender::Http1(s) => {
+                s.ready().await.map_err(|e| format!("ready: {e}"))?;
+                s.send_request(request)
+                    .await
+                    .map_err(|e| format!("send: {e}"))
+            }
+            Sender::Http2(s) => {
+                s.ready().await.map_err(|e| format!("ready: {e}"))?;
+                s.send_request(request)
+                    .await
+                    .map_err(|e| format!("send: {e}"))
+            }
+        }
+    }
+}
+
+/// Runs hyper's HTTP/2 connection tasks on tokio.
+#[derive(Clone, Copy)]
+struct TokioExecutor;
+
+impl<F> hyper::rt::Executor<F> for TokioExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, future: F) {
+        tokio::spawn(future);
+    }
+}
+
+/// A keep-alive connection: HTTP/1.1, or HTTP/2 over cleartext (prior knowledge).
 pub struct Connection {
     addr: SocketAddr,
-    sender: Option<SendRequest<Full<Bytes>>>,
+    http2: bool,
+    sender: Option<Sender>,
 }
 
 impl Connection {
+    /// An HTTP/1.1 connection.
     pub fn new(addr: SocketAddr) -> Self {
-        Self { addr, sender: None }
+        Self {
+            addr,
+            http2: false,
+            sender: None,
+        }
     }
 
-    async fn ready(&mut self) -> Result<&mut SendRequest<Full<Bytes>>, String> {
-        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+    /// An HTTP/2 (h2c) connection.
+    pub fn http2(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            http2: true,
+            sender: None,
+        }
+    }
+
+    async fn ready(&mut self) -> Result<&mut Sender, String> {
+        if self.sender.as_ref().is_none_or(Sender::is_closed) {
             let stream = tokio::net::TcpStream::connect(self.addr)
                 .await
                 .map_err(|e| format!("connect {}: {e}", self.addr))?;
             let _ = stream.set_nodelay(true);
-            let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| format!("handshake: {e}"))?;
-            tokio::spawn(async move {
-                let _ = connection.await;
-            });
+            let sender = if self.http2 {
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor, TokioIo::new(stream))
+                        .await
+                        .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                Sender::Http2(sender)
+            } else {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                        .await
+                        .map_err(|e| format!("handshake: {e}"))?;
+                tokio::spawn(async move {
+                    let _ = connection.await;
+                });
+                Sender::Http1(sender)
+            };
             self.sender = Some(sender);
         }
-        let sender = self.sender.as_mut().ok_or("no connection")?;
-        sender.ready().await.map_err(|e| format!("ready: {e}"))?;
-        Ok(sender)
+        self.sender
+            .as_mut()
+            .ok_or_else(|| "no connection".to_owned())
     }
 
     /// Sends a request and reads the whole answer; `Err` if there was none.
@@ -85,12 +161,16 @@ impl Connection {
         body: &str,
     ) -> Result<Answer, String> {
         let host = self.addr.to_string();
+        let http2 = self.http2;
         let sender = self.ready().await?;
         let mut builder = hyper::Request::builder()
             .method(method)
-            .uri(path)
-            .header("host", host)
             .header("content-type", "application/json");
+        builder = if http2 {
+            builder.uri(format!("http://{host}{path}"))
+        } else {
+            builder.uri(path).header("host", host)
+        };
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
@@ -98,10 +178,7 @@ impl Connection {
             .body(Full::new(Bytes::from(body.to_owned())))
             .map_err(|e| format!("request: {e}"))?;
         let result = async {
-            let response = sender
-                .send_request(http)
-                .await
-                .map_err(|e| format!("send: {e}"))?;
+            let response = sender.send(http).await?;
             let status = response.status().as_u16();
             let replayed = response
                 .headers()

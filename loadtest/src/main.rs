@@ -45,6 +45,7 @@ Options:
   --skus N               steady, mixed: SKUs [default 10000]
   --double-percent N     flash-sale: buyers who submit twice with one key [default 10]
   --decline-percent N    flash-sale: buyers whose card is declined [default 10]
+  --http2                HTTP/2 over cleartext (prior knowledge) instead of HTTP/1.1
   --out DIR              also write report.json, report.md, latency.svg, throughput.svg there
 ";
 
@@ -69,7 +70,7 @@ fn options(args: &[String]) -> Result<HashMap<String, String>, String> {
         let name = arg
             .strip_prefix("--")
             .ok_or_else(|| format!("unexpected argument {arg:?}"))?;
-        if matches!(name, "no-stock-check") {
+        if matches!(name, "no-stock-check" | "http2") {
             map.insert(name.to_owned(), "true".to_owned());
             continue;
         }
@@ -148,6 +149,7 @@ fn run_config(
         duration: parse_duration(options.get("duration").map_or("10s", String::as_str))?,
         requests_max: number(options, "requests", 1_000_000u64)?,
         progress: true,
+        http2: options.contains_key("http2"),
     })
 }
 

@@ -91,6 +91,8 @@ pub struct RunConfig {
     pub requests_max: u64,
     /// Print a progress line every second (only when standard error is a terminal).
     pub progress: bool,
+    /// HTTP/2 (h2c, prior knowledge) instead of HTTP/1.1.
+    pub http2: bool,
 }
 
 /// What one request got: its index, status (0: no answer) and body.
@@ -191,9 +193,14 @@ where
             );
             let (addr, model) = (config.addr, config.model);
             let seconds = config.duration.as_secs_f64();
+            let http2 = config.http2;
             let (start, deadline, hard_stop) = (start, deadline, hard_stop);
             tokio::spawn(async move {
-                let mut connection = Connection::new(addr);
+                let mut connection = if http2 {
+                    Connection::http2(addr)
+                } else {
+                    Connection::new(addr)
+                };
                 let mut worker = Worker {
                     latency_by_outcome: BTreeMap::new(),
                     latency_all: histogram(),

@@ -39,6 +39,7 @@ async fn drive(
         duration,
         requests_max,
         progress: false,
+        http2: false,
     };
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
@@ -172,5 +173,34 @@ async fn the_redis_lua_reference_sells_exactly_its_stock() {
             .get(&scenario.hot_sku()),
         Some(&100),
         "800 buyers for 100 units sell them all"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_drives_turnstile_over_http2_too() {
+    let app = spawn_app(&[]);
+    let scenario = flash_sale(30);
+    scenario.setup(app.addr).await.expect("setup");
+    let config = RunConfig {
+        addr: app.addr,
+        model: Model::Closed,
+        connections: 8,
+        duration: Duration::from_secs(20),
+        requests_max: 300,
+        progress: false,
+        http2: true,
+    };
+    let requests = scenario.clone();
+    let recording = run(&config, move |i| requests.job(i)).await;
+    let verification = scenario.verify(app.addr, &recording).await;
+    let report = Report::new("test", "flash-sale", "h2", 8, &recording, verification);
+    assert!(report.passed(), "{}", report.text());
+    assert_eq!(report.errors, 0);
+    assert_eq!(
+        report
+            .verification
+            .units_sold_by_harness
+            .get(&scenario.hot_sku()),
+        Some(&30)
     );
 }
