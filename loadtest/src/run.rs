@@ -119,6 +119,49 @@ pub struct Recording {
     pub sent: u64,
 }
 
+/// A coarse latency histogram of atomics (4 buckets per doubling from 1 µs), for the live
+/// progress line: workers record without locking, the reporter reads a p99 so far.
+struct LiveLatency {
+    buckets: Vec<AtomicU64>,
+}
+
+impl LiveLatency {
+    const BUCKETS: usize = 4 * 40;
+
+    fn new() -> Self {
+        Self {
+            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn bucket(micros: u64) -> usize {
+        ((micros.max(1) as f64).log2() * 4.0) as usize
+    }
+
+    fn record(&self, micros: u64) {
+        let bucket = Self::bucket(micros).min(Self::BUCKETS - 1);
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The upper bound of the bucket holding the 99th percentile, in milliseconds.
+    fn p99_ms(&self) -> f64 {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        let mut seen = 0;
+        for (bucket, count) in counts.iter().enumerate() {
+            seen += count;
+            if total > 0 && seen * 100 >= total * 99 {
+                return 2f64.powf((bucket + 1) as f64 / 4.0) / 1000.0;
+            }
+        }
+        0.0
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     // 1 µs to 10 minutes, 3 significant digits.
     Histogram::new_with_bounds(1, 600_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
@@ -149,7 +192,7 @@ where
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let worst_us = Arc::new(AtomicU64::new(0));
+    let live = Arc::new(LiveLatency::new());
     let start = Instant::now() + Duration::from_millis(20);
     let deadline = start + config.duration;
     let hard_stop = deadline + config.duration + Duration::from_secs(10);
@@ -159,11 +202,7 @@ where
         .min(config.requests_max);
     let progress = config.progress && std::io::stderr().is_terminal();
     let reporter = progress.then(|| {
-        let (done, errors, worst_us) = (
-            Arc::clone(&done),
-            Arc::clone(&errors),
-            Arc::clone(&worst_us),
-        );
+        let (done, errors, live) = (Arc::clone(&done), Arc::clone(&errors), Arc::clone(&live));
         tokio::spawn(async move {
             let mut last = 0;
             let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -172,11 +211,11 @@ where
                 ticker.tick().await;
                 let now = done.load(Ordering::Relaxed);
                 eprint!(
-                    "\r{:>8} answers  {:>8}/s  errors {:>6}  worst so far {:>8.1} ms   ",
+                    "\r{:>8} answers  {:>8}/s  errors {:>6}  p99 so far {:>8.2} ms   ",
                     now,
                     now - last,
                     errors.load(Ordering::Relaxed),
-                    worst_us.load(Ordering::Relaxed) as f64 / 1000.0
+                    live.p99_ms()
                 );
                 last = now;
             }
@@ -184,12 +223,12 @@ where
     });
     let workers: Vec<_> = (0..config.connections)
         .map(|_| {
-            let (request, next, done, errors, worst_us) = (
+            let (request, next, done, errors, live) = (
                 Arc::clone(&request),
                 Arc::clone(&next),
                 Arc::clone(&done),
                 Arc::clone(&errors),
-                Arc::clone(&worst_us),
+                Arc::clone(&live),
             );
             let (addr, model) = (config.addr, config.model);
             let seconds = config.duration.as_secs_f64();
@@ -247,7 +286,7 @@ where
                         }
                     };
                     let micros = micros.max(1);
-                    worst_us.fetch_max(micros, Ordering::Relaxed);
+                    live.record(micros);
                     let _ = worker.latency_all.record(micros);
                     let _ = worker
                         .latency_by_outcome
@@ -310,6 +349,19 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_live_p99_is_the_bucket_of_the_99th_percentile() {
+        let live = LiveLatency::new();
+        for _ in 0..99 {
+            live.record(1_000);
+        }
+        live.record(1_000_000);
+        let p99 = live.p99_ms();
+        assert!((1.0..1.2).contains(&p99), "{p99}");
+        live.record(1_000_000);
+        assert!(live.p99_ms() > 900.0);
+    }
 
     #[test]
     fn schedules_hold_their_arrivals_in_order() {
