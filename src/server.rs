@@ -191,12 +191,21 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
         }
         if now - last_slow_sweep >= 60_000 {
             last_slow_sweep = now;
-            let carts = app.carts.sweep(now);
-            let answers = app
-                .engine
-                .idempotency()
-                .purge_before(now - ANSWER_RETENTION_MS);
-            tracing::debug!(carts, answers, "expired carts and answers dropped");
+            // Scanning every cart and kept answer takes milliseconds with millions of them: off
+            // the runtime's workers, so no request waits behind it.
+            let app = Arc::clone(&app);
+            let swept = tokio::task::spawn_blocking(move || {
+                let carts = app.carts.sweep(now);
+                let answers = app
+                    .engine
+                    .idempotency()
+                    .purge_before(now - ANSWER_RETENTION_MS);
+                (carts, answers)
+            })
+            .await;
+            if let Ok((carts, answers)) = swept {
+                tracing::debug!(carts, answers, "expired carts and answers dropped");
+            }
         }
     }
 }

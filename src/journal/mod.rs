@@ -6,6 +6,7 @@
 //! Implementations: [`file::FileJournal`] (the embedded default); the MySQL one comes later and
 //! passes the same tests.
 
+pub mod event_log;
 pub mod file;
 pub mod mysql;
 pub(crate) mod pipeline;

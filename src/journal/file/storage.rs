@@ -39,6 +39,9 @@ pub trait Storage: Send + Sync {
     fn remove(&self, name: &str) -> io::Result<()>;
 }
 
+/// How much of a large file is written between two syncs.
+const WRITE_SYNC_BYTES: usize = 4 << 20;
+
 /// The real disk: a directory.
 #[derive(Debug, Clone)]
 pub struct DiskStorage {
@@ -117,7 +120,12 @@ impl Storage for DiskStorage {
         let temporary = self.dir.join(format!("{name}.tmp"));
         {
             let mut file = File::create(&temporary)?;
-            file.write_all(bytes)?;
+            // Flushing a snapshot of hundreds of MiB at once would make the journal's own small
+            // fdatasync calls queue behind it: sync as it goes, a few MiB at a time.
+            for chunk in bytes.chunks(WRITE_SYNC_BYTES) {
+                file.write_all(chunk)?;
+                file.sync_data()?;
+            }
             file.sync_all()?;
         }
         fs::rename(&temporary, self.dir.join(name))?;
