@@ -3,14 +3,13 @@
 //! INSERT into MariaDB; the answer is kept in Redis for replays. This is the design the "Redis Lua
 //! decrement plus a queue" crowd ships, with the queue replaced by a direct INSERT.
 
-use crate::reference::ReferenceConfig;
+use crate::reference::{error, json, parse_checkout, CheckoutBody, ProductBody, ReferenceConfig};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{post, put};
 use axum::Router;
-use serde::Deserialize;
 use sqlx::mysql::{MySqlPool, MySqlPoolOptions};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,17 +35,6 @@ struct Shared {
     pool: MySqlPool,
     prefix: String,
     reserve: redis::Script,
-}
-
-fn json(status: StatusCode, body: String) -> Response {
-    (status, [("content-type", "application/json")], body).into_response()
-}
-
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
-    json(
-        status,
-        serde_json::json!({"error": code, "message": message}).to_string(),
-    )
 }
 
 /// Starts the server; returns its address (it runs until the process ends).
@@ -90,11 +78,6 @@ pub async fn serve_redis_lua(
         let _ = axum::serve(listener, router).await;
     });
     Ok(addr)
-}
-
-#[derive(Deserialize)]
-struct ProductBody {
-    stock: i64,
 }
 
 async fn put_product(
@@ -147,33 +130,10 @@ async fn get_product(State(shared): State<Arc<Shared>>, Path(sku): Path<String>)
     }
 }
 
-#[derive(Deserialize)]
-struct Line {
-    sku: String,
-    quantity: i64,
-}
-
-#[derive(Deserialize)]
-struct CheckoutBody {
-    items: Vec<Line>,
-    customer_id: String,
-    payment_token: String,
-}
-
 async fn checkout(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
-    let Some(key) = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Idempotency-Key is required",
-        );
-    };
-    let Ok(request) = serde_json::from_slice::<CheckoutBody>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "bad checkout");
+    let (key, request) = match parse_checkout(&headers, &body) {
+        Ok(parsed) => parsed,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, "invalid_request", problem),
     };
     match place(&shared, &key, &body, request).await {
         Ok((status, body)) => json(status, body),

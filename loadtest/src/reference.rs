@@ -87,11 +87,11 @@ pub async fn serve_mysql_for_update(config: ReferenceConfig) -> Result<SocketAdd
     Ok(addr)
 }
 
-fn json(status: StatusCode, body: String) -> Response {
+pub(crate) fn json(status: StatusCode, body: String) -> Response {
     (status, [("content-type", "application/json")], body).into_response()
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     json(
         status,
         serde_json::json!({"error": code, "message": message}).to_string(),
@@ -119,12 +119,13 @@ async fn maybe_stall(shared: &Shared) {
     }
 }
 
+/// A product as both reference servers read it.
 #[derive(Deserialize)]
-struct ProductBody {
-    name: String,
-    price_cents: i64,
-    currency: String,
-    stock: i64,
+pub(crate) struct ProductBody {
+    pub name: String,
+    pub price_cents: i64,
+    pub currency: String,
+    pub stock: i64,
 }
 
 async fn put_product(
@@ -186,17 +187,32 @@ async fn get_product(State(shared): State<Arc<Shared>>, Path(sku): Path<String>)
     }
 }
 
+/// One checkout line.
 #[derive(Deserialize)]
-struct Line {
-    sku: String,
-    quantity: i64,
+pub(crate) struct Line {
+    pub sku: String,
+    pub quantity: i64,
 }
 
+/// The item-list form of a checkout, the one the reference servers serve.
 #[derive(Deserialize)]
-struct CheckoutBody {
-    items: Vec<Line>,
-    customer_id: String,
-    payment_token: String,
+pub(crate) struct CheckoutBody {
+    pub items: Vec<Line>,
+    pub customer_id: String,
+    pub payment_token: String,
+}
+
+/// Reads the key and the body of a checkout, or says what is wrong with them (a `400`).
+pub(crate) fn parse_checkout(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<(String, CheckoutBody), &'static str> {
+    let key = headers
+        .get("idempotency-key")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("Idempotency-Key is required")?;
+    let request = serde_json::from_slice::<CheckoutBody>(body).map_err(|_| "bad checkout")?;
+    Ok((key.to_owned(), request))
 }
 
 fn fingerprint(body: &[u8]) -> String {
@@ -210,19 +226,9 @@ fn fingerprint(body: &[u8]) -> String {
 
 async fn checkout(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
     maybe_stall(&shared).await;
-    let Some(key) = headers
-        .get("idempotency-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned)
-    else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Idempotency-Key is required",
-        );
-    };
-    let Ok(request) = serde_json::from_slice::<CheckoutBody>(&body) else {
-        return error(StatusCode::BAD_REQUEST, "invalid_request", "bad checkout");
+    let (key, request) = match parse_checkout(&headers, &body) {
+        Ok(parsed) => parsed,
+        Err(problem) => return error(StatusCode::BAD_REQUEST, "invalid_request", problem),
     };
     let fingerprint = fingerprint(&body);
     match place(&shared, &key, &fingerprint, request).await {

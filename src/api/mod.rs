@@ -100,13 +100,10 @@ async fn record_metrics(State(state): State<Shared>, request: Request, next: Nex
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned());
+        .map_or(crate::metrics::UNMATCHED_ROUTE, MatchedPath::as_str);
+    let metrics = state.metrics.route(route);
     let response = next.run(request).await;
-    let route = route.as_deref().unwrap_or(crate::metrics::UNMATCHED_ROUTE);
-    state
-        .metrics
-        .route(route)
-        .record(response.status().as_u16(), started.elapsed().as_secs_f64());
+    metrics.record(response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 

@@ -93,6 +93,8 @@ impl Pipeline {
                 })
             }
         };
+        // The events are built before the lock (allocations, id clones) and numbered under it.
+        let mut events = record.events(0);
         let (waiter, receiver) = oneshot::channel();
         let mut queue = lock(&self.queue);
         match &queue.phase {
@@ -104,7 +106,9 @@ impl Pipeline {
         let first_event_seq = queue.next_event_seq;
         queue.next_lsn += 1;
         queue.next_event_seq += u64::from(record.event_count());
-        let events = record.events(first_event_seq);
+        for event in &mut events {
+            event.seq += first_event_seq;
+        }
         queue.entries.push(Entry {
             lsn,
             first_event_seq,

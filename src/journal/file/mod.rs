@@ -345,7 +345,8 @@ struct Writer {
 
 impl FileJournal {
     /// Opens the journal in `storage`: recovers the durable state (cutting a torn tail, refusing
-    /// corruption) and starts the writer. Returns the journal and the state it recovered.
+    /// corruption) and starts the writer. Returns the journal and the state it recovered; the
+    /// state's events stay in the journal (read them with `events`).
     pub fn open(
         storage: Arc<dyn Storage>,
         config: FileJournalConfig,
@@ -371,7 +372,7 @@ impl FileJournal {
             }
         };
         let closed_since_checkpoint = recovered.segments_read.len().saturating_sub(1);
-        let state = recovered.state;
+        let mut state = recovered.state;
         let recovery = recovered.report;
         tracing::info!(
             records = state.last_lsn,
@@ -386,7 +387,8 @@ impl FileJournal {
             storage,
             config,
             pipeline: Pipeline::new(recovered.next_lsn, recovered.next_event_seq),
-            events: RwLock::new(EventLog::from_events(state.events.clone())),
+            // The events move to the journal's log: the state handed back holds none.
+            events: RwLock::new(EventLog::from_events(std::mem::take(&mut state.events))),
             checkpoint_running: AtomicBool::new(false),
             checkpoint_lock: Mutex::new(()),
         });

@@ -1,0 +1,20 @@
+-- Checkouts of one SKU (the first script argument: SOLDOUT for the flash-sale flood, HOT for
+-- successful checkouts of a hot SKU), each with a new Idempotency-Key (the SKU is part of it, so
+-- runs of the two never share keys: wrk's random prefix is the same in every run), paid with tok_ok.
+local counter = 0
+local prefix = tostring(math.random(1, 1000000000))
+local body
+local sku
+function setup(thread)
+  thread:set("prefix", tostring(math.random(1, 1000000000)))
+end
+function init(args)
+  sku = args[1] or "SOLDOUT"
+  body = '{"items":[{"sku":"' .. sku .. '","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}'
+end
+request = function()
+  counter = counter + 1
+  return wrk.format("POST", "/v1/checkout",
+    { ["Idempotency-Key"] = sku .. "-" .. prefix .. "-" .. counter, ["Content-Type"] = "application/json" },
+    body)
+end
