@@ -52,6 +52,7 @@ fn order_record(n: u64) -> Record {
                 at_ms: 1_764_000_000_000,
             },
         )),
+        replaces_expired_key: false,
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
 use crate::engine::idempotency::RejectionLimits;
-use crate::engine::{Engine, EngineConfig};
+use crate::engine::{Applied, Engine, EngineConfig};
 use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::mysql::{MySqlJournal, SchemaError};
 use crate::journal::{Journal, JournalError};
@@ -23,6 +23,12 @@ const CART_IDLE_MS: i64 = 3_600 * 1_000;
 
 /// Answers that placed an order are kept at least this long (DESIGN.md).
 const ANSWER_RETENTION_MS: i64 = 24 * 3_600 * 1_000;
+
+/// Finished orders stay in memory this long (API.md's default).
+const ORDER_RETENTION_MS: i64 = 7 * 24 * 3_600 * 1_000;
+
+/// Checkouts past their hold at most at once.
+const CHECKOUTS_IN_FLIGHT_MAX: usize = 10_000;
 
 /// The most holds one sweep releases, so one sweep never stalls the runtime.
 const SWEEP_HOLDS_MAX: usize = 10_000;
@@ -94,6 +100,8 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
             shard_count: workers,
             hold_ttl_ms: config.hold_ttl.as_millis() as i64,
             rejections: RejectionLimits::default(),
+            answer_retention_ms: ANSWER_RETENTION_MS,
+            order_retention_ms: ORDER_RETENTION_MS,
             order_id_prefix: order_id_prefix(),
         },
         &state,
@@ -117,6 +125,8 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         gateway_timeout: config.gateway_timeout,
         journal_timeout: config.journal_timeout,
         metrics: Metrics::new(api::ROUTES),
+        settled: tokio::sync::Notify::new(),
+        checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(CHECKOUTS_IN_FLIGHT_MAX)),
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen)
@@ -171,22 +181,27 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
     loop {
         ticker.tick().await;
         let now = now_ms();
-        let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX, &*app.journal);
-        for (order, ticket) in released {
-            // A slow database must not stall the sweeper for longer than a request would wait.
-            let committed = match tokio::time::timeout(app.journal_timeout, ticket).await {
-                Ok(committed) => committed,
-                Err(_) => Err(JournalError::Unavailable("commit took too long".into())),
-            };
-            if let Err(error) = committed {
-                tracing::error!(%error, order_id = %order.order_id, "could not journal an expired hold");
-                continue;
-            }
-            app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
-            if let Some(payment_id) = order.payment_id {
-                if let Err(error) = app.gateway.void(payment_id.clone()).await {
-                    tracing::warn!(%payment_id, %error, "could not void the payment of an expired hold");
+        // Each release commits on its own task; a slow journal delays none of the others.
+        let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX);
+        let commits = released.into_iter().map(|change| {
+            api::commit(&app, change, |app, outcome| {
+                let Ok(Applied::Order { order, .. }) = outcome else {
+                    return;
+                };
+                app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
+                if let Some(payment_id) = order.payment_id.clone() {
+                    let gateway = Arc::clone(&app.gateway);
+                    tokio::spawn(async move {
+                        if let Err(error) = gateway.void(payment_id.clone()).await {
+                            tracing::warn!(%payment_id, %error, "could not void the payment of an expired hold");
+                        }
+                    });
                 }
+            })
+        });
+        for result in futures_util::future::join_all(commits).await {
+            if let Err(error) = result {
+                tracing::warn!(error = %error.message, "could not journal an expired hold; the next sweep retries");
             }
         }
         if now - last_slow_sweep >= 60_000 {
@@ -196,15 +211,18 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
             let app = Arc::clone(&app);
             let swept = tokio::task::spawn_blocking(move || {
                 let carts = app.carts.sweep(now);
-                let answers = app
-                    .engine
-                    .idempotency()
-                    .purge_before(now - ANSWER_RETENTION_MS);
-                (carts, answers)
+                let answers = app.engine.idempotency().purge_expired(now);
+                let orders = app.engine.purge_orders(now, usize::MAX);
+                (carts, answers, orders)
             })
             .await;
-            if let Ok((carts, answers)) = swept {
-                tracing::debug!(carts, answers, "expired carts and answers dropped");
+            if let Ok((carts, answers, orders)) = swept {
+                tracing::debug!(
+                    carts,
+                    answers,
+                    orders,
+                    "expired carts, answers and orders dropped"
+                );
             }
         }
     }

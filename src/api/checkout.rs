@@ -5,20 +5,19 @@
 //! Everything up to the hold is synchronous, so a client that disconnects cannot leave a key in
 //! flight; the rest runs in its own task, so it finishes even if the client goes away.
 
-use super::{check_length, json_response, parse_json, read_body, ApiError, Shared};
+use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
 use crate::engine::idempotency::{Begin, KeyError};
 use crate::engine::order::{Order, OrderStatus};
 use crate::engine::records::StoredAnswer;
-use crate::engine::{AnswerSpec, EngineError, NewOrder, PaymentOutcome, Reservation};
-use crate::journal::{Appended, JournalError};
+use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
 use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
 use crate::random::hex;
 use crate::time::{now_ms, rfc3339};
 use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::Ordering;
@@ -227,47 +226,38 @@ pub(super) async fn checkout(
 
     let reservation = match state.engine.reserve(&lines) {
         Ok(reservation) => reservation,
-        Err(EngineError::OutOfStock { sku }) => {
-            state
-                .metrics
-                .rejections_out_of_stock
-                .fetch_add(1, Ordering::Relaxed);
-            let error = ApiError::new(
-                StatusCode::CONFLICT,
-                "out_of_stock",
-                format!("not enough units of {sku}"),
-            )
-            .with("sku", sku.as_str());
-            return Ok(reject(&state, &key, fingerprint, error));
-        }
-        Err(EngineError::UnknownSku(sku)) => {
-            state
-                .metrics
-                .rejections_not_found
-                .fetch_add(1, Ordering::Relaxed);
-            let error = ApiError::not_found(format!("no product {sku}"));
-            return Ok(reject(&state, &key, fingerprint, error));
-        }
-        Err(EngineError::MixedCurrency) => {
-            state.engine.idempotency().abandon(&key);
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "mixed_currency",
-                "the products of one checkout must share one currency",
-            ));
+        Err(error @ (EngineError::OutOfStock { .. } | EngineError::UnknownSku(_))) => {
+            let counter = match error {
+                EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
+                _ => &state.metrics.rejections_not_found,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            return Ok(reject(&state, &key, fingerprint, error.into()));
         }
         Err(other) => {
             state.engine.idempotency().abandon(&key);
-            return Err(ApiError::invalid(other.to_string()));
+            return Err(other.into());
         }
     };
-    // No payment for an order that cannot be recorded: with the journal down, give the units
-    // back and say so (a rejection above needed no journal, so the flood stays cheap).
-    if let Err(error) = state.journal.health() {
-        state.engine.release_reservation(reservation);
-        state.engine.idempotency().abandon(&key);
-        return Err(ApiError::journal_unavailable(&error));
-    }
+    // No payment for an order that cannot be recorded now: with the journal down or full, give
+    // the units back and say so (a rejection above needed no journal, so the flood stays cheap).
+    let ready = state
+        .journal
+        .health()
+        .map_err(|e| ApiError::journal_unavailable(&e));
+    let permit = ready.and_then(|()| {
+        Arc::clone(&state.checkouts_in_flight)
+            .try_acquire_owned()
+            .map_err(|_| ApiError::overloaded("too many checkouts in flight; retry later"))
+    });
+    let permit = match permit {
+        Ok(permit) => permit,
+        Err(error) => {
+            state.engine.release_reservation(reservation);
+            state.engine.idempotency().abandon(&key);
+            return Err(error);
+        }
+    };
     state.metrics.reservations.fetch_add(1, Ordering::Relaxed);
 
     let finishing = Finishing {
@@ -278,14 +268,12 @@ pub(super) async fn checkout(
         customer_id: request.customer_id,
         token: request.payment_token,
         cart_id: request.cart_id,
+        _permit: permit,
     };
     tokio::spawn(finishing.run()).await.map_err(|error| {
-        tracing::error!(%error, "a checkout task failed");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the checkout failed unexpectedly; retry with the same Idempotency-Key",
-        )
+        ApiError::internal(format!(
+            "the checkout failed unexpectedly ({error}); retry with the same Idempotency-Key"
+        ))
     })
 }
 
@@ -298,6 +286,8 @@ struct Finishing {
     customer_id: CustomerId,
     token: String,
     cart_id: Option<CartId>,
+    /// Held until the checkout is answered.
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// How the payment went, and the answer that goes with it.
@@ -368,8 +358,7 @@ impl Finishing {
                 _ => (201, order_body(order)),
             }
         };
-        let now = now_ms();
-        let (order, stored, ticket) = state.engine.place_order(
+        let (change, stored) = state.engine.place_order(
             NewOrder {
                 order_id,
                 reservation: self.reservation,
@@ -381,91 +370,44 @@ impl Finishing {
                 fingerprint: &self.fingerprint,
                 render: &render,
             }),
-            now,
-            &*state.journal,
+            now_ms(),
         );
         let Some(stored) = stored else {
-            return ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "the answer was not rendered",
-            )
-            .into_response_owned();
+            return ApiError::internal("the answer was not rendered").into_response();
         };
-        let settlement = Settlement {
-            key: self.key,
-            stored,
-            placed: order.status,
-            cart_id: self.cart_id,
-            payment_id: match paid {
-                Paid::Approved(id) | Paid::Pending(id) => Some(id),
-                Paid::Declined(_) | Paid::TimedOut => None,
-            },
+        let payment_id = match paid {
+            Paid::Approved(id) | Paid::Pending(id) => Some(id),
+            Paid::Declined(_) | Paid::TimedOut => None,
         };
-        let mut ticket = ticket;
-        match tokio::time::timeout(state.journal_timeout, &mut ticket).await {
-            Ok(committed) => settlement.apply(state, committed),
-            Err(_) => {
-                // The database is slow or down: the record stays queued and commits when it can.
-                // The key stays in flight until then (a retry gets 409, later the replay), so the
-                // order can never be placed twice.
-                let background = Arc::clone(state);
-                tokio::spawn(async move {
-                    let committed = ticket.await;
-                    let _ = settlement.apply(&background, committed);
-                });
-                ApiError::journal_unavailable(&JournalError::Unavailable(format!(
-                    "no commit within {:?}; retry with the same Idempotency-Key",
-                    state.journal_timeout
-                )))
-                .into_response_owned()
-            }
-        }
-    }
-}
-
-/// What a checkout does once its record's commit is known.
-struct Settlement {
-    key: IdempotencyKey,
-    stored: StoredAnswer,
-    placed: OrderStatus,
-    cart_id: Option<CartId>,
-    /// Money that moved and must be given back if the order is not durable.
-    payment_id: Option<String>,
-}
-
-impl Settlement {
-    fn apply(self, state: &Shared, committed: Result<Appended, JournalError>) -> Response {
-        if let Err(error) = committed {
-            // Not durable: nobody may learn of this order. The key is freed for a retry (the
-            // journal refuses writes until a restart recovers what reached the disk), and money
-            // that moved is given back.
-            state.engine.idempotency().abandon(&self.key);
-            if let Some(payment_id) = self.payment_id {
-                let gateway = Arc::clone(&state.gateway);
-                tokio::spawn(async move {
-                    if let Err(error) = gateway.void(payment_id.clone()).await {
-                        tracing::error!(%payment_id, %error, "could not void an unrecorded payment");
+        let cart_id = self.cart_id;
+        // The record carries the order, its events and this answer: once it is durable the engine
+        // shows the order and replays the answer under the key; if the journal did not take it,
+        // the engine frees the units and the key, and the money that moved goes back.
+        let committed = commit(state, change, move |app, outcome| match outcome {
+            Ok(Applied::Order { order, .. }) => {
+                if matches!(order.status, OrderStatus::Paid | OrderStatus::PaymentPending) {
+                    if let Some(cart_id) = &cart_id {
+                        app.carts.clear(cart_id, now_ms());
                     }
-                });
+                }
             }
-            return ApiError::journal_unavailable(&error).into_response_owned();
-        }
-        state
-            .engine
-            .idempotency()
-            .finish(&self.key, self.stored.clone(), true);
-        if matches!(self.placed, OrderStatus::Paid | OrderStatus::PaymentPending) {
-            if let Some(cart_id) = &self.cart_id {
-                state.carts.clear(cart_id, now_ms());
+            Ok(Applied::Product(..)) => {}
+            Err(error) if error.nothing_changed() => {
+                if let Some(payment_id) = payment_id {
+                    let gateway = Arc::clone(&app.gateway);
+                    tokio::spawn(async move {
+                        if let Err(error) = gateway.void(payment_id.clone()).await {
+                            tracing::error!(%payment_id, %error, "could not void an unrecorded payment");
+                        }
+                    });
+                }
             }
+            Err(_) => {}
+        })
+        .await;
+        match committed {
+            Ok(_) => answer(stored.status, stored.body, false),
+            Err(error) => error.into_response(),
         }
-        answer(self.stored.status, self.stored.body, false)
-    }
-}
-
-impl ApiError {
-    fn into_response_owned(self) -> Response {
-        axum::response::IntoResponse::into_response(self)
     }
 }

@@ -9,8 +9,8 @@ mod orders;
 mod products;
 mod webhooks;
 
-use crate::engine::Engine;
-use crate::journal::{Appended, Journal, JournalError, Ticket};
+use crate::engine::{Applied, Change, Engine, EngineError};
+use crate::journal::{Journal, JournalError};
 use crate::metrics::Metrics;
 use crate::payment::PaymentGateway;
 use crate::sessions::CartStore;
@@ -47,6 +47,12 @@ pub struct AppState {
     pub journal_timeout: Duration,
     /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
+    /// Woken whenever a change settles (applied or aborted): requests waiting for a busy order or
+    /// product decide again.
+    pub settled: tokio::sync::Notify,
+    /// Checkouts past their hold (authorising, committing) at most at once; past it `503
+    /// overloaded`. Bounds the tasks and gateway calls a flood can start.
+    pub checkouts_in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 /// The state as handlers receive it.
@@ -132,8 +138,10 @@ pub struct ApiError {
     pub code: &'static str,
     /// What happened, for people.
     pub message: String,
-    /// One extra field (`sku`, `order_id`), if the code has one.
+    /// One extra field (`sku`, `order_id`, `outcome`), if the code has one.
     pub extra: Option<(&'static str, String)>,
+    /// Seconds for a `Retry-After` header, if the client should come back.
+    pub retry_after_seconds: Option<u32>,
 }
 
 #[derive(Serialize)]
@@ -144,6 +152,8 @@ struct ErrorBody<'a> {
     sku: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     order_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: Option<&'a str>,
 }
 
 impl ApiError {
@@ -154,7 +164,14 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            retry_after_seconds: None,
         }
+    }
+
+    /// Adds a `Retry-After` header.
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after_seconds = Some(seconds);
+        self
     }
 
     /// Adds the one extra field.
@@ -173,14 +190,52 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
     }
 
-    /// `503 journal_unavailable`.
+    /// `500 internal`: a bug or a broken invariant, never the client's fault.
+    pub fn internal(message: impl Into<String>) -> Self {
+        let message = message.into();
+        tracing::error!(%message, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// `503 overloaded` with `Retry-After`: nothing was changed.
+    pub fn overloaded(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after(1)
+    }
+
+    /// The answer to a change the journal did not take. Only an error that knows the record is not
+    /// durable says that nothing changed; otherwise the outcome is unknown and the client retries
+    /// with the same key.
     pub fn journal_unavailable(error: &JournalError) -> Self {
-        tracing::error!(%error, "journal unavailable");
+        tracing::warn!(%error, "journal unavailable");
+        match error {
+            JournalError::Overloaded(_) => {
+                Self::overloaded(format!("{error}; nothing was changed, retry later"))
+            }
+            JournalError::Rejected(_) => {
+                Self::internal(format!("{error}; nothing was changed"))
+            }
+            error if error.nothing_changed() => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal_unavailable",
+                format!("the journal cannot record changes now ({error}); nothing was changed, retry later"),
+            )
+            .retry_after(1),
+            error => Self::outcome_unknown(&error.to_string()),
+        }
+    }
+
+    /// `503 journal_unavailable` with `"outcome": "unknown"`: the change may still become durable.
+    pub fn outcome_unknown(reason: &str) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "journal_unavailable",
-            "the journal cannot record changes now; nothing was changed, retry later",
+            format!(
+                "the change was not confirmed in time ({reason}); it may still take effect: retry \
+                 with the same Idempotency-Key (or read the resource) to learn the outcome"
+            ),
         )
+        .with("outcome", "unknown")
+        .retry_after(1)
     }
 
     /// The JSON body.
@@ -196,6 +251,7 @@ impl ApiError {
             message: &self.message,
             sku: extra("sku"),
             order_id: extra("order_id"),
+            outcome: extra("outcome"),
         })
         .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", self.code))
     }
@@ -203,18 +259,118 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(self.status, self.body())
+        let mut response = json_response(self.status, self.body());
+        if let Some(seconds) = self.retry_after_seconds {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        response
     }
 }
 
-/// Waits for a record to be durable, at most the journal timeout (`503` after it, or if the
-/// journal failed).
-pub async fn durable(state: &AppState, ticket: Ticket) -> Result<Appended, ApiError> {
-    match tokio::time::timeout(state.journal_timeout, ticket).await {
-        Ok(Ok(appended)) => Ok(appended),
-        Ok(Err(error)) => Err(ApiError::journal_unavailable(&error)),
-        Err(_) => Err(ApiError::journal_unavailable(&JournalError::Unavailable(
-            format!("no commit within {:?}", state.journal_timeout),
+/// The one mapping of the engine's refusals to HTTP.
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match error {
+            EngineError::UnknownSku(sku) => Self::not_found(format!("no product {sku}")),
+            EngineError::UnknownOrder(id) => Self::not_found(format!("no order {id}")),
+            EngineError::OutOfStock { sku } => Self::new(
+                StatusCode::CONFLICT,
+                "out_of_stock",
+                format!("not enough units of {sku}"),
+            )
+            .with("sku", sku.as_str()),
+            EngineError::MixedCurrency => Self::new(
+                StatusCode::BAD_REQUEST,
+                "mixed_currency",
+                "the products of one checkout must share one currency",
+            ),
+            EngineError::StockBelowCommitted {
+                requested,
+                committed,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                "stock_below_committed",
+                format!(
+                    "stock {requested} is below the {committed} units already reserved or sold"
+                ),
+            ),
+            EngineError::Busy(what) => Self::overloaded(format!(
+                "{what} for too long; nothing was changed, retry later"
+            )),
+            error @ (EngineError::IllegalTransition(_) | EngineError::Inconsistent(_)) => {
+                Self::internal(error.to_string())
+            }
+        }
+    }
+}
+
+/// Decides a change with `prepare`; while another change of the same order or product is in
+/// flight (`Busy`), waits for changes to settle and decides again, for at most the journal
+/// timeout.
+pub async fn prepare_when_free<T>(
+    state: &AppState,
+    mut prepare: impl FnMut() -> Result<T, EngineError>,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.journal_timeout;
+    loop {
+        // Registered before the attempt, so a change settling in between is not missed.
+        let settled = state.settled.notified();
+        tokio::pin!(settled);
+        settled.as_mut().enable();
+        match prepare() {
+            Err(EngineError::Busy(what)) => {
+                if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                    return Err(EngineError::Busy(what).into());
+                }
+            }
+            other => return other.map_err(ApiError::from),
+        }
+    }
+}
+
+/// How a committed change ended, for what follows it (money, carts).
+pub type Settlement = Result<Applied, JournalError>;
+
+/// Appends a change's record and applies the change to memory once it is durable, or aborts it
+/// when the journal did not take it; then runs `then` with the outcome. All of it in a task of its
+/// own, so the change settles exactly once even if the request is dropped or times out. The
+/// request waits at most `--journal-timeout`: past it the answer is `503` with the outcome unknown.
+/// A change whose outcome the journal could not tell (it stopped) stays unsettled: its holds and
+/// key stay taken until a restart's recovery says what is durable.
+pub async fn commit(
+    state: &Shared,
+    change: Change,
+    then: impl FnOnce(&Shared, &Settlement) + Send + 'static,
+) -> Result<Applied, ApiError> {
+    let ticket = state.journal.append(change.record().clone());
+    let app = Arc::clone(state);
+    let task = tokio::spawn(async move {
+        let outcome = match ticket.await {
+            Ok(_) => Ok(app.engine.apply(change)),
+            Err(error) if error.nothing_changed() => {
+                app.engine.abort(change);
+                Err(error)
+            }
+            Err(error) => {
+                tracing::error!(%error, "a change's outcome is unknown; it stays pending until a restart");
+                // Not aborted: its holds and its key stay taken (the record may be durable).
+                drop(change);
+                Err(error)
+            }
+        };
+        app.settled.notify_waiters();
+        then(&app, &outcome);
+        outcome
+    });
+    match tokio::time::timeout(state.journal_timeout, task).await {
+        Ok(Ok(Ok(applied))) => Ok(applied),
+        Ok(Ok(Err(error))) => Err(ApiError::journal_unavailable(&error)),
+        Ok(Err(error)) => Err(ApiError::internal(format!("a commit task failed: {error}"))),
+        Err(_) => Err(ApiError::outcome_unknown(&format!(
+            "no commit within {:?}",
+            state.journal_timeout
         ))),
     }
 }

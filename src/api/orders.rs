@@ -2,10 +2,10 @@
 
 use super::checkout::order_body;
 use super::products::path_error;
-use super::{durable, json_response, path_id, ApiError, Shared};
+use super::{commit, json_response, path_id, prepare_when_free, ApiError, Shared};
 use crate::domain::OrderId;
 use crate::engine::order::OrderStatus;
-use crate::engine::EngineError;
+use crate::engine::{Applied, Prepared};
 use crate::time::now_ms;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -32,34 +32,47 @@ pub(super) async fn cancel_order(
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let order_id = path_id(raw, OrderId::parse)?;
-    let before = state.engine.order(&order_id).map(|o| o.status);
-    let (order, ticket) = state
-        .engine
-        .cancel(&order_id, now_ms(), &*state.journal)
-        .map_err(|error| match error {
-            EngineError::UnknownOrder(id) => ApiError::not_found(format!("no order {id}")),
-            other => ApiError::invalid(other.to_string()),
-        })?;
-    if let Some(ticket) = ticket {
-        durable(&state, ticket).await?;
-        // Money moves only once the change is durable.
-        if let Some(payment_id) = order.payment_id.clone() {
-            let gateway = Arc::clone(&state.gateway);
-            let refund = order.status == OrderStatus::Refunded;
-            let was_pending = before == Some(OrderStatus::PaymentPending);
-            tokio::spawn(async move {
-                let result = if refund {
-                    gateway.refund(payment_id.clone()).await
-                } else if was_pending {
-                    gateway.void(payment_id.clone()).await
-                } else {
-                    Ok(())
-                };
-                if let Err(error) = result {
-                    tracing::error!(%payment_id, %error, "gateway call after a cancel failed");
-                }
-            });
+    let change =
+        match prepare_when_free(&state, || state.engine.prepare_cancel(&order_id, now_ms())).await?
+        {
+            Prepared::Unchanged(order) => {
+                return Ok(json_response(StatusCode::OK, order_body(&order)))
+            }
+            Prepared::Change(change) => change,
+        };
+    // Money moves only once the change is durable: a paid order's money goes back, a pending
+    // authorisation is voided.
+    let applied = commit(&state, change, |app, outcome| {
+        let Ok(Applied::Order {
+            order,
+            previous: Some(previous),
+        }) = outcome
+        else {
+            return;
+        };
+        let Some(payment_id) = order.payment_id.clone() else {
+            return;
+        };
+        let refund = order.status == OrderStatus::Refunded;
+        let void = *previous == OrderStatus::PaymentPending;
+        if !refund && !void {
+            return;
         }
+        let gateway = Arc::clone(&app.gateway);
+        tokio::spawn(async move {
+            let result = if refund {
+                gateway.refund(payment_id.clone()).await
+            } else {
+                gateway.void(payment_id.clone()).await
+            };
+            if let Err(error) = result {
+                tracing::error!(%payment_id, %error, "gateway call after a cancel failed");
+            }
+        });
+    })
+    .await?;
+    match applied {
+        Applied::Order { order, .. } => Ok(json_response(StatusCode::OK, order_body(&order))),
+        Applied::Product(..) => Err(ApiError::internal("a cancel applied a product change")),
     }
-    Ok(json_response(StatusCode::OK, order_body(&order)))
 }

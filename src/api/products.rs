@@ -1,10 +1,12 @@
 //! `PUT/GET /v1/products/{sku}`.
 
-use super::{check_length, durable, json, parse_json, path_id, read_body, ApiError, Shared};
+use super::{
+    check_length, commit, json, parse_json, path_id, prepare_when_free, read_body, ApiError, Shared,
+};
 use crate::domain::{Cents, Currency, Sku, Stock};
 use crate::engine::inventory::StockView;
 use crate::engine::records::Product;
-use crate::engine::EngineError;
+use crate::engine::Applied;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -79,24 +81,12 @@ pub(super) async fn put_product(
         currency: body.currency,
         stock: body.stock,
     };
-    let (view, ticket) = state
-        .engine
-        .upsert_product(product.clone(), &*state.journal)
-        .map_err(|error| match error {
-            EngineError::StockBelowCommitted {
-                requested,
-                committed,
-            } => ApiError::new(
-                StatusCode::CONFLICT,
-                "stock_below_committed",
-                format!(
-                    "stock {requested} is below the {committed} units already reserved or sold"
-                ),
-            ),
-            other => ApiError::invalid(other.to_string()),
-        })?;
-    durable(&state, ticket).await?;
-    Ok(render(&product, view))
+    let change =
+        prepare_when_free(&state, || state.engine.prepare_product(product.clone())).await?;
+    match commit(&state, change, |_, _| {}).await? {
+        Applied::Product(product, view) => Ok(render(&product, view)),
+        Applied::Order { .. } => Err(ApiError::internal("a product change applied an order")),
+    }
 }
 
 pub(super) async fn get_product(

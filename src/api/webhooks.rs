@@ -2,10 +2,12 @@
 //! `Turnstile-Signature`. Deliveries are idempotent: a second one, or one for an order already
 //! finished, changes nothing (an approval for a released order is refunded).
 
-use super::{check_length, durable, json, parse_json, read_body, ApiError, Shared};
+use super::{
+    check_length, commit, json, parse_json, prepare_when_free, read_body, ApiError, Shared,
+};
 use crate::domain::OrderId;
 use crate::engine::order::OrderStatus;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Prepared};
 use crate::payment::webhook::verify;
 use crate::time::now_ms;
 use axum::body::Body;
@@ -62,31 +64,36 @@ pub(super) async fn payment_webhook(
         Decision::Approved => OrderStatus::Paid,
         Decision::Declined => OrderStatus::Released,
     };
-    if order.status.holds_stock() {
+    let prepared = prepare_when_free(&state, || {
         match state
             .engine
-            .transition(&body.order_id, target, now_ms(), &*state.journal)
+            .prepare_transition(&body.order_id, target, now_ms())
         {
-            Ok((_, Some(ticket))) => {
-                durable(&state, ticket).await?;
-                return Ok(received());
-            }
-            Ok((_, None)) => return Ok(received()),
-            // Finished meanwhile (expired or cancelled): handled as a late delivery below.
-            Err(EngineError::IllegalTransition(_)) => {}
-            Err(other) => return Err(ApiError::invalid(other.to_string())),
+            // Finished meanwhile (expired or cancelled): a late delivery, handled below.
+            Err(EngineError::IllegalTransition(_)) => Ok(None),
+            other => other.map(Some),
         }
-    }
-    let now = state.engine.order(&body.order_id).map(|o| o.status);
-    if target == OrderStatus::Paid && now == Some(OrderStatus::Released) {
-        // The money was captured for an order that no longer holds its stock: give it back.
-        let gateway = Arc::clone(&state.gateway);
-        let payment_id = body.payment_id;
-        tokio::spawn(async move {
-            if let Err(error) = gateway.refund(payment_id.clone()).await {
-                tracing::error!(%payment_id, %error, "refund of a late approval failed");
+    })
+    .await?;
+    match prepared {
+        Some(Prepared::Change(change)) => {
+            commit(&state, change, |_, _| {}).await?;
+        }
+        Some(Prepared::Unchanged(_)) => {}
+        None => {
+            let now = state.engine.order(&body.order_id).map(|o| o.status);
+            if target == OrderStatus::Paid && now == Some(OrderStatus::Released) {
+                // The money was captured for an order that no longer holds its stock: give it
+                // back.
+                let gateway = Arc::clone(&state.gateway);
+                let payment_id = body.payment_id;
+                tokio::spawn(async move {
+                    if let Err(error) = gateway.refund(payment_id.clone()).await {
+                        tracing::error!(%payment_id, %error, "refund of a late approval failed");
+                    }
+                });
             }
-        });
+        }
     }
     Ok(received())
 }

@@ -55,7 +55,13 @@ pub enum KeyError {
 }
 
 enum Slot {
-    InFlight { fingerprint: String },
+    InFlight {
+        fingerprint: String,
+        /// The answer the key had before, past its retention: the new answer replaces it (a store
+        /// that keeps answers under a unique key must drop the old one first). Put back if the
+        /// request is abandoned, so the next attempt knows it too.
+        expired: Option<Arc<StoredAnswer>>,
+    },
     Finished(Arc<StoredAnswer>),
 }
 
@@ -71,6 +77,8 @@ pub struct IdempotencyStore {
     slots: Box<[Mutex<FxHashMap<IdempotencyKey, Slot>>]>,
     rejections: Box<[Mutex<RejectionShard>]>,
     limits: RejectionLimits,
+    /// How long an answer that placed an order is replayed; past it the key starts afresh.
+    retention_ms: i64,
 }
 
 fn shard_of(key: &IdempotencyKey) -> usize {
@@ -78,12 +86,13 @@ fn shard_of(key: &IdempotencyKey) -> usize {
 }
 
 impl IdempotencyStore {
-    /// An empty store.
-    pub fn new(limits: RejectionLimits) -> Self {
+    /// An empty store whose answers that placed an order are replayed for `retention_ms`.
+    pub fn new(limits: RejectionLimits, retention_ms: i64) -> Self {
         Self {
             slots: (0..SHARDS).map(|_| Mutex::default()).collect(),
             rejections: (0..SHARDS).map(|_| Mutex::default()).collect(),
             limits,
+            retention_ms,
         }
     }
 
@@ -110,9 +119,14 @@ impl IdempotencyStore {
     ) -> Result<Begin, KeyError> {
         let shard = shard_of(key);
         let mut slots = lock(&self.slots[shard]);
+        let mut expired = None;
         match slots.get(key) {
             Some(Slot::InFlight { .. }) => return Err(KeyError::InUse),
-            Some(Slot::Finished(answer)) => return Self::check(fingerprint, answer),
+            Some(Slot::Finished(answer)) if now_ms - answer.at_ms < self.retention_ms => {
+                return Self::check(fingerprint, answer)
+            }
+            // Past its retention the key starts afresh (API.md).
+            Some(Slot::Finished(answer)) => expired = Some(Arc::clone(answer)),
             None => {}
         }
         {
@@ -127,6 +141,7 @@ impl IdempotencyStore {
             key.clone(),
             Slot::InFlight {
                 fingerprint: fingerprint.to_owned(),
+                expired,
             },
         );
         Ok(Begin::Started)
@@ -168,21 +183,51 @@ impl IdempotencyStore {
     pub fn abandon(&self, key: &IdempotencyKey) {
         let shard = shard_of(key);
         let mut slots = lock(&self.slots[shard]);
-        if matches!(slots.get(key), Some(Slot::InFlight { .. })) {
-            slots.remove(key);
+        if let Some(Slot::InFlight { expired, .. }) = slots.get_mut(key) {
+            match expired.take() {
+                Some(answer) => {
+                    slots.insert(key.clone(), Slot::Finished(answer));
+                }
+                None => {
+                    slots.remove(key);
+                }
+            }
         }
     }
 
     /// The fingerprint of an in-flight key (for diagnostics and tests).
     pub fn in_flight_fingerprint(&self, key: &IdempotencyKey) -> Option<String> {
         match lock(&self.slots[shard_of(key)]).get(key) {
-            Some(Slot::InFlight { fingerprint }) => Some(fingerprint.clone()),
+            Some(Slot::InFlight { fingerprint, .. }) => Some(fingerprint.clone()),
             _ => None,
         }
     }
 
-    /// Drops kept answers older than `cutoff_ms` (retention); returns how many were dropped.
-    pub fn purge_before(&self, cutoff_ms: i64) -> usize {
+    /// True if the in-flight key had an answer that passed its retention (the new answer replaces
+    /// it).
+    pub fn supersedes_expired(&self, key: &IdempotencyKey) -> bool {
+        matches!(
+            lock(&self.slots[shard_of(key)]).get(key),
+            Some(Slot::InFlight {
+                expired: Some(_),
+                ..
+            })
+        )
+    }
+
+    /// How many keys are held (in flight or with a kept answer).
+    pub fn len(&self) -> usize {
+        self.slots.iter().map(|s| lock(s).len()).sum()
+    }
+
+    /// True if no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops kept answers past their retention at `now_ms`; returns how many were dropped.
+    pub fn purge_expired(&self, now_ms: i64) -> usize {
+        let cutoff_ms = now_ms - self.retention_ms;
         let mut dropped = 0;
         for shard in self.slots.iter() {
             let mut slots = lock(shard);
@@ -221,7 +266,7 @@ mod tests {
 
     #[test]
     fn a_key_is_in_use_until_finished_then_replayed() {
-        let store = IdempotencyStore::new(RejectionLimits::default());
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
         let k = key("k1");
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
         assert_eq!(store.begin(&k, "f", 0), Err(KeyError::InUse));
@@ -240,7 +285,7 @@ mod tests {
             entries_max: SHARDS * 2,
             age_ms_max: 1_000,
         };
-        let store = IdempotencyStore::new(limits);
+        let store = IdempotencyStore::new(limits, 1_000_000);
         for i in 0..10_000 {
             let k = key(&format!("r{i}"));
             assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
@@ -256,8 +301,24 @@ mod tests {
     }
 
     #[test]
+    fn a_kept_answer_past_its_retention_starts_afresh() {
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000);
+        let k = key("k");
+        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+        assert!(!store.supersedes_expired(&k));
+        store.finish(&k, answer("f", 201, 0), true);
+        assert!(matches!(store.begin(&k, "f", 999), Ok(Begin::Replay(_))));
+        assert_eq!(store.begin(&k, "other", 1_000), Ok(Begin::Started));
+        assert!(store.supersedes_expired(&k));
+        // Abandoned, the key still knows it had an answer before.
+        store.abandon(&k);
+        assert_eq!(store.begin(&k, "other", 1_000), Ok(Begin::Started));
+        assert!(store.supersedes_expired(&k));
+    }
+
+    #[test]
     fn abandon_frees_the_key() {
-        let store = IdempotencyStore::new(RejectionLimits::default());
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
         let k = key("k");
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
         store.abandon(&k);

@@ -52,7 +52,8 @@ struct PaddedFlag(AtomicBool);
 pub struct SkuStock {
     /// Read by every request for this SKU, written only when it sells out or units come back.
     sold_out: PaddedFlag,
-    /// Units the shop owns: changed only by [`Inventory::set_stock`], which callers serialise per SKU.
+    /// Units the shop owns: changed only by [`Inventory::set_stock`] and [`Inventory::retire`], which
+    /// callers serialise per SKU.
     stock: AtomicI64,
     /// The per-core counters.
     shards: Box<[Shard]>,
@@ -547,6 +548,21 @@ impl Inventory {
         let home = home_shard(self.shard_count);
         for (index, units) in hold.lines {
             self.table.get(index).commit(home, units);
+        }
+    }
+
+    /// Takes held units out of the stock for good (a lowered stock whose change is durable: the
+    /// units it held are no longer the shop's).
+    pub fn retire(&self, hold: Hold) {
+        let home = home_shard(self.shard_count);
+        for (index, units) in hold.lines {
+            let entry = self.table.get(index);
+            // Readers retry a view whose stock changed while they summed, so the two steps look
+            // like one.
+            entry.stock.fetch_sub(units, Ordering::AcqRel);
+            entry.shards[home]
+                .reserved
+                .fetch_sub(units, Ordering::AcqRel);
         }
     }
 

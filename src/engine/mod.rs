@@ -1,8 +1,29 @@
 //! The pure core: stock, holds, orders and idempotency. Synchronous, no I/O, time passed in.
 //!
-//! Every durable change is handed to a [`RecordSink`] (the journal) *inside* the critical section
-//! that makes it, so the journal sees the changes of one product or one order in the order memory
-//! saw them. The sink only enqueues; the caller awaits the ticket it returns before answering.
+//! # Memory never runs ahead of the journal
+//! The mechanism (one, for every change): **decide now, apply after the commit**. Every durable
+//! change goes through two steps:
+//! 1. `prepare_*` / [`Engine::place_order`] checks the change against the durable state and returns
+//!    a [`Change`]: the journal [`Record`] to append, and what to do to memory once it is durable.
+//!    Nothing a reader can see changes here. The one provisional state is a *hold*: units the
+//!    change needs are reserved at once (a checkout's items, or the units a lowered stock takes
+//!    away), so no other request can take them; a reader may see them as `reserved` while in flight.
+//! 2. The caller appends the record and awaits its commit, then hands the change back:
+//!    [`Engine::apply`] once it is durable (the order, product, stock counters and the answer under
+//!    the idempotency key become visible), or [`Engine::abort`] when the append failed (the holds
+//!    are released, the key is freed; memory is exactly as before, so a failed append leaves no
+//!    trace).
+//!
+//! One change at a time per order and per product: while a change of an order (or product) is in
+//! flight, the next one is refused with [`EngineError::Busy`] and the caller waits for the first
+//! to settle, then decides again against the new durable state. So the journal holds the changes
+//! of one order in the order memory applies them, and two racing requests (a cancel and a webhook
+//! approval, say) end exactly as some serial order of the two would. A new order cannot race
+//! anything: nobody can name it before it is durable.
+//!
+//! Why this mechanism rather than "apply at once, rebuild from disk when an append fails": with
+//! it a reader never sees a change that may still fail (not even during the commit), and a failed
+//! append needs no rebuild of the engine, only the release of what the change held.
 
 pub mod idempotency;
 pub mod inventory;
@@ -12,7 +33,7 @@ pub mod records;
 use crate::domain::{Currency, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
 use crate::sync::lock;
 use idempotency::{IdempotencyStore, RejectionLimits};
-use inventory::{Hold, Inventory, ReserveError, SetStockError, SkuIndex, StockView};
+use inventory::{Hold, Inventory, ReserveError, SkuIndex, StockView};
 use order::{IllegalTransition, Order, OrderItem, OrderStatus};
 use records::{Product, Record, State, StoredAnswer};
 use rustc_hash::FxHashMap;
@@ -20,14 +41,6 @@ use std::collections::BTreeSet;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
-
-/// Where the engine sends its durable changes. `submit` must not block for long: it enqueues.
-pub trait RecordSink {
-    /// What the caller awaits before it tells anyone about the change.
-    type Ticket;
-    /// Enqueues one record.
-    fn submit(&self, record: Record) -> Self::Ticket;
-}
 
 /// The engine's settings.
 #[derive(Debug, Clone)]
@@ -38,6 +51,12 @@ pub struct EngineConfig {
     pub hold_ttl_ms: i64,
     /// Bounds of the map of answers that placed nothing.
     pub rejections: RejectionLimits,
+    /// How long the answer of a checkout that placed an order is kept under its key; past it the
+    /// key starts afresh.
+    pub answer_retention_ms: i64,
+    /// How long a finished order (one that holds no stock) stays in memory, counted from its
+    /// creation.
+    pub order_retention_ms: i64,
     /// Starts every order id this process makes; must differ between runs (the caller derives it
     /// from the start time), so ids stay unique across restarts.
     pub order_id_prefix: String,
@@ -49,6 +68,8 @@ impl Default for EngineConfig {
             shard_count: std::thread::available_parallelism().map_or(1, |n| n.get()),
             hold_ttl_ms: 15 * 60 * 1000,
             rejections: RejectionLimits::default(),
+            answer_retention_ms: 24 * 3_600 * 1_000,
+            order_retention_ms: 7 * 24 * 3_600 * 1_000,
             order_id_prefix: "ord_".into(),
         }
     }
@@ -83,6 +104,10 @@ pub enum EngineError {
     /// An order was asked to make a move its state machine forbids.
     #[error(transparent)]
     IllegalTransition(#[from] IllegalTransition),
+    /// A change of this order or product is being committed: wait for it to settle, then ask
+    /// again (the answer may differ).
+    #[error("a change of {0} is in flight")]
+    Busy(String),
     /// The journal's records contradict each other (only at start-up).
     #[error("the journal is inconsistent: {0}")]
     Inconsistent(String),
@@ -97,14 +122,20 @@ fn shard_index<K: Hash>(key: &K) -> usize {
 }
 
 struct ProductEntry {
-    product: Product,
-    index: SkuIndex,
+    /// The product as durably defined, and its stock counters; `None` while its creation is in
+    /// flight (readers and checkouts do not see it yet).
+    durable: Option<(Product, SkuIndex)>,
+    /// A change of this product is in flight.
+    busy: bool,
 }
 
 struct OrderEntry {
+    /// The order as durably recorded (only durable orders are in the map).
     order: Order,
     /// The inventory lines of the order, to release, commit or refund its units.
     lines: Vec<(SkuIndex, i64)>,
+    /// A change of this order is in flight.
+    busy: bool,
 }
 
 /// Units held for a checkout that has not been placed as an order yet (the payment is being
@@ -180,6 +211,74 @@ pub struct AnswerSpec<'a> {
     pub render: &'a dyn Fn(&Order) -> (u16, String),
 }
 
+/// A change decided against the durable state, not yet applied to memory. Append
+/// [`Change::record`] to the journal, then hand the change to [`Engine::apply`] once the record is
+/// durable or to [`Engine::abort`] if the append failed. Dropping it instead leaks its holds and
+/// leaves its order or product busy for good.
+#[derive(Debug)]
+#[must_use = "a change must be applied or aborted"]
+pub struct Change {
+    record: Record,
+    effect: Effect,
+}
+
+#[derive(Debug)]
+enum Effect {
+    /// A product created or changed; a lowered stock holds the units it takes away.
+    Product {
+        product: Product,
+        decrease: Option<Hold>,
+    },
+    /// A new order, with the units it holds until durable and the answer under its key.
+    NewOrder {
+        lines: Vec<(SkuIndex, i64)>,
+        hold: Hold,
+        answer: Option<(IdempotencyKey, StoredAnswer)>,
+    },
+    /// A durable order moves to another status.
+    Transition { previous: OrderStatus },
+}
+
+impl Change {
+    /// The record to append.
+    pub fn record(&self) -> &Record {
+        &self.record
+    }
+
+    /// The order this change makes (`None` for a product change).
+    pub fn order(&self) -> Option<&Order> {
+        match &self.record {
+            Record::Order { order, .. } => Some(order),
+            Record::Product { .. } => None,
+        }
+    }
+}
+
+/// What a change did, once applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// A product as it now stands, with a reading of its stock.
+    Product(Product, StockView),
+    /// An order as it now stands, and the status it had before (`None`: it is new).
+    Order {
+        /// The order after the change.
+        order: Order,
+        /// Its status before.
+        previous: Option<OrderStatus>,
+    },
+}
+
+/// What a request to change an order found.
+#[derive(Debug)]
+// Made and taken apart once per request: boxing the change would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Prepared {
+    /// A change to commit.
+    Change(Change),
+    /// Nothing to change: the order already stands where asked (or, for a cancel, is final).
+    Unchanged(Order),
+}
+
 /// The engine of one process.
 pub struct Engine {
     config: EngineConfig,
@@ -188,6 +287,8 @@ pub struct Engine {
     orders: Box<[Mutex<FxHashMap<OrderId, OrderEntry>>]>,
     /// Orders that hold stock, by deadline, so the sweeper never scans the others.
     holds_by_deadline: Mutex<BTreeSet<(i64, OrderId)>>,
+    /// Finished orders by creation time, so the retention purge never scans the live ones.
+    finished_by_time: Mutex<BTreeSet<(i64, OrderId)>>,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
@@ -200,17 +301,22 @@ impl Engine {
             products: (0..MAP_SHARDS).map(|_| Mutex::default()).collect(),
             orders: (0..MAP_SHARDS).map(|_| Mutex::default()).collect(),
             holds_by_deadline: Mutex::default(),
-            idempotency: IdempotencyStore::new(config.rejections),
+            finished_by_time: Mutex::default(),
+            idempotency: IdempotencyStore::new(config.rejections, config.answer_retention_ms),
             next_order_number: AtomicU64::new(1),
             config,
         }
     }
 
     /// Rebuilds the engine from the durable state: products, orders and their stock, and the kept
-    /// answers. Stock counters are derived from the orders' statuses.
+    /// answers. Stock counters are derived from the orders' statuses, plus the units sold by
+    /// orders that already left the state (retention).
     pub fn from_state(config: EngineConfig, state: &State) -> Result<Self, EngineError> {
         let engine = Self::new(config);
         let mut committed: FxHashMap<&Sku, (i64, i64)> = FxHashMap::default();
+        for (sku, sold) in &state.sold_pruned {
+            committed.entry(sku).or_default().1 += sold;
+        }
         for order in state.orders.values() {
             for item in &order.items {
                 let entry = committed.entry(&item.sku).or_default();
@@ -224,7 +330,7 @@ impl Engine {
         for (sku, product) in &state.products {
             let (reserved, sold) = committed.get(sku).copied().unwrap_or_default();
             let stock = product.stock.get();
-            if reserved + sold > stock {
+            if reserved < 0 || sold < 0 || reserved + sold > stock {
                 return Err(EngineError::Inconsistent(format!(
                     "sku {sku} has stock {stock} but {reserved} reserved and {sold} sold"
                 )));
@@ -233,8 +339,8 @@ impl Engine {
             lock(&engine.products[shard_index(sku)]).insert(
                 sku.clone(),
                 ProductEntry {
-                    product: product.clone(),
-                    index,
+                    durable: Some((product.clone(), index)),
+                    busy: false,
                 },
             );
         }
@@ -249,15 +355,13 @@ impl Engine {
                 })?;
                 lines.push((index, item.quantity));
             }
-            if order.status.holds_stock() {
-                lock(&engine.holds_by_deadline)
-                    .insert((order.hold_deadline_ms, order.order_id.clone()));
-            }
+            engine.index_order(order, None);
             lock(&engine.orders[shard_index(&order.order_id)]).insert(
                 order.order_id.clone(),
                 OrderEntry {
                     order: order.clone(),
                     lines,
+                    busy: false,
                 },
             );
         }
@@ -282,46 +386,51 @@ impl Engine {
         &self.idempotency
     }
 
-    /// Creates or changes a product. A new product is journaled before it becomes visible, so no
-    /// order can be journaled ahead of its product.
-    pub fn upsert_product<S: RecordSink + ?Sized>(
-        &self,
-        product: Product,
-        sink: &S,
-    ) -> Result<(StockView, S::Ticket), EngineError> {
+    /// Decides a product's creation or change. A new product becomes visible (and sellable) only
+    /// once applied, so no order can be journaled ahead of its product. A lowered stock takes the
+    /// units it removes at once (as a hold), so no checkout can sell them while the change commits;
+    /// a raised stock adds its units only once applied.
+    pub fn prepare_product(&self, product: Product) -> Result<Change, EngineError> {
         let mut products = lock(&self.products[shard_index(&product.sku)]);
-        if let Some(entry) = products.get_mut(&product.sku) {
-            let view = self
-                .inventory
-                .set_stock(entry.index, product.stock.get())
-                .map_err(
-                    |SetStockError::BelowCommitted {
-                         requested,
-                         committed,
-                     }| {
+        let entry = products.entry(product.sku.clone()).or_insert(ProductEntry {
+            durable: None,
+            busy: false,
+        });
+        if entry.busy {
+            return Err(EngineError::Busy(format!("product {}", product.sku)));
+        }
+        let mut decrease = None;
+        if let Some((_, index)) = &entry.durable {
+            let view = self.inventory.view(*index);
+            let requested = product.stock.get();
+            if requested < view.stock {
+                let units = view.stock - requested;
+                let hold = self.inventory.reserve_one(*index, units).map_err(
+                    |ReserveError::OutOfStock { .. }| {
+                        let view = self.inventory.view(*index);
                         EngineError::StockBelowCommitted {
                             requested,
-                            committed,
+                            committed: view.reserved + view.sold,
                         }
                     },
                 )?;
-            entry.product = product.clone();
-            let ticket = sink.submit(Record::Product { product });
-            return Ok((view, ticket));
+                decrease = Some(hold);
+            }
         }
-        let ticket = sink.submit(Record::Product {
-            product: product.clone(),
-        });
-        let index = self.inventory.add(&product.sku, product.stock.get(), 0, 0);
-        products.insert(product.sku.clone(), ProductEntry { product, index });
-        Ok((self.inventory.view(index), ticket))
+        entry.busy = true;
+        Ok(Change {
+            record: Record::Product {
+                product: product.clone(),
+            },
+            effect: Effect::Product { product, decrease },
+        })
     }
 
-    /// A product and a consistent reading of its stock.
+    /// A product and a consistent reading of its stock (durable products only).
     pub fn product(&self, sku: &Sku) -> Option<(Product, StockView)> {
         let products = lock(&self.products[shard_index(sku)]);
-        let entry = products.get(sku)?;
-        Some((entry.product.clone(), self.inventory.view(entry.index)))
+        let (product, index) = products.get(sku)?.durable.as_ref()?;
+        Some((product.clone(), self.inventory.view(*index)))
     }
 
     /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
@@ -351,13 +460,13 @@ impl Engine {
             let position = indexed.iter().position(|(i, _)| *i == index).unwrap_or(0);
             let sku = &lines[position].0;
             let products = lock(&self.products[shard_index(sku)]);
-            let Some(entry) = products.get(sku) else {
+            let Some((product, _)) = products.get(sku).and_then(|e| e.durable.as_ref()) else {
                 drop(products);
                 self.inventory.release(hold);
                 return Err(EngineError::UnknownSku(sku.clone()));
             };
-            let price = entry.product.price_cents;
-            if *currency.get_or_insert(entry.product.currency) != entry.product.currency {
+            let price = product.price_cents;
+            if *currency.get_or_insert(product.currency) != product.currency {
                 drop(products);
                 self.inventory.release(hold);
                 return Err(EngineError::MixedCurrency);
@@ -394,15 +503,15 @@ impl Engine {
         OrderId::parse(raw).unwrap_or_else(|e| panic!("bad order id prefix: {e}"))
     }
 
-    /// Turns a reservation into an order whose payment ended as `outcome`, journals it with its
-    /// events (and the answer under the checkout's key), and moves its units accordingly.
-    pub fn place_order<S: RecordSink + ?Sized>(
+    /// Decides a new order whose payment ended as `outcome`, with its events and the answer under
+    /// the checkout's key. Its units stay held until the change is applied (then they are sold,
+    /// released or kept held, as the outcome says) or aborted (then they are released).
+    pub fn place_order(
         &self,
         new_order: NewOrder,
         answer: Option<AnswerSpec<'_>>,
         now_ms: i64,
-        sink: &S,
-    ) -> (Order, Option<StoredAnswer>, S::Ticket) {
+    ) -> (Change, Option<StoredAnswer>) {
         let NewOrder {
             order_id,
             reservation,
@@ -444,137 +553,285 @@ impl Engine {
                 },
             )
         });
-        let lines = reservation.hold.lines().to_vec();
-        match status {
-            OrderStatus::Paid => self.inventory.commit(reservation.hold),
-            OrderStatus::Released => self.inventory.release(reservation.hold),
-            _ => {
-                // The units stay held; the order's lines know them from now on.
-                let _still_held = reservation.hold;
-                lock(&self.holds_by_deadline)
-                    .insert((order.hold_deadline_ms, order.order_id.clone()));
-            }
-        }
-        let mut orders = lock(&self.orders[shard_index(&order.order_id)]);
-        let ticket = sink.submit(Record::Order {
-            order: order.clone(),
-            previous: None,
-            entered,
-            at_ms: now_ms,
-            answer: stored.clone(),
-        });
-        orders.insert(
-            order.order_id.clone(),
-            OrderEntry {
-                order: order.clone(),
-                lines,
+        let answer = stored.as_ref().map(|(_, a)| a.clone());
+        let replaces_expired_key = stored
+            .as_ref()
+            .is_some_and(|(key, _)| self.idempotency.supersedes_expired(key));
+        let change = Change {
+            effect: Effect::NewOrder {
+                lines: reservation.hold.lines().to_vec(),
+                hold: reservation.hold,
+                answer: stored.clone(),
             },
-        );
-        (order, stored.map(|(_, a)| a), ticket)
+            record: Record::Order {
+                order,
+                previous: None,
+                entered,
+                at_ms: now_ms,
+                answer: stored,
+                replaces_expired_key,
+            },
+        };
+        (change, answer)
     }
 
-    /// An order as it stands.
+    /// An order as durably recorded.
     pub fn order(&self, order_id: &OrderId) -> Option<Order> {
         lock(&self.orders[shard_index(order_id)])
             .get(order_id)
             .map(|e| e.order.clone())
     }
 
-    /// Moves an order to `next`, moving its units and journaling the change. Returns the order as
-    /// it stands afterwards, and `None` for the ticket when nothing changed because the order was
-    /// already in `next`.
-    pub fn transition<S: RecordSink + ?Sized>(
+    /// Decides the move of an order to `next`: `Unchanged` if it is there already, an error if its
+    /// state machine forbids the move or another change of it is in flight.
+    pub fn prepare_transition(
         &self,
         order_id: &OrderId,
         next: OrderStatus,
         now_ms: i64,
-        sink: &S,
-    ) -> Result<(Order, Option<S::Ticket>), EngineError> {
+    ) -> Result<Prepared, EngineError> {
+        self.prepare_move(order_id, now_ms, |status| (status != next).then_some(next))
+    }
+
+    /// Decides a cancel: a held order is released, a paid one refunded; a final one stays as it is
+    /// (cancelling twice is harmless).
+    pub fn prepare_cancel(&self, order_id: &OrderId, now_ms: i64) -> Result<Prepared, EngineError> {
+        self.prepare_move(order_id, now_ms, |status| match status {
+            s if s.holds_stock() => Some(OrderStatus::Released),
+            OrderStatus::Paid => Some(OrderStatus::Refunded),
+            _ => None,
+        })
+    }
+
+    /// Decides a move with `decide` (the next status, or `None` to leave the order as it is),
+    /// against the durable order, under its lock: nothing can move it between the look and the
+    /// decision.
+    fn prepare_move(
+        &self,
+        order_id: &OrderId,
+        now_ms: i64,
+        decide: impl FnOnce(OrderStatus) -> Option<OrderStatus>,
+    ) -> Result<Prepared, EngineError> {
         let mut orders = lock(&self.orders[shard_index(order_id)]);
         let entry = orders
             .get_mut(order_id)
             .ok_or_else(|| EngineError::UnknownOrder(order_id.clone()))?;
-        if entry.order.status == next {
-            return Ok((entry.order.clone(), None));
+        if entry.busy {
+            return Err(EngineError::Busy(format!("order {order_id}")));
         }
-        let before = entry.order.status;
-        entry.order.transition(next)?;
-        let hold = self.inventory.hold_of(entry.lines.clone());
-        match (before.holds_stock(), next) {
-            (true, OrderStatus::Paid) => self.inventory.commit(hold),
-            (true, OrderStatus::Released) => self.inventory.release(hold),
-            (false, OrderStatus::Refunded) => self.inventory.refund(&entry.lines),
-            _ => {
-                // reserved → payment_pending: the units stay held.
-                let _still_held = hold;
-            }
-        }
-        if before.holds_stock() && !next.holds_stock() {
-            lock(&self.holds_by_deadline).remove(&(entry.order.hold_deadline_ms, order_id.clone()));
-        }
-        let ticket = sink.submit(Record::Order {
-            order: entry.order.clone(),
-            previous: Some(before),
-            entered: vec![next],
-            at_ms: now_ms,
-            answer: None,
-        });
-        Ok((entry.order.clone(), Some(ticket)))
-    }
-
-    /// Cancels an order: a held one is released, a paid one refunded; a finished one is returned
-    /// unchanged (cancelling twice is harmless).
-    pub fn cancel<S: RecordSink + ?Sized>(
-        &self,
-        order_id: &OrderId,
-        now_ms: i64,
-        sink: &S,
-    ) -> Result<(Order, Option<S::Ticket>), EngineError> {
-        let current = self
-            .order(order_id)
-            .ok_or_else(|| EngineError::UnknownOrder(order_id.clone()))?;
-        let next = match current.status {
-            s if s.holds_stock() => OrderStatus::Released,
-            OrderStatus::Paid => OrderStatus::Refunded,
-            _ => return Ok((current, None)),
+        let previous = entry.order.status;
+        let Some(next) = decide(previous) else {
+            return Ok(Prepared::Unchanged(entry.order.clone()));
         };
-        match self.transition(order_id, next, now_ms, sink) {
-            // Another request finished the order between the read and the move: it stands final.
-            Err(EngineError::IllegalTransition(_)) => self
-                .order(order_id)
-                .map(|o| (o, None))
-                .ok_or_else(|| EngineError::UnknownOrder(order_id.clone())),
-            other => other,
-        }
+        let mut order = entry.order.clone();
+        order.transition(next)?;
+        entry.busy = true;
+        Ok(Prepared::Change(Change {
+            record: Record::Order {
+                order,
+                previous: Some(previous),
+                entered: vec![next],
+                at_ms: now_ms,
+                answer: None,
+                replaces_expired_key: false,
+            },
+            effect: Effect::Transition { previous },
+        }))
     }
 
-    /// Releases every order whose hold deadline has passed at `now_ms`, at most `limit` of them
-    /// (bounded work per sweep). Returns the released orders with their tickets.
-    pub fn expire_holds<S: RecordSink + ?Sized>(
-        &self,
-        now_ms: i64,
-        limit: usize,
-        sink: &S,
-    ) -> Vec<(Order, S::Ticket)> {
+    /// Decides the release of every order whose hold deadline has passed at `now_ms`, at most
+    /// `limit` of them (bounded work per sweep). Orders with a change in flight are left for the
+    /// next sweep.
+    pub fn expire_holds(&self, now_ms: i64, limit: usize) -> Vec<Change> {
         let due: Vec<OrderId> = lock(&self.holds_by_deadline)
             .iter()
             .take_while(|(deadline, _)| *deadline <= now_ms)
             .take(limit)
             .map(|(_, id)| id.clone())
             .collect();
-        let mut released = Vec::with_capacity(due.len());
-        for order_id in due {
-            if let Ok((order, Some(ticket))) =
-                self.transition(&order_id, OrderStatus::Released, now_ms, sink)
-            {
-                released.push((order, ticket));
+        due.into_iter()
+            .filter_map(|order_id| {
+                match self.prepare_transition(&order_id, OrderStatus::Released, now_ms) {
+                    Ok(Prepared::Change(change)) => Some(change),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+
+    /// Applies a change whose record is durable: from now on readers see it.
+    pub fn apply(&self, change: Change) -> Applied {
+        let Change { record, effect } = change;
+        match (record, effect) {
+            (Record::Product { .. }, Effect::Product { product, decrease }) => {
+                let mut products = lock(&self.products[shard_index(&product.sku)]);
+                let entry = products.entry(product.sku.clone()).or_insert(ProductEntry {
+                    durable: None,
+                    busy: true,
+                });
+                entry.busy = false;
+                let index = match &entry.durable {
+                    Some((_, index)) => {
+                        let index = *index;
+                        match decrease {
+                            Some(hold) => self.inventory.retire(hold),
+                            None => {
+                                // Raised (or unchanged): nothing else changes stock meanwhile, as
+                                // product changes are one at a time.
+                                let _ = self.inventory.set_stock(index, product.stock.get());
+                            }
+                        }
+                        index
+                    }
+                    None => self.inventory.add(&product.sku, product.stock.get(), 0, 0),
+                };
+                let view = self.inventory.view(index);
+                entry.durable = Some((product.clone(), index));
+                Applied::Product(product, view)
+            }
+            (
+                Record::Order { order, .. },
+                Effect::NewOrder {
+                    lines,
+                    hold,
+                    answer,
+                    ..
+                },
+            ) => {
+                match order.status {
+                    OrderStatus::Paid => self.inventory.commit(hold),
+                    OrderStatus::Released => self.inventory.release(hold),
+                    // Held: the order's lines know the units from now on.
+                    _ => drop(hold),
+                }
+                self.index_order(&order, None);
+                lock(&self.orders[shard_index(&order.order_id)]).insert(
+                    order.order_id.clone(),
+                    OrderEntry {
+                        order: order.clone(),
+                        lines,
+                        busy: false,
+                    },
+                );
+                if let Some((key, answer)) = answer {
+                    self.idempotency.finish(&key, answer, true);
+                }
+                Applied::Order {
+                    order,
+                    previous: None,
+                }
+            }
+            (Record::Order { order, .. }, Effect::Transition { previous }) => {
+                let mut orders = lock(&self.orders[shard_index(&order.order_id)]);
+                let lines = match orders.get_mut(&order.order_id) {
+                    Some(entry) => {
+                        entry.busy = false;
+                        entry.order = order.clone();
+                        entry.lines.clone()
+                    }
+                    None => Vec::new(),
+                };
+                drop(orders);
+                let hold = self.inventory.hold_of(lines.clone());
+                match (previous.holds_stock(), order.status) {
+                    (true, OrderStatus::Paid) => self.inventory.commit(hold),
+                    (true, OrderStatus::Released) => self.inventory.release(hold),
+                    (false, OrderStatus::Refunded) => self.inventory.refund(&lines),
+                    // reserved → payment_pending: the units stay held.
+                    _ => drop(hold),
+                }
+                self.index_order(&order, Some(previous));
+                Applied::Order {
+                    order,
+                    previous: Some(previous),
+                }
+            }
+            (record, effect) => unreachable!("a change pairs {record:?} with {effect:?}"),
+        }
+    }
+
+    /// Gives up a change whose record did not become durable: memory is left as it was before
+    /// the change was decided (its holds released, its key freed for a retry).
+    pub fn abort(&self, change: Change) {
+        let Change { record, effect } = change;
+        match effect {
+            Effect::Product { product, decrease } => {
+                if let Some(hold) = decrease {
+                    self.inventory.release(hold);
+                }
+                let mut products = lock(&self.products[shard_index(&product.sku)]);
+                if let Some(entry) = products.get_mut(&product.sku) {
+                    entry.busy = false;
+                    if entry.durable.is_none() {
+                        products.remove(&product.sku);
+                    }
+                }
+            }
+            Effect::NewOrder { hold, answer, .. } => {
+                self.inventory.release(hold);
+                if let Some((key, _)) = answer {
+                    self.idempotency.abandon(&key);
+                }
+            }
+            Effect::Transition { .. } => {
+                if let Record::Order { order, .. } = record {
+                    if let Some(entry) =
+                        lock(&self.orders[shard_index(&order.order_id)]).get_mut(&order.order_id)
+                    {
+                        entry.busy = false;
+                    }
+                }
             }
         }
-        released
+    }
+
+    /// Keeps the by-deadline and by-time indexes in step with an order's durable status.
+    fn index_order(&self, order: &Order, previous: Option<OrderStatus>) {
+        let key = (order.hold_deadline_ms, order.order_id.clone());
+        if previous.is_some_and(|p| p.holds_stock()) && !order.status.holds_stock() {
+            lock(&self.holds_by_deadline).remove(&key);
+        }
+        if order.status.holds_stock() {
+            if previous.is_none() {
+                lock(&self.holds_by_deadline).insert(key);
+            }
+        } else if previous.is_none_or(|p| p.holds_stock()) {
+            lock(&self.finished_by_time).insert((order.created_at_ms, order.order_id.clone()));
+        }
+    }
+
+    /// Drops finished orders created before `now_ms - order_retention` from memory (at most
+    /// `limit`); returns how many left. Their sold units stay counted.
+    pub fn purge_orders(&self, now_ms: i64, limit: usize) -> usize {
+        let cutoff = now_ms - self.config.order_retention_ms;
+        let due: Vec<(i64, OrderId)> = lock(&self.finished_by_time)
+            .iter()
+            .take_while(|(created, _)| *created < cutoff)
+            .take(limit)
+            .cloned()
+            .collect();
+        let mut dropped = 0;
+        for key in due {
+            let mut orders = lock(&self.orders[shard_index(&key.1)]);
+            // An order with a change in flight stays until the change settles.
+            if orders.get(&key.1).is_some_and(|e| e.busy) {
+                continue;
+            }
+            orders.remove(&key.1);
+            drop(orders);
+            lock(&self.finished_by_time).remove(&key);
+            dropped += 1;
+        }
+        dropped
     }
 
     /// How many orders hold stock now.
     pub fn holds_len(&self) -> usize {
         lock(&self.holds_by_deadline).len()
+    }
+
+    /// How many orders are in memory.
+    pub fn orders_len(&self) -> usize {
+        self.orders.iter().map(|shard| lock(shard).len()).sum()
     }
 }

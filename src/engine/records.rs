@@ -62,6 +62,10 @@ pub enum Record {
         /// The answer that placed the order, kept under its idempotency key.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         answer: Option<(IdempotencyKey, StoredAnswer)>,
+        /// The key had an answer before, past its retention: this one replaces it (a store that
+        /// keeps answers under a unique key drops the old one first).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        replaces_expired_key: bool,
     },
 }
 
@@ -131,6 +135,10 @@ pub struct State {
     pub answers: HashMap<IdempotencyKey, StoredAnswer>,
     /// The event log, in commit order.
     pub events: Vec<Event>,
+    /// Units sold by paid orders that already left the state (retention), by SKU: the stock
+    /// counters stay exact without keeping every order forever.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub sold_pruned: BTreeMap<Sku, i64>,
     /// The sequence number of the last record folded in (0: none).
     pub last_lsn: u64,
 }
@@ -144,14 +152,53 @@ impl State {
             Record::Product { product } => {
                 self.products.insert(product.sku.clone(), product);
             }
-            Record::Order { order, answer, .. } => {
+            Record::Order {
+                order,
+                answer,
+                previous,
+                ..
+            } => {
                 if let Some((key, answer)) = answer {
                     self.answers.insert(key, answer);
+                }
+                // A change of an order that already left the state: its sold units were counted
+                // in `sold_pruned` and move from there.
+                if previous == Some(OrderStatus::Paid)
+                    && order.status != OrderStatus::Paid
+                    && !self.orders.contains_key(&order.order_id)
+                {
+                    for item in &order.items {
+                        if let Some(sold) = self.sold_pruned.get_mut(&item.sku) {
+                            *sold -= item.quantity;
+                        }
+                    }
                 }
                 self.orders.insert(order.order_id.clone(), order);
             }
         }
         self.last_lsn = lsn;
+    }
+
+    /// Drops what is past retention at `now_ms`: finished orders created more than
+    /// `order_retention_ms` ago (the units of paid ones stay counted in `sold_pruned`) and answers
+    /// older than `answer_retention_ms`.
+    pub fn prune(&mut self, now_ms: i64, order_retention_ms: i64, answer_retention_ms: i64) {
+        let order_cutoff = now_ms - order_retention_ms;
+        let sold_pruned = &mut self.sold_pruned;
+        self.orders.retain(|_, order| {
+            if order.status.holds_stock() || order.created_at_ms >= order_cutoff {
+                return true;
+            }
+            if order.status == OrderStatus::Paid {
+                for item in &order.items {
+                    *sold_pruned.entry(item.sku.clone()).or_default() += item.quantity;
+                }
+            }
+            false
+        });
+        let answer_cutoff = now_ms - answer_retention_ms;
+        self.answers
+            .retain(|_, answer| answer.at_ms >= answer_cutoff);
     }
 
     /// The seq the next event will get.

@@ -12,7 +12,6 @@ pub mod mysql;
 pub(crate) mod pipeline;
 
 use crate::engine::records::{Event, Record};
-use crate::engine::RecordSink;
 use crate::metrics::{Histogram, BATCH_BOUNDS_RECORDS, LATENCY_BOUNDS_SECONDS};
 use crate::BoxFuture;
 use std::future::Future;
@@ -24,8 +23,8 @@ use tokio::sync::oneshot;
 /// Why the journal could not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JournalError {
-    /// Writing or syncing failed. The journal refuses every later append: after a failed
-    /// `fdatasync` the kernel may have dropped the bytes, so only a restart (and recovery) is safe.
+    /// Writing or syncing failed; the record is not durable and never will be (the journal cut
+    /// what it had written of it). The journal refuses appends until it has recovered.
     #[error("journal I/O failed ({context}): {message}")]
     Io {
         /// What the journal was doing.
@@ -50,9 +49,25 @@ pub enum JournalError {
     /// The journal was closed.
     #[error("the journal is closed")]
     Closed,
+    /// The journal's queue is full: the record was not queued (nothing changed).
+    #[error("the journal's queue is full ({0} records waiting)")]
+    Overloaded(usize),
+    /// The store refused this one record (a constraint, say); the record is not durable, the
+    /// journal goes on with the others.
+    #[error("the journal refused the record: {0}")]
+    Rejected(String),
+    /// The journal stopped without saying whether the record is durable: only a restart (and its
+    /// recovery) can tell.
+    #[error("the journal stopped without an answer ({0}); the outcome is unknown")]
+    Unknown(String),
 }
 
 impl JournalError {
+    /// True if the record is known not to be durable (nothing changed); false if it may be.
+    pub fn nothing_changed(&self) -> bool {
+        !matches!(self, JournalError::Unknown(_))
+    }
+
     pub(crate) fn io(context: impl Into<String>, error: &std::io::Error) -> Self {
         JournalError::Io {
             context: context.into(),
@@ -80,6 +95,11 @@ enum TicketInner {
     Failed(Option<JournalError>),
 }
 
+/// The writer dropped a waiter without answering (it died): the outcome is unknown.
+fn lost() -> JournalError {
+    JournalError::Unknown("the journal writer went away".into())
+}
+
 impl Ticket {
     pub(crate) fn waiting(receiver: oneshot::Receiver<Result<Appended, JournalError>>) -> Self {
         Ticket(TicketInner::Waiting(receiver))
@@ -92,9 +112,9 @@ impl Ticket {
     /// Blocks the calling thread until the record is durable. Not for async code.
     pub fn wait(self) -> Result<Appended, JournalError> {
         match self.0 {
-            TicketInner::Waiting(receiver) => receiver
-                .blocking_recv()
-                .unwrap_or(Err(JournalError::Closed)),
+            TicketInner::Waiting(receiver) => {
+                receiver.blocking_recv().unwrap_or_else(|_| Err(lost()))
+            }
             TicketInner::Failed(error) => Err(error.unwrap_or(JournalError::Closed)),
         }
     }
@@ -107,7 +127,7 @@ impl Future for Ticket {
         match &mut self.0 {
             TicketInner::Waiting(receiver) => Pin::new(receiver)
                 .poll(cx)
-                .map(|r| r.unwrap_or(Err(JournalError::Closed))),
+                .map(|r| r.unwrap_or_else(|_| Err(lost()))),
             TicketInner::Failed(error) => {
                 Poll::Ready(Err(error.take().unwrap_or(JournalError::Closed)))
             }
@@ -219,12 +239,4 @@ pub trait Journal: Send + Sync {
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
     /// fail with [`JournalError::Closed`].
     fn shutdown(&self) -> BoxFuture<'_, ()>;
-}
-
-impl<J: Journal + ?Sized> RecordSink for J {
-    type Ticket = Ticket;
-
-    fn submit(&self, record: Record) -> Ticket {
-        self.append(record)
-    }
 }

@@ -3,6 +3,24 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 use turnstile::domain::{Currency, Sku, Stock};
 use turnstile::engine::records::Product;
+use turnstile::engine::{Applied, Change, Engine};
+use turnstile::journal::{Journal, JournalError};
+
+/// Commits a change as the server does: appends its record, waits until it is durable, then
+/// applies it to the engine (or aborts it if the journal did not take it).
+pub fn durably(
+    engine: &Engine,
+    journal: &dyn Journal,
+    change: Change,
+) -> Result<Applied, JournalError> {
+    match journal.append(change.record().clone()).wait() {
+        Ok(_) => Ok(engine.apply(change)),
+        Err(error) => {
+            engine.abort(change);
+            Err(error)
+        }
+    }
+}
 
 /// A small, fast, seedable generator (SplitMix64): tests print their seed so any failure can be
 /// replayed with `TURNSTILE_TEST_SEED=<seed>`.

@@ -1,29 +1,39 @@
 //! A property test of the engine (products, checkouts, the order state machine, hold expiry)
-//! against a plain model: after every step the engine's stock and orders equal the model's, and
-//! the journal records it emitted rebuild an identical engine. Prints its seed.
+//! against a plain model: after every step the engine's stock and orders equal the model's; a
+//! change whose append fails (aborted) leaves no trace; while a change is in flight readers see
+//! the durable state; and the records of the applied changes rebuild an identical engine. A second
+//! property test races a cancel against a webhook approval under every schedule. Both print their
+//! seed.
 
 use crate::common::{product, seed, sku};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
-use std::cell::RefCell;
 use std::collections::HashMap;
 use turnstile::domain::{CustomerId, OrderId, Quantity};
 use turnstile::engine::inventory::StockView;
 use turnstile::engine::order::OrderStatus;
 use turnstile::engine::records::{Record, State};
-use turnstile::engine::{Engine, EngineConfig, EngineError, NewOrder, PaymentOutcome, RecordSink};
+use turnstile::engine::{
+    Applied, Change, Engine, EngineConfig, EngineError, NewOrder, PaymentOutcome, Prepared,
+};
 
 const SKUS: usize = 3;
 const HOLD_TTL_MS: i64 = 1_000;
 
-/// Collects records in memory, numbering them as the journal would.
+/// Stands in for the journal: a change either becomes durable (its record is kept, in commit
+/// order, and the change applied) or its append fails (aborted, the record dropped).
 #[derive(Default)]
-struct RecordingSink(RefCell<Vec<Record>>);
+struct Journal(Vec<Record>);
 
-impl RecordSink for RecordingSink {
-    type Ticket = ();
-    fn submit(&self, record: Record) {
-        self.0.borrow_mut().push(record);
+impl Journal {
+    fn settle(&mut self, engine: &Engine, change: Change, fails: bool) -> Option<Applied> {
+        if fails {
+            engine.abort(change);
+            None
+        } else {
+            self.0.push(change.record().clone());
+            Some(engine.apply(change))
+        }
     }
 }
 
@@ -32,17 +42,21 @@ enum Op {
     Upsert {
         sku: usize,
         stock: i64,
+        fails: bool,
     },
     Checkout {
         lines: Vec<(usize, i64)>,
         outcome: u8,
+        fails: bool,
     },
     Transition {
         order: usize,
         to: OrderStatus,
+        fails: bool,
     },
     Cancel {
         order: usize,
+        fails: bool,
     },
     Advance {
         ms: i64,
@@ -51,12 +65,13 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     let status = prop::sample::select(OrderStatus::ALL.to_vec());
+    let fails = || prop::bool::weighted(0.2);
     prop_oneof![
-        2 => (0..SKUS, 0..12i64).prop_map(|(sku, stock)| Op::Upsert { sku, stock }),
-        4 => (prop::collection::vec((0..SKUS + 1, 1..4i64), 1..4), 0..3u8)
-            .prop_map(|(lines, outcome)| Op::Checkout { lines, outcome }),
-        2 => (0..32usize, status).prop_map(|(order, to)| Op::Transition { order, to }),
-        1 => (0..32usize).prop_map(|order| Op::Cancel { order }),
+        2 => (0..SKUS, 0..12i64, fails()).prop_map(|(sku, stock, fails)| Op::Upsert { sku, stock, fails }),
+        4 => (prop::collection::vec((0..SKUS + 1, 1..4i64), 1..4), 0..3u8, fails())
+            .prop_map(|(lines, outcome, fails)| Op::Checkout { lines, outcome, fails }),
+        2 => (0..32usize, status, fails()).prop_map(|(order, to, fails)| Op::Transition { order, to, fails }),
+        1 => (0..32usize, fails()).prop_map(|(order, fails)| Op::Cancel { order, fails }),
         1 => (0..1_500i64).prop_map(|ms| Op::Advance { ms }),
     ]
 }
@@ -129,13 +144,17 @@ fn run(ops: Vec<Op>) {
         ..EngineConfig::default()
     };
     let engine = Engine::new(config.clone());
-    let sink = RecordingSink::default();
+    let mut journal = Journal::default();
     let mut model = Model::default();
     let mut now_ms = 1_000_000;
     for op in ops {
         match op {
-            Op::Upsert { sku: i, stock } => {
-                let result = engine.upsert_product(product(&name(i), 100 + i as i64, stock), &sink);
+            Op::Upsert {
+                sku: i,
+                stock,
+                fails,
+            } => {
+                let result = engine.prepare_product(product(&name(i), 100 + i as i64, stock));
                 let committed = model.committed(i);
                 if model.stock[i].is_some() && stock < committed.0 + committed.1 {
                     assert!(
@@ -143,11 +162,23 @@ fn run(ops: Vec<Op>) {
                         "{result:?}"
                     );
                 } else {
-                    assert!(result.is_ok(), "{result:?}");
-                    model.stock[i] = Some(stock);
+                    let change = result.expect("upsert");
+                    // In flight: readers still see the durable product (a lowered stock shows
+                    // the units it takes as reserved, nothing else moves).
+                    let seen = engine
+                        .product(&sku(&name(i)))
+                        .map(|(_, v)| (v.stock, v.sold));
+                    assert_eq!(seen, model.view(i).map(|v| (v.stock, v.sold)));
+                    if journal.settle(&engine, change, fails).is_some() {
+                        model.stock[i] = Some(stock);
+                    }
                 }
             }
-            Op::Checkout { lines, outcome } => {
+            Op::Checkout {
+                lines,
+                outcome,
+                fails,
+            } => {
                 let request: Vec<_> = lines
                     .iter()
                     .map(|&(i, q)| (sku(&name(i)), Quantity::parse(q).expect("quantity")))
@@ -186,7 +217,7 @@ fn run(ops: Vec<Op>) {
                         },
                         _ => PaymentOutcome::Failed { payment_id: None },
                     };
-                    let (order, _, ()) = engine.place_order(
+                    let (change, _) = engine.place_order(
                         NewOrder {
                             order_id: engine.new_order_id(),
                             reservation,
@@ -195,25 +226,48 @@ fn run(ops: Vec<Op>) {
                         },
                         None,
                         now_ms,
-                        &sink,
                     );
-                    assert_eq!(order.hold_deadline_ms, now_ms + HOLD_TTL_MS);
-                    model.orders.push(ModelOrder {
-                        id: order.order_id,
-                        status: order.status,
-                        lines: merged,
-                        deadline_ms: now_ms + HOLD_TTL_MS,
-                    });
+                    let id = change.order().expect("an order").order_id.clone();
+                    assert_eq!(
+                        engine.order(&id),
+                        None,
+                        "an order is not shown before durable"
+                    );
+                    if let Some(Applied::Order { order, .. }) =
+                        journal.settle(&engine, change, fails)
+                    {
+                        assert_eq!(order.hold_deadline_ms, now_ms + HOLD_TTL_MS);
+                        model.orders.push(ModelOrder {
+                            id: order.order_id,
+                            status: order.status,
+                            lines: merged,
+                            deadline_ms: now_ms + HOLD_TTL_MS,
+                        });
+                    }
                 }
             }
-            Op::Transition { order: k, to } if k < model.orders.len() => {
+            Op::Transition {
+                order: k,
+                to,
+                fails,
+            } if k < model.orders.len() => {
                 let from = model.orders[k].status;
-                let result = engine.transition(&model.orders[k].id, to, now_ms, &sink);
+                let result = engine.prepare_transition(&model.orders[k].id, to, now_ms);
                 if from == to {
-                    assert!(matches!(result, Ok((_, None))), "{result:?}");
+                    assert!(matches!(result, Ok(Prepared::Unchanged(_))), "{result:?}");
                 } else if from.can_become(to) {
-                    assert!(matches!(result, Ok((_, Some(())))), "{result:?}");
-                    model.apply_status(k, to);
+                    let Ok(Prepared::Change(change)) = result else {
+                        panic!("{from:?} -> {to:?}: {result:?}");
+                    };
+                    // One change at a time per order, and readers see the durable status.
+                    assert!(matches!(
+                        engine.prepare_cancel(&model.orders[k].id, now_ms),
+                        Err(EngineError::Busy(_))
+                    ));
+                    check(&engine, &model);
+                    if journal.settle(&engine, change, fails).is_some() {
+                        model.apply_status(k, to);
+                    }
                 } else {
                     assert!(
                         matches!(result, Err(EngineError::IllegalTransition(_))),
@@ -221,21 +275,28 @@ fn run(ops: Vec<Op>) {
                     );
                 }
             }
-            Op::Cancel { order: k } if k < model.orders.len() => {
-                let (order, _) = engine
-                    .cancel(&model.orders[k].id, now_ms, &sink)
-                    .expect("cancel is always allowed");
+            Op::Cancel { order: k, fails } if k < model.orders.len() => {
                 let expected = match model.orders[k].status {
                     s if s.holds_stock() => OrderStatus::Released,
                     OrderStatus::Paid => OrderStatus::Refunded,
                     s => s,
                 };
-                assert_eq!(order.status, expected);
-                model.apply_status(k, expected);
+                match engine
+                    .prepare_cancel(&model.orders[k].id, now_ms)
+                    .expect("cancel is always allowed")
+                {
+                    Prepared::Unchanged(order) => assert_eq!(order.status, expected),
+                    Prepared::Change(change) => {
+                        assert_eq!(change.order().map(|o| o.status), Some(expected));
+                        if journal.settle(&engine, change, fails).is_some() {
+                            model.apply_status(k, expected);
+                        }
+                    }
+                }
             }
             Op::Advance { ms } => {
                 now_ms += ms;
-                let released = engine.expire_holds(now_ms, usize::MAX, &sink);
+                let released = engine.expire_holds(now_ms, usize::MAX);
                 let mut expected: Vec<OrderId> = Vec::new();
                 for order in &mut model.orders {
                     if order.status.holds_stock() && order.deadline_ms <= now_ms {
@@ -243,8 +304,13 @@ fn run(ops: Vec<Op>) {
                         expected.push(order.id.clone());
                     }
                 }
-                let mut got: Vec<OrderId> =
-                    released.into_iter().map(|(o, ())| o.order_id).collect();
+                let mut got: Vec<OrderId> = released
+                    .into_iter()
+                    .filter_map(|change| match journal.settle(&engine, change, false) {
+                        Some(Applied::Order { order, .. }) => Some(order.order_id),
+                        _ => None,
+                    })
+                    .collect();
                 got.sort();
                 expected.sort();
                 assert_eq!(got, expected, "expired holds");
@@ -257,7 +323,7 @@ fn run(ops: Vec<Op>) {
     // The records rebuild the same engine, and every order's events follow its state machine.
     let mut state = State::default();
     let mut seq = 1;
-    for (i, record) in sink.0.take().into_iter().enumerate() {
+    for (i, record) in journal.0.into_iter().enumerate() {
         let events = u64::from(record.event_count());
         state.apply(i as u64 + 1, seq, record);
         seq += events;
@@ -301,6 +367,151 @@ fn engine_matches_a_simple_model() {
         TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
     if let Err(failure) = runner.run(&prop::collection::vec(op(), 1..60), |ops| {
         run(ops);
+        Ok(())
+    }) {
+        panic!("{failure} (seed {seed}: rerun with TURNSTILE_TEST_SEED={seed})");
+    }
+}
+
+/// One side of the race: a cancel, or the gateway's approval webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Actor {
+    Cancel,
+    Approve,
+}
+
+/// Where one side stands: it has not decided yet, or its change is being committed, or it is done.
+enum Step {
+    Deciding,
+    Committing(Change),
+    Done,
+}
+
+/// Runs a cancel and an approval of one pending order under `schedule` (each entry moves that side
+/// one step: decide, then commit) and returns the order's final status, the statuses its applied
+/// changes entered, and the money moves (`refund`, `void`).
+fn race(schedule: &[bool]) -> (OrderStatus, Vec<OrderStatus>, Vec<&'static str>) {
+    let engine = Engine::new(EngineConfig {
+        shard_count: 2,
+        hold_ttl_ms: HOLD_TTL_MS,
+        order_id_prefix: "ord_race".into(),
+        ..EngineConfig::default()
+    });
+    let mut journal = Journal::default();
+    let change = engine
+        .prepare_product(product("s0", 100, 5))
+        .expect("product");
+    journal.settle(&engine, change, false);
+    let reservation = engine
+        .reserve(&[(sku("s0"), Quantity::parse(2).expect("quantity"))])
+        .expect("reserve");
+    let (change, _) = engine.place_order(
+        NewOrder {
+            order_id: engine.new_order_id(),
+            reservation,
+            customer_id: CustomerId::parse("c").expect("customer"),
+            outcome: PaymentOutcome::Pending {
+                payment_id: "pay".into(),
+            },
+        },
+        None,
+        1_000,
+    );
+    let Some(Applied::Order { order, .. }) = journal.settle(&engine, change, false) else {
+        panic!("the order is placed");
+    };
+    let id = order.order_id;
+    let mut entered = Vec::new();
+    let mut money = Vec::new();
+    let mut sides = [
+        (Actor::Cancel, Step::Deciding),
+        (Actor::Approve, Step::Deciding),
+    ];
+    // Each side takes at most a few steps, so a schedule that runs out is completed in turns.
+    let tail = [false, true].iter().cycle().take(16).copied();
+    for pick in schedule.iter().copied().chain(tail) {
+        let (actor, step) = &mut sides[usize::from(pick)];
+        *step = match std::mem::replace(step, Step::Done) {
+            Step::Deciding => {
+                let decided = match actor {
+                    Actor::Cancel => engine.prepare_cancel(&id, 2_000),
+                    Actor::Approve => engine.prepare_transition(&id, OrderStatus::Paid, 2_000),
+                };
+                match decided {
+                    Err(EngineError::Busy(_)) => Step::Deciding,
+                    Ok(Prepared::Change(change)) => Step::Committing(change),
+                    Ok(Prepared::Unchanged(_)) => Step::Done,
+                    // A late approval: the order was released meanwhile, the money goes back.
+                    Err(EngineError::IllegalTransition(_)) if *actor == Actor::Approve => {
+                        money.push("refund");
+                        Step::Done
+                    }
+                    Err(other) => panic!("{actor:?}: {other}"),
+                }
+            }
+            Step::Committing(change) => {
+                if let Some(Applied::Order { order, previous }) =
+                    journal.settle(&engine, change, false)
+                {
+                    entered.push(order.status);
+                    match (order.status, previous) {
+                        (OrderStatus::Refunded, _) => money.push("refund"),
+                        (OrderStatus::Released, Some(OrderStatus::PaymentPending)) => {
+                            money.push("void")
+                        }
+                        _ => {}
+                    }
+                }
+                Step::Done
+            }
+            Step::Done => Step::Done,
+        };
+    }
+    assert!(
+        sides.iter().all(|(_, step)| matches!(step, Step::Done)),
+        "both sides finish"
+    );
+    let view = engine.product(&sku("s0")).expect("product").1;
+    assert_eq!(
+        (view.available, view.reserved, view.sold),
+        (5, 0, 0),
+        "every unit is back"
+    );
+    let status = engine.order(&id).expect("order").status;
+    (status, entered, money)
+}
+
+#[test]
+fn a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders() {
+    let seed = seed("a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders");
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let config = Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let mut runner =
+        TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes));
+    if let Err(failure) = runner.run(&prop::collection::vec(any::<bool>(), 0..8), |schedule| {
+        let (status, entered, money) = race(&schedule);
+        // Approval first: paid, then the cancel refunds it. Cancel first: released (the pending
+        // authorisation voided), then the late approval's capture is refunded.
+        let approve_first = (
+            OrderStatus::Refunded,
+            vec![OrderStatus::Paid, OrderStatus::Refunded],
+            vec!["refund"],
+        );
+        let cancel_first = (
+            OrderStatus::Released,
+            vec![OrderStatus::Released],
+            vec!["void", "refund"],
+        );
+        let got = (status, entered, money);
+        prop_assert!(
+            got == approve_first || got == cancel_first,
+            "schedule {schedule:?} ended as {got:?}"
+        );
         Ok(())
     }) {
         panic!("{failure} (seed {seed}: rerun with TURNSTILE_TEST_SEED={seed})");

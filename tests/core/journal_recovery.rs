@@ -2,14 +2,14 @@
 //! orders and its idempotency keys; snapshots keep replay short; bad bytes are refused or cut,
 //! never read as records and never a panic.
 
-use crate::common::{product, sku};
+use crate::common::{durably, product, sku};
 use proptest::prelude::*;
 use std::sync::Arc;
 use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
 use turnstile::engine::idempotency::Begin;
 use turnstile::engine::order::OrderStatus;
 use turnstile::engine::records::{Record, State};
-use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome};
+use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome, Prepared};
 use turnstile::journal::file::format::{self, HEADER_LEN};
 use turnstile::journal::file::storage::{SimulatedDisk, Storage};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
@@ -40,12 +40,10 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
         FileJournal::open_dir(dir.path(), FileJournalConfig::default()).expect("open");
     let engine = Engine::from_state(config(), &state).expect("engine");
     for (name, stock) in [("a", 10), ("b", 5)] {
-        engine
-            .upsert_product(product(name, 250, stock), &journal)
-            .expect("upsert")
-            .1
-            .wait()
-            .expect("durable");
+        let change = engine
+            .prepare_product(product(name, 250, stock))
+            .expect("upsert");
+        durably(&engine, &journal, change).expect("durable");
     }
     let mut placed = Vec::new();
     for (i, outcome) in [
@@ -74,7 +72,7 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
                 (sku("b"), Quantity::parse(1).expect("q")),
             ])
             .expect("reserve");
-        let (order, answer, ticket) = engine.place_order(
+        let (change, answer) = engine.place_order(
             NewOrder {
                 order_id: engine.new_order_id(),
                 reservation,
@@ -87,19 +85,16 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
                 render: &render,
             }),
             1_000 + i as i64,
-            &journal,
         );
-        ticket.wait().expect("durable");
-        engine
-            .idempotency()
-            .finish(&key, answer.clone().expect("answer"), true);
+        let order = change.order().expect("an order").clone();
+        durably(&engine, &journal, change).expect("durable");
         placed.push((key, order, answer.expect("answer")));
     }
     // Refund the last paid order: its units go back to available.
-    let (_, refunded) = engine
-        .cancel(&placed[3].1.order_id, 2_000, &journal)
-        .expect("cancel");
-    refunded.expect("changed").wait().expect("durable");
+    let Ok(Prepared::Change(refund)) = engine.prepare_cancel(&placed[3].1.order_id, 2_000) else {
+        panic!("a paid order can be cancelled");
+    };
+    durably(&engine, &journal, refund).expect("durable");
     let before: Vec<_> = ["a", "b"].iter().map(|s| engine.product(&sku(s))).collect();
     let events_before = journal.events_after(0, 1_000);
     journal.close();
