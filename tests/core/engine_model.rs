@@ -383,7 +383,7 @@ enum Actor {
 /// Where one side stands: it has not decided yet, or its change is being committed, or it is done.
 enum Step {
     Deciding,
-    Committing(Change),
+    Committing(Box<Change>),
     Done,
 }
 
@@ -439,7 +439,7 @@ fn race(schedule: &[bool]) -> (OrderStatus, Vec<OrderStatus>, Vec<&'static str>)
                 };
                 match decided {
                     Err(EngineError::Busy(_)) => Step::Deciding,
-                    Ok(Prepared::Change(change)) => Step::Committing(change),
+                    Ok(Prepared::Change(change)) => Step::Committing(Box::new(change)),
                     Ok(Prepared::Unchanged(_)) => Step::Done,
                     // A late approval: the order was released meanwhile, the money goes back.
                     Err(EngineError::IllegalTransition(_)) if *actor == Actor::Approve => {
@@ -451,7 +451,7 @@ fn race(schedule: &[bool]) -> (OrderStatus, Vec<OrderStatus>, Vec<&'static str>)
             }
             Step::Committing(change) => {
                 if let Some(Applied::Order { order, previous }) =
-                    journal.settle(&engine, change, false)
+                    journal.settle(&engine, *change, false)
                 {
                     entered.push(order.status);
                     match (order.status, previous) {
