@@ -35,6 +35,8 @@ pub enum Job {
 pub struct Answer {
     pub status: u16,
     pub replayed: bool,
+    /// The `Retry-After` header, if the server sent one.
+    pub retry_after: Option<String>,
     pub body: Bytes,
 }
 
@@ -184,6 +186,11 @@ impl Connection {
                 .headers()
                 .get("idempotent-replayed")
                 .is_some_and(|v| v == "true");
+            let retry_after = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             let body = response
                 .into_body()
                 .collect()
@@ -193,6 +200,7 @@ impl Connection {
             Ok(Answer {
                 status,
                 replayed,
+                retry_after,
                 body,
             })
         }

@@ -279,6 +279,7 @@ where
                             status,
                             replayed,
                             body,
+                            ..
                         }) => (status, replayed, body),
                         Err(_) => {
                             errors.fetch_add(1, Ordering::Relaxed);

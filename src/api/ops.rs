@@ -9,17 +9,20 @@ pub(super) async fn healthz() -> Response {
     json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
 }
 
+/// Ready when the journal can take checkouts now; the body says why not (API.md).
 pub(super) async fn readyz(State(state): State<Shared>) -> Response {
-    match state.journal.ready().await {
-        Ok(()) => json(StatusCode::OK, &serde_json::json!({ "status": "ready" })),
-        Err(error) => json(
-            StatusCode::SERVICE_UNAVAILABLE,
-            &serde_json::json!({
-                "error": "journal_unavailable",
-                "message": error.to_string(),
-            }),
-        ),
-    }
+    let journal = state.journal.ready().await;
+    let ready = journal.is_ok();
+    let check = journal.map_or_else(|error| error.to_string(), |()| "ok".to_owned());
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    json(
+        status,
+        &serde_json::json!({ "ready": ready, "checks": { "journal": check } }),
+    )
 }
 
 pub(super) async fn metrics(State(state): State<Shared>) -> Response {

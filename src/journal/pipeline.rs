@@ -7,7 +7,7 @@
 use super::{Appended, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record};
 use crate::sync::lock;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use tokio::sync::{oneshot, Notify};
 
@@ -31,7 +31,6 @@ pub(crate) struct Entry {
 
 enum Phase {
     Open,
-    Closing,
     Failed(JournalError),
 }
 
@@ -40,13 +39,21 @@ struct Queue {
     next_lsn: u64,
     next_event_seq: u64,
     phase: Phase,
+    /// Set by `close`: no new appends; the writer drains what is queued and stops.
+    closing: bool,
 }
+
+/// The most records waiting for the writer; past it appends are refused as overloaded
+/// (backpressure: a record that is not queued has changed nothing).
+pub const QUEUE_RECORDS_MAX: usize = 65_536;
 
 /// The queue between appenders and the one writer.
 pub(crate) struct Pipeline {
     queue: Mutex<Queue>,
     /// False once the pipeline failed or closed: lets `health` answer without the queue's lock.
     open: AtomicBool,
+    /// How many records wait for the writer (kept beside the queue for `health`, lock-free).
+    queued: AtomicUsize,
     /// Wakes a writer thread.
     wake_thread: Condvar,
     /// Wakes a writer task.
@@ -65,8 +72,10 @@ impl Pipeline {
                 next_lsn,
                 next_event_seq,
                 phase: Phase::Open,
+                closing: false,
             }),
             open: AtomicBool::new(true),
+            queued: AtomicUsize::new(0),
             wake_thread: Condvar::new(),
             wake_task: Notify::new(),
             stats: JournalStats::default(),
@@ -97,10 +106,14 @@ impl Pipeline {
         let mut events = record.events(0);
         let (waiter, receiver) = oneshot::channel();
         let mut queue = lock(&self.queue);
-        match &queue.phase {
-            Phase::Open => {}
-            Phase::Closing => return Ticket::failed(JournalError::Closed),
-            Phase::Failed(error) => return Ticket::failed(error.clone()),
+        if queue.closing {
+            return Ticket::failed(JournalError::Closed);
+        }
+        if let Phase::Failed(error) = &queue.phase {
+            return Ticket::failed(error.clone());
+        }
+        if queue.entries.len() >= QUEUE_RECORDS_MAX {
+            return Ticket::failed(JournalError::Overloaded(queue.entries.len()));
         }
         let lsn = queue.next_lsn;
         let first_event_seq = queue.next_event_seq;
@@ -118,6 +131,7 @@ impl Pipeline {
             waiter,
         });
         let writer_may_sleep = queue.entries.len() == 1;
+        self.queued.store(queue.entries.len(), Ordering::Relaxed);
         drop(queue);
         if writer_may_sleep {
             self.wake_thread.notify_one();
@@ -126,19 +140,20 @@ impl Pipeline {
         Ticket::waiting(receiver)
     }
 
-    fn take_from(queue: &mut Queue, max: usize, spare: &mut Vec<Entry>) {
+    fn take_from(&self, queue: &mut Queue, max: usize, spare: &mut Vec<Entry>) {
         if queue.entries.len() <= max {
             std::mem::swap(&mut queue.entries, spare);
         } else {
             spare.extend(queue.entries.drain(..max));
         }
+        self.queued.store(queue.entries.len(), Ordering::Relaxed);
     }
 
     /// Blocks until records are queued, then moves up to `max` of them into `batch` (which must be
     /// empty). Returns false once the pipeline is closed or failed and nothing is left.
     pub fn take_blocking(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
         let mut queue = lock(&self.queue);
-        while queue.entries.is_empty() && matches!(queue.phase, Phase::Open) {
+        while queue.entries.is_empty() && !queue.closing {
             queue = self
                 .wake_thread
                 .wait(queue)
@@ -147,7 +162,7 @@ impl Pipeline {
         if queue.entries.is_empty() {
             return false;
         }
-        Self::take_from(&mut queue, max, batch);
+        self.take_from(&mut queue, max, batch);
         true
     }
 
@@ -158,10 +173,10 @@ impl Pipeline {
             {
                 let mut queue = lock(&self.queue);
                 if !queue.entries.is_empty() {
-                    Self::take_from(&mut queue, max, batch);
+                    self.take_from(&mut queue, max, batch);
                     return true;
                 }
-                if !matches!(queue.phase, Phase::Open) {
+                if queue.closing {
                     return false;
                 }
             }
@@ -182,28 +197,54 @@ impl Pipeline {
         }
     }
 
-    /// The writer cannot go on: fails the batch, everything queued and every later append.
+    /// The writer cannot go on: fails the batch, everything queued and every later append (until
+    /// [`Self::reopen`]).
     pub fn fail(&self, batch: &mut Vec<Entry>, error: JournalError) {
-        tracing::error!(%error, "journal failed; refusing further appends until a restart");
+        self.mark_failed(error.clone());
+        Self::answer_failed(batch, &error);
+    }
+
+    /// Refuses every later append with `error` and fails what is queued (none of it was written),
+    /// leaving the batch being written to the writer: its waiters are answered once the writer
+    /// knows what became of it.
+    pub fn mark_failed(&self, error: JournalError) {
+        tracing::error!(%error, "journal write failed; refusing appends until it recovers");
         let queued = {
             let mut queue = lock(&self.queue);
             queue.phase = Phase::Failed(error.clone());
             self.open.store(false, Ordering::Release);
+            self.queued.store(0, Ordering::Relaxed);
             std::mem::take(&mut queue.entries)
         };
-        for entry in batch.drain(..).chain(queued) {
+        let mut queued = queued;
+        Self::answer_failed(&mut queued, &error);
+    }
+
+    /// Answers every waiter of `batch` with `error` (and empties it).
+    pub fn answer_failed(batch: &mut Vec<Entry>, error: &JournalError) {
+        for entry in batch.drain(..) {
             let _ = entry.waiter.send(Err(error.clone()));
         }
+    }
+
+    /// Takes appends again after a failure, numbering from the durable end the writer found.
+    pub fn reopen(&self, next_lsn: u64, next_event_seq: u64) {
+        let mut queue = lock(&self.queue);
+        queue.next_lsn = next_lsn;
+        queue.next_event_seq = next_event_seq;
+        queue.phase = Phase::Open;
+        if !queue.closing {
+            self.open.store(true, Ordering::Release);
+        }
+        tracing::info!(next_lsn, "journal recovered; taking appends again");
     }
 
     /// Refuses new appends; the writer drains what is queued and stops.
     pub fn close(&self) {
         {
             let mut queue = lock(&self.queue);
-            if matches!(queue.phase, Phase::Open) {
-                queue.phase = Phase::Closing;
-                self.open.store(false, Ordering::Release);
-            }
+            queue.closing = true;
+            self.open.store(false, Ordering::Release);
         }
         self.wake_thread.notify_all();
         self.wake_task.notify_one();
@@ -211,18 +252,33 @@ impl Pipeline {
 
     /// True once [`Self::close`] was called.
     pub fn is_closing(&self) -> bool {
-        !self.open.load(Ordering::Acquire)
+        lock(&self.queue).closing
     }
 
-    /// `Ok` while appends are accepted.
+    /// Waits up to `timeout` for [`Self::close`]; true if it was called.
+    pub fn wait_closing(&self, timeout: std::time::Duration) -> bool {
+        let queue = lock(&self.queue);
+        let (queue, _) = self
+            .wake_thread
+            .wait_timeout_while(queue, timeout, |q| !q.closing)
+            .unwrap_or_else(|e| e.into_inner());
+        queue.closing
+    }
+
+    /// `Ok` while appends are accepted; the reason they are not otherwise.
     pub fn health(&self) -> Result<(), JournalError> {
         if self.open.load(Ordering::Acquire) {
+            let queued = self.queued.load(Ordering::Relaxed);
+            if queued >= QUEUE_RECORDS_MAX {
+                return Err(JournalError::Overloaded(queued));
+            }
             return Ok(());
         }
-        match &lock(&self.queue).phase {
-            Phase::Open => Ok(()),
-            Phase::Closing => Err(JournalError::Closed),
+        let queue = lock(&self.queue);
+        match &queue.phase {
             Phase::Failed(error) => Err(error.clone()),
+            Phase::Open if queue.closing => Err(JournalError::Closed),
+            Phase::Open => Ok(()),
         }
     }
 }

@@ -231,35 +231,8 @@ fn a_flipped_byte_mid_segment_is_refused_as_corruption() {
     assert_eq!(std::fs::read(&segment).expect("segment").len(), bytes.len());
 }
 
-#[test]
-fn a_failed_sync_fails_that_append_and_every_later_one() {
-    let disk = SimulatedDisk::new();
-    let (journal, _) =
-        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
-    journal
-        .append(Record::Product {
-            product: product("ok", 1, 1),
-        })
-        .wait()
-        .expect("durable");
-    disk.fail_syncs_after(Some(0));
-    let failed = journal
-        .append(Record::Product {
-            product: product("lost", 1, 1),
-        })
-        .wait();
-    assert!(matches!(failed, Err(JournalError::Io { .. })), "{failed:?}");
-    disk.fail_syncs_after(None);
-    let later = journal
-        .append(Record::Product {
-            product: product("later", 1, 1),
-        })
-        .wait();
-    assert!(matches!(later, Err(JournalError::Io { .. })), "{later:?}");
-}
-
 /// A valid segment of `count` records, batches of up to three.
-fn valid_segment(count: u64) -> Vec<u8> {
+pub fn valid_segment(count: u64) -> Vec<u8> {
     let mut bytes = Vec::new();
     let mut batch_first = 1;
     for lsn in 1..=count {

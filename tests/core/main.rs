@@ -5,4 +5,5 @@ mod common;
 mod engine_model;
 mod inventory_hammer;
 mod journal_crash;
+mod journal_failures;
 mod journal_recovery;

@@ -154,6 +154,23 @@ pub fn scan_segment(bytes: &[u8], first_lsn: u64) -> Scan<'_> {
     }
 }
 
+/// How many records a torn tail starting at `bad_offset` held: the bad one, and every intact frame
+/// found after it.
+pub fn records_in_tail(bytes: &[u8], bad_offset: usize) -> usize {
+    let mut count = 1;
+    let mut at = bad_offset + 1;
+    while at + HEADER_LEN <= bytes.len() {
+        match read_frame(bytes, at) {
+            Some(frame) => {
+                count += 1;
+                at = frame.end();
+            }
+            None => at += 1,
+        }
+    }
+    count
+}
+
 /// True if an intact frame of a batch later than the one holding `expected_lsn` starts anywhere
 /// after `bad_offset`.
 fn later_batch_follows(bytes: &[u8], bad_offset: usize, expected_lsn: u64) -> bool {

@@ -147,11 +147,13 @@ fn write_snapshot(storage: &dyn Storage, state: &State) -> Result<(), JournalErr
 
 /// Folds the newest snapshot and the segments after it into the durable state. Segments starting
 /// at or after `stop_before` are not read (a checkpoint leaves the active segment alone). With
-/// `repair`, a torn tail of the last segment is cut off the file.
+/// `repair`, a torn tail of the last segment is cut off the file. With `strict` (the journal was
+/// shut down cleanly, so nothing can be torn), any bad byte is corruption.
 fn fold(
     storage: &dyn Storage,
     stop_before: Option<u64>,
     repair: bool,
+    strict: bool,
 ) -> Result<Recovered, JournalError> {
     let names = storage
         .list()
@@ -232,12 +234,16 @@ fn fold(
         let mut len = bytes.len() as u64;
         match scan.tail {
             Tail::Clean => {}
-            Tail::Torn { offset } if is_last && stop_before.is_none() => {
-                tracing::warn!(
+            Tail::Torn { offset } if is_last && stop_before.is_none() && !strict => {
+                let records = format::records_in_tail(&bytes, offset);
+                tracing::error!(
                     file = %storage.describe(&name),
                     offset,
+                    records,
+                    first_lsn = next_lsn,
                     cut_bytes = bytes.len() - offset,
-                    "cutting the torn tail of the journal (a batch that was never acknowledged)"
+                    "cutting the torn tail of the journal after a crash: {records} record(s) of the \
+                     last batch, never acknowledged unless the disk lost bytes it had synced"
                 );
                 if repair {
                     storage.truncate(&name, offset as u64).map_err(|e| {
@@ -248,12 +254,12 @@ fn fold(
                 report.torn_bytes_cut = (bytes.len() - offset) as u64;
             }
             Tail::Torn { offset } => {
-                return Err(corrupt(
-                    storage,
-                    &name,
-                    offset as u64,
-                    "a closed segment ends in a bad record",
-                ))
+                let reason = if strict {
+                    "a bad record after a clean shutdown (nothing can be torn then)"
+                } else {
+                    "a closed segment ends in a bad record"
+                };
+                return Err(corrupt(storage, &name, offset as u64, reason));
             }
             Tail::Corrupt { offset, reason } => {
                 return Err(corrupt(storage, &name, offset as u64, reason))
@@ -276,7 +282,7 @@ fn fold(
 /// Writes a snapshot of everything in the closed segments (those before `active_first_lsn`) and
 /// removes the files it makes redundant. Runs beside the writer: it reads only closed segments.
 fn checkpoint(storage: &dyn Storage, active_first_lsn: u64) -> Result<u64, JournalError> {
-    let recovered = fold(storage, Some(active_first_lsn), false)?;
+    let recovered = fold(storage, Some(active_first_lsn), false, false)?;
     let lsn = recovered.state.last_lsn;
     if recovered.segments_read.is_empty() || recovered.snapshots.last().is_some_and(|&s| s >= lsn) {
         return Ok(lsn);
@@ -339,8 +345,49 @@ struct Writer {
     shared: Arc<Shared>,
     file: Box<dyn StorageFile>,
     file_first_lsn: u64,
+    /// The length of the segment up to its last synced batch.
     file_len: u64,
     closed_since_checkpoint: usize,
+    /// The last lsn on stable storage.
+    durable_lsn: u64,
+    /// The seq the next durable event gets.
+    durable_next_event_seq: u64,
+}
+
+/// Written at a clean shutdown, naming the last record: at the next start nothing may be torn.
+const CLEAN_MARKER: &str = "clean-shutdown";
+
+/// The probe a failed journal writes (and removes) to learn whether the disk takes writes again.
+const SPACE_PROBE: &str = "space-probe.tmp";
+
+/// Bytes of the probe: a batch's worth, so the first batch after recovery is likely to fit.
+const SPACE_PROBE_BYTES: usize = 256 << 10;
+
+/// The last lsn named by a clean shutdown's marker, if there is one.
+fn read_clean_marker(storage: &dyn Storage) -> Result<Option<u64>, JournalError> {
+    let bytes = match storage.read(CLEAN_MARKER) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => {
+            return Err(JournalError::io(
+                format!("reading {}", storage.describe(CLEAN_MARKER)),
+                &e,
+            ))
+        }
+    };
+    std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| text.trim().strip_prefix("last_lsn "))
+        .and_then(|n| n.parse().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            corrupt(
+                storage,
+                CLEAN_MARKER,
+                0,
+                "the clean shutdown marker does not decode",
+            )
+        })
 }
 
 impl FileJournal {
@@ -351,7 +398,24 @@ impl FileJournal {
         storage: Arc<dyn Storage>,
         config: FileJournalConfig,
     ) -> Result<(Self, State), JournalError> {
-        let recovered = fold(storage.as_ref(), None, true)?;
+        let clean = read_clean_marker(storage.as_ref())?;
+        let recovered = fold(storage.as_ref(), None, true, clean.is_some())?;
+        if let Some(marked) = clean {
+            let found = recovered.next_lsn - 1;
+            if found != marked {
+                return Err(corrupt(
+                    storage.as_ref(),
+                    CLEAN_MARKER,
+                    0,
+                    format!("the clean shutdown named record {marked} last, but the journal ends at {found}"),
+                ));
+            }
+            // From here on a crash is a crash: the marker goes before anything new is written.
+            remove_if_present(storage.as_ref(), CLEAN_MARKER)?;
+            storage
+                .sync_dir()
+                .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
+        }
         let (file, file_first_lsn, file_len) = match recovered.last_segment {
             Some((first_lsn, len)) => {
                 let name = segment_name(first_lsn);
@@ -398,6 +462,8 @@ impl FileJournal {
             file_first_lsn,
             file_len,
             closed_since_checkpoint,
+            durable_lsn: recovered.next_lsn - 1,
+            durable_next_event_seq: recovered.next_event_seq,
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
@@ -470,6 +536,7 @@ impl Writer {
         let mut batch: Vec<Entry> = Vec::with_capacity(1024);
         let mut bytes: Vec<u8> = Vec::with_capacity(1 << 20);
         let mut events: Vec<Event> = Vec::new();
+        let mut healthy = true;
         while self
             .shared
             .pipeline
@@ -489,6 +556,11 @@ impl Writer {
             }
             match self.commit(&bytes, batch_first_lsn) {
                 Ok(sync_nanos) => {
+                    if let Some(last) = batch.last() {
+                        self.durable_lsn = last.lsn;
+                        self.durable_next_event_seq =
+                            last.first_event_seq + u64::from(last.record.event_count());
+                    }
                     if !events.is_empty() {
                         self.shared
                             .events
@@ -502,9 +574,136 @@ impl Writer {
                 }
                 Err(error) => {
                     events.clear();
-                    self.shared.pipeline.fail(&mut batch, error);
+                    healthy = self.recover(error, &mut batch);
                 }
             }
+        }
+        if healthy {
+            self.mark_clean_shutdown();
+        }
+    }
+
+    /// After a failed write: refuses appends, cuts what the failed batch left in the segment (only
+    /// then are its waiters told it failed: it can no longer come back at a restart), and once
+    /// the disk takes writes again re-reads the journal's tail from disk, as start-up does, and
+    /// goes on in a new segment. The failed file is never synced again. Returns false if the
+    /// journal was closed before it recovered.
+    fn recover(&mut self, error: JournalError, batch: &mut Vec<Entry>) -> bool {
+        let shared = Arc::clone(&self.shared);
+        let pipeline = &shared.pipeline;
+        pipeline.mark_failed(error.clone());
+        let mut backoff = std::time::Duration::from_millis(20);
+        let mut cut = false;
+        loop {
+            if !cut {
+                match self.cut_failed_batch() {
+                    Ok(()) => {
+                        cut = true;
+                        super::pipeline::Pipeline::answer_failed(batch, &error);
+                    }
+                    Err(cut_error) => {
+                        // The batch may be on the disk or not: its waiters learn that much now
+                        // (their keys and holds stay taken until a restart reads the disk).
+                        tracing::error!(%cut_error, "could not cut the failed batch; retrying");
+                        let unknown = JournalError::Unknown(format!(
+                            "{error}; cutting the batch failed too: {cut_error}"
+                        ));
+                        super::pipeline::Pipeline::answer_failed(batch, &unknown);
+                    }
+                }
+            }
+            if cut {
+                match self.reopen() {
+                    Ok(()) => {
+                        pipeline.reopen(self.durable_lsn + 1, self.durable_next_event_seq);
+                        return true;
+                    }
+                    Err(reopen_error) => {
+                        tracing::warn!(%reopen_error, "the journal's disk does not take writes yet")
+                    }
+                }
+            }
+            if pipeline.wait_closing(backoff) {
+                return false;
+            }
+            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
+        }
+    }
+
+    /// Cuts the active segment back to its last synced batch, durably.
+    fn cut_failed_batch(&mut self) -> Result<(), JournalError> {
+        let storage = &self.shared.storage;
+        let name = segment_name(self.file_first_lsn);
+        storage
+            .truncate(&name, self.file_len)
+            .map_err(|e| JournalError::io(format!("cutting {}", storage.describe(&name)), &e))
+    }
+
+    /// Checks that the disk takes writes (a probe file written, synced and removed), re-reads the
+    /// tail of the newest segment and checks it ends with the last durable record, then starts a
+    /// new segment after it.
+    fn reopen(&mut self) -> Result<(), JournalError> {
+        let storage = Arc::clone(&self.shared.storage);
+        let io = |what: &str, e: std::io::Error| JournalError::io(what.to_owned(), &e);
+        remove_if_present(storage.as_ref(), SPACE_PROBE)?;
+        let probed = storage.create(SPACE_PROBE).and_then(|mut probe| {
+            probe.append(&vec![0u8; SPACE_PROBE_BYTES])?;
+            probe.sync_data()
+        });
+        remove_if_present(storage.as_ref(), SPACE_PROBE)?;
+        probed.map_err(|e| io("probing the journal's disk", e))?;
+
+        let names = storage
+            .list()
+            .map_err(|e| io("listing the journal directory", e))?;
+        let newest = names
+            .iter()
+            .filter_map(|n| parse_number(n, "", ".wal"))
+            .max();
+        if let Some(first_lsn) = newest {
+            let name = segment_name(first_lsn);
+            let bytes = storage
+                .read(&name)
+                .map_err(|e| io(&format!("reading {}", storage.describe(&name)), e))?;
+            let scan = scan_segment(&bytes, first_lsn);
+            let last = scan.frames.last().map_or(first_lsn - 1, |f| f.lsn);
+            if scan.tail != Tail::Clean || last != self.durable_lsn {
+                return Err(corrupt(
+                    storage.as_ref(),
+                    &name,
+                    bytes.len() as u64,
+                    format!(
+                        "after a failed write the journal ends at record {last} ({:?}) where {} was \
+                         the last durable one",
+                        scan.tail, self.durable_lsn
+                    ),
+                ));
+            }
+            if scan.frames.is_empty() {
+                remove_if_present(storage.as_ref(), &name)?;
+            }
+        }
+        let first_lsn = self.durable_lsn + 1;
+        let name = segment_name(first_lsn);
+        let file = storage
+            .create(&name)
+            .map_err(|e| io(&format!("creating {}", storage.describe(&name)), e))?;
+        storage
+            .sync_dir()
+            .map_err(|e| io("syncing the journal directory", e))?;
+        self.file = file;
+        self.file_first_lsn = first_lsn;
+        self.file_len = 0;
+        self.closed_since_checkpoint += 1;
+        Ok(())
+    }
+
+    /// Names the last record in a marker, so the next start knows nothing can be torn.
+    fn mark_clean_shutdown(&self) {
+        let storage = &self.shared.storage;
+        let text = format!("last_lsn {}\n", self.durable_lsn);
+        if let Err(error) = storage.write_atomic(CLEAN_MARKER, text.as_bytes()) {
+            tracing::warn!(%error, "could not mark the clean shutdown; the next start treats it as a crash");
         }
     }
 

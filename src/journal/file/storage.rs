@@ -153,6 +153,30 @@ struct SimulatedState {
     generation: u64,
     /// Sync calls that will still succeed; `None`: all of them.
     syncs_left: Option<u64>,
+    /// The most bytes all files may hold together; `None`: no limit. A write past it stores what
+    /// fits and fails with "no space left", as a full disk does.
+    capacity: Option<usize>,
+}
+
+impl SimulatedState {
+    fn used(&self) -> usize {
+        self.files.values().map(|f| f.data.len()).sum()
+    }
+
+    /// How many of `wanted` more bytes fit.
+    fn room(&self, wanted: usize) -> usize {
+        match self.capacity {
+            Some(capacity) => wanted.min(capacity.saturating_sub(self.used())),
+            None => wanted,
+        }
+    }
+}
+
+fn no_space() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::StorageFull,
+        "no space left on device (simulated)",
+    )
 }
 
 /// A disk in memory that keeps, across [`SimulatedDisk::power_cut`], only what was synced.
@@ -218,6 +242,16 @@ impl SimulatedDisk {
         self.lock().syncs_left = count;
     }
 
+    /// Limits the bytes all files may hold together (a full disk); `None` lifts the limit.
+    pub fn set_capacity(&self, bytes: Option<usize>) {
+        self.lock().capacity = bytes;
+    }
+
+    /// The bytes all files hold now.
+    pub fn used(&self) -> usize {
+        self.lock().used()
+    }
+
     /// Flips one bit of a file (to test corruption detection).
     pub fn flip_bit(&self, name: &str, offset: usize) {
         if let Some(file) = self.lock().files.get_mut(name) {
@@ -271,8 +305,12 @@ impl StorageFile for SimulatedHandle {
     fn append(&mut self, bytes: &[u8]) -> io::Result<()> {
         let name = self.name.clone();
         self.with(|state| {
+            let room = state.room(bytes.len());
             let file = state.files.get_mut(&name).ok_or_else(gone)?;
-            file.data.extend_from_slice(bytes);
+            file.data.extend_from_slice(&bytes[..room]);
+            if room < bytes.len() {
+                return Err(no_space());
+            }
             Ok(())
         })
     }
@@ -349,6 +387,9 @@ impl Storage for SimulatedDisk {
 
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let mut state = self.alive()?;
+        if state.room(bytes.len()) < bytes.len() {
+            return Err(no_space());
+        }
         Self::take_sync(&mut state)?;
         state.files.insert(
             name.to_owned(),

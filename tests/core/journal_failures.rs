@@ -1,0 +1,258 @@
+//! What a failing disk does to the journal and the engine: a full disk or a failed sync leaves no
+//! trace in memory, the journal recovers by itself once the disk takes writes again (without
+//! syncing the failed file again), and after a clean shutdown any bad byte is corruption while
+//! after a crash only the last batch may be cut.
+
+use crate::common::{durably, product, sku};
+use crate::journal_recovery::valid_segment;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
+use turnstile::engine::idempotency::Begin;
+use turnstile::engine::order::Order;
+use turnstile::engine::records::Record;
+use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome};
+use turnstile::journal::file::storage::{SimulatedDisk, Storage};
+use turnstile::journal::file::{FileJournal, FileJournalConfig};
+use turnstile::journal::{Journal, JournalError};
+
+fn config() -> EngineConfig {
+    EngineConfig {
+        shard_count: 2,
+        hold_ttl_ms: 60_000,
+        order_id_prefix: "ord_f".into(),
+        ..EngineConfig::default()
+    }
+}
+
+fn render(order: &Order) -> (u16, String) {
+    (201, format!("{{\"order_id\":\"{}\"}}", order.order_id))
+}
+
+/// Waits until the journal takes appends again: it retries on a backoff clock of its own.
+fn wait_until_healthy(journal: &FileJournal) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while journal.health().is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "the journal did not recover: {:?}",
+            journal.health()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A paid checkout of one unit of `name` under `key`, committed as the server does.
+fn checkout(
+    engine: &Engine,
+    journal: &FileJournal,
+    key: &str,
+    name: &str,
+) -> Result<Order, JournalError> {
+    let key = IdempotencyKey::parse(key).expect("key");
+    assert_eq!(
+        engine.idempotency().begin(&key, "fp", 1_000),
+        Ok(Begin::Started)
+    );
+    let reservation = engine
+        .reserve(&[(sku(name), Quantity::parse(1).expect("quantity"))])
+        .expect("reserve");
+    let (change, _) = engine.place_order(
+        NewOrder {
+            order_id: engine.new_order_id(),
+            reservation,
+            customer_id: CustomerId::parse("c").expect("customer"),
+            outcome: PaymentOutcome::Paid {
+                payment_id: format!("pay-{}", key.as_str()),
+            },
+        },
+        Some(AnswerSpec {
+            key: &key,
+            fingerprint: "fp",
+            render: &render,
+        }),
+        1_000,
+    );
+    let order = change.order().expect("an order").clone();
+    durably(engine, journal, change).map(|_| order)
+}
+
+fn stock(engine: &Engine, name: &str) -> (i64, i64, i64, i64) {
+    let view = engine.product(&sku(name)).expect("product").1;
+    (view.stock, view.available, view.reserved, view.sold)
+}
+
+#[test]
+fn a_full_disk_leaves_no_trace_in_memory_and_the_journal_recovers_by_itself() {
+    let disk = SimulatedDisk::new();
+    let (journal, state) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
+    let engine = Engine::from_state(config(), &state).expect("engine");
+    let change = engine
+        .prepare_product(product("tee", 100, 10))
+        .expect("product");
+    durably(&engine, &journal, change).expect("durable");
+    let first = checkout(&engine, &journal, "k1", "tee").expect("durable");
+    assert_eq!(stock(&engine, "tee"), (10, 9, 0, 1));
+
+    // The disk fills up: not even one more record fits.
+    disk.set_capacity(Some(disk.used() + 16));
+    let failed = checkout(&engine, &journal, "k2", "tee");
+    assert!(matches!(failed, Err(JournalError::Io { .. })), "{failed:?}");
+    let events_before = journal.events_after(0, 100).len();
+    // Nothing of the failed order is visible: not the order, not its units, not its key.
+    assert_eq!(stock(&engine, "tee"), (10, 9, 0, 1));
+    assert_eq!(engine.orders_len(), 1);
+    let k2 = IdempotencyKey::parse("k2").expect("key");
+    assert_eq!(
+        engine.idempotency().begin(&k2, "fp", 1_000),
+        Ok(Begin::Started)
+    );
+    engine.idempotency().abandon(&k2);
+    // A raised and a lowered stock that the journal refused are not served either.
+    for new_stock in [20, 5] {
+        let change = engine
+            .prepare_product(product("tee", 100, new_stock))
+            .expect("decided");
+        assert!(durably(&engine, &journal, change).is_err());
+        assert_eq!(stock(&engine, "tee"), (10, 9, 0, 1), "stock {new_stock}");
+    }
+    assert!(journal.health().is_err(), "a failed journal says so");
+
+    // Room again: the journal recovers by itself and takes appends.
+    disk.set_capacity(None);
+    wait_until_healthy(&journal);
+    let later = checkout(&engine, &journal, "k2", "tee").expect("durable after recovery");
+    assert_eq!(stock(&engine, "tee"), (10, 8, 0, 2));
+    let events = journal.events_after(0, 100);
+    assert_eq!(
+        events.len(),
+        events_before + 2,
+        "the failed order left no event"
+    );
+    let seqs: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "no gap");
+
+    // What a restart reads from the disk is exactly what was acknowledged.
+    disk.power_cut(0);
+    let (_journal, state) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("reopen");
+    let rebuilt = Engine::from_state(config(), &state).expect("rebuild");
+    assert_eq!(stock(&rebuilt, "tee"), (10, 8, 0, 2));
+    let mut ids: Vec<_> = state.orders.keys().cloned().collect();
+    ids.sort();
+    let mut expected = vec![first.order_id, later.order_id];
+    expected.sort();
+    assert_eq!(ids, expected);
+}
+
+#[test]
+fn a_failed_sync_is_never_retried_on_that_file_and_the_journal_recovers() {
+    let disk = SimulatedDisk::new();
+    let (journal, _) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
+    let append = |name: &str| {
+        journal
+            .append(Record::Product {
+                product: product(name, 1, 1),
+            })
+            .wait()
+    };
+    append("ok").expect("durable");
+    let segments_before = disk
+        .list()
+        .expect("list")
+        .iter()
+        .filter(|n| n.ends_with(".wal"))
+        .count();
+    disk.fail_syncs_after(Some(0));
+    let failed = append("lost");
+    assert!(matches!(failed, Err(JournalError::Io { .. })), "{failed:?}");
+    disk.fail_syncs_after(None);
+    wait_until_healthy(&journal);
+    append("later").expect("durable after recovery");
+    // The journal went on in a new segment instead of syncing the failed one again.
+    let segments_after = disk
+        .list()
+        .expect("list")
+        .iter()
+        .filter(|n| n.ends_with(".wal"))
+        .count();
+    assert_eq!(segments_after, segments_before + 1);
+    journal.close();
+    drop(journal);
+    let (_journal, state) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("reopen");
+    let names: Vec<&str> = state.products.keys().map(|s| s.as_str()).collect();
+    assert_eq!(names, vec!["later", "ok"]);
+}
+
+/// A disk holding one segment of `valid_segment(9)` (batches of three), optionally with a clean
+/// shutdown marker naming its last record.
+fn disk_with_segment(bytes: &[u8], clean: bool) -> SimulatedDisk {
+    let disk = SimulatedDisk::new();
+    let mut file = disk.create(&format!("{:020}.wal", 1)).expect("create");
+    file.append(bytes).expect("append");
+    file.sync_data().expect("sync");
+    disk.sync_dir().expect("sync dir");
+    if clean {
+        disk.write_atomic("clean-shutdown", b"last_lsn 9\n")
+            .expect("marker");
+    }
+    disk
+}
+
+#[test]
+fn after_a_clean_shutdown_a_bad_byte_in_the_last_batch_is_corruption() {
+    let mut bytes = valid_segment(9);
+    let frames = turnstile::journal::file::format::scan_segment(&bytes, 1)
+        .frames
+        .iter()
+        .map(|f| f.offset)
+        .collect::<Vec<_>>();
+    // Record 8 sits inside the last batch (7, 8, 9), with record 9 intact after it.
+    let victim = frames[7];
+    bytes[victim + 40] ^= 0x01;
+
+    // After a crash the last batch may be cut (it may never have been acknowledged).
+    let crashed = disk_with_segment(&bytes, false);
+    let (_journal, state) =
+        FileJournal::open(Arc::new(crashed.machine()), FileJournalConfig::default())
+            .expect("a crash cuts the torn batch");
+    assert_eq!(state.last_lsn, 7);
+
+    // After a clean shutdown nothing can be torn: refuse to start, naming the file and offset.
+    let clean = disk_with_segment(&bytes, true);
+    let error = FileJournal::open(Arc::new(clean.machine()), FileJournalConfig::default())
+        .err()
+        .expect("a bad byte after a clean shutdown must not open");
+    match &error {
+        JournalError::Corrupt { file, offset, .. } => {
+            assert!(file.ends_with("00000000000000000001.wal"), "{file}");
+            assert_eq!(*offset, victim as u64);
+        }
+        other => panic!("expected corruption, got {other:?}"),
+    }
+    // A whole segment and a marker that agree open fine, and the marker is gone afterwards (a
+    // crash from here on is a crash).
+    let fine = disk_with_segment(&valid_segment(9), true);
+    let (journal, state) =
+        FileJournal::open(Arc::new(fine.machine()), FileJournalConfig::default()).expect("open");
+    assert_eq!(state.last_lsn, 9);
+    assert!(!fine
+        .list()
+        .expect("list")
+        .contains(&"clean-shutdown".to_owned()));
+    // A marker that names another record than the journal's last is corruption too.
+    journal.close();
+    assert!(fine
+        .list()
+        .expect("list")
+        .contains(&"clean-shutdown".to_owned()));
+    fine.write_atomic("clean-shutdown", b"last_lsn 12\n")
+        .expect("marker");
+    assert!(matches!(
+        FileJournal::open(Arc::new(fine.machine()), FileJournalConfig::default()),
+        Err(JournalError::Corrupt { .. })
+    ));
+}
