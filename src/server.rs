@@ -178,6 +178,11 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_slow_sweep = now_ms();
+    // Retention is enforced to within a quarter of the shortest one, at most once a second and
+    // at least once a minute.
+    let config = app.engine.config();
+    let slow_sweep_ms = (config.answer_retention_ms.min(config.order_retention_ms) / 4)
+        .clamp(1_000, 60_000);
     loop {
         ticker.tick().await;
         let now = now_ms();
@@ -204,14 +209,26 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
                 tracing::warn!(error = %error.message, "could not journal an expired hold; the next sweep retries");
             }
         }
-        if now - last_slow_sweep >= 60_000 {
+        if now - last_slow_sweep >= slow_sweep_ms {
             last_slow_sweep = now;
+            // The store forgets expired keys before memory does: a key memory still knows is
+            // reused as "past retention" (the store drops its old rows then), and one it forgot
+            // has no rows left in the store.
+            let cutoff = now - app.engine.config().answer_retention_ms;
+            let purged = app.journal.purge_answers(cutoff).await;
+            if let Err(error) = &purged {
+                tracing::warn!(%error, "could not purge expired idempotency keys; retrying later");
+            }
             // Scanning every cart and kept answer takes milliseconds with millions of them: off
             // the runtime's workers, so no request waits behind it.
             let app = Arc::clone(&app);
             let swept = tokio::task::spawn_blocking(move || {
                 let carts = app.carts.sweep(now);
-                let answers = app.engine.idempotency().purge_expired(now);
+                let answers = if purged.is_ok() {
+                    app.engine.idempotency().purge_expired(now)
+                } else {
+                    0
+                };
                 let orders = app.engine.purge_orders(now, usize::MAX);
                 (carts, answers, orders)
             })

@@ -226,6 +226,12 @@ pub trait Journal: Send + Sync {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>>;
+    /// Removes what the store keeps of answers older than `cutoff_ms` (the idempotency retention),
+    /// so a key past retention starts afresh; returns how many went. The embedded journal keeps
+    /// nothing beyond its records (snapshots drop expired answers), so by default nothing to do.
+    fn purge_answers(&self, _cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
+        Box::pin(async { Ok(0) })
+    }
     /// Counters.
     fn stats(&self) -> &JournalStats;
     /// `Ok` while appends can succeed, as far as the journal knows without asking its store (cheap:

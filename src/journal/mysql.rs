@@ -10,7 +10,15 @@
 //! itself unavailable meanwhile (`/readyz` 503, checkouts 503) and recovers by itself. Before a
 //! retry it asks whether the batch's first lsn is already in `journal`, since a connection lost
 //! during COMMIT leaves that unknown: a batch is never applied twice. Any other error (a
-//! constraint refusing a duplicate order, say) fails the journal until a restart.
+//! constraint refusing a duplicate order, say) is the database refusing something in the batch:
+//! its records are committed one by one, and only those refused fail (their requests get an
+//! error), so no single record can stop the journal.
+//!
+//! Idempotency keys: an answer is kept under its key for `--idempotency-retention`; past it the
+//! key starts afresh. The retention purge ([`Journal::purge_answers`]) removes expired keys'
+//! rows; a record whose key had an expired answer the purge has not reached yet
+//! (`replaces_expired_key`) removes the old rows in its own transaction, so the `UNIQUE`
+//! constraints hold within retention and never refuse a legitimate reuse.
 //!
 //! Only parameterised queries (`QueryBuilder::push_bind`); nothing is checked against a live
 //! database at build time.
@@ -405,15 +413,15 @@ async fn run_writer(
         let parts = partition(&batch, config.writers);
         let outcomes =
             futures_util::future::join_all(parts.iter().map(|part| {
-                commit_with_retries(&pool, &pipeline, &degraded, part, started, &config)
+                commit_part(&pool, &pipeline, &degraded, part, started, &config)
             }))
             .await;
         drop(parts);
         match outcomes
             .into_iter()
-            .collect::<Result<Vec<u64>, JournalError>>()
+            .collect::<Result<Vec<PartOutcome>, JournalError>>()
         {
-            Ok(bytes) => {
+            Ok(parts) => {
                 // Events become readable only once every part of the batch (and so every
                 // earlier event) is committed: readers never see a gap fill in later.
                 let last_seq = batch
@@ -423,10 +431,14 @@ async fn run_writer(
                     .unwrap_or(1)
                     - 1;
                 durable_seq.fetch_max(last_seq, Ordering::AcqRel);
+                let bytes = parts.iter().map(|p| p.bytes).sum();
+                let rejected: Vec<(u64, String)> =
+                    parts.into_iter().flat_map(|p| p.rejected).collect();
                 pipeline.committed(
                     &mut batch,
-                    bytes.iter().sum(),
+                    bytes,
                     started.elapsed().as_nanos() as u64,
+                    &rejected,
                 );
             }
             Err(error) => pipeline.fail(&mut batch, error),
@@ -434,8 +446,59 @@ async fn run_writer(
     }
 }
 
-/// Commits one part, retrying transient errors (checking first whether a lost connection hid a
-/// successful COMMIT). Returns the bytes written, or the error that ends the journal.
+/// What one part's commit came to.
+#[derive(Default)]
+struct PartOutcome {
+    /// Bytes of records written.
+    bytes: u64,
+    /// Records the database refused alone (by lsn, with its reason).
+    rejected: Vec<(u64, String)>,
+}
+
+/// Commits one part. When the database refuses it for a reason of its own (a constraint, a value
+/// it will not take: not a passing fault), its records are committed one at a time, in order, so
+/// that only the records it refuses fail and the journal goes on with every other. Returns the
+/// error that ends the journal only when it gave up at shutdown.
+async fn commit_part(
+    pool: &MySqlPool,
+    pipeline: &Pipeline,
+    degraded: &AtomicUsize,
+    part: &[&Entry],
+    started: Instant,
+    config: &MySqlConfig,
+) -> Result<PartOutcome, JournalError> {
+    let refused = match commit_with_retries(pool, pipeline, degraded, part, started, config).await? {
+        Ok(bytes) => {
+            return Ok(PartOutcome {
+                bytes,
+                rejected: Vec::new(),
+            })
+        }
+        Err(refused) => refused,
+    };
+    let mut outcome = PartOutcome::default();
+    if part.len() == 1 {
+        tracing::error!(lsn = part[0].lsn, error = %refused, "the database refused a record; it fails alone");
+        outcome.rejected.push((part[0].lsn, refused.to_string()));
+        return Ok(outcome);
+    }
+    tracing::warn!(error = %refused, records = part.len(), "the database refused a batch; committing its records one by one");
+    for &entry in part {
+        match commit_with_retries(pool, pipeline, degraded, &[entry], started, config).await? {
+            Ok(bytes) => outcome.bytes += bytes,
+            Err(refused) => {
+                tracing::error!(lsn = entry.lsn, error = %refused, "the database refused a record; it fails alone");
+                outcome.rejected.push((entry.lsn, refused.to_string()));
+            }
+        }
+    }
+    Ok(outcome)
+}
+
+/// Commits records as one transaction, retrying transient errors (checking first whether a lost
+/// connection hid a successful COMMIT). Returns the bytes written, or the database's refusal (an
+/// error that is not transient; the transaction was rolled back), or the error that ends the
+/// journal (it gave up at shutdown: the outcome is unknown).
 async fn commit_with_retries(
     pool: &MySqlPool,
     pipeline: &Pipeline,
@@ -443,17 +506,17 @@ async fn commit_with_retries(
     part: &[&Entry],
     started: Instant,
     config: &MySqlConfig,
-) -> Result<u64, JournalError> {
+) -> Result<Result<u64, sqlx::Error>, JournalError> {
     let mut retrying = false;
     let outcome = async {
         let mut backoff = Duration::from_millis(10);
         loop {
             let error = match commit_batch(pool, part).await {
-                Ok(bytes) => return Ok(bytes),
+                Ok(bytes) => return Ok(Ok(bytes)),
                 Err(error) => error,
             };
             if !is_transient(&error) {
-                return Err(db_error("committing a batch", &error));
+                return Ok(Err(error));
             }
             if !retrying {
                 retrying = true;
@@ -462,7 +525,7 @@ async fn commit_with_retries(
                 }
             }
             if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
-                return Err(JournalError::Unavailable(format!(
+                return Err(JournalError::Unknown(format!(
                     "gave up at shutdown: {error}"
                 )));
             }
@@ -470,7 +533,7 @@ async fn commit_with_retries(
             backoff = (backoff * 2).min(Duration::from_secs(1));
             // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
             if let Ok(true) = batch_is_committed(pool, part[0].lsn).await {
-                return Ok(0);
+                return Ok(Ok(0));
             }
         }
     }
@@ -550,7 +613,34 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
     deltas.retain(|_, d| *d != (0, 0));
     let deltas: Vec<(&Sku, (i64, i64))> = deltas.into_iter().collect();
 
+    // Keys reused past their retention: their old rows go first, in this same transaction.
+    let expired_keys: Vec<&str> = batch
+        .iter()
+        .filter_map(|entry| match &entry.record {
+            Record::Order {
+                answer: Some((key, _)),
+                replaces_expired_key: true,
+                ..
+            } => Some(key.as_str()),
+            _ => None,
+        })
+        .collect();
+
     let mut tx = pool.begin().await?;
+    if !expired_keys.is_empty() {
+        for statement in [
+            "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN (",
+            "DELETE FROM idempotency_keys WHERE idempotency_key IN (",
+        ] {
+            let mut q = QueryBuilder::<MySql>::new(statement);
+            let mut keys = q.separated(", ");
+            for key in &expired_keys {
+                keys.push_bind(*key);
+            }
+            q.push(")");
+            q.build().execute(&mut *tx).await?;
+        }
+    }
     for chunk in batch.stable_chunks() {
         let mut q =
             QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
@@ -690,6 +780,29 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
 impl Journal for MySqlJournal {
     fn append(&self, record: Record) -> Ticket {
         self.pipeline.submit(record)
+    }
+
+    fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
+        Box::pin(async move {
+            let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
+            let mut tx = self.pool.begin().await.map_err(purge)?;
+            sqlx::query(
+                "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN \
+                 (SELECT idempotency_key FROM idempotency_keys WHERE at_ms < ?)",
+            )
+            .bind(cutoff_ms)
+            .execute(&mut *tx)
+            .await
+            .map_err(purge)?;
+            let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
+                .bind(cutoff_ms)
+                .execute(&mut *tx)
+                .await
+                .map_err(purge)?
+                .rows_affected();
+            tx.commit().await.map_err(purge)?;
+            Ok(deleted)
+        })
     }
 
     fn events(

@@ -184,16 +184,27 @@ impl Pipeline {
         }
     }
 
-    /// Answers every waiter of a committed batch (and empties it for reuse).
-    pub fn committed(&self, batch: &mut Vec<Entry>, bytes: u64, commit_nanos: u64) {
+    /// Answers every waiter of a committed batch (and empties it for reuse). The records in
+    /// `rejected` (by lsn, with the store's reason) were refused alone: their waiters hear so.
+    pub fn committed(
+        &self,
+        batch: &mut Vec<Entry>,
+        bytes: u64,
+        commit_nanos: u64,
+        rejected: &[(u64, String)],
+    ) {
         self.stats
             .record_batch(batch.len() as u64, bytes, commit_nanos);
         for entry in batch.drain(..) {
+            let answer = match rejected.iter().find(|(lsn, _)| *lsn == entry.lsn) {
+                Some((_, reason)) => Err(JournalError::Rejected(reason.clone())),
+                None => Ok(Appended {
+                    lsn: entry.lsn,
+                    first_event_seq: entry.first_event_seq,
+                }),
+            };
             // A waiter that gave up (its request was dropped) needs no answer.
-            let _ = entry.waiter.send(Ok(Appended {
-                lsn: entry.lsn,
-                first_event_seq: entry.first_event_seq,
-            }));
+            let _ = entry.waiter.send(answer);
         }
     }
 

@@ -570,7 +570,7 @@ impl Writer {
                     }
                     self.shared
                         .pipeline
-                        .committed(&mut batch, bytes.len() as u64, sync_nanos);
+                        .committed(&mut batch, bytes.len() as u64, sync_nanos, &[]);
                 }
                 Err(error) => {
                     events.clear();
