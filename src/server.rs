@@ -18,15 +18,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Carts expire after this long without use (API.md).
-const CART_IDLE_MS: i64 = 3_600 * 1_000;
-
-/// Answers that placed an order are kept at least this long (DESIGN.md).
-const ANSWER_RETENTION_MS: i64 = 24 * 3_600 * 1_000;
-
-/// Finished orders stay in memory this long (API.md's default).
-const ORDER_RETENTION_MS: i64 = 7 * 24 * 3_600 * 1_000;
-
 /// Checkouts past their hold at most at once.
 const CHECKOUTS_IN_FLIGHT_MAX: usize = 10_000;
 
@@ -100,8 +91,8 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
             shard_count: workers,
             hold_ttl_ms: config.hold_ttl.as_millis() as i64,
             rejections: RejectionLimits::default(),
-            answer_retention_ms: ANSWER_RETENTION_MS,
-            order_retention_ms: ORDER_RETENTION_MS,
+            answer_retention_ms: config.idempotency_retention.as_millis() as i64,
+            order_retention_ms: config.order_retention.as_millis() as i64,
             order_id_prefix: order_id_prefix(),
         },
         &state,
@@ -119,7 +110,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
-        carts: CartStore::new(CART_IDLE_MS),
+        carts: CartStore::new(config.cart_ttl.as_millis() as i64, config.carts_max),
         gateway: Arc::new(Arc::clone(&simulator)),
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
@@ -181,8 +172,8 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
     // Retention is enforced to within a quarter of the shortest one, at most once a second and
     // at least once a minute.
     let config = app.engine.config();
-    let slow_sweep_ms = (config.answer_retention_ms.min(config.order_retention_ms) / 4)
-        .clamp(1_000, 60_000);
+    let slow_sweep_ms =
+        (config.answer_retention_ms.min(config.order_retention_ms) / 4).clamp(1_000, 60_000);
     loop {
         ticker.tick().await;
         let now = now_ms();

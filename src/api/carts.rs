@@ -47,18 +47,19 @@ fn cart_error(error: CartError) -> ApiError {
     match error {
         CartError::NotFound => ApiError::not_found("no such cart, or it expired"),
         CartError::TooManyItems => ApiError::invalid(error.to_string()),
+        CartError::Full(_) => ApiError::overloaded(error.to_string()),
     }
 }
 
-pub(super) async fn create_cart(State(state): State<Shared>) -> Response {
-    let cart = state.carts.create(now_ms());
-    json(
+pub(super) async fn create_cart(State(state): State<Shared>) -> Result<Response, ApiError> {
+    let cart = state.carts.create(now_ms()).map_err(cart_error)?;
+    Ok(json(
         StatusCode::CREATED,
         &serde_json::json!({
             "cart_id": cart.cart_id.as_str(),
             "expires_at": rfc3339(cart.expires_at_ms),
         }),
-    )
+    ))
 }
 
 pub(super) async fn get_cart(

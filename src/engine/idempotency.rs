@@ -206,13 +206,19 @@ impl IdempotencyStore {
     /// True if the in-flight key had an answer that passed its retention (the new answer replaces
     /// it).
     pub fn supersedes_expired(&self, key: &IdempotencyKey) -> bool {
-        matches!(
-            lock(&self.slots[shard_of(key)]).get(key),
+        self.expired_at(key).is_some()
+    }
+
+    /// When the answer an in-flight key replaces was given, if it had one past its retention: a
+    /// fresh use of the key must not be taken for the old one elsewhere (the gateway's key).
+    pub fn expired_at(&self, key: &IdempotencyKey) -> Option<i64> {
+        match lock(&self.slots[shard_of(key)]).get(key) {
             Some(Slot::InFlight {
-                expired: Some(_),
+                expired: Some(answer),
                 ..
-            })
-        )
+            }) => Some(answer.at_ms),
+            _ => None,
+        }
     }
 
     /// How many keys are held (in flight or with a kept answer).

@@ -411,11 +411,12 @@ async fn run_writer(
     while pipeline.take(config.batch_records_max, &mut batch).await {
         let started = Instant::now();
         let parts = partition(&batch, config.writers);
-        let outcomes =
-            futures_util::future::join_all(parts.iter().map(|part| {
-                commit_part(&pool, &pipeline, &degraded, part, started, &config)
-            }))
-            .await;
+        let outcomes = futures_util::future::join_all(
+            parts
+                .iter()
+                .map(|part| commit_part(&pool, &pipeline, &degraded, part, started, &config)),
+        )
+        .await;
         drop(parts);
         match outcomes
             .into_iter()
@@ -467,7 +468,8 @@ async fn commit_part(
     started: Instant,
     config: &MySqlConfig,
 ) -> Result<PartOutcome, JournalError> {
-    let refused = match commit_with_retries(pool, pipeline, degraded, part, started, config).await? {
+    let refused = match commit_with_retries(pool, pipeline, degraded, part, started, config).await?
+    {
         Ok(bytes) => {
             return Ok(PartOutcome {
                 bytes,
@@ -575,6 +577,7 @@ fn counts_as(status: Option<OrderStatus>, quantity: i64) -> (i64, i64) {
 async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::Error> {
     let mut products: Vec<(&Product, i64)> = Vec::new();
     let mut orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
+    let mut changed_orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
     let mut new_items: Vec<(&OrderId, i16, &OrderItem)> = Vec::new();
     let mut answers: Vec<(&IdempotencyKey, &OrderId, &StoredAnswer)> = Vec::new();
     let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
@@ -591,7 +594,13 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
                 answer,
                 ..
             } => {
-                orders.push((order, entry.lsn as i64, answer.as_ref().map(|(k, _)| k)));
+                let row = (order, entry.lsn as i64, answer.as_ref().map(|(k, _)| k));
+                // A new order is a plain INSERT: a clash on any unique key (the order id, its
+                // payment, its idempotency key) is a refusal, never an update of another row.
+                match previous {
+                    None => orders.push(row),
+                    Some(_) => changed_orders.push(row),
+                }
                 if previous.is_none() {
                     for (line, item) in order.items.iter().enumerate() {
                         new_items.push((&order.order_id, line as i16, item));
@@ -674,7 +683,17 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
         });
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in orders.stable_chunks() {
+    for (chunk, upsert) in orders
+        .stable_chunks()
+        .into_iter()
+        .map(|c| (c, false))
+        .chain(
+            changed_orders
+                .stable_chunks()
+                .into_iter()
+                .map(|c| (c, true)),
+        )
+    {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
              hold_deadline_ms, payment_id, idempotency_key, updated_lsn) ",
@@ -691,10 +710,12 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
                 .push_bind(key.map(|k| k.as_str()))
                 .push_bind(*lsn);
         });
-        q.push(
-            " ON DUPLICATE KEY UPDATE status = VALUES(status), payment_id = VALUES(payment_id), \
-             hold_deadline_ms = VALUES(hold_deadline_ms), updated_lsn = VALUES(updated_lsn)",
-        );
+        if upsert {
+            q.push(
+                " ON DUPLICATE KEY UPDATE status = VALUES(status), payment_id = VALUES(payment_id), \
+                 hold_deadline_ms = VALUES(hold_deadline_ms), updated_lsn = VALUES(updated_lsn)",
+            );
+        }
         q.build().execute(&mut *tx).await?;
         let paid: Vec<_> = chunk
             .iter()

@@ -5,6 +5,7 @@ use crate::domain::{CartId, Sku};
 use crate::random::TokenGenerator;
 use crate::sync::{lock, shard_of};
 use rustc_hash::FxHashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 /// The most distinct SKUs one cart may hold: a checkout takes at most 100 lines (API.md).
@@ -32,6 +33,9 @@ pub enum CartError {
     /// The cart already holds the most SKUs allowed.
     #[error("a cart holds at most {CART_ITEMS_MAX} different SKUs")]
     TooManyItems,
+    /// The store holds the most live carts allowed (`--carts-max`).
+    #[error("too many live carts ({0} at most); retry later")]
+    Full(usize),
 }
 
 struct Cart {
@@ -43,25 +47,51 @@ struct Cart {
 pub struct CartStore {
     shards: Box<[Mutex<FxHashMap<CartId, Cart>>]>,
     idle_ms: i64,
+    /// Live carts at most: anyone may create carts at any rate, so memory needs a bound.
+    carts_max: usize,
+    /// Carts held now (expired ones count until swept or touched).
+    count: AtomicUsize,
     ids: TokenGenerator,
 }
 
 impl CartStore {
-    /// An empty store whose carts expire after `idle_ms` without use.
-    pub fn new(idle_ms: i64) -> Self {
+    /// An empty store whose carts expire after `idle_ms` without use, holding `carts_max` at most.
+    pub fn new(idle_ms: i64, carts_max: usize) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             idle_ms,
+            carts_max,
+            count: AtomicUsize::new(0),
             ids: TokenGenerator::default(),
         }
+    }
+
+    /// How many carts are held now.
+    pub fn len(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// True if no cart is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 
     fn shard(&self, id: &CartId) -> &Mutex<FxHashMap<CartId, Cart>> {
         &self.shards[shard_of(id, SHARDS)]
     }
 
-    /// Creates an empty cart.
-    pub fn create(&self, now_ms: i64) -> CartView {
+    /// Creates an empty cart, unless the store is full.
+    pub fn create(&self, now_ms: i64) -> Result<CartView, CartError> {
+        // Taken before the insert, so racing creators never pass the bound together.
+        if self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.carts_max).then_some(n + 1)
+            })
+            .is_err()
+        {
+            return Err(CartError::Full(self.carts_max));
+        }
         let raw = self.ids.next("cart_");
         let cart_id = CartId::parse(raw).unwrap_or_else(|e| unreachable!("token shape: {e}"));
         let expires_at_ms = now_ms + self.idle_ms;
@@ -72,11 +102,11 @@ impl CartStore {
                 expires_at_ms,
             },
         );
-        CartView {
+        Ok(CartView {
             cart_id,
             items: Vec::new(),
             expires_at_ms,
-        }
+        })
     }
 
     /// Runs `change` on a live cart, refreshing its expiry; an expired cart is removed.
@@ -92,6 +122,7 @@ impl CartStore {
         };
         if cart.expires_at_ms <= now_ms {
             carts.remove(id);
+            self.count.fetch_sub(1, Ordering::AcqRel);
             return Err(CartError::NotFound);
         }
         let value = change(cart)?;
@@ -151,7 +182,9 @@ impl CartStore {
             let mut carts = lock(shard);
             let before = carts.len();
             carts.retain(|_, cart| cart.expires_at_ms > now_ms);
-            removed += before - carts.len();
+            let gone = before - carts.len();
+            self.count.fetch_sub(gone, Ordering::AcqRel);
+            removed += gone;
         }
         removed
     }
@@ -163,23 +196,35 @@ mod tests {
 
     #[test]
     fn carts_expire_when_idle_and_use_refreshes_them() {
-        let store = CartStore::new(1_000);
-        let cart = store.create(0);
+        let store = CartStore::new(1_000, 10);
+        let cart = store.create(0).unwrap();
         let sku = Sku::parse("a").unwrap();
         let view = store.set_item(&cart.cart_id, &sku, 2, 500).unwrap();
         assert_eq!(view.items, vec![(sku.clone(), 2)]);
         assert_eq!(view.expires_at_ms, 1_500);
         assert!(store.get(&cart.cart_id, 1_400).is_ok());
         assert_eq!(store.get(&cart.cart_id, 2_400), Err(CartError::NotFound));
-        let other = store.create(0);
+        let other = store.create(0).unwrap();
         assert_eq!(store.sweep(5_000), 1);
         assert_eq!(store.get(&other.cart_id, 5_000), Err(CartError::NotFound));
     }
 
     #[test]
+    fn live_carts_are_capped_and_expired_ones_make_room() {
+        let store = CartStore::new(1_000, 3);
+        for _ in 0..3 {
+            store.create(0).unwrap();
+        }
+        assert_eq!(store.create(0), Err(CartError::Full(3)));
+        assert_eq!(store.sweep(1_000), 3);
+        assert_eq!(store.len(), 0);
+        assert!(store.create(1_000).is_ok());
+    }
+
+    #[test]
     fn zero_removes_and_the_size_is_bounded() {
-        let store = CartStore::new(60_000);
-        let cart = store.create(0);
+        let store = CartStore::new(60_000, 10);
+        let cart = store.create(0).unwrap();
         let sku = Sku::parse("a").unwrap();
         store.set_item(&cart.cart_id, &sku, 2, 0).unwrap();
         let view = store.set_item(&cart.cart_id, &sku, 0, 0).unwrap();

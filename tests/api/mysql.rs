@@ -1,10 +1,12 @@
 //! The MySQL journal against the machine's real MariaDB, each test in a database of its own: the
-//! database itself refuses a second order for one key or one payment, and a kill -9 leaves every
-//! acknowledged order in MySQL with nothing half-written.
+//! database itself refuses a second order for one key or one payment, a kill -9 leaves every
+//! acknowledged order in MySQL with nothing half-written, a key past retention starts afresh, a
+//! record the database refuses fails alone, and a slow commit answers "outcome unknown".
 
 use crate::crash::kill_9_mid_load;
-use crate::helpers::{spawn_app, JsonBody, TestDatabase};
+use crate::helpers::{eventually, spawn_app, JsonBody, TestDatabase};
 use sqlx::Row;
+use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_order_for_one_key_or_payment_is_refused_by_the_database() {
@@ -88,4 +90,206 @@ async fn kill_9_on_mysql_loses_no_acknowledged_order_and_nothing_is_half_written
     // fill in later, since the missing records never commit.)
     assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.order_id = o.order_id AND e.type = CONCAT('order.', o.status))").await, 0);
     assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM journal j WHERE j.lsn = o.updated_lsn)").await, 0);
+}
+
+/// The order ids of the kept answers under `key` in MySQL (at most one row, by the primary key).
+async fn answer_order(pool: &sqlx::MySqlPool, key: &str) -> Option<String> {
+    sqlx::query("SELECT order_id FROM idempotency_keys WHERE idempotency_key = ?")
+        .bind(key)
+        .fetch_optional(pool)
+        .await
+        .expect("read idempotency_keys")
+        .map(|row| String::from_utf8(row.get::<Vec<u8>, _>(0)).expect("utf-8"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_past_its_retention_starts_afresh_and_the_journal_goes_on() {
+    // Proves: after --idempotency-retention the same key places a new order (in MySQL the old
+    // key's rows go, so UNIQUE holds within retention), and the journal keeps taking orders.
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&[
+        "--mysql-url",
+        &database.url,
+        "--idempotency-retention",
+        "2s",
+    ]);
+    let mut client = app.client();
+    client.put_product("R", 100, 100).await;
+    let first = client
+        .checkout("reused", "R", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(first.status, 201);
+    let first_id = first.json()["order_id"].as_str().expect("id").to_owned();
+    let replay = client
+        .checkout("reused", "R", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert!(replay.replayed, "within retention the answer is replayed");
+    let mut second_id = String::new();
+    eventually(
+        "the key to pass its retention",
+        Duration::from_secs(15),
+        async || {
+            let answer = client
+                .checkout("reused", "R", 1, "tok_ok")
+                .await
+                .expect("answer");
+            assert_eq!(
+                answer.status,
+                201,
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+            second_id = answer.json()["order_id"].as_str().expect("id").to_owned();
+            !answer.replayed
+        },
+    )
+    .await;
+    assert_ne!(second_id, first_id, "a new order");
+    let pool = database.pool().await;
+    assert_eq!(answer_order(&pool, "reused").await, Some(second_id.clone()));
+    // The journal goes on.
+    let later = client
+        .checkout("later", "R", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(later.status, 201);
+    assert_eq!(client.get("/readyz").await.status, 200);
+    assert_eq!(client.stock("R").await.3, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_the_database_refuses_fails_alone() {
+    // Proves: a record MySQL refuses (here: its key already has a row, planted behind the
+    // server's back) fails with a clear error of its own, while the others of its batch commit
+    // and the journal goes on.
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&["--mysql-url", &database.url]);
+    let mut client = app.client();
+    client.put_product("V", 100, 1_000).await;
+    let pool = database.pool().await;
+    sqlx::query("INSERT INTO idempotency_keys (idempotency_key, order_id, fingerprint, status, body, at_ms) VALUES ('victim', 'ord_planted', 'f', 201, '{}', 0)")
+        .execute(&pool)
+        .await
+        .expect("plant a row");
+    let addr = app.addr;
+    let tasks: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(async move {
+                let key = if i == 7 {
+                    "victim".to_owned()
+                } else {
+                    format!("ok-{i}")
+                };
+                let mut client = crate::helpers::Client::new(addr);
+                let answer = client
+                    .checkout(&key, "V", 1, "tok_ok")
+                    .await
+                    .expect("answer");
+                (key, answer)
+            })
+        })
+        .collect();
+    for task in tasks {
+        let (key, answer) = task.await.expect("task");
+        if key == "victim" {
+            assert_eq!(
+                answer.status,
+                500,
+                "{}",
+                String::from_utf8_lossy(&answer.body)
+            );
+            assert_eq!(answer.json()["error"], "internal");
+        } else {
+            assert_eq!(
+                answer.status,
+                201,
+                "{key}: {}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+    }
+    // Nothing of the refused order shows; the journal goes on.
+    assert_eq!(client.stock("V").await.3, 15);
+    let later = client
+        .checkout("after", "V", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(later.status, 201);
+    assert_eq!(client.get("/readyz").await.status, 200);
+    assert_eq!(
+        answer_order(&pool, "victim").await.as_deref(),
+        Some("ord_planted")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_slower_than_the_timeout_answers_outcome_unknown_then_replays() {
+    // Proves: a checkout whose commit outlives --journal-timeout answers 503 with
+    // "outcome": "unknown" and Retry-After; the retry gets 409 while the commit runs, then the
+    // replay of the one order that was placed.
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&["--mysql-url", &database.url, "--journal-timeout", "1s"]);
+    let mut client = app.client();
+    client.put_product("S", 100, 10).await;
+    let pool = database.pool().await;
+    let mut blocker = pool.acquire().await.expect("connection");
+    sqlx::query("LOCK TABLES journal WRITE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock the journal table");
+    let slow = client
+        .checkout("slow", "S", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(slow.status, 503);
+    let body = slow.json();
+    assert_eq!(body["error"], "journal_unavailable");
+    assert_eq!(body["outcome"], "unknown", "{body}");
+    assert!(slow.retry_after.is_some(), "Retry-After");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Idempotency-Key"),
+        "the message says to retry with the same key: {body}"
+    );
+    let retry = client
+        .checkout("slow", "S", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(retry.status, 409);
+    assert_eq!(retry.json()["error"], "idempotency_key_in_use");
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut *blocker)
+        .await
+        .expect("unlock");
+    drop(blocker);
+    let mut replayed = None;
+    eventually(
+        "the late commit to land",
+        Duration::from_secs(15),
+        async || {
+            let answer = client
+                .checkout("slow", "S", 1, "tok_ok")
+                .await
+                .expect("answer");
+            let done = answer.status == 201;
+            if done {
+                replayed = Some(answer);
+            }
+            done
+        },
+    )
+    .await;
+    let replayed = replayed.expect("replay");
+    assert!(replayed.replayed, "the first order's answer, replayed");
+    let orders: i64 = sqlx::query("SELECT COUNT(*) FROM orders")
+        .fetch_one(&pool)
+        .await
+        .map(|row| row.get(0))
+        .expect("count");
+    assert_eq!(orders, 1, "one order for the key");
+    assert_eq!(client.stock("S").await.3, 1);
 }
