@@ -81,8 +81,15 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
             (Arc::new(journal), state)
         }
         None => {
-            let (journal, state) =
-                FileJournal::open_dir(&config.data_dir, FileJournalConfig::default())?;
+            let (journal, state) = FileJournal::open_dir(
+                &config.data_dir,
+                FileJournalConfig {
+                    event_retention_ms: config.event_retention.as_millis() as i64,
+                    order_retention_ms: config.order_retention.as_millis() as i64,
+                    answer_retention_ms: config.idempotency_retention.as_millis() as i64,
+                    ..FileJournalConfig::default()
+                },
+            )?;
             (Arc::new(journal), state)
         }
     };

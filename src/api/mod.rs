@@ -142,6 +142,8 @@ pub struct ApiError {
     pub extra: Option<(&'static str, String)>,
     /// Seconds for a `Retry-After` header, if the client should come back.
     pub retry_after_seconds: Option<u32>,
+    /// The oldest event still kept (with `410 events_pruned`).
+    pub first_seq: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -154,6 +156,8 @@ struct ErrorBody<'a> {
     order_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     outcome: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    first_seq: Option<u64>,
 }
 
 impl ApiError {
@@ -165,6 +169,7 @@ impl ApiError {
             message: message.into(),
             extra: None,
             retry_after_seconds: None,
+            first_seq: None,
         }
     }
 
@@ -208,6 +213,15 @@ impl ApiError {
     pub fn journal_unavailable(error: &JournalError) -> Self {
         tracing::warn!(%error, "journal unavailable");
         match error {
+            JournalError::Pruned { first_seq } => {
+                let mut gone = Self::new(
+                    StatusCode::GONE,
+                    "events_pruned",
+                    format!("events before seq {first_seq} are past --event-retention; resume from after={}", first_seq - 1),
+                );
+                gone.first_seq = Some(*first_seq);
+                gone
+            }
             JournalError::Overloaded(_) => {
                 Self::overloaded(format!("{error}; nothing was changed, retry later"))
             }
@@ -252,6 +266,7 @@ impl ApiError {
             sku: extra("sku"),
             order_id: extra("order_id"),
             outcome: extra("outcome"),
+            first_seq: self.first_seq,
         })
         .unwrap_or_else(|_| format!("{{\"error\":\"{}\"}}", self.code))
     }

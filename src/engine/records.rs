@@ -78,6 +78,14 @@ impl Record {
         }
     }
 
+    /// When the record's change happened, if it carries a time (orders do; products do not).
+    pub fn at_ms(&self) -> Option<i64> {
+        match self {
+            Record::Product { .. } => None,
+            Record::Order { at_ms, .. } => Some(*at_ms),
+        }
+    }
+
     /// The events this record carries, numbered from `first_seq`.
     pub fn events(&self, first_seq: u64) -> Vec<Event> {
         match self {
@@ -121,6 +129,17 @@ pub struct Event {
     pub currency: Currency,
 }
 
+/// A journal segment kept on disk after a snapshot covered it, for its events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentInfo {
+    /// The lsn of its first record (its name).
+    pub first_lsn: u64,
+    /// The seq of its first event (or, with no event, of the next one).
+    pub first_event_seq: u64,
+    /// The time of its last record (Unix milliseconds): it may go once this is past retention.
+    pub last_at_ms: i64,
+}
+
 /// The durable state: what the journal's records add up to. Built at start-up from the last
 /// snapshot plus the records after it; snapshots are this struct written out.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,8 +152,21 @@ pub struct State {
     /// Answers that placed an order, by idempotency key.
     #[serde(with = "as_pairs")]
     pub answers: HashMap<IdempotencyKey, StoredAnswer>,
-    /// The event log, in commit order.
+    /// The events of the records folded in since the snapshot, in commit order. Not written to
+    /// snapshots: events live in the journal's segments (and the most recent in memory).
+    #[serde(skip)]
     pub events: Vec<Event>,
+    /// Events of a snapshot written before events left snapshots: read only to learn the next
+    /// seq.
+    #[serde(default, rename = "events", skip_serializing)]
+    legacy_events: Vec<Event>,
+    /// The seq the next event gets (0 in a snapshot of an older version: derived then).
+    #[serde(default)]
+    pub next_event_seq: u64,
+    /// Segments this snapshot covers that stay on disk for their events (`--event-retention`),
+    /// oldest first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retained_segments: Vec<SegmentInfo>,
     /// Units sold by paid orders that already left the state (retention), by SKU: the stock
     /// counters stay exact without keeping every order forever.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -147,7 +179,11 @@ impl State {
     /// Folds one record in. `lsn` must grow by one per call; `first_event_seq` is the seq the journal
     /// gave the record's first event.
     pub fn apply(&mut self, lsn: u64, first_event_seq: u64, record: Record) {
-        self.events.extend(record.events(first_event_seq));
+        let count = u64::from(record.event_count());
+        if count > 0 {
+            self.events.extend(record.events(first_event_seq));
+            self.next_event_seq = first_event_seq + count;
+        }
         match record {
             Record::Product { product } => {
                 self.products.insert(product.sku.clone(), product);
@@ -203,7 +239,8 @@ impl State {
 
     /// The seq the next event will get.
     pub fn next_event_seq(&self) -> u64 {
-        self.events.last().map_or(1, |e| e.seq + 1)
+        let legacy = self.legacy_events.last().map_or(1, |e| e.seq + 1);
+        self.next_event_seq.max(legacy).max(1)
     }
 }
 

@@ -1,36 +1,67 @@
-//! The durable events in memory, in seq order, in fixed-size chunks: an append never moves the
-//! events already there (a single growing `Vec` would copy all of them at each doubling, stalling
-//! the writer for tens of milliseconds once there are millions).
+//! The most recent durable events in memory, in seq order, in fixed-size chunks: an append never
+//! moves the events already there (a single growing `Vec` would copy all of them at each
+//! doubling, stalling the writer for tens of milliseconds once there are millions). The log keeps
+//! a bounded window: past `events_max` the oldest chunk goes (older events are read from disk).
 
 use crate::engine::records::Event;
 
 /// Events per chunk.
 const CHUNK_EVENTS: usize = 1 << 16;
 
-/// Events in seq order.
-#[derive(Default)]
+/// Events in seq order, the most recent `events_max` or a chunk more.
 pub struct EventLog {
-    chunks: Vec<Vec<Event>>,
+    chunks: std::collections::VecDeque<Vec<Event>>,
+    events_max: usize,
+    /// How many events are held.
+    len: usize,
+    /// The seq the next event gets: where an empty log starts.
+    next_seq: u64,
 }
 
 impl EventLog {
-    /// A log holding `events` (in seq order).
-    pub fn from_events(events: Vec<Event>) -> Self {
-        let mut log = Self::default();
+    /// A log holding the most recent of `events` (in seq order), the next of which gets
+    /// `next_seq`.
+    pub fn from_events(events: Vec<Event>, events_max: usize, next_seq: u64) -> Self {
+        let mut log = Self {
+            chunks: std::collections::VecDeque::new(),
+            events_max: events_max.max(1),
+            len: 0,
+            next_seq,
+        };
         log.extend(events);
+        log.next_seq = log.next_seq.max(next_seq);
         log
+    }
+
+    /// The seq of the oldest event held (or of the next one, if none is held): every event from
+    /// here on is in memory.
+    pub fn first_seq(&self) -> u64 {
+        self.chunks
+            .front()
+            .and_then(|c| c.first())
+            .map_or(self.next_seq, |e| e.seq)
     }
 
     /// Appends events (in seq order, after those held).
     pub fn extend(&mut self, events: impl IntoIterator<Item = Event>) {
         for event in events {
-            match self.chunks.last_mut() {
-                Some(chunk) if chunk.len() < CHUNK_EVENTS => chunk.push(event),
+            self.next_seq = event.seq + 1;
+            self.len += 1;
+            match self.chunks.back_mut() {
+                Some(chunk) if chunk.len() < CHUNK_EVENTS.min(self.events_max) => chunk.push(event),
                 _ => {
-                    let mut chunk = Vec::with_capacity(CHUNK_EVENTS);
+                    let mut chunk = Vec::with_capacity(CHUNK_EVENTS.min(self.events_max));
                     chunk.push(event);
-                    self.chunks.push(chunk);
+                    self.chunks.push_back(chunk);
                 }
+            }
+        }
+        // Whole chunks go, so the window is `events_max` to `events_max` + a chunk.
+        while self.chunks.len() > 1
+            && self.len - self.chunks.front().map_or(0, Vec::len) >= self.events_max
+        {
+            if let Some(chunk) = self.chunks.pop_front() {
+                self.len -= chunk.len();
             }
         }
     }
@@ -42,7 +73,7 @@ impl EventLog {
             .chunks
             .partition_point(|chunk| chunk.last().is_some_and(|e| e.seq <= after_seq));
         let mut out = Vec::with_capacity(limit.min(1024));
-        for chunk in &self.chunks[first..] {
+        for chunk in self.chunks.range(first..) {
             let start = chunk.partition_point(|e| e.seq <= after_seq);
             for event in &chunk[start..] {
                 if out.len() == limit {
@@ -56,7 +87,7 @@ impl EventLog {
 
     /// How many events are held.
     pub fn len(&self) -> usize {
-        self.chunks.iter().map(Vec::len).sum()
+        self.len
     }
 
     /// True if no event is held.
@@ -85,7 +116,7 @@ mod tests {
     #[test]
     fn pages_cross_chunk_boundaries() {
         let total = CHUNK_EVENTS as u64 * 2 + 10;
-        let log = EventLog::from_events((1..=total).map(event).collect());
+        let log = EventLog::from_events((1..=total).map(event).collect(), usize::MAX, 1);
         assert_eq!(log.len() as u64, total);
         let page = log.after(CHUNK_EVENTS as u64 - 2, 5);
         let seqs: Vec<u64> = page.iter().map(|e| e.seq).collect();
@@ -94,5 +125,21 @@ mod tests {
         assert!(log.after(total, 10).is_empty());
         assert_eq!(log.after(0, 3).len(), 3);
         assert_eq!(log.after(total - 2, 100).len(), 2);
+    }
+
+    #[test]
+    fn the_window_keeps_the_most_recent_events() {
+        let max = CHUNK_EVENTS;
+        let total = CHUNK_EVENTS as u64 * 5 + 3;
+        let mut log = EventLog::from_events(Vec::new(), max, 1);
+        assert_eq!(log.first_seq(), 1);
+        for seq in 1..=total {
+            log.extend([event(seq)]);
+            assert!(log.len() <= max + CHUNK_EVENTS);
+        }
+        assert!(log.len() >= max);
+        let first = log.first_seq();
+        assert_eq!(first, total - log.len() as u64 + 1);
+        assert_eq!(log.after(first - 1, 2).first().map(|e| e.seq), Some(first));
     }
 }

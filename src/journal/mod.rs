@@ -56,6 +56,12 @@ pub enum JournalError {
     /// journal goes on with the others.
     #[error("the journal refused the record: {0}")]
     Rejected(String),
+    /// The events asked for are past `--event-retention`: the oldest kept has `first_seq`.
+    #[error("events before seq {first_seq} are past retention")]
+    Pruned {
+        /// The oldest event still kept.
+        first_seq: u64,
+    },
     /// The journal stopped without saying whether the record is durable: only a restart (and its
     /// recovery) can tell.
     #[error("the journal stopped without an answer ({0}); the outcome is unknown")]

@@ -51,7 +51,9 @@ fn checkout(
 ) -> Result<Order, JournalError> {
     let key = IdempotencyKey::parse(key).expect("key");
     assert_eq!(
-        engine.idempotency().begin(&key, "fp", 1_000),
+        engine
+            .idempotency()
+            .begin(&key, "fp", turnstile::time::now_ms()),
         Ok(Begin::Started)
     );
     let reservation = engine
@@ -71,7 +73,7 @@ fn checkout(
             fingerprint: "fp",
             render: &render,
         }),
-        1_000,
+        turnstile::time::now_ms(),
     );
     let order = change.order().expect("an order").clone();
     durably(engine, journal, change).map(|_| order)
@@ -99,13 +101,15 @@ fn a_full_disk_leaves_no_trace_in_memory_and_the_journal_recovers_by_itself() {
     disk.set_capacity(Some(disk.used() + 16));
     let failed = checkout(&engine, &journal, "k2", "tee");
     assert!(matches!(failed, Err(JournalError::Io { .. })), "{failed:?}");
-    let events_before = journal.events_after(0, 100).len();
+    let events_before = journal.events_after(0, 100).expect("events").len();
     // Nothing of the failed order is visible: not the order, not its units, not its key.
     assert_eq!(stock(&engine, "tee"), (10, 9, 0, 1));
     assert_eq!(engine.orders_len(), 1);
     let k2 = IdempotencyKey::parse("k2").expect("key");
     assert_eq!(
-        engine.idempotency().begin(&k2, "fp", 1_000),
+        engine
+            .idempotency()
+            .begin(&k2, "fp", turnstile::time::now_ms()),
         Ok(Begin::Started)
     );
     engine.idempotency().abandon(&k2);
@@ -124,7 +128,7 @@ fn a_full_disk_leaves_no_trace_in_memory_and_the_journal_recovers_by_itself() {
     wait_until_healthy(&journal);
     let later = checkout(&engine, &journal, "k2", "tee").expect("durable after recovery");
     assert_eq!(stock(&engine, "tee"), (10, 8, 0, 2));
-    let events = journal.events_after(0, 100);
+    let events = journal.events_after(0, 100).expect("events");
     assert_eq!(
         events.len(),
         events_before + 2,

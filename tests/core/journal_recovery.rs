@@ -84,19 +84,21 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
                 fingerprint: "fp",
                 render: &render,
             }),
-            1_000 + i as i64,
+            turnstile::time::now_ms() + i as i64,
         );
         let order = change.order().expect("an order").clone();
         durably(&engine, &journal, change).expect("durable");
         placed.push((key, order, answer.expect("answer")));
     }
     // Refund the last paid order: its units go back to available.
-    let Ok(Prepared::Change(refund)) = engine.prepare_cancel(&placed[3].1.order_id, 2_000) else {
+    let Ok(Prepared::Change(refund)) =
+        engine.prepare_cancel(&placed[3].1.order_id, turnstile::time::now_ms())
+    else {
         panic!("a paid order can be cancelled");
     };
     durably(&engine, &journal, refund).expect("durable");
     let before: Vec<_> = ["a", "b"].iter().map(|s| engine.product(&sku(s))).collect();
-    let events_before = journal.events_after(0, 1_000);
+    let events_before = journal.events_after(0, 1_000).expect("events");
     journal.close();
     drop(journal);
 
@@ -129,7 +131,10 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
             other => panic!("key {key:?} not restored: {other:?}"),
         }
     }
-    assert_eq!(journal.events_after(0, 1_000), events_before);
+    assert_eq!(
+        journal.events_after(0, 1_000).expect("events"),
+        events_before
+    );
     let types: Vec<_> = events_before
         .iter()
         .map(|e| e.status.event_type())
@@ -149,7 +154,7 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
         ]
     );
     // Pages: `after` and `limit` behave as the event API needs.
-    let page = journal.events_after(3, 2);
+    let page = journal.events_after(3, 2).expect("events");
     assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
     // The pending order's hold is known again, so the sweeper can release it.
     assert_eq!(rebuilt.holds_len(), 1);

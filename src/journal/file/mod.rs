@@ -16,7 +16,7 @@ pub mod storage;
 use super::event_log::EventLog;
 use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
-use crate::engine::records::{Event, Record, State};
+use crate::engine::records::{Event, Record, SegmentInfo, State};
 use crate::sync::lock;
 use crate::BoxFuture;
 use format::{encode_frame, scan_segment, Tail};
@@ -38,6 +38,16 @@ pub struct FileJournalConfig {
     /// The most records one group commit takes: bounds the writer's buffer and how long one batch
     /// keeps the next one waiting.
     pub batch_records_max: usize,
+    /// The most recent events kept in memory (older ones are read from the segments).
+    pub events_in_memory_max: usize,
+    /// How long a segment's events stay readable on disk after a snapshot covered it.
+    pub event_retention_ms: i64,
+    /// Finished orders created longer ago than this leave snapshots (and memory).
+    pub order_retention_ms: i64,
+    /// Kept answers older than this leave snapshots (and memory).
+    pub answer_retention_ms: i64,
+    /// The wall clock (Unix milliseconds) retention is measured by; tests pass their own.
+    pub clock: fn() -> i64,
 }
 
 impl Default for FileJournalConfig {
@@ -46,6 +56,11 @@ impl Default for FileJournalConfig {
             segment_bytes_max: 64 << 20,
             checkpoint_segments: 4,
             batch_records_max: 8_192,
+            events_in_memory_max: 1 << 18,
+            event_retention_ms: 7 * 24 * 3_600 * 1_000,
+            order_retention_ms: 7 * 24 * 3_600 * 1_000,
+            answer_retention_ms: 24 * 3_600 * 1_000,
+            clock: crate::time::now_ms,
         }
     }
 }
@@ -76,7 +91,7 @@ struct Recovered {
     /// The last segment read, its first lsn and its length after any cut.
     last_segment: Option<(u64, u64)>,
     /// The segments read (closed or not), oldest first.
-    segments_read: Vec<u64>,
+    segments_read: Vec<SegmentInfo>,
     /// The snapshots present, oldest first.
     snapshots: Vec<u64>,
 }
@@ -203,6 +218,14 @@ fn fold(
             .read(&name)
             .map_err(|e| JournalError::io(format!("reading {}", storage.describe(&name)), &e))?;
         let scan = scan_segment(&bytes, first_lsn);
+        let mut info = SegmentInfo {
+            first_lsn,
+            first_event_seq: scan
+                .frames
+                .first()
+                .map_or(next_event_seq, |f| f.first_event_seq),
+            last_at_ms: 0,
+        };
         for frame in &scan.frames {
             if frame.lsn < next_lsn {
                 continue;
@@ -227,6 +250,7 @@ fn fold(
                 )
             })?;
             next_event_seq += u64::from(record.event_count());
+            info.last_at_ms = info.last_at_ms.max(record.at_ms().unwrap_or(0));
             state.apply(frame.lsn, frame.first_event_seq, record);
             next_lsn += 1;
             report.records_replayed += 1;
@@ -265,7 +289,7 @@ fn fold(
                 return Err(corrupt(storage, &name, offset as u64, reason))
             }
         }
-        segments_read.push(first_lsn);
+        segments_read.push(info);
         last_segment = Some((first_lsn, len));
     }
     Ok(Recovered {
@@ -279,18 +303,46 @@ fn fold(
     })
 }
 
-/// Writes a snapshot of everything in the closed segments (those before `active_first_lsn`) and
-/// removes the files it makes redundant. Runs beside the writer: it reads only closed segments.
-fn checkpoint(storage: &dyn Storage, active_first_lsn: u64) -> Result<u64, JournalError> {
+/// Writes a snapshot of everything in the closed segments (those before `active_first_lsn`),
+/// pruned of what is past retention at `now_ms`, and removes the files it makes redundant:
+/// older snapshots, and covered segments whose events are past `--event-retention` (the others
+/// stay on disk, listed in the snapshot, so their events stay readable). Runs beside the writer: it
+/// reads only closed segments. Returns the lsn the snapshot covers and the segments it removed.
+fn checkpoint(
+    storage: &dyn Storage,
+    active_first_lsn: u64,
+    config: &FileJournalConfig,
+    now_ms: i64,
+) -> Result<(u64, Vec<u64>), JournalError> {
     let recovered = fold(storage, Some(active_first_lsn), false, false)?;
     let lsn = recovered.state.last_lsn;
     if recovered.segments_read.is_empty() || recovered.snapshots.last().is_some_and(|&s| s >= lsn) {
-        return Ok(lsn);
+        return Ok((lsn, Vec::new()));
     }
-    write_snapshot(storage, &recovered.state)?;
-    for first_lsn in recovered.segments_read {
-        let name = segment_name(first_lsn);
-        remove_if_present(storage, &name)?;
+    let mut state = recovered.state;
+    let mut covered = std::mem::take(&mut state.retained_segments);
+    for info in recovered.segments_read {
+        match covered.iter_mut().find(|c| c.first_lsn == info.first_lsn) {
+            Some(known) => *known = info,
+            None => covered.push(info),
+        }
+    }
+    // Oldest first, and only from the front: the events on disk stay one unbroken run.
+    let cutoff = now_ms - config.event_retention_ms;
+    let expired = covered
+        .iter()
+        .take_while(|info| info.last_at_ms < cutoff)
+        .count();
+    let removed: Vec<u64> = covered.drain(..expired).map(|i| i.first_lsn).collect();
+    state.retained_segments = covered;
+    state.prune(
+        now_ms,
+        config.order_retention_ms,
+        config.answer_retention_ms,
+    );
+    write_snapshot(storage, &state)?;
+    for &first_lsn in &removed {
+        remove_if_present(storage, &segment_name(first_lsn))?;
     }
     for old in recovered.snapshots {
         remove_if_present(storage, &snapshot_name(old))?;
@@ -298,7 +350,7 @@ fn checkpoint(storage: &dyn Storage, active_first_lsn: u64) -> Result<u64, Journ
     storage
         .sync_dir()
         .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
-    Ok(lsn)
+    Ok((lsn, removed))
 }
 
 fn remove_if_present(storage: &dyn Storage, name: &str) -> Result<(), JournalError> {
@@ -315,8 +367,14 @@ struct Shared {
     storage: Arc<dyn Storage>,
     config: FileJournalConfig,
     pipeline: Pipeline,
-    /// The durable events, in seq order.
+    /// The most recent durable events, in seq order.
     events: RwLock<EventLog>,
+    /// Every segment on disk, oldest first, with the seq of its first event: where older events
+    /// are read from.
+    segments: RwLock<Vec<SegmentInfo>>,
+    /// Frame tables of segments read lately, so paging through old events reads only what a page
+    /// needs.
+    frame_tables: Mutex<FrameTables>,
     /// True while a background checkpoint thread exists (at most one is started).
     checkpoint_running: AtomicBool,
     /// Held while a checkpoint runs, so two never remove the same files.
@@ -438,6 +496,21 @@ impl FileJournal {
         let closed_since_checkpoint = recovered.segments_read.len().saturating_sub(1);
         let mut state = recovered.state;
         let recovery = recovered.report;
+        let mut segments = std::mem::take(&mut state.retained_segments);
+        segments.extend(recovered.segments_read.iter().copied());
+        if recovered.last_segment.is_none() {
+            segments.push(SegmentInfo {
+                first_lsn: file_first_lsn,
+                first_event_seq: recovered.next_event_seq,
+                last_at_ms: 0,
+            });
+        }
+        segments.dedup_by_key(|s| s.first_lsn);
+        state.prune(
+            (config.clock)(),
+            config.order_retention_ms,
+            config.answer_retention_ms,
+        );
         tracing::info!(
             records = state.last_lsn,
             snapshot_lsn = recovery.snapshot_lsn,
@@ -447,12 +520,19 @@ impl FileJournal {
             events = state.events.len(),
             "journal recovered"
         );
+        // The events move to the journal's log: the state handed back holds none.
+        let events = EventLog::from_events(
+            std::mem::take(&mut state.events),
+            config.events_in_memory_max,
+            recovered.next_event_seq,
+        );
         let shared = Arc::new(Shared {
             storage,
             config,
             pipeline: Pipeline::new(recovered.next_lsn, recovered.next_event_seq),
-            // The events move to the journal's log: the state handed back holds none.
-            events: RwLock::new(EventLog::from_events(std::mem::take(&mut state.events))),
+            events: RwLock::new(events),
+            segments: RwLock::new(segments),
+            frame_tables: Mutex::new(FrameTables::default()),
             checkpoint_running: AtomicBool::new(false),
             checkpoint_lock: Mutex::new(()),
         });
@@ -516,7 +596,192 @@ impl Shared {
     /// Runs one checkpoint at a time, whoever asks.
     fn checkpoint(&self, active_first_lsn: u64) -> Result<u64, JournalError> {
         let _one_at_a_time = lock(&self.checkpoint_lock);
-        checkpoint(self.storage.as_ref(), active_first_lsn)
+        let (lsn, removed) = checkpoint(
+            self.storage.as_ref(),
+            active_first_lsn,
+            &self.config,
+            (self.config.clock)(),
+        )?;
+        if !removed.is_empty() {
+            self.segments
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|s| !removed.contains(&s.first_lsn));
+            lock(&self.frame_tables).forget(&removed);
+        }
+        Ok(lsn)
+    }
+
+    /// Up to `limit` durable events with `seq > after_seq`, in order: the recent ones from memory,
+    /// older ones from the segments on disk; `Pruned` past `--event-retention`.
+    fn events_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Event>, JournalError> {
+        let (first_in_memory, events) = {
+            let log = self.events.read().unwrap_or_else(|e| e.into_inner());
+            (log.first_seq(), log.after(after_seq, limit))
+        };
+        if after_seq + 1 >= first_in_memory {
+            return Ok(events);
+        }
+        let mut out = self.events_on_disk(after_seq, first_in_memory, limit)?;
+        if out.len() < limit {
+            let after = out.last().map_or(after_seq, |e| e.seq);
+            let log = self.events.read().unwrap_or_else(|e| e.into_inner());
+            out.extend(log.after(after.max(first_in_memory - 1), limit - out.len()));
+        }
+        Ok(out)
+    }
+
+    /// The seq of the oldest event held in memory.
+    fn first_seq_in_memory(&self) -> u64 {
+        self.events
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .first_seq()
+    }
+
+    /// A segment was started for records from `first_lsn`, events from `first_event_seq`.
+    fn segment_started(&self, first_lsn: u64, first_event_seq: u64) {
+        let mut segments = self.segments.write().unwrap_or_else(|e| e.into_inner());
+        segments.retain(|s| s.first_lsn != first_lsn);
+        segments.push(SegmentInfo {
+            first_lsn,
+            first_event_seq,
+            last_at_ms: 0,
+        });
+    }
+
+    /// Up to `limit` events with `seq > after_seq` and `seq < before_seq`, read from the segments
+    /// on disk; `Pruned` if events after `after_seq` are no longer kept.
+    fn events_on_disk(
+        &self,
+        after_seq: u64,
+        before_seq: u64,
+        limit: usize,
+    ) -> Result<Vec<Event>, JournalError> {
+        let segments = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let first_kept = segments.first().map_or(before_seq, |s| s.first_event_seq);
+        if after_seq + 1 < first_kept {
+            return Err(JournalError::Pruned {
+                first_seq: first_kept,
+            });
+        }
+        // The last segment whose first event is at or before the one wanted.
+        let start = segments
+            .partition_point(|s| s.first_event_seq <= after_seq + 1)
+            .saturating_sub(1);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for info in &segments[start..] {
+            if out.len() >= limit || info.first_event_seq >= before_seq {
+                break;
+            }
+            let table = self.frame_table(info)?;
+            let name = segment_name(info.first_lsn);
+            // The first record that may hold a wanted event (a record holds two at most).
+            let from = table.partition_point(|f| f.first_event_seq + 2 <= after_seq + 1);
+            for frame in &table[from..] {
+                if out.len() >= limit || frame.first_event_seq >= before_seq {
+                    break;
+                }
+                let bytes = self
+                    .storage
+                    .read_at(&name, frame.offset, frame.len)
+                    .map_err(|e| {
+                        JournalError::io(format!("reading {}", self.storage.describe(&name)), &e)
+                    })?;
+                let Some(read) = format::read_frame(&bytes, 0) else {
+                    return Err(corrupt(
+                        self.storage.as_ref(),
+                        &name,
+                        frame.offset,
+                        "a record changed on disk",
+                    ));
+                };
+                let record: Record = serde_json::from_slice(read.payload).map_err(|e| {
+                    corrupt(
+                        self.storage.as_ref(),
+                        &name,
+                        frame.offset,
+                        format!("does not decode: {e}"),
+                    )
+                })?;
+                for event in record.events(frame.first_event_seq) {
+                    if event.seq > after_seq && event.seq < before_seq && out.len() < limit {
+                        out.push(event);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The frames of a segment (from the cache, or by one read of the file).
+    fn frame_table(&self, info: &SegmentInfo) -> Result<Arc<Vec<FrameRef>>, JournalError> {
+        if let Some(table) = lock(&self.frame_tables).get(info.first_lsn) {
+            return Ok(table);
+        }
+        let name = segment_name(info.first_lsn);
+        let bytes = self.storage.read(&name).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                // Removed by a checkpoint since the look at the list: past retention now.
+                JournalError::Pruned {
+                    first_seq: info.first_event_seq,
+                }
+            } else {
+                JournalError::io(format!("reading {}", self.storage.describe(&name)), &e)
+            }
+        })?;
+        let table: Vec<FrameRef> = scan_segment(&bytes, info.first_lsn)
+            .frames
+            .iter()
+            .map(|f| FrameRef {
+                first_event_seq: f.first_event_seq,
+                offset: f.offset as u64,
+                len: (f.end() - f.offset) as u64,
+            })
+            .collect();
+        let table = Arc::new(table);
+        lock(&self.frame_tables).put(info.first_lsn, Arc::clone(&table));
+        Ok(table)
+    }
+}
+
+/// Where one record sits in a segment.
+#[derive(Debug, Clone, Copy)]
+struct FrameRef {
+    first_event_seq: u64,
+    offset: u64,
+    len: u64,
+}
+
+/// The frame tables of the few segments read last (a table costs ~24 bytes per record).
+#[derive(Default)]
+struct FrameTables {
+    tables: std::collections::VecDeque<(u64, Arc<Vec<FrameRef>>)>,
+}
+
+/// Frame tables kept at once.
+const FRAME_TABLES_MAX: usize = 4;
+
+impl FrameTables {
+    fn get(&mut self, first_lsn: u64) -> Option<Arc<Vec<FrameRef>>> {
+        let position = self.tables.iter().position(|(lsn, _)| *lsn == first_lsn)?;
+        let entry = self.tables.remove(position)?;
+        let table = Arc::clone(&entry.1);
+        self.tables.push_front(entry);
+        Some(table)
+    }
+
+    fn put(&mut self, first_lsn: u64, table: Arc<Vec<FrameRef>>) {
+        self.tables.push_front((first_lsn, table));
+        self.tables.truncate(FRAME_TABLES_MAX);
+    }
+
+    fn forget(&mut self, removed: &[u64]) {
+        self.tables.retain(|(lsn, _)| !removed.contains(lsn));
     }
 }
 
@@ -554,7 +819,8 @@ impl Writer {
                 );
                 events.append(&mut entry.events);
             }
-            match self.commit(&bytes, batch_first_lsn) {
+            let batch_first_event_seq = batch[0].first_event_seq;
+            match self.commit(&bytes, batch_first_lsn, batch_first_event_seq) {
                 Ok(sync_nanos) => {
                     if let Some(last) = batch.last() {
                         self.durable_lsn = last.lsn;
@@ -694,6 +960,8 @@ impl Writer {
         self.file = file;
         self.file_first_lsn = first_lsn;
         self.file_len = 0;
+        self.shared
+            .segment_started(first_lsn, self.durable_next_event_seq);
         self.closed_since_checkpoint += 1;
         Ok(())
     }
@@ -708,11 +976,16 @@ impl Writer {
     }
 
     /// Writes and syncs one batch; returns the sync's duration in nanoseconds.
-    fn commit(&mut self, bytes: &[u8], batch_first_lsn: u64) -> Result<u64, JournalError> {
+    fn commit(
+        &mut self,
+        bytes: &[u8],
+        batch_first_lsn: u64,
+        batch_first_event_seq: u64,
+    ) -> Result<u64, JournalError> {
         if self.file_len > 0
             && self.file_len + bytes.len() as u64 > self.shared.config.segment_bytes_max
         {
-            self.roll(batch_first_lsn)?;
+            self.roll(batch_first_lsn, batch_first_event_seq)?;
         }
         let storage = &self.shared.storage;
         let name = segment_name(self.file_first_lsn);
@@ -728,7 +1001,7 @@ impl Writer {
     }
 
     /// Starts a new segment for the batch beginning at `first_lsn` (the current one is synced).
-    fn roll(&mut self, first_lsn: u64) -> Result<(), JournalError> {
+    fn roll(&mut self, first_lsn: u64, first_event_seq: u64) -> Result<(), JournalError> {
         let storage = &self.shared.storage;
         let name = segment_name(first_lsn);
         self.file = storage
@@ -739,6 +1012,7 @@ impl Writer {
             .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
         self.file_first_lsn = first_lsn;
         self.file_len = 0;
+        self.shared.segment_started(first_lsn, first_event_seq);
         self.closed_since_checkpoint += 1;
         if self.closed_since_checkpoint >= self.shared.config.checkpoint_segments
             && !self.shared.checkpoint_running.swap(true, Ordering::AcqRel)
@@ -779,13 +1053,19 @@ impl FileJournal {
         }
     }
 
-    /// Up to `limit` durable events with `seq > after_seq`, in order.
-    pub fn events_after(&self, after_seq: u64, limit: usize) -> Vec<Event> {
+    /// Up to `limit` durable events with `seq > after_seq`, in order: the recent ones from memory,
+    /// older ones from the segments on disk; `Pruned` past `--event-retention`.
+    pub fn events_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Event>, JournalError> {
+        self.shared.events_after(after_seq, limit)
+    }
+
+    /// How many events are held in memory.
+    pub fn events_in_memory(&self) -> usize {
         self.shared
             .events
             .read()
             .unwrap_or_else(|e| e.into_inner())
-            .after(after_seq, limit)
+            .len()
     }
 }
 
@@ -799,8 +1079,16 @@ impl Journal for FileJournal {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>> {
-        let events = self.events_after(after_seq, limit);
-        Box::pin(async move { Ok(events) })
+        // Reading old events may touch the disk: off the runtime's workers.
+        Box::pin(async move {
+            if after_seq + 1 >= self.shared.first_seq_in_memory() {
+                return self.events_after(after_seq, limit);
+            }
+            let shared = Arc::clone(&self.shared);
+            tokio::task::spawn_blocking(move || shared.events_after(after_seq, limit))
+                .await
+                .unwrap_or_else(|e| Err(JournalError::Unknown(format!("reading events: {e}"))))
+        })
     }
 
     fn stats(&self) -> &JournalStats {

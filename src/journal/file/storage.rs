@@ -24,6 +24,8 @@ pub trait Storage: Send + Sync {
     fn list(&self) -> io::Result<Vec<String>>;
     /// The whole content of a file.
     fn read(&self, name: &str) -> io::Result<Vec<u8>>;
+    /// `len` bytes of a file from `offset` (fewer at its end).
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>>;
     /// Creates an empty file (its directory entry is durable only after [`Storage::sync_dir`]).
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>>;
     /// Opens an existing file for appending.
@@ -91,6 +93,21 @@ impl Storage for DiskStorage {
 
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         fs::read(self.dir.join(name))
+    }
+
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(self.dir.join(name))?;
+        let mut bytes = vec![0u8; len as usize];
+        let mut filled = 0;
+        while filled < bytes.len() {
+            match file.read_at(&mut bytes[filled..], offset + filled as u64)? {
+                0 => break,
+                n => filled += n,
+            }
+        }
+        bytes.truncate(filled);
+        Ok(bytes)
     }
 
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
@@ -343,6 +360,13 @@ impl Storage for SimulatedDisk {
             .get(name)
             .map(|f| f.data.clone())
             .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, name.to_owned()))
+    }
+
+    fn read_at(&self, name: &str, offset: u64, len: u64) -> io::Result<Vec<u8>> {
+        let data = self.read(name)?;
+        let start = (offset as usize).min(data.len());
+        let end = start.saturating_add(len as usize).min(data.len());
+        Ok(data[start..end].to_vec())
     }
 
     fn create(&self, name: &str) -> io::Result<Box<dyn StorageFile>> {
