@@ -32,6 +32,13 @@ pub const SERVE_OPTIONS: &[OptionSpec] = &[
     OptionSpec { name: "mysql-pool-size", env: Some("TURNSTILE_MYSQL_POOL_SIZE"), default: Some("8"), help: "MySQL connections (the journal's writer uses one; reads share the rest)" },
     OptionSpec { name: "journal-batch-max", env: Some("TURNSTILE_JOURNAL_BATCH_MAX"), default: Some("2000"), help: "most records in one MySQL transaction (group commit)" },
     OptionSpec { name: "journal-timeout", env: Some("TURNSTILE_JOURNAL_TIMEOUT"), default: Some("5s"), help: "how long a request waits for its commit before answering 503 journal_unavailable" },
+    OptionSpec { name: "idempotency-retention", env: Some("TURNSTILE_IDEMPOTENCY_RETENTION"), default: Some("24h"), help: "how long the answer of a checkout that created an order is kept under its key; past it the key starts afresh" },
+    OptionSpec { name: "order-retention", env: Some("TURNSTILE_ORDER_RETENTION"), default: Some("7d"), help: "finished orders older than this leave memory (GET /v1/orders/{id} then answers from MySQL when configured, else 404)" },
+    OptionSpec { name: "event-retention", env: Some("TURNSTILE_EVENT_RETENTION"), default: Some("7d"), help: "events are kept on disk at least this long; only a recent window stays in memory" },
+    OptionSpec { name: "slow-client-timeout", env: Some("TURNSTILE_SLOW_CLIENT_TIMEOUT"), default: Some("10s"), help: "a client that has not sent its whole request headers and body within this is disconnected" },
+    OptionSpec { name: "cart-ttl", env: Some("TURNSTILE_CART_TTL"), default: Some("1h"), help: "idle expiry of a cart" },
+    OptionSpec { name: "carts-max", env: Some("TURNSTILE_CARTS_MAX"), default: Some("1000000"), help: "live carts at most; past it POST /v1/carts answers 503 overloaded" },
+    OptionSpec { name: "connections-max", env: Some("TURNSTILE_CONNECTIONS_MAX"), default: Some("10000"), help: "open client connections at most; past it new connections wait in the kernel's backlog until one closes" },
     OptionSpec { name: "redis-url", env: Some("TURNSTILE_REDIS_URL"), default: None, help: "carts and submission locks in Redis (not in this build yet)" },
     OptionSpec { name: "amqp-url", env: Some("TURNSTILE_AMQP_URL"), default: None, help: "also publish order events to RabbitMQ (not in this build yet)" },
     OptionSpec { name: "gateway-url", env: Some("TURNSTILE_GATEWAY_URL"), default: None, help: "payment gateway over HTTP (not in this build yet)" },
@@ -64,6 +71,23 @@ pub struct ServeConfig {
     pub mysql: Option<crate::journal::mysql::MySqlConfig>,
     /// How long a request waits for its commit before answering 503.
     pub journal_timeout: Duration,
+    /// How long the answer of a checkout that created an order stays under its key, so a retry
+    /// within it replays instead of buying twice.
+    pub idempotency_retention: Duration,
+    /// How long a finished order stays in memory, which bounds memory under a steady flow of orders.
+    pub order_retention: Duration,
+    /// How long events stay on disk at least, so consumers that fall behind can still catch up.
+    pub event_retention: Duration,
+    /// How long a client may take to send its request headers, and its body, before it is cut off,
+    /// so slow or stalled clients cannot hold connections forever.
+    pub slow_client_timeout: Duration,
+    /// How long an unused cart lives, so abandoned carts do not pile up.
+    pub cart_ttl: Duration,
+    /// The most live carts, so cart creation cannot exhaust memory.
+    pub carts_max: usize,
+    /// The most open client connections, so a connection flood cannot exhaust file descriptors
+    /// or memory.
+    pub connections_max: usize,
 }
 
 /// `--help` for `serve`, generated from [`SERVE_OPTIONS`].
@@ -90,7 +114,7 @@ pub fn serve_help() -> String {
         out.push('\n');
     }
     out.push_str(
-        "  -h, --help\n      print this help\n\nDurations are written like 500ms, 90s, 15m, 1h.\n",
+        "  -h, --help\n      print this help\n\nDurations are written like 500ms, 90s, 15m, 1h, 7d.\n",
     );
     out
 }
@@ -263,6 +287,22 @@ pub fn parse_serve(
             "--journal-timeout must be longer than 0".into(),
         ));
     }
+    // Every retention, expiry and timeout must be positive: zero would expire things as soon as
+    // they exist or cut every client off at once.
+    let positive = |name: &str| -> Result<Duration, ConfigError> {
+        let parsed = duration(name)?;
+        if parsed.is_zero() {
+            return Err(ConfigError(format!("--{name} must be longer than 0")));
+        }
+        Ok(parsed)
+    };
+    let idempotency_retention = positive("idempotency-retention")?;
+    let order_retention = positive("order-retention")?;
+    let event_retention = positive("event-retention")?;
+    let slow_client_timeout = positive("slow-client-timeout")?;
+    let cart_ttl = positive("cart-ttl")?;
+    let carts_max = count("carts-max", 1..=1_000_000_000)? as usize;
+    let connections_max = count("connections-max", 1..=1_000_000)? as usize;
     Ok(ServeConfig {
         mysql,
         journal_timeout,
@@ -272,6 +312,13 @@ pub fn parse_serve(
         webhook_secret,
         gateway_timeout,
         sim_pending_delay: duration("sim-pending-delay")?,
+        idempotency_retention,
+        order_retention,
+        event_retention,
+        slow_client_timeout,
+        cart_ttl,
+        carts_max,
+        connections_max,
     })
 }
 
@@ -298,6 +345,65 @@ mod tests {
     }
 
     #[test]
+    fn retention_expiry_and_limit_options_default_per_the_contract() {
+        let none = |_: &str| None;
+        let config = parse_serve(&[], &none).unwrap();
+        let hours = |n: u64| Duration::from_secs(n * 3_600);
+        assert_eq!(config.idempotency_retention, hours(24));
+        assert_eq!(config.order_retention, hours(7 * 24));
+        assert_eq!(config.event_retention, hours(7 * 24));
+        assert_eq!(config.slow_client_timeout, Duration::from_secs(10));
+        assert_eq!(config.cart_ttl, hours(1));
+        assert_eq!(config.carts_max, 1_000_000);
+        assert_eq!(config.connections_max, 10_000);
+    }
+
+    #[test]
+    fn retention_expiry_and_limit_options_come_from_env_and_flags() {
+        let env = |name: &str| match name {
+            "TURNSTILE_IDEMPOTENCY_RETENTION" => Some("48h".to_owned()),
+            "TURNSTILE_ORDER_RETENTION" => Some("2d".to_owned()),
+            "TURNSTILE_EVENT_RETENTION" => Some("30d".to_owned()),
+            "TURNSTILE_SLOW_CLIENT_TIMEOUT" => Some("3s".to_owned()),
+            "TURNSTILE_CART_TTL" => Some("20m".to_owned()),
+            "TURNSTILE_CARTS_MAX" => Some("500".to_owned()),
+            "TURNSTILE_CONNECTIONS_MAX" => Some("64".to_owned()),
+            _ => None,
+        };
+        let config = parse_serve(&[], &env).unwrap();
+        assert_eq!(
+            config.idempotency_retention,
+            Duration::from_secs(48 * 3_600)
+        );
+        assert_eq!(config.order_retention, Duration::from_secs(2 * 86_400));
+        assert_eq!(config.event_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(config.slow_client_timeout, Duration::from_secs(3));
+        assert_eq!(config.cart_ttl, Duration::from_secs(1_200));
+        assert_eq!(config.carts_max, 500);
+        assert_eq!(config.connections_max, 64);
+        let flags = parse_serve(
+            &args(&[
+                "--slow-client-timeout",
+                "250ms",
+                "--connections-max=2",
+                "--carts-max",
+                "7",
+                "--cart-ttl",
+                "90s",
+                "--order-retention",
+                "1h",
+            ]),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(flags.slow_client_timeout, Duration::from_millis(250));
+        assert_eq!(flags.connections_max, 2);
+        assert_eq!(flags.carts_max, 7);
+        assert_eq!(flags.cart_ttl, Duration::from_secs(90));
+        assert_eq!(flags.order_retention, Duration::from_secs(3_600));
+    }
+
+    #[test]
     fn bad_input_is_refused_with_a_message() {
         let none = |_: &str| None;
         for bad in [
@@ -310,6 +416,25 @@ mod tests {
             vec!["stray"],
         ] {
             assert!(parse_serve(&args(&bad), &none).is_err(), "{bad:?}");
+        }
+        // The message names the option to change.
+        for bad in [
+            vec!["--idempotency-retention", "0s"],
+            vec!["--order-retention", "0"],
+            vec!["--event-retention", "0d"],
+            vec!["--event-retention", "a week"],
+            vec!["--slow-client-timeout", "0ms"],
+            vec!["--slow-client-timeout", "-1s"],
+            vec!["--cart-ttl", "0h"],
+            vec!["--carts-max", "0"],
+            vec!["--carts-max", "many"],
+            vec!["--carts-max", "-5"],
+            vec!["--connections-max", "0"],
+            vec!["--connections-max", "1.5"],
+            vec!["--connections-max", "99999999999"],
+        ] {
+            let error = parse_serve(&args(&bad), &none).unwrap_err();
+            assert!(error.0.contains(bad[0]), "{bad:?}: {error}");
         }
     }
 
