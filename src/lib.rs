@@ -15,6 +15,7 @@
 //! - [`sessions`]: carts with idle expiry (in process).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
 //! - [`config`]: `serve`'s options: flags > environment > JSON file > defaults.
+//! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
 //! - [`server`]: wiring, the hold sweeper, graceful shutdown.
 //! - [`http_client`], [`random`], [`time`]: small helpers at the edges.
@@ -24,6 +25,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 
 pub mod api;
 pub mod config;
+pub mod data_dir;
 pub mod domain;
 pub mod engine;
 pub mod http_client;

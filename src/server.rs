@@ -3,6 +3,7 @@
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
+use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Engine, EngineConfig};
 use crate::journal::file::{FileJournal, FileJournalConfig};
@@ -39,6 +40,9 @@ pub enum ServeError {
     /// The database's schema does not fit this binary (run `turnstile migrate`).
     #[error(transparent)]
     Schema(crate::journal::mysql::SchemaError),
+    /// The data dir is held by another process, or cannot be created or locked.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -59,6 +63,12 @@ pub fn order_id_prefix() -> String {
 
 /// Runs the server until a stop signal.
 pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    // Taken before anything reads the journal, and held until the journal has been flushed and
+    // `run` returns. MySQL as the journal uses no data dir, so it takes no lock.
+    let _data_dir_lock = match config.mysql {
+        None => Some(data_dir::lock(&config.data_dir)?),
+        Some(_) => None,
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)

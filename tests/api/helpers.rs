@@ -86,6 +86,11 @@ impl TestApp {
         self.child.wait().expect("wait for the server")
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// A new client of this server.
     pub fn client(&self) -> Client {
         Client::new(self.addr)

@@ -1,6 +1,7 @@
 //! HTTP tests: the real `turnstile` binary on a free port, driven over real HTTP.
 
 mod crash;
+mod edges;
 mod flash_sale;
 mod helpers;
 mod lifecycle;

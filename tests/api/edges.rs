@@ -1,0 +1,137 @@
+//! The edges of the server: one process per data dir, and requests at the limits of the contract,
+//! some sent over raw sockets because no well-behaved client would send them.
+
+use crate::helpers::{spawn_app, start};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// How long a raw socket waits for the server in one read before the test gives up on it: far
+/// longer than any answer here takes, so it only bounds a test that would otherwise hang.
+const READ_WAIT: Duration = Duration::from_secs(5);
+
+/// A raw connection whose reads wait at most [`READ_WAIT`].
+fn raw(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(READ_WAIT))
+        .expect("set the read timeout");
+    stream
+}
+
+/// One answer read off a raw socket.
+struct RawAnswer {
+    status: u16,
+    /// The status line and headers, lower-cased.
+    head: String,
+    body: Vec<u8>,
+}
+
+impl RawAnswer {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "not JSON ({e}): {:?} after {}",
+                String::from_utf8_lossy(&self.body),
+                self.head
+            )
+        })
+    }
+}
+
+/// Reads one HTTP/1.1 answer (its head, then a `Content-Length` body); `Err` if the server closed
+/// the connection or sent nothing within [`READ_WAIT`].
+fn read_answer(stream: &mut TcpStream) -> Result<RawAnswer, String> {
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(at) = bytes.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at + 4;
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) => {
+                return Err(format!(
+                    "closed after {:?}",
+                    String::from_utf8_lossy(&bytes)
+                ))
+            }
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(error) => return Err(format!("no answer: {error}")),
+        }
+    };
+    let head = String::from_utf8_lossy(&bytes[..head_end]).to_ascii_lowercase();
+    let status = head
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP answer: {head:?}"))?;
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map_or(Ok(0), |value| value.trim().parse())
+        .map_err(|e| format!("bad content-length in {head:?}: {e}"))?;
+    while bytes.len() < head_end + length {
+        match stream.read(&mut chunk) {
+            Ok(0) => return Err("closed in the middle of the body".into()),
+            Ok(n) => bytes.extend_from_slice(&chunk[..n]),
+            Err(error) => return Err(format!("body cut short: {error}")),
+        }
+    }
+    Ok(RawAnswer {
+        status,
+        head,
+        body: bytes[head_end..head_end + length].to_vec(),
+    })
+}
+
+/// `GET path` on a raw connection, answered.
+fn raw_get(stream: &mut TcpStream, path: &str) -> RawAnswer {
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: turnstile\r\n\r\n").expect("send");
+    read_answer(stream).unwrap_or_else(|e| panic!("GET {path}: {e}"))
+}
+
+#[test]
+fn a_second_server_on_a_data_dir_in_use_exits_2_naming_the_holder() {
+    // Proves: a second `serve` on a data dir in use exits 2 naming the holder's pid, and once the
+    // holder is killed with SIGKILL (its lock file left behind) a new server starts on the dir.
+    let first = spawn_app(&[]);
+    let mut second = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&first.data_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the second turnstile");
+    // The ready line, or end of file when the second one exits: a second server that starts is
+    // killed here, so the test fails instead of hanging.
+    let mut line = String::new();
+    BufReader::new(second.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read the second server's stdout");
+    if !line.is_empty() {
+        let _ = second.kill();
+        let _ = second.wait();
+        panic!("a second server started on a data dir in use: {line:?}");
+    }
+    let mut stderr = String::new();
+    second
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read the second server's stderr");
+    let status = second.wait().expect("wait for the second server");
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("process {}", first.pid())),
+        "the message must name the holder's pid {}: {stderr}",
+        first.pid()
+    );
+
+    let (data_dir, _keep) = first.into_parts();
+    assert!(data_dir.join("turnstile.lock").exists());
+    let restarted = start(&data_dir, &[]);
+    let health = raw_get(&mut raw(restarted.addr), "/healthz");
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "ok");
+}
