@@ -1,7 +1,7 @@
 //! The edges of the server: one process per data dir, and requests at the limits of the contract,
 //! some sent over raw sockets because no well-behaved client would send them.
 
-use crate::helpers::{spawn_app, start};
+use crate::helpers::{spawn_app, start, JsonBody};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::process::{Command, Stdio};
@@ -134,4 +134,31 @@ fn a_second_server_on_a_data_dir_in_use_exits_2_naming_the_holder() {
     let health = raw_get(&mut raw(restarted.addr), "/healthz");
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_after_or_limit_past_the_signed_64_bit_range_are_refused() {
+    // Proves: `after` or `limit` of 2^63 or more gets `400 invalid_request` with the JSON error
+    // shape, while 2^63 - 1, the largest signed 64-bit integer, is still a valid query.
+    let app = spawn_app(&[]);
+    let mut client = app.client();
+    for query in [
+        "after=9223372036854775808",
+        "limit=9223372036854775808",
+        "after=18446744073709551615",
+        "after=1&limit=18446744073709551616",
+    ] {
+        let answer = client.get(&format!("/v1/events?{query}")).await;
+        assert_eq!(answer.status, 400, "{query}");
+        let json = answer.json();
+        assert_eq!(json["error"], "invalid_request", "{query}: {json}");
+        assert!(json["message"].is_string(), "{query}: {json}");
+    }
+    let largest = client
+        .get("/v1/events?after=9223372036854775807&limit=9223372036854775807")
+        .await;
+    assert_eq!(largest.status, 200);
+    let page = largest.json();
+    assert_eq!(page["events"], serde_json::json!([]));
+    assert_eq!(page["next"], 9_223_372_036_854_775_807_u64);
 }
