@@ -1,8 +1,10 @@
-//! Wiring and lifecycle: open the journal, rebuild the engine, serve HTTP, sweep expired holds,
-//! and on SIGTERM/SIGINT stop accepting, finish in-flight requests, flush the journal, return.
+//! Wiring and lifecycle: take the data dir, open the journal, rebuild the engine, serve HTTP
+//! ([`crate::connections`]), sweep expired holds, and on SIGTERM/SIGINT stop accepting, finish
+//! in-flight requests, flush the journal, return.
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
+use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Engine, EngineConfig};
@@ -13,7 +15,6 @@ use crate::metrics::Metrics;
 use crate::payment::simulator::{Simulator, SimulatorConfig};
 use crate::sessions::CartStore;
 use crate::time::now_ms;
-use axum::serve::ListenerExt;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -126,6 +127,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
         journal_timeout: config.journal_timeout,
+        slow_client_timeout: config.slow_client_timeout,
         metrics: Metrics::new(api::ROUTES),
     });
 
@@ -140,11 +142,6 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         source,
     })?;
     simulator.set_webhook_target(local);
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
     tracing::info!(
         %local,
         journal = if config.mysql.is_some() { "mysql" } else { "embedded" },
@@ -160,16 +157,14 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
 
     let sweeper = tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl));
     let router = api::router(Arc::clone(&app));
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(stop_signal())
-        .await;
+    let limits = ConnectionLimits {
+        slow_client_timeout: config.slow_client_timeout,
+    };
+    connections::serve(listener, router, limits, stop_signal()).await;
     sweeper.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;
-    served.map_err(|source| ServeError::Io {
-        context: "serving HTTP".into(),
-        source,
-    })
+    Ok(())
 }
 
 /// Releases expired holds (voiding their payments), expired carts and answers past retention.

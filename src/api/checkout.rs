@@ -127,7 +127,7 @@ pub(super) async fn checkout(
         .map_err(|_| ApiError::invalid("Idempotency-Key: must be visible ASCII characters"))
         .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| ApiError::invalid(e.to_string())))?;
     check_length(&headers)?;
-    let request: CheckoutBody = parse_json(&read_body(body).await?)?;
+    let request: CheckoutBody = parse_json(&read_body(&state, body).await?)?;
     let lines_given = match (&request.cart_id, &request.items) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid("give either cart_id or items, not both"))

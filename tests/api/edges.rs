@@ -84,6 +84,28 @@ fn read_answer(stream: &mut TcpStream) -> Result<RawAnswer, String> {
     })
 }
 
+/// True when the server closes the connection (end of file or reset) within [`READ_WAIT`] of
+/// each read; whatever it sends before closing is skipped. False when it keeps the connection
+/// open and silent.
+fn closed_by_server(stream: &mut TcpStream) -> bool {
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return false
+            }
+            Err(_) => return true,
+        }
+    }
+}
+
 /// `GET path` on a raw connection, answered.
 fn raw_get(stream: &mut TcpStream, path: &str) -> RawAnswer {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: turnstile\r\n\r\n").expect("send");
@@ -161,4 +183,40 @@ async fn events_after_or_limit_past_the_signed_64_bit_range_are_refused() {
     let page = largest.json();
     assert_eq!(page["events"], serde_json::json!([]));
     assert_eq!(page["next"], 9_223_372_036_854_775_807_u64);
+}
+
+#[test]
+fn slow_clients_are_cut_after_the_slow_client_timeout() {
+    // Proves: with --slow-client-timeout 1s, a client that sends half a request line, or nothing
+    // at all, is disconnected, and one whose body stops short of its Content-Length gets
+    // `408 request_timeout` (JSON) and is disconnected: none of them holds its connection.
+    let app = spawn_app(&["--slow-client-timeout", "1s"]);
+    let mut half_line = raw(app.addr);
+    half_line.write_all(b"POST /v1/chec").expect("send");
+    let mut silent = raw(app.addr);
+    let mut short_body = raw(app.addr);
+    short_body
+        .write_all(
+            b"PUT /v1/products/slow HTTP/1.1\r\nHost: turnstile\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"name\": ",
+        )
+        .expect("send");
+
+    assert!(
+        closed_by_server(&mut half_line),
+        "half a request line kept its connection"
+    );
+    assert!(
+        closed_by_server(&mut silent),
+        "a silent client kept its connection"
+    );
+    let answer = read_answer(&mut short_body).expect("an answer to the short body");
+    assert_eq!(answer.status, 408);
+    assert_eq!(answer.json()["error"], "request_timeout");
+    assert!(answer.head.contains("connection: close"), "{}", answer.head);
+    assert!(
+        closed_by_server(&mut short_body),
+        "the short body kept its connection"
+    );
+    // The server itself is unharmed.
+    assert_eq!(raw_get(&mut raw(app.addr), "/healthz").status, 200);
 }
