@@ -159,6 +159,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     let router = api::router(Arc::clone(&app));
     let limits = ConnectionLimits {
         slow_client_timeout: config.slow_client_timeout,
+        connections_max: config.connections_max,
     };
     connections::serve(listener, router, limits, stop_signal()).await;
     sweeper.abort();

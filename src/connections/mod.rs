@@ -1,5 +1,6 @@
 //! The accept loop: HTTP/1.1 and HTTP/2 cleartext on one listener, at most `connections_max` open
-//! connections, slow clients cut off, and a graceful drain on the stop signal.
+//! connections (a semaphore permit each), slow clients cut off, and a graceful drain on the stop
+//! signal.
 //!
 //! `axum::serve` does this too, but it cannot bound how long a client may take to send its request
 //! headers (hyper's `header_read_timeout` is not reachable through it), nor the number of open
@@ -24,12 +25,17 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
 /// The bounds the accept loop holds every client to.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// How long a client may take to send a request's headers (and, in the handlers, its body).
     pub slow_client_timeout: Duration,
+    /// The most connections open at once. Past it the loop stops accepting until one closes, so
+    /// new clients wait in the kernel's listen backlog (and are refused once that is full)
+    /// instead of costing a file descriptor and a task each.
+    pub connections_max: usize,
 }
 
 /// Serves `router` on `listener` until `stop` completes; then stops accepting, lets every open
@@ -49,7 +55,32 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
     let mut stop = std::pin::pin!(stop);
+    // One permit per open connection, held by its task until the connection ends.
+    let open_connections = Arc::new(Semaphore::new(limits.connections_max));
+    let mut limit_reported = false;
     loop {
+        let permit = match Arc::clone(&open_connections).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Once per process: under a flood it would be reached again and again, and one
+                // line says what to raise.
+                if !limit_reported {
+                    limit_reported = true;
+                    tracing::warn!(
+                        connections_max = limits.connections_max,
+                        "open connections reached --connections-max; new connections wait until one closes (reported once)"
+                    );
+                }
+                tokio::select! {
+                    permit = Arc::clone(&open_connections).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // Only a closed semaphore fails, and this one is never closed.
+                        Err(_) => break,
+                    },
+                    () = &mut stop => break,
+                }
+            }
+        };
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -82,6 +113,7 @@ pub async fn serve(
             if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%remote, %error, "connection ended with an error");
             }
+            drop(permit);
         });
     }
     // Stop accepting: new connections are refused by the kernel from here on.

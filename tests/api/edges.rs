@@ -106,6 +106,25 @@ fn closed_by_server(stream: &mut TcpStream) -> bool {
     }
 }
 
+/// True when the server sends nothing on `stream` for `wait` (and keeps it open).
+fn silent_for(stream: &mut TcpStream, wait: Duration) -> bool {
+    stream
+        .set_read_timeout(Some(wait))
+        .expect("set the read timeout");
+    let mut byte = [0u8; 1];
+    let silent = matches!(
+        stream.read(&mut byte),
+        Err(error) if matches!(
+            error.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        )
+    );
+    stream
+        .set_read_timeout(Some(READ_WAIT))
+        .expect("set the read timeout");
+    silent
+}
+
 /// `GET path` on a raw connection, answered.
 fn raw_get(stream: &mut TcpStream, path: &str) -> RawAnswer {
     write!(stream, "GET {path} HTTP/1.1\r\nHost: turnstile\r\n\r\n").expect("send");
@@ -219,4 +238,37 @@ fn slow_clients_are_cut_after_the_slow_client_timeout() {
     );
     // The server itself is unharmed.
     assert_eq!(raw_get(&mut raw(app.addr), "/healthz").status, 200);
+}
+
+#[test]
+fn connections_past_the_maximum_wait_until_one_closes() {
+    // Proves: with --connections-max 2, a third connection gets no answer while two idle
+    // keep-alive connections are open, and is answered as soon as one of them closes.
+    let app = spawn_app(&[
+        "--connections-max",
+        "2",
+        // Long enough that no idle connection is closed by the server during the test.
+        "--slow-client-timeout",
+        "60s",
+    ]);
+    let mut first = raw(app.addr);
+    let mut second = raw(app.addr);
+    assert_eq!(raw_get(&mut first, "/healthz").status, 200);
+    assert_eq!(raw_get(&mut second, "/healthz").status, 200);
+
+    // The kernel completes the third connection in the listen backlog; the server does not take
+    // it, so its request is not read.
+    let mut third = raw(app.addr);
+    third
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: turnstile\r\n\r\n")
+        .expect("send");
+    assert!(
+        silent_for(&mut third, Duration::from_secs(1)),
+        "a third connection was served past --connections-max 2"
+    );
+    drop(first);
+    let answer = read_answer(&mut third).expect("an answer once a connection closed");
+    assert_eq!(answer.status, 200);
+    // The second connection was never disturbed.
+    assert_eq!(raw_get(&mut second, "/healthz").status, 200);
 }
