@@ -1,5 +1,6 @@
 //! A client's TCP stream as hyper reads it: closed when its first request has not arrived within
-//! the slow-client timeout of being accepted.
+//! the slow-client timeout of being accepted, and with a DEL in an `Idempotency-Key` value of an
+//! HTTP/1 request head made visible to the handler ([`RequestHeads`] says why and how).
 //!
 //! hyper's own `header_read_timeout` only starts once hyper-util has decided between HTTP/1 and
 //! HTTP/2, and that decision waits for the client's first bytes without any limit: a client that
@@ -20,7 +21,8 @@ use tokio::time::Sleep;
 /// One accepted client connection.
 pub(super) struct ClientStream {
     stream: TcpStream,
-    /// Follows what the client sends, to know when its first request has arrived.
+    /// Follows what the client sends: when its first request has arrived, and where its HTTP/1
+    /// request heads are.
     heads: RequestHeads,
     /// When the first request must have arrived by; `None` once it has.
     first_request_deadline: Option<Pin<Box<Sleep>>>,
@@ -47,11 +49,9 @@ impl AsyncRead for ClientStream {
         let filled_before = buf.filled().len();
         match Pin::new(&mut this.stream).poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
-                if this.first_request_deadline.is_some() {
-                    this.heads.scan(&buf.filled()[filled_before..]);
-                    if this.heads.first_request_arrived() {
-                        this.first_request_deadline = None;
-                    }
+                this.heads.scan(&mut buf.filled_mut()[filled_before..]);
+                if this.first_request_deadline.is_some() && this.heads.first_request_arrived() {
+                    this.first_request_deadline = None;
                 }
                 Poll::Ready(Ok(()))
             }

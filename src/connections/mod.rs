@@ -9,9 +9,12 @@
 //!
 //! Slow clients are cut at three points: a connection that has not delivered its first request
 //! head (or the HTTP/2 preface) within the timeout of being accepted is closed by
-//! [`ClientStream`]; later HTTP/1 request heads, and the idle time before them, are bounded by
+//! `ClientStream`; later HTTP/1 request heads, and the idle time before them, are bounded by
 //! hyper's `header_read_timeout`; and bodies are read by the handlers under the same timeout
 //! (`api::read_body`, which answers `408`).
+//!
+//! `ClientStream` also lets a DEL byte in an HTTP/1 `Idempotency-Key` reach the handler, so it
+//! gets the JSON error shape instead of hyper's bare `400` (see `request_heads.rs`).
 
 mod client_stream;
 mod request_heads;

@@ -272,3 +272,48 @@ fn connections_past_the_maximum_wait_until_one_closes() {
     // The second connection was never disturbed.
     assert_eq!(raw_get(&mut second, "/healthz").status, 200);
 }
+
+#[test]
+fn a_del_byte_in_the_idempotency_key_gets_the_json_error() {
+    // Proves: a DEL byte (0x7f) in the Idempotency-Key gets `400 invalid_request` with the JSON
+    // error shape, not hyper's bare 400, also later on a keep-alive connection after a request
+    // with a body; and a DEL inside a JSON body still arrives as the client sent it.
+    let app = spawn_app(&[]);
+    let mut stream = raw(app.addr);
+    let checkout_with_del_key = b"POST /v1/checkout HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ab\x7fc\r\nContent-Length: 2\r\n\r\n{}";
+    stream.write_all(checkout_with_del_key).expect("send");
+    let answer = read_answer(&mut stream).expect("an answer to a DEL in the key");
+    assert_eq!(answer.status, 400);
+    let json = answer.json();
+    assert_eq!(json["error"], "invalid_request", "{json}");
+    assert!(
+        json["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Idempotency-Key")),
+        "{json}"
+    );
+
+    // The same connection: a body with a DEL in a JSON string, then the bad key again.
+    let product = "{\"name\":\"a\u{7f}b\",\"price_cents\":100,\"currency\":\"EUR\",\"stock\":3}";
+    write!(
+        stream,
+        "PUT /v1/products/del HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{product}",
+        product.len()
+    )
+    .expect("send");
+    let stored = read_answer(&mut stream).expect("an answer to the product");
+    assert_eq!(
+        stored.status,
+        200,
+        "{:?}",
+        String::from_utf8_lossy(&stored.body)
+    );
+    assert_eq!(stored.json()["name"], "a\u{7f}b");
+    stream.write_all(checkout_with_del_key).expect("send");
+    let again = read_answer(&mut stream).expect("an answer to the second DEL key");
+    assert_eq!(again.status, 400);
+    assert_eq!(again.json()["error"], "invalid_request");
+    let product = raw_get(&mut stream, "/v1/products/del").json();
+    assert_eq!(product["name"], "a\u{7f}b");
+    assert_eq!(product["reserved"], 0, "{product}");
+}
