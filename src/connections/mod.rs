@@ -54,6 +54,15 @@ pub async fn serve(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.slow_client_timeout);
+    // HTTP/2 has no header-read timeout, and its graceful shutdown waits for the client to
+    // acknowledge a ping. A client that stops answering (gone without closing, or stalled on
+    // purpose) is found by a keep-alive ping it does not acknowledge in time, which closes its
+    // connection, so it holds neither a connection slot nor the shutdown forever.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.slow_client_timeout)
+        .keep_alive_timeout(limits.slow_client_timeout);
     // Borrowed by every connection task: one builder for the life of the server.
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();

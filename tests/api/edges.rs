@@ -317,3 +317,27 @@ fn a_del_byte_in_the_idempotency_key_gets_the_json_error() {
     assert_eq!(product["name"], "a\u{7f}b");
     assert_eq!(product["reserved"], 0, "{product}");
 }
+
+#[test]
+fn a_stalled_http2_client_does_not_hold_the_shutdown() {
+    // Proves: a client that opens an HTTP/2 connection and then stops answering (it never
+    // acknowledges the server's pings) is cut off, so SIGTERM still ends the server, with exit 0.
+    let mut app = spawn_app(&["--slow-client-timeout", "1s"]);
+    let mut stalled = raw(app.addr);
+    stalled
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .expect("send the preface and SETTINGS");
+    // The server's SETTINGS frame: the connection is being served as HTTP/2.
+    let mut frame_head = [0u8; 9];
+    stalled
+        .read_exact(&mut frame_head)
+        .expect("the server's first frame");
+    assert_eq!(frame_head[3], 0x4, "not a SETTINGS frame: {frame_head:?}");
+
+    app.send_sigterm();
+    assert!(
+        closed_by_server(&mut stalled),
+        "the stalled HTTP/2 connection was kept open after SIGTERM"
+    );
+    assert_eq!(app.wait().code(), Some(0));
+}
