@@ -28,6 +28,13 @@ const PREFACE_METHOD: &[u8] = b"PRI ";
 /// The method whose request is followed by a tunnel instead of a body.
 const CONNECT_METHOD: &[u8] = b"CONNECT ";
 
+/// Past this many bytes of a request line, no method of interest can still match.
+const READ_PAST_METHODS: usize = if PREFACE_METHOD.len() > CONNECT_METHOD.len() {
+    PREFACE_METHOD.len()
+} else {
+    CONNECT_METHOD.len()
+};
+
 /// Field names the scanner cares about are at most this long ("transfer-encoding").
 const NAME_BYTES_MAX: usize = 17;
 
@@ -125,6 +132,20 @@ impl RequestHeads {
                             remaining: remaining - skipped,
                         }
                     };
+                }
+                Position::Value(Field::Other)
+                | Position::RequestLine {
+                    read: READ_PAST_METHODS..,
+                } => {
+                    // Most of a head is bytes nothing here looks at: on to the line's end.
+                    match bytes[at..].iter().position(|&byte| byte == b'\n') {
+                        Some(offset) => {
+                            at += offset;
+                            self.step(&mut bytes[at]);
+                            at += 1;
+                        }
+                        None => at = bytes.len(),
+                    }
                 }
                 _ => {
                     self.step(&mut bytes[at]);
