@@ -101,6 +101,8 @@ mod tests {
 
     #[test]
     fn a_second_lock_on_one_dir_is_refused_naming_the_holder_until_the_first_is_dropped() {
+        // Proves: the lock file holds the holder's pid, a second lock is refused naming it, and
+        // dropping the first lets a new one in.
         let parent = tempfile::tempdir().unwrap();
         let dir = parent.path().join("data");
         let first = lock(&dir).unwrap();
@@ -117,6 +119,7 @@ mod tests {
 
     #[test]
     fn a_dir_that_cannot_be_created_is_an_io_error_naming_the_dir() {
+        // Proves: a data dir that cannot be created is an I/O error whose message names it.
         let parent = tempfile::tempdir().unwrap();
         let file = parent.path().join("plain-file");
         std::fs::write(&file, b"not a dir").unwrap();

@@ -322,6 +322,8 @@ mod tests {
 
     #[test]
     fn the_first_head_arrives_with_its_empty_line_in_any_split() {
+        // Proves: the first head counts as arrived exactly when its empty line is read, however the
+        // bytes are split across reads, with CR LF or bare LF line ends.
         let head = b"\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
         for split in 0..head.len() {
             let (first, second) = head.split_at(split);
@@ -332,6 +334,8 @@ mod tests {
 
     #[test]
     fn a_partial_head_or_nothing_has_not_arrived() {
+        // Proves: half a request line, a head without its empty line, empty lines alone, and half
+        // the HTTP/2 preface do not count as a request.
         assert_eq!(scanned(&[b"POST /v1/chec"]).1, [false]);
         assert_eq!(scanned(&[b"GET / HTTP/1.1\r\nHost: x\r\n"]).1, [false]);
         assert_eq!(scanned(&[b"", b"\r\n\r\n"]).1, [false, false]);
@@ -340,6 +344,7 @@ mod tests {
 
     #[test]
     fn the_http2_preface_counts_as_the_first_request_and_is_left_alone() {
+        // Proves: the HTTP/2 preface counts as the first request and nothing after it is touched.
         let frames: &[u8] =
             b"\r\nSM\r\n\r\n\x00\x00\x12\x04\x00\x00\x00\x00\x00idempotency-key: \x7f\n";
         let (out, arrived) = scanned(&[b"PRI * HTTP/2.0\r\n", frames]);
@@ -351,6 +356,8 @@ mod tests {
 
     #[test]
     fn a_del_in_an_idempotency_key_value_becomes_obs_text_and_nothing_else_changes() {
+        // Proves: DEL bytes in an Idempotency-Key value become 0xFF in any split, and DEL bytes
+        // anywhere else (other fields, names, the request line) stay.
         let head = b"POST /v1/checkout HTTP/1.1\r\nX-Other: a\x7fb\r\nIDEMPOTENCY-KEY: ab\x7fc\x7f\r\nContent-Length: 2\r\n\r\n{}";
         let expected = b"POST /v1/checkout HTTP/1.1\r\nX-Other: a\x7fb\r\nIDEMPOTENCY-KEY: ab\xffc\xff\r\nContent-Length: 2\r\n\r\n{}";
         for split in 0..head.len() {
@@ -370,6 +377,8 @@ mod tests {
 
     #[test]
     fn bodies_are_skipped_and_the_next_head_is_followed() {
+        // Proves: a Content-Length body is left as it is even when it looks like a key line, and the
+        // next request's head is followed again.
         // A body that looks like a key line is left as it is; the next request's key is not.
         let body = b"\nIdempotency-Key: \x7f\n";
         let mut bytes = format!(
@@ -390,6 +399,7 @@ mod tests {
 
     #[test]
     fn framing_it_cannot_follow_stops_the_scanning() {
+        // Proves: after a head whose body's end is uncertain, nothing more on the connection changes.
         for head in [
             &b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
             b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n",
