@@ -277,7 +277,8 @@ fn connections_past_the_maximum_wait_until_one_closes() {
 fn a_del_byte_in_the_idempotency_key_gets_the_json_error() {
     // Proves: a DEL byte (0x7f) in the Idempotency-Key gets `400 invalid_request` with the JSON
     // error shape, not hyper's bare 400, also later on a keep-alive connection after a request
-    // with a body; and a DEL inside a JSON body still arrives as the client sent it.
+    // with a body; a DEL inside a JSON body still arrives as the client sent it; and a DEL key
+    // after a good one is refused too (a checkout takes exactly one key).
     let app = spawn_app(&[]);
     let mut stream = raw(app.addr);
     let checkout_with_del_key = b"POST /v1/checkout HTTP/1.1\r\nHost: x\r\nIdempotency-Key: ab\x7fc\r\nContent-Length: 2\r\n\r\n{}";
@@ -315,7 +316,22 @@ fn a_del_byte_in_the_idempotency_key_gets_the_json_error() {
     assert_eq!(again.json()["error"], "invalid_request");
     let product = raw_get(&mut stream, "/v1/products/del").json();
     assert_eq!(product["name"], "a\u{7f}b");
+
+    // A DEL key does not slip through behind a good one.
+    let body =
+        r#"{"items":[{"sku":"del","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#;
+    write!(
+        stream,
+        "POST /v1/checkout HTTP/1.1\r\nHost: x\r\nIdempotency-Key: good\r\nIdempotency-Key: b\x7fd\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .expect("send");
+    let two_keys = read_answer(&mut stream).expect("an answer to two keys");
+    assert_eq!(two_keys.status, 400);
+    assert_eq!(two_keys.json()["error"], "invalid_request");
+    let product = raw_get(&mut stream, "/v1/products/del").json();
     assert_eq!(product["reserved"], 0, "{product}");
+    assert_eq!(product["sold"], 0, "{product}");
 }
 
 #[test]
