@@ -346,6 +346,7 @@ mod tests {
 
     #[test]
     fn retention_expiry_and_limit_options_default_per_the_contract() {
+        // Proves: with nothing set, the new options take API.md's defaults.
         let none = |_: &str| None;
         let config = parse_serve(&[], &none).unwrap();
         let hours = |n: u64| Duration::from_secs(n * 3_600);
@@ -360,6 +361,7 @@ mod tests {
 
     #[test]
     fn retention_expiry_and_limit_options_come_from_env_and_flags() {
+        // Proves: the new options are read from their environment variables, and a flag wins over them.
         let env = |name: &str| match name {
             "TURNSTILE_IDEMPOTENCY_RETENTION" => Some("48h".to_owned()),
             "TURNSTILE_ORDER_RETENTION" => Some("2d".to_owned()),

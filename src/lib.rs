@@ -14,9 +14,12 @@
 //! - [`payment`]: the `PaymentGateway` trait, the in-process simulator, webhook signatures.
 //! - [`sessions`]: carts with idle expiry (in process).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
+//! - [`connections`]: the accept loop: HTTP/1.1 and HTTP/2 cleartext, slow clients cut off,
+//!   graceful drain.
 //! - [`config`]: `serve`'s options: flags > environment > JSON file > defaults.
+//! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
 //! - [`metrics`]: counters and histograms in the Prometheus text format.
-//! - [`server`]: wiring, the hold sweeper, graceful shutdown.
+//! - [`server`]: wiring, the hold sweeper, the stop signal.
 //! - [`http_client`], [`random`], [`time`]: small helpers at the edges.
 
 /// A boxed future, so traits with async methods stay object-safe.
@@ -24,6 +27,8 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 
 pub mod api;
 pub mod config;
+pub mod connections;
+pub mod data_dir;
 pub mod domain;
 pub mod engine;
 pub mod http_client;

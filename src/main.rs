@@ -50,7 +50,7 @@ fn main() -> ExitCode {
             };
             match server::run(config) {
                 Ok(()) => ExitCode::SUCCESS,
-                Err(error @ server::ServeError::Schema(_)) => {
+                Err(error @ (server::ServeError::Schema(_) | server::ServeError::DataDir(_))) => {
                     eprintln!("turnstile serve: {error}");
                     ExitCode::from(2)
                 }

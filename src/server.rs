@@ -1,8 +1,11 @@
-//! Wiring and lifecycle: open the journal, rebuild the engine, serve HTTP, sweep expired holds,
-//! and on SIGTERM/SIGINT stop accepting, finish in-flight requests, flush the journal, return.
+//! Wiring and lifecycle: take the data dir, open the journal, rebuild the engine, serve HTTP
+//! ([`crate::connections`]), sweep expired holds, and on SIGTERM/SIGINT stop accepting, finish
+//! in-flight requests, flush the journal, return.
 
 use crate::api::{self, AppState};
 use crate::config::ServeConfig;
+use crate::connections::{self, ConnectionLimits};
+use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Applied, Engine, EngineConfig};
 use crate::journal::file::{FileJournal, FileJournalConfig};
@@ -12,7 +15,6 @@ use crate::metrics::Metrics;
 use crate::payment::simulator::{Simulator, SimulatorConfig};
 use crate::sessions::CartStore;
 use crate::time::now_ms;
-use axum::serve::ListenerExt;
 use std::io::Write;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -36,6 +38,9 @@ pub enum ServeError {
     /// The database's schema does not fit this binary (run `turnstile migrate`).
     #[error(transparent)]
     Schema(crate::journal::mysql::SchemaError),
+    /// The data dir is held by another process, or cannot be created or locked.
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -56,6 +61,12 @@ pub fn order_id_prefix() -> String {
 
 /// Runs the server until a stop signal.
 pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    // Taken before anything reads the journal, and held until the journal has been flushed and
+    // `run` returns. MySQL as the journal uses no data dir, so it takes no lock.
+    let _data_dir_lock = match config.mysql {
+        None => Some(data_dir::lock(&config.data_dir)?),
+        Some(_) => None,
+    };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(workers)
@@ -122,6 +133,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
         journal_timeout: config.journal_timeout,
+        slow_client_timeout: config.slow_client_timeout,
         metrics: Metrics::new(api::ROUTES),
         settled: tokio::sync::Notify::new(),
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(CHECKOUTS_IN_FLIGHT_MAX)),
@@ -138,11 +150,6 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         source,
     })?;
     simulator.set_webhook_target(local);
-    let listener = listener.tap_io(|stream| {
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
-        }
-    });
     tracing::info!(
         %local,
         journal = if config.mysql.is_some() { "mysql" } else { "embedded" },
@@ -158,16 +165,15 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
 
     let sweeper = tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl));
     let router = api::router(Arc::clone(&app));
-    let served = axum::serve(listener, router)
-        .with_graceful_shutdown(stop_signal())
-        .await;
+    let limits = ConnectionLimits {
+        slow_client_timeout: config.slow_client_timeout,
+        connections_max: config.connections_max,
+    };
+    connections::serve(listener, router, limits, stop_signal()).await;
     sweeper.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;
-    served.map_err(|source| ServeError::Io {
-        context: "serving HTTP".into(),
-        source,
-    })
+    Ok(())
 }
 
 /// Releases expired holds (voiding their payments), expired carts and answers past retention.

@@ -88,7 +88,7 @@ pub(super) async fn put_item(
     let cart_id = path_id(raw_cart, CartId::parse)?;
     let sku = path_id(raw_sku, Sku::parse)?;
     check_length(&headers)?;
-    let body: ItemBody = parse_json(&read_body(body).await?)?;
+    let body: ItemBody = parse_json(&read_body(&state, body).await?)?;
     if !(0..=QUANTITY_MAX).contains(&body.quantity) {
         return Err(ApiError::invalid(format!(
             "quantity: must be between 0 and {QUANTITY_MAX}"

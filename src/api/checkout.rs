@@ -119,14 +119,23 @@ pub(super) async fn checkout(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let key = headers
-        .get("idempotency-key")
-        .ok_or_else(|| ApiError::invalid("the Idempotency-Key header is required"))?
+    let mut keys = headers.get_all("idempotency-key").iter();
+    let key = keys
+        .next()
+        .ok_or_else(|| ApiError::invalid("the Idempotency-Key header is required"))?;
+    // A second key would be ignored, and a bad one among them must not pass unseen behind a
+    // good one.
+    if keys.next().is_some() {
+        return Err(ApiError::invalid(
+            "Idempotency-Key: give exactly one, not several",
+        ));
+    }
+    let key = key
         .to_str()
         .map_err(|_| ApiError::invalid("Idempotency-Key: must be visible ASCII characters"))
         .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| ApiError::invalid(e.to_string())))?;
     check_length(&headers)?;
-    let request: CheckoutBody = parse_json(&read_body(body).await?)?;
+    let request: CheckoutBody = parse_json(&read_body(&state, body).await?)?;
     let lines_given = match (&request.cart_id, &request.items) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid("give either cart_id or items, not both"))

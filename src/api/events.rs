@@ -13,11 +13,16 @@ const LIMIT_DEFAULT: usize = 100;
 /// The largest page.
 const LIMIT_MAX: usize = 1_000;
 
+/// The largest `after` or `limit` accepted: integers of the contract are signed 64-bit (API.md).
+const QUERY_VALUE_MAX: u64 = i64::MAX as u64;
+
+/// Parsed as `u64`, so negative values are refused by the parser and values up to `u64::MAX` are
+/// read exactly before the range check refuses those past [`QUERY_VALUE_MAX`].
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(super) struct EventsQuery {
     after: Option<u64>,
-    limit: Option<usize>,
+    limit: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -45,8 +50,18 @@ pub(super) async fn list_events(
             "after and limit must be non-negative integers: {e}"
         ))
     })?;
+    for (name, value) in [("after", query.after), ("limit", query.limit)] {
+        if value.is_some_and(|value| value > QUERY_VALUE_MAX) {
+            return Err(ApiError::invalid(format!(
+                "{name} must be at most {QUERY_VALUE_MAX} (a signed 64-bit integer)"
+            )));
+        }
+    }
     let after = query.after.unwrap_or(0);
-    let limit = query.limit.unwrap_or(LIMIT_DEFAULT).min(LIMIT_MAX);
+    // Capped before the conversion, so it fits a `usize` on every platform.
+    let limit = query
+        .limit
+        .map_or(LIMIT_DEFAULT, |limit| limit.min(LIMIT_MAX as u64) as usize);
     let events = state
         .journal
         .events(after, limit)

@@ -45,6 +45,9 @@ pub struct AppState {
     pub gateway_timeout: Duration,
     /// How long a request waits for its commit before `503`.
     pub journal_timeout: Duration,
+    /// How long reading a request body may take before `408`, so a client trickling its body
+    /// cannot hold a connection and a handler forever.
+    pub slow_client_timeout: Duration,
     /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
     /// Woken whenever a change settles (applied or aborted): requests waiting for a busy order or
@@ -280,6 +283,13 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // A 408 means the server gave up on this connection (RFC 9110 §15.5.9): the rest of
+            // the request may still be on its way, so the connection cannot carry another one.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         response
     }
 }
@@ -422,10 +432,21 @@ fn too_large() -> ApiError {
     )
 }
 
-/// Reads the whole body, at most [`BODY_BYTES_MAX`] bytes (`413` beyond).
-pub async fn read_body(body: Body) -> Result<axum::body::Bytes, ApiError> {
-    axum::body::to_bytes(body, BODY_BYTES_MAX)
+/// Reads the whole body, at most [`BODY_BYTES_MAX`] bytes (`413` beyond), within the slow-client
+/// timeout (`408 request_timeout` after it, and the connection is closed).
+pub async fn read_body(state: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
+    let timeout = state.slow_client_timeout;
+    tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_BYTES_MAX))
         .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {timeout:?}; the connection is closed"
+                ),
+            )
+        })?
         .map_err(|error| {
             let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&error);
             while let Some(current) = source {

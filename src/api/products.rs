@@ -68,7 +68,7 @@ pub(super) async fn put_product(
     let Path(raw) = path.map_err(path_error)?;
     let sku = path_id(raw, Sku::parse)?;
     check_length(&headers)?;
-    let body: ProductBody = parse_json(&read_body(body).await?)?;
+    let body: ProductBody = parse_json(&read_body(&state, body).await?)?;
     if body.name.is_empty() || body.name.chars().count() > NAME_CHARS_MAX {
         return Err(ApiError::invalid(format!(
             "name: must be 1 to {NAME_CHARS_MAX} characters"

@@ -38,7 +38,7 @@ pub(super) async fn payment_webhook(
     body: Body,
 ) -> Result<Response, ApiError> {
     check_length(&headers)?;
-    let raw = read_body(body).await?;
+    let raw = read_body(&state, body).await?;
     let signature = headers
         .get("turnstile-signature")
         .and_then(|v| v.to_str().ok());

@@ -78,12 +78,27 @@ impl TestApp {
 
     /// SIGTERM, then waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait()
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("send SIGTERM");
+    }
+
+    /// Waits for the process to end; its exit status.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
         self.child.wait().expect("wait for the server")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// A new client of this server.

@@ -2,6 +2,7 @@
 
 mod crash;
 mod durability;
+mod edges;
 mod flash_sale;
 mod helpers;
 mod lifecycle;

@@ -1,0 +1,147 @@
+//! The accept loop: HTTP/1.1 and HTTP/2 cleartext on one listener, at most `connections_max` open
+//! connections (a semaphore permit each), slow clients cut off, and a graceful drain on the stop
+//! signal.
+//!
+//! `axum::serve` does this too, but it cannot bound how long a client may take to send its request
+//! headers (hyper's `header_read_timeout` is not reachable through it), nor the number of open
+//! connections. So the loop is ours, on hyper-util's automatic HTTP/1–HTTP/2 connection builder,
+//! serving the same axum router.
+//!
+//! Slow clients are cut at three points: a connection that has not delivered its first request
+//! head (or the HTTP/2 preface) within the timeout of being accepted is closed by
+//! `ClientStream`; later HTTP/1 request heads, and the idle time before them, are bounded by
+//! hyper's `header_read_timeout`; and bodies are read by the handlers under the same timeout
+//! (`api::read_body`, which answers `408`).
+//!
+//! `ClientStream` also lets a DEL byte in an HTTP/1 `Idempotency-Key` reach the handler, so it
+//! gets the JSON error shape instead of hyper's bare `400` (see `request_heads.rs`).
+
+mod client_stream;
+mod request_heads;
+
+use client_stream::ClientStream;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// The bounds the accept loop holds every client to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// How long a client may take to send a request's headers (and, in the handlers, its body).
+    pub slow_client_timeout: Duration,
+    /// The most connections open at once. Past it the loop stops accepting until one closes, so
+    /// new clients wait in the kernel's listen backlog (and are refused once that is full)
+    /// instead of costing a file descriptor and a task each.
+    pub connections_max: usize,
+}
+
+/// Serves `router` on `listener` until `stop` completes; then stops accepting, lets every open
+/// connection finish its in-flight requests (idle ones close at once), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    stop: impl Future<Output = ()>,
+) {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.slow_client_timeout);
+    // HTTP/2 has no header-read timeout, and its graceful shutdown waits for the client to
+    // acknowledge a ping. A client that stops answering (gone without closing, or stalled on
+    // purpose) is found by a keep-alive ping it does not acknowledge in time, which closes its
+    // connection, so it holds neither a connection slot nor the shutdown forever.
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(limits.slow_client_timeout)
+        .keep_alive_timeout(limits.slow_client_timeout);
+    // Borrowed by every connection task: one builder for the life of the server.
+    let builder = Arc::new(builder);
+    let graceful = GracefulShutdown::new();
+    let mut stop = std::pin::pin!(stop);
+    // One permit per open connection, held by its task until the connection ends.
+    let open_connections = Arc::new(Semaphore::new(limits.connections_max));
+    let mut limit_reported = false;
+    loop {
+        let permit = match Arc::clone(&open_connections).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Once per process: under a flood it would be reached again and again, and one
+                // line says what to raise.
+                if !limit_reported {
+                    limit_reported = true;
+                    tracing::warn!(
+                        connections_max = limits.connections_max,
+                        "open connections reached --connections-max; new connections wait until one closes (reported once)"
+                    );
+                }
+                tokio::select! {
+                    permit = Arc::clone(&open_connections).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // Only a closed semaphore fails, and this one is never closed.
+                        Err(_) => break,
+                    },
+                    () = &mut stop => break,
+                }
+            }
+        };
+        let (stream, remote) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    if is_connection_error(&error) {
+                        // The client gave up before we accepted it: nothing to do.
+                        continue;
+                    }
+                    // Most likely out of file descriptors: accepting again at once would spin,
+                    // so wait for connections to close (or for the stop signal).
+                    tracing::error!(%error, "accept failed; retrying in 1 s");
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                        () = &mut stop => break,
+                    }
+                }
+            },
+            () = &mut stop => break,
+        };
+        // Small answers go out at once instead of waiting for Nagle's algorithm to coalesce them.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY");
+        }
+        let io = TokioIo::new(ClientStream::new(stream, limits.slow_client_timeout));
+        let service = TowerToHyperService::new(router.clone());
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let connection = builder.serve_connection(io, service);
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%remote, %error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    // Stop accepting: new connections are refused by the kernel from here on.
+    drop(listener);
+    tracing::info!(
+        connections = graceful.count(),
+        "stopped accepting; waiting for in-flight requests"
+    );
+    graceful.shutdown().await;
+}
+
+/// Errors of one connection that the client caused; the listener itself is fine.
+fn is_connection_error(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind;
+    matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    )
+}

@@ -1,0 +1,130 @@
+//! One data dir, one server: `serve` on the embedded journal holds an exclusive `flock` on a lock
+//! file inside its data dir for as long as it runs, with its pid written in the file, so a second
+//! server on the same dir is refused (naming the holder) instead of interleaving writes into the
+//! same journal.
+//!
+//! `flock` locks belong to the open file, not to the file's existence: the kernel drops the lock
+//! when the process ends however it ends (`kill -9` included), so a lock file left behind by a dead
+//! process never blocks a new one; the new holder simply writes its own pid over the old.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// The lock file's name inside the data dir.
+pub const LOCK_FILE_NAME: &str = "turnstile.lock";
+
+/// Why the data dir could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    /// Another process holds the dir.
+    #[error("the data dir {} is in use by {} (it holds {LOCK_FILE_NAME} there); stop that process or pass another --data-dir", dir.display(), holder(*pid))]
+    InUse {
+        /// The data dir.
+        dir: PathBuf,
+        /// The holder's pid as written in the lock file (`None` if it has not written it yet).
+        pid: Option<u32>,
+    },
+    /// The dir or its lock file could not be created, opened, locked or written.
+    #[error("cannot take the data dir {}: {context}: {source}; pass a --data-dir this user may write to", dir.display())]
+    Io {
+        /// The data dir.
+        dir: PathBuf,
+        /// What was being done.
+        context: &'static str,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+}
+
+fn holder(pid: Option<u32>) -> String {
+    match pid {
+        Some(pid) => format!("process {pid}"),
+        None => "another process (which has not written its pid yet)".to_owned(),
+    }
+}
+
+/// The held lock: the dir stays ours until this is dropped (or the process ends).
+#[derive(Debug)]
+pub struct DataDirLock {
+    /// The open lock file; closing it releases the lock.
+    _file: File,
+}
+
+/// Creates `dir` if missing and takes its lock, writing this process's pid into the lock file.
+pub fn lock(dir: &Path) -> Result<DataDirLock, DataDirError> {
+    let io_error = |context: &'static str| {
+        move |source| DataDirError::Io {
+            dir: dir.to_path_buf(),
+            context,
+            source,
+        }
+    };
+    std::fs::create_dir_all(dir).map_err(io_error("creating the directory"))?;
+    // Not truncated on open: a refused second server must still be able to read the holder's pid.
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(dir.join(LOCK_FILE_NAME))
+        .map_err(io_error("opening the lock file"))?;
+    // SAFETY: flock takes a file descriptor that `file` owns and keeps open for this call.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if locked != 0 {
+        let error = std::io::Error::last_os_error();
+        if error.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            let mut text = String::new();
+            // The pid is only for the message: an unreadable file still means "in use".
+            let pid = file
+                .read_to_string(&mut text)
+                .ok()
+                .and_then(|_| text.trim().parse().ok());
+            return Err(DataDirError::InUse {
+                dir: dir.to_path_buf(),
+                pid,
+            });
+        }
+        return Err(io_error("locking the lock file")(error));
+    }
+    file.set_len(0)
+        .and_then(|()| file.seek(SeekFrom::Start(0)))
+        .and_then(|_| writeln!(file, "{}", std::process::id()))
+        .map_err(io_error("writing the pid into the lock file"))?;
+    Ok(DataDirLock { _file: file })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_on_one_dir_is_refused_naming_the_holder_until_the_first_is_dropped() {
+        // Proves: the lock file holds the holder's pid, a second lock is refused naming it, and
+        // dropping the first lets a new one in.
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("data");
+        let first = lock(&dir).unwrap();
+        let written = std::fs::read_to_string(dir.join(LOCK_FILE_NAME)).unwrap();
+        assert_eq!(written.trim(), std::process::id().to_string());
+        // flock locks belong to the open file, so a second open in the same process conflicts too.
+        match lock(&dir) {
+            Err(DataDirError::InUse { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        drop(first);
+        lock(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_dir_that_cannot_be_created_is_an_io_error_naming_the_dir() {
+        // Proves: a data dir that cannot be created is an I/O error whose message names it.
+        let parent = tempfile::tempdir().unwrap();
+        let file = parent.path().join("plain-file");
+        std::fs::write(&file, b"not a dir").unwrap();
+        let error = lock(&file.join("data")).unwrap_err();
+        assert!(matches!(error, DataDirError::Io { .. }), "{error:?}");
+        assert!(error.to_string().contains("plain-file"), "{error}");
+    }
+}
