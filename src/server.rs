@@ -82,8 +82,13 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
 async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
         Some(mysql) => {
+            let mut mysql = mysql.clone();
+            mysql.retention = crate::journal::mysql::Retention {
+                order_ms: config.order_retention.as_millis() as i64,
+                answer_ms: config.idempotency_retention.as_millis() as i64,
+            };
             let (journal, state) =
-                MySqlJournal::open(mysql.clone())
+                MySqlJournal::open(mysql)
                     .await
                     .map_err(|error| match error {
                         SchemaError::Journal(error) => ServeError::Journal(error),

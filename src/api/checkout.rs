@@ -312,13 +312,11 @@ impl Finishing {
         let state = &self.state;
         let order_id = state.engine.new_order_id();
         let request = AuthorizeRequest {
-            // Derived from the client's key: a re-run of this checkout can never pay twice. A key
-            // used afresh past its retention is a new payment, so the time of the answer it
-            // replaces goes into the gateway's key.
-            idempotency_key: match state.engine.idempotency().expired_at(&self.key) {
-                None => format!("turnstile:{}", self.key.as_str()),
-                Some(at_ms) => format!("turnstile:{}:{at_ms}", self.key.as_str()),
-            },
+            idempotency_key: crate::payment::gateway_key(
+                &self.key,
+                now_ms(),
+                state.engine.config().answer_retention_ms,
+            ),
             order_id: order_id.as_str().to_owned(),
             token: self.token.clone(),
             amount_cents: self.reservation.total_cents(),

@@ -483,3 +483,52 @@ pub fn path_id<T>(
 ) -> Result<T, ApiError> {
     parse(raw).map_err(|e| ApiError::invalid(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{OrderId, Sku};
+    use crate::engine::order::{IllegalTransition, OrderStatus};
+
+    #[test]
+    fn internal_engine_errors_are_500_and_the_clients_own_are_4xx() {
+        // Proves: an engine error the client could not cause is `500 internal`, never a `400`.
+        let illegal = EngineError::IllegalTransition(IllegalTransition {
+            from: OrderStatus::Released,
+            to: OrderStatus::Paid,
+        });
+        for internal in [illegal, EngineError::Inconsistent("x".into())] {
+            let error = ApiError::from(internal);
+            assert_eq!(error.status, StatusCode::INTERNAL_SERVER_ERROR);
+            assert_eq!(error.code, "internal");
+        }
+        let sku = Sku::parse("a").unwrap();
+        let order = OrderId::parse("o").unwrap();
+        for (error, status) in [
+            (EngineError::UnknownSku(sku.clone()), StatusCode::NOT_FOUND),
+            (EngineError::UnknownOrder(order), StatusCode::NOT_FOUND),
+            (EngineError::OutOfStock { sku }, StatusCode::CONFLICT),
+            (EngineError::MixedCurrency, StatusCode::BAD_REQUEST),
+            (
+                EngineError::Busy("x".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+            ),
+        ] {
+            assert_eq!(ApiError::from(error).status, status);
+        }
+    }
+
+    #[test]
+    fn only_a_known_outcome_says_nothing_changed() {
+        // Proves: an unknown outcome is reported as such, with Retry-After; a known failure is not.
+        let unknown = ApiError::journal_unavailable(&JournalError::Unknown("x".into()));
+        assert_eq!(unknown.extra, Some(("outcome", "unknown".to_owned())));
+        assert!(unknown.retry_after_seconds.is_some());
+        let known = ApiError::journal_unavailable(&JournalError::Closed);
+        assert_eq!(known.extra, None);
+        assert!(known.message.contains("nothing was changed"));
+        let pruned = ApiError::journal_unavailable(&JournalError::Pruned { first_seq: 9 });
+        assert_eq!(pruned.status, StatusCode::GONE);
+        assert!(pruned.body().contains("\"first_seq\":9"));
+    }
+}

@@ -232,6 +232,14 @@ pub trait Journal: Send + Sync {
         after_seq: u64,
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>>;
+    /// An order the store keeps that memory no longer does (past `--order-retention`). The
+    /// embedded journal keeps none beyond memory's.
+    fn order(
+        &self,
+        _order_id: &crate::domain::OrderId,
+    ) -> BoxFuture<'_, Result<Option<crate::engine::order::Order>, JournalError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Removes what the store keeps of answers older than `cutoff_ms` (the idempotency retention),
     /// so a key past retention starts afresh; returns how many went. The embedded journal keeps
     /// nothing beyond its records (snapshots drop expired answers), so by default nothing to do.
@@ -240,6 +248,10 @@ pub trait Journal: Send + Sync {
     }
     /// Counters.
     fn stats(&self) -> &JournalStats;
+    /// How many events are held in memory (0 for a journal that reads them from its store).
+    fn events_in_memory(&self) -> usize {
+        0
+    }
     /// `Ok` while appends can succeed, as far as the journal knows without asking its store (cheap:
     /// checked on every checkout); the error that stops them otherwise.
     fn health(&self) -> Result<(), JournalError>;

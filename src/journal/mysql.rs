@@ -86,6 +86,17 @@ pub struct MySqlConfig {
     pub connect_timeout: Duration,
     /// At shutdown, how long the writer keeps retrying a batch the database refuses.
     pub shutdown_grace: Duration,
+    /// What start-up loads into memory (the rest stays in the database).
+    pub retention: Retention,
+}
+
+/// How long finished orders and kept answers stay in memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    /// Finished orders created longer ago than this are not loaded.
+    pub order_ms: i64,
+    /// Answers older than this are not loaded.
+    pub answer_ms: i64,
 }
 
 impl MySqlConfig {
@@ -98,6 +109,10 @@ impl MySqlConfig {
             writers: 2,
             connect_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            retention: Retention {
+                order_ms: 7 * 24 * 3_600 * 1_000,
+                answer_ms: 24 * 3_600 * 1_000,
+            },
         }
     }
 }
@@ -204,7 +219,7 @@ impl MySqlJournal {
     pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
         let pool = connect(&config)?;
         check_schema(&pool).await?;
-        let (state, next_event_seq) = load(&pool).await?;
+        let (state, next_event_seq) = load(&pool, config.retention).await?;
         let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
         let degraded = Arc::new(AtomicUsize::new(0));
         let durable_seq = Arc::new(AtomicU64::new(next_event_seq - 1));
@@ -253,8 +268,56 @@ fn optional_text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<Option<Str
         .transpose()
 }
 
+/// The columns of an order, in the order [`order_from_row`] reads them.
+const ORDER_COLUMNS: &str =
+    "SELECT o.order_id, o.status, o.customer_id, o.total_cents, o.currency, \
+     o.created_at_ms, o.hold_deadline_ms, o.payment_id FROM orders o";
+
+fn read_error(e: sqlx::Error) -> JournalError {
+    db_error("reading the durable state", &e)
+}
+
+/// One line of an order, with its order id.
+fn item_from_row(row: &sqlx::mysql::MySqlRow) -> Result<(String, OrderItem), JournalError> {
+    let order_id = text(row, 0).map_err(read_error)?;
+    let sku = text(row, 1).map_err(read_error)?;
+    Ok((
+        order_id,
+        OrderItem {
+            sku: Sku::parse(sku).map_err(|e| corrupt("order_items", e.to_string()))?,
+            quantity: row.try_get(2).map_err(read_error)?,
+            unit_price_cents: Cents::parse(row.try_get(3).map_err(read_error)?)
+                .map_err(|e| corrupt("order_items", e.to_string()))?,
+        },
+    ))
+}
+
+/// An order from a row of [`ORDER_COLUMNS`] and its lines.
+fn order_from_row(
+    row: &sqlx::mysql::MySqlRow,
+    items: Vec<OrderItem>,
+) -> Result<Order, JournalError> {
+    let read = read_error;
+    let status = text(row, 1).map_err(read)?;
+    Ok(Order {
+        items,
+        order_id: OrderId::parse(text(row, 0).map_err(read)?)
+            .map_err(|e| corrupt("orders", e.to_string()))?,
+        status: OrderStatus::parse(&status)
+            .ok_or_else(|| corrupt("orders", format!("unknown status {status:?}")))?,
+        customer_id: CustomerId::parse(text(row, 2).map_err(read)?)
+            .map_err(|e| corrupt("orders", e.to_string()))?,
+        total_cents: row.try_get(3).map_err(read)?,
+        currency: Currency::parse(&text(row, 4).map_err(read)?)
+            .map_err(|e| corrupt("orders", e.to_string()))?,
+        created_at_ms: row.try_get(5).map_err(read)?,
+        hold_deadline_ms: row.try_get(6).map_err(read)?,
+        payment_id: optional_text(row, 7).map_err(read)?,
+    })
+}
+
 /// Reads the durable state from the materialised tables; returns it and the next event seq.
-async fn load(pool: &MySqlPool) -> Result<(State, u64), JournalError> {
+async fn load(pool: &MySqlPool, retention: Retention) -> Result<(State, u64), JournalError> {
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
     for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
@@ -275,51 +338,62 @@ async fn load(pool: &MySqlPool) -> Result<(State, u64), JournalError> {
         };
         state.products.insert(product.sku.clone(), product);
     }
+    // Only what memory keeps: orders that hold stock or are within retention, answers within
+    // retention. The units of the older paid orders are counted from `inventory`.
+    let now = crate::time::now_ms();
+    let order_cutoff = now - retention.order_ms;
+    let live = "o.status IN ('reserved', 'payment_pending') OR o.created_at_ms >= ?";
     let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
-    for row in sqlx::query(
-        "SELECT order_id, sku, quantity, unit_price_cents FROM order_items ORDER BY order_id, line",
-    )
+    for row in sqlx::query(&format!(
+        "SELECT i.order_id, i.sku, i.quantity, i.unit_price_cents FROM order_items i \
+         JOIN orders o ON o.order_id = i.order_id WHERE {live} ORDER BY i.order_id, i.line"
+    ))
+    .bind(order_cutoff)
     .fetch_all(pool)
     .await
     .map_err(read)?
     {
-        let order_id = text(&row, 0).map_err(read)?;
-        let sku = text(&row, 1).map_err(read)?;
-        items.entry(order_id).or_default().push(OrderItem {
-            sku: Sku::parse(sku).map_err(|e| corrupt("order_items", e.to_string()))?,
-            quantity: row.try_get(2).map_err(read)?,
-            unit_price_cents: Cents::parse(row.try_get(3).map_err(read)?)
-                .map_err(|e| corrupt("order_items", e.to_string()))?,
-        });
+        let (order_id, item) = item_from_row(&row)?;
+        items.entry(order_id).or_default().push(item);
     }
-    for row in sqlx::query(
-        "SELECT order_id, status, customer_id, total_cents, currency, created_at_ms, hold_deadline_ms, payment_id FROM orders",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(read)?
+    for row in sqlx::query(&format!("{ORDER_COLUMNS} WHERE {live}"))
+        .bind(order_cutoff)
+        .fetch_all(pool)
+        .await
+        .map_err(read)?
     {
         let order_id = text(&row, 0).map_err(read)?;
-        let status = text(&row, 1).map_err(read)?;
-        let order = Order {
-            items: items.remove(&order_id).unwrap_or_default(),
-            order_id: OrderId::parse(order_id).map_err(|e| corrupt("orders", e.to_string()))?,
-            status: OrderStatus::parse(&status)
-                .ok_or_else(|| corrupt("orders", format!("unknown status {status:?}")))?,
-            customer_id: CustomerId::parse(text(&row, 2).map_err(read)?)
-                .map_err(|e| corrupt("orders", e.to_string()))?,
-            total_cents: row.try_get(3).map_err(read)?,
-            currency: Currency::parse(&text(&row, 4).map_err(read)?)
-                .map_err(|e| corrupt("orders", e.to_string()))?,
-            created_at_ms: row.try_get(5).map_err(read)?,
-            hold_deadline_ms: row.try_get(6).map_err(read)?,
-            payment_id: optional_text(&row, 7).map_err(read)?,
-        };
+        let order_items = items.remove(&order_id).unwrap_or_default();
+        let order = order_from_row(&row, order_items)?;
         state.orders.insert(order.order_id.clone(), order);
     }
+    let mut sold_loaded: HashMap<&Sku, i64> = HashMap::new();
+    for order in state.orders.values() {
+        if order.status == OrderStatus::Paid {
+            for item in &order.items {
+                *sold_loaded.entry(&item.sku).or_default() += item.quantity;
+            }
+        }
+    }
+    let mut sold_pruned = BTreeMap::new();
+    for row in sqlx::query("SELECT sku, sold FROM inventory")
+        .fetch_all(pool)
+        .await
+        .map_err(read)?
+    {
+        let sku = Sku::parse(text(&row, 0).map_err(read)?)
+            .map_err(|e| corrupt("inventory", e.to_string()))?;
+        let sold: i64 = row.try_get(1).map_err(read)?;
+        let pruned = sold - sold_loaded.get(&sku).copied().unwrap_or(0);
+        if pruned != 0 {
+            sold_pruned.insert(sku, pruned);
+        }
+    }
+    state.sold_pruned = sold_pruned;
     for row in sqlx::query(
-        "SELECT idempotency_key, fingerprint, status, body, at_ms FROM idempotency_keys",
+        "SELECT idempotency_key, fingerprint, status, body, at_ms FROM idempotency_keys WHERE at_ms >= ?",
     )
+    .bind(now - retention.answer_ms)
     .fetch_all(pool)
     .await
     .map_err(read)?
@@ -801,6 +875,34 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
 impl Journal for MySqlJournal {
     fn append(&self, record: Record) -> Ticket {
         self.pipeline.submit(record)
+    }
+
+    fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
+        let order_id = order_id.as_str().to_owned();
+        Box::pin(async move {
+            let unavailable = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
+            let Some(row) = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
+                .bind(&order_id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?
+            else {
+                return Ok(None);
+            };
+            let mut items = Vec::new();
+            for line in sqlx::query(
+                "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
+                 WHERE order_id = ? ORDER BY line",
+            )
+            .bind(&order_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?
+            {
+                items.push(item_from_row(&line)?.1);
+            }
+            order_from_row(&row, items).map(Some)
+        })
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {

@@ -8,6 +8,18 @@ pub mod webhook;
 
 pub use crate::BoxFuture;
 
+/// The gateway's idempotency key for a checkout: derived from the client's key, so a re-run of the
+/// checkout (after a crash, say) finds the same payment instead of paying twice; and from the
+/// retention period the key is in, so a key used afresh past its retention is a new payment (the
+/// old one's id may still be on record). Both uses of one key lie at least a retention apart, so
+/// they always fall in different periods; a re-run a crash delays across a period boundary (a
+/// chance of delay / retention) authorises anew, and the first authorisation, whose order never
+/// became durable, is the reconciler's to void.
+pub fn gateway_key(key: &crate::domain::IdempotencyKey, now_ms: i64, retention_ms: i64) -> String {
+    let period = now_ms / retention_ms.max(1);
+    format!("turnstile:{}:{period}", key.as_str())
+}
+
 /// What to authorise.
 #[derive(Debug, Clone)]
 pub struct AuthorizeRequest {

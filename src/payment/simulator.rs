@@ -6,7 +6,7 @@ use super::webhook;
 use super::{Authorization, AuthorizeRequest, BoxFuture, PaymentError, PaymentGateway};
 use crate::sync::lock;
 use sha2::{Digest, Sha256};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -22,11 +22,39 @@ pub struct SimulatorConfig {
     pub webhook_attempts_max: u32,
 }
 
+/// Payments the ledger remembers per kind; the oldest are forgotten first, so a long run's memory
+/// stays bounded (the ledger only answers tests and logs).
+const LEDGER_ENTRIES_MAX: usize = 100_000;
+
+/// Payment ids in the order they arrived, at most [`LEDGER_ENTRIES_MAX`].
+#[derive(Debug, Default)]
+struct Bounded {
+    ids: HashSet<String>,
+    order: VecDeque<String>,
+}
+
+impl Bounded {
+    fn insert(&mut self, id: String) {
+        if self.ids.insert(id.clone()) {
+            self.order.push_back(id);
+        }
+        while self.order.len() > LEDGER_ENTRIES_MAX {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+}
+
 /// What the simulator did, for tests and logs.
 #[derive(Debug, Default)]
 struct Ledger {
-    refunded: HashSet<String>,
-    voided: HashSet<String>,
+    refunded: Bounded,
+    voided: Bounded,
 }
 
 /// The in-process simulator.

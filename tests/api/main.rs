@@ -8,4 +8,5 @@ mod helpers;
 mod lifecycle;
 mod mysql;
 mod payments;
+mod retention;
 mod validation;

@@ -53,7 +53,13 @@ async fn webhooks_need_a_valid_signature_and_count_once() {
         .expect("answer")
         .json();
     let order_id = body["order_id"].as_str().expect("order_id").to_owned();
-    let payment_id = turnstile::payment::simulator::payment_id_for("turnstile:pending-2");
+    // The simulator derives the payment id from the gateway key the checkout sent.
+    let gateway_key = turnstile::payment::gateway_key(
+        &turnstile::domain::IdempotencyKey::parse("pending-2").expect("key"),
+        turnstile::time::now_ms(),
+        24 * 3_600 * 1_000,
+    );
+    let payment_id = turnstile::payment::simulator::payment_id_for(&gateway_key);
     let webhook =
         serde_json::json!({"payment_id": payment_id, "order_id": order_id, "status": "approved"})
             .to_string();

@@ -1095,6 +1095,10 @@ impl Journal for FileJournal {
         &self.shared.pipeline.stats
     }
 
+    fn events_in_memory(&self) -> usize {
+        FileJournal::events_in_memory(self)
+    }
+
     fn health(&self) -> Result<(), JournalError> {
         self.shared.pipeline.health()
     }
