@@ -5,14 +5,15 @@
 //! # Layout
 //! - [`domain`]: validated newtypes (`Sku`, `Quantity`, `Cents`, `IdempotencyKey`, ...): parsed at
 //!   the edge, trusted everywhere else.
-//! - [`engine`]: the pure core, synchronous, no I/O, time passed in: per-core stock shards
-//!   ([`engine::inventory`]), the order state machine ([`engine::order`]), idempotency keys
-//!   ([`engine::idempotency`]), and the journal records with the durable state they fold into
-//!   ([`engine::records`]).
-//! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log) and the
-//!   embedded file journal ([`journal::file`]: segments, framing, recovery, snapshots).
+//! - [`engine`]: the pure core, synchronous, no I/O, time passed in; every change decided now and
+//!   applied after its commit: per-core stock shards ([`engine::inventory`]), the order state
+//!   machine ([`engine::order`]), idempotency keys with retention ([`engine::idempotency`]), and
+//!   the journal records with the durable state they fold into ([`engine::records`]).
+//! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log), the
+//!   embedded file journal ([`journal::file`]: segments, framing, recovery from crashes and failed
+//!   writes, snapshots, events on disk) and the MySQL journal ([`journal::mysql`]).
 //! - [`payment`]: the `PaymentGateway` trait, the in-process simulator, webhook signatures.
-//! - [`sessions`]: carts with idle expiry (in process).
+//! - [`sessions`]: carts with idle expiry and a cap (in process).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
 //! - [`connections`]: the accept loop: HTTP/1.1 and HTTP/2 cleartext, slow clients cut off,
 //!   graceful drain.

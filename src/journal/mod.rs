@@ -3,8 +3,11 @@
 //! (group commit). The journal also holds the event log: each record's events get their `seq` in
 //! commit order and become readable once durable.
 //!
-//! Implementations: [`file::FileJournal`] (the embedded default); the MySQL one comes later and
-//! passes the same tests.
+//! Implementations: [`file::FileJournal`] (the embedded default) and [`mysql::MySqlJournal`].
+//!
+//! A ticket resolves only once the outcome is known: `Ok` when the record is durable, an error
+//! that [`JournalError::nothing_changed`] when it is known not to be (and never to become)
+//! durable, and [`JournalError::Unknown`] when the journal cannot tell.
 
 pub mod event_log;
 pub mod file;

@@ -1,6 +1,6 @@
 //! The MySQL/MariaDB journal: the database is the source of truth.
 //!
-//! Group commit as in [`super::pipeline`]; the writer is a task that turns one batch into one
+//! Group commit as in `journal::pipeline`; the writer is a task that turns one batch into one
 //! transaction: multi-row INSERTs into the append-only `journal` table and the materialised
 //! `products`, `inventory`, `orders`, `order_items`, `idempotency_keys`, `payments` and `outbox`
 //! tables, then one COMMIT. Every waiter is answered only after COMMIT returns.

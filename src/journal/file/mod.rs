@@ -1,14 +1,27 @@
 //! The embedded journal: append-only segment files in the data directory, group commit with one
 //! `fdatasync` per batch, snapshots that keep start-up replay short.
 //!
-//! Files: `<first lsn, 20 digits>.wal` segments (see [`format`] for the framing) and
+//! Files: `<first lsn, 20 digits>.wal` segments (see [`mod@format`] for the framing) and
 //! `snapshot-<lsn, 20 digits>.json` snapshots of the durable [`State`] after record `lsn`
-//! (`len:u32 | crc32c:u32 | JSON`). Start-up reads the newest snapshot, replays the records after
-//! it, cuts a torn tail off the last segment, and refuses to start on anything else that is bad.
+//! (`len:u32 | crc32c:u32 | JSON`), and `clean-shutdown` (the last lsn, written at a clean stop).
+//! Start-up reads the newest snapshot, replays the records after it, cuts a torn tail off the last
+//! segment (logged at ERROR with its record count) unless the marker says the stop was clean, and
+//! refuses to start on anything else that is bad, naming the file and offset.
 //!
-//! Concurrency: the group commit of [`super::pipeline`]; the writer here is a thread that frames a
+//! Concurrency: the group commit of `journal::pipeline`; the writer here is a thread that frames a
 //! batch, writes it with one `write`, syncs it with one `fdatasync`, publishes its events and
 //! answers its waiters.
+//!
+//! A failed write or sync: the writer refuses appends, cuts the failed batch off the segment (only
+//! then are its waiters told, so it can never reappear at a restart), probes the disk until a write
+//! succeeds, re-reads the tail from disk as start-up does, and goes on in a new segment. The failed
+//! file is never synced again (a later successful `fsync` says nothing of pages an earlier one
+//! failed to write).
+//!
+//! Retention: snapshots hold the live state (finished orders and answers past retention are
+//! dropped) and no events. Events live in the segments: the most recent are also held in memory;
+//! older ones are read from the segments, which a snapshot keeps on disk (listed in it) until
+//! their last record is past `--event-retention`.
 
 pub mod format;
 pub mod storage;
