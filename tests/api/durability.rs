@@ -3,7 +3,7 @@
 //! server says why it is not ready, keeps `/healthz` at 200, and recovers by itself once the disk
 //! has room again.
 
-use crate::helpers::{eventually, start, JsonBody};
+use crate::helpers::{eventually, start, Answer, Client, JsonBody};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -60,13 +60,12 @@ fn free_bytes(path: &Path) -> u64 {
         .expect("df output")
 }
 
-fn checkout_body(sku: &str) -> String {
-    serde_json::json!({
-        "items": [{"sku": sku, "quantity": 1}],
-        "customer_id": "c-1",
-        "payment_token": "tok_ok",
-    })
-    .to_string()
+/// A paid checkout of one tee under `key`.
+async fn checkout(client: &mut Client, key: &str) -> Answer {
+    client
+        .checkout(key, "tee", 1, "tok_ok")
+        .await
+        .unwrap_or_else(|e| panic!("checkout {key}: {e}"))
 }
 
 #[tokio::test]
@@ -83,14 +82,7 @@ async fn a_full_disk_changes_nothing_visible_and_the_server_recovers_by_itself()
     let mut refused_key = None;
     for i in 0..10_000 {
         let key = format!("k-{i}");
-        let answer = client
-            .send(
-                "POST",
-                "/v1/checkout",
-                &[("idempotency-key", &key)],
-                &checkout_body("tee"),
-            )
-            .await;
+        let answer = checkout(&mut client, &key).await;
         match answer.status {
             201 => placed += 1,
             503 => {
@@ -145,14 +137,7 @@ async fn a_full_disk_changes_nothing_visible_and_the_server_recovers_by_itself()
         async || client.get("/readyz").await.status == 200,
     )
     .await;
-    let retried = client
-        .send(
-            "POST",
-            "/v1/checkout",
-            &[("idempotency-key", &refused_key)],
-            &checkout_body("tee"),
-        )
-        .await;
+    let retried = checkout(&mut client, &refused_key).await;
     assert_eq!(retried.status, 201);
     assert_eq!(client.stock("tee").await.3, placed + 1);
 
@@ -162,14 +147,7 @@ async fn a_full_disk_changes_nothing_visible_and_the_server_recovers_by_itself()
     let mut client = app.client();
     let (_, _, reserved, sold) = client.stock("tee").await;
     assert_eq!((reserved, sold), (0, placed + 1));
-    let replay = client
-        .send(
-            "POST",
-            "/v1/checkout",
-            &[("idempotency-key", &refused_key)],
-            &checkout_body("tee"),
-        )
-        .await;
+    let replay = checkout(&mut client, &refused_key).await;
     assert_eq!(replay.status, 201);
     assert_eq!(replay.json(), retried.json());
     drop(client);

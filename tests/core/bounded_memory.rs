@@ -3,12 +3,11 @@
 //! while every event within `--event-retention` stays readable from disk and older ones answer
 //! `Pruned`.
 
-use crate::common::{durably, product, sku};
+use crate::common::{durably, new_order, product, sku};
 use std::sync::atomic::{AtomicI64, Ordering};
-use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
+use turnstile::domain::IdempotencyKey;
 use turnstile::engine::idempotency::Begin;
-use turnstile::engine::order::Order;
-use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome};
+use turnstile::engine::{Engine, EngineConfig, PaymentOutcome};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
 use turnstile::journal::JournalError;
 
@@ -27,35 +26,16 @@ const THREADS: usize = 8;
 const ROUND_MS: i64 = 1_000;
 const EVENTS_IN_MEMORY_MAX: usize = 4_096;
 
-fn render(order: &Order) -> (u16, String) {
-    (201, format!("{{\"order_id\":\"{}\"}}", order.order_id))
-}
-
 fn place(engine: &Engine, journal: &FileJournal, n: u64) {
     let key = IdempotencyKey::parse(format!("key-{n}")).expect("key");
     assert_eq!(
         engine.idempotency().begin(&key, "fp", clock()),
         Ok(Begin::Started)
     );
-    let reservation = engine
-        .reserve(&[(sku("p"), Quantity::parse(1).expect("quantity"))])
-        .expect("reserve");
-    let (change, _) = engine.place_order(
-        NewOrder {
-            order_id: engine.new_order_id(),
-            reservation,
-            customer_id: CustomerId::parse("c").expect("customer"),
-            outcome: PaymentOutcome::Paid {
-                payment_id: format!("pay-{n}"),
-            },
-        },
-        Some(AnswerSpec {
-            key: &key,
-            fingerprint: "fp",
-            render: &render,
-        }),
-        clock(),
-    );
+    let outcome = PaymentOutcome::Paid {
+        payment_id: format!("pay-{n}"),
+    };
+    let change = new_order(engine, "p", 1, outcome, Some(&key), clock());
     durably(engine, journal, change).expect("durable");
 }
 

@@ -2,8 +2,10 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 use turnstile::domain::{Currency, Sku, Stock};
+use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
+use turnstile::engine::order::Order;
 use turnstile::engine::records::Product;
-use turnstile::engine::{Applied, Change, Engine};
+use turnstile::engine::{AnswerSpec, Applied, Change, Engine, NewOrder, PaymentOutcome};
 use turnstile::journal::{Journal, JournalError};
 
 /// Commits a change as the server does: appends its record, waits until it is durable, then
@@ -72,4 +74,40 @@ pub fn product(name: &str, price_cents: i64, stock: i64) -> Product {
         currency: Currency::parse("EUR").expect("test currency"),
         stock: Stock::parse(stock).expect("test stock"),
     }
+}
+
+fn render(order: &Order) -> (u16, String) {
+    (201, format!("{{\"order_id\":\"{}\"}}", order.order_id))
+}
+
+/// Holds `units` of `name` and decides a new order whose payment ended as `outcome`, keeping its
+/// answer under `key` (which the caller began) if given. Not committed yet.
+pub fn new_order(
+    engine: &Engine,
+    name: &str,
+    units: i64,
+    outcome: PaymentOutcome,
+    key: Option<&IdempotencyKey>,
+    now_ms: i64,
+) -> Change {
+    let reservation = engine
+        .reserve(&[(sku(name), Quantity::parse(units).expect("quantity"))])
+        .expect("reserve");
+    let answer = key.map(|key| AnswerSpec {
+        key,
+        fingerprint: "fp",
+        render: &render,
+    });
+    engine
+        .place_order(
+            NewOrder {
+                order_id: engine.new_order_id(),
+                reservation,
+                customer_id: CustomerId::parse("c").expect("customer"),
+                outcome,
+            },
+            answer,
+            now_ms,
+        )
+        .0
 }

@@ -5,7 +5,7 @@
 //! property test races a cancel against a webhook approval under every schedule. Both print their
 //! seed.
 
-use crate::common::{product, seed, sku};
+use crate::common::{new_order, product, seed, sku};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use std::collections::HashMap;
@@ -402,21 +402,10 @@ fn race(schedule: &[bool]) -> (OrderStatus, Vec<OrderStatus>, Vec<&'static str>)
         .prepare_product(product("s0", 100, 5))
         .expect("product");
     journal.settle(&engine, change, false);
-    let reservation = engine
-        .reserve(&[(sku("s0"), Quantity::parse(2).expect("quantity"))])
-        .expect("reserve");
-    let (change, _) = engine.place_order(
-        NewOrder {
-            order_id: engine.new_order_id(),
-            reservation,
-            customer_id: CustomerId::parse("c").expect("customer"),
-            outcome: PaymentOutcome::Pending {
-                payment_id: "pay".into(),
-            },
-        },
-        None,
-        1_000,
-    );
+    let outcome = PaymentOutcome::Pending {
+        payment_id: "pay".into(),
+    };
+    let change = new_order(&engine, "s0", 2, outcome, None, 1_000);
     let Some(Applied::Order { order, .. }) = journal.settle(&engine, change, false) else {
         panic!("the order is placed");
     };

@@ -3,15 +3,15 @@
 //! syncing the failed file again), and after a clean shutdown any bad byte is corruption while
 //! after a crash only the last batch may be cut.
 
-use crate::common::{durably, product, sku};
+use crate::common::{durably, new_order, product, sku};
 use crate::journal_recovery::valid_segment;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use turnstile::domain::{CustomerId, IdempotencyKey, Quantity};
+use turnstile::domain::IdempotencyKey;
 use turnstile::engine::idempotency::Begin;
 use turnstile::engine::order::Order;
 use turnstile::engine::records::Record;
-use turnstile::engine::{AnswerSpec, Engine, EngineConfig, NewOrder, PaymentOutcome};
+use turnstile::engine::{Engine, EngineConfig, PaymentOutcome};
 use turnstile::journal::file::storage::{SimulatedDisk, Storage};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
 use turnstile::journal::{Journal, JournalError};
@@ -23,10 +23,6 @@ fn config() -> EngineConfig {
         order_id_prefix: "ord_f".into(),
         ..EngineConfig::default()
     }
-}
-
-fn render(order: &Order) -> (u16, String) {
-    (201, format!("{{\"order_id\":\"{}\"}}", order.order_id))
 }
 
 /// Waits until the journal takes appends again: it retries on a backoff clock of its own.
@@ -56,23 +52,15 @@ fn checkout(
             .begin(&key, "fp", turnstile::time::now_ms()),
         Ok(Begin::Started)
     );
-    let reservation = engine
-        .reserve(&[(sku(name), Quantity::parse(1).expect("quantity"))])
-        .expect("reserve");
-    let (change, _) = engine.place_order(
-        NewOrder {
-            order_id: engine.new_order_id(),
-            reservation,
-            customer_id: CustomerId::parse("c").expect("customer"),
-            outcome: PaymentOutcome::Paid {
-                payment_id: format!("pay-{}", key.as_str()),
-            },
-        },
-        Some(AnswerSpec {
-            key: &key,
-            fingerprint: "fp",
-            render: &render,
-        }),
+    let outcome = PaymentOutcome::Paid {
+        payment_id: format!("pay-{}", key.as_str()),
+    };
+    let change = new_order(
+        engine,
+        name,
+        1,
+        outcome,
+        Some(&key),
         turnstile::time::now_ms(),
     );
     let order = change.order().expect("an order").clone();
