@@ -219,6 +219,9 @@ impl MySqlJournal {
     pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
         let pool = connect(&config)?;
         check_schema(&pool).await?;
+        // Keys past retention go before the load, so that every key the database still holds is
+        // one memory knows: a fresh use of it then replaces its rows instead of clashing with them.
+        purge_answers(&pool, crate::time::now_ms() - config.retention.answer_ms).await?;
         let (state, next_event_seq) = load(&pool, config.retention).await?;
         let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
         let degraded = Arc::new(AtomicUsize::new(0));
@@ -872,6 +875,28 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
     Ok(bytes)
 }
 
+/// Removes the rows of answers older than `cutoff_ms` (the key's row, and the key on its order).
+async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u64, JournalError> {
+    let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
+    let mut tx = pool.begin().await.map_err(purge)?;
+    sqlx::query(
+        "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN \
+                 (SELECT idempotency_key FROM idempotency_keys WHERE at_ms < ?)",
+    )
+    .bind(cutoff_ms)
+    .execute(&mut *tx)
+    .await
+    .map_err(purge)?;
+    let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
+        .bind(cutoff_ms)
+        .execute(&mut *tx)
+        .await
+        .map_err(purge)?
+        .rows_affected();
+    tx.commit().await.map_err(purge)?;
+    Ok(deleted)
+}
+
 impl Journal for MySqlJournal {
     fn append(&self, record: Record) -> Ticket {
         self.pipeline.submit(record)
@@ -906,26 +931,7 @@ impl Journal for MySqlJournal {
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
-        Box::pin(async move {
-            let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
-            let mut tx = self.pool.begin().await.map_err(purge)?;
-            sqlx::query(
-                "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN \
-                 (SELECT idempotency_key FROM idempotency_keys WHERE at_ms < ?)",
-            )
-            .bind(cutoff_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(purge)?;
-            let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
-                .bind(cutoff_ms)
-                .execute(&mut *tx)
-                .await
-                .map_err(purge)?
-                .rows_affected();
-            tx.commit().await.map_err(purge)?;
-            Ok(deleted)
-        })
+        Box::pin(purge_answers(&self.pool, cutoff_ms))
     }
 
     fn events(

@@ -288,3 +288,83 @@ async fn mixed_currencies_are_refused() {
     assert_eq!(client.stock("EU").await, (5, 5, 0, 0));
     assert_eq!(client.stock("US").await, (5, 5, 0, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders() {
+    // Proves: over real HTTP, a cancel and the gateway's approval sent at once end either as
+    // "paid, then refunded" or as "released" (the late approval refunded), never as a cancel
+    // swallowed; every unit comes back; the events follow the state machine.
+    let app = spawn_app(&["--sim-pending-delay", "1h"]);
+    let mut client = app.client();
+    let rounds = 30;
+    client.put_product("RACE", 100, rounds).await;
+    let mut endings = std::collections::HashMap::new();
+    for round in 0..rounds {
+        let key = format!("race-{round}");
+        let body = client
+            .checkout(&key, "RACE", 1, "tok_pending")
+            .await
+            .expect("answer")
+            .json();
+        let order_id = body["order_id"].as_str().expect("order_id").to_owned();
+        let gateway_key = turnstile::payment::gateway_key(
+            &turnstile::domain::IdempotencyKey::parse(key.as_str()).expect("key"),
+            turnstile::time::now_ms(),
+            24 * 3_600 * 1_000,
+        );
+        let payment_id = turnstile::payment::simulator::payment_id_for(&gateway_key);
+        let webhook = serde_json::json!({"payment_id": payment_id, "order_id": order_id, "status": "approved"})
+            .to_string();
+        let addr = app.addr;
+        let cancel_path = format!("/v1/orders/{order_id}/cancel");
+        let cancel = tokio::spawn(async move {
+            crate::helpers::Client::new(addr)
+                .send("POST", &cancel_path, &[], "")
+                .await
+        });
+        let approve = tokio::spawn(async move {
+            crate::helpers::Client::new(addr)
+                .send(
+                    "POST",
+                    "/v1/webhooks/payment",
+                    &[("turnstile-signature", &signed(&webhook))],
+                    &webhook,
+                )
+                .await
+        });
+        let (cancelled, approved) = (
+            cancel.await.expect("cancel"),
+            approve.await.expect("approve"),
+        );
+        assert_eq!(cancelled.status, 200);
+        assert_eq!(approved.status, 200);
+        let status = order_status(&mut client, &order_id).await;
+        let said = cancelled.json()["status"]
+            .as_str()
+            .expect("status")
+            .to_owned();
+        assert_eq!(said, status, "the cancel answered the final status");
+        assert!(
+            status == "refunded" || status == "released",
+            "round {round}: {status}"
+        );
+        *endings.entry(status).or_insert(0) += 1;
+    }
+    eprintln!("endings: {endings:?}");
+    assert_eq!(client.stock("RACE").await, (rounds, rounds, 0, 0));
+    // Each order's events follow the state machine.
+    let mut last: std::collections::HashMap<String, String> = std::collections::HashMap::new();
+    for event in client.all_events().await {
+        let order = event["order_id"].as_str().expect("order").to_owned();
+        let status = event["data"]["status"].as_str().expect("status").to_owned();
+        let legal = match (last.get(&order).map(String::as_str), status.as_str()) {
+            (None, "reserved") => true,
+            (Some("reserved"), "payment_pending") => true,
+            (Some("payment_pending"), "paid" | "released") => true,
+            (Some("paid"), "refunded") => true,
+            _ => false,
+        };
+        assert!(legal, "{order}: {:?} -> {status}", last.get(&order));
+        last.insert(order, status);
+    }
+}
