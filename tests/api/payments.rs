@@ -357,13 +357,13 @@ async fn a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders() {
     for event in client.all_events().await {
         let order = event["order_id"].as_str().expect("order").to_owned();
         let status = event["data"]["status"].as_str().expect("status").to_owned();
-        let legal = match (last.get(&order).map(String::as_str), status.as_str()) {
-            (None, "reserved") => true,
-            (Some("reserved"), "payment_pending") => true,
-            (Some("payment_pending"), "paid" | "released") => true,
-            (Some("paid"), "refunded") => true,
-            _ => false,
-        };
+        let legal = matches!(
+            (last.get(&order).map(String::as_str), status.as_str()),
+            (None, "reserved")
+                | (Some("reserved"), "payment_pending")
+                | (Some("payment_pending"), "paid" | "released")
+                | (Some("paid"), "refunded")
+        );
         assert!(legal, "{order}: {:?} -> {status}", last.get(&order));
         last.insert(order, status);
     }
