@@ -19,13 +19,30 @@ Usage:
 
 Exit codes: 0 normal stop, 1 runtime failure, 2 bad usage or configuration.";
 
+/// Standard error for logs, where a failed write is dropped: a log line lost to a full disk or a
+/// closed pipe must never take a thread of the server down with it (tracing's own fallback for a
+/// failed write prints to standard error, and panics when that fails too).
+struct LossyStderr;
+
+impl std::io::Write for LossyStderr {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
+    }
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
-        .with_writer(std::io::stderr)
+        .with_writer(|| LossyStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 

@@ -231,6 +231,8 @@ impl ApiError {
             JournalError::Rejected(_) => {
                 Self::internal(format!("{error}; nothing was changed"))
             }
+            // Bad bytes in the journal's files (found by a read): an operator's matter.
+            JournalError::Corrupt { .. } => Self::internal(error.to_string()),
             error if error.nothing_changed() => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "journal_unavailable",

@@ -230,7 +230,24 @@ fn fold(
         let bytes = storage
             .read(&name)
             .map_err(|e| JournalError::io(format!("reading {}", storage.describe(&name)), &e))?;
-        let scan = scan_segment(&bytes, first_lsn);
+        let mut scan = scan_segment(&bytes, first_lsn);
+        // A segment ends where the next one starts: records at or past the next segment's first
+        // lsn are superseded (the remains of a write that failed, after which the journal went on
+        // in a new segment), and so are any bytes after them.
+        let successor = segments.get(i + 1).copied().or(stop_before);
+        if let Some(successor) = successor {
+            let kept = scan.frames.iter().take_while(|f| f.lsn < successor).count();
+            let complete = first_lsn + kept as u64 == successor;
+            if complete && (kept < scan.frames.len() || scan.tail != Tail::Clean) {
+                tracing::warn!(
+                    file = %storage.describe(&name),
+                    "ignoring the remains of a failed write after record {}",
+                    successor - 1
+                );
+                scan.frames.truncate(kept);
+                scan.tail = Tail::Clean;
+            }
+        }
         let mut info = SegmentInfo {
             first_lsn,
             first_event_seq: scan
@@ -469,6 +486,14 @@ impl FileJournal {
         storage: Arc<dyn Storage>,
         config: FileJournalConfig,
     ) -> Result<(Self, State), JournalError> {
+        // Leftovers of a write that a crash interrupted (a snapshot, the space probe) only hold
+        // space.
+        let names = storage
+            .list()
+            .map_err(|e| JournalError::io(format!("listing {}", storage.describe("")), &e))?;
+        for leftover in names.iter().filter(|n| n.ends_with(".tmp")) {
+            remove_if_present(storage.as_ref(), leftover)?;
+        }
         let clean = read_clean_marker(storage.as_ref())?;
         let recovered = fold(storage.as_ref(), None, true, clean.is_some())?;
         if let Some(marked) = clean {
@@ -560,7 +585,19 @@ impl FileJournal {
         };
         let handle = std::thread::Builder::new()
             .name("journal-writer".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                let shared = Arc::clone(&writer.shared);
+                // A panic in the writer must not leave appenders waiting on a journal that looks
+                // healthy: what was queued (never written) fails, and every later append too.
+                if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run())).is_err()
+                {
+                    // The batch it held answers `Unknown` (its waiters are dropped).
+                    shared.pipeline.mark_failed(JournalError::Io {
+                        context: "the journal writer panicked".into(),
+                        message: "restart the server".into(),
+                    });
+                }
+            })
             .map_err(|e| JournalError::io("starting the journal writer thread", &e))?;
         Ok((
             Self {
@@ -747,8 +784,35 @@ impl Shared {
                 JournalError::io(format!("reading {}", self.storage.describe(&name)), &e)
             }
         })?;
-        let table: Vec<FrameRef> = scan_segment(&bytes, info.first_lsn)
+        let scan = scan_segment(&bytes, info.first_lsn);
+        // The segment after this one, if any: this one's records end where it starts (see
+        // `fold`), and only the active segment (the last) may end in a batch being written.
+        let successor = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|s| s.first_lsn > info.first_lsn)
+            .map(|s| s.first_lsn);
+        let kept: Vec<&format::Frame<'_>> = scan
             .frames
+            .iter()
+            .take_while(|f| successor.is_none_or(|next| f.lsn < next))
+            .collect();
+        let complete = successor.is_none_or(|next| info.first_lsn + kept.len() as u64 == next);
+        if !complete {
+            let offset = match &scan.tail {
+                Tail::Torn { offset } | Tail::Corrupt { offset, .. } => *offset as u64,
+                Tail::Clean => bytes.len() as u64,
+            };
+            return Err(corrupt(
+                self.storage.as_ref(),
+                &name,
+                offset,
+                "a segment kept for its events holds a bad record",
+            ));
+        }
+        let table: Vec<FrameRef> = kept
             .iter()
             .map(|f| FrameRef {
                 first_event_seq: f.first_event_seq,
@@ -757,7 +821,10 @@ impl Shared {
             })
             .collect();
         let table = Arc::new(table);
-        lock(&self.frame_tables).put(info.first_lsn, Arc::clone(&table));
+        // The active segment grows: its table is not kept.
+        if successor.is_some() {
+            lock(&self.frame_tables).put(info.first_lsn, Arc::clone(&table));
+        }
         Ok(table)
     }
 }
@@ -862,43 +929,46 @@ impl Writer {
         }
     }
 
-    /// After a failed write: refuses appends, cuts what the failed batch left in the segment (only
-    /// then are its waiters told it failed: it can no longer come back at a restart), and once
-    /// the disk takes writes again re-reads the journal's tail from disk, as start-up does, and
-    /// goes on in a new segment. The failed file is never synced again. Returns false if the
-    /// journal was closed before it recovered.
+    /// After a failed write: refuses appends, then starts a new segment right after the last
+    /// durable record, whose durable name supersedes whatever the failed batch left in the old one
+    /// (start-up ignores records at or past a segment's successor). Only then are the batch's
+    /// waiters told it failed: it can no longer come back at a restart. Once a probe write
+    /// succeeds, it re-reads the journal's tail from disk, as start-up does, and takes appends
+    /// again. The failed file is never synced again (a later successful `fsync` says nothing of
+    /// pages an earlier one failed to write). Returns false if the journal was closed before it
+    /// recovered.
     fn recover(&mut self, error: JournalError, batch: &mut Vec<Entry>) -> bool {
         let shared = Arc::clone(&self.shared);
         let pipeline = &shared.pipeline;
         pipeline.mark_failed(error.clone());
         let mut backoff = std::time::Duration::from_millis(20);
-        let mut cut = false;
+        let mut superseded = false;
         loop {
-            if !cut {
-                match self.cut_failed_batch() {
+            if !superseded {
+                match self.start_segment_after_durable() {
                     Ok(()) => {
-                        cut = true;
+                        superseded = true;
                         super::pipeline::Pipeline::answer_failed(batch, &error);
                     }
-                    Err(cut_error) => {
+                    Err(start_error) => {
                         // The batch may be on the disk or not: its waiters learn that much now
                         // (their keys and holds stay taken until a restart reads the disk).
-                        tracing::error!(%cut_error, "could not cut the failed batch; retrying");
+                        tracing::error!(%start_error, "could not start a new segment; retrying");
                         let unknown = JournalError::Unknown(format!(
-                            "{error}; cutting the batch failed too: {cut_error}"
+                            "{error}; starting a new segment failed too: {start_error}"
                         ));
                         super::pipeline::Pipeline::answer_failed(batch, &unknown);
                     }
                 }
             }
-            if cut {
-                match self.reopen() {
+            if superseded {
+                match self.probe_and_reread() {
                     Ok(()) => {
                         pipeline.reopen(self.durable_lsn + 1, self.durable_next_event_seq);
                         return true;
                     }
-                    Err(reopen_error) => {
-                        tracing::warn!(%reopen_error, "the journal's disk does not take writes yet")
+                    Err(probe_error) => {
+                        tracing::warn!(%probe_error, "the journal's disk does not take writes yet")
                     }
                 }
             }
@@ -909,19 +979,33 @@ impl Writer {
         }
     }
 
-    /// Cuts the active segment back to its last synced batch, durably.
-    fn cut_failed_batch(&mut self) -> Result<(), JournalError> {
-        let storage = &self.shared.storage;
-        let name = segment_name(self.file_first_lsn);
+    /// Starts a fresh segment named after the last durable record (a failed file of that name,
+    /// a segment the failed batch had just started, goes first: its name goes with it).
+    fn start_segment_after_durable(&mut self) -> Result<(), JournalError> {
+        let storage = Arc::clone(&self.shared.storage);
+        let first_lsn = self.durable_lsn + 1;
+        let name = segment_name(first_lsn);
+        remove_if_present(storage.as_ref(), &name)?;
+        let file = storage
+            .create(&name)
+            .map_err(|e| JournalError::io(format!("creating {}", storage.describe(&name)), &e))?;
         storage
-            .truncate(&name, self.file_len)
-            .map_err(|e| JournalError::io(format!("cutting {}", storage.describe(&name)), &e))
+            .sync_dir()
+            .map_err(|e| JournalError::io("syncing the journal directory", &e))?;
+        if self.file_first_lsn != first_lsn {
+            self.closed_since_checkpoint += 1;
+        }
+        self.file = file;
+        self.file_first_lsn = first_lsn;
+        self.file_len = 0;
+        self.shared
+            .segment_started(first_lsn, self.durable_next_event_seq);
+        Ok(())
     }
 
-    /// Checks that the disk takes writes (a probe file written, synced and removed), re-reads the
-    /// tail of the newest segment and checks it ends with the last durable record, then starts a
-    /// new segment after it.
-    fn reopen(&mut self) -> Result<(), JournalError> {
+    /// Checks that the disk takes writes (a probe file written, synced and removed), then re-reads
+    /// the segment before the new one and checks it ends with the last durable record.
+    fn probe_and_reread(&mut self) -> Result<(), JournalError> {
         let storage = Arc::clone(&self.shared.storage);
         let io = |what: &str, e: std::io::Error| JournalError::io(what.to_owned(), &e);
         remove_if_present(storage.as_ref(), SPACE_PROBE)?;
@@ -935,47 +1019,36 @@ impl Writer {
         let names = storage
             .list()
             .map_err(|e| io("listing the journal directory", e))?;
-        let newest = names
+        let previous = names
             .iter()
             .filter_map(|n| parse_number(n, "", ".wal"))
+            .filter(|&lsn| lsn < self.file_first_lsn)
             .max();
-        if let Some(first_lsn) = newest {
+        if let Some(first_lsn) = previous {
             let name = segment_name(first_lsn);
             let bytes = storage
                 .read(&name)
                 .map_err(|e| io(&format!("reading {}", storage.describe(&name)), e))?;
             let scan = scan_segment(&bytes, first_lsn);
-            let last = scan.frames.last().map_or(first_lsn - 1, |f| f.lsn);
-            if scan.tail != Tail::Clean || last != self.durable_lsn {
+            let last = scan
+                .frames
+                .iter()
+                .take_while(|f| f.lsn < self.file_first_lsn)
+                .last()
+                .map_or(first_lsn - 1, |f| f.lsn);
+            if last != self.durable_lsn {
                 return Err(corrupt(
                     storage.as_ref(),
                     &name,
-                    bytes.len() as u64,
+                    0,
                     format!(
-                        "after a failed write the journal ends at record {last} ({:?}) where {} was \
-                         the last durable one",
-                        scan.tail, self.durable_lsn
+                        "after a failed write the journal ends at record {last} where {} was the \
+                         last durable one",
+                        self.durable_lsn
                     ),
                 ));
             }
-            if scan.frames.is_empty() {
-                remove_if_present(storage.as_ref(), &name)?;
-            }
         }
-        let first_lsn = self.durable_lsn + 1;
-        let name = segment_name(first_lsn);
-        let file = storage
-            .create(&name)
-            .map_err(|e| io(&format!("creating {}", storage.describe(&name)), e))?;
-        storage
-            .sync_dir()
-            .map_err(|e| io("syncing the journal directory", e))?;
-        self.file = file;
-        self.file_first_lsn = first_lsn;
-        self.file_len = 0;
-        self.shared
-            .segment_started(first_lsn, self.durable_next_event_seq);
-        self.closed_since_checkpoint += 1;
         Ok(())
     }
 

@@ -135,7 +135,7 @@ impl Storage for DiskStorage {
 
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> io::Result<()> {
         let temporary = self.dir.join(format!("{name}.tmp"));
-        {
+        let written = (|| {
             let mut file = File::create(&temporary)?;
             // Flushing a snapshot of hundreds of MiB at once would make the journal's own small
             // fdatasync calls queue behind it: sync as it goes, a few MiB at a time.
@@ -143,7 +143,13 @@ impl Storage for DiskStorage {
                 file.write_all(chunk)?;
                 file.sync_data()?;
             }
-            file.sync_all()?;
+            file.sync_all()
+        })();
+        if let Err(error) = written {
+            // A half-written copy would only hold space (on a full disk, the space the journal
+            // needs to recover).
+            let _ = fs::remove_file(&temporary);
+            return Err(error);
         }
         fs::rename(&temporary, self.dir.join(name))?;
         self.sync_dir()
@@ -170,6 +176,8 @@ struct SimulatedState {
     generation: u64,
     /// Sync calls that will still succeed; `None`: all of them.
     syncs_left: Option<u64>,
+    /// The next this many sync calls fail, then they succeed again.
+    syncs_failing: u64,
     /// The most bytes all files may hold together; `None`: no limit. A write past it stores what
     /// fits and fails with "no space left", as a full disk does.
     capacity: Option<usize>,
@@ -247,7 +255,10 @@ impl SimulatedDisk {
         let durable = state.durable_names.clone();
         state.files.retain(|name, _| durable.contains(name));
         for file in state.files.values_mut() {
-            let keep = (file.synced_len + keep_torn).min(file.data.len());
+            let keep = file
+                .synced_len
+                .saturating_add(keep_torn)
+                .min(file.data.len());
             file.data.truncate(keep);
             file.synced_len = file.data.len();
         }
@@ -257,6 +268,11 @@ impl SimulatedDisk {
     /// reported. `None` lets them all succeed again.
     pub fn fail_syncs_after(&self, count: Option<u64>) {
         self.lock().syncs_left = count;
+    }
+
+    /// Makes exactly the next `count` syncs fail (an I/O error); later ones succeed.
+    pub fn fail_next_syncs(&self, count: u64) {
+        self.lock().syncs_failing = count;
     }
 
     /// Limits the bytes all files may hold together (a full disk); `None` lifts the limit.
@@ -291,6 +307,10 @@ impl SimulatedDisk {
     }
 
     fn take_sync(state: &mut SimulatedState) -> io::Result<()> {
+        if state.syncs_failing > 0 {
+            state.syncs_failing -= 1;
+            return Err(io::Error::other("injected sync failure"));
+        }
         match &mut state.syncs_left {
             Some(0) => Err(io::Error::other("injected sync failure")),
             Some(left) => {
