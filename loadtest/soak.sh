@@ -6,7 +6,8 @@
 # steady scenario. Not a pass/fail test; the harness still checks its invariants after every run
 # (exit 1 if one is broken). Sends load only to 127.0.0.1; every run is bounded in count and time.
 #
-# Usage: loadtest/soak.sh [ORDERS] [PROBE_RATE]   (env RETENTION, default 10s)
+# Usage: loadtest/soak.sh [ORDERS] [PROBE_RATE]   (env RETENTION, default 10s; KEEP=1 keeps the
+# data dir, the server's log and the probes' reports)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,7 +21,7 @@ work=$(mktemp -d /tmp/turnstile-soak.XXXXXX)
 pid=
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  rm -rf "$work"
+  if [ -n "${KEEP:-}" ]; then echo "soak: kept $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 
@@ -45,7 +46,7 @@ bytes() { cat "$@" 2>/dev/null | wc -c; }
 p99() { python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("%.2f ms p99, %.0f req/s" % (r["all"]["p99_ms"], r["throughput_rps"]))' "$1"; }
 
 probe() {
-  echo "soak: probe $1 (open model, $rate req/s, 20 s)" >&2
+  echo "soak: probe $1 (open model, $rate req/s, 20 s) from $(date +%T)" >&2
   target/release/loadtest steady --target "$addr" --rate "$rate" --duration 20s \
     --requests $((rate * 20)) --out "$work/$1" >"$work/$1.txt"
 }
@@ -68,8 +69,17 @@ target/release/loadtest steady --target "$addr" --model closed --connections 64 
 tail -n +1 "$work/bulk.txt" | head -3 >&2
 probe end
 end_row=$(measure end)
+# A second probe at the end: a snapshot (it folds the segments written since the last one) may
+# overlap either; the log's snapshot times say which.
+probe end-again
+again_row=$(measure end-again)
 
 echo "| when | orders placed | RSS | orders in memory | keys in memory | events in memory | rejections in memory | snapshot | journal on disk | probe |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 echo "$start_row"
 echo "$end_row"
+echo "$again_row"
+echo
+echo "snapshots written (UTC):"
+grep 'journal snapshot written' "$work/log" | cut -c12-19 | tr '\n' ' '
+echo

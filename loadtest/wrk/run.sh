@@ -6,13 +6,16 @@
 #   (c) successful checkouts all on one hot SKU.
 # With MYSQL_URL=mysql://root@127.0.0.1:3306 set, the server runs with --mysql-url on a database
 # `turnstile_wrk` created afresh (and migrated); otherwise on the embedded journal.
-# Usage: [MYSQL_URL=...] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
+# With TURNSTILE_BIN=path, that binary is measured instead of this tree's release build (to compare
+# two versions side by side).
+# Usage: [MYSQL_URL=...] [TURNSTILE_BIN=...] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${1:-10s}
 connections=${2:-64}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
-cargo build --release --quiet
+bin=${TURNSTILE_BIN:-target/release/turnstile}
+[ -n "${TURNSTILE_BIN:-}" ] || cargo build --release --quiet
 data=$(mktemp -d -p target wrk-data.XXXXXX)
 out=$(mktemp)
 journal=()
@@ -26,10 +29,10 @@ if u.password:
     args.append("-p" + u.password)
 subprocess.run(args + ["-e", "DROP DATABASE IF EXISTS turnstile_wrk; CREATE DATABASE turnstile_wrk"], check=True)
 PY
-  target/release/turnstile migrate --mysql-url "$mariadb_url"
+  "$bin" migrate --mysql-url "$mariadb_url"
   journal=(--mysql-url "$mariadb_url")
 fi
-target/release/turnstile serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" > "$out" 2> "$data.log" &
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" > "$out" 2> "$data.log" &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data" "$data.log" "$out"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$out" && break; sleep 0.1; done
