@@ -25,6 +25,16 @@ fn config() -> EngineConfig {
     }
 }
 
+/// Appends a product record and waits for its outcome.
+fn append_product(journal: &FileJournal, name: &str) -> Result<(), JournalError> {
+    journal
+        .append(Record::Product {
+            product: product(name, 1, 1),
+        })
+        .wait()
+        .map(|_| ())
+}
+
 /// Waits until the journal takes appends again: it retries on a backoff clock of its own.
 fn wait_until_healthy(journal: &FileJournal) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -143,13 +153,7 @@ fn a_failed_sync_is_never_retried_on_that_file_and_the_journal_recovers() {
     let disk = SimulatedDisk::new();
     let (journal, _) =
         FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
-    let append = |name: &str| {
-        journal
-            .append(Record::Product {
-                product: product(name, 1, 1),
-            })
-            .wait()
-    };
+    let append = |name: &str| append_product(&journal, name);
     append("ok").expect("durable");
     let segments_before = disk
         .list()
@@ -256,13 +260,7 @@ fn a_failed_batch_never_comes_back_even_if_its_bytes_reach_the_disk() {
     let disk = SimulatedDisk::new();
     let (journal, _) =
         FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
-    let append = |name: &str| {
-        journal
-            .append(Record::Product {
-                product: product(name, 1, 1),
-            })
-            .wait()
-    };
+    let append = |name: &str| append_product(&journal, name);
     append("ok").expect("durable");
     disk.fail_next_syncs(1);
     assert!(matches!(append("lost"), Err(JournalError::Io { .. })));
