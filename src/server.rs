@@ -187,11 +187,14 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_slow_sweep = now_ms();
-    // Retention is enforced to within a quarter of the shortest one, at most once a second and
-    // at least once a minute.
+    // Retention (and cart expiry) is enforced to within a quarter of the shortest one, at most
+    // once a second and at least once a minute.
     let config = app.engine.config();
-    let slow_sweep_ms =
-        (config.answer_retention_ms.min(config.order_retention_ms) / 4).clamp(1_000, 60_000);
+    let shortest_ms = config
+        .answer_retention_ms
+        .min(config.order_retention_ms)
+        .min(app.carts.idle_ms());
+    let slow_sweep_ms = (shortest_ms / 4).clamp(1_000, 60_000);
     loop {
         ticker.tick().await;
         let now = now_ms();

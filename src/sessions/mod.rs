@@ -66,6 +66,11 @@ impl CartStore {
         }
     }
 
+    /// How long a cart lives without use.
+    pub fn idle_ms(&self) -> i64 {
+        self.idle_ms
+    }
+
     /// How many carts are held now.
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Relaxed)

@@ -88,3 +88,25 @@ async fn on_mysql_an_order_past_retention_is_answered_from_the_database() {
     let database = TestDatabase::create().await;
     retention_round(Some(&database.url)).await;
 }
+
+#[tokio::test]
+async fn carts_are_capped_and_expired_ones_make_room() {
+    // Proves: past --carts-max, POST /v1/carts answers 503 overloaded with Retry-After (anyone may
+    // create carts at any rate, so memory needs the bound); once carts expire there is room again.
+    let app = spawn_app(&["--carts-max", "2", "--cart-ttl", "1s"]);
+    let mut client = app.client();
+    for _ in 0..2 {
+        assert_eq!(client.send("POST", "/v1/carts", &[], "").await.status, 201);
+    }
+    let full = client.send("POST", "/v1/carts", &[], "").await;
+    assert_eq!(full.status, 503);
+    assert_eq!(full.json()["error"], "overloaded");
+    assert!(full.retry_after.is_some());
+    assert_eq!(gauge(&mut client, "turnstile_carts_in_memory").await, 2);
+    eventually(
+        "expired carts to make room",
+        Duration::from_secs(15),
+        async || client.send("POST", "/v1/carts", &[], "").await.status == 201,
+    )
+    .await;
+}
