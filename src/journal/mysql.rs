@@ -221,8 +221,10 @@ impl MySqlJournal {
         check_schema(&pool).await?;
         // Keys past retention go before the load, so that every key the database still holds is
         // one memory knows: a fresh use of it then replaces its rows instead of clashing with them.
-        purge_answers(&pool, crate::time::now_ms() - config.retention.answer_ms).await?;
-        let (state, next_event_seq) = load(&pool, config.retention).await?;
+        // One `now` for both, so no key falls between the purge's cutoff and the load's.
+        let now = crate::time::now_ms();
+        purge_answers(&pool, now - config.retention.answer_ms).await?;
+        let (state, next_event_seq) = load(&pool, config.retention, now).await?;
         let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
         let degraded = Arc::new(AtomicUsize::new(0));
         let durable_seq = Arc::new(AtomicU64::new(next_event_seq - 1));
@@ -320,7 +322,11 @@ fn order_from_row(
 }
 
 /// Reads the durable state from the materialised tables; returns it and the next event seq.
-async fn load(pool: &MySqlPool, retention: Retention) -> Result<(State, u64), JournalError> {
+async fn load(
+    pool: &MySqlPool,
+    retention: Retention,
+    now: i64,
+) -> Result<(State, u64), JournalError> {
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
     for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
@@ -342,8 +348,7 @@ async fn load(pool: &MySqlPool, retention: Retention) -> Result<(State, u64), Jo
         state.products.insert(product.sku.clone(), product);
     }
     // Only what memory keeps: orders that hold stock or are within retention, answers within
-    // retention. The units of the older paid orders are counted from `inventory`.
-    let now = crate::time::now_ms();
+    // retention (at `now`). The units of the older paid orders are counted from `inventory`.
     let order_cutoff = now - retention.order_ms;
     let live = "o.status IN ('reserved', 'payment_pending') OR o.created_at_ms >= ?";
     let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();

@@ -235,6 +235,17 @@ mod tests {
     }
 
     #[test]
+    fn a_torn_tail_counts_its_records() {
+        // The count a crash's cut is logged with: the bad record and every intact one after it.
+        let mut bytes = segment(&[&[b"one"], &[b"two", b"three", b"four"]], 1);
+        let second = HEADER_LEN + 3;
+        bytes[second + HEADER_LEN] ^= 1;
+        assert_eq!(records_in_tail(&bytes, second), 3);
+        let cut = bytes.len() - 2;
+        assert_eq!(records_in_tail(&bytes[..cut], second), 2);
+    }
+
+    #[test]
     fn a_bad_frame_inside_the_last_batch_is_torn() {
         let mut bytes = segment(&[&[b"one"], &[b"two", b"three"]], 1);
         let second = HEADER_LEN + 3;

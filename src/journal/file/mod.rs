@@ -739,9 +739,7 @@ impl Shared {
                 let bytes = self
                     .storage
                     .read_at(&name, frame.offset, frame.len)
-                    .map_err(|e| {
-                        JournalError::io(format!("reading {}", self.storage.describe(&name)), &e)
-                    })?;
+                    .map_err(|e| self.read_error(&name, info, &e))?;
                 let Some(read) = format::read_frame(&bytes, 0) else {
                     return Err(corrupt(
                         self.storage.as_ref(),
@@ -768,22 +766,28 @@ impl Shared {
         Ok(out)
     }
 
+    /// What a failed read of a segment kept for its events means.
+    fn read_error(&self, name: &str, info: &SegmentInfo, error: &std::io::Error) -> JournalError {
+        if error.kind() == std::io::ErrorKind::NotFound {
+            // Removed by a checkpoint since the look at the list: past retention now.
+            JournalError::Pruned {
+                first_seq: info.first_event_seq,
+            }
+        } else {
+            JournalError::io(format!("reading {}", self.storage.describe(name)), error)
+        }
+    }
+
     /// The frames of a segment (from the cache, or by one read of the file).
     fn frame_table(&self, info: &SegmentInfo) -> Result<Arc<Vec<FrameRef>>, JournalError> {
         if let Some(table) = lock(&self.frame_tables).get(info.first_lsn) {
             return Ok(table);
         }
         let name = segment_name(info.first_lsn);
-        let bytes = self.storage.read(&name).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::NotFound {
-                // Removed by a checkpoint since the look at the list: past retention now.
-                JournalError::Pruned {
-                    first_seq: info.first_event_seq,
-                }
-            } else {
-                JournalError::io(format!("reading {}", self.storage.describe(&name)), &e)
-            }
-        })?;
+        let bytes = self
+            .storage
+            .read(&name)
+            .map_err(|e| self.read_error(&name, info, &e))?;
         let scan = scan_segment(&bytes, info.first_lsn);
         // The segment after this one, if any: this one's records end where it starts (see
         // `fold`), and only the active segment (the last) may end in a batch being written.
@@ -943,6 +947,7 @@ impl Writer {
         pipeline.mark_failed(error.clone());
         let mut backoff = std::time::Duration::from_millis(20);
         let mut superseded = false;
+        let mut reported_corrupt = false;
         loop {
             if !superseded {
                 match self.start_segment_after_durable() {
@@ -966,6 +971,14 @@ impl Writer {
                     Ok(()) => {
                         pipeline.reopen(self.durable_lsn + 1, self.durable_next_event_seq);
                         return true;
+                    }
+                    // The disk's content contradicts what was acknowledged: say so where an
+                    // operator looks (/readyz), once; no retry will mend it.
+                    Err(corrupt @ JournalError::Corrupt { .. }) => {
+                        if !reported_corrupt {
+                            reported_corrupt = true;
+                            pipeline.mark_failed(corrupt);
+                        }
                     }
                     Err(probe_error) => {
                         tracing::warn!(%probe_error, "the journal's disk does not take writes yet")
