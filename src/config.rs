@@ -39,6 +39,7 @@ pub const SERVE_OPTIONS: &[OptionSpec] = &[
     OptionSpec { name: "cart-ttl", env: Some("TURNSTILE_CART_TTL"), default: Some("1h"), help: "idle expiry of a cart" },
     OptionSpec { name: "carts-max", env: Some("TURNSTILE_CARTS_MAX"), default: Some("1000000"), help: "live carts at most; past it POST /v1/carts answers 503 overloaded" },
     OptionSpec { name: "connections-max", env: Some("TURNSTILE_CONNECTIONS_MAX"), default: Some("10000"), help: "open client connections at most; past it new connections wait in the kernel's backlog until one closes" },
+    OptionSpec { name: "checkouts-in-flight-max", env: Some("TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX"), default: Some("10000"), help: "checkouts past their hold (authorising, committing) at most at once; past it a checkout answers 503 overloaded with Retry-After" },
     OptionSpec { name: "redis-url", env: Some("TURNSTILE_REDIS_URL"), default: None, help: "carts and submission locks in Redis (not in this build yet)" },
     OptionSpec { name: "amqp-url", env: Some("TURNSTILE_AMQP_URL"), default: None, help: "also publish order events to RabbitMQ (not in this build yet)" },
     OptionSpec { name: "gateway-url", env: Some("TURNSTILE_GATEWAY_URL"), default: None, help: "payment gateway over HTTP (not in this build yet)" },
@@ -88,6 +89,9 @@ pub struct ServeConfig {
     /// The most open client connections, so a connection flood cannot exhaust file descriptors
     /// or memory.
     pub connections_max: usize,
+    /// The most checkouts past their hold at once: bounds the tasks and gateway calls a flood can
+    /// start.
+    pub checkouts_in_flight_max: usize,
 }
 
 /// `--help` for `serve`, generated from [`SERVE_OPTIONS`].
@@ -303,6 +307,7 @@ pub fn parse_serve(
     let cart_ttl = positive("cart-ttl")?;
     let carts_max = count("carts-max", 1..=1_000_000_000)? as usize;
     let connections_max = count("connections-max", 1..=1_000_000)? as usize;
+    let checkouts_in_flight_max = count("checkouts-in-flight-max", 1..=1_000_000)? as usize;
     Ok(ServeConfig {
         mysql,
         journal_timeout,
@@ -319,6 +324,7 @@ pub fn parse_serve(
         cart_ttl,
         carts_max,
         connections_max,
+        checkouts_in_flight_max,
     })
 }
 

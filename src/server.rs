@@ -20,9 +20,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// Checkouts past their hold at most at once.
-const CHECKOUTS_IN_FLIGHT_MAX: usize = 10_000;
-
 /// The most holds one sweep releases, so one sweep never stalls the runtime.
 const SWEEP_HOLDS_MAX: usize = 10_000;
 
@@ -141,7 +138,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         slow_client_timeout: config.slow_client_timeout,
         metrics: Metrics::new(api::ROUTES),
         settled: tokio::sync::Notify::new(),
-        checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(CHECKOUTS_IN_FLIGHT_MAX)),
+        checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
     });
 
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -293,3 +293,49 @@ impl Pipeline {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{Cents, Currency, Sku, Stock};
+    use crate::engine::records::Product;
+
+    fn record(n: usize) -> Record {
+        Record::Product {
+            product: Product {
+                sku: Sku::parse(format!("s{n}")).unwrap(),
+                name: "p".into(),
+                price_cents: Cents::parse(1).unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                stock: Stock::parse(1).unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_full_queue_refuses_appends_as_overloaded_and_changes_nothing() {
+        // Proves: past QUEUE_RECORDS_MAX records waiting for the writer, an append is refused at
+        // once (nothing queued, so nothing changed) and health says why; room comes back when
+        // the writer takes a batch.
+        let pipeline = Pipeline::new(1, 1);
+        let mut tickets = Vec::with_capacity(QUEUE_RECORDS_MAX);
+        for n in 0..QUEUE_RECORDS_MAX {
+            tickets.push(pipeline.submit(record(n)));
+        }
+        assert!(matches!(
+            pipeline.health(),
+            Err(JournalError::Overloaded(QUEUE_RECORDS_MAX))
+        ));
+        let refused = pipeline.submit(record(QUEUE_RECORDS_MAX)).wait();
+        assert!(
+            matches!(refused, Err(JournalError::Overloaded(_))),
+            "{refused:?}"
+        );
+        assert!(refused.is_err_and(|e| e.nothing_changed()));
+        let mut batch = Vec::new();
+        assert!(pipeline.take_blocking(1_000, &mut batch));
+        assert_eq!(pipeline.health(), Ok(()));
+        pipeline.committed(&mut batch, 0, 0, &[]);
+        assert_eq!(tickets.remove(0).wait().map(|a| a.lsn), Ok(1));
+    }
+}

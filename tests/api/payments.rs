@@ -368,3 +368,47 @@ async fn a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders() {
         last.insert(order, status);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_past_the_in_flight_limit_are_refused_and_change_nothing() {
+    // Proves: with --checkouts-in-flight-max checkouts waiting on the gateway, the next checkout
+    // answers 503 overloaded with Retry-After at once, holds nothing and keeps no answer under its
+    // key; once the others end, the same key places its order.
+    let app = spawn_app(&["--checkouts-in-flight-max", "2", "--gateway-timeout", "3s"]);
+    let mut client = app.client();
+    client.put_product("F", 100, 10).await;
+    let addr = app.addr;
+    let slow: Vec<_> = (0..2)
+        .map(|i| {
+            tokio::spawn(async move {
+                crate::helpers::Client::new(addr)
+                    .checkout(&format!("slow-{i}"), "F", 1, "tok_timeout")
+                    .await
+                    .expect("answer")
+            })
+        })
+        .collect();
+    eventually(
+        "both slow checkouts to hold their units",
+        Duration::from_secs(10),
+        async || client.stock("F").await.2 == 2,
+    )
+    .await;
+    let refused = client
+        .checkout("next", "F", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert!(refused.retry_after.is_some());
+    assert_eq!(client.stock("F").await, (10, 8, 2, 0), "nothing more held");
+    for task in slow {
+        assert_eq!(task.await.expect("task").status, 504);
+    }
+    let placed = client
+        .checkout("next", "F", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(placed.status, 201, "the refused key was kept by nothing");
+    assert_eq!(client.stock("F").await, (10, 9, 0, 1));
+}
