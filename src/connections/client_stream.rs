@@ -1,12 +1,12 @@
-//! A client's TCP stream as hyper reads it: closed when its first request has not arrived within
-//! the slow-client timeout of being accepted, and with a DEL in an `Idempotency-Key` value of an
-//! HTTP/1 request head made visible to the handler ([`RequestHeads`] says why and how).
+//! A client's TCP stream as hyper reads it: closed when its first request has not begun within
+//! the slow-client timeout of being accepted, and with a DEL in an `Idempotency-Key` value made
+//! visible to the handler ([`RequestHeads`] says why and how).
 //!
 //! hyper's own `header_read_timeout` only starts once hyper-util has decided between HTTP/1 and
 //! HTTP/2, and that decision waits for the client's first bytes without any limit: a client that
 //! sends nothing, or only the first bytes of the HTTP/2 preface, would hold its connection (and
-//! its place under `--connections-max`) forever. This deadline covers that gap, and the whole
-//! first HTTP/1 head with it.
+//! its place under `--connections-max`) forever. This deadline covers that gap; hyper's timers
+//! cover the rest.
 
 use super::request_heads::RequestHeads;
 use std::future::Future;
@@ -21,8 +21,8 @@ use tokio::time::Sleep;
 /// One accepted client connection.
 pub(super) struct ClientStream {
     stream: TcpStream,
-    /// Follows what the client sends: when its first request has arrived, and where its HTTP/1
-    /// request heads are.
+    /// Watches what the client sends: when its first request has begun, and DEL bytes in
+    /// `Idempotency-Key` lines.
     heads: RequestHeads,
     /// When the first request must have arrived by; `None` once it has.
     first_request_deadline: Option<Pin<Box<Sleep>>>,
