@@ -287,8 +287,11 @@ pub struct Engine {
     orders: Box<[Mutex<FxHashMap<OrderId, OrderEntry>>]>,
     /// Orders that hold stock, by deadline, so the sweeper never scans the others.
     holds_by_deadline: Mutex<BTreeSet<(i64, OrderId)>>,
-    /// Finished orders by creation time, so the retention purge never scans the live ones.
-    finished_by_time: Mutex<BTreeSet<(i64, OrderId)>>,
+    /// Finished orders in the order they finished, with their creation time: the retention purge
+    /// takes from the front. Appending costs O(1) under a lock held for nanoseconds (every placed
+    /// order passes here); an order that finished late sits behind newer ones and leaves a little
+    /// after its retention, never before.
+    finished_by_time: Mutex<std::collections::VecDeque<(i64, OrderId)>>,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
@@ -344,7 +347,10 @@ impl Engine {
                 },
             );
         }
-        for order in state.orders.values() {
+        // In creation order, so the retention purge finds the oldest finished orders first.
+        let mut by_time: Vec<&Order> = state.orders.values().collect();
+        by_time.sort_by_key(|o| o.created_at_ms);
+        for order in by_time {
             let mut lines = Vec::with_capacity(order.items.len());
             for item in &order.items {
                 let index = engine.inventory.lookup(&item.sku).ok_or_else(|| {
@@ -796,7 +802,7 @@ impl Engine {
                 lock(&self.holds_by_deadline).insert(key);
             }
         } else if previous.is_none_or(|p| p.holds_stock()) {
-            lock(&self.finished_by_time).insert((order.created_at_ms, order.order_id.clone()));
+            lock(&self.finished_by_time).push_back((order.created_at_ms, order.order_id.clone()));
         }
     }
 
@@ -804,22 +810,27 @@ impl Engine {
     /// `limit`); returns how many left. Their sold units stay counted.
     pub fn purge_orders(&self, now_ms: i64, limit: usize) -> usize {
         let cutoff = now_ms - self.config.order_retention_ms;
-        let due: Vec<(i64, OrderId)> = lock(&self.finished_by_time)
-            .iter()
-            .take_while(|(created, _)| *created < cutoff)
-            .take(limit)
-            .cloned()
-            .collect();
         let mut dropped = 0;
-        for key in due {
-            let mut orders = lock(&self.orders[shard_index(&key.1)]);
-            // An order with a change in flight stays until the change settles.
-            if orders.get(&key.1).is_some_and(|e| e.busy) {
-                continue;
+        while dropped < limit {
+            let due = {
+                let mut finished = lock(&self.finished_by_time);
+                match finished.front() {
+                    Some((created, _)) if *created < cutoff => finished.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((created, order_id)) = due else {
+                break;
+            };
+            let mut orders = lock(&self.orders[shard_index(&order_id)]);
+            // An order with a change in flight stays until the change settles (the next purge
+            // finds it at the front again).
+            if orders.get(&order_id).is_some_and(|e| e.busy) {
+                drop(orders);
+                lock(&self.finished_by_time).push_front((created, order_id));
+                break;
             }
-            orders.remove(&key.1);
-            drop(orders);
-            lock(&self.finished_by_time).remove(&key);
+            orders.remove(&order_id);
             dropped += 1;
         }
         dropped
