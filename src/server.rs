@@ -38,6 +38,9 @@ pub enum ServeError {
     /// The data dir is held by another process, or cannot be created or locked.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
+    /// The kernel's random source failed: no secret or cart id could be made (no fallback).
+    #[error(transparent)]
+    Random(#[from] crate::random::RandomError),
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -120,7 +123,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     drop(state);
     let webhook_secret = match &config.webhook_secret {
         Some(secret) => secret.as_bytes().to_vec(),
-        None => crate::random::random_bytes(32),
+        None => crate::random::random_bytes(32)?,
     };
     let simulator = Simulator::new(SimulatorConfig {
         webhook_secret: webhook_secret.clone(),
@@ -130,7 +133,7 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
-        carts: CartStore::new(config.cart_ttl.as_millis() as i64, config.carts_max),
+        carts: CartStore::new(config.cart_ttl.as_millis() as i64, config.carts_max)?,
         gateway: Arc::new(Arc::clone(&simulator)),
         webhook_secret,
         gateway_timeout: config.gateway_timeout,

@@ -2,7 +2,7 @@
 //! lost on restart (DESIGN.md). Redis comes with its own issue, behind the same operations.
 
 use crate::domain::{CartId, Sku};
-use crate::random::TokenGenerator;
+use crate::random::{RandomError, TokenGenerator};
 use crate::sync::{lock, shard_of};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,14 +56,15 @@ pub struct CartStore {
 
 impl CartStore {
     /// An empty store whose carts expire after `idle_ms` without use, holding `carts_max` at most.
-    pub fn new(idle_ms: i64, carts_max: usize) -> Self {
-        Self {
+    /// Fails only if the kernel's random source does (cart ids must be unguessable).
+    pub fn new(idle_ms: i64, carts_max: usize) -> Result<Self, RandomError> {
+        Ok(Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             idle_ms,
             carts_max,
             count: AtomicUsize::new(0),
-            ids: TokenGenerator::default(),
-        }
+            ids: TokenGenerator::new()?,
+        })
     }
 
     /// How long a cart lives without use.
@@ -201,7 +202,7 @@ mod tests {
 
     #[test]
     fn carts_expire_when_idle_and_use_refreshes_them() {
-        let store = CartStore::new(1_000, 10);
+        let store = CartStore::new(1_000, 10).unwrap();
         let cart = store.create(0).unwrap();
         let sku = Sku::parse("a").unwrap();
         let view = store.set_item(&cart.cart_id, &sku, 2, 500).unwrap();
@@ -216,7 +217,7 @@ mod tests {
 
     #[test]
     fn live_carts_are_capped_and_expired_ones_make_room() {
-        let store = CartStore::new(1_000, 3);
+        let store = CartStore::new(1_000, 3).unwrap();
         for _ in 0..3 {
             store.create(0).unwrap();
         }
@@ -228,7 +229,7 @@ mod tests {
 
     #[test]
     fn zero_removes_and_the_size_is_bounded() {
-        let store = CartStore::new(60_000, 10);
+        let store = CartStore::new(60_000, 10).unwrap();
         let cart = store.create(0).unwrap();
         let sku = Sku::parse("a").unwrap();
         store.set_item(&cart.cart_id, &sku, 2, 0).unwrap();

@@ -287,7 +287,7 @@ impl TestDatabase {
         }
         let name = format!(
             "turnstile_test_{}",
-            turnstile::random::hex(&turnstile::random::random_bytes(6))
+            turnstile::random::hex(&turnstile::random::random_bytes(6).expect("random"))
         );
         let admin = sqlx::MySqlPool::connect(&format!("mysql://root@{MARIADB_ADDR}/test"))
             .await
