@@ -10,7 +10,7 @@ mod products;
 mod webhooks;
 
 use crate::engine::{Applied, Change, Engine, EngineError};
-use crate::journal::{Journal, JournalError};
+use crate::journal::{Journal, JournalError, Ticket};
 use crate::metrics::Metrics;
 use crate::payment::PaymentGateway;
 use crate::sessions::CartStore;
@@ -361,45 +361,92 @@ pub async fn prepare_when_free<T>(
 pub type Settlement = Result<Applied, JournalError>;
 
 /// Appends a change's record and applies the change to memory once it is durable, or aborts it
-/// when the journal did not take it; then runs `then` with the outcome. All of it in a task of its
-/// own, so the change settles exactly once even if the request is dropped or times out. The
-/// request waits at most `--journal-timeout`: past it the answer is `503` with the outcome unknown.
-/// A change whose outcome the journal could not tell (it stopped) stays unsettled: its holds and
-/// key stay taken until a restart's recovery says what is durable.
-pub async fn commit(
-    state: &Shared,
-    change: Change,
-    then: impl FnOnce(&Shared, &Settlement) + Send + 'static,
-) -> Result<Applied, ApiError> {
+/// when the journal did not take it; then runs `then` with the outcome. The request waits at most
+/// `--journal-timeout` (past it the answer is `503` with the outcome unknown); if it stops waiting
+/// (the timeout, or the client went away), the rest runs in a task of its own, so the change
+/// settles exactly once either way. A change whose outcome the journal could not tell (it stopped)
+/// stays unsettled: its holds and key stay taken until a restart's recovery says what is durable.
+pub async fn commit<F>(state: &Shared, change: Change, then: F) -> Result<Applied, ApiError>
+where
+    F: FnOnce(&Shared, &Settlement) + Send + 'static,
+{
     let ticket = state.journal.append(change.record().clone());
-    let app = Arc::clone(state);
-    let task = tokio::spawn(async move {
-        let outcome = match ticket.await {
-            Ok(_) => Ok(app.engine.apply(change)),
-            Err(error) if error.nothing_changed() => {
-                app.engine.abort(change);
-                Err(error)
-            }
-            Err(error) => {
-                tracing::error!(%error, "a change's outcome is unknown; it stays pending until a restart");
-                // Not aborted: its holds and its key stay taken (the record may be durable).
-                drop(change);
-                Err(error)
-            }
-        };
-        app.settled.notify_waiters();
-        then(&app, &outcome);
-        outcome
-    });
-    match tokio::time::timeout(state.journal_timeout, task).await {
-        Ok(Ok(Ok(applied))) => Ok(applied),
-        Ok(Ok(Err(error))) => Err(ApiError::journal_unavailable(&error)),
-        Ok(Err(error)) => Err(ApiError::internal(format!("a commit task failed: {error}"))),
+    let mut settle = Settle {
+        app: Arc::clone(state),
+        ticket,
+        rest: Some((change, then)),
+    };
+    match tokio::time::timeout(state.journal_timeout, settle.wait()).await {
+        Ok(Ok(applied)) => Ok(applied),
+        Ok(Err(error)) => Err(ApiError::journal_unavailable(&error)),
         Err(_) => Err(ApiError::outcome_unknown(&format!(
             "no commit within {:?}",
             state.journal_timeout
         ))),
     }
+}
+
+/// A change whose record is appended, and what follows its commit.
+struct Settle<F: FnOnce(&Shared, &Settlement) + Send + 'static> {
+    app: Shared,
+    ticket: Ticket,
+    /// Taken when the change settles; still here if the waiter stopped waiting first.
+    rest: Option<(Change, F)>,
+}
+
+impl<F: FnOnce(&Shared, &Settlement) + Send + 'static> Settle<F> {
+    /// Waits for the commit and settles the change. Nothing is awaited after the ticket resolves,
+    /// so a waiter dropped at any point leaves the change unsettled, never half-settled.
+    async fn wait(&mut self) -> Settlement {
+        let committed = (&mut self.ticket).await;
+        match self.rest.take() {
+            Some((change, then)) => settle(&self.app, change, then, committed),
+            None => Err(JournalError::Unknown("settled twice".into())),
+        }
+    }
+}
+
+impl<F: FnOnce(&Shared, &Settlement) + Send + 'static> Drop for Settle<F> {
+    fn drop(&mut self) {
+        let Some((change, then)) = self.rest.take() else {
+            return;
+        };
+        let ticket = std::mem::replace(&mut self.ticket, Ticket::failed(JournalError::Closed));
+        let app = Arc::clone(&self.app);
+        // Without a runtime the process is ending: the journal's recovery decides at the restart.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                let committed = ticket.await;
+                let _ = settle(&app, change, then, committed);
+            });
+        }
+    }
+}
+
+/// Applies or aborts a change by its commit's outcome, wakes requests waiting for it, and runs
+/// what follows.
+fn settle<F: FnOnce(&Shared, &Settlement)>(
+    app: &Shared,
+    change: Change,
+    then: F,
+    committed: Result<crate::journal::Appended, JournalError>,
+) -> Settlement {
+    let outcome = match committed {
+        Ok(_) => Ok(app.engine.apply(change)),
+        Err(error) if error.nothing_changed() => {
+            app.engine.abort(change);
+            Err(error)
+        }
+        Err(error) => {
+            tracing::error!(%error, "a change's outcome is unknown; it stays pending until a restart");
+            // Not aborted: its holds and its key stay taken (the record may be durable).
+            drop(change);
+            Err(error)
+        }
+    };
+    app.settled.notify_waiters();
+    then(app, &outcome);
+    outcome
 }
 
 /// A JSON answer with a body already rendered.
