@@ -386,9 +386,11 @@ fn read_config_file(path: &std::path::Path) -> Result<HashMap<String, String>, C
             serde_json::Value::String(s) => s.clone(),
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
-            other => return Err(ConfigError(format!(
+            other => {
+                return Err(ConfigError(format!(
                 "config file {shown}: {key} must be a string, a number or a boolean, not {other}"
-            ))),
+            )))
+            }
         };
         values.insert(id, text);
     }
