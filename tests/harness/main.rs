@@ -6,6 +6,7 @@
 mod helpers;
 
 use helpers::{spawn_app, TestDatabase};
+use loadtest::client::Endpoint;
 use loadtest::reference::{serve_mysql_for_update, ReferenceConfig};
 use loadtest::report::Report;
 use loadtest::run::{run, Model, RunConfig};
@@ -31,19 +32,19 @@ async fn drive(
     duration: Duration,
     requests_max: u64,
 ) -> Report {
-    scenario.setup(addr).await.expect("setup");
+    let endpoint = Endpoint::plain(addr);
+    scenario.setup(&endpoint).await.expect("setup");
     let config = RunConfig {
-        addr,
+        endpoint: endpoint.clone(),
         model,
         connections: 32,
         duration,
         requests_max,
         progress: false,
-        http2: false,
     };
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
-    let verification = scenario.verify(addr, &recording).await;
+    let verification = scenario.verify(&endpoint, &recording).await;
     Report::new(
         "test",
         scenario.kind.name(),
@@ -180,19 +181,19 @@ async fn the_redis_lua_reference_sells_exactly_its_stock() {
 async fn the_harness_drives_turnstile_over_http2_too() {
     let app = spawn_app(&[]);
     let scenario = flash_sale(30);
-    scenario.setup(app.addr).await.expect("setup");
+    let endpoint = Endpoint::h2c(app.addr);
+    scenario.setup(&endpoint).await.expect("setup");
     let config = RunConfig {
-        addr: app.addr,
+        endpoint: endpoint.clone(),
         model: Model::Closed,
         connections: 8,
         duration: Duration::from_secs(20),
         requests_max: 300,
         progress: false,
-        http2: true,
     };
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
-    let verification = scenario.verify(app.addr, &recording).await;
+    let verification = scenario.verify(&endpoint, &recording).await;
     let report = Report::new("test", "flash-sale", "h2", 8, &recording, verification);
     assert!(report.passed(), "{}", report.text());
     assert_eq!(report.errors, 0);
