@@ -1,63 +1,433 @@
-//! The `serve` configuration: command-line flags win over environment variables, which win over the
-//! JSON config file, which wins over the defaults. The config file is refused when its mode lets
-//! group or others read it (it may hold secrets).
+//! The command line, on `clap` (derive): `serve` (also `turnstile` alone, or `turnstile --listen …`),
+//! `migrate` and `gateway-sim`, each with a generated `--help`; an unknown option or a bad value
+//! exits 2 with clap's message.
+//!
+//! A `serve` option comes from, in this order: its flag, its environment variable (clap's `env`),
+//! the JSON config file (`--config FILE`, keys = option names), its default. clap knows the first two
+//! and the default; the file sits between environment and default, so it is read after a first parse
+//! and its values are given to a second parse as flags, only for options whose first value was the
+//! default (clap's [`ValueSource`]). The config file is refused when its mode lets group or others in
+//! (it may hold secrets).
+//!
+//! Durations are parsed by `humantime` (`500ms`, `90s`, `15m`, `1h`, `7d`), the same parser as the
+//! load-test harness's.
 
-use crate::time::parse_duration;
+use clap::parser::ValueSource;
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// One `serve` option: its flag name, environment variable, default and help text.
-pub struct OptionSpec {
-    /// The flag without `--`.
-    pub name: &'static str,
-    /// The environment variable, if any.
-    pub env: Option<&'static str>,
-    /// The default shown in `--help` (and used when nothing else sets it).
-    pub default: Option<&'static str>,
-    /// What it does.
-    pub help: &'static str,
-}
-
-/// Every `serve` option, in `--help` order.
-pub const SERVE_OPTIONS: &[OptionSpec] = &[
-    OptionSpec { name: "listen", env: Some("TURNSTILE_LISTEN"), default: Some("127.0.0.1:8080"), help: "HTTP listen address (port 0 picks a free port)" },
-    OptionSpec { name: "data-dir", env: Some("TURNSTILE_DATA_DIR"), default: Some("./data"), help: "embedded journal (write-ahead log) location" },
-    OptionSpec { name: "hold-ttl", env: Some("TURNSTILE_HOLD_TTL"), default: Some("15m"), help: "how long an unfinished order may hold stock before it is released" },
-    OptionSpec { name: "webhook-secret", env: Some("TURNSTILE_WEBHOOK_SECRET"), default: None, help: "HMAC key for Turnstile-Signature (default: random at start; the in-process simulator uses the same)" },
-    OptionSpec { name: "gateway-timeout", env: Some("TURNSTILE_GATEWAY_TIMEOUT"), default: Some("5s"), help: "how long an authorisation may take before 504" },
-    OptionSpec { name: "sim-pending-delay", env: Some("TURNSTILE_SIM_PENDING_DELAY"), default: Some("500ms"), help: "in-process simulator: how long tok_pending stays undecided before its webhook" },
-    OptionSpec { name: "mysql-url", env: Some("TURNSTILE_MYSQL_URL"), default: None, help: "use MySQL/MariaDB as the journal instead of the embedded one (mysql://user:pass@host:3306/db; run `turnstile migrate` first)" },
-    OptionSpec { name: "mysql-pool-size", env: Some("TURNSTILE_MYSQL_POOL_SIZE"), default: Some("8"), help: "MySQL connections (the journal's writer uses one; reads share the rest)" },
-    OptionSpec { name: "journal-batch-max", env: Some("TURNSTILE_JOURNAL_BATCH_MAX"), default: Some("2000"), help: "most records in one MySQL transaction (group commit)" },
-    OptionSpec { name: "journal-timeout", env: Some("TURNSTILE_JOURNAL_TIMEOUT"), default: Some("5s"), help: "how long a request waits for its commit before answering 503 journal_unavailable" },
-    OptionSpec { name: "idempotency-retention", env: Some("TURNSTILE_IDEMPOTENCY_RETENTION"), default: Some("24h"), help: "how long the answer of a checkout that created an order is kept under its key; past it the key starts afresh" },
-    OptionSpec { name: "order-retention", env: Some("TURNSTILE_ORDER_RETENTION"), default: Some("7d"), help: "finished orders older than this leave memory (GET /v1/orders/{id} then answers from MySQL when configured, else 404)" },
-    OptionSpec { name: "event-retention", env: Some("TURNSTILE_EVENT_RETENTION"), default: Some("7d"), help: "events are kept on disk at least this long; only a recent window stays in memory" },
-    OptionSpec { name: "slow-client-timeout", env: Some("TURNSTILE_SLOW_CLIENT_TIMEOUT"), default: Some("10s"), help: "a client that has not sent its whole request headers and body within this is disconnected" },
-    OptionSpec { name: "cart-ttl", env: Some("TURNSTILE_CART_TTL"), default: Some("1h"), help: "idle expiry of a cart" },
-    OptionSpec { name: "carts-max", env: Some("TURNSTILE_CARTS_MAX"), default: Some("1000000"), help: "live carts at most; past it POST /v1/carts answers 503 overloaded" },
-    OptionSpec { name: "connections-max", env: Some("TURNSTILE_CONNECTIONS_MAX"), default: Some("10000"), help: "open client connections at most; past it new connections wait in the kernel's backlog until one closes" },
-    OptionSpec { name: "checkouts-in-flight-max", env: Some("TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX"), default: Some("10000"), help: "checkouts past their hold (authorising, committing) at most at once; past it a checkout answers 503 overloaded with Retry-After" },
-    OptionSpec { name: "redis-url", env: Some("TURNSTILE_REDIS_URL"), default: None, help: "carts and submission locks in Redis (not in this build yet)" },
-    OptionSpec { name: "amqp-url", env: Some("TURNSTILE_AMQP_URL"), default: None, help: "also publish order events to RabbitMQ (not in this build yet)" },
-    OptionSpec { name: "gateway-url", env: Some("TURNSTILE_GATEWAY_URL"), default: None, help: "payment gateway over HTTP (not in this build yet)" },
-    OptionSpec { name: "tls-cert", env: None, default: None, help: "serve HTTPS with this certificate (not in this build yet)" },
-    OptionSpec { name: "tls-key", env: None, default: None, help: "private key for --tls-cert (not in this build yet)" },
-    OptionSpec { name: "config", env: Some("TURNSTILE_CONFIG"), default: None, help: "JSON config file (keys = option names); refused if group or others may read it" },
-];
 
 /// A configuration the server cannot start with; the message says what to change.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct ConfigError(pub String);
 
+/// `turnstile`: a checkout engine for flash sales.
+#[derive(Debug, Parser)]
+#[command(
+    name = "turnstile",
+    version,
+    about = "A checkout engine for flash sales: lock-free stock, idempotent checkouts, a durable group-commit journal.",
+    after_help = "`turnstile` alone, or with serve's options, runs `serve`.\nExit codes: 0 normal stop, 1 runtime failure, 2 bad usage or configuration.",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    /// What to run (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// `serve`'s options when no command is named.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the checkout server (the default command); prints `listening on <addr>` once ready.
+    Serve(Box<ServeArgs>),
+    /// Apply the MySQL/MariaDB migrations embedded in this binary; safe to run again.
+    Migrate(MigrateArgs),
+    /// The stand-alone payment gateway simulator over HTTP (not in this build yet: exits 2).
+    GatewaySim(GatewaySimArgs),
+}
+
+/// Lowest TLS version accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TlsMin {
+    /// TLS 1.2 and 1.3.
+    #[value(name = "1.2")]
+    V1_2,
+    /// TLS 1.3 only.
+    #[value(name = "1.3")]
+    V1_3,
+}
+
+/// `serve`'s options. Field names are the option names (`hold_ttl` is `--hold-ttl`, env
+/// `TURNSTILE_HOLD_TTL`, config-file key `"hold-ttl"` or `"hold_ttl"`).
+#[derive(Debug, Clone, Args)]
+#[command(
+    after_help = "Flags win over environment variables, which win over the config file, which wins over the defaults.\nDurations are written like 500ms, 90s, 15m, 1h, 7d."
+)]
+pub struct ServeArgs {
+    /// HTTP listen address (port 0 picks a free port)
+    #[arg(
+        long,
+        env = "TURNSTILE_LISTEN",
+        default_value = "127.0.0.1:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// Embedded journal (write-ahead log) location; one server per dir
+    #[arg(
+        long,
+        env = "TURNSTILE_DATA_DIR",
+        default_value = "./data",
+        value_name = "DIR"
+    )]
+    pub data_dir: PathBuf,
+    /// How long an unfinished order may hold stock before it is released
+    #[arg(long, env = "TURNSTILE_HOLD_TTL", default_value = "15m", value_name = "DURATION", value_parser = positive_duration)]
+    pub hold_ttl: Duration,
+    /// HMAC key of Turnstile-Signature (default: random at start; the in-process simulator uses the same)
+    #[arg(long, env = "TURNSTILE_WEBHOOK_SECRET", value_name = "S", value_parser = non_empty, hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// How long an authorisation may take before 504
+    #[arg(long, env = "TURNSTILE_GATEWAY_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub gateway_timeout: Duration,
+    /// In-process simulator: how long tok_pending stays undecided before its webhook
+    #[arg(long, env = "TURNSTILE_SIM_PENDING_DELAY", default_value = "500ms", value_name = "DURATION", value_parser = duration)]
+    pub sim_pending_delay: Duration,
+    /// MySQL/MariaDB as the journal instead of the embedded one (mysql://user:pass@host:3306/db; run `turnstile migrate` first)
+    #[arg(long, env = "TURNSTILE_MYSQL_URL", value_name = "URL", value_parser = mysql_url, hide_env_values = true)]
+    pub mysql_url: Option<String>,
+    /// MySQL connections (the journal's writer uses one; reads share the rest)
+    #[arg(long, env = "TURNSTILE_MYSQL_POOL_SIZE", default_value = "8", value_name = "N", value_parser = clap::value_parser!(u32).range(2..=256))]
+    pub mysql_pool_size: u32,
+    /// Most records in one MySQL transaction (group commit)
+    #[arg(long, env = "TURNSTILE_JOURNAL_BATCH_MAX", default_value = "2000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub journal_batch_max: u64,
+    /// How long a request waits for its commit before answering 503 journal_unavailable
+    #[arg(long, env = "TURNSTILE_JOURNAL_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub journal_timeout: Duration,
+    /// How long the answer of a checkout that created an order is kept under its key; past it the key starts afresh
+    #[arg(long, env = "TURNSTILE_IDEMPOTENCY_RETENTION", default_value = "24h", value_name = "DURATION", value_parser = positive_duration)]
+    pub idempotency_retention: Duration,
+    /// Finished orders older than this leave memory (GET /v1/orders/{id} then answers from MySQL when configured, else 404)
+    #[arg(long, env = "TURNSTILE_ORDER_RETENTION", default_value = "7d", value_name = "DURATION", value_parser = positive_duration)]
+    pub order_retention: Duration,
+    /// Events are kept on disk at least this long; only a recent window stays in memory
+    #[arg(long, env = "TURNSTILE_EVENT_RETENTION", default_value = "7d", value_name = "DURATION", value_parser = positive_duration)]
+    pub event_retention: Duration,
+    /// A client that has not sent its whole request headers (and body), or finished its TLS handshake, within this is disconnected
+    #[arg(long, env = "TURNSTILE_SLOW_CLIENT_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub slow_client_timeout: Duration,
+    /// Idle expiry of a cart
+    #[arg(long, env = "TURNSTILE_CART_TTL", default_value = "1h", value_name = "DURATION", value_parser = positive_duration)]
+    pub cart_ttl: Duration,
+    /// Live carts at most; past it POST /v1/carts answers 503 overloaded
+    #[arg(long, env = "TURNSTILE_CARTS_MAX", default_value = "1000000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
+    pub carts_max: u64,
+    /// Open client connections at most; past it new connections wait in the kernel's backlog until one closes
+    #[arg(long, env = "TURNSTILE_CONNECTIONS_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub connections_max: u64,
+    /// Checkouts past their hold (authorising, committing) at most at once; past it 503 overloaded with Retry-After
+    #[arg(long, env = "TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub checkouts_in_flight_max: u64,
+    /// Listen backlog: connections the kernel queues before they are accepted (capped by net.core.somaxconn)
+    #[arg(long, env = "TURNSTILE_LISTEN_BACKLOG", default_value = "4096", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=65_535))]
+    pub listen_backlog: u32,
+    /// TCP_NODELAY on client connections: small answers leave at once instead of waiting for Nagle's algorithm
+    #[arg(long, env = "TURNSTILE_TCP_NODELAY", default_value = "true", value_name = "BOOL", action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub tcp_nodelay: bool,
+    /// SO_RCVBUF of client connections in bytes (default: the kernel's, which autotunes; setting it turns autotuning off)
+    #[arg(long, env = "TURNSTILE_SOCKET_RECV_BUFFER", value_name = "BYTES", value_parser = clap::value_parser!(u32).range(4_096..=64 * 1024 * 1024))]
+    pub socket_recv_buffer: Option<u32>,
+    /// SO_SNDBUF of client connections in bytes (default: the kernel's, which autotunes; setting it turns autotuning off)
+    #[arg(long, env = "TURNSTILE_SOCKET_SEND_BUFFER", value_name = "BYTES", value_parser = clap::value_parser!(u32).range(4_096..=64 * 1024 * 1024))]
+    pub socket_send_buffer: Option<u32>,
+    /// Serve HTTPS with this PEM certificate chain (TLS 1.3, HTTP/2 and HTTP/1.1 by ALPN); needs --tls-key
+    #[arg(
+        long,
+        env = "TURNSTILE_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
+    #[arg(
+        long,
+        env = "TURNSTILE_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Lowest TLS version accepted with --tls-cert
+    #[arg(
+        long,
+        env = "TURNSTILE_TLS_MIN",
+        default_value = "1.3",
+        value_name = "VERSION"
+    )]
+    pub tls_min: TlsMin,
+    /// Carts and submission locks in Redis (not in this build yet: refused)
+    #[arg(
+        long,
+        env = "TURNSTILE_REDIS_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub redis_url: Option<String>,
+    /// Also publish order events to RabbitMQ (not in this build yet: refused)
+    #[arg(
+        long,
+        env = "TURNSTILE_AMQP_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub amqp_url: Option<String>,
+    /// Payment gateway over HTTP (not in this build yet: refused)
+    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL")]
+    pub gateway_url: Option<String>,
+    /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)
+    #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+/// `migrate`'s options.
+#[derive(Debug, Clone, Args)]
+pub struct MigrateArgs {
+    /// The MySQL/MariaDB database to migrate (mysql://user:pass@host:3306/db)
+    #[arg(long, env = "TURNSTILE_MYSQL_URL", value_name = "URL", value_parser = mysql_url, hide_env_values = true)]
+    pub mysql_url: String,
+}
+
+/// `gateway-sim`'s options (the contract in API.md; the simulator itself arrives with the payment
+/// gateway issue).
+#[derive(Debug, Clone, Args)]
+pub struct GatewaySimArgs {
+    /// Listen address
+    #[arg(long, default_value = "127.0.0.1:8090", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Where to send signed webhooks
+    #[arg(long, value_name = "URL")]
+    pub webhook_url: Option<String>,
+    /// HMAC key of the webhooks
+    #[arg(long, value_name = "S", value_parser = non_empty)]
+    pub webhook_secret: Option<String>,
+    /// Mean added latency per call
+    #[arg(long, default_value = "0s", value_name = "DURATION", value_parser = duration)]
+    pub latency: Duration,
+    /// Fraction (0–1) of calls that never answer
+    #[arg(long, default_value = "0", value_name = "RATE", value_parser = fraction)]
+    pub fail_timeout: f64,
+    /// Fraction (0–1) of calls answered 5xx
+    #[arg(long = "fail-5xx", default_value = "0", value_name = "RATE", value_parser = fraction)]
+    pub fail_5xx: f64,
+    /// Fraction (0–1) of authorisations done, then the connection dropped before the answer
+    #[arg(long, default_value = "0", value_name = "RATE", value_parser = fraction)]
+    pub fail_drop: f64,
+    /// When tok_pending is decided and its webhook sent
+    #[arg(long, default_value = "500ms", value_name = "DURATION", value_parser = duration)]
+    pub pending_delay: Duration,
+}
+
+/// Parses a duration: `500ms`, `90s`, `15m`, `1h`, `7d` (humantime's syntax, also `1h 30m`).
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 90s, 15m, 1h or 7d ({e})"))
+}
+
+fn duration(raw: &str) -> Result<Duration, String> {
+    parse_duration(raw)
+}
+
+/// A duration longer than 0: a zero retention, expiry or timeout would expire things as soon as
+/// they exist, or cut every client off at once.
+fn positive_duration(raw: &str) -> Result<Duration, String> {
+    let parsed = parse_duration(raw)?;
+    if parsed.is_zero() {
+        return Err("must be longer than 0".into());
+    }
+    Ok(parsed)
+}
+
+fn non_empty(raw: &str) -> Result<String, String> {
+    if raw.is_empty() {
+        return Err("must not be empty".into());
+    }
+    Ok(raw.to_owned())
+}
+
+fn mysql_url(raw: &str) -> Result<String, String> {
+    if !raw.starts_with("mysql://") && !raw.starts_with("mariadb://") {
+        return Err("must look like mysql://user:password@host:3306/database".into());
+    }
+    Ok(raw.to_owned())
+}
+
+fn fraction(raw: &str) -> Result<f64, String> {
+    raw.parse::<f64>()
+        .ok()
+        .filter(|f| (0.0..=1.0).contains(f))
+        .ok_or_else(|| "must be a fraction from 0 to 1".into())
+}
+
+/// What the command line asks for, ready to run.
+#[derive(Debug)]
+pub enum Invocation {
+    /// Run the server.
+    Serve(Box<ServeConfig>),
+    /// Apply the migrations.
+    Migrate(MigrateArgs),
+    /// Run the payment gateway simulator.
+    GatewaySim(GatewaySimArgs),
+}
+
+/// Why the command line could not be used.
+#[derive(Debug)]
+pub enum CliError {
+    /// clap's own: `--help`, `--version` (exit 0) or a usage error (exit 2), already rendered by clap.
+    Clap(clap::Error),
+    /// A value clap accepted that the configuration refuses (exit 2).
+    Config(ConfigError),
+}
+
+/// Parses the whole command line (`args[0]` is the program name). `turnstile` alone, or with only
+/// options, is `serve`.
+pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
+    let matches = Cli::command()
+        .try_get_matches_from(args)
+        .map_err(CliError::Clap)?;
+    let cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
+    let (first, serve_matches) = match cli.command {
+        Some(Command::Migrate(args)) => return Ok(Invocation::Migrate(args)),
+        Some(Command::GatewaySim(args)) => return Ok(Invocation::GatewaySim(args)),
+        Some(Command::Serve(args)) => (
+            *args,
+            matches.subcommand_matches("serve").unwrap_or(&matches),
+        ),
+        None => (cli.serve, &matches),
+    };
+    let Some(path) = first.config.clone() else {
+        return serve_config(first).map(|c| Invocation::Serve(Box::new(c)));
+    };
+    // The file's values fill the options that only had their default.
+    let file = read_config_file(&path).map_err(CliError::Config)?;
+    let mut injected: Vec<String> = Vec::new();
+    for (id, value) in &file {
+        if serve_matches.value_source(id) == Some(ValueSource::DefaultValue)
+            || serve_matches.value_source(id).is_none()
+        {
+            injected.push(format!("--{}={value}", id.replace('_', "-")));
+        }
+    }
+    // A second parse of the file's values followed by the command line's: a flag given twice
+    // takes its last value, so the command line wins; the environment still fills what neither
+    // names; the file named none of the options the environment or the command line set.
+    let given = match matches.subcommand_name() {
+        Some(_) => &args[2..],
+        None => &args[1..],
+    };
+    injected.extend(given.iter().cloned());
+    let command = ServeArgs::augment_args(clap::Command::new("turnstile serve"))
+        .no_binary_name(true)
+        .args_override_self(true);
+    let file_matches = command.try_get_matches_from(&injected).map_err(|error| {
+        CliError::Config(ConfigError(format!(
+            "config file {}: {}",
+            path.display(),
+            error
+                .render()
+                .to_string()
+                .trim_start_matches("error: ")
+                .trim()
+        )))
+    })?;
+    let merged = ServeArgs::from_arg_matches(&file_matches).map_err(CliError::Clap)?;
+    serve_config(merged).map(|c| Invocation::Serve(Box::new(c)))
+}
+
+/// Reads the JSON config file into (option id, value) pairs, option ids with underscores.
+fn read_config_file(path: &std::path::Path) -> Result<HashMap<String, String>, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let shown = path.display();
+    let metadata = std::fs::metadata(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {shown}: {e}")))?;
+    let mode = metadata.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(ConfigError(format!(
+            "config file {shown} has mode {:o}, which lets group or others read it; it may hold secrets: run `chmod 600 {shown}`",
+            mode & 0o777
+        )));
+    }
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read config file {shown}: {e}")))?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ConfigError(format!("config file {shown} is not valid JSON: {e}")))?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| ConfigError(format!("config file {shown} must hold a JSON object")))?;
+    let command = ServeArgs::augment_args(clap::Command::new("serve"));
+    let mut values = HashMap::new();
+    for (key, value) in object {
+        let id = key.replace('-', "_");
+        let known = command
+            .get_arguments()
+            .any(|a| a.get_id().as_str() == id && id != "config");
+        if !known {
+            return Err(ConfigError(format!(
+                "config file {shown}: unknown key {key:?} (keys are serve's option names, e.g. \"data-dir\")"
+            )));
+        }
+        let text = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Number(n) => n.to_string(),
+            serde_json::Value::Bool(b) => b.to_string(),
+            other => return Err(ConfigError(format!(
+                "config file {shown}: {key} must be a string, a number or a boolean, not {other}"
+            ))),
+        };
+        values.insert(id, text);
+    }
+    Ok(values)
+}
+
+/// TLS for the listener: the certificate chain and key files, and the lowest version accepted.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert: PathBuf,
+    /// PEM private key.
+    pub key: PathBuf,
+    /// Lowest version accepted.
+    pub min: TlsMin,
+}
+
+/// Socket options of the listener and its connections.
+#[derive(Debug, Clone, Copy)]
+pub struct SocketConfig {
+    /// The listen backlog.
+    pub backlog: u32,
+    /// `TCP_NODELAY` on every client connection.
+    pub nodelay: bool,
+    /// `SO_RCVBUF` of client connections; `None`: the kernel's.
+    pub recv_buffer: Option<u32>,
+    /// `SO_SNDBUF` of client connections; `None`: the kernel's.
+    pub send_buffer: Option<u32>,
+}
+
 /// Everything `serve` needs.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// Socket options.
+    pub socket: SocketConfig,
+    /// HTTPS, when configured.
+    pub tls: Option<TlsConfig>,
     /// The embedded journal's directory.
     pub data_dir: PathBuf,
     /// How long an unfinished order may hold stock.
@@ -94,267 +464,142 @@ pub struct ServeConfig {
     pub checkouts_in_flight_max: usize,
 }
 
-/// `--help` for `serve`, generated from [`SERVE_OPTIONS`].
-pub fn serve_help() -> String {
-    let mut out = String::from(
-        "Usage: turnstile serve [OPTIONS]\n\nRuns the checkout server. With no options it works on a fresh machine: embedded journal in\n./data, in-process carts, embedded event log, in-process payment simulator.\nFlags win over environment variables, which win over the config file.\n\nOptions:\n",
-    );
-    for option in SERVE_OPTIONS {
-        let value = if option.name == "config" {
-            " FILE"
-        } else {
-            " VALUE"
-        };
-        out.push_str(&format!(
-            "  --{}{value}\n      {}",
-            option.name, option.help
-        ));
-        if let Some(env) = option.env {
-            out.push_str(&format!(" [env {env}]"));
-        }
-        if let Some(default) = option.default {
-            out.push_str(&format!(" [default {default}]"));
-        }
-        out.push('\n');
-    }
-    out.push_str(
-        "  -h, --help\n      print this help\n\nDurations are written like 500ms, 90s, 15m, 1h, 7d.\n",
-    );
-    out
-}
-
-fn normalise(key: &str) -> String {
-    key.chars()
-        .filter(|c| *c != '-' && *c != '_')
-        .collect::<String>()
-        .to_ascii_lowercase()
-}
-
-fn read_config_file(path: &str) -> Result<HashMap<String, String>, ConfigError> {
-    use std::os::unix::fs::PermissionsExt;
-    let metadata = std::fs::metadata(path)
-        .map_err(|e| ConfigError(format!("cannot read config file {path}: {e}")))?;
-    let mode = metadata.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(ConfigError(format!(
-            "config file {path} has mode {:o}, which lets group or others read it; it may hold secrets: run `chmod 600 {path}`",
-            mode & 0o777
-        )));
-    }
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigError(format!("cannot read config file {path}: {e}")))?;
-    let json: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ConfigError(format!("config file {path} is not valid JSON: {e}")))?;
-    let object = json
-        .as_object()
-        .ok_or_else(|| ConfigError(format!("config file {path} must hold a JSON object")))?;
-    let mut values = HashMap::new();
-    for (key, value) in object {
-        let spec = SERVE_OPTIONS
-            .iter()
-            .find(|o| normalise(o.name) == normalise(key) && o.name != "config")
-            .ok_or_else(|| ConfigError(format!("config file {path}: unknown key {key:?}")))?;
-        let text = match value {
-            serde_json::Value::String(s) => s.clone(),
-            serde_json::Value::Number(n) => n.to_string(),
-            other => {
-                return Err(ConfigError(format!(
-                    "config file {path}: {key} must be a string, not {other}"
-                )))
-            }
-        };
-        values.insert(spec.name.to_owned(), text);
-    }
-    Ok(values)
-}
-
-/// Parses `serve`'s arguments (after the command word) with `env` for environment lookups.
-pub fn parse_serve(
-    args: &[String],
-    env: &dyn Fn(&str) -> Option<String>,
-) -> Result<ServeConfig, ConfigError> {
-    let mut flags: HashMap<String, String> = HashMap::new();
-    let mut rest = args.iter();
-    while let Some(arg) = rest.next() {
-        let Some(flag) = arg.strip_prefix("--") else {
-            return Err(ConfigError(format!(
-                "unexpected argument {arg:?} (see --help)"
-            )));
-        };
-        let (name, inline) = match flag.split_once('=') {
-            Some((name, value)) => (name, Some(value.to_owned())),
-            None => (flag, None),
-        };
-        if !SERVE_OPTIONS.iter().any(|o| o.name == name) {
-            return Err(ConfigError(format!("unknown option --{name} (see --help)")));
-        }
-        let value = match inline {
-            Some(value) => value,
-            None => rest
-                .next()
-                .cloned()
-                .ok_or_else(|| ConfigError(format!("--{name} needs a value")))?,
-        };
-        flags.insert(name.to_owned(), value);
-    }
-    let env_of = |name: &str| {
-        SERVE_OPTIONS
-            .iter()
-            .find(|o| o.name == name)
-            .and_then(|o| o.env)
-            .and_then(env)
-    };
-    let file = match flags.get("config").cloned().or_else(|| env_of("config")) {
-        Some(path) => read_config_file(&path)?,
-        None => HashMap::new(),
-    };
-    let value = |name: &str| -> Option<String> {
-        flags
-            .get(name)
-            .cloned()
-            .or_else(|| env_of(name))
-            .or_else(|| file.get(name).cloned())
-            .or_else(|| {
-                SERVE_OPTIONS
-                    .iter()
-                    .find(|o| o.name == name)
-                    .and_then(|o| o.default.map(str::to_owned))
-            })
-    };
-    let duration = |name: &str| -> Result<Duration, ConfigError> {
-        let raw = value(name).unwrap_or_default();
-        parse_duration(&raw).map_err(|e| ConfigError(format!("--{name}: {e}")))
-    };
-    for (name, arrives_with) in [
-        ("redis-url", "the Redis session store"),
-        ("amqp-url", "the RabbitMQ publisher"),
-        ("gateway-url", "the HTTP payment gateway client"),
-        ("tls-cert", "TLS support"),
-        ("tls-key", "TLS support"),
+/// Turns parsed options into the server's configuration, refusing what this build cannot do.
+pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
+    for (name, value, arrives_with) in [
+        ("redis-url", &args.redis_url, "the Redis session store"),
+        ("amqp-url", &args.amqp_url, "the RabbitMQ publisher"),
+        (
+            "gateway-url",
+            &args.gateway_url,
+            "the HTTP payment gateway client",
+        ),
     ] {
-        if value(name).is_some() {
-            return Err(ConfigError(format!(
+        if value.is_some() {
+            return Err(CliError::Config(ConfigError(format!(
                 "--{name} is not supported by this build yet (it arrives with {arrives_with}); remove it to run on the embedded default"
-            )));
+            ))));
         }
     }
-    let listen_raw = value("listen").unwrap_or_default();
-    let listen = listen_raw.parse().map_err(|_| {
-        ConfigError(format!(
-            "--listen {listen_raw:?} is not an address like 127.0.0.1:8080"
-        ))
-    })?;
-    let hold_ttl = duration("hold-ttl")?;
-    if hold_ttl.is_zero() {
-        return Err(ConfigError("--hold-ttl must be longer than 0".into()));
-    }
-    let gateway_timeout = duration("gateway-timeout")?;
-    if gateway_timeout.is_zero() {
-        return Err(ConfigError(
-            "--gateway-timeout must be longer than 0".into(),
-        ));
-    }
-    let webhook_secret = value("webhook-secret");
-    if webhook_secret.as_deref() == Some("") {
-        return Err(ConfigError("--webhook-secret must not be empty".into()));
-    }
-    let count = |name: &str, range: std::ops::RangeInclusive<u64>| -> Result<u64, ConfigError> {
-        let raw = value(name).unwrap_or_default();
-        raw.parse::<u64>()
-            .ok()
-            .filter(|n| range.contains(n))
-            .ok_or_else(|| {
-                ConfigError(format!(
-                    "--{name} {raw:?} must be a whole number from {} to {}",
-                    range.start(),
-                    range.end()
-                ))
-            })
-    };
-    let mysql = match value("mysql-url") {
-        Some(url) => {
-            if !url.starts_with("mysql://") && !url.starts_with("mariadb://") {
-                return Err(ConfigError(format!(
-                    "--mysql-url {url:?} must look like mysql://user:password@host:3306/database"
-                )));
-            }
-            let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
-            mysql.pool_size = count("mysql-pool-size", 2..=256)? as u32;
-            mysql.batch_records_max = count("journal-batch-max", 1..=10_000)? as usize;
-            Some(mysql)
+    let mysql = args.mysql_url.map(|url| {
+        let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
+        mysql.pool_size = args.mysql_pool_size;
+        mysql.batch_records_max = args.journal_batch_max as usize;
+        mysql
+    });
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert,
+            key,
+            min: args.tls_min,
+        }),
+        (None, None) => None,
+        // clap's `requires` makes each need the other; the config file goes through it too.
+        (Some(_), None) => {
+            return Err(CliError::Config(ConfigError(
+                "--tls-cert needs --tls-key".into(),
+            )))
         }
-        None => None,
-    };
-    let journal_timeout = duration("journal-timeout")?;
-    if journal_timeout.is_zero() {
-        return Err(ConfigError(
-            "--journal-timeout must be longer than 0".into(),
-        ));
-    }
-    // Every retention, expiry and timeout must be positive: zero would expire things as soon as
-    // they exist or cut every client off at once.
-    let positive = |name: &str| -> Result<Duration, ConfigError> {
-        let parsed = duration(name)?;
-        if parsed.is_zero() {
-            return Err(ConfigError(format!("--{name} must be longer than 0")));
+        (None, Some(_)) => {
+            return Err(CliError::Config(ConfigError(
+                "--tls-key needs --tls-cert".into(),
+            )))
         }
-        Ok(parsed)
     };
-    let idempotency_retention = positive("idempotency-retention")?;
-    let order_retention = positive("order-retention")?;
-    let event_retention = positive("event-retention")?;
-    let slow_client_timeout = positive("slow-client-timeout")?;
-    let cart_ttl = positive("cart-ttl")?;
-    let carts_max = count("carts-max", 1..=1_000_000_000)? as usize;
-    let connections_max = count("connections-max", 1..=1_000_000)? as usize;
-    let checkouts_in_flight_max = count("checkouts-in-flight-max", 1..=1_000_000)? as usize;
     Ok(ServeConfig {
+        listen: args.listen,
+        socket: SocketConfig {
+            backlog: args.listen_backlog,
+            nodelay: args.tcp_nodelay,
+            recv_buffer: args.socket_recv_buffer,
+            send_buffer: args.socket_send_buffer,
+        },
+        tls,
+        data_dir: args.data_dir,
+        hold_ttl: args.hold_ttl,
+        webhook_secret: args.webhook_secret,
+        gateway_timeout: args.gateway_timeout,
+        sim_pending_delay: args.sim_pending_delay,
         mysql,
-        journal_timeout,
-        listen,
-        data_dir: PathBuf::from(value("data-dir").unwrap_or_default()),
-        hold_ttl,
-        webhook_secret,
-        gateway_timeout,
-        sim_pending_delay: duration("sim-pending-delay")?,
-        idempotency_retention,
-        order_retention,
-        event_retention,
-        slow_client_timeout,
-        cart_ttl,
-        carts_max,
-        connections_max,
-        checkouts_in_flight_max,
+        journal_timeout: args.journal_timeout,
+        idempotency_retention: args.idempotency_retention,
+        order_retention: args.order_retention,
+        event_retention: args.event_retention,
+        slow_client_timeout: args.slow_client_timeout,
+        cart_ttl: args.cart_ttl,
+        carts_max: args.carts_max as usize,
+        connections_max: args.connections_max as usize,
+        checkouts_in_flight_max: args.checkouts_in_flight_max as usize,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
 
-    fn args(list: &[&str]) -> Vec<String> {
-        list.iter().map(|s| s.to_string()).collect()
+    /// Tests that set `TURNSTILE_*` variables run one at a time.
+    static ENV: Mutex<()> = Mutex::new(());
+
+    fn serve(list: &[&str]) -> Result<ServeConfig, CliError> {
+        let args: Vec<String> = std::iter::once("turnstile")
+            .chain(list.iter().copied())
+            .map(str::to_owned)
+            .collect();
+        match parse(&args)? {
+            Invocation::Serve(config) => Ok(*config),
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    fn message(error: CliError) -> String {
+        match error {
+            CliError::Clap(error) => error.render().to_string(),
+            CliError::Config(error) => error.0,
+        }
+    }
+
+    /// Runs `f` with these environment variables set, then removes them.
+    fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, value) in vars {
+            std::env::set_var(name, value);
+        }
+        let result = f();
+        for (name, _) in vars {
+            std::env::remove_var(name);
+        }
+        result
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
     }
 
     #[test]
     fn defaults_env_and_flags_in_order() {
-        let none = |_: &str| None;
-        let config = parse_serve(&[], &none).unwrap();
-        assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
-        assert_eq!(config.hold_ttl, Duration::from_secs(900));
-        let env = |name: &str| (name == "TURNSTILE_LISTEN").then(|| "127.0.0.1:9000".to_owned());
-        assert_eq!(parse_serve(&[], &env).unwrap().listen.port(), 9000);
-        let flag = parse_serve(&args(&["--listen", "127.0.0.1:9100"]), &env).unwrap();
-        assert_eq!(flag.listen.port(), 9100);
-        let inline = parse_serve(&args(&["--hold-ttl=2s"]), &none).unwrap();
+        with_env(&[], || {
+            let config = serve(&[]).unwrap();
+            assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+            assert_eq!(config.hold_ttl, Duration::from_secs(900));
+        });
+        with_env(&[("TURNSTILE_LISTEN", "127.0.0.1:9000")], || {
+            assert_eq!(serve(&[]).unwrap().listen.port(), 9000);
+            assert_eq!(serve(&["serve"]).unwrap().listen.port(), 9000);
+            let flag = serve(&["--listen", "127.0.0.1:9100"]).unwrap();
+            assert_eq!(flag.listen.port(), 9100);
+            let sub = serve(&["serve", "--listen", "127.0.0.1:9101"]).unwrap();
+            assert_eq!(sub.listen.port(), 9101);
+        });
+        let inline = with_env(&[], || serve(&["--hold-ttl=2s"]).unwrap());
         assert_eq!(inline.hold_ttl, Duration::from_secs(2));
     }
 
     #[test]
     fn retention_expiry_and_limit_options_default_per_the_contract() {
-        // Proves: with nothing set, the new options take API.md's defaults.
-        let none = |_: &str| None;
-        let config = parse_serve(&[], &none).unwrap();
+        // Proves: with nothing set, the options take API.md's defaults.
+        let config = with_env(&[], || serve(&[]).unwrap());
         let hours = |n: u64| Duration::from_secs(n * 3_600);
         assert_eq!(config.idempotency_retention, hours(24));
         assert_eq!(config.order_retention, hours(7 * 24));
@@ -363,22 +608,40 @@ mod tests {
         assert_eq!(config.cart_ttl, hours(1));
         assert_eq!(config.carts_max, 1_000_000);
         assert_eq!(config.connections_max, 10_000);
+        assert!(config.tls.is_none());
+        assert!(config.socket.nodelay);
+        assert_eq!(config.socket.backlog, 4096);
     }
 
     #[test]
     fn retention_expiry_and_limit_options_come_from_env_and_flags() {
-        // Proves: the new options are read from their environment variables, and a flag wins over them.
-        let env = |name: &str| match name {
-            "TURNSTILE_IDEMPOTENCY_RETENTION" => Some("48h".to_owned()),
-            "TURNSTILE_ORDER_RETENTION" => Some("2d".to_owned()),
-            "TURNSTILE_EVENT_RETENTION" => Some("30d".to_owned()),
-            "TURNSTILE_SLOW_CLIENT_TIMEOUT" => Some("3s".to_owned()),
-            "TURNSTILE_CART_TTL" => Some("20m".to_owned()),
-            "TURNSTILE_CARTS_MAX" => Some("500".to_owned()),
-            "TURNSTILE_CONNECTIONS_MAX" => Some("64".to_owned()),
-            _ => None,
-        };
-        let config = parse_serve(&[], &env).unwrap();
+        // Proves: the options are read from their environment variables, and a flag wins over them.
+        let env = [
+            ("TURNSTILE_IDEMPOTENCY_RETENTION", "48h"),
+            ("TURNSTILE_ORDER_RETENTION", "2d"),
+            ("TURNSTILE_EVENT_RETENTION", "30d"),
+            ("TURNSTILE_SLOW_CLIENT_TIMEOUT", "3s"),
+            ("TURNSTILE_CART_TTL", "20m"),
+            ("TURNSTILE_CARTS_MAX", "500"),
+            ("TURNSTILE_CONNECTIONS_MAX", "64"),
+        ];
+        let (config, flags) = with_env(&env, || {
+            (
+                serve(&[]).unwrap(),
+                serve(&[
+                    "--slow-client-timeout",
+                    "250ms",
+                    "--connections-max=2",
+                    "--carts-max",
+                    "7",
+                    "--cart-ttl",
+                    "90s",
+                    "--order-retention",
+                    "1h",
+                ])
+                .unwrap(),
+            )
+        });
         assert_eq!(
             config.idempotency_retention,
             Duration::from_secs(48 * 3_600)
@@ -389,21 +652,6 @@ mod tests {
         assert_eq!(config.cart_ttl, Duration::from_secs(1_200));
         assert_eq!(config.carts_max, 500);
         assert_eq!(config.connections_max, 64);
-        let flags = parse_serve(
-            &args(&[
-                "--slow-client-timeout",
-                "250ms",
-                "--connections-max=2",
-                "--carts-max",
-                "7",
-                "--cart-ttl",
-                "90s",
-                "--order-retention",
-                "1h",
-            ]),
-            &env,
-        )
-        .unwrap();
         assert_eq!(flags.slow_client_timeout, Duration::from_millis(250));
         assert_eq!(flags.connections_max, 2);
         assert_eq!(flags.carts_max, 7);
@@ -412,54 +660,101 @@ mod tests {
     }
 
     #[test]
-    fn bad_input_is_refused_with_a_message() {
-        let none = |_: &str| None;
+    fn bad_input_is_refused_with_clap_usage_errors_naming_the_option() {
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
         for bad in [
             vec!["--nope", "1"],
             vec!["--listen"],
             vec!["--listen", "nowhere"],
             vec!["--hold-ttl", "5x"],
             vec!["--mysql-url", "postgres://x"],
-            vec!["--redis-url", "redis://x"],
             vec!["stray"],
-        ] {
-            assert!(parse_serve(&args(&bad), &none).is_err(), "{bad:?}");
-        }
-        // The message names the option to change.
-        for bad in [
             vec!["--idempotency-retention", "0s"],
             vec!["--order-retention", "0"],
             vec!["--event-retention", "0d"],
             vec!["--event-retention", "a week"],
             vec!["--slow-client-timeout", "0ms"],
-            vec!["--slow-client-timeout", "-1s"],
+            vec!["--slow-client-timeout=-1s"],
             vec!["--cart-ttl", "0h"],
             vec!["--carts-max", "0"],
             vec!["--carts-max", "many"],
-            vec!["--carts-max", "-5"],
+            vec!["--carts-max=-5"],
             vec!["--connections-max", "0"],
             vec!["--connections-max", "1.5"],
             vec!["--connections-max", "99999999999"],
+            vec!["--tls-cert", "cert.pem"],
+            vec!["--tls-key", "key.pem"],
+            vec!["--tls-min", "1.1"],
+            vec!["--webhook-secret", ""],
         ] {
-            let error = parse_serve(&args(&bad), &none).unwrap_err();
-            assert!(error.0.contains(bad[0]), "{bad:?}: {error}");
+            match serve(&bad) {
+                Err(CliError::Clap(error)) => {
+                    assert_eq!(error.exit_code(), 2, "{bad:?}");
+                    let text = error.render().to_string();
+                    let name = bad[0].split('=').next().unwrap_or_default();
+                    if name.starts_with("--") && (bad.len() > 1 || bad[0].contains('=')) {
+                        assert!(text.contains(name), "{bad:?}: {text}");
+                    }
+                }
+                other => panic!("{bad:?} was not refused by clap: {other:?}"),
+            }
         }
+        // Accepted by clap, refused by this build, with a message naming the option.
+        let error = serve(&["--redis-url", "redis://x"]).unwrap_err();
+        assert!(message(error).contains("--redis-url"));
     }
 
     #[test]
-    fn the_config_file_must_be_private() {
+    fn durations_use_one_parser() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("5x").is_err());
+        assert!(parse_duration("").is_err());
+        assert!(parse_duration("m").is_err());
+    }
+
+    #[test]
+    fn the_config_file_must_be_private_and_sits_between_env_and_defaults() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("turnstile.json");
-        std::fs::write(&path, r#"{"listen": "127.0.0.1:9200", "hold_ttl": "1m"}"#).unwrap();
+        std::fs::write(
+            &path,
+            r#"{"listen": "127.0.0.1:9200", "hold_ttl": "1m", "carts-max": 9, "cart-ttl": "2m"}"#,
+        )
+        .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let none = |_: &str| None;
         let path_arg = path.display().to_string();
-        let error = parse_serve(&args(&["--config", &path_arg]), &none).unwrap_err();
-        assert!(error.0.contains("chmod 600"), "{error}");
+        let error = with_env(&[], || serve(&["--config", &path_arg]).unwrap_err());
+        assert!(message(error).contains("chmod 600"));
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let config = parse_serve(&args(&["--config", &path_arg]), &none).unwrap();
+        let config = with_env(&[("TURNSTILE_CART_TTL", "3m")], || {
+            serve(&["--config", &path_arg, "--carts-max", "11"]).unwrap()
+        });
+        assert_eq!(config.listen.port(), 9200, "file over default");
+        assert_eq!(
+            config.hold_ttl,
+            Duration::from_secs(60),
+            "file over default"
+        );
+        assert_eq!(config.carts_max, 11, "flag over file");
+        assert_eq!(config.cart_ttl, Duration::from_secs(180), "env over file");
+        // The file through the environment, too.
+        let config = with_env(&[("TURNSTILE_CONFIG", &path_arg)], || serve(&[]).unwrap());
         assert_eq!(config.listen.port(), 9200);
-        assert_eq!(config.hold_ttl, Duration::from_secs(60));
+        // A bad value or an unknown key in the file names the file.
+        for bad in [
+            r#"{"hold-ttl": "soon"}"#,
+            r#"{"holdttl": "1m"}"#,
+            r#"{"listen": [1]}"#,
+        ] {
+            std::fs::write(&path, bad).unwrap();
+            let error = with_env(&[], || serve(&["--config", &path_arg]).unwrap_err());
+            let text = message(error);
+            assert!(text.contains(&path_arg), "{bad}: {text}");
+        }
     }
 }

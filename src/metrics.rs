@@ -1,7 +1,19 @@
-//! Prometheus metrics without a registry crate: counters and fixed-bucket histograms made of
-//! atomics (recording never locks), rendered as the Prometheus text format by `/metrics`.
+//! Metrics: counters and fixed-bucket histograms made of the project's own atomics (recording never
+//! locks or allocates), exposed by `/metrics` through `prometheus-client`'s text encoder.
+//!
+//! Why `prometheus-client` (the Prometheus project's own Rust client) and not `metrics` with its
+//! exporter: its [`Collector`] trait lets a scrape read our atomics directly, so the request path
+//! stays one `fetch_add` per counter with no registry lookup, no label map and no allocation, and the
+//! per-core issue can shard these atomics later without touching the exposition. `metrics` routes
+//! every increment through a global recorder keyed by name and labels, which is a lookup (or a
+//! handle to keep) per call site. The encoder writes the OpenMetrics text format: counters are
+//! declared without their `_total` suffix (`# TYPE turnstile_reservations counter`) and their
+//! samples keep it (`turnstile_reservations_total 42`), so every sample name is what it was, and
+//! the body ends with `# EOF`.
 
-use std::fmt::Write;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A histogram with fixed upper bounds. Values are recorded in the unit of the bounds.
@@ -55,35 +67,76 @@ impl Histogram {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Appends this histogram in the text format, under `name` with extra `labels` (`k="v",...`).
-    pub fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let separator = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (i, bound) in self.bounds.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{separator}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        cumulative += self.counts[self.bounds.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{separator}le=\"+Inf\"}} {cumulative}"
-        );
-        let braces = if labels.is_empty() {
-            String::new()
-        } else {
-            format!("{{{labels}}}")
-        };
-        let _ = writeln!(
-            out,
-            "{name}_sum{braces} {}",
-            self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    /// Buckets (upper bound, count in it, not cumulative; `f64::MAX` stands for +Inf), sum and
+    /// count, as read now.
+    fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
+        let mut buckets: Vec<(f64, u64)> = self
+            .bounds
+            .iter()
+            .zip(self.counts.iter())
+            .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
+            .collect();
+        buckets.push((
+            f64::MAX,
+            self.counts[self.bounds.len()].load(Ordering::Relaxed),
+        ));
+        let count = buckets.iter().map(|(_, n)| n).sum();
+        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
+        (buckets, sum, count)
+    }
+
+    /// Writes this histogram as the metric `name`.
+    pub fn encode(
+        &self,
+        encoder: &mut DescriptorEncoder<'_>,
+        name: &str,
+        help: &str,
+    ) -> Result<(), std::fmt::Error> {
+        let (buckets, sum, count) = self.snapshot();
+        encoder
+            .encode_descriptor(name, help, None, MetricType::Histogram)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)
     }
 }
+
+/// Writes one counter; `name` without the `_total` its sample gets.
+pub fn encode_counter(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Counter)?
+        .encode_counter::<NoLabelSet, u64, u64>(&value, None)
+}
+
+/// Writes one gauge.
+pub fn encode_gauge(
+    encoder: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    value: u64,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
+}
+
+/// Renders collectors as the OpenMetrics text format (what `/metrics` answers).
+pub fn render(collector: impl Collector) -> String {
+    let mut registry = prometheus_client::registry::Registry::default();
+    registry.register_collector(Box::new(collector));
+    let mut out = String::with_capacity(16 * 1024);
+    // Writing to a String cannot fail; a collector's own error would leave a partial body.
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut out, &registry) {
+        tracing::warn!(%error, "could not encode the metrics");
+    }
+    out
+}
+
+/// The content type of [`render`]'s output.
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Requests of one route: counts per status code and a latency histogram.
 #[derive(Debug)]
@@ -156,68 +209,74 @@ impl Metrics {
             .unwrap_or_else(|| &self.routes[self.routes.len() - 1])
     }
 
-    /// Renders the HTTP and engine metrics.
-    pub fn render(&self, out: &mut String) {
-        out.push_str("# HELP turnstile_http_requests_total HTTP requests by route and status.\n");
-        out.push_str("# TYPE turnstile_http_requests_total counter\n");
-        for route in &self.routes {
-            for (i, count) in route.by_status.iter().enumerate() {
-                let count = count.load(Ordering::Relaxed);
-                if count > 0 {
-                    let _ = writeln!(
-                        out,
-                        "turnstile_http_requests_total{{route=\"{}\",status=\"{}\"}} {count}",
-                        route.route,
-                        i + 100
-                    );
+    /// Writes the HTTP and engine metrics.
+    pub fn encode(&self, encoder: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        {
+            let mut family = encoder.encode_descriptor(
+                "turnstile_http_requests",
+                "HTTP requests by route and status.",
+                None,
+                MetricType::Counter,
+            )?;
+            for route in &self.routes {
+                for (status, count) in (100u16..).zip(route.by_status.iter()) {
+                    let count = count.load(Ordering::Relaxed);
+                    if count > 0 {
+                        let labels = ([("route", route.route)], [("status", status)]);
+                        family
+                            .encode_family(&labels)?
+                            .encode_counter::<NoLabelSet, u64, u64>(&count, None)?;
+                    }
                 }
             }
         }
-        out.push_str("# HELP turnstile_http_request_duration_seconds Time to answer, by route.\n");
-        out.push_str("# TYPE turnstile_http_request_duration_seconds histogram\n");
-        for route in &self.routes {
-            if route.latency.count() > 0 {
-                route.latency.render(
-                    out,
-                    "turnstile_http_request_duration_seconds",
-                    &format!("route=\"{}\"", route.route),
-                );
+        {
+            let mut family = encoder.encode_descriptor(
+                "turnstile_http_request_duration_seconds",
+                "Time to answer, by route.",
+                None,
+                MetricType::Histogram,
+            )?;
+            for route in &self.routes {
+                if route.latency.count() > 0 {
+                    let (buckets, sum, count) = route.latency.snapshot();
+                    let labels = [("route", route.route)];
+                    family
+                        .encode_family(&labels)?
+                        .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+                }
             }
         }
-        let counters = [
+        for (name, help, value) in [
             (
-                "turnstile_reservations_total",
+                "turnstile_reservations",
                 "Checkouts whose stock was reserved.",
                 &self.reservations,
             ),
             (
-                "turnstile_rejections_out_of_stock_total",
+                "turnstile_rejections_out_of_stock",
                 "Checkouts refused for lack of stock.",
                 &self.rejections_out_of_stock,
             ),
             (
-                "turnstile_rejections_not_found_total",
+                "turnstile_rejections_not_found",
                 "Checkouts refused for an unknown SKU or cart.",
                 &self.rejections_not_found,
             ),
             (
-                "turnstile_idempotent_replays_total",
+                "turnstile_idempotent_replays",
                 "Answers replayed under an idempotency key.",
                 &self.replays,
             ),
             (
-                "turnstile_holds_expired_total",
+                "turnstile_holds_expired",
                 "Holds released by the sweeper after their deadline.",
                 &self.holds_expired,
             ),
-        ];
-        for (name, help, value) in counters {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+        ] {
+            encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
         }
+        Ok(())
     }
 }
 
@@ -225,18 +284,39 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    #[derive(Debug)]
+    struct One(Histogram, Metrics);
+
+    impl Collector for One {
+        fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+            self.0.encode(&mut encoder, "x", "a histogram")?;
+            self.1.encode(&mut encoder)
+        }
+    }
+
     #[test]
-    fn histogram_renders_cumulative_buckets() {
+    fn histograms_and_counters_keep_their_sample_names() {
         let histogram = Histogram::new(&[1.0, 2.0]);
         histogram.record(0.5);
         histogram.record(1.5);
         histogram.record(9.0);
-        let mut out = String::new();
-        histogram.render(&mut out, "x", "a=\"b\"");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 1\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"2\"} 2\n"), "{out}");
-        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
-        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
-        assert!(out.contains("x_sum{a=\"b\"} 11\n"), "{out}");
+        let metrics = Metrics::new(&["/v1/checkout"]);
+        metrics.route("/v1/checkout").record(201, 0.002);
+        metrics.reservations.fetch_add(3, Ordering::Relaxed);
+        let out = render(One(histogram, metrics));
+        for line in [
+            "x_bucket{le=\"1.0\"} 1\n",
+            "x_bucket{le=\"2.0\"} 2\n",
+            "x_bucket{le=\"+Inf\"} 3\n",
+            "x_count 3\n",
+            "x_sum 11.0\n",
+            "turnstile_http_requests_total{route=\"/v1/checkout\",status=\"201\"} 1\n",
+            "turnstile_http_request_duration_seconds_bucket{le=\"0.0025\",route=\"/v1/checkout\"} 1\n",
+            "# TYPE turnstile_reservations counter\n",
+            "turnstile_reservations_total 3\n",
+            "# EOF\n",
+        ] {
+            assert!(out.contains(line), "no {line:?} in:\n{out}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Applied, Engine, EngineConfig};
+use crate::http_client::{ClientOptions, HttpClient, Trust};
 use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::mysql::{MySqlJournal, SchemaError};
 use crate::journal::{Journal, JournalError};
@@ -38,6 +39,12 @@ pub enum ServeError {
     /// The data dir is held by another process, or cannot be created or locked.
     #[error(transparent)]
     DataDir(#[from] DataDirError),
+    /// The TLS certificate or key cannot be used.
+    #[error(transparent)]
+    Tls(#[from] crate::connections::tls::TlsError),
+    /// The outbound HTTP client could not be built.
+    #[error("the outbound HTTP client: {0}")]
+    HttpClient(#[from] crate::http_client::ClientError),
     /// The kernel's random source failed: no secret or cart id could be made (no fallback).
     #[error(transparent)]
     Random(#[from] crate::random::RandomError),
@@ -61,6 +68,12 @@ pub fn order_id_prefix() -> String {
 
 /// Runs the server until a stop signal.
 pub fn run(config: ServeConfig) -> Result<(), ServeError> {
+    // Checked before anything else is touched: a bad certificate is a configuration error.
+    let tls = config
+        .tls
+        .as_ref()
+        .map(crate::connections::tls::server_config)
+        .transpose()?;
     // Taken before anything reads the journal, and held until the journal has been flushed and
     // `run` returns. MySQL as the journal uses no data dir, so it takes no lock.
     let _data_dir_lock = match config.mysql {
@@ -76,10 +89,14 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
             context: "starting the async runtime".into(),
             source,
         })?;
-    runtime.block_on(serve(config, workers))
+    runtime.block_on(serve(config, workers, tls))
 }
 
-async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
+async fn serve(
+    config: ServeConfig,
+    workers: usize,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> Result<(), ServeError> {
     let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
         Some(mysql) => {
             let mut mysql = mysql.clone();
@@ -125,11 +142,23 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         Some(secret) => secret.as_bytes().to_vec(),
         None => crate::random::random_bytes(32)?,
     };
-    let simulator = Simulator::new(SimulatorConfig {
-        webhook_secret: webhook_secret.clone(),
-        pending_delay: config.sim_pending_delay,
-        webhook_attempts_max: 20,
-    });
+    // The in-process simulator's webhooks go to this server's own listener; their body is
+    // authenticated by its signature.
+    let client = HttpClient::new(ClientOptions {
+        timeout: Duration::from_secs(5),
+        connect_timeout: Duration::from_secs(2),
+        idle_timeout: Duration::from_secs(60),
+        idle_per_host: 16,
+        trust: Trust::OwnListener,
+    })?;
+    let simulator = Simulator::new(
+        SimulatorConfig {
+            webhook_secret: webhook_secret.clone(),
+            pending_delay: config.sim_pending_delay,
+            webhook_attempts_max: 20,
+        },
+        client,
+    );
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
@@ -144,9 +173,8 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
     });
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| ServeError::Io {
+    let listener =
+        connections::bind(config.listen, &config.socket).map_err(|source| ServeError::Io {
             context: format!("listening on {}", config.listen),
             source,
         })?;
@@ -154,9 +182,10 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
         context: "reading the listen address".into(),
         source,
     })?;
-    simulator.set_webhook_target(local);
+    simulator.set_webhook_target(local, tls.is_some());
     tracing::info!(
         %local,
+        tls = tls.is_some(),
         journal = if config.mysql.is_some() { "mysql" } else { "embedded" },
         data_dir = %config.data_dir.display(),
         skus = app.engine.inventory().len(),
@@ -173,8 +202,9 @@ async fn serve(config: ServeConfig, workers: usize) -> Result<(), ServeError> {
     let limits = ConnectionLimits {
         slow_client_timeout: config.slow_client_timeout,
         connections_max: config.connections_max,
+        nodelay: config.socket.nodelay,
     };
-    connections::serve(listener, router, limits, stop_signal()).await;
+    connections::serve(listener, router, limits, tls, stop_signal()).await;
     sweeper.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;

@@ -1,9 +1,12 @@
 //! `/healthz`, `/readyz`, `/metrics`.
 
 use super::{json, Shared};
+use crate::metrics::{encode_gauge, render, CONTENT_TYPE};
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 
 pub(super) async fn healthz() -> Response {
     json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
@@ -25,54 +28,64 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     )
 }
 
-pub(super) async fn metrics(State(state): State<Shared>) -> Response {
-    let mut out = String::with_capacity(16 * 1024);
-    state.metrics.render(&mut out);
-    state.journal.stats().render(&mut out);
-    // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
-    let engine = &state.engine;
-    for (name, help, value) in [
-        (
-            "turnstile_orders_in_memory",
-            "Orders held in memory.",
-            engine.orders_len(),
-        ),
-        (
-            "turnstile_holds_in_memory",
-            "Orders holding stock.",
-            engine.holds_len(),
-        ),
-        (
-            "turnstile_idempotency_keys_in_memory",
-            "Idempotency keys held (in flight or with a kept answer).",
-            engine.idempotency().len(),
-        ),
-        (
-            "turnstile_rejections_in_memory",
-            "Answers that placed nothing, kept for replay.",
-            engine.idempotency().rejections_len(),
-        ),
-        (
-            "turnstile_events_in_memory",
-            "Recent events held in memory.",
-            state.journal.events_in_memory(),
-        ),
-        (
-            "turnstile_carts_in_memory",
-            "Carts held.",
-            state.carts.len(),
-        ),
-    ] {
-        use std::fmt::Write;
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-        );
+/// The server's metrics, read at scrape time from the atomics the request path updates.
+struct ServerMetrics(Shared);
+
+impl std::fmt::Debug for ServerMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerMetrics")
     }
-    let mut response = out.into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; version=0.0.4"),
-    );
+}
+
+impl Collector for ServerMetrics {
+    fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let state = &self.0;
+        state.metrics.encode(&mut encoder)?;
+        state.journal.stats().encode(&mut encoder)?;
+        // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
+        let engine = &state.engine;
+        for (name, help, value) in [
+            (
+                "turnstile_orders_in_memory",
+                "Orders held in memory.",
+                engine.orders_len(),
+            ),
+            (
+                "turnstile_holds_in_memory",
+                "Orders holding stock.",
+                engine.holds_len(),
+            ),
+            (
+                "turnstile_idempotency_keys_in_memory",
+                "Idempotency keys held (in flight or with a kept answer).",
+                engine.idempotency().len(),
+            ),
+            (
+                "turnstile_rejections_in_memory",
+                "Answers that placed nothing, kept for replay.",
+                engine.idempotency().rejections_len(),
+            ),
+            (
+                "turnstile_events_in_memory",
+                "Recent events held in memory.",
+                state.journal.events_in_memory(),
+            ),
+            (
+                "turnstile_carts_in_memory",
+                "Carts held.",
+                state.carts.len(),
+            ),
+        ] {
+            encode_gauge(&mut encoder, name, help, value as u64)?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) async fn metrics(State(state): State<Shared>) -> Response {
+    let mut response = render(ServerMetrics(state)).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     response
 }

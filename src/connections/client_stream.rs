@@ -15,12 +15,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
-/// One accepted client connection.
-pub(super) struct ClientStream {
-    stream: TcpStream,
+/// One accepted client connection: TCP, or TLS over TCP (then what it watches is the decrypted
+/// stream).
+pub(super) struct ClientStream<S> {
+    stream: S,
     /// Watches what the client sends: when its first request has begun, and DEL bytes in
     /// `Idempotency-Key` lines.
     heads: RequestHeads,
@@ -28,9 +28,9 @@ pub(super) struct ClientStream {
     first_request_deadline: Option<Pin<Box<Sleep>>>,
 }
 
-impl ClientStream {
-    /// Wraps a connection accepted just now.
-    pub(super) fn new(stream: TcpStream, slow_client_timeout: Duration) -> Self {
+impl<S> ClientStream<S> {
+    /// Wraps a connection accepted (and, with TLS, whose handshake ended) just now.
+    pub(super) fn new(stream: S, slow_client_timeout: Duration) -> Self {
         Self {
             stream,
             heads: RequestHeads::new(),
@@ -39,7 +39,7 @@ impl ClientStream {
     }
 }
 
-impl AsyncRead for ClientStream {
+impl<S: AsyncRead + Unpin> AsyncRead for ClientStream<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -73,7 +73,7 @@ impl AsyncRead for ClientStream {
     }
 }
 
-impl AsyncWrite for ClientStream {
+impl<S: AsyncWrite + Unpin> AsyncWrite for ClientStream<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

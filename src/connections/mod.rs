@@ -1,13 +1,18 @@
-//! The accept loop: HTTP/1.1 and HTTP/2 cleartext on one listener, at most `connections_max` open
-//! connections (a semaphore permit each), slow clients cut off, and a graceful drain on the stop
-//! signal.
+//! The listener and the accept loop: HTTP/1.1 and HTTP/2 on one listener, in cleartext or over TLS
+//! (`tls.rs`: TLS 1.3, ALPN `h2`/`http/1.1`), at most `connections_max` open connections (a
+//! semaphore permit each), slow clients cut off, and a graceful drain on the stop signal.
+//!
+//! The listening socket is made with `socket2` ([`bind`]), so its backlog, `TCP_NODELAY` and buffer
+//! sizes come from the configuration (accepted connections inherit them); the per-core issue adds
+//! `SO_REUSEPORT` there.
 //!
 //! `axum::serve` does this too, but it cannot bound how long a client may take to send its request
 //! headers (hyper's `header_read_timeout` is not reachable through it), nor the number of open
 //! connections. So the loop is ours, on hyper-util's automatic HTTP/1–HTTP/2 connection builder,
 //! serving the same axum router.
 //!
-//! Slow clients are cut at three points: a connection that has not delivered its first request
+//! Slow clients are cut at four points: a TLS handshake not finished within the slow-client
+//! timeout of being accepted ends the connection; a connection that has not delivered its first request
 //! head (or the HTTP/2 preface) within the timeout of being accepted is closed by
 //! `ClientStream`; later HTTP/1 request heads, and the idle time before them, are bounded by
 //! hyper's `header_read_timeout`; and bodies are read by the handlers under the same timeout
@@ -18,6 +23,7 @@
 
 mod client_stream;
 mod request_heads;
+pub mod tls;
 
 use client_stream::ClientStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -27,6 +33,7 @@ use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
@@ -39,6 +46,32 @@ pub struct ConnectionLimits {
     /// new clients wait in the kernel's listen backlog (and are refused once that is full)
     /// instead of costing a file descriptor and a task each.
     pub connections_max: usize,
+    /// `TCP_NODELAY` on every connection.
+    pub nodelay: bool,
+}
+
+/// Binds the listening socket at `addr` with `socket`'s options, ready for the runtime (call it
+/// from inside one). Accepted connections inherit its buffer sizes.
+pub fn bind(
+    addr: std::net::SocketAddr,
+    socket: &crate::config::SocketConfig,
+) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let listener = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    // As std does: a restarted server may bind while old connections are in TIME_WAIT.
+    listener.set_reuse_address(true)?;
+    listener.set_tcp_nodelay(socket.nodelay)?;
+    // Set before listen(): the window scale of a connection is fixed at its handshake.
+    if let Some(bytes) = socket.recv_buffer {
+        listener.set_recv_buffer_size(bytes as usize)?;
+    }
+    if let Some(bytes) = socket.send_buffer {
+        listener.set_send_buffer_size(bytes as usize)?;
+    }
+    listener.set_nonblocking(true)?;
+    listener.bind(&addr.into())?;
+    listener.listen(i32::try_from(socket.backlog).unwrap_or(i32::MAX))?;
+    TcpListener::from_std(listener.into())
 }
 
 /// Serves `router` on `listener` until `stop` completes; then stops accepting, lets every open
@@ -47,8 +80,10 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl Future<Output = ()>,
 ) {
+    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -112,21 +147,44 @@ pub async fn serve(
             },
             () = &mut stop => break,
         };
-        // Small answers go out at once instead of waiting for Nagle's algorithm to coalesce them.
-        if let Err(error) = stream.set_nodelay(true) {
-            tracing::debug!(%error, "could not set TCP_NODELAY");
+        // Small answers go out at once instead of waiting for Nagle's algorithm to coalesce them
+        // (Linux passes the listener's setting on; this makes sure of it).
+        if limits.nodelay {
+            if let Err(error) = stream.set_nodelay(true) {
+                tracing::debug!(%error, "could not set TCP_NODELAY");
+            }
         }
-        let io = TokioIo::new(ClientStream::new(stream, limits.slow_client_timeout));
         let service = TowerToHyperService::new(router.clone());
         let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let connection = builder.serve_connection(io, service);
-            if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%remote, %error, "connection ended with an error");
+        let timeout = limits.slow_client_timeout;
+        match &tls {
+            None => {
+                let io = ClientStream::new(stream, timeout);
+                tokio::spawn(async move {
+                    serve_one(&builder, io, service, watcher, remote).await;
+                    drop(permit);
+                });
             }
-            drop(permit);
-        });
+            Some(acceptor) => {
+                let handshake = acceptor.accept(stream);
+                tokio::spawn(async move {
+                    match tokio::time::timeout(timeout, handshake).await {
+                        Ok(Ok(stream)) => {
+                            let io = ClientStream::new(stream, timeout);
+                            serve_one(&builder, io, service, watcher, remote).await;
+                        }
+                        Ok(Err(error)) => {
+                            tracing::debug!(%remote, %error, "TLS handshake failed");
+                        }
+                        Err(_) => {
+                            tracing::debug!(%remote, "TLS handshake not finished within the slow-client timeout");
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+        }
     }
     // Stop accepting: new connections are refused by the kernel from here on.
     drop(listener);
@@ -135,6 +193,22 @@ pub async fn serve(
         "stopped accepting; waiting for in-flight requests"
     );
     graceful.shutdown().await;
+}
+
+/// Serves one connection until it ends (or the graceful shutdown ends it).
+async fn serve_one<S>(
+    builder: &auto::Builder<TokioExecutor>,
+    io: ClientStream<S>,
+    service: TowerToHyperService<axum::Router>,
+    watcher: hyper_util::server::graceful::Watcher,
+    remote: std::net::SocketAddr,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    if let Err(error) = watcher.watch(connection).await {
+        tracing::debug!(%remote, %error, "connection ended with an error");
+    }
 }
 
 /// Errors of one connection that the client caused; the listener itself is fine.

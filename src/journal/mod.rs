@@ -188,40 +188,33 @@ impl JournalStats {
         self.commit_seconds.record(sync_nanos as f64 / 1e9);
     }
 
-    /// Appends the journal's metrics in the Prometheus text format.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
+    /// Writes the journal's metrics.
+    pub fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::encode_counter;
         for (name, help, value) in [
+            ("turnstile_journal_batches", "Group commits.", &self.batches),
             (
-                "turnstile_journal_batches_total",
-                "Group commits.",
-                &self.batches,
-            ),
-            (
-                "turnstile_journal_records_total",
+                "turnstile_journal_records",
                 "Records committed.",
                 &self.records,
             ),
-            (
-                "turnstile_journal_bytes_total",
-                "Bytes committed.",
-                &self.bytes,
-            ),
+            ("turnstile_journal_bytes", "Bytes committed.", &self.bytes),
         ] {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
+            encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
         }
-        out.push_str("# HELP turnstile_journal_batch_records Records per group commit.\n");
-        out.push_str("# TYPE turnstile_journal_batch_records histogram\n");
-        self.batch_records
-            .render(out, "turnstile_journal_batch_records", "");
-        out.push_str("# HELP turnstile_journal_commit_seconds Time of one fdatasync or COMMIT.\n");
-        out.push_str("# TYPE turnstile_journal_commit_seconds histogram\n");
-        self.commit_seconds
-            .render(out, "turnstile_journal_commit_seconds", "");
+        self.batch_records.encode(
+            encoder,
+            "turnstile_journal_batch_records",
+            "Records per group commit.",
+        )?;
+        self.commit_seconds.encode(
+            encoder,
+            "turnstile_journal_commit_seconds",
+            "Time of one fdatasync or COMMIT.",
+        )
     }
 }
 

@@ -4,6 +4,7 @@
 
 use super::webhook;
 use super::{Authorization, AuthorizeRequest, BoxFuture, PaymentError, PaymentGateway};
+use crate::http_client::HttpClient;
 use crate::sync::lock;
 use sha2::{Digest, Sha256};
 use std::collections::{HashSet, VecDeque};
@@ -60,8 +61,10 @@ struct Ledger {
 /// The in-process simulator.
 pub struct Simulator {
     config: SimulatorConfig,
-    /// Where webhooks go: set once the server is listening.
-    webhook_target: OnceLock<SocketAddr>,
+    /// Where webhooks go (the server's own webhook URL): set once the server is listening.
+    webhook_target: OnceLock<String>,
+    /// Sends the webhooks, on pooled connections.
+    client: HttpClient,
     ledger: Mutex<Ledger>,
 }
 
@@ -72,18 +75,23 @@ pub fn payment_id_for(idempotency_key: &str) -> String {
 }
 
 impl Simulator {
-    /// A simulator that sends webhooks nowhere until [`Simulator::set_webhook_target`].
-    pub fn new(config: SimulatorConfig) -> Arc<Self> {
+    /// A simulator that sends webhooks with `client`, nowhere until
+    /// [`Simulator::set_webhook_target`].
+    pub fn new(config: SimulatorConfig, client: HttpClient) -> Arc<Self> {
         Arc::new(Self {
             config,
             webhook_target: OnceLock::new(),
+            client,
             ledger: Mutex::default(),
         })
     }
 
-    /// Sends webhooks to the server listening at `addr`.
-    pub fn set_webhook_target(&self, addr: SocketAddr) {
-        let _ = self.webhook_target.set(addr);
+    /// Sends webhooks to the server listening at `addr`, over HTTPS when `tls`.
+    pub fn set_webhook_target(&self, addr: SocketAddr, tls: bool) {
+        let scheme = if tls { "https" } else { "http" };
+        let _ = self
+            .webhook_target
+            .set(format!("{scheme}://{addr}/v1/webhooks/payment"));
     }
 
     /// True if the payment was refunded.
@@ -95,7 +103,7 @@ impl Simulator {
         let simulator = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(simulator.config.pending_delay).await;
-            let Some(&addr) = simulator.webhook_target.get() else {
+            let Some(url) = simulator.webhook_target.get() else {
                 tracing::warn!(%payment_id, "no webhook target; the hold's expiry will decide");
                 return;
             };
@@ -112,15 +120,15 @@ impl Simulator {
                     crate::time::now_ms() / 1000,
                     body.as_bytes(),
                 );
-                let sent = crate::http_client::send(
-                    addr,
-                    "POST",
-                    "/v1/webhooks/payment",
-                    &[("turnstile-signature", &signature)],
-                    body.clone().into_bytes(),
-                    Duration::from_secs(5),
-                )
-                .await;
+                let sent = simulator
+                    .client
+                    .send(
+                        "POST",
+                        url,
+                        &[("turnstile-signature", &signature)],
+                        body.clone().into_bytes(),
+                    )
+                    .await;
                 match sent {
                     Ok(response) if response.status == 200 => return,
                     Ok(response) => tracing::debug!(

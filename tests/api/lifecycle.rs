@@ -15,7 +15,8 @@ fn turnstile(args: &[&str]) -> std::process::Output {
 fn help_and_bad_configuration() {
     let help = turnstile(&["serve", "--help"]);
     assert!(help.status.success());
-    let text = String::from_utf8_lossy(&help.stderr);
+    // clap's generated help, on standard output.
+    let text = String::from_utf8_lossy(&help.stdout);
     for option in [
         "--listen",
         "--data-dir",
@@ -23,8 +24,10 @@ fn help_and_bad_configuration() {
         "--webhook-secret",
         "--gateway-timeout",
         "--config",
+        "--tls-cert",
+        "--tls-min",
         "TURNSTILE_LISTEN",
-        "[default 15m]",
+        "[default: 15m]",
     ] {
         assert!(
             text.contains(option),
@@ -35,6 +38,9 @@ fn help_and_bad_configuration() {
         &["serve", "--bogus", "1"][..],
         &["serve", "--hold-ttl", "soon"],
         &["launch"],
+        &["serve", "--tls-cert", "cert.pem"],
+        &["migrate"],
+        &["gateway-sim"],
     ] {
         let output = turnstile(bad);
         assert_eq!(output.status.code(), Some(2), "{bad:?}");

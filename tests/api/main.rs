@@ -9,4 +9,5 @@ mod lifecycle;
 mod mysql;
 mod payments;
 mod retention;
+mod tls;
 mod validation;
