@@ -340,6 +340,22 @@ async fn cacert_trusts_a_ca_and_the_name_is_checked_and_sent() {
         .expect("request by IP");
         assert_eq!(body, format!("{version} 127.0.0.1:{}", addr.port()));
     }
+    // openssl's default self-signed certificate (CA:TRUE) cannot be trusted as a server's own
+    // certificate: webpki refuses a CA certificate as an end entity (README says so).
+    let addr_ca_true = serve_tls(
+        &certificates.path("self.pem"),
+        &certificates.path("self.key"),
+        &[b"h2"],
+    )
+    .await;
+    let error = get(
+        &format!("https://127.0.0.1:{}", addr_ca_true.port()),
+        true,
+        Trust::CaFile(certificates.path("self.pem")),
+    )
+    .await
+    .expect_err("a CA:TRUE certificate as its own anchor");
+    assert!(error.contains("CaUsedAsEndEntity"), "{error}");
     // A self-signed end-entity certificate is its own trust anchor.
     let addr = serve_tls(
         &certificates.path("leaf-self.pem"),
