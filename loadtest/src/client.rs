@@ -1,9 +1,13 @@
-//! One keep-alive HTTP/1.1 connection on hyper, reopened when it breaks.
+//! One keep-alive connection on hyper (HTTP/1.1 or HTTP/2, over TCP or TLS), reopened when it
+//! breaks.
 
+use crate::target::Target;
+use crate::tls::{self, Trust};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use std::net::SocketAddr;
 
 /// A request to send.
@@ -88,58 +92,190 @@ where
     }
 }
 
-/// A keep-alive connection: HTTP/1.1, or HTTP/2 over cleartext (prior knowledge).
+/// Where and how the harness connects: one address, the authority it names in `Host` (or
+/// `:authority`), HTTP/1.1 or HTTP/2, over TCP or TLS. Cheap to clone: every connection of a run
+/// holds one.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub addr: SocketAddr,
+    /// `host:port` as the target was written (a name stays a name).
+    pub authority: String,
+    /// HTTP/2: prior knowledge over TCP (h2c), ALPN `h2` over TLS.
+    pub http2: bool,
+    tls: Option<Tls>,
+}
+
+/// What a TLS connection needs: the connector (its config offers exactly one ALPN protocol) and
+/// the name the certificate must match.
+#[derive(Clone)]
+struct Tls {
+    connector: tokio_rustls::TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl std::fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Endpoint")
+            .field("addr", &self.addr)
+            .field("authority", &self.authority)
+            .field("http2", &self.http2)
+            .field("tls", &self.is_tls())
+            .finish()
+    }
+}
+
+impl Endpoint {
+    /// Plain HTTP/1.1 to `addr`.
+    pub fn plain(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            authority: addr.to_string(),
+            http2: false,
+            tls: None,
+        }
+    }
+
+    /// HTTP/2 over cleartext (prior knowledge) to `addr`.
+    pub fn h2c(addr: SocketAddr) -> Self {
+        Self {
+            http2: true,
+            ..Self::plain(addr)
+        }
+    }
+
+    /// `target` resolved to `addr`: plain, or TLS with `trust` (ALPN `h2` when `http2`).
+    pub fn for_target(
+        target: &Target,
+        addr: SocketAddr,
+        http2: bool,
+        trust: &Trust,
+    ) -> Result<Self, String> {
+        let tls = if target.is_https() {
+            Some(Tls {
+                connector: tokio_rustls::TlsConnector::from(tls::client_config(trust, http2)?),
+                server_name: tls::server_name(&target.host)?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            addr,
+            authority: target.authority(),
+            http2,
+            tls,
+        })
+    }
+
+    /// Whether connections speak TLS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// `http://` or `https://` and the authority, for HTTP/2's absolute request URIs.
+    fn origin(&self) -> String {
+        let scheme = if self.is_tls() { "https" } else { "http" };
+        format!("{scheme}://{}", self.authority)
+    }
+
+    /// Opens a connection and performs the HTTP handshake (and the TLS one first, if any).
+    async fn connect(&self) -> Result<Sender, String> {
+        let stream = tokio::net::TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect {}: {e}", self.addr))?;
+        let _ = stream.set_nodelay(true);
+        match &self.tls {
+            None => handshake(TokioIo::new(stream), self.http2).await,
+            Some(tls) => {
+                let stream = tls
+                    .connector
+                    .connect(tls.server_name.clone(), stream)
+                    .await
+                    .map_err(|e| {
+                        format!("TLS handshake with {}: {e}{}", self.authority, tls_hint(&e))
+                    })?;
+                let offered = tls::alpn(self.http2);
+                let agreed = stream.get_ref().1.alpn_protocol();
+                if self.http2 && agreed != Some(offered) {
+                    return Err(format!(
+                        "TLS with {}: the server did not agree to h2 by ALPN (it chose {:?})",
+                        self.authority,
+                        agreed.map(String::from_utf8_lossy)
+                    ));
+                }
+                handshake(TokioIo::new(stream), self.http2).await
+            }
+        }
+    }
+}
+
+/// What to change when a TLS handshake failed on the certificate or on ALPN.
+fn tls_hint(error: &std::io::Error) -> &'static str {
+    match error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(_)) => {
+            " (trust the server's certificate with --cacert FILE, or accept any with --insecure)"
+        }
+        Some(rustls::Error::AlertReceived(rustls::AlertDescription::NoApplicationProtocol)) => {
+            " (the server does not offer the protocol asked for by ALPN: h2 with --http2, else http/1.1)"
+        }
+        _ => "",
+    }
+}
+
+/// The HTTP/1.1 or HTTP/2 handshake over an open stream; the connection runs as its own task.
+async fn handshake<S>(io: TokioIo<S>, http2: bool) -> Result<Sender, String>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    if http2 {
+        let (sender, connection) = hyper::client::conn::http2::handshake(TokioExecutor, io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Sender::Http2(sender))
+    } else {
+        let (sender, connection) = hyper::client::conn::http1::handshake(io)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        Ok(Sender::Http1(sender))
+    }
+}
+
+/// A keep-alive connection to an [`Endpoint`], reopened when it breaks.
 pub struct Connection {
-    addr: SocketAddr,
-    http2: bool,
+    endpoint: Endpoint,
     sender: Option<Sender>,
 }
 
 impl Connection {
-    /// An HTTP/1.1 connection.
+    /// An HTTP/1.1 connection to `addr`.
     pub fn new(addr: SocketAddr) -> Self {
-        Self {
-            addr,
-            http2: false,
-            sender: None,
-        }
+        Self::to(Endpoint::plain(addr))
     }
 
-    /// An HTTP/2 (h2c) connection.
+    /// An HTTP/2 (h2c) connection to `addr`.
     pub fn http2(addr: SocketAddr) -> Self {
+        Self::to(Endpoint::h2c(addr))
+    }
+
+    /// A connection to `endpoint` (opened on first use).
+    pub fn to(endpoint: Endpoint) -> Self {
         Self {
-            addr,
-            http2: true,
+            endpoint,
             sender: None,
         }
     }
 
     async fn ready(&mut self) -> Result<&mut Sender, String> {
         if self.sender.as_ref().is_none_or(Sender::is_closed) {
-            let stream = tokio::net::TcpStream::connect(self.addr)
-                .await
-                .map_err(|e| format!("connect {}: {e}", self.addr))?;
-            let _ = stream.set_nodelay(true);
-            let sender = if self.http2 {
-                let (sender, connection) =
-                    hyper::client::conn::http2::handshake(TokioExecutor, TokioIo::new(stream))
-                        .await
-                        .map_err(|e| format!("handshake: {e}"))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                Sender::Http2(sender)
-            } else {
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                        .await
-                        .map_err(|e| format!("handshake: {e}"))?;
-                tokio::spawn(async move {
-                    let _ = connection.await;
-                });
-                Sender::Http1(sender)
-            };
-            self.sender = Some(sender);
+            self.sender = Some(self.endpoint.connect().await?);
         }
         self.sender
             .as_mut()
@@ -162,17 +298,17 @@ impl Connection {
         headers: &[(&str, &str)],
         body: &str,
     ) -> Result<Answer, String> {
-        let host = self.addr.to_string();
-        let http2 = self.http2;
-        let sender = self.ready().await?;
         let mut builder = hyper::Request::builder()
             .method(method)
             .header("content-type", "application/json");
-        builder = if http2 {
-            builder.uri(format!("http://{host}{path}"))
+        builder = if self.endpoint.http2 {
+            builder.uri(format!("{}{path}", self.endpoint.origin()))
         } else {
-            builder.uri(path).header("host", host)
+            builder
+                .uri(path)
+                .header("host", self.endpoint.authority.as_str())
         };
+        let sender = self.ready().await?;
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }

@@ -2,11 +2,11 @@
 //! latency measured from the intended send time, as wrk2 does) and the closed model (N connections
 //! each sending as soon as its previous answer arrived). Both are bounded in time and in count.
 
-use crate::client::{Answer, Connection, Job};
+use crate::client::{Answer, Connection, Endpoint, Job};
+use hdrhistogram::sync::{Recorder, SyncHistogram};
 use hdrhistogram::Histogram;
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,7 +82,8 @@ impl Model {
 /// One run's bounds.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
-    pub addr: SocketAddr,
+    /// Where every connection goes, and how (HTTP/1.1 or HTTP/2, TCP or TLS).
+    pub endpoint: Endpoint,
     pub model: Model,
     /// Keep-alive connections (the closed model's concurrency; the open model's pool).
     pub connections: usize,
@@ -91,8 +92,6 @@ pub struct RunConfig {
     pub requests_max: u64,
     /// Print a progress line every second (only when standard error is a terminal).
     pub progress: bool,
-    /// HTTP/2 (h2c, prior knowledge) instead of HTTP/1.1.
-    pub http2: bool,
 }
 
 /// What one request got: its index, status (0: no answer) and body.
@@ -119,46 +118,39 @@ pub struct Recording {
     pub sent: u64,
 }
 
-/// A coarse latency histogram of atomics (4 buckets per doubling from 1 µs), for the live
-/// progress line: workers record without locking, the reporter reads a p99 so far.
+/// The live latency of the progress line: each worker records into its own hdrhistogram
+/// [`Recorder`] (a plain histogram plus one atomic load per value, no lock: 6.4 ns a value against
+/// 5.0 for a bare histogram and 7.3 for the shared atomic buckets this replaced, measured on the
+/// project's VM); four times a second the reporter asks the recorders to hand over what they
+/// recorded since and merges it without waiting for them (a worker busy with a slow request hands its share
+/// over with its next answer).
 struct LiveLatency {
-    buckets: Vec<AtomicU64>,
+    merged: SyncHistogram<u64>,
 }
 
 impl LiveLatency {
-    const BUCKETS: usize = 4 * 40;
-
     fn new() -> Self {
+        // Two significant digits are plenty for a progress line, and make each hand-over (a fresh
+        // histogram per worker and refresh) 24 KiB instead of the report histograms' 168 KiB.
+        let live = Histogram::new_with_bounds(1, 600_000_000, 2)
+            .unwrap_or_else(|_| unreachable!("valid bounds"));
         Self {
-            buckets: (0..Self::BUCKETS).map(|_| AtomicU64::new(0)).collect(),
+            merged: live.into_sync(),
         }
     }
 
-    fn bucket(micros: u64) -> usize {
-        ((micros.max(1) as f64).log2() * 4.0) as usize
+    fn recorder(&self) -> Recorder<u64> {
+        self.merged.recorder()
     }
 
-    fn record(&self, micros: u64) {
-        let bucket = Self::bucket(micros).min(Self::BUCKETS - 1);
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+    /// Collects what the recorders handed over so far; never blocks.
+    fn refresh(&mut self) {
+        self.merged.refresh_timeout(Duration::ZERO);
     }
 
-    /// The upper bound of the bucket holding the 99th percentile, in milliseconds.
+    /// The 99th percentile of what was collected, in milliseconds.
     fn p99_ms(&self) -> f64 {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        let mut seen = 0;
-        for (bucket, count) in counts.iter().enumerate() {
-            seen += count;
-            if total > 0 && seen * 100 >= total * 99 {
-                return 2f64.powf((bucket + 1) as f64 / 4.0) / 1000.0;
-            }
-        }
-        0.0
+        self.merged.value_at_quantile(0.99) as f64 / 1000.0
     }
 }
 
@@ -192,7 +184,7 @@ where
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
-    let live = Arc::new(LiveLatency::new());
+    let mut live = LiveLatency::new();
     let start = Instant::now() + Duration::from_millis(20);
     let deadline = start + config.duration;
     let hard_stop = deadline + config.duration + Duration::from_secs(10);
@@ -201,14 +193,24 @@ where
         .arrivals(config.duration.as_secs_f64())
         .min(config.requests_max);
     let progress = config.progress && std::io::stderr().is_terminal();
+    // Workers hold recorders only while the progress line needs them.
+    let recorders: Vec<Option<Recorder<u64>>> = (0..config.connections)
+        .map(|_| progress.then(|| live.recorder()))
+        .collect();
     let reporter = progress.then(|| {
-        let (done, errors, live) = (Arc::clone(&done), Arc::clone(&errors), Arc::clone(&live));
+        let (done, errors) = (Arc::clone(&done), Arc::clone(&errors));
         tokio::spawn(async move {
             let mut last = 0;
-            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            // Recorders hand over on their first value after a refresh asked for it, so the
+            // reporter asks four times a second and prints once: the line lags by ~1/4 s.
+            let mut ticker = tokio::time::interval(Duration::from_millis(250));
             ticker.tick().await;
-            loop {
+            for tick in 1u64.. {
                 ticker.tick().await;
+                live.refresh();
+                if tick % 4 != 0 {
+                    continue;
+                }
                 let now = done.load(Ordering::Relaxed);
                 eprint!(
                     "\r{:>8} answers  {:>8}/s  errors {:>6}  p99 so far {:>8.2} ms   ",
@@ -221,25 +223,21 @@ where
             }
         })
     });
-    let workers: Vec<_> = (0..config.connections)
-        .map(|_| {
-            let (request, next, done, errors, live) = (
+    let workers: Vec<_> = recorders
+        .into_iter()
+        .map(|mut live| {
+            let (request, next, done, errors) = (
                 Arc::clone(&request),
                 Arc::clone(&next),
                 Arc::clone(&done),
                 Arc::clone(&errors),
-                Arc::clone(&live),
             );
-            let (addr, model) = (config.addr, config.model);
+            let model = config.model;
             let seconds = config.duration.as_secs_f64();
-            let http2 = config.http2;
+            let endpoint = config.endpoint.clone();
             let (start, deadline, hard_stop) = (start, deadline, hard_stop);
             tokio::spawn(async move {
-                let mut connection = if http2 {
-                    Connection::http2(addr)
-                } else {
-                    Connection::new(addr)
-                };
+                let mut connection = Connection::to(endpoint);
                 let mut worker = Worker {
                     latency_by_outcome: BTreeMap::new(),
                     latency_all: histogram(),
@@ -287,7 +285,9 @@ where
                         }
                     };
                     let micros = micros.max(1);
-                    live.record(micros);
+                    if let Some(live) = live.as_mut() {
+                        live.saturating_record(micros);
+                    }
                     let _ = worker.latency_all.record(micros);
                     let _ = worker
                         .latency_by_outcome
@@ -352,16 +352,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_live_p99_is_the_bucket_of_the_99th_percentile() {
-        let live = LiveLatency::new();
+    fn the_live_p99_merges_what_the_recorders_handed_over() {
+        let mut live = LiveLatency::new();
+        let mut first = live.recorder();
+        let mut second = live.recorder();
         for _ in 0..99 {
-            live.record(1_000);
+            first.saturating_record(1_000);
         }
-        live.record(1_000_000);
+        second.saturating_record(1_000_000);
+        // Recorders hand their values over on their first record after a refresh asked for them.
+        live.refresh();
+        assert_eq!(live.p99_ms(), 0.0, "nothing was handed over yet");
+        first.saturating_record(1_000);
+        second.saturating_record(1_000);
+        live.refresh();
         let p99 = live.p99_ms();
-        assert!((1.0..1.2).contains(&p99), "{p99}");
-        live.record(1_000_000);
-        assert!(live.p99_ms() > 900.0);
+        assert!((0.99..1.01).contains(&p99), "{p99}");
+        // A recorder that is dropped (a worker that finished) hands over the rest.
+        drop(second);
+        drop(first);
+        live.refresh();
+        assert_eq!(live.merged.len(), 102);
+        let mut third = live.recorder();
+        for _ in 0..2 {
+            third.saturating_record(1_000_000);
+        }
+        drop(third);
+        live.refresh();
+        assert!(live.p99_ms() > 900.0, "{}", live.p99_ms());
     }
 
     #[test]

@@ -8,10 +8,9 @@
 //! (never more than the stock), checks `available + reserved + sold == stock` on the target, that
 //! each idempotency key maps to one order, and that replays are identical to first answers.
 
-use crate::client::{Connection, Job, Request};
+use crate::client::{Connection, Endpoint, Job, Request};
 use crate::run::Recording;
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::SocketAddr;
 
 /// Which scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,7 +94,7 @@ impl Scenario {
     }
 
     /// Creates the products through the API (several connections at once).
-    pub async fn setup(&self, addr: SocketAddr) -> Result<(), String> {
+    pub async fn setup(&self, endpoint: &Endpoint) -> Result<(), String> {
         let stock = match self.kind {
             Kind::FlashSale => self.stock,
             Kind::Steady | Kind::Mixed => 1_000_000_000,
@@ -108,8 +107,9 @@ impl Scenario {
         let tasks: Vec<_> = chunks
             .into_iter()
             .map(|chunk| {
+                let endpoint = endpoint.clone();
                 tokio::spawn(async move {
-                    let mut connection = Connection::new(addr);
+                    let mut connection = Connection::to(endpoint);
                     for sku in chunk {
                         let body = serde_json::json!({"name": sku, "price_cents": 1999, "currency": "EUR", "stock": stock}).to_string();
                         let request = Request { method: "PUT", path: format!("/v1/products/{sku}"), key: None, body };
@@ -192,7 +192,7 @@ impl Scenario {
     }
 
     /// Checks the invariants against the answers and the target's state.
-    pub async fn verify(&self, addr: SocketAddr, recording: &Recording) -> Verification {
+    pub async fn verify(&self, endpoint: &Endpoint, recording: &Recording) -> Verification {
         let mut verification = Verification::default();
         let mut order_of_key: HashMap<u64, String> = HashMap::new();
         let mut first_answer: HashMap<u64, (u16, &[u8])> = HashMap::new();
@@ -244,7 +244,7 @@ impl Scenario {
             "{} keys answered, {replays} second answers compared with the first",
             first_answer.len()
         ));
-        let mut connection = Connection::new(addr);
+        let mut connection = Connection::to(endpoint.clone());
         let mut skus_checked = 0;
         for sku in self.all_skus() {
             let request = Request {

@@ -8,7 +8,11 @@
 # `turnstile_wrk` created afresh (and migrated); otherwise on the embedded journal.
 # With TURNSTILE_BIN=path, that binary is measured instead of this tree's release build (to compare
 # two versions side by side).
-# Usage: [MYSQL_URL=...] [TURNSTILE_BIN=...] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
+# With TLS=1, the server serves HTTPS (--tls-cert/--tls-key) with a self-signed certificate for
+# 127.0.0.1 made by openssl in a temporary directory, and wrk drives the same scenarios over
+# https:// (keep-alive connections: one handshake per connection), plus
+#   (d) new TLS handshakes per second: GET /healthz with `Connection: close`.
+# Usage: [MYSQL_URL=...] [TURNSTILE_BIN=...] [TLS=1] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${1:-10s}
@@ -18,6 +22,19 @@ bin=${TURNSTILE_BIN:-target/release/turnstile}
 [ -n "${TURNSTILE_BIN:-}" ] || cargo build --release --quiet
 data=$(mktemp -d -p target wrk-data.XXXXXX)
 out=$(mktemp)
+server=
+trap 'if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi; rm -rf "$data" "$data.log" "$data.tls" "$out"' EXIT
+scheme=http
+tls=()
+if [ "${TLS:-0}" = 1 ]; then
+  command -v openssl >/dev/null || { echo "openssl is missing (TLS=1 makes its certificate with it)" >&2; exit 2; }
+  mkdir "$data.tls"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+    -keyout "$data.tls/key.pem" -out "$data.tls/cert.pem" -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 2>/dev/null
+  tls=(--tls-cert "$data.tls/cert.pem" --tls-key "$data.tls/key.pem")
+  scheme=https
+fi
 journal=()
 if [ -n "${MYSQL_URL:-}" ]; then
   mariadb_url="${MYSQL_URL%/}/turnstile_wrk"
@@ -32,19 +49,25 @@ PY
   "$bin" migrate --mysql-url "$mariadb_url"
   journal=(--mysql-url "$mariadb_url")
 fi
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" > "$out" 2> "$data.log" &
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" "${tls[@]}" > "$out" 2> "$data.log" &
 server=$!
-trap 'kill $server 2>/dev/null; wait $server 2>/dev/null; rm -rf "$data" "$data.log" "$out"' EXIT
 for _ in $(seq 1 100); do grep -q "listening on" "$out" && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$out")
-echo "server at $addr (${journal[*]:-embedded journal in $data}); $(nproc) cores; wrk 1 thread, $connections connections, $duration"
-python3 loadtest/wrk/setup_products.py "$addr"
+[ -n "$addr" ] || { echo "the server did not start:" >&2; cat "$data.log" >&2; exit 1; }
+url="$scheme://$addr"
+echo "server at $url (${journal[*]:-embedded journal in $data}${tls:+, self-signed certificate}); $(nproc) cores; wrk 1 thread, $connections connections, $duration"
+python3 loadtest/wrk/setup_products.py "$url"
 echo; echo "== GET /healthz (the HTTP ceiling)"
-wrk -t1 -c"$connections" -d"$duration" --latency "http://$addr/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+wrk -t1 -c"$connections" -d"$duration" --latency "$url/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
 echo; echo "== (a) checkouts of a sold-out SKU"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "http://$addr" -- SOLDOUT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
 echo; echo "== (b) successful checkouts, 10,000 SKUs, tok_ok"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/steady.lua "http://$addr" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/steady.lua "$url" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
 
 echo; echo "== (c) successful checkouts, one hot SKU, tok_ok"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "http://$addr" -- HOT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "$url" -- HOT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+
+if [ "$scheme" = https ]; then
+  echo; echo "== (d) new TLS handshakes: GET /healthz with Connection: close (Requests/sec = handshakes/s)"
+  wrk -t1 -c"$connections" -d"$duration" --latency -H "Connection: close" "$url/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx|errors"
+fi

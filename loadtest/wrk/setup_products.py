@@ -1,15 +1,26 @@
 #!/usr/bin/env python3
 """Creates the products the wrk scenarios use: SOLDOUT (stock 0), HOT and S0..S9999 (large stock).
 
-Usage: setup_products.py HOST:PORT
+Usage: setup_products.py [http://|https://]HOST:PORT
+(https: the certificate is not verified, as wrk does not verify it: run.sh's is self-signed)
 """
 import http.client
 import json
+import ssl
 import sys
 import threading
 
-ADDR = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8080"
-HOST, PORT = ADDR.rsplit(":", 1)
+TARGET = sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1:8080"
+SCHEME, _, ADDR = TARGET.rpartition("://")
+HOST, PORT = ADDR.rstrip("/").rsplit(":", 1)
+if SCHEME not in ("", "http", "https"):
+    raise SystemExit(f"{TARGET}: use http://, https:// or HOST:PORT")
+
+
+def connect():
+    if SCHEME == "https":
+        return http.client.HTTPSConnection(HOST, int(PORT), context=ssl._create_unverified_context())
+    return http.client.HTTPConnection(HOST, int(PORT))
 
 
 def put(conn, sku, stock):
@@ -22,12 +33,12 @@ def put(conn, sku, stock):
 
 
 def worker(first, step):
-    conn = http.client.HTTPConnection(HOST, int(PORT))
+    conn = connect()
     for i in range(first, 10_000, step):
         put(conn, f"S{i}", 10_000_000)
 
 
-conn = http.client.HTTPConnection(HOST, int(PORT))
+conn = connect()
 put(conn, "SOLDOUT", 0)
 put(conn, "HOT", 100_000_000)
 threads = [threading.Thread(target=worker, args=(t, 16)) for t in range(16)]

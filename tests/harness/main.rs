@@ -1,16 +1,21 @@
-//! The load-test harness against real targets: its counts agree with a real `turnstile serve`,
-//! it catches a target that oversells, and its open model shows a stalled target in the p99.
+//! The load-test harness against real targets: its counts agree with a real `turnstile serve`
+//! (over plain HTTP/1.1, h2c, and HTTPS with h2 or HTTP/1.1), it catches a target that oversells,
+//! and its open model shows a stalled target in the p99.
 
 #[path = "../api/helpers.rs"]
 #[allow(dead_code)]
 mod helpers;
 
 use helpers::{spawn_app, TestDatabase};
+use loadtest::client::Endpoint;
 use loadtest::reference::{serve_mysql_for_update, ReferenceConfig};
 use loadtest::report::Report;
 use loadtest::run::{run, Model, RunConfig};
 use loadtest::scenario::{Kind, Scenario};
+use loadtest::target::Target;
+use loadtest::tls::Trust;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 fn flash_sale(stock: i64) -> Scenario {
@@ -31,19 +36,19 @@ async fn drive(
     duration: Duration,
     requests_max: u64,
 ) -> Report {
-    scenario.setup(addr).await.expect("setup");
+    let endpoint = Endpoint::plain(addr);
+    scenario.setup(&endpoint).await.expect("setup");
     let config = RunConfig {
-        addr,
+        endpoint: endpoint.clone(),
         model,
         connections: 32,
         duration,
         requests_max,
         progress: false,
-        http2: false,
     };
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
-    let verification = scenario.verify(addr, &recording).await;
+    let verification = scenario.verify(&endpoint, &recording).await;
     Report::new(
         "test",
         scenario.kind.name(),
@@ -180,19 +185,19 @@ async fn the_redis_lua_reference_sells_exactly_its_stock() {
 async fn the_harness_drives_turnstile_over_http2_too() {
     let app = spawn_app(&[]);
     let scenario = flash_sale(30);
-    scenario.setup(app.addr).await.expect("setup");
+    let endpoint = Endpoint::h2c(app.addr);
+    scenario.setup(&endpoint).await.expect("setup");
     let config = RunConfig {
-        addr: app.addr,
+        endpoint: endpoint.clone(),
         model: Model::Closed,
         connections: 8,
         duration: Duration::from_secs(20),
         requests_max: 300,
         progress: false,
-        http2: true,
     };
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
-    let verification = scenario.verify(app.addr, &recording).await;
+    let verification = scenario.verify(&endpoint, &recording).await;
     let report = Report::new("test", "flash-sale", "h2", 8, &recording, verification);
     assert!(report.passed(), "{}", report.text());
     assert_eq!(report.errors, 0);
@@ -202,5 +207,105 @@ async fn the_harness_drives_turnstile_over_http2_too() {
             .units_sold_by_harness
             .get(&scenario.hot_sku()),
         Some(&30)
+    );
+}
+
+/// `turnstile serve` over HTTPS with the test certificate of `tests/fixtures/tls/` (a leaf for
+/// 127.0.0.1 and localhost signed by the test CA `ca.pem`).
+fn spawn_tls_app() -> helpers::TestApp {
+    let fixture = |name: &str| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/tls")
+            .join(name)
+            .display()
+            .to_string()
+    };
+    let (cert, key) = (fixture("cert.pem"), fixture("key.pem"));
+    spawn_app(&["--tls-cert", &cert, "--tls-key", &key])
+}
+
+/// A flash sale of `stock` units to `requests_max` buyers through `endpoint` (closed model); the
+/// report.
+async fn flash_sale_through(endpoint: &Endpoint, stock: i64, requests_max: u64) -> Report {
+    let scenario = flash_sale(stock);
+    scenario.setup(endpoint).await.expect("setup");
+    let config = RunConfig {
+        endpoint: endpoint.clone(),
+        model: Model::Closed,
+        connections: 8,
+        duration: Duration::from_secs(20),
+        requests_max,
+        progress: false,
+    };
+    let requests = scenario.clone();
+    let recording = run(&config, move |i| requests.job(i)).await;
+    let verification = scenario.verify(endpoint, &recording).await;
+    Report::new(
+        "test",
+        "flash-sale",
+        "tls",
+        config.connections,
+        &recording,
+        verification,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_drives_turnstile_over_https_with_h2_and_http11() {
+    let app = spawn_tls_app();
+    let ca = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tls/ca.pem");
+    // h2 by ALPN, the certificate checked against the test CA for the name localhost.
+    let target: Target = format!("https://localhost:{}/", app.addr.port())
+        .parse()
+        .expect("target");
+    let endpoint =
+        Endpoint::for_target(&target, app.addr, true, &Trust::CaFile(ca)).expect("h2 endpoint");
+    let report = flash_sale_through(&endpoint, 30, 300).await;
+    assert!(report.passed(), "{}", report.text());
+    assert_eq!(report.errors, 0, "{}", report.text());
+    assert_eq!(report.sent, 300);
+    assert_eq!(
+        report
+            .verification
+            .units_sold_by_harness
+            .values()
+            .sum::<i64>(),
+        30
+    );
+    // HTTP/1.1 by ALPN with --insecure (any certificate), by IP.
+    let target: Target = format!("https://127.0.0.1:{}", app.addr.port())
+        .parse()
+        .expect("target");
+    let endpoint = Endpoint::for_target(&target, app.addr, false, &Trust::AnyCertificate)
+        .expect("http/1.1 endpoint");
+    let report = flash_sale_through(&endpoint, 20, 200).await;
+    assert!(report.passed(), "{}", report.text());
+    assert_eq!(report.errors, 0, "{}", report.text());
+    assert_eq!(
+        report
+            .verification
+            .units_sold_by_harness
+            .values()
+            .sum::<i64>(),
+        20
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_harness_refuses_an_https_server_it_cannot_trust() {
+    let app = spawn_tls_app();
+    let target: Target = format!("https://127.0.0.1:{}", app.addr.port())
+        .parse()
+        .expect("target");
+    // The system roots do not vouch for the test CA: every request fails, none is counted.
+    let endpoint =
+        Endpoint::for_target(&target, app.addr, true, &Trust::SystemRoots).expect("endpoint");
+    let error = flash_sale(5)
+        .setup(&endpoint)
+        .await
+        .expect_err("an untrusted certificate was accepted");
+    assert!(
+        error.contains("UnknownIssuer") && error.contains("--cacert"),
+        "{error}"
     );
 }
