@@ -15,13 +15,16 @@
 //! - [`payment`]: the `PaymentGateway` trait, the in-process simulator, webhook signatures.
 //! - [`sessions`]: carts with idle expiry and a cap (in process).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
-//! - [`connections`]: the accept loop: HTTP/1.1 and HTTP/2 cleartext, slow clients cut off,
-//!   graceful drain.
-//! - [`config`]: `serve`'s options: flags > environment > JSON file > defaults.
+//! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept
+//!   loop: HTTP/1.1 and HTTP/2, cleartext or over TLS ([`connections::tls`]: rustls, TLS 1.3, ALPN),
+//!   slow clients cut off, graceful drain.
+//! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`): flags >
+//!   environment > JSON file > defaults; durations by `humantime`.
 //! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
-//! - [`metrics`]: counters and histograms in the Prometheus text format.
+//! - [`metrics`]: counters and histograms on our own atomics, exposed through `prometheus-client`.
 //! - [`server`]: wiring, the hold sweeper, the stop signal.
-//! - [`http_client`], [`random`], [`time`]: small helpers at the edges.
+//! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
+//! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why).
 
 /// A boxed future, so traits with async methods stay object-safe.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
