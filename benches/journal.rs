@@ -33,6 +33,7 @@ fn order_record(n: u64) -> Record {
         created_at_ms: 1_764_000_000_000,
         hold_deadline_ms: 1_764_000_900_000,
         payment_id: Some(format!("pay_{n}")),
+        payment_due: Some(turnstile::engine::order::PaymentDue::Capture),
     };
     let body = format!(
         "{{\"order_id\":\"ord_bench_{n}\",\"status\":\"paid\",\"customer_id\":\"customer-1\",\"items\":[{{\"sku\":\"sku-1\",\"quantity\":1,\"unit_price_cents\":1999}}],\"total_cents\":1999,\"currency\":\"EUR\",\"created_at\":\"2025-11-24T16:00:00Z\"}}"

@@ -50,7 +50,7 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Apply the MySQL/MariaDB migrations embedded in this binary; safe to run again.
     Migrate(MigrateArgs),
-    /// The stand-alone payment gateway simulator over HTTP (not in this build yet: exits 2).
+    /// The stand-alone payment gateway simulator over HTTP (tokens, idempotency, faults, webhooks, /v1/ledger).
     GatewaySim(GatewaySimArgs),
 }
 
@@ -188,9 +188,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub amqp_url: Option<String>,
-    /// Payment gateway over HTTP (not in this build yet: refused)
-    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL")]
+    /// Payment gateway over HTTP instead of the in-process simulator (http://host:port or https://…; `turnstile gateway-sim` speaks its protocol)
+    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL", value_parser = http_url)]
     pub gateway_url: Option<String>,
+    /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
+    #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
+    pub reconcile_after: Duration,
     /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)
     #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -266,6 +269,17 @@ fn mysql_url(raw: &str) -> Result<String, String> {
         return Err("must look like mysql://user:password@host:3306/database".into());
     }
     Ok(raw.to_owned())
+}
+
+fn http_url(raw: &str) -> Result<String, String> {
+    let rest = raw
+        .strip_prefix("http://")
+        .or_else(|| raw.strip_prefix("https://"))
+        .ok_or("must be an http:// or https:// URL")?;
+    if rest.is_empty() || rest.starts_with('/') {
+        return Err("has no host".into());
+    }
+    Ok(raw.trim_end_matches('/').to_owned())
 }
 
 fn fraction(raw: &str) -> Result<f64, String> {
@@ -440,6 +454,10 @@ pub struct ServeConfig {
     pub gateway_timeout: Duration,
     /// How long the in-process simulator keeps `tok_pending` undecided.
     pub sim_pending_delay: Duration,
+    /// The payment gateway over HTTP; `None`: the in-process simulator.
+    pub gateway_url: Option<String>,
+    /// How long the reconciler leaves a payment pending, owed or orphaned before it acts.
+    pub reconcile_after: Duration,
     /// The MySQL journal, if configured (else the embedded file journal).
     pub mysql: Option<crate::journal::mysql::MySqlConfig>,
     /// How long a request waits for its commit before answering 503.
@@ -471,17 +489,21 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
     for (name, value, arrives_with) in [
         ("redis-url", &args.redis_url, "the Redis session store"),
         ("amqp-url", &args.amqp_url, "the RabbitMQ publisher"),
-        (
-            "gateway-url",
-            &args.gateway_url,
-            "the HTTP payment gateway client",
-        ),
     ] {
         if value.is_some() {
             return Err(CliError::Config(ConfigError(format!(
                 "--{name} is not supported by this build yet (it arrives with {arrives_with}); remove it to run on the embedded default"
             ))));
         }
+    }
+    // The reconciler voids authorisations with no durable order once they are this old: a
+    // checkout still between its authorisation and its commit must be younger.
+    if args.reconcile_after <= args.gateway_timeout + args.journal_timeout {
+        return Err(CliError::Config(ConfigError(format!(
+            "--reconcile-after {} must be longer than --gateway-timeout plus --journal-timeout ({}), or an authorisation whose order is still being journaled could be voided",
+            humantime::format_duration(args.reconcile_after),
+            humantime::format_duration(args.gateway_timeout + args.journal_timeout)
+        ))));
     }
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
@@ -522,6 +544,8 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         webhook_secret: args.webhook_secret,
         gateway_timeout: args.gateway_timeout,
         sim_pending_delay: args.sim_pending_delay,
+        gateway_url: args.gateway_url,
+        reconcile_after: args.reconcile_after,
         mysql,
         journal_timeout: args.journal_timeout,
         idempotency_retention: args.idempotency_retention,

@@ -68,12 +68,17 @@ fn main() -> ExitCode {
             }
         },
         config::Invocation::Migrate(args) => migrate(args),
-        config::Invocation::GatewaySim(_) => {
-            eprintln!(
-                "turnstile gateway-sim: the stand-alone payment gateway simulator is not in this build yet (it arrives with the payment gateway issue); serve's in-process simulator answers tok_ok, tok_decline, tok_pending and tok_timeout"
-            );
-            ExitCode::from(2)
-        }
+        config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error @ turnstile::payment::gateway_sim::SimError::Usage(_)) => {
+                eprintln!("turnstile gateway-sim: {error}");
+                ExitCode::from(2)
+            }
+            Err(error) => {
+                tracing::error!(%error, "gateway-sim stopped");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 

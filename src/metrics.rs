@@ -181,7 +181,25 @@ pub struct Metrics {
     pub replays: AtomicU64,
     /// Holds released by the sweeper after their deadline.
     pub holds_expired: AtomicU64,
+    /// Time of one authorisation at the gateway, in seconds.
+    pub gateway_authorize_seconds: Histogram,
+    /// Authorisations by outcome: approved, pending, declined, failed (timeout or unreachable).
+    pub gateway_outcomes: [AtomicU64; 4],
+    /// Captures journaled.
+    pub payments_captured: AtomicU64,
+    /// Voids done.
+    pub payments_voided: AtomicU64,
+    /// Refunds journaled.
+    pub payments_refunded: AtomicU64,
+    /// Captures the gateway refused for paid orders (a person must look).
+    pub payments_failed: AtomicU64,
+    /// What the reconciler finished: pending payments decided, orphan authorisations voided,
+    /// captures or voids owed that no one had asked for.
+    pub reconciler_actions: AtomicU64,
 }
+
+/// The outcomes of [`Metrics::gateway_outcomes`], in order.
+pub const GATEWAY_OUTCOMES: [&str; 4] = ["approved", "pending", "declined", "failed"];
 
 /// The label for requests that matched no route.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
@@ -198,6 +216,13 @@ impl Metrics {
             rejections_not_found: AtomicU64::new(0),
             replays: AtomicU64::new(0),
             holds_expired: AtomicU64::new(0),
+            gateway_authorize_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
+            gateway_outcomes: Default::default(),
+            payments_captured: AtomicU64::new(0),
+            payments_voided: AtomicU64::new(0),
+            payments_refunded: AtomicU64::new(0),
+            payments_failed: AtomicU64::new(0),
+            reconciler_actions: AtomicU64::new(0),
         }
     }
 
@@ -273,10 +298,52 @@ impl Metrics {
                 "Holds released by the sweeper after their deadline.",
                 &self.holds_expired,
             ),
+            (
+                "turnstile_payments_captured",
+                "Captures done after their order was journaled.",
+                &self.payments_captured,
+            ),
+            (
+                "turnstile_payments_voided",
+                "Authorisations voided (orders released or never journaled).",
+                &self.payments_voided,
+            ),
+            (
+                "turnstile_payments_refunded",
+                "Captured payments refunded (orders cancelled).",
+                &self.payments_refunded,
+            ),
+            (
+                "turnstile_payments_capture_refused",
+                "Captures the gateway refused for paid orders (a person must look).",
+                &self.payments_failed,
+            ),
+            (
+                "turnstile_reconciler_actions",
+                "Payments the reconciler finished.",
+                &self.reconciler_actions,
+            ),
         ] {
             encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
         }
-        Ok(())
+        {
+            let mut family = encoder.encode_descriptor(
+                "turnstile_gateway_authorizations",
+                "Authorisations by outcome.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (outcome, count) in GATEWAY_OUTCOMES.iter().zip(&self.gateway_outcomes) {
+                family
+                    .encode_family(&[("outcome", *outcome)])?
+                    .encode_counter::<NoLabelSet, u64, u64>(&count.load(Ordering::Relaxed), None)?;
+            }
+        }
+        self.gateway_authorize_seconds.encode(
+            encoder,
+            "turnstile_gateway_authorize_seconds",
+            "Time of one authorisation at the payment gateway.",
+        )
     }
 }
 

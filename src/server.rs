@@ -13,7 +13,9 @@ use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::mysql::{MySqlJournal, SchemaError};
 use crate::journal::{Journal, JournalError};
 use crate::metrics::Metrics;
+use crate::payment::http::HttpGateway;
 use crate::payment::simulator::{Simulator, SimulatorConfig};
+use crate::payment::PaymentGateway;
 use crate::sessions::CartStore;
 use crate::time::now_ms;
 use std::io::Write;
@@ -159,11 +161,26 @@ async fn serve(
         },
         client,
     );
+    // The gateway over HTTP, when configured: one pooled client, each call bounded by the gateway
+    // timeout, certificates checked against the platform's roots.
+    let gateway: Arc<dyn PaymentGateway> = match &config.gateway_url {
+        Some(url) => {
+            let client = HttpClient::new(ClientOptions {
+                timeout: config.gateway_timeout,
+                connect_timeout: config.gateway_timeout.min(Duration::from_secs(2)),
+                idle_timeout: Duration::from_secs(60),
+                idle_per_host: 256,
+                trust: Trust::Roots(Arc::new(platform_roots())),
+            })?;
+            Arc::new(HttpGateway::new(url, client))
+        }
+        None => Arc::new(Arc::clone(&simulator)),
+    };
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
         carts: CartStore::new(config.cart_ttl.as_millis() as i64, config.carts_max)?,
-        gateway: Arc::new(Arc::clone(&simulator)),
+        gateway,
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
         journal_timeout: config.journal_timeout,
@@ -171,6 +188,7 @@ async fn serve(
         metrics: Metrics::new(api::ROUTES),
         settled: tokio::sync::Notify::new(),
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
+        settler: api::money::Settler::default(),
     });
 
     let listener =
@@ -190,7 +208,8 @@ async fn serve(
         data_dir = %config.data_dir.display(),
         skus = app.engine.inventory().len(),
         holds = app.engine.holds_len(),
-        "serving (in-process carts and payment simulator)"
+        gateway = config.gateway_url.as_deref().unwrap_or("in-process simulator"),
+        "serving (in-process carts)"
     );
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
@@ -198,6 +217,10 @@ async fn serve(
     drop(stdout);
 
     let sweeper = tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl));
+    let reconciler = tokio::spawn(api::money::reconcile(
+        Arc::clone(&app),
+        config.reconcile_after,
+    ));
     let router = api::router(Arc::clone(&app));
     let limits = ConnectionLimits {
         slow_client_timeout: config.slow_client_timeout,
@@ -206,9 +229,29 @@ async fn serve(
     };
     connections::serve(listener, router, limits, tls, stop_signal()).await;
     sweeper.abort();
+    reconciler.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;
     Ok(())
+}
+
+/// The certificates an `https://` gateway may chain to: the system's store (`/etc/ssl/certs`), read
+/// with rustls's PEM parser. Empty if there is none: then only `http://` gateways work, and an
+/// `https://` one fails its calls with a certificate error in the log.
+fn platform_roots() -> rustls::RootCertStore {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for path in [
+        "/etc/ssl/certs/ca-certificates.crt",
+        "/etc/pki/tls/certs/ca-bundle.crt",
+    ] {
+        if let Ok(certs) = rustls::pki_types::CertificateDer::pem_file_iter(path) {
+            let (added, _) = roots.add_parsable_certificates(certs.flatten());
+            tracing::debug!(path, added, "trusted roots for the gateway");
+            break;
+        }
+    }
+    roots
 }
 
 /// Releases expired holds (voiding their payments), expired carts and answers past retention.
@@ -230,19 +273,12 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
         let now = now_ms();
         // Each release commits on its own task; a slow journal delays none of the others.
         let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX);
+        // A released order with an authorisation owes its void; the settler makes it after the
+        // commit (`api::money`).
         let commits = released.into_iter().map(|change| {
             api::commit(&app, change, |app, outcome| {
-                let Ok(Applied::Order { order, .. }) = outcome else {
-                    return;
-                };
-                app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
-                if let Some(payment_id) = order.payment_id.clone() {
-                    let gateway = Arc::clone(&app.gateway);
-                    tokio::spawn(async move {
-                        if let Err(error) = gateway.void(payment_id.clone()).await {
-                            tracing::warn!(%payment_id, %error, "could not void the payment of an expired hold");
-                        }
-                    });
+                if let Ok(Applied::Order { .. }) = outcome {
+                    app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
                 }
             })
         });

@@ -322,20 +322,33 @@ impl Finishing {
             amount_cents: self.reservation.total_cents(),
             currency: self.reservation.currency().as_str().to_owned(),
         };
+        let started = std::time::Instant::now();
         let authorised =
             tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
+        let metrics = &state.metrics;
+        metrics
+            .gateway_authorize_seconds
+            .record(started.elapsed().as_secs_f64());
         let paid = match authorised {
             Ok(Ok(Authorization::Approved { payment_id })) => Paid::Approved(payment_id),
             Ok(Ok(Authorization::Pending { payment_id })) => Paid::Pending(payment_id),
             Ok(Ok(Authorization::Declined { payment_id })) => Paid::Declined(payment_id),
             Ok(Err(PaymentError::Timeout)) | Err(_) => Paid::TimedOut,
-            Ok(Err(PaymentError::Unreachable(reason))) => {
-                tracing::warn!(%reason, "payment gateway unreachable");
+            // Whatever the gateway may have done is for the reconciler to find and void.
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "payment gateway failed");
                 Paid::TimedOut
             }
         };
+        let outcome_index = match &paid {
+            Paid::Approved(_) => 0,
+            Paid::Pending(_) => 1,
+            Paid::Declined(_) => 2,
+            Paid::TimedOut => 3,
+        };
+        metrics.gateway_outcomes[outcome_index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let outcome = match &paid {
-            Paid::Approved(id) => PaymentOutcome::Paid {
+            Paid::Approved(id) => PaymentOutcome::Authorized {
                 payment_id: id.clone(),
             },
             Paid::Pending(id) => PaymentOutcome::Pending {
@@ -393,8 +406,9 @@ impl Finishing {
         };
         let cart_id = self.cart_id;
         // The record carries the order, its events and this answer: once it is durable the engine
-        // shows the order and replays the answer under the key; if the journal did not take it,
-        // the engine frees the units and the key, and the money that moved goes back.
+        // shows the order and replays the answer under the key, and the capture it owes follows
+        // (`money`); if the journal did not take it, the engine frees the units and the key, and
+        // the authorisation is voided (or, if that call fails, by the reconciler's orphan scan).
         let committed = commit(state, change, move |app, outcome| match outcome {
             Ok(Applied::Order { order, .. }) => {
                 if matches!(order.status, OrderStatus::Paid | OrderStatus::PaymentPending) {

@@ -4,6 +4,7 @@
 mod carts;
 mod checkout;
 mod events;
+pub mod money;
 mod ops;
 mod orders;
 mod products;
@@ -56,6 +57,8 @@ pub struct AppState {
     /// Checkouts past their hold (authorising, committing) at most at once; past it `503
     /// overloaded`. Bounds the tasks and gateway calls a flood can start.
     pub checkouts_in_flight: Arc<tokio::sync::Semaphore>,
+    /// The gateway calls orders owe, in flight and to retry.
+    pub settler: money::Settler,
 }
 
 /// The state as handlers receive it.
@@ -432,7 +435,16 @@ fn settle<F: FnOnce(&Shared, &Settlement)>(
     committed: Result<crate::journal::Appended, JournalError>,
 ) -> Settlement {
     let outcome = match committed {
-        Ok(_) => Ok(app.engine.apply(change)),
+        Ok(_) => {
+            let applied = app.engine.apply(change);
+            // Money follows the durable order: whatever it now owes the gateway is called for.
+            if let Applied::Order { order, .. } = &applied {
+                if order.payment_due.is_some() {
+                    money::settle_soon(app, order.order_id.clone());
+                }
+            }
+            Ok(applied)
+        }
         Err(error) if error.nothing_changed() => {
             app.engine.abort(change);
             Err(error)

@@ -4,14 +4,12 @@ use super::checkout::order_body;
 use super::products::path_error;
 use super::{commit, json_response, path_id, prepare_when_free, ApiError, Shared};
 use crate::domain::OrderId;
-use crate::engine::order::OrderStatus;
 use crate::engine::{Applied, Prepared};
 use crate::time::now_ms;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use std::sync::Arc;
 
 pub(super) async fn get_order(
     State(state): State<Shared>,
@@ -46,37 +44,9 @@ pub(super) async fn cancel_order(
             }
             Prepared::Change(change) => change,
         };
-    // Money moves only once the change is durable: a paid order's money goes back, a pending
-    // authorisation is voided.
-    let applied = commit(&state, change, |app, outcome| {
-        let Ok(Applied::Order {
-            order,
-            previous: Some(previous),
-        }) = outcome
-        else {
-            return;
-        };
-        let Some(payment_id) = order.payment_id.clone() else {
-            return;
-        };
-        let refund = order.status == OrderStatus::Refunded;
-        let void = *previous == OrderStatus::PaymentPending;
-        if !refund && !void {
-            return;
-        }
-        let gateway = Arc::clone(&app.gateway);
-        tokio::spawn(async move {
-            let result = if refund {
-                gateway.refund(payment_id.clone()).await
-            } else {
-                gateway.void(payment_id.clone()).await
-            };
-            if let Err(error) = result {
-                tracing::error!(%payment_id, %error, "gateway call after a cancel failed");
-            }
-        });
-    })
-    .await?;
+    // Money moves only once the change is durable: the cancelled order owes a refund (or a void
+    // if never captured), made by the settler after the commit (`money`).
+    let applied = commit(&state, change, |_, _| {}).await?;
     match applied {
         Applied::Order { order, .. } => Ok(json_response(StatusCode::OK, order_body(&order))),
         Applied::Product(..) => Err(ApiError::internal("a cancel applied a product change")),

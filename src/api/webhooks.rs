@@ -1,12 +1,12 @@
 //! `POST /v1/webhooks/payment`: the gateway's final word on a pending payment, signed with
 //! `Turnstile-Signature`. Deliveries are idempotent: a second one, or one for an order already
-//! finished, changes nothing (an approval for a released order is refunded).
+//! finished, changes nothing (an approval for a released order leaves it owing a void).
 
 use super::{
     check_length, commit, json, parse_json, prepare_when_free, read_body, ApiError, Shared,
 };
 use crate::domain::OrderId;
-use crate::engine::order::OrderStatus;
+use crate::engine::order::{OrderStatus, PaymentDue};
 use crate::engine::{EngineError, Prepared};
 use crate::payment::webhook::verify;
 use crate::time::now_ms;
@@ -15,7 +15,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Deserialize;
-use std::sync::Arc;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -81,17 +80,26 @@ pub(super) async fn payment_webhook(
         }
         Some(Prepared::Unchanged(_)) => {}
         None => {
-            let now = state.engine.order(&body.order_id).map(|o| o.status);
-            if target == OrderStatus::Paid && now == Some(OrderStatus::Released) {
-                // The money was captured for an order that no longer holds its stock: give it
-                // back.
-                let gateway = Arc::clone(&state.gateway);
-                let payment_id = body.payment_id;
-                tokio::spawn(async move {
-                    if let Err(error) = gateway.refund(payment_id.clone()).await {
-                        tracing::error!(%payment_id, %error, "refund of a late approval failed");
-                    }
-                });
+            // Finished meanwhile: an approval for an order that no longer holds its stock. The
+            // authorisation must not stay: the order owes a void (if it does not owe one already,
+            // or has done it; voiding again is harmless).
+            if target == OrderStatus::Paid {
+                let prepared = prepare_when_free(&state, || {
+                    state
+                        .engine
+                        .prepare_payment(&body.order_id, now_ms(), |order| {
+                            if order.status != OrderStatus::Released || order.payment_due.is_some()
+                            {
+                                return false;
+                            }
+                            order.payment_due = Some(PaymentDue::Void);
+                            true
+                        })
+                })
+                .await?;
+                if let Prepared::Change(change) = prepared {
+                    commit(&state, change, |_, _| {}).await?;
+                }
             }
         }
     }

@@ -34,9 +34,9 @@ use crate::domain::{Currency, CustomerId, IdempotencyKey, OrderId, Quantity, Sku
 use crate::sync::lock;
 use idempotency::{IdempotencyStore, RejectionLimits};
 use inventory::{Hold, Inventory, ReserveError, SkuIndex, StockView};
-use order::{IllegalTransition, Order, OrderItem, OrderStatus};
+use order::{IllegalTransition, Order, OrderItem, OrderStatus, PaymentDue};
 use records::{Product, Record, State, StoredAnswer};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::BTreeSet;
 use std::hash::Hash;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -170,8 +170,8 @@ impl Reservation {
 /// How the payment of a new order ended, as far as the checkout knows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PaymentOutcome {
-    /// Authorised and captured: the order is paid.
-    Paid {
+    /// Authorised: the order is paid, and its capture is due once it is durable.
+    Authorized {
         /// The gateway's payment id.
         payment_id: String,
     },
@@ -292,6 +292,9 @@ pub struct Engine {
     /// order passes here); an order that finished late sits behind newer ones and leaves a little
     /// after its retention, never before.
     finished_by_time: Mutex<std::collections::VecDeque<(i64, OrderId)>>,
+    /// Orders that owe the gateway a call (capture, void, refund), so the settler never scans the
+    /// others.
+    payments_due: Mutex<FxHashSet<OrderId>>,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
@@ -305,6 +308,7 @@ impl Engine {
             orders: (0..MAP_SHARDS).map(|_| Mutex::default()).collect(),
             holds_by_deadline: Mutex::default(),
             finished_by_time: Mutex::default(),
+            payments_due: Mutex::default(),
             idempotency: IdempotencyStore::new(config.rejections, config.answer_retention_ms),
             next_order_number: AtomicU64::new(1),
             config,
@@ -525,7 +529,7 @@ impl Engine {
             outcome,
         } = new_order;
         let (status, payment_id) = match outcome {
-            PaymentOutcome::Paid { payment_id } => (OrderStatus::Paid, Some(payment_id)),
+            PaymentOutcome::Authorized { payment_id } => (OrderStatus::Paid, Some(payment_id)),
             PaymentOutcome::Pending { payment_id } => {
                 (OrderStatus::PaymentPending, Some(payment_id))
             }
@@ -540,6 +544,7 @@ impl Engine {
             currency: reservation.currency,
             created_at_ms: now_ms,
             hold_deadline_ms: now_ms + self.config.hold_ttl_ms,
+            payment_due: (status == OrderStatus::Paid).then_some(PaymentDue::Capture),
             payment_id,
         };
         let entered = if status == OrderStatus::Reserved {
@@ -607,6 +612,72 @@ impl Engine {
             OrderStatus::Paid => Some(OrderStatus::Refunded),
             _ => None,
         })
+    }
+
+    /// Decides a change of what an order owes the gateway, its status kept: `update` changes the
+    /// order's payment fields and says whether it changed anything (`Unchanged` if not). Used to
+    /// journal a capture, void or refund done (nothing due any more), and to owe a void for an
+    /// authorisation the gateway reports for an order already released.
+    pub fn prepare_payment(
+        &self,
+        order_id: &OrderId,
+        now_ms: i64,
+        update: impl FnOnce(&mut Order) -> bool,
+    ) -> Result<Prepared, EngineError> {
+        let mut orders = lock(&self.orders[shard_index(order_id)]);
+        let entry = orders
+            .get_mut(order_id)
+            .ok_or_else(|| EngineError::UnknownOrder(order_id.clone()))?;
+        if entry.busy {
+            return Err(EngineError::Busy(format!("order {order_id}")));
+        }
+        let previous = entry.order.status;
+        let mut order = entry.order.clone();
+        if !update(&mut order) {
+            return Ok(Prepared::Unchanged(entry.order.clone()));
+        }
+        order.status = previous;
+        entry.busy = true;
+        Ok(Prepared::Change(Change {
+            record: Record::Order {
+                order,
+                previous: Some(previous),
+                entered: Vec::new(),
+                at_ms: now_ms,
+                answer: None,
+                replaces_expired_key: false,
+            },
+            effect: Effect::Transition { previous },
+        }))
+    }
+
+    /// Orders that owe the gateway a call, at most `limit` (in no particular order).
+    pub fn payments_due(&self, limit: usize) -> Vec<Order> {
+        let ids: Vec<OrderId> = lock(&self.payments_due)
+            .iter()
+            .take(limit)
+            .cloned()
+            .collect();
+        ids.iter().filter_map(|id| self.order(id)).collect()
+    }
+
+    /// Orders waiting for the gateway's word (`payment_pending`) created before `cutoff_ms`, at
+    /// most `limit`.
+    pub fn pending_orders_created_before(&self, cutoff_ms: i64, limit: usize) -> Vec<Order> {
+        let ids: Vec<OrderId> = lock(&self.holds_by_deadline)
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect();
+        ids.iter()
+            .filter_map(|id| self.order(id))
+            .filter(|o| o.status == OrderStatus::PaymentPending && o.created_at_ms < cutoff_ms)
+            .take(limit)
+            .collect()
+    }
+
+    /// How many orders owe the gateway a call.
+    pub fn payments_due_len(&self) -> usize {
+        lock(&self.payments_due).len()
     }
 
     /// Decides a move with `decide` (the next status, or `None` to leave the order as it is),
@@ -740,6 +811,8 @@ impl Engine {
                 drop(orders);
                 let hold = self.inventory.hold_of(lines.clone());
                 match (previous.holds_stock(), order.status) {
+                    // A change of what the order owes the gateway only: its units stay as they are.
+                    _ if previous == order.status => drop(hold),
                     (true, OrderStatus::Paid) => self.inventory.commit(hold),
                     (true, OrderStatus::Released) => self.inventory.release(hold),
                     (false, OrderStatus::Refunded) => self.inventory.refund(&lines),
@@ -793,6 +866,14 @@ impl Engine {
 
     /// Keeps the by-deadline and by-time indexes in step with an order's durable status.
     fn index_order(&self, order: &Order, previous: Option<OrderStatus>) {
+        {
+            let mut due = lock(&self.payments_due);
+            if order.payment_due.is_some() {
+                due.insert(order.order_id.clone());
+            } else if !due.is_empty() {
+                due.remove(&order.order_id);
+            }
+        }
         let key = (order.hold_deadline_ms, order.order_id.clone());
         if previous.is_some_and(|p| p.holds_stock()) && !order.status.holds_stock() {
             lock(&self.holds_by_deadline).remove(&key);
@@ -811,6 +892,9 @@ impl Engine {
     pub fn purge_orders(&self, now_ms: i64, limit: usize) -> usize {
         let cutoff = now_ms - self.config.order_retention_ms;
         let mut dropped = 0;
+        // Orders passed over (still owing the gateway) go to the back: one pass at most.
+        let queued = lock(&self.finished_by_time).len();
+        let mut passed = 0;
         while dropped < limit {
             let due = {
                 let mut finished = lock(&self.finished_by_time);
@@ -829,6 +913,20 @@ impl Engine {
                 drop(orders);
                 lock(&self.finished_by_time).push_front((created, order_id));
                 break;
+            }
+            // One that still owes the gateway a call stays until the call is journaled; it goes
+            // to the back and leaves on a later pass.
+            if orders
+                .get(&order_id)
+                .is_some_and(|e| e.order.payment_due.is_some())
+            {
+                drop(orders);
+                lock(&self.finished_by_time).push_back((created, order_id));
+                passed += 1;
+                if passed >= queued {
+                    break;
+                }
+                continue;
             }
             orders.remove(&order_id);
             dropped += 1;

@@ -7,6 +7,13 @@
 //! ```
 //! A status that holds stock (`reserved`, `payment_pending`) carries a deadline, set when the hold was
 //! taken; the sweeper releases it once the deadline passes.
+//!
+//! Money follows the order: an order also says what it still owes the gateway
+//! ([`Order::payment_due`]). A payment is only *authorised* before the order is journaled; the
+//! journaled `paid` order carries `Capture` (its intent to capture), a released order with an
+//! authorisation carries `Void`, a cancelled paid order `Refund` (or `Void` if it was never
+//! captured). The payment settler makes the call and journals the outcome (the same order with
+//! nothing due); the reconciler retries what stays due.
 
 use crate::domain::{Cents, Currency, CustomerId, OrderId, Sku};
 use serde::{Deserialize, Serialize};
@@ -90,6 +97,36 @@ impl OrderStatus {
 }
 
 /// An order was asked to make a move its state machine forbids.
+/// What an order still owes the payment gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentDue {
+    /// A paid order whose authorisation is not captured yet.
+    Capture,
+    /// An authorisation that will not be used (its order was released or cancelled before capture).
+    Void,
+    /// A captured payment whose order was cancelled.
+    Refund,
+}
+
+impl PaymentDue {
+    /// The name stored (MySQL) and shown in logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentDue::Capture => "capture",
+            PaymentDue::Void => "void",
+            PaymentDue::Refund => "refund",
+        }
+    }
+
+    /// The inverse of [`PaymentDue::as_str`].
+    pub fn parse(raw: &str) -> Option<Self> {
+        [PaymentDue::Capture, PaymentDue::Void, PaymentDue::Refund]
+            .into_iter()
+            .find(|d| d.as_str() == raw)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("an order cannot go from {} to {}", from.as_str(), to.as_str())]
 pub struct IllegalTransition {
@@ -132,13 +169,27 @@ pub struct Order {
     /// The gateway's id of the payment, once the gateway gave one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub payment_id: Option<String>,
+    /// What the order still owes the gateway; `None` once settled (or nothing was ever due).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_due: Option<PaymentDue>,
 }
 
 impl Order {
     /// Moves the order to `next`, or says why it may not.
     pub fn transition(&mut self, next: OrderStatus) -> Result<(), IllegalTransition> {
         if self.status.can_become(next) {
+            let previous = self.status;
             self.status = next;
+            // What the move makes the order owe the gateway (only with an authorisation).
+            if self.payment_id.is_some() {
+                self.payment_due = match (previous, next, self.payment_due) {
+                    (_, OrderStatus::Paid, _) => Some(PaymentDue::Capture),
+                    (_, OrderStatus::Released, _) => Some(PaymentDue::Void),
+                    (_, OrderStatus::Refunded, Some(PaymentDue::Capture)) => Some(PaymentDue::Void),
+                    (_, OrderStatus::Refunded, _) => Some(PaymentDue::Refund),
+                    (_, _, due) => due,
+                };
+            }
             Ok(())
         } else {
             Err(IllegalTransition {

@@ -222,7 +222,11 @@ impl State {
         let order_cutoff = now_ms - order_retention_ms;
         let sold_pruned = &mut self.sold_pruned;
         self.orders.retain(|_, order| {
-            if order.status.holds_stock() || order.created_at_ms >= order_cutoff {
+            // An order that still owes the gateway a call stays until the call is journaled.
+            if order.status.holds_stock()
+                || order.created_at_ms >= order_cutoff
+                || order.payment_due.is_some()
+            {
                 return true;
             }
             if order.status == OrderStatus::Paid {

@@ -26,7 +26,7 @@
 use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
 use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
-use crate::engine::order::{Order, OrderItem, OrderStatus};
+use crate::engine::order::{Order, OrderItem, OrderStatus, PaymentDue};
 use crate::engine::records::{Event, Product, Record, State, StoredAnswer};
 use crate::sync::lock;
 use crate::BoxFuture;
@@ -276,7 +276,7 @@ fn optional_text(row: &sqlx::mysql::MySqlRow, index: usize) -> Result<Option<Str
 /// The columns of an order, in the order [`order_from_row`] reads them.
 const ORDER_COLUMNS: &str =
     "SELECT o.order_id, o.status, o.customer_id, o.total_cents, o.currency, \
-     o.created_at_ms, o.hold_deadline_ms, o.payment_id FROM orders o";
+     o.created_at_ms, o.hold_deadline_ms, o.payment_id, o.payment_due FROM orders o";
 
 fn read_error(e: sqlx::Error) -> JournalError {
     db_error("reading the durable state", &e)
@@ -318,6 +318,13 @@ fn order_from_row(
         created_at_ms: row.try_get(5).map_err(read)?,
         hold_deadline_ms: row.try_get(6).map_err(read)?,
         payment_id: optional_text(row, 7).map_err(read)?,
+        payment_due: match optional_text(row, 8).map_err(read)? {
+            None => None,
+            Some(raw) => Some(
+                PaymentDue::parse(&raw)
+                    .ok_or_else(|| corrupt("orders", format!("unknown payment_due {raw:?}")))?,
+            ),
+        },
     })
 }
 
@@ -350,7 +357,8 @@ async fn load(
     // Only what memory keeps: orders that hold stock or are within retention, answers within
     // retention (at `now`). The units of the older paid orders are counted from `inventory`.
     let order_cutoff = now - retention.order_ms;
-    let live = "o.status IN ('reserved', 'payment_pending') OR o.created_at_ms >= ?";
+    let live = "o.status IN ('reserved', 'payment_pending') OR o.payment_due IS NOT NULL \
+                OR o.created_at_ms >= ?";
     let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
     for row in sqlx::query(&format!(
         "SELECT i.order_id, i.sku, i.quantity, i.unit_price_cents FROM order_items i \
@@ -636,13 +644,17 @@ async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Er
     Ok(row.try_get::<i64, _>(0)? > 0)
 }
 
-fn payment_state(status: OrderStatus) -> &'static str {
-    match status {
-        OrderStatus::Reserved => "authorizing",
-        OrderStatus::PaymentPending => "pending",
-        OrderStatus::Paid => "captured",
-        OrderStatus::Released => "voided",
-        OrderStatus::Refunded => "refunded",
+fn payment_state(order: &Order) -> &'static str {
+    match (order.status, order.payment_due) {
+        (OrderStatus::Reserved, _) => "authorizing",
+        (OrderStatus::PaymentPending, _) => "pending",
+        (OrderStatus::Paid, Some(_)) => "authorized",
+        (OrderStatus::Paid, None) => "captured",
+        (OrderStatus::Released, Some(_)) => "void_due",
+        (OrderStatus::Released, None) => "voided",
+        (OrderStatus::Refunded, Some(PaymentDue::Void)) => "void_due",
+        (OrderStatus::Refunded, Some(_)) => "refund_due",
+        (OrderStatus::Refunded, None) => "refunded",
     }
 }
 
@@ -778,7 +790,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
     {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
-             hold_deadline_ms, payment_id, idempotency_key, updated_lsn) ",
+             hold_deadline_ms, payment_id, payment_due, idempotency_key, updated_lsn) ",
         );
         q.push_values(chunk, |mut row, (order, lsn, key)| {
             row.push_bind(order.order_id.as_str())
@@ -789,12 +801,14 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
                 .push_bind(order.created_at_ms)
                 .push_bind(order.hold_deadline_ms)
                 .push_bind(order.payment_id.as_deref())
+                .push_bind(order.payment_due.map(PaymentDue::as_str))
                 .push_bind(key.map(|k| k.as_str()))
                 .push_bind(*lsn);
         });
         if upsert {
             q.push(
                 " ON DUPLICATE KEY UPDATE status = VALUES(status), payment_id = VALUES(payment_id), \
+                 payment_due = VALUES(payment_due), \
                  hold_deadline_ms = VALUES(hold_deadline_ms), updated_lsn = VALUES(updated_lsn)",
             );
         }
@@ -812,7 +826,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
                     .push_bind(order.order_id.as_str())
                     .push_bind(order.total_cents)
                     .push_bind(order.currency.as_str())
-                    .push_bind(payment_state(order.status))
+                    .push_bind(payment_state(order))
                     .push_bind(*lsn);
             });
             q.push(

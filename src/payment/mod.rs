@@ -1,8 +1,16 @@
-//! Payments: the `PaymentGateway` trait and the in-process simulator (the embedded default).
+//! Payments: the `PaymentGateway` trait, the simulator's ledger (shared by the in-process
+//! simulator, the embedded default, and `turnstile gateway-sim`), the HTTP gateway client
+//! (`--gateway-url`) and webhook signatures.
 //!
-//! Every call carries an idempotency key derived from the client's `Idempotency-Key`, so a checkout
-//! re-run after a crash can never authorise twice.
+//! Money follows the order: a checkout only *authorises* before its order is journaled; capture,
+//! void and refund follow the journaled order (what it owes is on the order,
+//! [`crate::engine::order::PaymentDue`]) and are made by the settler and the reconciler
+//! (`crate::api::money`). Every authorisation carries an idempotency key derived from the client's
+//! `Idempotency-Key`, so a checkout re-run after a crash can never authorise twice.
 
+pub mod gateway_sim;
+pub mod http;
+pub mod ledger;
 pub mod simulator;
 pub mod webhook;
 
@@ -38,7 +46,7 @@ pub struct AuthorizeRequest {
 /// The gateway's answer to an authorisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Authorization {
-    /// Authorised and captured.
+    /// Authorised: the funds are held; nothing is captured until the order is durable.
     Approved {
         /// The gateway's id of the payment.
         payment_id: String,
@@ -55,7 +63,44 @@ pub enum Authorization {
     },
 }
 
-/// Why a gateway call did not get an answer.
+/// Where a payment stands at the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentStatus {
+    /// Not decided yet (`tok_pending` before its webhook).
+    Pending,
+    /// Funds held, not captured.
+    Authorized,
+    /// Money taken.
+    Captured,
+    /// The authorisation was cancelled; no money moved.
+    Voided,
+    /// Captured, then given back.
+    Refunded,
+    /// Refused.
+    Declined,
+}
+
+/// A payment as the gateway holds it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PaymentInfo {
+    /// The gateway's id.
+    pub payment_id: String,
+    /// The idempotency key it was authorised under.
+    pub idempotency_key: String,
+    /// The order it was authorised for.
+    pub order_id: String,
+    /// The amount, in minor units.
+    pub amount_cents: i64,
+    /// The currency.
+    pub currency: String,
+    /// Where it stands.
+    pub status: PaymentStatus,
+    /// When it was authorised (or attempted), Unix milliseconds.
+    pub created_at_ms: i64,
+}
+
+/// Why a gateway call did not do what was asked.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PaymentError {
     /// The gateway did not answer in time (the client's timeout).
@@ -64,17 +109,45 @@ pub enum PaymentError {
     /// The gateway could not be reached or answered nonsense.
     #[error("the payment gateway is unreachable: {0}")]
     Unreachable(String),
+    /// The payment stands where the call cannot apply (a void of a captured payment, a capture
+    /// of a voided one): the caller decides what follows from `status`.
+    #[error("the payment is {status:?}")]
+    Conflict {
+        /// Where it stands.
+        status: PaymentStatus,
+    },
+    /// The gateway knows no such payment.
+    #[error("the payment gateway knows no payment {0}")]
+    Unknown(String),
 }
 
-/// A payment gateway.
+impl PaymentError {
+    /// Whether calling again later may succeed (the gateway's idempotency keys make it safe).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, PaymentError::Timeout | PaymentError::Unreachable(_))
+    }
+}
+
+/// A payment gateway. Every call is idempotent at the gateway (authorisations by their
+/// idempotency key, the others by payment id), so any of them may be retried.
 pub trait PaymentGateway: Send + Sync {
-    /// Authorises (and, for an approval, captures) a payment. Callers bound it with their timeout.
+    /// Authorises a payment (funds held, nothing captured). Callers bound it with their timeout.
     fn authorize(
         &self,
         request: AuthorizeRequest,
     ) -> BoxFuture<'_, Result<Authorization, PaymentError>>;
-    /// Gives the money of a captured payment back (idempotent per payment).
-    fn refund(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>>;
-    /// Cancels an authorisation that will not be used (idempotent per payment).
+    /// Takes the money of an authorised payment.
+    fn capture(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>>;
+    /// Cancels an authorisation that will not be used.
     fn void(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>>;
+    /// Gives the money of a captured payment back.
+    fn refund(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>>;
+    /// Where a payment stands.
+    fn lookup(&self, payment_id: String) -> BoxFuture<'_, Result<PaymentInfo, PaymentError>>;
+    /// Payments authorised (or still pending) longer than `age` ago and not captured, voided or
+    /// refunded since: what the reconciler checks against the journal.
+    fn authorizations_older_than(
+        &self,
+        age: std::time::Duration,
+    ) -> BoxFuture<'_, Result<Vec<PaymentInfo>, PaymentError>>;
 }

@@ -1,16 +1,20 @@
-//! The in-process payment simulator: the four tokens of API.md, deterministic payment ids derived
-//! from the idempotency key, and webhooks for `tok_pending` sent over real HTTP to the server
-//! itself, signed with the webhook secret.
+//! The in-process payment simulator (the embedded default): the ledger of [`super::ledger`] behind
+//! the [`PaymentGateway`] trait, and webhooks for `tok_pending` sent over real HTTP to the server
+//! itself, signed with the webhook secret. [`deliver_webhook`] is also what `turnstile
+//! gateway-sim` sends its webhooks with.
 
+use super::ledger::Ledger;
 use super::webhook;
-use super::{Authorization, AuthorizeRequest, BoxFuture, PaymentError, PaymentGateway};
+use super::{
+    Authorization, AuthorizeRequest, BoxFuture, PaymentError, PaymentGateway, PaymentInfo,
+};
 use crate::http_client::HttpClient;
-use crate::sync::lock;
-use sha2::{Digest, Sha256};
-use std::collections::{HashSet, VecDeque};
+use crate::time::now_ms;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+pub use super::ledger::payment_id_for;
 
 /// How the simulator behaves.
 #[derive(Debug, Clone)]
@@ -19,44 +23,13 @@ pub struct SimulatorConfig {
     pub webhook_secret: Vec<u8>,
     /// How long a `tok_pending` payment stays undecided before its webhook is sent.
     pub pending_delay: Duration,
-    /// Deliveries of one webhook before the simulator gives up (the hold's expiry then decides).
+    /// Deliveries of one webhook before the simulator gives up (the reconciler then decides).
     pub webhook_attempts_max: u32,
 }
 
-/// Payments the ledger remembers per kind; the oldest are forgotten first, so a long run's memory
-/// stays bounded (the ledger only answers tests and logs).
+/// Payments the in-process ledger remembers; the oldest are forgotten first, so a long run's
+/// memory stays bounded.
 const LEDGER_ENTRIES_MAX: usize = 100_000;
-
-/// Payment ids in the order they arrived, at most [`LEDGER_ENTRIES_MAX`].
-#[derive(Debug, Default)]
-struct Bounded {
-    ids: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl Bounded {
-    fn insert(&mut self, id: String) {
-        if self.ids.insert(id.clone()) {
-            self.order.push_back(id);
-        }
-        while self.order.len() > LEDGER_ENTRIES_MAX {
-            if let Some(oldest) = self.order.pop_front() {
-                self.ids.remove(&oldest);
-            }
-        }
-    }
-
-    fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
-    }
-}
-
-/// What the simulator did, for tests and logs.
-#[derive(Debug, Default)]
-struct Ledger {
-    refunded: Bounded,
-    voided: Bounded,
-}
 
 /// The in-process simulator.
 pub struct Simulator {
@@ -65,13 +38,7 @@ pub struct Simulator {
     webhook_target: OnceLock<String>,
     /// Sends the webhooks, on pooled connections.
     client: HttpClient,
-    ledger: Mutex<Ledger>,
-}
-
-/// The payment id for an idempotency key: the same key always gives the same payment.
-pub fn payment_id_for(idempotency_key: &str) -> String {
-    let digest = Sha256::digest(idempotency_key.as_bytes());
-    format!("pay_{}", crate::random::hex(&digest[..12]))
+    ledger: Ledger,
 }
 
 impl Simulator {
@@ -82,7 +49,7 @@ impl Simulator {
             config,
             webhook_target: OnceLock::new(),
             client,
-            ledger: Mutex::default(),
+            ledger: Ledger::new(LEDGER_ENTRIES_MAX),
         })
     }
 
@@ -94,54 +61,73 @@ impl Simulator {
             .set(format!("{scheme}://{addr}/v1/webhooks/payment"));
     }
 
-    /// True if the payment was refunded.
-    pub fn was_refunded(&self, payment_id: &str) -> bool {
-        lock(&self.ledger).refunded.contains(payment_id)
+    /// What the simulator holds.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
-    fn send_webhook(self: &Arc<Self>, payment_id: String, order_id: String) {
+    /// Decides a pending payment after the delay, then tells the server.
+    fn decide_later(self: &Arc<Self>, payment_id: String) {
         let simulator = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(simulator.config.pending_delay).await;
-            let Some(url) = simulator.webhook_target.get() else {
-                tracing::warn!(%payment_id, "no webhook target; the hold's expiry will decide");
+            let Some(payment) = simulator.ledger.decide_pending(&payment_id) else {
                 return;
             };
-            let body = serde_json::json!({
-                "payment_id": payment_id,
-                "order_id": order_id,
-                "status": "approved",
-            })
-            .to_string();
-            let mut backoff = Duration::from_millis(50);
-            for attempt in 1..=simulator.config.webhook_attempts_max {
-                let signature = webhook::sign(
-                    &simulator.config.webhook_secret,
-                    crate::time::now_ms() / 1000,
-                    body.as_bytes(),
-                );
-                let sent = simulator
-                    .client
-                    .send(
-                        "POST",
-                        url,
-                        &[("turnstile-signature", &signature)],
-                        body.clone().into_bytes(),
-                    )
-                    .await;
-                match sent {
-                    Ok(response) if response.status == 200 => return,
-                    Ok(response) => tracing::debug!(
-                        %payment_id, attempt, status = response.status, "webhook not accepted yet"
-                    ),
-                    Err(error) => tracing::debug!(%payment_id, attempt, %error, "webhook failed"),
-                }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-            tracing::warn!(%payment_id, "webhook never accepted; the hold's expiry will decide");
+            let Some(url) = simulator.webhook_target.get() else {
+                tracing::warn!(%payment_id, "no webhook target; the reconciler will decide");
+                return;
+            };
+            deliver_webhook(
+                &simulator.client,
+                url,
+                &simulator.config.webhook_secret,
+                &payment,
+                simulator.config.webhook_attempts_max,
+            )
+            .await;
         });
     }
+}
+
+/// Sends the signed "approved" webhook of `payment` to `url`, retrying with backoff (from 50 ms,
+/// doubling, at most 5 s apart) until it is accepted (`200`) or `attempts_max` deliveries failed.
+pub async fn deliver_webhook(
+    client: &HttpClient,
+    url: &str,
+    secret: &[u8],
+    payment: &PaymentInfo,
+    attempts_max: u32,
+) {
+    let payment_id = &payment.payment_id;
+    let body = serde_json::json!({
+        "payment_id": payment_id,
+        "order_id": payment.order_id,
+        "status": "approved",
+    })
+    .to_string();
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1..=attempts_max {
+        let signature = webhook::sign(secret, now_ms() / 1000, body.as_bytes());
+        let sent = client
+            .send(
+                "POST",
+                url,
+                &[("turnstile-signature", &signature)],
+                body.clone().into_bytes(),
+            )
+            .await;
+        match sent {
+            Ok(response) if response.status == 200 => return,
+            Ok(response) => tracing::debug!(
+                %payment_id, attempt, status = response.status, "webhook not accepted yet"
+            ),
+            Err(error) => tracing::debug!(%payment_id, attempt, %error, "webhook failed"),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+    tracing::warn!(%payment_id, "webhook never accepted; the reconciler will decide");
 }
 
 impl PaymentGateway for Arc<Simulator> {
@@ -150,32 +136,43 @@ impl PaymentGateway for Arc<Simulator> {
         request: AuthorizeRequest,
     ) -> BoxFuture<'_, Result<Authorization, PaymentError>> {
         Box::pin(async move {
-            let payment_id = payment_id_for(&request.idempotency_key);
-            match request.token.as_str() {
-                "tok_ok" => Ok(Authorization::Approved { payment_id }),
-                "tok_pending" => {
+            match self.ledger.authorize(&request, now_ms()) {
+                Some(Authorization::Pending { payment_id }) => {
                     // The webhook is retried until the order is durable and known (404 before).
-                    self.send_webhook(payment_id.clone(), request.order_id);
+                    self.decide_later(payment_id.clone());
                     Ok(Authorization::Pending { payment_id })
                 }
-                // Never answers: the caller's timeout turns this into a 504; nothing is captured.
-                "tok_timeout" => std::future::pending().await,
-                _ => Ok(Authorization::Declined { payment_id }),
+                Some(other) => Ok(other),
+                // Never answers: the caller's timeout turns this into a 504; nothing is held.
+                None => std::future::pending().await,
             }
         })
     }
 
-    fn refund(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>> {
-        Box::pin(async move {
-            lock(&self.ledger).refunded.insert(payment_id);
-            Ok(())
-        })
+    fn capture(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>> {
+        Box::pin(async move { self.ledger.capture(&payment_id) })
     }
 
     fn void(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>> {
+        Box::pin(async move { self.ledger.void(&payment_id) })
+    }
+
+    fn refund(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>> {
+        Box::pin(async move { self.ledger.refund(&payment_id) })
+    }
+
+    fn lookup(&self, payment_id: String) -> BoxFuture<'_, Result<PaymentInfo, PaymentError>> {
+        Box::pin(async move { self.ledger.lookup(&payment_id) })
+    }
+
+    fn authorizations_older_than(
+        &self,
+        age: Duration,
+    ) -> BoxFuture<'_, Result<Vec<PaymentInfo>, PaymentError>> {
         Box::pin(async move {
-            lock(&self.ledger).voided.insert(payment_id);
-            Ok(())
+            Ok(self
+                .ledger
+                .authorized_before(now_ms() - age.as_millis() as i64))
         })
     }
 }

@@ -40,7 +40,8 @@ fn help_and_bad_configuration() {
         &["launch"],
         &["serve", "--tls-cert", "cert.pem"],
         &["migrate"],
-        &["gateway-sim"],
+        &["gateway-sim", "--fail-5xx", "2"],
+        &["serve", "--reconcile-after", "5s"],
     ] {
         let output = turnstile(bad);
         assert_eq!(output.status.code(), Some(2), "{bad:?}");

@@ -7,7 +7,7 @@ use crate::common::{durably, new_order, product, sku};
 use std::sync::atomic::{AtomicI64, Ordering};
 use turnstile::domain::IdempotencyKey;
 use turnstile::engine::idempotency::Begin;
-use turnstile::engine::{Engine, EngineConfig, PaymentOutcome};
+use turnstile::engine::{Applied, Engine, EngineConfig, PaymentOutcome, Prepared};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
 use turnstile::journal::JournalError;
 
@@ -32,11 +32,21 @@ fn place(engine: &Engine, journal: &FileJournal, n: u64) {
         engine.idempotency().begin(&key, "fp", clock()),
         Ok(Begin::Started)
     );
-    let outcome = PaymentOutcome::Paid {
+    let outcome = PaymentOutcome::Authorized {
         payment_id: format!("pay-{n}"),
     };
     let change = new_order(engine, "p", 1, outcome, Some(&key), clock());
-    durably(engine, journal, change).expect("durable");
+    let Applied::Order { order, .. } = durably(engine, journal, change).expect("durable") else {
+        panic!("not an order");
+    };
+    // The capture it owes, done and journaled (as the server's settler does): an order that
+    // still owes the gateway stays in memory whatever its age.
+    let Ok(Prepared::Change(captured)) =
+        engine.prepare_payment(&order.order_id, clock(), |o| o.payment_due.take().is_some())
+    else {
+        panic!("a paid order owes its capture");
+    };
+    durably(engine, journal, captured).expect("durable");
 }
 
 fn snapshot_bytes(dir: &std::path::Path) -> u64 {

@@ -209,7 +209,7 @@ fn run(ops: Vec<Op>) {
                 } else {
                     let reservation = result.expect("reservation");
                     let payment_outcome = match outcome {
-                        0 => PaymentOutcome::Paid {
+                        0 => PaymentOutcome::Authorized {
                             payment_id: "p".into(),
                         },
                         1 => PaymentOutcome::Pending {

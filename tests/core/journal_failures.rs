@@ -62,7 +62,7 @@ fn checkout(
             .begin(&key, "fp", turnstile::time::now_ms()),
         Ok(Begin::Started)
     );
-    let outcome = PaymentOutcome::Paid {
+    let outcome = PaymentOutcome::Authorized {
         payment_id: format!("pay-{}", key.as_str()),
     };
     let change = new_order(
@@ -292,7 +292,7 @@ fn a_bad_byte_in_a_segment_kept_for_its_events_is_reported_not_skipped() {
         .expect("product");
     durably(&engine, &journal, change).expect("durable");
     for n in 0..100 {
-        let outcome = PaymentOutcome::Paid {
+        let outcome = PaymentOutcome::Authorized {
             payment_id: format!("pay-{n}"),
         };
         let change = new_order(&engine, "e", 1, outcome, None, turnstile::time::now_ms());

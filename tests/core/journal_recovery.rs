@@ -47,14 +47,14 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
     }
     let mut placed = Vec::new();
     for (i, outcome) in [
-        PaymentOutcome::Paid {
+        PaymentOutcome::Authorized {
             payment_id: "p1".into(),
         },
         PaymentOutcome::Pending {
             payment_id: "p2".into(),
         },
         PaymentOutcome::Failed { payment_id: None },
-        PaymentOutcome::Paid {
+        PaymentOutcome::Authorized {
             payment_id: "p4".into(),
         },
     ]

@@ -1,0 +1,311 @@
+//! Money after truth: the settler and the reconciler.
+//!
+//! The mechanism: a journaled order says what it still owes the gateway
+//! ([`crate::engine::order::PaymentDue`]: capture, void or refund), and nothing else moves money
+//! after an authorisation. Every change that leaves an order owing something is followed, once
+//! durable, by [`settle_soon`] (called from `api::commit`'s settlement, for every kind of change:
+//! checkout, webhook, cancel, hold expiry, reconciler). It makes the gateway call (idempotent per
+//! payment) and journals the outcome as the same order with nothing due, batched with the other
+//! records by the group commit (never on a checkout's path). A call that fails in transit leaves
+//! the order owing; the reconciler retries it with backoff. A crash at any point leaves either an
+//! order that still owes (retried after the restart) or an authorisation with no durable order
+//! (voided by the orphan scan below): never forgotten.
+//!
+//! The reconciler (a task, first run at start-up):
+//! - retries what orders owe, each with exponential backoff (0.5 s to 60 s);
+//! - looks up orders still `payment_pending` past `--reconcile-after` and finishes them: paid if
+//!   the gateway authorised them, released (authorisation voided) if not;
+//! - lists authorisations older than `--reconcile-after` and voids those whose order the journal
+//!   does not know (the checkout crashed or failed between authorisation and journal), or knows as
+//!   released or cancelled; one it knows as paid is owed a capture.
+//!
+//! `--reconcile-after` must exceed how long a checkout can take between its authorisation and its
+//! commit (`--gateway-timeout` plus `--journal-timeout`), or an authorisation whose order is about
+//! to become durable could be voided; the defaults (60 s against 5 s + 5 s) leave a wide margin.
+
+use super::{commit, prepare_when_free, Shared};
+use crate::domain::OrderId;
+use crate::engine::order::{Order, OrderStatus, PaymentDue};
+use crate::engine::Prepared;
+use crate::payment::{PaymentError, PaymentStatus};
+use crate::sync::lock;
+use crate::time::now_ms;
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Orders the settler is calling the gateway for, and when each failed one may be tried again.
+#[derive(Debug, Default)]
+pub struct Settler {
+    in_flight: Mutex<FxHashSet<OrderId>>,
+    /// Next try (Unix ms) and failures so far, per order whose last call failed.
+    retry: Mutex<FxHashMap<OrderId, (i64, u32)>>,
+}
+
+/// Makes the gateway call an order owes, in a task of its own, unless one is already running for
+/// it.
+pub fn settle_soon(app: &Shared, order_id: OrderId) {
+    if !lock(&app.settler.in_flight).insert(order_id.clone()) {
+        return;
+    }
+    let app = Arc::clone(app);
+    tokio::spawn(async move {
+        let settled = settle_one(&app, &order_id).await;
+        lock(&app.settler.in_flight).remove(&order_id);
+        let mut retry = lock(&app.settler.retry);
+        match settled {
+            Ok(()) => {
+                retry.remove(&order_id);
+            }
+            Err(reason) => {
+                let failures = retry.get(&order_id).map_or(0, |r| r.1) + 1;
+                let wait = (500i64 << failures.min(7)).min(60_000);
+                tracing::warn!(%order_id, failures, %reason, "a payment call failed; retrying later");
+                retry.insert(order_id, (now_ms() + wait, failures));
+            }
+        }
+    });
+}
+
+/// Makes the call `order_id` owes and journals its outcome.
+async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
+    let Some(order) = app.engine.order(order_id) else {
+        return Ok(());
+    };
+    let (Some(due), Some(payment_id)) = (order.payment_due, order.payment_id.clone()) else {
+        return Ok(());
+    };
+    let gateway = &app.gateway;
+    let call = match due {
+        PaymentDue::Capture => gateway.capture(payment_id.clone()),
+        PaymentDue::Void => gateway.void(payment_id.clone()),
+        PaymentDue::Refund => gateway.refund(payment_id.clone()),
+    };
+    let result = tokio::time::timeout(app.gateway_timeout, call)
+        .await
+        .unwrap_or(Err(PaymentError::Timeout));
+    let metrics = &app.metrics;
+    let next = match (due, result) {
+        (_, Ok(())) => {
+            let counter = match due {
+                PaymentDue::Capture => &metrics.payments_captured,
+                PaymentDue::Void => &metrics.payments_voided,
+                PaymentDue::Refund => &metrics.payments_refunded,
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            None
+        }
+        // Captured after all (a late capture, or a void that lost a race): give it back.
+        (
+            PaymentDue::Void,
+            Err(PaymentError::Conflict {
+                status: PaymentStatus::Captured,
+            }),
+        ) => Some(PaymentDue::Refund),
+        // Never captured: release the funds instead.
+        (
+            PaymentDue::Refund,
+            Err(PaymentError::Conflict {
+                status: PaymentStatus::Authorized | PaymentStatus::Pending,
+            }),
+        ) => Some(PaymentDue::Void),
+        // Nothing left to undo.
+        (
+            PaymentDue::Void | PaymentDue::Refund,
+            Err(
+                PaymentError::Conflict {
+                    status:
+                        PaymentStatus::Voided | PaymentStatus::Refunded | PaymentStatus::Declined,
+                }
+                | PaymentError::Unknown(_),
+            ),
+        ) => None,
+        (PaymentDue::Capture, Err(error)) if !error.is_transient() => {
+            // A paid order whose authorisation cannot be captured: a person must look.
+            metrics.payments_failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%order_id, %payment_id, %error, "a paid order's payment cannot be captured");
+            return Err(format!("capture refused: {error}"));
+        }
+        (_, Err(error)) => return Err(error.to_string()),
+    };
+    set_due(app, order_id, Some(due), next).await
+}
+
+/// Journals that `order_id` owes `next` instead of `expected` (nothing changes if it no longer
+/// owes `expected`).
+async fn set_due(
+    app: &Shared,
+    order_id: &OrderId,
+    expected: Option<PaymentDue>,
+    next: Option<PaymentDue>,
+) -> Result<(), String> {
+    let prepared = prepare_when_free(app, || {
+        app.engine.prepare_payment(order_id, now_ms(), |order| {
+            if order.payment_due != expected {
+                return false;
+            }
+            order.payment_due = next;
+            true
+        })
+    })
+    .await
+    .map_err(|e| e.message)?;
+    if let Prepared::Change(change) = prepared {
+        commit(app, change, |_, _| {})
+            .await
+            .map_err(|e| e.message)?;
+    }
+    Ok(())
+}
+
+/// Runs the reconciler until the task is dropped: at once, then every tick.
+pub async fn reconcile(app: Shared, reconcile_after: Duration) {
+    let tick = (reconcile_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
+    let scan_every_ms = (reconcile_after.as_millis() as i64 / 2).clamp(1_000, 60_000);
+    let mut ticker = tokio::time::interval(tick);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_scan = i64::MIN;
+    loop {
+        ticker.tick().await;
+        let now = now_ms();
+        retry_owed(&app, now);
+        if now.saturating_sub(last_scan) >= scan_every_ms {
+            last_scan = now;
+            finish_pending(&app, now, reconcile_after).await;
+            void_orphans(&app, reconcile_after).await;
+        }
+    }
+}
+
+/// Starts the calls owed whose retry time has come (or that were never tried: after a restart).
+fn retry_owed(app: &Shared, now: i64) {
+    for order in app.engine.payments_due(10_000) {
+        let due = lock(&app.settler.retry)
+            .get(&order.order_id)
+            .is_none_or(|(at, _)| *at <= now);
+        if due {
+            settle_soon(app, order.order_id);
+        }
+    }
+}
+
+/// Orders still waiting for the gateway's word past the grace period: asks the gateway.
+async fn finish_pending(app: &Shared, now: i64, reconcile_after: Duration) {
+    let cutoff = now - reconcile_after.as_millis() as i64;
+    for order in app.engine.pending_orders_created_before(cutoff, 1_000) {
+        let Some(payment_id) = order.payment_id.clone() else {
+            continue;
+        };
+        let looked_up = tokio::time::timeout(app.gateway_timeout, app.gateway.lookup(payment_id))
+            .await
+            .unwrap_or(Err(PaymentError::Timeout));
+        let next = match looked_up {
+            Ok(p)
+                if matches!(
+                    p.status,
+                    PaymentStatus::Authorized | PaymentStatus::Captured
+                ) =>
+            {
+                OrderStatus::Paid
+            }
+            Ok(p) if p.status == PaymentStatus::Pending => continue,
+            Ok(_) | Err(PaymentError::Unknown(_)) => OrderStatus::Released,
+            Err(error) => {
+                tracing::warn!(order_id = %order.order_id, %error, "could not look up a pending payment");
+                continue;
+            }
+        };
+        let prepared = prepare_when_free(app, || {
+            app.engine
+                .prepare_transition(&order.order_id, next, now_ms())
+        })
+        .await;
+        if let Ok(Prepared::Change(change)) = prepared {
+            if commit(app, change, |_, _| {}).await.is_ok() {
+                app.metrics
+                    .reconciler_actions
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::info!(order_id = %order.order_id, status = next.as_str(), "reconciler finished a pending payment");
+            }
+        }
+    }
+}
+
+/// Authorisations older than the grace period that no durable order will capture: voided.
+async fn void_orphans(app: &Shared, reconcile_after: Duration) {
+    let listed = tokio::time::timeout(
+        app.gateway_timeout,
+        app.gateway.authorizations_older_than(reconcile_after),
+    )
+    .await
+    .unwrap_or(Err(PaymentError::Timeout));
+    let payments = match listed {
+        Ok(payments) => payments,
+        Err(error) => {
+            tracing::warn!(%error, "could not list old authorisations; retrying later");
+            return;
+        }
+    };
+    for payment in payments {
+        let order = match OrderId::parse(payment.order_id.clone()) {
+            Ok(order_id) => known_order(app, &order_id).await,
+            Err(_) => None,
+        };
+        let ours = order
+            .as_ref()
+            .filter(|o| o.payment_id.as_deref() == Some(payment.payment_id.as_str()));
+        match ours {
+            // Finished by `finish_pending` (a pending payment with no order is voided below).
+            Some(order) if order.status == OrderStatus::PaymentPending => {}
+            // The journal knows it and owes something already: the settler is on it.
+            Some(order) if order.payment_due.is_some() => {}
+            Some(order) => {
+                // Known, owing nothing, yet the gateway still holds the authorisation: a paid
+                // order is owed its capture, a released or cancelled one a void.
+                let owed = if order.status == OrderStatus::Paid {
+                    PaymentDue::Capture
+                } else {
+                    PaymentDue::Void
+                };
+                if set_due(app, &order.order_id, None, Some(owed))
+                    .await
+                    .is_ok()
+                {
+                    app.metrics
+                        .reconciler_actions
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                // No durable order holds this authorisation: the checkout never journaled it.
+                let voided = tokio::time::timeout(
+                    app.gateway_timeout,
+                    app.gateway.void(payment.payment_id.clone()),
+                )
+                .await
+                .unwrap_or(Err(PaymentError::Timeout));
+                match voided {
+                    Ok(()) => {
+                        app.metrics
+                            .reconciler_actions
+                            .fetch_add(1, Ordering::Relaxed);
+                        app.metrics.payments_voided.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(payment_id = %payment.payment_id, order_id = %payment.order_id, "voided an authorisation no durable order holds");
+                    }
+                    Err(error) => {
+                        tracing::warn!(payment_id = %payment.payment_id, %error, "could not void an orphan authorisation; retrying later");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The order as memory holds it, or as the journal's store keeps it past retention (MySQL).
+async fn known_order(app: &Shared, order_id: &OrderId) -> Option<Order> {
+    if let Some(order) = app.engine.order(order_id) {
+        return Some(order);
+    }
+    app.journal.order(order_id).await.ok().flatten()
+}

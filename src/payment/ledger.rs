@@ -1,0 +1,273 @@
+//! The simulator's ledger: what a payment gateway holds, with its idempotency and the tokens of
+//! API.md. Shared by the in-process simulator and `turnstile gateway-sim`, so both keep the same
+//! rules: an authorisation holds funds and moves no money; capture, void and refund are
+//! idempotent per payment; the same idempotency key always finds the same payment.
+
+use super::{Authorization, AuthorizeRequest, PaymentError, PaymentInfo, PaymentStatus};
+use crate::sync::lock;
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+/// The payment id for an idempotency key: the same key always gives the same payment.
+pub fn payment_id_for(idempotency_key: &str) -> String {
+    let digest = Sha256::digest(idempotency_key.as_bytes());
+    format!("pay_{}", crate::random::hex(&digest[..12]))
+}
+
+/// What a token does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenBehaviour {
+    /// `tok_ok`: authorised.
+    Approve,
+    /// `tok_decline` (and any unknown token): declined.
+    Decline,
+    /// `tok_pending`: decided later, then a webhook.
+    Pending,
+    /// `tok_timeout`: never answers, holds nothing.
+    Timeout,
+}
+
+impl TokenBehaviour {
+    /// The behaviour of a token.
+    pub fn of(token: &str) -> Self {
+        match token {
+            "tok_ok" => TokenBehaviour::Approve,
+            "tok_pending" => TokenBehaviour::Pending,
+            "tok_timeout" => TokenBehaviour::Timeout,
+            _ => TokenBehaviour::Decline,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    payments: HashMap<String, PaymentInfo>,
+    /// Payment ids in the order they arrived, for the bound and for listing.
+    arrival: VecDeque<String>,
+}
+
+/// The payments a simulator holds, at most `entries_max` (the oldest finished ones are
+/// forgotten first; the in-process simulator bounds its memory so).
+#[derive(Debug)]
+pub struct Ledger {
+    book: Mutex<Book>,
+    entries_max: usize,
+}
+
+impl Ledger {
+    /// An empty ledger holding at most `entries_max` payments.
+    pub fn new(entries_max: usize) -> Self {
+        Self {
+            book: Mutex::default(),
+            entries_max: entries_max.max(1),
+        }
+    }
+
+    /// Authorises under the request's idempotency key: a key seen before gets the same payment
+    /// and the same answer. `None` for `tok_timeout` (the caller never answers).
+    pub fn authorize(&self, request: &AuthorizeRequest, now_ms: i64) -> Option<Authorization> {
+        let behaviour = TokenBehaviour::of(&request.token);
+        if behaviour == TokenBehaviour::Timeout {
+            return None;
+        }
+        let payment_id = payment_id_for(&request.idempotency_key);
+        let mut book = lock(&self.book);
+        let status = match book.payments.get(&payment_id) {
+            Some(existing) => existing.status,
+            None => {
+                let status = match behaviour {
+                    TokenBehaviour::Approve => PaymentStatus::Authorized,
+                    TokenBehaviour::Pending => PaymentStatus::Pending,
+                    _ => PaymentStatus::Declined,
+                };
+                book.payments.insert(
+                    payment_id.clone(),
+                    PaymentInfo {
+                        payment_id: payment_id.clone(),
+                        idempotency_key: request.idempotency_key.clone(),
+                        order_id: request.order_id.clone(),
+                        amount_cents: request.amount_cents,
+                        currency: request.currency.clone(),
+                        status,
+                        created_at_ms: now_ms,
+                    },
+                );
+                book.arrival.push_back(payment_id.clone());
+                self.bound(&mut book);
+                status
+            }
+        };
+        Some(match status {
+            PaymentStatus::Pending => Authorization::Pending { payment_id },
+            PaymentStatus::Declined => Authorization::Declined { payment_id },
+            _ => Authorization::Approved { payment_id },
+        })
+    }
+
+    /// Forgets the oldest payments that are finished past the bound.
+    fn bound(&self, book: &mut Book) {
+        while book.arrival.len() > self.entries_max {
+            let Some(oldest) = book.arrival.pop_front() else {
+                break;
+            };
+            book.payments.remove(&oldest);
+        }
+    }
+
+    /// Decides a pending payment (its webhook follows): authorised. `None` if it is not pending
+    /// (voided meanwhile, say).
+    pub fn decide_pending(&self, payment_id: &str) -> Option<PaymentInfo> {
+        let mut book = lock(&self.book);
+        let payment = book.payments.get_mut(payment_id)?;
+        if payment.status != PaymentStatus::Pending {
+            return None;
+        }
+        payment.status = PaymentStatus::Authorized;
+        Some(payment.clone())
+    }
+
+    /// Moves a payment by `step` (from its status to the next, `Ok(None)` if already there).
+    fn step(
+        &self,
+        payment_id: &str,
+        step: impl FnOnce(PaymentStatus) -> Result<Option<PaymentStatus>, PaymentStatus>,
+    ) -> Result<(), PaymentError> {
+        let mut book = lock(&self.book);
+        let payment = book
+            .payments
+            .get_mut(payment_id)
+            .ok_or_else(|| PaymentError::Unknown(payment_id.to_owned()))?;
+        match step(payment.status) {
+            Ok(Some(next)) => {
+                payment.status = next;
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(status) => Err(PaymentError::Conflict { status }),
+        }
+    }
+
+    /// Captures an authorised payment (again: nothing happens).
+    pub fn capture(&self, payment_id: &str) -> Result<(), PaymentError> {
+        self.step(payment_id, |status| match status {
+            PaymentStatus::Authorized => Ok(Some(PaymentStatus::Captured)),
+            PaymentStatus::Captured => Ok(None),
+            other => Err(other),
+        })
+    }
+
+    /// Voids an authorisation (or a pending payment); a declined or voided one stays as it is; a
+    /// captured one is a conflict (refund it instead).
+    pub fn void(&self, payment_id: &str) -> Result<(), PaymentError> {
+        self.step(payment_id, |status| match status {
+            PaymentStatus::Authorized | PaymentStatus::Pending => Ok(Some(PaymentStatus::Voided)),
+            PaymentStatus::Voided | PaymentStatus::Declined => Ok(None),
+            other => Err(other),
+        })
+    }
+
+    /// Refunds a captured payment (again: nothing happens); an uncaptured one is a conflict (void
+    /// it instead).
+    pub fn refund(&self, payment_id: &str) -> Result<(), PaymentError> {
+        self.step(payment_id, |status| match status {
+            PaymentStatus::Captured => Ok(Some(PaymentStatus::Refunded)),
+            PaymentStatus::Refunded => Ok(None),
+            other => Err(other),
+        })
+    }
+
+    /// A payment as held.
+    pub fn lookup(&self, payment_id: &str) -> Result<PaymentInfo, PaymentError> {
+        lock(&self.book)
+            .payments
+            .get(payment_id)
+            .cloned()
+            .ok_or_else(|| PaymentError::Unknown(payment_id.to_owned()))
+    }
+
+    /// Payments authorised or pending, created before `cutoff_ms`.
+    pub fn authorized_before(&self, cutoff_ms: i64) -> Vec<PaymentInfo> {
+        let book = lock(&self.book);
+        book.arrival
+            .iter()
+            .filter_map(|id| book.payments.get(id))
+            .take_while(|p| p.created_at_ms < cutoff_ms)
+            .filter(|p| matches!(p.status, PaymentStatus::Authorized | PaymentStatus::Pending))
+            .cloned()
+            .collect()
+    }
+
+    /// Every payment held, in arrival order.
+    pub fn all(&self) -> Vec<PaymentInfo> {
+        let book = lock(&self.book);
+        book.arrival
+            .iter()
+            .filter_map(|id| book.payments.get(id))
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(key: &str, token: &str) -> AuthorizeRequest {
+        AuthorizeRequest {
+            idempotency_key: key.into(),
+            order_id: format!("ord_{key}"),
+            token: token.into(),
+            amount_cents: 100,
+            currency: "EUR".into(),
+        }
+    }
+
+    #[test]
+    fn one_key_one_payment_and_money_moves_only_by_the_rules() {
+        let ledger = Ledger::new(100);
+        let first = ledger.authorize(&request("k1", "tok_ok"), 1).unwrap();
+        assert_eq!(
+            ledger.authorize(&request("k1", "tok_ok"), 2),
+            Some(first.clone())
+        );
+        let Authorization::Approved { payment_id } = first else {
+            panic!("{first:?}")
+        };
+        assert_eq!(ledger.all().len(), 1);
+        assert!(matches!(
+            ledger.refund(&payment_id),
+            Err(PaymentError::Conflict {
+                status: PaymentStatus::Authorized
+            })
+        ));
+        ledger.capture(&payment_id).unwrap();
+        ledger.capture(&payment_id).unwrap();
+        assert!(matches!(
+            ledger.void(&payment_id),
+            Err(PaymentError::Conflict {
+                status: PaymentStatus::Captured
+            })
+        ));
+        ledger.refund(&payment_id).unwrap();
+        ledger.refund(&payment_id).unwrap();
+        assert_eq!(
+            ledger.lookup(&payment_id).unwrap().status,
+            PaymentStatus::Refunded
+        );
+        assert_eq!(ledger.authorize(&request("k2", "tok_timeout"), 1), None);
+        assert!(matches!(
+            ledger.authorize(&request("k3", "tok_decline"), 1),
+            Some(Authorization::Declined { .. })
+        ));
+        let Some(Authorization::Pending { payment_id }) =
+            ledger.authorize(&request("k4", "tok_pending"), 5)
+        else {
+            panic!("pending")
+        };
+        assert_eq!(ledger.authorized_before(6).len(), 1);
+        assert_eq!(ledger.authorized_before(5).len(), 0);
+        ledger.void(&payment_id).unwrap();
+        assert_eq!(ledger.decide_pending(&payment_id), None);
+    }
+}
