@@ -234,10 +234,20 @@ pub struct GatewaySimArgs {
     pub pending_delay: Duration,
 }
 
-/// Parses a duration: `500ms`, `90s`, `15m`, `1h`, `7d` (humantime's syntax, also `1h 30m`).
+/// The longest duration accepted: 100 years. Durations become signed milliseconds added to the
+/// current time, so a longer one (humantime takes up to 2^64 seconds) would overflow them: expire
+/// holds at once, purge idempotency keys at once, or panic.
+pub const DURATION_MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses a duration: `500ms`, `90s`, `15m`, `1h`, `7d` (humantime's syntax, also `1h 30m`), at
+/// most [`DURATION_MAX`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    humantime::parse_duration(raw.trim())
-        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 90s, 15m, 1h or 7d ({e})"))
+    let parsed = humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 90s, 15m, 1h or 7d ({e})"))?;
+    if parsed > DURATION_MAX {
+        return Err(format!("{raw:?} is longer than 100 years (36500d)"));
+    }
+    Ok(parsed)
 }
 
 fn duration(raw: &str) -> Result<Duration, String> {
@@ -687,6 +697,8 @@ mod tests {
             vec!["--tls-cert", "cert.pem"],
             vec!["--tls-key", "key.pem"],
             vec!["--tls-min", "1.1"],
+            vec!["--hold-ttl", "200000000000d"],
+            vec!["--idempotency-retention", "106751991167d"],
             vec!["--webhook-secret", ""],
         ] {
             match serve(&bad) {
@@ -716,6 +728,10 @@ mod tests {
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("m").is_err());
+        // Past 100 years a duration would overflow the milliseconds it becomes.
+        assert_eq!(parse_duration("36500d"), Ok(DURATION_MAX));
+        assert!(parse_duration("36501d").is_err());
+        assert!(parse_duration("200000000000d").is_err());
     }
 
     #[test]
