@@ -149,20 +149,10 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_SOCKET_SEND_BUFFER", value_name = "BYTES", value_parser = clap::value_parser!(u32).range(4_096..=64 * 1024 * 1024))]
     pub socket_send_buffer: Option<u32>,
     /// Serve HTTPS with this PEM certificate chain (TLS 1.3, HTTP/2 and HTTP/1.1 by ALPN); needs --tls-key
-    #[arg(
-        long,
-        env = "TURNSTILE_TLS_CERT",
-        value_name = "FILE",
-        requires = "tls_key"
-    )]
+    #[arg(long, env = "TURNSTILE_TLS_CERT", value_name = "FILE")]
     pub tls_cert: Option<PathBuf>,
     /// The PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
-    #[arg(
-        long,
-        env = "TURNSTILE_TLS_KEY",
-        value_name = "FILE",
-        requires = "tls_cert"
-    )]
+    #[arg(long, env = "TURNSTILE_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
     /// Lowest TLS version accepted with --tls-cert
     #[arg(
@@ -237,10 +227,20 @@ pub struct GatewaySimArgs {
     pub pending_delay: Duration,
 }
 
-/// Parses a duration: `500ms`, `90s`, `15m`, `1h`, `7d` (humantime's syntax, also `1h 30m`).
+/// The longest duration accepted: 100 years. Durations become signed milliseconds added to the
+/// current time, so a longer one (humantime takes up to 2^64 seconds) would overflow them: expire
+/// holds at once, purge idempotency keys at once, or panic.
+pub const DURATION_MAX: Duration = Duration::from_secs(100 * 365 * 86_400);
+
+/// Parses a duration: `500ms`, `90s`, `15m`, `1h`, `7d` (humantime's syntax, also `1h 30m`), at
+/// most [`DURATION_MAX`].
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    humantime::parse_duration(raw.trim())
-        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 90s, 15m, 1h or 7d ({e})"))
+    let parsed = humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("{raw:?} is not a duration like 500ms, 90s, 15m, 1h or 7d ({e})"))?;
+    if parsed > DURATION_MAX {
+        return Err(format!("{raw:?} is longer than 100 years (36500d)"));
+    }
+    Ok(parsed)
 }
 
 fn duration(raw: &str) -> Result<Duration, String> {
@@ -518,7 +518,9 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             min: args.tls_min,
         }),
         (None, None) => None,
-        // clap's `requires` makes each need the other; the config file goes through it too.
+        // Checked here, once flags, environment and config file are merged, and not with clap's
+        // `requires`: its first parse runs before the file is read, so it would refuse a cert
+        // from one source and its key from another.
         (Some(_), None) => {
             return Err(CliError::Config(ConfigError(
                 "--tls-cert needs --tls-key".into(),
@@ -708,9 +710,9 @@ mod tests {
             vec!["--connections-max", "0"],
             vec!["--connections-max", "1.5"],
             vec!["--connections-max", "99999999999"],
-            vec!["--tls-cert", "cert.pem"],
-            vec!["--tls-key", "key.pem"],
             vec!["--tls-min", "1.1"],
+            vec!["--hold-ttl", "200000000000d"],
+            vec!["--idempotency-retention", "106751991167d"],
             vec!["--webhook-secret", ""],
         ] {
             match serve(&bad) {
@@ -728,6 +730,43 @@ mod tests {
         // Accepted by clap, refused by this build, with a message naming the option.
         let error = serve(&["--redis-url", "redis://x"]).unwrap_err();
         assert!(message(error).contains("--redis-url"));
+        // Each TLS file needs the other, checked once every source is merged.
+        let error = serve(&["--tls-cert", "cert.pem"]).unwrap_err();
+        assert!(message(error).contains("--tls-key"));
+        let error = serve(&["--tls-key", "key.pem"]).unwrap_err();
+        assert!(message(error).contains("--tls-cert"));
+    }
+
+    #[test]
+    fn the_tls_cert_and_key_may_come_from_different_sources() {
+        // Proves: the certificate from a flag or the environment and its key from the config
+        // file (or the other way round) make one TLS configuration; clap's first parse, before
+        // the file is read, does not refuse the half it sees.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turnstile.json");
+        let path_arg = path.display().to_string();
+        let write = |json: &str| {
+            std::fs::write(&path, json).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        };
+        write(r#"{"tls-key": "/etc/key.pem"}"#);
+        for (vars, flags) in [
+            (vec![("TURNSTILE_TLS_CERT", "/etc/cert.pem")], vec![]),
+            (vec![], vec!["--tls-cert", "/etc/cert.pem"]),
+        ] {
+            let mut args = vec!["--config", path_arg.as_str()];
+            args.extend(flags);
+            let config = with_env(&vars, || serve(&args).unwrap());
+            let tls = config.tls.expect("tls");
+            assert_eq!(tls.cert, PathBuf::from("/etc/cert.pem"));
+            assert_eq!(tls.key, PathBuf::from("/etc/key.pem"));
+        }
+        write(r#"{"tls_cert": "/etc/cert.pem"}"#);
+        let config = with_env(&[("TURNSTILE_TLS_KEY", "/etc/key.pem")], || {
+            serve(&["--config", &path_arg]).unwrap()
+        });
+        assert_eq!(config.tls.expect("tls").key, PathBuf::from("/etc/key.pem"));
     }
 
     #[test]
@@ -740,6 +779,10 @@ mod tests {
         assert!(parse_duration("5x").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("m").is_err());
+        // Past 100 years a duration would overflow the milliseconds it becomes.
+        assert_eq!(parse_duration("36500d"), Ok(DURATION_MAX));
+        assert!(parse_duration("36501d").is_err());
+        assert!(parse_duration("200000000000d").is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! serving the same axum router.
 //!
 //! Slow clients are cut at four points: a TLS handshake not finished within the slow-client
-//! timeout of being accepted ends the connection; a connection that has not delivered its first request
+//! timeout of being accepted ends the connection (and one still running when the stop signal
+//! comes is given up at once: it carries no request to finish); a connection that has not delivered its first request
 //! head (or the HTTP/2 preface) within the timeout of being accepted is closed by
 //! `ClientStream`; later HTTP/1 request heads, and the idle time before them, are bounded by
 //! hyper's `header_read_timeout`; and bodies are read by the handlers under the same timeout
@@ -101,6 +102,9 @@ pub async fn serve(
     // Borrowed by every connection task: one builder for the life of the server.
     let builder = Arc::new(builder);
     let graceful = GracefulShutdown::new();
+    // Set once accepting stops: a TLS handshake still running then is given up, since it carries
+    // no request yet and its watcher would otherwise hold the shutdown for up to the timeout.
+    let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let mut stop = std::pin::pin!(stop);
     // One permit per open connection, held by its task until the connection ends.
     let open_connections = Arc::new(Semaphore::new(limits.connections_max));
@@ -168,8 +172,17 @@ pub async fn serve(
             }
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
+                let mut stopping = stopping_seen.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(timeout, handshake).await {
+                    let handshake = tokio::select! {
+                        finished = tokio::time::timeout(timeout, handshake) => finished,
+                        _ = stopping.wait_for(|stopping| *stopping) => {
+                            tracing::debug!(%remote, "TLS handshake given up: the server is stopping");
+                            drop(permit);
+                            return;
+                        }
+                    };
+                    match handshake {
                         Ok(Ok(stream)) => {
                             let io = ClientStream::new(stream, timeout);
                             serve_one(&builder, io, service, watcher, remote).await;
@@ -188,6 +201,7 @@ pub async fn serve(
     }
     // Stop accepting: new connections are refused by the kernel from here on.
     drop(listener);
+    let _ = stopping.send(true);
     tracing::info!(
         connections = graceful.count(),
         "stopped accepting; waiting for in-flight requests"

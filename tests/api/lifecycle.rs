@@ -39,6 +39,9 @@ fn help_and_bad_configuration() {
         &["serve", "--hold-ttl", "soon"],
         &["launch"],
         &["serve", "--tls-cert", "cert.pem"],
+        // Past 100 years a duration would overflow the milliseconds it becomes.
+        &["serve", "--hold-ttl", "200000000000d"],
+        &["serve", "--idempotency-retention", "106751991167d"],
         &["migrate"],
         &["gateway-sim", "--fail-5xx", "2"],
         &["serve", "--reconcile-after", "5s"],

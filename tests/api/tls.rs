@@ -279,3 +279,44 @@ fn unusable_certificates_exit_2_naming_the_file() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_unfinished_tls_handshakes() {
+    // Proves: clients that connect to the TLS port and never finish their handshake (one sends
+    // nothing, one half a ClientHello) do not hold the shutdown for the slow-client timeout:
+    // SIGTERM ends the server promptly, with exit 0.
+    use tokio::io::AsyncWriteExt;
+    let mut args = tls_args();
+    args.extend(["--slow-client-timeout".to_owned(), "60s".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut app = spawn_app(&args);
+    let silent = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let mut partial = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    partial
+        .write_all(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+        .await
+        .expect("send half a ClientHello");
+    // A handshake that finishes after them: the accept loop has taken both.
+    let stream = connect(
+        app.addr,
+        client_config(&[b"h2"], &[&rustls::version::TLS13]),
+    )
+    .await
+    .expect("TLS 1.3 handshake");
+    drop(stream);
+    let started = std::time::Instant::now();
+    let code = tokio::task::spawn_blocking(move || app.terminate().code())
+        .await
+        .expect("wait for the server");
+    let took = started.elapsed();
+    assert_eq!(code, Some(0));
+    assert!(
+        took < Duration::from_secs(10),
+        "SIGTERM took {took:?} with unfinished TLS handshakes open"
+    );
+    drop((silent, partial));
+}
