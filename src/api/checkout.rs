@@ -310,13 +310,15 @@ enum Paid {
 impl Finishing {
     async fn run(self) -> Response {
         let state = &self.state;
-        let order_id = state.engine.new_order_id();
+        let gateway_key = crate::payment::gateway_key(
+            &self.key,
+            now_ms(),
+            state.engine.config().answer_retention_ms,
+        );
+        let order_id = crate::payment::order_id_for(&gateway_key)
+            .unwrap_or_else(|| state.engine.new_order_id());
         let request = AuthorizeRequest {
-            idempotency_key: crate::payment::gateway_key(
-                &self.key,
-                now_ms(),
-                state.engine.config().answer_retention_ms,
-            ),
+            idempotency_key: gateway_key,
             order_id: order_id.as_str().to_owned(),
             token: self.token.clone(),
             amount_cents: self.reservation.total_cents(),
@@ -325,6 +327,7 @@ impl Finishing {
         let started = std::time::Instant::now();
         let authorised =
             tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
+        super::money::pause_at("after_authorize").await;
         let metrics = &state.metrics;
         metrics
             .gateway_authorize_seconds

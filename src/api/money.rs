@@ -35,6 +35,18 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// A test-only fault hook: with `TURNSTILE_TEST_PAUSE=<point>` in the environment, the money flow
+/// stops for an hour at that point (`after_authorize`, `before_capture`, `after_capture`), so a
+/// test can `kill -9` the server exactly there. Read once; costs one load when unset.
+pub async fn pause_at(point: &str) {
+    static PAUSE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let configured = PAUSE.get_or_init(|| std::env::var("TURNSTILE_TEST_PAUSE").ok());
+    if configured.as_deref() == Some(point) {
+        tracing::warn!(point, "TURNSTILE_TEST_PAUSE: pausing the money flow here");
+        tokio::time::sleep(Duration::from_secs(3_600)).await;
+    }
+}
+
 /// Orders the settler is calling the gateway for, and when each failed one may be tried again.
 #[derive(Debug, Default)]
 pub struct Settler {
@@ -76,6 +88,9 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
     let (Some(due), Some(payment_id)) = (order.payment_due, order.payment_id.clone()) else {
         return Ok(());
     };
+    if due == PaymentDue::Capture {
+        pause_at("before_capture").await;
+    }
     let gateway = &app.gateway;
     let call = match due {
         PaymentDue::Capture => gateway.capture(payment_id.clone()),
@@ -85,6 +100,9 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
     let result = tokio::time::timeout(app.gateway_timeout, call)
         .await
         .unwrap_or(Err(PaymentError::Timeout));
+    if due == PaymentDue::Capture && result.is_ok() {
+        pause_at("after_capture").await;
+    }
     let metrics = &app.metrics;
     let next = match (due, result) {
         (_, Ok(())) => {

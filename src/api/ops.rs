@@ -75,6 +75,11 @@ impl Collector for ServerMetrics {
                 "Carts held.",
                 state.carts.len(),
             ),
+            (
+                "turnstile_payments_owed",
+                "Orders whose capture, void or refund is not confirmed yet (money owed).",
+                engine.payments_due_len(),
+            ),
         ] {
             encode_gauge(&mut encoder, name, help, value as u64)?;
         }

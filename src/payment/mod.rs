@@ -28,6 +28,16 @@ pub fn gateway_key(key: &crate::domain::IdempotencyKey, now_ms: i64, retention_m
     format!("turnstile:{}:{period}", key.as_str())
 }
 
+/// The order id of a checkout, derived from its gateway key: a checkout re-run after a crash
+/// (the same `Idempotency-Key` within one retention period) makes the same order for the same
+/// payment, so the gateway's record of the payment (and its webhook) names the order that is
+/// journaled.
+pub fn order_id_for(gateway_key: &str) -> Option<crate::domain::OrderId> {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(gateway_key.as_bytes());
+    crate::domain::OrderId::parse(format!("ord_{}", crate::random::hex(&digest[..12]))).ok()
+}
+
 /// What to authorise.
 #[derive(Debug, Clone)]
 pub struct AuthorizeRequest {

@@ -31,6 +31,11 @@ pub fn spawn_app(args: &[&str]) -> TestApp {
 
 /// Starts a server on `data_dir` (kept as it is) with extra `args`.
 pub fn start(data_dir: &Path, args: &[&str]) -> TestApp {
+    start_with_env(data_dir, args, &[])
+}
+
+/// Starts a server on `data_dir` with extra `args` and environment variables.
+pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> TestApp {
     let log = std::fs::File::create(data_dir.with_extension("log"))
         .or_else(|_| std::fs::File::create("/dev/null"))
         .expect("log file");
@@ -40,6 +45,7 @@ pub fn start(data_dir: &Path, args: &[&str]) -> TestApp {
         .arg(data_dir)
         .args(["--webhook-secret", WEBHOOK_SECRET])
         .args(args)
+        .envs(env.iter().copied())
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))

@@ -4,6 +4,7 @@ mod crash;
 mod durability;
 mod edges;
 mod flash_sale;
+mod gateway;
 mod helpers;
 mod lifecycle;
 mod mysql;

@@ -1,0 +1,372 @@
+//! Money after truth, against the real `turnstile gateway-sim` process over HTTP: checkouts through
+//! a faulty gateway, the gateway down, and `kill -9` at each step of the money flow. After each,
+//! the simulator's ledger is read against the orders: every captured payment belongs to exactly
+//! one paid order, no paid order is left uncaptured, no authorisation is left hanging, no order
+//! stays `payment_pending`.
+
+use crate::helpers::{eventually, spawn_app, start, start_with_env, Client, JsonBody, TestApp};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running `turnstile gateway-sim`.
+struct Sim {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Sim {
+    fn start(listen: &str, args: &[&str]) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["gateway-sim", "--listen", listen])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gateway-sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("gateway-sim did not start: {line:?}"))
+            .parse()
+            .expect("address");
+        Sim { child, addr }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+    }
+
+    async fn ledger(&self) -> Vec<Value> {
+        let mut client = Client::new(self.addr);
+        let ledger = client.get("/v1/ledger").await.json();
+        ledger["payments"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free port on 127.0.0.1 (bound, then released for the process that takes it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+fn server_args(gateway_url: &str) -> Vec<String> {
+    [
+        "--gateway-url",
+        gateway_url,
+        "--gateway-timeout",
+        "1s",
+        "--journal-timeout",
+        "1s",
+        "--reconcile-after",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn as_strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// A gauge or counter's value in `/metrics`.
+async fn metric(client: &mut Client, name: &str) -> f64 {
+    let text = client.get("/metrics").await.body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+fn checkout_body(sku: &str, token: &str) -> String {
+    format!(
+        r#"{{"items":[{{"sku":"{sku}","quantity":1}}],"customer_id":"c-1","payment_token":"{token}"}}"#
+    )
+}
+
+/// Checks out with `key` until the answer is final (`201`, `202`, `402`, `504`), retrying the same
+/// key while the outcome is unknown or in flight (`503`, `409 idempotency_key_in_use`).
+async fn checkout_until_final(client: &mut Client, key: &str, sku: &str, token: &str) -> Value {
+    let body = checkout_body(sku, token);
+    for _ in 0..200 {
+        let answer = client
+            .send("POST", "/v1/checkout", &[("idempotency-key", key)], &body)
+            .await;
+        match answer.status {
+            201 | 202 | 402 | 504 => {
+                let mut json = answer.json();
+                json["http_status"] = answer.status.into();
+                return json;
+            }
+            503 | 409 => tokio::time::sleep(Duration::from_millis(50)).await,
+            other => panic!("checkout {key}: unexpected {other}: {:?}", answer.json()),
+        }
+    }
+    panic!("checkout {key} never got a final answer");
+}
+
+/// The invariants between the orders and the gateway's ledger, once the reconciler is done.
+async fn money_matches_orders(app: &TestApp, sim: &Sim, sku: &str) {
+    let mut client = app.client();
+    eventually(
+        "no money owed, no authorisation hanging, no order pending",
+        Duration::from_secs(60),
+        async || {
+            let owed = metric(&mut client, "turnstile_payments_owed").await;
+            let hanging = sim
+                .ledger()
+                .await
+                .iter()
+                .filter(|p| p["status"] == "authorized" || p["status"] == "pending")
+                .count();
+            owed == 0.0 && hanging == 0
+        },
+    )
+    .await;
+    let ledger = sim.ledger().await;
+    let mut captured_by_order: HashMap<String, usize> = HashMap::new();
+    for payment in &ledger {
+        if payment["status"] == "captured" {
+            *captured_by_order
+                .entry(payment["order_id"].as_str().expect("order_id").to_owned())
+                .or_default() += 1;
+        }
+    }
+    let mut paid_orders = 0;
+    for (order_id, captures) in &captured_by_order {
+        assert_eq!(
+            *captures, 1,
+            "order {order_id} was captured {captures} times"
+        );
+        let order = client.get(&format!("/v1/orders/{order_id}")).await.json();
+        assert_eq!(
+            order["status"], "paid",
+            "captured money for a non-paid order: {order}"
+        );
+        paid_orders += 1;
+    }
+    let product = client.get(&format!("/v1/products/{sku}")).await.json();
+    assert_eq!(product["reserved"], 0, "{product}");
+    assert_eq!(
+        product["sold"].as_i64(),
+        Some(paid_orders),
+        "every sold unit is one captured payment: {product}"
+    );
+    let (stock, available, reserved, sold) = client.stock(sku).await;
+    assert_eq!(available + reserved + sold, stock);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_checkouts_through_a_faulty_gateway_leave_money_matching_the_orders() {
+    // The server first (the simulator's webhooks need its address), pointed at the port the
+    // simulator will take.
+    let sim_port = free_port();
+    let sim_url = format!("http://127.0.0.1:{sim_port}");
+    let app = spawn_app(&as_strs(&server_args(&sim_url)));
+    let webhook = format!("http://{}/v1/webhooks/payment", app.addr);
+    let sim = Sim::start(
+        &format!("127.0.0.1:{sim_port}"),
+        &[
+            "--fail-timeout",
+            "0.1",
+            "--fail-5xx",
+            "0.05",
+            "--fail-drop",
+            "0.05",
+            "--pending-delay",
+            "200ms",
+            "--webhook-url",
+            &webhook,
+            "--webhook-secret",
+            crate::helpers::WEBHOOK_SECRET,
+        ],
+    );
+    let mut client = app.client();
+    client.put_product("G", 100, 100_000).await;
+
+    const CHECKOUTS: usize = 1_000;
+    const WORKERS: usize = 32;
+    let workers = (0..WORKERS).map(|w| {
+        let addr = app.addr;
+        tokio::spawn(async move {
+            let mut client = Client::new(addr);
+            let mut answers = Vec::new();
+            for i in (w..CHECKOUTS).step_by(WORKERS) {
+                let token = match i % 10 {
+                    0 => "tok_decline",
+                    1 => "tok_pending",
+                    _ => "tok_ok",
+                };
+                answers
+                    .push(checkout_until_final(&mut client, &format!("g-{i}"), "G", token).await);
+            }
+            answers
+        })
+    });
+    let mut by_status: HashMap<u64, usize> = HashMap::new();
+    for worker in futures_util::future::join_all(workers).await {
+        for answer in worker.expect("worker") {
+            *by_status
+                .entry(answer["http_status"].as_u64().unwrap_or(0))
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(
+        by_status.values().sum::<usize>(),
+        CHECKOUTS,
+        "{by_status:?}"
+    );
+    assert!(
+        by_status.get(&504).copied().unwrap_or(0) > 0,
+        "the injected timeouts showed: {by_status:?}"
+    );
+    assert!(
+        by_status.get(&201).copied().unwrap_or(0) > 500,
+        "{by_status:?}"
+    );
+    money_matches_orders(&app, &sim, "G").await;
+    // The drops and 5xx were retried under the same key: never a second payment for one key.
+    let ledger = sim.ledger().await;
+    let mut keys = std::collections::HashSet::new();
+    for payment in &ledger {
+        assert!(
+            keys.insert(payment["idempotency_key"].to_string()),
+            "two payments for one key: {payment}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_gateway_down_checkouts_fail_fast_and_the_reconciler_clears_what_is_owed() {
+    let sim = Sim::start("127.0.0.1:0", &[]);
+    let app = spawn_app(&as_strs(&server_args(&sim.url())));
+    let mut client = app.client();
+    client.put_product("D", 100, 10).await;
+    let paid = checkout_until_final(&mut client, "d-1", "D", "tok_ok").await;
+    assert_eq!(paid["http_status"], 201, "{paid}");
+    let paid_id = paid["order_id"].as_str().expect("order_id").to_owned();
+
+    // The gateway stops answering (its process paused, connections open).
+    sim.signal("-STOP");
+    let started = std::time::Instant::now();
+    let down = checkout_until_final(&mut client, "d-2", "D", "tok_ok").await;
+    assert_eq!(down["http_status"], 504, "{down}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "answered within --gateway-timeout (plus the journal)"
+    );
+    let cancelled = client
+        .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")
+        .await
+        .json();
+    assert_eq!(cancelled["status"], "refunded", "{cancelled}");
+    // Nothing stays held; the refund (or void, if the capture had not happened yet) is owed.
+    assert_eq!(client.stock("D").await, (10, 10, 0, 0));
+    assert_eq!(metric(&mut client, "turnstile_payments_owed").await, 1.0);
+
+    // The gateway comes back: it also finds the timed-out authorisation that was queued in its
+    // socket, which no durable order holds; the reconciler voids it.
+    sim.signal("-CONT");
+    money_matches_orders(&app, &sim, "D").await;
+    let ledger = sim.ledger().await;
+    let statuses: Vec<&str> = ledger.iter().filter_map(|p| p["status"].as_str()).collect();
+    assert!(
+        statuses.iter().all(|s| *s == "refunded" || *s == "voided"),
+        "the cancelled order's money went back, the orphan was voided: {statuses:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_each_step_of_the_money_flow_leaves_one_order_and_at_most_one_capture() {
+    for point in ["after_authorize", "before_capture", "after_capture"] {
+        let sim = Sim::start("127.0.0.1:0", &[]);
+        let args = server_args(&sim.url());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data_dir = dir.path().join("data");
+        {
+            let app = start(&data_dir, &as_strs(&args));
+            app.client().put_product("K", 100, 5).await;
+        }
+        let mut app = start_with_env(
+            &data_dir,
+            &as_strs(&args),
+            &[("TURNSTILE_TEST_PAUSE", point)],
+        );
+        let addr = app.addr;
+        let checkout = tokio::spawn(async move {
+            let mut client = Client::new(addr);
+            client
+                .try_send(
+                    "POST",
+                    "/v1/checkout",
+                    &[("idempotency-key", "k-1")],
+                    &checkout_body("K", "tok_ok"),
+                )
+                .await
+        });
+        // Wait for the server to reach the point, as the gateway's ledger shows it.
+        let reached = match point {
+            "after_authorize" | "before_capture" => "authorized",
+            _ => "captured",
+        };
+        eventually(
+            &format!("the money flow reaches {point}"),
+            Duration::from_secs(20),
+            async || sim.ledger().await.iter().any(|p| p["status"] == reached),
+        )
+        .await;
+        if point == "before_capture" {
+            // The order is durable (the answer went out) before the capture is attempted.
+            let answered = checkout.await.expect("task").expect("answer");
+            assert_eq!(answered.status, 201, "{point}");
+        }
+        app.kill_9();
+
+        // Restart without the pause and retry with the same key.
+        let app = start(&data_dir, &as_strs(&args));
+        let mut client = app.client();
+        let retried = checkout_until_final(&mut client, "k-1", "K", "tok_ok").await;
+        assert_eq!(retried["http_status"], 201, "{point}: {retried}");
+        money_matches_orders(&app, &sim, "K").await;
+        let ledger = sim.ledger().await;
+        assert_eq!(
+            ledger.len(),
+            1,
+            "{point}: one authorisation for one key: {ledger:?}"
+        );
+        assert_eq!(ledger[0]["status"], "captured", "{point}: {ledger:?}");
+        assert_eq!(
+            ledger[0]["order_id"], retried["order_id"],
+            "{point}: the payment is the order's"
+        );
+        let product = client.get("/v1/products/K").await.json();
+        assert_eq!(product["sold"], 1, "{point}: one order: {product}");
+    }
+}
