@@ -12,9 +12,11 @@
 //! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log), the
 //!   embedded file journal ([`journal::file`]: segments, framing, recovery from crashes and failed
 //!   writes, snapshots, events on disk) and the MySQL journal ([`journal::mysql`]).
-//! - [`payment`]: the `PaymentGateway` trait, the in-process simulator, webhook signatures.
+//! - [`payment`]: the `PaymentGateway` trait, the simulator's ledger (in process and `turnstile
+//!   gateway-sim` over HTTP), the HTTP gateway client, webhook signatures.
 //! - [`sessions`]: carts with idle expiry and a cap (in process).
-//! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping.
+//! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
+//!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal).
 //! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept
 //!   loop: HTTP/1.1 and HTTP/2, cleartext or over TLS ([`connections::tls`]: rustls, TLS 1.3, ALPN),
 //!   slow clients cut off, graceful drain.
