@@ -101,7 +101,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_SIM_PENDING_DELAY", default_value = "500ms", value_name = "DURATION", value_parser = duration)]
     pub sim_pending_delay: Duration,
     /// MySQL/MariaDB as the journal instead of the embedded one (mysql://user:pass@host:3306/db; run `turnstile migrate` first)
-    #[arg(long, env = "TURNSTILE_MYSQL_URL", value_name = "URL", value_parser = mysql_url, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TURNSTILE_MYSQL_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub mysql_url: Option<String>,
     /// MySQL connections (the journal's writer uses one; reads share the rest)
     #[arg(long, env = "TURNSTILE_MYSQL_POOL_SIZE", default_value = "8", value_name = "N", value_parser = clap::value_parser!(u32).range(2..=256))]
@@ -179,7 +184,7 @@ pub struct ServeArgs {
     )]
     pub amqp_url: Option<String>,
     /// Payment gateway over HTTP instead of the in-process simulator (http://host:port or https://…; `turnstile gateway-sim` speaks its protocol)
-    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL", value_parser = http_url)]
+    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL", value_parser = http_url, hide_env_values = true)]
     pub gateway_url: Option<String>,
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
@@ -193,7 +198,12 @@ pub struct ServeArgs {
 #[derive(Debug, Clone, Args)]
 pub struct MigrateArgs {
     /// The MySQL/MariaDB database to migrate (mysql://user:pass@host:3306/db)
-    #[arg(long, env = "TURNSTILE_MYSQL_URL", value_name = "URL", value_parser = mysql_url, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TURNSTILE_MYSQL_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub mysql_url: String,
 }
 
@@ -264,11 +274,15 @@ fn non_empty(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
-fn mysql_url(raw: &str) -> Result<String, String> {
+/// Checks a MySQL URL after parsing, so that a refusal never echoes it (clap's messages show the
+/// value given, and this one may hold a password).
+pub fn check_mysql_url(raw: &str) -> Result<(), ConfigError> {
     if !raw.starts_with("mysql://") && !raw.starts_with("mariadb://") {
-        return Err("must look like mysql://user:password@host:3306/database".into());
+        return Err(ConfigError(
+            "--mysql-url must look like mysql://user:password@host:3306/database (the value given is not shown: it may hold a password)".into(),
+        ));
     }
-    Ok(raw.to_owned())
+    Ok(())
 }
 
 fn http_url(raw: &str) -> Result<String, String> {
@@ -505,6 +519,9 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             humantime::format_duration(args.gateway_timeout + args.journal_timeout)
         ))));
     }
+    if let Some(url) = &args.mysql_url {
+        check_mysql_url(url).map_err(CliError::Config)?;
+    }
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
         mysql.pool_size = args.mysql_pool_size;
@@ -695,7 +712,6 @@ mod tests {
             vec!["--listen"],
             vec!["--listen", "nowhere"],
             vec!["--hold-ttl", "5x"],
-            vec!["--mysql-url", "postgres://x"],
             vec!["stray"],
             vec!["--idempotency-retention", "0s"],
             vec!["--order-retention", "0"],
@@ -730,6 +746,12 @@ mod tests {
         // Accepted by clap, refused by this build, with a message naming the option.
         let error = serve(&["--redis-url", "redis://x"]).unwrap_err();
         assert!(message(error).contains("--redis-url"));
+        // A bad MySQL URL is refused without echoing it (it may hold a password).
+        let error = message(serve(&["--mysql-url", "postgres://u:hunter2@h/db"]).unwrap_err());
+        assert!(
+            error.contains("--mysql-url") && !error.contains("hunter2"),
+            "{error}"
+        );
         // Each TLS file needs the other, checked once every source is merged.
         let error = serve(&["--tls-cert", "cert.pem"]).unwrap_err();
         assert!(message(error).contains("--tls-key"));

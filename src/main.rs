@@ -57,7 +57,8 @@ fn main() -> ExitCode {
             Err(
                 error @ (server::ServeError::Schema(_)
                 | server::ServeError::DataDir(_)
-                | server::ServeError::Tls(_)),
+                | server::ServeError::Tls(_)
+                | server::ServeError::Listen { .. }),
             ) => {
                 eprintln!("turnstile serve: {error}");
                 ExitCode::from(2)
@@ -84,6 +85,10 @@ fn main() -> ExitCode {
 
 /// `turnstile migrate --mysql-url URL`: applies the embedded migrations.
 fn migrate(args: config::MigrateArgs) -> ExitCode {
+    if let Err(error) = config::check_mysql_url(&args.mysql_url) {
+        eprintln!("turnstile migrate: {error}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -50,6 +50,15 @@ pub enum ServeError {
     /// The kernel's random source failed: no secret or cart id could be made (no fallback).
     #[error(transparent)]
     Random(#[from] crate::random::RandomError),
+    /// The listen address cannot be bound (in use, not this host's, not allowed): a configuration
+    /// error.
+    #[error("cannot listen on {addr}: {source} (choose another --listen)")]
+    Listen {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -192,8 +201,8 @@ async fn serve(
     });
 
     let listener =
-        connections::bind(config.listen, &config.socket).map_err(|source| ServeError::Io {
-            context: format!("listening on {}", config.listen),
+        connections::bind(config.listen, &config.socket).map_err(|source| ServeError::Listen {
+            addr: config.listen,
             source,
         })?;
     let local = listener.local_addr().map_err(|source| ServeError::Io {
