@@ -47,12 +47,29 @@ pub async fn pause_at(point: &str) {
     }
 }
 
+/// The most gateway calls the settler makes at once (the pool keeps as many idle connections per
+/// host): after an outage thousands of orders may owe a call, and they go to the gateway this many
+/// at a time, not all at once.
+pub const SETTLER_CALLS_MAX: usize = 256;
+
 /// Orders the settler is calling the gateway for, and when each failed one may be tried again.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Settler {
     in_flight: Mutex<FxHashSet<OrderId>>,
     /// Next try (Unix ms) and failures so far, per order whose last call failed.
     retry: Mutex<FxHashMap<OrderId, (i64, u32)>>,
+    /// Bounds the gateway calls in flight.
+    calls: tokio::sync::Semaphore,
+}
+
+impl Default for Settler {
+    fn default() -> Self {
+        Self {
+            in_flight: Mutex::default(),
+            retry: Mutex::default(),
+            calls: tokio::sync::Semaphore::new(SETTLER_CALLS_MAX),
+        }
+    }
 }
 
 /// Makes the gateway call an order owes, in a task of its own, unless one is already running for
@@ -91,6 +108,12 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
     if due == PaymentDue::Capture {
         pause_at("before_capture").await;
     }
+    let permit = app
+        .settler
+        .calls
+        .acquire()
+        .await
+        .map_err(|_| "the settler is closed".to_owned())?;
     let gateway = &app.gateway;
     let call = match due {
         PaymentDue::Capture => gateway.capture(payment_id.clone()),
@@ -100,6 +123,8 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
     let result = tokio::time::timeout(app.gateway_timeout, call)
         .await
         .unwrap_or(Err(PaymentError::Timeout));
+    // Held for the gateway call only; the journal commit that follows is batched anyway.
+    drop(permit);
     if due == PaymentDue::Capture && result.is_ok() {
         pause_at("after_capture").await;
     }
