@@ -324,6 +324,9 @@ impl Finishing {
             amount_cents: self.reservation.total_cents(),
             currency: self.reservation.currency().as_str().to_owned(),
         };
+        // Until its commit settles, the orphan scan leaves this checkout's authorisation alone.
+        state.settler.checkout_started(&order_id);
+        let settled_id = order_id.clone();
         let started = std::time::Instant::now();
         let authorised =
             tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
@@ -401,6 +404,7 @@ impl Finishing {
             now_ms(),
         );
         let Some(stored) = stored else {
+            state.settler.checkout_settled(&settled_id);
             return ApiError::internal("the answer was not rendered").into_response();
         };
         let payment_id = match paid {
@@ -412,9 +416,12 @@ impl Finishing {
         // shows the order and replays the answer under the key, and the capture it owes follows
         // (`money`); if the journal did not take it, the engine frees the units and the key, and
         // the authorisation is voided (or, if that call fails, by the reconciler's orphan scan).
-        let committed = commit(state, change, move |app, outcome| match outcome {
+        let follow = move |app: &Shared, outcome: &super::Settlement| match outcome {
             Ok(Applied::Order { order, .. }) => {
-                if matches!(order.status, OrderStatus::Paid | OrderStatus::PaymentPending) {
+                if matches!(
+                    order.status,
+                    OrderStatus::Paid | OrderStatus::PaymentPending
+                ) {
                     if let Some(cart_id) = &cart_id {
                         app.carts.clear(cart_id, now_ms());
                     }
@@ -432,6 +439,17 @@ impl Finishing {
                 }
             }
             Err(_) => {}
+        };
+        let committed = commit(state, change, move |app, outcome| {
+            // Durable and known, or known not to be; an unknown outcome (the record may be
+            // durable) keeps the authorisation out of the orphan scan until a restart.
+            if outcome
+                .as_ref()
+                .map_or_else(|e| e.nothing_changed(), |_| true)
+            {
+                app.settler.checkout_settled(&settled_id);
+            }
+            follow(app, outcome);
         })
         .await;
         match committed {

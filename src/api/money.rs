@@ -53,6 +53,26 @@ pub struct Settler {
     in_flight: Mutex<FxHashSet<OrderId>>,
     /// Next try (Unix ms) and failures so far, per order whose last call failed.
     retry: Mutex<FxHashMap<OrderId, (i64, u32)>>,
+    /// Orders of checkouts between their authorisation and the settlement of their commit: the
+    /// orphan scan must not void their authorisations, however long the commit takes (a commit
+    /// may land after `--journal-timeout`, so the grace period alone does not cover it).
+    checkouts: Mutex<FxHashSet<OrderId>>,
+}
+
+impl Settler {
+    /// A checkout is about to authorise the payment of `order_id`.
+    pub fn checkout_started(&self, order_id: &OrderId) {
+        lock(&self.checkouts).insert(order_id.clone());
+    }
+
+    /// The checkout of `order_id` settled: its order is durable and known, or known not to be.
+    pub fn checkout_settled(&self, order_id: &OrderId) {
+        lock(&self.checkouts).remove(order_id);
+    }
+
+    fn checkout_in_flight(&self, order_id: &OrderId) -> bool {
+        lock(&self.checkouts).contains(order_id)
+    }
 }
 
 /// Makes the gateway call an order owes, in a task of its own, unless one is already running for
@@ -267,6 +287,8 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) {
     };
     for payment in payments {
         let order = match OrderId::parse(payment.order_id.clone()) {
+            // Its checkout is still committing the order: not an orphan (yet).
+            Ok(order_id) if app.settler.checkout_in_flight(&order_id) => continue,
             Ok(order_id) => known_order(app, &order_id).await,
             Err(_) => None,
         };
