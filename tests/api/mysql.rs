@@ -361,6 +361,13 @@ async fn an_authorisation_whose_commit_is_slower_than_the_grace_period_is_captur
     })
     .await;
     let text = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
-    assert_eq!(metric(&text, "turnstile_payments_voided_total"), 0.0, "{text}");
-    assert_eq!(metric(&text, "turnstile_payments_capture_refused_total"), 0.0);
+    assert_eq!(
+        metric(&text, "turnstile_payments_voided_total"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "turnstile_payments_capture_refused_total"),
+        0.0
+    );
 }
