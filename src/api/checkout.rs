@@ -324,6 +324,9 @@ impl Finishing {
             amount_cents: self.reservation.total_cents(),
             currency: self.reservation.currency().as_str().to_owned(),
         };
+        // Until its commit settles, the orphan scan leaves this checkout's authorisation alone.
+        state.settler.checkout_started(&order_id);
+        let settled_id = order_id.clone();
         let started = std::time::Instant::now();
         let authorised =
             tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
@@ -401,37 +404,41 @@ impl Finishing {
             now_ms(),
         );
         let Some(stored) = stored else {
+            state.settler.checkout_settled(&settled_id);
             return ApiError::internal("the answer was not rendered").into_response();
-        };
-        let payment_id = match paid {
-            Paid::Approved(id) | Paid::Pending(id) => Some(id),
-            Paid::Declined(_) | Paid::TimedOut => None,
         };
         let cart_id = self.cart_id;
         // The record carries the order, its events and this answer: once it is durable the engine
         // shows the order and replays the answer under the key, and the capture it owes follows
         // (`money`); if the journal did not take it, the engine frees the units and the key, and
-        // the authorisation is voided (or, if that call fails, by the reconciler's orphan scan).
-        let committed = commit(state, change, move |app, outcome| match outcome {
+        // the authorisation waits for the client's retry (or the reconciler's orphan scan).
+        let follow = move |app: &Shared, outcome: &super::Settlement| match outcome {
             Ok(Applied::Order { order, .. }) => {
-                if matches!(order.status, OrderStatus::Paid | OrderStatus::PaymentPending) {
+                if matches!(
+                    order.status,
+                    OrderStatus::Paid | OrderStatus::PaymentPending
+                ) {
                     if let Some(cart_id) = &cart_id {
                         app.carts.clear(cart_id, now_ms());
                     }
                 }
             }
             Ok(Applied::Product(..)) => {}
-            Err(error) if error.nothing_changed() => {
-                if let Some(payment_id) = payment_id {
-                    let gateway = Arc::clone(&app.gateway);
-                    tokio::spawn(async move {
-                        if let Err(error) = gateway.void(payment_id.clone()).await {
-                            tracing::error!(%payment_id, %error, "could not void an unrecorded payment");
-                        }
-                    });
-                }
-            }
+            // Not voided here: the client was told "nothing changed, retry", and its retry (same
+            // key, same gateway key) finds this authorisation and makes it the order's; one never
+            // retried is voided by the reconciler's orphan scan after `--reconcile-after`.
             Err(_) => {}
+        };
+        let committed = commit(state, change, move |app, outcome| {
+            // Durable and known, or known not to be; an unknown outcome (the record may be
+            // durable) keeps the authorisation out of the orphan scan until a restart.
+            if outcome
+                .as_ref()
+                .map_or_else(|e| e.nothing_changed(), |_| true)
+            {
+                app.settler.checkout_settled(&settled_id);
+            }
+            follow(app, outcome);
         })
         .await;
         match committed {

@@ -47,10 +47,10 @@ pub async fn pause_at(point: &str) {
     }
 }
 
-/// The most gateway calls the settler makes at once (the pool keeps as many idle connections per
-/// host): after an outage thousands of orders may owe a call, and they go to the gateway this many
-/// at a time, not all at once.
-pub const SETTLER_CALLS_MAX: usize = 256;
+/// Gateway calls the settler makes at most at once (the HTTP gateway client keeps as many idle
+/// connections): with many payments owed (the gateway was down under load) the retries queue here
+/// instead of opening a connection each at the same moment.
+const SETTLER_CALLS_MAX: usize = 256;
 
 /// Orders the settler is calling the gateway for, and when each failed one may be tried again.
 #[derive(Debug)]
@@ -58,7 +58,11 @@ pub struct Settler {
     in_flight: Mutex<FxHashSet<OrderId>>,
     /// Next try (Unix ms) and failures so far, per order whose last call failed.
     retry: Mutex<FxHashMap<OrderId, (i64, u32)>>,
-    /// Bounds the gateway calls in flight.
+    /// Orders of checkouts between their authorisation and the settlement of their commit: the
+    /// orphan scan must not void their authorisations, however long the commit takes (a commit
+    /// may land after `--journal-timeout`, so the grace period alone does not cover it).
+    checkouts: Mutex<FxHashSet<OrderId>>,
+    /// Bounds the gateway calls in flight ([`SETTLER_CALLS_MAX`]).
     calls: tokio::sync::Semaphore,
 }
 
@@ -67,8 +71,34 @@ impl Default for Settler {
         Self {
             in_flight: Mutex::default(),
             retry: Mutex::default(),
+            checkouts: Mutex::default(),
             calls: tokio::sync::Semaphore::new(SETTLER_CALLS_MAX),
         }
+    }
+}
+
+/// The wait before the next try after `failures` failed calls: doubling from 1 s to 60 s, each
+/// spread ±50% so that calls which failed together (the gateway down) do not all come back in the
+/// same instant.
+fn backoff_ms(failures: u32) -> i64 {
+    let wait = (500i64 << failures.min(7)).min(60_000);
+    let jitter = crate::random::random_bytes(1).map_or(128, |b| i64::from(b[0]));
+    wait / 2 + wait * jitter / 255
+}
+
+impl Settler {
+    /// A checkout is about to authorise the payment of `order_id`.
+    pub fn checkout_started(&self, order_id: &OrderId) {
+        lock(&self.checkouts).insert(order_id.clone());
+    }
+
+    /// The checkout of `order_id` settled: its order is durable and known, or known not to be.
+    pub fn checkout_settled(&self, order_id: &OrderId) {
+        lock(&self.checkouts).remove(order_id);
+    }
+
+    fn checkout_in_flight(&self, order_id: &OrderId) -> bool {
+        lock(&self.checkouts).contains(order_id)
     }
 }
 
@@ -89,7 +119,7 @@ pub fn settle_soon(app: &Shared, order_id: OrderId) {
             }
             Err(reason) => {
                 let failures = retry.get(&order_id).map_or(0, |r| r.1) + 1;
-                let wait = (500i64 << failures.min(7)).min(60_000);
+                let wait = backoff_ms(failures);
                 tracing::warn!(%order_id, failures, %reason, "a payment call failed; retrying later");
                 retry.insert(order_id, (now_ms() + wait, failures));
             }
@@ -292,6 +322,8 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) {
     };
     for payment in payments {
         let order = match OrderId::parse(payment.order_id.clone()) {
+            // Its checkout is still committing the order: not an orphan (yet).
+            Ok(order_id) if app.settler.checkout_in_flight(&order_id) => continue,
             Ok(order_id) => known_order(app, &order_id).await,
             Err(_) => None,
         };
@@ -351,4 +383,20 @@ async fn known_order(app: &Shared, order_id: &OrderId) -> Option<Order> {
         return Some(order);
     }
     app.journal.order(order_id).await.ok().flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_to_a_minute_and_is_spread() {
+        // Proves: retries of payments that failed together are spread, and never wait past 90 s.
+        for failures in 1..20 {
+            let base = (500i64 << failures.min(7)).min(60_000);
+            let waits: FxHashSet<i64> = (0..64).map(|_| backoff_ms(failures)).collect();
+            assert!(waits.iter().all(|w| (base / 2..=base * 3 / 2).contains(w)));
+            assert!(waits.len() > 1, "spread: {waits:?}");
+        }
+    }
 }

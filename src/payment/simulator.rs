@@ -7,6 +7,7 @@ use super::ledger::Ledger;
 use super::webhook;
 use super::{
     Authorization, AuthorizeRequest, BoxFuture, PaymentError, PaymentGateway, PaymentInfo,
+    PaymentStatus,
 };
 use crate::http_client::HttpClient;
 use crate::time::now_ms;
@@ -141,6 +142,16 @@ impl PaymentGateway for Arc<Simulator> {
                     // The webhook is retried until the order is durable and known (404 before).
                     self.decide_later(payment_id.clone());
                     Ok(Authorization::Pending { payment_id })
+                }
+                // A key whose payment was voided or refunded since is not a new authorisation
+                // (as the HTTP gateway answers it).
+                Some(Authorization::Approved { payment_id }) => {
+                    match self.ledger.lookup(&payment_id).map(|p| p.status) {
+                        Ok(status @ (PaymentStatus::Voided | PaymentStatus::Refunded)) => {
+                            Err(PaymentError::Conflict { status })
+                        }
+                        _ => Ok(Authorization::Approved { payment_id }),
+                    }
                 }
                 Some(other) => Ok(other),
                 // Never answers: the caller's timeout turns this into a 504; nothing is held.

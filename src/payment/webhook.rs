@@ -66,7 +66,11 @@ pub fn verify(
     if tags.is_empty() {
         return Err(SignatureError::Malformed);
     }
-    if (now_seconds - timestamp).abs() > TOLERANCE_SECONDS {
+    // Checked: a timestamp near the ends of i64 is stale, not an overflow (a panic per request).
+    if now_seconds
+        .checked_sub(timestamp)
+        .is_none_or(|skew| skew.unsigned_abs() > TOLERANCE_SECONDS as u64)
+    {
         return Err(SignatureError::Stale);
     }
     let expected = mac(secret, timestamp, body);
@@ -111,5 +115,17 @@ mod tests {
             verify(b"secret", None, b"", 1),
             Err(SignatureError::Malformed)
         );
+    }
+
+    #[test]
+    fn a_timestamp_at_the_ends_of_i64_is_stale_not_an_overflow() {
+        for t in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let header = format!("t={t},v1=00");
+            assert_eq!(
+                verify(b"secret", Some(&header), b"", 1_700_000_000),
+                Err(SignatureError::Stale),
+                "{t}"
+            );
+        }
     }
 }

@@ -293,3 +293,81 @@ async fn a_commit_slower_than_the_timeout_answers_outcome_unknown_then_replays()
     assert_eq!(orders, 1, "one order for the key");
     assert_eq!(client.stock("S").await.3, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorisation_whose_commit_is_slower_than_the_grace_period_is_captured_not_voided() {
+    // Proves: the reconciler's orphan scan leaves alone the authorisation of a checkout whose
+    // commit is still running past --reconcile-after (a commit may land after --journal-timeout):
+    // the paid order it becomes is captured, never a paid order whose payment was voided.
+    let database = TestDatabase::create().await;
+    let app = spawn_app(&[
+        "--mysql-url",
+        &database.url,
+        "--journal-timeout",
+        "1s",
+        "--gateway-timeout",
+        "1s",
+        "--reconcile-after",
+        "3s",
+    ]);
+    let mut client = app.client();
+    client.put_product("G", 100, 10).await;
+    let pool = database.pool().await;
+    let mut blocker = pool.acquire().await.expect("connection");
+    sqlx::query("LOCK TABLES journal WRITE")
+        .execute(&mut *blocker)
+        .await
+        .expect("lock the journal table");
+    let slow = client
+        .checkout("grace", "G", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(slow.status, 503);
+    // Past the grace period and at least one orphan scan (every 1.5 s at 3 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    sqlx::query("UNLOCK TABLES")
+        .execute(&mut *blocker)
+        .await
+        .expect("unlock");
+    drop(blocker);
+    let mut placed = None;
+    eventually(
+        "the late commit to land",
+        Duration::from_secs(15),
+        async || {
+            let answer = client
+                .checkout("grace", "G", 1, "tok_ok")
+                .await
+                .expect("answer");
+            let done = answer.status == 201;
+            if done {
+                placed = Some(answer);
+            }
+            done
+        },
+    )
+    .await;
+    assert_eq!(placed.expect("replay").json()["status"], "paid");
+    let metric = |text: &str, name: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    eventually("the capture", Duration::from_secs(10), async || {
+        let text = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+        metric(&text, "turnstile_payments_captured_total") == 1.0
+            && metric(&text, "turnstile_payments_owed") == 0.0
+    })
+    .await;
+    let text = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+    assert_eq!(
+        metric(&text, "turnstile_payments_voided_total"),
+        0.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "turnstile_payments_capture_refused_total"),
+        0.0
+    );
+}
