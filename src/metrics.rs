@@ -196,6 +196,8 @@ pub struct Metrics {
     /// What the reconciler finished: pending payments decided, orphan authorisations voided,
     /// captures or voids owed that no one had asked for.
     pub reconciler_actions: AtomicU64,
+    /// Scans for orphan authorisations completed (the gateway listed, each one handled).
+    pub reconciler_scans: AtomicU64,
 }
 
 /// The outcomes of [`Metrics::gateway_outcomes`], in order.
@@ -223,6 +225,7 @@ impl Metrics {
             payments_refunded: AtomicU64::new(0),
             payments_failed: AtomicU64::new(0),
             reconciler_actions: AtomicU64::new(0),
+            reconciler_scans: AtomicU64::new(0),
         }
     }
 
@@ -322,6 +325,11 @@ impl Metrics {
                 "turnstile_reconciler_actions",
                 "Payments the reconciler finished.",
                 &self.reconciler_actions,
+            ),
+            (
+                "turnstile_reconciler_scans",
+                "Scans for orphan authorisations completed.",
+                &self.reconciler_scans,
             ),
         ] {
             encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;

@@ -16,8 +16,13 @@
 //! - looks up orders still `payment_pending` past `--reconcile-after` and finishes them: paid if
 //!   the gateway authorised them, released (authorisation voided) if not;
 //! - lists authorisations older than `--reconcile-after` and voids those whose order the journal
-//!   does not know (the checkout crashed or failed between authorisation and journal), or knows as
-//!   released or cancelled; one it knows as paid is owed a capture.
+//!   does not know (the checkout crashed or failed between authorisation and journal, and the
+//!   client did not retry), or knows as released or cancelled; one it knows as paid is owed a
+//!   capture. Checkouts whose commit has not settled yet (it may land after `--journal-timeout`)
+//!   are skipped: the settler keeps their order ids from the authorisation until the commit is
+//!   known to have landed or not (an unknown outcome keeps them until a restart). This holds on one
+//!   node; nodes sharing a gateway must also share the order store (MySQL) for the scan to be
+//!   safe.
 //!
 //! `--reconcile-after` must exceed how long a checkout can take between its authorisation and its
 //! commit (`--gateway-timeout` plus `--journal-timeout`), or an authorisation whose order is about
@@ -246,7 +251,9 @@ pub async fn reconcile(app: Shared, reconcile_after: Duration) {
         if now.saturating_sub(last_scan) >= scan_every_ms {
             last_scan = now;
             finish_pending(&app, now, reconcile_after).await;
-            void_orphans(&app, reconcile_after).await;
+            if void_orphans(&app, reconcile_after).await {
+                app.metrics.reconciler_scans.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -305,8 +312,9 @@ async fn finish_pending(app: &Shared, now: i64, reconcile_after: Duration) {
     }
 }
 
-/// Authorisations older than the grace period that no durable order will capture: voided.
-async fn void_orphans(app: &Shared, reconcile_after: Duration) {
+/// Authorisations older than the grace period that no durable order will capture: voided. Returns
+/// whether the scan ran (the gateway answered the listing).
+async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
     let listed = tokio::time::timeout(
         app.gateway_timeout,
         app.gateway.authorizations_older_than(reconcile_after),
@@ -317,7 +325,7 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) {
         Ok(payments) => payments,
         Err(error) => {
             tracing::warn!(%error, "could not list old authorisations; retrying later");
-            return;
+            return false;
         }
     };
     for payment in payments {
@@ -375,6 +383,7 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) {
             }
         }
     }
+    true
 }
 
 /// The order as memory holds it, or as the journal's store keeps it past retention (MySQL).

@@ -323,8 +323,23 @@ async fn an_authorisation_whose_commit_is_slower_than_the_grace_period_is_captur
         .await
         .expect("answer");
     assert_eq!(slow.status, 503);
-    // Past the grace period and at least one orphan scan (every 1.5 s at 3 s).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // Past the grace period: three more orphan scans (one every 1.5 s at 3 s), so at least one
+    // ran when the authorisation was older than --reconcile-after.
+    let scans = |text: &str| -> f64 {
+        text.lines()
+            .find_map(|line| line.strip_prefix("turnstile_reconciler_scans_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    let before = scans(&String::from_utf8_lossy(&client.get("/metrics").await.body));
+    eventually(
+        "three orphan scans past the grace period",
+        Duration::from_secs(20),
+        async || {
+            scans(&String::from_utf8_lossy(&client.get("/metrics").await.body)) >= before + 3.0
+        },
+    )
+    .await;
     sqlx::query("UNLOCK TABLES")
         .execute(&mut *blocker)
         .await
