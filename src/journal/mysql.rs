@@ -3,7 +3,12 @@
 //! Group commit as in `journal::pipeline`; the writer is a task that turns one batch into one
 //! transaction: multi-row INSERTs into the append-only `journal` table and the materialised
 //! `products`, `inventory`, `orders`, `order_items`, `idempotency_keys`, `payments` and `outbox`
-//! tables, then one COMMIT. Every waiter is answered only after COMMIT returns.
+//! tables, then one COMMIT. Every waiter is answered only after COMMIT returns. One batch is one
+//! transaction, never split: after any crash the durable records are a prefix of the log (no lsn
+//! or event seq of a batch can be durable while an earlier one of the same batch is not), and a
+//! batch the database refuses part of never leaves the other part committed behind its requests'
+//! backs. (An earlier version split each batch by order id into two transactions committed side
+//! by side, for throughput; a crash between the two commits left gaps for good.)
 //!
 //! Failures: a transient error (connection lost, server gone, deadlock 1213, lock wait timeout
 //! 1205) retries the same batch with bounded backoff, for as long as it takes; the journal reports
@@ -79,9 +84,6 @@ pub struct MySqlConfig {
     pub pool_size: u32,
     /// The most records one transaction takes: bounds statement sizes and lock hold times.
     pub batch_records_max: usize,
-    /// Transactions one batch is split into, committed at once on their own connections (by
-    /// order id): uses more than one of the database's cores.
-    pub writers: usize,
     /// How long to wait for a connection before counting the database as unreachable.
     pub connect_timeout: Duration,
     /// At shutdown, how long the writer keeps retrying a batch the database refuses.
@@ -106,7 +108,6 @@ impl MySqlConfig {
             url: url.into(),
             pool_size: 8,
             batch_records_max: 2_000,
-            writers: 2,
             connect_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             retention: Retention {
@@ -139,7 +140,7 @@ pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
         message: e.to_string(),
     })?;
     Ok(MySqlPoolOptions::new()
-        .max_connections(config.pool_size.max(config.writers as u32 + 1))
+        .max_connections(config.pool_size.max(2))
         .acquire_timeout(config.connect_timeout)
         .connect_lazy_with(options))
 }
@@ -467,29 +468,6 @@ fn is_transient(error: &sqlx::Error) -> bool {
     }
 }
 
-/// How the writer cuts one batch into transactions that run at once on their own connections.
-/// Records of one order always share a part (their order is kept); a batch with a product record
-/// stays whole (an order must never commit without its product).
-fn partition(batch: &[Entry], parts: usize) -> Vec<Vec<&Entry>> {
-    let whole = parts <= 1
-        || batch
-            .iter()
-            .any(|e| matches!(e.record, Record::Product { .. }));
-    if whole {
-        return vec![batch.iter().collect()];
-    }
-    let mut split: Vec<Vec<&Entry>> = (0..parts)
-        .map(|_| Vec::with_capacity(batch.len() / parts + 1))
-        .collect();
-    for entry in batch {
-        if let Record::Order { order, .. } = &entry.record {
-            split[crate::sync::shard_of(&order.order_id, parts)].push(entry);
-        }
-    }
-    split.retain(|part| !part.is_empty());
-    split
-}
-
 async fn run_writer(
     pool: MySqlPool,
     pipeline: Arc<Pipeline>,
@@ -500,21 +478,13 @@ async fn run_writer(
     let mut batch: Vec<Entry> = Vec::with_capacity(config.batch_records_max);
     while pipeline.take(config.batch_records_max, &mut batch).await {
         let started = Instant::now();
-        let parts = partition(&batch, config.writers);
-        let outcomes = futures_util::future::join_all(
-            parts
-                .iter()
-                .map(|part| commit_part(&pool, &pipeline, &degraded, part, started, &config)),
-        )
-        .await;
-        drop(parts);
-        match outcomes
-            .into_iter()
-            .collect::<Result<Vec<PartOutcome>, JournalError>>()
-        {
-            Ok(parts) => {
-                // Events become readable only once every part of the batch (and so every
-                // earlier event) is committed: readers never see a gap fill in later.
+        let whole: Vec<&Entry> = batch.iter().collect();
+        let outcome = commit_part(&pool, &pipeline, &degraded, &whole, started, &config).await;
+        drop(whole);
+        match outcome {
+            Ok(part) => {
+                // Events become readable once the batch (and so every earlier event) is
+                // committed: readers never see a gap fill in later.
                 let last_seq = batch
                     .iter()
                     .map(|e| e.first_event_seq + u64::from(e.record.event_count()))
@@ -522,14 +492,11 @@ async fn run_writer(
                     .unwrap_or(1)
                     - 1;
                 durable_seq.fetch_max(last_seq, Ordering::AcqRel);
-                let bytes = parts.iter().map(|p| p.bytes).sum();
-                let rejected: Vec<(u64, String)> =
-                    parts.into_iter().flat_map(|p| p.rejected).collect();
                 pipeline.committed(
                     &mut batch,
-                    bytes,
+                    part.bytes,
                     started.elapsed().as_nanos() as u64,
-                    &rejected,
+                    &part.rejected,
                 );
             }
             Err(error) => pipeline.fail(&mut batch, error),
@@ -537,7 +504,7 @@ async fn run_writer(
     }
 }
 
-/// What one part's commit came to.
+/// What one batch's commit came to.
 #[derive(Default)]
 struct PartOutcome {
     /// Bytes of records written.
@@ -546,7 +513,7 @@ struct PartOutcome {
     rejected: Vec<(u64, String)>,
 }
 
-/// Commits one part. When the database refuses it for a reason of its own (a constraint, a value
+/// Commits one batch. When the database refuses it for a reason of its own (a constraint, a value
 /// it will not take: not a passing fault), its records are committed one at a time, in order, so
 /// that only the records it refuses fail and the journal goes on with every other. Returns the
 /// error that ends the journal only when it gave up at shutdown.
