@@ -22,15 +22,15 @@
 //! `ClientStream` also lets a DEL byte in an HTTP/1 `Idempotency-Key` reach the handler, so it
 //! gets the JSON error shape instead of hyper's bare `400` (see `request_heads.rs`).
 
+mod activity;
 mod client_stream;
 mod request_heads;
 pub mod tls;
 
+use activity::{Activity, CountedService};
 use client_stream::ClientStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -101,9 +101,9 @@ pub async fn serve(
         .keep_alive_timeout(limits.slow_client_timeout);
     // Borrowed by every connection task: one builder for the life of the server.
     let builder = Arc::new(builder);
-    let graceful = GracefulShutdown::new();
-    // Set once accepting stops: a TLS handshake still running then is given up, since it carries
-    // no request yet and its watcher would otherwise hold the shutdown for up to the timeout.
+    // Set once accepting stops: every connection then shuts down gracefully (in-flight requests
+    // finish, idle connections close), and a TLS handshake still running is given up, since it
+    // carries no request yet and would otherwise hold the shutdown for up to the timeout.
     let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let mut stop = std::pin::pin!(stop);
     // One permit per open connection, held by its task until the connection ends.
@@ -158,21 +158,21 @@ pub async fn serve(
                 tracing::debug!(%error, "could not set TCP_NODELAY");
             }
         }
-        let service = TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
+        let stopping = stopping_seen.clone();
         let timeout = limits.slow_client_timeout;
         match &tls {
             None => {
                 let io = ClientStream::new(stream, timeout);
                 tokio::spawn(async move {
-                    serve_one(&builder, io, service, watcher, remote).await;
+                    serve_one(&builder, io, router, stopping, timeout, remote).await;
                     drop(permit);
                 });
             }
             Some(acceptor) => {
                 let handshake = acceptor.accept(stream);
-                let mut stopping = stopping_seen.clone();
+                let mut stopping = stopping;
                 tokio::spawn(async move {
                     let handshake = tokio::select! {
                         finished = tokio::time::timeout(timeout, handshake) => finished,
@@ -185,7 +185,7 @@ pub async fn serve(
                     match handshake {
                         Ok(Ok(stream)) => {
                             let io = ClientStream::new(stream, timeout);
-                            serve_one(&builder, io, service, watcher, remote).await;
+                            serve_one(&builder, io, router, stopping, timeout, remote).await;
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -203,25 +203,56 @@ pub async fn serve(
     drop(listener);
     let _ = stopping.send(true);
     tracing::info!(
-        connections = graceful.count(),
+        connections = limits.connections_max - open_connections.available_permits(),
         "stopped accepting; waiting for in-flight requests"
     );
-    graceful.shutdown().await;
+    // Every connection task holds a permit until its connection has ended.
+    let all = u32::try_from(limits.connections_max).unwrap_or(u32::MAX);
+    let _ = open_connections.acquire_many(all).await;
 }
 
-/// Serves one connection until it ends (or the graceful shutdown ends it).
+/// Serves one connection until it ends. It is shut down gracefully (in-flight requests finish,
+/// then it closes) when the server stops, or when it has had no request in flight for `idle`:
+/// an idle HTTP/2 client, which hyper never times out, gives its place back too.
 async fn serve_one<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: ClientStream<S>,
-    service: TowerToHyperService<axum::Router>,
-    watcher: hyper_util::server::graceful::Watcher,
+    router: axum::Router,
+    mut stopping: tokio::sync::watch::Receiver<bool>,
+    idle: Duration,
     remote: std::net::SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let activity = Activity::new();
+    let service = CountedService::new(router, Arc::clone(&activity));
     let connection = builder.serve_connection(TokioIo::new(io), service);
-    if let Err(error) = watcher.watch(connection).await {
-        tracing::debug!(%remote, %error, "connection ended with an error");
+    tokio::pin!(connection);
+    let idle_check = tokio::time::sleep(idle);
+    tokio::pin!(idle_check);
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            ended = connection.as_mut() => {
+                if let Err(error) = ended {
+                    tracing::debug!(%remote, %error, "connection ended with an error");
+                }
+                return;
+            }
+            _ = stopping.wait_for(|stopping| *stopping), if !closing => {
+                connection.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = idle_check.as_mut(), if !closing => match activity.idle_for() {
+                Some(quiet) if quiet >= idle => {
+                    tracing::debug!(%remote, "closing a connection idle for the slow-client timeout");
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                Some(quiet) => idle_check.as_mut().reset(tokio::time::Instant::now() + (idle - quiet)),
+                None => idle_check.as_mut().reset(tokio::time::Instant::now() + idle),
+            },
+        }
     }
 }
 

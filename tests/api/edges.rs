@@ -357,3 +357,38 @@ fn a_stalled_http2_client_does_not_hold_the_shutdown() {
     );
     assert_eq!(app.wait().code(), Some(0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_gives_its_place_back_after_the_slow_client_timeout() {
+    // Proves: a client that keeps an HTTP/2 connection open without sending requests (it answers
+    // pings, as any h2 client does) does not hold a place under --connections-max forever: the
+    // connection is shut down gracefully once idle for --slow-client-timeout, and the next
+    // client is served.
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let app = spawn_app(&["--connections-max", "1", "--slow-client-timeout", "1s"]);
+    let stream = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let (mut idle, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .expect("h2c handshake");
+    let idle_connection = tokio::spawn(connection);
+    let request = || {
+        hyper::Request::get("http://127.0.0.1/healthz")
+            .body(Empty::<Bytes>::new())
+            .expect("request")
+    };
+    let first = idle.send_request(request()).await.expect("first request");
+    assert_eq!(first.status(), 200);
+    let _ = first.into_body().collect().await;
+    // The only place is taken; the server closes the idle connection by itself, and the
+    // connection task ends (bounded here so a regression fails instead of hanging).
+    let ended = tokio::time::timeout(Duration::from_secs(30), idle_connection).await;
+    assert!(ended.is_ok(), "the idle HTTP/2 connection was never closed");
+    // Its place is free again: a new client is served.
+    let mut client = app.client();
+    assert_eq!(client.get("/healthz").await.status, 200);
+}

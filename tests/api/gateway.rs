@@ -273,8 +273,24 @@ async fn with_the_gateway_down_checkouts_fail_fast_and_the_reconciler_clears_wha
     assert_eq!(paid["http_status"], 201, "{paid}");
     let paid_id = paid["order_id"].as_str().expect("order_id").to_owned();
 
-    // The gateway stops answering (its process paused, connections open).
+    // The gateway stops answering (its process paused, connections open): wait until the kernel
+    // shows it stopped, since a signal takes effect when the process is next scheduled.
     sim.signal("-STOP");
+    let stat = format!("/proc/{}/stat", sim.child.id());
+    eventually(
+        "the gateway process to be stopped",
+        Duration::from_secs(10),
+        async || {
+            std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| {
+                    s.rsplit_once(')')
+                        .map(|(_, rest)| rest.trim_start().starts_with('T'))
+                })
+                .unwrap_or(false)
+        },
+    )
+    .await;
     let started = std::time::Instant::now();
     let down = checkout_until_final(&mut client, "d-2", "D", "tok_ok").await;
     assert_eq!(down["http_status"], 504, "{down}");
@@ -291,8 +307,9 @@ async fn with_the_gateway_down_checkouts_fail_fast_and_the_reconciler_clears_wha
     assert_eq!(client.stock("D").await, (10, 10, 0, 0));
     assert_eq!(metric(&mut client, "turnstile_payments_owed").await, 1.0);
 
-    // The gateway comes back: it also finds the timed-out authorisation that was queued in its
-    // socket, which no durable order holds; the reconciler voids it.
+    // The gateway comes back. If the timed-out authorisation queued in its socket is still
+    // served, no durable order holds it and the reconciler voids it (the orphan scan has its own
+    // test below).
     sim.signal("-CONT");
     money_matches_orders(&app, &sim, "D").await;
     let ledger = sim.ledger().await;
@@ -369,4 +386,24 @@ async fn kill_9_at_each_step_of_the_money_flow_leaves_one_order_and_at_most_one_
         let product = client.get("/v1/products/K").await.json();
         assert_eq!(product["sold"], 1, "{point}: one order: {product}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorisation_no_durable_order_holds_is_voided_by_the_reconciler() {
+    // Every authorisation is made, then its connection dropped before the answer: the checkout
+    // (after its retries) answers 504 and journals nothing that holds the payment. The
+    // reconciler's orphan scan finds the authorisation past --reconcile-after and voids it.
+    let sim = Sim::start("127.0.0.1:0", &["--fail-drop", "1"]);
+    let app = spawn_app(&as_strs(&server_args(&sim.url())));
+    let mut client = app.client();
+    client.put_product("O", 100, 3).await;
+    let dropped = checkout_until_final(&mut client, "o-1", "O", "tok_ok").await;
+    assert_eq!(dropped["http_status"], 504, "{dropped}");
+    assert_eq!(sim.ledger().await[0]["status"], "authorized");
+    money_matches_orders(&app, &sim, "O").await;
+    let ledger = sim.ledger().await;
+    assert_eq!(ledger.len(), 1, "{ledger:?}");
+    assert_eq!(ledger[0]["status"], "voided", "{ledger:?}");
+    assert!(metric(&mut client, "turnstile_reconciler_actions_total").await >= 1.0);
+    assert_eq!(client.stock("O").await, (3, 3, 0, 0));
 }
