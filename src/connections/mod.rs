@@ -1,6 +1,8 @@
 //! The listener and the accept loop: HTTP/1.1 and HTTP/2 on one listener, in cleartext or over TLS
 //! (`tls.rs`: TLS 1.3, ALPN `h2`/`http/1.1`), at most `connections_max` open connections (a
-//! semaphore permit each), slow clients cut off, and a graceful drain on the stop signal.
+//! semaphore permit each), slow clients cut off, idle connections closed (`activity.rs`), and a
+//! graceful drain on the stop signal: every connection is told to shut down gracefully, and the
+//! loop waits until every connection's permit is back.
 //!
 //! The listening socket is made with `socket2` ([`bind`]), so its backlog, `TCP_NODELAY` and buffer
 //! sizes come from the configuration (accepted connections inherit them); the per-core issue adds
