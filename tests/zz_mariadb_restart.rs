@@ -163,6 +163,14 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
         async || paid.load(Ordering::Relaxed) >= paid_before + 100,
     )
     .await;
+    // The batches the outage interrupted were retried, and /metrics says why.
+    let metrics = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+    let retries = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("turnstile_journal_retries_total{reason=\"connection\"} "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no connection retries counted in /metrics:\n{metrics}"));
+    assert!(retries >= 1.0, "no connection retries counted: {retries}");
     stop.store(true, Ordering::Relaxed);
     let mut results = Vec::new();
     for task in tasks {

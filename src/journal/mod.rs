@@ -161,7 +161,13 @@ pub struct JournalStats {
     pub batch_records: Histogram,
     /// Time of one sync (`fdatasync` or COMMIT), in seconds.
     pub commit_seconds: Histogram,
+    /// Batches retried after a passing database fault, by reason ([`RETRY_REASONS`]).
+    pub retries: [AtomicU64; 3],
 }
+
+/// Why a batch was retried: a deadlock (MySQL 1213), a lock wait timeout (1205), or the
+/// connection or server (lost, gone away, shutting down, read-only after a failover).
+pub const RETRY_REASONS: [&str; 3] = ["deadlock", "lock_wait_timeout", "connection"];
 
 impl Default for JournalStats {
     fn default() -> Self {
@@ -172,6 +178,7 @@ impl Default for JournalStats {
             sync_nanos: AtomicU64::new(0),
             batch_records_max: AtomicU64::new(0),
             batch_records: Histogram::new(BATCH_BOUNDS_RECORDS),
+            retries: Default::default(),
             commit_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
         }
     }
@@ -204,6 +211,22 @@ impl JournalStats {
             ("turnstile_journal_bytes", "Bytes committed.", &self.bytes),
         ] {
             encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
+        }
+        {
+            let mut family = encoder.encode_descriptor(
+                "turnstile_journal_retries",
+                "Batches retried after a passing database fault, by reason.",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (reason, count) in RETRY_REASONS.iter().zip(&self.retries) {
+                family
+                    .encode_family(&[("reason", *reason)])?
+                    .encode_counter::<prometheus_client::encoding::NoLabelSet, u64, u64>(
+                    &count.load(Ordering::Relaxed),
+                    None,
+                )?;
+            }
         }
         self.batch_records.encode(
             encoder,

@@ -442,6 +442,21 @@ async fn load(
     Ok((state, last_seq as u64 + 1))
 }
 
+/// Which of [`super::RETRY_REASONS`] a transient error is.
+fn retry_reason(error: &sqlx::Error) -> usize {
+    let code = match error {
+        sqlx::Error::Database(e) => e
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .map(|m| m.number()),
+        _ => None,
+    };
+    match code {
+        Some(1213) => 0,
+        Some(1205) => 1,
+        _ => 2,
+    }
+}
+
 /// True for errors that go away by themselves: the connection, the server's availability, lock
 /// conflicts.
 fn is_transient(error: &sqlx::Error) -> bool {
@@ -577,6 +592,9 @@ async fn commit_with_retries(
             if !is_transient(&error) {
                 return Ok(Err(error));
             }
+            let reason = retry_reason(&error);
+            pipeline.stats.retries[reason].fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%error, reason = super::RETRY_REASONS[reason], "retrying a batch");
             if !retrying {
                 retrying = true;
                 if degraded.fetch_add(1, Ordering::AcqRel) == 0 {
