@@ -423,7 +423,7 @@ impl Finishing {
                     }
                 }
             }
-            Ok(Applied::Product(..)) => {}
+            Ok(Applied::Product(..) | Applied::Payments(_)) => {}
             // Not voided here: the client was told "nothing changed, retry", and its retry (same
             // key, same gateway key) finds this authorisation and makes it the order's; one never
             // retried is voided by the reconciler's orphan scan after `--reconcile-after`.

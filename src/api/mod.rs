@@ -438,10 +438,16 @@ fn settle<F: FnOnce(&Shared, &Settlement)>(
         Ok(_) => {
             let applied = app.engine.apply(change);
             // Money follows the durable order: whatever it now owes the gateway is called for.
-            if let Applied::Order { order, .. } = &applied {
-                if order.payment_due.is_some() {
+            match &applied {
+                Applied::Order { order, .. } if order.payment_due.is_some() => {
                     money::settle_soon(app, order.order_id.clone());
                 }
+                Applied::Payments(orders) => {
+                    for order in orders.iter().filter(|o| o.payment_due.is_some()) {
+                        money::settle_soon(app, order.order_id.clone());
+                    }
+                }
+                _ => {}
             }
             Ok(applied)
         }

@@ -69,15 +69,25 @@ pub struct Settler {
     checkouts: Mutex<FxHashSet<OrderId>>,
     /// Bounds the gateway calls in flight ([`SETTLER_CALLS_MAX`]).
     calls: tokio::sync::Semaphore,
+    /// Calls done, waiting to be journaled: (order, what it owed, what it owes now).
+    done: tokio::sync::mpsc::UnboundedSender<Outcome>,
+    /// Taken by the task that journals them ([`reconcile`]).
+    done_queue: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Outcome>>>,
 }
+
+/// A gateway call done for an order: what it owed, what it owes now.
+type Outcome = (OrderId, Option<PaymentDue>, Option<PaymentDue>);
 
 impl Default for Settler {
     fn default() -> Self {
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         Self {
             in_flight: Mutex::default(),
             retry: Mutex::default(),
             checkouts: Mutex::default(),
             calls: tokio::sync::Semaphore::new(SETTLER_CALLS_MAX),
+            done: sender,
+            done_queue: Mutex::new(Some(receiver)),
         }
     }
 }
@@ -116,10 +126,14 @@ pub fn settle_soon(app: &Shared, order_id: OrderId) {
     let app = Arc::clone(app);
     tokio::spawn(async move {
         let settled = settle_one(&app, &order_id).await;
-        lock(&app.settler.in_flight).remove(&order_id);
+        // A call done stays in flight until `record_outcomes` has journaled it, so the
+        // reconciler does not call the gateway again for it meanwhile.
+        if !matches!(settled, Ok(true)) {
+            lock(&app.settler.in_flight).remove(&order_id);
+        }
         let mut retry = lock(&app.settler.retry);
         match settled {
-            Ok(()) => {
+            Ok(_) => {
                 retry.remove(&order_id);
             }
             Err(reason) => {
@@ -132,13 +146,14 @@ pub fn settle_soon(app: &Shared, order_id: OrderId) {
     });
 }
 
-/// Makes the call `order_id` owes and journals its outcome.
-async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
+/// Makes the call `order_id` owes and hands its outcome to `record_outcomes`; `Ok(true)` when
+/// it did (`Ok(false)`: nothing was owed).
+async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
     let Some(order) = app.engine.order(order_id) else {
-        return Ok(());
+        return Ok(false);
     };
     let (Some(due), Some(payment_id)) = (order.payment_due, order.payment_id.clone()) else {
-        return Ok(());
+        return Ok(false);
     };
     if due == PaymentDue::Capture {
         pause_at("before_capture").await;
@@ -207,7 +222,48 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<(), String> {
         }
         (_, Err(error)) => return Err(error.to_string()),
     };
-    set_due(app, order_id, Some(due), next).await
+    // Journaled with the other calls done meanwhile, in one record (see `record_outcomes`).
+    app.settler
+        .done
+        .send((order_id.clone(), Some(due), next))
+        .map(|()| true)
+        .map_err(|_| "the settler is closed".to_owned())
+}
+
+/// Journals the calls the settler did, many orders per record: while one record commits, the
+/// next calls gather, as a group commit does. An order that changed meanwhile is left out (its new
+/// debt has its own call); one left out because another change of it was in flight still owes,
+/// and the reconciler calls again (the gateway's idempotency makes the repeat harmless).
+async fn record_outcomes(app: Shared, mut queue: tokio::sync::mpsc::UnboundedReceiver<Outcome>) {
+    let mut batch: Vec<Outcome> = Vec::with_capacity(2_048);
+    while queue.recv_many(&mut batch, 2_048).await > 0 {
+        let mut owing = Vec::new();
+        if let Some(change) = app.engine.prepare_payments(&batch, now_ms()) {
+            match commit(&app, change, |_, _| {}).await {
+                Ok(crate::engine::Applied::Payments(orders)) => owing.extend(
+                    orders
+                        .into_iter()
+                        .filter(|o| o.payment_due.is_some())
+                        .map(|o| o.order_id),
+                ),
+                Ok(_) => {}
+                Err(error) => {
+                    tracing::warn!(error = %error.message, calls = batch.len(), "could not journal payment calls; the reconciler calls again");
+                }
+            }
+        }
+        {
+            let mut in_flight = lock(&app.settler.in_flight);
+            for (order_id, _, _) in batch.drain(..) {
+                in_flight.remove(&order_id);
+            }
+        }
+        // Orders that now owe another call (a void that found the payment captured owes a
+        // refund, say): their settlement ran while they were still in flight here.
+        for order_id in owing {
+            settle_soon(&app, order_id);
+        }
+    }
 }
 
 /// Journals that `order_id` owes `next` instead of `expected` (nothing changes if it no longer
@@ -237,8 +293,19 @@ async fn set_due(
     Ok(())
 }
 
-/// Runs the reconciler until the task is dropped: at once, then every tick.
+/// Runs the reconciler, and the journaling of the settler's calls, until the task is dropped:
+/// at once, then every tick.
 pub async fn reconcile(app: Shared, reconcile_after: Duration) {
+    let queue = lock(&app.settler.done_queue).take();
+    let recorder = async {
+        if let Some(queue) = queue {
+            record_outcomes(Arc::clone(&app), queue).await;
+        }
+    };
+    tokio::join!(recorder, reconcile_loop(Arc::clone(&app), reconcile_after));
+}
+
+async fn reconcile_loop(app: Shared, reconcile_after: Duration) {
     let tick = (reconcile_after / 10).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let scan_every_ms = (reconcile_after.as_millis() as i64 / 2).clamp(1_000, 60_000);
     let mut ticker = tokio::time::interval(tick);

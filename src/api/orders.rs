@@ -49,6 +49,8 @@ pub(super) async fn cancel_order(
     let applied = commit(&state, change, |_, _| {}).await?;
     match applied {
         Applied::Order { order, .. } => Ok(json_response(StatusCode::OK, order_body(&order))),
-        Applied::Product(..) => Err(ApiError::internal("a cancel applied a product change")),
+        Applied::Product(..) | Applied::Payments(_) => {
+            Err(ApiError::internal("a cancel applied another change"))
+        }
     }
 }

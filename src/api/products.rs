@@ -85,7 +85,9 @@ pub(super) async fn put_product(
         prepare_when_free(&state, || state.engine.prepare_product(product.clone())).await?;
     match commit(&state, change, |_, _| {}).await? {
         Applied::Product(product, view) => Ok(render(&product, view)),
-        Applied::Order { .. } => Err(ApiError::internal("a product change applied an order")),
+        Applied::Order { .. } | Applied::Payments(_) => {
+            Err(ApiError::internal("a product change applied an order"))
+        }
     }
 }
 

@@ -35,7 +35,7 @@ use crate::sync::lock;
 use idempotency::{IdempotencyStore, RejectionLimits};
 use inventory::{Hold, Inventory, ReserveError, SkuIndex, StockView};
 use order::{IllegalTransition, Order, OrderItem, OrderStatus, PaymentDue};
-use records::{Product, Record, State, StoredAnswer};
+use records::{Product, Record, SettledPayment, State, StoredAnswer};
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::BTreeSet;
 use std::hash::Hash;
@@ -237,6 +237,8 @@ enum Effect {
     },
     /// A durable order moves to another status.
     Transition { previous: OrderStatus },
+    /// What durable orders owe the gateway changes (the record says what).
+    Payments,
 }
 
 impl Change {
@@ -249,7 +251,7 @@ impl Change {
     pub fn order(&self) -> Option<&Order> {
         match &self.record {
             Record::Order { order, .. } => Some(order),
-            Record::Product { .. } => None,
+            Record::Product { .. } | Record::Payments { .. } => None,
         }
     }
 }
@@ -259,6 +261,8 @@ impl Change {
 pub enum Applied {
     /// A product as it now stands, with a reading of its stock.
     Product(Product, StockView),
+    /// What the orders of a [`Record::Payments`] now owe the gateway, as they now stand.
+    Payments(Vec<Order>),
     /// An order as it now stands, and the status it had before (`None`: it is new).
     Order {
         /// The order after the change.
@@ -651,6 +655,43 @@ impl Engine {
         }))
     }
 
+    /// Decides, for many orders at once, that each owes `next` instead of `expected` (calls to
+    /// the gateway done, in one record). Orders that no longer owe `expected`, are gone, or have a
+    /// change in flight are left out (`None` if none is left); the caller finds them owing still.
+    pub fn prepare_payments(
+        &self,
+        updates: &[(OrderId, Option<PaymentDue>, Option<PaymentDue>)],
+        now_ms: i64,
+    ) -> Option<Change> {
+        let mut settled = Vec::with_capacity(updates.len());
+        for (order_id, expected, next) in updates {
+            let mut orders = lock(&self.orders[shard_index(order_id)]);
+            let Some(entry) = orders.get_mut(order_id) else {
+                continue;
+            };
+            if entry.busy || entry.order.payment_due != *expected {
+                continue;
+            }
+            entry.busy = true;
+            settled.push(SettledPayment {
+                order_id: order_id.clone(),
+                status: entry.order.status,
+                payment_id: entry.order.payment_id.clone(),
+                payment_due: *next,
+            });
+        }
+        if settled.is_empty() {
+            return None;
+        }
+        Some(Change {
+            record: Record::Payments {
+                settled,
+                at_ms: now_ms,
+            },
+            effect: Effect::Payments,
+        })
+    }
+
     /// Orders that owe the gateway a call, at most `limit` (in no particular order).
     pub fn payments_due(&self, limit: usize) -> Vec<Order> {
         let ids: Vec<OrderId> = lock(&self.payments_due)
@@ -825,6 +866,22 @@ impl Engine {
                     previous: Some(previous),
                 }
             }
+            (Record::Payments { settled, .. }, Effect::Payments) => {
+                let mut orders_now = Vec::with_capacity(settled.len());
+                for entry in settled {
+                    let mut orders = lock(&self.orders[shard_index(&entry.order_id)]);
+                    let Some(held) = orders.get_mut(&entry.order_id) else {
+                        continue;
+                    };
+                    held.busy = false;
+                    held.order.payment_due = entry.payment_due;
+                    let order = held.order.clone();
+                    drop(orders);
+                    self.index_order(&order, Some(order.status));
+                    orders_now.push(order);
+                }
+                Applied::Payments(orders_now)
+            }
             (record, effect) => unreachable!("a change pairs {record:?} with {effect:?}"),
         }
     }
@@ -850,6 +907,17 @@ impl Engine {
                 self.inventory.release(hold);
                 if let Some((key, _)) = answer {
                     self.idempotency.abandon(&key);
+                }
+            }
+            Effect::Payments => {
+                if let Record::Payments { settled, .. } = record {
+                    for entry in settled {
+                        if let Some(held) = lock(&self.orders[shard_index(&entry.order_id)])
+                            .get_mut(&entry.order_id)
+                        {
+                            held.busy = false;
+                        }
+                    }
                 }
             }
             Effect::Transition { .. } => {

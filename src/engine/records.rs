@@ -5,7 +5,7 @@
 //! Stock counters are not journaled: they are derived from the products' stock and the orders'
 //! statuses when the engine is rebuilt, so replay cannot drift from what the orders say.
 
-use super::order::{Order, OrderStatus};
+use super::order::{Order, OrderStatus, PaymentDue};
 use crate::domain::{Cents, Currency, IdempotencyKey, OrderId, Sku, Stock};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -67,13 +67,36 @@ pub enum Record {
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         replaces_expired_key: bool,
     },
+    /// Gateway calls done (captures, voids, refunds) for many orders at once: what each now owes.
+    /// Status, items and everything else of the orders stay as they are.
+    Payments {
+        /// One entry per order.
+        settled: Vec<SettledPayment>,
+        /// When the calls were journaled (Unix milliseconds).
+        at_ms: i64,
+    },
+}
+
+/// What one order owes the gateway after a settled call (one entry of [`Record::Payments`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettledPayment {
+    /// The order.
+    pub order_id: OrderId,
+    /// Its status (unchanged by the record; kept so a store can derive its payment's state).
+    pub status: OrderStatus,
+    /// Its payment.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_id: Option<String>,
+    /// What it owes now (`None`: nothing, the call is done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment_due: Option<PaymentDue>,
 }
 
 impl Record {
     /// How many events this record carries (one per status entered).
     pub fn event_count(&self) -> u32 {
         match self {
-            Record::Product { .. } => 0,
+            Record::Product { .. } | Record::Payments { .. } => 0,
             Record::Order { entered, .. } => entered.len() as u32,
         }
     }
@@ -82,14 +105,14 @@ impl Record {
     pub fn at_ms(&self) -> Option<i64> {
         match self {
             Record::Product { .. } => None,
-            Record::Order { at_ms, .. } => Some(*at_ms),
+            Record::Order { at_ms, .. } | Record::Payments { at_ms, .. } => Some(*at_ms),
         }
     }
 
     /// The events this record carries, numbered from `first_seq`.
     pub fn events(&self, first_seq: u64) -> Vec<Event> {
         match self {
-            Record::Product { .. } => Vec::new(),
+            Record::Product { .. } | Record::Payments { .. } => Vec::new(),
             Record::Order {
                 order,
                 entered,
@@ -210,6 +233,13 @@ impl State {
                     }
                 }
                 self.orders.insert(order.order_id.clone(), order);
+            }
+            Record::Payments { settled, .. } => {
+                for entry in settled {
+                    if let Some(order) = self.orders.get_mut(&entry.order_id) {
+                        order.payment_due = entry.payment_due;
+                    }
+                }
             }
         }
         self.last_lsn = lsn;

@@ -32,7 +32,7 @@ use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
 use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
 use crate::engine::order::{Order, OrderItem, OrderStatus, PaymentDue};
-use crate::engine::records::{Event, Product, Record, State, StoredAnswer};
+use crate::engine::records::{Event, Product, Record, SettledPayment, State, StoredAnswer};
 use crate::sync::lock;
 use crate::BoxFuture;
 use sqlx::migrate::Migrator;
@@ -630,7 +630,12 @@ async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Er
 }
 
 fn payment_state(order: &Order) -> &'static str {
-    match (order.status, order.payment_due) {
+    payment_state_of(order.status, order.payment_due)
+}
+
+/// The state of a payment whose order stands in `status` and owes `due`.
+fn payment_state_of(status: OrderStatus, due: Option<PaymentDue>) -> &'static str {
+    match (status, due) {
         (OrderStatus::Reserved, _) => "authorizing",
         (OrderStatus::PaymentPending, _) => "pending",
         (OrderStatus::Paid, Some(_)) => "authorized",
@@ -661,12 +666,16 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
     let mut answers: Vec<(&IdempotencyKey, &OrderId, &StoredAnswer)> = Vec::new();
     let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
     let mut events: Vec<&Event> = Vec::new();
+    let mut settled: Vec<(&SettledPayment, i64)> = Vec::new();
     let mut bytes = 0u64;
     for &entry in batch {
         bytes += entry.payload.len() as u64;
         events.extend(entry.events.iter());
         match &entry.record {
             Record::Product { product } => products.push((product, entry.lsn as i64)),
+            Record::Payments { settled: these, .. } => {
+                settled.extend(these.iter().map(|s| (s, entry.lsn as i64)));
+            }
             Record::Order {
                 order,
                 previous,
@@ -819,6 +828,60 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
             );
             q.build().execute(&mut *tx).await?;
         }
+    }
+    // Settled payments: what each order owes now, and its payment's state. One change per order
+    // in a batch at most (an order is busy while its change commits), so the order of these
+    // statements against the order upserts above does not matter.
+    for chunk in settled.stable_chunks() {
+        let mut q = QueryBuilder::<MySql>::new("UPDATE orders SET payment_due = CASE order_id");
+        for (entry, _) in chunk {
+            q.push(" WHEN ")
+                .push_bind(entry.order_id.as_str())
+                .push(" THEN ")
+                .push_bind(entry.payment_due.map(PaymentDue::as_str));
+        }
+        q.push(" END, updated_lsn = CASE order_id");
+        for (entry, lsn) in chunk {
+            q.push(" WHEN ")
+                .push_bind(entry.order_id.as_str())
+                .push(" THEN ")
+                .push_bind(*lsn);
+        }
+        q.push(" END WHERE order_id IN (");
+        let mut ids = q.separated(", ");
+        for (entry, _) in chunk {
+            ids.push_bind(entry.order_id.as_str());
+        }
+        q.push(")");
+        q.build().execute(&mut *tx).await?;
+        let with_payment: Vec<_> = chunk
+            .iter()
+            .filter_map(|(e, lsn)| e.payment_id.as_deref().map(|id| (id, e, *lsn)))
+            .collect();
+        if with_payment.is_empty() {
+            continue;
+        }
+        let mut q = QueryBuilder::<MySql>::new("UPDATE payments SET state = CASE payment_id");
+        for (id, entry, _) in &with_payment {
+            q.push(" WHEN ")
+                .push_bind(*id)
+                .push(" THEN ")
+                .push_bind(payment_state_of(entry.status, entry.payment_due));
+        }
+        q.push(" END, updated_lsn = CASE payment_id");
+        for (id, _, lsn) in &with_payment {
+            q.push(" WHEN ")
+                .push_bind(*id)
+                .push(" THEN ")
+                .push_bind(*lsn);
+        }
+        q.push(" END WHERE payment_id IN (");
+        let mut ids = q.separated(", ");
+        for (id, _, _) in &with_payment {
+            ids.push_bind(*id);
+        }
+        q.push(")");
+        q.build().execute(&mut *tx).await?;
     }
     for chunk in new_items.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(

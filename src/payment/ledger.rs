@@ -5,8 +5,9 @@
 
 use super::{Authorization, AuthorizeRequest, PaymentError, PaymentInfo, PaymentStatus};
 use crate::sync::lock;
+use rustc_hash::FxHashMap;
 use sha2::{Digest, Sha256};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Mutex;
 
 /// The payment id for an idempotency key: the same key always gives the same payment.
@@ -42,13 +43,15 @@ impl TokenBehaviour {
 
 #[derive(Debug, Default)]
 struct Book {
-    payments: HashMap<String, PaymentInfo>,
+    payments: FxHashMap<String, PaymentInfo>,
     /// Payment ids in the order they arrived, for the bound and for listing.
     arrival: VecDeque<String>,
 }
 
-/// The payments a simulator holds, at most `entries_max` (the oldest finished ones are
-/// forgotten first; the in-process simulator bounds its memory so).
+/// The payments a simulator holds, at most `entries_max` finished ones (captured, voided,
+/// refunded, declined: the oldest are forgotten first, so the in-process simulator's memory stays
+/// bounded); a payment still authorised or pending is never forgotten, since its capture or void
+/// is still to come.
 #[derive(Debug)]
 pub struct Ledger {
     book: Mutex<Book>,
@@ -105,13 +108,24 @@ impl Ledger {
         })
     }
 
-    /// Forgets the oldest payments that are finished past the bound.
+    /// Forgets the oldest finished payments past the bound; open ones move to the back. At most a
+    /// few are looked at per call, so a ledger holding many open payments grows by them instead
+    /// of scanning them all on every authorisation.
     fn bound(&self, book: &mut Book) {
-        while book.arrival.len() > self.entries_max {
+        let mut looked = 0;
+        while book.arrival.len() > self.entries_max && looked < 8 {
             let Some(oldest) = book.arrival.pop_front() else {
                 break;
             };
-            book.payments.remove(&oldest);
+            looked += 1;
+            let open = book.payments.get(&oldest).is_some_and(|p| {
+                matches!(p.status, PaymentStatus::Authorized | PaymentStatus::Pending)
+            });
+            if open {
+                book.arrival.push_back(oldest);
+            } else {
+                book.payments.remove(&oldest);
+            }
         }
     }
 
@@ -192,7 +206,8 @@ impl Ledger {
         book.arrival
             .iter()
             .filter_map(|id| book.payments.get(id))
-            .take_while(|p| p.created_at_ms < cutoff_ms)
+            // Open payments the bound passed over sit behind newer ones: look at all.
+            .filter(|p| p.created_at_ms < cutoff_ms)
             .filter(|p| matches!(p.status, PaymentStatus::Authorized | PaymentStatus::Pending))
             .cloned()
             .collect()
@@ -269,5 +284,29 @@ mod tests {
         assert_eq!(ledger.authorized_before(5).len(), 0);
         ledger.void(&payment_id).unwrap();
         assert_eq!(ledger.decide_pending(&payment_id), None);
+    }
+
+    #[test]
+    fn the_bound_forgets_finished_payments_never_open_ones() {
+        let ledger = Ledger::new(2);
+        let Some(Authorization::Approved { payment_id: open }) =
+            ledger.authorize(&request("open", "tok_ok"), 1)
+        else {
+            panic!("approved")
+        };
+        for n in 0..10 {
+            ledger.authorize(&request(&format!("d{n}"), "tok_decline"), 2 + n);
+        }
+        // The open authorisation is still there to capture, and still listed as open.
+        assert_eq!(
+            ledger.lookup(&open).unwrap().status,
+            PaymentStatus::Authorized
+        );
+        assert_eq!(ledger.authorized_before(100).len(), 1);
+        ledger.capture(&open).unwrap();
+        assert!(
+            ledger.all().len() <= 4,
+            "finished payments are forgotten past the bound"
+        );
     }
 }

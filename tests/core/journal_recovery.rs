@@ -319,3 +319,68 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn what_orders_owe_the_gateway_survives_a_restart_record_by_record() {
+    // Proves: a paid order owes its capture from the moment it is journaled, and a Payments
+    // record (many orders' calls done at once) clears exactly the debts it names, across a
+    // restart of the file journal; stock is untouched by it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (journal, state) =
+        FileJournal::open_dir(dir.path(), FileJournalConfig::default()).expect("open");
+    let engine = Engine::from_state(config(), &state).expect("engine");
+    let change = engine
+        .prepare_product(product("m", 100, 10))
+        .expect("product");
+    durably(&engine, &journal, change).expect("durable");
+    let mut ids = Vec::new();
+    for n in 0..3 {
+        let change = crate::common::new_order(
+            &engine,
+            "m",
+            1,
+            PaymentOutcome::Authorized {
+                payment_id: format!("pay-m{n}"),
+            },
+            None,
+            turnstile::time::now_ms(),
+        );
+        let turnstile::engine::Applied::Order { order, .. } =
+            durably(&engine, &journal, change).expect("durable")
+        else {
+            panic!("an order");
+        };
+        assert_eq!(
+            order.payment_due,
+            Some(turnstile::engine::order::PaymentDue::Capture)
+        );
+        ids.push(order.order_id);
+    }
+    assert_eq!(engine.payments_due_len(), 3);
+    use turnstile::engine::order::PaymentDue;
+    let updates: Vec<_> = ids[..2]
+        .iter()
+        .map(|id| (id.clone(), Some(PaymentDue::Capture), None))
+        .collect();
+    let change = engine
+        .prepare_payments(&updates, turnstile::time::now_ms())
+        .expect("a change");
+    durably(&engine, &journal, change).expect("durable");
+    assert_eq!(engine.payments_due_len(), 1);
+    let before = engine.product(&sku("m")).expect("product").1;
+    drop(engine);
+    drop(journal);
+
+    let (_journal, state) =
+        FileJournal::open_dir(dir.path(), FileJournalConfig::default()).expect("reopen");
+    let engine = Engine::from_state(config(), &state).expect("engine");
+    assert_eq!(engine.payments_due_len(), 1, "one capture still owed");
+    assert_eq!(engine.order(&ids[0]).expect("order").payment_due, None);
+    assert_eq!(engine.order(&ids[1]).expect("order").payment_due, None);
+    assert_eq!(
+        engine.order(&ids[2]).expect("order").payment_due,
+        Some(PaymentDue::Capture)
+    );
+    let after = engine.product(&sku("m")).expect("product").1;
+    assert_eq!(before, after, "a Payments record moves no stock");
+}
