@@ -5,8 +5,11 @@
 //! after an authorisation. Every change that leaves an order owing something is followed, once
 //! durable, by [`settle_soon`] (called from `api::commit`'s settlement, for every kind of change:
 //! checkout, webhook, cancel, hold expiry, reconciler). It makes the gateway call (idempotent per
-//! payment) and journals the outcome as the same order with nothing due, batched with the other
-//! records by the group commit (never on a checkout's path). A call that fails in transit leaves
+//! payment) and hands the outcome to one task that journals the outcomes of many orders in one
+//! `Record::Payments` (what each owes now), gathered while the previous record commits, as a group
+//! commit gathers records: never on a checkout's path, and one record for many captures. An order
+//! stays "in flight" until its outcome is journaled, so nothing calls the gateway again for it
+//! meanwhile. A call that fails in transit leaves
 //! the order owing; the reconciler retries it with backoff. A crash at any point leaves either an
 //! order that still owes (retried after the restart) or an authorisation with no durable order
 //! (voided by the orphan scan below): never forgotten.

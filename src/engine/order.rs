@@ -12,8 +12,8 @@
 //! ([`Order::payment_due`]). A payment is only *authorised* before the order is journaled; the
 //! journaled `paid` order carries `Capture` (its intent to capture), a released order with an
 //! authorisation carries `Void`, a cancelled paid order `Refund` (or `Void` if it was never
-//! captured). The payment settler makes the call and journals the outcome (the same order with
-//! nothing due); the reconciler retries what stays due.
+//! captured). The payment settler makes the call and journals the outcome (a `Payments` record:
+//! what each order owes now); the reconciler retries what stays due.
 
 use crate::domain::{Cents, Currency, CustomerId, OrderId, Sku};
 use serde::{Deserialize, Serialize};
