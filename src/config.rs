@@ -391,6 +391,17 @@ fn read_config_file(path: &std::path::Path) -> Result<HashMap<String, String>, C
             mode & 0o777
         )));
     }
+    // A FIFO or a device would block or never end: only a plain file of sensible size is read.
+    if !metadata.is_file() {
+        return Err(ConfigError(format!(
+            "config file {shown} is not a regular file"
+        )));
+    }
+    if metadata.len() > CONFIG_FILE_BYTES_MAX {
+        return Err(ConfigError(format!(
+            "config file {shown} is larger than {CONFIG_FILE_BYTES_MAX} bytes"
+        )));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read config file {shown}: {e}")))?;
     let json: serde_json::Value = serde_json::from_str(&text)
@@ -420,10 +431,17 @@ fn read_config_file(path: &std::path::Path) -> Result<HashMap<String, String>, C
             )))
             }
         };
-        values.insert(id, text);
+        if values.insert(id, text).is_some() {
+            return Err(ConfigError(format!(
+                "config file {shown}: {key:?} names an option another key already set (\"hold-ttl\" and \"hold_ttl\" are one option)"
+            )));
+        }
     }
     Ok(values)
 }
+
+/// The largest config file read (a config is a few hundred bytes).
+const CONFIG_FILE_BYTES_MAX: u64 = 1 << 20;
 
 /// TLS for the listener: the certificate chain and key files, and the lowest version accepted.
 #[derive(Debug, Clone)]
@@ -836,11 +854,12 @@ mod tests {
         // The file through the environment, too.
         let config = with_env(&[("TURNSTILE_CONFIG", &path_arg)], || serve(&[]).unwrap());
         assert_eq!(config.listen.port(), 9200);
-        // A bad value or an unknown key in the file names the file.
+        // A bad value, an unknown key or one option set twice in the file names the file.
         for bad in [
             r#"{"hold-ttl": "soon"}"#,
             r#"{"holdttl": "1m"}"#,
             r#"{"listen": [1]}"#,
+            r#"{"hold-ttl": "1m", "hold_ttl": "2m"}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
             let error = with_env(&[], || serve(&["--config", &path_arg]).unwrap_err());

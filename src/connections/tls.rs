@@ -46,11 +46,28 @@ pub enum TlsError {
     },
 }
 
+/// PEM files larger than this are refused (a certificate chain is a few kilobytes): a device or a
+/// FIFO named by mistake would otherwise be read forever.
+const PEM_BYTES_MAX: u64 = 1 << 20;
+
+/// Why `path` cannot be a PEM file: not a regular file, or too large.
+fn not_a_pem_file(path: &Path) -> Option<String> {
+    match std::fs::metadata(path) {
+        Err(e) => Some(e.to_string()),
+        Ok(m) if !m.is_file() => Some("not a regular file".into()),
+        Ok(m) if m.len() > PEM_BYTES_MAX => Some(format!("larger than {PEM_BYTES_MAX} bytes")),
+        Ok(_) => None,
+    }
+}
+
 fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let error = |reason: String| TlsError::Cert {
         path: path.to_owned(),
         reason,
     };
+    if let Some(reason) = not_a_pem_file(path) {
+        return Err(error(reason));
+    }
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| error(pem_reason(&e)))?
         .collect::<Result<Vec<_>, _>>()
@@ -64,6 +81,12 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    if let Some(reason) = not_a_pem_file(path) {
+        return Err(TlsError::Key {
+            path: path.to_owned(),
+            reason,
+        });
+    }
     PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Key {
         path: path.to_owned(),
         reason: match e {

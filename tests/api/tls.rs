@@ -250,6 +250,8 @@ fn unusable_certificates_exit_2_naming_the_file() {
     let cert = fixture("cert.pem");
     let key = fixture("key.pem");
     let other_key = fixture("other-key.pem");
+    // A device named by mistake is refused, not read forever.
+    let device = PathBuf::from("/dev/zero");
     for (cert, key, named) in [
         (&garbage, &key, &garbage),
         (&empty, &key, &empty),
@@ -257,6 +259,8 @@ fn unusable_certificates_exit_2_naming_the_file() {
         (&cert, &empty, &empty),
         (&cert, &garbage, &garbage),
         (&cert, &other_key, &other_key),
+        (&device, &key, &device),
+        (&cert, &device, &device),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_turnstile"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
