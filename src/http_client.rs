@@ -75,6 +75,20 @@ pub struct ClientOptions {
     pub trust: Trust,
 }
 
+impl ClientOptions {
+    /// For webhooks, whose body carries its own HMAC signature: 5 s per call, any certificate
+    /// (the in-process simulator's webhooks to this server, `gateway-sim`'s to its target).
+    pub fn signed_webhooks() -> Self {
+        Self {
+            timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(60),
+            idle_per_host: 16,
+            trust: Trust::OwnListener,
+        }
+    }
+}
+
 /// A pooled keep-alive client; cheap to clone (clones share the pool).
 #[derive(Clone)]
 pub struct HttpClient {

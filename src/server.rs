@@ -155,13 +155,7 @@ async fn serve(
     };
     // The in-process simulator's webhooks go to this server's own listener; their body is
     // authenticated by its signature.
-    let client = HttpClient::new(ClientOptions {
-        timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        idle_timeout: Duration::from_secs(60),
-        idle_per_host: 16,
-        trust: Trust::OwnListener,
-    })?;
+    let client = HttpClient::new(ClientOptions::signed_webhooks())?;
     let simulator = Simulator::new(
         SimulatorConfig {
             webhook_secret: webhook_secret.clone(),

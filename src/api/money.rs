@@ -269,26 +269,17 @@ async fn record_outcomes(app: Shared, mut queue: tokio::sync::mpsc::UnboundedRec
     }
 }
 
-/// Journals that `order_id` owes `next` instead of `expected` (nothing changes if it no longer
-/// owes `expected`).
-async fn set_due(
+/// Journals that `order_id` owes `next` instead of `expected`, through the same `Payments`
+/// record the settler's calls use. Nothing changes if it no longer owes `expected`, or another
+/// change of it is in flight (the reconciler's next scan looks again).
+pub(super) async fn set_due(
     app: &Shared,
     order_id: &OrderId,
     expected: Option<PaymentDue>,
     next: Option<PaymentDue>,
 ) -> Result<(), String> {
-    let prepared = prepare_when_free(app, || {
-        app.engine.prepare_payment(order_id, now_ms(), |order| {
-            if order.payment_due != expected {
-                return false;
-            }
-            order.payment_due = next;
-            true
-        })
-    })
-    .await
-    .map_err(|e| e.message)?;
-    if let Prepared::Change(change) = prepared {
+    let update = [(order_id.clone(), expected, next)];
+    if let Some(change) = app.engine.prepare_payments(&update, now_ms()) {
         commit(app, change, |_, _| {})
             .await
             .map_err(|e| e.message)?;

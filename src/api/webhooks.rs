@@ -83,23 +83,14 @@ pub(super) async fn payment_webhook(
             // Finished meanwhile: an approval for an order that no longer holds its stock. The
             // authorisation must not stay: the order owes a void (if it does not owe one already,
             // or has done it; voiding again is harmless).
-            if target == OrderStatus::Paid {
-                let prepared = prepare_when_free(&state, || {
-                    state
-                        .engine
-                        .prepare_payment(&body.order_id, now_ms(), |order| {
-                            if order.status != OrderStatus::Released || order.payment_due.is_some()
-                            {
-                                return false;
-                            }
-                            order.payment_due = Some(PaymentDue::Void);
-                            true
-                        })
-                })
-                .await?;
-                if let Prepared::Change(change) = prepared {
-                    commit(&state, change, |_, _| {}).await?;
-                }
+            let released = state
+                .engine
+                .order(&body.order_id)
+                .is_some_and(|o| o.status == OrderStatus::Released);
+            if target == OrderStatus::Paid && released {
+                super::money::set_due(&state, &body.order_id, None, Some(PaymentDue::Void))
+                    .await
+                    .map_err(ApiError::internal)?;
             }
         }
     }

@@ -618,43 +618,6 @@ impl Engine {
         })
     }
 
-    /// Decides a change of what an order owes the gateway, its status kept: `update` changes the
-    /// order's payment fields and says whether it changed anything (`Unchanged` if not). Used to
-    /// journal a capture, void or refund done (nothing due any more), and to owe a void for an
-    /// authorisation the gateway reports for an order already released.
-    pub fn prepare_payment(
-        &self,
-        order_id: &OrderId,
-        now_ms: i64,
-        update: impl FnOnce(&mut Order) -> bool,
-    ) -> Result<Prepared, EngineError> {
-        let mut orders = lock(&self.orders[shard_index(order_id)]);
-        let entry = orders
-            .get_mut(order_id)
-            .ok_or_else(|| EngineError::UnknownOrder(order_id.clone()))?;
-        if entry.busy {
-            return Err(EngineError::Busy(format!("order {order_id}")));
-        }
-        let previous = entry.order.status;
-        let mut order = entry.order.clone();
-        if !update(&mut order) {
-            return Ok(Prepared::Unchanged(entry.order.clone()));
-        }
-        order.status = previous;
-        entry.busy = true;
-        Ok(Prepared::Change(Change {
-            record: Record::Order {
-                order,
-                previous: Some(previous),
-                entered: Vec::new(),
-                at_ms: now_ms,
-                answer: None,
-                replaces_expired_key: false,
-            },
-            effect: Effect::Transition { previous },
-        }))
-    }
-
     /// Decides, for many orders at once, that each owes `next` instead of `expected` (calls to
     /// the gateway done, in one record). Orders that no longer owe `expected`, are gone, or have a
     /// change in flight are left out (`None` if none is left); the caller finds them owing still.
@@ -852,8 +815,6 @@ impl Engine {
                 drop(orders);
                 let hold = self.inventory.hold_of(lines.clone());
                 match (previous.holds_stock(), order.status) {
-                    // A change of what the order owes the gateway only: its units stay as they are.
-                    _ if previous == order.status => drop(hold),
                     (true, OrderStatus::Paid) => self.inventory.commit(hold),
                     (true, OrderStatus::Released) => self.inventory.release(hold),
                     (false, OrderStatus::Refunded) => self.inventory.refund(&lines),

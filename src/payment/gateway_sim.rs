@@ -9,7 +9,7 @@ use super::ledger::Ledger;
 use super::simulator::deliver_webhook;
 use super::{Authorization, AuthorizeRequest, PaymentError};
 use crate::config::GatewaySimArgs;
-use crate::http_client::{ClientOptions, HttpClient, Trust};
+use crate::http_client::{ClientOptions, HttpClient};
 use crate::time::now_ms;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, State};
@@ -280,15 +280,8 @@ pub fn run(args: GatewaySimArgs) -> Result<(), SimError> {
         .build()
         .map_err(|e| SimError::Io(format!("starting the runtime: {e}")))?;
     runtime.block_on(async move {
-        let client = HttpClient::new(ClientOptions {
-            timeout: Duration::from_secs(5),
-            connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(60),
-            idle_per_host: 16,
-            // Its webhooks carry their own HMAC signature; the receiver may use any certificate.
-            trust: Trust::OwnListener,
-        })
-        .map_err(|e| SimError::Io(e.to_string()))?;
+        let client = HttpClient::new(ClientOptions::signed_webhooks())
+            .map_err(|e| SimError::Io(e.to_string()))?;
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .map_err(|e| SimError::Io(format!("listening on {}: {e}", args.listen)))?;

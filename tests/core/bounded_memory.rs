@@ -7,7 +7,8 @@ use crate::common::{durably, new_order, product, sku};
 use std::sync::atomic::{AtomicI64, Ordering};
 use turnstile::domain::IdempotencyKey;
 use turnstile::engine::idempotency::Begin;
-use turnstile::engine::{Applied, Engine, EngineConfig, PaymentOutcome, Prepared};
+use turnstile::engine::order::PaymentDue;
+use turnstile::engine::{Applied, Engine, EngineConfig, PaymentOutcome};
 use turnstile::journal::file::{FileJournal, FileJournalConfig};
 use turnstile::journal::JournalError;
 
@@ -41,9 +42,10 @@ fn place(engine: &Engine, journal: &FileJournal, n: u64) {
     };
     // The capture it owes, done and journaled (as the server's settler does): an order that
     // still owes the gateway stays in memory whatever its age.
-    let Ok(Prepared::Change(captured)) =
-        engine.prepare_payment(&order.order_id, clock(), |o| o.payment_due.take().is_some())
-    else {
+    let Some(captured) = engine.prepare_payments(
+        &[(order.order_id.clone(), Some(PaymentDue::Capture), None)],
+        clock(),
+    ) else {
         panic!("a paid order owes its capture");
     };
     durably(engine, journal, captured).expect("durable");
