@@ -108,6 +108,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub mysql_url: Option<String>,
+    /// With --mysql-url: the embedded journal in --data-dir acknowledges, and MySQL is written behind it in order (bounded lag)
+    #[arg(long, env = "TURNSTILE_MYSQL_WRITE_BEHIND")]
+    pub mysql_write_behind: bool,
+    /// How far MySQL may fall behind (age of the oldest record it does not hold yet): past it /readyz answers 503 and, in write-behind, checkouts wait
+    #[arg(long, env = "TURNSTILE_MYSQL_LAG_MAX", default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
+    pub mysql_lag_max: Duration,
     /// MySQL connections (the journal's writer uses one; reads share the rest)
     #[arg(long, env = "TURNSTILE_MYSQL_POOL_SIZE", default_value = "8", value_name = "N", value_parser = clap::value_parser!(u32).range(2..=256))]
     pub mysql_pool_size: u32,
@@ -492,6 +498,8 @@ pub struct ServeConfig {
     pub reconcile_after: Duration,
     /// The MySQL journal, if configured (else the embedded file journal).
     pub mysql: Option<crate::journal::mysql::MySqlConfig>,
+    /// With `mysql`: the embedded journal acknowledges and MySQL follows it.
+    pub mysql_write_behind: bool,
     /// How long a request waits for its commit before answering 503.
     pub journal_timeout: Duration,
     /// How long the answer of a checkout that created an order stays under its key, so a retry
@@ -540,10 +548,16 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
     if let Some(url) = &args.mysql_url {
         check_mysql_url(url).map_err(CliError::Config)?;
     }
+    if args.mysql_write_behind && args.mysql_url.is_none() {
+        return Err(CliError::Config(ConfigError(
+            "--mysql-write-behind needs --mysql-url (the database written behind the embedded journal)".into(),
+        )));
+    }
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
         mysql.pool_size = args.mysql_pool_size;
         mysql.batch_records_max = args.journal_batch_max as usize;
+        mysql.lag_max = args.mysql_lag_max;
         mysql
     });
     let tls = match (args.tls_cert, args.tls_key) {
@@ -584,6 +598,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         gateway_url: args.gateway_url,
         reconcile_after: args.reconcile_after,
         mysql,
+        mysql_write_behind: args.mysql_write_behind,
         journal_timeout: args.journal_timeout,
         idempotency_retention: args.idempotency_retention,
         order_retention: args.order_retention,

@@ -11,6 +11,7 @@ use crate::engine::{Applied, Engine, EngineConfig};
 use crate::http_client::{ClientOptions, HttpClient, Trust};
 use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::mysql::{MySqlJournal, SchemaError};
+use crate::journal::write_behind::WriteBehindJournal;
 use crate::journal::{Journal, JournalError};
 use crate::metrics::Metrics;
 use crate::payment::http::HttpGateway;
@@ -87,9 +88,9 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         .transpose()?;
     // Taken before anything reads the journal, and held until the journal has been flushed and
     // `run` returns. MySQL as the journal uses no data dir, so it takes no lock.
-    let _data_dir_lock = match config.mysql {
-        None => Some(data_dir::lock(&config.data_dir)?),
-        Some(_) => None,
+    let _data_dir_lock = match (&config.mysql, config.mysql_write_behind) {
+        (Some(_), false) => None,
+        _ => Some(data_dir::lock(&config.data_dir)?),
     };
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -108,6 +109,16 @@ async fn serve(
     workers: usize,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
+    let schema = |error| match error {
+        SchemaError::Journal(error) => ServeError::Journal(error),
+        other => ServeError::Schema(other),
+    };
+    let file_config = FileJournalConfig {
+        event_retention_ms: config.event_retention.as_millis() as i64,
+        order_retention_ms: config.order_retention.as_millis() as i64,
+        answer_retention_ms: config.idempotency_retention.as_millis() as i64,
+        ..FileJournalConfig::default()
+    };
     let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
         Some(mysql) => {
             let mut mysql = mysql.clone();
@@ -115,25 +126,19 @@ async fn serve(
                 order_ms: config.order_retention.as_millis() as i64,
                 answer_ms: config.idempotency_retention.as_millis() as i64,
             };
-            let (journal, state) =
-                MySqlJournal::open(mysql)
-                    .await
-                    .map_err(|error| match error {
-                        SchemaError::Journal(error) => ServeError::Journal(error),
-                        other => ServeError::Schema(other),
-                    })?;
-            (Arc::new(journal), state)
+            if config.mysql_write_behind {
+                let (journal, state) =
+                    WriteBehindJournal::open(&config.data_dir, file_config, mysql)
+                        .await
+                        .map_err(schema)?;
+                (Arc::new(journal), state)
+            } else {
+                let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
+                (Arc::new(journal), state)
+            }
         }
         None => {
-            let (journal, state) = FileJournal::open_dir(
-                &config.data_dir,
-                FileJournalConfig {
-                    event_retention_ms: config.event_retention.as_millis() as i64,
-                    order_retention_ms: config.order_retention.as_millis() as i64,
-                    answer_retention_ms: config.idempotency_retention.as_millis() as i64,
-                    ..FileJournalConfig::default()
-                },
-            )?;
+            let (journal, state) = FileJournal::open_dir(&config.data_dir, file_config)?;
             (Arc::new(journal), state)
         }
     };
@@ -207,7 +212,11 @@ async fn serve(
     tracing::info!(
         %local,
         tls = tls.is_some(),
-        journal = if config.mysql.is_some() { "mysql" } else { "embedded" },
+        journal = match (&config.mysql, config.mysql_write_behind) {
+            (Some(_), true) => "embedded, MySQL written behind",
+            (Some(_), false) => "mysql",
+            (None, _) => "embedded",
+        },
         data_dir = %config.data_dir.display(),
         skus = app.engine.inventory().len(),
         holds = app.engine.holds_len(),

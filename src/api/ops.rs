@@ -14,9 +14,15 @@ pub(super) async fn healthz() -> Response {
 
 /// Ready when the journal can take checkouts now; the body says why not (API.md).
 pub(super) async fn readyz(State(state): State<Shared>) -> Response {
-    let journal = state.journal.ready().await;
-    let ready = journal.is_ok();
-    let check = journal.map_or_else(|error| error.to_string(), |()| "ok".to_owned());
+    let checks = state.journal.checks().await;
+    let ready = checks.iter().all(|(_, check)| check.is_ok());
+    let checks: serde_json::Map<String, serde_json::Value> = checks
+        .into_iter()
+        .map(|(name, check)| {
+            let value = check.map_or_else(|reason| reason, |()| "ok".to_owned());
+            (name.to_owned(), serde_json::Value::String(value))
+        })
+        .collect();
     let status = if ready {
         StatusCode::OK
     } else {
@@ -24,7 +30,7 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     };
     json(
         status,
-        &serde_json::json!({ "ready": ready, "checks": { "journal": check } }),
+        &serde_json::json!({ "ready": ready, "checks": checks }),
     )
 }
 
@@ -41,7 +47,7 @@ impl Collector for ServerMetrics {
     fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let state = &self.0;
         state.metrics.encode(&mut encoder)?;
-        state.journal.stats().encode(&mut encoder)?;
+        state.journal.encode_metrics(&mut encoder)?;
         // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
         let engine = &state.engine;
         for (name, help, value) in [

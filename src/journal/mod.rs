@@ -13,6 +13,7 @@ pub mod event_log;
 pub mod file;
 pub mod mysql;
 pub(crate) mod pipeline;
+pub mod write_behind;
 
 use crate::engine::records::{Event, Record};
 use crate::metrics::{Histogram, BATCH_BOUNDS_RECORDS, LATENCY_BOUNDS_SECONDS};
@@ -169,6 +170,30 @@ pub struct JournalStats {
 /// connection or server (lost, gone away, shutting down, read-only after a failover).
 pub const RETRY_REASONS: [&str; 3] = ["deadlock", "lock_wait_timeout", "connection"];
 
+/// Writes retry counters by reason ([`RETRY_REASONS`]) as one counter family.
+pub(crate) fn encode_retries(
+    encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    retries: &[AtomicU64; 3],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (reason, count) in RETRY_REASONS.iter().zip(retries) {
+        family
+            .encode_family(&[("reason", *reason)])?
+            .encode_counter::<prometheus_client::encoding::NoLabelSet, u64, u64>(
+                &count.load(Ordering::Relaxed),
+                None,
+            )?;
+    }
+    Ok(())
+}
+
 impl Default for JournalStats {
     fn default() -> Self {
         Self {
@@ -212,22 +237,12 @@ impl JournalStats {
         ] {
             encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
         }
-        {
-            let mut family = encoder.encode_descriptor(
-                "turnstile_journal_retries",
-                "Batches retried after a passing database fault, by reason.",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
-            )?;
-            for (reason, count) in RETRY_REASONS.iter().zip(&self.retries) {
-                family
-                    .encode_family(&[("reason", *reason)])?
-                    .encode_counter::<prometheus_client::encoding::NoLabelSet, u64, u64>(
-                    &count.load(Ordering::Relaxed),
-                    None,
-                )?;
-            }
-        }
+        encode_retries(
+            encoder,
+            "turnstile_journal_retries",
+            "Batches retried after a passing database fault, by reason.",
+            &self.retries,
+        )?;
         self.batch_records.encode(
             encoder,
             "turnstile_journal_batch_records",
@@ -278,6 +293,17 @@ pub trait Journal: Send + Sync {
     fn ready(&self) -> BoxFuture<'_, Result<(), JournalError>> {
         let health = self.health();
         Box::pin(async move { health })
+    }
+    /// The parts `/readyz` reports, each `Ok` or why not (API.md); the node is ready when all are.
+    fn checks(&self) -> BoxFuture<'_, Vec<(&'static str, Result<(), String>)>> {
+        Box::pin(async move { vec![("journal", self.ready().await.map_err(|e| e.to_string()))] })
+    }
+    /// Writes the journal's metrics.
+    fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        self.stats().encode(encoder)
     }
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
     /// fail with [`JournalError::Closed`].

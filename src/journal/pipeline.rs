@@ -8,7 +8,7 @@ use super::{Appended, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record};
 use crate::sync::lock;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 use tokio::sync::{oneshot, Notify};
 
 /// The largest encoded record accepted (16 MiB): bounds what one append can make the writer hold.
@@ -28,6 +28,26 @@ pub(crate) struct Entry {
     pub events: Vec<Event>,
     waiter: oneshot::Sender<Result<Appended, JournalError>>,
 }
+
+/// A durable record as the writer hands it on to a follower (the MySQL applier, write-behind),
+/// moved out of its [`Entry`] once its waiter is answered: nothing is copied.
+#[derive(Debug)]
+pub(crate) struct Committed {
+    /// Its sequence number.
+    pub lsn: u64,
+    /// The seq of its first event.
+    pub first_event_seq: u64,
+    /// The record.
+    pub record: Record,
+    /// The record as JSON, as the journal stored it.
+    pub payload: Vec<u8>,
+    /// Its numbered events.
+    pub events: Vec<Event>,
+}
+
+/// Where the writer hands committed batches, in lsn order (a record the store refused is not
+/// among them).
+pub(crate) type Sink = Box<dyn Fn(Vec<Committed>) + Send + Sync>;
 
 enum Phase {
     Open,
@@ -60,6 +80,8 @@ pub(crate) struct Pipeline {
     wake_task: Notify,
     /// Counters for `/metrics`.
     pub stats: JournalStats,
+    /// Where committed batches go next, if anything follows this journal.
+    sink: OnceLock<Sink>,
 }
 
 impl Pipeline {
@@ -79,6 +101,15 @@ impl Pipeline {
             wake_thread: Condvar::new(),
             wake_task: Notify::new(),
             stats: JournalStats::default(),
+            sink: OnceLock::new(),
+        }
+    }
+
+    /// Hands every batch committed from now on to `sink`, in lsn order. Set once, before the
+    /// first append.
+    pub fn follow(&self, sink: Sink) {
+        if self.sink.set(sink).is_err() {
+            tracing::error!("a journal can have one follower only");
         }
     }
 
@@ -195,6 +226,8 @@ impl Pipeline {
     ) {
         self.stats
             .record_batch(batch.len() as u64, bytes, commit_nanos);
+        let sink = self.sink.get();
+        let mut handed = Vec::with_capacity(if sink.is_some() { batch.len() } else { 0 });
         for entry in batch.drain(..) {
             let answer = match rejected.iter().find(|(lsn, _)| *lsn == entry.lsn) {
                 Some((_, reason)) => Err(JournalError::Rejected(reason.clone())),
@@ -203,8 +236,23 @@ impl Pipeline {
                     first_event_seq: entry.first_event_seq,
                 }),
             };
+            let durable = answer.is_ok();
             // A waiter that gave up (its request was dropped) needs no answer.
             let _ = entry.waiter.send(answer);
+            if sink.is_some() && durable {
+                handed.push(Committed {
+                    lsn: entry.lsn,
+                    first_event_seq: entry.first_event_seq,
+                    record: entry.record,
+                    payload: entry.payload,
+                    events: entry.events,
+                });
+            }
+        }
+        if let Some(sink) = sink {
+            if !handed.is_empty() {
+                sink(handed);
+            }
         }
     }
 

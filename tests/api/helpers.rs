@@ -323,6 +323,28 @@ impl TestDatabase {
     }
 }
 
+/// Waits until MySQL's projections hold every record of its `journal` table (the applier's
+/// durable cursor has reached the log's end): only then do `orders` & co. hold every
+/// acknowledged order.
+pub async fn wait_projected(pool: &sqlx::MySqlPool) {
+    use sqlx::Row;
+    eventually(
+        "MySQL's projections to catch up with its journal",
+        Duration::from_secs(60),
+        async || {
+            let row = sqlx::query(
+                "SELECT (SELECT COALESCE(MAX(lsn), 0) FROM journal), \
+                 (SELECT applied_lsn FROM projection_cursor WHERE name = 'tables')",
+            )
+            .fetch_one(pool)
+            .await
+            .expect("read the cursor");
+            row.get::<i64, _>(0) <= row.get::<i64, _>(1)
+        },
+    )
+    .await;
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Best effort: a failed test leaves its database for a look; a passing one cleans up.

@@ -61,6 +61,9 @@ pub struct FileJournalConfig {
     pub answer_retention_ms: i64,
     /// The wall clock (Unix milliseconds) retention is measured by; tests pass their own.
     pub clock: fn() -> i64,
+    /// Write-behind: segments holding a record after this lsn (MySQL's cursor) stay on disk
+    /// whatever the event retention says, so MySQL can be brought up to date from them.
+    pub hold_after_lsn: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for FileJournalConfig {
@@ -74,6 +77,7 @@ impl Default for FileJournalConfig {
             order_retention_ms: 7 * 24 * 3_600 * 1_000,
             answer_retention_ms: 24 * 3_600 * 1_000,
             clock: crate::time::now_ms,
+            hold_after_lsn: None,
         }
     }
 }
@@ -359,9 +363,20 @@ fn checkpoint(
     }
     // Oldest first, and only from the front: the events on disk stay one unbroken run.
     let cutoff = now_ms - config.event_retention_ms;
+    let hold = config
+        .hold_after_lsn
+        .as_ref()
+        .map_or(u64::MAX, |h| h.load(Ordering::Acquire));
     let expired = covered
         .iter()
-        .take_while(|info| info.last_at_ms < cutoff)
+        .enumerate()
+        .take_while(|(i, info)| {
+            let last_lsn = covered
+                .get(i + 1)
+                .map_or(active_first_lsn, |next| next.first_lsn)
+                - 1;
+            info.last_at_ms < cutoff && last_lsn <= hold
+        })
         .count();
     let removed: Vec<u64> = covered.drain(..expired).map(|i| i.first_lsn).collect();
     state.retained_segments = covered;
@@ -736,26 +751,7 @@ impl Shared {
                 if out.len() >= limit || frame.first_event_seq >= before_seq {
                     break;
                 }
-                let bytes = self
-                    .storage
-                    .read_at(&name, frame.offset, frame.len)
-                    .map_err(|e| self.read_error(&name, info, &e))?;
-                let Some(read) = format::read_frame(&bytes, 0) else {
-                    return Err(corrupt(
-                        self.storage.as_ref(),
-                        &name,
-                        frame.offset,
-                        "a record changed on disk",
-                    ));
-                };
-                let record: Record = serde_json::from_slice(read.payload).map_err(|e| {
-                    corrupt(
-                        self.storage.as_ref(),
-                        &name,
-                        frame.offset,
-                        format!("does not decode: {e}"),
-                    )
-                })?;
+                let (_, _, record) = self.read_record(&name, info, frame)?;
                 for event in record.events(frame.first_event_seq) {
                     if event.seq > after_seq && event.seq < before_seq && out.len() < limit {
                         out.push(event);
@@ -764,6 +760,36 @@ impl Shared {
             }
         }
         Ok(out)
+    }
+
+    /// One record of a segment: its lsn, its payload and the record decoded.
+    fn read_record(
+        &self,
+        name: &str,
+        info: &SegmentInfo,
+        frame: &FrameRef,
+    ) -> Result<(u64, Vec<u8>, Record), JournalError> {
+        let bytes = self
+            .storage
+            .read_at(name, frame.offset, frame.len)
+            .map_err(|e| self.read_error(name, info, &e))?;
+        let Some(read) = format::read_frame(&bytes, 0) else {
+            return Err(corrupt(
+                self.storage.as_ref(),
+                name,
+                frame.offset,
+                "a record changed on disk",
+            ));
+        };
+        let record: Record = serde_json::from_slice(read.payload).map_err(|e| {
+            corrupt(
+                self.storage.as_ref(),
+                name,
+                frame.offset,
+                format!("does not decode: {e}"),
+            )
+        })?;
+        Ok((read.lsn, read.payload.to_vec(), record))
     }
 
     /// What a failed read of a segment kept for its events means.
@@ -830,6 +856,83 @@ impl Shared {
             lock(&self.frame_tables).put(info.first_lsn, Arc::clone(&table));
         }
         Ok(table)
+    }
+}
+
+/// The segments on disk as a backlog of records (write-behind reads what it was not handed).
+struct FileBacklog(Arc<Shared>);
+
+impl crate::journal::mysql::projection::Backlog for FileBacklog {
+    fn read(
+        &self,
+        after_lsn: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<super::pipeline::Committed>, JournalError>> {
+        let shared = Arc::clone(&self.0);
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || shared.records_after(after_lsn, limit))
+                .await
+                .unwrap_or_else(|e| Err(JournalError::Unknown(format!("reading records: {e}"))))
+        })
+    }
+}
+
+impl Shared {
+    /// Up to `limit` records with `lsn > after_lsn` from the segments on disk, in order (a record
+    /// written but not yet synced may be among the last: the caller bounds by what is durable).
+    fn records_after(
+        &self,
+        after_lsn: u64,
+        limit: usize,
+    ) -> Result<Vec<super::pipeline::Committed>, JournalError> {
+        let segments = self
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let wanted = after_lsn + 1;
+        if let Some(first) = segments.first() {
+            if wanted < first.first_lsn {
+                return Err(JournalError::Corrupt {
+                    file: self.storage.describe(&segment_name(first.first_lsn)),
+                    offset: 0,
+                    reason: format!(
+                        "record {wanted} is needed by MySQL (write-behind) but the oldest segment starts at {}",
+                        first.first_lsn
+                    ),
+                });
+            }
+        }
+        let start = segments
+            .partition_point(|s| s.first_lsn <= wanted)
+            .saturating_sub(1);
+        let mut out = Vec::with_capacity(limit.min(4_096));
+        for info in &segments[start..] {
+            if out.len() >= limit {
+                break;
+            }
+            let table = self.frame_table(info)?;
+            let name = segment_name(info.first_lsn);
+            let skip = wanted.saturating_sub(info.first_lsn) as usize;
+            for frame in table.iter().skip(skip) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (lsn, payload, record) = self.read_record(&name, info, frame)?;
+                if lsn < wanted {
+                    continue;
+                }
+                let events = record.events(frame.first_event_seq);
+                out.push(super::pipeline::Committed {
+                    lsn,
+                    first_event_seq: frame.first_event_seq,
+                    payload,
+                    record,
+                    events,
+                });
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -1156,6 +1259,16 @@ impl FileJournal {
     /// older ones from the segments on disk; `Pruned` past `--event-retention`.
     pub fn events_after(&self, after_seq: u64, limit: usize) -> Result<Vec<Event>, JournalError> {
         self.shared.events_after(after_seq, limit)
+    }
+
+    /// Hands every batch committed from now on to `sink` (write-behind). Call before appending.
+    pub(crate) fn follow(&self, sink: super::pipeline::Sink) {
+        self.shared.pipeline.follow(sink);
+    }
+
+    /// The durable records on disk, for write-behind's applier.
+    pub(crate) fn backlog(&self) -> Arc<dyn crate::journal::mysql::projection::Backlog> {
+        Arc::new(FileBacklog(Arc::clone(&self.shared)))
     }
 
     /// How many events are held in memory.

@@ -1,46 +1,49 @@
 //! The MySQL/MariaDB journal: the database is the source of truth.
 //!
-//! Group commit as in `journal::pipeline`; the writer is a task that turns one batch into one
-//! transaction: multi-row INSERTs into the append-only `journal` table and the materialised
-//! `products`, `inventory`, `orders`, `order_items`, `idempotency_keys`, `payments` and `outbox`
-//! tables, then one COMMIT. Every waiter is answered only after COMMIT returns. One batch is one
-//! transaction, never split: after any crash the durable records are a prefix of the log (no lsn
-//! or event seq of a batch can be durable while an earlier one of the same batch is not), and a
-//! batch the database refuses part of never leaves the other part committed behind its requests'
-//! backs. (An earlier version split each batch by order id into two transactions committed side
-//! by side, for throughput; a crash between the two commits left gaps for good.)
+//! WAL-style (see [`projection`] for the tables): group commit as in `journal::pipeline`; the
+//! writer is a task that turns one batch into one transaction holding only the log: multi-row
+//! INSERTs into the append-only `journal` table (one row per record) and `order_claims` (one row
+//! per new order, the `UNIQUE` order id, idempotency key and payment id), then one COMMIT. Every
+//! waiter is answered only after COMMIT returns. One batch is one transaction, never split: after
+//! any crash the durable records are a prefix of the log (no lsn or event seq of a batch can be
+//! durable while an earlier one is not). The materialised tables are projections the
+//! [`projection::Applier`] keeps behind the log, with a durable cursor; start-up first applies
+//! whatever the log holds past the cursor, then loads memory from the projections.
 //!
 //! Failures: a transient error (connection lost, server gone, deadlock 1213, lock wait timeout
 //! 1205) retries the same batch with bounded backoff, for as long as it takes; the journal reports
 //! itself unavailable meanwhile (`/readyz` 503, checkouts 503) and recovers by itself. Before a
 //! retry it asks whether the batch's first lsn is already in `journal`, since a connection lost
-//! during COMMIT leaves that unknown: a batch is never applied twice. Any other error (a
-//! constraint refusing a duplicate order, say) is the database refusing something in the batch:
-//! its records are committed one by one, and only those refused fail (their requests get an
-//! error), so no single record can stop the journal.
+//! during COMMIT leaves that unknown: a batch is never applied twice. Any other error (a claim
+//! refusing a duplicate order, say) is the database refusing something in the batch: its records
+//! are committed one by one, and only those refused fail (their requests get an error), so no
+//! single record can stop the journal.
 //!
 //! Idempotency keys: an answer is kept under its key for `--idempotency-retention`; past it the
-//! key starts afresh. The retention purge ([`Journal::purge_answers`]) removes expired keys'
-//! rows; a record whose key had an expired answer the purge has not reached yet
-//! (`replaces_expired_key`) removes the old rows in its own transaction, so the `UNIQUE`
+//! key starts afresh. The retention purge ([`Journal::purge_answers`]) releases expired keys'
+//! claims and answers; a record whose key had an expired answer the purge has not reached yet
+//! (`replaces_expired_key`) releases the old claim in its own transaction, so the `UNIQUE`
 //! constraints hold within retention and never refuse a legitimate reuse.
 //!
 //! Only parameterised queries (`QueryBuilder::push_bind`); nothing is checked against a live
 //! database at build time.
 
+pub mod projection;
+
 use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
 use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
 use crate::engine::order::{Order, OrderItem, OrderStatus, PaymentDue};
-use crate::engine::records::{Event, Product, Record, SettledPayment, State, StoredAnswer};
+use crate::engine::records::{Event, Product, Record, State, StoredAnswer};
 use crate::sync::lock;
 use crate::BoxFuture;
+use projection::{write_log, Lag, MySqlBacklog, View};
 use sqlx::migrate::Migrator;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::{MySql, QueryBuilder, Row};
+use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -90,6 +93,9 @@ pub struct MySqlConfig {
     pub shutdown_grace: Duration,
     /// What start-up loads into memory (the rest stays in the database).
     pub retention: Retention,
+    /// How far MySQL may fall behind (the projections; in write-behind, the whole log) before the
+    /// node reports not ready and, in write-behind, checkouts wait.
+    pub lag_max: Duration,
 }
 
 /// How long finished orders and kept answers stay in memory.
@@ -110,6 +116,7 @@ impl MySqlConfig {
             batch_records_max: 2_000,
             connect_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
+            lag_max: Duration::from_secs(5),
             retention: Retention {
                 order_ms: 7 * 24 * 3_600 * 1_000,
                 answer_ms: 24 * 3_600 * 1_000,
@@ -210,30 +217,44 @@ pub struct MySqlJournal {
     pipeline: Arc<Pipeline>,
     /// How many parts of the current batch the database did not take and the writer retries.
     degraded: Arc<AtomicUsize>,
-    /// The last event seq below which every event is committed: readers see no further.
-    durable_seq: Arc<AtomicU64>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// The applier keeping the projections behind the log.
+    follower: projection::Follower,
+    shutdown_grace: Duration,
+    /// Past this lag the projections count as not ready.
+    lag_max: Duration,
 }
 
 impl MySqlJournal {
-    /// Connects, checks the schema, reads the durable state and starts the writer.
+    /// Connects, checks the schema, applies what the log holds past the projections' cursor,
+    /// reads the durable state and starts the writer and the applier.
     pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
         let pool = connect(&config)?;
         check_schema(&pool).await?;
+        let (last_lsn, next_event_seq) = log_end(&pool).await?;
+        let (follower, applier) = projection::Follower::new(
+            pool.clone(),
+            Arc::new(MySqlBacklog(pool.clone())),
+            false,
+            last_lsn,
+            Arc::new(std::sync::atomic::AtomicU64::new(0)),
+        );
+        applier.catch_up().await?;
         // Keys past retention go before the load, so that every key the database still holds is
         // one memory knows: a fresh use of it then replaces its rows instead of clashing with them.
         // One `now` for both, so no key falls between the purge's cutoff and the load's.
         let now = crate::time::now_ms();
         purge_answers(&pool, now - config.retention.answer_ms).await?;
-        let (state, next_event_seq) = load(&pool, config.retention, now).await?;
-        let pipeline = Arc::new(Pipeline::new(state.last_lsn + 1, next_event_seq));
+        let mut state = load(&pool, config.retention, now).await?;
+        state.last_lsn = last_lsn;
+        let pipeline = Arc::new(Pipeline::new(last_lsn + 1, next_event_seq));
+        pipeline.follow(follower.start(applier));
         let degraded = Arc::new(AtomicUsize::new(0));
-        let durable_seq = Arc::new(AtomicU64::new(next_event_seq - 1));
+        let (shutdown_grace, lag_max) = (config.shutdown_grace, config.lag_max);
         let writer = tokio::spawn(run_writer(
             pool.clone(),
             Arc::clone(&pipeline),
             Arc::clone(&degraded),
-            Arc::clone(&durable_seq),
             config,
         ));
         tracing::info!(
@@ -247,11 +268,18 @@ impl MySqlJournal {
                 pool,
                 pipeline,
                 degraded,
-                durable_seq,
                 writer: Mutex::new(Some(writer)),
+                follower,
+                shutdown_grace,
+                lag_max,
             },
             state,
         ))
+    }
+
+    /// How far the projections are behind the log.
+    pub fn lag(&self) -> &Lag {
+        &self.follower.lag
     }
 
     /// The pool, for tests and tools that read the tables.
@@ -329,12 +357,8 @@ fn order_from_row(
     })
 }
 
-/// Reads the durable state from the materialised tables; returns it and the next event seq.
-async fn load(
-    pool: &MySqlPool,
-    retention: Retention,
-    now: i64,
-) -> Result<(State, u64), JournalError> {
+/// Reads the durable state from the projections (caught up with the log).
+async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State, JournalError> {
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
     for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
@@ -428,18 +452,26 @@ async fn load(
             },
         );
     }
-    let last_lsn: i64 = sqlx::query("SELECT COALESCE(MAX(lsn), 0) FROM journal")
-        .fetch_one(pool)
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(read)?;
-    let last_seq: i64 = sqlx::query("SELECT COALESCE(MAX(seq), 0) FROM outbox")
-        .fetch_one(pool)
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(read)?;
-    state.last_lsn = last_lsn as u64;
-    Ok((state, last_seq as u64 + 1))
+    Ok(state)
+}
+
+/// The log's last lsn and the seq its next event gets, from its last row.
+pub(crate) async fn log_end(pool: &MySqlPool) -> Result<(u64, u64), JournalError> {
+    let row =
+        sqlx::query("SELECT lsn, first_event_seq, record FROM journal ORDER BY lsn DESC LIMIT 1")
+            .fetch_optional(pool)
+            .await
+            .map_err(read_error)?;
+    match row {
+        None => Ok((0, 1)),
+        Some(row) => {
+            let last = projection::committed_from_row(&row)?;
+            Ok((
+                last.lsn,
+                last.first_event_seq + u64::from(last.record.event_count()),
+            ))
+        }
+    }
 }
 
 /// Which of [`super::RETRY_REASONS`] a transient error is.
@@ -487,7 +519,6 @@ async fn run_writer(
     pool: MySqlPool,
     pipeline: Arc<Pipeline>,
     degraded: Arc<AtomicUsize>,
-    durable_seq: Arc<AtomicU64>,
     config: MySqlConfig,
 ) {
     let mut batch: Vec<Entry> = Vec::with_capacity(config.batch_records_max);
@@ -498,15 +529,7 @@ async fn run_writer(
         drop(whole);
         match outcome {
             Ok(part) => {
-                // Events become readable once the batch (and so every earlier event) is
-                // committed: readers never see a gap fill in later.
-                let last_seq = batch
-                    .iter()
-                    .map(|e| e.first_event_seq + u64::from(e.record.event_count()))
-                    .max()
-                    .unwrap_or(1)
-                    - 1;
-                durable_seq.fetch_max(last_seq, Ordering::AcqRel);
+                // Answers the waiters, then hands the batch to the applier.
                 pipeline.committed(
                     &mut batch,
                     part.bytes,
@@ -629,326 +652,35 @@ async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Er
     Ok(row.try_get::<i64, _>(0)? > 0)
 }
 
-fn payment_state(order: &Order) -> &'static str {
-    payment_state_of(order.status, order.payment_due)
-}
-
-/// The state of a payment whose order stands in `status` and owes `due`.
-fn payment_state_of(status: OrderStatus, due: Option<PaymentDue>) -> &'static str {
-    match (status, due) {
-        (OrderStatus::Reserved, _) => "authorizing",
-        (OrderStatus::PaymentPending, _) => "pending",
-        (OrderStatus::Paid, Some(_)) => "authorized",
-        (OrderStatus::Paid, None) => "captured",
-        (OrderStatus::Released, Some(_)) => "void_due",
-        (OrderStatus::Released, None) => "voided",
-        (OrderStatus::Refunded, Some(PaymentDue::Void)) => "void_due",
-        (OrderStatus::Refunded, Some(_)) => "refund_due",
-        (OrderStatus::Refunded, None) => "refunded",
-    }
-}
-
-/// Units an order in `status` counts as (reserved, sold).
-fn counts_as(status: Option<OrderStatus>, quantity: i64) -> (i64, i64) {
-    match status {
-        Some(s) if s.holds_stock() => (quantity, 0),
-        Some(OrderStatus::Paid) => (0, quantity),
-        _ => (0, 0),
-    }
-}
-
-/// One batch, one transaction. Returns the bytes of records written.
+/// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records
+/// written.
 async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::Error> {
-    let mut products: Vec<(&Product, i64)> = Vec::new();
-    let mut orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
-    let mut changed_orders: Vec<(&Order, i64, Option<&IdempotencyKey>)> = Vec::new();
-    let mut new_items: Vec<(&OrderId, i16, &OrderItem)> = Vec::new();
-    let mut answers: Vec<(&IdempotencyKey, &OrderId, &StoredAnswer)> = Vec::new();
-    let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
-    let mut events: Vec<&Event> = Vec::new();
-    let mut settled: Vec<(&SettledPayment, i64)> = Vec::new();
-    let mut bytes = 0u64;
-    for &entry in batch {
-        bytes += entry.payload.len() as u64;
-        events.extend(entry.events.iter());
-        match &entry.record {
-            Record::Product { product } => products.push((product, entry.lsn as i64)),
-            Record::Payments { settled: these, .. } => {
-                settled.extend(these.iter().map(|s| (s, entry.lsn as i64)));
-            }
-            Record::Order {
-                order,
-                previous,
-                answer,
-                ..
-            } => {
-                let row = (order, entry.lsn as i64, answer.as_ref().map(|(k, _)| k));
-                // A new order is a plain INSERT: a clash on any unique key (the order id, its
-                // payment, its idempotency key) is a refusal, never an update of another row.
-                match previous {
-                    None => orders.push(row),
-                    Some(_) => changed_orders.push(row),
-                }
-                if previous.is_none() {
-                    for (line, item) in order.items.iter().enumerate() {
-                        new_items.push((&order.order_id, line as i16, item));
-                    }
-                }
-                for item in &order.items {
-                    let before = counts_as(*previous, item.quantity);
-                    let after = counts_as(Some(order.status), item.quantity);
-                    let delta = deltas.entry(&item.sku).or_default();
-                    delta.0 += after.0 - before.0;
-                    delta.1 += after.1 - before.1;
-                }
-                if let Some((key, stored)) = answer {
-                    answers.push((key, &order.order_id, stored));
-                }
-            }
-        }
-    }
-    deltas.retain(|_, d| *d != (0, 0));
-    let deltas: Vec<(&Sku, (i64, i64))> = deltas.into_iter().collect();
-
-    // Keys reused past their retention: their old rows go first, in this same transaction.
-    let expired_keys: Vec<&str> = batch
+    let views: Vec<View<'_>> = batch
         .iter()
-        .filter_map(|entry| match &entry.record {
-            Record::Order {
-                answer: Some((key, _)),
-                replaces_expired_key: true,
-                ..
-            } => Some(key.as_str()),
-            _ => None,
+        .map(|entry| View {
+            lsn: entry.lsn,
+            first_event_seq: entry.first_event_seq,
+            record: &entry.record,
+            payload: &entry.payload,
+            events: &entry.events,
+            skipped: false,
         })
         .collect();
-
     let mut tx = pool.begin().await?;
-    if !expired_keys.is_empty() {
-        for statement in [
-            "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN (",
-            "DELETE FROM idempotency_keys WHERE idempotency_key IN (",
-        ] {
-            let mut q = QueryBuilder::<MySql>::new(statement);
-            let mut keys = q.separated(", ");
-            for key in &expired_keys {
-                keys.push_bind(*key);
-            }
-            q.push(")");
-            q.build().execute(&mut *tx).await?;
-        }
-    }
-    for chunk in batch.stable_chunks() {
-        let mut q =
-            QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
-        q.push_values(chunk, |mut row, entry| {
-            row.push_bind(entry.lsn as i64)
-                .push_bind(entry.first_event_seq as i64)
-                .push_bind(String::from_utf8_lossy(&entry.payload).into_owned());
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in products.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO products (sku, name, price_cents, currency, stock, updated_lsn) ",
-        );
-        q.push_values(chunk, |mut row, (product, lsn)| {
-            row.push_bind(product.sku.as_str())
-                .push_bind(product.name.as_str())
-                .push_bind(product.price_cents.get())
-                .push_bind(product.currency.as_str())
-                .push_bind(product.stock.get())
-                .push_bind(*lsn);
-        });
-        q.push(
-            " ON DUPLICATE KEY UPDATE name = VALUES(name), price_cents = VALUES(price_cents), \
-             currency = VALUES(currency), stock = VALUES(stock), updated_lsn = VALUES(updated_lsn)",
-        );
-        q.build().execute(&mut *tx).await?;
-        let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (sku) ");
-        q.push_values(chunk, |mut row, (product, _)| {
-            row.push_bind(product.sku.as_str());
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    for (chunk, upsert) in orders
-        .stable_chunks()
-        .into_iter()
-        .map(|c| (c, false))
-        .chain(
-            changed_orders
-                .stable_chunks()
-                .into_iter()
-                .map(|c| (c, true)),
-        )
-    {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
-             hold_deadline_ms, payment_id, payment_due, idempotency_key, updated_lsn) ",
-        );
-        q.push_values(chunk, |mut row, (order, lsn, key)| {
-            row.push_bind(order.order_id.as_str())
-                .push_bind(order.status.as_str())
-                .push_bind(order.customer_id.as_str())
-                .push_bind(order.total_cents)
-                .push_bind(order.currency.as_str())
-                .push_bind(order.created_at_ms)
-                .push_bind(order.hold_deadline_ms)
-                .push_bind(order.payment_id.as_deref())
-                .push_bind(order.payment_due.map(PaymentDue::as_str))
-                .push_bind(key.map(|k| k.as_str()))
-                .push_bind(*lsn);
-        });
-        if upsert {
-            q.push(
-                " ON DUPLICATE KEY UPDATE status = VALUES(status), payment_id = VALUES(payment_id), \
-                 payment_due = VALUES(payment_due), \
-                 hold_deadline_ms = VALUES(hold_deadline_ms), updated_lsn = VALUES(updated_lsn)",
-            );
-        }
-        q.build().execute(&mut *tx).await?;
-        let paid: Vec<_> = chunk
-            .iter()
-            .filter(|(o, _, _)| o.payment_id.is_some())
-            .collect();
-        if !paid.is_empty() {
-            let mut q = QueryBuilder::<MySql>::new(
-                "INSERT INTO payments (payment_id, order_id, amount_cents, currency, state, updated_lsn) ",
-            );
-            q.push_values(paid, |mut row, (order, lsn, _)| {
-                row.push_bind(order.payment_id.as_deref())
-                    .push_bind(order.order_id.as_str())
-                    .push_bind(order.total_cents)
-                    .push_bind(order.currency.as_str())
-                    .push_bind(payment_state(order))
-                    .push_bind(*lsn);
-            });
-            q.push(
-                " ON DUPLICATE KEY UPDATE state = VALUES(state), updated_lsn = VALUES(updated_lsn)",
-            );
-            q.build().execute(&mut *tx).await?;
-        }
-    }
-    // Settled payments: what each order owes now, and its payment's state. One change per order
-    // in a batch at most (an order is busy while its change commits), so the order of these
-    // statements against the order upserts above does not matter.
-    for chunk in settled.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new("UPDATE orders SET payment_due = CASE order_id");
-        for (entry, _) in chunk {
-            q.push(" WHEN ")
-                .push_bind(entry.order_id.as_str())
-                .push(" THEN ")
-                .push_bind(entry.payment_due.map(PaymentDue::as_str));
-        }
-        q.push(" END, updated_lsn = CASE order_id");
-        for (entry, lsn) in chunk {
-            q.push(" WHEN ")
-                .push_bind(entry.order_id.as_str())
-                .push(" THEN ")
-                .push_bind(*lsn);
-        }
-        q.push(" END WHERE order_id IN (");
-        let mut ids = q.separated(", ");
-        for (entry, _) in chunk {
-            ids.push_bind(entry.order_id.as_str());
-        }
-        q.push(")");
-        q.build().execute(&mut *tx).await?;
-        let with_payment: Vec<_> = chunk
-            .iter()
-            .filter_map(|(e, lsn)| e.payment_id.as_deref().map(|id| (id, e, *lsn)))
-            .collect();
-        if with_payment.is_empty() {
-            continue;
-        }
-        let mut q = QueryBuilder::<MySql>::new("UPDATE payments SET state = CASE payment_id");
-        for (id, entry, _) in &with_payment {
-            q.push(" WHEN ")
-                .push_bind(*id)
-                .push(" THEN ")
-                .push_bind(payment_state_of(entry.status, entry.payment_due));
-        }
-        q.push(" END, updated_lsn = CASE payment_id");
-        for (id, _, lsn) in &with_payment {
-            q.push(" WHEN ")
-                .push_bind(*id)
-                .push(" THEN ")
-                .push_bind(*lsn);
-        }
-        q.push(" END WHERE payment_id IN (");
-        let mut ids = q.separated(", ");
-        for (id, _, _) in &with_payment {
-            ids.push_bind(*id);
-        }
-        q.push(")");
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in new_items.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO order_items (order_id, line, sku, quantity, unit_price_cents) ",
-        );
-        q.push_values(chunk, |mut row, (order_id, line, item)| {
-            row.push_bind(order_id.as_str())
-                .push_bind(*line)
-                .push_bind(item.sku.as_str())
-                .push_bind(item.quantity)
-                .push_bind(item.unit_price_cents.get());
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in answers.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO idempotency_keys (idempotency_key, order_id, fingerprint, status, body, at_ms) ",
-        );
-        q.push_values(chunk, |mut row, (key, order_id, answer)| {
-            row.push_bind(key.as_str())
-                .push_bind(order_id.as_str())
-                .push_bind(answer.fingerprint.as_str())
-                .push_bind(answer.status as i16)
-                .push_bind(answer.body.as_str())
-                .push_bind(answer.at_ms);
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in events.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO outbox (seq, type, order_id, at_ms, total_cents, currency) ",
-        );
-        q.push_values(chunk, |mut row, event| {
-            row.push_bind(event.seq as i64)
-                .push_bind(event.status.event_type())
-                .push_bind(event.order_id.as_str())
-                .push_bind(event.at_ms)
-                .push_bind(event.total_cents)
-                .push_bind(event.currency.as_str());
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    // Last: the inventory rows are the only rows parts of one batch may share, so their locks are
-    // held for the shortest time (from here to COMMIT).
-    for chunk in deltas.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new("INSERT INTO inventory (sku, reserved, sold) ");
-        q.push_values(chunk, |mut row, (sku, (reserved, sold))| {
-            row.push_bind(sku.as_str())
-                .push_bind(*reserved)
-                .push_bind(*sold);
-        });
-        q.push(
-            " ON DUPLICATE KEY UPDATE reserved = reserved + VALUES(reserved), sold = sold + VALUES(sold)",
-        );
-        q.build().execute(&mut *tx).await?;
-    }
+    let bytes = write_log(&mut tx, &views).await?;
     tx.commit().await?;
     Ok(bytes)
 }
 
-/// Removes the rows of answers older than `cutoff_ms` (the key's row, and the key on its order).
-async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u64, JournalError> {
+/// Removes the answers older than `cutoff_ms` and releases their keys' claims (only the claim of
+/// the order the answer belongs to: a newer order may hold the key again).
+pub(crate) async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u64, JournalError> {
     let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
     let mut tx = pool.begin().await.map_err(purge)?;
     sqlx::query(
-        "UPDATE orders SET idempotency_key = NULL WHERE idempotency_key IN \
-                 (SELECT idempotency_key FROM idempotency_keys WHERE at_ms < ?)",
+        "UPDATE order_claims c JOIN idempotency_keys k \
+         ON c.idempotency_key = k.idempotency_key AND c.order_id = k.order_id \
+         SET c.idempotency_key = NULL WHERE k.at_ms < ?",
     )
     .bind(cutoff_ms)
     .execute(&mut *tx)
@@ -964,37 +696,59 @@ async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u64, JournalE
     Ok(deleted)
 }
 
+/// An order from the projections. Not there while a claim says the log holds it past what is
+/// applied: unavailable (lag), never "no such order".
+pub(crate) async fn read_order(
+    pool: &MySqlPool,
+    lag: &Lag,
+    order_id: &OrderId,
+) -> Result<Option<Order>, JournalError> {
+    let unavailable = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
+    let Some(row) = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
+        .bind(order_id.as_str())
+        .fetch_optional(pool)
+        .await
+        .map_err(unavailable)?
+    else {
+        let claimed = sqlx::query("SELECT lsn FROM order_claims WHERE order_id = ?")
+            .bind(order_id.as_str())
+            .fetch_optional(pool)
+            .await
+            .map_err(unavailable)?;
+        if let Some(claim) = claimed {
+            let lsn: i64 = claim.try_get(0).map_err(unavailable)?;
+            if lsn as u64 > lag.applied_lsn() {
+                return Err(JournalError::Unavailable(format!(
+                    "order {} is in the MySQL journal (lsn {lsn}) but not yet in its projections",
+                    order_id.as_str()
+                )));
+            }
+        }
+        return Ok(None);
+    };
+    let mut items = Vec::new();
+    for line in sqlx::query(
+        "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
+         WHERE order_id = ? ORDER BY line",
+    )
+    .bind(order_id.as_str())
+    .fetch_all(pool)
+    .await
+    .map_err(unavailable)?
+    {
+        items.push(item_from_row(&line)?.1);
+    }
+    order_from_row(&row, items).map(Some)
+}
+
 impl Journal for MySqlJournal {
     fn append(&self, record: Record) -> Ticket {
         self.pipeline.submit(record)
     }
 
     fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
-        let order_id = order_id.as_str().to_owned();
-        Box::pin(async move {
-            let unavailable = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
-            let Some(row) = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
-                .bind(&order_id)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(unavailable)?
-            else {
-                return Ok(None);
-            };
-            let mut items = Vec::new();
-            for line in sqlx::query(
-                "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
-                 WHERE order_id = ? ORDER BY line",
-            )
-            .bind(&order_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(unavailable)?
-            {
-                items.push(item_from_row(&line)?.1);
-            }
-            order_from_row(&row, items).map(Some)
-        })
+        let order_id = order_id.clone();
+        Box::pin(async move { read_order(&self.pool, self.lag(), &order_id).await })
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
@@ -1013,7 +767,7 @@ impl Journal for MySqlJournal {
                  WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
             )
             .bind(after_seq as i64)
-            .bind(self.durable_seq.load(Ordering::Acquire) as i64)
+            .bind(self.follower.lag.applied_seq() as i64)
             .bind(limit as i64)
             .fetch_all(&self.pool)
             .await
@@ -1076,7 +830,25 @@ impl Journal for MySqlJournal {
                     tracing::error!(%error, "the MySQL journal writer failed");
                 }
             }
+            self.follower.stop(self.shutdown_grace).await;
             self.pool.close().await;
         })
+    }
+
+    fn checks(&self) -> BoxFuture<'_, Vec<(&'static str, Result<(), String>)>> {
+        Box::pin(async move {
+            vec![
+                ("journal", self.ready().await.map_err(|e| e.to_string())),
+                ("mysql", self.lag().check(self.lag_max)),
+            ]
+        })
+    }
+
+    fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        self.stats().encode(encoder)?;
+        self.lag().encode(encoder)
     }
 }

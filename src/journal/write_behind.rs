@@ -1,0 +1,191 @@
+//! Write-behind (`--mysql-write-behind`): the embedded journal in `--data-dir` acknowledges
+//! (fdatasync group commit), and MySQL follows it.
+//!
+//! Mechanism: the embedded journal's writer hands every committed batch to the MySQL applier
+//! ([`crate::journal::mysql::projection`]), the same one that keeps the projections behind the
+//! MySQL journal; here it also writes the log rows (`journal`, `order_claims`), in the same
+//! transaction as the projections and the durable cursor (`projection_cursor`), so a record
+//! reaches MySQL exactly once, in lsn order, however often it is replayed. Records it was not
+//! handed (after a restart, or durable before it started) it reads from the segments on disk;
+//! the embedded journal keeps every segment holding a record past MySQL's cursor, whatever
+//! `--event-retention` says.
+//!
+//! The trade: an acknowledged order is on this node's disk before it is in MySQL. The lag is
+//! bounded: past `--mysql-lag-max` (the age of the oldest record MySQL does not hold yet)
+//! checkouts wait before they are journaled (backpressure; none is dropped) and `/readyz`
+//! answers 503 naming the lag, so a load balancer sends buyers elsewhere.
+//!
+//! Start-up refuses a data dir that is not the one MySQL follows: MySQL's last record must be in
+//! the data dir, byte for byte.
+
+use super::file::{FileJournal, FileJournalConfig};
+use super::mysql::projection::{Follower, Lag};
+use super::mysql::{
+    check_schema, connect, log_end, purge_answers, read_order, MySqlConfig, SchemaError,
+};
+use super::{Journal, JournalError, JournalStats, Ticket};
+use crate::domain::OrderId;
+use crate::engine::order::Order;
+use crate::engine::records::{Event, Record, State};
+use crate::BoxFuture;
+use sqlx::mysql::MySqlPool;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The embedded journal with MySQL written behind it.
+pub struct WriteBehindJournal {
+    file: Arc<FileJournal>,
+    pool: MySqlPool,
+    follower: Follower,
+    lag_max: Duration,
+    shutdown_grace: Duration,
+}
+
+fn unfit(reason: String) -> SchemaError {
+    SchemaError::Journal(JournalError::Corrupt {
+        file: "MySQL table journal".into(),
+        offset: 0,
+        reason,
+    })
+}
+
+impl WriteBehindJournal {
+    /// Opens the embedded journal in `dir`, checks that MySQL follows it, and starts the applier
+    /// (which brings MySQL up to date in the background).
+    pub async fn open(
+        dir: &std::path::Path,
+        mut file_config: FileJournalConfig,
+        mysql: MySqlConfig,
+    ) -> Result<(Self, State), SchemaError> {
+        let pool = connect(&mysql)?;
+        check_schema(&pool).await?;
+        let (mysql_last_lsn, _) = log_end(&pool).await?;
+        let applied_lsn = Arc::new(AtomicU64::new(0));
+        file_config.hold_after_lsn = Some(Arc::clone(&applied_lsn));
+        let (file, state) = FileJournal::open_dir(dir, file_config)?;
+        let file = Arc::new(file);
+        let backlog = file.backlog();
+        if mysql_last_lsn > state.last_lsn {
+            return Err(unfit(format!(
+                "MySQL holds records up to lsn {mysql_last_lsn}, but the data dir {} ends at {}: this is not the data dir MySQL follows (or MySQL was written in --mysql-url journal mode)",
+                dir.display(),
+                state.last_lsn
+            )));
+        }
+        if mysql_last_lsn > 0 {
+            let mine = backlog.read(mysql_last_lsn - 1, 1).await?;
+            let theirs = sqlx::query("SELECT record FROM journal WHERE lsn = ?")
+                .bind(mysql_last_lsn as i64)
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+            let theirs: String = sqlx::Row::try_get(&theirs, 0)
+                .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+            if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_bytes()) {
+                return Err(unfit(format!(
+                    "record {mysql_last_lsn} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
+                    dir.display()
+                )));
+            }
+        }
+        let (follower, applier) =
+            Follower::new(pool.clone(), backlog, true, state.last_lsn, applied_lsn);
+        file.follow(follower.start(applier));
+        tracing::info!(
+            local_lsn = state.last_lsn,
+            mysql_lsn = mysql_last_lsn,
+            "write-behind: the embedded journal acknowledges, MySQL follows"
+        );
+        Ok((
+            Self {
+                file,
+                pool,
+                follower,
+                lag_max: mysql.lag_max,
+                shutdown_grace: mysql.shutdown_grace,
+            },
+            state,
+        ))
+    }
+
+    /// How far MySQL is behind the embedded journal.
+    pub fn lag(&self) -> &Lag {
+        &self.follower.lag
+    }
+}
+
+impl Journal for WriteBehindJournal {
+    fn append(&self, record: Record) -> Ticket {
+        let lag = Arc::clone(&self.follower.lag);
+        if lag.seconds() <= self.lag_max.as_secs_f64() {
+            return self.file.append(record);
+        }
+        // Backpressure: MySQL is too far behind; the record is journaled once it has caught up
+        // enough (never dropped). Without a runtime to wait on, it goes ahead.
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return self.file.append(record);
+        };
+        let (answer, receiver) = tokio::sync::oneshot::channel();
+        let (file, lag_max) = (Arc::clone(&self.file), self.lag_max);
+        runtime.spawn(async move {
+            lag.wait_within(lag_max).await;
+            let _ = answer.send(file.append(record).await);
+        });
+        Ticket::waiting(receiver)
+    }
+
+    fn events(
+        &self,
+        after_seq: u64,
+        limit: usize,
+    ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>> {
+        self.file.events(after_seq, limit)
+    }
+
+    fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
+        let order_id = order_id.clone();
+        Box::pin(async move { read_order(&self.pool, self.lag(), &order_id).await })
+    }
+
+    fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
+        Box::pin(purge_answers(&self.pool, cutoff_ms))
+    }
+
+    fn stats(&self) -> &JournalStats {
+        self.file.stats()
+    }
+
+    fn events_in_memory(&self) -> usize {
+        self.file.events_in_memory()
+    }
+
+    fn health(&self) -> Result<(), JournalError> {
+        self.file.health()
+    }
+
+    fn checks(&self) -> BoxFuture<'_, Vec<(&'static str, Result<(), String>)>> {
+        Box::pin(async move {
+            vec![
+                ("journal", self.file.health().map_err(|e| e.to_string())),
+                ("mysql", self.lag().check(self.lag_max)),
+            ]
+        })
+    }
+
+    fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        self.file.stats().encode(encoder)?;
+        self.lag().encode(encoder)
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            self.file.shutdown().await;
+            self.follower.stop(self.shutdown_grace).await;
+            self.pool.close().await;
+        })
+    }
+}
