@@ -35,3 +35,26 @@ CREATE TABLE journal_skips (
     reason VARCHAR(1000) NOT NULL,
     at_ms BIGINT NOT NULL
 ) ENGINE = InnoDB DEFAULT CHARSET = utf8mb4;
+
+-- A payment's state follows from its order's status and what the order still owes the gateway:
+-- one row fewer per order for the applier to write. Same name and columns as the table it replaces.
+DROP TABLE payments;
+CREATE VIEW payments AS
+SELECT payment_id,
+       order_id,
+       total_cents AS amount_cents,
+       currency,
+       CASE
+           WHEN status = 'reserved' THEN 'authorizing'
+           WHEN status = 'payment_pending' THEN 'pending'
+           WHEN status = 'paid' AND payment_due IS NOT NULL THEN 'authorized'
+           WHEN status = 'paid' THEN 'captured'
+           WHEN status = 'released' AND payment_due IS NOT NULL THEN 'void_due'
+           WHEN status = 'released' THEN 'voided'
+           WHEN status = 'refunded' AND payment_due = 'void' THEN 'void_due'
+           WHEN status = 'refunded' AND payment_due IS NOT NULL THEN 'refund_due'
+           ELSE 'refunded'
+       END AS state,
+       updated_lsn
+FROM orders
+WHERE payment_id IS NOT NULL;

@@ -1,5 +1,7 @@
-//! Restarting MariaDB under load: while it is down the server answers 503 (never hangs), it
-//! recovers by itself once MariaDB is back, no acknowledged order is lost, and the identity holds.
+//! Restarting MariaDB under load. With MySQL as the journal: while it is down the server answers
+//! 503 (never hangs), it recovers by itself once MariaDB is back, no acknowledged order is lost,
+//! and the identity holds. In write-behind: checkouts go on without an error, the lag grows, then
+//! drains to 0, and every acknowledged order is in MySQL exactly once.
 //!
 //! This test stops the machine's MariaDB, so it lives in a test binary of its own whose name sorts
 //! last: `cargo test` runs test binaries one after another, so no other test runs beside it.
@@ -22,6 +24,10 @@ const START_MARIADB: &[&str] = &[
     "--exec",
     "/usr/sbin/mariadbd",
 ];
+
+/// The tests here stop the one MariaDB: one at a time (the test harness runs a binary's tests on
+/// several threads).
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Starts MariaDB again if the test ends early, so a failure here does not take the database away
 /// from whatever runs next.
@@ -53,6 +59,7 @@ fn body(sku: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let database = TestDatabase::create().await;
     let app = spawn_app(&["--mysql-url", &database.url, "--journal-timeout", "1s"]);
     let mut client = app.client();
@@ -189,6 +196,7 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
     );
 
     let pool = database.pool().await;
+    helpers::wait_projected(&pool).await;
     for (key, request, status, order_id) in &results {
         match status {
             201 => {
@@ -227,6 +235,181 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
     for s in 0..4 {
         // `stock` asserts the identity.
         let (_, _, reserved, _) = client.stock(&format!("R{s}")).await;
+        assert_eq!(reserved, 0);
+    }
+}
+
+/// The value of a sample in `/metrics` (the first line starting with `name`).
+fn metric(metrics: &str, name: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let app = helpers::start(
+        &data_dir,
+        &[
+            "--mysql-url",
+            &database.url,
+            "--mysql-write-behind",
+            // Longer than the outage: checkouts never have to wait for MySQL here.
+            "--mysql-lag-max",
+            "5m",
+        ],
+    );
+    let mut client = app.client();
+    for s in 0..4 {
+        assert_eq!(
+            client
+                .put_product(&format!("W{s}"), 300, 1_000_000)
+                .await
+                .status,
+            200
+        );
+    }
+    let answered = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let (answered, stop, mut client) =
+                (Arc::clone(&answered), Arc::clone(&stop), app.client());
+            tokio::spawn(async move {
+                let mut results: Vec<(u16, String)> = Vec::new();
+                for n in 0..1_000_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let key = format!("wb-{t}-{n}");
+                    let answer = client
+                        .send(
+                            "POST",
+                            "/v1/checkout",
+                            &[("idempotency-key", &key)],
+                            &body(&format!("W{}", n % 4)),
+                        )
+                        .await;
+                    answered.fetch_add(1, Ordering::Relaxed);
+                    let order_id = answer.json()["order_id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned();
+                    results.push((answer.status, order_id));
+                }
+                results
+            })
+        })
+        .collect();
+    eventually(
+        "load before the restart",
+        Duration::from_secs(30),
+        async || answered.load(Ordering::Relaxed) >= 300,
+    )
+    .await;
+
+    let _restart_guard = RestartOnDrop;
+    let stopped = Command::new("mariadb-admin")
+        .args(["-uroot", "-h127.0.0.1", "shutdown"])
+        .status()
+        .expect("run mariadb-admin");
+    assert!(stopped.success(), "mariadb-admin shutdown failed");
+    eventually("MariaDB to stop", Duration::from_secs(60), async || {
+        !mariadb_answers().await && !mariadb_process_exists()
+    })
+    .await;
+    let answered_at_stop = answered.load(Ordering::Relaxed);
+    let mut lag_seen = 0.0;
+    eventually(
+        "checkouts to go on and the lag to grow while MariaDB is down",
+        Duration::from_secs(30),
+        async || {
+            let metrics = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+            lag_seen = metric(&metrics, "turnstile_mysql_lag_records ").unwrap_or(0.0);
+            answered.load(Ordering::Relaxed) >= answered_at_stop + 500 && lag_seen >= 500.0
+        },
+    )
+    .await;
+    let ready = client.get("/readyz").await;
+    assert_eq!(
+        ready.status, 200,
+        "within --mysql-lag-max the node stays ready"
+    );
+    eprintln!("lag while MariaDB was down: {lag_seen} records");
+
+    let started = Command::new("start-stop-daemon")
+        .args(START_MARIADB)
+        .status()
+        .expect("start MariaDB");
+    assert!(started.success());
+    eventually(
+        "MariaDB to answer again",
+        Duration::from_secs(120),
+        async || mariadb_answers().await,
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    let mut results = Vec::new();
+    for task in tasks {
+        results.extend(task.await.expect("load task"));
+    }
+    eventually(
+        "the lag to drain to 0",
+        Duration::from_secs(120),
+        async || {
+            let metrics = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+            metric(&metrics, "turnstile_mysql_lag_records ") == Some(0.0)
+        },
+    )
+    .await;
+    let statuses = results
+        .iter()
+        .fold(HashMap::new(), |mut m: HashMap<u16, usize>, r| {
+            *m.entry(r.0).or_default() += 1;
+            m
+        });
+    eprintln!("answers by status: {statuses:?}");
+    assert!(
+        results.iter().all(|r| r.0 == 201),
+        "write-behind answers every checkout while MySQL is down: {statuses:?}"
+    );
+    let pool = database.pool().await;
+    helpers::wait_projected(&pool).await;
+    let in_mysql: HashMap<String, i64> = sqlx::query_as::<_, (Vec<u8>, i64)>(
+        "SELECT order_id, COUNT(*) FROM orders GROUP BY order_id",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("orders")
+    .into_iter()
+    .map(|(id, n)| (String::from_utf8(id).expect("utf-8"), n))
+    .collect();
+    for (_, order_id) in &results {
+        assert_eq!(
+            in_mysql.get(order_id),
+            Some(&1),
+            "acknowledged order {order_id} is not in MySQL exactly once"
+        );
+    }
+    let sold: i64 = sqlx::query_scalar("SELECT CAST(SUM(sold) AS SIGNED) FROM inventory")
+        .fetch_one(&pool)
+        .await
+        .expect("inventory");
+    assert_eq!(sold as usize, results.len(), "nothing doubled in inventory");
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(MAX(lsn) - MIN(lsn) + 1 - COUNT(*), 0) AS SIGNED) FROM journal",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("journal");
+    assert_eq!(gaps, 0, "a gap in journal.lsn");
+    for s in 0..4 {
+        let (_, _, reserved, _) = client.stock(&format!("W{s}")).await;
         assert_eq!(reserved, 0);
     }
 }

@@ -6,14 +6,15 @@
 //! refuses a second order for one key or one payment. That is [`write_log`]: two rows per new
 //! order, one per other record.
 //!
-//! **The projections.** `orders`, `order_items`, `payments`, `idempotency_keys`, `inventory`,
-//! `products` and `outbox` are maintained from the log by the [`Applier`], *behind* the log's
+//! **The projections.** `orders`, `order_items`, `idempotency_keys`, `inventory`, `products` and
+//! `outbox` are maintained from the log by the [`Applier`], *behind* the log's
 //! COMMIT, in transactions of their own: each applies a run of records in lsn order and moves the
 //! durable cursor (`projection_cursor.applied_lsn`) in the same transaction, after reading it
 //! `FOR UPDATE` and dropping records at or below it. So a record is applied exactly once, whoever
 //! replays it and however often (a crash right after COMMIT, a lost connection that hid one). An
 //! order's changes within one run are folded into its last state before they are written (a new
-//! paid order and its capture become one `orders` row, not an insert and an update).
+//! paid order and its capture become one `orders` row, not an insert and an update). `payments` is
+//! a view of `orders` (a payment's state follows from its order's status and what it owes).
 //!
 //! One applier feeds both modes (DESIGN.md): with `--mysql-url` the applier follows the MySQL
 //! log (its writer hands every committed batch over; after a restart it reads the `journal`
@@ -118,13 +119,20 @@ pub(crate) async fn write_log(
         q.push(")");
         q.build().execute(&mut *tx).await?;
     }
-    for chunk in views.stable_chunks() {
+    // Records are JSON, so UTF-8; a record that is not is refused alone, never rewritten.
+    let texts = views
+        .iter()
+        .map(|view| std::str::from_utf8(view.payload))
+        .collect::<Result<Vec<&str>, _>>()
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    let rows: Vec<(&View<'_>, &str)> = views.iter().zip(texts).collect();
+    for chunk in rows.stable_chunks() {
         let mut q =
             QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
-        q.push_values(chunk, |mut row, view| {
+        q.push_values(chunk, |mut row, (view, text)| {
             row.push_bind(view.lsn as i64)
                 .push_bind(view.first_event_seq as i64)
-                .push_bind(String::from_utf8_lossy(view.payload).into_owned());
+                .push_bind(*text);
         });
         q.build().execute(&mut *tx).await?;
     }
@@ -141,21 +149,6 @@ pub(crate) async fn write_log(
         q.build().execute(&mut *tx).await?;
     }
     Ok(bytes)
-}
-
-/// The state of a payment whose order stands in `status` and owes `due`.
-fn payment_state_of(status: OrderStatus, due: Option<PaymentDue>) -> &'static str {
-    match (status, due) {
-        (OrderStatus::Reserved, _) => "authorizing",
-        (OrderStatus::PaymentPending, _) => "pending",
-        (OrderStatus::Paid, Some(_)) => "authorized",
-        (OrderStatus::Paid, None) => "captured",
-        (OrderStatus::Released, Some(_)) => "void_due",
-        (OrderStatus::Released, None) => "voided",
-        (OrderStatus::Refunded, Some(PaymentDue::Void)) => "void_due",
-        (OrderStatus::Refunded, Some(_)) => "refund_due",
-        (OrderStatus::Refunded, None) => "refunded",
-    }
 }
 
 /// Units an order in `status` counts as (reserved, sold).
@@ -316,27 +309,6 @@ pub(crate) async fn project(
              updated_lsn = VALUES(updated_lsn)",
         );
         q.build().execute(&mut *tx).await?;
-        let paid: Vec<_> = chunk
-            .iter()
-            .filter(|(o, _, _, _)| o.payment_id.is_some())
-            .collect();
-        if !paid.is_empty() {
-            let mut q = QueryBuilder::<MySql>::new(
-                "INSERT INTO payments (payment_id, order_id, amount_cents, currency, state, updated_lsn) ",
-            );
-            q.push_values(paid, |mut row, (order, _, due, lsn)| {
-                row.push_bind(order.payment_id.as_deref())
-                    .push_bind(order.order_id.as_str())
-                    .push_bind(order.total_cents)
-                    .push_bind(order.currency.as_str())
-                    .push_bind(payment_state_of(order.status, *due))
-                    .push_bind(*lsn);
-            });
-            q.push(
-                " ON DUPLICATE KEY UPDATE state = VALUES(state), updated_lsn = VALUES(updated_lsn)",
-            );
-            q.build().execute(&mut *tx).await?;
-        }
     }
     // Settled payments of orders this run does not otherwise change: what each owes now.
     for chunk in settled.stable_chunks() {
@@ -358,34 +330,6 @@ pub(crate) async fn project(
         let mut ids = q.separated(", ");
         for (entry, _) in chunk {
             ids.push_bind(entry.order_id.as_str());
-        }
-        q.push(")");
-        q.build().execute(&mut *tx).await?;
-        let with_payment: Vec<_> = chunk
-            .iter()
-            .filter_map(|(e, lsn)| e.payment_id.as_deref().map(|id| (id, e, *lsn)))
-            .collect();
-        if with_payment.is_empty() {
-            continue;
-        }
-        let mut q = QueryBuilder::<MySql>::new("UPDATE payments SET state = CASE payment_id");
-        for (id, entry, _) in &with_payment {
-            q.push(" WHEN ")
-                .push_bind(*id)
-                .push(" THEN ")
-                .push_bind(payment_state_of(entry.status, entry.payment_due));
-        }
-        q.push(" END, updated_lsn = CASE payment_id");
-        for (id, _, lsn) in &with_payment {
-            q.push(" WHEN ")
-                .push_bind(*id)
-                .push(" THEN ")
-                .push_bind(*lsn);
-        }
-        q.push(" END WHERE payment_id IN (");
-        let mut ids = q.separated(", ");
-        for (id, _, _) in &with_payment {
-            ids.push_bind(*id);
         }
         q.push(")");
         q.build().execute(&mut *tx).await?;
