@@ -52,6 +52,52 @@ pub enum Command {
     Migrate(MigrateArgs),
     /// The stand-alone payment gateway simulator over HTTP (tokens, idempotency, faults, webhooks, /v1/ledger).
     GatewaySim(GatewaySimArgs),
+    /// Inspect and steer the MySQL applier: where its cursor stands, skip a record MySQL refuses for good, or replay the log into the projections
+    #[command(long_about = "\
+Inspect and steer the MySQL applier, which keeps the projections (orders, order_items,
+idempotency_keys, inventory, products, outbox; payments is a view) behind the journal table,
+and in --mysql-write-behind also ships the journal itself.
+
+With no action it prints where the applier stands: the last record the projections hold, the
+journal's end, the records behind, and the skipped records.
+
+--skip LSN: the applier stopped at a record MySQL refuses for good (/readyz, the log at ERROR and
+turnstile_mysql_apply_stopped say which). This records the skip in journal_skips; the running
+applier picks it up within a second and goes on. The skipped record's journal row stays (in
+write-behind it is written without its claims); its projection is not written. The record stays
+in the server's own journal (the data dir in write-behind) and in the MySQL journal table.
+
+--replay-from LSN: applies the journal table's records after LSN to the projections now (with the
+server running or not). Records the projections already hold are left alone (the applier's
+cursor is read under a lock in each transaction), so a replay never changes what is applied.")]
+    MysqlApply(MysqlApplyArgs),
+}
+
+/// `mysql-apply`'s options.
+#[derive(Debug, Clone, Args)]
+pub struct MysqlApplyArgs {
+    /// The MySQL/MariaDB database (mysql://user:pass@host:3306/db)
+    #[arg(
+        long,
+        env = "TURNSTILE_MYSQL_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub mysql_url: String,
+    /// Let the applier go past this record, which MySQL refuses for good
+    #[arg(long, value_name = "LSN", conflicts_with = "replay_from", value_parser = clap::value_parser!(u64).range(1..))]
+    pub skip: Option<u64>,
+    /// Why (kept in journal_skips)
+    #[arg(
+        long,
+        value_name = "TEXT",
+        requires = "skip",
+        default_value = "skipped by an operator"
+    )]
+    pub reason: String,
+    /// Apply the journal table's records after this lsn to the projections (already applied ones are left alone)
+    #[arg(long, value_name = "LSN")]
+    pub replay_from: Option<u64>,
 }
 
 /// Lowest TLS version accepted.
@@ -318,6 +364,8 @@ pub enum Invocation {
     Migrate(MigrateArgs),
     /// Run the payment gateway simulator.
     GatewaySim(GatewaySimArgs),
+    /// Inspect or steer the MySQL applier.
+    MysqlApply(MysqlApplyArgs),
 }
 
 /// Why the command line could not be used.
@@ -339,6 +387,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     let (first, serve_matches) = match cli.command {
         Some(Command::Migrate(args)) => return Ok(Invocation::Migrate(args)),
         Some(Command::GatewaySim(args)) => return Ok(Invocation::GatewaySim(args)),
+        Some(Command::MysqlApply(args)) => return Ok(Invocation::MysqlApply(args)),
         Some(Command::Serve(args)) => (
             *args,
             matches.subcommand_matches("serve").unwrap_or(&matches),

@@ -69,6 +69,7 @@ fn main() -> ExitCode {
             }
         },
         config::Invocation::Migrate(args) => migrate(args),
+        config::Invocation::MysqlApply(args) => mysql_apply(args),
         config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error @ turnstile::payment::gateway_sim::SimError::Usage(_)) => {
@@ -80,6 +81,49 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+    }
+}
+
+/// `turnstile mysql-apply`: the applier's state; `--skip LSN`, `--replay-from LSN`.
+fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
+    use turnstile::journal::mysql::apply_tool;
+    if let Err(error) = config::check_mysql_url(&args.mysql_url) {
+        eprintln!("turnstile mysql-apply: {error}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("turnstile mysql-apply: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = turnstile::journal::mysql::MySqlConfig::new(args.mysql_url);
+    let outcome = runtime.block_on(async {
+        if let Some(lsn) = args.skip {
+            apply_tool::skip(&config, lsn, &args.reason).await?;
+            eprintln!("turnstile mysql-apply: record {lsn} will be skipped (a running applier goes on within a second)");
+        }
+        if let Some(after) = args.replay_from {
+            let applied = apply_tool::replay(&config, after).await?;
+            eprintln!("turnstile mysql-apply: replayed the journal after lsn {after}: {applied} record(s) newly applied");
+        }
+        apply_tool::status(&config).await
+    });
+    match outcome {
+        Ok(status) => {
+            // The one line a script reads: stdout.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{status}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("turnstile mysql-apply: {error}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -28,6 +28,7 @@
 //! Only parameterised queries (`QueryBuilder::push_bind`); nothing is checked against a live
 //! database at build time.
 
+pub mod apply_tool;
 pub mod projection;
 
 use super::pipeline::{Entry, Pipeline};

@@ -718,12 +718,18 @@ impl Applier {
 
     /// Applies everything the backlog holds after the cursor, then returns (start-up).
     pub async fn catch_up(&self) -> Result<(), JournalError> {
+        self.catch_up_from(None).await
+    }
+
+    /// Feeds the backlog's records after `from` (default: the cursor) through the applier until
+    /// the backlog is exhausted; records at or below the cursor are dropped in each transaction.
+    pub async fn catch_up_from(&self, from: Option<u64>) -> Result<(), JournalError> {
         let (lsn, seq) = self
             .read_cursor()
             .await
             .ok_or_else(|| JournalError::Unavailable("closing".into()))?;
         self.lag.set_applied(lsn, seq);
-        let mut next = lsn + 1;
+        let mut next = from.unwrap_or(lsn) + 1;
         loop {
             let batch = self.backlog.read(next - 1, APPLY_RECORDS_MAX).await?;
             let Some(last) = batch.last() else {
@@ -731,10 +737,18 @@ impl Applier {
             };
             let last = last.lsn;
             self.lag.committed_lsn.fetch_max(last, Ordering::AcqRel);
-            if !self.apply_run(&batch).await {
-                return Err(JournalError::Unavailable(
-                    "the MySQL applier stopped during start-up".into(),
-                ));
+            if !self.apply_run(&batch, false).await {
+                let stopped = self.lag.stopped_at.load(Ordering::Acquire);
+                let problem = lock(&self.lag.problem).clone().unwrap_or_default();
+                return Err(if stopped > 0 {
+                    JournalError::Rejected(format!(
+                        "MySQL refuses journal record {stopped}: {problem} (resolve it, or run `turnstile mysql-apply --skip {stopped}`)"
+                    ))
+                } else {
+                    JournalError::Unavailable(format!(
+                        "the MySQL applier could not go on: {problem}"
+                    ))
+                });
             }
             next = last + 1;
             tracing::info!(applied_lsn = last, "MySQL projections catching up");
@@ -807,7 +821,7 @@ impl Applier {
             let Some(last) = run.last().map(|c| c.lsn) else {
                 continue;
             };
-            if !self.apply_run(&run).await {
+            if !self.apply_run(&run, true).await {
                 return;
             }
             next = last + 1;
@@ -836,14 +850,15 @@ impl Applier {
         }
     }
 
-    /// Applies one run (retrying passing faults; isolating and stopping at a refused record).
-    /// False if the applier must stop (closing while the database is unreachable).
-    async fn apply_run(&self, run: &[Committed]) -> bool {
+    /// Applies one run (retrying passing faults; isolating and stopping at a refused record:
+    /// with `wait`, until an operator skips it, else it returns at once). False if the applier
+    /// must stop (closing while the database is unreachable, or a refused record without `wait`).
+    async fn apply_run(&self, run: &[Committed], wait: bool) -> bool {
         match self.apply_with_retries(run, &[]).await {
             Some(Outcome::Applied) => return true,
             None => return false,
             Some(Outcome::Refused(error)) if run.len() == 1 => {
-                return self.stop_at(&run[0], error).await;
+                return self.stop_at(&run[0], error, wait).await;
             }
             Some(Outcome::Refused(error)) => {
                 tracing::warn!(%error, records = run.len(), "MySQL refused a run of records; applying them one by one");
@@ -857,11 +872,11 @@ impl Applier {
                 Some(Outcome::Applied) => {}
                 None => return false,
                 Some(Outcome::Refused(error)) => {
-                    if !self.stop_at(committed, error).await {
+                    if !self.stop_at(committed, error, wait).await {
                         return false;
                     }
                     // The rest of the run, after the skipped record.
-                    return Box::pin(self.apply_run(&run[i + 1..])).await;
+                    return Box::pin(self.apply_run(&run[i + 1..], wait)).await;
                 }
             }
         }
@@ -870,7 +885,7 @@ impl Applier {
 
     /// Stopped at a record the database refuses: waits for an operator's skip (a row in
     /// `journal_skips`), then applies it as skipped. False if closing meanwhile.
-    async fn stop_at(&self, committed: &Committed, error: sqlx::Error) -> bool {
+    async fn stop_at(&self, committed: &Committed, error: sqlx::Error, wait: bool) -> bool {
         let lsn = committed.lsn;
         tracing::error!(lsn, %error, "MySQL refuses a journal record; the applier stops at it until `turnstile mysql-apply --skip {lsn}`");
         self.lag.stopped_at.store(lsn, Ordering::Release);
@@ -902,6 +917,9 @@ impl Applier {
                         self.lag.set_problem(Some(error.to_string()));
                     }
                 }
+            }
+            if !wait {
+                return false;
             }
             let woken = self.wake.notified();
             let _ = tokio::time::timeout(Duration::from_secs(1), woken).await;
