@@ -43,7 +43,7 @@ PY
 }
 
 innodb_counters() {
-  sql "SELECT SUM(IF(VARIABLE_NAME IN ('INNODB_ROWS_INSERTED','INNODB_ROWS_UPDATED'), VARIABLE_VALUE, 0)), SUM(IF(VARIABLE_NAME='INNODB_OS_LOG_WRITTEN', VARIABLE_VALUE, 0)) FROM information_schema.GLOBAL_STATUS"
+  sql "SELECT SUM(IF(VARIABLE_NAME IN ('HANDLER_WRITE','HANDLER_UPDATE'), VARIABLE_VALUE, 0)), SUM(IF(VARIABLE_NAME='INNODB_OS_LOG_WRITTEN', VARIABLE_VALUE, 0)) FROM information_schema.GLOBAL_STATUS"
 }
 
 metric() { # metric ADDR NAME: the value of one sample in /metrics
@@ -117,10 +117,11 @@ run() {
 }
 
 echo "machine: $(nproc) cores; wrk 1 thread, $connections connections, $duration per run; MariaDB $(sql 'SELECT VERSION()') at $server_url"
-targets=(embedded mysql write-behind redis-lua)
+# TARGETS="mysql redis-lua" picks targets (an older binary has no write-behind).
+targets=(${TARGETS:-embedded mysql write-behind redis-lua})
 for round in $(seq 1 "$rounds"); do
   order=("${targets[@]}")
-  if [ $((round % 2)) = 0 ]; then order=(redis-lua write-behind mysql embedded); fi
+  if [ $((round % 2)) = 0 ]; then order=(); for ((i=${#targets[@]}-1; i>=0; i--)); do order+=("${targets[$i]}"); done; fi
   echo "== round $round"
   for target in "${order[@]}"; do
     start "$target"
