@@ -11,7 +11,11 @@
 //!   the journal records with the durable state they fold into ([`engine::records`]).
 //! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log), the
 //!   embedded file journal ([`journal::file`]: segments, framing, recovery from crashes and failed
-//!   writes, snapshots, events on disk) and the MySQL journal ([`journal::mysql`]).
+//!   writes, snapshots, events on disk), the MySQL journal ([`journal::mysql`]: the `journal`
+//!   table as the log with its claims, one COMMIT per batch; [`journal::mysql::projection`]: the
+//!   applier keeping the tables behind the log with a durable cursor; `turnstile mysql-apply`)
+//!   and write-behind ([`journal::write_behind`]: the embedded journal acknowledges, the same
+//!   applier ships the log to MySQL behind it, with bounded lag).
 //! - [`payment`]: the `PaymentGateway` trait, the simulator's ledger (in process and `turnstile
 //!   gateway-sim` over HTTP), the HTTP gateway client, webhook signatures.
 //! - [`sessions`]: carts with idle expiry and a cap (in process).
@@ -20,7 +24,7 @@
 //! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept
 //!   loop: HTTP/1.1 and HTTP/2, cleartext or over TLS ([`connections::tls`]: rustls, TLS 1.3, ALPN),
 //!   slow clients cut off, graceful drain.
-//! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`): flags >
+//! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`, `mysql-apply`): flags >
 //!   environment > JSON file > defaults; durations by `humantime`.
 //! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
 //! - [`metrics`]: counters and histograms on our own atomics, exposed through `prometheus-client`.

@@ -464,6 +464,10 @@ pub struct Lag {
     applied_seq: AtomicU64,
     /// When each handed batch became durable (its last lsn), oldest first; applied ones leave.
     handed: Mutex<VecDeque<(u64, Instant)>>,
+    /// When the oldest batch not yet applied was handed, in nanoseconds after `epoch` plus one
+    /// (0: none): read on every write-behind append without a lock.
+    oldest: AtomicU64,
+    epoch: Instant,
     /// The error the applier is retrying, if any.
     problem: Mutex<Option<String>>,
     /// Set while the applier is stopped at a record the database refuses (its lsn).
@@ -486,6 +490,8 @@ impl Lag {
             applied_lsn,
             applied_seq: AtomicU64::new(0),
             handed: Mutex::new(VecDeque::new()),
+            oldest: AtomicU64::new(0),
+            epoch: Instant::now(),
             problem: Mutex::new(None),
             stopped_at: AtomicU64::new(0),
             applied: Notify::new(),
@@ -515,17 +521,28 @@ impl Lag {
 
     /// Age of the oldest durable record not yet applied (0 when none).
     pub fn seconds(&self) -> f64 {
-        let applied = self.applied_lsn();
-        let handed = lock(&self.handed);
-        handed
-            .iter()
-            .find(|(last, _)| *last > applied)
-            .map_or(0.0, |(_, at)| at.elapsed().as_secs_f64())
+        match self.oldest.load(Ordering::Acquire) {
+            0 => 0.0,
+            since => {
+                let now = self.epoch.elapsed().as_nanos() as u64 + 1;
+                now.saturating_sub(since) as f64 / 1e9
+            }
+        }
+    }
+
+    /// Nanoseconds after `epoch`, plus one, of `at`.
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
     }
 
     /// A batch ending at `last_lsn` became durable at the source now.
     pub(crate) fn hand(&self, last_lsn: u64) {
-        lock(&self.handed).push_back((last_lsn, Instant::now()));
+        let now = Instant::now();
+        let mut handed = lock(&self.handed);
+        if handed.is_empty() {
+            self.oldest.store(self.stamp(now), Ordering::Release);
+        }
+        handed.push_back((last_lsn, now));
         self.committed_lsn.fetch_max(last_lsn, Ordering::AcqRel);
     }
 
@@ -536,6 +553,8 @@ impl Lag {
         while handed.front().is_some_and(|(last, _)| *last <= lsn) {
             handed.pop_front();
         }
+        let oldest = handed.front().map_or(0, |(_, at)| self.stamp(*at));
+        self.oldest.store(oldest, Ordering::Release);
         drop(handed);
         self.applied.notify_waiters();
     }
@@ -972,7 +991,6 @@ impl Applier {
 
     /// One transaction: cursor read under lock, the records after it, the cursor moved.
     async fn apply_once(&self, run: &[Committed], skipped: &[u64]) -> Result<(), sqlx::Error> {
-        let oldest = self.lag.seconds();
         let mut tx = self.pool.begin().await?;
         let row = sqlx::query(
             "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables' FOR UPDATE",
@@ -1010,6 +1028,7 @@ impl Applier {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        let oldest = self.lag.seconds();
         self.lag.batches.fetch_add(1, Ordering::Relaxed);
         self.lag
             .records
@@ -1038,6 +1057,8 @@ impl Follower {
         applied_lsn: Arc<AtomicU64>,
     ) -> (Self, Applier) {
         let lag = Arc::new(Lag::new(committed_lsn, applied_lsn));
+        // Records durable before anything is handed (start-up) are at least this old.
+        lag.hand(committed_lsn);
         let closing = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(Notify::new());
         let applier = Applier {
