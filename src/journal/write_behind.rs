@@ -185,7 +185,7 @@ impl Journal for WriteBehindJournal {
         Box::pin(async move {
             self.file.shutdown().await;
             self.follower.stop(self.shutdown_grace).await;
-            self.pool.close().await;
+            super::mysql::close_pool(&self.pool).await;
         })
     }
 }

@@ -8,6 +8,7 @@ mod gateway;
 mod helpers;
 mod lifecycle;
 mod mysql;
+mod mysql_attack;
 mod payments;
 mod retention;
 mod tls;

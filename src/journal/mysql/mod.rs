@@ -606,7 +606,7 @@ async fn commit_with_retries(
     config: &MySqlConfig,
 ) -> Result<Result<u64, sqlx::Error>, JournalError> {
     let mut retrying = false;
-    let outcome = async {
+    let attempts = async {
         let mut backoff = Duration::from_millis(10);
         loop {
             let error = match commit_batch(pool, part).await {
@@ -637,12 +637,35 @@ async fn commit_with_retries(
                 return Ok(Ok(0));
             }
         }
-    }
-    .await;
+    };
+    // A statement can wait for ever on a network that went silent (no error ever comes): at
+    // shutdown the wait is bounded too, not only the retries.
+    let given_up = async {
+        while !(pipeline.is_closing() && started.elapsed() > config.shutdown_grace) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        outcome = attempts => outcome,
+        () = given_up => Err(JournalError::Unknown(
+            "gave up at shutdown: the database did not answer".into(),
+        )),
+    };
     if retrying && degraded.fetch_sub(1, Ordering::AcqRel) == 1 && outcome.is_ok() {
         tracing::info!("the database takes writes again");
     }
     outcome
+}
+
+/// Closes the pool, waiting at most a few seconds: a connection on a network that went silent
+/// would keep `close` waiting for ever.
+pub(crate) async fn close_pool(pool: &MySqlPool) {
+    if tokio::time::timeout(Duration::from_secs(2), pool.close())
+        .await
+        .is_err()
+    {
+        tracing::warn!("MySQL connections did not close within 2 s; leaving them");
+    }
 }
 
 async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Error> {
@@ -832,7 +855,7 @@ impl Journal for MySqlJournal {
                 }
             }
             self.follower.stop(self.shutdown_grace).await;
-            self.pool.close().await;
+            close_pool(&self.pool).await;
         })
     }
 
