@@ -19,6 +19,8 @@ pub struct Proxy {
     cut_after_commit: Arc<AtomicBool>,
     refuse: Arc<AtomicUsize>,
     refuse_after_commit: usize,
+    /// Connections cut after a COMMIT so far.
+    cuts: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -28,9 +30,11 @@ impl Drop for Proxy {
     }
 }
 
-fn is_commit(packet: &[u8]) -> bool {
-    // A MySQL packet: 3 bytes length, 1 byte seq, then COM_QUERY (0x03) and the text.
-    packet.len() >= 5 && packet[4] == 0x03 && packet[5..].eq_ignore_ascii_case(b"COMMIT")
+fn is_commit(bytes: &[u8]) -> bool {
+    // A MySQL packet: 3 bytes length (7), 1 byte seq, then COM_QUERY (0x03) and "COMMIT".
+    bytes
+        .windows(11)
+        .any(|w| w[..3] == [7, 0, 0] && w[4] == 0x03 && w[5..].eq_ignore_ascii_case(b"COMMIT"))
 }
 
 impl Proxy {
@@ -42,6 +46,8 @@ impl Proxy {
         let refuse = Arc::new(AtomicUsize::new(0));
         let (s, c, r) = (Arc::clone(&silent), Arc::clone(&cut), Arc::clone(&refuse));
         let (kill_all, killed) = tokio::sync::watch::channel(0u64);
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let cuts2 = Arc::clone(&cuts);
         let kill_all = Arc::new(kill_all);
         let task = tokio::spawn(async move {
             loop {
@@ -56,7 +62,10 @@ impl Proxy {
                 }
                 let (s, c, r) = (Arc::clone(&s), Arc::clone(&c), Arc::clone(&r));
                 let kill_all = Arc::clone(&kill_all);
+                let cuts = Arc::clone(&cuts2);
                 let mut killed = killed.clone();
+                // Only kills from now on concern this connection.
+                killed.borrow_and_update();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(MARIADB_ADDR).await else {
                         return;
@@ -64,6 +73,8 @@ impl Proxy {
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let s2 = Arc::clone(&s);
+                    let muted = Arc::new(AtomicBool::new(false));
+                    let muted2 = Arc::clone(&muted);
                     let cut_now = Arc::new(tokio::sync::Notify::new());
                     let cut_now2 = Arc::clone(&cut_now);
                     let up = async move {
@@ -76,14 +87,26 @@ impl Proxy {
                             while s.load(Ordering::Acquire) {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
                             }
-                            let commit = is_commit(&buf[..n]);
+                            let commit = is_commit(&buf[..n]) && c.swap(false, Ordering::AcqRel);
+                            if commit {
+                                // Its answer never comes back.
+                                muted.store(true, Ordering::Release);
+                            }
+                            if std::env::var("PROXY_DEBUG").is_ok() {
+                                eprintln!(
+                                    "up {n} {commit} {} {:?}",
+                                    c.load(Ordering::Acquire),
+                                    String::from_utf8_lossy(&buf[..n.min(60)])
+                                );
+                            }
                             if sw.write_all(&buf[..n]).await.is_err() {
                                 return;
                             }
-                            if commit && c.swap(false, Ordering::AcqRel) {
+                            if commit {
                                 // Let the server commit, then lose the answer.
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                                 r.store(refuse_after_commit, Ordering::Release);
+                                cuts.fetch_add(1, Ordering::AcqRel);
                                 cut_now.notify_one();
                                 kill_all.send_modify(|g| *g += 1);
                                 return;
@@ -102,6 +125,9 @@ impl Proxy {
                             };
                             while s2.load(Ordering::Acquire) {
                                 tokio::time::sleep(Duration::from_millis(20)).await;
+                            }
+                            if muted2.load(Ordering::Acquire) {
+                                continue;
                             }
                             if cw.write_all(&buf[..n]).await.is_err() {
                                 return;
@@ -123,15 +149,18 @@ impl Proxy {
             cut_after_commit: cut,
             refuse,
             refuse_after_commit,
+            cuts,
             task,
         }
     }
 
     /// The database's URL through this proxy.
     pub fn url(&self, database: &TestDatabase) -> String {
+        // Plain text, so the proxy can see the statements.
         database
             .url
             .replace(MARIADB_ADDR, &format!("127.0.0.1:{}", self.port))
+            + "?ssl-mode=disabled"
     }
 
     pub fn go_silent(&self) {
@@ -226,10 +255,22 @@ async fn a_connection_lost_after_commit_does_not_fail_committed_orders() {
             .await
             .map(|r| r.get(0))
             .expect("count");
+    if std::env::var("PROXY_DEBUG").is_ok() {
+        tokio::time::sleep(Duration::from_secs(8)).await;
+        eprintln!(
+            "server log:\n{}",
+            std::fs::read_to_string(app.data_dir.with_extension("log")).unwrap_or_default()
+        );
+    }
+    assert_eq!(
+        proxy.cuts.load(Ordering::Acquire),
+        1,
+        "a connection was cut after COMMIT"
+    );
     assert_eq!(
         proxy.refused_left(),
         0,
-        "the proxy cut a connection after COMMIT"
+        "the look after the cut was refused"
     );
     assert_eq!(in_journal, 1, "the order was committed");
     assert_eq!(

@@ -632,9 +632,25 @@ async fn commit_with_retries(
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
-            // A connection lost during COMMIT leaves the outcome unknown: look before retrying.
-            if let Ok(true) = batch_is_committed(pool, part[0].lsn).await {
-                return Ok(Ok(0));
+            // A connection lost during COMMIT leaves the outcome unknown: know it before
+            // retrying. A look that fails is looked again, never skipped: a blind retry of a
+            // committed batch runs into its own rows (duplicate lsn) and fails records that are
+            // in the journal.
+            loop {
+                match batch_is_committed(pool, part[0].lsn).await {
+                    Ok(true) => return Ok(Ok(0)),
+                    Ok(false) => break,
+                    Err(error) => {
+                        tracing::debug!(%error, "looking whether a batch was committed");
+                        if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
+                            return Err(JournalError::Unknown(format!(
+                                "gave up at shutdown: {error}"
+                            )));
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                    }
+                }
             }
         }
     };
