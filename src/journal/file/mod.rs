@@ -61,8 +61,9 @@ pub struct FileJournalConfig {
     pub answer_retention_ms: i64,
     /// The wall clock (Unix milliseconds) retention is measured by; tests pass their own.
     pub clock: fn() -> i64,
-    /// Write-behind: segments holding a record after this lsn (MySQL's cursor) stay on disk
-    /// whatever the event retention says, so MySQL can be brought up to date from them.
+    /// Write-behind: segments holding this lsn (MySQL's cursor: start-up compares it) or a record
+    /// after it stay on disk whatever the event retention says, so MySQL can be brought up to
+    /// date from them.
     pub hold_after_lsn: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
@@ -375,7 +376,9 @@ fn checkpoint(
                 .get(i + 1)
                 .map_or(active_first_lsn, |next| next.first_lsn)
                 - 1;
-            info.last_at_ms < cutoff && last_lsn <= hold
+            // `<`: the record at the hold itself stays (write-behind's start-up compares
+            // MySQL's last record with it).
+            info.last_at_ms < cutoff && last_lsn < hold
         })
         .count();
     let removed: Vec<u64> = covered.drain(..expired).map(|i| i.first_lsn).collect();
@@ -1323,5 +1326,58 @@ impl Journal for FileJournal {
 impl Drop for FileJournal {
     fn drop(&mut self) {
         self.close();
+    }
+}
+
+#[cfg(test)]
+mod write_behind_tests {
+    use super::*;
+    use crate::domain::{Cents, Currency, Sku, Stock};
+    use crate::engine::records::Product;
+    use std::sync::atomic::AtomicU64;
+
+    fn record(n: usize) -> Record {
+        Record::Product {
+            product: Product {
+                sku: Sku::parse(format!("s{n}")).unwrap(),
+                name: "p".into(),
+                price_cents: Cents::parse(1).unwrap(),
+                currency: Currency::parse("EUR").unwrap(),
+                stock: Stock::parse(1).unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_the_record_mysql_holds_last() {
+        // Proves: write-behind's start-up compares MySQL's last record with the same lsn in the
+        // data dir, so a checkpoint must keep the segment holding the record at MySQL's cursor,
+        // not only those after it; else the next start refuses the data dir MySQL follows.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hold = Arc::new(AtomicU64::new(0));
+        let config = FileJournalConfig {
+            // One record per segment.
+            segment_bytes_max: 1,
+            checkpoint_segments: 1_000,
+            // Every segment is past event retention.
+            event_retention_ms: -1_000_000_000,
+            hold_after_lsn: Some(Arc::clone(&hold)),
+            ..FileJournalConfig::default()
+        };
+        let (journal, _) = FileJournal::open_dir(dir.path(), config).expect("open");
+        for n in 1..=5 {
+            journal.append(record(n)).wait().expect("append");
+        }
+        // MySQL holds records 1..=3: its last record is 3.
+        hold.store(3, Ordering::Release);
+        journal.checkpoint_now().expect("checkpoint");
+        let read = journal
+            .shared
+            .records_after(2, 1)
+            .map(|r| r.iter().map(|c| c.lsn).collect::<Vec<_>>());
+        assert!(
+            matches!(&read, Ok(lsns) if lsns == &[3]),
+            "record 3 (MySQL's last) must stay readable: {read:?}"
+        );
     }
 }
