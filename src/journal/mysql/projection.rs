@@ -813,7 +813,12 @@ impl Applier {
                 }
                 front if front.is_some() || source_ahead => {
                     // Records before the first handed one (durable before the applier started,
-                    // or never handed): from the backlog.
+                    // or never handed): from the backlog. Only what the source had made durable
+                    // before the read: past it a file segment may hold a batch being synced, or
+                    // the bytes of a failed batch that a new segment supersedes (same lsns, other
+                    // records) once the source recovers; a bound taken after the read would
+                    // take those stale bytes as the new, durable records.
+                    let durable = self.lag.committed_lsn.load(Ordering::Acquire);
                     let mut read = match self.backlog.read(next - 1, APPLY_RECORDS_MAX).await {
                         Ok(read) => read,
                         Err(error) => {
@@ -825,9 +830,6 @@ impl Applier {
                             continue;
                         }
                     };
-                    // Only what the source has made durable (a file segment may hold a batch
-                    // being synced).
-                    let durable = self.lag.committed_lsn.load(Ordering::Acquire);
                     read.retain(|c| c.lsn <= durable);
                     if let Some(front) = front {
                         read.retain(|c| c.lsn < front);
