@@ -23,13 +23,14 @@ use super::mysql::projection::{Follower, Lag};
 use super::mysql::{
     check_schema, connect, log_end, purge_answers, read_order, MySqlConfig, SchemaError,
 };
+use super::pipeline::QUEUE_RECORDS_MAX;
 use super::{Journal, JournalError, JournalStats, Ticket};
 use crate::domain::OrderId;
 use crate::engine::order::Order;
 use crate::engine::records::{Event, Record, State};
 use crate::BoxFuture;
 use sqlx::mysql::MySqlPool;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,6 +41,8 @@ pub struct WriteBehindJournal {
     follower: Follower,
     lag_max: Duration,
     shutdown_grace: Duration,
+    /// Appends waiting for MySQL to catch up (backpressure).
+    waiting: Arc<AtomicUsize>,
 }
 
 fn unfit(reason: String) -> SchemaError {
@@ -104,6 +107,7 @@ impl WriteBehindJournal {
                 follower,
                 lag_max: mysql.lag_max,
                 shutdown_grace: mysql.shutdown_grace,
+                waiting: Arc::new(AtomicUsize::new(0)),
             },
             state,
         ))
@@ -126,10 +130,18 @@ impl Journal for WriteBehindJournal {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return self.file.append(record);
         };
+        // Bounded like the pipeline's queue: while MySQL is down for long, every checkout would
+        // otherwise leave a task (and its record, and its held stock) waiting for ever.
+        let waiting = Arc::clone(&self.waiting);
+        if waiting.fetch_add(1, Ordering::AcqRel) >= QUEUE_RECORDS_MAX {
+            waiting.fetch_sub(1, Ordering::AcqRel);
+            return Ticket::failed(JournalError::Overloaded(QUEUE_RECORDS_MAX));
+        }
         let (answer, receiver) = tokio::sync::oneshot::channel();
         let (file, lag_max) = (Arc::clone(&self.file), self.lag_max);
         runtime.spawn(async move {
             lag.wait_within(lag_max).await;
+            waiting.fetch_sub(1, Ordering::AcqRel);
             let _ = answer.send(file.append(record).await);
         });
         Ticket::waiting(receiver)
