@@ -744,6 +744,9 @@ pub(crate) async fn read_order(
     order_id: &OrderId,
 ) -> Result<Option<Order>, JournalError> {
     let unavailable = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
+    // What the projections held before the order was looked for: an applier run committing
+    // between the two reads below must not turn "not applied yet" into "no such order".
+    let applied = lag.applied_lsn();
     let Some(row) = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
         .bind(order_id.as_str())
         .fetch_optional(pool)
@@ -757,7 +760,7 @@ pub(crate) async fn read_order(
             .map_err(unavailable)?;
         if let Some(claim) = claimed {
             let lsn: i64 = claim.try_get(0).map_err(unavailable)?;
-            if lsn as u64 > lag.applied_lsn() {
+            if lsn as u64 > applied {
                 return Err(JournalError::Unavailable(format!(
                     "order {} is in the MySQL journal (lsn {lsn}) but not yet in its projections",
                     order_id.as_str()
