@@ -4,6 +4,10 @@
 -- projections of the log, applied behind it; `projection_cursor` is their durable cursor (the last
 -- lsn and event seq they hold, moved in the same transaction as the rows it covers).
 
+-- A record the database refused for good (or an operator skipped) keeps its lsn, so the log has
+-- no gap: its row says why here, and it has no claims and no projection.
+ALTER TABLE journal ADD COLUMN refused VARCHAR(1000) NULL;
+
 CREATE TABLE order_claims (
     order_id VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
     idempotency_key VARCHAR(255) CHARACTER SET ascii COLLATE ascii_bin NULL,

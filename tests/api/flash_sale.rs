@@ -20,6 +20,7 @@ async fn flash_sale_on_mysql_sells_exactly_the_stock_and_sql_agrees() {
     flash_sale(&app).await;
     let (stock, available, reserved, sold) = app.client().stock("FLASH").await;
     let pool = database.pool().await;
+    crate::helpers::wait_projected(&pool).await;
     let row = sqlx::query(
         "SELECT p.stock, i.reserved, i.sold, \
            (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id \

@@ -259,6 +259,19 @@ async fn a_record_the_database_refuses_fails_alone() {
         None,
         "no answer kept for the refused order"
     );
+    // Its lsn is taken by a row saying why, so the log has no gap.
+    let refused: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM journal WHERE refused IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("query");
+    assert_eq!(refused, 1, "one journal row marks the refused record");
+    let gaps: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(MAX(lsn) - MIN(lsn) + 1 - COUNT(*), 0) AS SIGNED) FROM journal",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("query");
+    assert_eq!(gaps, 0, "a gap in journal.lsn");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

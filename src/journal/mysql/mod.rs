@@ -576,21 +576,55 @@ async fn commit_part(
     };
     let mut outcome = PartOutcome::default();
     if part.len() == 1 {
-        tracing::error!(lsn = part[0].lsn, error = %refused, "the database refused a record; it fails alone");
-        outcome.rejected.push((part[0].lsn, refused.to_string()));
+        refuse(pool, part[0], &refused, &mut outcome).await;
         return Ok(outcome);
     }
     tracing::warn!(error = %refused, records = part.len(), "the database refused a batch; committing its records one by one");
     for &entry in part {
         match commit_with_retries(pool, pipeline, degraded, &[entry], started, config).await? {
             Ok(bytes) => outcome.bytes += bytes,
-            Err(refused) => {
-                tracing::error!(lsn = entry.lsn, error = %refused, "the database refused a record; it fails alone");
-                outcome.rejected.push((entry.lsn, refused.to_string()));
-            }
+            Err(refused) => refuse(pool, entry, &refused, &mut outcome).await,
         }
     }
     Ok(outcome)
+}
+
+/// A record the database refused fails alone; its lsn is taken by a row saying why
+/// (`journal.refused`, no claims, no projection), written before any later record commits, so
+/// `journal.lsn` stays without a gap. (Its event seqs stay unused: `/v1/events` skips them.)
+async fn refuse(pool: &MySqlPool, entry: &Entry, error: &sqlx::Error, outcome: &mut PartOutcome) {
+    tracing::error!(lsn = entry.lsn, %error, "the database refused a record; it fails alone");
+    let reason: String = format!("refused: {error}").chars().take(1_000).collect();
+    outcome.rejected.push((entry.lsn, error.to_string()));
+    let view = View {
+        lsn: entry.lsn,
+        first_event_seq: entry.first_event_seq,
+        record: &entry.record,
+        payload: &entry.payload,
+        events: &entry.events,
+        refused: Some(&reason),
+    };
+    let mut backoff = Duration::from_millis(10);
+    for _ in 0..20 {
+        let written = async {
+            let mut tx = pool.begin().await?;
+            write_log(&mut tx, std::slice::from_ref(&view)).await?;
+            tx.commit().await
+        }
+        .await;
+        match written {
+            Ok(()) => return,
+            Err(e) if is_transient(&e) => {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => {
+                tracing::error!(lsn = entry.lsn, error = %e, "could not mark the refused record in the journal table: its lsn stays a gap");
+                return;
+            }
+        }
+    }
+    tracing::error!(lsn = entry.lsn, "could not mark the refused record in the journal table (the database stayed unreachable): its lsn stays a gap");
 }
 
 /// Commits records as one transaction, retrying transient errors (checking first whether a lost
@@ -703,7 +737,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
             record: &entry.record,
             payload: &entry.payload,
             events: &entry.events,
-            skipped: false,
+            refused: None,
         })
         .collect();
     let mut tx = pool.begin().await?;
@@ -804,6 +838,18 @@ impl Journal for MySqlJournal {
         limit: usize,
     ) -> BoxFuture<'_, Result<Vec<Event>, JournalError>> {
         Box::pin(async move {
+            // Read your writes: an event acknowledged before this call is applied to the outbox
+            // (normally within milliseconds) before the outbox is read.
+            let lag = self.lag();
+            if !lag
+                .wait_applied(lag.committed_lsn(), Duration::from_secs(2))
+                .await
+            {
+                tracing::debug!(
+                    behind = lag.records(),
+                    "events read while the outbox is behind the journal"
+                );
+            }
             let read = |e: sqlx::Error| db_error("reading the outbox", &e);
             let rows = sqlx::query(
                 "SELECT seq, type, order_id, at_ms, total_cents, currency FROM outbox \

@@ -56,20 +56,21 @@ pub(crate) struct View<'a> {
     pub record: &'a Record,
     pub payload: &'a [u8],
     pub events: &'a [Event],
-    /// Skipped by an operator (`journal_skips`): its log row is written without claims, its
-    /// projection not at all.
-    pub skipped: bool,
+    /// Why the record is left out: refused by the database for good (MySQL as the journal) or
+    /// skipped by an operator (`journal_skips`). Its log row is written (so `journal.lsn` has no
+    /// gap) with this reason in `journal.refused`, without claims; its projection not at all.
+    pub refused: Option<&'a str>,
 }
 
 impl<'a> View<'a> {
-    pub fn of(committed: &'a Committed, skipped: bool) -> Self {
+    pub fn of(committed: &'a Committed, refused: Option<&'a str>) -> Self {
         Self {
             lsn: committed.lsn,
             first_event_seq: committed.first_event_seq,
             record: &committed.record,
             payload: &committed.payload,
             events: &committed.events,
-            skipped,
+            refused,
         }
     }
 }
@@ -85,7 +86,7 @@ pub(crate) async fn write_log(
     let mut bytes = 0u64;
     for view in views {
         bytes += view.payload.len() as u64;
-        if view.skipped {
+        if view.refused.is_some() {
             continue;
         }
         if let Record::Order {
@@ -127,12 +128,14 @@ pub(crate) async fn write_log(
         .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
     let rows: Vec<(&View<'_>, &str)> = views.iter().zip(texts).collect();
     for chunk in rows.stable_chunks() {
-        let mut q =
-            QueryBuilder::<MySql>::new("INSERT INTO journal (lsn, first_event_seq, record) ");
+        let mut q = QueryBuilder::<MySql>::new(
+            "INSERT INTO journal (lsn, first_event_seq, record, refused) ",
+        );
         q.push_values(chunk, |mut row, (view, text)| {
             row.push_bind(view.lsn as i64)
                 .push_bind(view.first_event_seq as i64)
-                .push_bind(*text);
+                .push_bind(*text)
+                .push_bind(view.refused);
         });
         q.build().execute(&mut *tx).await?;
     }
@@ -186,7 +189,7 @@ pub(crate) async fn project(
     let mut answers: BTreeMap<&str, (&OrderId, &StoredAnswer)> = BTreeMap::new();
     let mut deltas: BTreeMap<&Sku, (i64, i64)> = BTreeMap::new();
     let mut events: Vec<&Event> = Vec::new();
-    for view in views.iter().filter(|v| !v.skipped) {
+    for view in views.iter().filter(|v| v.refused.is_none()) {
         let lsn = view.lsn as i64;
         events.extend(view.events.iter());
         match view.record {
@@ -419,7 +422,8 @@ impl Backlog for MySqlBacklog {
     ) -> BoxFuture<'_, Result<Vec<Committed>, JournalError>> {
         Box::pin(async move {
             let rows = sqlx::query(
-                "SELECT lsn, first_event_seq, record FROM journal WHERE lsn > ? ORDER BY lsn LIMIT ?",
+                "SELECT lsn, first_event_seq, record FROM journal \
+                 WHERE lsn > ? AND refused IS NULL ORDER BY lsn LIMIT ?",
             )
             .bind(after_lsn as i64)
             .bind(limit as i64)
@@ -598,6 +602,25 @@ impl Lag {
         }
     }
 
+    /// The last lsn durable at the source.
+    pub fn committed_lsn(&self) -> u64 {
+        self.committed_lsn.load(Ordering::Acquire)
+    }
+
+    /// Waits until the projections hold record `lsn`, up to `timeout`; true if so.
+    pub async fn wait_applied(&self, lsn: u64, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let applied = self.applied.notified();
+            if self.applied_lsn() >= lsn {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, applied).await.is_err() {
+                return self.applied_lsn() >= lsn;
+            }
+        }
+    }
+
     /// Waits until everything durable at the source is applied, up to `timeout`; true if so.
     pub async fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -682,6 +705,9 @@ pub(crate) fn sink(
         let _ = queue.send(batch);
     })
 }
+
+/// `journal.refused` of a record an operator skipped.
+const SKIPPED: &str = "skipped by an operator (turnstile mysql-apply --skip)";
 
 /// Records per applier transaction at most.
 pub const APPLY_RECORDS_MAX: usize = 4_096;
@@ -1004,7 +1030,7 @@ impl Applier {
         let views: Vec<View<'_>> = run
             .iter()
             .filter(|c| c.lsn as i64 > applied)
-            .map(|c| View::of(c, skipped.contains(&c.lsn)))
+            .map(|c| View::of(c, skipped.contains(&c.lsn).then_some(SKIPPED)))
             .collect();
         let Some(last) = views.last().map(|v| v.lsn) else {
             // Applied already (a replay): nothing to write.
