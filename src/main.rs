@@ -84,24 +84,40 @@ fn main() -> ExitCode {
     }
 }
 
-/// `turnstile mysql-apply`: the applier's state; `--skip LSN`, `--replay-from LSN`.
-fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
-    use turnstile::journal::mysql::apply_tool;
-    if let Err(error) = config::check_mysql_url(&args.mysql_url) {
-        eprintln!("turnstile mysql-apply: {error}");
-        return ExitCode::from(2);
+/// What a MySQL command needs: its URL checked (exit 2 if unusable) and a runtime to run on.
+fn mysql_tool(
+    command: &str,
+    url: String,
+) -> Result<
+    (
+        tokio::runtime::Runtime,
+        turnstile::journal::mysql::MySqlConfig,
+    ),
+    ExitCode,
+> {
+    if let Err(error) = config::check_mysql_url(&url) {
+        eprintln!("turnstile {command}: {error}");
+        return Err(ExitCode::from(2));
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
+    match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
-        Ok(runtime) => runtime,
+        Ok(runtime) => Ok((runtime, turnstile::journal::mysql::MySqlConfig::new(url))),
         Err(error) => {
-            eprintln!("turnstile mysql-apply: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
+            eprintln!("turnstile {command}: cannot start the runtime: {error}");
+            Err(ExitCode::FAILURE)
         }
+    }
+}
+
+/// `turnstile mysql-apply`: the applier's state; `--skip LSN`, `--replay-from LSN`.
+fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
+    use turnstile::journal::mysql::apply_tool;
+    let (runtime, config) = match mysql_tool("mysql-apply", args.mysql_url) {
+        Ok(ready) => ready,
+        Err(code) => return code,
     };
-    let config = turnstile::journal::mysql::MySqlConfig::new(args.mysql_url);
     let outcome = runtime.block_on(async {
         if let Some(lsn) = args.skip {
             apply_tool::skip(&config, lsn, &args.reason).await?;
@@ -129,21 +145,10 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
 
 /// `turnstile migrate --mysql-url URL`: applies the embedded migrations.
 fn migrate(args: config::MigrateArgs) -> ExitCode {
-    if let Err(error) = config::check_mysql_url(&args.mysql_url) {
-        eprintln!("turnstile migrate: {error}");
-        return ExitCode::from(2);
-    }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("turnstile migrate: cannot start the runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let (runtime, config) = match mysql_tool("migrate", args.mysql_url) {
+        Ok(ready) => ready,
+        Err(code) => return code,
     };
-    let config = turnstile::journal::mysql::MySqlConfig::new(args.mysql_url);
     match runtime.block_on(turnstile::journal::mysql::migrate(&config)) {
         Ok(applied) => {
             eprintln!("turnstile migrate: {applied} migration(s) applied; the schema is current");

@@ -360,3 +360,33 @@ impl Drop for TestDatabase {
         }
     }
 }
+
+/// How many numbers are missing between the lowest and the highest of `column` in `table`.
+async fn gaps(pool: &sqlx::MySqlPool, table: &str, column: &str) -> i64 {
+    let sql = format!(
+        "SELECT CAST(COALESCE(MAX({column}) - MIN({column}) + 1 - COUNT(*), 0) AS SIGNED) FROM {table}"
+    );
+    sqlx::query_scalar(&sql)
+        .fetch_one(pool)
+        .await
+        .expect("count the gaps")
+}
+
+/// The journal's lsns in MySQL run without a gap.
+pub async fn assert_no_lsn_gap(pool: &sqlx::MySqlPool, when: &str) {
+    assert_eq!(
+        gaps(pool, "journal", "lsn").await,
+        0,
+        "{when}: a gap in journal.lsn"
+    );
+}
+
+/// The journal's lsns and the outbox's seqs in MySQL run without a gap.
+pub async fn assert_no_gaps(pool: &sqlx::MySqlPool, when: &str) {
+    assert_no_lsn_gap(pool, when).await;
+    assert_eq!(
+        gaps(pool, "outbox", "seq").await,
+        0,
+        "{when}: a gap in the event seqs"
+    );
+}
