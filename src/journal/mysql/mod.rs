@@ -659,11 +659,6 @@ async fn commit_with_retries(
                     tracing::warn!(%error, "the database did not take a batch; retrying");
                 }
             }
-            if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
-                return Err(JournalError::Unknown(format!(
-                    "gave up at shutdown: {error}"
-                )));
-            }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
             // A connection lost during COMMIT leaves the outcome unknown: know it before
@@ -676,11 +671,6 @@ async fn commit_with_retries(
                     Ok(false) => break,
                     Err(error) => {
                         tracing::debug!(%error, "looking whether a batch was committed");
-                        if pipeline.is_closing() && started.elapsed() > config.shutdown_grace {
-                            return Err(JournalError::Unknown(format!(
-                                "gave up at shutdown: {error}"
-                            )));
-                        }
                         tokio::time::sleep(backoff).await;
                         backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
