@@ -343,12 +343,13 @@ impl Pipeline {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::domain::{Cents, Currency, Sku, Stock};
     use crate::engine::records::Product;
 
-    fn record(n: usize) -> Record {
+    /// A small record (a product `s{n}`), for journal unit tests.
+    pub(crate) fn record(n: usize) -> Record {
         Record::Product {
             product: Product {
                 sku: Sku::parse(format!("s{n}")).unwrap(),

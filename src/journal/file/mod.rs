@@ -1332,21 +1332,8 @@ impl Drop for FileJournal {
 #[cfg(test)]
 mod write_behind_tests {
     use super::*;
-    use crate::domain::{Cents, Currency, Sku, Stock};
-    use crate::engine::records::Product;
+    use crate::journal::pipeline::tests::record;
     use std::sync::atomic::AtomicU64;
-
-    fn record(n: usize) -> Record {
-        Record::Product {
-            product: Product {
-                sku: Sku::parse(format!("s{n}")).unwrap(),
-                name: "p".into(),
-                price_cents: Cents::parse(1).unwrap(),
-                currency: Currency::parse("EUR").unwrap(),
-                stock: Stock::parse(1).unwrap(),
-            },
-        }
-    }
 
     #[test]
     fn a_checkpoint_keeps_the_record_mysql_holds_last() {
