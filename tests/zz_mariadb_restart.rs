@@ -10,11 +10,9 @@
 #[allow(dead_code)]
 mod helpers;
 
-use helpers::{eventually, spawn_app, JsonBody, TestDatabase, MARIADB_ADDR};
+use helpers::{eventually, spawn_app, Load, Sent, TestDatabase, MARIADB_ADDR};
 use std::collections::HashMap;
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 const START_MARIADB: &[&str] = &[
@@ -53,10 +51,6 @@ async fn mariadb_answers() -> bool {
     tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_ok()
 }
 
-fn body(sku: &str) -> String {
-    serde_json::json!({"items": [{"sku": sku, "quantity": 1}], "customer_id": "restart", "payment_token": "tok_ok"}).to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -72,55 +66,12 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
             200
         );
     }
-    let answered = Arc::new(AtomicUsize::new(0));
-    let unavailable = Arc::new(AtomicUsize::new(0));
-    let paid = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..16)
-        .map(|t| {
-            let (answered, unavailable, paid, stop, mut client) = (
-                Arc::clone(&answered),
-                Arc::clone(&unavailable),
-                Arc::clone(&paid),
-                Arc::clone(&stop),
-                app.client(),
-            );
-            tokio::spawn(async move {
-                let mut results: Vec<(String, String, u16, String)> = Vec::new();
-                for n in 0..1_000_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let key = format!("restart-{t}-{n}");
-                    let request = body(&format!("R{}", n % 4));
-                    let answer = client
-                        .send(
-                            "POST",
-                            "/v1/checkout",
-                            &[("idempotency-key", &key)],
-                            &request,
-                        )
-                        .await;
-                    answered.fetch_add(1, Ordering::Relaxed);
-                    match answer.status {
-                        503 => unavailable.fetch_add(1, Ordering::Relaxed),
-                        201 => paid.fetch_add(1, Ordering::Relaxed),
-                        _ => 0,
-                    };
-                    let order_id = answer.json()["order_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                    results.push((key, request, answer.status, order_id));
-                }
-                results
-            })
-        })
-        .collect();
+    let skus: Vec<String> = (0..4).map(|s| format!("R{s}")).collect();
+    let load = Load::start(&app, 16, "restart", &skus);
     eventually(
         "load before the restart",
         Duration::from_secs(30),
-        async || answered.load(Ordering::Relaxed) >= 300,
+        async || load.answered(None) >= 300,
     )
     .await;
 
@@ -137,7 +88,7 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
     eventually(
         "503 answers while MariaDB is down",
         Duration::from_secs(30),
-        async || unavailable.load(Ordering::Relaxed) >= 5,
+        async || load.answered(Some(503)) >= 5,
     )
     .await;
     assert_eq!(
@@ -163,11 +114,11 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
         async || client.get("/readyz").await.status == 200,
     )
     .await;
-    let paid_before = paid.load(Ordering::Relaxed);
+    let paid_before = load.answered(Some(201));
     eventually(
         "checkouts to succeed again",
         Duration::from_secs(30),
-        async || paid.load(Ordering::Relaxed) >= paid_before + 100,
+        async || load.answered(Some(201)) >= paid_before + 100,
     )
     .await;
     // The batches the outage interrupted were retried, and /metrics says why.
@@ -178,26 +129,28 @@ async fn restarting_mariadb_mid_load_answers_503_then_recovers_and_loses_nothing
         .and_then(|v| v.trim().parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no connection retries counted in /metrics:\n{metrics}"));
     assert!(retries >= 1.0, "no connection retries counted: {retries}");
-    stop.store(true, Ordering::Relaxed);
-    let mut results = Vec::new();
-    for task in tasks {
-        results.extend(task.await.expect("load task"));
-    }
+    let results = load.stop().await;
     let statuses = results
         .iter()
         .fold(HashMap::new(), |mut m: HashMap<u16, usize>, r| {
-            *m.entry(r.2).or_default() += 1;
+            *m.entry(r.status).or_default() += 1;
             m
         });
     eprintln!("answers by status: {statuses:?}");
     assert!(
-        results.iter().all(|r| matches!(r.2, 201 | 503 | 409)),
+        results.iter().all(|r| matches!(r.status, 201 | 503 | 409)),
         "unexpected statuses: {statuses:?}"
     );
 
     let pool = database.pool().await;
     helpers::wait_projected(&pool).await;
-    for (key, request, status, order_id) in &results {
+    for Sent {
+        key,
+        body: request,
+        status,
+        order_id,
+    } in &results
+    {
         match status {
             201 => {
                 let found: i64 = sqlx::query_scalar(
@@ -274,42 +227,12 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
             200
         );
     }
-    let answered = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let tasks: Vec<_> = (0..16)
-        .map(|t| {
-            let (answered, stop, mut client) =
-                (Arc::clone(&answered), Arc::clone(&stop), app.client());
-            tokio::spawn(async move {
-                let mut results: Vec<(u16, String)> = Vec::new();
-                for n in 0..1_000_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let key = format!("wb-{t}-{n}");
-                    let answer = client
-                        .send(
-                            "POST",
-                            "/v1/checkout",
-                            &[("idempotency-key", &key)],
-                            &body(&format!("W{}", n % 4)),
-                        )
-                        .await;
-                    answered.fetch_add(1, Ordering::Relaxed);
-                    let order_id = answer.json()["order_id"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_owned();
-                    results.push((answer.status, order_id));
-                }
-                results
-            })
-        })
-        .collect();
+    let skus: Vec<String> = (0..4).map(|s| format!("W{s}")).collect();
+    let load = Load::start(&app, 16, "wb", &skus);
     eventually(
         "load before the restart",
         Duration::from_secs(30),
-        async || answered.load(Ordering::Relaxed) >= 300,
+        async || load.answered(None) >= 300,
     )
     .await;
 
@@ -323,7 +246,7 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
         !mariadb_answers().await && !mariadb_process_exists()
     })
     .await;
-    let answered_at_stop = answered.load(Ordering::Relaxed);
+    let answered_at_stop = load.answered(None);
     let mut lag_seen = 0.0;
     eventually(
         "checkouts to go on and the lag to grow while MariaDB is down",
@@ -331,7 +254,7 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
         async || {
             let metrics = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
             lag_seen = metric(&metrics, "turnstile_mysql_lag_records ").unwrap_or(0.0);
-            answered.load(Ordering::Relaxed) >= answered_at_stop + 500 && lag_seen >= 500.0
+            load.answered(None) >= answered_at_stop + 500 && lag_seen >= 500.0
         },
     )
     .await;
@@ -353,11 +276,7 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
         async || mariadb_answers().await,
     )
     .await;
-    stop.store(true, Ordering::Relaxed);
-    let mut results = Vec::new();
-    for task in tasks {
-        results.extend(task.await.expect("load task"));
-    }
+    let results = load.stop().await;
     eventually(
         "the lag to drain to 0",
         Duration::from_secs(120),
@@ -370,12 +289,12 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
     let statuses = results
         .iter()
         .fold(HashMap::new(), |mut m: HashMap<u16, usize>, r| {
-            *m.entry(r.0).or_default() += 1;
+            *m.entry(r.status).or_default() += 1;
             m
         });
     eprintln!("answers by status: {statuses:?}");
     assert!(
-        results.iter().all(|r| r.0 == 201),
+        results.iter().all(|r| r.status == 201),
         "write-behind answers every checkout while MySQL is down: {statuses:?}"
     );
     let pool = database.pool().await;
@@ -389,7 +308,7 @@ async fn restarting_mariadb_in_write_behind_loses_nothing_and_checkouts_go_on() 
     .into_iter()
     .map(|(id, n)| (String::from_utf8(id).expect("utf-8"), n))
     .collect();
-    for (_, order_id) in &results {
+    for Sent { order_id, .. } in &results {
         assert_eq!(
             in_mysql.get(order_id),
             Some(&1),

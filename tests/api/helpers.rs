@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The webhook secret every test server is started with, so tests can sign webhooks.
@@ -389,4 +390,98 @@ pub async fn assert_no_gaps(pool: &sqlx::MySqlPool, when: &str) {
         0,
         "{when}: a gap in the event seqs"
     );
+}
+
+/// One checkout a [`Load`] sent, and how it was answered.
+pub struct Sent {
+    pub key: String,
+    /// The request body (a retry sends it again).
+    #[allow(dead_code)] // read by the MariaDB-restart tests, not by every test binary
+    pub body: String,
+    pub status: u16,
+    /// The order the answer named ("" if none).
+    pub order_id: String,
+}
+
+/// Checkouts from `clients` concurrent clients, each with a new key, one unit of `skus` in turn,
+/// until [`Load::stop`] (or the server stops answering: a client whose request fails stops).
+pub struct Load {
+    counts: Arc<Mutex<std::collections::HashMap<u16, usize>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Sent>>>,
+}
+
+impl Load {
+    pub fn start(app: &TestApp, clients: usize, key_prefix: &str, skus: &[String]) -> Self {
+        let counts = Arc::new(Mutex::new(std::collections::HashMap::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|t| {
+                let (counts, stop, mut client) =
+                    (Arc::clone(&counts), Arc::clone(&stop), app.client());
+                let (prefix, skus) = (key_prefix.to_owned(), skus.to_vec());
+                tokio::spawn(async move {
+                    let mut sent = Vec::new();
+                    for n in 0..1_000_000usize {
+                        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                            break;
+                        }
+                        let key = format!("{prefix}-{t}-{n}");
+                        let body = serde_json::json!({
+                            "items": [{"sku": skus[(t + n) % skus.len()], "quantity": 1}],
+                            "customer_id": "load",
+                            "payment_token": "tok_ok",
+                        })
+                        .to_string();
+                        let Ok(answer) = client
+                            .try_send("POST", "/v1/checkout", &[("idempotency-key", &key)], &body)
+                            .await
+                        else {
+                            break;
+                        };
+                        *lock(&counts).entry(answer.status).or_default() += 1;
+                        let order_id = answer.json()["order_id"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        sent.push(Sent {
+                            key,
+                            body,
+                            status: answer.status,
+                            order_id,
+                        });
+                    }
+                    sent
+                })
+            })
+            .collect();
+        Self {
+            counts,
+            stop,
+            tasks,
+        }
+    }
+
+    /// Answers so far with this status (`None`: all answers).
+    pub fn answered(&self, status: Option<u16>) -> usize {
+        let counts = lock(&self.counts);
+        match status {
+            Some(status) => counts.get(&status).copied().unwrap_or(0),
+            None => counts.values().sum(),
+        }
+    }
+
+    /// Stops the clients and returns every checkout they sent.
+    pub async fn stop(self) -> Vec<Sent> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut sent = Vec::new();
+        for task in self.tasks {
+            sent.extend(task.await.expect("load task"));
+        }
+        sent
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }

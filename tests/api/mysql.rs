@@ -437,8 +437,6 @@ async fn kill_9_in_a_loop_in_write_behind_leaves_no_gap_and_every_order_reaches_
 /// events' seqs in MySQL run without a gap (a prefix of the log). At the end, once MySQL has
 /// caught up, every order an answer named (201) is in MySQL's tables, and SQL and HTTP agree on it.
 async fn kill_9_in_a_loop(write_behind: bool) {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
     let database = TestDatabase::create().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let data_dir = dir.path().join("data");
@@ -447,7 +445,7 @@ async fn kill_9_in_a_loop(write_behind: bool) {
         args.push("--mysql-write-behind");
     }
     let pool = database.pool().await;
-    let mut acknowledged: Vec<String> = Vec::new();
+    let mut acknowledged: Vec<crate::helpers::Sent> = Vec::new();
     for round in 0..20usize {
         let mut app = crate::helpers::start(&data_dir, &args);
         if round == 0 {
@@ -456,51 +454,22 @@ async fn kill_9_in_a_loop(write_behind: bool) {
                 admin.put_product(&format!("L{s}"), 100, 1_000_000).await;
             }
         }
-        let answered = Arc::new(AtomicUsize::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let tasks: Vec<_> = (0..16)
-            .map(|t| {
-                let (answered, stop, mut client) =
-                    (Arc::clone(&answered), Arc::clone(&stop), app.client());
-                tokio::spawn(async move {
-                    let mut placed = Vec::new();
-                    for n in 0..100_000 {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        let body = format!(
-                            r#"{{"items":[{{"sku":"L{}","quantity":1}}],"customer_id":"c","payment_token":"tok_ok"}}"#,
-                            (t + n) % 4
-                        );
-                        let key = format!("loop-{round}-{t}-{n}");
-                        match client
-                            .try_send("POST", "/v1/checkout", &[("idempotency-key", &key)], &body)
-                            .await
-                        {
-                            Ok(answer) if answer.status == 201 => {
-                                placed.push(answer.json()["order_id"].as_str().unwrap_or_default().to_owned());
-                                answered.fetch_add(1, Ordering::Relaxed);
-                            }
-                            Ok(_) => {}
-                            Err(_) => break,
-                        }
-                    }
-                    placed
-                })
-            })
-            .collect();
+        let skus: Vec<String> = (0..4).map(|s| format!("L{s}")).collect();
+        let load = crate::helpers::Load::start(&app, 16, &format!("loop-{round}"), &skus);
         let kill_after = 50 + (round % 7) * 61;
         eventually(
             "answers before the kill",
             Duration::from_secs(60),
-            async || answered.load(Ordering::Relaxed) >= kill_after,
+            async || load.answered(Some(201)) >= kill_after,
         )
         .await;
         app.kill_9();
-        stop.store(true, Ordering::Relaxed);
-        for task in tasks {
-            acknowledged.extend(task.await.expect("client task"));
-        }
+        acknowledged.extend(
+            load.stop()
+                .await
+                .into_iter()
+                .filter(|sent| sent.status == 201),
+        );
         assert_no_gaps(&pool, &format!("round {round}")).await;
     }
     // Restarted once more: MySQL catches up (start-up in journal mode, the applier behind the
@@ -527,10 +496,10 @@ async fn kill_9_in_a_loop(write_behind: bool) {
         .iter()
         .map(|row| String::from_utf8(row.get::<Vec<u8>, _>(0)).expect("utf-8"))
         .collect();
-    for order_id in &acknowledged {
+    for crate::helpers::Sent { key, order_id, .. } in &acknowledged {
         assert!(
             in_mysql.contains(order_id),
-            "acknowledged order {order_id} is not in MySQL"
+            "acknowledged order {order_id} (key {key}) is not in MySQL"
         );
     }
     // SQL and HTTP agree: every order in MySQL reads back with the same status over HTTP.
