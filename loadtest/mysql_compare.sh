@@ -10,7 +10,8 @@
 # MariaDB (MYSQL_URL, default mysql://root@127.0.0.1:3306). Per MySQL target it reports what
 # MariaDB wrote per order placed (rows inserted + updated, redo log bytes: the server's
 # Innodb_* counters, so nothing else may write to MariaDB meanwhile), and for Turnstile how far
-# the MySQL applier was behind when the load stopped and how long it took to drain.
+# the MySQL applier was behind when the load stopped and how long it took to drain; and the CPU the
+# server and MariaDB used during each run (in cores, from /proc).
 # Each run is bounded by DURATION; ROUNDS alternates the targets in ABBA order.
 # Usage: loadtest/mysql_compare.sh [DURATION] [CONNECTIONS] [ROUNDS]
 # With TURNSTILE_BIN=path, that binary is measured as Turnstile (default: this tree's release build).
@@ -44,6 +45,10 @@ PY
 
 innodb_counters() {
   sql "SELECT SUM(IF(VARIABLE_NAME IN ('HANDLER_WRITE','HANDLER_UPDATE'), VARIABLE_VALUE, 0)), SUM(IF(VARIABLE_NAME='INNODB_OS_LOG_WRITTEN', VARIABLE_VALUE, 0)) FROM information_schema.GLOBAL_STATUS"
+}
+
+ticks() { # ticks PID: CPU time used so far (utime + stime, in clock ticks)
+  awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
 }
 
 metric() { # metric ADDR NAME: the value of one sample in /metrics
@@ -89,8 +94,12 @@ run() {
   esac
   local before after
   before=$(innodb_counters)
-  local result
+  local mariadbd server_ticks0 db_ticks0 t0 result
+  mariadbd=$(pgrep -x mariadbd | head -1)
+  server_ticks0=$(ticks "$server"); db_ticks0=$(ticks "$mariadbd"); t0=$(date +%s.%N)
   result=$(wrk -t1 -c"$connections" -d"$duration" --latency -s "$script" "http://$addr" "${args[@]}")
+  local cpu
+  cpu=$(python3 -c "import os; hz = os.sysconf('SC_CLK_TCK'); wall = $(date +%s.%N) - $t0; print(f'CPU: server {($(ticks "$server") - $server_ticks0) / hz / wall:.2f}, MariaDB {($(ticks "$mariadbd") - $db_ticks0) / hz / wall:.2f} cores')")
   local rps p99 non2xx
   rps=$(sed -n 's/^Requests\/sec: *//p' <<<"$result")
   p99=$(awk '$1=="99%"{print $2}' <<<"$result")
@@ -112,8 +121,8 @@ run() {
   read -r rows_a bytes_a <<<"$after"
   rows=$(python3 -c "print(f'{($rows_a - $rows_b) / max($orders, 1):.1f}')")
   bytes=$(python3 -c "print(f'{($bytes_a - $bytes_b) / max($orders, 1):.0f}')")
-  printf "%-13s (%s) %10s req/s  p99 %8s  non-2xx %s; MariaDB per order: %s rows, %s redo bytes%s\n" \
-    "$target" "$scenario" "$rps" "$p99" "${non2xx:-0}" "$rows" "$bytes" "$extra"
+  printf "%-13s (%s) %10s req/s  p99 %8s  non-2xx %s; %s; MariaDB per order: %s rows, %s redo bytes%s\n" \
+    "$target" "$scenario" "$rps" "$p99" "${non2xx:-0}" "$cpu" "$rows" "$bytes" "$extra"
 }
 
 echo "machine: $(nproc) cores; wrk 1 thread, $connections connections, $duration per run; MariaDB $(sql 'SELECT VERSION()') at $server_url"

@@ -12,7 +12,8 @@
 //!
 //! The trade: an acknowledged order is on this node's disk before it is in MySQL. The lag is
 //! bounded: past `--mysql-lag-max` (the age of the oldest record MySQL does not hold yet)
-//! checkouts wait before they are journaled (backpressure; none is dropped) and `/readyz`
+//! checkouts wait before they are journaled (backpressure; a waiting one is never dropped, and
+//! past `QUEUE_RECORDS_MAX` waiting, new ones are refused as overloaded) and `/readyz`
 //! answers 503 naming the lag, so a load balancer sends buyers elsewhere.
 //!
 //! Start-up refuses a data dir that is not the one MySQL follows: MySQL's last record must be in
