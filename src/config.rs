@@ -17,6 +17,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Duration;
 
 /// A configuration the server cannot start with; the message says what to change.
@@ -71,6 +72,49 @@ in the server's own journal (the data dir in write-behind) and in the MySQL jour
 server running or not). Records the projections already hold are left alone (the applier's
 cursor is read under a lock in each transaction), so a replay never changes what is applied.")]
     MysqlApply(MysqlApplyArgs),
+    /// Consume order.paid events from RabbitMQ and write one JSON line per paid order (the "confirmation e-mail"), exactly once per order
+    #[command(long_about = "\
+Consume order.paid events from RabbitMQ and write one JSON line per paid order (the
+\"confirmation e-mail\" it would send): {\"order_id\", \"customer_id\", \"total_cents\", \"currency\",
+\"items\", \"paid_at\"}.
+
+The queue (--queue) is a durable quorum queue bound to order.paid on --amqp-exchange. Messages are
+acked only once their line and their dedup entry (--state) are on disk, and duplicates (the same
+message_id) are dropped, so with --out FILE every paid order has exactly one line, across kills
+and restarts. A message that cannot be turned into a line goes to the dead-letter queue
+<exchange>.dead after --max-attempts deliveries. Stops on SIGTERM or Ctrl-C.")]
+    Notify(NotifyArgs),
+}
+
+/// `notify`'s options.
+#[derive(Debug, Clone, Args)]
+pub struct NotifyArgs {
+    /// The RabbitMQ broker (amqp://user:pass@host:5672/%2f)
+    #[arg(
+        long,
+        env = "TURNSTILE_AMQP_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// The exchange the server publishes to
+    #[arg(long, env = "TURNSTILE_AMQP_EXCHANGE", default_value = "turnstile.orders", value_name = "NAME", value_parser = amqp_name)]
+    pub amqp_exchange: String,
+    /// The queue to consume (declared durable, bound to order.paid)
+    #[arg(long, default_value = "turnstile.notify", value_name = "Q", value_parser = amqp_name)]
+    pub queue: String,
+    /// Where the lines go (default: stdout)
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+    /// The durable dedup state (message ids already written)
+    #[arg(long, default_value = "./notify-state", value_name = "FILE")]
+    pub state: PathBuf,
+    /// Deliveries of one message before it goes to the dead-letter queue
+    #[arg(long, default_value = "5", value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub max_attempts: u32,
+    /// Messages delivered and not yet acked at most
+    #[arg(long, default_value = "64", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
 }
 
 /// `mysql-apply`'s options.
@@ -227,7 +271,7 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
-    /// Also publish order events to RabbitMQ (not in this build yet: refused)
+    /// Also publish every order event to RabbitMQ, with publisher confirms (amqp://user:pass@host:5672/%2f); the event log stays readable
     #[arg(
         long,
         env = "TURNSTILE_AMQP_URL",
@@ -235,6 +279,15 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub amqp_url: Option<String>,
+    /// The durable topic exchange order events are published to (routing key = event type)
+    #[arg(long, env = "TURNSTILE_AMQP_EXCHANGE", default_value = "turnstile.orders", value_name = "NAME", value_parser = amqp_name)]
+    pub amqp_exchange: String,
+    /// Events RabbitMQ has not confirmed at most (they wait on disk): past it checkouts get 503 overloaded until the broker takes them
+    #[arg(long, env = "TURNSTILE_AMQP_UNCONFIRMED_MAX", default_value = "50000000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub amqp_unconfirmed_max: u64,
+    /// Messages published to RabbitMQ and not yet confirmed at most (the relay's window)
+    #[arg(long, env = "TURNSTILE_AMQP_WINDOW", default_value = "1024", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65_535))]
+    pub amqp_window: u64,
     /// Payment gateway over HTTP instead of the in-process simulator (http://host:port or https://…; `turnstile gateway-sim` speaks its protocol)
     #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL", value_parser = http_url, hide_env_values = true)]
     pub gateway_url: Option<String>,
@@ -337,6 +390,33 @@ pub fn check_mysql_url(raw: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Checks an AMQP URL after parsing, without echoing it (it may hold a password).
+pub fn check_amqp_url(raw: &str) -> Result<(), ConfigError> {
+    if raw.starts_with("amqps://") {
+        return Err(ConfigError(
+            "--amqp-url: amqps:// (TLS to RabbitMQ) is not supported by this build; use amqp:// on a trusted network (the value given is not shown: it may hold a password)".into(),
+        ));
+    }
+    let valid = raw
+        .strip_prefix("amqp://")
+        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+        && lapin::uri::AMQPUri::from_str(raw).is_ok();
+    if !valid {
+        return Err(ConfigError(
+            "--amqp-url must look like amqp://user:password@host:5672/%2f (the value given is not shown: it may hold a password)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// An exchange or queue name: 1–200 visible ASCII characters.
+fn amqp_name(raw: &str) -> Result<String, String> {
+    if raw.is_empty() || raw.len() > 200 || !raw.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be 1 to 200 visible ASCII characters".into());
+    }
+    Ok(raw.to_owned())
+}
+
 fn http_url(raw: &str) -> Result<String, String> {
     let rest = raw
         .strip_prefix("http://")
@@ -366,6 +446,8 @@ pub enum Invocation {
     GatewaySim(GatewaySimArgs),
     /// Inspect or steer the MySQL applier.
     MysqlApply(MysqlApplyArgs),
+    /// Consume order.paid events.
+    Notify(NotifyArgs),
 }
 
 /// Why the command line could not be used.
@@ -388,6 +470,10 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
         Some(Command::Migrate(args)) => return Ok(Invocation::Migrate(args)),
         Some(Command::GatewaySim(args)) => return Ok(Invocation::GatewaySim(args)),
         Some(Command::MysqlApply(args)) => return Ok(Invocation::MysqlApply(args)),
+        Some(Command::Notify(args)) => {
+            check_amqp_url(&args.amqp_url).map_err(CliError::Config)?;
+            return Ok(Invocation::Notify(args));
+        }
         Some(Command::Serve(args)) => (
             *args,
             matches.subcommand_matches("serve").unwrap_or(&matches),
@@ -549,6 +635,8 @@ pub struct ServeConfig {
     pub mysql: Option<crate::journal::mysql::MySqlConfig>,
     /// With `mysql`: the embedded journal acknowledges and MySQL follows it.
     pub mysql_write_behind: bool,
+    /// The RabbitMQ relay, if configured.
+    pub amqp: Option<crate::events::relay::RelayConfig>,
     /// How long a request waits for its commit before answering 503.
     pub journal_timeout: Duration,
     /// How long the answer of a checkout that created an order stays under its key, so a retry
@@ -575,10 +663,7 @@ pub struct ServeConfig {
 
 /// Turns parsed options into the server's configuration, refusing what this build cannot do.
 pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
-    for (name, value, arrives_with) in [
-        ("redis-url", &args.redis_url, "the Redis session store"),
-        ("amqp-url", &args.amqp_url, "the RabbitMQ publisher"),
-    ] {
+    for (name, value, arrives_with) in [("redis-url", &args.redis_url, "the Redis session store")] {
         if value.is_some() {
             return Err(CliError::Config(ConfigError(format!(
                 "--{name} is not supported by this build yet (it arrives with {arrives_with}); remove it to run on the embedded default"
@@ -602,6 +687,15 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             "--mysql-write-behind needs --mysql-url (the database written behind the embedded journal)".into(),
         )));
     }
+    if let Some(url) = &args.amqp_url {
+        check_amqp_url(url).map_err(CliError::Config)?;
+    }
+    let amqp = args.amqp_url.map(|url| crate::events::relay::RelayConfig {
+        url,
+        exchange: args.amqp_exchange.clone(),
+        window: args.amqp_window as usize,
+        unconfirmed_max: args.amqp_unconfirmed_max,
+    });
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
         mysql.pool_size = args.mysql_pool_size;
@@ -648,6 +742,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         reconcile_after: args.reconcile_after,
         mysql,
         mysql_write_behind: args.mysql_write_behind,
+        amqp,
         journal_timeout: args.journal_timeout,
         idempotency_retention: args.idempotency_retention,
         order_retention: args.order_retention,

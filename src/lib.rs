@@ -41,6 +41,7 @@ pub mod connections;
 pub mod data_dir;
 pub mod domain;
 pub mod engine;
+pub mod events;
 pub mod http_client;
 pub mod journal;
 pub mod metrics;

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         },
         config::Invocation::Migrate(args) => migrate(args),
         config::Invocation::MysqlApply(args) => mysql_apply(args),
+        config::Invocation::Notify(args) => notify(args),
         config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error @ turnstile::payment::gateway_sim::SimError::Usage(_)) => {
@@ -138,6 +139,39 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("turnstile mysql-apply: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `turnstile notify`: consumes `order.paid` until SIGTERM or Ctrl-C.
+fn notify(args: config::NotifyArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("turnstile notify: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let config = turnstile::events::notify::NotifyConfig {
+        url: args.amqp_url,
+        exchange: args.amqp_exchange,
+        queue: args.queue,
+        out: args.out,
+        state: args.state,
+        max_attempts: args.max_attempts,
+        prefetch: args.prefetch,
+    };
+    match runtime.block_on(turnstile::events::notify::run(
+        config,
+        turnstile::server::stop_signal(),
+    )) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("turnstile notify: {error}");
             ExitCode::FAILURE
         }
     }

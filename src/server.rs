@@ -8,6 +8,7 @@ use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::{Applied, Engine, EngineConfig};
+use crate::events::relay::{Cursor, FileCursor, MySqlCursor, Relay};
 use crate::http_client::{ClientOptions, HttpClient, Trust};
 use crate::journal::file::{FileJournal, FileJournalConfig};
 use crate::journal::mysql::{MySqlJournal, SchemaError};
@@ -20,9 +21,12 @@ use crate::payment::PaymentGateway;
 use crate::sessions::CartStore;
 use crate::time::now_ms;
 use std::io::Write;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the RabbitMQ relay may take to stop (confirms in flight, its cursor saved).
+const RELAY_STOP_WAIT: Duration = Duration::from_secs(3);
 
 /// The most holds one sweep releases, so one sweep never stalls the runtime.
 const SWEEP_HOLDS_MAX: usize = 10_000;
@@ -113,12 +117,28 @@ async fn serve(
         SchemaError::Journal(error) => ServeError::Journal(error),
         other => ServeError::Schema(other),
     };
+    // The relay's cursor, when it lives in the data dir: read before the journal opens, whose
+    // retention keeps every segment with an event after it.
+    let mysql_journal = config.mysql.is_some() && !config.mysql_write_behind;
+    let file_cursor = match (&config.amqp, mysql_journal) {
+        (Some(_), false) => {
+            let cursor = FileCursor::new(&config.data_dir);
+            let confirmed = cursor.load_now().map_err(|message| JournalError::Io {
+                context: "reading the RabbitMQ relay's cursor".into(),
+                message,
+            })?;
+            Some((cursor, confirmed, Arc::new(AtomicU64::new(confirmed))))
+        }
+        _ => None,
+    };
     let file_config = FileJournalConfig {
         event_retention_ms: config.event_retention.as_millis() as i64,
         order_retention_ms: config.order_retention.as_millis() as i64,
         answer_retention_ms: config.idempotency_retention.as_millis() as i64,
+        hold_events_after_seq: file_cursor.as_ref().map(|(_, _, hold)| Arc::clone(hold)),
         ..FileJournalConfig::default()
     };
+    let mut mysql_pool = None;
     let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
         Some(mysql) => {
             let mut mysql = mysql.clone();
@@ -134,6 +154,7 @@ async fn serve(
                 (Arc::new(journal), state)
             } else {
                 let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
+                mysql_pool = Some(journal.pool().clone());
                 (Arc::new(journal), state)
             }
         }
@@ -184,6 +205,28 @@ async fn serve(
         }
         None => Arc::new(Arc::clone(&simulator)),
     };
+    let relay = match (&config.amqp, file_cursor, mysql_pool) {
+        (Some(amqp), Some((cursor, confirmed, hold)), _) => Some(Relay::new(
+            amqp.clone(),
+            Arc::clone(&journal),
+            Box::new(cursor),
+            confirmed,
+            Some(hold),
+        )),
+        (Some(amqp), None, Some(pool)) => {
+            let cursor = MySqlCursor::new(pool);
+            let confirmed = cursor.load().await.map_err(JournalError::Unavailable)?;
+            Some(Relay::new(
+                amqp.clone(),
+                Arc::clone(&journal),
+                Box::new(cursor),
+                confirmed,
+                None,
+            ))
+        }
+        _ => None,
+    };
+    let relay_task = relay.as_ref().map(Relay::start);
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
@@ -197,6 +240,7 @@ async fn serve(
         settled: tokio::sync::Notify::new(),
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
         settler: api::money::Settler::default(),
+        relay: relay.clone(),
     });
 
     let listener =
@@ -244,6 +288,16 @@ async fn serve(
     reconciler.abort();
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;
+    if let (Some(relay), Some(task)) = (relay, relay_task) {
+        // Confirms in flight get a moment; whatever is not confirmed is sent after the next start.
+        relay.stop();
+        if tokio::time::timeout(RELAY_STOP_WAIT, task).await.is_err() {
+            tracing::warn!(
+                waiting = relay.lag_events(),
+                "RabbitMQ relay did not stop in time; its unconfirmed events are sent after the next start"
+            );
+        }
+    }
     Ok(())
 }
 
@@ -335,7 +389,8 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
     }
 }
 
-async fn stop_signal() {
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     match signal(SignalKind::terminate()) {
         Ok(mut terminate) => {

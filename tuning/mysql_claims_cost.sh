@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # What the claims cost MariaDB, with the `mariadb` client alone (no Turnstile): 200 transactions of
-# 500 records each, a ~900-byte record per row in a `journal`-like table, and with it a claims row
-# per record carrying 0 to 3 random UNIQUE keys (order id, idempotency key, payment id), as the
-# MySQL journal's commit path writes. Prints records/s per variant, ROUNDS times in turn.
+# 500 records each, a ~900-byte record per row in a `journal`-like table (a LONGBLOB, as the log
+# keeps it), and with it a claims row per record carrying 0 to 3 random UNIQUE keys (order id,
+# idempotency key, payment id), as the MySQL journal's commit path writes; and the log alone with
+# 300-byte records (what the record's size costs). Prints records/s per variant, ROUNDS times in
+# turn.
 # Works in a scratch database `turnstile_claims_cost` (dropped at the end).
 # Usage: tuning/mysql_claims_cost.sh [ROUNDS]   (MYSQL: the client command, default mariadb -uroot -h127.0.0.1)
 set -euo pipefail
@@ -15,18 +17,19 @@ python3 - "$work" <<'PY'
 import random, sys
 out = sys.argv[1]
 def rid(n=24): return ''.join(random.choice('0123456789abcdef') for _ in range(n))
-payload = 'x' * 900
 ascii_id = "VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin"
 variants = {
     "log_only": [],
+    "log_only_300_bytes": [],
     "claims_order_id": ["order_id"],
     "claims_order_id_key": ["order_id", "k"],
     "claims_all_three": ["order_id", "k", "p"],
 }
 for name, keys in variants.items():
+    payload = 'x' * (300 if name.endswith("300_bytes") else 900)
     with open(f"{out}/{name}.sql", "w") as f:
         f.write("DROP TABLE IF EXISTS j, c;\n")
-        f.write("CREATE TABLE j (lsn BIGINT PRIMARY KEY, s BIGINT NOT NULL, record LONGTEXT NOT NULL) DEFAULT CHARSET=utf8mb4;\n")
+        f.write("CREATE TABLE j (lsn BIGINT PRIMARY KEY, s BIGINT NOT NULL, record LONGBLOB NOT NULL);\n")
         if keys:
             cols = ", ".join(f"{k} {ascii_id} {'NOT NULL PRIMARY KEY' if k == 'order_id' else 'NULL'}" for k in keys)
             uniques = "".join(f", UNIQUE KEY({k})" for k in keys if k != "order_id")
@@ -46,7 +49,7 @@ for name, keys in variants.items():
 PY
 echo "MariaDB $($mysql_cmd -N -e 'SELECT VERSION()'); $(nproc) cores; 100,000 records per run"
 for round in $(seq 1 "$rounds"); do
-  for name in log_only claims_order_id claims_order_id_key claims_all_three; do
+  for name in log_only log_only_300_bytes claims_order_id claims_order_id_key claims_all_three; do
     start=$(date +%s.%N)
     $mysql_cmd turnstile_claims_cost < "$work/$name.sql"
     end=$(date +%s.%N)

@@ -253,7 +253,11 @@ pub(super) async fn checkout(
     let ready = state
         .journal
         .health()
-        .map_err(|e| ApiError::journal_unavailable(&e));
+        .map_err(|e| ApiError::journal_unavailable(&e))
+        .and_then(|()| match &state.relay {
+            Some(relay) => relay.admit().map_err(ApiError::overloaded),
+            None => Ok(()),
+        });
     let permit = ready.and_then(|()| {
         Arc::clone(&state.checkouts_in_flight)
             .try_acquire_owned()

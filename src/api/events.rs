@@ -1,7 +1,6 @@
 //! `GET /v1/events?after=<seq>&limit=<n>`: the durable event log, in commit order.
 
 use super::{json, ApiError, Shared};
-use crate::time::rfc3339;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
@@ -26,18 +25,8 @@ pub(super) struct EventsQuery {
 }
 
 #[derive(Serialize)]
-struct EventView<'a> {
-    seq: u64,
-    #[serde(rename = "type")]
-    kind: &'a str,
-    order_id: &'a str,
-    at: String,
-    data: serde_json::Value,
-}
-
-#[derive(Serialize)]
 struct Page<'a> {
-    events: Vec<EventView<'a>>,
+    events: Vec<crate::events::EventView<'a>>,
     next: u64,
 }
 
@@ -69,20 +58,7 @@ pub(super) async fn list_events(
         .map_err(|e| ApiError::journal_unavailable(&e))?;
     let next = events.last().map_or(after, |e| e.seq);
     let page = Page {
-        events: events
-            .iter()
-            .map(|event| EventView {
-                seq: event.seq,
-                kind: event.status.event_type(),
-                order_id: event.order_id.as_str(),
-                at: rfc3339(event.at_ms),
-                data: serde_json::json!({
-                    "status": event.status.as_str(),
-                    "total_cents": event.total_cents,
-                    "currency": event.currency.as_str(),
-                }),
-            })
-            .collect(),
+        events: events.iter().map(crate::events::EventView::of).collect(),
         next,
     };
     Ok(json(StatusCode::OK, &page))

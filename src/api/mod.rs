@@ -59,6 +59,8 @@ pub struct AppState {
     pub checkouts_in_flight: Arc<tokio::sync::Semaphore>,
     /// The gateway calls orders owe, in flight and to retry.
     pub settler: money::Settler,
+    /// The RabbitMQ relay, when configured.
+    pub relay: Option<Arc<crate::events::relay::Relay>>,
 }
 
 /// The state as handlers receive it.

@@ -14,8 +14,15 @@ pub(super) async fn healthz() -> Response {
 
 /// Ready when the journal can take checkouts now; the body says why not (API.md).
 pub(super) async fn readyz(State(state): State<Shared>) -> Response {
-    let checks = state.journal.checks().await;
-    let ready = checks.iter().all(|(_, check)| check.is_ok());
+    let mut checks = state.journal.checks().await;
+    let mut ready = checks.iter().all(|(_, check)| check.is_ok());
+    // RabbitMQ is not on the checkout path: down, it shows here and leaves the node ready; only
+    // the budget of unconfirmed events reached stops checkouts.
+    if let Some(relay) = &state.relay {
+        let admitted = relay.admit();
+        ready &= admitted.is_ok();
+        checks.push(("amqp", admitted.and_then(|()| relay.check())));
+    }
     let checks: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
         .map(|(name, check)| {
@@ -48,6 +55,9 @@ impl Collector for ServerMetrics {
         let state = &self.0;
         state.metrics.encode(&mut encoder)?;
         state.journal.encode_metrics(&mut encoder)?;
+        if let Some(relay) = &state.relay {
+            relay.encode_metrics(&mut encoder)?;
+        }
         // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
         let engine = &state.engine;
         for (name, help, value) in [

@@ -5,8 +5,8 @@
 //! Stock counters are not journaled: they are derived from the products' stock and the orders'
 //! statuses when the engine is rebuilt, so replay cannot drift from what the orders say.
 
-use super::order::{Order, OrderStatus, PaymentDue};
-use crate::domain::{Cents, Currency, IdempotencyKey, OrderId, Sku, Stock};
+use super::order::{Order, OrderItem, OrderStatus, PaymentDue};
+use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 
@@ -128,10 +128,18 @@ impl Record {
                     at_ms: *at_ms,
                     total_cents: order.total_cents,
                     currency: order.currency,
+                    customer_id: order.customer_id.clone(),
+                    items: order.items.clone(),
                 })
                 .collect(),
         }
     }
+}
+
+/// What is read of an event in a snapshot of an older version: its seq (other fields ignored).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+struct LegacyEvent {
+    seq: u64,
 }
 
 /// One order event: an order entered a status. `seq` is assigned in commit order by the journal's
@@ -150,6 +158,10 @@ pub struct Event {
     pub total_cents: i64,
     /// The order's currency.
     pub currency: Currency,
+    /// The buyer, for consumers that do not want to fetch the order (a confirmation e-mail).
+    pub customer_id: CustomerId,
+    /// The order's lines.
+    pub items: Vec<OrderItem>,
 }
 
 /// A journal segment kept on disk after a snapshot covered it, for its events.
@@ -182,7 +194,7 @@ pub struct State {
     /// Events of a snapshot written before events left snapshots: read only to learn the next
     /// seq.
     #[serde(default, rename = "events", skip_serializing)]
-    legacy_events: Vec<Event>,
+    legacy_events: Vec<LegacyEvent>,
     /// The seq the next event gets (0 in a snapshot of an older version: derived then).
     #[serde(default)]
     pub next_event_seq: u64,

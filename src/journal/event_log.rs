@@ -110,6 +110,8 @@ mod tests {
             at_ms: 0,
             total_cents: 0,
             currency: Currency::parse("EUR").unwrap(),
+            customer_id: crate::domain::CustomerId::parse("c").unwrap(),
+            items: Vec::new(),
         }
     }
 

@@ -280,6 +280,9 @@ pub trait Journal: Send + Sync {
     fn purge_answers(&self, _cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
         Box::pin(async { Ok(0) })
     }
+    /// The seq of the last durable event (0: none yet); cheap (an atomic load), so a follower of
+    /// the event log can poll it.
+    fn last_event_seq(&self) -> u64;
     /// Counters.
     fn stats(&self) -> &JournalStats;
     /// How many events are held in memory (0 for a journal that reads them from its store).

@@ -7,7 +7,7 @@
 use super::{Appended, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record};
 use crate::sync::lock;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use tokio::sync::{oneshot, Notify};
 
@@ -82,6 +82,9 @@ pub(crate) struct Pipeline {
     pub stats: JournalStats,
     /// Where committed batches go next, if anything follows this journal.
     sink: OnceLock<Sink>,
+    /// The seq of the last durable event (0: none yet): read lock-free by whoever follows the
+    /// event log (the RabbitMQ relay).
+    durable_event_seq: AtomicU64,
 }
 
 impl Pipeline {
@@ -102,7 +105,13 @@ impl Pipeline {
             wake_task: Notify::new(),
             stats: JournalStats::default(),
             sink: OnceLock::new(),
+            durable_event_seq: AtomicU64::new(next_event_seq.saturating_sub(1)),
         }
+    }
+
+    /// The seq of the last durable event (0: none yet).
+    pub fn durable_event_seq(&self) -> u64 {
+        self.durable_event_seq.load(Ordering::Acquire)
     }
 
     /// Hands every batch committed from now on to `sink`, in lsn order. Set once, before the
@@ -237,6 +246,12 @@ impl Pipeline {
                 }),
             };
             let durable = answer.is_ok();
+            // From the record: a writer may have moved the events out already.
+            let count = u64::from(entry.record.event_count());
+            if durable && count > 0 {
+                let last = entry.first_event_seq + count - 1;
+                self.durable_event_seq.fetch_max(last, Ordering::Release);
+            }
             // A waiter that gave up (its request was dropped) needs no answer.
             let _ = entry.waiter.send(answer);
             if sink.is_some() && durable {
@@ -291,6 +306,8 @@ impl Pipeline {
         let mut queue = lock(&self.queue);
         queue.next_lsn = next_lsn;
         queue.next_event_seq = next_event_seq;
+        self.durable_event_seq
+            .fetch_max(next_event_seq.saturating_sub(1), Ordering::Release);
         queue.phase = Phase::Open;
         if !queue.closing {
             self.open.store(true, Ordering::Release);

@@ -84,9 +84,9 @@ impl WriteBehindJournal {
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| JournalError::Unavailable(e.to_string()))?;
-            let theirs: String = sqlx::Row::try_get(&theirs, 0)
+            let theirs: Vec<u8> = sqlx::Row::try_get(&theirs, 0)
                 .map_err(|e| JournalError::Unavailable(e.to_string()))?;
-            if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_bytes()) {
+            if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_slice()) {
                 return Err(unfit(format!(
                     "record {mysql_last_lsn} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
                     dir.display()
@@ -167,6 +167,10 @@ impl Journal for WriteBehindJournal {
 
     fn stats(&self) -> &JournalStats {
         self.file.stats()
+    }
+
+    fn last_event_seq(&self) -> u64 {
+        self.file.last_event_seq()
     }
 
     fn events_in_memory(&self) -> usize {

@@ -4,7 +4,9 @@
 //! one paid order, no paid order is left uncaptured, no authorisation is left hanging, no order
 //! stays `payment_pending`.
 
-use crate::helpers::{eventually, spawn_app, start, start_with_env, Client, JsonBody, TestApp};
+use crate::helpers::{
+    eventually, metric, spawn_app, start, start_with_env, Client, JsonBody, TestApp,
+};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -93,16 +95,6 @@ fn server_args(gateway_url: &str) -> Vec<String> {
 
 fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
-}
-
-/// A gauge or counter's value in `/metrics`.
-async fn metric(client: &mut Client, name: &str) -> f64 {
-    let text = client.get("/metrics").await.body;
-    String::from_utf8_lossy(&text)
-        .lines()
-        .find_map(|line| line.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
 }
 
 fn checkout_body(sku: &str, token: &str) -> String {

@@ -485,3 +485,189 @@ impl Load {
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// The machine's RabbitMQ, as every RabbitMQ test reaches it.
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+
+/// One message a test queue received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// `message_id`, as a seq.
+    pub seq: u64,
+    pub routing_key: String,
+    pub body: Value,
+    pub content_type: String,
+    pub persistent: bool,
+    /// The `order_id` header.
+    pub order_id_header: String,
+}
+
+/// A test's own exchange (and its default and dead-letter queues, as the server declares them)
+/// plus a test queue bound to `#`, on the machine's RabbitMQ; [`TestBroker::delete`] removes them.
+pub struct TestBroker {
+    pub exchange: String,
+    pub queue: String,
+    connection: lapin::Connection,
+    channel: lapin::Channel,
+    consumer: Option<lapin::Consumer>,
+}
+
+impl TestBroker {
+    pub async fn create(name: &str) -> Self {
+        let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| {
+                panic!("RabbitMQ at {AMQP_URL} is not reachable ({e}): start it with `rabbitmq-server -detached`")
+            });
+        let channel = connection.create_channel().await.expect("channel");
+        let unique = format!(
+            "test.{name}.{}.{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos())
+        );
+        turnstile::events::relay::declare_topology(&channel, &unique)
+            .await
+            .expect("declare the topology");
+        let queue = format!("{unique}.test");
+        channel
+            .queue_declare(
+                queue.as_str().into(),
+                lapin::options::QueueDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("declare the test queue");
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                unique.as_str().into(),
+                "#".into(),
+                Default::default(),
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("bind the test queue");
+        Self {
+            exchange: unique,
+            queue,
+            connection,
+            channel,
+            consumer: None,
+        }
+    }
+
+    /// The server options that publish to this exchange.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--amqp-url".into(),
+            AMQP_URL.into(),
+            "--amqp-exchange".into(),
+            self.exchange.clone(),
+        ]
+    }
+
+    /// Receives (and acks) messages from the test queue until every seq in `1..=last_seq` has
+    /// arrived at least once, for at most `limit`; returns them in arrival order.
+    pub async fn receive_through(&mut self, last_seq: u64, limit: Duration) -> Vec<Received> {
+        use futures_util::StreamExt;
+        if self.consumer.is_none() {
+            self.consumer = Some(
+                self.channel
+                    .basic_consume(
+                        self.queue.as_str().into(),
+                        "test".into(),
+                        lapin::options::BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        lapin::types::FieldTable::default(),
+                    )
+                    .await
+                    .expect("consume the test queue"),
+            );
+        }
+        let consumer = self.consumer.as_mut().expect("consumer");
+        let mut received = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let deadline = tokio::time::Instant::now() + limit;
+        while (seen.len() as u64) < last_seq {
+            let next = tokio::time::timeout_at(deadline, consumer.next()).await;
+            let Ok(Some(delivery)) = next else {
+                panic!(
+                    "timed out after {limit:?}: {} of the {last_seq} events reached the queue",
+                    seen.len()
+                );
+            };
+            let delivery = delivery.expect("delivery");
+            let properties = &delivery.properties;
+            let seq: u64 = properties
+                .message_id()
+                .as_ref()
+                .expect("message_id")
+                .as_str()
+                .parse()
+                .expect("numeric message_id");
+            let order_id_header = properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get("order_id").cloned())
+                .map(|v| match v {
+                    lapin::types::AMQPValue::LongString(s) => s.to_string(),
+                    other => format!("{other:?}"),
+                })
+                .unwrap_or_default();
+            if seq <= last_seq {
+                seen.insert(seq);
+            }
+            received.push(Received {
+                seq,
+                routing_key: delivery.routing_key.to_string(),
+                body: serde_json::from_slice(&delivery.data).expect("JSON body"),
+                content_type: properties
+                    .content_type()
+                    .as_ref()
+                    .map(|c| c.to_string())
+                    .unwrap_or_default(),
+                persistent: *properties.delivery_mode() == Some(2),
+                order_id_header,
+            });
+        }
+        received
+    }
+
+    /// Removes the exchange and its queues.
+    pub async fn delete(self) {
+        let ch = &self.channel;
+        for queue in [
+            self.queue.clone(),
+            format!("{}.all", self.exchange),
+            format!("{}.dead", self.exchange),
+            format!("{}.notify", self.exchange),
+        ] {
+            let _ = ch
+                .queue_delete(queue.as_str().into(), Default::default())
+                .await;
+        }
+        for exchange in [self.exchange.clone(), format!("{}.dlx", self.exchange)] {
+            let _ = ch
+                .exchange_delete(exchange.as_str().into(), Default::default())
+                .await;
+        }
+        let _ = self.connection.close(200, "test done".into()).await;
+    }
+}
+
+/// A gauge or counter's value in `/metrics`.
+pub async fn metric(client: &mut Client, name: &str) -> f64 {
+    let text = client.get("/metrics").await.body;
+    String::from_utf8_lossy(&text)
+        .lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}

@@ -1,5 +1,6 @@
 //! HTTP tests: the real `turnstile` binary on a free port, driven over real HTTP.
 
+mod amqp;
 mod crash;
 mod durability;
 mod edges;

@@ -65,6 +65,9 @@ pub struct FileJournalConfig {
     /// after it stay on disk whatever the event retention says, so MySQL can be brought up to
     /// date from them.
     pub hold_after_lsn: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// The RabbitMQ relay's durable cursor: segments holding an event after this seq stay on disk
+    /// whatever the event retention says, so every event reaches the broker.
+    pub hold_events_after_seq: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for FileJournalConfig {
@@ -79,6 +82,7 @@ impl Default for FileJournalConfig {
             answer_retention_ms: 24 * 3_600 * 1_000,
             clock: crate::time::now_ms,
             hold_after_lsn: None,
+            hold_events_after_seq: None,
         }
     }
 }
@@ -368,17 +372,22 @@ fn checkpoint(
         .hold_after_lsn
         .as_ref()
         .map_or(u64::MAX, |h| h.load(Ordering::Acquire));
+    let events_hold = config
+        .hold_events_after_seq
+        .as_ref()
+        .map_or(u64::MAX, |h| h.load(Ordering::Acquire));
     let expired = covered
         .iter()
         .enumerate()
         .take_while(|(i, info)| {
-            let last_lsn = covered
-                .get(i + 1)
-                .map_or(active_first_lsn, |next| next.first_lsn)
-                - 1;
+            let next = covered.get(i + 1);
+            let last_lsn = next.map_or(active_first_lsn, |next| next.first_lsn) - 1;
+            let next_event_seq = next.map_or(recovered.next_event_seq, |next| next.first_event_seq);
             // `<`: the record at the hold itself stays (write-behind's start-up compares
             // MySQL's last record with it).
-            info.last_at_ms < cutoff && last_lsn < hold
+            info.last_at_ms < cutoff
+                && last_lsn < hold
+                && next_event_seq.saturating_sub(1) <= events_hold
         })
         .count();
     let removed: Vec<u64> = covered.drain(..expired).map(|i| i.first_lsn).collect();
@@ -1308,6 +1317,10 @@ impl Journal for FileJournal {
 
     fn stats(&self) -> &JournalStats {
         &self.shared.pipeline.stats
+    }
+
+    fn last_event_seq(&self) -> u64 {
+        self.shared.pipeline.durable_event_seq()
     }
 
     fn events_in_memory(&self) -> usize {

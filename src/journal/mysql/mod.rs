@@ -841,9 +841,12 @@ impl Journal for MySqlJournal {
                 );
             }
             let read = |e: sqlx::Error| db_error("reading the outbox", &e);
+            // The buyer and the lines come from the order (they never change after it is
+            // placed), so the outbox row stays small.
             let rows = sqlx::query(
-                "SELECT seq, type, order_id, at_ms, total_cents, currency FROM outbox \
-                 WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
+                "SELECT x.seq, x.type, x.order_id, x.at_ms, x.total_cents, x.currency, o.customer_id \
+                 FROM outbox x LEFT JOIN orders o ON o.order_id = x.order_id \
+                 WHERE x.seq > ? AND x.seq <= ? ORDER BY x.seq LIMIT ?",
             )
             .bind(after_seq as i64)
             .bind(self.follower.lag.applied_seq() as i64)
@@ -851,6 +854,21 @@ impl Journal for MySqlJournal {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+            let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
+            if !rows.is_empty() {
+                let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                    "SELECT order_id, sku, quantity, unit_price_cents FROM order_items WHERE order_id IN (",
+                );
+                let mut ids = q.separated(", ");
+                for row in &rows {
+                    ids.push_bind(text(row, 2).map_err(read)?);
+                }
+                q.push(") ORDER BY order_id, line");
+                for line in q.build().fetch_all(&self.pool).await.map_err(read)? {
+                    let (order_id, item) = item_from_row(&line)?;
+                    items.entry(order_id).or_default().push(item);
+                }
+            }
             rows.iter()
                 .map(|row| {
                     let kind = text(row, 1).map_err(read)?;
@@ -858,15 +876,20 @@ impl Journal for MySqlJournal {
                         .strip_prefix("order.")
                         .and_then(OrderStatus::parse)
                         .ok_or_else(|| corrupt("outbox", format!("unknown type {kind:?}")))?;
+                    let order_id = text(row, 2).map_err(read)?;
+                    let customer = optional_text(row, 6).map_err(read)?.unwrap_or_default();
                     Ok(Event {
                         seq: row.try_get::<i64, _>(0).map_err(read)? as u64,
                         status,
-                        order_id: OrderId::parse(text(row, 2).map_err(read)?)
+                        items: items.get(&order_id).cloned().unwrap_or_default(),
+                        order_id: OrderId::parse(order_id)
                             .map_err(|e| corrupt("outbox", e.to_string()))?,
                         at_ms: row.try_get(3).map_err(read)?,
                         total_cents: row.try_get(4).map_err(read)?,
                         currency: Currency::parse(&text(row, 5).map_err(read)?)
                             .map_err(|e| corrupt("outbox", e.to_string()))?,
+                        customer_id: CustomerId::parse(customer)
+                            .map_err(|e| corrupt("orders", e.to_string()))?,
                     })
                 })
                 .collect()
@@ -875,6 +898,10 @@ impl Journal for MySqlJournal {
 
     fn stats(&self) -> &JournalStats {
         &self.pipeline.stats
+    }
+
+    fn last_event_seq(&self) -> u64 {
+        self.pipeline.durable_event_seq()
     }
 
     fn health(&self) -> Result<(), JournalError> {

@@ -120,21 +120,15 @@ pub(crate) async fn write_log(
         q.push(")");
         q.build().execute(&mut *tx).await?;
     }
-    // Records are JSON, so UTF-8; a record that is not is refused alone, never rewritten.
-    let texts = views
-        .iter()
-        .map(|view| std::str::from_utf8(view.payload))
-        .collect::<Result<Vec<&str>, _>>()
-        .map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    let rows: Vec<(&View<'_>, &str)> = views.iter().zip(texts).collect();
-    for chunk in rows.stable_chunks() {
+    // The record's bytes as they are (a LONGBLOB: no character set work for MariaDB).
+    for chunk in views.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO journal (lsn, first_event_seq, record, refused) ",
         );
-        q.push_values(chunk, |mut row, (view, text)| {
+        q.push_values(chunk, |mut row, view| {
             row.push_bind(view.lsn as i64)
                 .push_bind(view.first_event_seq as i64)
-                .push_bind(*text)
+                .push_bind(view.payload)
                 .push_bind(view.refused);
         });
         q.build().execute(&mut *tx).await?;
@@ -440,8 +434,8 @@ pub(crate) fn committed_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Committe
     let read = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
     let lsn = row.try_get::<i64, _>(0).map_err(read)? as u64;
     let first_event_seq = row.try_get::<i64, _>(1).map_err(read)? as u64;
-    let payload: String = row.try_get(2).map_err(read)?;
-    let record: Record = serde_json::from_str(&payload).map_err(|e| JournalError::Corrupt {
+    let payload: Vec<u8> = row.try_get(2).map_err(read)?;
+    let record: Record = serde_json::from_slice(&payload).map_err(|e| JournalError::Corrupt {
         file: "MySQL table journal".into(),
         offset: lsn,
         reason: format!("record {lsn} does not decode: {e}"),
@@ -451,7 +445,7 @@ pub(crate) fn committed_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Committe
         lsn,
         first_event_seq,
         record,
-        payload: payload.into_bytes(),
+        payload,
         events,
     })
 }

@@ -1,0 +1,374 @@
+//! `turnstile notify`: a real consumer of `order.paid`, to copy. It writes the "confirmation
+//! e-mail" it would send as one JSON line per paid order (API.md) to a file or stdout.
+//!
+//! **Exactly one line per order out of at-least-once delivery.** Messages come with manual acks
+//! and a prefetch limit. A message is acked only after its line and its dedup entry are on disk,
+//! in this order:
+//! 1. the line is appended to `--out` and `fsync`ed;
+//! 2. `<message_id> <length of --out after the line>` is appended to `--state` and `fsync`ed;
+//! 3. the message is acked.
+//!
+//! A message whose `message_id` is in the state is acked and dropped (a duplicate: the relay
+//! republishes after a reconnect). At start the state is read back, and `--out` is cut to the
+//! length the state last recorded: a line written by a run killed between steps 1 and 2 goes (its
+//! message was not acked, so it comes again and is written again), so every order keeps exactly
+//! one line. With stdout as the output nothing can be cut: a kill between steps 1 and 2 may repeat
+//! one line.
+//!
+//! **Poison messages.** The queue is a quorum queue with `x-delivery-limit` and the dead-letter
+//! exchange `<exchange>.dlx` (queue `<exchange>.dead`): a message that cannot be turned into a line
+//! is nacked back, and RabbitMQ itself dead-letters it after `--max-attempts` deliveries.
+
+use super::relay::{dead_letter_exchange, declare_topology};
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::{Connection, ConnectionProperties};
+use std::collections::HashSet;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, Write};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of `turnstile notify`.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// `amqp://user:pass@host:5672/%2f`.
+    pub url: String,
+    /// The exchange the relay publishes to.
+    pub exchange: String,
+    /// The queue consumed (declared durable, bound to `order.paid`).
+    pub queue: String,
+    /// Where lines go (`None`: stdout).
+    pub out: Option<PathBuf>,
+    /// The durable dedup state.
+    pub state: PathBuf,
+    /// Deliveries of one message before it goes to the dead-letter queue.
+    pub max_attempts: u32,
+    /// Unacked messages at most.
+    pub prefetch: u16,
+}
+
+/// Why `notify` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum NotifyError {
+    /// The state or output file cannot be read or written: nothing more is acked.
+    #[error("{0}")]
+    Files(String),
+}
+
+/// One line of the output (API.md), in this order.
+#[derive(Debug, serde::Serialize)]
+struct Line<'a> {
+    order_id: &'a str,
+    customer_id: &'a str,
+    total_cents: i64,
+    currency: &'a str,
+    items: &'a serde_json::Value,
+    paid_at: &'a str,
+}
+
+/// The line for an `order.paid` message body, or why there is none.
+pub fn line_for(body: &[u8]) -> Result<String, String> {
+    let event: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("the body is not JSON: {e}"))?;
+    let field = |v: &serde_json::Value, name: &str| {
+        v.get(name)
+            .cloned()
+            .ok_or_else(|| format!("the event has no {name}"))
+    };
+    let kind = field(&event, "type")?;
+    if kind != "order.paid" {
+        return Err(format!("not an order.paid event: {kind}"));
+    }
+    let data = field(&event, "data")?;
+    let text = |v: &serde_json::Value, name: &str| {
+        field(v, name)?
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| format!("{name} is not a string"))
+    };
+    let (order_id, at) = (text(&event, "order_id")?, text(&event, "at")?);
+    let (customer_id, currency) = (text(&data, "customer_id")?, text(&data, "currency")?);
+    let total_cents = field(&data, "total_cents")?
+        .as_i64()
+        .ok_or("total_cents is not an integer")?;
+    let items = field(&data, "items")?;
+    if !items.is_array() {
+        return Err("items is not a list".into());
+    }
+    serde_json::to_string(&Line {
+        order_id: &order_id,
+        customer_id: &customer_id,
+        total_cents,
+        currency: &currency,
+        items: &items,
+        paid_at: &at,
+    })
+    .map_err(|e| e.to_string())
+}
+
+/// The output and the dedup state, on disk.
+struct Files {
+    seen: HashSet<u64>,
+    state: File,
+    out: Option<File>,
+    out_len: u64,
+}
+
+impl Files {
+    fn open(config: &NotifyConfig) -> Result<Self, NotifyError> {
+        let files = |what: &str, e: std::io::Error| NotifyError::Files(format!("{what}: {e}"));
+        let state_path = config.state.display().to_string();
+        let mut seen = HashSet::new();
+        let mut recorded_len = None;
+        let mut good_bytes = 0u64;
+        if let Ok(file) = File::open(&config.state) {
+            let mut reader = std::io::BufReader::new(file);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                let read = reader
+                    .read_line(&mut line)
+                    .map_err(|e| files(&state_path, e))?;
+                // A torn last line (no newline: killed while appending) is dropped.
+                if read == 0 || !line.ends_with('\n') {
+                    break;
+                }
+                let mut parts = line.split_whitespace();
+                let parsed = (
+                    parts.next().and_then(|s| s.parse::<u64>().ok()),
+                    parts.next().and_then(|s| s.parse::<u64>().ok()),
+                );
+                let (Some(seq), Some(len)) = parsed else {
+                    return Err(NotifyError::Files(format!(
+                        "{state_path}: line {:?} is not `<message_id> <output length>`; fix or move the file (it is the dedup state)",
+                        line.trim_end()
+                    )));
+                };
+                seen.insert(seq);
+                recorded_len = Some(len);
+                good_bytes += read as u64;
+            }
+        }
+        let mut state = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.state)
+            .map_err(|e| files(&state_path, e))?;
+        if state.metadata().map_err(|e| files(&state_path, e))?.len() > good_bytes {
+            state
+                .set_len(good_bytes)
+                .map_err(|e| files(&state_path, e))?;
+        }
+        let _ = state.flush();
+        let (out, out_len) = match &config.out {
+            None => (None, 0),
+            Some(path) => {
+                let shown = path.display().to_string();
+                let file = OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| files(&shown, e))?;
+                let len = file.metadata().map_err(|e| files(&shown, e))?.len();
+                let keep = recorded_len.unwrap_or(0);
+                if len > keep {
+                    // Lines whose messages were not acked: they come again.
+                    file.set_len(keep).map_err(|e| files(&shown, e))?;
+                    file.sync_data().map_err(|e| files(&shown, e))?;
+                    tracing::info!(
+                        cut = len - keep,
+                        "notify: cut lines written after the last recorded one"
+                    );
+                }
+                (Some(file), len.min(keep))
+            }
+        };
+        Ok(Self {
+            seen,
+            state,
+            out,
+            out_len,
+        })
+    }
+
+    /// Writes `line` for message `seq`, durably, before the caller acks it.
+    fn write(&mut self, seq: u64, line: &str) -> Result<(), NotifyError> {
+        let failed = |what: &str, e: std::io::Error| NotifyError::Files(format!("{what}: {e}"));
+        match &mut self.out {
+            Some(out) => {
+                out.write_all(line.as_bytes())
+                    .and_then(|()| out.write_all(b"\n"))
+                    .and_then(|()| out.sync_data())
+                    .map_err(|e| failed("writing the output", e))?;
+                self.out_len += line.len() as u64 + 1;
+            }
+            None => {
+                let mut stdout = std::io::stdout().lock();
+                writeln!(stdout, "{line}")
+                    .and_then(|()| stdout.flush())
+                    .map_err(|e| failed("writing to stdout", e))?;
+            }
+        }
+        writeln!(self.state, "{seq} {}", self.out_len)
+            .and_then(|()| self.state.sync_data())
+            .map_err(|e| failed("writing the state", e))?;
+        self.seen.insert(seq);
+        Ok(())
+    }
+}
+
+/// Consumes until `stop` resolves. Reconnects with backoff when the broker goes away.
+pub async fn run(
+    config: NotifyConfig,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<(), NotifyError> {
+    let mut files = Files::open(&config)?;
+    tracing::info!(
+        queue = %config.queue,
+        already_notified = files.seen.len(),
+        "notify: starting"
+    );
+    tokio::pin!(stop);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let session = consume(&config, &mut files);
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            ended = session => match ended {
+                Err(Ended::Files(error)) => return Err(error),
+                Err(Ended::Broker(error)) => {
+                    tracing::warn!(%error, retry_in = ?backoff, "notify: RabbitMQ session ended; reconnecting");
+                }
+                Ok(()) => {}
+            },
+        }
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+enum Ended {
+    Broker(lapin::Error),
+    Files(NotifyError),
+}
+
+impl From<lapin::Error> for Ended {
+    fn from(error: lapin::Error) -> Self {
+        Ended::Broker(error)
+    }
+}
+
+/// Declares the quorum queue `queue` bound to `order.paid`, with the delivery limit and the
+/// dead-letter exchange of `exchange`.
+pub async fn declare_queue(
+    channel: &lapin::Channel,
+    exchange: &str,
+    queue: &str,
+    max_attempts: u32,
+) -> Result<(), lapin::Error> {
+    declare_topology(channel, exchange).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongLongInt(i64::from(max_attempts.saturating_sub(1))),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(dead_letter_exchange(exchange).as_str())),
+    );
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            arguments,
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            "order.paid".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+}
+
+async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> {
+    let connection = Connection::connect(
+        &config.url,
+        ConnectionProperties::default().with_connection_name("turnstile notify".into()),
+    )
+    .await?;
+    let channel = connection.create_channel().await?;
+    declare_queue(
+        &channel,
+        &config.exchange,
+        &config.queue,
+        config.max_attempts,
+    )
+    .await?;
+    channel
+        .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            config.queue.as_str().into(),
+            "turnstile-notify".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    tracing::info!(queue = %config.queue, "notify: consuming");
+    while let Some(delivery) = consumer.next().await {
+        let delivery = delivery?;
+        let seq = delivery
+            .properties
+            .message_id()
+            .as_ref()
+            .and_then(|id| id.as_str().parse::<u64>().ok());
+        let outcome = match seq {
+            None => Err("the message has no numeric message_id".to_owned()),
+            Some(seq) if files.seen.contains(&seq) => Ok(None),
+            Some(seq) => line_for(&delivery.data).map(|line| Some((seq, line))),
+        };
+        match outcome {
+            Ok(None) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Ok(Some((seq, line))) => {
+                files.write(seq, &line).map_err(Ended::Files)?;
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Err(reason) => {
+                tracing::warn!(
+                    %reason,
+                    message_id = ?delivery.properties.message_id(),
+                    "notify: message refused; RabbitMQ dead-letters it after --max-attempts deliveries"
+                );
+                delivery
+                    .nack(BasicNackOptions {
+                        requeue: true,
+                        ..BasicNackOptions::default()
+                    })
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,310 @@
+//! RabbitMQ: every event of the journal reaches the broker, in `seq` order, with publisher
+//! confirms; a `kill -9` loses none; `turnstile notify` writes exactly one line per paid order
+//! across a kill. Against the machine's RabbitMQ, each test with its own exchange and queues.
+
+use crate::helpers::{
+    eventually, metric, spawn_app, start, Client, JsonBody, Load, TestApp, TestBroker, AMQP_URL,
+};
+use serde_json::Value;
+use std::collections::{HashMap, HashSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// Waits until the relay has every durable event confirmed.
+async fn wait_confirmed(client: &mut Client) {
+    eventually(
+        "the relay to have every event confirmed",
+        Duration::from_secs(60),
+        async || metric(client, "turnstile_amqp_lag_events").await == 0.0,
+    )
+    .await;
+}
+
+/// Waits until the relay has every event confirmed, receives them all from the test queue and
+/// checks them against the event log ([`check_messages`]).
+async fn all_delivered(
+    client: &mut Client,
+    broker: &mut TestBroker,
+) -> Vec<crate::helpers::Received> {
+    wait_confirmed(client).await;
+    let events = client.all_events().await;
+    let received = broker
+        .receive_through(events.len() as u64, Duration::from_secs(60))
+        .await;
+    check_messages(&events, &received);
+    received
+}
+
+/// Checks what the queue received against the event log: every event arrived (duplicates
+/// allowed), each message as API.md fixes it, and in `seq` order once duplicates are dropped.
+fn check_messages(events: &[Value], received: &[crate::helpers::Received]) {
+    let by_seq: HashMap<u64, &Value> = events
+        .iter()
+        .map(|e| (e["seq"].as_u64().expect("seq"), e))
+        .collect();
+    let mut first_seen: Vec<u64> = Vec::new();
+    let mut seen = HashSet::new();
+    for message in received {
+        let event = by_seq
+            .get(&message.seq)
+            .unwrap_or_else(|| panic!("message {} is no event of the log", message.seq));
+        assert_eq!(
+            &message.body, *event,
+            "the body is the event as GET /v1/events shows it"
+        );
+        assert_eq!(message.routing_key, event["type"].as_str().expect("type"));
+        assert_eq!(message.content_type, "application/json");
+        assert!(message.persistent, "persistent (delivery mode 2)");
+        assert_eq!(
+            message.order_id_header,
+            event["order_id"].as_str().expect("order_id")
+        );
+        if seen.insert(message.seq) {
+            first_seen.push(message.seq);
+        }
+    }
+    let expected: Vec<u64> = (1..=events.len() as u64).collect();
+    assert_eq!(
+        first_seen, expected,
+        "every event arrived, first in seq order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_thousand_checkouts_give_one_order_paid_per_paid_order_in_journal_order() {
+    // Proves: the relay publishes every event, in seq order, with the contract's properties; after
+    // dropping duplicates by message_id, each paid order has exactly one order.paid.
+    let mut broker = TestBroker::create("two_thousand").await;
+    let app = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    client.put_product("A", 500, 100_000).await;
+    let tasks: Vec<_> = (0..16)
+        .map(|t| {
+            let mut client = app.client();
+            tokio::spawn(async move {
+                let mut paid = Vec::new();
+                for n in 0..125 {
+                    // One in ten declined: released orders emit events too.
+                    let token = if n % 10 == 0 { "tok_decline" } else { "tok_ok" };
+                    let answer = client
+                        .checkout(&format!("k-{t}-{n}"), "A", 1, token)
+                        .await
+                        .expect("answer");
+                    if answer.status == 201 {
+                        paid.push(answer.json()["order_id"].as_str().expect("id").to_owned());
+                    } else {
+                        assert_eq!(
+                            answer.status,
+                            402,
+                            "{}",
+                            String::from_utf8_lossy(&answer.body)
+                        );
+                    }
+                }
+                paid
+            })
+        })
+        .collect();
+    let mut paid = HashSet::new();
+    for task in tasks {
+        paid.extend(task.await.expect("task"));
+    }
+    assert_eq!(
+        paid.len(),
+        16 * 112,
+        "13 of each client's 125 were declined"
+    );
+    let received = all_delivered(&mut client, &mut broker).await;
+    let mut paid_messages: HashMap<String, usize> = HashMap::new();
+    let mut seen = HashSet::new();
+    for message in received.iter().filter(|m| seen.insert(m.seq)) {
+        if message.routing_key == "order.paid" {
+            *paid_messages
+                .entry(message.order_id_header.clone())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(paid_messages.len(), paid.len());
+    assert!(paid_messages
+        .iter()
+        .all(|(id, n)| *n == 1 && paid.contains(id)));
+    // The default queue got them too (no message is unroutable).
+    assert_eq!(
+        metric(&mut client, "turnstile_amqp_returns_total").await,
+        0.0
+    );
+    assert_eq!(metric(&mut client, "turnstile_amqp_nacks_total").await, 0.0);
+    assert_eq!(client.get("/readyz").await.json()["checks"]["amqp"], "ok");
+    broker.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
+    // Proves: events the broker has not confirmed wait in the journal across a kill -9, first
+    // with the broker unreachable (nothing sent), then mid-stream; after the restart every event
+    // arrives (duplicates allowed, losses not).
+    let mut broker = TestBroker::create("kill_9").await;
+    let unreachable = [
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "--amqp-exchange",
+        &broker.exchange,
+    ];
+    let mut app = spawn_app(&unreachable);
+    let mut client = app.client();
+    client.put_product("A", 500, 1_000_000).await;
+    for n in 0..200 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    // The broker is away: the node stays ready and says why.
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 200);
+    assert!(ready.json()["checks"]["amqp"]
+        .as_str()
+        .expect("amqp")
+        .contains("wait"));
+    assert!(metric(&mut client, "turnstile_amqp_lag_events").await >= 400.0);
+    app.kill_9();
+    let (data_dir, dir) = app.into_parts();
+    // Back with the broker, under load, and killed again mid-stream.
+    let mut app = start(&data_dir, &strs(&broker.args()));
+    let load = Load::start(&app, 8, "load", &["A".to_owned()]);
+    let mut client = app.client();
+    eventually(
+        "some events confirmed",
+        Duration::from_secs(30),
+        async || metric(&mut client, "turnstile_amqp_confirmed_seq").await > 400.0,
+    )
+    .await;
+    app.kill_9();
+    let _ = load.stop().await;
+    let app = start(&data_dir, &strs(&broker.args()));
+    let mut client = app.client();
+    let received = all_delivered(&mut client, &mut broker).await;
+    drop(app);
+    drop(dir);
+    broker.delete().await;
+}
+
+/// A `turnstile notify` process writing to `out` with its state in `state`.
+fn notify(
+    broker: &TestBroker,
+    queue: &str,
+    out: &std::path::Path,
+    state: &std::path::Path,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args([
+            "notify",
+            "--amqp-url",
+            AMQP_URL,
+            "--amqp-exchange",
+            &broker.exchange,
+            "--queue",
+            queue,
+        ])
+        .arg("--out")
+        .arg(out)
+        .arg("--state")
+        .arg(state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start turnstile notify")
+}
+
+fn lines(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notify_killed_mid_stream_writes_exactly_one_line_per_paid_order() {
+    // Proves: with at-least-once delivery, a kill -9 of the consumer mid-stream and a restart,
+    // every paid order has exactly one line, with the contract's fields.
+    let broker = TestBroker::create("notify").await;
+    let queue = format!("{}.notify", broker.exchange);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
+    // The queue exists before the first event is published.
+    let mut consumer = notify(&broker, &queue, &out, &state);
+    let app: TestApp = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    eventually(
+        "notify to declare its queue",
+        Duration::from_secs(20),
+        async || {
+            let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+                .await
+                .expect("connect");
+            let channel = connection.create_channel().await.expect("channel");
+            let declared = channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    lapin::options::QueueDeclareOptions {
+                        passive: true,
+                        ..Default::default()
+                    },
+                    Default::default(),
+                )
+                .await
+                .is_ok();
+            let _ = connection.close(200, "".into()).await;
+            declared
+        },
+    )
+    .await;
+    client.put_product("A", 700, 100_000).await;
+    let load = Load::start(&app, 8, "n", &["A".to_owned()]);
+    eventually("some lines written", Duration::from_secs(30), async || {
+        lines(&out).len() >= 100
+    })
+    .await;
+    let _ = consumer.kill();
+    let _ = consumer.wait();
+    let sent = load.stop().await;
+    let paid: HashSet<&str> = sent
+        .iter()
+        .filter(|s| s.status == 201)
+        .map(|s| s.order_id.as_str())
+        .collect();
+    let mut consumer = notify(&broker, &queue, &out, &state);
+    eventually(
+        "a line for every paid order",
+        Duration::from_secs(60),
+        async || lines(&out).len() >= paid.len(),
+    )
+    .await;
+    wait_confirmed(&mut client).await;
+    let _ = Command::new("kill").arg(consumer.id().to_string()).status();
+    let _ = consumer.wait();
+    let written = lines(&out);
+    let mut per_order: HashMap<&str, usize> = HashMap::new();
+    for line in &written {
+        *per_order
+            .entry(line["order_id"].as_str().expect("order_id"))
+            .or_default() += 1;
+        for field in ["customer_id", "total_cents", "currency", "items", "paid_at"] {
+            assert!(!line[field].is_null(), "{field} in {line}");
+        }
+        assert_eq!(line["total_cents"], 700);
+        assert_eq!(line["items"][0]["sku"], "A");
+    }
+    assert_eq!(per_order.len(), paid.len(), "one line per paid order");
+    assert!(
+        per_order.iter().all(|(id, n)| *n == 1 && paid.contains(id)),
+        "exactly one each"
+    );
+    broker.delete().await;
+}
