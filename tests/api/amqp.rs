@@ -188,7 +188,7 @@ async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
     let _ = load.stop().await;
     let app = start(&data_dir, &strs(&broker.args()));
     let mut client = app.client();
-    let received = all_delivered(&mut client, &mut broker).await;
+    all_delivered(&mut client, &mut broker).await;
     drop(app);
     drop(dir);
     broker.delete().await;
