@@ -3,10 +3,11 @@
 //!
 //! **Exactly one line per order out of at-least-once delivery.** Messages come with manual acks
 //! and a prefetch limit. A message is acked only after its line and its dedup entry are on disk,
-//! in this order:
-//! 1. the line is appended to `--out` and `fsync`ed;
-//! 2. `<message_id> <length of --out after the line>` is appended to `--state` and `fsync`ed;
-//! 3. the message is acked.
+//! in this order, for each batch of the messages already delivered (up to the prefetch):
+//! 1. the lines are appended to `--out` and `fsync`ed;
+//! 2. `<message_id> <length of --out after its line>` per line is appended to `--state` and
+//!    `fsync`ed;
+//! 3. the messages are acked.
 //!
 //! A message whose `message_id` is in the state is acked and dropped (a duplicate: the relay
 //! republishes after a reconnect). At start the state is read back, and `--out` is cut to the
@@ -196,28 +197,44 @@ impl Files {
         })
     }
 
-    /// Writes `line` for message `seq`, durably, before the caller acks it.
-    fn write(&mut self, seq: u64, line: &str) -> Result<(), NotifyError> {
+    /// Writes the `lines` of a batch of messages (by seq), durably, before the caller acks them:
+    /// one `fsync` of the output, then one of the state, for the whole batch.
+    fn write(&mut self, lines: &[(u64, String)]) -> Result<(), NotifyError> {
         let failed = |what: &str, e: std::io::Error| NotifyError::Files(format!("{what}: {e}"));
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut text = String::new();
+        for (_, line) in lines {
+            text.push_str(line);
+            text.push('\n');
+        }
         match &mut self.out {
             Some(out) => {
-                out.write_all(line.as_bytes())
-                    .and_then(|()| out.write_all(b"\n"))
+                out.write_all(text.as_bytes())
                     .and_then(|()| out.sync_data())
                     .map_err(|e| failed("writing the output", e))?;
-                self.out_len += line.len() as u64 + 1;
             }
             None => {
                 let mut stdout = std::io::stdout().lock();
-                writeln!(stdout, "{line}")
+                stdout
+                    .write_all(text.as_bytes())
                     .and_then(|()| stdout.flush())
                     .map_err(|e| failed("writing to stdout", e))?;
             }
         }
-        writeln!(self.state, "{seq} {}", self.out_len)
+        let mut state = String::new();
+        for (seq, line) in lines {
+            if self.out.is_some() {
+                self.out_len += line.len() as u64 + 1;
+            }
+            state.push_str(&format!("{seq} {}\n", self.out_len));
+        }
+        self.state
+            .write_all(state.as_bytes())
             .and_then(|()| self.state.sync_data())
             .map_err(|e| failed("writing the state", e))?;
-        self.seen.insert(seq);
+        self.seen.extend(lines.iter().map(|(seq, _)| *seq));
         Ok(())
     }
 }
@@ -335,39 +352,54 @@ async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> 
         )
         .await?;
     tracing::info!(queue = %config.queue, "notify: consuming");
-    while let Some(delivery) = consumer.next().await {
-        let delivery = delivery?;
-        let seq = delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .and_then(|id| id.as_str().parse::<u64>().ok());
-        let outcome = match seq {
-            None => Err("the message has no numeric message_id".to_owned()),
-            Some(seq) if files.seen.contains(&seq) => Ok(None),
-            Some(seq) => line_for(&delivery.data).map(|line| Some((seq, line))),
-        };
-        match outcome {
-            Ok(None) => {
-                delivery.ack(BasicAckOptions::default()).await?;
+    while let Some(first) = consumer.next().await {
+        // The deliveries already here join the first one: one pair of fsyncs per batch.
+        let mut batch = vec![first?];
+        while batch.len() < usize::from(config.prefetch) {
+            match futures_util::FutureExt::now_or_never(consumer.next()) {
+                Some(Some(delivery)) => batch.push(delivery?),
+                _ => break,
             }
-            Ok(Some((seq, line))) => {
-                files.write(seq, &line).map_err(Ended::Files)?;
-                delivery.ack(BasicAckOptions::default()).await?;
+        }
+        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut acks = Vec::new();
+        for delivery in batch {
+            let seq = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .and_then(|id| id.as_str().parse::<u64>().ok());
+            let outcome = match seq {
+                None => Err("the message has no numeric message_id".to_owned()),
+                // A duplicate: already written, or earlier in this batch.
+                Some(seq) if files.seen.contains(&seq) || lines.iter().any(|(s, _)| *s == seq) => {
+                    Ok(None)
+                }
+                Some(seq) => line_for(&delivery.data).map(|line| Some((seq, line))),
+            };
+            match outcome {
+                Ok(line) => {
+                    lines.extend(line);
+                    acks.push(delivery);
+                }
+                Err(reason) => {
+                    tracing::warn!(
+                        %reason,
+                        message_id = ?delivery.properties.message_id(),
+                        "notify: message refused; RabbitMQ dead-letters it after --max-attempts deliveries"
+                    );
+                    delivery
+                        .nack(BasicNackOptions {
+                            requeue: true,
+                            ..BasicNackOptions::default()
+                        })
+                        .await?;
+                }
             }
-            Err(reason) => {
-                tracing::warn!(
-                    %reason,
-                    message_id = ?delivery.properties.message_id(),
-                    "notify: message refused; RabbitMQ dead-letters it after --max-attempts deliveries"
-                );
-                delivery
-                    .nack(BasicNackOptions {
-                        requeue: true,
-                        ..BasicNackOptions::default()
-                    })
-                    .await?;
-            }
+        }
+        files.write(&lines).map_err(Ended::Files)?;
+        for delivery in acks {
+            delivery.ack(BasicAckOptions::default()).await?;
         }
     }
     Ok(())

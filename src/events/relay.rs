@@ -333,6 +333,31 @@ pub fn message(event: &Event) -> (Vec<u8>, BasicProperties) {
     (EventView::of(event).to_bytes(), properties)
 }
 
+/// What the broker's answer for event `seq` means: delivered only on an `Ack` with no returned
+/// message. A `Nack`, a return, or `NotRequested` (what lapin answers at once on a channel without
+/// `confirm.select`, the pitfall that would count a message as sent) is an error, and the relay
+/// republishes from `seq`.
+fn settle(seq: u64, confirmation: Confirmation, stats: &Stats) -> Result<(), SessionError> {
+    match confirmation {
+        Confirmation::Ack(None) => {
+            stats.confirmed.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        }
+        Confirmation::Ack(Some(returned)) => {
+            stats.returns.fetch_add(1, Ordering::Relaxed);
+            Err(SessionError::Returned {
+                seq,
+                reason: returned.reply_text.to_string(),
+            })
+        }
+        Confirmation::Nack(_) => {
+            stats.nacks.fetch_add(1, Ordering::Relaxed);
+            Err(SessionError::Nack { seq })
+        }
+        Confirmation::NotRequested => Err(SessionError::NotConfirmed { seq }),
+    }
+}
+
 impl Relay {
     /// A relay of `journal`'s events, its cursor in `cursor` (already loaded as `confirmed`), and
     /// the embedded journal's retention hold if it has one.
@@ -628,31 +653,37 @@ impl Relay {
                 }
                 continue;
             };
-            match confirm.await? {
-                Confirmation::Ack(None) => {
-                    self.confirmed.store(seq, Ordering::Release);
-                    self.stats.confirmed.fetch_add(1, Ordering::Relaxed);
-                    let next_at = window.front().map(|(_, at, _)| *at);
-                    self.oldest_at_ms
-                        .store(next_at.unwrap_or(0), Ordering::Release);
-                }
-                Confirmation::Ack(Some(returned)) => {
-                    self.stats.returns.fetch_add(1, Ordering::Relaxed);
-                    return Err(SessionError::Returned {
-                        seq,
-                        reason: returned.reply_text.to_string(),
-                    });
-                }
-                Confirmation::Nack(_) => {
-                    self.stats.nacks.fetch_add(1, Ordering::Relaxed);
-                    return Err(SessionError::Nack { seq });
-                }
-                Confirmation::NotRequested => return Err(SessionError::NotConfirmed { seq }),
-            }
+            settle(seq, confirm.await?, &self.stats)?;
+            self.confirmed.store(seq, Ordering::Release);
+            let next_at = window.front().map(|(_, at, _)| *at);
+            self.oldest_at_ms
+                .store(next_at.unwrap_or(0), Ordering::Release);
             if last_save.elapsed() >= SAVE_EVERY {
                 self.save().await?;
                 last_save = Instant::now();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_ack_without_a_returned_message_counts_as_delivered() {
+        // Proves: NotRequested (no confirm.select) and Nack never move the cursor.
+        let stats = Stats::default();
+        assert!(settle(1, Confirmation::Ack(None), &stats).is_ok());
+        assert!(matches!(
+            settle(2, Confirmation::NotRequested, &stats),
+            Err(SessionError::NotConfirmed { seq: 2 })
+        ));
+        assert!(matches!(
+            settle(3, Confirmation::Nack(None), &stats),
+            Err(SessionError::Nack { seq: 3 })
+        ));
+        assert_eq!(stats.confirmed.load(Ordering::Relaxed), 1);
+        assert_eq!(stats.nacks.load(Ordering::Relaxed), 1);
     }
 }

@@ -308,3 +308,136 @@ async fn notify_killed_mid_stream_writes_exactly_one_line_per_paid_order() {
     );
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_nacked_message_is_republished_and_never_counted_as_delivered() {
+    // Proves: the cursor moves only on the broker's Ack. A queue that rejects every publish
+    // (x-max-length 0, reject-publish) makes RabbitMQ nack: nothing counts as delivered, the
+    // node stays ready and says why; once the queue goes, every event arrives.
+    let mut broker = TestBroker::create("nack").await;
+    let full = format!("{}.full", broker.exchange);
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut rejecting = lapin::types::FieldTable::default();
+    rejecting.insert(
+        "x-max-length".into(),
+        lapin::types::AMQPValue::LongLongInt(0),
+    );
+    rejecting.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    channel
+        .queue_declare(full.as_str().into(), Default::default(), rejecting)
+        .await
+        .expect("declare the rejecting queue");
+    channel
+        .queue_bind(
+            full.as_str().into(),
+            broker.exchange.as_str().into(),
+            "#".into(),
+            Default::default(),
+            Default::default(),
+        )
+        .await
+        .expect("bind it");
+    let app = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    client.put_product("A", 500, 100).await;
+    for n in 0..5 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    eventually("the broker to nack", Duration::from_secs(30), async || {
+        metric(&mut client, "turnstile_amqp_nacks_total").await > 0.0
+    })
+    .await;
+    assert_eq!(
+        metric(&mut client, "turnstile_amqp_confirmed_seq").await,
+        0.0
+    );
+    assert_eq!(metric(&mut client, "turnstile_amqp_lag_events").await, 10.0);
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 200, "the broker is not on the checkout path");
+    channel
+        .queue_delete(full.as_str().into(), Default::default())
+        .await
+        .expect("delete the rejecting queue");
+    let _ = connection.close(200, "".into()).await;
+    all_delivered(&mut client, &mut broker).await;
+    broker.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn past_the_budget_of_unconfirmed_events_checkouts_stop_and_nothing_is_dropped() {
+    // Proves: with the broker away, events wait; at --amqp-unconfirmed-max the node refuses new
+    // checkouts (503 overloaded, /readyz 503 saying why) instead of dropping an event, and the
+    // refused checkout changes nothing.
+    let app = spawn_app(&[
+        "--amqp-url",
+        "amqp://guest:guest@127.0.0.1:1/%2f",
+        "--amqp-unconfirmed-max",
+        "10",
+    ]);
+    let mut client = app.client();
+    client.put_product("A", 500, 100).await;
+    for n in 0..5 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    let refused = client
+        .checkout("k-over", "A", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(refused.status, 503);
+    assert_eq!(refused.json()["error"], "overloaded");
+    assert_eq!(client.stock("A").await, (100, 95, 0, 5));
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.json()["checks"]["amqp"]
+            .as_str()
+            .expect("amqp")
+            .contains("--amqp-unconfirmed-max"),
+        "{}",
+        ready.json()
+    );
+    assert_eq!(client.all_events().await.len(), 10, "every event kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_mysql_as_the_journal_the_outbox_reaches_rabbitmq() {
+    // Proves: the relay reads MySQL's outbox (its cursor in outbox_cursor) and delivers every
+    // event, in seq order.
+    let database = crate::helpers::TestDatabase::create().await;
+    let mut broker = TestBroker::create("mysql").await;
+    let mut args = broker.args();
+    args.extend(["--mysql-url".to_owned(), database.url.clone()]);
+    let app = spawn_app(&strs(&args));
+    let mut client = app.client();
+    client.put_product("A", 500, 1_000).await;
+    for n in 0..100 {
+        let token = if n % 5 == 0 { "tok_decline" } else { "tok_ok" };
+        client
+            .checkout(&format!("k-{n}"), "A", 1, token)
+            .await
+            .expect("answer");
+    }
+    all_delivered(&mut client, &mut broker).await;
+    let pool = database.pool().await;
+    let cursor: i64 =
+        sqlx::query_scalar("SELECT published_seq FROM outbox_cursor WHERE relay = 'amqp'")
+            .fetch_one(&pool)
+            .await
+            .expect("the relay's cursor");
+    assert!(cursor > 0);
+    broker.delete().await;
+}
