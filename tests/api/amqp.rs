@@ -3,7 +3,8 @@
 //! across a kill. Against the machine's RabbitMQ, each test with its own exchange and queues.
 
 use crate::helpers::{
-    eventually, metric, spawn_app, start, Client, JsonBody, Load, TestApp, TestBroker, AMQP_URL,
+    all_delivered, eventually, metric, spawn_app, start, wait_confirmed, JsonBody, Load, TestApp,
+    TestBroker, AMQP_URL,
 };
 use serde_json::Value;
 use std::collections::{HashMap, HashSet};
@@ -12,66 +13,6 @@ use std::time::Duration;
 
 fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
-}
-
-/// Waits until the relay has every durable event confirmed.
-async fn wait_confirmed(client: &mut Client) {
-    eventually(
-        "the relay to have every event confirmed",
-        Duration::from_secs(60),
-        async || metric(client, "turnstile_amqp_lag_events").await == 0.0,
-    )
-    .await;
-}
-
-/// Waits until the relay has every event confirmed, receives them all from the test queue and
-/// checks them against the event log ([`check_messages`]).
-async fn all_delivered(
-    client: &mut Client,
-    broker: &mut TestBroker,
-) -> Vec<crate::helpers::Received> {
-    wait_confirmed(client).await;
-    let events = client.all_events().await;
-    let received = broker
-        .receive_through(events.len() as u64, Duration::from_secs(60))
-        .await;
-    check_messages(&events, &received);
-    received
-}
-
-/// Checks what the queue received against the event log: every event arrived (duplicates
-/// allowed), each message as API.md fixes it, and in `seq` order once duplicates are dropped.
-fn check_messages(events: &[Value], received: &[crate::helpers::Received]) {
-    let by_seq: HashMap<u64, &Value> = events
-        .iter()
-        .map(|e| (e["seq"].as_u64().expect("seq"), e))
-        .collect();
-    let mut first_seen: Vec<u64> = Vec::new();
-    let mut seen = HashSet::new();
-    for message in received {
-        let event = by_seq
-            .get(&message.seq)
-            .unwrap_or_else(|| panic!("message {} is no event of the log", message.seq));
-        assert_eq!(
-            &message.body, *event,
-            "the body is the event as GET /v1/events shows it"
-        );
-        assert_eq!(message.routing_key, event["type"].as_str().expect("type"));
-        assert_eq!(message.content_type, "application/json");
-        assert!(message.persistent, "persistent (delivery mode 2)");
-        assert_eq!(
-            message.order_id_header,
-            event["order_id"].as_str().expect("order_id")
-        );
-        if seen.insert(message.seq) {
-            first_seen.push(message.seq);
-        }
-    }
-    let expected: Vec<u64> = (1..=events.len() as u64).collect();
-    assert_eq!(
-        first_seen, expected,
-        "every event arrived, first in seq order"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -561,6 +561,16 @@ impl TestBroker {
         }
     }
 
+    /// A new connection (after the broker was restarted): the exchange and queues are durable.
+    pub async fn reconnect(&mut self) {
+        self.connection =
+            lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+                .await
+                .expect("reconnect to RabbitMQ");
+        self.channel = self.connection.create_channel().await.expect("channel");
+        self.consumer = None;
+    }
+
     /// The server options that publish to this exchange.
     pub fn args(&self) -> Vec<String> {
         vec![
@@ -670,4 +680,61 @@ pub async fn metric(client: &mut Client, name: &str) -> f64 {
         .find_map(|line| line.strip_prefix(&format!("{name} ")))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics"))
+}
+
+/// Waits until the relay has every durable event confirmed.
+pub async fn wait_confirmed(client: &mut Client) {
+    eventually(
+        "the relay to have every event confirmed",
+        Duration::from_secs(60),
+        async || metric(client, "turnstile_amqp_lag_events").await == 0.0,
+    )
+    .await;
+}
+
+/// Waits until the relay has every event confirmed, receives them all from the test queue and
+/// checks them against the event log ([`check_messages`]).
+pub async fn all_delivered(client: &mut Client, broker: &mut TestBroker) -> Vec<Received> {
+    wait_confirmed(client).await;
+    let events = client.all_events().await;
+    let received = broker
+        .receive_through(events.len() as u64, Duration::from_secs(60))
+        .await;
+    check_messages(&events, &received);
+    received
+}
+
+/// Checks what the queue received against the event log: every event arrived (duplicates
+/// allowed), each message as API.md fixes it, and in `seq` order once duplicates are dropped.
+pub fn check_messages(events: &[Value], received: &[Received]) {
+    let by_seq: std::collections::HashMap<u64, &Value> = events
+        .iter()
+        .map(|e| (e["seq"].as_u64().expect("seq"), e))
+        .collect();
+    let mut first_seen: Vec<u64> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for message in received {
+        let event = by_seq
+            .get(&message.seq)
+            .unwrap_or_else(|| panic!("message {} is no event of the log", message.seq));
+        assert_eq!(
+            &message.body, *event,
+            "the body is the event as GET /v1/events shows it"
+        );
+        assert_eq!(message.routing_key, event["type"].as_str().expect("type"));
+        assert_eq!(message.content_type, "application/json");
+        assert!(message.persistent, "persistent (delivery mode 2)");
+        assert_eq!(
+            message.order_id_header,
+            event["order_id"].as_str().expect("order_id")
+        );
+        if seen.insert(message.seq) {
+            first_seen.push(message.seq);
+        }
+    }
+    let expected: Vec<u64> = (1..=events.len() as u64).collect();
+    assert_eq!(
+        first_seen, expected,
+        "every event arrived, first in seq order"
+    );
 }

@@ -1343,7 +1343,7 @@ impl Drop for FileJournal {
 }
 
 #[cfg(test)]
-mod write_behind_tests {
+mod hold_tests {
     use super::*;
     use crate::journal::pipeline::tests::record;
     use std::sync::atomic::AtomicU64;
@@ -1379,5 +1379,78 @@ mod write_behind_tests {
             matches!(&read, Ok(lsns) if lsns == &[3]),
             "record 3 (MySQL's last) must stay readable: {read:?}"
         );
+    }
+
+    /// A new order released at once: two events (reserved, released), no stock held.
+    fn released_order(n: usize) -> Record {
+        use crate::domain::{Cents, Currency, CustomerId, OrderId, Sku};
+        use crate::engine::order::{Order, OrderItem, OrderStatus};
+        Record::Order {
+            order: Order {
+                order_id: OrderId::parse(format!("o{n}")).unwrap(),
+                status: OrderStatus::Released,
+                customer_id: CustomerId::parse("c").unwrap(),
+                items: vec![OrderItem {
+                    sku: Sku::parse("s1").unwrap(),
+                    quantity: 1,
+                    unit_price_cents: Cents::parse(1).unwrap(),
+                }],
+                total_cents: 1,
+                currency: Currency::parse("EUR").unwrap(),
+                created_at_ms: 0,
+                hold_deadline_ms: 0,
+                payment_id: None,
+                payment_due: None,
+            },
+            previous: None,
+            entered: vec![OrderStatus::Reserved, OrderStatus::Released],
+            at_ms: 0,
+            answer: None,
+            replaces_expired_key: false,
+        }
+    }
+
+    #[test]
+    fn a_checkpoint_keeps_every_event_rabbitmq_has_not_confirmed() {
+        // Proves: past --event-retention, segments go only once the relay's saved cursor covers
+        // all their events; the first event not confirmed stays readable.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let hold = Arc::new(AtomicU64::new(0));
+        let config = FileJournalConfig {
+            segment_bytes_max: 1,
+            checkpoint_segments: 1_000,
+            event_retention_ms: -1_000_000_000,
+            hold_events_after_seq: Some(Arc::clone(&hold)),
+            // Older events are read from the segments.
+            events_in_memory_max: 1,
+            ..FileJournalConfig::default()
+        };
+        let (journal, _) = FileJournal::open_dir(dir.path(), config).expect("open");
+        journal.append(record(1)).wait().expect("append");
+        for n in 1..=5 {
+            journal.append(released_order(n)).wait().expect("append");
+        }
+        journal.checkpoint_now().expect("checkpoint");
+        assert_eq!(
+            journal.shared.events_after(0, 100).map(|e| e.len()),
+            Ok(10),
+            "nothing confirmed: every event stays"
+        );
+        // The relay saved seq 4: the first two orders' events.
+        hold.store(4, Ordering::Release);
+        journal.append(record(2)).wait().expect("append");
+        journal.checkpoint_now().expect("checkpoint");
+        assert_eq!(
+            journal.shared.events_after(0, 100).map(|e| e.len()),
+            Err(JournalError::Pruned { first_seq: 5 })
+        );
+        let kept: Vec<u64> = journal
+            .shared
+            .events_after(4, 100)
+            .expect("events after the cursor")
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(kept, (5..=10).collect::<Vec<_>>());
     }
 }
