@@ -562,6 +562,7 @@ impl TestBroker {
     }
 
     /// A new connection (after the broker was restarted): the exchange and queues are durable.
+    #[allow(dead_code)] // used by the RabbitMQ-restart test, not by every test binary
     pub async fn reconnect(&mut self) {
         self.connection =
             lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
