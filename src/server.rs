@@ -226,7 +226,14 @@ async fn serve(
         }
         _ => None,
     };
-    let relay_task = relay.as_ref().map(Relay::start);
+    let relay_task = relay
+        .as_ref()
+        .map(Relay::start)
+        .transpose()
+        .map_err(|source| ServeError::Io {
+            context: "starting the RabbitMQ relay's thread".into(),
+            source,
+        })?;
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),

@@ -1,4 +1,5 @@
-//! Small helpers for the locks: `lock` (std's `Mutex`, poison ignored) and `shard_of`.
+//! Small helpers for the locks and threads: `lock` (std's `Mutex`, poison ignored), `shard_of`, and
+//! `lower_this_threads_priority` for background threads.
 //!
 //! Which lock, measured (`cargo bench --bench locks`, the pattern of the key tables: a new key
 //! looked up, inserted, read back and removed under its shard's lock, 64 shards of an `FxHashMap`;
@@ -25,4 +26,16 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Which of `shards` independently locked parts `key` belongs to.
 pub(crate) fn shard_of<K: Hash + ?Sized>(key: &K, shards: usize) -> usize {
     (rustc_hash::FxBuildHasher.hash_one(key) as usize) % shards
+}
+
+/// Lowers the calling thread's CPU priority to `nice` (0 normal, 19 lowest): for background work
+/// (snapshots, the RabbitMQ relay) that should take only what the request handlers leave, instead
+/// of stretching their latency tail.
+pub(crate) fn lower_this_threads_priority(nice: i32) {
+    // SAFETY: setpriority has no memory-safety preconditions; on Linux, `who == 0` with
+    // PRIO_PROCESS names the calling thread only. Failure just leaves the priority as it was.
+    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+    if result != 0 {
+        tracing::debug!(nice, "could not lower this thread's priority");
+    }
 }

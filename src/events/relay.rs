@@ -52,6 +52,8 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long connecting, declaring or closing may take before the attempt counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The relay thread's nice value: below the request handlers, above the snapshot thread.
+const RELAY_NICE: i32 = 10;
 /// The most messages the default queue keeps (API.md): older ones are dropped from its head.
 pub const ALL_QUEUE_LENGTH_MAX: i64 = 1_000_000;
 
@@ -384,10 +386,24 @@ impl Relay {
         })
     }
 
-    /// Runs the relay on its own task until [`Relay::stop`].
-    pub fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Runs the relay until [`Relay::stop`] on a thread of its own at a lower CPU priority, with
+    /// its own runtime: on a busy box it takes what the request handlers leave (the broker is
+    /// not on the checkout path), and the lag absorbs the difference. The receiver resolves once
+    /// it has stopped.
+    pub fn start(self: &Arc<Self>) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
         let relay = Arc::clone(self);
-        tokio::spawn(async move { relay.run().await })
+        let (done, stopped) = tokio::sync::oneshot::channel();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name("amqp-relay".into())
+            .spawn(move || {
+                crate::sync::lower_this_threads_priority(RELAY_NICE);
+                runtime.block_on(relay.run());
+                let _ = done.send(());
+            })?;
+        Ok(stopped)
     }
 
     /// Asks the relay to stop: it waits (bounded) for the confirms in flight, saves its cursor and

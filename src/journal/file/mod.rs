@@ -984,17 +984,6 @@ impl FrameTables {
     }
 }
 
-/// A snapshot is seconds of CPU on a big state; at the lowest priority it takes only what the
-/// request handlers leave, instead of stretching their latency tail.
-fn lower_this_threads_priority() {
-    // SAFETY: setpriority has no memory-safety preconditions; on Linux, `who == 0` with
-    // PRIO_PROCESS names the calling thread only. Failure just leaves the priority as it was.
-    let result = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, 19) };
-    if result != 0 {
-        tracing::debug!("could not lower the snapshot thread's priority");
-    }
-}
-
 impl Writer {
     fn run(mut self) {
         let mut batch: Vec<Entry> = Vec::with_capacity(1024);
@@ -1236,7 +1225,9 @@ impl Writer {
             let spawned = std::thread::Builder::new()
                 .name("journal-checkpoint".into())
                 .spawn(move || {
-                    lower_this_threads_priority();
+                    // A snapshot is seconds of CPU on a big state; at the lowest priority it
+                    // takes only what the request handlers leave.
+                    crate::sync::lower_this_threads_priority(19);
                     match shared.checkpoint(first_lsn) {
                         Ok(lsn) => tracing::info!(lsn, "journal snapshot written"),
                         Err(error) => tracing::error!(%error, "journal snapshot failed"),
