@@ -16,6 +16,9 @@
 //!   applier keeping the tables behind the log with a durable cursor; `turnstile mysql-apply`)
 //!   and write-behind ([`journal::write_behind`]: the embedded journal acknowledges, the same
 //!   applier ships the log to MySQL behind it, with bounded lag).
+//! - [`events`]: the events downstream of the journal: their one JSON shape, the outbox relay to
+//!   RabbitMQ ([`events::relay`]: publisher confirms, go-back-N, a durable cursor, off the checkout
+//!   path) and `turnstile notify` ([`events::notify`]: exactly one line per paid order).
 //! - [`payment`]: the `PaymentGateway` trait, the simulator's ledger (in process and `turnstile
 //!   gateway-sim` over HTTP), the HTTP gateway client, webhook signatures.
 //! - [`sessions`]: carts with idle expiry and a cap (in process).
@@ -24,13 +27,15 @@
 //! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept
 //!   loop: HTTP/1.1 and HTTP/2, cleartext or over TLS ([`connections::tls`]: rustls, TLS 1.3, ALPN),
 //!   slow clients cut off, graceful drain.
-//! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`, `mysql-apply`): flags >
+//! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`, `mysql-apply`,
+//!   `notify`): flags >
 //!   environment > JSON file > defaults; durations by `humantime`.
 //! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
 //! - [`metrics`]: counters and histograms on our own atomics, exposed through `prometheus-client`.
 //! - [`server`]: wiring, the hold sweeper, the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
-//! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why).
+//! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why, and
+//!   lowers background threads' priority).
 
 /// A boxed future, so traits with async methods stay object-safe.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
