@@ -929,6 +929,45 @@ mod tests {
             error.contains("--mysql-url") && !error.contains("hunter2"),
             "{error}"
         );
+        // A bad AMQP URL, or amqps:// (no TLS to the broker in this build), is refused without
+        // echoing it; a good one configures the relay with the contract's defaults.
+        for bad in [
+            "http://guest:hunter2@h:5672/%2f",
+            "amqps://guest:hunter2@h:5671/%2f",
+            "amqp://",
+        ] {
+            let error = message(serve(&["--amqp-url", bad]).unwrap_err());
+            assert!(
+                error.contains("--amqp-url") && !error.contains("hunter2"),
+                "{error}"
+            );
+        }
+        let relay = serve(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"])
+            .unwrap()
+            .amqp
+            .expect("the relay is configured");
+        assert_eq!(relay.exchange, "turnstile.orders");
+        assert_eq!(relay.window, 1_024);
+        let notify = |list: &[&str]| {
+            let args: Vec<String> = ["turnstile", "notify"]
+                .iter()
+                .chain(list)
+                .map(|s| (*s).to_owned())
+                .collect();
+            parse(&args)
+        };
+        assert!(
+            matches!(notify(&[]), Err(CliError::Clap(_))),
+            "notify needs --amqp-url"
+        );
+        match notify(&["--amqp-url", "amqp://guest:guest@127.0.0.1:5672/%2f"]) {
+            Ok(Invocation::Notify(args)) => {
+                assert_eq!(args.queue, "turnstile.notify");
+                assert_eq!(args.max_attempts, 5);
+                assert_eq!(args.state, PathBuf::from("./notify-state"));
+            }
+            other => panic!("not notify: {other:?}"),
+        }
         // Each TLS file needs the other, checked once every source is merged.
         let error = serve(&["--tls-cert", "cert.pem"]).unwrap_err();
         assert!(message(error).contains("--tls-key"));
