@@ -127,7 +127,13 @@ impl Files {
         let mut seen = HashSet::new();
         let mut recorded_len = None;
         let mut good_bytes = 0u64;
-        if let Ok(file) = File::open(&config.state) {
+        let existing = match File::open(&config.state) {
+            Ok(file) => Some(file),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(files(&state_path, e)),
+        };
+        let state_existed = existing.is_some();
+        if let Some(file) = existing {
             let mut reader = std::io::BufReader::new(file);
             let mut line = String::new();
             loop {
@@ -177,6 +183,31 @@ impl Files {
                     .map_err(|e| files(&shown, e))?;
                 let len = file.metadata().map_err(|e| files(&shown, e))?.len();
                 let keep = recorded_len.unwrap_or(0);
+                if !state_existed && len > 0 {
+                    // Cutting would drop lines whose messages were acked: they never come again.
+                    return Err(NotifyError::Files(format!(
+                        "{shown} holds {len} bytes but the state {state_path} does not exist: give the --state that goes with this output, or move the output away"
+                    )));
+                }
+                if len < keep {
+                    return Err(NotifyError::Files(format!(
+                        "{shown} is shorter ({len} bytes) than the state {state_path} records ({keep}): lines of acked messages are missing; restore the output or move both files away"
+                    )));
+                }
+                if keep > 0 {
+                    use std::io::{Read, Seek, SeekFrom};
+                    let mut last = [0u8; 1];
+                    let mut reader = File::open(path).map_err(|e| files(&shown, e))?;
+                    reader
+                        .seek(SeekFrom::Start(keep - 1))
+                        .and_then(|_| reader.read_exact(&mut last))
+                        .map_err(|e| files(&shown, e))?;
+                    if last[0] != b'\n' {
+                        return Err(NotifyError::Files(format!(
+                            "{shown}: the length {keep} the state {state_path} records does not end a line: the output or the state holds bad bytes; fix or move both files"
+                        )));
+                    }
+                }
                 if len > keep {
                     // Lines whose messages were not acked: they come again.
                     file.set_len(keep).map_err(|e| files(&shown, e))?;
@@ -403,4 +434,100 @@ async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> 
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(dir: &std::path::Path) -> NotifyConfig {
+        NotifyConfig {
+            url: "amqp://127.0.0.1:1/%2f".into(),
+            exchange: "x".into(),
+            queue: "q".into(),
+            out: Some(dir.join("out")),
+            state: dir.join("state"),
+            max_attempts: 3,
+            prefetch: 10,
+        }
+    }
+
+    fn open_err(config: &NotifyConfig) -> String {
+        match Files::open(config) {
+            Ok(_) => panic!("opened without an error"),
+            Err(NotifyError::Files(message)) => message,
+        }
+    }
+
+    #[test]
+    fn an_output_shorter_than_the_state_records_is_an_error_not_a_silent_loss() {
+        // Proves: lines the state says were written (and whose messages were acked) are missing
+        // from the output: a clear error, never a silent restart from the shorter length.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path());
+        std::fs::write(dir.path().join("out"), "{\"a\":1}\n").expect("out");
+        std::fs::write(dir.path().join("state"), "1 8\n2 16\n").expect("state");
+        let message = open_err(&config);
+        assert!(message.contains("shorter"), "{message}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).expect("out"),
+            "{\"a\":1}\n",
+            "the output is left alone"
+        );
+    }
+
+    #[test]
+    fn an_output_with_lines_but_no_state_file_is_an_error_not_truncated() {
+        // Proves: a missing state (wrong --state, file lost) does not cut every line of the
+        // output away (their messages were acked: they would never come again).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path());
+        std::fs::write(dir.path().join("out"), "{\"a\":1}\n{\"b\":2}\n").expect("out");
+        let message = open_err(&config);
+        assert!(message.contains("state"), "{message}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).expect("out"),
+            "{\"a\":1}\n{\"b\":2}\n"
+        );
+    }
+
+    #[test]
+    fn an_output_whose_recorded_length_is_not_a_line_end_is_an_error() {
+        // Proves: bad bytes in the output (the recorded length does not end a line) are refused.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path());
+        std::fs::write(dir.path().join("out"), "{\"a\":1}X{\"b\":2}\n").expect("out");
+        std::fs::write(dir.path().join("state"), "1 8\n").expect("state");
+        let message = open_err(&config);
+        assert!(message.contains("line"), "{message}");
+    }
+
+    #[test]
+    fn lines_after_the_last_recorded_one_are_cut_and_a_torn_state_line_dropped() {
+        // Holds: a kill between the output's fsync and the state's leaves extra lines (cut) and
+        // maybe a torn state line (dropped).
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path());
+        std::fs::write(dir.path().join("out"), "{\"a\":1}\n{\"b\":2}\n").expect("out");
+        std::fs::write(dir.path().join("state"), "1 8\n2 1").expect("state");
+        let files = Files::open(&config).expect("open");
+        assert_eq!(files.out_len, 8);
+        assert!(files.seen.contains(&1) && !files.seen.contains(&2));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).expect("out"),
+            "{\"a\":1}\n"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("state")).expect("state"),
+            "1 8\n"
+        );
+    }
+
+    #[test]
+    fn a_garbage_state_line_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = config(dir.path());
+        std::fs::write(dir.path().join("state"), "1 8\nzz top\n").expect("state");
+        assert!(open_err(&config).contains("zz top"));
+    }
 }
