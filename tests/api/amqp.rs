@@ -382,3 +382,94 @@ async fn with_mysql_as_the_journal_the_outbox_reaches_rabbitmq() {
     assert!(cursor > 0);
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notify_sends_poison_to_the_dead_letter_queue_after_max_attempts_and_goes_on() {
+    // Proves: a message without message_id, one with a non-JSON body and one with a non-numeric
+    // message_id each reach <exchange>.dead after --max-attempts deliveries, get no line, and do
+    // not stop the valid message behind them.
+    let broker = TestBroker::create("poison").await;
+    let queue = format!("{}.notify", broker.exchange);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
+    let mut consumer = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args([
+            "notify",
+            "--amqp-url",
+            AMQP_URL,
+            "--amqp-exchange",
+            &broker.exchange,
+            "--queue",
+            &queue,
+            "--max-attempts",
+            "3",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .arg("--state")
+        .arg(&state)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start turnstile notify");
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    eventually("notify's queue", Duration::from_secs(20), async || {
+        let probe = connection.create_channel().await.expect("channel");
+        probe
+            .queue_declare(queue.as_str().into(), passive, Default::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    let valid = br#"{"seq":7,"type":"order.paid","order_id":"ord_1","at":"2026-01-01T00:00:00.000Z","data":{"status":"paid","total_cents":5,"currency":"EUR","customer_id":"c1","items":[{"sku":"A","qty":1}]}}"#;
+    let props = lapin::BasicProperties::default;
+    for (body, properties) in [
+        (&valid[..], props()),
+        (&b"not json"[..], props().with_message_id("5".into())),
+        (&valid[..], props().with_message_id("seven".into())),
+        (&valid[..], props().with_message_id("7".into())),
+    ] {
+        channel
+            .basic_publish(
+                broker.exchange.as_str().into(),
+                "order.paid".into(),
+                Default::default(),
+                body,
+                properties,
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+    }
+    let dead = format!("{}.dead", broker.exchange);
+    eventually("3 dead letters", Duration::from_secs(30), async || {
+        let probe = connection.create_channel().await.expect("channel");
+        probe
+            .queue_declare(dead.as_str().into(), passive, Default::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
+            >= 3
+    })
+    .await;
+    eventually("the valid line", Duration::from_secs(20), async || {
+        lines(&out).len() == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = lines(&out);
+    assert_eq!(written.len(), 1, "{written:?}");
+    assert_eq!(written[0]["order_id"], "ord_1");
+    let _ = Command::new("kill").arg(consumer.id().to_string()).status();
+    let _ = consumer.wait();
+    let _ = connection.close(200, "".into()).await;
+    broker.delete().await;
+}
