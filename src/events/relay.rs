@@ -50,7 +50,8 @@ const IDLE_POLL: Duration = Duration::from_millis(2);
 /// The first and the longest wait between reconnects.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// How long connecting, declaring or closing may take before the attempt counts as failed.
+/// How long connecting, declaring, publishing or a confirm may take before the session counts as
+/// failed (the events not confirmed are republished on a new connection).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The relay thread's nice value: below the request handlers, above the snapshot thread.
 const RELAY_NICE: i32 = 10;
@@ -643,15 +644,16 @@ impl Relay {
                     break;
                 };
                 let (body, properties) = message(&event);
-                let confirm = channel
-                    .basic_publish(
-                        self.config.exchange.as_str().into(),
-                        event.status.event_type().into(),
-                        publish,
-                        &body,
-                        properties,
-                    )
-                    .await?;
+                // Bounded, like every wait on the broker: a connection that hangs (no answer, no
+                // close) ends the session instead of stalling the relay until the heartbeat.
+                let confirm = bounded(channel.basic_publish(
+                    self.config.exchange.as_str().into(),
+                    event.status.event_type().into(),
+                    publish,
+                    &body,
+                    properties,
+                ))
+                .await?;
                 self.stats.published.fetch_add(1, Ordering::Relaxed);
                 if window.is_empty() {
                     self.oldest_at_ms.store(event.at_ms, Ordering::Release);
@@ -669,7 +671,7 @@ impl Relay {
                 }
                 continue;
             };
-            settle(seq, confirm.await?, &self.stats)?;
+            settle(seq, bounded(confirm).await?, &self.stats)?;
             self.confirmed.store(seq, Ordering::Release);
             let next_at = window.front().map(|(_, at, _)| *at);
             self.oldest_at_ms

@@ -473,3 +473,149 @@ async fn notify_sends_poison_to_the_dead_letter_queue_after_max_attempts_and_goe
     let _ = connection.close(200, "".into()).await;
     broker.delete().await;
 }
+
+/// A TCP proxy to RabbitMQ whose connections can be made to hang (bytes stop flowing both ways,
+/// the sockets stay open): a broker that hangs. Connections made after [`HangingProxy::hang`]
+/// flow again.
+struct HangingProxy {
+    port: u16,
+    /// Connections numbered below this one hang.
+    hang_below: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    next: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HangingProxy {
+    async fn start() -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let hang_below = Arc::new(AtomicU64::new(0));
+        let next = Arc::new(AtomicU64::new(0));
+        let (hang, counter) = (Arc::clone(&hang_below), Arc::clone(&next));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let number = counter.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = tokio::net::TcpStream::connect("127.0.0.1:5672").await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (ur, uw) = upstream.into_split();
+                for (mut from, mut to) in [(cr, uw), (ur, cw)].map(|(r, w)| {
+                    (
+                        Box::new(r) as Box<dyn tokio::io::AsyncRead + Send + Unpin>,
+                        w,
+                    )
+                }) {
+                    let hang = Arc::clone(&hang);
+                    tokio::spawn(async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            let Ok(n) = from.read(&mut buf).await else {
+                                return;
+                            };
+                            if n == 0 {
+                                return;
+                            }
+                            while number < hang.load(Ordering::SeqCst) {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                            if to.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    });
+                }
+            }
+        });
+        Self {
+            port,
+            hang_below,
+            next,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    /// Every connection made so far hangs from now on.
+    fn hang(&self) {
+        use std::sync::atomic::Ordering;
+        self.hang_below
+            .store(self.next.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broker_that_hangs_neither_stalls_the_relay_for_long_nor_the_shutdown() {
+    // Proves: when the broker's connection hangs (no answer, no close), the relay gives up on
+    // the unanswered confirms, says so in /readyz and reconnects, so the events written meanwhile
+    // arrive soon after a new connection works; checkouts go on; SIGTERM stays bounded.
+    let mut broker = TestBroker::create("hang").await;
+    let proxy = HangingProxy::start().await;
+    let url = proxy.url();
+    let mut app = spawn_app(&["--amqp-url", &url, "--amqp-exchange", &broker.exchange]);
+    let mut client = app.client();
+    client.put_product("A", 500, 1_000).await;
+    for n in 0..5 {
+        let answer = client
+            .checkout(&format!("a-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    wait_confirmed(&mut client).await;
+    proxy.hang();
+    for n in 0..5 {
+        let answer = client
+            .checkout(&format!("b-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201, "the broker is not on the checkout path");
+    }
+    // The proxy passes new connections: a relay that notices the hang delivers within seconds
+    // (not after the 60 s heartbeat, or never).
+    eventually(
+        "the events written during the hang to be confirmed",
+        Duration::from_secs(30),
+        async || metric(&mut client, "turnstile_amqp_lag_events").await == 0.0,
+    )
+    .await;
+    all_delivered(&mut client, &mut broker).await;
+    // Hang again, with events in flight, then SIGTERM: the node stops within its bounds.
+    proxy.hang();
+    for n in 0..5 {
+        let answer = client
+            .checkout(&format!("c-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    let started = std::time::Instant::now();
+    app.send_sigterm();
+    let pid = app.pid();
+    let (done, stopped) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = app.wait();
+        let _ = done.send(status);
+    });
+    let status = stopped.recv_timeout(Duration::from_secs(20));
+    if status.is_err() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let _ = waiter.join();
+    assert!(
+        status.is_ok(),
+        "SIGTERM with a hanging broker did not stop the node within 20 s"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        started.elapsed()
+    );
+    broker.delete().await;
+}
