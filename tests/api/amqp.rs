@@ -667,3 +667,60 @@ async fn with_mysql_as_the_journal_a_kill_9_with_events_unsent_loses_none() {
     drop(dir);
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notify_killed_many_times_at_random_moments_writes_exactly_one_line_per_paid_order() {
+    // Proves: kill -9 of notify at arbitrary steps (writing, fsyncing, acking), ten times under
+    // load, then a clean run: exactly one line per paid order, and the state matches the output.
+    let broker = TestBroker::create("notify_kills").await;
+    let queue = format!("{}.notify", broker.exchange);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
+    let mut consumer = notify(&broker, &queue, &out, &state);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let app: TestApp = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    client.put_product("A", 700, 100_000).await;
+    let load = Load::start(&app, 8, "n", &["A".to_owned()]);
+    for round in 0..10u64 {
+        tokio::time::sleep(Duration::from_millis(150 + (round * 37) % 250)).await;
+        let _ = consumer.kill();
+        let _ = consumer.wait();
+        consumer = notify(&broker, &queue, &out, &state);
+    }
+    let sent = load.stop().await;
+    let paid: HashSet<&str> = sent
+        .iter()
+        .filter(|s| s.status == 201)
+        .map(|s| s.order_id.as_str())
+        .collect();
+    wait_confirmed(&mut client).await;
+    eventually(
+        "a line for every paid order",
+        Duration::from_secs(60),
+        async || lines(&out).len() >= paid.len(),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = Command::new("kill").arg(consumer.id().to_string()).status();
+    let _ = consumer.wait();
+    let written = lines(&out);
+    let mut per_order: HashMap<&str, usize> = HashMap::new();
+    for line in &written {
+        *per_order
+            .entry(line["order_id"].as_str().expect("order_id"))
+            .or_default() += 1;
+    }
+    let repeated: Vec<_> = per_order.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "repeated: {repeated:?}");
+    assert_eq!(per_order.len(), paid.len(), "one line per paid order");
+    let state_text = std::fs::read_to_string(&state).expect("state");
+    let last_len: u64 = state_text
+        .lines()
+        .last()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|n| n.parse().ok())
+        .expect("a state line");
+    assert_eq!(last_len, std::fs::metadata(&out).expect("out").len());
+    broker.delete().await;
+}
