@@ -226,6 +226,23 @@ async fn serve(
         }
         _ => None,
     };
+    // A cursor past the journal's last event (a data dir restored from an older backup, a cursor
+    // from another node) would skip every new event up to it: refuse to start rather than lose.
+    if let Some(relay) = &relay {
+        let last = journal.last_event_seq();
+        if relay.confirmed() > last {
+            return Err(JournalError::Io {
+                context: "checking the RabbitMQ relay's cursor".into(),
+                message: format!(
+                    "the relay's cursor ({} in the data dir, or outbox_cursor in MySQL) says event {} was delivered but the journal ends at event {last}: the events from {} on would never be sent; remove the cursor (every event the journal keeps is sent again) or restore the matching journal",
+                    crate::events::relay::CURSOR_FILE,
+                    relay.confirmed(),
+                    last + 1
+                ),
+            }
+            .into());
+        }
+    }
     let relay_task = relay
         .as_ref()
         .map(Relay::start)

@@ -724,3 +724,51 @@ async fn notify_killed_many_times_at_random_moments_writes_exactly_one_line_per_
     assert_eq!(last_len, std::fs::metadata(&out).expect("out").len());
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relay_cursor_ahead_of_the_journal_is_refused_not_a_silent_loss() {
+    // Proves: an amqp.cursor past the journal's last event (a data dir restored from a backup
+    // older than the cursor, a cursor copied from another node) would make the relay skip every
+    // new event up to it; the server refuses to start and says why.
+    let broker = TestBroker::create("cursor_ahead").await;
+    let mut app = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    client.put_product("A", 500, 100).await;
+    for n in 0..3 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    wait_confirmed(&mut client).await;
+    assert!(app.terminate().success());
+    let (data_dir, dir) = app.into_parts();
+    std::fs::write(data_dir.join("amqp.cursor"), "1000\n").expect("cursor");
+    let output = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data_dir)
+        .args(strs(&broker.args()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start");
+    let pid = output.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = done.send(output.wait_with_output());
+    });
+    let result = finished.recv_timeout(Duration::from_secs(15));
+    if result.is_err() {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let _ = waiter.join();
+    let output = result
+        .expect("the server started with a cursor past its journal")
+        .expect("output");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("amqp.cursor"), "{stderr}");
+    drop(dir);
+    broker.delete().await;
+}
