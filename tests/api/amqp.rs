@@ -772,3 +772,48 @@ async fn a_relay_cursor_ahead_of_the_journal_is_refused_not_a_silent_loss() {
     drop(dir);
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unroutable_messages_are_returned_republished_and_never_counted_as_delivered() {
+    // Proves: with every queue of the exchange deleted, a published event is returned; the relay
+    // does not count it, declares its topology again and republishes, so the default queue gets
+    // every event.
+    let broker = TestBroker::create("returned").await;
+    let app = spawn_app(&strs(&broker.args()));
+    let mut client = app.client();
+    client.put_product("A", 500, 100).await;
+    wait_confirmed(&mut client).await;
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let all = format!("{}.all", broker.exchange);
+    for queue in [all.clone(), broker.queue.clone()] {
+        channel
+            .queue_delete(queue.as_str().into(), Default::default())
+            .await
+            .expect("delete");
+    }
+    for n in 0..3 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    wait_confirmed(&mut client).await;
+    assert!(metric(&mut client, "turnstile_amqp_returns_total").await >= 1.0);
+    let events = client.all_events().await.len() as u32;
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let count = channel
+        .queue_declare(all.as_str().into(), passive, Default::default())
+        .await
+        .expect("the default queue, declared again")
+        .message_count();
+    assert!(count >= events, "{count} messages for {events} events");
+    let _ = connection.close(200, "".into()).await;
+    broker.delete().await;
+}
