@@ -385,6 +385,15 @@ async fn with_mysql_as_the_journal_the_outbox_reaches_rabbitmq() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn notify_sends_poison_to_the_dead_letter_queue_after_max_attempts_and_goes_on() {
+    poison_after(3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_max_attempts_1_poison_goes_to_the_dead_letter_queue_at_once() {
+    poison_after(1).await;
+}
+
+async fn poison_after(attempts: u32) {
     // Proves: a message without message_id, one with a non-JSON body and one with a non-numeric
     // message_id each reach <exchange>.dead after --max-attempts deliveries, get no line, and do
     // not stop the valid message behind them.
@@ -402,7 +411,7 @@ async fn notify_sends_poison_to_the_dead_letter_queue_after_max_attempts_and_goe
             "--queue",
             &queue,
             "--max-attempts",
-            "3",
+            &attempts.to_string(),
         ])
         .arg("--out")
         .arg(&out)
