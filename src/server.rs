@@ -310,8 +310,7 @@ async fn serve(
     connections::serve(listener, router, limits, tls, stop_signal()).await;
     sweeper.abort();
     reconciler.abort();
-    tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
-    journal.shutdown().await;
+    // The relay stops first: its last cursor save may need the journal's database (MySQL).
     if let (Some(relay), Some(task)) = (relay, relay_task) {
         // Confirms in flight get a moment; whatever is not confirmed is sent after the next start.
         relay.stop();
@@ -322,6 +321,8 @@ async fn serve(
             );
         }
     }
+    tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
+    journal.shutdown().await;
     Ok(())
 }
 

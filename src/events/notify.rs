@@ -59,6 +59,15 @@ pub enum NotifyError {
     /// The state or output file cannot be read or written: nothing more is acked.
     #[error("{0}")]
     Files(String),
+    /// The queue exists with other arguments (another `--max-attempts`, or not a quorum queue):
+    /// retrying cannot help.
+    #[error("the queue {queue} exists with other settings ({reason}): consume it with the settings it was declared with, or delete it (its messages with it) to declare it anew")]
+    Queue {
+        /// The queue.
+        queue: String,
+        /// The broker's words.
+        reason: String,
+    },
 }
 
 /// One line of the output (API.md), in this order.
@@ -288,7 +297,7 @@ pub async fn run(
         tokio::select! {
             () = &mut stop => return Ok(()),
             ended = session => match ended {
-                Err(Ended::Files(error)) => return Err(error),
+                Err(Ended::Fatal(error)) => return Err(error),
                 Err(Ended::Broker(error)) => {
                     tracing::warn!(%error, retry_in = ?backoff, "notify: RabbitMQ session ended; reconnecting");
                 }
@@ -305,7 +314,7 @@ pub async fn run(
 
 enum Ended {
     Broker(lapin::Error),
-    Files(NotifyError),
+    Fatal(NotifyError),
 }
 
 impl From<lapin::Error> for Ended {
@@ -370,7 +379,21 @@ async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> 
         &config.queue,
         config.max_attempts,
     )
-    .await?;
+    .await
+    .map_err(|error| match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if *amqp.kind()
+                == lapin::protocol::AMQPErrorKind::Soft(
+                    lapin::protocol::AMQPSoftError::PRECONDITIONFAILED,
+                ) =>
+        {
+            Ended::Fatal(NotifyError::Queue {
+                queue: config.queue.clone(),
+                reason: amqp.to_string(),
+            })
+        }
+        _ => Ended::Broker(error),
+    })?;
     channel
         .basic_qos(config.prefetch.max(1), BasicQosOptions::default())
         .await?;
@@ -428,7 +451,7 @@ async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> 
                 }
             }
         }
-        files.write(&lines).map_err(Ended::Files)?;
+        files.write(&lines).map_err(Ended::Fatal)?;
         for delivery in acks {
             delivery.ack(BasicAckOptions::default()).await?;
         }
@@ -455,7 +478,7 @@ mod tests {
     fn open_err(config: &NotifyConfig) -> String {
         match Files::open(config) {
             Ok(_) => panic!("opened without an error"),
-            Err(NotifyError::Files(message)) => message,
+            Err(error) => error.to_string(),
         }
     }
 

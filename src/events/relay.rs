@@ -47,6 +47,10 @@ use tokio::sync::Notify;
 pub const SAVE_EVERY: Duration = Duration::from_millis(100);
 /// How often an idle relay looks for new events (an atomic load, no I/O).
 const IDLE_POLL: Duration = Duration::from_millis(2);
+/// How often to read again when the journal says there are more events but a read found none
+/// (MySQL: the seqs of a record the database refused are never used), so such a gap at the end
+/// of the log does not become a busy loop of queries.
+const GAP_POLL: Duration = Duration::from_millis(100);
 /// The first and the longest wait between reconnects.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -411,7 +415,9 @@ impl Relay {
     /// ends. Events not confirmed are sent after the next start.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
-        self.stop.notify_waiters();
+        // A permit, not only a wake-up: a stop that lands while the relay is not waiting (it is
+        // connecting, say) is seen at its next wait instead of after a whole backoff.
+        self.stop.notify_one();
     }
 
     /// The last seq the broker confirmed.
@@ -612,6 +618,7 @@ impl Relay {
         let mut fetched: VecDeque<Event> = VecDeque::new();
         let mut last_fetched = self.confirmed();
         let mut last_save = Instant::now();
+        let mut starved = false;
         let publish = BasicPublishOptions {
             mandatory: true,
             ..BasicPublishOptions::default()
@@ -636,7 +643,11 @@ impl Relay {
                         }
                         other => other?,
                     };
-                    let Some(last) = events.last() else { break };
+                    let Some(last) = events.last() else {
+                        starved = true;
+                        break;
+                    };
+                    starved = false;
                     last_fetched = last.seq;
                     fetched.extend(events);
                 }
@@ -665,8 +676,9 @@ impl Relay {
                 if self.stopping() {
                     return Ok(());
                 }
+                let pause = if starved { GAP_POLL } else { IDLE_POLL };
                 tokio::select! {
-                    () = tokio::time::sleep(IDLE_POLL) => {}
+                    () = tokio::time::sleep(pause) => {}
                     () = self.stop.notified() => {}
                 }
                 continue;

@@ -832,3 +832,48 @@ async fn unroutable_messages_are_returned_republished_and_never_counted_as_deliv
     let _ = connection.close(200, "".into()).await;
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn notify_on_a_queue_declared_with_other_settings_stops_with_a_clear_error() {
+    // Proves: another --max-attempts than the queue was declared with cannot work (RabbitMQ
+    // refuses the new x-delivery-limit); notify says so and exits 1 instead of retrying forever.
+    let broker = TestBroker::create("notify_settings").await;
+    let queue = format!("{}.notify", broker.exchange);
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    turnstile::events::notify::declare_queue(&channel, &broker.exchange, &queue, 5)
+        .await
+        .expect("declare the queue with --max-attempts 5");
+    let _ = connection.close(200, "".into()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args([
+            "notify",
+            "--amqp-url",
+            AMQP_URL,
+            "--amqp-exchange",
+            &broker.exchange,
+        ])
+        .args(["--queue", &queue, "--max-attempts", "3"])
+        .arg("--state")
+        .arg(dir.path().join("state"))
+        .env("RUST_LOG", "off")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start turnstile notify");
+    eventually("notify to exit", Duration::from_secs(30), async || {
+        matches!(child.try_wait(), Ok(Some(_)))
+    })
+    .await;
+    let output = child.wait_with_output().expect("output");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&queue) && stderr.contains("other settings"),
+        "{stderr}"
+    );
+    broker.delete().await;
+}
