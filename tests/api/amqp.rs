@@ -162,6 +162,35 @@ fn notify(
         .expect("start turnstile notify")
 }
 
+/// The messages ready in `queue`, or `None` if it does not exist (a passive declare).
+async fn queue_messages(queue: &str) -> Option<u32> {
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let passive = lapin::options::QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    let count = channel
+        .queue_declare(queue.into(), passive, Default::default())
+        .await
+        .ok()
+        .map(|q| q.message_count());
+    let _ = connection.close(200, "".into()).await;
+    count
+}
+
+/// Waits until `notify` has declared its queue (before the first event is published).
+async fn wait_for_queue(queue: &str) {
+    eventually(
+        "notify to declare its queue",
+        Duration::from_secs(20),
+        async || queue_messages(queue).await.is_some(),
+    )
+    .await;
+}
+
 fn lines(path: &std::path::Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
@@ -182,30 +211,7 @@ async fn notify_killed_mid_stream_writes_exactly_one_line_per_paid_order() {
     let mut consumer = notify(&broker, &queue, &out, &state);
     let app: TestApp = spawn_app(&strs(&broker.args()));
     let mut client = app.client();
-    eventually(
-        "notify to declare its queue",
-        Duration::from_secs(20),
-        async || {
-            let connection = lapin::Connection::connect(AMQP_URL, Default::default())
-                .await
-                .expect("connect");
-            let channel = connection.create_channel().await.expect("channel");
-            let declared = channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    lapin::options::QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    },
-                    Default::default(),
-                )
-                .await
-                .is_ok();
-            let _ = connection.close(200, "".into()).await;
-            declared
-        },
-    )
-    .await;
+    wait_for_queue(&queue).await;
     client.put_product("A", 700, 100_000).await;
     let load = Load::start(&app, 8, "n", &["A".to_owned()]);
     eventually("some lines written", Duration::from_secs(30), async || {
@@ -473,7 +479,7 @@ async fn poison_after(attempts: u32) {
         lines(&out).len() == 1
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The poison is in the dead-letter queue by now: nothing more can be written.
     let written = lines(&out);
     assert_eq!(written.len(), 1, "{written:?}");
     assert_eq!(written[0]["order_id"], "ord_1");
@@ -686,7 +692,7 @@ async fn notify_killed_many_times_at_random_moments_writes_exactly_one_line_per_
     let dir = tempfile::tempdir().expect("tempdir");
     let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
     let mut consumer = notify(&broker, &queue, &out, &state);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    wait_for_queue(&queue).await;
     let app: TestApp = spawn_app(&strs(&broker.args()));
     let mut client = app.client();
     client.put_product("A", 700, 100_000).await;
@@ -710,7 +716,13 @@ async fn notify_killed_many_times_at_random_moments_writes_exactly_one_line_per_
         async || lines(&out).len() >= paid.len(),
     )
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything delivered has been taken: a duplicate would have been written by now.
+    eventually(
+        "notify's queue drained",
+        Duration::from_secs(30),
+        async || queue_messages(&queue).await == Some(0),
+    )
+    .await;
     let _ = Command::new("kill").arg(consumer.id().to_string()).status();
     let _ = consumer.wait();
     let written = lines(&out);
