@@ -181,14 +181,17 @@ async fn queue_messages(queue: &str) -> Option<u32> {
     count
 }
 
-/// Waits until `notify` has declared its queue (before the first event is published).
-async fn wait_for_queue(queue: &str) {
-    eventually(
-        "notify to declare its queue",
-        Duration::from_secs(20),
-        async || queue_messages(queue).await.is_some(),
-    )
-    .await;
+/// Declares notify's queue and its binding as notify does (idempotent, the same arguments), so it
+/// exists and is bound before the first event is published, whenever notify gets to it.
+async fn declare_notify_queue(broker: &TestBroker, queue: &str, max_attempts: u32) {
+    let connection = lapin::Connection::connect(AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    turnstile::events::notify::declare_queue(&channel, &broker.exchange, queue, max_attempts)
+        .await
+        .expect("declare notify's queue");
+    let _ = connection.close(200, "".into()).await;
 }
 
 fn lines(path: &std::path::Path) -> Vec<Value> {
@@ -207,11 +210,11 @@ async fn notify_killed_mid_stream_writes_exactly_one_line_per_paid_order() {
     let queue = format!("{}.notify", broker.exchange);
     let dir = tempfile::tempdir().expect("tempdir");
     let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
-    // The queue exists before the first event is published.
+    // The queue exists and is bound before the first event is published.
+    declare_notify_queue(&broker, &queue, 5).await;
     let mut consumer = notify(&broker, &queue, &out, &state);
     let app: TestApp = spawn_app(&strs(&broker.args()));
     let mut client = app.client();
-    wait_for_queue(&queue).await;
     client.put_product("A", 700, 100_000).await;
     let load = Load::start(&app, 8, "n", &["A".to_owned()]);
     eventually("some lines written", Duration::from_secs(30), async || {
@@ -407,6 +410,7 @@ async fn poison_after(attempts: u32) {
     let queue = format!("{}.notify", broker.exchange);
     let dir = tempfile::tempdir().expect("tempdir");
     let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
+    declare_notify_queue(&broker, &queue, attempts).await;
     let mut consumer = Command::new(env!("CARGO_BIN_EXE_turnstile"))
         .args([
             "notify",
@@ -435,14 +439,6 @@ async fn poison_after(attempts: u32) {
         passive: true,
         ..Default::default()
     };
-    eventually("notify's queue", Duration::from_secs(20), async || {
-        let probe = connection.create_channel().await.expect("channel");
-        probe
-            .queue_declare(queue.as_str().into(), passive, Default::default())
-            .await
-            .is_ok()
-    })
-    .await;
     let valid = br#"{"seq":7,"type":"order.paid","order_id":"ord_1","at":"2026-01-01T00:00:00.000Z","data":{"status":"paid","total_cents":5,"currency":"EUR","customer_id":"c1","items":[{"sku":"A","qty":1}]}}"#;
     let props = lapin::BasicProperties::default;
     for (body, properties) in [
@@ -691,8 +687,8 @@ async fn notify_killed_many_times_at_random_moments_writes_exactly_one_line_per_
     let queue = format!("{}.notify", broker.exchange);
     let dir = tempfile::tempdir().expect("tempdir");
     let (out, state) = (dir.path().join("out.jsonl"), dir.path().join("state"));
+    declare_notify_queue(&broker, &queue, 5).await;
     let mut consumer = notify(&broker, &queue, &out, &state);
-    wait_for_queue(&queue).await;
     let app: TestApp = spawn_app(&strs(&broker.args()));
     let mut client = app.client();
     client.put_product("A", 700, 100_000).await;
