@@ -885,3 +885,38 @@ async fn notify_on_a_queue_declared_with_other_settings_stops_with_a_clear_error
     );
     broker.delete().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn in_write_behind_the_relay_follows_the_embedded_journal() {
+    // Proves: with --mysql-write-behind the relay reads the embedded journal (its cursor in the
+    // data dir) and delivers every event, across a kill -9 and a restart.
+    let database = crate::helpers::TestDatabase::create().await;
+    let mut broker = TestBroker::create("write_behind").await;
+    let mut args = broker.args();
+    args.extend([
+        "--mysql-url".to_owned(),
+        database.url.clone(),
+        "--mysql-write-behind".to_owned(),
+    ]);
+    let mut app = spawn_app(&strs(&args));
+    let mut client = app.client();
+    client.put_product("A", 500, 1_000).await;
+    for n in 0..100 {
+        let answer = client
+            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(answer.status, 201);
+    }
+    app.kill_9();
+    let (data_dir, dir) = app.into_parts();
+    let app = start(&data_dir, &strs(&args));
+    let mut client = app.client();
+    all_delivered(&mut client, &mut broker).await;
+    assert!(data_dir
+        .join(turnstile::events::relay::CURSOR_FILE)
+        .exists());
+    drop(app);
+    drop(dir);
+    broker.delete().await;
+}
