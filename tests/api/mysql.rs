@@ -320,6 +320,8 @@ async fn a_commit_slower_than_the_timeout_answers_outcome_unknown_then_replays()
     .await;
     let replayed = replayed.expect("replay");
     assert!(replayed.replayed, "the first order's answer, replayed");
+    // `orders` is a projection behind the log: read it once the applier has caught up.
+    wait_projected(&pool).await;
     let orders: i64 = sqlx::query("SELECT COUNT(*) FROM orders")
         .fetch_one(&pool)
         .await
