@@ -83,19 +83,21 @@ async fn two_thousand_checkouts_give_one_order_paid_per_paid_order_in_journal_or
     broker.delete().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
-    // Proves: events the broker has not confirmed wait in the journal across a kill -9, first
-    // with the broker unreachable (nothing sent), then mid-stream; after the restart every event
-    // arrives (duplicates allowed, losses not).
-    let mut broker = TestBroker::create("kill_9").await;
-    let unreachable = [
+/// Events the broker has not confirmed wait in the journal (`journal` args: the embedded
+/// default, or MySQL) across a kill -9: first with the broker unreachable (nothing sent), then
+/// mid-stream under load; after the restart every event arrives (duplicates allowed, losses not).
+async fn events_unsent_at_a_kill_9_are_sent_after_the_restart(name: &str, journal: &[String]) {
+    let mut broker = TestBroker::create(name).await;
+    let mut unreachable: Vec<String> = [
         "--amqp-url",
         "amqp://guest:guest@127.0.0.1:1/%2f",
         "--amqp-exchange",
         &broker.exchange,
-    ];
-    let mut app = spawn_app(&unreachable);
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    unreachable.extend_from_slice(journal);
+    let mut app = spawn_app(&strs(&unreachable));
     let mut client = app.client();
     client.put_product("A", 500, 1_000_000).await;
     for n in 0..200 {
@@ -116,7 +118,9 @@ async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
     app.kill_9();
     let (data_dir, dir) = app.into_parts();
     // Back with the broker, under load, and killed again mid-stream.
-    let mut app = start(&data_dir, &strs(&broker.args()));
+    let mut args = broker.args();
+    args.extend_from_slice(journal);
+    let mut app = start(&data_dir, &strs(&args));
     let load = Load::start(&app, 8, "load", &["A".to_owned()]);
     let mut client = app.client();
     eventually(
@@ -125,14 +129,27 @@ async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
         async || metric(&mut client, "turnstile_amqp_confirmed_seq").await > 400.0,
     )
     .await;
+    // The load goes on: events are in flight, confirmed and not, when the kill lands.
     app.kill_9();
     let _ = load.stop().await;
-    let app = start(&data_dir, &strs(&broker.args()));
+    let app = start(&data_dir, &strs(&args));
     let mut client = app.client();
     all_delivered(&mut client, &mut broker).await;
     drop(app);
     drop(dir);
     broker.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_with_events_unsent_sends_them_after_the_restart() {
+    events_unsent_at_a_kill_9_are_sent_after_the_restart("kill_9", &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_mysql_as_the_journal_a_kill_9_with_events_unsent_loses_none() {
+    let database = crate::helpers::TestDatabase::create().await;
+    let journal = ["--mysql-url".to_owned(), database.url.clone()];
+    events_unsent_at_a_kill_9_are_sent_after_the_restart("mysql_kill", &journal).await;
 }
 
 /// A `turnstile notify` process writing to `out` with its state in `state`.
@@ -655,54 +672,6 @@ async fn a_broker_that_hangs_neither_stalls_the_relay_for_long_nor_the_shutdown(
         "{:?}",
         started.elapsed()
     );
-    broker.delete().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn with_mysql_as_the_journal_a_kill_9_with_events_unsent_loses_none() {
-    // Proves: in MySQL mode, events written while the broker was unreachable, and events in
-    // flight when the server is killed under load, all arrive after the restarts.
-    let database = crate::helpers::TestDatabase::create().await;
-    let mut broker = TestBroker::create("mysql_kill").await;
-    let unreachable = [
-        "--amqp-url",
-        "amqp://guest:guest@127.0.0.1:1/%2f",
-        "--amqp-exchange",
-        &broker.exchange,
-        "--mysql-url",
-        &database.url,
-    ];
-    let mut app = spawn_app(&unreachable);
-    let mut client = app.client();
-    client.put_product("A", 500, 1_000_000).await;
-    for n in 0..50 {
-        let answer = client
-            .checkout(&format!("k-{n}"), "A", 1, "tok_ok")
-            .await
-            .expect("answer");
-        assert_eq!(answer.status, 201);
-    }
-    app.kill_9();
-    let (data_dir, dir) = app.into_parts();
-    let mut args = broker.args();
-    args.extend(["--mysql-url".to_owned(), database.url.clone()]);
-    let mut app = start(&data_dir, &strs(&args));
-    let load = Load::start(&app, 4, "load", &["A".to_owned()]);
-    let mut client = app.client();
-    eventually(
-        "some events confirmed",
-        Duration::from_secs(30),
-        async || metric(&mut client, "turnstile_amqp_confirmed_seq").await > 100.0,
-    )
-    .await;
-    // The load goes on: events are in flight, confirmed and not, when the kill lands.
-    app.kill_9();
-    let _ = load.stop().await;
-    let app = start(&data_dir, &strs(&args));
-    let mut client = app.client();
-    all_delivered(&mut client, &mut broker).await;
-    drop(app);
-    drop(dir);
     broker.delete().await;
 }
 

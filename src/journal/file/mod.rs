@@ -1339,6 +1339,17 @@ mod hold_tests {
     use crate::journal::pipeline::tests::record;
     use std::sync::atomic::AtomicU64;
 
+    /// One record per segment, checkpoints only when asked, every segment past event retention:
+    /// only a hold keeps a segment.
+    fn past_retention() -> FileJournalConfig {
+        FileJournalConfig {
+            segment_bytes_max: 1,
+            checkpoint_segments: 1_000,
+            event_retention_ms: -1_000_000_000,
+            ..FileJournalConfig::default()
+        }
+    }
+
     #[test]
     fn a_checkpoint_keeps_the_record_mysql_holds_last() {
         // Proves: write-behind's start-up compares MySQL's last record with the same lsn in the
@@ -1347,13 +1358,8 @@ mod hold_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let hold = Arc::new(AtomicU64::new(0));
         let config = FileJournalConfig {
-            // One record per segment.
-            segment_bytes_max: 1,
-            checkpoint_segments: 1_000,
-            // Every segment is past event retention.
-            event_retention_ms: -1_000_000_000,
             hold_after_lsn: Some(Arc::clone(&hold)),
-            ..FileJournalConfig::default()
+            ..past_retention()
         };
         let (journal, _) = FileJournal::open_dir(dir.path(), config).expect("open");
         for n in 1..=5 {
@@ -1408,13 +1414,10 @@ mod hold_tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let hold = Arc::new(AtomicU64::new(0));
         let config = FileJournalConfig {
-            segment_bytes_max: 1,
-            checkpoint_segments: 1_000,
-            event_retention_ms: -1_000_000_000,
             hold_events_after_seq: Some(Arc::clone(&hold)),
             // Older events are read from the segments.
             events_in_memory_max: 1,
-            ..FileJournalConfig::default()
+            ..past_retention()
         };
         let (journal, _) = FileJournal::open_dir(dir.path(), config).expect("open");
         journal.append(record(1)).wait().expect("append");
