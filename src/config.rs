@@ -263,7 +263,7 @@ pub struct ServeArgs {
         value_name = "VERSION"
     )]
     pub tls_min: TlsMin,
-    /// Carts and submission locks in Redis (not in this build yet: refused)
+    /// Carts, submission locks and finished answers in Redis, shared by every node (redis://host:6379[/db]); without it carts live in this process
     #[arg(
         long,
         env = "TURNSTILE_REDIS_URL",
@@ -271,6 +271,12 @@ pub struct ServeArgs {
         hide_env_values = true
     )]
     pub redis_url: Option<String>,
+    /// Prefix of every Redis key (give each deployment or test its own)
+    #[arg(long, env = "TURNSTILE_REDIS_PREFIX", default_value = "turnstile:", value_name = "P", value_parser = redis_prefix)]
+    pub redis_prefix: String,
+    /// How long one Redis call may take before it fails (carts then answer 503; checkouts with an item list go on without the lock)
+    #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = positive_duration)]
+    pub redis_timeout: Duration,
     /// Also publish every order event to RabbitMQ, with publisher confirms (amqp://user:pass@host:5672/%2f); the event log stays readable
     #[arg(
         long,
@@ -407,6 +413,41 @@ pub fn check_amqp_url(raw: &str) -> Result<(), ConfigError> {
         ));
     }
     Ok(())
+}
+
+/// Refuses a Redis URL this build cannot use, without echoing it (it may hold a password).
+pub fn check_redis_url(raw: &str) -> Result<(), ConfigError> {
+    if raw.starts_with("rediss://") {
+        return Err(ConfigError(
+            "--redis-url: rediss:// (TLS to Redis) is not supported by this build; use redis:// on a trusted network (the value given is not shown: it may hold a password)".into(),
+        ));
+    }
+    let scheme_ok = ["redis://", "redis+unix://", "unix://"]
+        .iter()
+        .any(|scheme| {
+            raw.strip_prefix(scheme)
+                .is_some_and(|rest| !rest.is_empty())
+        });
+    if !scheme_ok || redis::Client::open(raw).is_err() {
+        return Err(ConfigError(
+            "--redis-url must look like redis://[:password@]host:6379[/db] or redis+unix:///path/to/socket (the value given is not shown: it may hold a password)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// A Redis key prefix: 1–64 visible ASCII characters, no braces (hash tags would pin every key to
+/// one cluster slot).
+fn redis_prefix(raw: &str) -> Result<String, String> {
+    if raw.is_empty()
+        || raw.len() > 64
+        || !raw
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'{' && b != b'}')
+    {
+        return Err("must be 1 to 64 visible ASCII characters without { or }".into());
+    }
+    Ok(raw.to_owned())
 }
 
 /// An exchange or queue name: 1–200 visible ASCII characters.
@@ -637,6 +678,8 @@ pub struct ServeConfig {
     pub mysql_write_behind: bool,
     /// The RabbitMQ relay, if configured.
     pub amqp: Option<crate::events::relay::RelayConfig>,
+    /// Redis for carts, submission locks and answers, if configured (else carts in process).
+    pub redis: Option<crate::sessions::redis::RedisConfig>,
     /// How long a request waits for its commit before answering 503.
     pub journal_timeout: Duration,
     /// How long the answer of a checkout that created an order stays under its key, so a retry
@@ -663,12 +706,8 @@ pub struct ServeConfig {
 
 /// Turns parsed options into the server's configuration, refusing what this build cannot do.
 pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
-    for (name, value, arrives_with) in [("redis-url", &args.redis_url, "the Redis session store")] {
-        if value.is_some() {
-            return Err(CliError::Config(ConfigError(format!(
-                "--{name} is not supported by this build yet (it arrives with {arrives_with}); remove it to run on the embedded default"
-            ))));
-        }
+    if let Some(url) = &args.redis_url {
+        check_redis_url(url).map_err(CliError::Config)?;
     }
     // The reconciler voids authorisations with no durable order once they are this old: a
     // checkout still between its authorisation and its commit must be younger.
@@ -696,6 +735,13 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         window: args.amqp_window as usize,
         unconfirmed_max: args.amqp_unconfirmed_max,
     });
+    let redis = args
+        .redis_url
+        .map(|url| crate::sessions::redis::RedisConfig {
+            url,
+            prefix: args.redis_prefix.clone(),
+            timeout: args.redis_timeout,
+        });
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
         mysql.pool_size = args.mysql_pool_size;
@@ -743,6 +789,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         mysql,
         mysql_write_behind: args.mysql_write_behind,
         amqp,
+        redis,
         journal_timeout: args.journal_timeout,
         idempotency_retention: args.idempotency_retention,
         order_retention: args.order_retention,
@@ -921,8 +968,27 @@ mod tests {
             }
         }
         // Accepted by clap, refused by this build, with a message naming the option.
-        let error = serve(&["--redis-url", "redis://x"]).unwrap_err();
+        let error = serve(&["--redis-url", "rediss://:secret@x"]).unwrap_err();
+        let text = message(error);
+        assert!(
+            text.contains("--redis-url") && !text.contains("secret"),
+            "{text}"
+        );
+        let error = serve(&["--redis-url", "http://x"]).unwrap_err();
         assert!(message(error).contains("--redis-url"));
+        let config = serve(&[
+            "--redis-url",
+            "redis://127.0.0.1:6379/2",
+            "--redis-prefix",
+            "t1:",
+        ])
+        .unwrap();
+        let redis = config.redis.expect("redis configured");
+        assert_eq!(
+            (redis.prefix.as_str(), redis.timeout),
+            ("t1:", Duration::from_secs(1))
+        );
+        assert!(serve(&["--redis-prefix", "a{b}"]).is_err());
         // A bad MySQL URL is refused without echoing it (it may hold a password).
         let error = message(serve(&["--mysql-url", "postgres://u:hunter2@h/db"]).unwrap_err());
         assert!(

@@ -18,7 +18,8 @@ use crate::metrics::Metrics;
 use crate::payment::http::HttpGateway;
 use crate::payment::simulator::{Simulator, SimulatorConfig};
 use crate::payment::PaymentGateway;
-use crate::sessions::CartStore;
+use crate::sessions::redis::RedisStore;
+use crate::sessions::{CartStore, Carts};
 use crate::time::now_ms;
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -251,10 +252,28 @@ async fn serve(
             context: "starting the RabbitMQ relay's thread".into(),
             source,
         })?;
+    let cart_ttl_ms = config.cart_ttl.as_millis() as i64;
+    let (carts, redis) = match &config.redis {
+        Some(redis) => {
+            let store = Arc::new(RedisStore::new(redis).map_err(|error| ServeError::Io {
+                context: "setting up Redis".into(),
+                source: std::io::Error::other(error.to_string()),
+            })?);
+            let supervisor = store.start().await;
+            (
+                Carts::redis(Arc::clone(&store), cart_ttl_ms, config.carts_max)?,
+                Some((store, supervisor)),
+            )
+        }
+        None => (
+            Carts::Memory(CartStore::new(cart_ttl_ms, config.carts_max)?),
+            None,
+        ),
+    };
     let app = Arc::new(AppState {
         engine,
         journal: Arc::clone(&journal),
-        carts: CartStore::new(config.cart_ttl.as_millis() as i64, config.carts_max)?,
+        carts,
         gateway,
         webhook_secret,
         gateway_timeout: config.gateway_timeout,
@@ -289,7 +308,11 @@ async fn serve(
         skus = app.engine.inventory().len(),
         holds = app.engine.holds_len(),
         gateway = config.gateway_url.as_deref().unwrap_or("in-process simulator"),
-        "serving (in-process carts)"
+        carts = match &config.redis {
+            Some(redis) => format!("Redis, keys under {}", redis.prefix),
+            None => "in process".into(),
+        },
+        "serving"
     );
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
@@ -320,6 +343,10 @@ async fn serve(
                 "RabbitMQ relay did not stop in time; its unconfirmed events are sent after the next start"
             );
         }
+    }
+    if let Some((store, supervisor)) = redis {
+        store.stop();
+        supervisor.abort();
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;

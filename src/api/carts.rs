@@ -43,16 +43,17 @@ fn render(status: StatusCode, cart: &CartView) -> Response {
     )
 }
 
-fn cart_error(error: CartError) -> ApiError {
+pub(super) fn cart_error(error: CartError) -> ApiError {
     match error {
         CartError::NotFound => ApiError::not_found("no such cart, or it expired"),
         CartError::TooManyItems => ApiError::invalid(error.to_string()),
         CartError::Full(_) => ApiError::overloaded(error.to_string()),
+        CartError::Store(error) => ApiError::session_store_unavailable(&error),
     }
 }
 
 pub(super) async fn create_cart(State(state): State<Shared>) -> Result<Response, ApiError> {
-    let cart = state.carts.create(now_ms()).map_err(cart_error)?;
+    let cart = state.carts.create(now_ms()).await.map_err(cart_error)?;
     Ok(json(
         StatusCode::CREATED,
         &serde_json::json!({
@@ -68,7 +69,11 @@ pub(super) async fn get_cart(
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let cart_id = path_id(raw, CartId::parse)?;
-    let cart = state.carts.get(&cart_id, now_ms()).map_err(cart_error)?;
+    let cart = state
+        .carts
+        .get(&cart_id, now_ms())
+        .await
+        .map_err(cart_error)?;
     Ok(render(StatusCode::OK, &cart))
 }
 
@@ -95,14 +100,16 @@ pub(super) async fn put_item(
         )));
     }
     let now = now_ms();
-    // An unknown cart is reported before an unknown SKU: the cart is the resource addressed.
-    state.carts.get(&cart_id, now).map_err(cart_error)?;
+    // An unknown cart is reported before an unknown SKU: the cart is the resource addressed. A
+    // known SKU needs one call (the change says whether the cart exists).
     if state.engine.inventory().lookup(&sku).is_none() {
+        state.carts.get(&cart_id, now).await.map_err(cart_error)?;
         return Err(ApiError::not_found(format!("no product {sku}")));
     }
     let cart = state
         .carts
         .set_item(&cart_id, &sku, body.quantity, now)
+        .await
         .map_err(cart_error)?;
     Ok(render(StatusCode::OK, &cart))
 }

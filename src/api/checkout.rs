@@ -2,8 +2,12 @@
 //! SKU is refused here without a disk write), authorise the payment, journal the order with its
 //! events and its answer in one record, and only then answer.
 //!
-//! Everything up to the hold is synchronous, so a client that disconnects cannot leave a key in
-//! flight; the rest runs in its own task, so it finishes even if the client goes away.
+//! With Redis (`--redis-url`) one round trip comes first: the answer any node gave under the key
+//! (replayed here), else the submission lock (`409` while another node runs the key), and the
+//! cart. From the node's own key table to the hold everything is synchronous, so a client that
+//! disconnects cannot leave a key in flight (a lock taken is released by its guard); the rest runs
+//! in its own task, so it finishes even if the client goes away. The lock is released, with the
+//! answer stored, once the record is durable (`sessions::redis`).
 
 use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
@@ -13,6 +17,8 @@ use crate::engine::records::StoredAnswer;
 use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
 use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
 use crate::random::hex;
+use crate::sessions::redis::{Begin as RemoteBegin, StoreError, Submission};
+use crate::sessions::Carts;
 use crate::time::{now_ms, rfc3339};
 use axum::body::Body;
 use axum::extract::State;
@@ -98,19 +104,41 @@ fn answer(status: u16, body: String, replayed: bool) -> Response {
     response
 }
 
-/// Keeps an answer that placed nothing (bounded map) and sends it.
-fn reject(state: &Shared, key: &IdempotencyKey, fingerprint: String, error: ApiError) -> Response {
+fn key_in_use() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "idempotency_key_in_use",
+        "a request with this Idempotency-Key is still running",
+    )
+}
+
+fn key_reused() -> ApiError {
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "idempotency_key_reused",
+        "this Idempotency-Key was used with another request",
+    )
+}
+
+/// Keeps an answer that placed nothing (bounded map, and Redis for as long) and sends it.
+fn reject(
+    state: &Shared,
+    key: &IdempotencyKey,
+    fingerprint: String,
+    submission: Option<Submission>,
+    error: ApiError,
+) -> Response {
     let body = error.body();
-    state.engine.idempotency().finish(
-        key,
-        StoredAnswer {
-            fingerprint,
-            status: error.status.as_u16(),
-            body: body.clone(),
-            at_ms: now_ms(),
-        },
-        false,
-    );
+    let stored = StoredAnswer {
+        fingerprint,
+        status: error.status.as_u16(),
+        body: body.clone(),
+        at_ms: now_ms(),
+    };
+    if let Some(submission) = submission {
+        submission.finish(stored.clone(), state.engine.config().rejections.age_ms_max);
+    }
+    state.engine.idempotency().finish(key, stored, false);
     answer(error.status.as_u16(), body, false)
 }
 
@@ -162,6 +190,45 @@ pub(super) async fn checkout(
     let canonical = serde_json::to_vec(&request).unwrap_or_default();
     let fingerprint = hex(&Sha256::digest(&canonical));
 
+    // With Redis, one round trip first: the answer any node gave under this key, else the
+    // submission lock, and the cart. Before the node's own key table, so a client gone while it
+    // runs leaves no key in flight here (the lock's guard releases it).
+    let mut submission = None;
+    let mut redis_cart = None;
+    if let Some(store) = state.carts.store() {
+        let cart = request
+            .cart_id
+            .as_ref()
+            .map(|id| (id, now_ms(), state.carts.idle_ms()));
+        match store.begin(&key, cart).await {
+            Ok(RemoteBegin::Answer(stored)) => {
+                return if stored.fingerprint == fingerprint {
+                    state.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                    Ok(answer(stored.status, stored.body, true))
+                } else {
+                    Err(key_reused())
+                };
+            }
+            Ok(RemoteBegin::Held) => return Err(key_in_use()),
+            Ok(RemoteBegin::Locked(lock, lines)) => {
+                submission = Some(lock);
+                redis_cart = lines;
+            }
+            // Without Redis a checkout naming its items goes on: this node's key table and
+            // journal keep the key unique here. A cart lives only in Redis.
+            Err(error @ StoreError::Unavailable(_)) if lines_given => {
+                tracing::debug!(%error, "checkout without a submission lock");
+                store.count_fallback();
+            }
+            Err(error @ StoreError::Unavailable(_)) => {
+                return Err(ApiError::session_store_unavailable(&error))
+            }
+            Err(error @ StoreError::Unexpected { .. }) => {
+                return Err(ApiError::internal(error.to_string()))
+            }
+        }
+    }
+
     match state
         .engine
         .idempotency()
@@ -172,20 +239,8 @@ pub(super) async fn checkout(
             state.metrics.replays.fetch_add(1, Ordering::Relaxed);
             return Ok(answer(stored.status, stored.body.clone(), true));
         }
-        Err(KeyError::InUse) => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "idempotency_key_in_use",
-                "a request with this Idempotency-Key is still running",
-            ))
-        }
-        Err(KeyError::Reused) => {
-            return Err(ApiError::new(
-                StatusCode::UNPROCESSABLE_ENTITY,
-                "idempotency_key_reused",
-                "this Idempotency-Key was used with another request",
-            ))
-        }
+        Err(KeyError::InUse) => return Err(key_in_use()),
+        Err(KeyError::Reused) => return Err(key_reused()),
     }
 
     let lines: Vec<(Sku, Quantity)> = if lines_given {
@@ -196,10 +251,14 @@ pub(super) async fn checkout(
             .map(|line| (line.sku.clone(), line.quantity))
             .collect()
     } else {
-        let cart = request
-            .cart_id
-            .as_ref()
-            .and_then(|id| state.carts.get(id, now_ms()).ok());
+        let cart = match (state.carts.store(), &request.cart_id) {
+            (Some(_), _) => redis_cart,
+            (None, Some(id)) => match &state.carts {
+                Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
+                Carts::Redis { .. } => None,
+            },
+            (None, None) => None,
+        };
         match cart {
             None => {
                 state
@@ -210,16 +269,17 @@ pub(super) async fn checkout(
                     &state,
                     &key,
                     fingerprint,
+                    submission,
                     ApiError::not_found("no such cart, or it expired"),
                 ));
             }
-            Some(cart) if cart.items.is_empty() => {
+            Some(items) if items.is_empty() => {
                 state.engine.idempotency().abandon(&key);
                 return Err(ApiError::invalid("the cart is empty"));
             }
-            Some(cart) => {
-                let mut lines = Vec::with_capacity(cart.items.len());
-                for (sku, quantity) in cart.items {
+            Some(items) => {
+                let mut lines = Vec::with_capacity(items.len());
+                for (sku, quantity) in items {
                     match Quantity::parse(quantity) {
                         Ok(quantity) => lines.push((sku, quantity)),
                         Err(e) => {
@@ -241,7 +301,7 @@ pub(super) async fn checkout(
                 _ => &state.metrics.rejections_not_found,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            return Ok(reject(&state, &key, fingerprint, error.into()));
+            return Ok(reject(&state, &key, fingerprint, submission, error.into()));
         }
         Err(other) => {
             state.engine.idempotency().abandon(&key);
@@ -281,6 +341,7 @@ pub(super) async fn checkout(
         customer_id: request.customer_id,
         token: request.payment_token,
         cart_id: request.cart_id,
+        submission,
         _permit: permit,
     };
     tokio::spawn(finishing.run()).await.map_err(|error| {
@@ -299,6 +360,8 @@ struct Finishing {
     customer_id: CustomerId,
     token: String,
     cart_id: Option<CartId>,
+    /// The Redis submission lock, when taken.
+    submission: Option<Submission>,
     /// Held until the checkout is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -433,14 +496,30 @@ impl Finishing {
             // retried is voided by the reconciler's orphan scan after `--reconcile-after`.
             Err(_) => {}
         };
+        let submission = self.submission;
+        let shared = stored.clone();
         let committed = commit(state, change, move |app, outcome| {
             // Durable and known, or known not to be; an unknown outcome (the record may be
             // durable) keeps the authorisation out of the orphan scan until a restart.
-            if outcome
+            let known = outcome
                 .as_ref()
-                .map_or_else(|e| e.nothing_changed(), |_| true)
-            {
+                .map_or_else(|e| e.nothing_changed(), |_| true);
+            if known {
                 app.settler.checkout_settled(&settled_id);
+            }
+            // Redis gets the answer once it is durable, for any node to replay; a change known
+            // not to be durable frees the lock (the guard's drop); one whose outcome is unknown
+            // keeps it until it expires, so no other node starts the checkout again meanwhile.
+            if let Some(submission) = submission {
+                match outcome {
+                    Ok(_) => {
+                        let retention = app.engine.config().answer_retention_ms;
+                        let ttl_ms = shared.at_ms + retention - now_ms();
+                        submission.finish(shared, ttl_ms);
+                    }
+                    Err(_) if known => drop(submission),
+                    Err(_) => submission.keep(),
+                }
             }
             follow(app, outcome);
         })

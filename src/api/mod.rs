@@ -14,7 +14,7 @@ use crate::engine::{Applied, Change, Engine, EngineError};
 use crate::journal::{Journal, JournalError, Ticket};
 use crate::metrics::Metrics;
 use crate::payment::PaymentGateway;
-use crate::sessions::CartStore;
+use crate::sessions::Carts;
 use axum::body::Body;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -36,8 +36,8 @@ pub struct AppState {
     pub engine: Engine,
     /// The durable truth and the event log.
     pub journal: Arc<dyn Journal>,
-    /// Carts.
-    pub carts: CartStore,
+    /// Carts (and, with Redis, the submission locks and answers shared by every node).
+    pub carts: Carts,
     /// Payments.
     pub gateway: Arc<dyn PaymentGateway>,
     /// Verifies webhook signatures.
@@ -201,6 +201,17 @@ impl ApiError {
     /// `404 not_found`.
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    /// `503 session_store_unavailable` with `Retry-After`: Redis failed; nothing was changed.
+    pub fn session_store_unavailable(error: &crate::sessions::redis::StoreError) -> Self {
+        tracing::debug!(%error, "session store unavailable");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "session_store_unavailable",
+            format!("the session store cannot serve carts now ({error}); retry later"),
+        )
+        .retry_after(1)
     }
 
     /// `500 internal`: a bug or a broken invariant, never the client's fault.

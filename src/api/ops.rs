@@ -23,6 +23,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
         ready &= admitted.is_ok();
         checks.push(("amqp", admitted.and_then(|()| relay.check())));
     }
+    // Redis down leaves the node ready too: carts answer 503, checkouts with an item list go on.
+    if let Some(store) = state.carts.store() {
+        checks.push(("redis", store.check()));
+    }
     let checks: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
         .map(|(name, check)| {
@@ -58,6 +62,9 @@ impl Collector for ServerMetrics {
         if let Some(relay) = &state.relay {
             relay.encode_metrics(&mut encoder)?;
         }
+        if let Some(store) = state.carts.store() {
+            store.encode_metrics(&mut encoder)?;
+        }
         // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
         let engine = &state.engine;
         for (name, help, value) in [
@@ -88,8 +95,8 @@ impl Collector for ServerMetrics {
             ),
             (
                 "turnstile_carts_in_memory",
-                "Carts held.",
-                state.carts.len(),
+                "Carts held in this process (0 with Redis).",
+                state.carts.in_memory(),
             ),
             (
                 "turnstile_payments_owed",

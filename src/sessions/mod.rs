@@ -1,12 +1,19 @@
-//! Carts (sessions) with idle expiry. The in-process store is the embedded default; carts in it are
-//! lost on restart (DESIGN.md). Redis comes with its own issue, behind the same operations.
+//! Carts (sessions) with idle expiry, and the submission locks of checkouts across nodes.
+//!
+//! [`Carts`] is what the API calls: the in-process [`CartStore`] (the embedded default; its carts
+//! are lost on restart, DESIGN.md) or Redis ([`redis::RedisStore`], `--redis-url`: any node serves
+//! any cart, and checkouts take a submission lock and leave their answers there for every node).
+//! Both keep the same rules: idle expiry refreshed on use, at most [`CART_ITEMS_MAX`] lines per
+//! cart, at most `--carts-max` live carts.
+
+pub mod redis;
 
 use crate::domain::{CartId, Sku};
 use crate::random::{RandomError, TokenGenerator};
 use crate::sync::{lock, shard_of};
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 /// The most distinct SKUs one cart may hold: a checkout takes at most 100 lines (API.md).
 pub const CART_ITEMS_MAX: usize = 100;
@@ -25,7 +32,7 @@ pub struct CartView {
 }
 
 /// Why a cart operation was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CartError {
     /// No such cart, or it expired.
     #[error("no such cart")]
@@ -36,6 +43,142 @@ pub enum CartError {
     /// The store holds the most live carts allowed (`--carts-max`).
     #[error("too many live carts ({0} at most); retry later")]
     Full(usize),
+    /// The session store (Redis) failed.
+    #[error(transparent)]
+    Store(#[from] redis::StoreError),
+}
+
+/// The carts, wherever they live.
+pub enum Carts {
+    /// In this process.
+    Memory(CartStore),
+    /// In Redis, shared by every node.
+    Redis {
+        /// The connection and scripts.
+        store: Arc<redis::RedisStore>,
+        /// Makes cart ids (unguessable, distinct across nodes).
+        ids: TokenGenerator,
+        /// `--cart-ttl`.
+        idle_ms: i64,
+        /// `--carts-max`.
+        carts_max: usize,
+    },
+}
+
+impl Carts {
+    /// Carts in Redis.
+    pub fn redis(
+        store: Arc<redis::RedisStore>,
+        idle_ms: i64,
+        carts_max: usize,
+    ) -> Result<Self, RandomError> {
+        Ok(Self::Redis {
+            store,
+            ids: TokenGenerator::new()?,
+            idle_ms,
+            carts_max,
+        })
+    }
+
+    /// The Redis store, when carts live there.
+    pub fn store(&self) -> Option<&Arc<redis::RedisStore>> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis { store, .. } => Some(store),
+        }
+    }
+
+    /// How long a cart lives without use.
+    pub fn idle_ms(&self) -> i64 {
+        match self {
+            Self::Memory(carts) => carts.idle_ms(),
+            Self::Redis { idle_ms, .. } => *idle_ms,
+        }
+    }
+
+    /// Carts held in this process's memory (none with Redis).
+    pub fn in_memory(&self) -> usize {
+        match self {
+            Self::Memory(carts) => carts.len(),
+            Self::Redis { .. } => 0,
+        }
+    }
+
+    /// Creates an empty cart, unless `--carts-max` live carts exist.
+    pub async fn create(&self, now_ms: i64) -> Result<CartView, CartError> {
+        match self {
+            Self::Memory(carts) => carts.create(now_ms),
+            Self::Redis {
+                store,
+                ids,
+                idle_ms,
+                carts_max,
+            } => {
+                let cart_id = CartId::parse(ids.next("cart_"))
+                    .unwrap_or_else(|e| unreachable!("token shape: {e}"));
+                store
+                    .create_cart(&cart_id, now_ms, *idle_ms, *carts_max)
+                    .await?;
+                Ok(CartView {
+                    cart_id,
+                    items: Vec::new(),
+                    expires_at_ms: now_ms + idle_ms,
+                })
+            }
+        }
+    }
+
+    /// A live cart (using it refreshes its expiry).
+    pub async fn get(&self, id: &CartId, now_ms: i64) -> Result<CartView, CartError> {
+        match self {
+            Self::Memory(carts) => carts.get(id, now_ms),
+            Self::Redis { store, idle_ms, .. } => store.cart(id, None, now_ms, *idle_ms).await,
+        }
+    }
+
+    /// Sets the quantity of a SKU in a live cart (0 removes it).
+    pub async fn set_item(
+        &self,
+        id: &CartId,
+        sku: &Sku,
+        quantity: i64,
+        now_ms: i64,
+    ) -> Result<CartView, CartError> {
+        match self {
+            Self::Memory(carts) => carts.set_item(id, sku, quantity, now_ms),
+            Self::Redis { store, idle_ms, .. } => {
+                store
+                    .cart(id, Some((sku, quantity)), now_ms, *idle_ms)
+                    .await
+            }
+        }
+    }
+
+    /// Empties a cart after its checkout; with Redis in the background (the answer does not wait).
+    pub fn clear(&self, id: &CartId, now_ms: i64) {
+        match self {
+            Self::Memory(carts) => carts.clear(id, now_ms),
+            Self::Redis { store, .. } => {
+                let store = Arc::clone(store);
+                let id = id.clone();
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move {
+                        if let Err(error) = store.clear_cart(&id).await {
+                            tracing::warn!(%error, cart_id = %id.as_str(), "could not empty a checked-out cart in Redis");
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// Removes expired carts from memory (Redis expires its own); returns how many.
+    pub fn sweep(&self, now_ms: i64) -> usize {
+        match self {
+            Self::Memory(carts) => carts.sweep(now_ms),
+            Self::Redis { .. } => 0,
+        }
+    }
 }
 
 struct Cart {

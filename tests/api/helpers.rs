@@ -739,3 +739,97 @@ pub fn check_messages(events: &[Value], received: &[Received]) {
         "every event arrived, first in seq order"
     );
 }
+
+/// The machine's Redis, as every Redis test reaches it.
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+/// A test's own key prefix on the machine's Redis; [`TestRedis::delete`] removes its keys.
+pub struct TestRedis {
+    pub prefix: String,
+    client: redis::Client,
+}
+
+impl TestRedis {
+    pub async fn create(name: &str) -> Self {
+        let client = redis::Client::open(REDIS_URL).expect("redis url");
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let test = Self {
+            prefix: format!("test:{name}:{}:{nanos}:", std::process::id()),
+            client,
+        };
+        test.connection().await;
+        test
+    }
+
+    /// A new connection (one made before a Redis restart would be broken).
+    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| {
+                panic!("Redis at {REDIS_URL} is not reachable ({e}): start it with `redis-server --daemonize yes --port 6379 --save ''`")
+            })
+    }
+
+    /// The server options that put its carts and locks under this prefix.
+    pub fn args(&self) -> Vec<String> {
+        vec![
+            "--redis-url".into(),
+            REDIS_URL.into(),
+            "--redis-prefix".into(),
+            self.prefix.clone(),
+        ]
+    }
+
+    /// Every key under the prefix, with its TTL in milliseconds (-1: none).
+    pub async fn keys(&mut self) -> Vec<(String, i64)> {
+        let mut connection = self.connection().await;
+        let mut keys = Vec::new();
+        let mut cursor = 0u64;
+        loop {
+            let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{}*", self.prefix))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut connection)
+                .await
+                .expect("SCAN");
+            for key in batch {
+                let ttl: i64 = redis::cmd("PTTL")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .expect("PTTL");
+                keys.push((key, ttl));
+            }
+            if next == 0 {
+                return keys;
+            }
+            cursor = next;
+        }
+    }
+
+    /// Every key under the prefix has a TTL.
+    pub async fn assert_every_key_expires(&mut self) {
+        let keys = self.keys().await;
+        assert!(!keys.is_empty(), "no key under {}", self.prefix);
+        for (key, ttl) in keys {
+            assert!(ttl > 0, "{key} has no TTL ({ttl})");
+        }
+    }
+
+    pub async fn delete(mut self) {
+        let mut connection = self.connection().await;
+        for (key, _) in self.keys().await {
+            let _: i64 = redis::cmd("DEL")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .unwrap_or(0);
+        }
+    }
+}

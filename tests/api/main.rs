@@ -12,5 +12,6 @@ mod mysql;
 mod mysql_attack;
 mod payments;
 mod retention;
+mod sessions;
 mod tls;
 mod validation;

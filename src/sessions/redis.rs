@@ -1,0 +1,749 @@
+//! Carts, submission locks and finished answers in Redis, shared by every node (`--redis-url`).
+//!
+//! # Keys
+//! Every key starts with `--redis-prefix` (`turnstile:`) and has a TTL:
+//! - `<p>cart:<cart_id>`: a hash, `n` (the next line's position) and `s:<sku>` =
+//!   `<position>:<quantity>`; `PEXPIRE --cart-ttl`, refreshed by every use.
+//! - `<p>carts`: a sorted set of live cart ids scored by expiry (Unix ms), so `--carts-max` holds
+//!   across nodes; its TTL is kept at least as long as its newest cart's.
+//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<n>`, `SET NX EX 60` while a
+//!   checkout with that key runs, deleted by its holder only (compare-and-delete).
+//! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
+//!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, ten
+//!   minutes for `404` and `409 out_of_stock`).
+//!
+//! # Mechanism
+//! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
+//! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
+//! answer, else the lock, and the cart when the checkout names one). A checkout's end (the answer
+//! stored and the lock released, atomically, answer first) is sent after the journal's commit and
+//! not awaited, so Redis adds one round trip to a checkout. The journal stays the truth: the
+//! answer is stored only once its record is durable, and a node that finds no answer in Redis
+//! falls back to its own key table and journal.
+//!
+//! One multiplexed connection carries every call; each call has a timeout (`--redis-timeout`). A
+//! call that finds the connection broken drops it and wakes the supervisor, which reconnects with
+//! backoff; meanwhile calls fail at once with the last error (cart calls `503
+//! session_store_unavailable`, checkouts with an item list go on without the lock), so nothing
+//! waits on a dead Redis and the node recovers by itself.
+
+use crate::domain::{CartId, IdempotencyKey, Sku};
+use crate::engine::records::StoredAnswer;
+use crate::sync::lock;
+use arc_swap::ArcSwapOption;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Script, ScriptInvocation};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::{CartError, CartView, CART_ITEMS_MAX};
+
+/// How long a submission lock lives if its holder never releases it (a node killed mid-checkout).
+pub const LOCK_TTL_SECONDS: u64 = 60;
+
+/// The longest wait between two reconnection attempts.
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// The Redis settings of `serve`.
+#[derive(Debug, Clone)]
+pub struct RedisConfig {
+    /// `redis://[user:password@]host:port[/db]` or `redis+unix:///path`.
+    pub url: String,
+    /// Starts every key.
+    pub prefix: String,
+    /// How long one call (or one connection attempt) may take.
+    pub timeout: Duration,
+}
+
+/// Why a call to Redis failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// Redis cannot be reached or did not answer in time.
+    #[error("Redis is unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered something Turnstile did not write (another program under the same prefix?).
+    #[error("Redis holds something unexpected under {key}: {what}")]
+    Unexpected {
+        /// The key.
+        key: String,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+/// What a checkout's start found in Redis.
+#[derive(Debug)]
+pub enum Begin {
+    /// The key finished on some node: this answer replays (or, with another request, `422`).
+    Answer(StoredAnswer),
+    /// Another checkout with this key runs (on this node or another): `409`.
+    Held,
+    /// The lock is this checkout's; with a cart id, the cart's lines (`None`: no such cart).
+    Locked(Submission, Option<Vec<(Sku, i64)>>),
+}
+
+#[derive(Default)]
+struct Stats {
+    calls: AtomicU64,
+    errors: AtomicU64,
+    reconnects: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+/// The connection to Redis and the scripts run over it.
+pub struct RedisStore {
+    client: redis::Client,
+    connection_config: AsyncConnectionConfig,
+    connection: ArcSwapOption<MultiplexedConnection>,
+    /// Wakes the supervisor when a call found the connection broken.
+    wake: tokio::sync::Notify,
+    /// Why the last call or connection attempt failed; `None` once one succeeded since.
+    last_error: Mutex<Option<String>>,
+    stopped: AtomicBool,
+    prefix: String,
+    timeout: Duration,
+    /// This process, in lock values: `node_<hex>`.
+    node: String,
+    locks_taken: AtomicU64,
+    stats: Stats,
+    scripts: Scripts,
+}
+
+struct Scripts {
+    cart_create: Script,
+    cart_get: Script,
+    cart_set: Script,
+    cart_clear: Script,
+    begin: Script,
+    finish: Script,
+}
+
+/// Refreshes a cart's expiry in the hash and in the set of live carts. KEYS[1] = carts, KEYS[2] =
+/// cart; ARGV[1] = now ms, ARGV[2] = ttl ms, ARGV[3] = cart id.
+const REFRESH: &str = r"
+local function refresh(carts, cart, now, ttl, id)
+  redis.call('PEXPIRE', cart, ttl)
+  redis.call('ZADD', carts, now + ttl, id)
+  local left = redis.call('PTTL', carts)
+  if left < ttl then redis.call('PEXPIRE', carts, ttl) end
+end
+";
+
+const CART_CREATE: &str = r"
+local now, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[4]) then return {'full'} end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[2], 'n', 0)
+refresh(KEYS[1], KEYS[2], now, ttl, ARGV[3])
+return {'ok'}
+";
+
+const CART_GET: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'none'} end
+refresh(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+local lines = redis.call('HGETALL', KEYS[2])
+table.insert(lines, 1, 'ok')
+return lines
+";
+
+/// ARGV[4] = sku, ARGV[5] = quantity (0 removes), ARGV[6] = lines at most.
+const CART_SET: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 0 then return {'none'} end
+local field, quantity = 's:' .. ARGV[4], tonumber(ARGV[5])
+local old = redis.call('HGET', KEYS[2], field)
+if quantity == 0 then
+  if old then redis.call('HDEL', KEYS[2], field) end
+elseif old then
+  local position = string.match(old, '^(%d+):')
+  redis.call('HSET', KEYS[2], field, position .. ':' .. ARGV[5])
+else
+  if redis.call('HLEN', KEYS[2]) - 1 >= tonumber(ARGV[6]) then return {'too_many'} end
+  local position = redis.call('HINCRBY', KEYS[2], 'n', 1)
+  redis.call('HSET', KEYS[2], field, position .. ':' .. ARGV[5])
+end
+refresh(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
+local lines = redis.call('HGETALL', KEYS[2])
+table.insert(lines, 1, 'ok')
+return lines
+";
+
+/// Empties a cart, keeping its expiry. KEYS[1] = cart.
+const CART_CLEAR: &str = r"
+local left = redis.call('PTTL', KEYS[1])
+if left <= 0 then return 0 end
+local next = redis.call('HGET', KEYS[1], 'n') or 0
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'n', next)
+redis.call('PEXPIRE', KEYS[1], left)
+return 1
+";
+
+/// A checkout's start. KEYS[1] = answer, KEYS[2] = lock, [KEYS[3] = carts, KEYS[4] = cart];
+/// ARGV[1] = lock value, ARGV[2] = lock ttl s, [ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] =
+/// cart id].
+const BEGIN: &str = r"
+local answer = redis.call('GET', KEYS[1])
+if answer then return {'answer', answer} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return {'held'} end
+if #KEYS < 4 then return {'locked'} end
+if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
+refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+local lines = redis.call('HGETALL', KEYS[4])
+table.insert(lines, 1, 'cart')
+table.insert(lines, 1, 'locked')
+return lines
+";
+
+/// A checkout's end: the answer stored (if any), then the lock released if still this
+/// checkout's. KEYS[1] = answer, KEYS[2] = lock; ARGV[1] = lock value, ARGV[2] = answer, ARGV[3] =
+/// its TTL in ms (0: none to store).
+const FINISH: &str = r"
+if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
+if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+return 1
+";
+
+impl Scripts {
+    fn new() -> Self {
+        let with_refresh = |body: &str| Script::new(&format!("{REFRESH}{body}"));
+        Self {
+            cart_create: with_refresh(CART_CREATE),
+            cart_get: with_refresh(CART_GET),
+            cart_set: with_refresh(CART_SET),
+            cart_clear: Script::new(CART_CLEAR),
+            begin: with_refresh(BEGIN),
+            finish: Script::new(FINISH),
+        }
+    }
+}
+
+/// `<status> <at_ms> <fingerprint>\n<body>`: the answer as Redis keeps it.
+pub fn encode_answer(answer: &StoredAnswer) -> String {
+    format!(
+        "{} {} {}\n{}",
+        answer.status, answer.at_ms, answer.fingerprint, answer.body
+    )
+}
+
+/// The answer [`encode_answer`] wrote, or what is wrong with the bytes.
+pub fn decode_answer(raw: &str) -> Result<StoredAnswer, String> {
+    let (head, body) = raw.split_once('\n').ok_or("no header line")?;
+    let mut parts = head.split(' ');
+    let (Some(status), Some(at_ms), Some(fingerprint), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(format!(
+            "header {head:?} is not `<status> <at_ms> <fingerprint>`"
+        ));
+    };
+    let status: u16 = status
+        .parse()
+        .ok()
+        .filter(|s| (100..600).contains(s))
+        .ok_or_else(|| format!("status {status:?}"))?;
+    let at_ms: i64 = at_ms.parse().map_err(|_| format!("time {at_ms:?}"))?;
+    if fingerprint.is_empty() {
+        return Err("empty fingerprint".into());
+    }
+    Ok(StoredAnswer {
+        fingerprint: fingerprint.to_owned(),
+        status,
+        body: body.to_owned(),
+        at_ms,
+    })
+}
+
+/// A cart hash's fields (`HGETALL`, flattened) as lines in the order they were first added.
+fn parse_lines(key: &str, fields: &[String]) -> Result<Vec<(Sku, i64)>, StoreError> {
+    let unexpected = |what: String| StoreError::Unexpected {
+        key: key.to_owned(),
+        what,
+    };
+    let mut lines = Vec::with_capacity(fields.len() / 2);
+    for pair in fields.chunks(2) {
+        let [field, value] = pair else {
+            return Err(unexpected("an odd number of hash fields".into()));
+        };
+        let Some(sku) = field.strip_prefix("s:") else {
+            continue;
+        };
+        let parsed = value.split_once(':').and_then(|(position, quantity)| {
+            Some((position.parse::<u64>().ok()?, quantity.parse::<i64>().ok()?))
+        });
+        let ((position, quantity), sku) = parsed
+            .zip(Sku::parse(sku).ok())
+            .ok_or_else(|| unexpected(format!("line {field:?} = {value:?}")))?;
+        lines.push((position, sku, quantity));
+    }
+    lines.sort_unstable_by_key(|(position, ..)| *position);
+    Ok(lines.into_iter().map(|(_, sku, q)| (sku, q)).collect())
+}
+
+impl RedisStore {
+    /// A store for `config` (the URL is parsed, nothing is connected yet: call [`Self::start`]).
+    pub fn new(config: &RedisConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Unavailable(format!("bad --redis-url: {e}")))?;
+        let ids = crate::random::TokenGenerator::new()
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok(Self {
+            client,
+            connection_config: AsyncConnectionConfig::new()
+                .set_connection_timeout(config.timeout)
+                .set_response_timeout(config.timeout),
+            connection: ArcSwapOption::empty(),
+            wake: tokio::sync::Notify::new(),
+            last_error: Mutex::new(Some("not connected yet".into())),
+            stopped: AtomicBool::new(false),
+            prefix: config.prefix.clone(),
+            timeout: config.timeout,
+            node: ids.next("node_")[..21].to_owned(),
+            locks_taken: AtomicU64::new(0),
+            stats: Stats::default(),
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// Connects once (so the log says at start whether Redis answers), then keeps the connection
+    /// up in the background until [`Self::stop`].
+    pub async fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        if let Err(error) = self.connect().await {
+            tracing::warn!(%error, "Redis does not answer; carts answer 503 and checkouts go on without submission locks until it does (retrying)");
+        }
+        let store = Arc::clone(self);
+        tokio::spawn(async move { store.supervise().await })
+    }
+
+    /// Stops the supervisor.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    async fn connect(&self) -> Result<(), String> {
+        let attempt = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.connection_config);
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(Ok(connection)) => Ok(connection),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no connection within {:?}", self.timeout)),
+        };
+        match result {
+            Ok(connection) => {
+                self.connection.store(Some(Arc::new(connection)));
+                *lock(&self.last_error) = None;
+                tracing::info!(node = %self.node, prefix = %self.prefix, "Redis connected");
+                Ok(())
+            }
+            Err(error) => {
+                *lock(&self.last_error) = Some(error.clone());
+                Err(error)
+            }
+        }
+    }
+
+    async fn supervise(&self) {
+        let mut backoff = Duration::from_millis(100);
+        while !self.stopped.load(Ordering::Acquire) {
+            if self.connection.load().is_some() {
+                backoff = Duration::from_millis(100);
+                self.wake.notified().await;
+                continue;
+            }
+            self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+            match self.connect().await {
+                Ok(()) => tracing::info!("Redis is back"),
+                Err(error) => {
+                    tracing::debug!(%error, ?backoff, "Redis reconnection failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    /// Runs a script; a broken connection is dropped and the supervisor woken.
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let Some(connection) = self.connection.load_full() else {
+            self.stats.errors.fetch_add(1, Ordering::Relaxed);
+            let reason = lock(&self.last_error)
+                .clone()
+                .unwrap_or_else(|| "not connected".into());
+            return Err(StoreError::Unavailable(reason));
+        };
+        let mut handle = MultiplexedConnection::clone(&connection);
+        let outcome =
+            match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle)).await {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(error)) => {
+                    let broken = error.is_io_error()
+                        || error.is_timeout()
+                        || error.is_connection_dropped()
+                        || error.is_connection_refusal()
+                        || error.is_unrecoverable_error();
+                    (error.to_string(), broken)
+                }
+                Err(_) => (format!("no answer within {:?}", self.timeout), true),
+            };
+        let (reason, broken) = outcome;
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        *lock(&self.last_error) = Some(reason.clone());
+        if broken {
+            // Only the connection that failed is dropped: a newer one may already be in place.
+            let current = self.connection.load();
+            if current
+                .as_ref()
+                .is_some_and(|now| Arc::ptr_eq(now, &connection))
+            {
+                self.connection.store(None);
+                tracing::warn!(error = %reason, "Redis connection lost; reconnecting");
+            }
+            self.wake.notify_one();
+        }
+        Err(StoreError::Unavailable(reason))
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}{kind}:{id}", self.prefix)
+    }
+
+    fn carts_key(&self) -> String {
+        format!("{}carts", self.prefix)
+    }
+
+    /// Whether Redis answers now, for `/readyz`: `Err` says why not.
+    pub fn check(&self) -> Result<(), String> {
+        match (self.connection.load().is_some(), lock(&self.last_error).clone()) {
+            (true, _) => Ok(()),
+            (false, reason) => Err(format!(
+                "unreachable: {}; carts answer 503, checkouts with an item list go on without submission locks",
+                reason.unwrap_or_else(|| "not connected".into())
+            )),
+        }
+    }
+
+    /// Creates an empty cart, unless `carts_max` live carts exist already.
+    pub async fn create_cart(
+        &self,
+        cart_id: &CartId,
+        now_ms: i64,
+        ttl_ms: i64,
+        carts_max: usize,
+    ) -> Result<(), CartError> {
+        let reply: Vec<String> = self
+            .run(
+                self.scripts
+                    .cart_create
+                    .key(self.carts_key())
+                    .key(self.key("cart", cart_id.as_str()))
+                    .arg(now_ms)
+                    .arg(ttl_ms)
+                    .arg(cart_id.as_str())
+                    .arg(carts_max),
+            )
+            .await
+            .map_err(CartError::from)?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(()),
+            Some("full") => Err(CartError::Full(carts_max)),
+            _ => Err(self.unexpected_reply("cart", cart_id.as_str(), &reply)),
+        }
+    }
+
+    fn unexpected_reply(&self, kind: &str, id: &str, reply: &[String]) -> CartError {
+        CartError::Store(StoreError::Unexpected {
+            key: self.key(kind, id),
+            what: format!("script reply {:?}", reply.first()),
+        })
+    }
+
+    fn cart_reply(
+        &self,
+        cart_id: &CartId,
+        reply: &[String],
+        expires_at_ms: i64,
+    ) -> Result<CartView, CartError> {
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(CartView {
+                cart_id: cart_id.clone(),
+                items: parse_lines(&self.key("cart", cart_id.as_str()), &reply[1..])?,
+                expires_at_ms,
+            }),
+            Some("none") => Err(CartError::NotFound),
+            Some("too_many") => Err(CartError::TooManyItems),
+            _ => Err(self.unexpected_reply("cart", cart_id.as_str(), reply)),
+        }
+    }
+
+    /// A live cart, with `change` (a SKU and its new quantity, 0 removing it) applied atomically
+    /// first if given; using a cart refreshes its expiry.
+    pub async fn cart(
+        &self,
+        cart_id: &CartId,
+        change: Option<(&Sku, i64)>,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<CartView, CartError> {
+        let script = match change {
+            Some(_) => &self.scripts.cart_set,
+            None => &self.scripts.cart_get,
+        };
+        let mut invocation = script.key(self.carts_key());
+        invocation
+            .key(self.key("cart", cart_id.as_str()))
+            .arg(now_ms)
+            .arg(ttl_ms)
+            .arg(cart_id.as_str());
+        if let Some((sku, quantity)) = change {
+            invocation
+                .arg(sku.as_str())
+                .arg(quantity)
+                .arg(CART_ITEMS_MAX);
+        }
+        let reply: Vec<String> = self.run(&invocation).await?;
+        self.cart_reply(cart_id, &reply, now_ms + ttl_ms)
+    }
+
+    /// Empties a cart (after it was checked out), keeping its expiry.
+    pub async fn clear_cart(&self, cart_id: &CartId) -> Result<(), StoreError> {
+        self.run::<i64>(
+            &self
+                .scripts
+                .cart_clear
+                .key(self.key("cart", cart_id.as_str())),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// A checkout's start, in one round trip: the answer cached under `key`, else the submission
+    /// lock, and with `cart` (its id, now, its TTL) the cart's lines.
+    pub async fn begin(
+        self: &Arc<Self>,
+        key: &IdempotencyKey,
+        cart: Option<(&CartId, i64, i64)>,
+    ) -> Result<Begin, StoreError> {
+        let value = format!(
+            "{}/{}",
+            self.node,
+            self.locks_taken.fetch_add(1, Ordering::Relaxed)
+        );
+        let answer_key = self.key("answer", key.as_str());
+        let mut invocation = self.scripts.begin.key(&answer_key);
+        invocation
+            .key(self.key("lock", key.as_str()))
+            .arg(&value)
+            .arg(LOCK_TTL_SECONDS);
+        if let Some((cart_id, now_ms, ttl_ms)) = cart {
+            invocation
+                .key(self.carts_key())
+                .key(self.key("cart", cart_id.as_str()))
+                .arg(now_ms)
+                .arg(ttl_ms)
+                .arg(cart_id.as_str());
+        }
+        let reply: Vec<String> = self.run(&invocation).await?;
+        let unexpected = |what: String| StoreError::Unexpected {
+            key: answer_key.clone(),
+            what,
+        };
+        match reply.first().map(String::as_str) {
+            Some("answer") => {
+                let raw = reply.get(1).map_or("", String::as_str);
+                decode_answer(raw).map(Begin::Answer).map_err(unexpected)
+            }
+            Some("held") => Ok(Begin::Held),
+            Some("locked") => {
+                let submission = Submission {
+                    store: Arc::clone(self),
+                    key: key.clone(),
+                    value,
+                    open: true,
+                };
+                let lines = match (cart, reply.get(1).map(String::as_str)) {
+                    (Some((cart_id, ..)), Some("cart")) => Some(parse_lines(
+                        &self.key("cart", cart_id.as_str()),
+                        &reply[2..],
+                    )?),
+                    _ => None,
+                };
+                Ok(Begin::Locked(submission, lines))
+            }
+            other => Err(unexpected(format!("script reply {other:?}"))),
+        }
+    }
+
+    /// Counts a checkout that went on without the submission lock (Redis down).
+    pub fn count_fallback(&self) {
+        self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The store's metrics.
+    pub fn encode_metrics(
+        &self,
+        encoder: &mut prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use crate::metrics::{encode_counter, encode_gauge};
+        encode_gauge(
+            encoder,
+            "turnstile_redis_connected",
+            "1 while the Redis connection is up.",
+            u64::from(self.connection.load().is_some()),
+        )?;
+        let stats = &self.stats;
+        for (name, help, counter) in [
+            ("turnstile_redis_calls", "Redis calls (one script each).", &stats.calls),
+            ("turnstile_redis_errors", "Redis calls that failed or timed out.", &stats.errors),
+            ("turnstile_redis_reconnects", "Attempts to reconnect to Redis.", &stats.reconnects),
+            (
+                "turnstile_redis_lock_fallbacks",
+                "Checkouts that went on without a submission lock because Redis was down (the node's own key table and journal kept them unique on this node).",
+                &stats.fallbacks,
+            ),
+        ] {
+            encode_counter(encoder, name, help, counter.load(Ordering::Relaxed))?;
+        }
+        Ok(())
+    }
+
+    async fn finish(
+        &self,
+        key: &IdempotencyKey,
+        value: &str,
+        answer: Option<(&StoredAnswer, i64)>,
+    ) -> Result<(), StoreError> {
+        let (encoded, ttl_ms) = match answer {
+            Some((answer, ttl_ms)) => (encode_answer(answer), ttl_ms.max(1)),
+            None => (String::new(), 0),
+        };
+        self.run::<i64>(
+            self.scripts
+                .finish
+                .key(self.key("answer", key.as_str()))
+                .key(self.key("lock", key.as_str()))
+                .arg(value)
+                .arg(encoded)
+                .arg(ttl_ms),
+        )
+        .await
+        .map(|_| ())
+    }
+}
+
+/// A submission lock this checkout holds. [`Submission::finish`] stores the answer and releases
+/// it; dropped unfinished, it is released (the checkout ended without an answer to keep);
+/// [`Submission::keep`] leaves it to expire (the outcome is unknown: another node must not start
+/// the same checkout while this one's commit may still land).
+pub struct Submission {
+    store: Arc<RedisStore>,
+    key: IdempotencyKey,
+    value: String,
+    open: bool,
+}
+
+impl Submission {
+    /// Stores `answer` for `ttl_ms` and releases the lock, in the background: the client's answer
+    /// does not wait for it. Retried while Redis is unreachable, for as long as the lock lives.
+    pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
+        self.open = false;
+        self.spawn_finish(Some((answer, ttl_ms)));
+    }
+
+    /// Leaves the lock to expire by itself.
+    pub fn keep(mut self) {
+        self.open = false;
+    }
+
+    fn spawn_finish(&self, answer: Option<(StoredAnswer, i64)>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(&self.store);
+        let key = self.key.clone();
+        let value = self.value.clone();
+        runtime.spawn(async move {
+            let deadline =
+                tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS);
+            let mut backoff = Duration::from_millis(50);
+            loop {
+                let answer = answer.as_ref().map(|(a, ttl)| (a, *ttl));
+                match store.finish(&key, &value, answer).await {
+                    Ok(()) => return,
+                    Err(error) if tokio::time::Instant::now() + backoff >= deadline => {
+                        tracing::warn!(%error, key = %key.as_str(), "could not release a submission lock in Redis; it expires by itself");
+                        return;
+                    }
+                    Err(_) => {
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("key", &self.key.as_str())
+            .field("value", &self.value)
+            .finish()
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        if self.open {
+            self.spawn_finish(None);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_round_trip_and_bad_bytes_are_refused() {
+        let answer = StoredAnswer {
+            fingerprint: "ab12".into(),
+            status: 201,
+            body: "{\"a\":\"x\\ny\"}\nsecond line".into(),
+            at_ms: 1_764_000_000_000,
+        };
+        assert_eq!(decode_answer(&encode_answer(&answer)), Ok(answer));
+        for bad in [
+            "",
+            "201 5 f",
+            "201 5\n{}",
+            "2x1 5 f\n{}",
+            "99 5 f\n{}",
+            "201 five f\n{}",
+            "201 5  \n{}",
+            "201 5 f g\n{}",
+        ] {
+            assert!(decode_answer(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn cart_lines_come_back_in_the_order_they_were_added() {
+        let fields: Vec<String> = ["n", "3", "s:b", "2:5", "s:a", "1:7", "s:c", "3:1"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let lines = parse_lines("k", &fields).unwrap();
+        let names: Vec<(&str, i64)> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
+        assert_eq!(names, vec![("a", 7), ("b", 5), ("c", 1)]);
+        let bad: Vec<String> = ["s:a", "x"].iter().map(|s| s.to_string()).collect();
+        assert!(parse_lines("k", &bad).is_err());
+    }
+}

@@ -1,0 +1,345 @@
+//! Carts, submission locks and answers in Redis, shared by two real server processes (each with its
+//! own embedded journal) through the machine's Redis, each test under its own key prefix.
+
+use super::helpers::{eventually, spawn_app, Client, JsonBody, TestApp, TestRedis};
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Two nodes on one Redis prefix, the same products PUT on both (stock is per node).
+async fn two_nodes(
+    redis: &TestRedis,
+    extra: &[&str],
+    products: &[(&str, i64)],
+) -> (TestApp, TestApp) {
+    let mut args: Vec<String> = redis.args();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (a, b) = (spawn_app(&args), spawn_app(&args));
+    for app in [&a, &b] {
+        let mut client = app.client();
+        for (sku, stock) in products {
+            assert_eq!(client.put_product(sku, 250, *stock).await.status, 200);
+        }
+    }
+    (a, b)
+}
+
+async fn create_cart(client: &mut Client) -> String {
+    let created = client.send("POST", "/v1/carts", &[], "").await;
+    assert_eq!(
+        created.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&created.body)
+    );
+    created.json()["cart_id"]
+        .as_str()
+        .expect("cart_id")
+        .to_owned()
+}
+
+async fn set_item(client: &mut Client, cart: &str, sku: &str, quantity: i64) -> (u16, Value) {
+    let answer = client
+        .send(
+            "PUT",
+            &format!("/v1/carts/{cart}/items/{sku}"),
+            &[],
+            &json!({ "quantity": quantity }).to_string(),
+        )
+        .await;
+    (answer.status, answer.json())
+}
+
+fn lines(cart: &Value) -> Vec<(String, i64)> {
+    cart["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .map(|l| {
+            (
+                l["sku"].as_str().unwrap().to_owned(),
+                l["quantity"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+async fn checkout(client: &mut Client, key: &str, body: &Value) -> (u16, String, bool) {
+    let answer = client
+        .send(
+            "POST",
+            "/v1/checkout",
+            &[("idempotency-key", key)],
+            &body.to_string(),
+        )
+        .await;
+    (
+        answer.status,
+        String::from_utf8_lossy(&answer.body).into_owned(),
+        answer.replayed,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_made_on_one_node_is_changed_and_checked_out_on_the_other() {
+    let mut redis = TestRedis::create("carts").await;
+    let (a, b) = two_nodes(&redis, &[], &[("A", 10), ("B", 10), ("Z", 0)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+
+    let cart = create_cart(&mut on_a).await;
+    assert_eq!(set_item(&mut on_a, &cart, "B", 1).await.0, 200);
+    // Read and changed on the other node, seen on the first.
+    let read = on_b.get(&format!("/v1/carts/{cart}")).await;
+    assert_eq!(read.status, 200);
+    assert_eq!(lines(&read.json()), vec![("B".to_owned(), 1)]);
+    let (status, changed) = set_item(&mut on_b, &cart, "A", 2).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        lines(&changed),
+        vec![("B".into(), 1), ("A".into(), 2)],
+        "lines keep the order they were added"
+    );
+    assert_eq!(set_item(&mut on_b, &cart, "B", 3).await.0, 200);
+    let (status, _) = set_item(&mut on_b, &cart, "nope", 1).await;
+    assert_eq!(status, 404, "unknown sku");
+    let (status, body) = set_item(&mut on_b, "cart_nope", "A", 1).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    let seen = on_a.get(&format!("/v1/carts/{cart}")).await.json();
+    assert_eq!(lines(&seen), vec![("B".into(), 3), ("A".into(), 2)]);
+
+    // Checked out on the other node: one order there, the cart emptied for both.
+    let body = json!({"cart_id": cart, "customer_id": "c1", "payment_token": "tok_ok"});
+    let (status, first, replayed) = checkout(&mut on_b, "cart-key", &body).await;
+    assert_eq!((status, replayed), (201, false), "{first}");
+    assert_eq!(on_b.stock("A").await, (10, 8, 0, 2));
+    assert_eq!(on_b.stock("B").await, (10, 7, 0, 3));
+    assert_eq!(on_a.stock("A").await, (10, 10, 0, 0), "stock is per node");
+    // A replay on the other node is identical, byte for byte, and changes nothing.
+    // `409 idempotency_key_in_use` until the first node has stored its answer (it does so right
+    // after its commit, without making its client wait), then the replay.
+    let replay = async |client: &mut Client, key: &str, body: &Value| {
+        for _ in 0..10_000 {
+            let (status, text, replayed) = checkout(client, key, body).await;
+            if !text.contains("idempotency_key_in_use") {
+                return (status, text, replayed);
+            }
+        }
+        panic!("{key}: still in use after 10,000 tries");
+    };
+    let (status, again, replayed) = replay(&mut on_a, "cart-key", &body).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(again, first);
+    assert_eq!(on_a.stock("A").await, (10, 10, 0, 0));
+    let other = json!({"cart_id": cart, "customer_id": "someone-else", "payment_token": "tok_ok"});
+    let (status, text, _) = checkout(&mut on_a, "cart-key", &other).await;
+    assert_eq!(
+        status, 422,
+        "same key, other body, on the other node: {text}"
+    );
+    eventually(
+        "the cart emptied after its checkout",
+        Duration::from_secs(5),
+        async || lines(&on_a.get(&format!("/v1/carts/{cart}")).await.json()).is_empty(),
+    )
+    .await;
+
+    // An answer that placed nothing is shared too: sold out on A, replayed on B although B has
+    // the stock now.
+    let items = json!({"items": [{"sku": "Z", "quantity": 1}], "customer_id": "c2", "payment_token": "tok_ok"});
+    let (status, rejected, _) = checkout(&mut on_a, "sold-out-key", &items).await;
+    assert_eq!(status, 409, "{rejected}");
+    assert_eq!(on_b.put_product("Z", 250, 5).await.status, 200);
+    let (status, again, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    assert_eq!((status, replayed), (409, true));
+    assert_eq!(again, rejected);
+    assert_eq!(on_b.stock("Z").await, (5, 5, 0, 0));
+
+    redis.assert_every_key_expires().await;
+    let keys = redis.keys().await;
+    for kind in ["cart:", "carts", "answer:"] {
+        assert!(
+            keys.iter()
+                .any(|(k, _)| k.starts_with(&format!("{}{kind}", redis.prefix))),
+            "a {kind} key under the prefix: {keys:?}"
+        );
+    }
+    assert!(
+        !keys.iter().any(|(k, _)| k.contains(":lock:")),
+        "every submission lock released: {keys:?}"
+    );
+    redis.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_fired_at_both_nodes_at_once_makes_one_order() {
+    let redis = TestRedis::create("race").await;
+    const KEYS: usize = 60;
+    const PER_NODE: usize = 3;
+    let (a, b) = two_nodes(&redis, &[], &[("A", 1_000)]).await;
+    let mut tasks = Vec::new();
+    for n in 0..KEYS {
+        let key = format!("race-{n}");
+        for app in [&a, &b] {
+            for _ in 0..PER_NODE {
+                let (key, mut client) = (key.clone(), app.client());
+                tasks.push(tokio::spawn(async move {
+                    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+                    let answer = checkout(&mut client, &key, &body).await;
+                    (key, answer)
+                }));
+            }
+        }
+    }
+    let mut by_key: std::collections::HashMap<String, Vec<(u16, String, bool)>> =
+        std::collections::HashMap::new();
+    for task in tasks {
+        let (key, answer) = task.await.expect("request task");
+        by_key.entry(key).or_default().push(answer);
+    }
+    for (key, answers) in &by_key {
+        let firsts: Vec<_> = answers.iter().filter(|(s, _, r)| *s == 201 && !r).collect();
+        assert_eq!(firsts.len(), 1, "{key}: exactly one order: {answers:?}");
+        for (status, body, replayed) in answers {
+            match status {
+                201 => assert!(*replayed || body == &firsts[0].1, "{key}"),
+                409 => assert!(body.contains("idempotency_key_in_use"), "{key}: {body}"),
+                other => panic!("{key}: unexpected {other}: {body}"),
+            }
+            if *status == 201 {
+                assert_eq!(body, &firsts[0].1, "{key}: every replay is identical");
+            }
+        }
+    }
+    let count = |want: u16, replayed: bool| {
+        by_key
+            .values()
+            .flatten()
+            .filter(|(s, _, r)| *s == want && *r == replayed)
+            .count()
+    };
+    eprintln!(
+        "{KEYS} keys × {} requests: {} orders, {} in use, {} replays",
+        2 * PER_NODE,
+        count(201, false),
+        count(409, false),
+        count(201, true)
+    );
+    let sold: i64 = {
+        let (mut on_a, mut on_b) = (a.client(), b.client());
+        on_a.stock("A").await.3 + on_b.stock("A").await.3
+    };
+    assert_eq!(sold, KEYS as i64, "one unit sold per key across both nodes");
+    redis.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cart_expires_after_its_ttl_and_is_then_404() {
+    let mut redis = TestRedis::create("ttl").await;
+    let (a, b) = two_nodes(&redis, &["--cart-ttl", "1s"], &[("A", 10)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    let cart = create_cart(&mut on_a).await;
+    assert_eq!(set_item(&mut on_a, &cart, "A", 1).await.0, 200);
+    for (key, ttl) in redis.keys().await {
+        assert!(
+            ttl > 0 && ttl <= 1_000,
+            "{key}: TTL {ttl} ms, at most the cart TTL"
+        );
+    }
+    // Redis expires the cart by itself (watched in Redis: a GET would refresh it); both nodes
+    // then say 404, and a checkout of it is 404.
+    let cart_key = format!("{}cart:{cart}", redis.prefix);
+    eventually(
+        "the cart to expire in Redis",
+        Duration::from_secs(10),
+        async || !redis.keys().await.iter().any(|(key, _)| *key == cart_key),
+    )
+    .await;
+    assert_eq!(on_b.get(&format!("/v1/carts/{cart}")).await.status, 404);
+    assert_eq!(on_a.get(&format!("/v1/carts/{cart}")).await.status, 404);
+    assert_eq!(set_item(&mut on_a, &cart, "A", 1).await.0, 404);
+    let body = json!({"cart_id": cart, "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, text, _) = checkout(&mut on_b, "expired-cart", &body).await;
+    assert_eq!(status, 404, "{text}");
+    assert_eq!(on_b.stock("A").await, (10, 10, 0, 0));
+    redis.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_carts_and_cart_lines_are_capped_across_nodes() {
+    let redis = TestRedis::create("caps").await;
+    let skus: Vec<(String, i64)> = (0..101).map(|i| (format!("s{i}"), 5)).collect();
+    let products: Vec<(&str, i64)> = skus.iter().map(|(s, n)| (s.as_str(), *n)).collect();
+    let (a, b) = two_nodes(&redis, &["--carts-max", "3"], &products).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    let cart = create_cart(&mut on_a).await;
+    create_cart(&mut on_b).await;
+    create_cart(&mut on_a).await;
+    for client in [&mut on_a, &mut on_b] {
+        let full = client.send("POST", "/v1/carts", &[], "").await;
+        assert_eq!(full.status, 503, "--carts-max holds across nodes");
+        assert_eq!(full.json()["error"], "overloaded");
+    }
+    for (i, (sku, _)) in skus.iter().take(100).enumerate() {
+        let client = if i % 2 == 0 { &mut on_a } else { &mut on_b };
+        assert_eq!(set_item(client, &cart, sku, 1).await.0, 200);
+    }
+    let (status, body) = set_item(&mut on_b, &cart, "s100", 1).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("invalid_request")),
+        "{body}"
+    );
+    // Changing or removing a line already there is still fine.
+    assert_eq!(set_item(&mut on_b, &cart, "s0", 4).await.0, 200);
+    let (status, body) = set_item(&mut on_a, &cart, "s1", 0).await;
+    assert_eq!(status, 200);
+    assert_eq!(lines(&body).len(), 99);
+    assert_eq!(set_item(&mut on_a, &cart, "s100", 1).await.0, 200);
+    redis.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_unreachable_carts_are_503_and_item_checkouts_go_on() {
+    // A port nothing listens on: Redis "down" without touching the machine's Redis.
+    let app = spawn_app(&[
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--redis-timeout",
+        "300ms",
+    ]);
+    let mut client = app.client();
+    assert_eq!(client.put_product("A", 100, 5).await.status, 200);
+    let created = client.send("POST", "/v1/carts", &[], "").await;
+    assert_eq!(created.status, 503);
+    assert_eq!(created.json()["error"], "session_store_unavailable");
+    assert!(created.retry_after.is_some());
+    let got = client.get("/v1/carts/cart_x").await;
+    assert_eq!(
+        (got.status, got.json()["error"].clone()),
+        (503, json!("session_store_unavailable"))
+    );
+    let body = json!({"cart_id": "cart_x", "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, text, _) = checkout(&mut client, "cart-down", &body).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("session_store_unavailable"));
+
+    let items = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, first, _) = checkout(&mut client, "items-down", &items).await;
+    assert_eq!(status, 201, "{first}");
+    let (status, again, replayed) = checkout(&mut client, "items-down", &items).await;
+    assert_eq!(
+        (status, replayed),
+        (201, true),
+        "the node's own key table replays"
+    );
+    assert_eq!(again, first);
+    assert_eq!(client.stock("A").await, (5, 4, 0, 1));
+
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 200, "Redis down leaves the node ready");
+    let reason = ready.json()["checks"]["redis"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(reason.starts_with("unreachable"), "{reason}");
+}
