@@ -21,7 +21,9 @@
 //!   path) and `turnstile notify` ([`events::notify`]: exactly one line per paid order).
 //! - [`payment`]: the `PaymentGateway` trait, the simulator's ledger (in process and `turnstile
 //!   gateway-sim` over HTTP), the HTTP gateway client, webhook signatures.
-//! - [`sessions`]: carts with idle expiry and a cap (in process).
+//! - [`sessions`]: carts with idle expiry and caps, in process or in Redis
+//!   ([`sessions::redis`]: carts any node serves, the submission locks and finished answers every
+//!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
 //!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal).
 //! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept

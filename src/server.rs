@@ -29,6 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the RabbitMQ relay may take to stop (confirms in flight, its cursor saved).
 const RELAY_STOP_WAIT: Duration = Duration::from_secs(3);
 
+/// How long the Redis finisher may take at shutdown to send the answers and lock releases queued.
+const REDIS_STOP_WAIT: Duration = Duration::from_secs(2);
+
 /// The most holds one sweep releases, so one sweep never stalls the runtime.
 const SWEEP_HOLDS_MAX: usize = 10_000;
 
@@ -259,10 +262,10 @@ async fn serve(
                 context: "setting up Redis".into(),
                 source: std::io::Error::other(error.to_string()),
             })?);
-            let supervisor = store.start().await;
+            let tasks = store.start().await;
             (
                 Carts::redis(Arc::clone(&store), cart_ttl_ms, config.carts_max)?,
-                Some((store, supervisor)),
+                Some((store, tasks)),
             )
         }
         None => (
@@ -344,9 +347,14 @@ async fn serve(
             );
         }
     }
-    if let Some((store, supervisor)) = redis {
+    if let Some((store, tasks)) = redis {
+        // Queued answers and lock releases get a moment to reach Redis; past it the locks expire.
         store.stop();
-        supervisor.abort();
+        for task in tasks {
+            if tokio::time::timeout(REDIS_STOP_WAIT, task).await.is_err() {
+                tracing::warn!("Redis tasks did not stop in time; unreleased submission locks expire by themselves");
+            }
+        }
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;

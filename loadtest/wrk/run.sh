@@ -12,7 +12,11 @@
 # 127.0.0.1 made by openssl in a temporary directory, and wrk drives the same scenarios over
 # https:// (keep-alive connections: one handshake per connection), plus
 #   (d) new TLS handshakes per second: GET /healthz with `Connection: close`.
-# Usage: [MYSQL_URL=...] [TURNSTILE_BIN=...] [TLS=1] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
+#   (e) cart operations on 1,000 carts: line sets and reads in turn, one create in ten
+#       (cart_ops.lua); over plain HTTP only.
+# With REDIS_URL=redis://127.0.0.1:6379 set, the server keeps carts, submission locks and answers in
+# Redis (--redis-url) under a key prefix of this run's own, deleted afterwards.
+# Usage: [MYSQL_URL=...] [REDIS_URL=...] [TURNSTILE_BIN=...] [TLS=1] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${1:-10s}
@@ -23,7 +27,20 @@ bin=${TURNSTILE_BIN:-target/release/turnstile}
 data=$(mktemp -d -p target wrk-data.XXXXXX)
 out=$(mktemp)
 server=
-trap 'if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi; rm -rf "$data" "$data.log" "$data.tls" "$out"' EXIT
+redis=()
+if [ -n "${REDIS_URL:-}" ]; then
+  command -v redis-cli >/dev/null || { echo "redis-cli is missing (REDIS_URL: the run's keys are deleted with it)" >&2; exit 2; }
+  redis_prefix="bench:wrk:$$:$(date +%s):"
+  redis=(--redis-url "$REDIS_URL" --redis-prefix "$redis_prefix")
+fi
+cleanup() {
+  if [ -n "$server" ]; then kill "$server" 2>/dev/null; wait "$server" 2>/dev/null; fi
+  if [ -n "${redis_prefix:-}" ]; then
+    redis-cli -u "$REDIS_URL" --scan --pattern "$redis_prefix*" | xargs -r -n 500 redis-cli -u "$REDIS_URL" del > /dev/null
+  fi
+  rm -rf "$data" "$data.log" "$data.tls" "$data.carts" "$out"
+}
+trap cleanup EXIT
 scheme=http
 tls=()
 if [ "${TLS:-0}" = 1 ]; then
@@ -49,25 +66,51 @@ PY
   "$bin" migrate --mysql-url "$mariadb_url"
   journal=(--mysql-url "$mariadb_url")
 fi
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" "${tls[@]}" > "$out" 2> "$data.log" &
+"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" "${journal[@]}" "${redis[@]}" "${tls[@]}" > "$out" 2> "$data.log" &
 server=$!
 for _ in $(seq 1 100); do grep -q "listening on" "$out" && break; sleep 0.1; done
 addr=$(sed -n 's/^listening on //p' "$out")
 [ -n "$addr" ] || { echo "the server did not start:" >&2; cat "$data.log" >&2; exit 1; }
 url="$scheme://$addr"
-echo "server at $url (${journal[*]:-embedded journal in $data}${tls:+, self-signed certificate}); $(nproc) cores; wrk 1 thread, $connections connections, $duration"
+echo "server at $url (${journal[*]:-embedded journal in $data}${redis:+, carts and keys in Redis under $redis_prefix}${tls:+, self-signed certificate}); $(nproc) cores; wrk 1 thread, $connections connections, $duration"
 python3 loadtest/wrk/setup_products.py "$url"
+# CPU (user + system, from /proc/<pid>/stat) the server, and a local redis-server when REDIS_URL is
+# set, spent per request over each wrk run.
+redis_pid=
+[ -z "${REDIS_URL:-}" ] || redis_pid=$(pgrep -x redis-server | head -1 || true)
+ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+measure() { # wrk arguments
+  local s0 r0 result requests
+  s0=$(ticks "$server"); r0=$(ticks "$redis_pid")
+  result=$(wrk -t1 -c"$connections" -d"$duration" --latency "$@")
+  echo "$result" | grep -E "Requests/sec|50%|90%|99%|Non-2xx|errors"
+  requests=$(echo "$result" | awk '/requests in/ {print $1}')
+  awk -v s="$(( $(ticks "$server") - s0 ))" -v r="$(( $(ticks "$redis_pid") - r0 ))" -v n="$requests" \
+    -v hz="$(getconf CLK_TCK)" -v redis="$redis_pid" 'BEGIN {
+      if (n > 0) {
+        printf "  CPU per request: server %.1f us", s / hz * 1e6 / n
+        if (redis != "") printf ", redis-server %.1f us", r / hz * 1e6 / n
+        printf "\n"
+      }
+    }'
+}
 echo; echo "== GET /healthz (the HTTP ceiling)"
-wrk -t1 -c"$connections" -d"$duration" --latency "$url/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+measure "$url/healthz"
 echo; echo "== (a) checkouts of a sold-out SKU"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+measure -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT
 echo; echo "== (b) successful checkouts, 10,000 SKUs, tok_ok"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/steady.lua "$url" | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+measure -s loadtest/wrk/steady.lua "$url"
 
 echo; echo "== (c) successful checkouts, one hot SKU, tok_ok"
-wrk -t1 -c"$connections" -d"$duration" --latency -s loadtest/wrk/one_sku.lua "$url" -- HOT | grep -E "Requests/sec|50%|90%|99%|Non-2xx"
+measure -s loadtest/wrk/one_sku.lua "$url" -- HOT
+
+if [ "$scheme" = http ]; then
+  echo; echo "== (e) cart operations: line sets and reads in turn, 1 create in 10, 1,000 carts"
+  python3 loadtest/wrk/setup_carts.py "$url" "$data.carts" 1000 > /dev/null
+  measure -s loadtest/wrk/cart_ops.lua "$url" -- "$data.carts"
+fi
 
 if [ "$scheme" = https ]; then
   echo; echo "== (d) new TLS handshakes: GET /healthz with Connection: close (Requests/sec = handshakes/s)"
-  wrk -t1 -c"$connections" -d"$duration" --latency -H "Connection: close" "$url/healthz" | grep -E "Requests/sec|50%|90%|99%|Non-2xx|errors"
+  measure -H "Connection: close" "$url/healthz"
 fi

@@ -16,8 +16,9 @@
 //! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
 //! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
 //! answer, else the lock, and the cart when the checkout names one). A checkout's end (the answer
-//! stored and the lock released, atomically, answer first) is sent after the journal's commit and
-//! not awaited, so Redis adds one round trip to a checkout. The journal stays the truth: the
+//! stored and the lock released, atomically, answer first) is queued after the journal's commit
+//! and not awaited: one task sends the queued ends, up to 256 in one call, so Redis adds one round
+//! trip to a checkout, and a bit more than half a call's work under load. The journal stays the truth: the
 //! answer is stored only once its record is durable, and a node that finds no answer in Redis
 //! falls back to its own key table and journal.
 //!
@@ -44,6 +45,12 @@ pub const LOCK_TTL_SECONDS: u64 = 60;
 
 /// The longest wait between two reconnection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// Checkouts' ends waiting to be sent at most; past it each is sent by a task of its own.
+const FINISHES_QUEUED_MAX: usize = 65_536;
+
+/// Checkouts' ends sent in one call at most.
+const FINISHES_PER_CALL_MAX: usize = 256;
 
 /// The Redis settings of `serve`.
 #[derive(Debug, Clone)]
@@ -108,6 +115,21 @@ pub struct RedisStore {
     locks_taken: AtomicU64,
     stats: Stats,
     scripts: Scripts,
+    /// Checkouts' ends waiting to be sent, batched by the finisher task.
+    finishes: tokio::sync::mpsc::Sender<Finish>,
+    /// Taken by [`Self::start`].
+    finishes_to_send: Mutex<Option<tokio::sync::mpsc::Receiver<Finish>>>,
+    /// Wakes the finisher to send what is queued and end.
+    finisher_stop: tokio::sync::Notify,
+}
+
+/// A checkout's end: its answer to store (and for how long), and its lock to release.
+struct Finish {
+    key: IdempotencyKey,
+    value: String,
+    answer: Option<(StoredAnswer, i64)>,
+    /// Past this the lock has expired anyway: an end that could not be sent by then is dropped.
+    deadline: tokio::time::Instant,
 }
 
 struct Scripts {
@@ -196,13 +218,16 @@ table.insert(lines, 1, 'locked')
 return lines
 ";
 
-/// A checkout's end: the answer stored (if any), then the lock released if still this
-/// checkout's. KEYS[1] = answer, KEYS[2] = lock; ARGV[1] = lock value, ARGV[2] = answer, ARGV[3] =
-/// its TTL in ms (0: none to store).
+/// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
+/// if still that checkout's. KEYS = answer, lock, answer, lock, ...; ARGV = lock value, answer, its
+/// TTL in ms (0: none to store), for each in turn.
 const FINISH: &str = r"
-if tonumber(ARGV[3]) > 0 then redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3]) end
-if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
-return 1
+for i = 1, #KEYS / 2 do
+  local ttl = tonumber(ARGV[3 * i])
+  if ttl > 0 then redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl) end
+  if redis.call('GET', KEYS[2 * i]) == ARGV[3 * i - 2] then redis.call('DEL', KEYS[2 * i]) end
+end
+return #KEYS / 2
 ";
 
 impl Scripts {
@@ -288,6 +313,7 @@ impl RedisStore {
             .map_err(|e| StoreError::Unavailable(format!("bad --redis-url: {e}")))?;
         let ids = crate::random::TokenGenerator::new()
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (finishes, finishes_to_send) = tokio::sync::mpsc::channel(FINISHES_QUEUED_MAX);
         Ok(Self {
             client,
             connection_config: AsyncConnectionConfig::new()
@@ -303,23 +329,37 @@ impl RedisStore {
             locks_taken: AtomicU64::new(0),
             stats: Stats::default(),
             scripts: Scripts::new(),
+            finishes,
+            finishes_to_send: Mutex::new(Some(finishes_to_send)),
+            finisher_stop: tokio::sync::Notify::new(),
         })
     }
 
     /// Connects once (so the log says at start whether Redis answers), then keeps the connection
-    /// up in the background until [`Self::stop`].
-    pub async fn start(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// up and sends the checkouts' ends in the background until [`Self::stop`].
+    pub async fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         if let Err(error) = self.connect().await {
             tracing::warn!(%error, "Redis does not answer; carts answer 503 and checkouts go on without submission locks until it does (retrying)");
         }
-        let store = Arc::clone(self);
-        tokio::spawn(async move { store.supervise().await })
+        let supervisor = {
+            let store = Arc::clone(self);
+            tokio::spawn(async move { store.supervise().await })
+        };
+        let mut tasks = vec![supervisor];
+        if let Some(receiver) = lock(&self.finishes_to_send).take() {
+            let store = Arc::clone(self);
+            tasks.push(tokio::spawn(
+                async move { store.send_finishes(receiver).await },
+            ));
+        }
+        tasks
     }
 
-    /// Stops the supervisor.
+    /// Stops the supervisor; the finisher sends what is queued (while Redis answers), then ends.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
+        self.finisher_stop.notify_one();
     }
 
     async fn connect(&self) -> Result<(), String> {
@@ -613,27 +653,87 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn finish(
-        &self,
-        key: &IdempotencyKey,
-        value: &str,
-        answer: Option<(&StoredAnswer, i64)>,
-    ) -> Result<(), StoreError> {
-        let (encoded, ttl_ms) = match answer {
-            Some((answer, ttl_ms)) => (encode_answer(answer), ttl_ms.max(1)),
-            None => (String::new(), 0),
-        };
-        self.run::<i64>(
-            self.scripts
-                .finish
-                .key(self.key("answer", key.as_str()))
-                .key(self.key("lock", key.as_str()))
-                .arg(value)
+    /// Sends the checkouts' ends as they come, up to [`FINISHES_PER_CALL_MAX`] in one call; a
+    /// batch Redis did not take is sent again (with backoff) until its locks expire.
+    async fn send_finishes(&self, mut receiver: tokio::sync::mpsc::Receiver<Finish>) {
+        let mut batch: Vec<Finish> = Vec::with_capacity(FINISHES_PER_CALL_MAX);
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if batch.is_empty() {
+                let stopping = self.stopped.load(Ordering::Acquire);
+                let next = if stopping {
+                    receiver.try_recv().ok()
+                } else {
+                    tokio::select! {
+                        finish = receiver.recv() => finish,
+                        () = self.finisher_stop.notified() => receiver.try_recv().ok(),
+                    }
+                };
+                match next {
+                    Some(finish) => batch.push(finish),
+                    None => return,
+                }
+            }
+            while batch.len() < FINISHES_PER_CALL_MAX {
+                match receiver.try_recv() {
+                    Ok(finish) => batch.push(finish),
+                    Err(_) => break,
+                }
+            }
+            match self.finish_batch(&batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    backoff = Duration::from_millis(50);
+                }
+                Err(error) => {
+                    let now = tokio::time::Instant::now();
+                    let before = batch.len();
+                    batch.retain(|finish| finish.deadline > now);
+                    if batch.len() < before {
+                        tracing::warn!(%error, dropped = before - batch.len(), "could not store answers and release submission locks in Redis before the locks expired");
+                    }
+                    if self.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                }
+            }
+        }
+    }
+
+    async fn finish_batch(&self, batch: &[Finish]) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.finish.prepare_invoke();
+        for finish in batch {
+            let (encoded, ttl_ms) = match &finish.answer {
+                Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
+                None => (String::new(), 0),
+            };
+            invocation
+                .key(self.key("answer", finish.key.as_str()))
+                .key(self.key("lock", finish.key.as_str()))
+                .arg(&finish.value)
                 .arg(encoded)
-                .arg(ttl_ms),
-        )
-        .await
-        .map(|_| ())
+                .arg(ttl_ms);
+        }
+        self.run::<i64>(&invocation).await.map(|_| ())
+    }
+
+    /// Queues a checkout's end for the finisher (or, with the queue full, sends it alone).
+    fn enqueue_finish(self: &Arc<Self>, finish: Finish) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(finish)) =
+            self.finishes.try_send(finish)
+        {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let store = Arc::clone(self);
+            runtime.spawn(async move {
+                if let Err(error) = store.finish_batch(std::slice::from_ref(&finish)).await {
+                    tracing::warn!(%error, key = %finish.key.as_str(), "could not release a submission lock in Redis; it expires by itself");
+                }
+            });
+        }
     }
 }
 
@@ -653,7 +753,7 @@ impl Submission {
     /// does not wait for it. Retried while Redis is unreachable, for as long as the lock lives.
     pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
         self.open = false;
-        self.spawn_finish(Some((answer, ttl_ms)));
+        self.send_end(Some((answer, ttl_ms)));
     }
 
     /// Leaves the lock to expire by itself.
@@ -661,31 +761,12 @@ impl Submission {
         self.open = false;
     }
 
-    fn spawn_finish(&self, answer: Option<(StoredAnswer, i64)>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = Arc::clone(&self.store);
-        let key = self.key.clone();
-        let value = self.value.clone();
-        runtime.spawn(async move {
-            let deadline =
-                tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS);
-            let mut backoff = Duration::from_millis(50);
-            loop {
-                let answer = answer.as_ref().map(|(a, ttl)| (a, *ttl));
-                match store.finish(&key, &value, answer).await {
-                    Ok(()) => return,
-                    Err(error) if tokio::time::Instant::now() + backoff >= deadline => {
-                        tracing::warn!(%error, key = %key.as_str(), "could not release a submission lock in Redis; it expires by itself");
-                        return;
-                    }
-                    Err(_) => {
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                    }
-                }
-            }
+    fn send_end(&self, answer: Option<(StoredAnswer, i64)>) {
+        self.store.enqueue_finish(Finish {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            answer,
+            deadline: tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS),
         });
     }
 }
@@ -702,7 +783,7 @@ impl std::fmt::Debug for Submission {
 impl Drop for Submission {
     fn drop(&mut self) {
         if self.open {
-            self.spawn_finish(None);
+            self.send_end(None);
         }
     }
 }
