@@ -141,9 +141,24 @@ struct Scripts {
     finish: Script,
 }
 
-/// Refreshes a cart's expiry in the hash and in the set of live carts. KEYS[1] = carts, KEYS[2] =
-/// cart; ARGV[1] = now ms, ARGV[2] = ttl ms, ARGV[3] = cart id.
+/// `refresh`: a cart's expiry renewed in the hash and in the set of live carts. `lines`: a cart's
+/// lines in the order they were first added, packed in one string (`<sku> <quantity>` per line,
+/// `\n` between): one bulk string is far cheaper to send and parse than the hash's fields.
 const REFRESH: &str = r"
+local function lines(cart)
+  local fields = redis.call('HGETALL', cart)
+  local items = {}
+  for i = 1, #fields, 2 do
+    if string.sub(fields[i], 1, 2) == 's:' then
+      local position, quantity = string.match(fields[i + 1], '^(%d+):(%d+)$')
+      items[#items + 1] = {tonumber(position) or 0, string.sub(fields[i], 3), quantity or '?'}
+    end
+  end
+  table.sort(items, function(a, b) return a[1] < b[1] end)
+  local out = {}
+  for i, item in ipairs(items) do out[i] = item[2] .. ' ' .. item[3] end
+  return table.concat(out, '\n')
+end
 local function refresh(carts, cart, now, ttl, id)
   redis.call('PEXPIRE', cart, ttl)
   redis.call('ZADD', carts, now + ttl, id)
@@ -165,9 +180,7 @@ return {'ok'}
 const CART_GET: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 0 then return {'none'} end
 refresh(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
-local lines = redis.call('HGETALL', KEYS[2])
-table.insert(lines, 1, 'ok')
-return lines
+return {'ok', lines(KEYS[2])}
 ";
 
 /// ARGV[4] = sku, ARGV[5] = quantity (0 removes), ARGV[6] = lines at most.
@@ -186,9 +199,7 @@ else
   redis.call('HSET', KEYS[2], field, position .. ':' .. ARGV[5])
 end
 refresh(KEYS[1], KEYS[2], tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3])
-local lines = redis.call('HGETALL', KEYS[2])
-table.insert(lines, 1, 'ok')
-return lines
+return {'ok', lines(KEYS[2])}
 ";
 
 /// Empties a cart, keeping its expiry. KEYS[1] = cart.
@@ -212,10 +223,7 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return {'he
 if #KEYS < 4 then return {'locked'} end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
 refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
-local lines = redis.call('HGETALL', KEYS[4])
-table.insert(lines, 1, 'cart')
-table.insert(lines, 1, 'locked')
-return lines
+return {'locked', 'cart', lines(KEYS[4])}
 ";
 
 /// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
@@ -280,30 +288,24 @@ pub fn decode_answer(raw: &str) -> Result<StoredAnswer, String> {
     })
 }
 
-/// A cart hash's fields (`HGETALL`, flattened) as lines in the order they were first added.
-fn parse_lines(key: &str, fields: &[String]) -> Result<Vec<(Sku, i64)>, StoreError> {
-    let unexpected = |what: String| StoreError::Unexpected {
-        key: key.to_owned(),
-        what,
-    };
-    let mut lines = Vec::with_capacity(fields.len() / 2);
-    for pair in fields.chunks(2) {
-        let [field, value] = pair else {
-            return Err(unexpected("an odd number of hash fields".into()));
-        };
-        let Some(sku) = field.strip_prefix("s:") else {
-            continue;
-        };
-        let parsed = value.split_once(':').and_then(|(position, quantity)| {
-            Some((position.parse::<u64>().ok()?, quantity.parse::<i64>().ok()?))
-        });
-        let ((position, quantity), sku) = parsed
-            .zip(Sku::parse(sku).ok())
-            .ok_or_else(|| unexpected(format!("line {field:?} = {value:?}")))?;
-        lines.push((position, sku, quantity));
-    }
-    lines.sort_unstable_by_key(|(position, ..)| *position);
-    Ok(lines.into_iter().map(|(_, sku, q)| (sku, q)).collect())
+/// A cart's lines as the scripts pack them (`<sku> <quantity>` per line, in the order they were
+/// first added).
+fn parse_lines(key: &str, packed: Option<&String>) -> Result<Vec<(Sku, i64)>, StoreError> {
+    let packed = packed.map_or("", String::as_str);
+    packed
+        .split('\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            line.split_once(' ')
+                .and_then(|(sku, quantity)| {
+                    Some((Sku::parse(sku).ok()?, quantity.parse::<i64>().ok()?))
+                })
+                .ok_or_else(|| StoreError::Unexpected {
+                    key: key.to_owned(),
+                    what: format!("cart line {line:?}"),
+                })
+        })
+        .collect()
 }
 
 impl RedisStore {
@@ -513,7 +515,7 @@ impl RedisStore {
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(CartView {
                 cart_id: cart_id.clone(),
-                items: parse_lines(&self.key("cart", cart_id.as_str()), &reply[1..])?,
+                items: parse_lines(&self.key("cart", cart_id.as_str()), reply.get(1))?,
                 expires_at_ms,
             }),
             Some("none") => Err(CartError::NotFound),
@@ -610,7 +612,7 @@ impl RedisStore {
                 let lines = match (cart, reply.get(1).map(String::as_str)) {
                     (Some((cart_id, ..)), Some("cart")) => Some(parse_lines(
                         &self.key("cart", cart_id.as_str()),
-                        &reply[2..],
+                        reply.get(2),
                     )?),
                     _ => None,
                 };
@@ -816,15 +818,14 @@ mod tests {
     }
 
     #[test]
-    fn cart_lines_come_back_in_the_order_they_were_added() {
-        let fields: Vec<String> = ["n", "3", "s:b", "2:5", "s:a", "1:7", "s:c", "3:1"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        let lines = parse_lines("k", &fields).unwrap();
+    fn packed_cart_lines_parse_and_bad_bytes_are_refused() {
+        let lines = parse_lines("k", Some(&"b 5\na 7\nc 1".to_owned())).unwrap();
         let names: Vec<(&str, i64)> = lines.iter().map(|(s, q)| (s.as_str(), *q)).collect();
-        assert_eq!(names, vec![("a", 7), ("b", 5), ("c", 1)]);
-        let bad: Vec<String> = ["s:a", "x"].iter().map(|s| s.to_string()).collect();
-        assert!(parse_lines("k", &bad).is_err());
+        assert_eq!(names, vec![("b", 5), ("a", 7), ("c", 1)]);
+        assert_eq!(parse_lines("k", Some(&String::new())).unwrap(), vec![]);
+        assert_eq!(parse_lines("k", None).unwrap(), vec![]);
+        for bad in ["a ?", "a", "a 1 2", "a/b 1", " 1"] {
+            assert!(parse_lines("k", Some(&bad.to_owned())).is_err(), "{bad:?}");
+        }
     }
 }
