@@ -32,6 +32,9 @@ use std::sync::Arc;
 /// The most lines one checkout may have (API.md).
 pub const LINES_MAX: usize = 100;
 
+/// How long an answer that placed nothing (`404`, `409 out_of_stock`) is kept in Redis.
+const REJECTION_IN_REDIS_MS: i64 = 60_000;
+
 /// The longest payment token accepted.
 const TOKEN_CHARS_MAX: usize = 255;
 
@@ -136,7 +139,15 @@ fn reject(
         at_ms: now_ms(),
     };
     if let Some(submission) = submission {
-        submission.finish(stored.clone(), state.engine.config().rejections.age_ms_max);
+        // Kept in Redis for a minute at most: a sold-out flood writes one per request, and Redis
+        // must not fill with them (this node's bounded map keeps them longer).
+        let ttl_ms = state
+            .engine
+            .config()
+            .rejections
+            .age_ms_max
+            .min(REJECTION_IN_REDIS_MS);
+        submission.finish(stored.clone(), ttl_ms);
     }
     state.engine.idempotency().finish(key, stored, false);
     answer(error.status.as_u16(), body, false)

@@ -9,8 +9,8 @@
 //! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<n>`, `SET NX EX 60` while a
 //!   checkout with that key runs, deleted by its holder only (compare-and-delete).
 //! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
-//!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, ten
-//!   minutes for `404` and `409 out_of_stock`).
+//!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
+//!   minute for `404` and `409 out_of_stock`: a sold-out flood writes one per request).
 //!
 //! # Mechanism
 //! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
