@@ -764,7 +764,7 @@ impl TestRedis {
     }
 
     /// A new connection (one made before a Redis restart would be broken).
-    async fn connection(&self) -> redis::aio::MultiplexedConnection {
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         self.client
             .get_multiplexed_async_connection()
             .await

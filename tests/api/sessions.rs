@@ -343,3 +343,110 @@ async fn with_redis_unreachable_carts_are_503_and_item_checkouts_go_on() {
         .to_owned();
     assert!(reason.starts_with("unreachable"), "{reason}");
 }
+
+/// Bytes someone else left under an answer key (another type, or not UTF-8) are "Redis holds
+/// something unexpected", never "Redis is down": the checkout must not fall back to going on
+/// without the lock, or the other node buys the key a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
+    let redis = TestRedis::create("junk-answer").await;
+    let (a, b) = two_nodes(&redis, &[], &[("A", 10)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let mut connection = redis.connection().await;
+    for (key, junk) in [("junk-hash", 0), ("junk-bytes", 1)] {
+        let (status, first, _) = checkout(&mut on_a, key, &body).await;
+        assert_eq!(status, 201, "{first}");
+        let answer_key = format!("{}answer:{key}", redis.prefix);
+        eventually("the answer in Redis", Duration::from_secs(5), async || {
+            redis::cmd("EXISTS")
+                .arg(&answer_key)
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap()
+                == 1
+        })
+        .await;
+        let _: () = redis::cmd("DEL")
+            .arg(&answer_key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        if junk == 0 {
+            let _: () = redis::cmd("HSET")
+                .arg(&answer_key)
+                .arg("x")
+                .arg("y")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        } else {
+            let _: () = redis::cmd("SET")
+                .arg(&answer_key)
+                .arg(&b"201 1 abc\n\xff\xfe"[..])
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+        }
+        let _: () = redis::cmd("PEXPIRE")
+            .arg(&answer_key)
+            .arg(600_000)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        let (status, again, replayed) = checkout(&mut on_b, key, &body).await;
+        assert!(
+            !(status == 201 && !replayed),
+            "{key}: a second order on the other node: {again}"
+        );
+        assert!(status >= 500, "{key}: a clear error, got {status} {again}");
+    }
+    let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
+    assert_eq!(sold, 2, "one unit per key across both nodes");
+    redis.delete().await;
+}
+
+/// Redis stalls (a long script here) past `--redis-timeout` while a checkout asks for its lock: the
+/// node goes on without it and creates the order, but the lock call still runs once Redis wakes,
+/// leaving that node's lock with no answer. The answer must still reach Redis (and the lock be
+/// released), so the other node replays instead of answering 409 for 60 s and then buying the key
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lock_call_that_timed_out_still_leads_to_a_replay_on_the_other_node() {
+    let redis = TestRedis::create("stall").await;
+    let (a, b) = two_nodes(&redis, &["--redis-timeout", "300ms"], &[("A", 10)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let mut staller = redis.connection().await;
+    let stall = tokio::spawn(async move {
+        let script = "local e = tonumber(redis.call('TIME')[1]) + 2 \
+             while tonumber(redis.call('TIME')[1]) < e do end return 1";
+        let _: Result<i64, _> = redis::cmd("EVAL")
+            .arg(script)
+            .arg(0)
+            .query_async(&mut staller)
+            .await;
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, first, replayed) = checkout(&mut on_a, "stalled", &body).await;
+    assert_eq!((status, replayed), (201, false), "{first}");
+    stall.await.unwrap();
+    eventually(
+        "the other node to replay the first answer",
+        Duration::from_secs(15),
+        async || {
+            let (status, again, replayed) = checkout(&mut on_b, "stalled", &body).await;
+            assert!(
+                !(status == 201 && !replayed),
+                "a second order on the other node: {again}"
+            );
+            status == 201 && replayed && again == first
+        },
+    )
+    .await;
+    let (status, again, replayed) = checkout(&mut on_a, "stalled", &body).await;
+    assert_eq!((status, replayed, &again), (201, true, &first));
+    let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
+    assert_eq!(sold, 1);
+    redis.delete().await;
+}
