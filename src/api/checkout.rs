@@ -211,8 +211,10 @@ pub(super) async fn checkout(
             .cart_id
             .as_ref()
             .map(|id| (id, now_ms(), state.carts.idle_ms()));
-        match store.begin(&key, cart).await {
+        let lock = store.submission(&key);
+        match store.begin(&lock, cart).await {
             Ok(RemoteBegin::Answer(stored)) => {
+                lock.keep();
                 return if stored.fingerprint == fingerprint {
                     state.metrics.replays.fetch_add(1, Ordering::Relaxed);
                     Ok(answer(stored.status, stored.body, true))
@@ -220,17 +222,24 @@ pub(super) async fn checkout(
                     Err(key_reused())
                 };
             }
-            Ok(RemoteBegin::Held) => return Err(key_in_use()),
-            Ok(RemoteBegin::Locked(lock, lines)) => {
+            Ok(RemoteBegin::Held) => {
+                lock.keep();
+                return Err(key_in_use());
+            }
+            Ok(RemoteBegin::Locked(lines)) => {
                 submission = Some(lock);
                 redis_cart = lines;
             }
             // Without Redis a checkout naming its items goes on: this node's key table and
-            // journal keep the key unique here. A cart lives only in Redis.
+            // journal keep the key unique here. The lock is kept all the same: a call that timed
+            // out may have taken it after all, and the answer must reach Redis (the lock
+            // released) once it is back, or other nodes answer 409 and then buy the key again.
             Err(error @ StoreError::Unavailable(_)) if lines_given => {
                 tracing::debug!(%error, "checkout without a submission lock");
                 store.count_fallback();
+                submission = Some(lock);
             }
+            // A cart lives only in Redis (the lock, if the call took it after all, is released).
             Err(error @ StoreError::Unavailable(_)) => {
                 return Err(ApiError::session_store_unavailable(&error))
             }

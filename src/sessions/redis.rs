@@ -87,7 +87,7 @@ pub enum Begin {
     /// Another checkout with this key runs (on this node or another): `409`.
     Held,
     /// The lock is this checkout's; with a cart id, the cart's lines (`None`: no such cart).
-    Locked(Submission, Option<Vec<(Sku, i64)>>),
+    Locked(Option<Vec<(Sku, i64)>>),
 }
 
 #[derive(Default)]
@@ -229,11 +229,20 @@ return {'locked', 'cart', lines(KEYS[4])}
 /// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
 /// if still that checkout's. KEYS = answer, lock, answer, lock, ...; ARGV = lock value, answer, its
 /// TTL in ms (0: none to store), for each in turn.
+///
+/// The answer is stored only if none is there yet and no other checkout holds the lock (one that
+/// went on without the lock, Redis being unreachable, or whose lock expired, must not replace the
+/// answer another node's clients already replay); `pcall`, so junk under one key does not fail
+/// the whole batch.
 const FINISH: &str = r"
 for i = 1, #KEYS / 2 do
   local ttl = tonumber(ARGV[3 * i])
-  if ttl > 0 then redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl) end
-  if redis.call('GET', KEYS[2 * i]) == ARGV[3 * i - 2] then redis.call('DEL', KEYS[2 * i]) end
+  local lock = redis.pcall('GET', KEYS[2 * i])
+  local ours = lock == ARGV[3 * i - 2]
+  if ttl > 0 and (ours or lock == false) and redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
+    redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
+  end
+  if ours then redis.call('DEL', KEYS[2 * i]) end
 end
 return #KEYS / 2
 ";
@@ -286,6 +295,17 @@ pub fn decode_answer(raw: &str) -> Result<StoredAnswer, String> {
         body: body.to_owned(),
         at_ms,
     })
+}
+
+/// Whether Redis answered with an error about what it holds (rather than about being unavailable
+/// now: loading, busy, out of memory, read-only, failing over).
+fn is_unexpected(error: &redis::RedisError) -> bool {
+    use redis::ErrorKind;
+    match error.kind() {
+        ErrorKind::TypeError | ErrorKind::ResponseError => true,
+        ErrorKind::ExtensionError => error.code() == Some("WRONGTYPE"),
+        _ => false,
+    }
 }
 
 /// A cart's lines as the scripts pack them (`<sku> <quantity>` per line, in the order they were
@@ -410,6 +430,7 @@ impl RedisStore {
     /// Runs a script; a broken connection is dropped and the supervisor woken.
     async fn run<T: redis::FromRedisValue>(
         &self,
+        subject: &str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -424,6 +445,17 @@ impl RedisStore {
         let outcome =
             match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle)).await {
                 Ok(Ok(value)) => return Ok(value),
+                // Redis answered, and what it said is not about being unavailable (a key of
+                // another type, bytes that are not UTF-8, a script failing on a value): something
+                // else wrote under the prefix. Not "unavailable", or a checkout would go on
+                // without the lock past an answer it could not read.
+                Ok(Err(error)) if is_unexpected(&error) => {
+                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
+                    return Err(StoreError::Unexpected {
+                        key: subject.to_owned(),
+                        what: error.to_string(),
+                    });
+                }
                 Ok(Err(error)) => {
                     let broken = error.is_io_error()
                         || error.is_timeout()
@@ -481,6 +513,7 @@ impl RedisStore {
     ) -> Result<(), CartError> {
         let reply: Vec<String> = self
             .run(
+                &self.key("cart", cart_id.as_str()),
                 self.scripts
                     .cart_create
                     .key(self.carts_key())
@@ -549,13 +582,16 @@ impl RedisStore {
                 .arg(quantity)
                 .arg(CART_ITEMS_MAX);
         }
-        let reply: Vec<String> = self.run(&invocation).await?;
+        let reply: Vec<String> = self
+            .run(&self.key("cart", cart_id.as_str()), &invocation)
+            .await?;
         self.cart_reply(cart_id, &reply, now_ms + ttl_ms)
     }
 
     /// Empties a cart (after it was checked out), keeping its expiry.
     pub async fn clear_cart(&self, cart_id: &CartId) -> Result<(), StoreError> {
         self.run::<i64>(
+            &self.key("cart", cart_id.as_str()),
             &self
                 .scripts
                 .cart_clear
@@ -565,18 +601,30 @@ impl RedisStore {
         .map(|_| ())
     }
 
-    /// A checkout's start, in one round trip: the answer cached under `key`, else the submission
-    /// lock, and with `cart` (its id, now, its TTL) the cart's lines.
+    /// A submission lock for a checkout under `key`, not taken yet: [`Self::begin`] takes it. Kept
+    /// by a checkout that goes on without Redis too, since a lock call that timed out may still
+    /// have taken it, and its answer must reach Redis (with the lock released) once Redis is back.
+    pub fn submission(self: &Arc<Self>, key: &IdempotencyKey) -> Submission {
+        Submission {
+            store: Arc::clone(self),
+            key: key.clone(),
+            value: format!(
+                "{}/{}",
+                self.node,
+                self.locks_taken.fetch_add(1, Ordering::Relaxed)
+            ),
+            open: true,
+        }
+    }
+
+    /// A checkout's start, in one round trip: the answer cached under the lock's key, else the
+    /// submission lock, and with `cart` (its id, now, its TTL) the cart's lines.
     pub async fn begin(
-        self: &Arc<Self>,
-        key: &IdempotencyKey,
+        &self,
+        lock: &Submission,
         cart: Option<(&CartId, i64, i64)>,
     ) -> Result<Begin, StoreError> {
-        let value = format!(
-            "{}/{}",
-            self.node,
-            self.locks_taken.fetch_add(1, Ordering::Relaxed)
-        );
+        let (key, value) = (&lock.key, &lock.value);
         let answer_key = self.key("answer", key.as_str());
         let mut invocation = self.scripts.begin.key(&answer_key);
         invocation
@@ -591,7 +639,7 @@ impl RedisStore {
                 .arg(ttl_ms)
                 .arg(cart_id.as_str());
         }
-        let reply: Vec<String> = self.run(&invocation).await?;
+        let reply: Vec<String> = self.run(&answer_key, &invocation).await?;
         let unexpected = |what: String| StoreError::Unexpected {
             key: answer_key.clone(),
             what,
@@ -603,12 +651,6 @@ impl RedisStore {
             }
             Some("held") => Ok(Begin::Held),
             Some("locked") => {
-                let submission = Submission {
-                    store: Arc::clone(self),
-                    key: key.clone(),
-                    value,
-                    open: true,
-                };
                 let lines = match (cart, reply.get(1).map(String::as_str)) {
                     (Some((cart_id, ..)), Some("cart")) => Some(parse_lines(
                         &self.key("cart", cart_id.as_str()),
@@ -616,7 +658,7 @@ impl RedisStore {
                     )?),
                     _ => None,
                 };
-                Ok(Begin::Locked(submission, lines))
+                Ok(Begin::Locked(lines))
             }
             other => Err(unexpected(format!("script reply {other:?}"))),
         }
@@ -718,7 +760,9 @@ impl RedisStore {
                 .arg(encoded)
                 .arg(ttl_ms);
         }
-        self.run::<i64>(&invocation).await.map(|_| ())
+        self.run::<i64>("a batch of answers and locks", &invocation)
+            .await
+            .map(|_| ())
     }
 
     /// Queues a checkout's end for the finisher (or, with the queue full, sends it alone).
