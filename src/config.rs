@@ -718,6 +718,17 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             humantime::format_duration(args.gateway_timeout + args.journal_timeout)
         ))));
     }
+    // A submission lock lives 60 s and is not renewed: a checkout that may run longer (its lock
+    // call, its authorisation, its commit) would let another node start the same key meanwhile.
+    let lock_ttl = Duration::from_secs(crate::sessions::redis::LOCK_TTL_SECONDS);
+    let checkout_max = args.redis_timeout + args.gateway_timeout + args.journal_timeout;
+    if args.redis_url.is_some() && checkout_max >= lock_ttl {
+        return Err(CliError::Config(ConfigError(format!(
+            "--redis-timeout plus --gateway-timeout plus --journal-timeout ({}) must be shorter than the submission lock's {} with --redis-url, or another node could start a checkout still running under the same key",
+            humantime::format_duration(checkout_max),
+            humantime::format_duration(lock_ttl)
+        ))));
+    }
     if let Some(url) = &args.mysql_url {
         check_mysql_url(url).map_err(CliError::Config)?;
     }
