@@ -163,3 +163,55 @@ async fn stopping_redis_under_load_loses_no_order_and_the_node_recovers_by_itsel
     assert!(metric(&mut client, "turnstile_redis_lock_fallbacks_total").await >= 200.0);
     redis.delete().await;
 }
+
+/// A key bought on one node while Redis was down: once Redis is back its answer reaches Redis,
+/// and the other node (idle through the outage, so its connection is the broken one from before)
+/// replays it instead of buying the key a second time on its first call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_bought_during_an_outage_is_replayed_by_the_other_node_once_redis_is_back() {
+    let redis = TestRedis::create("outage-replay").await;
+    let mut args = redis.args();
+    args.extend(["--redis-timeout".to_owned(), "500ms".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (a, b) = (spawn_app(&args), spawn_app(&args));
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("A", 500, 10).await.status, 200);
+    }
+    let _restart = StartOnDrop;
+    let stopped = Command::new("redis-cli")
+        .args(["-p", "6379", "shutdown", "nosave"])
+        .status();
+    assert!(stopped.is_ok(), "redis-cli shutdown failed to run");
+    eventually("Redis to stop", Duration::from_secs(10), async || {
+        !redis_answers()
+    })
+    .await;
+    let first = on_a.checkout("outage-key", "A", 1, "tok_ok").await.unwrap();
+    assert_eq!(first.status, 201);
+    start_redis();
+    let mut connection = redis.connection().await;
+    let answer_key = format!("{}answer:outage-key", redis.prefix);
+    eventually(
+        "the answer to reach Redis",
+        Duration::from_secs(15),
+        async || {
+            redis::cmd("EXISTS")
+                .arg(&answer_key)
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap()
+                == 1
+        },
+    )
+    .await;
+    let again = on_b.checkout("outage-key", "A", 1, "tok_ok").await.unwrap();
+    assert_eq!(
+        (again.status, again.replayed, &again.body),
+        (201, true, &first.body),
+        "the other node's first call after the outage: {}",
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(on_a.stock("A").await.3 + on_b.stock("A").await.3, 1);
+    redis.delete().await;
+}
