@@ -54,6 +54,9 @@ fn start_redis() {
     panic!("Redis did not come back on 127.0.0.1:6379: start it with `redis-server --daemonize yes --port 6379 --save ''`");
 }
 
+/// The tests here stop the machine's Redis: one at a time.
+static REDIS_STOPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Starts Redis again if the test ends early, so a failure here does not take it away from
 /// whatever runs next.
 struct StartOnDrop;
@@ -66,6 +69,7 @@ impl Drop for StartOnDrop {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stopping_redis_under_load_loses_no_order_and_the_node_recovers_by_itself() {
+    let _serial = REDIS_STOPS.lock().await;
     let redis = TestRedis::create("restart").await;
     let mut args = redis.args();
     args.extend(["--redis-timeout".to_owned(), "500ms".to_owned()]);
@@ -169,6 +173,7 @@ async fn stopping_redis_under_load_loses_no_order_and_the_node_recovers_by_itsel
 /// replays it instead of buying the key a second time on its first call.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_bought_during_an_outage_is_replayed_by_the_other_node_once_redis_is_back() {
+    let _serial = REDIS_STOPS.lock().await;
     let redis = TestRedis::create("outage-replay").await;
     let mut args = redis.args();
     args.extend(["--redis-timeout".to_owned(), "500ms".to_owned()]);

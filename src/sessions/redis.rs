@@ -219,7 +219,8 @@ return 1
 const BEGIN: &str = r"
 local answer = redis.call('GET', KEYS[1])
 if answer then return {'answer', answer} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2]) then return {'held'} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
+  and redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return {'held'} end
 if #KEYS < 4 then return {'locked'} end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
 refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
@@ -427,8 +428,41 @@ impl RedisStore {
         }
     }
 
-    /// Runs a script; a broken connection is dropped and the supervisor woken.
+    /// Runs a script; a broken connection is dropped and the supervisor woken. A connection found
+    /// broken at once (Redis restarted or went away while this node was idle: nothing notices
+    /// until a call) is not the answer: the call waits for the supervisor's new connection, within
+    /// `--redis-timeout`, and runs once more. Every script may run twice (`BEGIN` takes a lock it
+    /// already holds again). A call that timed out is not retried.
     async fn run<T: redis::FromRedisValue>(
+        &self,
+        subject: &str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, StoreError> {
+        let started = tokio::time::Instant::now();
+        let had_connection = self.connection.load().is_some();
+        let error = match self.run_once(subject, invocation).await {
+            Err(error @ StoreError::Unavailable(_)) => error,
+            other => return other,
+        };
+        let deadline = started + self.timeout;
+        if !had_connection || self.connection.load().is_some() {
+            return Err(error);
+        }
+        while tokio::time::Instant::now() + Duration::from_millis(10) < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if self.connection.load().is_some() {
+                return match tokio::time::timeout_at(deadline, self.run_once(subject, invocation))
+                    .await
+                {
+                    Ok(result) => result,
+                    Err(_) => Err(error),
+                };
+            }
+        }
+        Err(error)
+    }
+
+    async fn run_once<T: redis::FromRedisValue>(
         &self,
         subject: &str,
         invocation: &ScriptInvocation<'_>,
@@ -629,7 +663,7 @@ impl RedisStore {
         let mut invocation = self.scripts.begin.key(&answer_key);
         invocation
             .key(self.key("lock", key.as_str()))
-            .arg(&value)
+            .arg(value)
             .arg(LOCK_TTL_SECONDS);
         if let Some((cart_id, now_ms, ttl_ms)) = cart {
             invocation
