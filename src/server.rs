@@ -29,6 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the RabbitMQ relay may take to stop (confirms in flight, its cursor saved).
 const RELAY_STOP_WAIT: Duration = Duration::from_secs(3);
 
+/// The most answers sent again to Redis at start (the newest).
+const RECOVERED_ANSWERS_MAX: usize = 1_000_000;
+
 /// How long the Redis finisher may take at shutdown to send the answers and lock releases queued.
 const REDIS_STOP_WAIT: Duration = Duration::from_secs(2);
 
@@ -258,11 +261,30 @@ async fn serve(
     let cart_ttl_ms = config.cart_ttl.as_millis() as i64;
     let (carts, redis) = match &config.redis {
         Some(redis) => {
-            let store = Arc::new(RedisStore::new(redis).map_err(|error| ServeError::Io {
-                context: "setting up Redis".into(),
-                source: std::io::Error::other(error.to_string()),
+            let node = crate::sessions::redis::node_id(&config.data_dir);
+            let store = Arc::new(RedisStore::new(redis, node, now_ms()).map_err(|error| {
+                ServeError::Io {
+                    context: "setting up Redis".into(),
+                    source: std::io::Error::other(error.to_string()),
+                }
             })?);
             let tasks = store.start().await;
+            // Answers of the last two lock lifetimes, which a kill may have kept from Redis.
+            let now = now_ms();
+            let retention = engine.config().answer_retention_ms;
+            let recent = engine
+                .idempotency()
+                .recent_answers(
+                    now - 2_000 * crate::sessions::redis::LOCK_TTL_SECONDS as i64,
+                    RECOVERED_ANSWERS_MAX,
+                )
+                .into_iter()
+                .map(|(key, answer)| {
+                    let ttl_ms = answer.at_ms + retention - now;
+                    (key, (*answer).clone(), ttl_ms)
+                })
+                .collect();
+            store.recover(recent);
             (
                 Carts::redis(Arc::clone(&store), cart_ttl_ms, config.carts_max)?,
                 Some((store, tasks)),
@@ -346,6 +368,17 @@ async fn serve(
                 "RabbitMQ relay did not stop in time; its unconfirmed events are sent after the next start"
             );
         }
+    }
+    // Checkouts whose clients went away still run (each in its own task): they finish (journal,
+    // answer, lock) before the journal and Redis stop, within their own timeouts.
+    let checkouts = u32::try_from(config.checkouts_in_flight_max).unwrap_or(u32::MAX);
+    let finishing = app.checkouts_in_flight.acquire_many(checkouts);
+    let bound = config.gateway_timeout + config.journal_timeout;
+    if tokio::time::timeout(bound, finishing).await.is_err() {
+        tracing::warn!(
+            running = config.checkouts_in_flight_max - app.checkouts_in_flight.available_permits(),
+            "checkouts still running at shutdown; the journal's recovery settles them at the next start"
+        );
     }
     if let Some((store, tasks)) = redis {
         // Queued answers and lock releases get a moment to reach Redis; past it the locks expire.

@@ -195,21 +195,9 @@ async fn a_key_bought_during_an_outage_is_replayed_by_the_other_node_once_redis_
     let first = on_a.checkout("outage-key", "A", 1, "tok_ok").await.unwrap();
     assert_eq!(first.status, 201);
     start_redis();
-    let mut connection = redis.connection().await;
-    let answer_key = format!("{}answer:outage-key", redis.prefix);
-    eventually(
-        "the answer to reach Redis",
-        Duration::from_secs(15),
-        async || {
-            redis::cmd("EXISTS")
-                .arg(&answer_key)
-                .query_async::<i64>(&mut connection)
-                .await
-                .unwrap()
-                == 1
-        },
-    )
-    .await;
+    redis
+        .wait_answer("outage-key", Duration::from_secs(15))
+        .await;
     let again = on_b.checkout("outage-key", "A", 1, "tok_ok").await.unwrap();
     assert_eq!(
         (again.status, again.replayed, &again.body),

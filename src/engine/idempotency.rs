@@ -247,6 +247,27 @@ impl IdempotencyStore {
         dropped
     }
 
+    /// The kept answers given at `since_ms` or later, newest first, `max` at most.
+    pub fn recent_answers(
+        &self,
+        since_ms: i64,
+        max: usize,
+    ) -> Vec<(IdempotencyKey, Arc<StoredAnswer>)> {
+        let mut recent = Vec::new();
+        for shard in self.slots.iter() {
+            for (key, slot) in lock(shard).iter() {
+                if let Slot::Finished(answer) = slot {
+                    if answer.at_ms >= since_ms {
+                        recent.push((key.clone(), Arc::clone(answer)));
+                    }
+                }
+            }
+        }
+        recent.sort_unstable_by_key(|(_, answer)| std::cmp::Reverse(answer.at_ms));
+        recent.truncate(max);
+        recent
+    }
+
     /// How many answers the rejection map holds now.
     pub fn rejections_len(&self) -> usize {
         self.rejections.iter().map(|s| lock(s).answers.len()).sum()

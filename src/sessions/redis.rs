@@ -6,7 +6,7 @@
 //!   `<position>:<quantity>`; `PEXPIRE --cart-ttl`, refreshed by every use.
 //! - `<p>carts`: a sorted set of live cart ids scored by expiry (Unix ms), so `--carts-max` holds
 //!   across nodes; its TTL is kept at least as long as its newest cart's.
-//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<n>`, `SET NX EX 60` while a
+//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>/<n>/`, `SET NX EX 60` while a
 //!   checkout with that key runs, deleted by its holder only (compare-and-delete).
 //! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
 //!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
@@ -110,8 +110,10 @@ pub struct RedisStore {
     stopped: AtomicBool,
     prefix: String,
     timeout: Duration,
-    /// This process, in lock values: `node_<hex>`.
+    /// This node, in lock values: `node_<hex>`, the same across restarts (see [`node_id`]).
     node: String,
+    /// When this process started (ms), in lock values: its locks differ from earlier runs'.
+    started_ms: i64,
     locks_taken: AtomicU64,
     stats: Stats,
     scripts: Scripts,
@@ -121,6 +123,8 @@ pub struct RedisStore {
     finishes_to_send: Mutex<Option<tokio::sync::mpsc::Receiver<Finish>>>,
     /// Wakes the finisher to send what is queued and end.
     finisher_stop: tokio::sync::Notify,
+    /// Wakes the finisher when a new connection is up: ends that wait are sent at once.
+    reconnected: tokio::sync::Notify,
 }
 
 /// A checkout's end: its answer to store (and for how long), and its lock to release.
@@ -234,12 +238,15 @@ return {'locked', 'cart', lines(KEYS[4])}
 /// The answer is stored only if none is there yet and no other checkout holds the lock (one that
 /// went on without the lock, Redis being unreachable, or whose lock expired, must not replace the
 /// answer another node's clients already replay); `pcall`, so junk under one key does not fail
-/// the whole batch.
+/// the whole batch. A lock is "ours" when its value starts with the one given: lock values end
+/// with `/`, so a checkout's own value matches only itself, and the node's prefix (`<node>/`,
+/// given by the start-up recovery) matches every lock of the node's earlier runs.
 const FINISH: &str = r"
 for i = 1, #KEYS / 2 do
   local ttl = tonumber(ARGV[3 * i])
+  local value = ARGV[3 * i - 2]
   local lock = redis.pcall('GET', KEYS[2 * i])
-  local ours = lock == ARGV[3 * i - 2]
+  local ours = type(lock) == 'string' and string.sub(lock, 1, #value) == value
   if ttl > 0 and (ours or lock == false) and redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
     redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
   end
@@ -260,6 +267,19 @@ impl Scripts {
             finish: Script::new(FINISH),
         }
     }
+}
+
+/// A node's name in lock values, the same across its restarts and different between nodes: a hash
+/// of the host's name and the data dir's path (one data dir serves one process at a time).
+pub fn node_id(data_dir: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let mut hash = Sha256::new();
+    hash.update(host.trim().as_bytes());
+    hash.update([0]);
+    hash.update(path.as_os_str().as_encoded_bytes());
+    format!("node_{}", &crate::random::hex(&hash.finalize())[..16])
 }
 
 /// `<status> <at_ms> <fingerprint>\n<body>`: the answer as Redis keeps it.
@@ -331,11 +351,9 @@ fn parse_lines(key: &str, packed: Option<&String>) -> Result<Vec<(Sku, i64)>, St
 
 impl RedisStore {
     /// A store for `config` (the URL is parsed, nothing is connected yet: call [`Self::start`]).
-    pub fn new(config: &RedisConfig) -> Result<Self, StoreError> {
+    pub fn new(config: &RedisConfig, node: String, started_ms: i64) -> Result<Self, StoreError> {
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| StoreError::Unavailable(format!("bad --redis-url: {e}")))?;
-        let ids = crate::random::TokenGenerator::new()
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let (finishes, finishes_to_send) = tokio::sync::mpsc::channel(FINISHES_QUEUED_MAX);
         Ok(Self {
             client,
@@ -348,13 +366,15 @@ impl RedisStore {
             stopped: AtomicBool::new(false),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
-            node: ids.next("node_")[..21].to_owned(),
+            node,
+            started_ms,
             locks_taken: AtomicU64::new(0),
             stats: Stats::default(),
             scripts: Scripts::new(),
             finishes,
             finishes_to_send: Mutex::new(Some(finishes_to_send)),
             finisher_stop: tokio::sync::Notify::new(),
+            reconnected: tokio::sync::Notify::new(),
         })
     }
 
@@ -397,6 +417,7 @@ impl RedisStore {
         match result {
             Ok(connection) => {
                 self.connection.store(Some(Arc::new(connection)));
+                self.reconnected.notify_waiters();
                 *lock(&self.last_error) = None;
                 tracing::info!(node = %self.node, prefix = %self.prefix, "Redis connected");
                 Ok(())
@@ -643,8 +664,9 @@ impl RedisStore {
             store: Arc::clone(self),
             key: key.clone(),
             value: format!(
-                "{}/{}",
+                "{}/{}/{}/",
                 self.node,
+                self.started_ms,
                 self.locks_taken.fetch_add(1, Ordering::Relaxed)
             ),
             open: true,
@@ -773,7 +795,11 @@ impl RedisStore {
                     if self.stopped.load(Ordering::Acquire) {
                         return;
                     }
-                    tokio::time::sleep(backoff).await;
+                    // Sent again as soon as the connection is back, or after the backoff.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff) => {}
+                        () = self.reconnected.notified() => {}
+                    }
                     backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 }
             }
@@ -797,6 +823,49 @@ impl RedisStore {
         self.run::<i64>("a batch of answers and locks", &invocation)
             .await
             .map(|_| ())
+    }
+
+    /// Sends again, in the background, the answers this node gave since `answers`' oldest (read
+    /// back from its journal at start) with the locks its earlier runs left: a node killed after
+    /// answering and before its finisher reached Redis would otherwise leave other nodes `409` for
+    /// a minute, then free to take the keys again. An answer already in Redis is left as it is.
+    pub fn recover(self: &Arc<Self>, answers: Vec<(IdempotencyKey, StoredAnswer, i64)>) {
+        if answers.is_empty() {
+            return;
+        }
+        let store = Arc::clone(self);
+        tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS);
+            let prefix = format!("{}/", store.node);
+            let ends: Vec<Finish> = answers
+                .into_iter()
+                .map(|(key, answer, ttl_ms)| Finish {
+                    key,
+                    value: prefix.clone(),
+                    answer: Some((answer, ttl_ms)),
+                    deadline,
+                })
+                .collect();
+            let mut backoff = Duration::from_millis(50);
+            let mut sent = 0;
+            for batch in ends.chunks(FINISHES_PER_CALL_MAX) {
+                loop {
+                    match store.finish_batch(batch).await {
+                        Ok(()) => break,
+                        Err(error) if tokio::time::Instant::now() + backoff >= deadline => {
+                            tracing::warn!(%error, sent, left = ends.len() - sent, "could not send this node's recent answers to Redis at start");
+                            return;
+                        }
+                        Err(_) => {
+                            tokio::time::sleep(backoff).await;
+                            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                        }
+                    }
+                }
+                sent += batch.len();
+            }
+            tracing::info!(answers = sent, "sent this node's recent answers to Redis again, and freed the locks its earlier run left");
+        });
     }
 
     /// Queues a checkout's end for the finisher (or, with the queue full, sends it alone).

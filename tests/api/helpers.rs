@@ -813,6 +813,22 @@ impl TestRedis {
         }
     }
 
+    /// Waits until Redis holds the answer under idempotency key `key` (the finisher sends it
+    /// after the commit, without making the client wait).
+    pub async fn wait_answer(&self, key: &str, limit: Duration) {
+        let answer_key = format!("{}answer:{key}", self.prefix);
+        let mut connection = self.connection().await;
+        eventually("the answer in Redis", limit, async || {
+            redis::cmd("EXISTS")
+                .arg(&answer_key)
+                .query_async::<i64>(&mut connection)
+                .await
+                .unwrap_or(0)
+                == 1
+        })
+        .await;
+    }
+
     /// Every key under the prefix has a TTL.
     pub async fn assert_every_key_expires(&mut self) {
         let keys = self.keys().await;

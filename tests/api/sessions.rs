@@ -358,15 +358,7 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
         let (status, first, _) = checkout(&mut on_a, key, &body).await;
         assert_eq!(status, 201, "{first}");
         let answer_key = format!("{}answer:{key}", redis.prefix);
-        eventually("the answer in Redis", Duration::from_secs(5), async || {
-            redis::cmd("EXISTS")
-                .arg(&answer_key)
-                .query_async::<i64>(&mut connection)
-                .await
-                .unwrap()
-                == 1
-        })
-        .await;
+        redis.wait_answer(key, Duration::from_secs(5)).await;
         let _: () = redis::cmd("DEL")
             .arg(&answer_key)
             .query_async(&mut connection)
@@ -406,7 +398,7 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
     redis.delete().await;
 }
 
-/// Redis stalls (a long script here) past `--redis-timeout` while a checkout asks for its lock: the
+/// Redis stalls (`CLIENT PAUSE` here) past `--redis-timeout` while a checkout asks for its lock: the
 /// node goes on without it and creates the order, but the lock call still runs once Redis wakes,
 /// leaving that node's lock with no answer. The answer must still reach Redis (and the lock be
 /// released), so the other node replays instead of answering 409 for 60 s and then buying the key
@@ -417,20 +409,21 @@ async fn a_lock_call_that_timed_out_still_leads_to_a_replay_on_the_other_node() 
     let (a, b) = two_nodes(&redis, &["--redis-timeout", "300ms"], &[("A", 10)]).await;
     let (mut on_a, mut on_b) = (a.client(), b.client());
     let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
-    let mut staller = redis.connection().await;
-    let stall = tokio::spawn(async move {
-        let script = "local e = tonumber(redis.call('TIME')[1]) + 2 \
-             while tonumber(redis.call('TIME')[1]) < e do end return 1";
-        let _: Result<i64, _> = redis::cmd("EVAL")
-            .arg(script)
-            .arg(0)
-            .query_async(&mut staller)
-            .await;
-    });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Every client's commands wait for 2 s from here (the pause is in place once it answers).
+    let mut pauser = redis.connection().await;
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(2_000)
+        .arg("ALL")
+        .query_async(&mut pauser)
+        .await
+        .expect("CLIENT PAUSE");
     let (status, first, replayed) = checkout(&mut on_a, "stalled", &body).await;
     assert_eq!((status, replayed), (201, false), "{first}");
-    stall.await.unwrap();
+    // The answer reaches Redis once the pause is over. A request to the other node before that
+    // would go on without the lock too (during the pause) or take the key (between the pause's end
+    // and the answer): the documented cost of the fallback.
+    redis.wait_answer("stalled", Duration::from_secs(15)).await;
     eventually(
         "the other node to replay the first answer",
         Duration::from_secs(15),
@@ -447,6 +440,68 @@ async fn a_lock_call_that_timed_out_still_leads_to_a_replay_on_the_other_node() 
     let (status, again, replayed) = checkout(&mut on_a, "stalled", &body).await;
     assert_eq!((status, replayed, &again), (201, true, &first));
     let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
+    assert_eq!(sold, 1);
+    redis.delete().await;
+}
+
+/// A node killed after answering, before its answer reached Redis: its lock is left (held by its
+/// earlier run) and no answer is there, so the other node says 409. Restarted on its data dir, the
+/// node sends its recent answers again and frees its old locks: the other node then replays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
+    let redis = TestRedis::create("recover").await;
+    let (a, b) = two_nodes(&redis, &[], &[("A", 10)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, first, _) = checkout(&mut on_a, "killed", &body).await;
+    assert_eq!(status, 201, "{first}");
+    // The state a kill between the answer and the finisher leaves: the lock of A's run, no answer.
+    let mut connection = redis.connection().await;
+    let (answer_key, lock_key) = (
+        format!("{}answer:killed", redis.prefix),
+        format!("{}lock:killed", redis.prefix),
+    );
+    redis.wait_answer("killed", Duration::from_secs(5)).await;
+    let node = turnstile::sessions::redis::node_id(&a.data_dir);
+    let _: () = redis::cmd("DEL")
+        .arg(&answer_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(&lock_key)
+        .arg(format!("{node}/1/7/"))
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let (status, text, _) = checkout(&mut on_b, "killed", &body).await;
+    assert_eq!(status, 409, "{text}");
+
+    let args = redis.args();
+    let (data_dir, _dir) = a.into_parts();
+    let a = super::helpers::start(
+        &data_dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    eventually(
+        "the other node to replay",
+        Duration::from_secs(15),
+        async || {
+            let (status, again, replayed) = checkout(&mut on_b, "killed", &body).await;
+            assert!(status != 201 || replayed, "a second order: {again}");
+            status == 201 && replayed && again == first
+        },
+    )
+    .await;
+    let lock: Option<String> = redis::cmd("GET")
+        .arg(&lock_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(lock, None, "the old run's lock freed");
+    let sold = a.client().stock("A").await.3 + on_b.stock("A").await.3;
     assert_eq!(sold, 1);
     redis.delete().await;
 }
