@@ -261,7 +261,15 @@ async fn serve(
     let cart_ttl_ms = config.cart_ttl.as_millis() as i64;
     let (carts, redis) = match &config.redis {
         Some(redis) => {
-            let node = crate::sessions::redis::node_id(&config.data_dir);
+            let node = crate::sessions::redis::node_id(&config.data_dir).map_err(|source| {
+                ServeError::Io {
+                    context: format!(
+                        "reading the node's name for Redis ({} in the data dir)",
+                        crate::sessions::redis::NODE_ID_FILE
+                    ),
+                    source,
+                }
+            })?;
             let store = Arc::new(RedisStore::new(redis, node, now_ms()).map_err(|error| {
                 ServeError::Io {
                     context: "setting up Redis".into(),

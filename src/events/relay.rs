@@ -129,16 +129,7 @@ impl FileCursor {
     }
 
     fn save_now(path: &Path, seq: u64) -> std::io::Result<()> {
-        use std::io::Write;
-        let tmp = path.with_extension("cursor.tmp");
-        let mut file = std::fs::File::create(&tmp)?;
-        writeln!(file, "{seq}")?;
-        file.sync_data()?;
-        std::fs::rename(&tmp, path)?;
-        if let Some(dir) = path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        crate::data_dir::write_atomic(path, format!("{seq}\n").as_bytes())
     }
 }
 

@@ -264,17 +264,38 @@ impl Scripts {
     }
 }
 
-/// A node's name in lock values, the same across its restarts and different between nodes: a hash
-/// of the host's name and the data dir's path (one data dir serves one process at a time).
-pub fn node_id(data_dir: &std::path::Path) -> String {
-    use sha2::{Digest, Sha256};
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
-    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
-    let mut hash = Sha256::new();
-    hash.update(host.trim().as_bytes());
-    hash.update([0]);
-    hash.update(path.as_os_str().as_encoded_bytes());
-    format!("node_{}", &crate::random::hex(&hash.finalize())[..16])
+/// The file in the data dir that names the node in Redis.
+pub const NODE_ID_FILE: &str = "redis-node-id";
+
+/// A node's name in lock values, the same across its restarts and different between nodes: made
+/// at random the first time and kept in [`NODE_ID_FILE`] in the data dir (one data dir serves one
+/// process at a time). A file that does not hold such a name is refused, not replaced.
+pub fn node_id(data_dir: &std::path::Path) -> std::io::Result<String> {
+    let path = data_dir.join(NODE_ID_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let id = text.trim_end_matches('\n');
+            let valid = id.len() > 5
+                && id.len() <= 64
+                && id.starts_with("node_")
+                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if valid {
+                Ok(id.to_owned())
+            } else {
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("{} does not hold a node name (node_ and letters or digits); remove it to make a new one", path.display()),
+                ))
+            }
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
+            let id = ids.next("node_")[..21].to_owned();
+            crate::data_dir::write_atomic(&path, format!("{id}\n").as_bytes())?;
+            Ok(id)
+        }
+        Err(error) => Err(error),
+    }
 }
 
 /// `<status> <at_ms> <fingerprint>\n<body>`: the answer as Redis keeps it.

@@ -462,7 +462,7 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
         format!("{}lock:killed", redis.prefix),
     );
     redis.wait_answer("killed", Duration::from_secs(5)).await;
-    let node = turnstile::sessions::redis::node_id(&a.data_dir);
+    let node = turnstile::sessions::redis::node_id(&a.data_dir).expect("node id");
     let _: () = redis::cmd("DEL")
         .arg(&answer_key)
         .query_async(&mut connection)
