@@ -849,3 +849,6 @@ impl TestRedis {
         }
     }
 }
+
+/// An outage of Redis a bit longer than a submission lock's minute.
+pub const REDIS_LOCK_OUTAGE_SECONDS: u64 = 62;

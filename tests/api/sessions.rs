@@ -505,3 +505,142 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
     assert_eq!(sold, 1);
     redis.delete().await;
 }
+
+/// A data dir cloned with its `redis-node-id` (a copied volume or image): two nodes then share a
+/// name. Started in the same millisecond, their lock values were identical (`<node>/<ms>/<n>/`)
+/// and BEGIN, which takes a lock it already holds again, let both run the same key at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sharing_a_copied_node_name_never_share_a_submission_lock() {
+    use turnstile::domain::IdempotencyKey;
+    use turnstile::sessions::redis::{Begin, RedisConfig, RedisStore};
+    let redis = TestRedis::create("attack2_clone").await;
+    let config = RedisConfig {
+        url: super::helpers::REDIS_URL.into(),
+        prefix: redis.prefix.clone(),
+        timeout: Duration::from_secs(1),
+    };
+    // One name (the copied file), one start millisecond: the nodes' first checkouts.
+    let node = "node_cloned0000000000".to_owned();
+    let a = std::sync::Arc::new(RedisStore::new(&config, node.clone(), 1_795_000_000_000).unwrap());
+    let b = std::sync::Arc::new(RedisStore::new(&config, node, 1_795_000_000_000).unwrap());
+    let (tasks_a, tasks_b) = (a.start().await, b.start().await);
+    let key = IdempotencyKey::parse("same-key").unwrap();
+    let (lock_a, lock_b) = (a.submission(&key), b.submission(&key));
+    let on_a = a.begin(&lock_a, None).await.unwrap();
+    let on_b = b.begin(&lock_b, None).await.unwrap();
+    assert!(matches!(on_a, Begin::Locked(_)), "{on_a:?}");
+    assert!(
+        matches!(on_b, Begin::Held),
+        "the other node ran the key at the same time: {on_b:?}"
+    );
+    lock_a.keep();
+    lock_b.keep();
+    for store in [&a, &b] {
+        store.stop();
+    }
+    for task in tasks_a.into_iter().chain(tasks_b) {
+        let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
+    }
+    redis.delete().await;
+}
+
+/// A TCP proxy to the machine's Redis that can be cut (connections dropped, new ones closed at
+/// once) and restored, so one node sees Redis down while the other does not.
+struct RedisCut {
+    addr: std::net::SocketAddr,
+    up: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RedisCut {
+    async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (up, watch) = tokio::sync::watch::channel(true);
+        let task = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*watch.borrow() {
+                    continue; // dropped: closed at once
+                }
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:6379").await
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = watch.wait_for(|up| !*up) => {}
+                    }
+                });
+            }
+        });
+        Self { addr, up, task }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.addr)
+    }
+
+    fn set(&self, up: bool) {
+        let _ = self.up.send(up);
+    }
+}
+
+impl Drop for RedisCut {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// README: a checkout that went on without the lock (Redis unreachable) has its answer sent to
+/// Redis "as soon as it is back". The finisher dropped it once the lock it never held would have
+/// expired (60 s): after an outage longer than a minute, a retry on the other node bought again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_than_a_minute() {
+    let redis = TestRedis::create("attack2_outage").await;
+    let cut = RedisCut::start().await;
+    let extra = ["--redis-timeout", "300ms"];
+    let mut args_a = vec![
+        "--redis-url".to_owned(),
+        cut.url(),
+        "--redis-prefix".into(),
+        redis.prefix.clone(),
+    ];
+    args_a.extend(extra.iter().map(|s| s.to_string()));
+    let mut args_b = redis.args();
+    args_b.extend(extra.iter().map(|s| s.to_string()));
+    let a = spawn_app(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
+    let b = spawn_app(&args_b.iter().map(String::as_str).collect::<Vec<_>>());
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("A", 250, 10).await.status, 200);
+    }
+    cut.set(false);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, first, _) = checkout(&mut on_a, "outage", &body).await;
+    assert_eq!(status, 201, "{first}");
+    let fallbacks = super::helpers::metric(&mut on_a, "turnstile_redis_lock_fallbacks_total").await;
+    assert_eq!(fallbacks, 1.0, "node A went on without the lock");
+    // An outage a bit longer than the lock's minute.
+    tokio::time::sleep(Duration::from_secs(
+        super::helpers::REDIS_LOCK_OUTAGE_SECONDS,
+    ))
+    .await;
+    cut.set(true);
+    eventually("node A to reconnect", Duration::from_secs(10), async || {
+        super::helpers::metric(&mut on_a, "turnstile_redis_connected").await == 1.0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, again, replayed) = checkout(&mut on_b, "outage", &body).await;
+    let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
+    redis.delete().await;
+    assert_eq!(
+        (status, replayed, sold),
+        (201, true, 1),
+        "the retry on node B after the outage: {again} (node A answered {first})"
+    );
+    assert_eq!(again, first);
+}
