@@ -291,6 +291,9 @@ async fn serve(
                     let ttl_ms = answer.at_ms + retention - now;
                     (key, (*answer).clone(), ttl_ms)
                 })
+                // A key past its retention may start afresh here: its old answer is not sent,
+                // nor its lock (maybe this run's own by then) freed.
+                .filter(|(_, _, ttl_ms)| *ttl_ms > 0)
                 .collect();
             store.recover(recent);
             (

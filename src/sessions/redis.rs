@@ -6,7 +6,7 @@
 //!   `<position>:<quantity>`; `PEXPIRE --cart-ttl`, refreshed by every use.
 //! - `<p>carts`: a sorted set of live cart ids scored by expiry (Unix ms), so `--carts-max` holds
 //!   across nodes; its TTL is kept at least as long as its newest cart's.
-//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>/<n>/`, `SET NX EX 60` while a
+//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>.<random>/<n>/`, `SET NX EX 60` while a
 //!   checkout with that key runs, deleted by its holder only (compare-and-delete).
 //! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
 //!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
@@ -112,8 +112,10 @@ pub struct RedisStore {
     timeout: Duration,
     /// This node, in lock values: `node_<hex>`, the same across restarts (see [`node_id`]).
     node: String,
-    /// When this process started (ms), in lock values: its locks differ from earlier runs'.
-    started_ms: i64,
+    /// This run in lock values: its start (ms) and random bytes, so its locks differ from earlier
+    /// runs' and from another process's under the same name (a data dir copied with its
+    /// `redis-node-id`, started in the same millisecond).
+    run_id: String,
     locks_taken: AtomicU64,
     stats: Stats,
     scripts: Scripts,
@@ -291,6 +293,8 @@ pub fn node_id(data_dir: &std::path::Path) -> std::io::Result<String> {
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
             let id = ids.next("node_")[..21].to_owned();
+            // With MySQL as the journal nothing else creates the data dir.
+            std::fs::create_dir_all(data_dir)?;
             crate::data_dir::write_atomic(&path, format!("{id}\n").as_bytes())?;
             Ok(id)
         }
@@ -379,6 +383,10 @@ impl RedisStore {
         let client = redis::Client::open(config.url.as_str())
             .map_err(|e| StoreError::Unavailable(format!("bad --redis-url: {e}")))?;
         let (finishes, finishes_to_send) = tokio::sync::mpsc::channel(FINISHES_QUEUED_MAX);
+        let nonce = crate::random::random_bytes(4).map_err(|e| {
+            StoreError::Unavailable(format!("no random bytes for the run's id: {e}"))
+        })?;
+        let run_id = format!("{started_ms}.{}", crate::random::hex(&nonce));
         Ok(Self {
             client,
             connection_config: AsyncConnectionConfig::new()
@@ -391,7 +399,7 @@ impl RedisStore {
             prefix: config.prefix.clone(),
             timeout: config.timeout,
             node,
-            started_ms,
+            run_id,
             locks_taken: AtomicU64::new(0),
             stats: Stats::default(),
             scripts: Scripts::new(),
@@ -690,7 +698,7 @@ impl RedisStore {
             value: format!(
                 "{}/{}/{}/",
                 self.node,
-                self.started_ms,
+                self.run_id,
                 self.locks_taken.fetch_add(1, Ordering::Relaxed)
             ),
             open: true,
@@ -926,7 +934,18 @@ impl Submission {
     /// does not wait for it. Retried while Redis is unreachable, for as long as the lock lives.
     pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
         self.open = false;
-        self.send_end(Some((answer, ttl_ms)));
+        // Kept as long as the answer lives, not only the lock: a checkout that went on without
+        // the lock (Redis down longer than a minute) must still leave its answer once Redis is
+        // back, or a retry on another node buys again. FINISH never replaces an answer nor
+        // stores one while another checkout holds the lock, so a late one is safe.
+        let keep = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0))
+            .max(Duration::from_secs(LOCK_TTL_SECONDS));
+        self.store.enqueue_finish(Finish {
+            key: self.key.clone(),
+            value: self.value.clone(),
+            answer: Some((answer, ttl_ms)),
+            deadline: tokio::time::Instant::now() + keep,
+        });
     }
 
     /// Leaves the lock to expire by itself.
