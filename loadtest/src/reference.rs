@@ -1,10 +1,12 @@
 //! Reference servers: the classic designs Turnstile is compared with, written as a competent
 //! engineer would, on the same HTTP/JSON stack (axum on hyper).
 //!
-//! `mysql-for-update`: every checkout is one MySQL transaction: claim the idempotency key (a
-//! primary key), lock each product row with `SELECT ... FOR UPDATE` (in SKU order, so no
-//! deadlocks), check and count the units, insert the order, store the answer, COMMIT. Pooled
-//! connections sized for the load; prepared statements (sqlx caches them per connection).
+//! `mysql-for-update`: the idempotency key is looked up (a read), then every checkout is one MySQL
+//! transaction: lock each product row with `SELECT ... FOR UPDATE` (in SKU order, so no
+//! deadlocks), check the units; a short SKU is a ROLLBACK that writes nothing; a sale counts the
+//! units, inserts the order and the key with its answer (the key's primary key stops a racing
+//! twin), COMMIT. Pooled connections sized for the load; prepared statements (sqlx caches them
+//! per connection).
 //!
 //! Test-only flags: `no_stock_check` (the bug an oversell check must catch) and a stall (every
 //! request that arrives within `stall_for` after the `stall_at`-th one is held for `stall_for`).
@@ -241,47 +243,53 @@ async fn checkout(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
     }
 }
 
+/// A finished answer under `key`, or `None`: the row of `ref_keys`, told against `fingerprint`.
+async fn known_answer<'c, E>(
+    executor: E,
+    key: &str,
+    fingerprint: &str,
+    locking: bool,
+) -> Result<Option<(StatusCode, String)>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = sqlx::MySql>,
+{
+    let sql = if locking {
+        "SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ? LOCK IN SHARE MODE"
+    } else {
+        "SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ?"
+    };
+    let Some(row) = sqlx::query(sql).bind(key).fetch_optional(executor).await? else {
+        return Ok(None);
+    };
+    let (known, status, body): (String, i16, String) = (row.get(0), row.get(1), row.get(2));
+    Ok(Some(if known != fingerprint {
+        (
+            StatusCode::UNPROCESSABLE_ENTITY,
+            serde_json::json!({"error": "idempotency_key_reused", "message": "other request"})
+                .to_string(),
+        )
+    } else {
+        (
+            StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK),
+            body,
+        )
+    }))
+}
+
+/// One checkout, as a competent engineer writes it on MySQL: the key looked up first (a read), then
+/// one transaction that locks the product rows (`SELECT ... FOR UPDATE`, in SKU order, so no
+/// deadlocks). A short SKU is answered with a ROLLBACK that writes nothing (a sold-out flood costs
+/// no durable write), after a locking read of the key so that a racing first request with the
+/// same key, committed meanwhile, is replayed rather than contradicted. A sale (or a decline)
+/// writes its key with its answer, the order and the counts, and COMMITs once.
 async fn place(
     shared: &Shared,
     key: &str,
     fingerprint: &str,
     request: CheckoutBody,
 ) -> Result<(StatusCode, String), sqlx::Error> {
-    // Claim the key first: a second request with it finds the row.
-    let claimed = sqlx::query(
-        "INSERT INTO ref_keys (idempotency_key, fingerprint, status, body) VALUES (?, ?, 0, '')",
-    )
-    .bind(key)
-    .bind(fingerprint)
-    .execute(&shared.pool)
-    .await;
-    if let Err(e) = claimed {
-        if e.as_database_error()
-            .is_some_and(|d| d.is_unique_violation())
-        {
-            let row = sqlx::query(
-                "SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ?",
-            )
-            .bind(key)
-            .fetch_one(&shared.pool)
-            .await?;
-            let (known, status, body): (String, i16, String) = (row.get(0), row.get(1), row.get(2));
-            return Ok(if known != fingerprint {
-                (StatusCode::UNPROCESSABLE_ENTITY, serde_json::json!({"error": "idempotency_key_reused", "message": "other request"}).to_string())
-            } else if status == 0 {
-                (
-                    StatusCode::CONFLICT,
-                    serde_json::json!({"error": "idempotency_key_in_use", "message": "running"})
-                        .to_string(),
-                )
-            } else {
-                (
-                    StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK),
-                    body,
-                )
-            });
-        }
-        return Err(e);
+    if let Some(answer) = known_answer(&shared.pool, key, fingerprint, false).await? {
+        return Ok(answer);
     }
     let mut lines = request.items;
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
@@ -313,18 +321,21 @@ async fn place(
         }
         total += price * line.quantity;
     }
-    if short.is_none() && request.payment_token != "tok_ok" {
-        short = Some((
-            StatusCode::PAYMENT_REQUIRED,
-            serde_json::json!({"error": "payment_declined", "message": "declined"}).to_string(),
-        ));
+    if let Some(answer) = short {
+        let known = known_answer(&mut *tx, key, fingerprint, true).await?;
+        tx.rollback().await?;
+        return Ok(known.unwrap_or(answer));
     }
-    let (status, body) = match short {
-        Some(answer) => {
-            tx.rollback().await?;
-            answer
-        }
-        None => {
+    // The sale (or the decline) with its key and answer; a racing twin with the same key that
+    // committed first makes one of these INSERTs a duplicate: its answer is then the answer.
+    let written = async {
+        let (status, body) = if request.payment_token != "tok_ok" {
+            (
+                StatusCode::PAYMENT_REQUIRED,
+                serde_json::json!({"error": "payment_declined", "message": "declined"})
+                    .to_string(),
+            )
+        } else {
             for line in &lines {
                 sqlx::query("UPDATE ref_products SET sold = sold + ? WHERE sku = ?")
                     .bind(line.quantity)
@@ -332,13 +343,15 @@ async fn place(
                     .execute(&mut *tx)
                     .await?;
             }
-            let order_id = sqlx::query("INSERT INTO ref_orders (idempotency_key, customer_id, total_cents) VALUES (?, ?, ?)")
-                .bind(key)
-                .bind(&request.customer_id)
-                .bind(total)
-                .execute(&mut *tx)
-                .await?
-                .last_insert_id();
+            let order_id = sqlx::query(
+                "INSERT INTO ref_orders (idempotency_key, customer_id, total_cents) VALUES (?, ?, ?)",
+            )
+            .bind(key)
+            .bind(&request.customer_id)
+            .bind(total)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_id();
             for line in &lines {
                 sqlx::query(
                     "INSERT INTO ref_order_items (order_id, sku, quantity) VALUES (?, ?, ?)",
@@ -350,21 +363,38 @@ async fn place(
                 .await?;
             }
             let body = serde_json::json!({"order_id": format!("ref_{order_id}"), "status": "paid", "customer_id": request.customer_id, "total_cents": total}).to_string();
-            sqlx::query("UPDATE ref_keys SET status = 201, body = ? WHERE idempotency_key = ?")
-                .bind(&body)
-                .bind(key)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok((StatusCode::CREATED, body));
-        }
-    };
-    // Answers that placed nothing are kept too, so a retry gets the same answer.
-    sqlx::query("UPDATE ref_keys SET status = ?, body = ? WHERE idempotency_key = ?")
+            (StatusCode::CREATED, body)
+        };
+        sqlx::query(
+            "INSERT INTO ref_keys (idempotency_key, fingerprint, status, body) VALUES (?, ?, ?, ?)",
+        )
+        .bind(key)
+        .bind(fingerprint)
         .bind(status.as_u16() as i16)
         .bind(&body)
-        .bind(key)
-        .execute(&shared.pool)
+        .execute(&mut *tx)
         .await?;
-    Ok((status, body))
+        Ok::<_, sqlx::Error>((status, body))
+    }
+    .await;
+    match written {
+        Ok(answer) => {
+            tx.commit().await?;
+            Ok(answer)
+        }
+        Err(e)
+            if e.as_database_error()
+                .is_some_and(|d| d.is_unique_violation()) =>
+        {
+            tx.rollback().await?;
+            Ok(known_answer(&shared.pool, key, fingerprint, false)
+                .await?
+                .unwrap_or((
+                    StatusCode::CONFLICT,
+                    serde_json::json!({"error": "idempotency_key_in_use", "message": "running"})
+                        .to_string(),
+                )))
+        }
+        Err(e) => Err(e),
+    }
 }
