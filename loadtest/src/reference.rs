@@ -1,7 +1,8 @@
 //! Reference servers: the classic designs Turnstile is compared with, written as a competent
 //! engineer would, on the same HTTP/JSON stack (axum on hyper).
 //!
-//! `mysql-for-update`: the idempotency key is looked up (a read), then every checkout is one MySQL
+//! `mysql-for-update`: the idempotency key is looked up and the stock read (plain reads: a SKU
+//! already short is answered without its row lock), then every checkout is one MySQL
 //! transaction: lock each product row with `SELECT ... FOR UPDATE` (in SKU order, so no
 //! deadlocks), check the units; a short SKU is a ROLLBACK that writes nothing; a sale counts the
 //! units, inserts the order and the key with its answer (the key's primary key stops a racing
@@ -244,21 +245,17 @@ async fn checkout(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: B
 }
 
 /// A finished answer under `key`, or `None`: the row of `ref_keys`, told against `fingerprint`.
-async fn known_answer<'c, E>(
-    executor: E,
+async fn known_answer(
+    pool: &MySqlPool,
     key: &str,
     fingerprint: &str,
-    locking: bool,
-) -> Result<Option<(StatusCode, String)>, sqlx::Error>
-where
-    E: sqlx::Executor<'c, Database = sqlx::MySql>,
-{
-    let sql = if locking {
-        "SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ? LOCK IN SHARE MODE"
-    } else {
-        "SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ?"
-    };
-    let Some(row) = sqlx::query(sql).bind(key).fetch_optional(executor).await? else {
+) -> Result<Option<(StatusCode, String)>, sqlx::Error> {
+    let row =
+        sqlx::query("SELECT fingerprint, status, body FROM ref_keys WHERE idempotency_key = ?")
+            .bind(key)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else {
         return Ok(None);
     };
     let (known, status, body): (String, i16, String) = (row.get(0), row.get(1), row.get(2));
@@ -276,11 +273,28 @@ where
     }))
 }
 
+/// `409 out_of_stock` for `sku`, unless a twin with the same key sold meanwhile (then its answer).
+async fn short_answer(
+    shared: &Shared,
+    key: &str,
+    fingerprint: &str,
+    sku: &str,
+) -> Result<(StatusCode, String), sqlx::Error> {
+    let short = (
+        StatusCode::CONFLICT,
+        serde_json::json!({"error": "out_of_stock", "message": "short", "sku": sku}).to_string(),
+    );
+    Ok(known_answer(&shared.pool, key, fingerprint)
+        .await?
+        .unwrap_or(short))
+}
+
 /// One checkout, as a competent engineer writes it on MySQL: the key looked up first (a read), then
-/// one transaction that locks the product rows (`SELECT ... FOR UPDATE`, in SKU order, so no
+/// a plain read of the stock (a SKU already short is answered without its row lock), then one
+/// transaction that locks the product rows (`SELECT ... FOR UPDATE`, in SKU order, so no
 /// deadlocks). A short SKU is answered with a ROLLBACK that writes nothing (a sold-out flood costs
-/// no durable write), after a locking read of the key so that a racing first request with the
-/// same key, committed meanwhile, is replayed rather than contradicted. A sale (or a decline)
+/// no durable write), after a read of the key so that a racing first request with the same key,
+/// committed meanwhile, is replayed rather than contradicted. A sale (or a decline)
 /// writes its key with its answer, the order and the counts, and COMMITs once.
 async fn place(
     shared: &Shared,
@@ -288,11 +302,27 @@ async fn place(
     fingerprint: &str,
     request: CheckoutBody,
 ) -> Result<(StatusCode, String), sqlx::Error> {
-    if let Some(answer) = known_answer(&shared.pool, key, fingerprint, false).await? {
+    if let Some(answer) = known_answer(&shared.pool, key, fingerprint).await? {
         return Ok(answer);
     }
     let mut lines = request.items;
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
+    // A plain read first: a SKU already short is answered without taking its row lock (the
+    // sold-out flood would otherwise queue on the one hot row).
+    if !shared.config.no_stock_check {
+        for line in &lines {
+            let row = sqlx::query("SELECT stock - sold FROM ref_products WHERE sku = ?")
+                .bind(&line.sku)
+                .fetch_optional(&shared.pool)
+                .await?;
+            if let Some(row) = row {
+                let left: i64 = row.get(0);
+                if left < line.quantity {
+                    return short_answer(shared, key, fingerprint, &line.sku).await;
+                }
+            }
+        }
+    }
     let mut tx = shared.pool.begin().await?;
     let mut total = 0i64;
     let mut short = None;
@@ -322,9 +352,12 @@ async fn place(
         total += price * line.quantity;
     }
     if let Some(answer) = short {
-        let known = known_answer(&mut *tx, key, fingerprint, true).await?;
         tx.rollback().await?;
-        return Ok(known.unwrap_or(answer));
+        // A twin with the same key that sold first has committed by now (it held the row lock
+        // before this one): its answer is the answer.
+        return Ok(known_answer(&shared.pool, key, fingerprint)
+            .await?
+            .unwrap_or(answer));
     }
     // The sale (or the decline) with its key and answer; a racing twin with the same key that
     // committed first makes one of these INSERTs a duplicate: its answer is then the answer.
@@ -387,7 +420,7 @@ async fn place(
                 .is_some_and(|d| d.is_unique_violation()) =>
         {
             tx.rollback().await?;
-            Ok(known_answer(&shared.pool, key, fingerprint, false)
+            Ok(known_answer(&shared.pool, key, fingerprint)
                 .await?
                 .unwrap_or((
                     StatusCode::CONFLICT,
