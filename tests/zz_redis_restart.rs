@@ -57,6 +57,21 @@ fn start_redis() {
 /// The tests here stop the machine's Redis: one at a time.
 static REDIS_STOPS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Stops the machine's Redis (nothing kept) and waits until it no longer answers; the guard
+/// starts it again when dropped.
+async fn stop_redis() -> StartOnDrop {
+    let restart = StartOnDrop;
+    let stopped = Command::new("redis-cli")
+        .args(["-p", "6379", "shutdown", "nosave"])
+        .status();
+    assert!(stopped.is_ok(), "redis-cli shutdown failed to run");
+    eventually("Redis to stop", Duration::from_secs(10), async || {
+        !redis_answers()
+    })
+    .await;
+    restart
+}
+
 /// Starts Redis again if the test ends early, so a failure here does not take it away from
 /// whatever runs next.
 struct StartOnDrop;
@@ -85,15 +100,7 @@ async fn stopping_redis_under_load_loses_no_order_and_the_node_recovers_by_itsel
     )
     .await;
 
-    let _restart = StartOnDrop;
-    let stopped = Command::new("redis-cli")
-        .args(["-p", "6379", "shutdown", "nosave"])
-        .status();
-    assert!(stopped.is_ok(), "redis-cli shutdown failed to run");
-    eventually("Redis to stop", Duration::from_secs(10), async || {
-        !redis_answers()
-    })
-    .await;
+    let _restart = stop_redis().await;
     eventually("the node to notice", Duration::from_secs(10), async || {
         client.get("/readyz").await.json()["checks"]["redis"] != "ok"
     })
@@ -183,15 +190,7 @@ async fn a_key_bought_during_an_outage_is_replayed_by_the_other_node_once_redis_
     for client in [&mut on_a, &mut on_b] {
         assert_eq!(client.put_product("A", 500, 10).await.status, 200);
     }
-    let _restart = StartOnDrop;
-    let stopped = Command::new("redis-cli")
-        .args(["-p", "6379", "shutdown", "nosave"])
-        .status();
-    assert!(stopped.is_ok(), "redis-cli shutdown failed to run");
-    eventually("Redis to stop", Duration::from_secs(10), async || {
-        !redis_answers()
-    })
-    .await;
+    let _restart = stop_redis().await;
     let first = on_a.checkout("outage-key", "A", 1, "tok_ok").await.unwrap();
     assert_eq!(first.status, 201);
     start_redis();
