@@ -134,8 +134,28 @@ struct Finish {
     key: IdempotencyKey,
     value: String,
     answer: Option<(StoredAnswer, i64)>,
-    /// Past this the lock has expired anyway: an end that could not be sent by then is dropped.
+    /// Past this an end that could not be sent is dropped.
     deadline: tokio::time::Instant,
+}
+
+impl Finish {
+    /// An end kept until its lock has expired anyway, or, with an answer, as long as the answer
+    /// lives: a checkout that went on without the lock (Redis down longer than a minute) must
+    /// still leave its answer once Redis is back, or a retry on another node buys again. FINISH
+    /// never replaces an answer nor stores one while another checkout holds the lock, so a late
+    /// one is safe.
+    fn new(key: IdempotencyKey, value: String, answer: Option<(StoredAnswer, i64)>) -> Self {
+        let lock = Duration::from_secs(LOCK_TTL_SECONDS);
+        let keep = answer.as_ref().map_or(lock, |(_, ttl_ms)| {
+            Duration::from_millis(u64::try_from(*ttl_ms).unwrap_or(0)).max(lock)
+        });
+        Self {
+            key,
+            value,
+            answer,
+            deadline: tokio::time::Instant::now() + keep,
+        }
+    }
 }
 
 struct Scripts {
@@ -498,21 +518,24 @@ impl RedisStore {
             other => return other,
         };
         let deadline = started + self.timeout;
+        // Registered before the check, so a reconnection between the two is not missed.
+        let reconnected = self.reconnected.notified();
+        tokio::pin!(reconnected);
+        reconnected.as_mut().enable();
+        // Only a call whose failure dropped the connection waits for the next one (an error that
+        // left it in place, like a full Redis, is the answer).
         if !had_connection || self.connection.load().is_some() {
             return Err(error);
         }
-        while tokio::time::Instant::now() + Duration::from_millis(10) < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            if self.connection.load().is_some() {
-                return match tokio::time::timeout_at(deadline, self.run_once(subject, invocation))
-                    .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(error),
-                };
-            }
+        if tokio::time::timeout_at(deadline, reconnected)
+            .await
+            .is_err()
+        {
+            return Err(error);
         }
-        Err(error)
+        tokio::time::timeout_at(deadline, self.run_once(subject, invocation))
+            .await
+            .unwrap_or(Err(error))
     }
 
     async fn run_once<T: redis::FromRedisValue>(
@@ -865,38 +888,18 @@ impl RedisStore {
         if answers.is_empty() {
             return;
         }
-        let store = Arc::clone(self);
+        // Through the finisher's queue (waiting for room), so its batching and retries serve
+        // these too.
+        let (finishes, prefix) = (self.finishes.clone(), format!("{}/", self.node));
         tokio::spawn(async move {
-            let deadline = tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS);
-            let prefix = format!("{}/", store.node);
-            let ends: Vec<Finish> = answers
-                .into_iter()
-                .map(|(key, answer, ttl_ms)| Finish {
-                    key,
-                    value: prefix.clone(),
-                    answer: Some((answer, ttl_ms)),
-                    deadline,
-                })
-                .collect();
-            let mut backoff = Duration::from_millis(50);
-            let mut sent = 0;
-            for batch in ends.chunks(FINISHES_PER_CALL_MAX) {
-                loop {
-                    match store.finish_batch(batch).await {
-                        Ok(()) => break,
-                        Err(error) if tokio::time::Instant::now() + backoff >= deadline => {
-                            tracing::warn!(%error, sent, left = ends.len() - sent, "could not send this node's recent answers to Redis at start");
-                            return;
-                        }
-                        Err(_) => {
-                            tokio::time::sleep(backoff).await;
-                            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
-                        }
-                    }
+            let count = answers.len();
+            for (key, answer, ttl_ms) in answers {
+                let end = Finish::new(key, prefix.clone(), Some((answer, ttl_ms)));
+                if finishes.send(end).await.is_err() {
+                    return;
                 }
-                sent += batch.len();
             }
-            tracing::info!(answers = sent, "sent this node's recent answers to Redis again, and freed the locks its earlier run left");
+            tracing::info!(answers = count, "queued this node's recent answers for Redis again, with the release of the locks its earlier run left on them");
         });
     }
 
@@ -931,21 +934,10 @@ pub struct Submission {
 
 impl Submission {
     /// Stores `answer` for `ttl_ms` and releases the lock, in the background: the client's answer
-    /// does not wait for it. Retried while Redis is unreachable, for as long as the lock lives.
+    /// does not wait for it. Retried while Redis is unreachable, for as long as the answer lives.
     pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
         self.open = false;
-        // Kept as long as the answer lives, not only the lock: a checkout that went on without
-        // the lock (Redis down longer than a minute) must still leave its answer once Redis is
-        // back, or a retry on another node buys again. FINISH never replaces an answer nor
-        // stores one while another checkout holds the lock, so a late one is safe.
-        let keep = Duration::from_millis(u64::try_from(ttl_ms).unwrap_or(0))
-            .max(Duration::from_secs(LOCK_TTL_SECONDS));
-        self.store.enqueue_finish(Finish {
-            key: self.key.clone(),
-            value: self.value.clone(),
-            answer: Some((answer, ttl_ms)),
-            deadline: tokio::time::Instant::now() + keep,
-        });
+        self.send_end(Some((answer, ttl_ms)));
     }
 
     /// Leaves the lock to expire by itself.
@@ -954,12 +946,8 @@ impl Submission {
     }
 
     fn send_end(&self, answer: Option<(StoredAnswer, i64)>) {
-        self.store.enqueue_finish(Finish {
-            key: self.key.clone(),
-            value: self.value.clone(),
-            answer,
-            deadline: tokio::time::Instant::now() + Duration::from_secs(LOCK_TTL_SECONDS),
-        });
+        self.store
+            .enqueue_finish(Finish::new(self.key.clone(), self.value.clone(), answer));
     }
 }
 
