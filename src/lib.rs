@@ -8,7 +8,8 @@
 //! - [`engine`]: the pure core, synchronous, no I/O, time passed in; every change decided now and
 //!   applied after its commit: per-core stock shards ([`engine::inventory`]), the order state
 //!   machine ([`engine::order`]), idempotency keys with retention ([`engine::idempotency`]), and
-//!   the journal records with the durable state they fold into ([`engine::records`]).
+//!   the journal records with the durable state they fold into ([`engine::records`]) and their
+//!   compact binary bytes, which both journals store ([`engine::codec`]).
 //! - [`journal`]: the `Journal` trait (durable appends with group commit, the event log), the
 //!   embedded file journal ([`journal::file`]: segments, framing, recovery from crashes and failed
 //!   writes, snapshots, events on disk), the MySQL journal ([`journal::mysql`]: the `journal`

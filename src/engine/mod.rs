@@ -25,6 +25,7 @@
 //! it a reader never sees a change that may still fail (not even during the commit), and a failed
 //! append needs no rebuild of the engine, only the release of what the change held.
 
+pub mod codec;
 pub mod idempotency;
 pub mod inventory;
 pub mod order;

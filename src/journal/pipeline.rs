@@ -124,24 +124,16 @@ impl Pipeline {
 
     /// Queues a record; the ticket resolves when the writer has committed it.
     pub fn submit(&self, record: Record) -> Ticket {
-        let payload = match serde_json::to_vec(&record) {
-            Ok(payload) if payload.len() <= PAYLOAD_LEN_MAX => payload,
-            Ok(payload) => {
-                return Ticket::failed(JournalError::Io {
-                    context: "encoding a record".into(),
-                    message: format!(
-                        "record of {} bytes exceeds {PAYLOAD_LEN_MAX}",
-                        payload.len()
-                    ),
-                })
-            }
-            Err(e) => {
-                return Ticket::failed(JournalError::Io {
-                    context: "encoding a record".into(),
-                    message: e.to_string(),
-                })
-            }
-        };
+        let payload = crate::engine::codec::encode(&record);
+        if payload.len() > PAYLOAD_LEN_MAX {
+            return Ticket::failed(JournalError::Io {
+                context: "encoding a record".into(),
+                message: format!(
+                    "record of {} bytes exceeds {PAYLOAD_LEN_MAX}",
+                    payload.len()
+                ),
+            });
+        }
         // The events are built before the lock (allocations, id clones) and numbered under it.
         let mut events = record.events(0);
         let (waiter, receiver) = oneshot::channel();

@@ -3,7 +3,7 @@
 //!
 //! Mechanism: the embedded journal's writer hands every committed batch to the MySQL applier
 //! ([`crate::journal::mysql::projection`]), the same one that keeps the projections behind the
-//! MySQL journal; here it also writes the log rows (`journal`, `order_claims`), in the same
+//! MySQL journal; here it also writes the log rows (`journal`, with their claims), in the same
 //! transaction as the projections and the durable cursor (`projection_cursor`), so a record
 //! reaches MySQL exactly once, in lsn order, however often it is replayed. Records it was not
 //! handed (after a restart, or durable before it started) it reads from the segments on disk;

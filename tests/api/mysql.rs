@@ -31,25 +31,39 @@ async fn a_second_order_for_one_key_or_payment_is_refused_by_the_database() {
         .await
         .map(|row| String::from_utf8(row.get::<Vec<u8>, _>(0)).expect("utf-8"))
         .expect("the order is in MySQL");
-    // The claims are written with the log record, in its transaction.
-    let insert = "INSERT INTO order_claims (order_id, payment_id, idempotency_key, lsn) \
-                  VALUES (?, ?, ?, 0)";
-    for (what, id, payment, key) in [
+    // The claims are columns of the log record's row, written in its transaction: a second row
+    // claiming any of them is refused by its UNIQUE key (a row of its own lsn, so the primary key
+    // is not what refuses it).
+    let insert = "INSERT INTO journal (lsn, first_event_seq, record, order_id, payment_id, idempotency_key) \
+                  VALUES (?, 0, 'planted', ?, ?, ?)";
+    for (lsn, what, id, payment, key, index) in [
         (
+            -1,
             "same idempotency key",
             "ord_intruder",
             "pay_other",
             "unique-1",
+            "journal_idempotency_key",
         ),
         (
+            -2,
             "same payment id",
             "ord_intruder",
             payment_id.as_str(),
             "unique-2",
+            "journal_payment_id",
         ),
-        ("same order id", order_id, "pay_other", "unique-3"),
+        (
+            -3,
+            "same order id",
+            order_id,
+            "pay_other",
+            "unique-3",
+            "journal_order_id",
+        ),
     ] {
         let error = sqlx::query(insert)
+            .bind(lsn)
             .bind(id)
             .bind(payment)
             .bind(key)
@@ -61,6 +75,7 @@ async fn a_second_order_for_one_key_or_payment_is_refused_by_the_database() {
             .and_then(|e| e.code())
             .map(|c| c.to_string());
         assert_eq!(code.as_deref(), Some("23000"), "{what}: {error}");
+        assert!(error.to_string().contains(index), "{what}: {error}");
     }
     let answer = sqlx::query("INSERT INTO idempotency_keys (idempotency_key, order_id, fingerprint, status, body, at_ms) VALUES ('unique-1', 'ord_x', 'f', 201, '{}', 0)")
         .execute(&pool)
@@ -187,7 +202,7 @@ async fn a_record_the_database_refuses_fails_alone() {
     let mut client = app.client();
     client.put_product("V", 100, 1_000).await;
     let pool = database.pool().await;
-    sqlx::query("INSERT INTO order_claims (order_id, idempotency_key, lsn) VALUES ('ord_planted', 'victim', 0)")
+    sqlx::query("INSERT INTO journal (lsn, first_event_seq, record, order_id, idempotency_key) VALUES (0, 0, 'planted', 'ord_planted', 'victim')")
         .execute(&pool)
         .await
         .expect("plant a row");
@@ -238,7 +253,7 @@ async fn a_record_the_database_refuses_fails_alone() {
     assert_eq!(client.get("/readyz").await.status, 200);
     wait_projected(&pool).await;
     let claim: String =
-        sqlx::query("SELECT order_id FROM order_claims WHERE idempotency_key = 'victim'")
+        sqlx::query("SELECT order_id FROM journal WHERE idempotency_key = 'victim'")
             .fetch_one(&pool)
             .await
             .map(|row| String::from_utf8(row.get::<Vec<u8>, _>(0)).expect("utf-8"))
@@ -548,7 +563,6 @@ async fn checksums(pool: &sqlx::MySqlPool) -> Vec<(String, Option<i64>)> {
     let mut sums = Vec::new();
     for table in [
         "journal",
-        "order_claims",
         "orders",
         "order_items",
         "idempotency_keys",
@@ -649,7 +663,7 @@ async fn write_behind_stops_at_a_record_mysql_refuses_until_an_operator_skips_it
     let mut client = app.client();
     client.put_product("S", 100, 1_000).await;
     let pool = database.pool().await;
-    sqlx::query("INSERT INTO order_claims (order_id, idempotency_key, lsn) VALUES ('ord_planted', 'clash', 0)")
+    sqlx::query("INSERT INTO journal (lsn, first_event_seq, record, order_id, idempotency_key) VALUES (0, 0, 'planted', 'ord_planted', 'clash')")
         .execute(&pool)
         .await
         .expect("plant a claim");

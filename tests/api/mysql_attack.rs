@@ -233,7 +233,7 @@ async fn a_connection_lost_after_commit_does_not_fail_committed_orders() {
         .await
         .expect("answer");
     let in_journal: i64 =
-        sqlx::query("SELECT COUNT(*) FROM order_claims WHERE idempotency_key = 'cut-1'")
+        sqlx::query("SELECT COUNT(*) FROM journal WHERE idempotency_key = 'cut-1'")
             .fetch_one(&pool)
             .await
             .map(|r| r.get(0))

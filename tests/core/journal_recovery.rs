@@ -280,6 +280,52 @@ fn a_truncated_segment_recovers_exactly_its_whole_records() {
     }
 }
 
+/// A data dir written by an earlier version holds JSON records; this one writes the binary form
+/// (`engine::codec`). Both read back, and the journal goes on after them.
+#[test]
+fn a_segment_of_json_records_from_an_earlier_version_recovers_and_the_journal_goes_on() {
+    let disk = SimulatedDisk::new();
+    let mut file = disk.create(&format!("{:020}.wal", 1)).expect("create");
+    file.append(&valid_segment(5)).expect("append");
+    file.sync_data().expect("sync");
+    disk.sync_dir().expect("sync dir");
+    let (journal, state) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("open");
+    assert_eq!((state.last_lsn, state.products.len()), (5, 5));
+    for i in 6..=8 {
+        let record = Record::Product {
+            product: product(&format!("p{i}"), 2, i),
+        };
+        journal.append(record).wait().expect("durable");
+    }
+    journal.close();
+    drop(journal);
+    let (_, state) =
+        FileJournal::open(Arc::new(disk.machine()), FileJournalConfig::default()).expect("reopen");
+    assert_eq!((state.last_lsn, state.products.len()), (8, 8));
+    assert_eq!(state.products[&sku("p3")].stock.get(), 3);
+    assert_eq!(state.products[&sku("p7")].price_cents.get(), 2);
+    let mut segments: Vec<String> = disk
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|n| n.ends_with(".wal"))
+        .collect();
+    segments.sort();
+    let mut forms = Vec::new();
+    for segment in &segments {
+        let first_lsn: u64 = segment.trim_end_matches(".wal").parse().expect("name");
+        let bytes = disk.read(segment).expect("read");
+        let scan = format::scan_segment(&bytes, first_lsn);
+        forms.extend(scan.frames.iter().map(|f| f.payload[0]));
+    }
+    assert_eq!(
+        forms,
+        [b'{', b'{', b'{', b'{', b'{', 1, 1, 1],
+        "JSON then binary"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 300, failure_persistence: None, ..ProptestConfig::default() })]
 

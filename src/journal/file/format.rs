@@ -8,6 +8,9 @@
 //! syncs it, and only then writes the next, so after a crash only the *last* batch can be torn. That
 //! is how the scan tells a torn tail (cut it) from corruption (refuse to start): a bad frame followed
 //! by a valid frame of a *later* batch means synced bytes went bad.
+//!
+//! `payload` is the record's bytes as [`crate::engine::codec`] writes them (a compact binary form;
+//! segments of earlier versions hold JSON, which still reads).
 
 pub use crate::journal::pipeline::PAYLOAD_LEN_MAX;
 

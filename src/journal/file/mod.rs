@@ -280,7 +280,7 @@ fn fold(
                     ),
                 ));
             }
-            let record: Record = serde_json::from_slice(frame.payload).map_err(|e| {
+            let record: Record = crate::engine::codec::decode(frame.payload).map_err(|e| {
                 corrupt(
                     storage,
                     &name,
@@ -793,7 +793,7 @@ impl Shared {
                 "a record changed on disk",
             ));
         };
-        let record: Record = serde_json::from_slice(read.payload).map_err(|e| {
+        let record: Record = crate::engine::codec::decode(read.payload).map_err(|e| {
             corrupt(
                 self.storage.as_ref(),
                 name,

@@ -2,8 +2,8 @@
 //!
 //! WAL-style (see [`projection`] for the tables): group commit as in `journal::pipeline`; the
 //! writer is a task that turns one batch into one transaction holding only the log: multi-row
-//! INSERTs into the append-only `journal` table (one row per record) and `order_claims` (one row
-//! per new order, the `UNIQUE` order id, idempotency key and payment id), then one COMMIT. Every
+//! INSERTs into the append-only `journal` table (one row per record; the row of a new order
+//! carries its claims, the `UNIQUE` order id, idempotency key and payment id), then one COMMIT. Every
 //! waiter is answered only after COMMIT returns. One batch is one transaction, never split: after
 //! any crash the durable records are a prefix of the log (no lsn or event seq of a batch can be
 //! durable while an earlier one is not). The materialised tables are projections the
@@ -742,7 +742,7 @@ pub(crate) async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u6
     let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
     let mut tx = pool.begin().await.map_err(purge)?;
     sqlx::query(
-        "UPDATE order_claims c JOIN idempotency_keys k \
+        "UPDATE journal c JOIN idempotency_keys k \
          ON c.idempotency_key = k.idempotency_key AND c.order_id = k.order_id \
          SET c.idempotency_key = NULL WHERE k.at_ms < ?",
     )
@@ -777,7 +777,7 @@ pub(crate) async fn read_order(
         .await
         .map_err(unavailable)?
     else {
-        let claimed = sqlx::query("SELECT lsn FROM order_claims WHERE order_id = ?")
+        let claimed = sqlx::query("SELECT lsn FROM journal WHERE order_id = ?")
             .bind(order_id.as_str())
             .fetch_optional(pool)
             .await

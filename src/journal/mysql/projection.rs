@@ -1,10 +1,11 @@
 //! The MySQL log and its projections.
 //!
-//! **The log.** The `journal` table is the write-ahead log: one row per record, in lsn order. The
-//! only other rows written with a record are its claims (`order_claims`: one row per new order,
-//! `UNIQUE` on the order id, the idempotency key and the payment id), so the database itself
-//! refuses a second order for one key or one payment. That is [`write_log`]: two rows per new
-//! order, one per other record.
+//! **The log.** The `journal` table is the write-ahead log: one row per record, in lsn order, and
+//! nothing else is written with a record. The row of a record that places an order carries its
+//! claims (`journal.order_id`, `journal.idempotency_key`, `journal.payment_id`, each `UNIQUE`,
+//! NULL on every other row), so the database itself refuses a second order for one key or one
+//! payment. That is [`write_log`]: one row per record. (Until migration `20261127000005` the
+//! claims were a row of their own in `order_claims`: two rows per new order.)
 //!
 //! **The projections.** `orders`, `order_items`, `idempotency_keys`, `inventory`, `products` and
 //! `outbox` are maintained from the log by the [`Applier`], *behind* the log's
@@ -21,7 +22,7 @@
 //! table from the cursor); with `--mysql-write-behind` it follows the embedded journal and writes
 //! the log rows too, in the same transaction as the projections and the cursor.
 //!
-//! What a reader of the tables sees: `journal` and `order_claims` hold every acknowledged record
+//! What a reader of the tables sees: `journal` (with its claims) holds every acknowledged record
 //! at acknowledgement time; the projections hold a prefix of the log (every record up to
 //! `projection_cursor.applied_lsn`, nothing after it), normally milliseconds behind; the lag is in
 //! `/metrics` (`turnstile_mysql_lag_records`, `turnstile_mysql_lag_seconds`) and `/readyz`.
@@ -75,43 +76,50 @@ impl<'a> View<'a> {
     }
 }
 
-/// Writes the log rows of `views` (one `journal` row each, one `order_claims` row per new order),
-/// releasing first the claims of keys reused past their retention. Returns the payload bytes.
+/// The claims a record makes: the order id, idempotency key and payment id of the order it
+/// places (none for any other record, or one left out).
+fn claims<'a>(view: &View<'a>) -> (Option<&'a str>, Option<&'a str>, Option<&'a str>) {
+    match view.record {
+        Record::Order {
+            order,
+            previous: None,
+            answer,
+            ..
+        } if view.refused.is_none() => (
+            Some(order.order_id.as_str()),
+            answer.as_ref().map(|(key, _)| key.as_str()),
+            order.payment_id.as_deref(),
+        ),
+        _ => (None, None, None),
+    }
+}
+
+/// Writes the log rows of `views`: one `journal` row each, carrying the claims of the order it
+/// places (see [`claims`]), after releasing the claims of keys reused past their retention.
+/// Returns the payload bytes.
 pub(crate) async fn write_log(
     tx: &mut MySqlConnection,
     views: &[View<'_>],
 ) -> Result<u64, sqlx::Error> {
-    let mut claims: Vec<(&OrderId, Option<&IdempotencyKey>, Option<&str>, i64)> = Vec::new();
     let mut expired_keys: Vec<&str> = Vec::new();
     let mut bytes = 0u64;
     for view in views {
         bytes += view.payload.len() as u64;
-        if view.refused.is_some() {
-            continue;
-        }
         if let Record::Order {
-            order,
+            answer: Some((key, _)),
+            replaces_expired_key: true,
             previous: None,
-            answer,
-            replaces_expired_key,
             ..
         } = view.record
         {
-            let key = answer.as_ref().map(|(k, _)| k);
-            if let (true, Some(key)) = (*replaces_expired_key, key) {
+            if view.refused.is_none() {
                 expired_keys.push(key.as_str());
             }
-            claims.push((
-                &order.order_id,
-                key,
-                order.payment_id.as_deref(),
-                view.lsn as i64,
-            ));
         }
     }
     if !expired_keys.is_empty() {
         let mut q = QueryBuilder::<MySql>::new(
-            "UPDATE order_claims SET idempotency_key = NULL WHERE idempotency_key IN (",
+            "UPDATE journal SET idempotency_key = NULL WHERE idempotency_key IN (",
         );
         let mut keys = q.separated(", ");
         for key in &expired_keys {
@@ -123,25 +131,17 @@ pub(crate) async fn write_log(
     // The record's bytes as they are (a LONGBLOB: no character set work for MariaDB).
     for chunk in views.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO journal (lsn, first_event_seq, record, refused) ",
+            "INSERT INTO journal (lsn, first_event_seq, record, refused, order_id, idempotency_key, payment_id) ",
         );
         q.push_values(chunk, |mut row, view| {
+            let (order_id, key, payment_id) = claims(view);
             row.push_bind(view.lsn as i64)
                 .push_bind(view.first_event_seq as i64)
                 .push_bind(view.payload)
-                .push_bind(view.refused);
-        });
-        q.build().execute(&mut *tx).await?;
-    }
-    for chunk in claims.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO order_claims (order_id, idempotency_key, payment_id, lsn) ",
-        );
-        q.push_values(chunk, |mut row, (order_id, key, payment_id, lsn)| {
-            row.push_bind(order_id.as_str())
-                .push_bind(key.map(|k| k.as_str()))
-                .push_bind(*payment_id)
-                .push_bind(*lsn);
+                .push_bind(view.refused)
+                .push_bind(order_id)
+                .push_bind(key)
+                .push_bind(payment_id);
         });
         q.build().execute(&mut *tx).await?;
     }
@@ -435,11 +435,12 @@ pub(crate) fn committed_from_row(row: &sqlx::mysql::MySqlRow) -> Result<Committe
     let lsn = row.try_get::<i64, _>(0).map_err(read)? as u64;
     let first_event_seq = row.try_get::<i64, _>(1).map_err(read)? as u64;
     let payload: Vec<u8> = row.try_get(2).map_err(read)?;
-    let record: Record = serde_json::from_slice(&payload).map_err(|e| JournalError::Corrupt {
-        file: "MySQL table journal".into(),
-        offset: lsn,
-        reason: format!("record {lsn} does not decode: {e}"),
-    })?;
+    let record: Record =
+        crate::engine::codec::decode(&payload).map_err(|e| JournalError::Corrupt {
+            file: "MySQL table journal".into(),
+            offset: lsn,
+            reason: format!("record {lsn} does not decode: {e}"),
+        })?;
     let events = record.events(first_event_seq);
     Ok(Committed {
         lsn,
