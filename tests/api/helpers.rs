@@ -286,6 +286,13 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub async fn create() -> Self {
+        let database = Self::create_empty().await;
+        database.migrate();
+        database
+    }
+
+    /// A database of its own without any table yet.
+    pub async fn create_empty() -> Self {
         if tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_err() {
             panic!(
                 "MariaDB is not answering on {MARIADB_ADDR}: start it with \
@@ -305,8 +312,13 @@ impl TestDatabase {
             .expect("create the test database");
         admin.close().await;
         let url = format!("mysql://root@{MARIADB_ADDR}/{name}");
+        Self { url, name }
+    }
+
+    /// `turnstile migrate`: every migration this binary has.
+    pub fn migrate(&self) {
         let migrated = Command::new(env!("CARGO_BIN_EXE_turnstile"))
-            .args(["migrate", "--mysql-url", &url])
+            .args(["migrate", "--mysql-url", &self.url])
             .output()
             .expect("run turnstile migrate");
         assert!(
@@ -314,7 +326,6 @@ impl TestDatabase {
             "turnstile migrate failed: {}",
             String::from_utf8_lossy(&migrated.stderr)
         );
-        Self { url, name }
     }
 
     pub async fn pool(&self) -> sqlx::MySqlPool {

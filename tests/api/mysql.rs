@@ -748,3 +748,211 @@ async fn write_behind_stops_at_a_record_mysql_refuses_until_an_operator_skips_it
     );
     assert!(mysql_apply(&database.url, &[]).contains(&format!("skipped=[{lsn}]")));
 }
+
+/// The records and claims a database of the previous version holds (JSON records, claims in
+/// `order_claims`): what `upgrading_a_database_of_the_previous_version…` starts from.
+async fn write_previous_version_rows(pool: &sqlx::MySqlPool) {
+    use turnstile::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
+    use turnstile::engine::order::{Order, OrderItem, OrderStatus, PaymentDue};
+    use turnstile::engine::records::{Product, Record, StoredAnswer};
+    let now = turnstile::time::now_ms();
+    let eur = Currency::parse("EUR").expect("currency");
+    let order = |id: &str, status, payment: &str| Order {
+        order_id: OrderId::parse(id).expect("id"),
+        status,
+        customer_id: CustomerId::parse("customer-1").expect("customer"),
+        items: vec![OrderItem {
+            sku: Sku::parse("A").expect("sku"),
+            quantity: 1,
+            unit_price_cents: Cents::parse(100).expect("price"),
+        }],
+        total_cents: 100,
+        currency: eur,
+        created_at_ms: now,
+        hold_deadline_ms: now + 900_000,
+        payment_id: Some(payment.to_owned()),
+        payment_due: None,
+    };
+    let placed = |id: &str, key: &str, payment: &str| Record::Order {
+        order: Order {
+            payment_due: Some(PaymentDue::Capture),
+            ..order(id, OrderStatus::Paid, payment)
+        },
+        previous: None,
+        entered: vec![OrderStatus::Reserved, OrderStatus::Paid],
+        at_ms: now,
+        answer: Some((
+            IdempotencyKey::parse(key).expect("key"),
+            StoredAnswer {
+                fingerprint: format!("fingerprint of {key}"),
+                status: 201,
+                body: format!("{{\"order_id\":\"{id}\"}}"),
+                at_ms: now,
+            },
+        )),
+        replaces_expired_key: false,
+    };
+    let records: [(i64, i64, Record, Option<&str>); 5] = [
+        (
+            1,
+            1,
+            Record::Product {
+                product: Product {
+                    sku: Sku::parse("A").expect("sku"),
+                    name: "product A".into(),
+                    price_cents: Cents::parse(100).expect("price"),
+                    currency: eur,
+                    stock: Stock::parse(10).expect("stock"),
+                },
+            },
+            None,
+        ),
+        (2, 1, placed("ord_1", "k1", "pay_1"), None),
+        (
+            3,
+            3,
+            Record::Order {
+                order: order("ord_1", OrderStatus::Refunded, "pay_1"),
+                previous: Some(OrderStatus::Paid),
+                entered: vec![OrderStatus::Refunded],
+                at_ms: now,
+                answer: None,
+                replaces_expired_key: false,
+            },
+            None,
+        ),
+        (
+            4,
+            4,
+            placed("ord_x", "kx", "pay_x"),
+            Some("refused: a test"),
+        ),
+        (5, 6, placed("ord_2", "k2", "pay_2"), None),
+    ];
+    for (lsn, seq, record, refused) in records {
+        sqlx::query(
+            "INSERT INTO journal (lsn, first_event_seq, record, refused) VALUES (?, ?, ?, ?)",
+        )
+        .bind(lsn)
+        .bind(seq)
+        .bind(serde_json::to_vec(&record).expect("JSON"))
+        .bind(refused)
+        .execute(pool)
+        .await
+        .expect("a record of the previous version");
+    }
+    sqlx::query(
+        "INSERT INTO order_claims (order_id, idempotency_key, payment_id, lsn) VALUES \
+         ('ord_1', 'k1', 'pay_1', 2), ('ord_2', 'k2', 'pay_2', 5), ('ord_ghost', 'kg', NULL, 0)",
+    )
+    .execute(pool)
+    .await
+    .expect("claims of the previous version");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_a_database_of_the_previous_version_moves_every_claim_onto_its_placing_record() {
+    // Proves: migration 20261127000005 puts each claim on the log row of the record that placed
+    // its order (not on a later change of it, not on a refused record), keeps a claim with no
+    // such record aside under another name, and the UNIQUE keys then hold; the server reads the
+    // JSON records, and writes new ones in the binary form with their claims.
+    let database = TestDatabase::create_empty().await;
+    let pool = database.pool().await;
+    let previous = sqlx::migrate::Migrator {
+        migrations: std::borrow::Cow::Owned(
+            turnstile::journal::mysql::MIGRATOR
+                .iter()
+                .filter(|m| m.version < 20261127000005)
+                .cloned()
+                .collect(),
+        ),
+        ..sqlx::migrate::Migrator::DEFAULT
+    };
+    previous
+        .run(&pool)
+        .await
+        .expect("the previous version's schema");
+    write_previous_version_rows(&pool).await;
+    database.migrate();
+
+    let claims: Vec<(i64, Option<String>, Option<String>, Option<String>)> =
+        sqlx::query("SELECT lsn, order_id, idempotency_key, payment_id FROM journal ORDER BY lsn")
+            .fetch_all(&pool)
+            .await
+            .expect("claims")
+            .iter()
+            .map(|row| {
+                let text = |i: usize| {
+                    row.get::<Option<Vec<u8>>, _>(i)
+                        .map(|b| String::from_utf8(b).expect("utf-8"))
+                };
+                (row.get(0), text(1), text(2), text(3))
+            })
+            .collect();
+    let claim = |lsn: i64, id: &str, key: &str, pay: &str| {
+        (
+            lsn,
+            Some(id.to_owned()),
+            Some(key.to_owned()),
+            Some(pay.to_owned()),
+        )
+    };
+    assert_eq!(
+        claims,
+        vec![
+            (1, None, None, None),
+            claim(2, "ord_1", "k1", "pay_1"),
+            (3, None, None, None),
+            (4, None, None, None),
+            claim(5, "ord_2", "k2", "pay_2"),
+        ]
+    );
+    let unattached: Vec<String> =
+        sqlx::query_scalar("SELECT CONVERT(order_id USING utf8mb4) FROM order_claims_unattached")
+            .fetch_all(&pool)
+            .await
+            .expect("the claims kept aside");
+    assert_eq!(unattached, ["ord_ghost"]);
+    let second = sqlx::query(
+        "INSERT INTO journal (lsn, first_event_seq, record, idempotency_key) VALUES (-1, 0, 'x', 'k1')",
+    )
+    .execute(&pool)
+    .await;
+    assert!(second.is_err(), "a second claim of k1 must be refused");
+
+    let app = spawn_app(&["--mysql-url", &database.url]);
+    let mut client = app.client();
+    let order = client.get("/v1/orders/ord_1").await;
+    assert_eq!(order.status, 200);
+    assert_eq!(order.json()["status"], "refunded");
+    assert_eq!(
+        client.stock("A").await.3,
+        1,
+        "ord_2 is sold, ord_1 refunded"
+    );
+    let reused = client
+        .checkout("k2", "A", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(reused.status, 422, "k2 is known after the upgrade");
+    let fresh = client
+        .checkout("k3", "A", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(fresh.status, 201);
+    let fresh_id = fresh.json()["order_id"].as_str().expect("id").to_owned();
+    let row = sqlx::query(
+        "SELECT record, CONVERT(idempotency_key USING utf8mb4) FROM journal WHERE order_id = ?",
+    )
+    .bind(&fresh_id)
+    .fetch_one(&pool)
+    .await
+    .expect("the new order's log row carries its claims");
+    assert_eq!(
+        row.get::<Vec<u8>, _>(0)[0],
+        1,
+        "a new record is in the binary form"
+    );
+    assert_eq!(row.get::<String, _>(1), "k3");
+    assert_no_lsn_gap(&pool, "after the upgrade").await;
+}
