@@ -145,6 +145,16 @@ pub struct MysqlApplyArgs {
 }
 
 /// Lowest TLS version accepted.
+/// How requests are served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RuntimeKind {
+    /// One single-threaded runtime per worker, pinned to its core, each with its own
+    /// `SO_REUSEPORT` listener: a connection's requests never leave its core.
+    PerCore,
+    /// One work-stealing runtime for every connection (tokio's multi-threaded scheduler).
+    Shared,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TlsMin {
     /// TLS 1.2 and 1.3.
@@ -231,6 +241,24 @@ pub struct ServeArgs {
     /// Live carts at most; past it POST /v1/carts answers 503 overloaded
     #[arg(long, env = "TURNSTILE_CARTS_MAX", default_value = "1000000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000_000))]
     pub carts_max: u64,
+    /// How requests are served: per-core (one pinned single-threaded runtime per worker, each with its own SO_REUSEPORT listener) or shared (one work-stealing runtime)
+    #[arg(
+        long,
+        env = "TURNSTILE_RUNTIME",
+        value_enum,
+        default_value = "per-core",
+        value_name = "KIND"
+    )]
+    pub runtime: RuntimeKind,
+    /// Worker threads serving requests (default: one per physical core this process may use)
+    #[arg(long, env = "TURNSTILE_WORKERS", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub workers: Option<u64>,
+    /// Pin each per-core worker to its core (the default; where the OS refuses, it is logged and the worker runs unpinned)
+    #[arg(long, overrides_with = "no_pin")]
+    pub pin: bool,
+    /// Do not pin the per-core workers
+    #[arg(long, env = "TURNSTILE_NO_PIN", overrides_with = "pin")]
+    pub no_pin: bool,
     /// Open client connections at most; past it new connections wait in the kernel's backlog until one closes
     #[arg(long, env = "TURNSTILE_CONNECTIONS_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub connections_max: u64,
@@ -526,12 +554,30 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
     };
     // The file's values fill the options that only had their default.
     let file = read_config_file(&path).map_err(CliError::Config)?;
+    let options = ServeArgs::augment_args(clap::Command::new("serve"));
+    // A switch (`--mysql-write-behind`, `--no-pin`) takes no value: `true` names it, `false`
+    // leaves it off.
+    let is_switch = |id: &str| {
+        options.get_arguments().any(|a| {
+            a.get_id().as_str() == id && matches!(a.get_action(), clap::ArgAction::SetTrue)
+        })
+    };
     let mut injected: Vec<String> = Vec::new();
     for (id, value) in &file {
         if serve_matches.value_source(id) == Some(ValueSource::DefaultValue)
             || serve_matches.value_source(id).is_none()
         {
-            injected.push(format!("--{}={value}", id.replace('_', "-")));
+            let flag = format!("--{}", id.replace('_', "-"));
+            if !is_switch(id) {
+                injected.push(format!("{flag}={value}"));
+            } else if value == "true" {
+                injected.push(flag);
+            } else if value != "false" {
+                return Err(CliError::Config(ConfigError(format!(
+                    "config file {}: {id} is a switch: true or false, not {value:?}",
+                    path.display()
+                ))));
+            }
         }
     }
     // A second parse of the file's values followed by the command line's: a flag given twice
@@ -654,6 +700,12 @@ pub struct SocketConfig {
 pub struct ServeConfig {
     /// Where to listen.
     pub listen: SocketAddr,
+    /// How requests are served.
+    pub runtime: RuntimeKind,
+    /// Worker threads serving requests; `None`: one per physical core.
+    pub workers: Option<usize>,
+    /// Pin per-core workers to their cores.
+    pub pin: bool,
     /// Socket options.
     pub socket: SocketConfig,
     /// HTTPS, when configured.
@@ -783,6 +835,9 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
     };
     Ok(ServeConfig {
         listen: args.listen,
+        runtime: args.runtime,
+        workers: args.workers.map(|n| n as usize),
+        pin: !args.no_pin,
         socket: SocketConfig {
             backlog: args.listen_backlog,
             nodelay: args.tcp_nodelay,
@@ -842,12 +897,23 @@ mod tests {
     /// Runs `f` with these environment variables set, then removes them.
     fn with_env<T>(vars: &[(&str, &str)], f: impl FnOnce() -> T) -> T {
         let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        // Only `vars` count: the environment the tests run in (TURNSTILE_RUNTIME, say) is put
+        // aside meanwhile.
+        let outer: Vec<(String, String)> = std::env::vars()
+            .filter(|(name, _)| name.starts_with("TURNSTILE_"))
+            .collect();
+        for (name, _) in &outer {
+            std::env::remove_var(name);
+        }
         for (name, value) in vars {
             std::env::set_var(name, value);
         }
         let result = f();
         for (name, _) in vars {
             std::env::remove_var(name);
+        }
+        for (name, value) in outer {
+            std::env::set_var(name, value);
         }
         result
     }
@@ -1135,11 +1201,45 @@ mod tests {
             r#"{"holdttl": "1m"}"#,
             r#"{"listen": [1]}"#,
             r#"{"hold-ttl": "1m", "hold_ttl": "2m"}"#,
+            r#"{"no-pin": "maybe"}"#,
         ] {
             std::fs::write(&path, bad).unwrap();
             let error = with_env(&[], || serve(&["--config", &path_arg]).unwrap_err());
             let text = message(error);
             assert!(text.contains(&path_arg), "{bad}: {text}");
+        }
+        // Switches take true or false in the file (a switch takes no value on the command line).
+        std::fs::write(
+            &path,
+            r#"{"no-pin": true, "runtime": "shared", "workers": 3, "tcp-nodelay": false}"#,
+        )
+        .unwrap();
+        let config = with_env(&[], || serve(&["--config", &path_arg]).unwrap());
+        assert!(!config.pin);
+        assert_eq!(config.runtime, RuntimeKind::Shared);
+        assert_eq!(config.workers, Some(3));
+        assert!(!config.socket.nodelay);
+        std::fs::write(&path, r#"{"no-pin": false}"#).unwrap();
+        let config = with_env(&[], || serve(&["--config", &path_arg]).unwrap());
+        assert!(config.pin);
+    }
+
+    #[test]
+    fn the_runtime_defaults_to_per_core_pinned_with_a_worker_per_core() {
+        let config = with_env(&[], || serve(&[]).unwrap());
+        assert_eq!(config.runtime, RuntimeKind::PerCore);
+        assert_eq!(config.workers, None);
+        assert!(config.pin);
+        let config = with_env(&[("TURNSTILE_RUNTIME", "shared")], || {
+            serve(&["--workers", "4", "--no-pin"]).unwrap()
+        });
+        assert_eq!(config.runtime, RuntimeKind::Shared);
+        assert_eq!(config.workers, Some(4));
+        assert!(!config.pin);
+        let config = with_env(&[], || serve(&["--no-pin", "--pin"]).unwrap());
+        assert!(config.pin, "the last of --pin/--no-pin wins");
+        for bad in [&["--workers", "0"][..], &["--runtime", "fibers"]] {
+            assert!(with_env(&[], || serve(bad)).is_err(), "{bad:?}");
         }
     }
 }

@@ -59,3 +59,4 @@ pub mod server;
 pub mod sessions;
 mod sync;
 pub mod time;
+pub mod topology;

@@ -3,7 +3,7 @@
 //! in-flight requests, flush the journal, return.
 
 use crate::api::{self, AppState};
-use crate::config::ServeConfig;
+use crate::config::{RuntimeKind, ServeConfig};
 use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
@@ -21,6 +21,7 @@ use crate::payment::PaymentGateway;
 use crate::sessions::redis::RedisStore;
 use crate::sessions::{CartStore, Carts};
 use crate::time::now_ms;
+use crate::topology::{self, Topology};
 use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -103,21 +104,74 @@ pub fn run(config: ServeConfig) -> Result<(), ServeError> {
         (Some(_), false) => None,
         _ => Some(data_dir::lock(&config.data_dir)?),
     };
-    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let topology = Topology::detect();
+    let workers = config.workers.unwrap_or(topology.cores.len()).max(1);
+    let (background_threads, placement) = match config.runtime {
+        RuntimeKind::Shared => {
+            tracing::info!(
+                workers,
+                "shared runtime: one work-stealing runtime of {workers} threads serves every connection"
+            );
+            (workers, None)
+        }
+        RuntimeKind::PerCore => {
+            let spare = topology.spare_cpus(workers);
+            tracing::info!(
+                workers,
+                cores = topology.cores.len(),
+                nodes = topology.nodes(),
+                topology = %topology.source,
+                "per-core runtime: one single-threaded runtime and SO_REUSEPORT listener per worker"
+            );
+            // Background threads (journal, snapshots, MySQL, Redis, RabbitMQ, timers) are started
+            // from here on and inherit this thread's mask: off the workers' cores when some are
+            // left over.
+            if config.pin && !spare.is_empty() {
+                match topology::pin_current_thread(&spare) {
+                    Ok(()) => tracing::info!(
+                        cpus = ?spare,
+                        "background threads kept off the workers' cores"
+                    ),
+                    Err(error) => tracing::warn!(
+                        %error,
+                        "could not keep background threads off the workers' cores; they run anywhere"
+                    ),
+                }
+            } else {
+                tracing::info!(
+                    "background threads share the workers' cores (no core is left over for them)"
+                );
+            }
+            (
+                spare.len().max(2),
+                Some(Placement {
+                    topology,
+                    pin: config.pin,
+                }),
+            )
+        }
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
+        .worker_threads(background_threads)
         .enable_all()
         .build()
         .map_err(|source| ServeError::Io {
             context: "starting the async runtime".into(),
             source,
         })?;
-    runtime.block_on(serve(config, workers, tls))
+    runtime.block_on(serve(config, workers, placement, tls))
+}
+
+/// Where the per-core workers go.
+struct Placement {
+    topology: Topology,
+    pin: bool,
 }
 
 async fn serve(
     config: ServeConfig,
     workers: usize,
+    placement: Option<Placement>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
     let schema = |error| match error {
@@ -322,12 +376,21 @@ async fn serve(
         relay: relay.clone(),
     });
 
-    let listener =
-        connections::bind(config.listen, &config.socket).map_err(|source| ServeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Io {
+    let listen_error = |source| ServeError::Listen {
+        addr: config.listen,
+        source,
+    };
+    let listeners = match placement {
+        None => Listeners::Shared(
+            connections::bind(config.listen, &config.socket).map_err(listen_error)?,
+        ),
+        Some(placement) => Listeners::PerCore(
+            connections::bind_per_core(config.listen, &config.socket, workers)
+                .map_err(listen_error)?,
+            placement,
+        ),
+    };
+    let local = listeners.local_addr().map_err(|source| ServeError::Io {
         context: "reading the listen address".into(),
         source,
     })?;
@@ -366,7 +429,22 @@ async fn serve(
         connections_max: config.connections_max,
         nodelay: config.socket.nodelay,
     };
-    connections::serve(listener, router, limits, tls, stop_signal()).await;
+    // Per-core workers keep their runtimes (and the tasks requests started on them) until the
+    // journal is flushed: the guard releases them when `serve` returns.
+    let _workers = match listeners {
+        Listeners::PerCore(listeners, placement) => Some(
+            serve_per_core(listeners, placement, router, limits, tls)
+                .await
+                .map_err(|source| ServeError::Io {
+                    context: "starting the per-core workers".into(),
+                    source,
+                })?,
+        ),
+        Listeners::Shared(listener) => {
+            connections::serve(listener, router, limits, tls, stop_signal()).await;
+            None
+        }
+    };
     sweeper.abort();
     reconciler.abort();
     // The relay stops first: its last cursor save may need the journal's database (MySQL).
@@ -403,6 +481,140 @@ async fn serve(
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     journal.shutdown().await;
     Ok(())
+}
+
+/// The listening sockets: one for the shared runtime, one per worker for the per-core one.
+enum Listeners {
+    Shared(tokio::net::TcpListener),
+    PerCore(Vec<std::net::TcpListener>, Placement),
+}
+
+impl Listeners {
+    fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+        match self {
+            Listeners::Shared(listener) => listener.local_addr(),
+            Listeners::PerCore(listeners, _) => listeners
+                .first()
+                .ok_or_else(|| std::io::Error::other("no listener"))?
+                .local_addr(),
+        }
+    }
+}
+
+/// Keeps the per-core workers' runtimes alive; dropped, it lets them end.
+struct Workers {
+    release: tokio::sync::watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let _ = self.release.send(true);
+        for thread in self.threads.drain(..) {
+            if thread.join().is_err() {
+                tracing::error!("a per-core worker panicked");
+            }
+        }
+    }
+}
+
+/// Serves on one thread per listener, each with a single-threaded runtime of its own, pinned to
+/// its core when asked: a connection is accepted, parsed and answered on one core. Returns once
+/// the stop signal came and every connection of every worker has ended.
+async fn serve_per_core(
+    listeners: Vec<std::net::TcpListener>,
+    placement: Placement,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> std::io::Result<Workers> {
+    let (stop, stop_seen) = tokio::sync::watch::channel(false);
+    let (release, release_seen) = tokio::sync::watch::channel(false);
+    let open_connections = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let mut workers = Workers {
+        release,
+        threads: Vec::new(),
+    };
+    let mut ended = Vec::new();
+    for (index, listener) in listeners.into_iter().enumerate() {
+        let core = placement.topology.core_for(index).clone();
+        let pin = placement.pin;
+        let (router, tls, open_connections) =
+            (router.clone(), tls.clone(), Arc::clone(&open_connections));
+        let (mut stop_seen, mut release_seen) = (stop_seen.clone(), release_seen.clone());
+        let (done, done_seen) = tokio::sync::oneshot::channel::<()>();
+        ended.push(done_seen);
+        let thread = std::thread::Builder::new()
+            .name(format!("turnstile-worker-{index}"))
+            .spawn(move || {
+                if pin {
+                    match topology::pin_current_thread(&core.cpus[..1]) {
+                        Ok(()) => tracing::info!(
+                            worker = index,
+                            cpu = core.cpus[0],
+                            node = core.node,
+                            "worker pinned"
+                        ),
+                        Err(error) => tracing::warn!(
+                            worker = index,
+                            cpu = core.cpus[0],
+                            %error,
+                            "pinning not permitted; the worker runs unpinned"
+                        ),
+                    }
+                }
+                crate::engine::inventory::set_home_shard(index);
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(worker = index, %error, "could not start a worker's runtime; its share of connections waits in the backlog");
+                        return;
+                    }
+                };
+                runtime.block_on(async move {
+                    match tokio::net::TcpListener::from_std(listener) {
+                        Ok(listener) => {
+                            let stopped = async move {
+                                let _ = stop_seen.wait_for(|stop| *stop).await;
+                            };
+                            connections::serve_sharing(
+                                listener,
+                                router,
+                                limits,
+                                open_connections,
+                                tls,
+                                stopped,
+                            )
+                            .await;
+                        }
+                        Err(error) => {
+                            tracing::error!(worker = index, %error, "a worker could not take its listener")
+                        }
+                    }
+                    let _ = done.send(());
+                    // Tasks requests started here (a checkout finishing, a settlement) go on
+                    // until the server has flushed its journal.
+                    let _ = release_seen.wait_for(|release| *release).await;
+                });
+            });
+        match thread {
+            Ok(thread) => workers.threads.push(thread),
+            Err(error) => {
+                // The workers already started end with the others' guard.
+                let _ = stop.send(true);
+                return Err(error);
+            }
+        }
+    }
+    stop_signal().await;
+    let _ = stop.send(true);
+    for done in ended {
+        let _ = done.await;
+    }
+    Ok(workers)
 }
 
 /// The certificates an `https://` gateway may chain to: the system's store (`/etc/ssl/certs`), read

@@ -5,8 +5,9 @@
 //! loop waits until every connection's permit is back.
 //!
 //! The listening socket is made with `socket2` ([`bind`]), so its backlog, `TCP_NODELAY` and buffer
-//! sizes come from the configuration (accepted connections inherit them); the per-core issue adds
-//! `SO_REUSEPORT` there.
+//! sizes come from the configuration (accepted connections inherit them). The per-core runtime
+//! binds one socket per worker with `SO_REUSEPORT` ([`bind_per_core`]); each worker runs this loop
+//! on its own, and the bound on open connections is one for all of them ([`serve_sharing`]).
 //!
 //! `axum::serve` does this too, but it cannot bound how long a client may take to send its request
 //! headers (hyper's `header_read_timeout` is not reachable through it), nor the number of open
@@ -45,9 +46,10 @@ use tokio::sync::Semaphore;
 pub struct ConnectionLimits {
     /// How long a client may take to send a request's headers (and, in the handlers, its body).
     pub slow_client_timeout: Duration,
-    /// The most connections open at once. Past it the loop stops accepting until one closes, so
-    /// new clients wait in the kernel's listen backlog (and are refused once that is full)
-    /// instead of costing a file descriptor and a task each.
+    /// The most connections open at once. Past it each listener's loop holds the one connection
+    /// it accepted last (unread) and stops accepting until one closes, so further clients wait in
+    /// the kernel's listen backlog (and are refused once that is full) instead of costing a file
+    /// descriptor and a task each.
     pub connections_max: usize,
     /// `TCP_NODELAY` on every connection.
     pub nodelay: bool,
@@ -59,10 +61,57 @@ pub fn bind(
     addr: std::net::SocketAddr,
     socket: &crate::config::SocketConfig,
 ) -> std::io::Result<TcpListener> {
+    TcpListener::from_std(listening_socket(addr, socket, false)?.into())
+}
+
+/// `count` listening sockets on one address with `SO_REUSEPORT`, one per per-core worker: the
+/// kernel spreads new connections over them (by a hash of the connection's addresses), so a
+/// worker accepts only its own. With port 0 the first picks the port and the others join it.
+///
+/// `SO_REUSEPORT` would also let another process of this user join the port unnoticed (a second
+/// server started by mistake would take a share of the connections): so the address is first
+/// bound once without it, which fails as usual when anything listens there already.
+pub fn bind_per_core(
+    addr: std::net::SocketAddr,
+    socket: &crate::config::SocketConfig,
+    count: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    if addr.port() != 0 {
+        drop(plain_bind(addr)?);
+    }
+    let first = listening_socket(addr, socket, true)?;
+    let addr = first
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| std::io::Error::other("the listening socket has no IP address"))?;
+    let mut listeners = vec![std::net::TcpListener::from(first)];
+    for _ in 1..count {
+        listeners.push(listening_socket(addr, socket, true)?.into());
+    }
+    Ok(listeners)
+}
+
+/// A bound socket, not listening: is the address free?
+fn plain_bind(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into())?;
+    Ok(probe)
+}
+
+fn listening_socket(
+    addr: std::net::SocketAddr,
+    socket: &crate::config::SocketConfig,
+    reuse_port: bool,
+) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let listener = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     // As std does: a restarted server may bind while old connections are in TIME_WAIT.
     listener.set_reuse_address(true)?;
+    if reuse_port {
+        listener.set_reuse_port(true)?;
+    }
     listener.set_tcp_nodelay(socket.nodelay)?;
     // Set before listen(): the window scale of a connection is fixed at its handshake.
     if let Some(bytes) = socket.recv_buffer {
@@ -74,7 +123,7 @@ pub fn bind(
     listener.set_nonblocking(true)?;
     listener.bind(&addr.into())?;
     listener.listen(i32::try_from(socket.backlog).unwrap_or(i32::MAX))?;
-    TcpListener::from_std(listener.into())
+    Ok(listener)
 }
 
 /// Serves `router` on `listener` until `stop` completes; then stops accepting, lets every open
@@ -83,6 +132,21 @@ pub async fn serve(
     listener: TcpListener,
     router: axum::Router,
     limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: impl Future<Output = ()>,
+) {
+    let open_connections = Arc::new(Semaphore::new(limits.connections_max));
+    serve_sharing(listener, router, limits, open_connections, tls, stop).await;
+}
+
+/// [`serve`], with the bound on open connections shared with other listeners (the per-core
+/// workers): `open_connections` holds `limits.connections_max` permits in all. Returns once every
+/// connection of every listener has ended.
+pub async fn serve_sharing(
+    listener: TcpListener,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    open_connections: Arc<Semaphore>,
     tls: Option<Arc<rustls::ServerConfig>>,
     stop: impl Future<Output = ()>,
 ) {
@@ -108,32 +172,9 @@ pub async fn serve(
     // carries no request yet and would otherwise hold the shutdown for up to the timeout.
     let (stopping, stopping_seen) = tokio::sync::watch::channel(false);
     let mut stop = std::pin::pin!(stop);
-    // One permit per open connection, held by its task until the connection ends.
-    let open_connections = Arc::new(Semaphore::new(limits.connections_max));
+    // A permit of `open_connections` per open connection, held by its task until it ends.
     let mut limit_reported = false;
     loop {
-        let permit = match Arc::clone(&open_connections).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                // Once per process: under a flood it would be reached again and again, and one
-                // line says what to raise.
-                if !limit_reported {
-                    limit_reported = true;
-                    tracing::warn!(
-                        connections_max = limits.connections_max,
-                        "open connections reached --connections-max; new connections wait until one closes (reported once)"
-                    );
-                }
-                tokio::select! {
-                    permit = Arc::clone(&open_connections).acquire_owned() => match permit {
-                        Ok(permit) => permit,
-                        // Only a closed semaphore fails, and this one is never closed.
-                        Err(_) => break,
-                    },
-                    () = &mut stop => break,
-                }
-            }
-        };
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -152,6 +193,32 @@ pub async fn serve(
                 }
             },
             () = &mut stop => break,
+        };
+        // Accepted first, then the bound: a bound taken before accepting would sit idle in a
+        // per-core worker whose listener gets no connection while another worker's queue waits
+        // for it. So at most one accepted connection per listener waits here (no task, no read);
+        // the others wait in the kernel's backlog.
+        let permit = match Arc::clone(&open_connections).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Once per listener: under a flood it would be reached again and again, and one
+                // line says what to raise.
+                if !limit_reported {
+                    limit_reported = true;
+                    tracing::warn!(
+                        connections_max = limits.connections_max,
+                        "open connections reached --connections-max; new connections wait until one closes (reported once)"
+                    );
+                }
+                tokio::select! {
+                    permit = Arc::clone(&open_connections).acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        // Only a closed semaphore fails, and this one is never closed.
+                        Err(_) => break,
+                    },
+                    () = &mut stop => break,
+                }
+            }
         };
         // Small answers go out at once instead of waiting for Nagle's algorithm to coalesce them
         // (Linux passes the listener's setting on; this makes sure of it).

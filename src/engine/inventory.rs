@@ -124,6 +124,12 @@ thread_local! {
 
 static NEXT_HOME_SHARD: AtomicUsize = AtomicUsize::new(0);
 
+/// Gives the calling thread home shard `index` (modulo the shard count): a per-core worker takes
+/// its own number, so each worker reserves from a shard no other worker's home.
+pub fn set_home_shard(index: usize) {
+    HOME_SHARD.with(|home| home.set(index));
+}
+
 fn home_shard(shard_count: usize) -> usize {
     HOME_SHARD.with(|home| {
         let mut value = home.get();

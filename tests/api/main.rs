@@ -12,6 +12,7 @@ mod mysql;
 mod mysql_attack;
 mod payments;
 mod retention;
+mod runtime;
 mod sessions;
 mod tls;
 mod validation;

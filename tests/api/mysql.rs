@@ -749,6 +749,9 @@ async fn write_behind_stops_at_a_record_mysql_refuses_until_an_operator_skips_it
     assert!(mysql_apply(&database.url, &[]).contains(&format!("skipped=[{lsn}]")));
 }
 
+/// A `journal` row's lsn and its claims (order id, idempotency key, payment id).
+type ClaimRow = (i64, Option<String>, Option<String>, Option<String>);
+
 /// The records and claims a database of the previous version holds (JSON records, claims in
 /// `order_claims`): what `upgrading_a_database_of_the_previous_version…` starts from.
 async fn write_previous_version_rows(pool: &sqlx::MySqlPool) {
@@ -875,7 +878,7 @@ async fn upgrading_a_database_of_the_previous_version_moves_every_claim_onto_its
     write_previous_version_rows(&pool).await;
     database.migrate();
 
-    let claims: Vec<(i64, Option<String>, Option<String>, Option<String>)> =
+    let claims: Vec<ClaimRow> =
         sqlx::query("SELECT lsn, order_id, idempotency_key, payment_id FROM journal ORDER BY lsn")
             .fetch_all(&pool)
             .await
