@@ -27,15 +27,19 @@
 //!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
 //!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal).
-//! - [`connections`]: the listener (`socket2`: backlog, `TCP_NODELAY`, buffers) and the accept
-//!   loop: HTTP/1.1 and HTTP/2, cleartext or over TLS ([`connections::tls`]: rustls, TLS 1.3, ALPN),
-//!   slow clients cut off, graceful drain.
+//! - [`connections`]: the listeners (`socket2`: backlog, `TCP_NODELAY`, buffers; one per per-core
+//!   worker with `SO_REUSEPORT`) and the accept loop: HTTP/1.1 and HTTP/2, cleartext or over TLS
+//!   ([`connections::tls`]: rustls, TLS 1.3, ALPN), slow clients cut off, one bound on open
+//!   connections across workers, graceful drain.
+//! - [`topology`]: physical cores and NUMA nodes from `/sys` within the process's affinity mask,
+//!   and thread pinning.
 //! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`, `mysql-apply`,
 //!   `notify`): flags >
 //!   environment > JSON file > defaults; durations by `humantime`.
 //! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
 //! - [`metrics`]: counters and histograms on our own atomics, exposed through `prometheus-client`.
-//! - [`server`]: wiring, the hold sweeper, the stop signal.
+//! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;
+//!   shared: one work-stealing runtime), the hold sweeper, the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
 //! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why, and
 //!   lowers background threads' priority).

@@ -1,6 +1,15 @@
 //! Wiring and lifecycle: take the data dir, open the journal, rebuild the engine, serve HTTP
 //! ([`crate::connections`]), sweep expired holds, and on SIGTERM/SIGINT stop accepting, finish
 //! in-flight requests, flush the journal, return.
+//!
+//! Two runtimes (`--runtime`). **Per-core** (the default): one thread per worker, pinned to a
+//! physical core ([`crate::topology`]), each running a single-threaded tokio runtime with its own
+//! `SO_REUSEPORT` listener and its own stock shard, so a connection's requests are accepted,
+//! decided and answered on one core; the rest (journal writer, MySQL, Redis, RabbitMQ, sweeper)
+//! runs on a small work-stealing runtime kept off the workers' cores when cores are left over. A
+//! worker keeps its runtime until the journal is flushed, so tasks its requests started (a checkout
+//! finishing after its client left, a settlement) end as they would on one runtime. **Shared**: one
+//! work-stealing runtime runs everything.
 
 use crate::api::{self, AppState};
 use crate::config::{RuntimeKind, ServeConfig};
