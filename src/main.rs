@@ -165,10 +165,10 @@ fn notify(args: config::NotifyArgs) -> ExitCode {
         max_attempts: args.max_attempts,
         prefetch: args.prefetch,
     };
-    match runtime.block_on(turnstile::events::notify::run(
-        config,
-        turnstile::server::stop_signal(),
-    )) {
+    // The signal handlers need the runtime: installed inside it.
+    match runtime.block_on(async {
+        turnstile::events::notify::run(config, turnstile::server::stop_signal()).await
+    }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("turnstile notify: {error}");

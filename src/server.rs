@@ -422,6 +422,8 @@ async fn serve(
         },
         "serving"
     );
+    // Installed before the ready line: from that line on, SIGTERM is a clean stop.
+    let stop = stop_signal();
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
@@ -442,7 +444,7 @@ async fn serve(
     // journal is flushed: the guard releases them when `serve` returns.
     let _workers = match listeners {
         Listeners::PerCore(listeners, placement) => Some(
-            serve_per_core(listeners, placement, router, limits, tls)
+            serve_per_core(listeners, placement, router, limits, tls, stop)
                 .await
                 .map_err(|source| ServeError::Io {
                     context: "starting the per-core workers".into(),
@@ -450,7 +452,7 @@ async fn serve(
                 })?,
         ),
         Listeners::Shared(listener) => {
-            connections::serve(listener, router, limits, tls, stop_signal()).await;
+            connections::serve(listener, router, limits, tls, stop).await;
             None
         }
     };
@@ -536,6 +538,7 @@ async fn serve_per_core(
     router: axum::Router,
     limits: ConnectionLimits,
     tls: Option<Arc<rustls::ServerConfig>>,
+    stop_signal: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<Workers> {
     let (stop, stop_seen) = tokio::sync::watch::channel(false);
     let (release, release_seen) = tokio::sync::watch::channel(false);
@@ -618,7 +621,7 @@ async fn serve_per_core(
             }
         }
     }
-    stop_signal().await;
+    stop_signal.await;
     let _ = stop.send(true);
     for done in ended {
         let _ = done.await;
@@ -715,19 +718,29 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
-pub async fn stop_signal() {
+pub fn stop_signal() -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut terminate) => {
-            tokio::select! {
-                _ = terminate.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    // The handlers are installed here, at the call, not at the first poll: a SIGTERM that arrives
+    // between the ready line and the first poll would otherwise end the process unflushed.
+    let terminate = signal(SignalKind::terminate());
+    let interrupt = signal(SignalKind::interrupt());
+    async move {
+        match (terminate, interrupt) {
+            (Ok(mut terminate), Ok(mut interrupt)) => {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            }
+            (Err(error), Ok(mut interrupt)) => {
+                tracing::warn!(%error, "no SIGTERM handler; stopping on Ctrl-C only");
+                let _ = interrupt.recv().await;
+            }
+            (_, Err(error)) => {
+                tracing::warn!(%error, "no SIGINT handler; stopping on Ctrl-C only");
+                let _ = tokio::signal::ctrl_c().await;
             }
         }
-        Err(error) => {
-            tracing::warn!(%error, "no SIGTERM handler; stopping on Ctrl-C only");
-            let _ = tokio::signal::ctrl_c().await;
-        }
+        tracing::info!("stop signal received");
     }
-    tracing::info!("stop signal received");
 }

@@ -149,3 +149,23 @@ async fn both_runtimes_stop_cleanly_on_sigterm_with_requests_in_flight() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_the_ready_line_is_a_clean_stop() {
+    // Proves: once "listening on" is printed, SIGTERM is handled (the journal flushed, exit 0),
+    // on both runtimes: the handler is installed before the ready line, not after it.
+    for runtime in ["per-core", "shared"] {
+        for attempt in 0..15 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let mut app = start_with_env(&dir.path().join("data"), &["--runtime", runtime], &[]);
+            // SAFETY: a plain kill(2) of our own child.
+            let sent = unsafe { libc::kill(app.pid() as libc::pid_t, libc::SIGTERM) };
+            assert_eq!(sent, 0, "kill");
+            let status = app.wait();
+            assert!(
+                status.success(),
+                "{runtime}, attempt {attempt}: SIGTERM right after the ready line ended the server with {status:?}"
+            );
+        }
+    }
+}
