@@ -550,6 +550,7 @@ async fn serve_per_core(
     let mut ended = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         let core = placement.topology.core_for(index).clone();
+        let every_cpu = placement.topology.cpus();
         let pin = placement.pin;
         let (router, tls, open_connections) =
             (router.clone(), tls.clone(), Arc::clone(&open_connections));
@@ -567,12 +568,19 @@ async fn serve_per_core(
                             node = core.node,
                             "worker pinned"
                         ),
-                        Err(error) => tracing::warn!(
-                            worker = index,
-                            cpu = core.cpus[0],
-                            %error,
-                            "pinning not permitted; the worker runs unpinned"
-                        ),
+                        Err(error) => {
+                            tracing::warn!(
+                                worker = index,
+                                cpu = core.cpus[0],
+                                %error,
+                                "pinning not permitted; the worker runs unpinned"
+                            );
+                            // Not on the background threads' CPUs it inherited from the main
+                            // thread: anywhere this process may run.
+                            if let Err(error) = topology::pin_current_thread(&every_cpu) {
+                                tracing::debug!(worker = index, %error, "could not widen the worker's CPUs");
+                            }
+                        }
                     }
                 }
                 crate::engine::inventory::set_home_shard(index);
@@ -736,9 +744,13 @@ pub fn stop_signal() -> impl std::future::Future<Output = ()> {
                 tracing::warn!(%error, "no SIGTERM handler; stopping on Ctrl-C only");
                 let _ = interrupt.recv().await;
             }
-            (_, Err(error)) => {
-                tracing::warn!(%error, "no SIGINT handler; stopping on Ctrl-C only");
-                let _ = tokio::signal::ctrl_c().await;
+            (Ok(mut terminate), Err(error)) => {
+                tracing::warn!(%error, "no SIGINT handler; stopping on SIGTERM only");
+                let _ = terminate.recv().await;
+            }
+            (Err(error), Err(_)) => {
+                tracing::error!(%error, "no SIGTERM or SIGINT handler; the server stops only when killed");
+                std::future::pending::<()>().await;
             }
         }
         tracing::info!("stop signal received");

@@ -19,7 +19,7 @@ pub struct Core {
     pub node: usize,
 }
 
-/// The cores this process may run on, node by node, lowest CPU first.
+/// The cores this process may run on, in the order workers take them: dealt out node by node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Topology {
     /// Physical cores.
@@ -80,6 +80,18 @@ impl Topology {
             })
             .collect();
         cores.sort_by_key(|core| (core.node, core.cpus[0]));
+        // Dealt out node by node (the first core of each node, then the second, ...), so the
+        // first workers spread over every node.
+        let mut by_node: BTreeMap<usize, std::collections::VecDeque<Core>> = BTreeMap::new();
+        for core in cores {
+            by_node.entry(core.node).or_default().push_back(core);
+        }
+        let mut cores = Vec::new();
+        while by_node.values().any(|queue| !queue.is_empty()) {
+            for queue in by_node.values_mut() {
+                cores.extend(queue.pop_front());
+            }
+        }
         Self {
             cores,
             source: "sysfs".into(),
@@ -108,8 +120,20 @@ impl Topology {
     /// How many NUMA nodes hold the cores.
     pub fn nodes(&self) -> usize {
         let mut nodes: Vec<usize> = self.cores.iter().map(|c| c.node).collect();
+        nodes.sort_unstable();
         nodes.dedup();
         nodes.len()
+    }
+
+    /// Every CPU of every core.
+    pub fn cpus(&self) -> Vec<usize> {
+        let mut cpus: Vec<usize> = self
+            .cores
+            .iter()
+            .flat_map(|c| c.cpus.iter().copied())
+            .collect();
+        cpus.sort_unstable();
+        cpus
     }
 
     /// Where worker `index` of `workers` goes: cores are dealt out node by node, so workers spread
@@ -270,13 +294,15 @@ mod tests {
             cores,
             vec![
                 (vec![0, 4], 0),
-                (vec![1, 5], 0),
                 (vec![2, 6], 1),
+                (vec![1, 5], 0),
                 (vec![3, 7], 1)
-            ]
+            ],
+            "the first workers spread over both nodes"
         );
-        assert_eq!(topology.core_for(5).cpus, vec![1, 5], "wraps around");
+        assert_eq!(topology.core_for(5).cpus, vec![2, 6], "wraps around");
         assert_eq!(topology.spare_cpus(3), vec![3, 7]);
+        assert_eq!(topology.cpus(), (0..8).collect::<Vec<_>>());
         assert!(topology.spare_cpus(4).is_empty());
     }
 

@@ -925,6 +925,11 @@ async fn upgrading_a_database_of_the_previous_version_moves_every_claim_onto_its
 
     let app = spawn_app(&["--mysql-url", &database.url]);
     let mut client = app.client();
+    let log = std::fs::read_to_string(app.data_dir.with_extension("log")).unwrap_or_default();
+    assert!(
+        log.contains("order_claims_unattached") && log.contains("count=1"),
+        "the start names the claims kept aside: {log}"
+    );
     let order = client.get("/v1/orders/ord_1").await;
     assert_eq!(order.status, 200);
     assert_eq!(order.json()["status"], "refunded");

@@ -233,6 +233,7 @@ impl MySqlJournal {
         let pool = connect(&config)?;
         check_schema(&pool).await?;
         let (last_lsn, next_event_seq) = log_end(&pool).await?;
+        warn_of_unattached_claims(&pool).await;
         let (follower, applier) = projection::Follower::new(
             pool.clone(),
             Arc::new(MySqlBacklog(pool.clone())),
@@ -454,6 +455,23 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
         );
     }
     Ok(state)
+}
+
+/// Claims migration `20261127000005` found no placing record for are kept aside, no longer
+/// enforced by a `UNIQUE` key: said at every start, so an operator sees it (none in a database
+/// this project's earlier versions wrote, which never deleted log rows).
+async fn warn_of_unattached_claims(pool: &MySqlPool) {
+    match sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM order_claims_unattached")
+        .fetch_one(pool)
+        .await
+    {
+        Ok(0) => {}
+        Ok(count) => tracing::warn!(
+            count,
+            "order_claims_unattached holds claims of orders whose placing record is not in the journal table: their keys and payment ids are not guarded by the database's UNIQUE keys; look at them, then drop the table"
+        ),
+        Err(error) => tracing::debug!(%error, "order_claims_unattached not read"),
+    }
 }
 
 /// The log's last lsn and the seq its next event gets, from its last row.
