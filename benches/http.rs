@@ -3,6 +3,7 @@
 //! a temporary directory. What it measures is what a request costs the server past the connection:
 //! `GET /healthz` (the stack's empty endpoint) and a checkout of a sold-out SKU with a new
 //! `Idempotency-Key` each (validation, fingerprint, key table, the stock check, the kept `409`).
+//! And successful durable checkouts end to end by worker count (`checkout_end_to_end`).
 //! `cargo bench --bench http`.
 
 use axum::body::Body;
@@ -139,5 +140,88 @@ fn server_paths(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, server_paths);
+/// Successful durable checkouts end to end in process (the router over the engine, the in-process
+/// gateway and the embedded journal with its `fdatasync` group commit; no socket), by worker count:
+/// each worker is a thread with a single-threaded runtime and its own stock shard, as the per-core
+/// runtime runs them, driving `TASKS_PER_WORKER` checkouts at a time (one item of 10,000 SKUs each).
+fn checkouts_by_workers(c: &mut Criterion) {
+    const SKUS: u64 = 10_000;
+    const TASKS_PER_WORKER: u64 = 64;
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-journal");
+    std::fs::create_dir_all(&base).expect("bench dir");
+    let dir = tempfile::tempdir_in(&base).expect("tempdir");
+    let setup = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let router = setup.block_on(async { app(dir.path()) });
+    let put = |i| {
+        Request::put(format!("/v1/products/S{i}"))
+            .body(Body::from(
+                r#"{"name":"s","price_cents":100,"currency":"EUR","stock":1000000}"#,
+            ))
+            .expect("request")
+    };
+    drive(&setup, &router, SKUS, 0, put, 200);
+    let mut group = c.benchmark_group("checkout_end_to_end");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(1));
+    let mut next = 0u64;
+    for workers in [1u64, 2] {
+        group.bench_function(format!("workers_{workers}"), |b| {
+            b.iter_custom(|n| {
+                let per_task = n.div_ceil(workers * TASKS_PER_WORKER).max(1);
+                let first = next;
+                next += per_task * workers * TASKS_PER_WORKER;
+                let started = Instant::now();
+                std::thread::scope(|scope| {
+                    for worker in 0..workers {
+                        let router = router.clone();
+                        let handle = setup.handle().clone();
+                        scope.spawn(move || {
+                            turnstile::engine::inventory::set_home_shard(worker as usize);
+                            let runtime = tokio::runtime::Builder::new_current_thread()
+                                .enable_all()
+                                .build()
+                                .expect("worker runtime");
+                            // The journal and the gateway's timers live on the setup runtime.
+                            let _background = handle.enter();
+                            runtime.block_on(async {
+                                let tasks = (0..TASKS_PER_WORKER).map(|task| {
+                                    let mut router = router.clone();
+                                    async move {
+                                        for k in 0..per_task {
+                                            let i = first
+                                                + ((worker * TASKS_PER_WORKER + task) * per_task)
+                                                + k;
+                                            let request = Request::post("/v1/checkout")
+                                                .header("idempotency-key", format!("e2e-{i}"))
+                                                .body(Body::from(format!(
+                                                    r#"{{"items":[{{"sku":"S{}","quantity":1}}],"customer_id":"c","payment_token":"tok_ok"}}"#,
+                                                    i % SKUS
+                                                )))
+                                                .expect("request");
+                                            let response =
+                                                router.call(request).await.expect("infallible");
+                                            assert_eq!(response.status().as_u16(), 201);
+                                        }
+                                    }
+                                });
+                                futures_util::future::join_all(tasks).await;
+                            });
+                        });
+                    }
+                });
+                started
+                    .elapsed()
+                    .mul_f64(n as f64 / (per_task * workers * TASKS_PER_WORKER) as f64)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, server_paths, checkouts_by_workers);
 criterion_main!(benches);

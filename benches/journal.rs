@@ -1,5 +1,6 @@
 //! Durable appends per second into the file journal on the real disk, with 1, 64 and 1,024
-//! concurrent appenders (tokio tasks, each awaiting its append before the next).
+//! concurrent appenders (tokio tasks, each awaiting its append before the next), and at 1,024 by
+//! batch cap (the most records one group commit takes: `journal_batch_cap`).
 //!
 //! `cargo bench --bench journal`. The journal lives under `target/bench-journal` (the repository's
 //! disk, never tmpfs). Each record is a typical paid order with its two events and stored answer.
@@ -98,6 +99,40 @@ fn durable_appends(c: &mut Criterion) {
     group.finish();
 }
 
+/// The batch cap (`FileJournalConfig::batch_records_max`: the most records one group commit
+/// takes) as a parameter, at 1,024 concurrent appenders: what a smaller cap costs in throughput
+/// (more `fdatasync`s) for the shorter wait it gives the next batch.
+fn durable_appends_by_batch_cap(c: &mut Criterion) {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-journal");
+    std::fs::create_dir_all(&base).expect("bench dir");
+    let runtime = runtime();
+    let mut group = c.benchmark_group("journal_batch_cap");
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    group.throughput(Throughput::Elements(1));
+    let appenders = 1_024u64;
+    for cap in [16usize, 128, 1_024, 8_192] {
+        let dir = tempfile::tempdir_in(&base).expect("tempdir");
+        let config = FileJournalConfig {
+            batch_records_max: cap,
+            ..FileJournalConfig::default()
+        };
+        let (journal, _) = FileJournal::open_dir(dir.path(), config).expect("journal");
+        let journal: Arc<dyn Journal> = Arc::new(journal);
+        let mut counter = 0u64;
+        group.bench_function(format!("durable_appends/cap_{cap}"), |b| {
+            b.iter_custom(|iters| run_appends(&runtime, &journal, appenders, iters, &mut counter))
+        });
+        report(
+            &format!("file journal, batch cap {cap}"),
+            appenders,
+            &journal,
+        );
+        runtime.block_on(journal.shutdown());
+    }
+    group.finish();
+}
+
 /// The same appends into the machine's MariaDB (`TURNSTILE_BENCH_MYSQL_URL`, default the root
 /// account on 127.0.0.1:3306), in a database `turnstile_bench` created afresh.
 fn mysql_durable_appends(c: &mut Criterion) {
@@ -158,5 +193,10 @@ fn mysql_durable_appends(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, durable_appends, mysql_durable_appends);
+criterion_group!(
+    benches,
+    durable_appends,
+    durable_appends_by_batch_cap,
+    mysql_durable_appends
+);
 criterion_main!(benches);
