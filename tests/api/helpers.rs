@@ -103,6 +103,11 @@ impl TestApp {
         self.child.wait().expect("wait for the server")
     }
 
+    /// The exit status if the process has ended.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().expect("check the server")
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()

@@ -11,6 +11,7 @@ mod lifecycle;
 mod mysql;
 mod mysql_attack;
 mod payments;
+mod per_core_attack;
 mod retention;
 mod runtime;
 mod sessions;
