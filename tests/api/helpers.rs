@@ -113,6 +113,11 @@ impl TestApp {
         self.child.id()
     }
 
+    /// What the server logged so far (its stderr, next to its data dir).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
     /// A new client of this server.
     pub fn client(&self) -> Client {
         Client::new(self.addr)

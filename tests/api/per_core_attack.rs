@@ -8,10 +8,6 @@ use std::time::Duration;
 /// A bound on waits that would otherwise hang a failing test; never reached by a passing one.
 const HANG: Duration = Duration::from_secs(30);
 
-fn log_of(app: &TestApp) -> String {
-    std::fs::read_to_string(app.data_dir.with_extension("log")).unwrap_or_default()
-}
-
 /// `buyers` connections at once, each one checkout of `quantity(i)` units of `sku`: the ids and
 /// quantities of the 201s; every other answer must be a 409 out_of_stock.
 async fn rush(
@@ -89,7 +85,7 @@ async fn stock_is_conserved(args: &[&str]) {
     assert_eq!(refused.expect("answer").status, 409);
     assert_eq!(client.stock("MIX").await, (37, 0, 0, 37), "{args:?}");
     assert_orders_exist(&mut client, &placed).await;
-    let log = log_of(&app);
+    let log = app.log();
     assert!(!log.contains("panicked"), "{log}");
 }
 
@@ -290,7 +286,7 @@ fn exit_within(app: &mut TestApp) -> std::process::ExitStatus {
         assert!(
             start.elapsed() < HANG,
             "the server did not exit: {}",
-            log_of(app)
+            app.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -421,7 +417,7 @@ async fn sigterm_with_everything_open(tls: bool) {
     assert!(
         status.success(),
         "tls {tls}: exit {status:?}: {}",
-        log_of(&app)
+        app.log()
     );
     drop((silent, waiting, held_h1, held_h2));
     let restarted = start_with_env(&data, &args, &[]);
@@ -448,13 +444,13 @@ async fn per_core_sigterm_with_tls_and_the_bound_reached_exits_0() {
 async fn per_core_on_one_cpu_with_taskset_serves() {
     // Proves: started under `taskset -c 0` (an affinity mask of one CPU), with 2 workers, the
     // per-core server serves and conserves stock.
-    if std::process::Command::new("taskset")
-        .arg("-V")
-        .output()
-        .is_err()
-    {
-        return;
-    }
+    assert!(
+        std::process::Command::new("taskset")
+            .arg("-V")
+            .output()
+            .is_ok(),
+        "taskset is missing: install util-linux"
+    );
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     let log = std::fs::File::create(data.with_extension("log")).expect("log");

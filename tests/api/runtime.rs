@@ -5,10 +5,6 @@
 use crate::helpers::{eventually, start_with_env, Client, JsonBody};
 use std::time::Duration;
 
-fn log_of(app: &crate::helpers::TestApp) -> String {
-    std::fs::read_to_string(app.data_dir.with_extension("log")).unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_core_workers_are_pinned_and_say_so_and_every_worker_serves() {
     // Proves: with --runtime per-core --pin, each worker logs where it was pinned (or that the
@@ -53,7 +49,7 @@ async fn per_core_workers_are_pinned_and_say_so_and_every_worker_serves() {
     assert_eq!(placed, 160);
     let (stock, available, reserved, sold) = client.stock("P").await;
     assert_eq!((stock, available, reserved, sold), (1_000, 840, 0, 160));
-    let log = log_of(&app);
+    let log = app.log();
     assert!(log.contains("per-core runtime"), "{log}");
     for worker in 0..2 {
         let said = |line: &&str| {
@@ -129,7 +125,7 @@ async fn both_runtimes_stop_cleanly_on_sigterm_with_requests_in_flight() {
         assert!(
             status.success(),
             "{runtime}: exit {status:?}: {}",
-            log_of(&app)
+            app.log()
         );
         let mut ids = Vec::new();
         for task in load {
