@@ -274,3 +274,55 @@ fn many_skus_and_baskets_counters_equal_the_tallies() {
     }
     eprintln!("refused baskets {failures}, reader saw {views} views");
 }
+
+#[test]
+fn as_many_units_asked_as_there_are_are_all_admitted() {
+    // Proves: a reservation is never refused while units remain for it. Attempts for exactly
+    // the units there are (one and two units at a time), over threads whose home shards drain at different rates (so
+    // they steal, taking a victim's surplus into their hand for a moment): every attempt must be
+    // admitted, since at every moment the units left are at least the attempts left. A refusal
+    // here is a buyer told "sold out" while a unit was in another thread's hand.
+    for round in 0..50 {
+        let inventory = Arc::new(Inventory::new(4));
+        let per_thread = 250u64;
+        let units = (THREADS as u64 * per_thread) as i64;
+        let a = inventory.add(&sku("fair"), units, 0, 0);
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let refused = Arc::new(AtomicU64::new(0));
+        let workers: Vec<_> = (0..THREADS)
+            .map(|thread| {
+                let (inventory, barrier, refused) = (
+                    Arc::clone(&inventory),
+                    Arc::clone(&barrier),
+                    Arc::clone(&refused),
+                );
+                std::thread::spawn(move || {
+                    // Every buyer at home on shard 0 or 1: shards 2 and 3 are only ever stolen
+                    // from.
+                    turnstile::engine::inventory::set_home_shard(thread % 2);
+                    // Even threads buy two units at a time, odd ones one: the same units each.
+                    let quantity = 2 - (thread % 2) as i64;
+                    barrier.wait();
+                    for _ in 0..per_thread / quantity as u64 {
+                        match inventory.reserve_one(a, quantity) {
+                            Ok(hold) => inventory.commit(hold),
+                            Err(_) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().expect("worker panicked");
+        }
+        assert_eq!(
+            refused.load(Ordering::Relaxed),
+            0,
+            "round {round}: buyers refused while units remained: {:?}",
+            inventory.view(a)
+        );
+        assert_eq!(inventory.view(a).sold, units);
+    }
+}
