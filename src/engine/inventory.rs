@@ -6,6 +6,12 @@
 //! runs dry steals units from the others. When a read-only scan finds no unit anywhere the SKU is
 //! flagged sold out, and from then on a rejection is one relaxed load of a line nobody writes.
 //!
+//! A steal takes half of a victim's units and puts the surplus into its own shard a moment later;
+//! meanwhile those units are in no shard. They are counted in the SKU's `in_hand` counter before
+//! they leave a shard and until they land, and a reservation that finds too few units in the shards
+//! waits while `in_hand` covers the rest (a holder never waits, so this cannot deadlock). So a
+//! buyer is never told "sold out", nor the flag set, while units exist.
+//!
 //! Per shard the counters may go negative (a unit reserved on one shard can be released on another);
 //! only the sums are meaningful, and [`Inventory::view`] returns sums that satisfy
 //! `available + reserved + sold == stock` with none negative, retrying until its scan is consistent.
@@ -48,6 +54,11 @@ struct Shard {
 #[derive(Default)]
 struct PaddedFlag(AtomicBool);
 
+/// A counter alone on its cache line (written only on the slow path).
+#[repr(align(128))]
+#[derive(Default)]
+struct PaddedCounter(AtomicI64);
+
 /// The stock of one SKU.
 pub struct SkuStock {
     /// Read by every request for this SKU, written only when it sells out or units come back.
@@ -57,6 +68,12 @@ pub struct SkuStock {
     stock: AtomicI64,
     /// The per-core counters.
     shards: Box<[Shard]>,
+    /// Units a collection has taken (or is about to take) out of shards and not yet put back into
+    /// one or handed to its reservation: a steal's surplus on its way to the thief's home shard,
+    /// or a failed collection's units on their way back. A reservation that finds too few units in
+    /// the shards counts these too, and waits for them instead of answering "sold out" while they
+    /// are in flight.
+    in_hand: PaddedCounter,
 }
 
 /// A consistent reading of one SKU's counters: `available + reserved + sold == stock`, none negative.
@@ -155,6 +172,7 @@ impl SkuStock {
             sold_out: PaddedFlag::default(),
             stock: AtomicI64::new(stock),
             shards,
+            in_hand: PaddedCounter::default(),
         };
         sku.sold_out.0.store(stock == 0, Ordering::SeqCst);
         sku
@@ -202,28 +220,63 @@ impl SkuStock {
             .sum()
     }
 
+    /// Units in the shards plus units in a collection's hand: never fewer than the units that are
+    /// really there (a unit leaves a shard only after it is counted in hand, and leaves the hand
+    /// only after it is back in a shard or reserved).
+    fn units_anywhere(&self) -> (i64, i64) {
+        let in_shards = self.available_sum();
+        (in_shards, self.in_hand.0.load(Ordering::SeqCst))
+    }
+
     /// Sets the sold-out flag after a scan found nothing, then scans again: a unit given back
     /// between the first scan and the flag would otherwise be hidden behind the flag.
     fn mark_sold_out(&self) {
         self.sold_out.0.store(true, Ordering::SeqCst);
-        if self.available_sum() > 0 {
+        let (in_shards, in_hand) = self.units_anywhere();
+        if in_shards + in_hand > 0 {
             self.sold_out.0.store(false, Ordering::SeqCst);
         }
     }
 
+    /// Takes up to `want` units from `shard` into the hand: counted in hand first, so a scan never
+    /// misses them. Returns how many it took.
+    fn take_into_hand(&self, shard: &Shard, want: i64) -> i64 {
+        self.in_hand.0.fetch_add(want, Ordering::SeqCst);
+        let got = Self::take_from(shard, want);
+        self.in_hand.0.fetch_sub(want - got, Ordering::SeqCst);
+        got
+    }
+
     /// Takes `units` from the shards into the caller's hand, home shard first. Returns false (and
-    /// puts everything it took back) if they cannot be collected.
+    /// puts everything it took back) if they cannot be collected: when the shards and every other
+    /// collection's hand hold fewer than `units`, or (only under pathological contention) after
+    /// [`COLLECT_ROUNDS_MAX`] rounds of racing threads moving units.
     fn collect(&self, home: usize, units: i64) -> bool {
         let shard_count = self.shards.len();
-        for _ in 0..COLLECT_ROUNDS_MAX {
-            let seen = self.available_sum();
-            if seen < units {
-                if seen <= 0 {
-                    self.mark_sold_out();
+        let mut rounds = 0;
+        let mut waits: u32 = 0;
+        while rounds < COLLECT_ROUNDS_MAX {
+            let (in_shards, in_hand) = self.units_anywhere();
+            if in_shards < units {
+                if in_shards + in_hand < units {
+                    if in_shards + in_hand <= 0 {
+                        self.mark_sold_out();
+                    }
+                    return false;
                 }
-                return false;
+                // Enough units exist, but some are in another collection's hand for a moment (it
+                // holds them for a few instructions and never waits while holding): wait for them
+                // to land rather than answer "sold out" while they do.
+                waits = waits.saturating_add(1);
+                if waits < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                continue;
             }
-            let mut taken = Self::take_from(&self.shards[home], units);
+            rounds += 1;
+            let mut taken = self.take_into_hand(&self.shards[home], units);
             let mut offset = 1;
             while taken < units && offset < shard_count {
                 let victim = &self.shards[(home + offset) % shard_count];
@@ -231,15 +284,18 @@ impl SkuStock {
                 // gets a local supply for the next reservations instead of stealing every time.
                 let victim_available = victim.available.load(Ordering::Acquire);
                 let want = (units - taken).max(victim_available / 2);
-                taken += Self::take_from(victim, want);
+                taken += self.take_into_hand(victim, want);
                 offset += 1;
             }
             if taken >= units {
+                // The surplus goes home before it leaves the hand; the rest is the reservation's.
                 self.give_back(home, taken - units);
+                self.in_hand.0.fetch_sub(taken, Ordering::SeqCst);
                 return true;
             }
             // Racing threads moved units while this one scanned: put back and look again.
             self.give_back(home, taken);
+            self.in_hand.0.fetch_sub(taken, Ordering::SeqCst);
         }
         false
     }
@@ -628,6 +684,38 @@ mod tests {
 
     fn sku(name: &str) -> Sku {
         Sku::parse(name).unwrap()
+    }
+
+    #[test]
+    fn units_in_a_collections_hand_are_not_sold_out() {
+        // A steal's surplus is out of every shard for a moment: a reservation that looks then
+        // must neither mark the SKU sold out nor give up, but take the units once they land.
+        let stock = SkuStock::new(2, 4);
+        let mut held = 0;
+        for shard in stock.shards.iter() {
+            held += stock.take_into_hand(shard, 2);
+        }
+        assert_eq!((held, stock.available_sum()), (4, 0));
+        stock.mark_sold_out();
+        assert!(
+            !stock.sold_out.0.load(Ordering::SeqCst),
+            "units in hand are not sold out"
+        );
+        std::thread::scope(|scope| {
+            let waiting = scope.spawn(|| stock.collect(0, 3));
+            // The collection lands: 3 units go home to shard 1, 1 is kept (reserved elsewhere).
+            stock.give_back(1, 3);
+            stock.in_hand.0.fetch_sub(held, Ordering::SeqCst);
+            assert!(
+                waiting.join().expect("collect"),
+                "the waiting reservation got its units"
+            );
+        });
+        assert_eq!(stock.available_sum(), 0);
+        assert_eq!(stock.in_hand.0.load(Ordering::SeqCst), 0);
+        // With nothing anywhere, the same reservation is refused and the SKU is sold out.
+        assert!(!stock.collect(0, 1));
+        assert!(stock.sold_out.0.load(Ordering::SeqCst));
     }
 
     #[test]
