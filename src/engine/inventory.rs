@@ -243,7 +243,9 @@ impl SkuStock {
     fn take_into_hand(&self, shard: &Shard, want: i64) -> i64 {
         self.in_hand.0.fetch_add(want, Ordering::SeqCst);
         let got = Self::take_from(shard, want);
-        self.in_hand.0.fetch_sub(want - got, Ordering::SeqCst);
+        if got < want {
+            self.in_hand.0.fetch_sub(want - got, Ordering::SeqCst);
+        }
         got
     }
 

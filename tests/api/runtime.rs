@@ -2,7 +2,7 @@
 //! shared work-stealing one. The rest of the suite runs on whichever `TURNSTILE_RUNTIME` names
 //! (README's test command runs it on both); these tests name theirs.
 
-use crate::helpers::{eventually, start_with_env, Client, JsonBody};
+use crate::helpers::{eventually, start_with_env, Client, Load};
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,32 +94,12 @@ async fn both_runtimes_stop_cleanly_on_sigterm_with_requests_in_flight() {
         let mut app = start_with_env(&data, &["--runtime", runtime], &[]);
         let mut client = app.client();
         assert_eq!(client.put_product("S", 100, 10_000).await.status, 200);
-        let addr = app.addr;
-        let (answered_tx, mut answered_rx) = tokio::sync::mpsc::unbounded_channel();
-        let load: Vec<_> = (0..8)
-            .map(|i| {
-                let answered = answered_tx.clone();
-                tokio::spawn(async move {
-                    let mut client = Client::new(addr);
-                    let mut placed = Vec::new();
-                    for n in 0..2_000 {
-                        match client.checkout(&format!("{i}-{n}"), "S", 1, "tok_ok").await {
-                            Ok(answer) if answer.status == 201 => {
-                                let _ = answered.send(());
-                                placed.push(answer.json()["order_id"].as_str().map(str::to_owned));
-                            }
-                            _ => break,
-                        }
-                    }
-                    placed
-                })
-            })
-            .collect();
-        drop(answered_tx);
+        let load = Load::start(&app, 8, runtime, &["S".to_owned()]);
         // SIGTERM once the load is well under way.
-        for _ in 0..200 {
-            answered_rx.recv().await.expect("the load answers");
-        }
+        eventually("200 orders placed", Duration::from_secs(30), async || {
+            load.answered(Some(201)) >= 200
+        })
+        .await;
         app.send_sigterm();
         let status = app.wait();
         assert!(
@@ -127,10 +107,13 @@ async fn both_runtimes_stop_cleanly_on_sigterm_with_requests_in_flight() {
             "{runtime}: exit {status:?}: {}",
             app.log()
         );
-        let mut ids = Vec::new();
-        for task in load {
-            ids.extend(task.await.expect("task").into_iter().flatten());
-        }
+        let ids: Vec<String> = load
+            .stop()
+            .await
+            .into_iter()
+            .filter(|sent| sent.status == 201)
+            .map(|sent| sent.order_id)
+            .collect();
         let restarted = start_with_env(&data, &["--runtime", runtime], &[]);
         let mut client = restarted.client();
         let (_, _, _, sold) = client.stock("S").await;
