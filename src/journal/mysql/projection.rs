@@ -105,16 +105,16 @@ pub(crate) async fn write_log(
     let mut bytes = 0u64;
     for view in views {
         bytes += view.payload.len() as u64;
-        if let Record::Order {
-            answer: Some((key, _)),
-            replaces_expired_key: true,
-            previous: None,
-            ..
-        } = view.record
+        // A key the record claims afresh after its old answer expired: the old claim goes first.
+        if let (
+            Some(key),
+            Record::Order {
+                replaces_expired_key: true,
+                ..
+            },
+        ) = (claims(view).1, view.record)
         {
-            if view.refused.is_none() {
-                expired_keys.push(key.as_str());
-            }
+            expired_keys.push(key);
         }
     }
     if !expired_keys.is_empty() {
