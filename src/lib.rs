@@ -37,12 +37,14 @@
 //!   `notify`): flags >
 //!   environment > JSON file > defaults; durations by `humantime`.
 //! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
-//! - [`metrics`]: counters and histograms on our own atomics, exposed through `prometheus-client`.
+//! - [`metrics`]: counters and histograms on our own atomics, one copy per core summed on scrape,
+//!   exposed through `prometheus-client`.
 //! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;
 //!   shared: one work-stealing runtime), the hold sweeper, the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
-//! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why, and
-//!   lowers background threads' priority).
+//! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why,
+//!   gives each thread its core slot and keeps per-core copies, and lowers background threads'
+//!   priority).
 
 /// A boxed future, so traits with async methods stay object-safe.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -11,20 +11,44 @@
 //! samples keep it (`turnstile_reservations_total 42`), so every sample name is what it was, and
 //! the body ends with `# EOF`.
 
+use crate::sync::PerCore;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// A histogram with fixed upper bounds. Values are recorded in the unit of the bounds.
+/// A counter with one copy per core slot: [`Counter::add`] touches the caller's core's copy only.
+#[derive(Debug, Default)]
+pub struct Counter(PerCore<AtomicU64>);
+
+impl Counter {
+    /// Adds `n`.
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.local().fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The sum over every core.
+    pub fn get(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+/// One core's copy of a histogram.
 #[derive(Debug)]
-pub struct Histogram {
-    bounds: &'static [f64],
+struct HistogramSlot {
     /// One count per bound (not cumulative), plus one for +Inf.
     counts: Box<[AtomicU64]>,
     /// Sum of recorded values, in millionths of the unit (integer, so an atomic can hold it).
     sum_micro: AtomicU64,
-    count: AtomicU64,
+}
+
+/// A histogram with fixed upper bounds, one copy per core slot. Values are recorded in the unit of
+/// the bounds.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    slots: PerCore<HistogramSlot>,
 }
 
 /// Bounds for request and commit latencies, in seconds.
@@ -43,9 +67,10 @@ impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
         Self {
             bounds,
-            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
-            sum_micro: AtomicU64::new(0),
-            count: AtomicU64::new(0),
+            slots: PerCore::new_with(|| HistogramSlot {
+                counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+                sum_micro: AtomicU64::new(0),
+            }),
         }
     }
 
@@ -56,33 +81,41 @@ impl Histogram {
             .iter()
             .position(|&bound| value <= bound)
             .unwrap_or(self.bounds.len());
-        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
-        self.sum_micro
+        let slot = self.slots.local();
+        slot.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        slot.sum_micro
             .fetch_add((value * 1e6) as u64, Ordering::Relaxed);
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     /// How many values were recorded.
     pub fn count(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        self.slots
+            .iter()
+            .flat_map(|slot| slot.counts.iter())
+            .map(|count| count.load(Ordering::Relaxed))
+            .sum()
     }
 
     /// Buckets (upper bound, count in it, not cumulative; `f64::MAX` stands for +Inf), sum and
     /// count, as read now.
     fn snapshot(&self) -> (Vec<(f64, u64)>, f64, u64) {
-        let mut buckets: Vec<(f64, u64)> = self
+        let mut counts = vec![0u64; self.bounds.len() + 1];
+        let mut sum_micro = 0u64;
+        for slot in self.slots.iter() {
+            for (total, count) in counts.iter_mut().zip(slot.counts.iter()) {
+                *total += count.load(Ordering::Relaxed);
+            }
+            sum_micro = sum_micro.wrapping_add(slot.sum_micro.load(Ordering::Relaxed));
+        }
+        let buckets: Vec<(f64, u64)> = self
             .bounds
             .iter()
-            .zip(self.counts.iter())
-            .map(|(bound, count)| (*bound, count.load(Ordering::Relaxed)))
+            .copied()
+            .chain(std::iter::once(f64::MAX))
+            .zip(counts)
             .collect();
-        buckets.push((
-            f64::MAX,
-            self.counts[self.bounds.len()].load(Ordering::Relaxed),
-        ));
         let count = buckets.iter().map(|(_, n)| n).sum();
-        let sum = self.sum_micro.load(Ordering::Relaxed) as f64 / 1e6;
-        (buckets, sum, count)
+        (buckets, sum_micro as f64 / 1e6, count)
     }
 
     /// Writes this histogram as the metric `name`.
@@ -143,8 +176,8 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 pub struct RouteMetrics {
     /// The route as matched (`/v1/checkout`, `/v1/products/{sku}`, ...).
     pub route: &'static str,
-    /// Requests per status code 100..=599.
-    by_status: Box<[AtomicU64]>,
+    /// Requests per status code 100..=599, one array per core slot.
+    by_status: PerCore<Box<[AtomicU64]>>,
     /// Time from the request to the answer, in seconds.
     pub latency: Histogram,
 }
@@ -153,7 +186,7 @@ impl RouteMetrics {
     fn new(route: &'static str) -> Self {
         Self {
             route,
-            by_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
+            by_status: PerCore::new_with(|| (0..500).map(|_| AtomicU64::new(0)).collect()),
             latency: Histogram::new(LATENCY_BOUNDS_SECONDS),
         }
     }
@@ -161,7 +194,7 @@ impl RouteMetrics {
     /// Records one request.
     pub fn record(&self, status: u16, seconds: f64) {
         if (100..600).contains(&status) {
-            self.by_status[usize::from(status - 100)].fetch_add(1, Ordering::Relaxed);
+            self.by_status.local()[usize::from(status - 100)].fetch_add(1, Ordering::Relaxed);
         }
         self.latency.record(seconds);
     }
@@ -172,32 +205,32 @@ impl RouteMetrics {
 pub struct Metrics {
     routes: Vec<RouteMetrics>,
     /// Checkouts whose stock was reserved.
-    pub reservations: AtomicU64,
+    pub reservations: Counter,
     /// Checkouts refused for lack of stock.
-    pub rejections_out_of_stock: AtomicU64,
+    pub rejections_out_of_stock: Counter,
     /// Checkouts refused because a SKU or cart was unknown.
-    pub rejections_not_found: AtomicU64,
+    pub rejections_not_found: Counter,
     /// Answers replayed from an idempotency key.
-    pub replays: AtomicU64,
+    pub replays: Counter,
     /// Holds released by the sweeper after their deadline.
-    pub holds_expired: AtomicU64,
+    pub holds_expired: Counter,
     /// Time of one authorisation at the gateway, in seconds.
     pub gateway_authorize_seconds: Histogram,
     /// Authorisations by outcome: approved, pending, declined, failed (timeout or unreachable).
-    pub gateway_outcomes: [AtomicU64; 4],
+    pub gateway_outcomes: [Counter; 4],
     /// Captures journaled.
-    pub payments_captured: AtomicU64,
+    pub payments_captured: Counter,
     /// Voids done.
-    pub payments_voided: AtomicU64,
+    pub payments_voided: Counter,
     /// Refunds journaled.
-    pub payments_refunded: AtomicU64,
+    pub payments_refunded: Counter,
     /// Captures the gateway refused for paid orders (a person must look).
-    pub payments_failed: AtomicU64,
+    pub payments_failed: Counter,
     /// What the reconciler finished: pending payments decided, orphan authorisations voided,
     /// captures or voids owed that no one had asked for.
-    pub reconciler_actions: AtomicU64,
+    pub reconciler_actions: Counter,
     /// Scans for orphan authorisations completed (the gateway listed, each one handled).
-    pub reconciler_scans: AtomicU64,
+    pub reconciler_scans: Counter,
 }
 
 /// The outcomes of [`Metrics::gateway_outcomes`], in order.
@@ -213,19 +246,19 @@ impl Metrics {
         all.push(RouteMetrics::new(UNMATCHED_ROUTE));
         Self {
             routes: all,
-            reservations: AtomicU64::new(0),
-            rejections_out_of_stock: AtomicU64::new(0),
-            rejections_not_found: AtomicU64::new(0),
-            replays: AtomicU64::new(0),
-            holds_expired: AtomicU64::new(0),
+            reservations: Counter::default(),
+            rejections_out_of_stock: Counter::default(),
+            rejections_not_found: Counter::default(),
+            replays: Counter::default(),
+            holds_expired: Counter::default(),
             gateway_authorize_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
             gateway_outcomes: Default::default(),
-            payments_captured: AtomicU64::new(0),
-            payments_voided: AtomicU64::new(0),
-            payments_refunded: AtomicU64::new(0),
-            payments_failed: AtomicU64::new(0),
-            reconciler_actions: AtomicU64::new(0),
-            reconciler_scans: AtomicU64::new(0),
+            payments_captured: Counter::default(),
+            payments_voided: Counter::default(),
+            payments_refunded: Counter::default(),
+            payments_failed: Counter::default(),
+            reconciler_actions: Counter::default(),
+            reconciler_scans: Counter::default(),
         }
     }
 
@@ -247,8 +280,13 @@ impl Metrics {
                 MetricType::Counter,
             )?;
             for route in &self.routes {
-                for (status, count) in (100u16..).zip(route.by_status.iter()) {
-                    let count = count.load(Ordering::Relaxed);
+                let mut by_status = vec![0u64; 500];
+                for slot in route.by_status.iter() {
+                    for (total, count) in by_status.iter_mut().zip(slot.iter()) {
+                        *total += count.load(Ordering::Relaxed);
+                    }
+                }
+                for (status, count) in (100u16..).zip(by_status) {
                     if count > 0 {
                         let labels = ([("route", route.route)], [("status", status)]);
                         family
@@ -332,7 +370,7 @@ impl Metrics {
                 &self.reconciler_scans,
             ),
         ] {
-            encode_counter(encoder, name, help, value.load(Ordering::Relaxed))?;
+            encode_counter(encoder, name, help, value.get())?;
         }
         {
             let mut family = encoder.encode_descriptor(
@@ -344,7 +382,7 @@ impl Metrics {
             for (outcome, count) in GATEWAY_OUTCOMES.iter().zip(&self.gateway_outcomes) {
                 family
                     .encode_family(&[("outcome", *outcome)])?
-                    .encode_counter::<NoLabelSet, u64, u64>(&count.load(Ordering::Relaxed), None)?;
+                    .encode_counter::<NoLabelSet, u64, u64>(&count.get(), None)?;
             }
         }
         self.gateway_authorize_seconds.encode(
@@ -362,6 +400,50 @@ mod tests {
     #[derive(Debug)]
     struct One(Histogram, Metrics);
 
+    #[test]
+    fn counters_and_histograms_written_from_many_threads_sum_exactly() {
+        let counter = Counter::default();
+        let histogram = Histogram::new(LATENCY_BOUNDS_SECONDS);
+        let route = RouteMetrics::new("/x");
+        let (threads, adds) = (8usize, 20_000u64);
+        std::thread::scope(|scope| {
+            for thread in 0..threads {
+                let (counter, histogram, route) = (&counter, &histogram, &route);
+                scope.spawn(move || {
+                    // Half the threads share slots, as a runtime's extra threads do.
+                    if thread % 2 == 0 {
+                        crate::sync::set_thread_slot(thread / 2);
+                    }
+                    for n in 0..adds {
+                        counter.add(1);
+                        histogram.record(0.001);
+                        route.record(if n % 2 == 0 { 201 } else { 409 }, 0.0002);
+                    }
+                });
+            }
+        });
+        let total = threads as u64 * adds;
+        assert_eq!(counter.get(), total);
+        assert_eq!(histogram.count(), total);
+        let (buckets, sum, count) = histogram.snapshot();
+        assert_eq!(count, total);
+        assert_eq!(
+            buckets.iter().find(|(b, _)| *b == 0.001).map(|(_, n)| *n),
+            Some(total)
+        );
+        assert!((sum - total as f64 * 0.001).abs() < 1e-6 * total as f64);
+        assert_eq!(route.latency.count(), total);
+        let by_status = |status: usize| -> u64 {
+            route
+                .by_status
+                .iter()
+                .map(|slot| slot[status - 100].load(Ordering::Relaxed))
+                .sum()
+        };
+        assert_eq!(by_status(201) + by_status(409), total);
+        assert_eq!(by_status(201), total / 2);
+    }
+
     impl Collector for One {
         fn encode(&self, mut encoder: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
             self.0.encode(&mut encoder, "x", "a histogram")?;
@@ -377,7 +459,7 @@ mod tests {
         histogram.record(9.0);
         let metrics = Metrics::new(&["/v1/checkout"]);
         metrics.route("/v1/checkout").record(201, 0.002);
-        metrics.reservations.fetch_add(3, Ordering::Relaxed);
+        metrics.reservations.add(3);
         let out = render(One(histogram, metrics));
         for line in [
             "x_bucket{le=\"1.0\"} 1\n",

@@ -32,7 +32,7 @@ use crate::sessions::{CartStore, Carts};
 use crate::time::now_ms;
 use crate::topology::{self, Topology};
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -680,7 +680,7 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
         let commits = released.into_iter().map(|change| {
             api::commit(&app, change, |app, outcome| {
                 if let Ok(Applied::Order { .. }) = outcome {
-                    app.metrics.holds_expired.fetch_add(1, Ordering::Relaxed);
+                    app.metrics.holds_expired.add(1);
                 }
             })
         });

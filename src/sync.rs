@@ -1,5 +1,9 @@
-//! Small helpers for the locks and threads: `lock` (std's `Mutex`, poison ignored), `shard_of`, and
-//! `lower_this_threads_priority` for background threads.
+//! Small helpers for the locks and threads: `lock` (std's `Mutex`, poison ignored), `shard_of`,
+//! `lower_this_threads_priority` for background threads, and the per-core slots: each thread has a
+//! slot number ([`thread_slot`]; a per-core worker is given its own with [`set_thread_slot`],
+//! other threads take the next one round robin), which picks its home stock shard
+//! (`engine::inventory`) and the copy of every metric it writes ([`PerCore`]), so that a request
+//! writes no cache line another core writes.
 //!
 //! Which lock, measured (`cargo bench --bench locks`, the pattern of the key tables: a new key
 //! looked up, inserted, read back and removed under its shard's lock, 64 shards of an `FxHashMap`;
@@ -13,8 +17,87 @@
 //! journal's queue lock also numbers records in commit order (LSNs, event seqs), which a lock-free
 //! queue alone cannot do, and the stock counters are plain atomics (`engine::inventory`).
 
+use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+
+thread_local! {
+    /// This thread's slot number (`usize::MAX`: not given yet).
+    static THREAD_SLOT: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+static NEXT_THREAD_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+/// Gives the calling thread slot `index`: a per-core worker takes its own number, so no two
+/// workers share a stock shard or a metrics slot.
+pub fn set_thread_slot(index: usize) {
+    THREAD_SLOT.with(|slot| slot.set(index));
+}
+
+/// The calling thread's slot number, given out round robin on first use so that threads spread
+/// evenly (callers take it modulo their number of slots).
+#[inline]
+pub fn thread_slot() -> usize {
+    THREAD_SLOT.with(|slot| {
+        let mut value = slot.get();
+        if value == usize::MAX {
+            value = NEXT_THREAD_SLOT.fetch_add(1, Ordering::Relaxed);
+            slot.set(value);
+        }
+        value
+    })
+}
+
+/// How many slots a [`PerCore`] value has: the CPUs this process may use (at least 1, at most
+/// 64), fixed at first use.
+fn slot_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, |n| n.get())
+            .clamp(1, 64)
+    })
+}
+
+/// A value aligned to its own cache lines (128 bytes: two lines, as the adjacent-line prefetcher
+/// pulls pairs).
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+/// One copy of `T` per slot, each on cache lines of its own: a thread writes the copy of its slot
+/// ([`PerCore::local`]), a reader sums them all ([`PerCore::iter`]).
+#[derive(Debug)]
+pub struct PerCore<T> {
+    slots: Box<[Padded<T>]>,
+}
+
+impl<T> PerCore<T> {
+    /// One copy per slot, each made by `make`.
+    pub fn new_with(make: impl Fn() -> T) -> Self {
+        Self {
+            slots: (0..slot_count()).map(|_| Padded(make())).collect(),
+        }
+    }
+
+    /// The calling thread's copy.
+    #[inline]
+    pub fn local(&self) -> &T {
+        &self.slots[thread_slot() % self.slots.len()].0
+    }
+
+    /// Every copy.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().map(|slot| &slot.0)
+    }
+}
+
+impl<T: Default> Default for PerCore<T> {
+    fn default() -> Self {
+        Self::new_with(T::default)
+    }
+}
 
 /// Locks a mutex, ignoring poison. Every update made under this crate's locks is a single insert,
 /// remove or field change, so a panic elsewhere cannot leave the value half-changed and the poison

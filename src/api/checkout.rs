@@ -11,12 +11,11 @@
 
 use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
-use crate::engine::idempotency::{Begin, KeyError};
+use crate::engine::idempotency::{Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
 use crate::engine::records::StoredAnswer;
 use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
 use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
-use crate::random::hex;
 use crate::sessions::redis::{Begin as RemoteBegin, StoreError, Submission};
 use crate::sessions::Carts;
 use crate::time::{now_ms, rfc3339};
@@ -25,8 +24,6 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// The most lines one checkout may have (API.md).
@@ -153,6 +150,29 @@ fn reject(
     answer(error.status.as_u16(), body, false)
 }
 
+/// A checkout the stock refused (`409 out_of_stock`, or `404` for an unknown SKU): counted, kept
+/// under its key, answered.
+fn refused_by_stock(
+    state: &Shared,
+    key: &IdempotencyKey,
+    fingerprint: Fingerprint,
+    submission: Option<Submission>,
+    error: EngineError,
+) -> Response {
+    let counter = match error {
+        EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
+        _ => &state.metrics.rejections_not_found,
+    };
+    counter.add(1);
+    reject(
+        state,
+        key,
+        fingerprint.into_text(),
+        submission,
+        error.into(),
+    )
+}
+
 pub(super) async fn checkout(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -198,8 +218,7 @@ pub(super) async fn checkout(
     }
     // The fingerprint is taken of the parsed request re-serialised, so field order and white
     // space do not make two requests different.
-    let canonical = serde_json::to_vec(&request).unwrap_or_default();
-    let fingerprint = hex(&Sha256::digest(&canonical));
+    let fingerprint = Fingerprint::of(serde_json::to_vec(&request).unwrap_or_default());
 
     // With Redis, one round trip first: the answer any node gave under this key, else the
     // submission lock, and the cart. Before the node's own key table, so a client gone while it
@@ -215,8 +234,8 @@ pub(super) async fn checkout(
         match store.begin(&lock, cart).await {
             Ok(RemoteBegin::Answer(stored)) => {
                 lock.keep();
-                return if stored.fingerprint == fingerprint {
-                    state.metrics.replays.fetch_add(1, Ordering::Relaxed);
+                return if fingerprint.matches(&stored.fingerprint) {
+                    state.metrics.replays.add(1);
                     Ok(answer(stored.status, stored.body, true))
                 } else {
                     Err(key_reused())
@@ -256,72 +275,81 @@ pub(super) async fn checkout(
     {
         Ok(Begin::Started) => {}
         Ok(Begin::Replay(stored)) => {
-            state.metrics.replays.fetch_add(1, Ordering::Relaxed);
+            state.metrics.replays.add(1);
             return Ok(answer(stored.status, stored.body.clone(), true));
         }
         Err(KeyError::InUse) => return Err(key_in_use()),
         Err(KeyError::Reused) => return Err(key_reused()),
     }
 
-    let lines: Vec<(Sku, Quantity)> = if lines_given {
-        request
-            .items
-            .iter()
-            .flatten()
-            .map(|line| (line.sku.clone(), line.quantity))
-            .collect()
+    // The flash sale's flood: one line naming a SKU flagged sold out is answered now, before the
+    // lines are copied or anything is reserved (the same `409` `reserve` would give).
+    let sold_out = match request.items.as_deref() {
+        Some([line]) if state.engine.is_sold_out(&line.sku) => Some(line.sku.clone()),
+        _ => None,
+    };
+    let reserved = if let Some(sku) = sold_out {
+        Err(EngineError::OutOfStock { sku })
     } else {
-        let cart = match (state.carts.store(), &request.cart_id) {
-            (Some(_), _) => redis_cart,
-            (None, Some(id)) => match &state.carts {
-                Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
-                Carts::Redis { .. } => None,
-            },
-            (None, None) => None,
-        };
-        match cart {
-            None => {
-                state
-                    .metrics
-                    .rejections_not_found
-                    .fetch_add(1, Ordering::Relaxed);
-                return Ok(reject(
-                    &state,
-                    &key,
-                    fingerprint,
-                    submission,
-                    ApiError::not_found("no such cart, or it expired"),
-                ));
-            }
-            Some(items) if items.is_empty() => {
-                state.engine.idempotency().abandon(&key);
-                return Err(ApiError::invalid("the cart is empty"));
-            }
-            Some(items) => {
-                let mut lines = Vec::with_capacity(items.len());
-                for (sku, quantity) in items {
-                    match Quantity::parse(quantity) {
-                        Ok(quantity) => lines.push((sku, quantity)),
-                        Err(e) => {
-                            state.engine.idempotency().abandon(&key);
-                            return Err(ApiError::invalid(e.to_string()));
+        let lines: Vec<(Sku, Quantity)> = if lines_given {
+            request
+                .items
+                .iter()
+                .flatten()
+                .map(|line| (line.sku.clone(), line.quantity))
+                .collect()
+        } else {
+            let cart = match (state.carts.store(), &request.cart_id) {
+                (Some(_), _) => redis_cart,
+                (None, Some(id)) => match &state.carts {
+                    Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
+                    Carts::Redis { .. } => None,
+                },
+                (None, None) => None,
+            };
+            match cart {
+                None => {
+                    state.metrics.rejections_not_found.add(1);
+                    return Ok(reject(
+                        &state,
+                        &key,
+                        fingerprint.into_text(),
+                        submission,
+                        ApiError::not_found("no such cart, or it expired"),
+                    ));
+                }
+                Some(items) if items.is_empty() => {
+                    state.engine.idempotency().abandon(&key);
+                    return Err(ApiError::invalid("the cart is empty"));
+                }
+                Some(items) => {
+                    let mut lines = Vec::with_capacity(items.len());
+                    for (sku, quantity) in items {
+                        match Quantity::parse(quantity) {
+                            Ok(quantity) => lines.push((sku, quantity)),
+                            Err(e) => {
+                                state.engine.idempotency().abandon(&key);
+                                return Err(ApiError::invalid(e.to_string()));
+                            }
                         }
                     }
+                    lines
                 }
-                lines
             }
-        }
+        };
+        state.engine.reserve(&lines)
     };
 
-    let reservation = match state.engine.reserve(&lines) {
+    let reservation = match reserved {
         Ok(reservation) => reservation,
         Err(error @ (EngineError::OutOfStock { .. } | EngineError::UnknownSku(_))) => {
-            let counter = match error {
-                EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
-                _ => &state.metrics.rejections_not_found,
-            };
-            counter.fetch_add(1, Ordering::Relaxed);
-            return Ok(reject(&state, &key, fingerprint, submission, error.into()));
+            return Ok(refused_by_stock(
+                &state,
+                &key,
+                fingerprint,
+                submission,
+                error,
+            ));
         }
         Err(other) => {
             state.engine.idempotency().abandon(&key);
@@ -351,12 +379,12 @@ pub(super) async fn checkout(
             return Err(error);
         }
     };
-    state.metrics.reservations.fetch_add(1, Ordering::Relaxed);
+    state.metrics.reservations.add(1);
 
     let finishing = Finishing {
         state: Arc::clone(&state),
         key,
-        fingerprint,
+        fingerprint: fingerprint.into_text(),
         reservation,
         customer_id: request.customer_id,
         token: request.payment_token,
@@ -439,7 +467,7 @@ impl Finishing {
             Paid::Declined(_) => 2,
             Paid::TimedOut => 3,
         };
-        metrics.gateway_outcomes[outcome_index].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        metrics.gateway_outcomes[outcome_index].add(1);
         let outcome = match &paid {
             Paid::Approved(id) => PaymentOutcome::Authorized {
                 payment_id: id.clone(),

@@ -39,7 +39,6 @@ use crate::payment::{PaymentError, PaymentStatus};
 use crate::sync::lock;
 use crate::time::now_ms;
 use rustc_hash::{FxHashMap, FxHashSet};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -189,7 +188,7 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
                 PaymentDue::Void => &metrics.payments_voided,
                 PaymentDue::Refund => &metrics.payments_refunded,
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.add(1);
             None
         }
         // Captured after all (a late capture, or a void that lost a race): give it back.
@@ -219,7 +218,7 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
         ) => None,
         (PaymentDue::Capture, Err(error)) if !error.is_transient() => {
             // A paid order whose authorisation cannot be captured: a person must look.
-            metrics.payments_failed.fetch_add(1, Ordering::Relaxed);
+            metrics.payments_failed.add(1);
             tracing::error!(%order_id, %payment_id, %error, "a paid order's payment cannot be captured");
             return Err(format!("capture refused: {error}"));
         }
@@ -313,7 +312,7 @@ async fn reconcile_loop(app: Shared, reconcile_after: Duration) {
             last_scan = now;
             finish_pending(&app, now, reconcile_after).await;
             if void_orphans(&app, reconcile_after).await {
-                app.metrics.reconciler_scans.fetch_add(1, Ordering::Relaxed);
+                app.metrics.reconciler_scans.add(1);
             }
         }
     }
@@ -364,9 +363,7 @@ async fn finish_pending(app: &Shared, now: i64, reconcile_after: Duration) {
         .await;
         if let Ok(Prepared::Change(change)) = prepared {
             if commit(app, change, |_, _| {}).await.is_ok() {
-                app.metrics
-                    .reconciler_actions
-                    .fetch_add(1, Ordering::Relaxed);
+                app.metrics.reconciler_actions.add(1);
                 tracing::info!(order_id = %order.order_id, status = next.as_str(), "reconciler finished a pending payment");
             }
         }
@@ -416,9 +413,7 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
                     .await
                     .is_ok()
                 {
-                    app.metrics
-                        .reconciler_actions
-                        .fetch_add(1, Ordering::Relaxed);
+                    app.metrics.reconciler_actions.add(1);
                 }
             }
             None => {
@@ -431,10 +426,8 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
                 .unwrap_or(Err(PaymentError::Timeout));
                 match voided {
                     Ok(()) => {
-                        app.metrics
-                            .reconciler_actions
-                            .fetch_add(1, Ordering::Relaxed);
-                        app.metrics.payments_voided.fetch_add(1, Ordering::Relaxed);
+                        app.metrics.reconciler_actions.add(1);
+                        app.metrics.payments_voided.add(1);
                         tracing::info!(payment_id = %payment.payment_id, order_id = %payment.order_id, "voided an authorisation no durable order holds");
                     }
                     Err(error) => {

@@ -9,7 +9,8 @@
 //! payments), then its fields in a fixed order. Integers are LEB128 varints (signed ones zigzag);
 //! strings are a varint length then UTF-8 bytes; statuses are one byte each. In an order record the
 //! times are stored relative to the record's `at_ms` (they are usually equal or close), and a
-//! fingerprint of 64 lowercase hex digits (the SHA-256 ones) is packed into its 32 bytes.
+//! fingerprint of 32 or 64 lowercase hex digits (the xxh3-128 ones, or the SHA-256 ones of earlier
+//! versions: `engine::idempotency::Fingerprint`) is packed into its 16 or 32 bytes.
 //!
 //! Reading also accepts the JSON form (a record starting with `{`): journals written by earlier
 //! versions keep working, file segments and MySQL's `journal.record` alike. Every length is
@@ -38,6 +39,7 @@ const KNOWN_FLAGS: u8 = (1 << 5) - 1;
 // How a fingerprint is stored.
 const FINGERPRINT_TEXT: u8 = 0;
 const FINGERPRINT_HEX32: u8 = 1;
+const FINGERPRINT_HEX16: u8 = 2;
 
 /// Why bytes are not a record.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -212,11 +214,16 @@ fn hex_value(digit: u8) -> Option<u8> {
     }
 }
 
-/// 64 lowercase hex digits become their 32 bytes; anything else is kept as text.
+/// 32 or 64 lowercase hex digits become their 16 or 32 bytes; anything else is kept as text.
 fn put_fingerprint(out: &mut Vec<u8>, fingerprint: &str) {
     let digits = fingerprint.as_bytes();
-    if digits.len() == 64 && digits.iter().all(|&d| hex_value(d).is_some()) {
-        out.push(FINGERPRINT_HEX32);
+    let form = match digits.len() {
+        32 => FINGERPRINT_HEX16,
+        64 => FINGERPRINT_HEX32,
+        _ => FINGERPRINT_TEXT,
+    };
+    if form != FINGERPRINT_TEXT && digits.iter().all(|&d| hex_value(d).is_some()) {
+        out.push(form);
         for pair in digits.chunks_exact(2) {
             let (high, low) = (hex_value(pair[0]), hex_value(pair[1]));
             out.push(high.unwrap_or(0) << 4 | low.unwrap_or(0));
@@ -320,10 +327,11 @@ impl<'a> Reader<'a> {
 
     fn fingerprint(&mut self) -> Result<String, DecodeError> {
         match self.byte("fingerprint")? {
-            FINGERPRINT_HEX32 => {
+            form @ (FINGERPRINT_HEX16 | FINGERPRINT_HEX32) => {
                 const DIGITS: &[u8; 16] = b"0123456789abcdef";
-                let bytes = self.bytes(32, "fingerprint")?;
-                let mut text = String::with_capacity(64);
+                let length = if form == FINGERPRINT_HEX16 { 16 } else { 32 };
+                let bytes = self.bytes(length, "fingerprint")?;
+                let mut text = String::with_capacity(2 * length);
                 for byte in bytes {
                     text.push(char::from(DIGITS[usize::from(byte >> 4)]));
                     text.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
@@ -537,7 +545,7 @@ mod tests {
     fn answer() -> impl Strategy<Value = (IdempotencyKey, StoredAnswer)> {
         (
             "[!-~]{1,60}",
-            prop_oneof!["[0-9a-f]{64}", ".{0,70}"],
+            prop_oneof!["[0-9a-f]{64}", "[0-9a-f]{32}", ".{0,70}"],
             any::<u16>(),
             ".{0,200}",
             any::<i64>(),

@@ -3,6 +3,13 @@
 //! Answers that placed an order are journaled with the order and kept here for the retention period
 //! (they come back at start-up). Answers that placed nothing (`404`, `409 out_of_stock`) live only in
 //! a bounded map: a flood of rejections costs no disk write and no unbounded memory.
+//!
+//! A request is known by its [`Fingerprint`]: xxh3-128 (seed 0, fixed: durable answers keep it, so
+//! it must come out the same after a restart and in the next version) of the request's canonical
+//! form, as 32 hex digits. Answers kept by earlier versions carry SHA-256 (64 hex digits); those are
+//! compared by SHA-256 of the same canonical form, so a retry across an upgrade still replays. The
+//! hash is not cryptographic: a client can make two bodies collide only under its own key, and
+//! gets its own first answer back.
 
 use super::records::StoredAnswer;
 use crate::domain::IdempotencyKey;
@@ -54,6 +61,66 @@ pub enum KeyError {
     Reused,
 }
 
+/// What a request's fingerprint is compared with: a stored answer's fingerprint text.
+pub trait Fingerprinted {
+    /// The fingerprint kept with a new answer.
+    fn text(&self) -> &str;
+    /// Whether `stored` (a kept answer's fingerprint) names this same request.
+    fn matches(&self, stored: &str) -> bool;
+}
+
+/// A fingerprint given as its text (tests, and callers that compare texts as they are).
+impl Fingerprinted for str {
+    fn text(&self) -> &str {
+        self
+    }
+
+    fn matches(&self, stored: &str) -> bool {
+        stored == self
+    }
+}
+
+/// The fingerprint of a request: xxh3-128 of its canonical form (see the module doc).
+#[derive(Debug, Clone)]
+pub struct Fingerprint {
+    canonical: Vec<u8>,
+    text: String,
+}
+
+impl Fingerprint {
+    /// The fingerprint of a request whose canonical form is `canonical` (the same request must
+    /// always give the same bytes: the checkout re-serialises the parsed body).
+    pub fn of(canonical: Vec<u8>) -> Self {
+        let digest = xxhash_rust::xxh3::xxh3_128(&canonical);
+        Self {
+            text: crate::random::hex(&digest.to_be_bytes()),
+            canonical,
+        }
+    }
+
+    /// The text kept with the answer.
+    pub fn into_text(self) -> String {
+        self.text
+    }
+}
+
+impl Fingerprinted for Fingerprint {
+    fn text(&self) -> &str {
+        &self.text
+    }
+
+    fn matches(&self, stored: &str) -> bool {
+        match stored.len() {
+            // An earlier version's SHA-256: a retry across the upgrade replays all the same.
+            64 => {
+                use sha2::Digest;
+                crate::random::hex(&sha2::Sha256::digest(&self.canonical)) == stored
+            }
+            _ => stored == self.text,
+        }
+    }
+}
+
 enum Slot {
     InFlight {
         fingerprint: String,
@@ -102,8 +169,11 @@ impl IdempotencyStore {
         lock(&self.slots[shard]).insert(key, Slot::Finished(Arc::new(answer)));
     }
 
-    fn check(fingerprint: &str, answer: &Arc<StoredAnswer>) -> Result<Begin, KeyError> {
-        if answer.fingerprint == fingerprint {
+    fn check<F: Fingerprinted + ?Sized>(
+        fingerprint: &F,
+        answer: &Arc<StoredAnswer>,
+    ) -> Result<Begin, KeyError> {
+        if fingerprint.matches(&answer.fingerprint) {
             Ok(Begin::Replay(Arc::clone(answer)))
         } else {
             Err(KeyError::Reused)
@@ -111,10 +181,10 @@ impl IdempotencyStore {
     }
 
     /// Marks the key in flight, or says how it was used before.
-    pub fn begin(
+    pub fn begin<F: Fingerprinted + ?Sized>(
         &self,
         key: &IdempotencyKey,
-        fingerprint: &str,
+        fingerprint: &F,
         now_ms: i64,
     ) -> Result<Begin, KeyError> {
         let shard = shard_of(key);
@@ -140,7 +210,7 @@ impl IdempotencyStore {
         slots.insert(
             key.clone(),
             Slot::InFlight {
-                fingerprint: fingerprint.to_owned(),
+                fingerprint: fingerprint.text().to_owned(),
                 expired,
             },
         );
@@ -289,6 +359,43 @@ mod tests {
             body: format!("{{\"status\":{status}}}"),
             at_ms,
         }
+    }
+
+    #[test]
+    fn a_fingerprint_is_the_same_in_every_run_and_version() {
+        // Durable answers keep it: a change here would turn every retry after an upgrade into a
+        // 422. The value is xxh3-128 (seed 0) of these bytes, big-endian, in hex.
+        let canonical = br#"{"cart_id":null,"items":[{"sku":"sku-1","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#;
+        let fingerprint = Fingerprint::of(canonical.to_vec());
+        assert_eq!(fingerprint.text().len(), 32);
+        assert_eq!(
+            fingerprint.text(),
+            crate::random::hex(&xxhash_rust::xxh3::xxh3_128(canonical).to_be_bytes())
+        );
+        assert_eq!(fingerprint.text(), PINNED_FINGERPRINT);
+        assert!(!Fingerprint::of(b"{}".to_vec()).matches(fingerprint.text()));
+    }
+
+    /// xxh3-128 of the canonical form in the test above, as Python's `xxhash` package computes it
+    /// (`xxhash.xxh3_128(bytes, seed=0).hexdigest()`): an implementation of its own agrees.
+    const PINNED_FINGERPRINT: &str = "072a091d8e5a078426313cbbc8f9181b";
+
+    #[test]
+    fn an_answer_an_earlier_version_kept_under_sha256_replays_for_the_same_request_only() {
+        use sha2::Digest;
+        let canonical = b"{\"customer_id\":\"c\"}".to_vec();
+        let old = crate::random::hex(&sha2::Sha256::digest(&canonical));
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
+        let k = key("upgraded");
+        store.restore(k.clone(), answer(&old, 201, 0));
+        match store.begin(&k, &Fingerprint::of(canonical), 1) {
+            Ok(Begin::Replay(a)) => assert_eq!(a.status, 201),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        assert_eq!(
+            store.begin(&k, &Fingerprint::of(b"{\"customer_id\":\"d\"}".to_vec()), 1),
+            Err(KeyError::Reused)
+        );
     }
 
     #[test]

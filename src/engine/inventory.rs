@@ -24,7 +24,6 @@
 use crate::domain::Sku;
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
-use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -133,29 +132,18 @@ pub enum SetStockError {
     },
 }
 
-thread_local! {
-    /// This thread's home shard number, given out round robin on first use so that threads spread
-    /// evenly over the shards.
-    static HOME_SHARD: Cell<usize> = const { Cell::new(usize::MAX) };
-}
-
-static NEXT_HOME_SHARD: AtomicUsize = AtomicUsize::new(0);
-
 /// Gives the calling thread home shard `index` (modulo the shard count): a per-core worker takes
-/// its own number, so each worker reserves from a shard no other worker's home.
+/// its own number, so each worker reserves from a shard no other worker's home. (The thread's slot
+/// number, `sync::set_thread_slot`: the same number picks its copy of the metrics.)
 pub fn set_home_shard(index: usize) {
-    HOME_SHARD.with(|home| home.set(index));
+    crate::sync::set_thread_slot(index);
 }
 
+/// The calling thread's home shard: its slot number (given out round robin to threads that were
+/// given none), modulo the shard count.
+#[inline]
 fn home_shard(shard_count: usize) -> usize {
-    HOME_SHARD.with(|home| {
-        let mut value = home.get();
-        if value == usize::MAX {
-            value = NEXT_HOME_SHARD.fetch_add(1, Ordering::Relaxed);
-            home.set(value);
-        }
-        value % shard_count
-    })
+    crate::sync::thread_slot() % shard_count
 }
 
 impl SkuStock {

@@ -448,6 +448,16 @@ impl Engine {
         Some((product.clone(), self.inventory.view(*index)))
     }
 
+    /// True if `sku` is known and flagged sold out: one map lookup and one load, nothing
+    /// allocated or locked. The checkout asks it first for a one-line order, so the flood of a
+    /// flash sale is answered before anything else is built; [`Engine::reserve`] gives the same
+    /// answer (it checks the same flag first).
+    pub fn is_sold_out(&self, sku: &Sku) -> bool {
+        self.inventory
+            .lookup(sku)
+            .is_some_and(|index| self.inventory.is_sold_out(index))
+    }
+
     /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
     /// lock: a sold-out SKU costs one load), then mixed currencies.
     pub fn reserve(&self, lines: &[(Sku, Quantity)]) -> Result<Reservation, EngineError> {
