@@ -1,13 +1,26 @@
-//! Group commit, shared by every journal: appenders encode their record on their own thread, take
-//! the next lsn and event seq under one short lock and queue the record; one writer (a thread for
-//! the file journal, a task for MySQL) takes everything queued as one batch, commits it, and answers
-//! every waiter of the batch. While it commits, the next batch accumulates, so batches grow with
-//! load by themselves and a lone appender waits for exactly one commit.
+//! Group commit, shared by every journal: appenders encode their record on their own thread and
+//! queue it; one writer (a thread for the file journal, a task for MySQL) takes everything queued
+//! as one batch, commits it, and answers every waiter of the batch. While it commits, the next batch
+//! accumulates, so batches grow with load by themselves and a lone appender waits for exactly one
+//! commit.
+//!
+//! **Per-core batching.** Each core slot (`sync::PerCore`: a per-core worker's own) has a queue of
+//! its own, so appenders on different cores never take the same lock or write the same cache line.
+//! The writer takes the queues in turn (starting one further each time, so that no core waits
+//! behind the others) and numbers what it takes: lsns and event seqs are given in the order of the
+//! batch, which is the order of the log. Records queued at the same time are independent of one
+//! another (an order or a product has one change in flight at most, and every change is decided
+//! against durable state: the engine's `busy` flag), so the order in which the writer merges
+//! them is free; one core's records keep the order they were queued in. Appends stop (a failure,
+//! `close`) by clearing `open` and then draining every queue under its lock; an appender checks
+//! `open` under its queue's lock, so no record is queued behind a drain. The writer sleeps until
+//! an appender finds its queue empty and wakes it (`unpark` for a thread, `Notify` for a task: a
+//! wake-up given before the writer sleeps is kept).
 
 use super::{Appended, JournalError, JournalStats, Ticket};
 use crate::engine::records::{Event, Record};
-use crate::sync::lock;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{lock, PerCore};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use tokio::sync::{oneshot, Notify};
 
@@ -54,30 +67,40 @@ enum Phase {
     Failed(JournalError),
 }
 
-struct Queue {
-    entries: Vec<Entry>,
+/// What only the writer and the rare control calls (failure, recovery, close) touch.
+struct Control {
     next_lsn: u64,
     next_event_seq: u64,
     phase: Phase,
     /// Set by `close`: no new appends; the writer drains what is queued and stops.
     closing: bool,
+    /// Which core's queue the next take starts with.
+    next_core: usize,
 }
 
-/// The most records waiting for the writer; past it appends are refused as overloaded
-/// (backpressure: a record that is not queued has changed nothing).
+/// The most records waiting for the writer (over all cores); past it appends are refused as
+/// overloaded (backpressure: a record that is not queued has changed nothing). Each core's queue
+/// takes its share.
 pub const QUEUE_RECORDS_MAX: usize = 65_536;
 
-/// The queue between appenders and the one writer.
+/// One core's queue: records not numbered yet (their lsn and seqs are given when taken).
+type CoreQueue = Mutex<Vec<Entry>>;
+
+/// The queues between appenders and the one writer.
 pub(crate) struct Pipeline {
-    queue: Mutex<Queue>,
-    /// False once the pipeline failed or closed: lets `health` answer without the queue's lock.
+    control: Mutex<Control>,
+    /// One queue per core slot.
+    cores: PerCore<CoreQueue>,
+    /// The most records one core's queue holds.
+    core_records_max: usize,
+    /// False once the pipeline failed or closed: appenders read it under their queue's lock.
     open: AtomicBool,
-    /// How many records wait for the writer (kept beside the queue for `health`, lock-free).
-    queued: AtomicUsize,
-    /// Wakes a writer thread.
-    wake_thread: Condvar,
+    /// The writer thread, once it first waited (woken with `unpark`).
+    writer_thread: OnceLock<std::thread::Thread>,
     /// Wakes a writer task.
     wake_task: Notify,
+    /// Wakes whoever waits for `close` ([`Self::wait_closing`]).
+    closed: Condvar,
     /// Counters for `/metrics`.
     pub stats: JournalStats,
     /// Where committed batches go next, if anything follows this journal.
@@ -91,18 +114,22 @@ impl Pipeline {
     /// An empty pipeline whose next record gets `next_lsn` and whose next event gets
     /// `next_event_seq`.
     pub fn new(next_lsn: u64, next_event_seq: u64) -> Self {
+        let cores: PerCore<CoreQueue> = PerCore::new_with(|| Mutex::new(Vec::with_capacity(256)));
+        let core_records_max = (QUEUE_RECORDS_MAX / cores.iter().count()).max(1);
         Self {
-            queue: Mutex::new(Queue {
-                entries: Vec::with_capacity(1024),
+            control: Mutex::new(Control {
                 next_lsn,
                 next_event_seq,
                 phase: Phase::Open,
                 closing: false,
+                next_core: 0,
             }),
+            cores,
+            core_records_max,
             open: AtomicBool::new(true),
-            queued: AtomicUsize::new(0),
-            wake_thread: Condvar::new(),
+            writer_thread: OnceLock::new(),
             wake_task: Notify::new(),
+            closed: Condvar::new(),
             stats: JournalStats::default(),
             sink: OnceLock::new(),
             durable_event_seq: AtomicU64::new(next_event_seq.saturating_sub(1)),
@@ -122,6 +149,15 @@ impl Pipeline {
         }
     }
 
+    /// Why appends are refused now (the pipeline is not open).
+    fn refusal(&self) -> JournalError {
+        let control = lock(&self.control);
+        match &control.phase {
+            Phase::Failed(error) => error.clone(),
+            Phase::Open => JournalError::Closed,
+        }
+    }
+
     /// Queues a record; the ticket resolves when the writer has committed it.
     pub fn submit(&self, record: Record) -> Ticket {
         let payload = crate::engine::codec::encode(&record);
@@ -134,83 +170,96 @@ impl Pipeline {
                 ),
             });
         }
-        // The events are built before the lock (allocations, id clones) and numbered under it.
-        let mut events = record.events(0);
+        // The events are built here (allocations, id clones), seqs counted from 0; the writer
+        // adds the record's first seq when it numbers the batch.
+        let events = record.events(0);
         let (waiter, receiver) = oneshot::channel();
-        let mut queue = lock(&self.queue);
-        if queue.closing {
-            return Ticket::failed(JournalError::Closed);
+        let mut queue = lock(self.cores.local());
+        if !self.open.load(Ordering::Acquire) {
+            drop(queue);
+            return Ticket::failed(self.refusal());
         }
-        if let Phase::Failed(error) = &queue.phase {
-            return Ticket::failed(error.clone());
+        if queue.len() >= self.core_records_max {
+            return Ticket::failed(JournalError::Overloaded(queue.len()));
         }
-        if queue.entries.len() >= QUEUE_RECORDS_MAX {
-            return Ticket::failed(JournalError::Overloaded(queue.entries.len()));
-        }
-        let lsn = queue.next_lsn;
-        let first_event_seq = queue.next_event_seq;
-        queue.next_lsn += 1;
-        queue.next_event_seq += u64::from(record.event_count());
-        for event in &mut events {
-            event.seq += first_event_seq;
-        }
-        queue.entries.push(Entry {
-            lsn,
-            first_event_seq,
+        queue.push(Entry {
+            lsn: 0,
+            first_event_seq: 0,
             record,
             payload,
             events,
             waiter,
         });
-        let writer_may_sleep = queue.entries.len() == 1;
-        self.queued.store(queue.entries.len(), Ordering::Relaxed);
+        let writer_may_sleep = queue.len() == 1;
         drop(queue);
         if writer_may_sleep {
-            self.wake_thread.notify_one();
-            self.wake_task.notify_one();
+            self.wake_writer();
         }
         Ticket::waiting(receiver)
     }
 
-    fn take_from(&self, queue: &mut Queue, max: usize, spare: &mut Vec<Entry>) {
-        if queue.entries.len() <= max {
-            std::mem::swap(&mut queue.entries, spare);
-        } else {
-            spare.extend(queue.entries.drain(..max));
+    fn wake_writer(&self) {
+        if let Some(thread) = self.writer_thread.get() {
+            thread.unpark();
         }
-        self.queued.store(queue.entries.len(), Ordering::Relaxed);
+        self.wake_task.notify_one();
+    }
+
+    /// Moves up to `max` queued records into `batch`, numbering them; true if it took any.
+    fn take_from_cores(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
+        let mut control = lock(&self.control);
+        let cores: Vec<&CoreQueue> = self.cores.iter().collect();
+        let start = control.next_core % cores.len();
+        control.next_core = start + 1;
+        for offset in 0..cores.len() {
+            let room = max.saturating_sub(batch.len());
+            if room == 0 {
+                break;
+            }
+            let mut queue = lock(cores[(start + offset) % cores.len()]);
+            let taken = queue.len().min(room);
+            for mut entry in queue.drain(..taken) {
+                entry.lsn = control.next_lsn;
+                entry.first_event_seq = control.next_event_seq;
+                control.next_lsn += 1;
+                control.next_event_seq += u64::from(entry.record.event_count());
+                for event in &mut entry.events {
+                    event.seq += entry.first_event_seq;
+                }
+                batch.push(entry);
+            }
+        }
+        !batch.is_empty()
     }
 
     /// Blocks until records are queued, then moves up to `max` of them into `batch` (which must be
-    /// empty). Returns false once the pipeline is closed or failed and nothing is left.
+    /// empty), numbered. Returns false once the pipeline is closed and nothing is left. Always
+    /// called from the same writer thread.
     pub fn take_blocking(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
-        let mut queue = lock(&self.queue);
-        while queue.entries.is_empty() && !queue.closing {
-            queue = self
-                .wake_thread
-                .wait(queue)
-                .unwrap_or_else(|e| e.into_inner());
+        self.writer_thread.get_or_init(std::thread::current);
+        loop {
+            // Read before the queues: a record queued before `close` is found by this take.
+            let closing = lock(&self.control).closing;
+            if self.take_from_cores(max, batch) {
+                return true;
+            }
+            if closing {
+                return false;
+            }
+            std::thread::park();
         }
-        if queue.entries.is_empty() {
-            return false;
-        }
-        self.take_from(&mut queue, max, batch);
-        true
     }
 
     /// As [`Self::take_blocking`], for a writer task.
     pub async fn take(&self, max: usize, batch: &mut Vec<Entry>) -> bool {
         loop {
             let notified = self.wake_task.notified();
-            {
-                let mut queue = lock(&self.queue);
-                if !queue.entries.is_empty() {
-                    self.take_from(&mut queue, max, batch);
-                    return true;
-                }
-                if queue.closing {
-                    return false;
-                }
+            let closing = lock(&self.control).closing;
+            if self.take_from_cores(max, batch) {
+                return true;
+            }
+            if closing {
+                return false;
             }
             notified.await;
         }
@@ -275,15 +324,14 @@ impl Pipeline {
     /// knows what became of it.
     pub fn mark_failed(&self, error: JournalError) {
         tracing::error!(%error, "journal write failed; refusing appends until it recovers");
-        let queued = {
-            let mut queue = lock(&self.queue);
-            queue.phase = Phase::Failed(error.clone());
-            self.open.store(false, Ordering::Release);
-            self.queued.store(0, Ordering::Relaxed);
-            std::mem::take(&mut queue.entries)
-        };
-        let mut queued = queued;
-        Self::answer_failed(&mut queued, &error);
+        lock(&self.control).phase = Phase::Failed(error.clone());
+        self.open.store(false, Ordering::Release);
+        // After `open` is cleared: an appender that saw it set has queued under its queue's lock,
+        // which this drain waits for.
+        for queue in self.cores.iter() {
+            let mut queued = std::mem::take(&mut *lock(queue));
+            Self::answer_failed(&mut queued, &error);
+        }
     }
 
     /// Answers every waiter of `batch` with `error` (and empties it).
@@ -295,13 +343,13 @@ impl Pipeline {
 
     /// Takes appends again after a failure, numbering from the durable end the writer found.
     pub fn reopen(&self, next_lsn: u64, next_event_seq: u64) {
-        let mut queue = lock(&self.queue);
-        queue.next_lsn = next_lsn;
-        queue.next_event_seq = next_event_seq;
+        let mut control = lock(&self.control);
+        control.next_lsn = next_lsn;
+        control.next_event_seq = next_event_seq;
         self.durable_event_seq
             .fetch_max(next_event_seq.saturating_sub(1), Ordering::Release);
-        queue.phase = Phase::Open;
-        if !queue.closing {
+        control.phase = Phase::Open;
+        if !control.closing {
             self.open.store(true, Ordering::Release);
         }
         tracing::info!(next_lsn, "journal recovered; taking appends again");
@@ -310,42 +358,43 @@ impl Pipeline {
     /// Refuses new appends; the writer drains what is queued and stops.
     pub fn close(&self) {
         {
-            let mut queue = lock(&self.queue);
-            queue.closing = true;
+            let mut control = lock(&self.control);
+            control.closing = true;
             self.open.store(false, Ordering::Release);
         }
-        self.wake_thread.notify_all();
-        self.wake_task.notify_one();
+        self.closed.notify_all();
+        self.wake_writer();
     }
 
     /// True once [`Self::close`] was called.
     pub fn is_closing(&self) -> bool {
-        lock(&self.queue).closing
+        lock(&self.control).closing
     }
 
     /// Waits up to `timeout` for [`Self::close`]; true if it was called.
     pub fn wait_closing(&self, timeout: std::time::Duration) -> bool {
-        let queue = lock(&self.queue);
-        let (queue, _) = self
-            .wake_thread
-            .wait_timeout_while(queue, timeout, |q| !q.closing)
+        let control = lock(&self.control);
+        let (control, _) = self
+            .closed
+            .wait_timeout_while(control, timeout, |c| !c.closing)
             .unwrap_or_else(|e| e.into_inner());
-        queue.closing
+        control.closing
     }
 
     /// `Ok` while appends are accepted; the reason they are not otherwise.
     pub fn health(&self) -> Result<(), JournalError> {
         if self.open.load(Ordering::Acquire) {
-            let queued = self.queued.load(Ordering::Relaxed);
-            if queued >= QUEUE_RECORDS_MAX {
+            // The caller's own core's queue: that is where its append would go.
+            let queued = lock(self.cores.local()).len();
+            if queued >= self.core_records_max {
                 return Err(JournalError::Overloaded(queued));
             }
             return Ok(());
         }
-        let queue = lock(&self.queue);
-        match &queue.phase {
+        let control = lock(&self.control);
+        match &control.phase {
             Phase::Failed(error) => Err(error.clone()),
-            Phase::Open if queue.closing => Err(JournalError::Closed),
+            Phase::Open if control.closing => Err(JournalError::Closed),
             Phase::Open => Ok(()),
         }
     }
@@ -370,21 +419,155 @@ pub(crate) mod tests {
         }
     }
 
+    /// A writer thread that commits every batch at once, until the pipeline closes; returns the
+    /// lsns in the order it committed them, with the product each record names.
+    fn run_writer(pipeline: &Pipeline) -> Vec<(u64, String)> {
+        let mut log = Vec::new();
+        let mut batch = Vec::new();
+        while pipeline.take_blocking(64, &mut batch) {
+            for entry in &batch {
+                if let Record::Product { product } = &entry.record {
+                    log.push((entry.lsn, product.sku.as_str().to_owned()));
+                }
+            }
+            pipeline.committed(&mut batch, 0, 0, &[]);
+        }
+        log
+    }
+
+    #[test]
+    fn appends_from_many_cores_get_every_lsn_once_in_each_cores_order() {
+        // Proves: with one queue per core, the writer's numbering gives lsns 1..=N with no gap and
+        // no repeat, each append's ticket names the lsn its record was committed under, and one
+        // core's records keep the order they were appended in.
+        let pipeline = Pipeline::new(1, 1);
+        let (threads, per_thread) = (6usize, 3_000usize);
+        let (log, tickets) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| run_writer(&pipeline));
+            let appenders: Vec<_> = (0..threads)
+                .map(|thread| {
+                    let pipeline = &pipeline;
+                    scope.spawn(move || {
+                        crate::sync::set_thread_slot(thread);
+                        (0..per_thread)
+                            .map(|n| {
+                                let sku = format!("t{thread}-{n}");
+                                let ticket = pipeline.submit(Record::Product {
+                                    product: Product {
+                                        sku: Sku::parse(sku.clone()).unwrap(),
+                                        name: "p".into(),
+                                        price_cents: Cents::parse(1).unwrap(),
+                                        currency: Currency::parse("EUR").unwrap(),
+                                        stock: Stock::parse(1).unwrap(),
+                                    },
+                                });
+                                (sku, ticket)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            let tickets: Vec<(String, Ticket)> = appenders
+                .into_iter()
+                .flat_map(|a| a.join().unwrap())
+                .collect();
+            let tickets: Vec<(String, u64)> = tickets
+                .into_iter()
+                .map(|(sku, ticket)| (sku, ticket.wait().expect("committed").lsn))
+                .collect();
+            pipeline.close();
+            (writer.join().unwrap(), tickets)
+        });
+        let total = threads * per_thread;
+        let lsns: Vec<u64> = log.iter().map(|(lsn, _)| *lsn).collect();
+        assert_eq!(lsns, (1..=total as u64).collect::<Vec<_>>());
+        let by_sku: std::collections::HashMap<&str, u64> =
+            log.iter().map(|(lsn, sku)| (sku.as_str(), *lsn)).collect();
+        for (sku, lsn) in &tickets {
+            assert_eq!(by_sku.get(sku.as_str()), Some(lsn), "{sku}");
+        }
+        for thread in 0..threads {
+            let own: Vec<u64> = (0..per_thread)
+                .map(|n| by_sku[format!("t{thread}-{n}").as_str()])
+                .collect();
+            assert!(
+                own.windows(2).all(|w| w[0] < w[1]),
+                "thread {thread} out of order"
+            );
+        }
+    }
+
+    #[test]
+    fn appends_racing_a_failure_or_a_close_all_get_an_answer() {
+        // Proves: an append racing `mark_failed` or `close` is either committed (under an lsn of
+        // the gapless log) or refused; none is left queued with no answer.
+        for close in [false, true] {
+            let pipeline = Pipeline::new(1, 1);
+            let submitted = std::sync::atomic::AtomicUsize::new(0);
+            let (log, answers) = std::thread::scope(|scope| {
+                let writer = scope.spawn(|| run_writer(&pipeline));
+                let appenders: Vec<_> = (0..4usize)
+                    .map(|thread| {
+                        let (pipeline, submitted) = (&pipeline, &submitted);
+                        scope.spawn(move || {
+                            crate::sync::set_thread_slot(thread);
+                            (0..2_000)
+                                .map(|n| {
+                                    submitted.fetch_add(1, Ordering::Relaxed);
+                                    pipeline.submit(record(thread * 10_000 + n))
+                                })
+                                .collect::<Vec<_>>()
+                        })
+                    })
+                    .collect();
+                // Stop while the appenders run (they submit 8,000 in all).
+                while submitted.load(Ordering::Relaxed) < 1_000 {
+                    std::thread::yield_now();
+                }
+                if close {
+                    pipeline.close();
+                } else {
+                    pipeline.mark_failed(JournalError::Unknown("stop".into()));
+                    pipeline.close();
+                }
+                let answers: Vec<_> = appenders
+                    .into_iter()
+                    .flat_map(|a| a.join().unwrap())
+                    .map(Ticket::wait)
+                    .collect();
+                (writer.join().unwrap(), answers)
+            });
+            let committed: Vec<u64> = answers
+                .iter()
+                .filter_map(|a| a.as_ref().ok())
+                .map(|a| a.lsn)
+                .collect();
+            assert_eq!(committed.len(), log.len(), "close {close}");
+            let lsns: Vec<u64> = log.iter().map(|(lsn, _)| *lsn).collect();
+            assert_eq!(lsns, (1..=log.len() as u64).collect::<Vec<_>>());
+            assert!(answers
+                .iter()
+                .filter(|a| a.is_err())
+                .all(|a| matches!(a, Err(JournalError::Closed | JournalError::Unknown(_)))));
+        }
+    }
+
     #[test]
     fn a_full_queue_refuses_appends_as_overloaded_and_changes_nothing() {
-        // Proves: past QUEUE_RECORDS_MAX records waiting for the writer, an append is refused at
+        // Proves: past its core's share of QUEUE_RECORDS_MAX records waiting for the writer, an append is refused at
         // once (nothing queued, so nothing changed) and health says why; room comes back when
         // the writer takes a batch.
         let pipeline = Pipeline::new(1, 1);
-        let mut tickets = Vec::with_capacity(QUEUE_RECORDS_MAX);
-        for n in 0..QUEUE_RECORDS_MAX {
+        let max = pipeline.core_records_max;
+        let mut tickets = Vec::with_capacity(max);
+        for n in 0..max {
             tickets.push(pipeline.submit(record(n)));
         }
         assert!(matches!(
             pipeline.health(),
-            Err(JournalError::Overloaded(QUEUE_RECORDS_MAX))
+            Err(JournalError::Overloaded(n)) if n == max
         ));
-        let refused = pipeline.submit(record(QUEUE_RECORDS_MAX)).wait();
+        let refused = pipeline.submit(record(max)).wait();
         assert!(
             matches!(refused, Err(JournalError::Overloaded(_))),
             "{refused:?}"
