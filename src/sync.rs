@@ -14,8 +14,9 @@
 //! `parking_lot`'s 1 ns per lock is below what any HTTP figure can show, and std's `Mutex` stays:
 //! one dependency fewer, and the sharded `FxHashMap`s are the better map (they already are what
 //! `dashmap` is, with one hash per operation). `crossbeam`'s queues are not used either: the
-//! journal's queue lock also numbers records in commit order (LSNs, event seqs), which a lock-free
-//! queue alone cannot do, and the stock counters are plain atomics (`engine::inventory`).
+//! journal's append queues are one `Mutex<Vec>` per core, which only the core's own appenders and
+//! the writer's take touch, and the writer numbers records (LSNs, event seqs) as it takes them
+//! (`journal::pipeline`); the stock counters are plain atomics (`engine::inventory`).
 
 use std::cell::Cell;
 use std::hash::{BuildHasher, Hash};
