@@ -579,4 +579,230 @@ pub(crate) mod tests {
         pipeline.committed(&mut batch, 0, 0, &[]);
         assert_eq!(tickets.remove(0).wait().map(|a| a.lsn), Ok(1));
     }
+
+    /// A new order released at once (two events), named `o{n}`: a record that carries events.
+    fn order_record(n: usize) -> Record {
+        use crate::domain::{CustomerId, OrderId};
+        use crate::engine::order::{Order, OrderItem, OrderStatus};
+        Record::Order {
+            order: Order {
+                order_id: OrderId::parse(format!("o{n}")).unwrap(),
+                status: OrderStatus::Released,
+                customer_id: CustomerId::parse("c").unwrap(),
+                items: vec![OrderItem {
+                    sku: Sku::parse("s1").unwrap(),
+                    quantity: 1,
+                    unit_price_cents: Cents::parse(1).unwrap(),
+                }],
+                total_cents: 1,
+                currency: Currency::parse("EUR").unwrap(),
+                created_at_ms: 0,
+                hold_deadline_ms: 0,
+                payment_id: None,
+                payment_due: None,
+            },
+            previous: None,
+            entered: vec![OrderStatus::Reserved, OrderStatus::Released],
+            at_ms: 0,
+            answer: None,
+            replaces_expired_key: false,
+        }
+    }
+
+    /// The name a test record carries (its product's SKU or its order's id).
+    fn name_of(record: &Record) -> String {
+        match record {
+            Record::Product { product } => product.sku.as_str().to_owned(),
+            Record::Order { order, .. } => order.order_id.as_str().to_owned(),
+            Record::Payments { .. } => String::new(),
+        }
+    }
+
+    /// One durable record as a test writer saw it: lsn, first event seq, its events' seqs, name.
+    type Logged = (u64, u64, Vec<u64>, String);
+
+    #[test]
+    fn failures_and_reopens_racing_appends_keep_lsns_and_event_seqs_gapless() {
+        // Proves: with appends from threads spread over fewer queues than threads, a writer that
+        // fails a batch now and then (as the file journal's recovery does: refuse, fail what is
+        // queued and the batch, renumber from the durable end) leaves a log whose lsns are
+        // 1..=N and whose event seqs are 1..=M in lsn order, every ticket resolves, a committed
+        // ticket names the lsn and first seq its record was logged under, and no failed record
+        // is in the log.
+        let pipeline = Pipeline::new(1, 1);
+        let (threads, per_thread) = (6usize, 1_500usize);
+        let (log, answers) = std::thread::scope(|scope| {
+            let writer = scope.spawn(|| {
+                let mut log: Vec<Logged> = Vec::new();
+                let mut batch = Vec::new();
+                let (mut durable_lsn, mut durable_seq) = (0u64, 1u64);
+                let mut batches = 0u64;
+                while pipeline.take_blocking(16, &mut batch) {
+                    batches += 1;
+                    if batches % 5 == 3 {
+                        let error = JournalError::Unknown("simulated failure".into());
+                        pipeline.mark_failed(error.clone());
+                        Pipeline::answer_failed(&mut batch, &error);
+                        pipeline.reopen(durable_lsn + 1, durable_seq);
+                        continue;
+                    }
+                    for entry in &batch {
+                        log.push((
+                            entry.lsn,
+                            entry.first_event_seq,
+                            entry.events.iter().map(|e| e.seq).collect(),
+                            name_of(&entry.record),
+                        ));
+                    }
+                    let last = batch.last().expect("a batch is never empty");
+                    durable_lsn = last.lsn;
+                    durable_seq = last.first_event_seq + u64::from(last.record.event_count());
+                    pipeline.committed(&mut batch, 0, 0, &[]);
+                }
+                log
+            });
+            let appenders: Vec<_> = (0..threads)
+                .map(|thread| {
+                    let pipeline = &pipeline;
+                    scope.spawn(move || {
+                        // Pairs of threads share a queue; the last pair takes slots round robin.
+                        if thread < 4 {
+                            crate::sync::set_thread_slot(thread / 2);
+                        }
+                        let mut tickets = Vec::with_capacity(per_thread);
+                        let mut answers = Vec::with_capacity(per_thread);
+                        for n in 0..per_thread {
+                            let id = thread * 100_000 + n;
+                            let record = if n % 2 == 0 {
+                                record(id)
+                            } else {
+                                order_record(id)
+                            };
+                            let name = name_of(&record);
+                            let ticket = pipeline.submit(record);
+                            // Every few appends, wait: the writer goes to sleep and wakes often.
+                            if n % 7 == 0 {
+                                answers.push((name, ticket.wait()));
+                            } else {
+                                tickets.push((name, ticket));
+                            }
+                        }
+                        answers.extend(
+                            tickets
+                                .into_iter()
+                                .map(|(name, ticket)| (name, ticket.wait())),
+                        );
+                        answers
+                    })
+                })
+                .collect();
+            let answers: Vec<(String, Result<Appended, JournalError>)> = appenders
+                .into_iter()
+                .flat_map(|a| a.join().unwrap())
+                .collect();
+            pipeline.close();
+            (writer.join().unwrap(), answers)
+        });
+        assert_eq!(
+            log.iter().map(|l| l.0).collect::<Vec<_>>(),
+            (1..=log.len() as u64).collect::<Vec<_>>(),
+            "lsns"
+        );
+        let seqs: Vec<u64> = log.iter().flat_map(|l| l.2.iter().copied()).collect();
+        assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "seqs");
+        for (_, first, events, name) in &log {
+            if let Some(seq) = events.first() {
+                assert_eq!(seq, first, "{name}");
+            }
+        }
+        let by_name: std::collections::HashMap<&str, &Logged> =
+            log.iter().map(|l| (l.3.as_str(), l)).collect();
+        assert_eq!(by_name.len(), log.len(), "a record logged twice");
+        let mut committed = 0;
+        for (name, answer) in &answers {
+            match answer {
+                Ok(appended) => {
+                    committed += 1;
+                    let logged = by_name
+                        .get(name.as_str())
+                        .expect("committed but not logged");
+                    assert_eq!(
+                        (appended.lsn, appended.first_event_seq),
+                        (logged.0, logged.1),
+                        "{name}"
+                    );
+                }
+                Err(error) => {
+                    assert!(
+                        !by_name.contains_key(name.as_str()),
+                        "{name} failed: {error}"
+                    );
+                    assert!(
+                        matches!(error, JournalError::Unknown(_) | JournalError::Closed),
+                        "{error:?}"
+                    );
+                }
+            }
+        }
+        assert_eq!(committed, log.len());
+        assert!(answers.iter().any(|(_, a)| a.is_err()), "no failure raced");
+    }
+
+    #[test]
+    fn lone_appends_from_threads_sharing_queues_never_miss_a_wakeup() {
+        // Proves: appenders that each wait for their record before the next (so the writer
+        // empties every queue and goes to sleep between most records), some of them sharing a
+        // queue, always wake the writer, whether it is a thread (`park`) or a task (`Notify`);
+        // and `close` then stops either writer. A lost wake-up hangs this test.
+        for task in [false, true] {
+            let pipeline = Pipeline::new(1, 1);
+            let (threads, per_thread) = (5usize, 1_000usize);
+            let log = std::thread::scope(|scope| {
+                let writer = scope.spawn(|| {
+                    if !task {
+                        return run_writer(&pipeline);
+                    }
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .expect("runtime");
+                    runtime.block_on(async {
+                        let mut log = Vec::new();
+                        let mut batch = Vec::new();
+                        while pipeline.take(64, &mut batch).await {
+                            log.extend(batch.iter().map(|e| (e.lsn, name_of(&e.record))));
+                            pipeline.committed(&mut batch, 0, 0, &[]);
+                        }
+                        log
+                    })
+                });
+                let appenders: Vec<_> = (0..threads)
+                    .map(|thread| {
+                        let pipeline = &pipeline;
+                        scope.spawn(move || {
+                            if thread < 4 {
+                                crate::sync::set_thread_slot(thread % 2);
+                            }
+                            for n in 0..per_thread {
+                                let appended = pipeline
+                                    .submit(record(thread * 100_000 + n))
+                                    .wait()
+                                    .expect("committed");
+                                assert!(appended.lsn >= 1);
+                            }
+                        })
+                    })
+                    .collect();
+                for appender in appenders {
+                    appender.join().unwrap();
+                }
+                pipeline.close();
+                writer.join().unwrap()
+            });
+            assert_eq!(
+                log.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+                (1..=(threads * per_thread) as u64).collect::<Vec<_>>(),
+                "task {task}"
+            );
+        }
+    }
 }

@@ -1,7 +1,7 @@
 //! The per-core runtime under attack: stock, idempotency and the connection bound across workers,
 //! SIGTERM and kill -9, more workers than cores, unpinned, and one CPU for the whole process.
 
-use crate::helpers::{eventually, start_with_env, Client, JsonBody};
+use crate::helpers::{eventually, metric, start_with_env, Client, JsonBody};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -432,4 +432,87 @@ async fn per_core_on_one_cpu_with_taskset_serves() {
         .status();
     let status = child.wait().expect("wait");
     assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_core_metrics_count_every_checkout_once_and_sold_out_answers_replay() {
+    // Proves: with checkouts spread over five workers (one metrics copy and one journal queue
+    // each), `/metrics` sums every worker's counts exactly: reservations, out-of-stock refusals
+    // (most of them answered by the sold-out flag before anything is reserved), replays and the
+    // checkout route's statuses; a retry of a refused checkout replays its 409, the same key
+    // with another body gets 422, and the stock identity holds.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let app = start_with_env(
+        &dir.path().join("data"),
+        &["--runtime", "per-core", "--workers", "5"],
+        &[],
+    );
+    let mut client = app.client();
+    assert_eq!(client.put_product("FLAG", 100, 13).await.status, 200);
+    let buyers = 240;
+    let placed = rush(app.addr, "FLAG", buyers, |_| 1).await;
+    assert_eq!(placed.len(), 13);
+    assert_eq!(client.stock("FLAG").await, (13, 0, 0, 13));
+    // Every key again, same body: the first answer back; then the same keys with another body.
+    let retries: Vec<_> = (0..buyers)
+        .map(|i| {
+            let addr = app.addr;
+            tokio::spawn(async move {
+                let mut client = Client::new(addr);
+                let key = format!("rush-FLAG-{i}");
+                let again = client
+                    .checkout(&key, "FLAG", 1, "tok_ok")
+                    .await
+                    .expect("an answer");
+                assert!(again.replayed, "{key}: {}", again.status);
+                let other = client
+                    .checkout(&key, "FLAG", 2, "tok_ok")
+                    .await
+                    .expect("an answer");
+                assert_eq!(other.status, 422, "{key}");
+                again.status
+            })
+        })
+        .collect();
+    let mut replayed_201 = 0;
+    for retry in retries {
+        match tokio::time::timeout(HANG, retry)
+            .await
+            .expect("hang")
+            .expect("task")
+        {
+            201 => replayed_201 += 1,
+            409 => {}
+            other => panic!("replayed {other}"),
+        }
+    }
+    assert_eq!(replayed_201, 13);
+    assert_eq!(client.stock("FLAG").await, (13, 0, 0, 13));
+    let refused = (buyers - 13) as f64;
+    assert_eq!(
+        metric(&mut client, "turnstile_reservations_total").await,
+        13.0
+    );
+    assert_eq!(
+        metric(&mut client, "turnstile_rejections_out_of_stock_total").await,
+        refused
+    );
+    assert_eq!(
+        metric(&mut client, "turnstile_idempotent_replays_total").await,
+        buyers as f64
+    );
+    let text = String::from_utf8_lossy(&client.get("/metrics").await.body).into_owned();
+    let requests = |status: u16| -> f64 {
+        text.lines()
+            .filter(|l| l.starts_with("turnstile_http_requests_total{"))
+            .filter(|l| l.contains("route=\"/v1/checkout\""))
+            .filter(|l| l.contains(&format!("status=\"{status}\"")))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert_eq!(requests(201), 26.0, "{text}");
+    assert_eq!(requests(409), 2.0 * refused, "{text}");
+    assert_eq!(requests(422), buyers as f64, "{text}");
+    let log = app.log();
+    assert!(!log.contains("panicked"), "{log}");
 }

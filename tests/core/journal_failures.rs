@@ -340,3 +340,150 @@ fn leftovers_of_an_interrupted_write_are_removed_at_start() {
         .iter()
         .any(|name| name.ends_with(".tmp")));
 }
+
+#[test]
+fn appends_from_many_threads_racing_failed_syncs_and_a_close_in_backoff_all_resolve_and_restart_intact(
+) {
+    // Proves, through the file journal: appends from threads spread over fewer queues than
+    // threads, racing batches whose sync fails (the writer refuses, renumbers from the durable
+    // end, recovers) and then a close while the writer waits in its backoff, all get an answer;
+    // `close` returns; and a restart reads every acknowledged record, under the lsn its ticket
+    // named, with lsns 1..=N and nothing that was refused as "nothing changed".
+    use std::collections::{HashMap, HashSet};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let disk = SimulatedDisk::new();
+    let journal_config = || FileJournalConfig {
+        batch_records_max: 8,
+        ..FileJournalConfig::default()
+    };
+    let (journal, _) = FileJournal::open(Arc::new(disk.machine()), journal_config()).expect("open");
+    let (threads, per_thread) = (6usize, 800usize);
+    let submitted = AtomicUsize::new(0);
+    let answers: Vec<(String, Result<u64, JournalError>)> = std::thread::scope(|scope| {
+        let appenders: Vec<_> = (0..threads)
+            .map(|thread| {
+                let (journal, submitted) = (&journal, &submitted);
+                scope.spawn(move || {
+                    // Pairs of threads share a queue; the last pair takes slots round robin.
+                    if thread < 4 {
+                        turnstile::engine::inventory::set_home_shard(thread / 2);
+                    }
+                    let mut answers = Vec::with_capacity(per_thread);
+                    let mut tickets = Vec::new();
+                    for n in 0..per_thread {
+                        let name = format!("t{thread}-{n}");
+                        let ticket = journal.append(Record::Product {
+                            product: product(&name, 1, 1),
+                        });
+                        submitted.fetch_add(1, Ordering::Relaxed);
+                        if n % 5 == 0 {
+                            answers.push((name, ticket.wait().map(|a| a.lsn)));
+                        } else {
+                            tickets.push((name, ticket));
+                        }
+                    }
+                    answers.extend(
+                        tickets
+                            .into_iter()
+                            .map(|(name, ticket)| (name, ticket.wait().map(|a| a.lsn))),
+                    );
+                    answers
+                })
+            })
+            .collect();
+        let total = threads * per_thread;
+        // A few single failed syncs while the appenders run: each fails one batch.
+        for step in 1..=4 {
+            while submitted.load(Ordering::Relaxed) < total * step / 8 {
+                std::thread::yield_now();
+            }
+            disk.fail_next_syncs(1);
+        }
+        // Then every sync fails: the writer fails a batch and stays in its backoff (its probe
+        // cannot sync), where the close finds it while appends still come.
+        while submitted.load(Ordering::Relaxed) < total * 5 / 8 {
+            std::thread::yield_now();
+        }
+        disk.fail_syncs_after(Some(0));
+        journal.close();
+        appenders
+            .into_iter()
+            .flat_map(|a| a.join().expect("appender"))
+            .collect()
+    });
+    drop(journal);
+    disk.fail_syncs_after(None);
+    let (_journal, state) =
+        FileJournal::open(Arc::new(disk.machine()), journal_config()).expect("reopen");
+    let durable: HashSet<&str> = state.products.keys().map(|s| s.as_str()).collect();
+    let mut lsns: HashMap<u64, &str> = HashMap::new();
+    let mut unknown = HashSet::new();
+    for (name, answer) in &answers {
+        match answer {
+            Ok(lsn) => {
+                assert!(durable.contains(name.as_str()), "{name} acknowledged, lost");
+                assert!(lsns.insert(*lsn, name).is_none(), "lsn {lsn} given twice");
+            }
+            Err(error) if error.nothing_changed() => {
+                assert!(
+                    !durable.contains(name.as_str()),
+                    "{name} refused ({error}), durable"
+                )
+            }
+            Err(_) => {
+                unknown.insert(name.as_str());
+            }
+        }
+    }
+    assert!(
+        answers.iter().any(|(_, a)| a.is_err()),
+        "no failure raced the appends"
+    );
+    // Every durable record is an acknowledged one or one whose outcome was unknown; one record
+    // per lsn, 1..=N.
+    assert!(durable
+        .iter()
+        .all(|name| lsns.values().any(|n| n == name) || unknown.contains(name)));
+    assert_eq!(state.last_lsn, durable.len() as u64);
+    // The log as a restart reads it (a segment's records end where its successor starts): lsns
+    // 1..=N, and each acknowledged record under the lsn its ticket named.
+    let log = durable_log(&disk);
+    assert_eq!(
+        log.iter().map(|(lsn, _)| *lsn).collect::<Vec<_>>(),
+        (1..=state.last_lsn).collect::<Vec<_>>()
+    );
+    for (lsn, name) in &lsns {
+        assert_eq!(log[(*lsn - 1) as usize].1, *name, "lsn {lsn}");
+    }
+}
+
+/// Every record a restart reads from `disk`, in order, as (lsn, product name).
+fn durable_log(disk: &SimulatedDisk) -> Vec<(u64, String)> {
+    let mut segments: Vec<(u64, String)> = disk
+        .list()
+        .expect("list")
+        .into_iter()
+        .filter(|name| name.ends_with(".wal"))
+        .map(|name| {
+            (
+                name.trim_end_matches(".wal").parse().expect("segment name"),
+                name,
+            )
+        })
+        .collect();
+    segments.sort();
+    let mut log = Vec::new();
+    for (i, (first_lsn, name)) in segments.iter().enumerate() {
+        let end = segments.get(i + 1).map_or(u64::MAX, |(next, _)| *next);
+        let bytes = disk.read(name).expect("read");
+        let scan = turnstile::journal::file::format::scan_segment(&bytes, *first_lsn);
+        for frame in scan.frames.iter().take_while(|f| f.lsn < end) {
+            let record = turnstile::engine::codec::decode(frame.payload).expect("decode");
+            let Record::Product { product } = record else {
+                panic!("lsn {} is not a product", frame.lsn)
+            };
+            log.push((frame.lsn, product.sku.as_str().to_owned()));
+        }
+    }
+    log
+}
