@@ -149,12 +149,14 @@ impl Pipeline {
         }
     }
 
-    /// Why appends are refused now (the pipeline is not open).
-    fn refusal(&self) -> JournalError {
+    /// Why appends are refused now, or `None` if the pipeline opened again since `open` was read
+    /// (a `reopen` in between: the append is tried again).
+    fn refusal(&self) -> Option<JournalError> {
         let control = lock(&self.control);
         match &control.phase {
-            Phase::Failed(error) => error.clone(),
-            Phase::Open => JournalError::Closed,
+            Phase::Failed(error) => Some(error.clone()),
+            Phase::Open if control.closing => Some(JournalError::Closed),
+            Phase::Open => None,
         }
     }
 
@@ -175,9 +177,12 @@ impl Pipeline {
         let events = record.events(0);
         let (waiter, receiver) = oneshot::channel();
         let mut queue = lock(self.cores.local());
-        if !self.open.load(Ordering::Acquire) {
+        while !self.open.load(Ordering::Acquire) {
             drop(queue);
-            return Ticket::failed(self.refusal());
+            if let Some(error) = self.refusal() {
+                return Ticket::failed(error);
+            }
+            queue = lock(self.cores.local());
         }
         if queue.len() >= self.core_records_max {
             return Ticket::failed(JournalError::Overloaded(queue.len()));
