@@ -585,8 +585,9 @@ pub(crate) mod tests {
         assert_eq!(tickets.remove(0).wait().map(|a| a.lsn), Ok(1));
     }
 
-    /// A new order released at once (two events), named `o{n}`: a record that carries events.
-    fn order_record(n: usize) -> Record {
+    /// A new order `o{n}` released at once: two events (reserved, released), no stock held; a
+    /// record that carries events, for journal unit tests.
+    pub(crate) fn released_order(n: usize) -> Record {
         use crate::domain::{CustomerId, OrderId};
         use crate::engine::order::{Order, OrderItem, OrderStatus};
         Record::Order {
@@ -681,7 +682,7 @@ pub(crate) mod tests {
                             let record = if n % 2 == 0 {
                                 record(id)
                             } else {
-                                order_record(id)
+                                released_order(id)
                             };
                             let name = name_of(&record);
                             let ticket = pipeline.submit(record);

@@ -1336,7 +1336,7 @@ impl Drop for FileJournal {
 #[cfg(test)]
 mod hold_tests {
     use super::*;
-    use crate::journal::pipeline::tests::record;
+    use crate::journal::pipeline::tests::{record, released_order};
     use std::sync::atomic::AtomicU64;
 
     /// One record per segment, checkpoints only when asked, every segment past event retention:
@@ -1376,35 +1376,6 @@ mod hold_tests {
             matches!(&read, Ok(lsns) if lsns == &[3]),
             "record 3 (MySQL's last) must stay readable: {read:?}"
         );
-    }
-
-    /// A new order released at once: two events (reserved, released), no stock held.
-    fn released_order(n: usize) -> Record {
-        use crate::domain::{Cents, Currency, CustomerId, OrderId, Sku};
-        use crate::engine::order::{Order, OrderItem, OrderStatus};
-        Record::Order {
-            order: Order {
-                order_id: OrderId::parse(format!("o{n}")).unwrap(),
-                status: OrderStatus::Released,
-                customer_id: CustomerId::parse("c").unwrap(),
-                items: vec![OrderItem {
-                    sku: Sku::parse("s1").unwrap(),
-                    quantity: 1,
-                    unit_price_cents: Cents::parse(1).unwrap(),
-                }],
-                total_cents: 1,
-                currency: Currency::parse("EUR").unwrap(),
-                created_at_ms: 0,
-                hold_deadline_ms: 0,
-                payment_id: None,
-                payment_due: None,
-            },
-            previous: None,
-            entered: vec![OrderStatus::Reserved, OrderStatus::Released],
-            at_ms: 0,
-            answer: None,
-            replaces_expired_key: false,
-        }
     }
 
     #[test]
