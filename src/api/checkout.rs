@@ -150,29 +150,6 @@ fn reject(
     answer(error.status.as_u16(), body, false)
 }
 
-/// A checkout the stock refused (`409 out_of_stock`, or `404` for an unknown SKU): counted, kept
-/// under its key, answered.
-fn refused_by_stock(
-    state: &Shared,
-    key: &IdempotencyKey,
-    fingerprint: Fingerprint,
-    submission: Option<Submission>,
-    error: EngineError,
-) -> Response {
-    let counter = match error {
-        EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
-        _ => &state.metrics.rejections_not_found,
-    };
-    counter.add(1);
-    reject(
-        state,
-        key,
-        fingerprint.into_text(),
-        submission,
-        error.into(),
-    )
-}
-
 pub(super) async fn checkout(
     State(state): State<Shared>,
     headers: HeaderMap,
@@ -282,74 +259,63 @@ pub(super) async fn checkout(
         Err(KeyError::Reused) => return Err(key_reused()),
     }
 
-    // The flash sale's flood: one line naming a SKU flagged sold out is answered now, before the
-    // lines are copied or anything is reserved (the same `409` `reserve` would give).
-    let sold_out = match request.items.as_deref() {
-        Some([line]) if state.engine.is_sold_out(&line.sku) => Some(line.sku.clone()),
-        _ => None,
-    };
-    let reserved = if let Some(sku) = sold_out {
-        Err(EngineError::OutOfStock { sku })
+    let lines: Vec<(Sku, Quantity)> = if lines_given {
+        request
+            .items
+            .iter()
+            .flatten()
+            .map(|line| (line.sku.clone(), line.quantity))
+            .collect()
     } else {
-        let lines: Vec<(Sku, Quantity)> = if lines_given {
-            request
-                .items
-                .iter()
-                .flatten()
-                .map(|line| (line.sku.clone(), line.quantity))
-                .collect()
-        } else {
-            let cart = match (state.carts.store(), &request.cart_id) {
-                (Some(_), _) => redis_cart,
-                (None, Some(id)) => match &state.carts {
-                    Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
-                    Carts::Redis { .. } => None,
-                },
-                (None, None) => None,
-            };
-            match cart {
-                None => {
-                    state.metrics.rejections_not_found.add(1);
-                    return Ok(reject(
-                        &state,
-                        &key,
-                        fingerprint.into_text(),
-                        submission,
-                        ApiError::not_found("no such cart, or it expired"),
-                    ));
-                }
-                Some(items) if items.is_empty() => {
-                    state.engine.idempotency().abandon(&key);
-                    return Err(ApiError::invalid("the cart is empty"));
-                }
-                Some(items) => {
-                    let mut lines = Vec::with_capacity(items.len());
-                    for (sku, quantity) in items {
-                        match Quantity::parse(quantity) {
-                            Ok(quantity) => lines.push((sku, quantity)),
-                            Err(e) => {
-                                state.engine.idempotency().abandon(&key);
-                                return Err(ApiError::invalid(e.to_string()));
-                            }
+        let cart = match (state.carts.store(), &request.cart_id) {
+            (Some(_), _) => redis_cart,
+            (None, Some(id)) => match &state.carts {
+                Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
+                Carts::Redis { .. } => None,
+            },
+            (None, None) => None,
+        };
+        match cart {
+            None => {
+                state.metrics.rejections_not_found.add(1);
+                return Ok(reject(
+                    &state,
+                    &key,
+                    fingerprint.into_text(),
+                    submission,
+                    ApiError::not_found("no such cart, or it expired"),
+                ));
+            }
+            Some(items) if items.is_empty() => {
+                state.engine.idempotency().abandon(&key);
+                return Err(ApiError::invalid("the cart is empty"));
+            }
+            Some(items) => {
+                let mut lines = Vec::with_capacity(items.len());
+                for (sku, quantity) in items {
+                    match Quantity::parse(quantity) {
+                        Ok(quantity) => lines.push((sku, quantity)),
+                        Err(e) => {
+                            state.engine.idempotency().abandon(&key);
+                            return Err(ApiError::invalid(e.to_string()));
                         }
                     }
-                    lines
                 }
+                lines
             }
-        };
-        state.engine.reserve(&lines)
+        }
     };
 
-    let reservation = match reserved {
+    let reservation = match state.engine.reserve(&lines) {
         Ok(reservation) => reservation,
         Err(error @ (EngineError::OutOfStock { .. } | EngineError::UnknownSku(_))) => {
-            return Ok(refused_by_stock(
-                &state,
-                &key,
-                fingerprint,
-                submission,
-                error,
-            ));
+            let counter = match error {
+                EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
+                _ => &state.metrics.rejections_not_found,
+            };
+            counter.add(1);
+            let fingerprint = fingerprint.into_text();
+            return Ok(reject(&state, &key, fingerprint, submission, error.into()));
         }
         Err(other) => {
             state.engine.idempotency().abandon(&key);

@@ -448,19 +448,18 @@ impl Engine {
         Some((product.clone(), self.inventory.view(*index)))
     }
 
-    /// True if `sku` is known and flagged sold out: one map lookup and one load, nothing
-    /// allocated or locked. The checkout asks it first for a one-line order, so the flood of a
-    /// flash sale is answered before anything else is built; [`Engine::reserve`] gives the same
-    /// answer (it checks the same flag first).
-    pub fn is_sold_out(&self, sku: &Sku) -> bool {
-        self.inventory
-            .lookup(sku)
-            .is_some_and(|index| self.inventory.is_sold_out(index))
-    }
-
     /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
     /// lock: a sold-out SKU costs one load), then mixed currencies.
     pub fn reserve(&self, lines: &[(Sku, Quantity)]) -> Result<Reservation, EngineError> {
+        // The flash sale's flood: one line of a SKU flagged sold out is refused with one lookup
+        // and one load, before anything is allocated (the answer the full path below would give).
+        if let [(sku, _)] = lines {
+            if let Some(index) = self.inventory.lookup(sku) {
+                if self.inventory.is_sold_out(index) {
+                    return Err(EngineError::OutOfStock { sku: sku.clone() });
+                }
+            }
+        }
         let mut indexed = Vec::with_capacity(lines.len());
         for (sku, quantity) in lines {
             let index = self
