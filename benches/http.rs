@@ -9,6 +9,7 @@
 use axum::body::Body;
 use axum::http::Request;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mimalloc::MiMalloc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tower_service::Service;
@@ -21,6 +22,10 @@ use turnstile::journal::Journal;
 use turnstile::metrics::Metrics;
 use turnstile::payment::simulator::{Simulator, SimulatorConfig};
 use turnstile::sessions::{CartStore, Carts};
+
+/// The server's allocator (`src/main.rs`): the figures are the server's.
+#[global_allocator]
+static GLOBAL: MiMalloc = MiMalloc;
 
 fn app(dir: &std::path::Path) -> axum::Router {
     let (journal, state) =

@@ -16,7 +16,8 @@
 #       (cart_ops.lua); over plain HTTP only.
 # With REDIS_URL=redis://127.0.0.1:6379 set, the server keeps carts, submission locks and answers in
 # Redis (--redis-url) under a key prefix of this run's own, deleted afterwards.
-# Usage: [MYSQL_URL=...] [REDIS_URL=...] [TURNSTILE_BIN=...] [TLS=1] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
+# With SCENARIOS="healthz a" (any of healthz a b c d e), only those run.
+# Usage: [MYSQL_URL=...] [REDIS_URL=...] [TURNSTILE_BIN=...] [TLS=1] [SCENARIOS=...] loadtest/wrk/run.sh [DURATION] [CONNECTIONS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 duration=${1:-10s}
@@ -94,23 +95,32 @@ measure() { # wrk arguments
       }
     }'
 }
-echo; echo "== GET /healthz (the HTTP ceiling)"
-measure "$url/healthz"
-echo; echo "== (a) checkouts of a sold-out SKU"
-measure -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT
-echo; echo "== (b) successful checkouts, 10,000 SKUs, tok_ok"
-measure -s loadtest/wrk/steady.lua "$url"
+scenarios=" ${SCENARIOS:-healthz a b c d e} "
+wanted() { [[ "$scenarios" == *" $1 "* ]]; }
+if wanted healthz; then
+  echo; echo "== GET /healthz (the HTTP ceiling)"
+  measure "$url/healthz"
+fi
+if wanted a; then
+  echo; echo "== (a) checkouts of a sold-out SKU"
+  measure -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT
+fi
+if wanted b; then
+  echo; echo "== (b) successful checkouts, 10,000 SKUs, tok_ok"
+  measure -s loadtest/wrk/steady.lua "$url"
+fi
+if wanted c; then
+  echo; echo "== (c) successful checkouts, one hot SKU, tok_ok"
+  measure -s loadtest/wrk/one_sku.lua "$url" -- HOT
+fi
 
-echo; echo "== (c) successful checkouts, one hot SKU, tok_ok"
-measure -s loadtest/wrk/one_sku.lua "$url" -- HOT
-
-if [ "$scheme" = http ]; then
+if [ "$scheme" = http ] && wanted e; then
   echo; echo "== (e) cart operations: line sets and reads in turn, 1 create in 10, 1,000 carts"
   python3 loadtest/wrk/setup_carts.py "$url" "$data.carts" 1000 > /dev/null
   measure -s loadtest/wrk/cart_ops.lua "$url" -- "$data.carts"
 fi
 
-if [ "$scheme" = https ]; then
+if [ "$scheme" = https ] && wanted d; then
   echo; echo "== (d) new TLS handshakes: GET /healthz with Connection: close (Requests/sec = handshakes/s)"
   measure -H "Connection: close" "$url/healthz"
 fi

@@ -11,7 +11,7 @@
 
 use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
-use crate::engine::idempotency::{Begin, Fingerprint, Fingerprinted, KeyError};
+use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
 use crate::engine::records::StoredAnswer;
 use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
@@ -19,7 +19,7 @@ use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
 use crate::sessions::redis::{Begin as RemoteBegin, StoreError, Submission};
 use crate::sessions::Carts;
 use crate::time::{now_ms, rfc3339};
-use axum::body::Body;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -93,7 +93,7 @@ pub fn order_body(order: &Order) -> String {
     serde_json::to_string(&view).unwrap_or_default()
 }
 
-fn answer(status: u16, body: String, replayed: bool) -> Response {
+fn answer(status: u16, body: impl Into<Body>, replayed: bool) -> Response {
     let status = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = json_response(status, body);
     if replayed {
@@ -120,22 +120,25 @@ fn key_reused() -> ApiError {
     )
 }
 
-/// Keeps an answer that placed nothing (bounded map, and Redis for as long) and sends it.
+/// Keeps an answer that placed nothing (bounded map, and Redis for as long) and sends it. `body`
+/// is the error's body, rendered once per SKU for a refusal of stock (`Engine::refusal`).
 fn reject(
     state: &Shared,
     key: &IdempotencyKey,
-    fingerprint: String,
+    fingerprint: u128,
     submission: Option<Submission>,
-    error: ApiError,
+    status: StatusCode,
+    body: Bytes,
 ) -> Response {
-    let body = error.body();
-    let stored = StoredAnswer {
-        fingerprint,
-        status: error.status.as_u16(),
-        body: body.clone(),
-        at_ms: now_ms(),
-    };
+    let status = status.as_u16();
+    let at_ms = now_ms();
     if let Some(submission) = submission {
+        let stored = StoredAnswer {
+            fingerprint: digest_text(fingerprint),
+            status,
+            body: String::from_utf8_lossy(&body).into_owned(),
+            at_ms,
+        };
         // Kept in Redis for a minute at most: a sold-out flood writes one per request, and Redis
         // must not fill with them (this node's bounded map keeps them longer).
         let ttl_ms = state
@@ -144,10 +147,25 @@ fn reject(
             .rejections
             .age_ms_max
             .min(REJECTION_IN_REDIS_MS);
-        submission.finish(stored.clone(), ttl_ms);
+        submission.finish(stored, ttl_ms);
     }
-    state.engine.idempotency().finish(key, stored, false);
-    answer(error.status.as_u16(), body, false)
+    state
+        .engine
+        .idempotency()
+        .finish_rejected(key, fingerprint, status, body.clone(), at_ms);
+    answer(status, body, false)
+}
+
+/// [`reject`] with the body `error` renders.
+fn reject_with(
+    state: &Shared,
+    key: &IdempotencyKey,
+    fingerprint: u128,
+    submission: Option<Submission>,
+    error: ApiError,
+) -> Response {
+    let body = Bytes::from(error.body());
+    reject(state, key, fingerprint, submission, error.status, body)
 }
 
 pub(super) async fn checkout(
@@ -171,7 +189,7 @@ pub(super) async fn checkout(
         .map_err(|_| ApiError::invalid("Idempotency-Key: must be visible ASCII characters"))
         .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| ApiError::invalid(e.to_string())))?;
     check_length(&headers)?;
-    let request: CheckoutBody = parse_json(&read_body(&state, body).await?)?;
+    let mut request: CheckoutBody = parse_json(&read_body(&state, body).await?)?;
     let lines_given = match (&request.cart_id, &request.items) {
         (Some(_), Some(_)) => {
             return Err(ApiError::invalid("give either cart_id or items, not both"))
@@ -195,7 +213,7 @@ pub(super) async fn checkout(
     }
     // The fingerprint is taken of the parsed request re-serialised, so field order and white
     // space do not make two requests different.
-    let fingerprint = Fingerprint::of(serde_json::to_vec(&request).unwrap_or_default());
+    let fingerprint = Fingerprint::of(&request);
 
     // With Redis, one round trip first: the answer any node gave under this key, else the
     // submission lock, and the cart. Before the node's own key table, so a client gone while it
@@ -253,18 +271,21 @@ pub(super) async fn checkout(
         Ok(Begin::Started) => {}
         Ok(Begin::Replay(stored)) => {
             state.metrics.replays.add(1);
-            return Ok(answer(stored.status, stored.body.clone(), true));
+            return Ok(answer(stored.status, stored.body, true));
         }
         Err(KeyError::InUse) => return Err(key_in_use()),
         Err(KeyError::Reused) => return Err(key_reused()),
     }
+    let fingerprint = fingerprint.digest();
 
     let lines: Vec<(Sku, Quantity)> = if lines_given {
+        // Moved, not copied: the lines' allocation becomes the reservation's request.
         request
             .items
-            .iter()
-            .flatten()
-            .map(|line| (line.sku.clone(), line.quantity))
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|line| (line.sku, line.quantity))
             .collect()
     } else {
         let cart = match (state.carts.store(), &request.cart_id) {
@@ -278,10 +299,10 @@ pub(super) async fn checkout(
         match cart {
             None => {
                 state.metrics.rejections_not_found.add(1);
-                return Ok(reject(
+                return Ok(reject_with(
                     &state,
                     &key,
-                    fingerprint.into_text(),
+                    fingerprint,
                     submission,
                     ApiError::not_found("no such cart, or it expired"),
                 ));
@@ -308,14 +329,31 @@ pub(super) async fn checkout(
 
     let reservation = match state.engine.reserve(&lines) {
         Ok(reservation) => reservation,
-        Err(error @ (EngineError::OutOfStock { .. } | EngineError::UnknownSku(_))) => {
-            let counter = match error {
-                EngineError::OutOfStock { .. } => &state.metrics.rejections_out_of_stock,
-                _ => &state.metrics.rejections_not_found,
-            };
-            counter.add(1);
-            let fingerprint = fingerprint.into_text();
-            return Ok(reject(&state, &key, fingerprint, submission, error.into()));
+        Err(EngineError::OutOfStock { sku }) => {
+            state.metrics.rejections_out_of_stock.add(1);
+            let error = || ApiError::from(EngineError::OutOfStock { sku: sku.clone() });
+            // The SKU's refusal, rendered once (the flood's answer allocates nothing).
+            return Ok(match state.engine.refusal(&sku, || error().body()) {
+                Some(body) => reject(
+                    &state,
+                    &key,
+                    fingerprint,
+                    submission,
+                    StatusCode::CONFLICT,
+                    Bytes::from_static(body),
+                ),
+                None => reject_with(&state, &key, fingerprint, submission, error()),
+            });
+        }
+        Err(error @ EngineError::UnknownSku(_)) => {
+            state.metrics.rejections_not_found.add(1);
+            return Ok(reject_with(
+                &state,
+                &key,
+                fingerprint,
+                submission,
+                error.into(),
+            ));
         }
         Err(other) => {
             state.engine.idempotency().abandon(&key);
@@ -350,7 +388,7 @@ pub(super) async fn checkout(
     let finishing = Finishing {
         state: Arc::clone(&state),
         key,
-        fingerprint: fingerprint.into_text(),
+        fingerprint: digest_text(fingerprint),
         reservation,
         customer_id: request.customer_id,
         token: request.payment_token,

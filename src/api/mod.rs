@@ -481,8 +481,8 @@ fn settle<F: FnOnce(&Shared, &Settlement)>(
 }
 
 /// A JSON answer with a body already rendered.
-pub fn json_response(status: StatusCode, body: String) -> Response {
-    let mut response = Response::new(Body::from(body));
+pub fn json_response(status: StatusCode, body: impl Into<Body>) -> Response {
+    let mut response = Response::new(body.into());
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

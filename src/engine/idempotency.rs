@@ -10,11 +10,23 @@
 //! compared by SHA-256 of the same canonical form, so a retry across an upgrade still replays. The
 //! hash is not cryptographic: a client can make two bodies collide only under its own key, and
 //! gets its own first answer back.
+//!
+//! The rejection map is built for the flash sale's flood, where every request leaves one entry: an
+//! entry is fixed-size and allocates nothing of its own. It is found by a 128-bit digest of its key
+//! (xxh3-128 with a seed drawn at start-up, so nobody can aim two keys at one entry; two distinct
+//! keys meet with odds of about 2⁻⁸⁸ in a full map), holds the request's fingerprint as its 128
+//! bits, and its body as [`Bytes`]: a SKU's `out_of_stock` answer is rendered once and shared by
+//! every entry that gives it. Eviction, oldest first by size and age, walks a queue of (digest,
+//! time) pairs that never touches the map's entries to find the next one due.
 
 use super::records::StoredAnswer;
 use crate::domain::IdempotencyKey;
 use crate::sync::lock;
+use bytes::Bytes;
 use rustc_hash::FxHashMap;
+use serde::Serialize;
+use std::cell::RefCell;
+use std::collections::hash_map::Entry;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
@@ -33,12 +45,22 @@ pub struct RejectionLimits {
 
 impl Default for RejectionLimits {
     fn default() -> Self {
-        // 1 Mi answers of ~200 bytes is ~200 MiB at most; 10 minutes covers a client's retries.
+        // 1 Mi answers of ~100 bytes (entry, index and queue; shared bodies) is ~100 MiB at most;
+        // 10 minutes covers a client's retries.
         Self {
             entries_max: 1 << 20,
             age_ms_max: 10 * 60 * 1000,
         }
     }
+}
+
+/// An answer given again under its key: its status and its body, byte for byte.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The HTTP status of the first answer.
+    pub status: u16,
+    /// The body of the first answer.
+    pub body: Bytes,
 }
 
 /// What [`IdempotencyStore::begin`] found.
@@ -47,7 +69,7 @@ pub enum Begin {
     /// The key is new: it is now in flight, and the caller must `finish` or `abandon` it.
     Started,
     /// The key finished earlier with this same request: send this answer again.
-    Replay(Arc<StoredAnswer>),
+    Replay(Answer),
 }
 
 /// Why a key cannot be used now.
@@ -61,18 +83,19 @@ pub enum KeyError {
     Reused,
 }
 
-/// What a request's fingerprint is compared with: a stored answer's fingerprint text.
+/// What a request's fingerprint is compared with: a stored answer's fingerprint text, or the 128
+/// bits a rejection keeps.
 pub trait Fingerprinted {
-    /// The fingerprint kept with a new answer.
-    fn text(&self) -> &str;
-    /// Whether `stored` (a kept answer's fingerprint) names this same request.
+    /// The 128 bits a rejection keeps (xxh3-128 of the canonical form).
+    fn digest(&self) -> u128;
+    /// Whether `stored` (a kept answer's fingerprint text) names this same request.
     fn matches(&self, stored: &str) -> bool;
 }
 
 /// A fingerprint given as its text (tests, and callers that compare texts as they are).
 impl Fingerprinted for str {
-    fn text(&self) -> &str {
-        self
+    fn digest(&self) -> u128 {
+        parse_digest(self).unwrap_or_else(|| xxhash_rust::xxh3::xxh3_128(self.as_bytes()))
     }
 
     fn matches(&self, stored: &str) -> bool {
@@ -80,33 +103,68 @@ impl Fingerprinted for str {
     }
 }
 
-/// The fingerprint of a request: xxh3-128 of its canonical form (see the module doc).
-#[derive(Debug, Clone)]
-pub struct Fingerprint {
-    canonical: Vec<u8>,
-    text: String,
-}
-
-impl Fingerprint {
-    /// The fingerprint of a request whose canonical form is `canonical` (the same request must
-    /// always give the same bytes: the checkout re-serialises the parsed body).
-    pub fn of(canonical: Vec<u8>) -> Self {
-        let digest = xxhash_rust::xxh3::xxh3_128(&canonical);
-        Self {
-            text: crate::random::hex(&digest.to_be_bytes()),
-            canonical,
-        }
-    }
-
-    /// The text kept with the answer.
-    pub fn into_text(self) -> String {
-        self.text
+/// The 128 bits behind a fingerprint text of 32 hex digits.
+fn parse_digest(text: &str) -> Option<u128> {
+    if text.len() == 32 {
+        u128::from_str_radix(text, 16).ok()
+    } else {
+        None
     }
 }
 
-impl Fingerprinted for Fingerprint {
-    fn text(&self) -> &str {
-        &self.text
+/// The text of a digest: 32 lowercase hex digits, big-endian.
+pub fn digest_text(digest: u128) -> String {
+    crate::random::hex(&digest.to_be_bytes())
+}
+
+thread_local! {
+    /// The buffer canonical forms are written into (one per thread, reused: no allocation per
+    /// request).
+    static CANONICAL: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The fingerprint of a request: xxh3-128 of its canonical form (see the module doc), its JSON
+/// serialisation, so field order and white space in the body do not make two requests different.
+#[derive(Debug)]
+pub struct Fingerprint<'a, T: ?Sized> {
+    digest: u128,
+    request: &'a T,
+}
+
+impl<'a, T: Serialize + ?Sized> Fingerprint<'a, T> {
+    /// The fingerprint of `request` (the same request must always serialise to the same bytes:
+    /// the checkout passes the parsed body).
+    pub fn of(request: &'a T) -> Self {
+        let digest = CANONICAL.with(|buffer| match buffer.try_borrow_mut() {
+            Ok(mut buffer) => {
+                buffer.clear();
+                let digest = xxh3_of(&mut buffer, request);
+                // A body far larger than usual is not kept for the next request.
+                if buffer.capacity() > 64 * 1024 {
+                    *buffer = Vec::new();
+                }
+                digest
+            }
+            Err(_) => xxh3_of(&mut Vec::new(), request),
+        });
+        Self { digest, request }
+    }
+
+    /// The text kept with a durable answer.
+    pub fn text(&self) -> String {
+        digest_text(self.digest)
+    }
+}
+
+fn xxh3_of<T: Serialize + ?Sized>(buffer: &mut Vec<u8>, request: &T) -> u128 {
+    // Serialising a parsed request into memory cannot fail.
+    let _ = serde_json::to_writer(&mut *buffer, request);
+    xxhash_rust::xxh3::xxh3_128(buffer)
+}
+
+impl<T: Serialize + ?Sized> Fingerprinted for Fingerprint<'_, T> {
+    fn digest(&self) -> u128 {
+        self.digest
     }
 
     fn matches(&self, stored: &str) -> bool {
@@ -114,16 +172,18 @@ impl Fingerprinted for Fingerprint {
             // An earlier version's SHA-256: a retry across the upgrade replays all the same.
             64 => {
                 use sha2::Digest;
-                crate::random::hex(&sha2::Sha256::digest(&self.canonical)) == stored
+                let canonical = serde_json::to_vec(self.request).unwrap_or_default();
+                crate::random::hex(&sha2::Sha256::digest(&canonical)) == stored
             }
-            _ => stored == self.text,
+            _ => parse_digest(stored) == Some(self.digest),
         }
     }
 }
 
 enum Slot {
     InFlight {
-        fingerprint: String,
+        /// The request's fingerprint (for diagnostics).
+        fingerprint: u128,
         /// The answer the key had before, past its retention: the new answer replaces it (a store
         /// that keeps answers under a unique key must drop the old one first). Put back if the
         /// request is abandoned, so the next attempt knows it too.
@@ -132,11 +192,21 @@ enum Slot {
     Finished(Arc<StoredAnswer>),
 }
 
+/// One kept rejection: fixed-size, its body shared.
+struct Rejection {
+    fingerprint: u128,
+    at_ms: i64,
+    status: u16,
+    body: Bytes,
+}
+
 #[derive(Default)]
 struct RejectionShard {
-    answers: FxHashMap<IdempotencyKey, Arc<StoredAnswer>>,
-    /// Keys in the order they were inserted, for eviction by age and size.
-    order: VecDeque<IdempotencyKey>,
+    /// By key digest.
+    answers: FxHashMap<u128, Rejection>,
+    /// Key digests in the order they were kept, with the time each was kept: an entry kept again
+    /// later has a later pair too, and only the pair matching its time evicts it.
+    order: VecDeque<(u128, i64)>,
 }
 
 /// The idempotency keys of one process.
@@ -146,6 +216,8 @@ pub struct IdempotencyStore {
     limits: RejectionLimits,
     /// How long an answer that placed an order is replayed; past it the key starts afresh.
     retention_ms: i64,
+    /// The seed of the rejection map's key digests (this process's own).
+    key_seed: u64,
 }
 
 fn shard_of(key: &IdempotencyKey) -> usize {
@@ -155,29 +227,26 @@ fn shard_of(key: &IdempotencyKey) -> usize {
 impl IdempotencyStore {
     /// An empty store whose answers that placed an order are replayed for `retention_ms`.
     pub fn new(limits: RejectionLimits, retention_ms: i64) -> Self {
+        let mut seed = [0u8; 8];
+        // Without the kernel's randomness the seed stays fixed; digests stay 128 bits wide.
+        let _ = getrandom::getrandom(&mut seed);
         Self {
             slots: (0..SHARDS).map(|_| Mutex::default()).collect(),
             rejections: (0..SHARDS).map(|_| Mutex::default()).collect(),
             limits,
             retention_ms,
+            key_seed: u64::from_le_bytes(seed),
         }
+    }
+
+    fn key_digest(&self, key: &IdempotencyKey) -> u128 {
+        xxhash_rust::xxh3::xxh3_128_with_seed(key.as_str().as_bytes(), self.key_seed)
     }
 
     /// Restores an answer that placed an order (from the journal at start-up).
     pub fn restore(&self, key: IdempotencyKey, answer: StoredAnswer) {
         let shard = shard_of(&key);
         lock(&self.slots[shard]).insert(key, Slot::Finished(Arc::new(answer)));
-    }
-
-    fn check<F: Fingerprinted + ?Sized>(
-        fingerprint: &F,
-        answer: &Arc<StoredAnswer>,
-    ) -> Result<Begin, KeyError> {
-        if fingerprint.matches(&answer.fingerprint) {
-            Ok(Begin::Replay(Arc::clone(answer)))
-        } else {
-            Err(KeyError::Reused)
-        }
     }
 
     /// Marks the key in flight, or says how it was used before.
@@ -193,57 +262,88 @@ impl IdempotencyStore {
         match slots.get(key) {
             Some(Slot::InFlight { .. }) => return Err(KeyError::InUse),
             Some(Slot::Finished(answer)) if now_ms - answer.at_ms < self.retention_ms => {
-                return Self::check(fingerprint, answer)
+                return if fingerprint.matches(&answer.fingerprint) {
+                    Ok(Begin::Replay(Answer {
+                        status: answer.status,
+                        body: Bytes::copy_from_slice(answer.body.as_bytes()),
+                    }))
+                } else {
+                    Err(KeyError::Reused)
+                };
             }
             // Past its retention the key starts afresh (API.md).
             Some(Slot::Finished(answer)) => expired = Some(Arc::clone(answer)),
             None => {}
         }
+        let digest = fingerprint.digest();
         {
             let rejections = lock(&self.rejections[shard]);
-            if let Some(answer) = rejections.answers.get(key) {
-                if now_ms - answer.at_ms < self.limits.age_ms_max {
-                    return Self::check(fingerprint, answer);
+            if let Some(kept) = rejections.answers.get(&self.key_digest(key)) {
+                if now_ms - kept.at_ms < self.limits.age_ms_max {
+                    return if kept.fingerprint == digest {
+                        Ok(Begin::Replay(Answer {
+                            status: kept.status,
+                            body: kept.body.clone(),
+                        }))
+                    } else {
+                        Err(KeyError::Reused)
+                    };
                 }
             }
         }
         slots.insert(
             key.clone(),
             Slot::InFlight {
-                fingerprint: fingerprint.text().to_owned(),
+                fingerprint: digest,
                 expired,
             },
         );
         Ok(Begin::Started)
     }
 
-    /// Records the answer of an in-flight key. `placed_order` answers are kept until purged (the
-    /// caller journaled them first); others go to the bounded rejection map.
-    pub fn finish(&self, key: &IdempotencyKey, answer: StoredAnswer, placed_order: bool) {
+    /// Records the answer of an in-flight key that placed an order (the caller journaled it
+    /// first): kept until purged.
+    pub fn finish(&self, key: &IdempotencyKey, answer: StoredAnswer) {
         let shard = shard_of(key);
-        let answer = Arc::new(answer);
+        lock(&self.slots[shard]).insert(key.clone(), Slot::Finished(Arc::new(answer)));
+    }
+
+    /// Records the answer of an in-flight key that placed nothing (`status` with `body`, given
+    /// at `at_ms` to the request with fingerprint `fingerprint`), in the bounded rejection map.
+    pub fn finish_rejected(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: u128,
+        status: u16,
+        body: Bytes,
+        at_ms: i64,
+    ) {
+        let shard = shard_of(key);
+        let digest = self.key_digest(key);
         let mut slots = lock(&self.slots[shard]);
-        if placed_order {
-            slots.insert(key.clone(), Slot::Finished(answer));
-            return;
-        }
         slots.remove(key);
         let mut rejections = lock(&self.rejections[shard]);
-        let at_ms = answer.at_ms;
-        if rejections.answers.insert(key.clone(), answer).is_none() {
-            rejections.order.push_back(key.clone());
-        }
+        drop(slots);
+        let rejection = Rejection {
+            fingerprint,
+            at_ms,
+            status,
+            body,
+        };
+        rejections.answers.insert(digest, rejection);
+        rejections.order.push_back((digest, at_ms));
         let entries_max = (self.limits.entries_max / SHARDS).max(1);
-        while let Some(oldest) = rejections.order.front() {
-            let expired = rejections
-                .answers
-                .get(oldest)
-                .is_none_or(|a| at_ms - a.at_ms >= self.limits.age_ms_max);
+        while let Some(&(oldest, kept_at_ms)) = rejections.order.front() {
+            let expired = at_ms - kept_at_ms >= self.limits.age_ms_max;
             if rejections.order.len() <= entries_max && !expired {
                 break;
             }
-            if let Some(oldest) = rejections.order.pop_front() {
-                rejections.answers.remove(&oldest);
+            rejections.order.pop_front();
+            // Kept again since (a later pair stands for it), it stays.
+            if let Entry::Occupied(kept) = rejections.answers.entry(oldest) {
+                if kept.get().at_ms == kept_at_ms {
+                    kept.remove();
+                }
             }
         }
     }
@@ -266,9 +366,9 @@ impl IdempotencyStore {
     }
 
     /// The fingerprint of an in-flight key (for diagnostics and tests).
-    pub fn in_flight_fingerprint(&self, key: &IdempotencyKey) -> Option<String> {
+    pub fn in_flight_fingerprint(&self, key: &IdempotencyKey) -> Option<u128> {
         match lock(&self.slots[shard_of(key)]).get(key) {
-            Some(Slot::InFlight { fingerprint, .. }) => Some(fingerprint.clone()),
+            Some(Slot::InFlight { fingerprint, .. }) => Some(*fingerprint),
             _ => None,
         }
     }
@@ -364,16 +464,39 @@ mod tests {
     #[test]
     fn a_fingerprint_is_the_same_in_every_run_and_version() {
         // Durable answers keep it: a change here would turn every retry after an upgrade into a
-        // 422. The value is xxh3-128 (seed 0) of these bytes, big-endian, in hex.
+        // 422. The value is xxh3-128 (seed 0) of the request's canonical form, big-endian, in hex.
+        #[derive(Serialize)]
+        struct Line<'a> {
+            sku: &'a str,
+            quantity: i64,
+        }
+        #[derive(Serialize)]
+        struct Request<'a> {
+            cart_id: Option<&'a str>,
+            items: Vec<Line<'a>>,
+            customer_id: &'a str,
+            payment_token: &'a str,
+        }
+        let request = Request {
+            cart_id: None,
+            items: vec![Line {
+                sku: "sku-1",
+                quantity: 1,
+            }],
+            customer_id: "c",
+            payment_token: "tok_ok",
+        };
         let canonical = br#"{"cart_id":null,"items":[{"sku":"sku-1","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#;
-        let fingerprint = Fingerprint::of(canonical.to_vec());
+        let fingerprint = Fingerprint::of(&request);
         assert_eq!(fingerprint.text().len(), 32);
-        assert_eq!(
-            fingerprint.text(),
-            crate::random::hex(&xxhash_rust::xxh3::xxh3_128(canonical).to_be_bytes())
-        );
+        assert_eq!(fingerprint.digest(), xxhash_rust::xxh3::xxh3_128(canonical));
         assert_eq!(fingerprint.text(), PINNED_FINGERPRINT);
-        assert!(!Fingerprint::of(b"{}".to_vec()).matches(fingerprint.text()));
+        assert!(fingerprint.matches(PINNED_FINGERPRINT));
+        assert!(!Fingerprint::of(&serde_json::json!({})).matches(PINNED_FINGERPRINT));
+        // The same, again, on a thread whose buffer is fresh, and after a larger request.
+        let again = std::thread::spawn(|| Fingerprint::of(&"x".repeat(100_000)).digest());
+        assert_ne!(again.join().unwrap(), fingerprint.digest());
+        assert_eq!(Fingerprint::of(&request).text(), PINNED_FINGERPRINT);
     }
 
     /// xxh3-128 of the canonical form in the test above, as Python's `xxhash` package computes it
@@ -383,17 +506,21 @@ mod tests {
     #[test]
     fn an_answer_an_earlier_version_kept_under_sha256_replays_for_the_same_request_only() {
         use sha2::Digest;
-        let canonical = b"{\"customer_id\":\"c\"}".to_vec();
-        let old = crate::random::hex(&sha2::Sha256::digest(&canonical));
+        let request = serde_json::json!({"customer_id": "c"});
+        let old = crate::random::hex(&sha2::Sha256::digest(b"{\"customer_id\":\"c\"}"));
         let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
         let k = key("upgraded");
         store.restore(k.clone(), answer(&old, 201, 0));
-        match store.begin(&k, &Fingerprint::of(canonical), 1) {
+        match store.begin(&k, &Fingerprint::of(&request), 1) {
             Ok(Begin::Replay(a)) => assert_eq!(a.status, 201),
             other => panic!("expected a replay, got {other:?}"),
         }
         assert_eq!(
-            store.begin(&k, &Fingerprint::of(b"{\"customer_id\":\"d\"}".to_vec()), 1),
+            store.begin(
+                &k,
+                &Fingerprint::of(&serde_json::json!({"customer_id": "d"})),
+                1
+            ),
             Err(KeyError::Reused)
         );
     }
@@ -405,7 +532,7 @@ mod tests {
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
         assert_eq!(store.begin(&k, "f", 0), Err(KeyError::InUse));
         assert_eq!(store.begin(&k, "other", 0), Err(KeyError::InUse));
-        store.finish(&k, answer("f", 201, 0), true);
+        store.finish(&k, answer("f", 201, 0));
         match store.begin(&k, "f", 1) {
             Ok(Begin::Replay(a)) => assert_eq!(a.status, 201),
             other => panic!("expected a replay, got {other:?}"),
@@ -423,15 +550,59 @@ mod tests {
         for i in 0..10_000 {
             let k = key(&format!("r{i}"));
             assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-            store.finish(&k, answer("f", 409, 0), false);
+            store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"{}"), 0);
         }
         assert!(store.rejections_len() <= SHARDS * 2);
         let k = key("late");
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-        store.finish(&k, answer("f", 404, 0), false);
-        assert!(matches!(store.begin(&k, "f", 999), Ok(Begin::Replay(_))));
+        store.finish_rejected(&k, "f".digest(), 404, Bytes::from_static(b"{\"e\":1}"), 0);
+        match store.begin(&k, "f", 999) {
+            Ok(Begin::Replay(a)) => {
+                assert_eq!((a.status, &a.body[..]), (404, &b"{\"e\":1}"[..]));
+            }
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        assert_eq!(store.begin(&k, "g", 999), Err(KeyError::Reused));
         // Past its age the rejection is forgotten and the key starts afresh.
         assert_eq!(store.begin(&k, "f", 1_000), Ok(Begin::Started));
+    }
+
+    #[test]
+    fn a_rejection_kept_again_outlives_its_earlier_place_in_the_queue() {
+        let limits = RejectionLimits {
+            entries_max: SHARDS * 4,
+            age_ms_max: 1_000,
+        };
+        let store = IdempotencyStore::new(limits, 1_000_000);
+        let k = key("again");
+        // Another key in the same shard (eviction is per shard).
+        let other = (0..)
+            .map(|i| key(&format!("other-{i}")))
+            .find(|o| shard_of(o) == shard_of(&k))
+            .unwrap();
+        let body = |b: &'static [u8]| Bytes::from_static(b);
+        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+        store.finish_rejected(&k, "f".digest(), 409, body(b"first"), 0);
+        // Past its age the key starts afresh and is kept again, later in the queue.
+        assert_eq!(store.begin(&k, "g", 1_000), Ok(Begin::Started));
+        store.finish_rejected(&k, "g".digest(), 404, body(b"second"), 1_000);
+        // The next rejection in the shard evicts the first pair, not the answer kept since.
+        assert_eq!(store.begin(&other, "f", 1_500), Ok(Begin::Started));
+        store.finish_rejected(&other, "f".digest(), 409, body(b"other"), 1_500);
+        match store.begin(&k, "g", 1_500) {
+            Ok(Begin::Replay(a)) => assert_eq!((a.status, &a.body[..]), (404, &b"second"[..])),
+            other => panic!("expected a replay, got {other:?}"),
+        }
+        assert_eq!(store.rejections_len(), 2);
+        // Its own pair evicts it once it is past its age.
+        let third = (0..)
+            .map(|i| key(&format!("third-{i}")))
+            .find(|t| shard_of(t) == shard_of(&k))
+            .unwrap();
+        assert_eq!(store.begin(&third, "f", 2_000), Ok(Begin::Started));
+        store.finish_rejected(&third, "f".digest(), 409, body(b"third"), 2_000);
+        assert_eq!(store.rejections_len(), 2);
+        assert_eq!(store.begin(&k, "h", 2_000), Ok(Begin::Started));
     }
 
     #[test]
@@ -440,7 +611,7 @@ mod tests {
         let k = key("k");
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
         assert!(!store.supersedes_expired(&k));
-        store.finish(&k, answer("f", 201, 0), true);
+        store.finish(&k, answer("f", 201, 0));
         assert!(matches!(store.begin(&k, "f", 999), Ok(Begin::Replay(_))));
         assert_eq!(store.begin(&k, "other", 1_000), Ok(Begin::Started));
         assert!(store.supersedes_expired(&k));

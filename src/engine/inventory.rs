@@ -25,7 +25,7 @@ use crate::domain::Sku;
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 /// The most shards one SKU is split into: more cores than this share shards.
 pub const SHARDS_MAX: usize = 64;
@@ -73,6 +73,9 @@ pub struct SkuStock {
     /// the shards counts these too, and waits for them instead of answering "sold out" while they
     /// are in flight.
     in_hand: PaddedCounter,
+    /// The answer a refusal of this SKU gets, rendered once by the caller on first use
+    /// ([`Inventory::refusal`]).
+    refusal: OnceLock<&'static [u8]>,
 }
 
 /// A consistent reading of one SKU's counters: `available + reserved + sold == stock`, none negative.
@@ -161,6 +164,7 @@ impl SkuStock {
             stock: AtomicI64::new(stock),
             shards,
             in_hand: PaddedCounter::default(),
+            refusal: OnceLock::new(),
         };
         sku.sold_out.0.store(stock == 0, Ordering::SeqCst);
         sku
@@ -548,6 +552,16 @@ impl Inventory {
     #[inline]
     pub fn is_sold_out(&self, index: SkuIndex) -> bool {
         self.table.get(index).sold_out.0.load(Ordering::Relaxed)
+    }
+
+    /// The answer a refusal of this SKU gets: `render`ed on first use, then the same bytes for
+    /// every refusal (a flood of them copies and allocates nothing). Kept for the life of the
+    /// process, one per SKU the table ever held, as the table's own slots are.
+    pub fn refusal(&self, index: SkuIndex, render: impl FnOnce() -> String) -> &'static [u8] {
+        self.table
+            .get(index)
+            .refusal
+            .get_or_init(|| Box::leak(render().into_bytes().into_boxed_slice()))
     }
 
     /// Reserves units of one SKU; the rejection of a sold-out SKU touches no shared line.

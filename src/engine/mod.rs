@@ -512,6 +512,13 @@ impl Engine {
         })
     }
 
+    /// The answer a refusal of `sku` gets, rendered by `render` the first time (see
+    /// [`Inventory::refusal`]); `None` for a SKU the inventory never held.
+    pub fn refusal(&self, sku: &Sku, render: impl FnOnce() -> String) -> Option<&'static [u8]> {
+        let index = self.inventory.lookup(sku)?;
+        Some(self.inventory.refusal(index, render))
+    }
+
     /// Gives a reservation's units back (the checkout ended before an order was placed).
     pub fn release_reservation(&self, reservation: Reservation) {
         self.inventory.release(reservation.hold);
@@ -805,7 +812,7 @@ impl Engine {
                     },
                 );
                 if let Some((key, answer)) = answer {
-                    self.idempotency.finish(&key, answer, true);
+                    self.idempotency.finish(&key, answer);
                 }
                 Applied::Order {
                     order,
