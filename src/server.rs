@@ -389,6 +389,7 @@ async fn serve(
         addr: config.listen,
         source,
     };
+    connections::check_kernel_limits(config.socket.backlog, config.connections_max);
     let listeners = match placement {
         None => Listeners::Shared(
             connections::bind(config.listen, &config.socket).map_err(listen_error)?,

@@ -2,6 +2,10 @@
 //! SKU is refused here without a disk write), authorise the payment, journal the order with its
 //! events and its answer in one record, and only then answer.
 //!
+//! A refusal (`404`, `409 out_of_stock`) is kept in the key table's bounded rejection map, to be
+//! replayed under its key; the `409`'s body is the SKU's refusal rendered once
+//! (`Engine::refusal`), so the flash sale's flood shares one body instead of rendering one each.
+//!
 //! With Redis (`--redis-url`) one round trip comes first: the answer any node gave under the key
 //! (replayed here), else the submission lock (`409` while another node runs the key), and the
 //! cart. From the node's own key table to the hold everything is synchronous, so a client that

@@ -91,6 +91,39 @@ pub fn bind_per_core(
     Ok(listeners)
 }
 
+/// Says, once at start, where the kernel allows less than the server is configured for (measured
+/// in `tuning/kernel_settings.sh`): a listen backlog above `net.core.somaxconn` is cut to it (a
+/// burst of connections past it waits a SYN retransmission, 1 s), and a file limit below
+/// `connections_max` refuses connections past it (the accept loop retries each second).
+pub fn check_kernel_limits(backlog: u32, connections_max: usize) {
+    let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|text| text.trim().parse::<u32>().ok());
+    if let Some(somaxconn) = somaxconn.filter(|&cap| cap < backlog) {
+        tracing::warn!(
+            backlog,
+            somaxconn,
+            "the kernel caps the listen backlog at net.core.somaxconn: raise it (sysctl -w net.core.somaxconn={backlog}) or a burst of new connections waits 1 s per dropped SYN"
+        );
+    }
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the struct it is given and nothing else.
+    let known = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+    // Room for the journal's files, outbound pools and the listeners besides the connections.
+    let wanted = connections_max as u64 + 1_000;
+    let file_limit: u64 = limit.rlim_cur;
+    if known && limit.rlim_cur != libc::RLIM_INFINITY && file_limit < wanted {
+        tracing::warn!(
+            file_limit,
+            connections_max,
+            "the file limit (ulimit -n, LimitNOFILE=) is below --connections-max + 1000: connections past it are refused until others close; raise it to {wanted} or more"
+        );
+    }
+}
+
 /// A bound socket, not listening: is the address free?
 fn plain_bind(addr: std::net::SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};

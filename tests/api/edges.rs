@@ -392,3 +392,49 @@ async fn an_idle_http2_connection_gives_its_place_back_after_the_slow_client_tim
     let mut client = app.client();
     assert_eq!(client.get("/healthz").await.status, 200);
 }
+
+#[test]
+fn a_backlog_above_somaxconn_and_a_file_limit_below_connections_max_are_said_at_start() {
+    // Proves: the server says at start where the kernel allows less than it is configured for — a
+    // --listen-backlog above net.core.somaxconn, a file limit below --connections-max + 1000 —
+    // naming the setting to raise, and serves all the same; with both in reach it says neither.
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .expect("read net.core.somaxconn")
+        .trim()
+        .parse()
+        .expect("somaxconn");
+    let files = Command::new("sh")
+        .args(["-c", "ulimit -n"])
+        .output()
+        .expect("ulimit -n");
+    // "unlimited" leaves nothing to fall short of: the file limit's part is then not checked.
+    let files: Option<u64> = String::from_utf8_lossy(&files.stdout).trim().parse().ok();
+    let over_backlog = (somaxconn + 1).to_string();
+    let over_files = files.unwrap_or(64).min(1_000_000).to_string();
+    let app = spawn_app(&[
+        "--listen-backlog",
+        &over_backlog,
+        "--connections-max",
+        &over_files,
+    ]);
+    assert_eq!(raw_get(&mut raw(app.addr), "/healthz").status, 200);
+    let log = app.log();
+    assert!(
+        log.contains("net.core.somaxconn") && log.contains(&format!("somaxconn={somaxconn}")),
+        "{log}"
+    );
+    if let Some(files) = files.filter(|&files| files <= 1_000_000) {
+        assert!(
+            log.contains("ulimit -n") && log.contains(&format!("file_limit={files}")),
+            "{log}"
+        );
+    }
+
+    let quiet = spawn_app(&["--listen-backlog", "16", "--connections-max", "64"]);
+    assert_eq!(raw_get(&mut raw(quiet.addr), "/healthz").status, 200);
+    let log = quiet.log();
+    assert!(
+        !log.contains("somaxconn") && !log.contains("file limit"),
+        "{log}"
+    );
+}
