@@ -17,7 +17,11 @@
 //! keys meet with odds of about 2⁻⁸⁸ in a full map), holds the request's fingerprint as its 128
 //! bits, and its body as [`Bytes`]: a SKU's `out_of_stock` answer is rendered once and shared by
 //! every entry that gives it. Eviction, oldest first by size and age, walks a queue of (digest,
-//! time) pairs that never touches the map's entries to find the next one due.
+//! time) pairs that never touches the map's entries to find the next one due. Each of the 64 parts
+//! is sized whole at its first rejection (a table of twice its answers: see `finish_rejected`), so
+//! a flood fills it without growing it; the default, 14,336 answers a part (917,504 in all), takes
+//! ~190 MiB once a flood has reached the cap (measured: the store alone; ~220 MiB of the server's
+//! resident memory), and not a byte more however long the flood lasts.
 
 use super::records::StoredAnswer;
 use crate::domain::IdempotencyKey;
@@ -45,10 +49,11 @@ pub struct RejectionLimits {
 
 impl Default for RejectionLimits {
     fn default() -> Self {
-        // 1 Mi answers of ~100 bytes (entry, index and queue; shared bodies) is ~100 MiB at most;
-        // 10 minutes covers a client's retries.
+        // 64 parts of 14,336 answers: each part's table of 32,768 slots (80 bytes each) stays at
+        // most half full, so it never grows: ~190–220 MiB at the cap (the bodies shared); 14,336 is
+        // the most a table of that size holds that way. 10 minutes covers a client's retries.
         Self {
-            entries_max: 1 << 20,
+            entries_max: SHARDS * 14_336,
             age_ms_max: 10 * 60 * 1000,
         }
     }
@@ -204,9 +209,10 @@ struct Rejection {
 struct RejectionShard {
     /// By key digest.
     answers: FxHashMap<u128, Rejection>,
-    /// Key digests in the order they were kept, with the time each was kept: an entry kept again
-    /// later has a later pair too, and only the pair matching its time evicts it.
-    order: VecDeque<(u128, i64)>,
+    /// Key digests (as two words: 24-byte pairs, not 32) in the order they were kept, with the
+    /// time each was kept: an entry kept again later has a later pair too, and only the pair
+    /// matching its time evicts it.
+    order: VecDeque<([u64; 2], i64)>,
 }
 
 /// The idempotency keys of one process.
@@ -218,6 +224,14 @@ pub struct IdempotencyStore {
     retention_ms: i64,
     /// The seed of the rejection map's key digests (this process's own).
     key_seed: u64,
+}
+
+fn words(digest: u128) -> [u64; 2] {
+    [(digest >> 64) as u64, digest as u64]
+}
+
+fn digest_of(words: [u64; 2]) -> u128 {
+    (u128::from(words[0]) << 64) | u128::from(words[1])
 }
 
 fn shard_of(key: &IdempotencyKey) -> usize {
@@ -324,6 +338,29 @@ impl IdempotencyStore {
         slots.remove(key);
         let mut rejections = lock(&self.rejections[shard]);
         drop(slots);
+        let entries_max = (self.limits.entries_max / SHARDS).max(1);
+        // Sized whole at its first rejection, so a flood fills it without growing it (and an idle
+        // server holds none): twice the answers kept, because a hash table whose removals leave
+        // it more than half full grows when it runs out of never-used slots, where one at most
+        // half full is cleaned in place.
+        if rejections.answers.capacity() == 0 {
+            rejections.answers.reserve(2 * entries_max);
+            rejections.order.reserve(entries_max + 1);
+        }
+        // Room first, so the table never holds more than `entries_max` when it needs a slot.
+        while let Some(&(oldest, kept_at_ms)) = rejections.order.front() {
+            let expired = at_ms - kept_at_ms >= self.limits.age_ms_max;
+            if rejections.order.len() < entries_max && !expired {
+                break;
+            }
+            rejections.order.pop_front();
+            // Kept again since (a later pair stands for it), it stays.
+            if let Entry::Occupied(kept) = rejections.answers.entry(digest_of(oldest)) {
+                if kept.get().at_ms == kept_at_ms {
+                    kept.remove();
+                }
+            }
+        }
         let rejection = Rejection {
             fingerprint,
             at_ms,
@@ -331,21 +368,7 @@ impl IdempotencyStore {
             body,
         };
         rejections.answers.insert(digest, rejection);
-        rejections.order.push_back((digest, at_ms));
-        let entries_max = (self.limits.entries_max / SHARDS).max(1);
-        while let Some(&(oldest, kept_at_ms)) = rejections.order.front() {
-            let expired = at_ms - kept_at_ms >= self.limits.age_ms_max;
-            if rejections.order.len() <= entries_max && !expired {
-                break;
-            }
-            rejections.order.pop_front();
-            // Kept again since (a later pair stands for it), it stays.
-            if let Entry::Occupied(kept) = rejections.answers.entry(oldest) {
-                if kept.get().at_ms == kept_at_ms {
-                    kept.remove();
-                }
-            }
-        }
+        rejections.order.push_back((words(digest), at_ms));
     }
 
     /// Forgets an in-flight key whose request ended without an answer worth keeping (a `400` or a
@@ -603,6 +626,35 @@ mod tests {
         store.finish_rejected(&third, "f".digest(), 409, body(b"third"), 2_000);
         assert_eq!(store.rejections_len(), 2);
         assert_eq!(store.begin(&k, "h", 2_000), Ok(Begin::Started));
+    }
+
+    #[test]
+    fn a_part_of_the_rejection_map_never_grows_past_its_first_size_under_a_flood() {
+        // Proves: the flood's memory is bounded — a part sized at its first rejection keeps its
+        // table and queue through a flood many times its size (removals never make it grow).
+        let limits = RejectionLimits {
+            entries_max: SHARDS * 64,
+            age_ms_max: 1_000_000,
+        };
+        let store = IdempotencyStore::new(limits, 1_000_000);
+        let body = Bytes::from_static(b"{}");
+        let keys = (0..).map(|i| key(&format!("flood-{i}")));
+        let mut sizes = None;
+        for (n, k) in keys.filter(|k| shard_of(k) == 0).take(50_000).enumerate() {
+            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+            store.finish_rejected(&k, "f".digest(), 409, body.clone(), 0);
+            let part = lock(&store.rejections[0]);
+            assert!(part.answers.len() <= 64 && part.order.len() <= 64);
+            // The table's room (entries plus never-used slots) shrinks as removals leave marks and
+            // comes back when it is cleaned in place; it would double if the table grew.
+            let now = (part.answers.capacity(), part.order.capacity());
+            let first = *sizes.get_or_insert(now);
+            assert!(
+                now.0 <= first.0 && now.1 == first.1,
+                "after {n} rejections: {now:?}, first {first:?}"
+            );
+        }
+        assert_eq!(store.rejections_len(), 64);
     }
 
     #[test]
