@@ -586,3 +586,37 @@ impl Finishing {
         }
     }
 }
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+
+    /// The fingerprint of a parsed checkout body is the one pinned in `engine::idempotency` (kept
+    /// durably with orders): field order, white space and an explicit `null` make no difference,
+    /// and moving the items out afterwards does not change what was taken.
+    #[test]
+    fn a_checkout_bodys_fingerprint_is_the_pinned_one() {
+        const PINNED: &str = "072a091d8e5a078426313cbbc8f9181b";
+        for raw in [
+            r#"{"items":[{"sku":"sku-1","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#,
+            r#"{ "payment_token" : "tok_ok", "customer_id":"c", "cart_id": null,
+                 "items":[{"quantity":1,"sku":"sku-1"}] }"#,
+            r#"{"items":[{"sku":"sku\u002d1","quantity":1}],"customer_id":"\u0063","payment_token":"tok_ok"}"#,
+        ] {
+            let mut body: CheckoutBody = serde_json::from_str(raw).unwrap();
+            let fingerprint = Fingerprint::of(&body);
+            assert_eq!(fingerprint.text(), PINNED, "{raw}");
+            assert!(fingerprint.matches(PINNED));
+            let digest = fingerprint.digest();
+            assert_eq!(digest_text(digest), PINNED);
+            let _ = body.items.take();
+            assert_ne!(Fingerprint::of(&body).text(), PINNED);
+        }
+        // Another request is another fingerprint.
+        let other: CheckoutBody = serde_json::from_str(
+            r#"{"items":[{"sku":"sku-1","quantity":2}],"customer_id":"c","payment_token":"tok_ok"}"#,
+        )
+        .unwrap();
+        assert!(!Fingerprint::of(&other).matches(PINNED));
+    }
+}

@@ -41,7 +41,9 @@ const SHARDS: usize = 64;
 /// Limits of the map of answers that placed nothing.
 #[derive(Debug, Clone, Copy)]
 pub struct RejectionLimits {
-    /// The most answers kept; the oldest go first. Bounds memory under a rejection flood.
+    /// The most answers kept; the oldest go first. Bounds memory under a rejection flood. Kept
+    /// in 64 parts of `entries_max / 64` answers each (at least one each), a part chosen by the
+    /// key's seeded digest, so keys from many clients spread evenly over them.
     pub entries_max: usize,
     /// How long an answer is replayed; after that the key may be used afresh.
     pub age_ms_max: i64,
@@ -257,6 +259,13 @@ impl IdempotencyStore {
         xxhash_rust::xxh3::xxh3_128_with_seed(key.as_str().as_bytes(), self.key_seed)
     }
 
+    /// The part of the rejection map a key digest belongs to: from the seeded digest, so no
+    /// client can aim keys at one part (the size limit is counted per part: a flood aimed at the
+    /// part of another client's answer would evict it young).
+    fn rejection_part(digest: u128) -> usize {
+        (digest >> 64) as usize % SHARDS
+    }
+
     /// Restores an answer that placed an order (from the journal at start-up).
     pub fn restore(&self, key: IdempotencyKey, answer: StoredAnswer) {
         let shard = shard_of(&key);
@@ -291,8 +300,9 @@ impl IdempotencyStore {
         }
         let digest = fingerprint.digest();
         {
-            let rejections = lock(&self.rejections[shard]);
-            if let Some(kept) = rejections.answers.get(&self.key_digest(key)) {
+            let key_digest = self.key_digest(key);
+            let rejections = lock(&self.rejections[Self::rejection_part(key_digest)]);
+            if let Some(kept) = rejections.answers.get(&key_digest) {
                 if now_ms - kept.at_ms < self.limits.age_ms_max {
                     return if kept.fingerprint == digest {
                         Ok(Begin::Replay(Answer {
@@ -336,7 +346,9 @@ impl IdempotencyStore {
         let digest = self.key_digest(key);
         let mut slots = lock(&self.slots[shard]);
         slots.remove(key);
-        let mut rejections = lock(&self.rejections[shard]);
+        // Taken before the key leaves `slots` unlocked, so a racing `begin` finds it in one of
+        // the two (the order is always `slots`, then `rejections`).
+        let mut rejections = lock(&self.rejections[Self::rejection_part(digest)]);
         drop(slots);
         let entries_max = (self.limits.entries_max / SHARDS).max(1);
         // Sized whole at its first rejection, so a flood fills it without growing it (and an idle
@@ -459,6 +471,12 @@ impl IdempotencyStore {
         recent.sort_unstable_by_key(|(_, answer)| std::cmp::Reverse(answer.at_ms));
         recent.truncate(max);
         recent
+    }
+
+    /// The part of the rejection map `key` belongs to (tests).
+    #[cfg(test)]
+    fn part_of(&self, key: &IdempotencyKey) -> usize {
+        Self::rejection_part(self.key_digest(key))
     }
 
     /// How many answers the rejection map holds now.
@@ -601,7 +619,7 @@ mod tests {
         // Another key in the same shard (eviction is per shard).
         let other = (0..)
             .map(|i| key(&format!("other-{i}")))
-            .find(|o| shard_of(o) == shard_of(&k))
+            .find(|o| store.part_of(o) == store.part_of(&k))
             .unwrap();
         let body = |b: &'static [u8]| Bytes::from_static(b);
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
@@ -620,7 +638,7 @@ mod tests {
         // Its own pair evicts it once it is past its age.
         let third = (0..)
             .map(|i| key(&format!("third-{i}")))
-            .find(|t| shard_of(t) == shard_of(&k))
+            .find(|t| store.part_of(t) == store.part_of(&k))
             .unwrap();
         assert_eq!(store.begin(&third, "f", 2_000), Ok(Begin::Started));
         store.finish_rejected(&third, "f".digest(), 409, body(b"third"), 2_000);
@@ -640,7 +658,11 @@ mod tests {
         let body = Bytes::from_static(b"{}");
         let keys = (0..).map(|i| key(&format!("flood-{i}")));
         let mut sizes = None;
-        for (n, k) in keys.filter(|k| shard_of(k) == 0).take(50_000).enumerate() {
+        for (n, k) in keys
+            .filter(|k| store.part_of(k) == 0)
+            .take(50_000)
+            .enumerate()
+        {
             assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
             store.finish_rejected(&k, "f".digest(), 409, body.clone(), 0);
             let part = lock(&store.rejections[0]);
@@ -680,5 +702,489 @@ mod tests {
         assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
         store.abandon(&k);
         assert_eq!(store.begin(&k, "g", 0), Ok(Begin::Started));
+    }
+}
+
+/// Attacks on the rejection map and the key table: many threads, exact answers, and the store
+/// run as a state machine against a simple model.
+#[cfg(test)]
+mod attack_tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Barrier;
+
+    fn key(k: &str) -> IdempotencyKey {
+        IdempotencyKey::parse(k).unwrap()
+    }
+
+    /// Keys that fall in `shard` of the key table (`shard_of`, which anyone can compute).
+    fn keys_in_shard(shard: usize, prefix: &str, n: usize) -> Vec<IdempotencyKey> {
+        (0..)
+            .map(|i| key(&format!("{prefix}-{i}")))
+            .filter(|k| shard_of(k) == shard)
+            .take(n)
+            .collect()
+    }
+
+    /// Keys that fall in `part` of `store`'s rejection map (known only inside the process).
+    fn keys_in_part(
+        store: &IdempotencyStore,
+        part: usize,
+        prefix: &str,
+        n: usize,
+    ) -> Vec<IdempotencyKey> {
+        (0..)
+            .map(|i| key(&format!("{prefix}-{i}")))
+            .filter(|k| store.part_of(k) == part)
+            .take(n)
+            .collect()
+    }
+
+    fn per_shard_max(store: &IdempotencyStore) -> usize {
+        (store.limits.entries_max / SHARDS).max(1)
+    }
+
+    /// Every key of a flood from many threads gets back its own answer, never another key's, and
+    /// a different body under it is refused.
+    #[test]
+    fn a_flood_of_distinct_keys_from_many_threads_keeps_each_keys_own_answer() {
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
+        let threads = 8;
+        let per_thread = 5_000;
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let name = format!("flood-{t}-{i}");
+                        let k = key(&name);
+                        assert_eq!(store.begin(&k, name.as_str(), 5), Ok(Begin::Started));
+                        let status = if i % 2 == 0 { 409 } else { 404 };
+                        store.finish_rejected(&k, name.digest(), status, Bytes::from(name), 5);
+                    }
+                });
+            }
+        });
+        assert_eq!(store.rejections_len(), threads * per_thread);
+        assert_eq!(store.len(), 0, "no key left in flight");
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..per_thread {
+                        let name = format!("flood-{t}-{i}");
+                        let k = key(&name);
+                        let status = if i % 2 == 0 { 409 } else { 404 };
+                        assert_eq!(
+                            store.begin(&k, name.as_str(), 10),
+                            Ok(Begin::Replay(Answer {
+                                status,
+                                body: Bytes::from(name.clone())
+                            }))
+                        );
+                        let other = format!("{name}-other-body");
+                        assert_eq!(store.begin(&k, other.as_str(), 10), Err(KeyError::Reused));
+                    }
+                });
+            }
+        });
+    }
+
+    /// Many threads race one key, round after round: exactly one runs at a time, the others get
+    /// `InUse`, then the winner's answer byte for byte (or `Reused` under another body).
+    #[test]
+    fn racing_one_key_from_many_threads_runs_it_once_and_replays_the_winner() {
+        let store = IdempotencyStore::new(RejectionLimits::default(), 1_000_000);
+        let threads = 8;
+        let rounds = 2_000;
+        let barrier = Barrier::new(threads);
+        let started = AtomicUsize::new(0);
+        let running = AtomicUsize::new(0);
+        // Whether a round's first run was abandoned (by whichever thread ran it).
+        let abandoned: Vec<std::sync::atomic::AtomicBool> =
+            (0..rounds).map(|_| Default::default()).collect();
+        std::thread::scope(|s| {
+            for t in 0..threads {
+                let (store, barrier, started, running) = (&store, &barrier, &started, &running);
+                let abandoned = &abandoned;
+                s.spawn(move || {
+                    for (round, first_abandoned) in abandoned.iter().enumerate() {
+                        let k = key(&format!("race-{round}"));
+                        // Half the threads send one body, half another.
+                        let fp = format!("body-{}", t % 2);
+                        // Some rounds place an order, some are refused, some are abandoned once.
+                        let placed = round % 3 == 0;
+                        let abandon_first = round % 3 == 2;
+                        barrier.wait();
+                        for attempt in 0.. {
+                            assert!(attempt < 10_000_000, "round {round}: the key never settled");
+                            match store.begin(&k, fp.as_str(), 1) {
+                                Ok(Begin::Started) => {
+                                    assert_eq!(running.fetch_add(1, Ordering::SeqCst), 0);
+                                    started.fetch_add(1, Ordering::SeqCst);
+                                    std::thread::yield_now();
+                                    running.fetch_sub(1, Ordering::SeqCst);
+                                    if abandon_first
+                                        && !first_abandoned.swap(true, Ordering::SeqCst)
+                                    {
+                                        store.abandon(&k);
+                                        continue;
+                                    }
+                                    let body = format!("{round}:{fp}");
+                                    if placed {
+                                        store.finish(
+                                            &k,
+                                            StoredAnswer {
+                                                fingerprint: fp.clone(),
+                                                status: 201,
+                                                body,
+                                                at_ms: 1,
+                                            },
+                                        );
+                                    } else {
+                                        store.finish_rejected(
+                                            &k,
+                                            fp.as_str().digest(),
+                                            409,
+                                            Bytes::from(body),
+                                            1,
+                                        );
+                                    }
+                                }
+                                Err(KeyError::InUse) => std::thread::yield_now(),
+                                Ok(Begin::Replay(a)) => {
+                                    let status = if placed { 201 } else { 409 };
+                                    assert_eq!(a.status, status);
+                                    assert_eq!(&a.body[..], format!("{round}:{fp}").as_bytes());
+                                    break;
+                                }
+                                Err(KeyError::Reused) => {
+                                    // The winner sent the other body: its answer names it.
+                                    let mine = store.begin(&k, fp.as_str(), 1);
+                                    assert_eq!(mine, Err(KeyError::Reused));
+                                    break;
+                                }
+                            }
+                        }
+                        barrier.wait();
+                        assert_eq!(store.in_flight_fingerprint(&k), None, "left in flight");
+                    }
+                });
+            }
+        });
+        // One run per round, two in the rounds whose first run was abandoned.
+        let abandoned_rounds = (0..rounds).filter(|r| r % 3 == 2).count();
+        assert_eq!(started.load(Ordering::SeqCst), rounds + abandoned_rounds);
+    }
+
+    /// Under a flood of new keys from many threads the map never holds more than its limit, and
+    /// its eviction queue stays bounded too.
+    #[test]
+    fn a_flood_from_many_threads_stays_within_entries_max_and_the_queue_is_bounded() {
+        let limits = RejectionLimits {
+            entries_max: SHARDS * 16,
+            age_ms_max: 1_000_000,
+        };
+        let store = IdempotencyStore::new(limits, 1_000_000);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let store = &store;
+                s.spawn(move || {
+                    for i in 0..50_000i64 {
+                        let k = key(&format!("f{t}-{i}"));
+                        assert_eq!(store.begin(&k, "f", i), Ok(Begin::Started));
+                        store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"x"), i);
+                        if i % 1_000 == 0 {
+                            assert!(store.rejections_len() <= limits.entries_max);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(store.rejections_len() <= limits.entries_max);
+        for shard in store.rejections.iter() {
+            let shard = lock(shard);
+            assert!(shard.order.len() <= per_shard_max(&store));
+            assert!(shard.answers.len() <= shard.order.len());
+        }
+        assert_eq!(store.len(), 0);
+    }
+
+    /// Contract: an answer younger than the age stays while the map is under its size limit,
+    /// whatever keys other clients choose: keys aimed at the victim's shard of the key table
+    /// (FxHash, which anyone can compute) spread over the rejection map's parts, which the seeded
+    /// digest picks.
+    #[test]
+    fn a_young_answer_is_not_evicted_while_the_map_is_under_its_limit() {
+        let limits = RejectionLimits::default();
+        let store = IdempotencyStore::new(limits, 1_000_000);
+        let victim = key("victim");
+        assert_eq!(store.begin(&victim, "v", 0), Ok(Begin::Started));
+        store.finish_rejected(&victim, "v".digest(), 409, Bytes::from_static(b"mine"), 0);
+        let aimed = keys_in_shard(shard_of(&victim), "aimed", limits.entries_max / SHARDS);
+        for k in &aimed {
+            assert_eq!(store.begin(k, "f", 1), Ok(Begin::Started));
+            store.finish_rejected(k, "f".digest(), 409, Bytes::from_static(b"x"), 1);
+        }
+        let held = store.rejections_len();
+        assert!(held <= aimed.len() + 1);
+        assert_eq!(
+            store.begin(&victim, "v", 2),
+            Ok(Begin::Replay(Answer {
+                status: 409,
+                body: Bytes::from_static(b"mine")
+            })),
+            "a 2 ms old answer was evicted with the map at {held} of {} entries",
+            limits.entries_max
+        );
+    }
+
+    /// Contract: the map is bounded by `entries_max`, counted in 64 parts of `entries_max / 64`
+    /// (at least one each): below 64 parts' worth, by one answer a part.
+    #[test]
+    fn the_map_never_holds_more_than_entries_max_or_one_a_part() {
+        let limits = RejectionLimits {
+            entries_max: 8,
+            age_ms_max: 600_000,
+        };
+        let store = IdempotencyStore::new(limits, 1_000_000);
+        for i in 0..10_000 {
+            let k = key(&format!("k{i}"));
+            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
+            store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"x"), 0);
+        }
+        assert!(
+            store.rejections_len() <= limits.entries_max.max(SHARDS),
+            "{} answers kept with entries_max {}",
+            store.rejections_len(),
+            limits.entries_max
+        );
+    }
+
+    // ---- The store as a state machine against a model. ----
+
+    const KEYS: usize = 6;
+    const AGE: i64 = 100;
+    const RETENTION: i64 = 250;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Begin { k: usize, f: usize, dt: i64 },
+        Reject { k: usize, status: bool },
+        Place { k: usize },
+        Abandon { k: usize },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..KEYS, 0..3usize, 0..120i64).prop_map(|(k, f, dt)| Op::Begin { k, f, dt }),
+            2 => (0..KEYS, any::<bool>()).prop_map(|(k, status)| Op::Reject { k, status }),
+            1 => (0..KEYS).prop_map(|k| Op::Place { k }),
+            1 => (0..KEYS).prop_map(|k| Op::Abandon { k }),
+        ]
+    }
+
+    #[derive(Debug, Clone)]
+    struct Kept {
+        fp: usize,
+        status: u16,
+        body: String,
+        at: i64,
+    }
+
+    #[derive(Debug, Default, Clone)]
+    struct ModelKey {
+        in_flight: Option<(usize, Option<Kept>)>,
+        placed: Option<Kept>,
+        rejected: Option<Kept>,
+    }
+
+    fn fp_text(f: usize) -> String {
+        format!("fingerprint-{f}")
+    }
+
+    /// Runs `ops`; with `exact`, the map never evicts by size and the store must answer as the
+    /// model does; without, it may forget a rejection (size) but never answer wrongly.
+    fn run(ops: Vec<Op>, limits: RejectionLimits, keys: usize, exact: bool) {
+        let store = IdempotencyStore::new(limits, RETENTION);
+        // Exact: keys wherever they fall; otherwise all in one part, so size eviction happens.
+        let names: Vec<IdempotencyKey> = if exact {
+            (0..keys).map(|i| key(&format!("m{i}"))).collect()
+        } else {
+            keys_in_part(&store, 7, "m", keys)
+        };
+        let mut model: Vec<ModelKey> = vec![ModelKey::default(); keys];
+        let mut now = 0i64;
+        let mut serial = 0u64;
+        for op in ops {
+            match op {
+                Op::Begin { k, f, dt } => {
+                    let k = k % keys;
+                    now += dt;
+                    let got = store.begin(&names[k], fp_text(f).as_str(), now);
+                    let m = &mut model[k];
+                    let young_placed = m.placed.clone().filter(|p| now - p.at < RETENTION);
+                    let young_rejected = m.rejected.clone().filter(|r| now - r.at < AGE);
+                    let expected: Result<Begin, KeyError> = if m.in_flight.is_some() {
+                        Err(KeyError::InUse)
+                    } else if let Some(p) = &young_placed {
+                        if p.fp == f {
+                            Ok(Begin::Replay(Answer {
+                                status: p.status,
+                                body: Bytes::from(p.body.clone()),
+                            }))
+                        } else {
+                            Err(KeyError::Reused)
+                        }
+                    } else if let Some(r) = &young_rejected {
+                        if r.fp == f {
+                            Ok(Begin::Replay(Answer {
+                                status: r.status,
+                                body: Bytes::from(r.body.clone()),
+                            }))
+                        } else {
+                            Err(KeyError::Reused)
+                        }
+                    } else {
+                        Ok(Begin::Started)
+                    };
+                    let forgotten = !exact
+                        && young_placed.is_none()
+                        && young_rejected.is_some()
+                        && m.in_flight.is_none()
+                        && got == Ok(Begin::Started);
+                    if forgotten {
+                        // Evicted for size: allowed, and the key starts afresh.
+                        m.rejected = None;
+                    } else {
+                        assert_eq!(got, expected, "begin({k}, {f}) at {now}: {m:?}");
+                    }
+                    if got == Ok(Begin::Started) {
+                        m.in_flight = Some((f, m.placed.take()));
+                    }
+                }
+                Op::Reject { k, status } => {
+                    let k = k % keys;
+                    let m = &mut model[k];
+                    if let Some((f, _)) = m.in_flight.take() {
+                        serial += 1;
+                        let status = if status { 409 } else { 404 };
+                        let body = format!("{{\"n\":{serial}}}");
+                        store.finish_rejected(
+                            &names[k],
+                            fp_text(f).as_str().digest(),
+                            status,
+                            Bytes::from(body.clone()),
+                            now,
+                        );
+                        m.placed = None;
+                        m.rejected = Some(Kept {
+                            fp: f,
+                            status,
+                            body,
+                            at: now,
+                        });
+                    }
+                }
+                Op::Place { k } => {
+                    let k = k % keys;
+                    let m = &mut model[k];
+                    if let Some((f, _)) = m.in_flight.take() {
+                        serial += 1;
+                        let body = format!("{{\"order\":{serial}}}");
+                        store.finish(
+                            &names[k],
+                            StoredAnswer {
+                                fingerprint: fp_text(f),
+                                status: 201,
+                                body: body.clone(),
+                                at_ms: now,
+                            },
+                        );
+                        m.placed = Some(Kept {
+                            fp: f,
+                            status: 201,
+                            body,
+                            at: now,
+                        });
+                    }
+                }
+                Op::Abandon { k } => {
+                    let k = k % keys;
+                    let m = &mut model[k];
+                    if let Some((_, expired)) = m.in_flight.take() {
+                        store.abandon(&names[k]);
+                        m.placed = expired;
+                    }
+                }
+            }
+            assert!(store.rejections_len() <= limits.entries_max.max(SHARDS));
+            for shard in store.rejections.iter() {
+                let shard = lock(shard);
+                assert!(shard.answers.len() <= shard.order.len());
+                assert!(shard.order.len() <= per_shard_max(&store));
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn the_store_answers_as_the_model_does(ops in proptest::collection::vec(op(), 1..200)) {
+            let limits = RejectionLimits { entries_max: 1 << 20, age_ms_max: AGE };
+            run(ops, limits, KEYS, true);
+        }
+
+        #[test]
+        fn under_size_eviction_the_store_forgets_but_never_answers_wrongly(
+            ops in proptest::collection::vec(op(), 1..300),
+        ) {
+            // Two entries a shard, six keys in one shard: size eviction is frequent.
+            let limits = RejectionLimits { entries_max: SHARDS * 2, age_ms_max: AGE };
+            run(ops, limits, KEYS, false);
+        }
+
+        /// The thread-local buffer gives the digest of exactly the request's JSON, whatever came
+        /// before it on that thread (a larger request, a smaller one).
+        #[test]
+        fn a_fingerprint_is_xxh3_of_exactly_the_requests_json(
+            texts in proptest::collection::vec("[ -~]{0,300}", 1..20),
+        ) {
+            for text in &texts {
+                let value = serde_json::json!({"items": [{"sku": text, "quantity": 1}], "c": text});
+                let expected = xxhash_rust::xxh3::xxh3_128(&serde_json::to_vec(&value).unwrap());
+                prop_assert_eq!(Fingerprint::of(&value).digest(), expected);
+                prop_assert!(Fingerprint::of(&value).matches(&digest_text(expected)));
+            }
+        }
+    }
+
+    /// Fingerprints taken on many threads at once are each of their own request.
+    #[test]
+    fn fingerprints_from_many_threads_are_each_of_their_own_request() {
+        let expected: HashMap<usize, u128> = (0..2_000)
+            .map(|i| {
+                let v =
+                    serde_json::json!({"customer_id": format!("c{i}"), "pad": "y".repeat(i % 97)});
+                (
+                    i,
+                    xxhash_rust::xxh3::xxh3_128(&serde_json::to_vec(&v).unwrap()),
+                )
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for t in 0..8 {
+                let expected = &expected;
+                s.spawn(move || {
+                    for i in (t..2_000).step_by(8) {
+                        let v = serde_json::json!({"customer_id": format!("c{i}"), "pad": "y".repeat(i % 97)});
+                        assert_eq!(Fingerprint::of(&v).digest(), expected[&i]);
+                    }
+                });
+            }
+        });
     }
 }

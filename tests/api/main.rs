@@ -7,6 +7,7 @@ mod edges;
 mod flash_sale;
 mod gateway;
 mod helpers;
+mod idempotency_attack;
 mod lifecycle;
 mod mysql;
 mod mysql_attack;
