@@ -16,8 +16,12 @@
 //! (xxh3-128 with a seed drawn at start-up, so nobody can aim two keys at one entry; two distinct
 //! keys meet with odds of about 2⁻⁸⁸ in a full map), holds the request's fingerprint as its 128
 //! bits, and its body as [`Bytes`]: a SKU's `out_of_stock` answer is rendered once and shared by
-//! every entry that gives it. Eviction, oldest first by size and age, walks a queue of (digest,
-//! time) pairs that never touches the map's entries to find the next one due. Each of the 64 parts
+//! every entry that gives it. The map is split into 64 parts, each with its own lock and its own
+//! share of the size limit; the part, too, comes from the seeded digest, so no client can aim a
+//! flood at the part holding another client's answer and evict it young (the key table's shards
+//! are an unseeded hash anyone can compute). Eviction, oldest first by size and age, walks a
+//! queue of (digest, time) pairs that never touches the map's entries to find the next one due.
+//! Each of the 64 parts
 //! is sized whole at its first rejection (a table of twice its answers: see `finish_rejected`), so
 //! a flood fills it without growing it; the default, 14,336 answers a part (917,504 in all), takes
 //! ~190 MiB once a flood has reached the cap (measured: the store alone; ~220 MiB of the server's
