@@ -497,6 +497,19 @@ mod tests {
         IdempotencyKey::parse(k).unwrap()
     }
 
+    /// A new key `k` refused at `at_ms` (the request's fingerprint `f`) with `status` and `body`.
+    pub(super) fn refuse(
+        store: &IdempotencyStore,
+        k: &IdempotencyKey,
+        f: &str,
+        status: u16,
+        body: Bytes,
+        at_ms: i64,
+    ) {
+        assert_eq!(store.begin(k, f, at_ms), Ok(Begin::Started));
+        store.finish_rejected(k, f.digest(), status, body, at_ms);
+    }
+
     fn answer(fingerprint: &str, status: u16, at_ms: i64) -> StoredAnswer {
         StoredAnswer {
             fingerprint: fingerprint.into(),
@@ -594,13 +607,11 @@ mod tests {
         let store = IdempotencyStore::new(limits, 1_000_000);
         for i in 0..10_000 {
             let k = key(&format!("r{i}"));
-            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-            store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"{}"), 0);
+            refuse(&store, &k, "f", 409, Bytes::from_static(b"{}"), 0);
         }
         assert!(store.rejections_len() <= SHARDS * 2);
         let k = key("late");
-        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-        store.finish_rejected(&k, "f".digest(), 404, Bytes::from_static(b"{\"e\":1}"), 0);
+        refuse(&store, &k, "f", 404, Bytes::from_static(b"{\"e\":1}"), 0);
         match store.begin(&k, "f", 999) {
             Ok(Begin::Replay(a)) => {
                 assert_eq!((a.status, &a.body[..]), (404, &b"{\"e\":1}"[..]));
@@ -626,14 +637,11 @@ mod tests {
             .find(|o| store.part_of(o) == store.part_of(&k))
             .unwrap();
         let body = |b: &'static [u8]| Bytes::from_static(b);
-        assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-        store.finish_rejected(&k, "f".digest(), 409, body(b"first"), 0);
+        refuse(&store, &k, "f", 409, body(b"first"), 0);
         // Past its age the key starts afresh and is kept again, later in the queue.
-        assert_eq!(store.begin(&k, "g", 1_000), Ok(Begin::Started));
-        store.finish_rejected(&k, "g".digest(), 404, body(b"second"), 1_000);
+        refuse(&store, &k, "g", 404, body(b"second"), 1_000);
         // The next rejection in the shard evicts the first pair, not the answer kept since.
-        assert_eq!(store.begin(&other, "f", 1_500), Ok(Begin::Started));
-        store.finish_rejected(&other, "f".digest(), 409, body(b"other"), 1_500);
+        refuse(&store, &other, "f", 409, body(b"other"), 1_500);
         match store.begin(&k, "g", 1_500) {
             Ok(Begin::Replay(a)) => assert_eq!((a.status, &a.body[..]), (404, &b"second"[..])),
             other => panic!("expected a replay, got {other:?}"),
@@ -644,8 +652,7 @@ mod tests {
             .map(|i| key(&format!("third-{i}")))
             .find(|t| store.part_of(t) == store.part_of(&k))
             .unwrap();
-        assert_eq!(store.begin(&third, "f", 2_000), Ok(Begin::Started));
-        store.finish_rejected(&third, "f".digest(), 409, body(b"third"), 2_000);
+        refuse(&store, &third, "f", 409, body(b"third"), 2_000);
         assert_eq!(store.rejections_len(), 2);
         assert_eq!(store.begin(&k, "h", 2_000), Ok(Begin::Started));
     }
@@ -667,8 +674,7 @@ mod tests {
             .take(50_000)
             .enumerate()
         {
-            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-            store.finish_rejected(&k, "f".digest(), 409, body.clone(), 0);
+            refuse(&store, &k, "f", 409, body.clone(), 0);
             let part = lock(&store.rejections[0]);
             assert!(part.answers.len() <= 64 && part.order.len() <= 64);
             // The table's room (entries plus never-used slots) shrinks as removals leave marks and
@@ -713,6 +719,7 @@ mod tests {
 /// run as a state machine against a simple model.
 #[cfg(test)]
 mod attack_tests {
+    use super::tests::refuse;
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -898,8 +905,7 @@ mod attack_tests {
                 s.spawn(move || {
                     for i in 0..50_000i64 {
                         let k = key(&format!("f{t}-{i}"));
-                        assert_eq!(store.begin(&k, "f", i), Ok(Begin::Started));
-                        store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"x"), i);
+                        refuse(store, &k, "f", 409, Bytes::from_static(b"x"), i);
                         if i % 1_000 == 0 {
                             assert!(store.rejections_len() <= limits.entries_max);
                         }
@@ -925,12 +931,10 @@ mod attack_tests {
         let limits = RejectionLimits::default();
         let store = IdempotencyStore::new(limits, 1_000_000);
         let victim = key("victim");
-        assert_eq!(store.begin(&victim, "v", 0), Ok(Begin::Started));
-        store.finish_rejected(&victim, "v".digest(), 409, Bytes::from_static(b"mine"), 0);
+        refuse(&store, &victim, "v", 409, Bytes::from_static(b"mine"), 0);
         let aimed = keys_in_shard(shard_of(&victim), "aimed", limits.entries_max / SHARDS);
         for k in &aimed {
-            assert_eq!(store.begin(k, "f", 1), Ok(Begin::Started));
-            store.finish_rejected(k, "f".digest(), 409, Bytes::from_static(b"x"), 1);
+            refuse(&store, k, "f", 409, Bytes::from_static(b"x"), 1);
         }
         let held = store.rejections_len();
         assert!(held <= aimed.len() + 1);
@@ -956,8 +960,7 @@ mod attack_tests {
         let store = IdempotencyStore::new(limits, 1_000_000);
         for i in 0..10_000 {
             let k = key(&format!("k{i}"));
-            assert_eq!(store.begin(&k, "f", 0), Ok(Begin::Started));
-            store.finish_rejected(&k, "f".digest(), 409, Bytes::from_static(b"x"), 0);
+            refuse(&store, &k, "f", 409, Bytes::from_static(b"x"), 0);
         }
         assert!(
             store.rejections_len() <= limits.entries_max.max(SHARDS),
