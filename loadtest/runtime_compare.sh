@@ -29,10 +29,37 @@ run() {
       /^Requests\/sec/ { rps = $2 }
       /CPU per request/ { cpu = $0; sub(/.*request: /, "", cpu); printf "%-18s %-8s %10.0f req/s  p99 %9s  CPU per request: %s\n", config, scenario, rps, p99, cpu }'
 }
+results=$(mktemp)
+trap 'rm -f "$results"' EXIT
 echo "machine: $(nproc) cores; wrk 1 thread, $connections connections, $duration per scenario"
 for round in $(seq 1 "$rounds"); do
   echo "== round $round"
   order=("${configs[@]}")
   if (( round % 2 == 0 )); then order=("shared" "per-core-1-worker" "per-core-unpinned" "per-core"); fi
-  for config in "${order[@]}"; do run "$config"; done
+  for config in "${order[@]}"; do run "$config" | sed "s/^/$round /" | tee -a "$results" | cut -d' ' -f2-; done
 done
+# The issue's performance aims, per round: the sold-out flood against the shared runtime's
+# /healthz of the same round (>= 100%, p99 <= 2 ms, <= 8 us of server CPU per rejection), and
+# successful checkouts (>= 50,000/s, p99 <= 5 ms).
+echo "== against the aims (per round)"
+awk '
+  function ms(t) { return t ~ /us$/ ? t / 1000 : t ~ /ms$/ ? t + 0 : t * 1000 }
+  { round = $1; config = $2; scenario = $3; rps = $4; p99 = $7; cpu = $12 + 0
+    if (config == "shared" && scenario == "healthz") healthz[round] = rps
+    line[++n] = round SUBSEP config SUBSEP scenario SUBSEP rps SUBSEP p99 SUBSEP cpu }
+  END {
+    for (i = 1; i <= n; i++) {
+      split(line[i], f, SUBSEP)
+      verdict = ""
+      if (f[3] == "(a)" && healthz[f[1]] > 0) {
+        ratio = 100 * f[4] / healthz[f[1]]
+        verdict = sprintf("flood %.0f%% of shared /healthz (aim >= 100%%), p99 %s (aim <= 2 ms), %.1f us per rejection (aim <= 8)", ratio, f[5], f[6])
+        verdict = verdict ((ratio >= 100 && ms(f[5]) <= 2 && f[6] <= 8) ? ": met" : ": not met")
+      }
+      if (f[3] == "(b)" || f[3] == "(c)") {
+        verdict = sprintf("%s successful checkouts/s (aim >= 50,000), p99 %s (aim <= 5 ms)", f[4], f[5])
+        verdict = verdict ((f[4] >= 50000 && ms(f[5]) <= 5) ? ": met" : ": not met")
+      }
+      if (verdict != "") printf "round %s %-18s %-4s %s\n", f[1], f[2], f[3], verdict
+    }
+  }' "$results"
