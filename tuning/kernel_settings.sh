@@ -34,7 +34,7 @@ stop_server() {
 cleanup() {
   stop_server
   for s in "${settings[@]}"; do sysctl -qw "$s=${saved[$s]}"; done
-  rm -rf "$data" "$out"
+  rm -rf "$data" "$data.log" "$out"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
