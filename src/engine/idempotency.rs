@@ -490,6 +490,20 @@ mod tests {
         IdempotencyKey::parse(k).unwrap()
     }
 
+    /// A store keeping at most `entries_max` rejections for `age_ms_max`, and answers that
+    /// placed an order for `retention_ms`; with its limits.
+    pub(super) fn store_with(
+        entries_max: usize,
+        age_ms_max: i64,
+        retention_ms: i64,
+    ) -> (RejectionLimits, IdempotencyStore) {
+        let limits = RejectionLimits {
+            entries_max,
+            age_ms_max,
+        };
+        (limits, IdempotencyStore::new(limits, retention_ms))
+    }
+
     /// A new key `k` refused at `at_ms` (the request's fingerprint `f`) with `status` and `body`.
     pub(super) fn refuse(
         store: &IdempotencyStore,
@@ -593,11 +607,7 @@ mod tests {
 
     #[test]
     fn rejections_are_bounded_by_size_and_age() {
-        let limits = RejectionLimits {
-            entries_max: SHARDS * 2,
-            age_ms_max: 1_000,
-        };
-        let store = IdempotencyStore::new(limits, 1_000_000);
+        let (_, store) = store_with(SHARDS * 2, 1_000, 1_000_000);
         for i in 0..10_000 {
             let k = key(&format!("r{i}"));
             refuse(&store, &k, "f", 409, Bytes::from_static(b"{}"), 0);
@@ -618,11 +628,7 @@ mod tests {
 
     #[test]
     fn a_rejection_kept_again_outlives_its_earlier_place_in_the_queue() {
-        let limits = RejectionLimits {
-            entries_max: SHARDS * 4,
-            age_ms_max: 1_000,
-        };
-        let store = IdempotencyStore::new(limits, 1_000_000);
+        let (_, store) = store_with(SHARDS * 4, 1_000, 1_000_000);
         let k = key("again");
         // Another key in the same shard (eviction is per shard).
         let other = (0..)
@@ -655,11 +661,7 @@ mod tests {
         // Proves: the flood's memory is bounded — once a part has held its limit for a while, its
         // table and queue keep their size through a flood many times larger (removals never make
         // it grow again), and it never holds more than its limit.
-        let limits = RejectionLimits {
-            entries_max: SHARDS * 64,
-            age_ms_max: 1_000_000,
-        };
-        let store = IdempotencyStore::new(limits, 1_000_000);
+        let (_, store) = store_with(SHARDS * 64, 1_000_000, 1_000_000);
         let body = Bytes::from_static(b"{}");
         let keys = (0..).map(|i| key(&format!("flood-{i}")));
         let mut settled = None;
@@ -716,7 +718,7 @@ mod tests {
 /// run as a state machine against a simple model.
 #[cfg(test)]
 mod attack_tests {
-    use super::tests::refuse;
+    use super::tests::{refuse, store_with};
     use super::*;
     use proptest::prelude::*;
     use std::collections::HashMap;
@@ -891,11 +893,7 @@ mod attack_tests {
     /// its eviction queue stays bounded too.
     #[test]
     fn a_flood_from_many_threads_stays_within_entries_max_and_the_queue_is_bounded() {
-        let limits = RejectionLimits {
-            entries_max: SHARDS * 16,
-            age_ms_max: 1_000_000,
-        };
-        let store = IdempotencyStore::new(limits, 1_000_000);
+        let (limits, store) = store_with(SHARDS * 16, 1_000_000, 1_000_000);
         std::thread::scope(|s| {
             for t in 0..4 {
                 let store = &store;
@@ -950,11 +948,7 @@ mod attack_tests {
     /// (at least one each): below 64 parts' worth, by one answer a part.
     #[test]
     fn the_map_never_holds_more_than_entries_max_or_one_a_part() {
-        let limits = RejectionLimits {
-            entries_max: 8,
-            age_ms_max: 600_000,
-        };
-        let store = IdempotencyStore::new(limits, 1_000_000);
+        let (limits, store) = store_with(8, 600_000, 1_000_000);
         for i in 0..10_000 {
             let k = key(&format!("k{i}"));
             refuse(&store, &k, "f", 409, Bytes::from_static(b"x"), 0);
