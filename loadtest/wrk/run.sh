@@ -80,16 +80,19 @@ python3 loadtest/wrk/setup_products.py "$url"
 redis_pid=
 [ -z "${REDIS_URL:-}" ] || redis_pid=$(pgrep -x redis-server | head -1 || true)
 ticks() { [ -n "$1" ] && awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+user_ticks() { [ -n "$1" ] && awk '{print $14}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 measure() { # wrk arguments
-  local s0 r0 result requests
-  s0=$(ticks "$server"); r0=$(ticks "$redis_pid")
+  local s0 u0 r0 result requests
+  s0=$(ticks "$server"); u0=$(user_ticks "$server"); r0=$(ticks "$redis_pid")
   result=$(wrk -t1 -c"$connections" -d"$duration" --latency "$@")
   echo "$result" | grep -E "Requests/sec|50%|90%|99%|Non-2xx|errors"
   requests=$(echo "$result" | awk '/requests in/ {print $1}')
-  awk -v s="$(( $(ticks "$server") - s0 ))" -v r="$(( $(ticks "$redis_pid") - r0 ))" -v n="$requests" \
+  awk -v s="$(( $(ticks "$server") - s0 ))" -v u="$(( $(user_ticks "$server") - u0 ))" \
+    -v r="$(( $(ticks "$redis_pid") - r0 ))" -v n="$requests" \
     -v hz="$(getconf CLK_TCK)" -v redis="$redis_pid" 'BEGIN {
       if (n > 0) {
-        printf "  CPU per request: server %.1f us", s / hz * 1e6 / n
+        printf "  CPU per request: server %.1f us (user %.1f, kernel %.1f)", s / hz * 1e6 / n,
+          u / hz * 1e6 / n, (s - u) / hz * 1e6 / n
         if (redis != "") printf ", redis-server %.1f us", r / hz * 1e6 / n
         printf "\n"
       }
