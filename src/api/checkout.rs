@@ -124,7 +124,8 @@ fn key_reused() -> ApiError {
     )
 }
 
-/// Keeps an answer that placed nothing (bounded map, and Redis for as long) and sends it. `body`
+/// Keeps an answer that placed nothing (bounded map, and Redis for as long), counts it by its
+/// status (`404` not found, `409` out of stock), and sends it. `body`
 /// is the error's body, rendered once per SKU for a refusal of stock (`Engine::refusal`).
 fn reject(
     state: &Shared,
@@ -135,6 +136,11 @@ fn reject(
     body: Bytes,
 ) -> Response {
     let status = status.as_u16();
+    let counter = match status {
+        409 => &state.metrics.rejections_out_of_stock,
+        _ => &state.metrics.rejections_not_found,
+    };
+    counter.add(1);
     let at_ms = now_ms();
     if let Some(submission) = submission {
         let stored = StoredAnswer {
@@ -302,7 +308,6 @@ pub(super) async fn checkout(
         };
         match cart {
             None => {
-                state.metrics.rejections_not_found.add(1);
                 return Ok(reject_with(
                     &state,
                     &key,
@@ -334,9 +339,8 @@ pub(super) async fn checkout(
     let reservation = match state.engine.reserve(&lines) {
         Ok(reservation) => reservation,
         Err(EngineError::OutOfStock { sku }) => {
-            state.metrics.rejections_out_of_stock.add(1);
             let error = || ApiError::from(EngineError::OutOfStock { sku: sku.clone() });
-            // The SKU's refusal, rendered once (the flood's answer allocates nothing).
+            // The SKU's refusal, rendered once (the flood's answers share its body).
             return Ok(match state.engine.refusal(&sku, || error().body()) {
                 Some(body) => reject(
                     &state,
@@ -350,7 +354,6 @@ pub(super) async fn checkout(
             });
         }
         Err(error @ EngineError::UnknownSku(_)) => {
-            state.metrics.rejections_not_found.add(1);
             return Ok(reject_with(
                 &state,
                 &key,
