@@ -62,6 +62,10 @@ fn app(dir: &std::path::Path) -> axum::Router {
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(10_000)),
         settler: api::money::Settler::default(),
         relay: None,
+        redis_optional: false,
+        node: "node_bench".into(),
+        admin_token: None,
+        response_budget: turnstile::connections::ResponseBudget::leak(128 << 20),
     });
     api::router(state)
 }

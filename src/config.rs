@@ -223,6 +223,9 @@ pub struct ServeArgs {
     /// How long a request waits for its commit before answering 503 journal_unavailable
     #[arg(long, env = "TURNSTILE_JOURNAL_TIMEOUT", default_value = "5s", value_name = "DURATION", value_parser = positive_duration)]
     pub journal_timeout: Duration,
+    /// How long one MySQL statement or COMMIT may take; past it the connection is dropped and the outcome settled on a new one
+    #[arg(long, env = "TURNSTILE_MYSQL_TIMEOUT", default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub mysql_timeout: Duration,
     /// How long the answer of a checkout that created an order is kept under its key; past it the key starts afresh
     #[arg(long, env = "TURNSTILE_IDEMPOTENCY_RETENTION", default_value = "24h", value_name = "DURATION", value_parser = positive_duration)]
     pub idempotency_retention: Duration,
@@ -262,6 +265,9 @@ pub struct ServeArgs {
     /// Open client connections at most; past it new connections wait in the kernel's backlog until one closes
     #[arg(long, env = "TURNSTILE_CONNECTIONS_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub connections_max: u64,
+    /// Bytes of answers not yet sent to their clients at most, across all connections (in the handlers' bodies and in HTTP/2's send buffers); past it a new answer is 503 overloaded
+    #[arg(long, env = "TURNSTILE_RESPONSE_BYTES_MAX", default_value = "134217728", value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..=1 << 40))]
+    pub response_bytes_max: u64,
     /// Checkouts past their hold (authorising, committing) at most at once; past it 503 overloaded with Retry-After
     #[arg(long, env = "TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub checkouts_in_flight_max: u64,
@@ -302,9 +308,15 @@ pub struct ServeArgs {
     /// Prefix of every Redis key (give each deployment or test its own)
     #[arg(long, env = "TURNSTILE_REDIS_PREFIX", default_value = "turnstile:", value_name = "P", value_parser = redis_prefix)]
     pub redis_prefix: String,
-    /// How long one Redis call may take before it fails (carts then answer 503; checkouts with an item list go on without the lock)
+    /// How long one Redis call may take before it fails (carts and checkouts then answer 503 session_store_unavailable)
     #[arg(long, env = "TURNSTILE_REDIS_TIMEOUT", default_value = "1s", value_name = "DURATION", value_parser = positive_duration)]
     pub redis_timeout: Duration,
+    /// One node only: with Redis unreachable, checkouts that name their items go on under this node's own key table (carts still answer 503). Without it such checkouts answer 503, since another node may hold the key
+    #[arg(long, env = "TURNSTILE_REDIS_OPTIONAL")]
+    pub redis_optional: bool,
+    /// How long a checkout's submission lock lives in Redis unless renewed; the node renews it while the checkout's outcome is unknown (must exceed --redis-timeout plus --gateway-timeout plus --journal-timeout)
+    #[arg(long, env = "TURNSTILE_REDIS_LOCK_TTL", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
+    pub redis_lock_ttl: Duration,
     /// Also publish every order event to RabbitMQ, with publisher confirms (amqp://user:pass@host:5672/%2f); the event log stays readable
     #[arg(
         long,
@@ -328,6 +340,9 @@ pub struct ServeArgs {
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
     pub reconcile_after: Duration,
+    /// Bearer token of the operations desk (/v1/admin/...); without it those paths answer 404
+    #[arg(long, env = "TURNSTILE_ADMIN_TOKEN", value_name = "T", value_parser = non_empty, hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)
     #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -754,6 +769,39 @@ pub struct ServeConfig {
     /// The most checkouts past their hold at once: bounds the tasks and gateway calls a flood can
     /// start.
     pub checkouts_in_flight_max: usize,
+    /// The most bytes of answers not yet sent to their clients, across all connections, so
+    /// clients that never read (or never open an HTTP/2 window) cannot make the server hold
+    /// answers without bound.
+    pub response_bytes_max: usize,
+    /// With Redis unreachable, checkouts naming their items go on under this node's own key table
+    /// (one node only: another node cannot see this node's keys).
+    pub redis_optional: bool,
+    /// The operations desk's bearer token; `None`: `/v1/admin/...` answers 404.
+    pub admin_token: Option<String>,
+}
+
+/// The shortest retention that keeps the contract's promises: longer than a checkout can take
+/// from the claim of its key to the decision of its commit (`--gateway-timeout` plus
+/// `--journal-timeout`). An answer that expired sooner would be gone when a client told `503`
+/// ("outcome unknown, retry with the same key") comes back, and the retry would place a second
+/// order; an order or an event that left sooner would be gone before the client could read the
+/// order it was just told about.
+fn check_retentions(args: &ServeArgs) -> Result<(), ConfigError> {
+    let floor = args.gateway_timeout + args.journal_timeout;
+    for (option, retention) in [
+        ("--idempotency-retention", args.idempotency_retention),
+        ("--order-retention", args.order_retention),
+        ("--event-retention", args.event_retention),
+    ] {
+        if retention <= floor {
+            return Err(ConfigError(format!(
+                "{option} {} must be longer than --gateway-timeout plus --journal-timeout ({}): an answer, order or event must outlive the longest a checkout can take to decide, or a client told to retry with the same key could find it gone and buy twice",
+                humantime::format_duration(retention),
+                humantime::format_duration(floor)
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Turns parsed options into the server's configuration, refusing what this build cannot do.
@@ -770,16 +818,38 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             humantime::format_duration(args.gateway_timeout + args.journal_timeout)
         ))));
     }
-    // A submission lock lives 60 s and is not renewed: a checkout that may run longer (its lock
-    // call, its authorisation, its commit) would let another node start the same key meanwhile.
-    let lock_ttl = Duration::from_secs(crate::sessions::redis::LOCK_TTL_SECONDS);
+    // A submission lock is renewed while its checkout's outcome is unknown, a third of its TTL
+    // at a time; a checkout that runs its normal course (its lock call, its authorisation, its
+    // commit) stays within one TTL, so even a renewal lost to a Redis blip cannot let another
+    // node start the same key while it runs.
+    let lock_ttl = args.redis_lock_ttl;
     let checkout_max = args.redis_timeout + args.gateway_timeout + args.journal_timeout;
     if args.redis_url.is_some() && checkout_max >= lock_ttl {
         return Err(CliError::Config(ConfigError(format!(
-            "--redis-timeout plus --gateway-timeout plus --journal-timeout ({}) must be shorter than the submission lock's {} with --redis-url, or another node could start a checkout still running under the same key",
+            "--redis-timeout plus --gateway-timeout plus --journal-timeout ({}) must be shorter than --redis-lock-ttl ({}) with --redis-url, or another node could start a checkout still running under the same key",
             humantime::format_duration(checkout_max),
             humantime::format_duration(lock_ttl)
         ))));
+    }
+    if lock_ttl < Duration::from_secs(1) {
+        return Err(CliError::Config(ConfigError(format!(
+            "--redis-lock-ttl {} is too short: at least 1s (it is renewed every third of it)",
+            humantime::format_duration(lock_ttl)
+        ))));
+    }
+    if args.redis_optional && args.redis_url.is_none() {
+        return Err(CliError::Config(ConfigError(
+            "--redis-optional needs --redis-url (it says what checkouts do while that Redis is unreachable)".into(),
+        )));
+    }
+    check_retentions(&args).map_err(CliError::Config)?;
+    if let Some(token) = &args.admin_token {
+        // Checked here, not by clap, so a refusal never echoes the token.
+        if token.len() < 16 || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(CliError::Config(ConfigError(
+                "--admin-token must be 16 to 256 visible ASCII characters (the value given is not shown)".into(),
+            )));
+        }
     }
     if let Some(url) = &args.mysql_url {
         check_mysql_url(url).map_err(CliError::Config)?;
@@ -804,12 +874,14 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
             url,
             prefix: args.redis_prefix.clone(),
             timeout: args.redis_timeout,
+            lock_ttl: args.redis_lock_ttl,
         });
     let mysql = args.mysql_url.map(|url| {
         let mut mysql = crate::journal::mysql::MySqlConfig::new(url);
         mysql.pool_size = args.mysql_pool_size;
         mysql.batch_records_max = args.journal_batch_max as usize;
         mysql.lag_max = args.mysql_lag_max;
+        mysql.statement_timeout = args.mysql_timeout;
         mysql
     });
     let tls = match (args.tls_cert, args.tls_key) {
@@ -865,6 +937,9 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         carts_max: args.carts_max as usize,
         connections_max: args.connections_max as usize,
         checkouts_in_flight_max: args.checkouts_in_flight_max as usize,
+        response_bytes_max: usize::try_from(args.response_bytes_max).unwrap_or(usize::MAX),
+        redis_optional: args.redis_optional,
+        admin_token: args.admin_token,
     })
 }
 
@@ -1003,6 +1078,77 @@ mod tests {
         assert_eq!(flags.carts_max, 7);
         assert_eq!(flags.cart_ttl, Duration::from_secs(90));
         assert_eq!(flags.order_retention, Duration::from_secs(3_600));
+    }
+
+    #[test]
+    fn a_retention_shorter_than_a_checkout_can_take_is_refused_naming_it() {
+        // Proves: each retention must outlive --gateway-timeout plus --journal-timeout (an answer
+        // gone before the retry that was told "outcome unknown" would let that retry buy twice);
+        // the refusal is a configuration error naming the option and the floor.
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for option in [
+            "--idempotency-retention",
+            "--order-retention",
+            "--event-retention",
+        ] {
+            for short in ["1ns", "1s", "10s"] {
+                let text = message(serve(&[option, short]).unwrap_err());
+                assert!(text.contains(option), "{option} {short}: {text}");
+                assert!(text.contains("10s"), "the floor is named: {text}");
+            }
+            assert!(serve(&[option, "11s"]).is_ok(), "{option} 11s");
+            // The floor follows the timeouts.
+            let shorter = [
+                option,
+                "1s",
+                "--gateway-timeout",
+                "250ms",
+                "--journal-timeout",
+                "500ms",
+            ];
+            assert!(serve(&shorter).is_ok(), "{shorter:?}");
+        }
+    }
+
+    #[test]
+    fn redis_lock_and_optional_and_the_admin_token_are_checked() {
+        // Proves: --redis-optional without Redis, a lock shorter than a checkout may take, and a
+        // weak admin token are refused naming the option (and the token itself never shown).
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let redis = ["--redis-url", "redis://127.0.0.1:6379"];
+        let text = message(serve(&["--redis-optional"]).unwrap_err());
+        assert!(
+            text.contains("--redis-optional needs --redis-url"),
+            "{text}"
+        );
+        let optional = serve(&[redis[0], redis[1], "--redis-optional"]).unwrap();
+        assert!(optional.redis_optional);
+        let text = message(serve(&[redis[0], redis[1], "--redis-lock-ttl", "10s"]).unwrap_err());
+        assert!(text.contains("--redis-lock-ttl"), "{text}");
+        let short = serve(&[
+            redis[0],
+            redis[1],
+            "--redis-lock-ttl",
+            "3s",
+            "--gateway-timeout",
+            "1s",
+            "--journal-timeout",
+            "1s",
+            "--redis-timeout",
+            "300ms",
+        ])
+        .unwrap();
+        assert_eq!(
+            short.redis.map(|r| r.lock_ttl),
+            Some(Duration::from_secs(3))
+        );
+        for weak in ["short-token", "sixteen chars!!!", "é-not-ascii-token-x"] {
+            let text = message(serve(&["--admin-token", weak]).unwrap_err());
+            assert!(text.contains("--admin-token"), "{text}");
+            assert!(!text.contains(weak), "the token is never shown: {text}");
+        }
+        let fine = serve(&["--admin-token", "0123456789abcdef"]).unwrap();
+        assert_eq!(fine.admin_token.as_deref(), Some("0123456789abcdef"));
     }
 
     #[test]

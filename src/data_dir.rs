@@ -112,6 +112,57 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The file in the data dir that names the node.
+pub const NODE_NAME_FILE: &str = "node-id";
+
+/// Where earlier versions kept the node's name (for Redis only).
+const LEGACY_NODE_NAME_FILE: &str = "redis-node-id";
+
+/// This node's name, the same across its restarts and different between nodes: made at random
+/// the first time (`node_` and 16 hex digits) and kept in [`NODE_NAME_FILE`] in the data dir (one
+/// data dir serves one process at a time). It names the node in its Redis lock values and in the
+/// idempotency keys of the authorisations it asks the payment gateway for, so nodes sharing one
+/// gateway each reconcile only their own. A data dir of an earlier version keeps the name it had
+/// for Redis (`redis-node-id`). A file that does not hold such a name is refused, not replaced.
+pub fn node_name(data_dir: &Path) -> std::io::Result<String> {
+    let path = data_dir.join(NODE_NAME_FILE);
+    let read = |path: &Path| -> std::io::Result<Option<String>> {
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let id = text.trim_end_matches('\n');
+                let valid = id.len() > 5
+                    && id.len() <= 64
+                    && id.starts_with("node_")
+                    && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                if valid {
+                    Ok(Some(id.to_owned()))
+                } else {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{} does not hold a node name (node_ and letters or digits); remove it to make a new one", path.display()),
+                    ))
+                }
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error),
+        }
+    };
+    if let Some(id) = read(&path)? {
+        return Ok(id);
+    }
+    let id = match read(&data_dir.join(LEGACY_NODE_NAME_FILE))? {
+        Some(id) => id,
+        None => {
+            let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
+            ids.next("node_")[..21].to_owned()
+        }
+    };
+    // With MySQL as the journal nothing else creates the data dir.
+    std::fs::create_dir_all(data_dir)?;
+    write_atomic(&path, format!("{id}\n").as_bytes())?;
+    Ok(id)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +194,40 @@ mod tests {
         let error = lock(&file.join("data")).unwrap_err();
         assert!(matches!(error, DataDirError::Io { .. }), "{error:?}");
         assert!(error.to_string().contains("plain-file"), "{error}");
+    }
+
+    #[test]
+    fn a_nodes_name_is_made_once_kept_and_taken_over_from_its_redis_name() {
+        // Proves: the name is made once and the same at every start; a data dir of an earlier
+        // version keeps the name it had in Redis (its locks and its gateway keys stay its own);
+        // a file that does not hold a name is refused, never replaced.
+        let parent = tempfile::tempdir().unwrap();
+        let fresh = parent.path().join("fresh");
+        let name = node_name(&fresh).unwrap();
+        assert!(name.starts_with("node_") && name.len() == 21, "{name}");
+        assert_eq!(node_name(&fresh).unwrap(), name);
+        let other = node_name(&parent.path().join("other")).unwrap();
+        assert_ne!(other, name);
+
+        let earlier = parent.path().join("earlier");
+        std::fs::create_dir_all(&earlier).unwrap();
+        std::fs::write(
+            earlier.join(LEGACY_NODE_NAME_FILE),
+            "node_0123456789abcdef\n",
+        )
+        .unwrap();
+        assert_eq!(node_name(&earlier).unwrap(), "node_0123456789abcdef");
+        let kept = std::fs::read_to_string(earlier.join(NODE_NAME_FILE)).unwrap();
+        assert_eq!(kept, "node_0123456789abcdef\n");
+
+        let junk = parent.path().join("junk");
+        std::fs::create_dir_all(&junk).unwrap();
+        std::fs::write(junk.join(NODE_NAME_FILE), "not a name").unwrap();
+        let error = node_name(&junk).unwrap_err();
+        assert!(error.to_string().contains(NODE_NAME_FILE), "{error}");
+        assert_eq!(
+            std::fs::read_to_string(junk.join(NODE_NAME_FILE)).unwrap(),
+            "not a name"
+        );
     }
 }

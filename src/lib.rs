@@ -26,17 +26,22 @@
 //!   ([`sessions::redis`]: carts any node serves, the submission locks and finished answers every
 //!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
-//!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal).
+//!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal; each
+//!   node reconciles only the authorisations it made); `api::admin`: the operations desk
+//!   (`--admin-token`).
 //! - [`connections`]: the listeners (`socket2`: backlog, `TCP_NODELAY`, buffers; one per per-core
 //!   worker with `SO_REUSEPORT`) and the accept loop: HTTP/1.1 and HTTP/2, cleartext or over TLS
 //!   ([`connections::tls`]: rustls, TLS 1.3, ALPN), slow clients cut off, one bound on open
-//!   connections across workers, graceful drain.
+//!   connections across workers, at most 100 HTTP/2 streams per connection, the bytes of unsent
+//!   answers bounded across all connections (`--response-bytes-max`), connections whose answers
+//!   never leave closed, a graceful drain that ends.
 //! - [`topology`]: physical cores and NUMA nodes from `/sys` within the process's affinity mask,
 //!   and thread pinning.
 //! - [`config`]: the command line on `clap` (`serve`, `migrate`, `gateway-sim`, `mysql-apply`,
 //!   `notify`): flags >
 //!   environment > JSON file > defaults; durations by `humantime`.
-//! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid).
+//! - [`data_dir`]: one server per data dir (an exclusive `flock` on a lock file holding the pid),
+//!   and the node's name kept there (in its Redis locks and its gateway keys).
 //! - [`metrics`]: counters and histograms on our own atomics, one copy per core summed on scrape,
 //!   exposed through `prometheus-client`.
 //! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;

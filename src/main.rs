@@ -188,6 +188,11 @@ fn migrate(args: config::MigrateArgs) -> ExitCode {
             eprintln!("turnstile migrate: {applied} migration(s) applied; the schema is current");
             ExitCode::SUCCESS
         }
+        // A login or database the server refuses: the URL must change (exit 2).
+        Err(error @ turnstile::journal::mysql::SchemaError::Refused(_)) => {
+            eprintln!("turnstile migrate: {error}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             eprintln!("turnstile migrate: {error}");
             ExitCode::FAILURE

@@ -224,8 +224,9 @@ pub struct Metrics {
     pub payments_voided: Counter,
     /// Refunds journaled.
     pub payments_refunded: Counter,
-    /// Captures the gateway refused for paid orders (a person must look).
-    pub payments_failed: Counter,
+    /// Paid orders whose capture the gateway refused for good, once per order and run (a person
+    /// must look; not retried).
+    pub payments_capture_refused: Counter,
     /// What the reconciler finished: pending payments decided, orphan authorisations voided,
     /// captures or voids owed that no one had asked for.
     pub reconciler_actions: Counter,
@@ -256,7 +257,7 @@ impl Metrics {
             payments_captured: Counter::default(),
             payments_voided: Counter::default(),
             payments_refunded: Counter::default(),
-            payments_failed: Counter::default(),
+            payments_capture_refused: Counter::default(),
             reconciler_actions: Counter::default(),
             reconciler_scans: Counter::default(),
         }
@@ -356,8 +357,8 @@ impl Metrics {
             ),
             (
                 "turnstile_payments_capture_refused",
-                "Captures the gateway refused for paid orders (a person must look).",
-                &self.payments_failed,
+                "Paid orders whose capture the gateway refused for good, once per order and run (not retried: a person must look, GET /v1/admin/payments).",
+                &self.payments_capture_refused,
             ),
             (
                 "turnstile_reconciler_actions",

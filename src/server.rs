@@ -217,10 +217,14 @@ async fn serve(
                 answer_ms: config.idempotency_retention.as_millis() as i64,
             };
             if config.mysql_write_behind {
-                let (journal, state) =
-                    WriteBehindJournal::open(&config.data_dir, file_config, mysql)
-                        .await
-                        .map_err(schema)?;
+                let (journal, state) = WriteBehindJournal::open(
+                    &config.data_dir,
+                    file_config,
+                    mysql,
+                    config.journal_timeout,
+                )
+                .await
+                .map_err(schema)?;
                 (Arc::new(journal), state)
             } else {
                 let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
@@ -245,6 +249,15 @@ async fn serve(
         &state,
     )?;
     drop(state);
+    // This node's name, kept in the data dir: in its Redis lock values and in the idempotency keys
+    // of its authorisations, so nodes sharing a gateway each reconcile only their own.
+    let node = data_dir::node_name(&config.data_dir).map_err(|source| ServeError::Io {
+        context: format!(
+            "reading the node's name ({} in the data dir)",
+            data_dir::NODE_NAME_FILE
+        ),
+        source,
+    })?;
     let webhook_secret = match &config.webhook_secret {
         Some(secret) => secret.as_bytes().to_vec(),
         None => crate::random::random_bytes(32)?,
@@ -324,21 +337,12 @@ async fn serve(
     let cart_ttl_ms = config.cart_ttl.as_millis() as i64;
     let (carts, redis) = match &config.redis {
         Some(redis) => {
-            let node = crate::sessions::redis::node_id(&config.data_dir).map_err(|source| {
-                ServeError::Io {
-                    context: format!(
-                        "reading the node's name for Redis ({} in the data dir)",
-                        crate::sessions::redis::NODE_ID_FILE
-                    ),
-                    source,
-                }
-            })?;
-            let store = Arc::new(RedisStore::new(redis, node, now_ms()).map_err(|error| {
-                ServeError::Io {
+            let store = Arc::new(RedisStore::new(redis, node.clone(), now_ms()).map_err(
+                |error| ServeError::Io {
                     context: "setting up Redis".into(),
                     source: std::io::Error::other(error.to_string()),
-                }
-            })?);
+                },
+            )?);
             let tasks = store.start().await;
             // Answers of the last two lock lifetimes, which a kill may have kept from Redis.
             let now = now_ms();
@@ -346,7 +350,7 @@ async fn serve(
             let recent = engine
                 .idempotency()
                 .recent_answers(
-                    now - 2_000 * crate::sessions::redis::LOCK_TTL_SECONDS as i64,
+                    now - 2 * store.lock_ttl().as_millis() as i64,
                     RECOVERED_ANSWERS_MAX,
                 )
                 .into_iter()
@@ -383,6 +387,10 @@ async fn serve(
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
         settler: api::money::Settler::default(),
         relay: relay.clone(),
+        redis_optional: config.redis_optional,
+        response_budget: connections::ResponseBudget::leak(config.response_bytes_max),
+        node,
+        admin_token: config.admin_token.clone(),
     });
 
     let listen_error = |source| ServeError::Listen {
@@ -414,6 +422,7 @@ async fn serve(
             (None, _) => "embedded",
         },
         data_dir = %config.data_dir.display(),
+        node = %app.node,
         skus = app.engine.inventory().len(),
         holds = app.engine.holds_len(),
         gateway = config.gateway_url.as_deref().unwrap_or("in-process simulator"),
@@ -440,6 +449,7 @@ async fn serve(
         slow_client_timeout: config.slow_client_timeout,
         connections_max: config.connections_max,
         nodelay: config.socket.nodelay,
+        response_budget: app.response_budget,
     };
     // Per-core workers keep their runtimes (and the tasks requests started on them) until the
     // journal is flushed: the guard releases them when `serve` returns.

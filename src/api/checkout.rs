@@ -10,8 +10,12 @@
 //! (replayed here), else the submission lock (`409` while another node runs the key), and the
 //! cart. From the node's own key table to the hold everything is synchronous, so a client that
 //! disconnects cannot leave a key in flight (a lock taken is released by its guard); the rest runs
-//! in its own task, so it finishes even if the client goes away. The lock is released, with the
-//! answer stored, once the record is durable (`sessions::redis`).
+//! in its own task, so it finishes even if the client goes away. Past the hold the lock is renewed
+//! (`Submission::keep_alive`) until the outcome is known: released, with the answer stored, once
+//! the record is durable; released without one once it is known not to be; renewed for the life
+//! of the process if the journal cannot tell (`sessions::redis`). With Redis unreachable a
+//! checkout answers `503 session_store_unavailable`: no node can know that another does not run
+//! the key (`--redis-optional`, for one node, lets checkouts naming their items go on).
 
 use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
@@ -229,6 +233,8 @@ pub(super) async fn checkout(
     // submission lock, and the cart. Before the node's own key table, so a client gone while it
     // runs leaves no key in flight here (the lock's guard releases it).
     let mut submission = None;
+    // Whether `submission` holds the lock (not so for a checkout that went on without Redis).
+    let mut lock_held = false;
     let mut redis_cart = None;
     if let Some(store) = state.carts.store() {
         let cart = request
@@ -252,18 +258,21 @@ pub(super) async fn checkout(
             }
             Ok(RemoteBegin::Locked(lines)) => {
                 submission = Some(lock);
+                lock_held = true;
                 redis_cart = lines;
             }
-            // Without Redis a checkout naming its items goes on: this node's key table and
-            // journal keep the key unique here. The lock is kept all the same: a call that timed
-            // out may have taken it after all, and the answer must reach Redis (the lock
-            // released) once it is back, or other nodes answer 409 and then buy the key again.
-            Err(error @ StoreError::Unavailable(_)) if lines_given => {
+            // With `--redis-optional` (one node) a checkout naming its items goes on without
+            // Redis: this node's key table and journal keep the key unique here. The lock is kept
+            // all the same: a call that timed out may have taken it after all, and the answer
+            // must reach Redis (the lock released) once it is back.
+            Err(error @ StoreError::Unavailable(_)) if lines_given && state.redis_optional => {
                 tracing::debug!(%error, "checkout without a submission lock");
                 store.count_fallback();
                 submission = Some(lock);
             }
-            // A cart lives only in Redis (the lock, if the call took it after all, is released).
+            // Otherwise nothing goes on without the lock: another node may be running this key,
+            // and no node can know it did not (the lock, if the call took it after all, is
+            // released). A cart lives only in Redis anyway.
             Err(error @ StoreError::Unavailable(_)) => {
                 return Err(ApiError::session_store_unavailable(&error))
             }
@@ -391,6 +400,11 @@ pub(super) async fn checkout(
         }
     };
     state.metrics.reservations.add(1);
+    // From here the checkout authorises and commits, which may take long (a commit whose outcome
+    // is unknown lands when the database is back): its lock is renewed until the outcome is known.
+    if let Some(submission) = submission.as_mut().filter(|_| lock_held) {
+        submission.keep_alive();
+    }
 
     let finishing = Finishing {
         state: Arc::clone(&state),
@@ -436,12 +450,10 @@ enum Paid {
 impl Finishing {
     async fn run(self) -> Response {
         let state = &self.state;
-        let gateway_key = crate::payment::gateway_key(
-            &self.key,
-            now_ms(),
-            state.engine.config().answer_retention_ms,
-        );
-        let order_id = crate::payment::order_id_for(&gateway_key)
+        let period =
+            crate::payment::checkout_period(now_ms(), state.engine.config().answer_retention_ms);
+        let gateway_key = crate::payment::gateway_key(&state.node, &self.key, period);
+        let order_id = crate::payment::order_id_for(&self.key, period)
             .unwrap_or_else(|| state.engine.new_order_id());
         let request = AuthorizeRequest {
             idempotency_key: gateway_key,
@@ -567,8 +579,9 @@ impl Finishing {
                 app.settler.checkout_settled(&settled_id);
             }
             // Redis gets the answer once it is durable, for any node to replay; a change known
-            // not to be durable frees the lock (the guard's drop); one whose outcome is unknown
-            // keeps it until it expires, so no other node starts the checkout again meanwhile.
+            // not to be durable frees the lock (the guard's drop); one whose outcome stays
+            // unknown keeps it renewed while this process lives, so no other node starts the
+            // checkout again meanwhile.
             if let Some(submission) = submission {
                 match outcome {
                     Ok(_) => {
@@ -577,7 +590,7 @@ impl Finishing {
                         submission.finish(shared, ttl_ms);
                     }
                     Err(_) if known => drop(submission),
-                    Err(_) => submission.keep(),
+                    Err(_) => submission.hold_until_restart(),
                 }
             }
             follow(app, outcome);

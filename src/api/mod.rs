@@ -1,6 +1,7 @@
 //! The HTTP API of `../shared/API.md`: routes, body parsing with exact validation, and the one
 //! mapping from errors to the JSON error shape.
 
+mod admin;
 mod carts;
 mod checkout;
 mod events;
@@ -61,6 +62,17 @@ pub struct AppState {
     pub settler: money::Settler,
     /// The RabbitMQ relay, when configured.
     pub relay: Option<Arc<crate::events::relay::Relay>>,
+    /// `--redis-optional`: with Redis unreachable, checkouts naming their items go on under this
+    /// node's own key table (one node only).
+    pub redis_optional: bool,
+    /// This node's name ([`crate::data_dir::node_name`]): in its gateway idempotency keys, so its
+    /// orphan scan judges only the authorisations it made.
+    pub node: String,
+    /// The operations desk's bearer token; `None`: `/v1/admin/...` answers 404.
+    pub admin_token: Option<String>,
+    /// The bytes of answers not sent yet, across all connections (`--response-bytes-max`): the
+    /// connections count them, `/metrics` shows them.
+    pub response_budget: &'static crate::connections::ResponseBudget,
 }
 
 /// The state as handlers receive it.
@@ -80,6 +92,7 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/v1/admin/payments",
 ];
 
 /// The router with every route of API.md.
@@ -100,6 +113,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/v1/admin/payments", get(admin::payments))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             record_metrics,

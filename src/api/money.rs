@@ -18,14 +18,24 @@
 //! - retries what orders owe, each with exponential backoff (0.5 s to 60 s);
 //! - looks up orders still `payment_pending` past `--reconcile-after` and finishes them: paid if
 //!   the gateway authorised them, released (authorisation voided) if not;
-//! - lists authorisations older than `--reconcile-after` and voids those whose order the journal
-//!   does not know (the checkout crashed or failed between authorisation and journal, and the
-//!   client did not retry), or knows as released or cancelled; one it knows as paid is owed a
-//!   capture. Checkouts whose commit has not settled yet (it may land after `--journal-timeout`)
-//!   are skipped: the settler keeps their order ids from the authorisation until the commit is
-//!   known to have landed or not (an unknown outcome keeps them until a restart). This holds on one
-//!   node; nodes sharing a gateway must also share the order store (MySQL) for the scan to be
-//!   safe.
+//! - lists the authorisations this node made (their gateway idempotency keys start with the
+//!   node's name, `payment::node_key_prefix`) older than `--reconcile-after`, and voids those whose
+//!   order the journal does not know (the checkout crashed or failed between authorisation and
+//!   journal, and the client did not retry), or knows as released or cancelled; one it knows as
+//!   paid is owed a capture. Checkouts whose commit has not settled yet (it may land after
+//!   `--journal-timeout`) are skipped: the settler keeps their order ids from the authorisation
+//!   until the commit is known to have landed or not (an unknown outcome keeps them until a
+//!   restart). Only its own: nodes sharing one gateway (one shop's account) each have their own
+//!   journal, so a node must never judge another node's payment against its journal, or it would
+//!   void a live payment it cannot see.
+//!
+//! A capture the gateway refuses for good (the payment voided or expired there, say) leaves a
+//! paid order without its money: that is a person's matter, not a retry loop. The order is marked
+//! in the settler (an ERROR log once, `turnstile_payments_capture_refused_total` once,
+//! the gauge `turnstile_payments_capture_refused_orders`, listed at `GET /v1/admin/payments` with
+//! the gateway's words) and not called for again in this run; it still owes its capture in the
+//! journal, so a restart tries once more, and a cancel (refund, which finds nothing to give back)
+//! ends it.
 //!
 //! `--reconcile-after` must exceed how long a checkout can take between its authorisation and its
 //! commit (`--gateway-timeout` plus `--journal-timeout`), or an authorisation whose order is about
@@ -59,12 +69,27 @@ pub async fn pause_at(point: &str) {
 /// instead of opening a connection each at the same moment.
 const SETTLER_CALLS_MAX: usize = 256;
 
+/// An order whose last gateway call failed.
+#[derive(Debug, Clone)]
+pub struct Failing {
+    /// When it may be tried again (Unix ms); never, once refused for good.
+    pub next_at_ms: i64,
+    /// Calls that failed so far.
+    pub attempts: u32,
+    /// When the first of them failed (Unix ms).
+    pub since_ms: i64,
+    /// What the gateway (or the network) said last.
+    pub last_error: String,
+    /// A capture the gateway refuses for good: not tried again in this run.
+    pub refused: bool,
+}
+
 /// Orders the settler is calling the gateway for, and when each failed one may be tried again.
 #[derive(Debug)]
 pub struct Settler {
     in_flight: Mutex<FxHashSet<OrderId>>,
-    /// Next try (Unix ms) and failures so far, per order whose last call failed.
-    retry: Mutex<FxHashMap<OrderId, (i64, u32)>>,
+    /// Orders whose last call failed: when to try again, and what went wrong.
+    retry: Mutex<FxHashMap<OrderId, Failing>>,
     /// Orders of checkouts between their authorisation and the settlement of their commit: the
     /// orphan scan must not void their authorisations, however long the commit takes (a commit
     /// may land after `--journal-timeout`, so the grace period alone does not cover it).
@@ -117,6 +142,24 @@ impl Settler {
     fn checkout_in_flight(&self, order_id: &OrderId) -> bool {
         lock(&self.checkouts).contains(order_id)
     }
+
+    /// The orders whose last call failed, with why (for the operations desk).
+    pub fn failing(&self) -> FxHashMap<OrderId, Failing> {
+        lock(&self.retry).clone()
+    }
+
+    /// Paid orders whose capture the gateway refused for good.
+    pub fn captures_refused(&self) -> usize {
+        lock(&self.retry).values().filter(|f| f.refused).count()
+    }
+}
+
+/// Why a gateway call did not settle what an order owes.
+enum CallFailed {
+    /// In transit, or the gateway's own trouble: tried again with backoff.
+    Transient(String),
+    /// A capture the gateway refuses for good.
+    Refused(String),
 }
 
 /// Makes the gateway call an order owes, in a task of its own, unless one is already running for
@@ -134,15 +177,37 @@ pub fn settle_soon(app: &Shared, order_id: OrderId) {
             lock(&app.settler.in_flight).remove(&order_id);
         }
         let mut retry = lock(&app.settler.retry);
+        let now = now_ms();
         match settled {
             Ok(_) => {
                 retry.remove(&order_id);
             }
-            Err(reason) => {
-                let failures = retry.get(&order_id).map_or(0, |r| r.1) + 1;
-                let wait = backoff_ms(failures);
-                tracing::warn!(%order_id, failures, %reason, "a payment call failed; retrying later");
-                retry.insert(order_id, (now_ms() + wait, failures));
+            Err(failure) => {
+                let failing = retry.entry(order_id.clone()).or_insert_with(|| Failing {
+                    next_at_ms: now,
+                    attempts: 0,
+                    since_ms: now,
+                    last_error: String::new(),
+                    refused: false,
+                });
+                failing.attempts += 1;
+                failing.last_error = match failure {
+                    CallFailed::Transient(reason) => {
+                        failing.next_at_ms = now + backoff_ms(failing.attempts);
+                        failing.refused = false;
+                        tracing::warn!(%order_id, failures = failing.attempts, %reason, "a payment call failed; retrying later");
+                        reason
+                    }
+                    CallFailed::Refused(reason) => {
+                        failing.next_at_ms = i64::MAX;
+                        if !failing.refused {
+                            failing.refused = true;
+                            app.metrics.payments_capture_refused.add(1);
+                            tracing::error!(%order_id, %reason, "a paid order's capture was refused by the gateway: not retried; the order is paid without its money (GET /v1/admin/payments lists it; cancel it to end it, or restart to try once more)");
+                        }
+                        reason
+                    }
+                };
             }
         }
     });
@@ -150,7 +215,7 @@ pub fn settle_soon(app: &Shared, order_id: OrderId) {
 
 /// Makes the call `order_id` owes and hands its outcome to `record_outcomes`; `Ok(true)` when
 /// it did (`Ok(false)`: nothing was owed).
-async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
+async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, CallFailed> {
     let Some(order) = app.engine.order(order_id) else {
         return Ok(false);
     };
@@ -165,7 +230,7 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
         .calls
         .acquire()
         .await
-        .map_err(|_| "the settler is closed".to_owned())?;
+        .map_err(|_| CallFailed::Transient("the settler is closed".to_owned()))?;
     let gateway = &app.gateway;
     let call = match due {
         PaymentDue::Capture => gateway.capture(payment_id.clone()),
@@ -216,20 +281,20 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, String> {
                 | PaymentError::Unknown(_),
             ),
         ) => None,
+        // A paid order whose authorisation cannot be captured: a person must look.
         (PaymentDue::Capture, Err(error)) if !error.is_transient() => {
-            // A paid order whose authorisation cannot be captured: a person must look.
-            metrics.payments_failed.add(1);
-            tracing::error!(%order_id, %payment_id, %error, "a paid order's payment cannot be captured");
-            return Err(format!("capture refused: {error}"));
+            return Err(CallFailed::Refused(format!(
+                "capture of payment {payment_id} refused: {error}"
+            )));
         }
-        (_, Err(error)) => return Err(error.to_string()),
+        (_, Err(error)) => return Err(CallFailed::Transient(error.to_string())),
     };
     // Journaled with the other calls done meanwhile, in one record (see `record_outcomes`).
     app.settler
         .done
         .send((order_id.clone(), Some(due), next))
         .map(|()| true)
-        .map_err(|_| "the settler is closed".to_owned())
+        .map_err(|_| CallFailed::Transient("the settler is closed".to_owned()))
 }
 
 /// Journals the calls the settler did, many orders per record: while one record commits, the
@@ -323,7 +388,7 @@ fn retry_owed(app: &Shared, now: i64) {
     for order in app.engine.payments_due(10_000) {
         let due = lock(&app.settler.retry)
             .get(&order.order_id)
-            .is_none_or(|(at, _)| *at <= now);
+            .is_none_or(|failing| failing.next_at_ms <= now);
         if due {
             settle_soon(app, order.order_id);
         }
@@ -373,9 +438,11 @@ async fn finish_pending(app: &Shared, now: i64, reconcile_after: Duration) {
 /// Authorisations older than the grace period that no durable order will capture: voided. Returns
 /// whether the scan ran (the gateway answered the listing).
 async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
+    let ours = crate::payment::node_key_prefix(&app.node);
     let listed = tokio::time::timeout(
         app.gateway_timeout,
-        app.gateway.authorizations_older_than(reconcile_after),
+        app.gateway
+            .authorizations_older_than(reconcile_after, &ours),
     )
     .await
     .unwrap_or(Err(PaymentError::Timeout));
@@ -387,6 +454,10 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
         }
     };
     for payment in payments {
+        // A gateway that ignores the filter must not make this node judge another's payment.
+        if !payment.idempotency_key.starts_with(&ours) {
+            continue;
+        }
         let order = match OrderId::parse(payment.order_id.clone()) {
             // Its checkout is still committing the order: not an orphan (yet).
             Ok(order_id) if app.settler.checkout_in_flight(&order_id) => continue,

@@ -23,7 +23,8 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
         ready &= admitted.is_ok();
         checks.push(("amqp", admitted.and_then(|()| relay.check())));
     }
-    // Redis down leaves the node ready too: carts answer 503, checkouts with an item list go on.
+    // Redis down leaves the node ready too (carts and checkouts answer 503 until it is back; the
+    // rest of the node, reads and webhooks, serves on).
     if let Some(store) = state.carts.store() {
         checks.push(("redis", store.check()));
     }
@@ -65,6 +66,12 @@ impl Collector for ServerMetrics {
         if let Some(store) = state.carts.store() {
             store.encode_metrics(&mut encoder)?;
         }
+        crate::metrics::encode_counter(
+            &mut encoder,
+            "turnstile_responses_refused",
+            "Answers replaced by 503 overloaded because the answers not yet read by their clients filled --response-bytes-max.",
+            state.response_budget.refused(),
+        )?;
         // What memory holds: each bounded by retention or a limit, so a soak can watch them level off.
         let engine = &state.engine;
         for (name, help, value) in [
@@ -102,6 +109,16 @@ impl Collector for ServerMetrics {
                 "turnstile_payments_owed",
                 "Orders whose capture, void or refund is not confirmed yet (money owed).",
                 engine.payments_due_len(),
+            ),
+            (
+                "turnstile_response_bytes_unsent",
+                "Bytes of answers not yet written to their clients' connections, across all connections (at most --response-bytes-max, plus the 503 answers past it).",
+                state.response_budget.unsent(),
+            ),
+            (
+                "turnstile_payments_capture_refused_orders",
+                "Paid orders whose capture the gateway refused for good, not retried in this run (listed at GET /v1/admin/payments): paid without their money until a person acts.",
+                state.settler.captures_refused(),
             ),
         ] {
             encode_gauge(&mut encoder, name, help, value as u64)?;

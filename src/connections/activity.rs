@@ -1,14 +1,21 @@
 //! What a connection is doing: requests in flight and when the last one ended, so the accept loop
-//! can close a connection that stays idle past the slow-client timeout. HTTP/1 has hyper's
-//! `header_read_timeout` for that; HTTP/2 has nothing (a client that answers pings may hold a
-//! connection, and a place under `--connections-max`, forever without sending a request).
+//! can close a connection that stays idle past the slow-client timeout; and the bytes of its
+//! answers not sent yet and when some last left, so it can close one whose client stopped
+//! reading. HTTP/1 has hyper's `header_read_timeout` for the first; HTTP/2 has nothing (a client
+//! that answers pings may hold a connection, and a place under `--connections-max`, forever
+//! without sending a request, or without opening its window for the answers it asked for).
 //!
-//! Counting costs two atomic operations per request and no allocation: the service wraps axum's
-//! future in [`Counted`], whose guard ends the request when the future completes or is dropped.
+//! Counting costs two atomic operations per request: the service wraps axum's future in
+//! [`Counted`], whose guard ends the request when the future completes or is dropped; its answer's
+//! body is counted against the server's [`ResponseBudget`] and this connection (`budget.rs`), and
+//! past the budget replaced by `503 overloaded`.
 
+use super::budget::{expected_bytes, CountedBody, ResponseBudget};
+use axum::response::IntoResponse;
 use hyper::body::Incoming;
-use hyper::Request;
+use hyper::{Request, Response};
 use hyper_util::service::TowerToHyperService;
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -22,12 +29,16 @@ fn now_ms() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_millis() as u64
 }
 
-/// One connection's requests.
+/// One connection's requests and answers.
 #[derive(Debug)]
 pub(super) struct Activity {
     in_flight: AtomicUsize,
     /// When the last request ended (or the connection began), from [`now_ms`].
     last_ms: AtomicU64,
+    /// Bytes of this connection's answers not sent yet.
+    unsent: AtomicUsize,
+    /// When some of them last left (or, with none waiting before, when the first began to wait).
+    progress_ms: AtomicU64,
 }
 
 impl Activity {
@@ -35,16 +46,50 @@ impl Activity {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(now_ms()),
+            unsent: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(now_ms()),
         })
     }
 
-    /// How long the connection has had no request in flight; `None` while one is.
-    pub(super) fn idle_for(&self) -> Option<Duration> {
+    /// An answer's bytes begin to wait.
+    pub(super) fn unsent_added(&self, bytes: usize) {
+        if self.unsent.fetch_add(bytes, Ordering::AcqRel) == 0 {
+            self.progress_ms.store(now_ms(), Ordering::Release);
+        }
+    }
+
+    /// Bytes of an answer left (written to the socket, or dropped with their stream).
+    pub(super) fn unsent_sent(&self, bytes: usize) {
+        self.unsent.fetch_sub(bytes, Ordering::AcqRel);
+        self.progress_ms.store(now_ms(), Ordering::Release);
+    }
+
+    /// How long this connection's waiting answers have made no progress; `None` while none waits.
+    pub(super) fn stalled_for(&self) -> Option<Duration> {
+        if self.unsent.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let last = self.progress_ms.load(Ordering::Acquire);
+        Some(Duration::from_millis(now_ms().saturating_sub(last)))
+    }
+
+    /// How long no handler has run on this connection (answers may still be leaving); `None`
+    /// while one runs.
+    pub(super) fn handlers_idle_for(&self) -> Option<Duration> {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return None;
         }
         let last = self.last_ms.load(Ordering::Acquire);
         Some(Duration::from_millis(now_ms().saturating_sub(last)))
+    }
+
+    /// How long the connection has had nothing to do: no request in flight and no answer
+    /// waiting to be sent; `None` while it has.
+    pub(super) fn idle_for(&self) -> Option<Duration> {
+        if self.unsent.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.handlers_idle_for()
     }
 }
 
@@ -58,18 +103,24 @@ impl Drop for InFlight {
     }
 }
 
-/// axum's router as hyper calls it, counting requests in flight.
+/// axum's router as hyper calls it, counting requests in flight and the bytes of their answers.
 #[derive(Clone)]
 pub(super) struct CountedService {
     inner: TowerToHyperService<axum::Router>,
     activity: Arc<Activity>,
+    budget: &'static ResponseBudget,
 }
 
 impl CountedService {
-    pub(super) fn new(router: axum::Router, activity: Arc<Activity>) -> Self {
+    pub(super) fn new(
+        router: axum::Router,
+        activity: Arc<Activity>,
+        budget: &'static ResponseBudget,
+    ) -> Self {
         Self {
             inner: TowerToHyperService::new(router),
             activity,
+            budget,
         }
     }
 }
@@ -82,30 +133,55 @@ pin_project_lite::pin_project! {
     pub(super) struct Counted {
         #[pin]
         inner: Inner,
-        _guard: InFlight,
+        guard: InFlight,
+        budget: &'static ResponseBudget,
     }
 }
 
 impl Future for Counted {
-    type Output = <Inner as Future>::Output;
+    type Output = Result<Response<CountedBody>, Infallible>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        self.project().inner.poll(cx)
+        let this = self.project();
+        let Ok(response) = std::task::ready!(this.inner.poll(cx));
+        Poll::Ready(Ok(counted(response, &this.guard.0, this.budget)))
+    }
+}
+
+/// The answer with its body counted against the budget and the connection, or, with no room
+/// left, `503 overloaded` instead (counted too, past the bound: it is small, and the client must
+/// hear why).
+fn counted(
+    response: Response<axum::body::Body>,
+    activity: &Arc<Activity>,
+    budget: &'static ResponseBudget,
+) -> Response<CountedBody> {
+    let (parts, body) = response.into_parts();
+    if let Some(held) = budget.reserve(expected_bytes(&body), activity, false) {
+        return Response::from_parts(parts, CountedBody::new(body, held));
+    }
+    let refusal = crate::api::ApiError::overloaded(
+        "the server holds as many answers not yet read by their clients as it may (--response-bytes-max); retry later",
+    )
+    .into_response();
+    let (parts, body) = refusal.into_parts();
+    match budget.reserve(expected_bytes(&body), activity, true) {
+        Some(held) => Response::from_parts(parts, CountedBody::new(body, held)),
+        None => unreachable!("a forced reservation always succeeds"),
     }
 }
 
 impl hyper::service::Service<Request<Incoming>> for CountedService {
-    type Response =
-        <TowerToHyperService<axum::Router> as hyper::service::Service<Request<Incoming>>>::Response;
-    type Error =
-        <TowerToHyperService<axum::Router> as hyper::service::Service<Request<Incoming>>>::Error;
+    type Response = Response<CountedBody>;
+    type Error = Infallible;
     type Future = Counted;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
         Counted {
             inner: hyper::service::Service::call(&self.inner, request),
-            _guard: InFlight(Arc::clone(&self.activity)),
+            guard: InFlight(Arc::clone(&self.activity)),
+            budget: self.budget,
         }
     }
 }

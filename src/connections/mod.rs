@@ -26,11 +26,13 @@
 //! gets the JSON error shape instead of hyper's bare `400` (see `request_heads.rs`).
 
 mod activity;
+mod budget;
 mod client_stream;
 mod request_heads;
 pub mod tls;
 
 use activity::{Activity, CountedService};
+pub use budget::ResponseBudget;
 use client_stream::ClientStream;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -53,7 +55,14 @@ pub struct ConnectionLimits {
     pub connections_max: usize,
     /// `TCP_NODELAY` on every connection.
     pub nodelay: bool,
+    /// The bytes of answers not sent yet, across all connections (`budget.rs`).
+    pub response_budget: &'static ResponseBudget,
 }
+
+/// Requests one HTTP/2 connection may have open at once (hyper's default is 200): with
+/// `--connections-max` it bounds the streams a client can keep waiting, and each stream's
+/// answer is counted against `--response-bytes-max` besides.
+pub const H2_STREAMS_MAX: u32 = 100;
 
 /// Binds the listening socket at `addr` with `socket`'s options, ready for the runtime (call it
 /// from inside one). Accepted connections inherit its buffer sizes.
@@ -196,6 +205,7 @@ pub async fn serve_sharing(
     builder
         .http2()
         .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_STREAMS_MAX)
         .keep_alive_interval(limits.slow_client_timeout)
         .keep_alive_timeout(limits.slow_client_timeout);
     // Borrowed by every connection task: one builder for the life of the server.
@@ -264,11 +274,12 @@ pub async fn serve_sharing(
         let builder = Arc::clone(&builder);
         let stopping = stopping_seen.clone();
         let timeout = limits.slow_client_timeout;
+        let budget = limits.response_budget;
         match &tls {
             None => {
                 let io = ClientStream::new(stream, timeout);
                 tokio::spawn(async move {
-                    serve_one(&builder, io, router, stopping, timeout, remote).await;
+                    serve_one(&builder, io, router, stopping, timeout, budget, remote).await;
                     drop(permit);
                 });
             }
@@ -287,7 +298,8 @@ pub async fn serve_sharing(
                     match handshake {
                         Ok(Ok(stream)) => {
                             let io = ClientStream::new(stream, timeout);
-                            serve_one(&builder, io, router, stopping, timeout, remote).await;
+                            serve_one(&builder, io, router, stopping, timeout, budget, remote)
+                                .await;
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -313,26 +325,39 @@ pub async fn serve_sharing(
     let _ = open_connections.acquire_many(all).await;
 }
 
-/// Serves one connection until it ends. It is shut down gracefully (in-flight requests finish,
-/// then it closes) when the server stops, or when it has had no request in flight for `idle`:
-/// an idle HTTP/2 client, which hyper never times out, gives its place back too.
+/// Serves one connection until it ends. Three rules, each measured against `timeout` (the
+/// slow-client timeout):
+/// - a connection with nothing to do (no request in flight, no answer waiting) for `timeout` is
+///   shut down gracefully, as is every connection when the server stops: in-flight requests
+///   finish, then it closes (an idle HTTP/2 client, which hyper never times out, gives its place
+///   back too);
+/// - a connection whose answers have bytes waiting and none left for `timeout` is closed at once:
+///   its client stopped reading (HTTP/1), or never opens its HTTP/2 window, and every stream's
+///   answer would wait for ever (closing the connection resets them all, and gives their bytes
+///   back to the budget);
+/// - a connection told to close gracefully (HTTP/2: a GOAWAY) is closed at once once no handler
+///   has run on it for `timeout` since, whatever its streams still wait for: a graceful close
+///   that waits for streams that cannot drain would never end.
 async fn serve_one<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: ClientStream<S>,
     router: axum::Router,
     mut stopping: tokio::sync::watch::Receiver<bool>,
-    idle: Duration,
+    timeout: Duration,
+    budget: &'static ResponseBudget,
     remote: std::net::SocketAddr,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    use tokio::time::Instant;
     let activity = Activity::new();
-    let service = CountedService::new(router, Arc::clone(&activity));
+    let service = CountedService::new(router, Arc::clone(&activity), budget);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
-    let idle_check = tokio::time::sleep(idle);
-    tokio::pin!(idle_check);
-    let mut closing = false;
+    let check = tokio::time::sleep(timeout);
+    tokio::pin!(check);
+    // When the graceful close began.
+    let mut closing: Option<Instant> = None;
     loop {
         tokio::select! {
             ended = connection.as_mut() => {
@@ -341,19 +366,40 @@ async fn serve_one<S>(
                 }
                 return;
             }
-            _ = stopping.wait_for(|stopping| *stopping), if !closing => {
+            _ = stopping.wait_for(|stopping| *stopping), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
-                closing = true;
+                closing = Some(Instant::now());
+                check.as_mut().reset(Instant::now() + timeout);
             }
-            () = idle_check.as_mut(), if !closing => match activity.idle_for() {
-                Some(quiet) if quiet >= idle => {
-                    tracing::debug!(%remote, "closing a connection idle for the slow-client timeout");
-                    connection.as_mut().graceful_shutdown();
-                    closing = true;
+            () = check.as_mut() => {
+                // How long until each rule could apply; the next look is at the earliest.
+                let mut next = timeout;
+                if let Some(stalled) = activity.stalled_for() {
+                    if stalled >= timeout {
+                        tracing::debug!(%remote, "closing a connection whose answers made no progress for the slow-client timeout");
+                        return;
+                    }
+                    next = next.min(timeout - stalled);
                 }
-                Some(quiet) => idle_check.as_mut().reset(tokio::time::Instant::now() + (idle - quiet)),
-                None => idle_check.as_mut().reset(tokio::time::Instant::now() + idle),
-            },
+                match (closing, activity.idle_for()) {
+                    (None, Some(quiet)) if quiet >= timeout => {
+                        tracing::debug!(%remote, "closing a connection idle for the slow-client timeout");
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(Instant::now());
+                    }
+                    (None, Some(quiet)) => next = next.min(timeout - quiet),
+                    _ => {}
+                }
+                if let (Some(since), Some(quiet)) = (closing, activity.handlers_idle_for()) {
+                    let waited = quiet.min(since.elapsed());
+                    if waited >= timeout {
+                        tracing::debug!(%remote, "closing a connection that did not finish its graceful close within the slow-client timeout");
+                        return;
+                    }
+                    next = next.min(timeout - waited);
+                }
+                check.as_mut().reset(Instant::now() + next.max(Duration::from_millis(10)));
+            }
         }
     }
 }

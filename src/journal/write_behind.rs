@@ -12,9 +12,14 @@
 //!
 //! The trade: an acknowledged order is on this node's disk before it is in MySQL. The lag is
 //! bounded: past `--mysql-lag-max` (the age of the oldest record MySQL does not hold yet)
-//! checkouts wait before they are journaled (backpressure; a waiting one is never dropped, and
-//! past `QUEUE_RECORDS_MAX` waiting, new ones are refused as overloaded) and `/readyz`
-//! answers 503 naming the lag, so a load balancer sends buyers elsewhere.
+//! checkouts wait before they are journaled (backpressure; past `QUEUE_RECORDS_MAX` waiting, new
+//! ones are refused as overloaded) and `/readyz` answers 503 naming the lag, so a load balancer
+//! sends buyers elsewhere. The wait itself is bounded too: a record still waiting when its
+//! deadline comes (a little before `--journal-timeout`, so its request learns the outcome) is
+//! not journaled at all, and its request answers `503 journal_unavailable` with nothing changed.
+//! An unbounded wait would let a checkout commit long after its client was told "outcome
+//! unknown" and after its Redis lock expired, so another node could take the same key meanwhile
+//! (one key, two orders).
 //!
 //! Start-up refuses a data dir that is not the one MySQL follows: MySQL's last record must be in
 //! the data dir, byte for byte.
@@ -44,6 +49,10 @@ pub struct WriteBehindJournal {
     shutdown_grace: Duration,
     /// Appends waiting for MySQL to catch up (backpressure).
     waiting: Arc<AtomicUsize>,
+    /// How long an append may wait for MySQL to catch up before it is given up, not journaled.
+    wait_max: Duration,
+    /// `--mysql-timeout`, for reads of MySQL.
+    statement_timeout: Duration,
 }
 
 fn unfit(reason: String) -> SchemaError {
@@ -57,10 +66,13 @@ fn unfit(reason: String) -> SchemaError {
 impl WriteBehindJournal {
     /// Opens the embedded journal in `dir`, checks that MySQL follows it, and starts the applier
     /// (which brings MySQL up to date in the background).
+    /// `journal_timeout` is how long a request waits for its commit: an append held by
+    /// backpressure is given up a little before it, so the request hears that nothing changed.
     pub async fn open(
         dir: &std::path::Path,
         mut file_config: FileJournalConfig,
         mysql: MySqlConfig,
+        journal_timeout: Duration,
     ) -> Result<(Self, State), SchemaError> {
         let pool = connect(&mysql)?;
         check_schema(&pool).await?;
@@ -93,8 +105,14 @@ impl WriteBehindJournal {
                 )));
             }
         }
-        let (follower, applier) =
-            Follower::new(pool.clone(), backlog, true, state.last_lsn, applied_lsn);
+        let (follower, applier) = Follower::new(
+            pool.clone(),
+            backlog,
+            true,
+            state.last_lsn,
+            applied_lsn,
+            mysql.statement_timeout,
+        );
         file.follow(follower.start(applier));
         tracing::info!(
             local_lsn = state.last_lsn,
@@ -109,6 +127,8 @@ impl WriteBehindJournal {
                 lag_max: mysql.lag_max,
                 shutdown_grace: mysql.shutdown_grace,
                 waiting: Arc::new(AtomicUsize::new(0)),
+                wait_max: backpressure_wait_max(journal_timeout),
+                statement_timeout: mysql.statement_timeout,
             },
             state,
         ))
@@ -118,6 +138,13 @@ impl WriteBehindJournal {
     pub fn lag(&self) -> &Lag {
         &self.follower.lag
     }
+}
+
+/// How long an append may wait for MySQL: nine tenths of the request's wait for its commit (at
+/// most a second less), so a record given up here is answered "nothing changed" before the
+/// request's own timeout would have to say "outcome unknown".
+fn backpressure_wait_max(journal_timeout: Duration) -> Duration {
+    journal_timeout.saturating_sub((journal_timeout / 10).min(Duration::from_secs(1)))
 }
 
 impl Journal for WriteBehindJournal {
@@ -139,11 +166,20 @@ impl Journal for WriteBehindJournal {
             return Ticket::failed(JournalError::Overloaded(QUEUE_RECORDS_MAX));
         }
         let (answer, receiver) = tokio::sync::oneshot::channel();
-        let (file, lag_max) = (Arc::clone(&self.file), self.lag_max);
+        let (file, lag_max, wait_max) = (Arc::clone(&self.file), self.lag_max, self.wait_max);
         runtime.spawn(async move {
-            lag.wait_within(lag_max).await;
+            let caught_up = tokio::time::timeout(wait_max, lag.wait_within(lag_max)).await;
             waiting.fetch_sub(1, Ordering::AcqRel);
-            let _ = answer.send(file.append(record).await);
+            let outcome = match caught_up {
+                Ok(()) => file.append(record).await,
+                // Not journaled, and never will be: the request hears nothing changed.
+                Err(_) => Err(JournalError::Unavailable(format!(
+                    "MySQL is {:.1} s behind (past --mysql-lag-max) and did not catch up within {}; the change was not journaled",
+                    lag.seconds(),
+                    humantime::format_duration(wait_max)
+                ))),
+            };
+            let _ = answer.send(outcome);
         });
         Ticket::waiting(receiver)
     }
@@ -158,7 +194,9 @@ impl Journal for WriteBehindJournal {
 
     fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
         let order_id = order_id.clone();
-        Box::pin(async move { read_order(&self.pool, self.lag(), &order_id).await })
+        Box::pin(async move {
+            read_order(&self.pool, self.statement_timeout, self.lag(), &order_id).await
+        })
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {

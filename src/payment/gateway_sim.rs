@@ -225,7 +225,9 @@ async fn list(State(sim): State<Shared>, Query(query): Query<HashMap<String, Str
             "open_older_than_ms=N (milliseconds) is required".into(),
         );
     };
-    let payments = sim.ledger.authorized_before(now_ms() - age);
+    // `key_prefix`: only the authorisations whose idempotency key starts with it (a node's own).
+    let prefix = query.get("key_prefix").map_or("", String::as_str);
+    let payments = sim.ledger.authorized_before(now_ms() - age, prefix);
     json(StatusCode::OK, &serde_json::json!({ "payments": payments }))
 }
 

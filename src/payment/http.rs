@@ -6,7 +6,7 @@
 //! | authorise | `POST /v1/payments` with `Idempotency-Key`, `{"order_id", "token", "amount_cents", "currency"}` | `200` payment (`status`: `authorized`, `pending` or `declined`) |
 //! | capture, void, refund | `POST /v1/payments/{id}/capture` (`/void`, `/refund`) | `200` payment; `409 {"error": "conflict", "status"}` where it cannot apply; `404` unknown |
 //! | look up | `GET /v1/payments/{id}` | `200` payment or `404` |
-//! | list old authorisations | `GET /v1/payments?open_older_than_ms=N` | `200 {"payments": [...]}`: authorised or pending longer than N ms ago (the gateway's clock) |
+//! | list old authorisations | `GET /v1/payments?open_older_than_ms=N&key_prefix=P` | `200 {"payments": [...]}`: authorised or pending longer than N ms ago (the gateway's clock), whose idempotency key starts with P (a node's own; omitted: all) |
 //! | the whole ledger | `GET /v1/ledger` | `200 {"payments": [...]}` |
 //!
 //! A payment is `{"payment_id", "idempotency_key", "order_id", "amount_cents", "currency",
@@ -192,9 +192,14 @@ impl PaymentGateway for HttpGateway {
     fn authorizations_older_than(
         &self,
         age: Duration,
+        key_prefix: &str,
     ) -> BoxFuture<'_, Result<Vec<PaymentInfo>, PaymentError>> {
+        let path = format!(
+            "/v1/payments?open_older_than_ms={}&key_prefix={}",
+            age.as_millis(),
+            encode(key_prefix)
+        );
         Box::pin(async move {
-            let path = format!("/v1/payments?open_older_than_ms={}", age.as_millis());
             let (status, body) = self.call("GET", &path, None, Vec::new()).await?;
             if status != 200 {
                 return Err(PaymentError::Unreachable(format!(

@@ -214,14 +214,16 @@ impl Ledger {
             .ok_or_else(|| PaymentError::Unknown(payment_id.to_owned()))
     }
 
-    /// Payments authorised or pending, created before `cutoff_ms`.
-    pub fn authorized_before(&self, cutoff_ms: i64) -> Vec<PaymentInfo> {
+    /// Payments authorised or pending, created before `cutoff_ms`, whose idempotency key starts
+    /// with `key_prefix` (the node that asked for them; `""`: every node's).
+    pub fn authorized_before(&self, cutoff_ms: i64, key_prefix: &str) -> Vec<PaymentInfo> {
         let book = lock(&self.book);
         book.arrival
             .iter()
             .filter_map(|id| book.payments.get(id))
             // Open payments the bound passed over sit behind newer ones: look at all.
             .filter(|p| p.created_at_ms < cutoff_ms)
+            .filter(|p| p.idempotency_key.starts_with(key_prefix))
             .filter(|p| matches!(p.status, PaymentStatus::Authorized | PaymentStatus::Pending))
             .cloned()
             .collect()
@@ -294,8 +296,8 @@ mod tests {
         else {
             panic!("pending")
         };
-        assert_eq!(ledger.authorized_before(6).len(), 1);
-        assert_eq!(ledger.authorized_before(5).len(), 0);
+        assert_eq!(ledger.authorized_before(6, "").len(), 1);
+        assert_eq!(ledger.authorized_before(5, "").len(), 0);
         ledger.void(&payment_id).unwrap();
         assert_eq!(ledger.decide_pending(&payment_id), None);
     }
@@ -316,11 +318,44 @@ mod tests {
             ledger.lookup(&open).unwrap().status,
             PaymentStatus::Authorized
         );
-        assert_eq!(ledger.authorized_before(100).len(), 1);
+        assert_eq!(ledger.authorized_before(100, "").len(), 1);
         ledger.capture(&open).unwrap();
         assert!(
             ledger.all().len() <= 4,
             "finished payments are forgotten past the bound"
         );
+    }
+
+    #[test]
+    fn a_listing_by_key_prefix_shows_only_that_nodes_open_authorisations() {
+        // Proves: nodes sharing one gateway each list only the authorisations whose idempotency
+        // key carries their name, so an orphan scan never sees another node's payment.
+        let ledger = Ledger::new(100);
+        let node_a = crate::payment::node_key_prefix("node_a");
+        let node_b = crate::payment::node_key_prefix("node_b");
+        for (prefix, key) in [(&node_a, "k1"), (&node_a, "k2"), (&node_b, "k1")] {
+            ledger.authorize(&request(&format!("{prefix}{key}:0"), "tok_ok"), 1);
+        }
+        ledger.authorize(&request(&format!("{node_b}k2:0"), "tok_pending"), 1);
+        let listed = |prefix: &str| -> Vec<String> {
+            let mut keys: Vec<String> = ledger
+                .authorized_before(10, prefix)
+                .into_iter()
+                .map(|p| p.idempotency_key)
+                .collect();
+            keys.sort();
+            keys
+        };
+        assert_eq!(
+            listed(&node_a),
+            vec![format!("{node_a}k1:0"), format!("{node_a}k2:0")]
+        );
+        assert_eq!(
+            listed(&node_b),
+            vec![format!("{node_b}k1:0"), format!("{node_b}k2:0")]
+        );
+        assert_eq!(listed("").len(), 4);
+        // A node whose name starts another's is not mistaken for it (the prefix ends with ':').
+        assert!(listed(&crate::payment::node_key_prefix("node_")).is_empty());
     }
 }

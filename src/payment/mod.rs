@@ -16,25 +16,45 @@ pub mod webhook;
 
 pub use crate::BoxFuture;
 
-/// The gateway's idempotency key for a checkout: derived from the client's key, so a re-run of the
-/// checkout (after a crash, say) finds the same payment instead of paying twice; and from the
-/// retention period the key is in, so a key used afresh past its retention is a new payment (the
-/// old one's id may still be on record). Both uses of one key lie at least a retention apart, so
-/// they always fall in different periods; a re-run a crash delays across a period boundary (a
-/// chance of delay / retention) authorises anew, and the first authorisation, whose order never
-/// became durable, is the reconciler's to void.
-pub fn gateway_key(key: &crate::domain::IdempotencyKey, now_ms: i64, retention_ms: i64) -> String {
-    let period = now_ms / retention_ms.max(1);
-    format!("turnstile:{}:{period}", key.as_str())
+/// The retention period a checkout falls in: a key used afresh past its retention is a new
+/// payment and a new order (the old ones may still be on record). Both uses of one key lie at
+/// least a retention apart, so they always fall in different periods; a re-run a crash delays
+/// across a period boundary (a chance of delay / retention) authorises anew, and the first
+/// authorisation, whose order never became durable, is the reconciler's to void.
+pub fn checkout_period(now_ms: i64, retention_ms: i64) -> i64 {
+    now_ms / retention_ms.max(1)
 }
 
-/// The order id of a checkout, derived from its gateway key: a checkout re-run after a crash
-/// (the same `Idempotency-Key` within one retention period) makes the same order for the same
-/// payment, so the gateway's record of the payment (and its webhook) names the order that is
-/// journaled.
-pub fn order_id_for(gateway_key: &str) -> Option<crate::domain::OrderId> {
+/// The start of every gateway idempotency key `node` makes: what its orphan scan lists
+/// ([`PaymentGateway::authorizations_older_than`]), so that nodes sharing one gateway each void
+/// only the authorisations they made, never a live payment of another node, whose journal they
+/// cannot see.
+pub fn node_key_prefix(node: &str) -> String {
+    format!("turnstile:{node}:")
+}
+
+/// The gateway's idempotency key for a checkout on `node`: derived from the client's key, so a
+/// re-run of the checkout on this node (after a crash, say) finds the same payment instead of
+/// paying twice; from the retention period ([`checkout_period`]); and from the node, so the
+/// node's orphan scan finds exactly its own ([`node_key_prefix`]). (A key retried on another node
+/// after a crash there authorises anew on that node; the first node voids its orphan when it is
+/// back.)
+pub fn gateway_key(node: &str, key: &crate::domain::IdempotencyKey, period: i64) -> String {
+    format!("{}{}:{period}", node_key_prefix(node), key.as_str())
+}
+
+/// The order id of a checkout, derived from the client's key and the retention period, the same
+/// on every node: a checkout re-run after a crash (the same `Idempotency-Key` within one
+/// retention period) makes the same order for the same payment, so the gateway's record of the
+/// payment (and its webhook) names the order that is journaled, and a retry on any node names the
+/// same order. (Until gateway keys carried the node, they were `turnstile:<key>:<period>`, and the
+/// order id was derived from that: the same string, so ids did not change.)
+pub fn order_id_for(
+    key: &crate::domain::IdempotencyKey,
+    period: i64,
+) -> Option<crate::domain::OrderId> {
     use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(gateway_key.as_bytes());
+    let digest = Sha256::digest(format!("turnstile:{}:{period}", key.as_str()).as_bytes());
     crate::domain::OrderId::parse(format!("ord_{}", crate::random::hex(&digest[..12]))).ok()
 }
 
@@ -155,9 +175,11 @@ pub trait PaymentGateway: Send + Sync {
     /// Where a payment stands.
     fn lookup(&self, payment_id: String) -> BoxFuture<'_, Result<PaymentInfo, PaymentError>>;
     /// Payments authorised (or still pending) longer than `age` ago and not captured, voided or
-    /// refunded since: what the reconciler checks against the journal.
+    /// refunded since, whose idempotency key starts with `key_prefix` (the node's own,
+    /// [`node_key_prefix`]): what the reconciler checks against the journal.
     fn authorizations_older_than(
         &self,
         age: std::time::Duration,
+        key_prefix: &str,
     ) -> BoxFuture<'_, Result<Vec<PaymentInfo>, PaymentError>>;
 }

@@ -181,11 +181,10 @@ impl PaymentGateway for Arc<Simulator> {
     fn authorizations_older_than(
         &self,
         age: Duration,
+        key_prefix: &str,
     ) -> BoxFuture<'_, Result<Vec<PaymentInfo>, PaymentError>> {
-        Box::pin(async move {
-            Ok(self
-                .ledger
-                .authorized_before(now_ms() - age.as_millis() as i64))
-        })
+        let cutoff_ms = now_ms() - age.as_millis() as i64;
+        let payments = self.ledger.authorized_before(cutoff_ms, key_prefix);
+        Box::pin(async move { Ok(payments) })
     }
 }

@@ -6,8 +6,9 @@
 //!   `<position>:<quantity>`; `PEXPIRE --cart-ttl`, refreshed by every use.
 //! - `<p>carts`: a sorted set of live cart ids scored by expiry (Unix ms), so `--carts-max` holds
 //!   across nodes; its TTL is kept at least as long as its newest cart's.
-//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>.<random>/<n>/`, `SET NX EX 60` while a
-//!   checkout with that key runs, deleted by its holder only (compare-and-delete).
+//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>.<random>/<n>/`, `SET NX PX
+//!   --redis-lock-ttl` (60 s) while a checkout with that key runs, renewed by its node while the
+//!   checkout's outcome is unknown there, deleted by its holder only (compare-and-delete).
 //! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
 //!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
 //!   minute for `404` and `409 out_of_stock`: a sold-out flood writes one per request).
@@ -22,11 +23,21 @@
 //! answer is stored only once its record is durable, and a node that finds no answer in Redis
 //! falls back to its own key table and journal.
 //!
+//! A lock must outlive every checkout that may still commit under it, or another node could start
+//! the key again while this node's commit is still on its way (a stalled database, a commit whose
+//! outcome is unknown). So a checkout past its hold registers its lock ([`Submission::keep_alive`])
+//! and one task renews every registered lock a third of `--redis-lock-ttl` at a time (and at once
+//! after a reconnection), compare-and-extend, until the checkout's outcome is durable or known to
+//! have failed; a lock whose outcome stays unknown until the process ends is renewed until then
+//! ([`Submission::hold_until_restart`]). A lock found taken by another (Redis lost it, an outage
+//! outlived it) is logged at ERROR and counted (`turnstile_redis_locks_lost_total`).
+//!
 //! One multiplexed connection carries every call; each call has a timeout (`--redis-timeout`). A
 //! call that finds the connection broken drops it and wakes the supervisor, which reconnects with
-//! backoff; meanwhile calls fail at once with the last error (cart calls `503
-//! session_store_unavailable`, checkouts with an item list go on without the lock), so nothing
-//! waits on a dead Redis and the node recovers by itself.
+//! backoff; meanwhile calls fail at once with the last error, so nothing waits on a dead Redis and
+//! the node recovers by itself. Carts and checkouts then answer `503 session_store_unavailable`:
+//! a node cannot know that no other node holds the key. With `--redis-optional` (one node) a
+//! checkout naming its items goes on under the node's own key table instead.
 
 use crate::domain::{CartId, IdempotencyKey, Sku};
 use crate::engine::records::StoredAnswer;
@@ -34,14 +45,12 @@ use crate::sync::lock;
 use arc_swap::ArcSwapOption;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Script, ScriptInvocation};
+use rustc_hash::FxHashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use super::{CartError, CartView, CART_ITEMS_MAX};
-
-/// How long a submission lock lives if its holder never releases it (a node killed mid-checkout).
-pub const LOCK_TTL_SECONDS: u64 = 60;
 
 /// The longest wait between two reconnection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -52,6 +61,9 @@ const FINISHES_QUEUED_MAX: usize = 65_536;
 /// Checkouts' ends sent in one call at most.
 const FINISHES_PER_CALL_MAX: usize = 256;
 
+/// Locks renewed in one call at most.
+const RENEWALS_PER_CALL_MAX: usize = 256;
+
 /// The Redis settings of `serve`.
 #[derive(Debug, Clone)]
 pub struct RedisConfig {
@@ -61,6 +73,9 @@ pub struct RedisConfig {
     pub prefix: String,
     /// How long one call (or one connection attempt) may take.
     pub timeout: Duration,
+    /// How long a submission lock lives unless renewed (`--redis-lock-ttl`): what a node killed
+    /// mid-checkout leaves behind.
+    pub lock_ttl: Duration,
 }
 
 /// Why a call to Redis failed.
@@ -96,6 +111,8 @@ struct Stats {
     errors: AtomicU64,
     reconnects: AtomicU64,
     fallbacks: AtomicU64,
+    renewals: AtomicU64,
+    locks_lost: AtomicU64,
 }
 
 /// The connection to Redis and the scripts run over it.
@@ -110,7 +127,13 @@ pub struct RedisStore {
     stopped: AtomicBool,
     prefix: String,
     timeout: Duration,
-    /// This node, in lock values: `node_<hex>`, the same across restarts (see [`node_id`]).
+    /// `--redis-lock-ttl` in milliseconds.
+    lock_ttl_ms: u64,
+    /// The locks of checkouts past their hold, renewed until each one's outcome is known (by
+    /// submission number: its key and lock value).
+    held: Mutex<FxHashMap<u64, (IdempotencyKey, String)>>,
+    /// This node, in lock values: `node_<hex>`, the same across restarts
+    /// ([`crate::data_dir::node_name`]).
     node: String,
     /// This run in lock values: its start (ms) and random bytes, so its locks differ from earlier
     /// runs' and from another process's under the same name (a data dir copied with its
@@ -125,7 +148,8 @@ pub struct RedisStore {
     finishes_to_send: Mutex<Option<tokio::sync::mpsc::Receiver<Finish>>>,
     /// Wakes the finisher to send what is queued and end.
     finisher_stop: tokio::sync::Notify,
-    /// Wakes the finisher when a new connection is up: ends that wait are sent at once.
+    /// Wakes the finisher and the renewer when a new connection is up: ends that wait are sent,
+    /// and locks renewed, at once.
     reconnected: tokio::sync::Notify,
 }
 
@@ -144,8 +168,12 @@ impl Finish {
     /// still leave its answer once Redis is back, or a retry on another node buys again. FINISH
     /// never replaces an answer nor stores one while another checkout holds the lock, so a late
     /// one is safe.
-    fn new(key: IdempotencyKey, value: String, answer: Option<(StoredAnswer, i64)>) -> Self {
-        let lock = Duration::from_secs(LOCK_TTL_SECONDS);
+    fn new(
+        key: IdempotencyKey,
+        value: String,
+        answer: Option<(StoredAnswer, i64)>,
+        lock: Duration,
+    ) -> Self {
         let keep = answer.as_ref().map_or(lock, |(_, ttl_ms)| {
             Duration::from_millis(u64::try_from(*ttl_ms).unwrap_or(0)).max(lock)
         });
@@ -165,6 +193,7 @@ struct Scripts {
     cart_clear: Script,
     begin: Script,
     finish: Script,
+    renew: Script,
 }
 
 /// `refresh`: a cart's expiry renewed in the hash and in the set of live carts. `lines`: a cart's
@@ -235,13 +264,20 @@ return 1
 ";
 
 /// A checkout's start. KEYS[1] = answer, KEYS[2] = lock, [KEYS[3] = carts, KEYS[4] = cart];
-/// ARGV[1] = lock value, ARGV[2] = lock ttl s, [ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] =
+/// ARGV[1] = lock value, ARGV[2] = lock ttl ms, [ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] =
 /// cart id].
+///
+/// A lock Turnstile wrote is a string with a TTL; anything else under the lock's key (another
+/// type, a value without expiry) would make the key answer `409` for ever, so it is `junk`: the
+/// checkout fails naming the key, as junk under an answer key does.
 const BEGIN: &str = r"
 local answer = redis.call('GET', KEYS[1])
 if answer then return {'answer', answer} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
-  and redis.pcall('GET', KEYS[2]) ~= ARGV[1] then return {'held'} end
+if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local held = redis.pcall('GET', KEYS[2])
+  if type(held) ~= 'string' or redis.call('PTTL', KEYS[2]) < 0 then return {'junk'} end
+  if held ~= ARGV[1] then return {'held'} end
+end
 if #KEYS < 4 then return {'locked'} end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
 refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
@@ -272,6 +308,22 @@ end
 return #KEYS / 2
 ";
 
+/// Renews the locks of checkouts whose outcome is not known yet. KEYS = their locks; ARGV[1] = the
+/// TTL in ms, ARGV[1 + i] = the value of lock i. A lock still holding its checkout's value gets a
+/// new TTL; one that does not (gone, or another checkout's) is not taken back, since its
+/// checkout may have ended meanwhile: its index is returned, for the node to say it lost it.
+const RENEW: &str = r"
+local lost = {}
+for i = 1, #KEYS do
+  if redis.pcall('GET', KEYS[i]) == ARGV[i + 1] then
+    redis.call('PEXPIRE', KEYS[i], ARGV[1])
+  else
+    lost[#lost + 1] = i
+  end
+end
+return lost
+";
+
 impl Scripts {
     fn new() -> Self {
         let with_refresh = |body: &str| Script::new(&format!("{REFRESH}{body}"));
@@ -282,43 +334,8 @@ impl Scripts {
             cart_clear: Script::new(CART_CLEAR),
             begin: with_refresh(BEGIN),
             finish: Script::new(FINISH),
+            renew: Script::new(RENEW),
         }
-    }
-}
-
-/// The file in the data dir that names the node in Redis.
-pub const NODE_ID_FILE: &str = "redis-node-id";
-
-/// A node's name in lock values, the same across its restarts and different between nodes: made
-/// at random the first time and kept in [`NODE_ID_FILE`] in the data dir (one data dir serves one
-/// process at a time). A file that does not hold such a name is refused, not replaced.
-pub fn node_id(data_dir: &std::path::Path) -> std::io::Result<String> {
-    let path = data_dir.join(NODE_ID_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(text) => {
-            let id = text.trim_end_matches('\n');
-            let valid = id.len() > 5
-                && id.len() <= 64
-                && id.starts_with("node_")
-                && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if valid {
-                Ok(id.to_owned())
-            } else {
-                Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("{} does not hold a node name (node_ and letters or digits); remove it to make a new one", path.display()),
-                ))
-            }
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
-            let id = ids.next("node_")[..21].to_owned();
-            // With MySQL as the journal nothing else creates the data dir.
-            std::fs::create_dir_all(data_dir)?;
-            crate::data_dir::write_atomic(&path, format!("{id}\n").as_bytes())?;
-            Ok(id)
-        }
-        Err(error) => Err(error),
     }
 }
 
@@ -418,6 +435,8 @@ impl RedisStore {
             stopped: AtomicBool::new(false),
             prefix: config.prefix.clone(),
             timeout: config.timeout,
+            lock_ttl_ms: u64::try_from(config.lock_ttl.as_millis()).unwrap_or(u64::MAX),
+            held: Mutex::default(),
             node,
             run_id,
             locks_taken: AtomicU64::new(0),
@@ -434,13 +453,17 @@ impl RedisStore {
     /// up and sends the checkouts' ends in the background until [`Self::stop`].
     pub async fn start(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         if let Err(error) = self.connect().await {
-            tracing::warn!(%error, "Redis does not answer; carts answer 503 and checkouts go on without submission locks until it does (retrying)");
+            tracing::warn!(%error, "Redis does not answer; carts and checkouts answer 503 until it does (retrying)");
         }
         let supervisor = {
             let store = Arc::clone(self);
             tokio::spawn(async move { store.supervise().await })
         };
-        let mut tasks = vec![supervisor];
+        let renewer = {
+            let store = Arc::clone(self);
+            tokio::spawn(async move { store.renew_held_locks().await })
+        };
+        let mut tasks = vec![supervisor, renewer];
         if let Some(receiver) = lock(&self.finishes_to_send).take() {
             let store = Arc::clone(self);
             tasks.push(tokio::spawn(
@@ -450,11 +473,67 @@ impl RedisStore {
         tasks
     }
 
-    /// Stops the supervisor; the finisher sends what is queued (while Redis answers), then ends.
+    /// Stops the supervisor and the renewer; the finisher sends what is queued (while Redis
+    /// answers), then ends.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
         self.finisher_stop.notify_one();
+        self.reconnected.notify_waiters();
+    }
+
+    /// The lock TTL (`--redis-lock-ttl`).
+    pub fn lock_ttl(&self) -> Duration {
+        Duration::from_millis(self.lock_ttl_ms)
+    }
+
+    /// Renews the registered locks a third of their TTL at a time, and at once after a
+    /// reconnection (an outage may have used up most of their life), until [`Self::stop`].
+    async fn renew_held_locks(&self) {
+        let every = Duration::from_millis(self.lock_ttl_ms / 3).max(Duration::from_millis(100));
+        loop {
+            let reconnected = self.reconnected.notified();
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = reconnected => {}
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let held: Vec<(u64, IdempotencyKey, String)> = lock(&self.held)
+                .iter()
+                .map(|(id, (key, value))| (*id, key.clone(), value.clone()))
+                .collect();
+            for batch in held.chunks(RENEWALS_PER_CALL_MAX) {
+                if let Err(error) = self.renew_batch(batch).await {
+                    tracing::warn!(%error, locks = batch.len(), "could not renew submission locks in Redis; retrying at the next renewal");
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn renew_batch(&self, batch: &[(u64, IdempotencyKey, String)]) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.renew.prepare_invoke();
+        invocation.arg(self.lock_ttl_ms);
+        for (_, key, value) in batch {
+            invocation.key(self.key("lock", key.as_str())).arg(value);
+        }
+        let lost: Vec<usize> = self.run("a batch of submission locks", &invocation).await?;
+        self.stats
+            .renewals
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for index in lost {
+            let Some((id, key, _)) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            // A checkout that ended meanwhile released its own lock: not lost.
+            if lock(&self.held).remove(id).is_some() {
+                self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(key = %key.as_str(), lock = %self.key("lock", key.as_str()), "a submission lock expired or was taken while this node's checkout under it has no known outcome: another node may start the same key (was Redis restarted without persistence, or unreachable for longer than --redis-lock-ttl?)");
+            }
+        }
+        Ok(())
     }
 
     async fn connect(&self) -> Result<(), String> {
@@ -604,10 +683,13 @@ impl RedisStore {
 
     /// Whether Redis answers now, for `/readyz`: `Err` says why not.
     pub fn check(&self) -> Result<(), String> {
-        match (self.connection.load().is_some(), lock(&self.last_error).clone()) {
+        match (
+            self.connection.load().is_some(),
+            lock(&self.last_error).clone(),
+        ) {
             (true, _) => Ok(()),
             (false, reason) => Err(format!(
-                "unreachable: {}; carts answer 503, checkouts with an item list go on without submission locks",
+                "unreachable: {}; carts and checkouts answer 503 session_store_unavailable",
                 reason.unwrap_or_else(|| "not connected".into())
             )),
         }
@@ -715,16 +797,14 @@ impl RedisStore {
     /// by a checkout that goes on without Redis too, since a lock call that timed out may still
     /// have taken it, and its answer must reach Redis (with the lock released) once Redis is back.
     pub fn submission(self: &Arc<Self>, key: &IdempotencyKey) -> Submission {
+        let id = self.locks_taken.fetch_add(1, Ordering::Relaxed);
         Submission {
             store: Arc::clone(self),
             key: key.clone(),
-            value: format!(
-                "{}/{}/{}/",
-                self.node,
-                self.run_id,
-                self.locks_taken.fetch_add(1, Ordering::Relaxed)
-            ),
+            value: format!("{}/{}/{id}/", self.node, self.run_id),
+            id,
             open: true,
+            renewed: false,
         }
     }
 
@@ -741,7 +821,7 @@ impl RedisStore {
         invocation
             .key(self.key("lock", key.as_str()))
             .arg(value)
-            .arg(LOCK_TTL_SECONDS);
+            .arg(self.lock_ttl_ms);
         if let Some((cart_id, now_ms, ttl_ms)) = cart {
             invocation
                 .key(self.carts_key())
@@ -761,6 +841,10 @@ impl RedisStore {
                 decode_answer(raw).map(Begin::Answer).map_err(unexpected)
             }
             Some("held") => Ok(Begin::Held),
+            Some("junk") => Err(StoreError::Unexpected {
+                key: self.key("lock", key.as_str()),
+                what: "a value Turnstile did not write (another type, or a value without expiry), which would hold the key for ever".into(),
+            }),
             Some("locked") => {
                 let lines = match (cart, reply.get(1).map(String::as_str)) {
                     (Some((cart_id, ..)), Some("cart")) => Some(parse_lines(
@@ -799,8 +883,18 @@ impl RedisStore {
             ("turnstile_redis_reconnects", "Attempts to reconnect to Redis.", &stats.reconnects),
             (
                 "turnstile_redis_lock_fallbacks",
-                "Checkouts that went on without a submission lock because Redis was down (the node's own key table and journal kept them unique on this node).",
+                "Checkouts that went on without a submission lock because Redis was down (--redis-optional: the node's own key table and journal kept them unique on this node).",
                 &stats.fallbacks,
+            ),
+            (
+                "turnstile_redis_lock_renewals",
+                "Submission locks renewed while their checkout's outcome was not known yet.",
+                &stats.renewals,
+            ),
+            (
+                "turnstile_redis_locks_lost",
+                "Submission locks found expired or taken while their checkout's outcome was not known on this node (see the ERROR log).",
+                &stats.locks_lost,
             ),
         ] {
             encode_counter(encoder, name, help, counter.load(Ordering::Relaxed))?;
@@ -891,10 +985,11 @@ impl RedisStore {
         // Through the finisher's queue (waiting for room), so its batching and retries serve
         // these too.
         let (finishes, prefix) = (self.finishes.clone(), format!("{}/", self.node));
+        let lock_ttl = self.lock_ttl();
         tokio::spawn(async move {
             let count = answers.len();
             for (key, answer, ttl_ms) in answers {
-                let end = Finish::new(key, prefix.clone(), Some((answer, ttl_ms)));
+                let end = Finish::new(key, prefix.clone(), Some((answer, ttl_ms)), lock_ttl);
                 if finishes.send(end).await.is_err() {
                     return;
                 }
@@ -923,31 +1018,69 @@ impl RedisStore {
 
 /// A submission lock this checkout holds. [`Submission::finish`] stores the answer and releases
 /// it; dropped unfinished, it is released (the checkout ended without an answer to keep);
-/// [`Submission::keep`] leaves it to expire (the outcome is unknown: another node must not start
-/// the same checkout while this one's commit may still land).
+/// [`Submission::keep`] leaves a lock this checkout did not take to whoever holds it;
+/// [`Submission::hold_until_restart`] keeps it renewed for the life of the process (the outcome
+/// is unknown: another node must not start the same checkout while this one's commit may still
+/// land).
 pub struct Submission {
     store: Arc<RedisStore>,
     key: IdempotencyKey,
     value: String,
+    /// This submission's number in the store (its place in the renewed locks).
+    id: u64,
     open: bool,
+    /// Registered with the store's renewer ([`Self::keep_alive`]).
+    renewed: bool,
 }
 
 impl Submission {
+    /// Keeps the lock alive until this submission ends: renewed a third of `--redis-lock-ttl` at
+    /// a time while the checkout authorises and commits, however long its commit takes to be
+    /// known.
+    pub fn keep_alive(&mut self) {
+        if !self.renewed {
+            self.renewed = true;
+            lock(&self.store.held).insert(self.id, (self.key.clone(), self.value.clone()));
+        }
+    }
+
     /// Stores `answer` for `ttl_ms` and releases the lock, in the background: the client's answer
     /// does not wait for it. Retried while Redis is unreachable, for as long as the answer lives.
     pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
         self.open = false;
+        self.stop_renewing();
         self.send_end(Some((answer, ttl_ms)));
     }
 
-    /// Leaves the lock to expire by itself.
+    /// Leaves the lock as it is: for a checkout that did not take it (another holds it, or an
+    /// answer was found).
     pub fn keep(mut self) {
+        self.open = false;
+        self.stop_renewing();
+    }
+
+    /// The checkout's outcome stays unknown until a restart's recovery: its lock, if
+    /// [`Self::keep_alive`] registered it, is renewed for as long as this process lives, then
+    /// expires (a restarted node learns the outcome from its journal and sends the answer again,
+    /// `RedisStore::recover`).
+    pub fn hold_until_restart(mut self) {
         self.open = false;
     }
 
+    fn stop_renewing(&mut self) {
+        if self.renewed {
+            self.renewed = false;
+            lock(&self.store.held).remove(&self.id);
+        }
+    }
+
     fn send_end(&self, answer: Option<(StoredAnswer, i64)>) {
-        self.store
-            .enqueue_finish(Finish::new(self.key.clone(), self.value.clone(), answer));
+        self.store.enqueue_finish(Finish::new(
+            self.key.clone(),
+            self.value.clone(),
+            answer,
+            self.store.lock_ttl(),
+        ));
     }
 }
 
@@ -963,6 +1096,7 @@ impl std::fmt::Debug for Submission {
 impl Drop for Submission {
     fn drop(&mut self) {
         if self.open {
+            self.stop_renewing();
             self.send_end(None);
         }
     }

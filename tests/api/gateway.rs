@@ -399,3 +399,204 @@ async fn an_authorisation_no_durable_order_holds_is_voided_by_the_reconciler() {
     assert!(metric(&mut client, "turnstile_reconciler_actions_total").await >= 1.0);
     assert_eq!(client.stock("O").await, (3, 3, 0, 0));
 }
+
+/// What the operations desk of `app` says the settler owes the gateway.
+async fn owed_payments(app: &TestApp, bearer: &str) -> Vec<Value> {
+    let answer = app
+        .client()
+        .send(
+            "GET",
+            "/v1/admin/payments",
+            &[("authorization", bearer)],
+            "",
+        )
+        .await;
+    assert_eq!(answer.status, 200);
+    answer.json()["owed"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// A server on `data_dir` with product `sku`, whose money flow stops before every capture (so a
+/// test can kill it between an order's answer and its capture).
+async fn pausing_before_capture(
+    data_dir: &std::path::Path,
+    args: &[String],
+    sku: &str,
+    stock: i64,
+) -> TestApp {
+    {
+        let app = start(data_dir, &as_strs(args));
+        app.client().put_product(sku, 100, stock).await;
+    }
+    start_with_env(
+        data_dir,
+        &as_strs(args),
+        &[("TURNSTILE_TEST_PAUSE", "before_capture")],
+    )
+}
+
+/// Nodes that share one payment gateway (one shop's account), each with its own journal, with a
+/// short `--reconcile-after`: a node's orphan scan lists only the authorisations it made, so it
+/// never voids another node's live payment, neither one still pending nor the one of a paid order
+/// whose node was killed before its capture. Back up, that node captures its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_sharing_one_gateway_never_void_each_others_payments() {
+    let sim = Sim::start("127.0.0.1:0", &["--pending-delay", "1h"]);
+    let args = server_args(&sim.url());
+    let a = spawn_app(&as_strs(&args));
+    let mut on_a = a.client();
+    on_a.put_product("K", 100, 10).await;
+    assert_eq!(
+        on_a.get("/v1/admin/payments").await.status,
+        404,
+        "no operations desk without --admin-token"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_b = dir.path().join("b");
+    let mut b = pausing_before_capture(&data_b, &args, "K", 10).await;
+    let mut on_b = b.client();
+    let pending = checkout_until_final(&mut on_b, "pend", "K", "tok_pending").await;
+    assert_eq!(pending["http_status"], 202, "{pending}");
+    let paid = checkout_until_final(&mut on_b, "paid", "K", "tok_ok").await;
+    assert_eq!(paid["http_status"], 201, "{paid}");
+    b.kill_9();
+
+    // While B is down, A's reconciler scans again and again, B's payments older than
+    // --reconcile-after (3 s; a scan every 1.5 s).
+    let scans = metric(&mut on_a, "turnstile_reconciler_scans_total").await;
+    eventually(
+        "node A to scan four times",
+        Duration::from_secs(30),
+        async || metric(&mut on_a, "turnstile_reconciler_scans_total").await >= scans + 4.0,
+    )
+    .await;
+    let status_of = |ledger: &[Value], order: &Value| -> String {
+        ledger
+            .iter()
+            .find(|p| p["order_id"] == order["order_id"])
+            .map(|p| p["status"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    let ledger = sim.ledger().await;
+    assert_eq!(status_of(&ledger, &pending), "pending", "{ledger:?}");
+    assert_eq!(status_of(&ledger, &paid), "authorized", "{ledger:?}");
+    assert_eq!(
+        metric(&mut on_a, "turnstile_payments_voided_total").await,
+        0.0
+    );
+
+    // B back: it captures its paid order; its pending payment waits for the gateway's word.
+    let b = start(&data_b, &as_strs(&args));
+    let mut on_b = b.client();
+    eventually(
+        "node B to capture its order",
+        Duration::from_secs(30),
+        async || status_of(&sim.ledger().await, &paid) == "captured",
+    )
+    .await;
+    let order = on_b
+        .get(&format!(
+            "/v1/orders/{}",
+            paid["order_id"].as_str().unwrap_or("-")
+        ))
+        .await;
+    assert_eq!(order.json()["status"], "paid");
+    let order = on_b
+        .get(&format!(
+            "/v1/orders/{}",
+            pending["order_id"].as_str().unwrap_or("-")
+        ))
+        .await;
+    assert_eq!(order.json()["status"], "payment_pending");
+    assert_eq!(status_of(&sim.ledger().await, &pending), "pending");
+    // Each node's keys carry its own name: one payment per checkout, none shared.
+    let ledger = sim.ledger().await;
+    assert_eq!(ledger.len(), 2, "{ledger:?}");
+}
+
+/// A paid order whose authorisation the gateway no longer holds (voided there while the node was
+/// down): its capture is refused for good. That is a visible, counted state, listed for the
+/// operator with the gateway's words, and not a retry loop; cancelling the order ends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paid_order_whose_capture_is_refused_is_listed_counted_and_not_retried() {
+    const TOKEN: &str = "operator-token-0123456789";
+    let sim = Sim::start("127.0.0.1:0", &[]);
+    let mut args = server_args(&sim.url());
+    args.extend(["--admin-token".to_owned(), TOKEN.to_owned()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut app = pausing_before_capture(&data_dir, &args, "R", 5).await;
+    let paid = checkout_until_final(&mut app.client(), "refused", "R", "tok_ok").await;
+    assert_eq!(paid["http_status"], 201, "{paid}");
+    app.kill_9();
+    let payment_id = sim.ledger().await[0]["payment_id"]
+        .as_str()
+        .expect("payment id")
+        .to_owned();
+    let voided = Client::new(sim.addr)
+        .send("POST", &format!("/v1/payments/{payment_id}/void"), &[], "")
+        .await;
+    assert_eq!(voided.status, 200);
+
+    let app = start(&data_dir, &as_strs(&args));
+    let mut client = app.client();
+    eventually(
+        "the refused capture to show",
+        Duration::from_secs(30),
+        async || metric(&mut client, "turnstile_payments_capture_refused_orders").await == 1.0,
+    )
+    .await;
+    let bearer = format!("Bearer {TOKEN}");
+    let owed = owed_payments(&app, &bearer).await;
+    assert_eq!(owed.len(), 1, "{owed:?}");
+    assert_eq!(owed[0]["order_id"], paid["order_id"]);
+    assert_eq!(owed[0]["action"], "capture");
+    assert_eq!(owed[0]["refused"], true);
+    assert_eq!(owed[0]["attempts"], 1);
+    assert!(
+        owed[0]["last_error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Voided"),
+        "{owed:?}"
+    );
+    for wrong in ["", "Bearer nope", "operator-token-0123456789"] {
+        let refused = client
+            .send("GET", "/v1/admin/payments", &[("authorization", wrong)], "")
+            .await;
+        assert_eq!(refused.status, 401, "{wrong:?}");
+        assert_eq!(refused.json()["error"], "unauthorized");
+    }
+    // Not retried: the reconciler runs on, the attempts stay one.
+    let scans = metric(&mut client, "turnstile_reconciler_scans_total").await;
+    eventually("three more scans", Duration::from_secs(30), async || {
+        metric(&mut client, "turnstile_reconciler_scans_total").await >= scans + 3.0
+    })
+    .await;
+    let owed = owed_payments(&app, &bearer).await;
+    assert_eq!(owed[0]["attempts"], 1, "{owed:?}");
+    assert_eq!(
+        metric(&mut client, "turnstile_payments_capture_refused_total").await,
+        1.0
+    );
+    let order_path = format!("/v1/orders/{}", paid["order_id"].as_str().unwrap_or("-"));
+    assert_eq!(client.get(&order_path).await.json()["status"], "paid");
+
+    // The operator cancels it: refunded (nothing to give back at the gateway), no longer owed.
+    let cancelled = client
+        .send("POST", &format!("{order_path}/cancel"), &[], "")
+        .await;
+    assert_eq!(cancelled.json()["status"], "refunded");
+    eventually(
+        "nothing owed any more",
+        Duration::from_secs(30),
+        async || {
+            metric(&mut client, "turnstile_payments_capture_refused_orders").await == 0.0
+                && metric(&mut client, "turnstile_payments_owed").await == 0.0
+        },
+    )
+    .await;
+    assert_eq!(client.stock("R").await, (5, 5, 0, 0));
+}

@@ -130,6 +130,18 @@ impl TestApp {
     }
 }
 
+/// The payment id the in-process simulator of `app` gave the checkout under `key` (made now, with
+/// the default 24 h retention): the simulator derives it from the gateway key, which carries the
+/// node's name (kept in the data dir).
+pub fn simulator_payment_id(app: &TestApp, key: &str) -> String {
+    let node = turnstile::data_dir::node_name(&app.data_dir).expect("the node's name");
+    let period = turnstile::payment::checkout_period(turnstile::time::now_ms(), 24 * 3_600 * 1_000);
+    let key = turnstile::domain::IdempotencyKey::parse(key).expect("key");
+    turnstile::payment::simulator::payment_id_for(&turnstile::payment::gateway_key(
+        &node, &key, period,
+    ))
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -461,6 +473,11 @@ impl Load {
                             break;
                         };
                         *lock(&counts).entry(answer.status).or_default() += 1;
+                        // A polite client: told to come back (Redis or the database down), it
+                        // waits a little instead of spinning.
+                        if answer.status == 503 {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                         let order_id = answer.json()["order_id"]
                             .as_str()
                             .unwrap_or_default()
@@ -838,16 +855,7 @@ impl TestRedis {
     /// after the commit, without making the client wait).
     pub async fn wait_answer(&self, key: &str, limit: Duration) {
         let answer_key = format!("{}answer:{key}", self.prefix);
-        let mut connection = self.connection().await;
-        eventually("the answer in Redis", limit, async || {
-            redis::cmd("EXISTS")
-                .arg(&answer_key)
-                .query_async::<i64>(&mut connection)
-                .await
-                .unwrap_or(0)
-                == 1
-        })
-        .await;
+        wait_for_key(self.connection().await, &answer_key, limit).await;
     }
 
     /// Every key under the prefix has a TTL.
@@ -871,5 +879,196 @@ impl TestRedis {
     }
 }
 
-/// An outage of Redis a bit longer than a submission lock's minute.
-pub const REDIS_LOCK_OUTAGE_SECONDS: u64 = 62;
+/// A free port on 127.0.0.1 (bound, then released for the process that takes it next).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// A `redis-server` of the test's own (the installed binary, on a free port, nothing kept on
+/// disk), so a test may kill and restart it without touching the machine's Redis. Killed when
+/// dropped.
+pub struct PrivateRedis {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> Self {
+        let mut redis = Self {
+            port: free_port(),
+            dir: tempfile::tempdir().expect("tempdir"),
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    /// Starts the server again on the same port (after [`Self::kill`]), and waits until it answers.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot run redis-server ({e}): install Redis (Debian's redis-server package)"
+                )
+            });
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(&addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("the test's redis-server did not answer on {addr}");
+    }
+
+    /// SIGKILL: Redis is gone at once, and with it everything it held.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A connection to it.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("the test's redis-server")
+    }
+
+    /// Waits until it holds the answer under idempotency key `key` (default prefix).
+    pub async fn wait_answer(&self, key: &str, limit: Duration) {
+        let answer_key = format!("turnstile:answer:{key}");
+        wait_for_key(self.connection().await, &answer_key, limit).await;
+    }
+}
+
+/// Waits until Redis (on `connection`) holds `key`.
+async fn wait_for_key(
+    mut connection: redis::aio::MultiplexedConnection,
+    key: &str,
+    limit: Duration,
+) {
+    eventually("the answer in Redis", limit, async || {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut connection)
+            .await
+            .unwrap_or(0)
+            == 1
+    })
+    .await;
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A TCP proxy the test controls, in front of a real server (MariaDB, say): while stalled it
+/// keeps every connection open and forwards nothing either way, and takes new connections without
+/// connecting them onward, as a network that went silent does (no reset, no error); resumed, it
+/// forwards again what waited.
+pub struct StallProxy {
+    pub addr: SocketAddr,
+    stalled: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StallProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (stalled, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    if watch.wait_for(|stalled| !*stalled).await.is_err() {
+                        return;
+                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let (from_client, to_client) = inbound.into_split();
+                    let (from_server, to_server) = outbound.into_split();
+                    tokio::join!(
+                        pump(from_client, to_server, watch.clone()),
+                        pump(from_server, to_client, watch),
+                    );
+                });
+            }
+        });
+        Self {
+            addr,
+            stalled,
+            task,
+        }
+    }
+
+    /// Stops (`true`) or resumes (`false`) forwarding.
+    pub fn stall(&self, stalled: bool) {
+        let _ = self.stalled.send(stalled);
+    }
+}
+
+/// Copies `from` to `to`, reading only while the proxy is not stalled.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut stalled: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        let read = tokio::select! {
+            read = from.read(&mut buffer) => read,
+            // Stalled while waiting to read: stop reading until resumed.
+            _ = stalled.wait_for(|stalled| *stalled) => continue,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        // What was read before a stall is held until it ends.
+        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+            return;
+        }
+        if to.write_all(&buffer[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+impl Drop for StallProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

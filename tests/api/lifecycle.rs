@@ -45,6 +45,10 @@ fn help_and_bad_configuration() {
         &["migrate"],
         &["gateway-sim", "--fail-5xx", "2"],
         &["serve", "--reconcile-after", "5s"],
+        // Shorter than a checkout can take to decide: an answer could expire before its retry.
+        &["serve", "--idempotency-retention", "1ns"],
+        &["serve", "--order-retention", "5s"],
+        &["serve", "--redis-optional"],
     ] {
         let output = turnstile(bad);
         assert_eq!(output.status.code(), Some(2), "{bad:?}");
@@ -59,6 +63,39 @@ fn help_and_bad_configuration() {
     let output = turnstile(&["serve", "--config", path.to_str().expect("path")]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
+}
+
+#[test]
+fn a_mysql_url_the_database_refuses_is_a_configuration_error() {
+    // Proves: a wrong password or an unknown database is exit 2 with a message naming
+    // --mysql-url (the operator must change it), never the password; a database that is merely
+    // down stays a runtime failure.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let data = data.to_str().expect("path");
+    for url in [
+        "mysql://root:not-the-password@127.0.0.1:3306/test",
+        "mysql://root@127.0.0.1:3306/no_such_database_here",
+    ] {
+        for command in [
+            &[
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+                "--mysql-url",
+                url,
+            ][..],
+            &["migrate", "--mysql-url", url],
+        ] {
+            let output = turnstile(command);
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert_eq!(output.status.code(), Some(2), "{command:?}: {stderr}");
+            assert!(stderr.contains("--mysql-url"), "{command:?}: {stderr}");
+            assert!(!stderr.contains("not-the-password"), "{stderr}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

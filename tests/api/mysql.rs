@@ -170,6 +170,10 @@ async fn a_key_past_its_retention_starts_afresh_and_the_journal_goes_on() {
         &database.url,
         "--idempotency-retention",
         "2s",
+        "--gateway-timeout",
+        "500ms",
+        "--journal-timeout",
+        "1s",
     ]);
     let mut client = app.client();
     client.put_product("R", 100, 100).await;

@@ -54,12 +54,7 @@ async fn webhooks_need_a_valid_signature_and_count_once() {
         .json();
     let order_id = body["order_id"].as_str().expect("order_id").to_owned();
     // The simulator derives the payment id from the gateway key the checkout sent.
-    let gateway_key = turnstile::payment::gateway_key(
-        &turnstile::domain::IdempotencyKey::parse("pending-2").expect("key"),
-        turnstile::time::now_ms(),
-        24 * 3_600 * 1_000,
-    );
-    let payment_id = turnstile::payment::simulator::payment_id_for(&gateway_key);
+    let payment_id = crate::helpers::simulator_payment_id(&app, "pending-2");
     let webhook =
         serde_json::json!({"payment_id": payment_id, "order_id": order_id, "status": "approved"})
             .to_string();
@@ -307,12 +302,7 @@ async fn a_cancel_racing_an_approval_ends_as_one_of_the_two_serial_orders() {
             .expect("answer")
             .json();
         let order_id = body["order_id"].as_str().expect("order_id").to_owned();
-        let gateway_key = turnstile::payment::gateway_key(
-            &turnstile::domain::IdempotencyKey::parse(key.as_str()).expect("key"),
-            turnstile::time::now_ms(),
-            24 * 3_600 * 1_000,
-        );
-        let payment_id = turnstile::payment::simulator::payment_id_for(&gateway_key);
+        let payment_id = crate::helpers::simulator_payment_id(&app, &key);
         let webhook = serde_json::json!({"payment_id": payment_id, "order_id": order_id, "status": "approved"})
             .to_string();
         let addr = app.addr;

@@ -15,7 +15,18 @@ async fn gauge(client: &mut Client, name: &str) -> i64 {
 }
 
 async fn retention_round(mysql_url: Option<&str>) {
-    let mut args = vec!["--order-retention", "1s", "--idempotency-retention", "1s"];
+    // Retentions must outlive a checkout's longest run (--gateway-timeout plus
+    // --journal-timeout): short timeouts let them be short.
+    let mut args = vec![
+        "--order-retention",
+        "2s",
+        "--idempotency-retention",
+        "2s",
+        "--gateway-timeout",
+        "500ms",
+        "--journal-timeout",
+        "1s",
+    ];
     if let Some(url) = mysql_url {
         args.extend(["--mysql-url", url]);
     }

@@ -64,7 +64,8 @@ fn lines(cart: &Value) -> Vec<(String, i64)> {
         .collect()
 }
 
-async fn checkout(client: &mut Client, key: &str, body: &Value) -> (u16, String, bool) {
+/// A checkout under `key` with `body`: its status, its body as text, whether it was a replay.
+pub(crate) async fn checkout(client: &mut Client, key: &str, body: &Value) -> (u16, String, bool) {
     let answer = client
         .send(
             "POST",
@@ -299,13 +300,37 @@ async fn live_carts_and_cart_lines_are_capped_across_nodes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_redis_unreachable_carts_are_503_and_item_checkouts_go_on() {
-    // A port nothing listens on: Redis "down" without touching the machine's Redis.
+async fn with_redis_unreachable_carts_and_checkouts_are_503_unless_redis_is_optional() {
+    // A port nothing listens on: Redis "down" without touching the machine's Redis. A node cannot
+    // know that no other node runs a key, so nothing is sold without the lock.
     let app = spawn_app(&[
         "--redis-url",
         "redis://127.0.0.1:1",
         "--redis-timeout",
         "300ms",
+    ]);
+    let mut client = app.client();
+    assert_eq!(client.put_product("A", 100, 5).await.status, 200);
+    let items = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, text, _) = checkout(&mut client, "items-down", &items).await;
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("session_store_unavailable"), "{text}");
+    assert_eq!(
+        client.stock("A").await,
+        (5, 5, 0, 0),
+        "nothing held or sold"
+    );
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 200, "Redis down leaves the node ready");
+    drop(app);
+
+    // One node using Redis for carts only: checkouts naming their items go on.
+    let app = spawn_app(&[
+        "--redis-url",
+        "redis://127.0.0.1:1",
+        "--redis-timeout",
+        "300ms",
+        "--redis-optional",
     ]);
     let mut client = app.client();
     assert_eq!(client.put_product("A", 100, 5).await.status, 200);
@@ -398,6 +423,59 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
     redis.delete().await;
 }
 
+/// A key of another type (or a string without expiry) planted under a lock's key would make that
+/// key answer `409 idempotency_key_in_use` for ever: it is "Redis holds something unexpected", a
+/// `500` naming the key, as junk under an answer key is, and nothing is sold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn junk_under_a_lock_key_is_a_500_naming_it_not_a_lock_held_for_ever() {
+    let redis = TestRedis::create("junk-lock").await;
+    let (a, _b) = two_nodes(&redis, &[], &[("A", 10)]).await;
+    let mut on_a = a.client();
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let mut connection = redis.connection().await;
+    let hash_key = format!("{}lock:junk-hash", redis.prefix);
+    let _: () = redis::cmd("HSET")
+        .arg(&hash_key)
+        .arg("x")
+        .arg("1")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let forever_key = format!("{}lock:junk-forever", redis.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&forever_key)
+        .arg("node_other/1/1/")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    for (key, planted) in [("junk-hash", &hash_key), ("junk-forever", &forever_key)] {
+        let (status, text, _) = checkout(&mut on_a, key, &body).await;
+        assert_eq!(status, 500, "{key}: {text}");
+        assert!(
+            text.contains(planted.as_str()),
+            "{key}: the key is named: {text}"
+        );
+    }
+    // A real lock (with its TTL) is still a lock.
+    let held_key = format!("{}lock:held", redis.prefix);
+    let _: () = redis::cmd("SET")
+        .arg(&held_key)
+        .arg("node_other/1/1/")
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let (status, text, _) = checkout(&mut on_a, "held", &body).await;
+    assert_eq!(status, 409, "{text}");
+    assert_eq!(
+        on_a.stock("A").await,
+        (10, 10, 0, 0),
+        "nothing held or sold"
+    );
+    redis.delete().await;
+}
+
 /// Redis stalls (`CLIENT PAUSE` here) past `--redis-timeout` while a checkout asks for its lock: the
 /// node goes on without it and creates the order, but the lock call still runs once Redis wakes,
 /// leaving that node's lock with no answer. The answer must still reach Redis (and the lock be
@@ -405,9 +483,22 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_call_that_timed_out_still_leads_to_a_replay_on_the_other_node() {
-    let redis = TestRedis::create("stall").await;
-    let (a, b) = two_nodes(&redis, &["--redis-timeout", "300ms"], &[("A", 10)]).await;
+    // A Redis of the test's own: CLIENT PAUSE stops every client of the server it is sent to.
+    let redis = super::helpers::PrivateRedis::start();
+    let mut args = vec![
+        "--redis-url".to_owned(),
+        redis.url(),
+        "--redis-timeout".into(),
+        "300ms".into(),
+    ];
+    let b = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    // Node A is one that goes on without Redis (`--redis-optional`).
+    args.push("--redis-optional".into());
+    let a = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("A", 250, 10).await.status, 200);
+    }
     let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
     // Every client's commands wait for 2 s from here (the pause is in place once it answers).
     let mut pauser = redis.connection().await;
@@ -441,7 +532,6 @@ async fn a_lock_call_that_timed_out_still_leads_to_a_replay_on_the_other_node() 
     assert_eq!((status, replayed, &again), (201, true, &first));
     let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
     assert_eq!(sold, 1);
-    redis.delete().await;
 }
 
 /// A node killed after answering, before its answer reached Redis: its lock is left (held by its
@@ -462,7 +552,7 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
         format!("{}lock:killed", redis.prefix),
     );
     redis.wait_answer("killed", Duration::from_secs(5)).await;
-    let node = turnstile::sessions::redis::node_id(&a.data_dir).expect("node id");
+    let node = turnstile::data_dir::node_name(&a.data_dir).expect("node name");
     let _: () = redis::cmd("DEL")
         .arg(&answer_key)
         .query_async(&mut connection)
@@ -518,6 +608,7 @@ async fn two_nodes_sharing_a_copied_node_name_never_share_a_submission_lock() {
         url: super::helpers::REDIS_URL.into(),
         prefix: redis.prefix.clone(),
         timeout: Duration::from_secs(1),
+        lock_ttl: Duration::from_secs(60),
     };
     // One name (the copied file), one start millisecond: the nodes' first checkouts.
     let node = "node_cloned0000000000".to_owned();
@@ -593,14 +684,24 @@ impl Drop for RedisCut {
     }
 }
 
-/// README: a checkout that went on without the lock (Redis unreachable) has its answer sent to
-/// Redis "as soon as it is back". The finisher dropped it once the lock it never held would have
-/// expired (60 s): after an outage longer than a minute, a retry on the other node bought again.
+/// README: a checkout that went on without the lock (Redis unreachable, `--redis-optional`) has
+/// its answer sent to Redis "as soon as it is back". The finisher dropped it once the lock it never
+/// held would have expired: after an outage longer than the lock's TTL, a retry on the other node
+/// bought again. (The lock lives 3 s here instead of its default minute, so the outage is short.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_than_a_minute() {
+async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_than_the_lock() {
     let redis = TestRedis::create("attack2_outage").await;
     let cut = RedisCut::start().await;
-    let extra = ["--redis-timeout", "300ms"];
+    let extra = [
+        "--redis-timeout",
+        "300ms",
+        "--redis-lock-ttl",
+        "3s",
+        "--gateway-timeout",
+        "1s",
+        "--journal-timeout",
+        "1s",
+    ];
     let mut args_a = vec![
         "--redis-url".to_owned(),
         cut.url(),
@@ -608,6 +709,7 @@ async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_t
         redis.prefix.clone(),
     ];
     args_a.extend(extra.iter().map(|s| s.to_string()));
+    args_a.push("--redis-optional".into());
     let mut args_b = redis.args();
     args_b.extend(extra.iter().map(|s| s.to_string()));
     let a = spawn_app(&args_a.iter().map(String::as_str).collect::<Vec<_>>());
@@ -629,11 +731,8 @@ async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_t
     assert_eq!(status, 201, "{first}");
     let fallbacks = super::helpers::metric(&mut on_a, "turnstile_redis_lock_fallbacks_total").await;
     assert_eq!(fallbacks, 1.0, "node A went on without the lock");
-    // An outage a bit longer than the lock's minute: the time itself is what is tested.
-    tokio::time::sleep(Duration::from_secs(
-        super::helpers::REDIS_LOCK_OUTAGE_SECONDS,
-    ))
-    .await;
+    // An outage a bit longer than the lock's TTL: the time itself is what is tested.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     cut.set(true);
     eventually("node A to reconnect", Duration::from_secs(10), async || {
         super::helpers::metric(&mut on_a, "turnstile_redis_connected").await == 1.0

@@ -41,6 +41,7 @@ pub async fn replay(config: &MySqlConfig, after_lsn: u64) -> Result<u64, SchemaE
         false,
         last_lsn,
         Arc::new(AtomicU64::new(0)),
+        config.statement_timeout,
     );
     let before = cursor(&pool).await?;
     applier.catch_up_from(Some(after_lsn)).await?;

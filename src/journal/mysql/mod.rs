@@ -25,6 +25,14 @@
 //! (`replaces_expired_key`) releases the old claim in its own transaction, so the `UNIQUE`
 //! constraints hold within retention and never refuse a legitimate reuse.
 //!
+//! No wait is unbounded: every transaction and statement runs on a connection taken through
+//! [`bounded`], which gives up after `--mysql-timeout` (acquiring the connection included) and
+//! then closes that connection instead of giving it back to the pool. On a network that went
+//! silent (a stalled proxy, a dead host without a reset) a COMMIT would otherwise wait for ever,
+//! and with it every checkout of its batch. A COMMIT given up this way has an unknown outcome,
+//! which is settled as for a lost connection: the writer asks (on a new connection) whether the
+//! batch's first lsn is in `journal` before it retries.
+//!
 //! Only parameterised queries (`QueryBuilder::push_bind`); nothing is checked against a live
 //! database at build time.
 
@@ -40,7 +48,8 @@ use crate::sync::lock;
 use crate::BoxFuture;
 use projection::{write_log, Lag, MySqlBacklog, View};
 use sqlx::migrate::Migrator;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlConnection, MySqlPool, MySqlPoolOptions};
+use sqlx::pool::PoolConnection;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
@@ -97,6 +106,9 @@ pub struct MySqlConfig {
     /// How far MySQL may fall behind (the projections; in write-behind, the whole log) before the
     /// node reports not ready and, in write-behind, checkouts wait.
     pub lag_max: Duration,
+    /// How long one transaction or statement may take (`--mysql-timeout`), the connection's
+    /// acquisition included; past it the connection is closed ([`bounded`]).
+    pub statement_timeout: Duration,
 }
 
 /// How long finished orders and kept answers stay in memory.
@@ -118,6 +130,7 @@ impl MySqlConfig {
             connect_timeout: Duration::from_secs(2),
             shutdown_grace: Duration::from_secs(10),
             lag_max: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(10),
             retention: Retention {
                 order_ms: 7 * 24 * 3_600 * 1_000,
                 answer_ms: 24 * 3_600 * 1_000,
@@ -141,6 +154,120 @@ fn corrupt(table: &str, reason: impl Into<String>) -> JournalError {
     }
 }
 
+/// A pooled connection lent to one bounded piece of work ([`bounded`]): dropped before the work
+/// ended (the work was given up mid-statement), it is taken out of the pool and its socket closed,
+/// since its protocol state is unknown and a graceful close could wait on the same silent network.
+pub(crate) struct Bounded(Option<PoolConnection<MySql>>);
+
+impl std::ops::Deref for Bounded {
+    type Target = MySqlConnection;
+
+    fn deref(&self) -> &MySqlConnection {
+        match &self.0 {
+            Some(connection) => connection,
+            None => unreachable!("a bounded connection is only emptied when it ends"),
+        }
+    }
+}
+
+impl std::ops::DerefMut for Bounded {
+    fn deref_mut(&mut self) -> &mut MySqlConnection {
+        match &mut self.0 {
+            Some(connection) => connection,
+            None => unreachable!("a bounded connection is only emptied when it ends"),
+        }
+    }
+}
+
+impl Bounded {
+    /// The work ended: the connection goes back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Bounded {
+    fn drop(&mut self) {
+        if let Some(connection) = self.0.take() {
+            // Out of the pool (which may open another) and dropped: the socket closes at once.
+            drop(connection.detach());
+        }
+    }
+}
+
+/// The error of a piece of work given up after `timeout`: I/O, so transient (retried, and a lost
+/// COMMIT's outcome looked up first).
+fn timed_out(timeout: Duration) -> sqlx::Error {
+    sqlx::Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "MySQL did not answer within {} (--mysql-timeout); the connection was closed",
+            humantime::format_duration(timeout)
+        ),
+    ))
+}
+
+/// Runs `work` on a connection of `pool`, all of it (taking the connection included) within
+/// `timeout`. `work` gets the connection and gives it back with its result; if the time runs out
+/// first, the work is dropped where it stands and its connection closed (see [`Bounded`]), and
+/// the answer is an I/O timeout.
+pub(crate) async fn bounded<T, F, Fut>(
+    pool: &MySqlPool,
+    timeout: Duration,
+    work: F,
+) -> Result<T, sqlx::Error>
+where
+    F: FnOnce(Bounded) -> Fut,
+    Fut: std::future::Future<Output = (Bounded, Result<T, sqlx::Error>)>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connection = match tokio::time::timeout_at(deadline, pool.acquire()).await {
+        Ok(connection) => connection?,
+        Err(_) => return Err(timed_out(timeout)),
+    };
+    match tokio::time::timeout_at(deadline, work(Bounded(Some(connection)))).await {
+        Ok((connection, result)) => {
+            connection.release();
+            result
+        }
+        Err(_) => Err(timed_out(timeout)),
+    }
+}
+
+/// Runs `$body` in one transaction on a [`bounded`] connection of `$pool`, within `$timeout`:
+/// `$tx` is the transaction (`&mut *$tx` for queries), `?` works inside the body, and the
+/// transaction commits after it. Given up at the timeout, the transaction is never committed by
+/// this side (its connection is closed; the server rolls it back, or had committed it already:
+/// the caller learns which as after a lost connection).
+macro_rules! in_transaction {
+    ($pool:expr, $timeout:expr, |$tx:ident| $body:block) => {
+        $crate::journal::mysql::bounded($pool, $timeout, |mut connection| async move {
+            let result = async {
+                let mut $tx = sqlx::Connection::begin(&mut *connection).await?;
+                let value = $body;
+                $tx.commit().await?;
+                Ok::<_, sqlx::Error>(value)
+            }
+            .await;
+            (connection, result)
+        })
+    };
+}
+pub(crate) use in_transaction;
+
+/// One query's rows on a bounded connection.
+pub(crate) async fn fetch_all_bounded(
+    pool: &MySqlPool,
+    timeout: Duration,
+    query: sqlx::query::Query<'_, MySql, sqlx::mysql::MySqlArguments>,
+) -> Result<Vec<sqlx::mysql::MySqlRow>, sqlx::Error> {
+    bounded(pool, timeout, |mut connection| async move {
+        let rows = query.fetch_all(&mut *connection).await;
+        (connection, rows)
+    })
+    .await
+}
+
 /// Connects a pool (no query is sent yet).
 pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
     let options = MySqlConnectOptions::from_str(&config.url).map_err(|e| JournalError::Io {
@@ -154,9 +281,16 @@ pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
 }
 
 /// Applies the embedded migrations.
-pub async fn migrate(config: &MySqlConfig) -> Result<usize, JournalError> {
+pub async fn migrate(config: &MySqlConfig) -> Result<usize, SchemaError> {
     let pool = connect(config)?;
-    let before = applied_versions(&pool).await.unwrap_or_default().len();
+    let before = match applied_versions(&pool).await {
+        Ok(applied) => applied.len(),
+        Err(error) => match login_refused(&error) {
+            Some(refused) => return Err(SchemaError::Refused(refused)),
+            // No migrations table yet (a fresh database): the migrator makes it.
+            None => 0,
+        },
+    };
     MIGRATOR.run(&pool).await.map_err(|e| JournalError::Io {
         context: "applying migrations".into(),
         message: e.to_string(),
@@ -189,9 +323,26 @@ pub enum SchemaError {
         /// The first unknown version.
         version: i64,
     },
+    /// The database refused the login or the database of `--mysql-url` (wrong user, password or
+    /// database name): the operator must change the URL.
+    #[error("MySQL refused --mysql-url: {0} (check the user, password and database name in the URL; the URL is not shown)")]
+    Refused(String),
     /// The database could not be asked.
     #[error(transparent)]
     Journal(#[from] JournalError),
+}
+
+/// The server's words when `error` is MySQL refusing the login or the database itself (1044
+/// database access denied, 1045 access denied, 1049 unknown database, 1698 access denied for
+/// the authentication plugin): a configuration to change, not an outage to wait out.
+fn login_refused(error: &sqlx::Error) -> Option<String> {
+    let sqlx::Error::Database(database) = error else {
+        return None;
+    };
+    let code = database
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(|m| m.number())?;
+    matches!(code, 1044 | 1045 | 1049 | 1698).then(|| database.message().to_owned())
 }
 
 /// Checks that exactly the embedded migrations are applied.
@@ -199,7 +350,12 @@ pub async fn check_schema(pool: &MySqlPool) -> Result<(), SchemaError> {
     let applied = match applied_versions(pool).await {
         Ok(applied) => applied,
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42S02") => Vec::new(),
-        Err(e) => return Err(db_error("reading the applied migrations", &e).into()),
+        Err(e) => {
+            return Err(match login_refused(&e) {
+                Some(refused) => SchemaError::Refused(refused),
+                None => db_error("reading the applied migrations", &e).into(),
+            })
+        }
     };
     let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
     if let Some(&version) = applied.iter().find(|v| !known.contains(v)) {
@@ -224,6 +380,8 @@ pub struct MySqlJournal {
     shutdown_grace: Duration,
     /// Past this lag the projections count as not ready.
     lag_max: Duration,
+    /// `--mysql-timeout`: reads are bounded by it too.
+    statement_timeout: Duration,
 }
 
 impl MySqlJournal {
@@ -240,6 +398,7 @@ impl MySqlJournal {
             false,
             last_lsn,
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            config.statement_timeout,
         );
         applier.catch_up().await?;
         // Keys past retention go before the load, so that every key the database still holds is
@@ -252,7 +411,11 @@ impl MySqlJournal {
         let pipeline = Arc::new(Pipeline::new(last_lsn + 1, next_event_seq));
         pipeline.follow(follower.start(applier));
         let degraded = Arc::new(AtomicUsize::new(0));
-        let (shutdown_grace, lag_max) = (config.shutdown_grace, config.lag_max);
+        let (shutdown_grace, lag_max, statement_timeout) = (
+            config.shutdown_grace,
+            config.lag_max,
+            config.statement_timeout,
+        );
         let writer = tokio::spawn(run_writer(
             pool.clone(),
             Arc::clone(&pipeline),
@@ -274,6 +437,7 @@ impl MySqlJournal {
                 follower,
                 shutdown_grace,
                 lag_max,
+                statement_timeout,
             },
             state,
         ))
@@ -594,14 +758,30 @@ async fn commit_part(
     };
     let mut outcome = PartOutcome::default();
     if part.len() == 1 {
-        refuse(pool, part[0], &refused, &mut outcome).await;
+        refuse(
+            pool,
+            config.statement_timeout,
+            part[0],
+            &refused,
+            &mut outcome,
+        )
+        .await;
         return Ok(outcome);
     }
     tracing::warn!(error = %refused, records = part.len(), "the database refused a batch; committing its records one by one");
     for &entry in part {
         match commit_with_retries(pool, pipeline, degraded, &[entry], started, config).await? {
             Ok(bytes) => outcome.bytes += bytes,
-            Err(refused) => refuse(pool, entry, &refused, &mut outcome).await,
+            Err(refused) => {
+                refuse(
+                    pool,
+                    config.statement_timeout,
+                    entry,
+                    &refused,
+                    &mut outcome,
+                )
+                .await
+            }
         }
     }
     Ok(outcome)
@@ -610,7 +790,13 @@ async fn commit_part(
 /// A record the database refused fails alone; its lsn is taken by a row saying why
 /// (`journal.refused`, no claims, no projection), written before any later record commits, so
 /// `journal.lsn` stays without a gap. (Its event seqs stay unused: `/v1/events` skips them.)
-async fn refuse(pool: &MySqlPool, entry: &Entry, error: &sqlx::Error, outcome: &mut PartOutcome) {
+async fn refuse(
+    pool: &MySqlPool,
+    timeout: Duration,
+    entry: &Entry,
+    error: &sqlx::Error,
+    outcome: &mut PartOutcome,
+) {
     tracing::error!(lsn = entry.lsn, %error, "the database refused a record; it fails alone");
     let reason: String = format!("refused: {error}").chars().take(1_000).collect();
     outcome.rejected.push((entry.lsn, error.to_string()));
@@ -622,13 +808,12 @@ async fn refuse(pool: &MySqlPool, entry: &Entry, error: &sqlx::Error, outcome: &
         events: &entry.events,
         refused: Some(&reason),
     };
+    let view = &view;
     let mut backoff = Duration::from_millis(10);
     for _ in 0..20 {
-        let written = async {
-            let mut tx = pool.begin().await?;
-            write_log(&mut tx, std::slice::from_ref(&view)).await?;
-            tx.commit().await
-        }
+        let written = in_transaction!(pool, timeout, |tx| {
+            write_log(&mut tx, std::slice::from_ref(view)).await?;
+        })
         .await;
         match written {
             Ok(()) => return,
@@ -661,7 +846,7 @@ async fn commit_with_retries(
     let attempts = async {
         let mut backoff = Duration::from_millis(10);
         loop {
-            let error = match commit_batch(pool, part).await {
+            let error = match commit_batch(pool, config.statement_timeout, part).await {
                 Ok(bytes) => return Ok(Ok(bytes)),
                 Err(error) => error,
             };
@@ -684,7 +869,7 @@ async fn commit_with_retries(
             // committed batch runs into its own rows (duplicate lsn) and fails records that are
             // in the journal.
             loop {
-                match batch_is_committed(pool, part[0].lsn).await {
+                match batch_is_committed(pool, config.statement_timeout, part[0].lsn).await {
                     Ok(true) => return Ok(Ok(0)),
                     Ok(false) => break,
                     Err(error) => {
@@ -726,17 +911,26 @@ pub(crate) async fn close_pool(pool: &MySqlPool) {
     }
 }
 
-async fn batch_is_committed(pool: &MySqlPool, lsn: u64) -> Result<bool, sqlx::Error> {
-    let row = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ?")
-        .bind(lsn as i64)
-        .fetch_one(pool)
-        .await?;
-    Ok(row.try_get::<i64, _>(0)? > 0)
+async fn batch_is_committed(
+    pool: &MySqlPool,
+    timeout: Duration,
+    lsn: u64,
+) -> Result<bool, sqlx::Error> {
+    let query = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ?").bind(lsn as i64);
+    let rows = fetch_all_bounded(pool, timeout, query).await?;
+    match rows.first() {
+        Some(row) => Ok(row.try_get::<i64, _>(0)? > 0),
+        None => Ok(false),
+    }
 }
 
 /// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records
 /// written.
-async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::Error> {
+async fn commit_batch(
+    pool: &MySqlPool,
+    timeout: Duration,
+    batch: &[&Entry],
+) -> Result<u64, sqlx::Error> {
     let views: Vec<View<'_>> = batch
         .iter()
         .map(|entry| View {
@@ -748,10 +942,7 @@ async fn commit_batch(pool: &MySqlPool, batch: &[&Entry]) -> Result<u64, sqlx::E
             refused: None,
         })
         .collect();
-    let mut tx = pool.begin().await?;
-    let bytes = write_log(&mut tx, &views).await?;
-    tx.commit().await?;
-    Ok(bytes)
+    in_transaction!(pool, timeout, |tx| { write_log(&mut tx, &views).await? }).await
 }
 
 /// Removes the answers older than `cutoff_ms` and releases their keys' claims (only the claim of
@@ -782,6 +973,7 @@ pub(crate) async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u6
 /// applied: unavailable (lag), never "no such order".
 pub(crate) async fn read_order(
     pool: &MySqlPool,
+    timeout: Duration,
     lag: &Lag,
     order_id: &OrderId,
 ) -> Result<Option<Order>, JournalError> {
@@ -789,17 +981,34 @@ pub(crate) async fn read_order(
     // What the projections held before the order was looked for: an applier run committing
     // between the two reads below must not turn "not applied yet" into "no such order".
     let applied = lag.applied_lsn();
-    let Some(row) = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
-        .bind(order_id.as_str())
-        .fetch_optional(pool)
-        .await
-        .map_err(unavailable)?
-    else {
-        let claimed = sqlx::query("SELECT lsn FROM journal WHERE order_id = ?")
+    let (row, claimed, lines) = bounded(pool, timeout, |mut connection| async move {
+        let read = async {
+            let row = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
+                .bind(order_id.as_str())
+                .fetch_optional(&mut *connection)
+                .await?;
+            if row.is_none() {
+                let claimed = sqlx::query("SELECT lsn FROM journal WHERE order_id = ?")
+                    .bind(order_id.as_str())
+                    .fetch_optional(&mut *connection)
+                    .await?;
+                return Ok((None, claimed, Vec::new()));
+            }
+            let lines = sqlx::query(
+                "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
+                 WHERE order_id = ? ORDER BY line",
+            )
             .bind(order_id.as_str())
-            .fetch_optional(pool)
-            .await
-            .map_err(unavailable)?;
+            .fetch_all(&mut *connection)
+            .await?;
+            Ok((row, None, lines))
+        }
+        .await;
+        (connection, read)
+    })
+    .await
+    .map_err(unavailable)?;
+    let Some(row) = row else {
         if let Some(claim) = claimed {
             let lsn: i64 = claim.try_get(0).map_err(unavailable)?;
             if lsn as u64 > applied {
@@ -812,15 +1021,7 @@ pub(crate) async fn read_order(
         return Ok(None);
     };
     let mut items = Vec::new();
-    for line in sqlx::query(
-        "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
-         WHERE order_id = ? ORDER BY line",
-    )
-    .bind(order_id.as_str())
-    .fetch_all(pool)
-    .await
-    .map_err(unavailable)?
-    {
+    for line in lines {
         items.push(item_from_row(&line)?.1);
     }
     order_from_row(&row, items).map(Some)
@@ -833,7 +1034,9 @@ impl Journal for MySqlJournal {
 
     fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
         let order_id = order_id.clone();
-        Box::pin(async move { read_order(&self.pool, self.lag(), &order_id).await })
+        Box::pin(async move {
+            read_order(&self.pool, self.statement_timeout, self.lag(), &order_id).await
+        })
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
@@ -861,17 +1064,17 @@ impl Journal for MySqlJournal {
             let read = |e: sqlx::Error| db_error("reading the outbox", &e);
             // The buyer and the lines come from the order (they never change after it is
             // placed), so the outbox row stays small.
-            let rows = sqlx::query(
+            let query = sqlx::query(
                 "SELECT x.seq, x.type, x.order_id, x.at_ms, x.total_cents, x.currency, o.customer_id \
                  FROM outbox x LEFT JOIN orders o ON o.order_id = x.order_id \
                  WHERE x.seq > ? AND x.seq <= ? ORDER BY x.seq LIMIT ?",
             )
             .bind(after_seq as i64)
             .bind(self.follower.lag.applied_seq() as i64)
-            .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+            .bind(limit as i64);
+            let rows = fetch_all_bounded(&self.pool, self.statement_timeout, query)
+                .await
+                .map_err(|e| JournalError::Unavailable(e.to_string()))?;
             let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
             if !rows.is_empty() {
                 let mut q = sqlx::QueryBuilder::<sqlx::MySql>::new(
@@ -882,7 +1085,10 @@ impl Journal for MySqlJournal {
                     ids.push_bind(text(row, 2).map_err(read)?);
                 }
                 q.push(") ORDER BY order_id, line");
-                for line in q.build().fetch_all(&self.pool).await.map_err(read)? {
+                let lines = fetch_all_bounded(&self.pool, self.statement_timeout, q.build())
+                    .await
+                    .map_err(read)?;
+                for line in lines {
                     let (order_id, item) = item_from_row(&line)?;
                     items.entry(order_id).or_default().push(item);
                 }
@@ -936,11 +1142,11 @@ impl Journal for MySqlJournal {
         Box::pin(async move {
             self.health()?;
             // No write may be under way to notice an outage: ask the database itself.
-            let ping = sqlx::query("SELECT 1").fetch_one(&self.pool);
-            match tokio::time::timeout(Duration::from_secs(1), ping).await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(error)) => Err(JournalError::Unavailable(error.to_string())),
-                Err(_) => Err(JournalError::Unavailable("no answer within 1 s".into())),
+            let ping = sqlx::query("SELECT 1");
+            let timeout = self.statement_timeout.min(Duration::from_secs(1));
+            match fetch_all_bounded(&self.pool, timeout, ping).await {
+                Ok(_) => Ok(()),
+                Err(error) => Err(JournalError::Unavailable(error.to_string())),
             }
         })
     }

@@ -33,7 +33,7 @@
 //! the skipped record's log row is kept (write-behind writes it without its claims), its
 //! projection is not written.
 
-use super::{is_transient, retry_reason, StableChunks};
+use super::{fetch_all_bounded, in_transaction, is_transient, retry_reason, StableChunks};
 use crate::domain::{IdempotencyKey, OrderId, Sku};
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
 use crate::engine::records::{Event, Product, Record, SettledPayment, StoredAnswer};
@@ -720,6 +720,8 @@ pub(crate) struct Applier {
     /// Set at shutdown: apply what is handed, then stop.
     pub closing: Arc<AtomicBool>,
     pub wake: Arc<Notify>,
+    /// How long one transaction may take (`--mysql-timeout`).
+    pub timeout: Duration,
 }
 
 /// How one transaction of the applier ended.
@@ -734,12 +736,13 @@ impl Applier {
     async fn read_cursor(&self) -> Option<(u64, u64)> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            match sqlx::query(
+            let query = sqlx::query(
                 "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables'",
-            )
-            .fetch_one(&self.pool)
-            .await
-            {
+            );
+            let read = fetch_all_bounded(&self.pool, self.timeout, query)
+                .await
+                .and_then(|rows| rows.into_iter().next().ok_or(sqlx::Error::RowNotFound));
+            match read {
                 Ok(row) => {
                     let lsn: i64 = row.try_get(0).unwrap_or(0);
                     let seq: i64 = row.try_get(1).unwrap_or(0);
@@ -1012,50 +1015,60 @@ impl Applier {
         }
     }
 
-    /// One transaction: cursor read under lock, the records after it, the cursor moved.
+    /// One transaction: cursor read under lock, the records after it, the cursor moved; bounded
+    /// by `--mysql-timeout` (a silent network ends in a transient error, retried, not a hang).
     async fn apply_once(&self, run: &[Committed], skipped: &[u64]) -> Result<(), sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query(
-            "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables' FOR UPDATE",
-        )
-        .fetch_one(&mut *tx)
+        let ship = self.ship;
+        let moved = in_transaction!(&self.pool, self.timeout, |tx| {
+            let row = sqlx::query(
+                "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables' FOR UPDATE",
+            )
+            .fetch_one(&mut *tx)
+            .await?;
+            let applied: i64 = row.try_get(0)?;
+            let applied_seq: i64 = row.try_get(1)?;
+            let views: Vec<View<'_>> = run
+                .iter()
+                .filter(|c| c.lsn as i64 > applied)
+                .map(|c| View::of(c, skipped.contains(&c.lsn).then_some(SKIPPED)))
+                .collect();
+            // Applied already (a replay): nothing to write; the commit ends the empty
+            // transaction.
+            match views.last().map(|v| v.lsn) {
+                None => (applied as u64, applied_seq as u64, 0),
+                Some(last) => {
+                    let last_seq = views
+                        .iter()
+                        .flat_map(|v| v.events.iter().map(|e| e.seq))
+                        .max()
+                        .unwrap_or(0)
+                        .max(applied_seq as u64);
+                    if ship {
+                        write_log(&mut tx, &views).await?;
+                    }
+                    project(&mut tx, &views).await?;
+                    sqlx::query(
+                        "UPDATE projection_cursor SET applied_lsn = ?, applied_seq = ? WHERE name = 'tables'",
+                    )
+                    .bind(last as i64)
+                    .bind(last_seq as i64)
+                    .execute(&mut *tx)
+                    .await?;
+                    (last, last_seq, views.len())
+                }
+            }
+        })
         .await?;
-        let applied: i64 = row.try_get(0)?;
-        let applied_seq: i64 = row.try_get(1)?;
-        let views: Vec<View<'_>> = run
-            .iter()
-            .filter(|c| c.lsn as i64 > applied)
-            .map(|c| View::of(c, skipped.contains(&c.lsn).then_some(SKIPPED)))
-            .collect();
-        let Some(last) = views.last().map(|v| v.lsn) else {
-            // Applied already (a replay): nothing to write.
-            tx.rollback().await?;
-            self.lag.set_applied(applied as u64, applied_seq as u64);
+        let (last, last_seq, records) = moved;
+        if records == 0 {
+            self.lag.set_applied(last, last_seq);
             return Ok(());
-        };
-        let last_seq = views
-            .iter()
-            .flat_map(|v| v.events.iter().map(|e| e.seq))
-            .max()
-            .unwrap_or(0)
-            .max(applied_seq as u64);
-        if self.ship {
-            write_log(&mut tx, &views).await?;
         }
-        project(&mut tx, &views).await?;
-        sqlx::query(
-            "UPDATE projection_cursor SET applied_lsn = ?, applied_seq = ? WHERE name = 'tables'",
-        )
-        .bind(last as i64)
-        .bind(last_seq as i64)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
         let oldest = self.lag.seconds();
         self.lag.batches.fetch_add(1, Ordering::Relaxed);
         self.lag
             .records
-            .fetch_add(views.len() as u64, Ordering::Relaxed);
+            .fetch_add(records as u64, Ordering::Relaxed);
         self.lag.lag_at_apply.record(oldest);
         self.lag.set_applied(last, last_seq);
         Ok(())
@@ -1078,6 +1091,7 @@ impl Follower {
         ship: bool,
         committed_lsn: u64,
         applied_lsn: Arc<AtomicU64>,
+        timeout: Duration,
     ) -> (Self, Applier) {
         let lag = Arc::new(Lag::new(committed_lsn, applied_lsn));
         // Records durable before anything is handed (start-up) are at least this old.
@@ -1091,6 +1105,7 @@ impl Follower {
             ship,
             closing: Arc::clone(&closing),
             wake: Arc::clone(&wake),
+            timeout,
         };
         (
             Self {

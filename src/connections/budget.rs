@@ -1,0 +1,284 @@
+//! The bytes of answers not yet sent, bounded across all connections.
+//!
+//! A client decides how fast an answer leaves: one that never reads (HTTP/1), or never opens its
+//! HTTP/2 flow-control window, keeps the answer's bytes in the server, and a few connections
+//! asking for large answers (`GET /v1/events?limit=1000`, ~0.3 MB) on many streams could make the
+//! server hold gigabytes. So every answer's body is counted from the moment its handler returns
+//! it until its last byte has been handed to the socket:
+//!
+//! - [`ResponseBudget`] holds at most `--response-bytes-max` bytes of unsent answers (split
+//!   evenly across the per-core slots, so a request writes only its own core's counter). An
+//!   answer that does not fit is replaced by `503 overloaded` with `Retry-After` (a small body,
+//!   counted but never refused), and counted (`turnstile_responses_refused_total`).
+//! - [`CountedBody`] hands the body out in chunks of at most [`CHUNK_BYTES`], each a `Bytes`
+//!   whose owner gives its bytes back when the last reference goes: when hyper (or HTTP/2's send
+//!   buffer) has written it to the socket, or dropped it with a reset stream or a closed
+//!   connection. The part not handed out yet is held by the body's own reservation. So the count
+//!   is exact wherever the bytes wait, and memory for unsent answers stays below the bound plus
+//!   the 503 bodies.
+//! - Each chunk also tells its connection's [`Activity`] when it left, so the accept loop can close
+//!   a connection whose answers have made no progress for the slow-client timeout (`serve_one`).
+
+use super::activity::Activity;
+use crate::sync::PerCore;
+use axum::body::Bytes;
+use hyper::body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+/// The most bytes handed to hyper at once: one HTTP/2 DATA frame at its default size. A chunk is
+/// counted until written, so the part of an answer waiting in HTTP/2's send buffer is at most
+/// this per stream beyond what the window allowed, and a client that opens its window by a byte
+/// at a time moves at most this much per step.
+pub const CHUNK_BYTES: usize = 16 * 1024;
+
+/// The bytes of unsent answers, at most `max` across all connections.
+#[derive(Debug)]
+pub struct ResponseBudget {
+    /// Bytes held per slot (a thread's core slot, `crate::sync`).
+    held: PerCore<AtomicUsize>,
+    /// Each slot's share of the bound.
+    slot_max: usize,
+    /// The bound, as configured.
+    max: usize,
+    /// Answers replaced by `503 overloaded` because they did not fit.
+    refused: AtomicU64,
+}
+
+impl ResponseBudget {
+    /// A budget of `max` bytes for the life of the process (the connections and `/metrics` share
+    /// it; a `'static` reference keeps a shared reference count off the request path).
+    pub fn leak(max: usize) -> &'static Self {
+        let held = PerCore::<AtomicUsize>::default();
+        let slots = held.iter().count().max(1);
+        Box::leak(Box::new(Self {
+            held,
+            slot_max: (max / slots).max(CHUNK_BYTES),
+            max,
+            refused: AtomicU64::new(0),
+        }))
+    }
+
+    /// Bytes of answers not yet sent, across all connections.
+    pub fn unsent(&self) -> usize {
+        self.held.iter().map(|h| h.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The bound.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Answers refused so far for want of room.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
+    }
+
+    /// Takes `bytes` from this core's share; `force` takes them past the bound (the small answers
+    /// that say there was no room). `None`: no room.
+    pub(super) fn reserve(
+        &'static self,
+        bytes: usize,
+        activity: &Arc<Activity>,
+        force: bool,
+    ) -> Option<Held> {
+        let slot = self.held.local_index();
+        let held = self.held.at(slot);
+        let before = held.fetch_add(bytes, Ordering::AcqRel);
+        if !force && before + bytes > self.slot_max {
+            held.fetch_sub(bytes, Ordering::AcqRel);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        activity.unsent_added(bytes);
+        Some(Held {
+            budget: self,
+            slot,
+            bytes,
+            activity: Arc::clone(activity),
+        })
+    }
+}
+
+/// Bytes of one answer counted against the budget and its connection; given back when dropped.
+pub(super) struct Held {
+    budget: &'static ResponseBudget,
+    slot: usize,
+    bytes: usize,
+    activity: Arc<Activity>,
+}
+
+impl Held {
+    /// Moves `bytes` of this reservation into a new one (for a chunk handed out).
+    fn split(&mut self, bytes: usize) -> Held {
+        let bytes = bytes.min(self.bytes);
+        self.bytes -= bytes;
+        Held {
+            budget: self.budget,
+            slot: self.slot,
+            bytes,
+            activity: Arc::clone(&self.activity),
+        }
+    }
+
+    /// Counts `bytes` more (a body longer than its size hint said), past the bound if need be:
+    /// the answer is already under way.
+    fn grow(&mut self, bytes: usize) {
+        self.budget
+            .held
+            .at(self.slot)
+            .fetch_add(bytes, Ordering::AcqRel);
+        self.activity.unsent_added(bytes);
+        self.bytes += bytes;
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget
+                .held
+                .at(self.slot)
+                .fetch_sub(self.bytes, Ordering::AcqRel);
+            self.activity.unsent_sent(self.bytes);
+        }
+    }
+}
+
+/// A chunk handed to hyper: its bytes, and their place in the budget until it is dropped.
+struct Chunk {
+    data: Bytes,
+    _held: Held,
+}
+
+impl AsRef<[u8]> for Chunk {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
+/// An answer's body, counted against the budget until every byte has left (see the module).
+pub(super) struct CountedBody {
+    /// axum's body (boxed, so `Unpin`).
+    inner: axum::body::Body,
+    /// Data taken from `inner` and not handed out yet.
+    pending: Bytes,
+    /// The bytes of `pending` and of what `inner` still holds.
+    held: Held,
+}
+
+impl CountedBody {
+    /// `inner`, counted under `held` (its whole size, as far as its size hint tells).
+    pub(super) fn new(inner: axum::body::Body, held: Held) -> Self {
+        Self {
+            inner,
+            pending: Bytes::new(),
+            held,
+        }
+    }
+}
+
+/// The bytes an answer's body will hand out, as far as it says before it is read.
+pub(super) fn expected_bytes(body: &axum::body::Body) -> usize {
+    let hint = body.size_hint();
+    let bytes = hint.exact().unwrap_or_else(|| hint.lower());
+    usize::try_from(bytes).unwrap_or(usize::MAX)
+}
+
+impl Body for CountedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, axum::Error>>> {
+        let this = self.get_mut();
+        loop {
+            if !this.pending.is_empty() {
+                let take = this.pending.len().min(CHUNK_BYTES);
+                let data = this.pending.split_to(take);
+                let held = this.held.split(take);
+                let chunk = Bytes::from_owner(Chunk { data, _held: held });
+                return Poll::Ready(Some(Ok(Frame::data(chunk))));
+            }
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        if data.len() > this.held.bytes {
+                            this.held.grow(data.len() - this.held.bytes);
+                        }
+                        this.pending = data;
+                    }
+                    Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                },
+                other => return other,
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.pending.is_empty() && self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let mut hint = self.inner.size_hint();
+        let pending = self.pending.len() as u64;
+        // The upper bound first: a lower bound is never set above the upper one.
+        if let Some(upper) = hint.upper() {
+            hint.set_upper(upper + pending);
+        }
+        hint.set_lower(hint.lower() + pending);
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn every_byte_is_counted_until_its_chunk_is_dropped_and_past_the_bound_none_is_taken() {
+        // Proves: an answer's bytes stay counted (in the budget and on its connection) until the
+        // chunk holding them is dropped, wherever they wait; chunks are at most CHUNK_BYTES;
+        // past the bound a reservation is refused (and counted), a forced one is not.
+        let budget = ResponseBudget::leak(1 << 20);
+        let activity = Activity::new();
+        let body = axum::body::Body::from(vec![7u8; 40_000]);
+        let held = budget
+            .reserve(expected_bytes(&body), &activity, false)
+            .expect("room");
+        assert_eq!(budget.unsent(), 40_000);
+        let mut counted = CountedBody::new(body, held);
+        let mut chunks = Vec::new();
+        while let Some(frame) = counted.frame().await {
+            let data = frame.expect("frame").into_data().expect("data");
+            assert!(data.len() <= CHUNK_BYTES);
+            chunks.push(data);
+        }
+        drop(counted);
+        assert_eq!(chunks.iter().map(Bytes::len).sum::<usize>(), 40_000);
+        assert_eq!(budget.unsent(), 40_000, "handed out is not sent");
+        assert!(activity.stalled_for().is_some());
+        let last = chunks.pop().expect("a chunk");
+        drop(chunks);
+        assert_eq!(budget.unsent(), last.len());
+        drop(last);
+        assert_eq!(budget.unsent(), 0);
+        assert!(activity.stalled_for().is_none());
+
+        let slot_max = budget.slot_max;
+        let big = budget
+            .reserve(slot_max, &activity, false)
+            .expect("a slot's share");
+        assert!(budget.reserve(1, &activity, false).is_none());
+        assert_eq!(budget.refused(), 1);
+        let forced = budget.reserve(100, &activity, true).expect("forced");
+        assert_eq!(budget.unsent(), slot_max + 100);
+        drop((big, forced));
+        assert_eq!(budget.unsent(), 0);
+    }
+}

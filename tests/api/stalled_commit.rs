@@ -1,0 +1,163 @@
+//! A commit never outlives its key's lock: with MySQL behind a network that goes silent (a TCP
+//! proxy the test controls stops forwarding, connections stay open), a checkout whose outcome is
+//! unknown keeps its key locked in Redis for as long as it stays unknown, so another node sharing
+//! Redis answers `409 idempotency_key_in_use` instead of placing the same key again; once the
+//! database answers, both nodes replay the one order. In write-behind the wait for MySQL to catch
+//! up is bounded: the checkout is not journaled and says so, and the key is free at once.
+
+use crate::helpers::{
+    eventually, metric, spawn_app, Client, StallProxy, TestApp, TestDatabase, TestRedis,
+    MARIADB_ADDR,
+};
+use serde_json::json;
+use std::time::Duration;
+
+/// Timeouts short enough for a lock of 3 s: a Redis call, an authorisation and a commit together
+/// stay under it.
+const SHORT: [&str; 10] = [
+    "--redis-timeout",
+    "300ms",
+    "--gateway-timeout",
+    "500ms",
+    "--journal-timeout",
+    "1s",
+    "--redis-lock-ttl",
+    "3s",
+    "--mysql-timeout",
+    "1s",
+];
+
+fn start(redis: &TestRedis, extra: &[String]) -> TestApp {
+    let mut args = redis.args();
+    args.extend(SHORT.iter().map(|s| s.to_string()));
+    args.extend(extra.iter().cloned());
+    spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
+/// One unit of `S` under `key`: the status, the body as JSON, whether it was a replay.
+async fn checkout(client: &mut Client, key: &str) -> (u16, serde_json::Value, bool) {
+    let body = json!({"items": [{"sku": "S", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, text, replayed) = crate::sessions::checkout(client, key, &body).await;
+    let body = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, body, replayed)
+}
+
+/// `database`'s URL with MariaDB's address replaced by the proxy's.
+fn through(proxy: &StallProxy, database: &TestDatabase) -> String {
+    database.url.replace(MARIADB_ADDR, &proxy.addr.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_stalled_on_mysql_keeps_its_key_locked_until_its_outcome_is_known() {
+    let database = TestDatabase::create().await;
+    let proxy = StallProxy::start(MARIADB_ADDR.parse().expect("address")).await;
+    let redis = TestRedis::create("stalled-commit").await;
+    let a = start(&redis, &["--mysql-url".into(), through(&proxy, &database)]);
+    let b = start(&redis, &[]);
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("S", 100, 10).await.status, 200);
+    }
+
+    proxy.stall(true);
+    let (status, body, _) = checkout(&mut on_a, "stalled").await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["outcome"], "unknown", "{body}");
+    // Past twice the lock's TTL (renewed every third of it), the key is still A's.
+    let renewals = metric(&mut on_a, "turnstile_redis_lock_renewals_total").await;
+    eventually(
+        "node A to renew the lock past twice its TTL",
+        Duration::from_secs(30),
+        async || metric(&mut on_a, "turnstile_redis_lock_renewals_total").await >= renewals + 6.0,
+    )
+    .await;
+    let (status, body, _) = checkout(&mut on_b, "stalled").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("idempotency_key_in_use")),
+        "another node must not place a key whose commit may still land: {body}"
+    );
+
+    proxy.stall(false);
+    let mut first = serde_json::Value::Null;
+    eventually(
+        "node A to learn the outcome and replay it",
+        Duration::from_secs(30),
+        async || {
+            let (status, body, replayed) = checkout(&mut on_a, "stalled").await;
+            assert!(status != 201 || replayed, "a second order on A: {body}");
+            first = body;
+            status == 201
+        },
+    )
+    .await;
+    redis.wait_answer("stalled", Duration::from_secs(10)).await;
+    let (status, again, replayed) = checkout(&mut on_b, "stalled").await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, first, "B replays A's answer: one order");
+    assert_eq!(on_a.stock("S").await.3 + on_b.stock("S").await.3, 1);
+    assert_eq!(
+        metric(&mut on_a, "turnstile_redis_locks_lost_total").await,
+        0.0
+    );
+    redis.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_write_behind_a_checkout_waiting_for_a_stalled_mysql_gives_up_and_frees_its_key() {
+    let database = TestDatabase::create().await;
+    let proxy = StallProxy::start(MARIADB_ADDR.parse().expect("address")).await;
+    let redis = TestRedis::create("stalled-behind").await;
+    let extra = [
+        "--mysql-url".to_owned(),
+        through(&proxy, &database),
+        "--mysql-write-behind".into(),
+        "--mysql-lag-max".into(),
+        "1s".into(),
+    ];
+    let a = start(&redis, &extra);
+    let b = start(&redis, &[]);
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("S", 100, 10).await.status, 200);
+    }
+
+    proxy.stall(true);
+    // The embedded journal acknowledges; MySQL falls behind past --mysql-lag-max.
+    let (status, body, _) = checkout(&mut on_a, "before").await;
+    assert_eq!(status, 201, "{body}");
+    eventually(
+        "MySQL to fall past --mysql-lag-max",
+        Duration::from_secs(30),
+        async || on_a.get("/readyz").await.status == 503,
+    )
+    .await;
+    let (status, body, _) = checkout(&mut on_a, "waiting").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (503, Some("journal_unavailable")),
+        "{body}"
+    );
+    assert!(
+        body.get("outcome").is_none(),
+        "the wait is given up before the request's timeout: nothing changed, and it says so: {body}"
+    );
+    // The key is free: the other node places it.
+    let (status, placed, replayed) = checkout(&mut on_b, "waiting").await;
+    assert_eq!((status, replayed), (201, false), "{placed}");
+
+    proxy.stall(false);
+    redis.wait_answer("waiting", Duration::from_secs(10)).await;
+    let (status, again, replayed) = checkout(&mut on_a, "waiting").await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, placed, "A replays B's order: one order for the key");
+    assert_eq!(on_a.stock("S").await.3, 1, "A sold only the first order");
+    assert_eq!(on_b.stock("S").await.3, 1);
+    eventually(
+        "MySQL to catch up once the network is back",
+        Duration::from_secs(30),
+        async || on_a.get("/readyz").await.status == 200,
+    )
+    .await;
+    redis.delete().await;
+}
