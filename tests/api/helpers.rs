@@ -987,11 +987,23 @@ impl Drop for PrivateRedis {
 /// A TCP proxy the test controls, in front of a real server (MariaDB, say): while stalled it
 /// keeps every connection open and forwards nothing either way, and takes new connections without
 /// connecting them onward, as a network that went silent does (no reset, no error); resumed, it
-/// forwards again what waited.
+/// forwards again what waited. [`StallProxy::abandon_open_connections`] leaves the connections
+/// open now silent for ever (a peer that vanished without a reset), while new ones flow.
 pub struct StallProxy {
     pub addr: SocketAddr,
-    stalled: tokio::sync::watch::Sender<bool>,
+    state: tokio::sync::watch::Sender<ProxyState>,
     task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct ProxyState {
+    stalled: bool,
+    /// Stall as soon as a client sends a `COMMIT` (before it is forwarded).
+    stall_at_commit: bool,
+    /// Connections numbered below this are never forwarded again.
+    dead_below: u64,
+    /// The next connection's number.
+    next: u64,
 }
 
 impl StallProxy {
@@ -1000,55 +1012,90 @@ impl StallProxy {
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("address");
-        let (stalled, watch) = tokio::sync::watch::channel(false);
+        let (state, watch) = tokio::sync::watch::channel(ProxyState::default());
+        let numbers = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((inbound, _)) = listener.accept().await {
+                let mut number = 0;
+                numbers.send_modify(|state| {
+                    number = state.next;
+                    state.next += 1;
+                });
+                let flowing =
+                    move |state: &ProxyState| !state.stalled && number >= state.dead_below;
                 let mut watch = watch.clone();
+                let numbers = numbers.clone();
                 tokio::spawn(async move {
-                    if watch.wait_for(|stalled| !*stalled).await.is_err() {
+                    if watch.wait_for(flowing).await.is_err() {
                         return;
                     }
                     let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
                         return;
                     };
-                    let (from_client, to_client) = inbound.into_split();
-                    let (from_server, to_server) = outbound.into_split();
-                    tokio::join!(
-                        pump(from_client, to_server, watch.clone()),
-                        pump(from_server, to_client, watch),
-                    );
+                    let (mut from_client, mut to_client) = inbound.into_split();
+                    let (mut from_server, mut to_server) = outbound.into_split();
+                    let dead = move |state: &ProxyState| number < state.dead_below;
+                    let mut abandoned = watch.clone();
+                    tokio::select! {
+                        _ = async {
+                            tokio::join!(
+                                pump(&mut from_client, &mut to_server, watch.clone(), flowing, Some(&numbers)),
+                                pump(&mut from_server, &mut to_client, watch.clone(), flowing, None),
+                            )
+                        } => return,
+                        _ = abandoned.wait_for(dead) => {}
+                    }
+                    // Abandoned: the server sees its client gone (it rolls back what was not
+                    // committed); the client's side stays open and silent until the proxy goes.
+                    drop((from_server, to_server));
+                    let _ = abandoned.wait_for(|_| false).await;
+                    drop((from_client, to_client));
                 });
             }
         });
-        Self {
-            addr,
-            stalled,
-            task,
-        }
+        Self { addr, state, task }
     }
 
     /// Stops (`true`) or resumes (`false`) forwarding.
     pub fn stall(&self, stalled: bool) {
-        let _ = self.stalled.send(stalled);
+        self.state.send_modify(|state| state.stalled = stalled);
+    }
+
+    /// From the next `COMMIT` a client sends on, the proxy is stalled (that `COMMIT` is not
+    /// forwarded until it is resumed): a network that goes silent exactly while a commit is on
+    /// its way.
+    pub fn stall_at_commit(&self) {
+        self.state.send_modify(|state| state.stall_at_commit = true);
+    }
+
+    /// The connections open now are cut from the server (which sees its client gone) and left open
+    /// and silent for ever towards their client, as a peer that vanished without a reset; new
+    /// ones are forwarded (once the proxy is not stalled).
+    pub fn abandon_open_connections(&self) {
+        self.state
+            .send_modify(|state| state.dead_below = state.next);
     }
 }
 
-/// Copies `from` to `to`, reading only while the proxy is not stalled.
+/// Copies `from` to `to`, reading only while `flowing` says so; from a client (`control` given), a
+/// `COMMIT` may stall the proxy first.
 async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut stalled: tokio::sync::watch::Receiver<bool>,
+    from: &mut tokio::net::tcp::OwnedReadHalf,
+    to: &mut tokio::net::tcp::OwnedWriteHalf,
+    mut state: tokio::sync::watch::Receiver<ProxyState>,
+    flowing: impl Fn(&ProxyState) -> bool + Copy,
+    control: Option<&tokio::sync::watch::Sender<ProxyState>>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
-        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+        if state.wait_for(flowing).await.is_err() {
             return;
         }
         let read = tokio::select! {
             read = from.read(&mut buffer) => read,
-            // Stalled while waiting to read: stop reading until resumed.
-            _ = stalled.wait_for(|stalled| *stalled) => continue,
+            // Stopped while waiting to read: stop reading until it flows again.
+            _ = state.wait_for(|s| !flowing(s)) => continue,
         };
         let n = match read {
             Ok(0) | Err(_) => {
@@ -1057,8 +1104,19 @@ async fn pump(
             }
             Ok(n) => n,
         };
-        // What was read before a stall is held until it ends.
-        if stalled.wait_for(|stalled| !*stalled).await.is_err() {
+        if let Some(control) = control {
+            let commit = buffer[..n]
+                .windows(6)
+                .any(|w| w.eq_ignore_ascii_case(b"COMMIT"));
+            if commit && state.borrow().stall_at_commit {
+                control.send_modify(|state| {
+                    state.stalled = true;
+                    state.stall_at_commit = false;
+                });
+            }
+        }
+        // What was read before a stop is held until it flows again.
+        if state.wait_for(flowing).await.is_err() {
             return;
         }
         if to.write_all(&buffer[..n]).await.is_err() {
