@@ -1,4 +1,4 @@
-//! The HTTP API of `../shared/API.md`: routes, body parsing with exact validation, and the one
+//! The HTTP API of `docs/API.md`: routes, body parsing with exact validation, and the one
 //! mapping from errors to the JSON error shape.
 
 mod admin;
