@@ -92,19 +92,6 @@ impl<T> PerCore<T> {
     pub fn iter(&self) -> impl Iterator<Item = &T> {
         self.slots.iter().map(|slot| &slot.0)
     }
-
-    /// The calling thread's slot number here (for a value that must later go back to the same
-    /// copy, from whichever thread).
-    #[inline]
-    pub fn local_index(&self) -> usize {
-        thread_slot() % self.slots.len()
-    }
-
-    /// The copy of slot `index` (as [`Self::local_index`] gave it).
-    #[inline]
-    pub fn at(&self, index: usize) -> &T {
-        &self.slots[index % self.slots.len()].0
-    }
 }
 
 impl<T: Default> Default for PerCore<T> {

@@ -6,10 +6,12 @@
 //! server hold gigabytes. So every answer's body is counted from the moment its handler returns
 //! it until its last byte has been handed to the socket:
 //!
-//! - [`ResponseBudget`] holds at most `--response-bytes-max` bytes of unsent answers (split
-//!   evenly across the per-core slots, so a request writes only its own core's counter). An
-//!   answer that does not fit is replaced by `503 overloaded` with `Retry-After` (a small body,
-//!   counted but never refused), and counted (`turnstile_responses_refused_total`).
+//! - [`ResponseBudget`] holds at most `--response-bytes-max` bytes of unsent answers, in one
+//!   counter for all cores: the bound is exact whatever an answer's size (a page of 1,000 events
+//!   of 100-line orders runs to megabytes), which shares split per core could not promise. It
+//!   costs an atomic add per answer and a subtract per chunk on one shared cache line. An answer
+//!   that does not fit is replaced by `503 overloaded` with `Retry-After` (a small body, counted
+//!   but never refused), and counted (`turnstile_responses_refused_total`).
 //! - [`CountedBody`] hands the body out in chunks of at most [`CHUNK_BYTES`], each a `Bytes`
 //!   whose owner gives its bytes back when the last reference goes: when hyper (or HTTP/2's send
 //!   buffer) has written it to the socket, or dropped it with a reset stream or a closed
@@ -20,7 +22,6 @@
 //!   a connection whose answers have made no progress for the slow-client timeout (`serve_one`).
 
 use super::activity::Activity;
-use crate::sync::PerCore;
 use axum::body::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
@@ -37,25 +38,26 @@ pub const CHUNK_BYTES: usize = 16 * 1024;
 /// The bytes of unsent answers, at most `max` across all connections.
 #[derive(Debug)]
 pub struct ResponseBudget {
-    /// Bytes held per slot (a thread's core slot, `crate::sync`).
-    held: PerCore<AtomicUsize>,
-    /// Each slot's share of the bound.
-    slot_max: usize,
+    /// Bytes held, on cache lines of their own.
+    held: Padded,
     /// The bound, as configured.
     max: usize,
     /// Answers replaced by `503 overloaded` because they did not fit.
     refused: AtomicU64,
 }
 
+/// An atomic on two cache lines of its own (the adjacent-line prefetcher pulls pairs), so the
+/// counters beside it are not written by every answer.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct Padded(AtomicUsize);
+
 impl ResponseBudget {
     /// A budget of `max` bytes for the life of the process (the connections and `/metrics` share
     /// it; a `'static` reference keeps a shared reference count off the request path).
     pub fn leak(max: usize) -> &'static Self {
-        let held = PerCore::<AtomicUsize>::default();
-        let slots = held.iter().count().max(1);
         Box::leak(Box::new(Self {
-            held,
-            slot_max: (max / slots).max(CHUNK_BYTES),
+            held: Padded::default(),
             max,
             refused: AtomicU64::new(0),
         }))
@@ -63,7 +65,7 @@ impl ResponseBudget {
 
     /// Bytes of answers not yet sent, across all connections.
     pub fn unsent(&self) -> usize {
-        self.held.iter().map(|h| h.load(Ordering::Relaxed)).sum()
+        self.held.0.load(Ordering::Relaxed)
     }
 
     /// The bound.
@@ -76,26 +78,24 @@ impl ResponseBudget {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Takes `bytes` from this core's share; `force` takes them past the bound (the small answers
-    /// that say there was no room). `None`: no room.
+    /// Takes `bytes`; `force` takes them past the bound (the small answers that say there was
+    /// no room). `None`: no room. Racing reservations never pass the bound together: each adds
+    /// first and takes back what did not fit.
     pub(super) fn reserve(
         &'static self,
         bytes: usize,
         activity: &Arc<Activity>,
         force: bool,
     ) -> Option<Held> {
-        let slot = self.held.local_index();
-        let held = self.held.at(slot);
-        let before = held.fetch_add(bytes, Ordering::AcqRel);
-        if !force && before + bytes > self.slot_max {
-            held.fetch_sub(bytes, Ordering::AcqRel);
+        let before = self.held.0.fetch_add(bytes, Ordering::AcqRel);
+        if !force && before.saturating_add(bytes) > self.max {
+            self.held.0.fetch_sub(bytes, Ordering::AcqRel);
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
         activity.unsent_added(bytes);
         Some(Held {
             budget: self,
-            slot,
             bytes,
             activity: Arc::clone(activity),
         })
@@ -105,7 +105,6 @@ impl ResponseBudget {
 /// Bytes of one answer counted against the budget and its connection; given back when dropped.
 pub(super) struct Held {
     budget: &'static ResponseBudget,
-    slot: usize,
     bytes: usize,
     activity: Arc<Activity>,
 }
@@ -117,7 +116,6 @@ impl Held {
         self.bytes -= bytes;
         Held {
             budget: self.budget,
-            slot: self.slot,
             bytes,
             activity: Arc::clone(&self.activity),
         }
@@ -126,10 +124,7 @@ impl Held {
     /// Counts `bytes` more (a body longer than its size hint said), past the bound if need be:
     /// the answer is already under way.
     fn grow(&mut self, bytes: usize) {
-        self.budget
-            .held
-            .at(self.slot)
-            .fetch_add(bytes, Ordering::AcqRel);
+        self.budget.held.0.fetch_add(bytes, Ordering::AcqRel);
         self.activity.unsent_added(bytes);
         self.bytes += bytes;
     }
@@ -138,10 +133,7 @@ impl Held {
 impl Drop for Held {
     fn drop(&mut self) {
         if self.bytes > 0 {
-            self.budget
-                .held
-                .at(self.slot)
-                .fetch_sub(self.bytes, Ordering::AcqRel);
+            self.budget.held.0.fetch_sub(self.bytes, Ordering::AcqRel);
             self.activity.unsent_sent(self.bytes);
         }
     }
@@ -270,14 +262,13 @@ mod tests {
         assert_eq!(budget.unsent(), 0);
         assert!(activity.stalled_for().is_none());
 
-        let slot_max = budget.slot_max;
         let big = budget
-            .reserve(slot_max, &activity, false)
-            .expect("a slot's share");
+            .reserve(1 << 20, &activity, false)
+            .expect("the whole budget");
         assert!(budget.reserve(1, &activity, false).is_none());
         assert_eq!(budget.refused(), 1);
         let forced = budget.reserve(100, &activity, true).expect("forced");
-        assert_eq!(budget.unsent(), slot_max + 100);
+        assert_eq!(budget.unsent(), (1 << 20) + 100);
         drop((big, forced));
         assert_eq!(budget.unsent(), 0);
     }
