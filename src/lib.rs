@@ -47,6 +47,7 @@
 //! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;
 //!   shared: one work-stealing runtime), the hold sweeper, the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
+//! - [`backoff`]: the one backoff every retry uses (doubling, capped, spread by a per-thread PRNG).
 //! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why,
 //!   gives each thread its core slot and keeps per-core copies, and lowers background threads'
 //!   priority).
@@ -55,6 +56,7 @@
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 pub mod api;
+pub mod backoff;
 pub mod config;
 pub mod connections;
 pub mod data_dir;

@@ -42,6 +42,7 @@
 //! to become durable could be voided; the defaults (60 s against 5 s + 5 s) leave a wide margin.
 
 use super::{commit, prepare_when_free, Shared};
+use crate::backoff::Backoff;
 use crate::domain::OrderId;
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
 use crate::engine::Prepared;
@@ -123,9 +124,8 @@ impl Default for Settler {
 /// spread ±50% so that calls which failed together (the gateway down) do not all come back in the
 /// same instant.
 fn backoff_ms(failures: u32) -> i64 {
-    let wait = (500i64 << failures.min(7)).min(60_000);
-    let jitter = crate::random::random_bytes(1).map_or(128, |b| i64::from(b[0]));
-    wait / 2 + wait * jitter / 255
+    const SCHEDULE: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+    i64::try_from(SCHEDULE.after_failures(failures).as_millis()).unwrap_or(i64::MAX)
 }
 
 impl Settler {

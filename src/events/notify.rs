@@ -291,24 +291,25 @@ pub async fn run(
         "notify: starting"
     );
     tokio::pin!(stop);
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
         let session = consume(&config, &mut files);
+        let wait = backoff.next_wait();
         tokio::select! {
             () = &mut stop => return Ok(()),
             ended = session => match ended {
                 Err(Ended::Fatal(error)) => return Err(error),
                 Err(Ended::Broker(error)) => {
-                    tracing::warn!(%error, retry_in = ?backoff, "notify: RabbitMQ session ended; reconnecting");
+                    tracing::warn!(%error, retry_in = ?wait, "notify: RabbitMQ session ended; reconnecting");
                 }
                 Ok(()) => {}
             },
         }
         tokio::select! {
             () = &mut stop => return Ok(()),
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
 

@@ -522,25 +522,25 @@ impl Relay {
     }
 
     async fn run(&self) {
-        let mut backoff = BACKOFF_MIN;
+        let mut backoff = crate::backoff::Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
         while !self.stopping() {
             let before = self.confirmed();
             let ended = self.session().await;
             self.connected.store(false, Ordering::Release);
             let Err(error) = ended else { break };
             if self.confirmed() > before {
-                backoff = BACKOFF_MIN;
+                backoff.reset();
             }
             self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(%error, waiting = self.lag_events(), retry_in = ?backoff, "RabbitMQ relay: session ended; events wait in the journal");
+            let wait = backoff.next_wait();
+            tracing::warn!(%error, waiting = self.lag_events(), retry_in = ?wait, "RabbitMQ relay: session ended; events wait in the journal");
             *lock(&self.problem) = Some(error.to_string());
             self.note_oldest().await;
             let _ = self.save().await;
             tokio::select! {
-                () = tokio::time::sleep(backoff) => {}
+                () = tokio::time::sleep(wait) => {}
                 () = self.stop.notified() => {}
             }
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
         if let Err(error) = self.save().await {
             tracing::warn!(%error, "RabbitMQ relay: could not save its cursor at stop; the events since the last save will be sent again");

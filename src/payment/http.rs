@@ -62,9 +62,10 @@ impl HttpGateway {
     ) -> Result<(u16, Vec<u8>), PaymentError> {
         let url = format!("{}{path}", self.base);
         let mut last = PaymentError::Unreachable("no attempt".into());
+        let mut backoff = RETRY_BACKOFF;
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
-                tokio::time::sleep(backoff(attempt)).await;
+                tokio::time::sleep(backoff.next_wait()).await;
             }
             let headers: Vec<(&str, &str)> =
                 key.map(|k| ("idempotency-key", k)).into_iter().collect();
@@ -114,12 +115,9 @@ impl HttpGateway {
     }
 }
 
-/// The wait before retry `attempt` (1, 2): 50 ms, then 100 ms, each ±50% jitter.
-fn backoff(attempt: u32) -> Duration {
-    let base = 50u64 << (attempt - 1);
-    let jitter = crate::random::random_bytes(1).map_or(128, |b| u64::from(b[0]));
-    Duration::from_millis(base / 2 + base * jitter / 255)
-}
+/// The waits before the retries: 50 ms, then 100 ms, each ±50%.
+const RETRY_BACKOFF: crate::backoff::Backoff =
+    crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(100));
 
 /// A payment id as a path segment (ids are the gateway's; anything outside `[A-Za-z0-9_-]` is
 /// percent-encoded).

@@ -109,7 +109,8 @@ pub async fn deliver_webhook(
         "status": "approved",
     })
     .to_string();
-    let mut backoff = Duration::from_millis(50);
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
     for attempt in 1..=attempts_max {
         let signature = webhook::sign(secret, now_ms() / 1000, body.as_bytes());
         let sent = client
@@ -127,8 +128,7 @@ pub async fn deliver_webhook(
             ),
             Err(error) => tracing::debug!(%payment_id, attempt, %error, "webhook failed"),
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(backoff.next_wait()).await;
     }
     tracing::warn!(%payment_id, "webhook never accepted; the reconciler will decide");
 }

@@ -39,6 +39,7 @@
 //! a node cannot know that no other node holds the key. With `--redis-optional` (one node) a
 //! checkout naming its items goes on under the node's own key table instead.
 
+use crate::backoff::Backoff;
 use crate::domain::{CartId, IdempotencyKey, Sku};
 use crate::engine::records::StoredAnswer;
 use crate::sync::lock;
@@ -561,10 +562,10 @@ impl RedisStore {
     }
 
     async fn supervise(&self) {
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_BACKOFF_MAX);
         while !self.stopped.load(Ordering::Acquire) {
             if self.connection.load().is_some() {
-                backoff = Duration::from_millis(100);
+                backoff.reset();
                 self.wake.notified().await;
                 continue;
             }
@@ -572,9 +573,9 @@ impl RedisStore {
             match self.connect().await {
                 Ok(()) => tracing::info!("Redis is back"),
                 Err(error) => {
-                    tracing::debug!(%error, ?backoff, "Redis reconnection failed");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+                    let wait = backoff.next_wait();
+                    tracing::debug!(%error, ?wait, "Redis reconnection failed");
+                    tokio::time::sleep(wait).await;
                 }
             }
         }
@@ -906,7 +907,7 @@ impl RedisStore {
     /// batch Redis did not take is sent again (with backoff) until its locks expire.
     async fn send_finishes(&self, mut receiver: tokio::sync::mpsc::Receiver<Finish>) {
         let mut batch: Vec<Finish> = Vec::with_capacity(FINISHES_PER_CALL_MAX);
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), RECONNECT_BACKOFF_MAX);
         loop {
             if batch.is_empty() {
                 let stopping = self.stopped.load(Ordering::Acquire);
@@ -932,7 +933,7 @@ impl RedisStore {
             match self.finish_batch(&batch).await {
                 Ok(()) => {
                     batch.clear();
-                    backoff = Duration::from_millis(50);
+                    backoff.reset();
                 }
                 Err(error) => {
                     let now = tokio::time::Instant::now();
@@ -946,10 +947,9 @@ impl RedisStore {
                     }
                     // Sent again as soon as the connection is back, or after the backoff.
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(backoff.next_wait()) => {}
                         () = self.reconnected.notified() => {}
                     }
-                    backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
                 }
             }
         }

@@ -1049,7 +1049,10 @@ impl Writer {
         let shared = Arc::clone(&self.shared);
         let pipeline = &shared.pipeline;
         pipeline.mark_failed(error.clone());
-        let mut backoff = std::time::Duration::from_millis(20);
+        let mut backoff = crate::backoff::Backoff::new(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_secs(1),
+        );
         let mut superseded = false;
         let mut reported_corrupt = false;
         loop {
@@ -1089,10 +1092,9 @@ impl Writer {
                     }
                 }
             }
-            if pipeline.wait_closing(backoff) {
+            if pipeline.wait_closing(backoff.next_wait()) {
                 return false;
             }
-            backoff = (backoff * 2).min(std::time::Duration::from_secs(1));
         }
     }
 

@@ -41,6 +41,7 @@ pub mod projection;
 
 use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
+use crate::backoff::Backoff;
 use crate::domain::{Cents, Currency, CustomerId, IdempotencyKey, OrderId, Sku, Stock};
 use crate::engine::order::{Order, OrderItem, OrderStatus, PaymentDue};
 use crate::engine::records::{Event, Product, Record, State, StoredAnswer};
@@ -809,7 +810,7 @@ async fn refuse(
         refused: Some(&reason),
     };
     let view = &view;
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     for _ in 0..20 {
         let written = in_transaction!(pool, timeout, |tx| {
             write_log(&mut tx, std::slice::from_ref(view)).await?;
@@ -817,10 +818,7 @@ async fn refuse(
         .await;
         match written {
             Ok(()) => return,
-            Err(e) if is_transient(&e) => {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-            }
+            Err(e) if is_transient(&e) => tokio::time::sleep(backoff.next_wait()).await,
             Err(e) => {
                 tracing::error!(lsn = entry.lsn, error = %e, "could not mark the refused record in the journal table: its lsn stays a gap");
                 return;
@@ -844,7 +842,7 @@ async fn commit_with_retries(
 ) -> Result<Result<u64, sqlx::Error>, JournalError> {
     let mut retrying = false;
     let attempts = async {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
         loop {
             let error = match commit_batch(pool, config.statement_timeout, part).await {
                 Ok(bytes) => return Ok(Ok(bytes)),
@@ -862,8 +860,7 @@ async fn commit_with_retries(
                     tracing::warn!(%error, "the database did not take a batch; retrying");
                 }
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(backoff.next_wait()).await;
             // A connection lost during COMMIT leaves the outcome unknown: know it before
             // retrying. A look that fails is looked again, never skipped: a blind retry of a
             // committed batch runs into its own rows (duplicate lsn) and fails records that are
@@ -874,8 +871,7 @@ async fn commit_with_retries(
                     Ok(false) => break,
                     Err(error) => {
                         tracing::debug!(%error, "looking whether a batch was committed");
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(1));
+                        tokio::time::sleep(backoff.next_wait()).await;
                     }
                 }
             }

@@ -34,6 +34,7 @@
 //! projection is not written.
 
 use super::{fetch_all_bounded, in_transaction, is_transient, retry_reason, StableChunks};
+use crate::backoff::Backoff;
 use crate::domain::{IdempotencyKey, OrderId, Sku};
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
 use crate::engine::records::{Event, Product, Record, SettledPayment, StoredAnswer};
@@ -734,7 +735,7 @@ enum Outcome {
 impl Applier {
     /// Reads the durable cursor (retrying while the database is unreachable, unless closing).
     async fn read_cursor(&self) -> Option<(u64, u64)> {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let query = sqlx::query(
                 "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables'",
@@ -755,8 +756,7 @@ impl Applier {
                     if self.closing.load(Ordering::Acquire) {
                         return None;
                     }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(backoff.next_wait()).await;
                 }
             }
         }
@@ -989,7 +989,7 @@ impl Applier {
 
     /// One transaction, retried while the fault passes. `None`: given up (closing).
     async fn apply_with_retries(&self, run: &[Committed], skipped: &[u64]) -> Option<Outcome> {
-        let mut backoff = Duration::from_millis(10);
+        let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
         let started = Instant::now();
         loop {
             let error = match self.apply_once(run, skipped).await {
@@ -1010,8 +1010,7 @@ impl Applier {
                 tracing::warn!(%error, "MySQL still unreachable at shutdown; the applier stops (it resumes from its cursor at the next start)");
                 return None;
             }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(1));
+            tokio::time::sleep(backoff.next_wait()).await;
         }
     }
 
