@@ -47,6 +47,7 @@
 //! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;
 //!   shared: one work-stealing runtime), the hold sweeper, the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
+//! - [`fault`]: fault points for tests (`--features fault-points`, on in the test build only).
 //! - [`backoff`]: the one backoff every retry uses (doubling, capped, spread by a per-thread PRNG).
 //! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why,
 //!   gives each thread its core slot and keeps per-core copies, and lowers background threads'
@@ -63,6 +64,7 @@ pub mod data_dir;
 pub mod domain;
 pub mod engine;
 pub mod events;
+pub mod fault;
 pub mod http_client;
 pub mod journal;
 pub mod metrics;

@@ -468,7 +468,7 @@ impl Finishing {
         let started = std::time::Instant::now();
         let authorised =
             tokio::time::timeout(state.gateway_timeout, state.gateway.authorize(request)).await;
-        super::money::pause_at("after_authorize").await;
+        crate::fault::pause_at("after_authorize").await;
         let metrics = &state.metrics;
         metrics
             .gateway_authorize_seconds

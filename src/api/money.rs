@@ -53,18 +53,6 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// A test-only fault hook: with `TURNSTILE_TEST_PAUSE=<point>` in the environment, the money flow
-/// stops for an hour at that point (`after_authorize`, `before_capture`, `after_capture`), so a
-/// test can `kill -9` the server exactly there. Read once; costs one load when unset.
-pub async fn pause_at(point: &str) {
-    static PAUSE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let configured = PAUSE.get_or_init(|| std::env::var("TURNSTILE_TEST_PAUSE").ok());
-    if configured.as_deref() == Some(point) {
-        tracing::warn!(point, "TURNSTILE_TEST_PAUSE: pausing the money flow here");
-        tokio::time::sleep(Duration::from_secs(3_600)).await;
-    }
-}
-
 /// Gateway calls the settler makes at most at once (the HTTP gateway client keeps as many idle
 /// connections): with many payments owed (the gateway was down under load) the retries queue here
 /// instead of opening a connection each at the same moment.
@@ -223,7 +211,7 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, CallFailed
         return Ok(false);
     };
     if due == PaymentDue::Capture {
-        pause_at("before_capture").await;
+        crate::fault::pause_at("before_capture").await;
     }
     let permit = app
         .settler
@@ -243,7 +231,7 @@ async fn settle_one(app: &Shared, order_id: &OrderId) -> Result<bool, CallFailed
     // Held for the gateway call only; the journal commit that follows is batched anyway.
     drop(permit);
     if due == PaymentDue::Capture && result.is_ok() {
-        pause_at("after_capture").await;
+        crate::fault::pause_at("after_capture").await;
     }
     let metrics = &app.metrics;
     let next = match (due, result) {
