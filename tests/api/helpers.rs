@@ -1000,6 +1000,10 @@ struct ProxyState {
     stalled: bool,
     /// Stall as soon as a client sends a `COMMIT` (before it is forwarded).
     stall_at_commit: bool,
+    /// Hold the next `COMMIT` a client sends, and what follows it on that connection only.
+    hold_next_commit: bool,
+    /// The connection whose `COMMIT` is held, until released.
+    holding: Option<u64>,
     /// Connections numbered below this are never forwarded again.
     dead_below: u64,
     /// The next connection's number.
@@ -1021,8 +1025,9 @@ impl StallProxy {
                     number = state.next;
                     state.next += 1;
                 });
-                let flowing =
-                    move |state: &ProxyState| !state.stalled && number >= state.dead_below;
+                let flowing = move |state: &ProxyState| {
+                    !state.stalled && number >= state.dead_below && state.holding != Some(number)
+                };
                 let mut watch = watch.clone();
                 let numbers = numbers.clone();
                 tokio::spawn(async move {
@@ -1039,7 +1044,7 @@ impl StallProxy {
                     tokio::select! {
                         _ = async {
                             tokio::join!(
-                                pump(&mut from_client, &mut to_server, watch.clone(), flowing, Some(&numbers)),
+                                pump(&mut from_client, &mut to_server, watch.clone(), flowing, Some((number, &numbers))),
                                 pump(&mut from_server, &mut to_client, watch.clone(), flowing, None),
                             )
                         } => return,
@@ -1059,6 +1064,25 @@ impl StallProxy {
     /// Stops (`true`) or resumes (`false`) forwarding.
     pub fn stall(&self, stalled: bool) {
         self.state.send_modify(|state| state.stalled = stalled);
+    }
+
+    /// Holds the next `COMMIT` a client sends, and all that client sends after it on that
+    /// connection, until [`Self::release_held`]; every other connection flows: a TCP flow whose
+    /// segments wait out a retransmission while new flows get through. Released, the COMMIT
+    /// reaches the server late (even if the client closed the connection meanwhile).
+    pub fn hold_next_commit(&self) {
+        self.state
+            .send_modify(|state| state.hold_next_commit = true);
+    }
+
+    /// Whether a `COMMIT` is held now.
+    pub fn holding(&self) -> bool {
+        self.state.borrow().holding.is_some()
+    }
+
+    /// Lets the held `COMMIT` (and what followed it) through.
+    pub fn release_held(&self) {
+        self.state.send_modify(|state| state.holding = None);
     }
 
     /// From the next `COMMIT` a client sends on, the proxy is stalled (that `COMMIT` is not
@@ -1084,7 +1108,7 @@ async fn pump(
     to: &mut tokio::net::tcp::OwnedWriteHalf,
     mut state: tokio::sync::watch::Receiver<ProxyState>,
     flowing: impl Fn(&ProxyState) -> bool + Copy,
-    control: Option<&tokio::sync::watch::Sender<ProxyState>>,
+    control: Option<(u64, &tokio::sync::watch::Sender<ProxyState>)>,
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 16 * 1024];
@@ -1104,14 +1128,20 @@ async fn pump(
             }
             Ok(n) => n,
         };
-        if let Some(control) = control {
+        if let Some((number, control)) = control {
             let commit = buffer[..n]
                 .windows(6)
                 .any(|w| w.eq_ignore_ascii_case(b"COMMIT"));
-            if commit && state.borrow().stall_at_commit {
+            if commit {
                 control.send_modify(|state| {
-                    state.stalled = true;
-                    state.stall_at_commit = false;
+                    if state.stall_at_commit {
+                        state.stalled = true;
+                        state.stall_at_commit = false;
+                    }
+                    if state.hold_next_commit {
+                        state.holding = Some(number);
+                        state.hold_next_commit = false;
+                    }
                 });
             }
         }

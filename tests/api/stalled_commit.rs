@@ -181,3 +181,98 @@ async fn in_write_behind_a_checkout_waiting_for_a_stalled_mysql_gives_up_and_fre
     .await;
     redis.delete().await;
 }
+
+/// A COMMIT that reaches MariaDB late (its flow held, as segments waiting out a retransmission,
+/// while new connections get through): the writer gives up on it at `--mysql-timeout` and must
+/// not take what follows for anything but its own batch. Found by attack: the retry's INSERT
+/// waited on the late transaction's row locks, failed with a duplicate lsn when the COMMIT
+/// landed, and the record was taken as refused by the database: its key freed (the other node
+/// placed it again) and its unit released (sold again on the same node), although the order was
+/// in `journal`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_lands_late_is_never_taken_for_a_refused_record() {
+    let database = TestDatabase::create().await;
+    let proxy = StallProxy::start(MARIADB_ADDR.parse().expect("address")).await;
+    let redis = TestRedis::create("late-commit").await;
+    let a = start(&redis, &["--mysql-url".into(), through(&proxy, &database)]);
+    let b = start(&redis, &[]);
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    // One unit each: a unit released by mistake would be sold again.
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("S", 100, 1).await.status, 200);
+    }
+    eventually(
+        "the projections to catch up",
+        Duration::from_secs(10),
+        async || metric(&mut on_a, "turnstile_mysql_lag_records").await == 0.0,
+    )
+    .await;
+
+    proxy.hold_next_commit();
+    let (status, body, _) = checkout(&mut on_a, "late").await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (503, Some("unknown")),
+        "{body}"
+    );
+    assert!(proxy.holding(), "the checkout's COMMIT is held");
+    // The writer gives up on the held connection (--mysql-timeout), ends its session on the
+    // server and looks, on a new connection, whether the batch is there before it retries.
+    // Until the outcome is known, or a retry of the batch waits on the held transaction's row
+    // locks (the moment a late COMMIT was taken for a refusal).
+    let pool = database.pool().await;
+    eventually(
+        "node A to know its outcome, or to retry into the held transaction",
+        Duration::from_secs(30),
+        async || {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+                 WHERE DB = ? AND COMMAND <> 'Sleep' AND ID <> CONNECTION_ID() \
+                 AND INFO LIKE 'INSERT INTO journal%'",
+            )
+            .bind(&database.name)
+            .fetch_one(&pool)
+            .await
+            .expect("PROCESSLIST");
+            waiting > 0 || checkout(&mut on_a, "late").await.0 == 201
+        },
+    )
+    .await;
+    // The late COMMIT now reaches the server: on a session already ended (it is dropped), or, had
+    // it not been ended, before the look could say anything. Either way: one order, known.
+    proxy.release_held();
+    let mut first = serde_json::Value::Null;
+    eventually(
+        "node A to know its outcome",
+        Duration::from_secs(30),
+        async || {
+            let (status, body, replayed) = checkout(&mut on_a, "late").await;
+            assert!(status != 201 || replayed, "a second order on A: {body}");
+            assert!(status != 500, "the record was taken as refused: {body}");
+            first = body;
+            status == 201
+        },
+    )
+    .await;
+    redis.wait_answer("late", Duration::from_secs(10)).await;
+    let (status, again, replayed) = checkout(&mut on_b, "late").await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, first, "one order for the key");
+    // A's one unit is sold, and stays so: another key finds it sold out.
+    let (status, body, _) = checkout(&mut on_a, "other").await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (409, Some("out_of_stock")),
+        "{body}"
+    );
+    assert_eq!(on_a.stock("S").await, (1, 0, 0, 1));
+    assert_eq!(on_b.stock("S").await, (1, 1, 0, 0));
+    let rows: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM journal WHERE idempotency_key IS NOT NULL AND refused IS NULL",
+    )
+    .fetch_one(&database.pool().await)
+    .await
+    .expect("count");
+    assert_eq!(rows, 1, "one order in A's journal");
+    redis.delete().await;
+}

@@ -54,7 +54,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -843,13 +843,30 @@ async fn commit_with_retries(
     let mut retrying = false;
     let attempts = async {
         let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
+        // Set once an attempt failed in transit: a COMMIT of this batch may have landed, or may
+        // still land (sent on a connection given up on), until the look below says otherwise.
+        let mut in_doubt = false;
         loop {
-            let error = match commit_batch(pool, config.statement_timeout, part).await {
+            let session = AtomicU64::new(0);
+            let error = match commit_batch(pool, config.statement_timeout, part, &session).await {
                 Ok(bytes) => return Ok(Ok(bytes)),
                 Err(error) => error,
             };
             if !is_transient(&error) {
+                // A refusal after an attempt in doubt may be this batch's own rows, committed
+                // late by that attempt (a duplicate lsn): believed only once the log says the
+                // batch is not there.
+                if in_doubt && look_until_known(pool, config, part[0].lsn, &mut backoff).await {
+                    return Ok(Ok(0));
+                }
                 return Ok(Err(error));
+            }
+            in_doubt = true;
+            // The given-up attempt's session may still hold the batch's rows, and its COMMIT
+            // may still be on its way: end it on the server's side, so the look below can tell.
+            let session = session.load(Ordering::Acquire);
+            if session > 0 {
+                kill_session(pool, config.statement_timeout, session).await;
             }
             let reason = retry_reason(&error);
             pipeline.stats.retries[reason].fetch_add(1, Ordering::Relaxed);
@@ -862,18 +879,10 @@ async fn commit_with_retries(
             }
             tokio::time::sleep(backoff.next_wait()).await;
             // A connection lost during COMMIT leaves the outcome unknown: know it before
-            // retrying. A look that fails is looked again, never skipped: a blind retry of a
-            // committed batch runs into its own rows (duplicate lsn) and fails records that are
-            // in the journal.
-            loop {
-                match batch_is_committed(pool, config.statement_timeout, part[0].lsn).await {
-                    Ok(true) => return Ok(Ok(0)),
-                    Ok(false) => break,
-                    Err(error) => {
-                        tracing::debug!(%error, "looking whether a batch was committed");
-                        tokio::time::sleep(backoff.next_wait()).await;
-                    }
-                }
+            // retrying. A blind retry of a committed batch runs into its own rows (duplicate lsn)
+            // and fails records that are in the journal.
+            if look_until_known(pool, config, part[0].lsn, &mut backoff).await {
+                return Ok(Ok(0));
             }
         }
     };
@@ -907,12 +916,56 @@ pub(crate) async fn close_pool(pool: &MySqlPool) {
     }
 }
 
+/// Whether the batch starting at `lsn` is committed, asked until the database answers: a look
+/// that fails is looked again, never skipped.
+async fn look_until_known(
+    pool: &MySqlPool,
+    config: &MySqlConfig,
+    lsn: u64,
+    backoff: &mut Backoff,
+) -> bool {
+    loop {
+        match batch_is_committed(pool, config.statement_timeout, lsn).await {
+            Ok(committed) => return committed,
+            Err(error) => {
+                tracing::debug!(%error, "looking whether a batch was committed");
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+        }
+    }
+}
+
+/// Ends the server's session `id` (a connection given up on mid-transaction), so that its
+/// transaction is rolled back now instead of whenever the server notices the client is gone; a
+/// COMMIT of it arriving late then finds no session. Best effort: the session may be gone already
+/// (1094), and the locking look that follows waits for it either way.
+async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
+    let killed = bounded(pool, timeout, |mut connection| async move {
+        let done = sqlx::query(&format!("KILL {id}"))
+            .execute(&mut *connection)
+            .await
+            .map(|_| ());
+        (connection, done)
+    })
+    .await;
+    match killed {
+        Ok(()) => tracing::debug!(session = id, "ended the session of a commit given up on"),
+        Err(error) => {
+            tracing::debug!(session = id, %error, "could not end the session of a commit given up on")
+        }
+    }
+}
+
+/// Whether the row of `lsn` is in `journal`. A locking read: while a transaction that wrote it is
+/// still open (its COMMIT late, or its rollback not done), the look waits for it to end, so "not
+/// there" is never said of a batch that is about to be.
 async fn batch_is_committed(
     pool: &MySqlPool,
     timeout: Duration,
     lsn: u64,
 ) -> Result<bool, sqlx::Error> {
-    let query = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ?").bind(lsn as i64);
+    let query = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ? LOCK IN SHARE MODE")
+        .bind(lsn as i64);
     let rows = fetch_all_bounded(pool, timeout, query).await?;
     match rows.first() {
         Some(row) => Ok(row.try_get::<i64, _>(0)? > 0),
@@ -921,11 +974,13 @@ async fn batch_is_committed(
 }
 
 /// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records
-/// written.
+/// written. `session` gets the server's id of the connection it runs on, so an attempt given up
+/// on can be ended on the server's side ([`kill_session`]).
 async fn commit_batch(
     pool: &MySqlPool,
     timeout: Duration,
     batch: &[&Entry],
+    session: &AtomicU64,
 ) -> Result<u64, sqlx::Error> {
     let views: Vec<View<'_>> = batch
         .iter()
@@ -938,7 +993,14 @@ async fn commit_batch(
             refused: None,
         })
         .collect();
-    in_transaction!(pool, timeout, |tx| { write_log(&mut tx, &views).await? }).await
+    in_transaction!(pool, timeout, |tx| {
+        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+            .fetch_one(&mut *tx)
+            .await?;
+        session.store(id, Ordering::Release);
+        write_log(&mut tx, &views).await?
+    })
+    .await
 }
 
 /// Removes the answers older than `cutoff_ms` and releases their keys' claims (only the claim of
