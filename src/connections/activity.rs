@@ -1,7 +1,8 @@
 //! What a connection is doing: requests in flight and when the last one ended, so the accept loop
-//! can close a connection that stays idle past the slow-client timeout; and the bytes of its
-//! answers not sent yet and when some last left, so it can close one whose client stopped
-//! reading. HTTP/1 has hyper's `header_read_timeout` for the first; HTTP/2 has nothing (a client
+//! can close a connection that stays idle past the slow-client timeout; and, for each of its
+//! answers, the bytes not sent yet and when some of them last left, so it can close one that has
+//! an answer its client stopped reading (HTTP/1), or never opens the window of (HTTP/2), however
+//! the connection's other streams move. HTTP/1 has hyper's `header_read_timeout` for the first; HTTP/2 has nothing (a client
 //! that answers pings may hold a connection, and a place under `--connections-max`, forever
 //! without sending a request, or without opening its window for the answers it asked for).
 //!
@@ -11,6 +12,7 @@
 //! past the budget replaced by `503 overloaded`.
 
 use super::budget::{expected_bytes, CountedBody, ResponseBudget};
+use crate::sync::lock;
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -19,7 +21,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -37,9 +39,20 @@ pub(super) struct Activity {
     last_ms: AtomicU64,
     /// Bytes of this connection's answers not sent yet.
     unsent: AtomicUsize,
-    /// When some of them last left (or, with none waiting before, when the first began to wait).
-    progress_ms: AtomicU64,
+    /// Its answers still holding bytes (those that ended are pruned as new ones come).
+    answers: Mutex<Vec<Weak<Progress>>>,
 }
+
+/// One answer's bytes not sent yet, and when some of them last left.
+#[derive(Debug)]
+pub(super) struct Progress {
+    unsent: AtomicUsize,
+    /// When some of its bytes last left (or when it began to wait), from [`now_ms`].
+    last_ms: AtomicU64,
+}
+
+/// Answers kept in a connection's list before the ended ones are pruned.
+const ANSWERS_PRUNE_AT: usize = 32;
 
 impl Activity {
     pub(super) fn new() -> Arc<Self> {
@@ -47,30 +60,54 @@ impl Activity {
             in_flight: AtomicUsize::new(0),
             last_ms: AtomicU64::new(now_ms()),
             unsent: AtomicUsize::new(0),
-            progress_ms: AtomicU64::new(now_ms()),
+            answers: Mutex::new(Vec::new()),
         })
     }
 
-    /// An answer's bytes begin to wait.
-    pub(super) fn unsent_added(&self, bytes: usize) {
-        if self.unsent.fetch_add(bytes, Ordering::AcqRel) == 0 {
-            self.progress_ms.store(now_ms(), Ordering::Release);
+    /// A new answer of `bytes` begins to wait: its progress, followed by this connection.
+    pub(super) fn answer(&self, bytes: usize) -> Arc<Progress> {
+        let progress = Arc::new(Progress {
+            unsent: AtomicUsize::new(bytes),
+            last_ms: AtomicU64::new(now_ms()),
+        });
+        self.unsent.fetch_add(bytes, Ordering::AcqRel);
+        let mut answers = lock(&self.answers);
+        if answers.len() >= ANSWERS_PRUNE_AT {
+            answers.retain(|answer| answer.strong_count() > 0);
         }
+        answers.push(Arc::downgrade(&progress));
+        progress
     }
 
-    /// Bytes of an answer left (written to the socket, or dropped with their stream).
-    pub(super) fn unsent_sent(&self, bytes: usize) {
+    /// Bytes of `progress`'s answer were added (a body longer than it said).
+    pub(super) fn unsent_added(&self, progress: &Progress, bytes: usize) {
+        self.unsent.fetch_add(bytes, Ordering::AcqRel);
+        progress.unsent.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    /// Bytes of `progress`'s answer left (written to the socket, or dropped with their stream).
+    pub(super) fn unsent_sent(&self, progress: &Progress, bytes: usize) {
         self.unsent.fetch_sub(bytes, Ordering::AcqRel);
-        self.progress_ms.store(now_ms(), Ordering::Release);
+        progress.unsent.fetch_sub(bytes, Ordering::AcqRel);
+        progress.last_ms.store(now_ms(), Ordering::Release);
     }
 
-    /// How long this connection's waiting answers have made no progress; `None` while none waits.
+    /// How long the answer of this connection that waits longest without progress has waited;
+    /// `None` while none waits.
     pub(super) fn stalled_for(&self) -> Option<Duration> {
         if self.unsent.load(Ordering::Acquire) == 0 {
             return None;
         }
-        let last = self.progress_ms.load(Ordering::Acquire);
-        Some(Duration::from_millis(now_ms().saturating_sub(last)))
+        let now = now_ms();
+        let mut answers = lock(&self.answers);
+        answers.retain(|answer| answer.strong_count() > 0);
+        answers
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|answer| answer.unsent.load(Ordering::Acquire) > 0)
+            .map(|answer| now.saturating_sub(answer.last_ms.load(Ordering::Acquire)))
+            .max()
+            .map(Duration::from_millis)
     }
 
     /// How long no handler has run on this connection (answers may still be leaving); `None`
@@ -135,6 +172,9 @@ pin_project_lite::pin_project! {
         inner: Inner,
         guard: InFlight,
         budget: &'static ResponseBudget,
+        // Whether the answer may be replaced by `503 overloaded` past the budget: only a read's
+        // (GET, HEAD), never one that may report a change.
+        replaceable: bool,
     }
 }
 
@@ -144,20 +184,34 @@ impl Future for Counted {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let Ok(response) = std::task::ready!(this.inner.poll(cx));
-        Poll::Ready(Ok(counted(response, &this.guard.0, this.budget)))
+        Poll::Ready(Ok(counted(
+            response,
+            &this.guard.0,
+            this.budget,
+            *this.replaceable,
+        )))
     }
 }
 
+/// Answers this small are never refused (counted past the bound if need be): health checks, a
+/// product, a refusal; what fills memory is a flood of large ones.
+pub(super) const SMALL_ANSWER_BYTES: usize = 1024;
+
 /// The answer with its body counted against the budget and the connection, or, with no room
 /// left, `503 overloaded` instead (counted too, past the bound: it is small, and the client must
-/// hear why).
+/// hear why). Only a read's answer larger than [`SMALL_ANSWER_BYTES`] is ever replaced: the answer
+/// to a request that may have changed something (a checkout's `201`, a cancel's `200`) is the only
+/// word its client gets of that change, so it is always sent, and counted past the bound.
 fn counted(
     response: Response<axum::body::Body>,
     activity: &Arc<Activity>,
     budget: &'static ResponseBudget,
+    replaceable: bool,
 ) -> Response<CountedBody> {
     let (parts, body) = response.into_parts();
-    if let Some(held) = budget.reserve(expected_bytes(&body), activity, false) {
+    let bytes = expected_bytes(&body);
+    let force = !replaceable || bytes <= SMALL_ANSWER_BYTES;
+    if let Some(held) = budget.reserve(bytes, activity, force) {
         return Response::from_parts(parts, CountedBody::new(body, held));
     }
     let refusal = crate::api::ApiError::overloaded(
@@ -178,7 +232,9 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        let replaceable = matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD);
         Counted {
+            replaceable,
             inner: hyper::service::Service::call(&self.inner, request),
             guard: InFlight(Arc::clone(&self.activity)),
             budget: self.budget,

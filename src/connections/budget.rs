@@ -9,19 +9,24 @@
 //! - [`ResponseBudget`] holds at most `--response-bytes-max` bytes of unsent answers, in one
 //!   counter for all cores: the bound is exact whatever an answer's size (a page of 1,000 events
 //!   of 100-line orders runs to megabytes), which shares split per core could not promise. It
-//!   costs an atomic add per answer and a subtract per chunk on one shared cache line. An answer
-//!   that does not fit is replaced by `503 overloaded` with `Retry-After` (a small body, counted
-//!   but never refused), and counted (`turnstile_responses_refused_total`).
+//!   costs an atomic add per answer and a subtract per chunk on one shared cache line. A read's
+//!   answer (GET, HEAD) larger than 1 KiB that does not fit is replaced by `503 overloaded` with
+//!   `Retry-After` (counted: `turnstile_responses_refused_total`). Every other answer is counted
+//!   past the bound if need be, never refused: the answer to a request that may have changed
+//!   something is its client's only word of the change (a `201` replaced by "nothing changed"
+//!   would make a careful client buy again under another key), and small answers (health checks,
+//!   refusals, the `503`s themselves) are what keeps the server reachable while large ones wait.
 //! - [`CountedBody`] hands the body out in chunks of at most [`CHUNK_BYTES`], each a `Bytes`
 //!   whose owner gives its bytes back when the last reference goes: when hyper (or HTTP/2's send
 //!   buffer) has written it to the socket, or dropped it with a reset stream or a closed
 //!   connection. The part not handed out yet is held by the body's own reservation. So the count
 //!   is exact wherever the bytes wait, and memory for unsent answers stays below the bound plus
 //!   the 503 bodies.
-//! - Each chunk also tells its connection's [`Activity`] when it left, so the accept loop can close
-//!   a connection whose answers have made no progress for the slow-client timeout (`serve_one`).
+//! - Each chunk also tells its answer's progress (on its connection's [`Activity`]) when it left,
+//!   so the accept loop can close a connection one of whose answers has made no progress for the
+//!   slow-client timeout, however its other streams move (`serve_one`).
 
-use super::activity::Activity;
+use super::activity::{Activity, Progress};
 use axum::body::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use std::pin::Pin;
@@ -93,10 +98,10 @@ impl ResponseBudget {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        activity.unsent_added(bytes);
         Some(Held {
             budget: self,
             bytes,
+            progress: activity.answer(bytes),
             activity: Arc::clone(activity),
         })
     }
@@ -106,6 +111,8 @@ impl ResponseBudget {
 pub(super) struct Held {
     budget: &'static ResponseBudget,
     bytes: usize,
+    /// The answer these bytes belong to, on its connection.
+    progress: Arc<Progress>,
     activity: Arc<Activity>,
 }
 
@@ -117,6 +124,7 @@ impl Held {
         Held {
             budget: self.budget,
             bytes,
+            progress: Arc::clone(&self.progress),
             activity: Arc::clone(&self.activity),
         }
     }
@@ -125,7 +133,7 @@ impl Held {
     /// the answer is already under way.
     fn grow(&mut self, bytes: usize) {
         self.budget.held.0.fetch_add(bytes, Ordering::AcqRel);
-        self.activity.unsent_added(bytes);
+        self.activity.unsent_added(&self.progress, bytes);
         self.bytes += bytes;
     }
 }
@@ -134,7 +142,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.held.0.fetch_sub(self.bytes, Ordering::AcqRel);
-            self.activity.unsent_sent(self.bytes);
+            self.activity.unsent_sent(&self.progress, self.bytes);
         }
     }
 }

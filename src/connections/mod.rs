@@ -331,10 +331,10 @@ pub async fn serve_sharing(
 ///   shut down gracefully, as is every connection when the server stops: in-flight requests
 ///   finish, then it closes (an idle HTTP/2 client, which hyper never times out, gives its place
 ///   back too);
-/// - a connection whose answers have bytes waiting and none left for `timeout` is closed at once:
-///   its client stopped reading (HTTP/1), or never opens its HTTP/2 window, and every stream's
-///   answer would wait for ever (closing the connection resets them all, and gives their bytes
-///   back to the budget);
+/// - a connection with an answer whose bytes have waited `timeout` without any of them leaving is
+///   closed at once, however its other streams move: its client stopped reading (HTTP/1), or
+///   never opens that stream's HTTP/2 window, and the answer would wait for ever (closing the
+///   connection resets its streams, and gives their bytes back to the budget);
 /// - a connection told to close gracefully (HTTP/2: a GOAWAY) is closed at once once no handler
 ///   has run on it for `timeout` since, whatever its streams still wait for: a graceful close
 ///   that waits for streams that cannot drain would never end.

@@ -57,15 +57,28 @@ async fn stingy_connection(
     (send, task)
 }
 
-/// Asks `count` times for a page of 1,000 events on `send`; the statuses of the answers' heads
-/// (their bodies never flow).
-async fn ask_for_events(send: h2::client::SendRequest<bytes::Bytes>, count: usize) -> Vec<u16> {
+/// Asks `count` times for a page of 1,000 events on `send`; the statuses of the answers' heads,
+/// and the answers' bodies, never read (kept: a body dropped resets its stream, which frees what
+/// the server held for it).
+async fn ask_for_events(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    count: usize,
+) -> (Vec<u16>, Vec<h2::RecvStream>) {
+    ask_for(send, "/v1/events?after=0&limit=1000", count).await
+}
+
+/// Asks `count` times for `path` on `send` (see [`ask_for_events`]).
+async fn ask_for(
+    send: h2::client::SendRequest<bytes::Bytes>,
+    path: &str,
+    count: usize,
+) -> (Vec<u16>, Vec<h2::RecvStream>) {
     let mut pending = Vec::new();
     for _ in 0..count {
         let Ok(mut ready) = send.clone().ready().await else {
             break;
         };
-        let request = axum::http::Request::get("http://turnstile/v1/events?after=0&limit=1000")
+        let request = axum::http::Request::get(format!("http://turnstile{path}"))
             .body(())
             .expect("request");
         match ready.send_request(request, true) {
@@ -74,12 +87,14 @@ async fn ask_for_events(send: h2::client::SendRequest<bytes::Bytes>, count: usiz
         }
     }
     let mut statuses = Vec::new();
+    let mut bodies = Vec::new();
     for response in pending {
         if let Ok(response) = response.await {
             statuses.push(response.status().as_u16());
+            bodies.push(response.into_body());
         }
     }
-    statuses
+    (statuses, bodies)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -124,7 +139,7 @@ async fn answers_nobody_reads_stay_within_the_byte_budget_and_their_connections_
             most_rss = most_rss.max(rss_bytes(app.pid()));
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        statuses.extend(asker.await.expect("asker"));
+        statuses.extend(asker.await.expect("asker").0);
     }
     most_rss = most_rss.max(rss_bytes(app.pid()));
     let refused_total = reading(&app, "turnstile_responses_refused_total").await;
@@ -198,4 +213,151 @@ async fn an_http2_connection_may_open_at_most_100_streams() {
     drop(send);
     connection.abort();
     let _ = app.client().get("/healthz").await.json();
+}
+
+/// Found by attack: with the byte budget full, a checkout's `201` was replaced by `503
+/// overloaded`, which says nothing changed, although the order was placed and paid; a client that
+/// believed it and retried under another key bought twice. Only a read's answer may be refused;
+/// small answers (health checks) pass too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_budget_full_answers_that_report_a_change_are_still_sent() {
+    let app = spawn_app(&[
+        "--slow-client-timeout",
+        "20s",
+        "--response-bytes-max",
+        "2000000",
+    ]);
+    let mut client = app.client();
+    client.put_product("E", 100, 10_000).await;
+    // An order of ten lines with long SKUs: its answer (~2 KB) is no small answer.
+    let skus: Vec<String> = (0..10).map(|n| format!("{n}{}", "L".repeat(120))).collect();
+    for sku in &skus {
+        client.put_product(sku, 100, 10_000).await;
+    }
+    for n in 0..400 {
+        let placed = client
+            .checkout(&format!("e-{n}"), "E", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(placed.status, 201);
+    }
+    let mut holders = Vec::new();
+    let mut askers = Vec::new();
+    for _ in 0..4 {
+        let (send, task) = stingy_connection(&app).await;
+        holders.push(task);
+        askers.push(tokio::spawn(ask_for_events(send, 100)));
+    }
+    let mut kept = Vec::new();
+    for asker in askers {
+        let (statuses, bodies) = asker.await.expect("asker");
+        assert!(statuses.contains(&503), "the budget is full: {statuses:?}");
+        kept.push(bodies);
+    }
+    // What room is left, filled with answers just above the small ones' size.
+    for _ in 0..4 {
+        let (send, task) = stingy_connection(&app).await;
+        holders.push(task);
+        let (statuses, bodies) = ask_for(send, "/v1/events?after=0&limit=4", 100).await;
+        kept.push(bodies);
+        if statuses.contains(&503) {
+            break;
+        }
+    }
+    // A large read is refused now; a small one is not; checkouts are placed and say so.
+    let page = app.client().get("/v1/events?after=0&limit=1000").await;
+    assert_eq!(
+        (page.status, page.json()["error"].clone()),
+        (503, "overloaded".into())
+    );
+    assert_eq!(app.client().get("/healthz").await.status, 200);
+    let lines: Vec<serde_json::Value> = skus
+        .iter()
+        .map(|sku| serde_json::json!({"sku": sku, "quantity": 1}))
+        .collect();
+    let order = serde_json::json!({"items": lines, "customer_id": "C".repeat(128), "payment_token": "tok_ok"});
+    for n in 0..30 {
+        let (status, text, _) =
+            crate::sessions::checkout(&mut app.client(), &format!("probe-{n}"), &order).await;
+        assert!(text.len() > 1_024, "a large answer: {text}");
+        assert_eq!(
+            status, 201,
+            "a placed order must be answered as such: {text}"
+        );
+    }
+    assert_eq!(app.client().stock(&skus[0]).await.3, 30);
+    drop(kept);
+    for holder in holders {
+        holder.abort();
+    }
+}
+
+/// Found by attack: a connection that kept one stream moving (a health check now and then) held
+/// its other streams' answers, which never moved, for as long as it liked, and with them the byte
+/// budget everyone shares. Progress is judged per answer: one answer stuck for the slow-client
+/// timeout closes its connection, whatever the others do. (The time is what is tested: the loop
+/// below is bounded and stops by itself.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_answer_stuck_closes_its_connection_however_its_other_streams_move() {
+    let app = spawn_app(&["--slow-client-timeout", "2s"]);
+    let mut client = app.client();
+    client.put_product("E", 100, 10_000).await;
+    for n in 0..300 {
+        client
+            .checkout(&format!("e-{n}"), "E", 1, "tok_ok")
+            .await
+            .expect("answer");
+    }
+    // A window of 16 KiB per stream (room on the connection for the rest): a large answer stops
+    // after its first 16 KiB, since this client never gives that stream more room.
+    let tcp = tokio::net::TcpStream::connect(app.addr)
+        .await
+        .expect("connect");
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(16 * 1024)
+        .initial_connection_window_size(16 * 1024 * 1024)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut send = send.ready().await.expect("ready");
+    let page = axum::http::Request::get("http://turnstile/v1/events?after=0&limit=1000")
+        .body(())
+        .expect("request");
+    let (stuck, _) = send.send_request(page, true).expect("send");
+    let _stuck = stuck.await.expect("the page's head");
+    // Health checks on the same connection, each read to its end, until the server closes it.
+    let started = std::time::Instant::now();
+    let mut served = 0;
+    while started.elapsed() < Duration::from_secs(15) {
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let healthz = axum::http::Request::get("http://turnstile/healthz")
+            .body(())
+            .expect("request");
+        let Ok((response, _)) = ready.send_request(healthz, true) else {
+            break;
+        };
+        let Ok(response) = response.await else {
+            break;
+        };
+        let mut body = response.into_body();
+        while let Some(Ok(chunk)) = body.data().await {
+            let _ = body.flow_control().release_capacity(chunk.len());
+        }
+        served += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(served > 0, "the health checks were served");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "the connection with a stuck answer stayed open for 15 s ({served} health checks) with a slow-client timeout of 2 s"
+    );
+    tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .expect("the connection ended")
+        .expect("task");
 }
