@@ -335,7 +335,12 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_AMQP_WINDOW", default_value = "1024", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=65_535))]
     pub amqp_window: u64,
     /// Payment gateway over HTTP instead of the in-process simulator (http://host:port or https://…; `turnstile gateway-sim` speaks its protocol)
-    #[arg(long, env = "TURNSTILE_GATEWAY_URL", value_name = "URL", value_parser = http_url, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "TURNSTILE_GATEWAY_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
     pub gateway_url: Option<String>,
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
@@ -436,6 +441,17 @@ pub fn check_mysql_url(raw: &str) -> Result<(), ConfigError> {
             "--mysql-url must look like mysql://user:password@host:3306/database (the value given is not shown: it may hold a password)".into(),
         ));
     }
+    // What the driver would refuse at the first connection (a port out of range, say): a
+    // configuration error now, not a runtime failure later.
+    if let Err(error) = <sqlx::mysql::MySqlConnectOptions as std::str::FromStr>::from_str(raw) {
+        let reason = match &error {
+            sqlx::Error::Configuration(inner) => inner.to_string(),
+            _ => "it cannot be parsed".to_owned(),
+        };
+        return Err(ConfigError(format!(
+            "--mysql-url cannot be used: {reason} (the value given is not shown: it may hold a password)"
+        )));
+    }
     Ok(())
 }
 
@@ -501,13 +517,38 @@ fn amqp_name(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
-fn http_url(raw: &str) -> Result<String, String> {
+/// Checks `--gateway-url` after parsing, without echoing it: `http://` or `https://`, a host, a
+/// port in 1–65535 if one is given, and no credentials (`user:password@`): this client would not
+/// send them, and they would be written wherever the URL is (the start-up line, errors). Returns
+/// the URL without a trailing `/`.
+pub fn check_gateway_url(raw: &str) -> Result<String, ConfigError> {
+    let refuse = |why: &str| {
+        ConfigError(format!(
+            "--gateway-url {why} (the value given is not shown); give http://host:port or https://host"
+        ))
+    };
     let rest = raw
         .strip_prefix("http://")
         .or_else(|| raw.strip_prefix("https://"))
-        .ok_or("must be an http:// or https:// URL")?;
-    if rest.is_empty() || rest.starts_with('/') {
-        return Err("has no host".into());
+        .ok_or_else(|| refuse("must be an http:// or https:// URL"))?;
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if authority.contains('@') {
+        return Err(refuse(
+            "must not carry credentials (user:password@ would never be sent)",
+        ));
+    }
+    let (host, port) = match authority.rsplit_once(':') {
+        // An IPv6 address in brackets has colons of its own.
+        Some((host, port)) if !port.contains(']') => (host, Some(port)),
+        _ => (authority, None),
+    };
+    if host.is_empty() {
+        return Err(refuse("has no host"));
+    }
+    if let Some(port) = port {
+        if !matches!(port.parse::<u32>(), Ok(1..=65_535)) {
+            return Err(refuse("has a port outside 1-65535"));
+        }
     }
     Ok(raw.trim_end_matches('/').to_owned())
 }
@@ -854,6 +895,12 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
     if let Some(url) = &args.mysql_url {
         check_mysql_url(url).map_err(CliError::Config)?;
     }
+    let gateway_url = args
+        .gateway_url
+        .as_deref()
+        .map(check_gateway_url)
+        .transpose()
+        .map_err(CliError::Config)?;
     if args.mysql_write_behind && args.mysql_url.is_none() {
         return Err(CliError::Config(ConfigError(
             "--mysql-write-behind needs --mysql-url (the database written behind the embedded journal)".into(),
@@ -922,7 +969,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         webhook_secret: args.webhook_secret,
         gateway_timeout: args.gateway_timeout,
         sim_pending_delay: args.sim_pending_delay,
-        gateway_url: args.gateway_url,
+        gateway_url,
         reconcile_after: args.reconcile_after,
         mysql,
         mysql_write_behind: args.mysql_write_behind,
@@ -1108,6 +1155,40 @@ mod tests {
             ];
             assert!(serve(&shorter).is_ok(), "{shorter:?}");
         }
+    }
+
+    #[test]
+    fn service_urls_are_checked_without_being_shown() {
+        // Proves: a gateway URL with credentials (never sent, but written wherever the URL is) or
+        // a bad port, and a MySQL URL its driver cannot use, are configuration errors naming the
+        // option and never the value.
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        for bad in [
+            "http://merchant:SECRETPW@127.0.0.1:8090",
+            "http://127.0.0.1:99999",
+            "http://:8090",
+            "ftp://127.0.0.1:8090",
+        ] {
+            let text = message(serve(&["--gateway-url", bad]).unwrap_err());
+            assert!(text.contains("--gateway-url"), "{bad}: {text}");
+            assert!(!text.contains(bad) && !text.contains("SECRETPW"), "{text}");
+        }
+        for fine in [
+            "http://127.0.0.1:8090/",
+            "https://pay.example.com",
+            "http://[::1]:8090",
+        ] {
+            let config = serve(&["--gateway-url", fine]).unwrap();
+            assert_eq!(
+                config.gateway_url.as_deref(),
+                Some(fine.trim_end_matches('/'))
+            );
+        }
+        let text = message(serve(&["--mysql-url", "mysql://u:SECRETPW@h:99999/db"]).unwrap_err());
+        assert!(
+            text.contains("--mysql-url") && !text.contains("SECRETPW"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -237,6 +237,20 @@ pub(super) async fn checkout(
     let mut lock_held = false;
     let mut redis_cart = None;
     if let Some(store) = state.carts.store() {
+        // An order this node placed under the key is its answer, whatever Redis holds: a node
+        // cut off from Redis past its lock's life may find another node's answer there.
+        match state
+            .engine
+            .idempotency()
+            .placed_answer(&key, &fingerprint, now_ms())
+        {
+            Some(Ok(stored)) => {
+                state.metrics.replays.add(1);
+                return Ok(answer(stored.status, stored.body, true));
+            }
+            Some(Err(_)) => return Err(key_reused()),
+            None => {}
+        }
         let cart = request
             .cart_id
             .as_ref()

@@ -28,6 +28,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     if let Some(store) = state.carts.store() {
         checks.push(("redis", store.check()));
     }
+    // The gateway too: payments owed are retried when it is back.
+    if let Some(check) = state.gateway.check() {
+        checks.push(("gateway", check));
+    }
     let checks: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
         .map(|(name, check)| {

@@ -277,6 +277,32 @@ impl IdempotencyStore {
         lock(&self.slots[shard]).insert(key, Slot::Finished(Arc::new(answer)));
     }
 
+    /// The answer of an order this node placed under `key` (kept durably, within retention), if
+    /// any, compared with `fingerprint`, without taking the key: with several nodes, a node's own
+    /// durable answer comes before whatever another node may have left in Redis under the same
+    /// key (a node cut off from Redis past its lock's life may find another's answer there).
+    pub fn placed_answer<F: Fingerprinted + ?Sized>(
+        &self,
+        key: &IdempotencyKey,
+        fingerprint: &F,
+        now_ms: i64,
+    ) -> Option<Result<Answer, KeyError>> {
+        let slots = lock(&self.slots[shard_of(key)]);
+        match slots.get(key) {
+            Some(Slot::Finished(answer)) if now_ms - answer.at_ms < self.retention_ms => {
+                Some(if fingerprint.matches(&answer.fingerprint) {
+                    Ok(Answer {
+                        status: answer.status,
+                        body: Bytes::copy_from_slice(answer.body.as_bytes()),
+                    })
+                } else {
+                    Err(KeyError::Reused)
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Marks the key in flight, or says how it was used before.
     pub fn begin<F: Fingerprinted + ?Sized>(
         &self,

@@ -27,10 +27,12 @@ use std::time::Duration;
 const ATTEMPTS: u32 = 3;
 
 /// A gateway at a base URL.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct HttpGateway {
     base: String,
     client: HttpClient,
+    /// Why the last call got no answer (`None` once one was answered), for `/readyz`.
+    last_failure: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -49,6 +51,7 @@ impl HttpGateway {
         Self {
             base: base.trim_end_matches('/').to_owned(),
             client,
+            last_failure: std::sync::Mutex::new(None),
         }
     }
 
@@ -63,6 +66,12 @@ impl HttpGateway {
         let url = format!("{}{path}", self.base);
         let mut last = PaymentError::Unreachable("no attempt".into());
         let mut backoff = RETRY_BACKOFF;
+        // A call its caller stops waiting for (the checkout's own timeout) counts as unanswered.
+        let mut watch = Unanswered {
+            failure: &self.last_failure,
+            path,
+            answered: false,
+        };
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(backoff.next_wait()).await;
@@ -76,11 +85,17 @@ impl HttpGateway {
                         response.status
                     ));
                 }
-                Ok(response) => return Ok((response.status, response.body.to_vec())),
+                Ok(response) => {
+                    watch.answered = true;
+                    *crate::sync::lock(&self.last_failure) = None;
+                    return Ok((response.status, response.body.to_vec()));
+                }
                 Err(ClientError::Timeout(_)) => last = PaymentError::Timeout,
                 Err(error) => last = PaymentError::Unreachable(error.to_string()),
             }
         }
+        watch.answered = true;
+        *crate::sync::lock(&self.last_failure) = Some(last.to_string());
         Err(last)
     }
 
@@ -115,6 +130,24 @@ impl HttpGateway {
     }
 }
 
+/// Notes a call that ended without an answer, including one dropped by its caller's timeout.
+struct Unanswered<'a> {
+    failure: &'a std::sync::Mutex<Option<String>>,
+    path: &'a str,
+    answered: bool,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if !self.answered {
+            *crate::sync::lock(self.failure) = Some(format!(
+                "{}: no answer before the caller gave up",
+                self.path
+            ));
+        }
+    }
+}
+
 /// The waits before the retries: 50 ms, then 100 ms, each ±50%.
 const RETRY_BACKOFF: crate::backoff::Backoff =
     crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_millis(100));
@@ -134,6 +167,15 @@ fn encode(raw: &str) -> String {
 }
 
 impl PaymentGateway for HttpGateway {
+    fn check(&self) -> Option<Result<(), String>> {
+        Some(match crate::sync::lock(&self.last_failure).clone() {
+            None => Ok(()),
+            Some(reason) => Err(format!(
+                "the last call got no answer ({reason}); payments owed are retried"
+            )),
+        })
+    }
+
     fn authorize(
         &self,
         request: AuthorizeRequest,

@@ -174,6 +174,12 @@ pub trait PaymentGateway: Send + Sync {
     fn refund(&self, payment_id: String) -> BoxFuture<'_, Result<(), PaymentError>>;
     /// Where a payment stands.
     fn lookup(&self, payment_id: String) -> BoxFuture<'_, Result<PaymentInfo, PaymentError>>;
+    /// For `/readyz` (`checks.gateway`): `None` for a gateway in this process; for one over the
+    /// network, `Ok` while its last call was answered, else why not. Never decides readiness:
+    /// payments catch up (API.md).
+    fn check(&self) -> Option<Result<(), String>> {
+        None
+    }
     /// Payments authorised (or still pending) longer than `age` ago and not captured, voided or
     /// refunded since, whose idempotency key starts with `key_prefix` (the node's own,
     /// [`node_key_prefix`]): what the reconciler checks against the journal.

@@ -295,18 +295,30 @@ return {'locked', 'cart', lines(KEYS[4])}
 /// the whole batch. A lock is "ours" when its value starts with the one given: lock values end
 /// with `/`, so a checkout's own value matches only itself, and the node's prefix (`<node>/`,
 /// given by the start-up recovery) matches every lock of the node's earlier runs.
+///
+/// Returns the indexes (from 1) of the ends whose key holds another answer than theirs: another
+/// node answered the key meanwhile (this node's answer could not reach Redis while its lock
+/// lived), so the key has an order on each of two nodes, which the node reports.
 const FINISH: &str = r"
+local twins = {}
 for i = 1, #KEYS / 2 do
   local ttl = tonumber(ARGV[3 * i])
   local value = ARGV[3 * i - 2]
   local lock = redis.pcall('GET', KEYS[2 * i])
   local ours = type(lock) == 'string' and string.sub(lock, 1, #value) == value
-  if ttl > 0 and (ours or lock == false) and redis.call('EXISTS', KEYS[2 * i - 1]) == 0 then
-    redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
+  if ttl > 0 then
+    local there = redis.pcall('GET', KEYS[2 * i - 1])
+    if there == false then
+      if ours or lock == false then
+        redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
+      end
+    elseif type(there) == 'string' and there ~= ARGV[3 * i - 1] then
+      twins[#twins + 1] = i
+    end
   end
   if ours then redis.call('DEL', KEYS[2 * i]) end
 end
-return #KEYS / 2
+return twins
 ";
 
 /// Renews the locks of checkouts whose outcome is not known yet. KEYS = their locks; ARGV[1] = the
@@ -704,9 +716,10 @@ impl RedisStore {
         ttl_ms: i64,
         carts_max: usize,
     ) -> Result<(), CartError> {
+        // A fresh cart's key is new: what the script can trip on is the set of live carts.
         let reply: Vec<String> = self
             .run(
-                &self.key("cart", cart_id.as_str()),
+                &self.carts_key(),
                 self.scripts
                     .cart_create
                     .key(self.carts_key())
@@ -775,9 +788,12 @@ impl RedisStore {
                 .arg(quantity)
                 .arg(CART_ITEMS_MAX);
         }
-        let reply: Vec<String> = self
-            .run(&self.key("cart", cart_id.as_str()), &invocation)
-            .await?;
+        let subject = format!(
+            "{} or {}",
+            self.key("cart", cart_id.as_str()),
+            self.carts_key()
+        );
+        let reply: Vec<String> = self.run(&subject, &invocation).await?;
         self.cart_reply(cart_id, &reply, now_ms + ttl_ms)
     }
 
@@ -831,7 +847,16 @@ impl RedisStore {
                 .arg(ttl_ms)
                 .arg(cart_id.as_str());
         }
-        let reply: Vec<String> = self.run(&answer_key, &invocation).await?;
+        // A script error names no key: every key the script reads is named.
+        let subject = match cart {
+            Some((cart_id, ..)) => format!(
+                "{answer_key}, {} or {}",
+                self.key("cart", cart_id.as_str()),
+                self.carts_key()
+            ),
+            None => answer_key.clone(),
+        };
+        let reply: Vec<String> = self.run(&subject, &invocation).await?;
         let unexpected = |what: String| StoreError::Unexpected {
             key: answer_key.clone(),
             what,
@@ -894,7 +919,7 @@ impl RedisStore {
             ),
             (
                 "turnstile_redis_locks_lost",
-                "Submission locks found expired or taken while their checkout's outcome was not known on this node (see the ERROR log).",
+                "Submission locks found expired or taken while their checkout's outcome was not known on this node, or keys another node answered while this node's answer could not reach Redis (see the ERROR log).",
                 &stats.locks_lost,
             ),
         ] {
@@ -969,9 +994,17 @@ impl RedisStore {
                 .arg(encoded)
                 .arg(ttl_ms);
         }
-        self.run::<i64>("a batch of answers and locks", &invocation)
-            .await
-            .map(|_| ())
+        let twins: Vec<usize> = self
+            .run("a batch of answers and locks", &invocation)
+            .await?;
+        for index in twins {
+            let Some(finish) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(key = %finish.key.as_str(), "another node answered this key while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has an order on each of two nodes; look at both and cancel one");
+        }
+        Ok(())
     }
 
     /// Sends again, in the background, the answers this node gave since `answers`' oldest (read

@@ -264,6 +264,13 @@ async fn with_the_gateway_down_checkouts_fail_fast_and_the_reconciler_clears_wha
     let paid = checkout_until_final(&mut client, "d-1", "D", "tok_ok").await;
     assert_eq!(paid["http_status"], 201, "{paid}");
     let paid_id = paid["order_id"].as_str().expect("order_id").to_owned();
+    let ready = client.get("/readyz").await;
+    assert_eq!(
+        ready.json()["checks"]["gateway"],
+        "ok",
+        "{:?}",
+        ready.json()
+    );
 
     // The gateway stops answering (its process paused, connections open): wait until the kernel
     // shows it stopped, since a signal takes effect when the process is next scheduled.
@@ -289,6 +296,17 @@ async fn with_the_gateway_down_checkouts_fail_fast_and_the_reconciler_clears_wha
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "answered within --gateway-timeout (plus the journal)"
+    );
+    // /readyz says so, and the node stays ready: payments owed catch up.
+    let ready = client.get("/readyz").await;
+    assert_eq!(ready.status, 200);
+    let reason = ready.json()["checks"]["gateway"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        reason.starts_with("the last call got no answer"),
+        "{reason}"
     );
     let cancelled = client
         .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")

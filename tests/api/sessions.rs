@@ -749,3 +749,65 @@ async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_t
     );
     assert_eq!(again, first);
 }
+
+/// Found by attack: a live node cut off from Redis for longer than the lock's life, between its
+/// commit and its answer reaching Redis, lets another node place the same key: two orders. No
+/// guard shared by the nodes can stop that while their journals are apart (README says so); what
+/// the node must do is say so when its answer finally reaches Redis and finds another there, and
+/// keep replaying its own answer, byte for byte, to its clients. Here the other node's answer is
+/// planted, and the node's answer reaches Redis again through its start-up recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_own() {
+    let redis = TestRedis::create("twins").await;
+    let (a, _b) = two_nodes(&redis, &[], &[("A", 10)]).await;
+    let mut on_a = a.client();
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, first, _) = checkout(&mut on_a, "twin", &body).await;
+    assert_eq!(status, 201, "{first}");
+    redis.wait_answer("twin", Duration::from_secs(5)).await;
+    // Another node's answer under the key, as a partition longer than the lock would leave it.
+    let answer_key = format!("{}answer:twin", redis.prefix);
+    let mut connection = redis.connection().await;
+    let stored: String = redis::cmd("GET")
+        .arg(&answer_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let other = stored.replacen("201 ", "201 1", 1).replace("paid", "paid ");
+    let _: () = redis::cmd("SET")
+        .arg(&answer_key)
+        .arg(&other)
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let args = redis.args();
+    let (data_dir, _dir) = a.into_parts();
+    let a = super::helpers::start(
+        &data_dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let mut on_a = a.client();
+    eventually(
+        "the restarted node to report the other answer",
+        Duration::from_secs(15),
+        async || super::helpers::metric(&mut on_a, "turnstile_redis_locks_lost_total").await == 1.0,
+    )
+    .await;
+    assert!(
+        a.log().contains("another node answered this key"),
+        "{}",
+        a.log()
+    );
+    let (status, again, replayed) = checkout(&mut on_a, "twin", &body).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(again, first, "the node replays its own answer");
+    let kept: String = redis::cmd("GET")
+        .arg(&answer_key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    assert_eq!(kept, other, "an answer in Redis is never replaced");
+    redis.delete().await;
+}
