@@ -1,6 +1,7 @@
 //! The command line, on `clap` (derive): `serve` (also `turnstile` alone, or `turnstile --listen …`),
-//! `migrate` and `gateway-sim`, each with a generated `--help`; an unknown option or a bad value
-//! exits 2 with clap's message.
+//! `migrate`, `gateway-sim`, `mysql-apply` and `notify`, each with a generated `--help`; an unknown
+//! option or a bad value exits 2 with clap's message, and a value checked after parsing (a URL that
+//! may hold a password, a floor between options) exits 2 with a message naming the option.
 //!
 //! A `serve` option comes from, in this order: its flag, its environment variable (clap's `env`),
 //! the JSON config file (`--config FILE`, keys = option names), its default. clap knows the first two

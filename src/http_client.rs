@@ -1,5 +1,5 @@
-//! The one HTTP client the server calls out with (the simulator's webhooks; the payment gateway
-//! next): hyper-util's pooled client, so calls to one host reuse keep-alive connections, over
+//! The one HTTP client the server calls out with (the simulator's webhooks, and the payment
+//! gateway with `--gateway-url`): hyper-util's pooled client, so calls to one host reuse keep-alive connections, over
 //! `hyper-rustls` for `https://` (the same rustls and ring as the listener). Every call has a
 //! timeout covering the connection, the request and the whole answer.
 

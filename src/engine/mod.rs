@@ -114,8 +114,9 @@ pub enum EngineError {
     Inconsistent(String),
 }
 
-/// Independently locked parts of the product and order maps: contention stays low, and none of
-/// these locks is taken to reserve or reject.
+/// Independently locked parts of the product and order maps: contention stays low. A rejection
+/// takes none of these locks (the stock check and the sold-out flag are atomics); a reservation
+/// that holds its units takes its products' shard locks, briefly, to price its lines.
 const MAP_SHARDS: usize = 64;
 
 fn shard_index<K: Hash>(key: &K) -> usize {
@@ -449,7 +450,8 @@ impl Engine {
     }
 
     /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
-    /// lock: a sold-out SKU costs one load), then mixed currencies.
+    /// lock: a sold-out SKU costs one load), then mixed currencies. Once held, each line is priced
+    /// under its product's shard lock.
     pub fn reserve(&self, lines: &[(Sku, Quantity)]) -> Result<Reservation, EngineError> {
         // The flash sale's flood: one line of a SKU flagged sold out is refused with one lookup
         // and one load, before anything is allocated (the answer the full path below would give).

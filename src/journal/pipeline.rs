@@ -35,7 +35,7 @@ pub(crate) struct Entry {
     pub first_event_seq: u64,
     /// The record.
     pub record: Record,
-    /// The record as JSON.
+    /// The record's bytes as the journal stores them (the binary codec, `engine::codec`).
     pub payload: Vec<u8>,
     /// The record's events, numbered, computed by the appender.
     pub events: Vec<Event>,
@@ -52,7 +52,7 @@ pub(crate) struct Committed {
     pub first_event_seq: u64,
     /// The record.
     pub record: Record,
-    /// The record as JSON, as the journal stored it.
+    /// The record's bytes, as the journal stored them (the binary codec, `engine::codec`).
     pub payload: Vec<u8>,
     /// Its numbered events.
     pub events: Vec<Event>,
