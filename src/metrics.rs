@@ -4,7 +4,7 @@
 //! Why `prometheus-client` (the Prometheus project's own Rust client) and not `metrics` with its
 //! exporter: its [`Collector`] trait lets a scrape read our atomics directly, so the request path
 //! stays one `fetch_add` per counter with no registry lookup, no label map and no allocation, and the
-//! atomics are sharded per core ([`PerCore`]) without touching the exposition. `metrics` routes
+//! atomics are sharded per core (`sync::PerCore`) without touching the exposition. `metrics` routes
 //! every increment through a global recorder keyed by name and labels, which is a lookup (or a
 //! handle to keep) per call site. The encoder writes the OpenMetrics text format: counters are
 //! declared without their `_total` suffix (`# TYPE turnstile_reservations counter`) and their

@@ -2,6 +2,11 @@
 //! ([`crate::connections`]), sweep expired holds, and on SIGTERM/SIGINT stop accepting, finish
 //! in-flight requests, flush the journal, return.
 //!
+//! `serve` reads as the order of things: one builder function per part (`open_journal`,
+//! `build_engine`, `build_payments`, `start_relay`, `start_sessions`, `build_app`,
+//! `bind_listeners`), then `run_listeners` until the stop signal, then the one `shutdown`, whose
+//! doc says the order parts stop in and why.
+//!
 //! Two runtimes (`--runtime`). **Per-core** (the default): one thread per worker, pinned to a
 //! physical core ([`crate::topology`]), each running a single-threaded tokio runtime with its own
 //! `SO_REUSEPORT` listener and its own stock shard, so a connection's requests are accepted,
@@ -16,6 +21,7 @@ use crate::config::{RuntimeKind, ServeConfig};
 use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
+use crate::engine::records::State;
 use crate::engine::{Applied, Engine, EngineConfig};
 use crate::events::relay::{Cursor, FileCursor, MySqlCursor, Relay};
 use crate::http_client::{ClientOptions, HttpClient, Trust};
@@ -177,18 +183,135 @@ struct Placement {
     pin: bool,
 }
 
+/// Builds the parts in order (the journal first: everything else is rebuilt from it), serves
+/// until the stop signal, then stops the parts in the one order [`shutdown`] writes down.
 async fn serve(
     config: ServeConfig,
     workers: usize,
     placement: Option<Placement>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
+    let Opened {
+        journal,
+        state,
+        mysql_pool,
+        file_cursor,
+    } = open_journal(&config).await?;
+    let engine = build_engine(&config, workers, &state)?;
+    drop(state);
+    let node = node_name(&config)?;
+    let payments = build_payments(&config)?;
+    let relay = start_relay(&config, &journal, file_cursor, mysql_pool).await?;
+    let (carts, redis) = start_sessions(&config, &engine, &node).await?;
+    let simulator = Arc::clone(&payments.simulator);
+    let app = build_app(
+        &config,
+        AppParts {
+            engine,
+            journal: Arc::clone(&journal),
+            carts,
+            payments,
+            relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
+            node,
+        },
+    );
+    let listeners = bind_listeners(&config, workers, placement)?;
+    let local = listeners.local_addr().map_err(|source| ServeError::Io {
+        context: "reading the listen address".into(),
+        source,
+    })?;
+    simulator.set_webhook_target(local, tls.is_some());
+    announce(&config, &app, local, tls.is_some());
+    // Installed before the ready line: from that line on, SIGTERM is a clean stop.
+    let stop = stop_signal();
+    // The contract's ready line (API.md), on standard output for scripts to wait on.
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
+    drop(stdout);
+
+    let background = vec![
+        tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl)),
+        tokio::spawn(api::money::reconcile(
+            Arc::clone(&app),
+            config.reconcile_after,
+        )),
+    ];
+    let limits = ConnectionLimits {
+        slow_client_timeout: config.slow_client_timeout,
+        connections_max: config.connections_max,
+        nodelay: config.socket.nodelay,
+        response_budget: app.response_budget,
+    };
+    // Per-core workers keep their runtimes (and the tasks requests started on them) until the
+    // journal is flushed: the guard releases them when `serve` returns.
+    let _workers =
+        run_listeners(listeners, api::router(Arc::clone(&app)), limits, tls, stop).await?;
+    shutdown(Stopping {
+        app,
+        background,
+        relay,
+        redis,
+        journal,
+        checkouts_bound: config.gateway_timeout + config.journal_timeout,
+        checkouts_max: config.checkouts_in_flight_max,
+    })
+    .await;
+    Ok(())
+}
+
+/// What the handlers share, built from the configuration.
+struct AppParts {
+    engine: Engine,
+    journal: Arc<dyn Journal>,
+    carts: Carts,
+    payments: Payments,
+    relay: Option<Arc<Relay>>,
+    node: String,
+}
+
+fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
+    Arc::new(AppState {
+        engine: parts.engine,
+        journal: parts.journal,
+        carts: parts.carts,
+        gateway: parts.payments.gateway,
+        webhook_secret: parts.payments.webhook_secret,
+        gateway_timeout: config.gateway_timeout,
+        journal_timeout: config.journal_timeout,
+        slow_client_timeout: config.slow_client_timeout,
+        metrics: Metrics::new(api::ROUTES),
+        settled: tokio::sync::Notify::new(),
+        checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
+        settler: api::money::Settler::default(),
+        relay: parts.relay,
+        redis_optional: config.redis_optional,
+        response_budget: connections::ResponseBudget::leak(config.response_bytes_max),
+        node: parts.node,
+        admin_token: config.admin_token.clone(),
+    })
+}
+
+/// The RabbitMQ relay's cursor when it lives in the data dir: the cursor, the seq it confirmed,
+/// and the shared value the embedded journal's retention holds events after.
+type FileCursorAt = (FileCursor, u64, Arc<AtomicU64>);
+
+/// The journal as start-up opened it, with the durable state it recovered.
+struct Opened {
+    journal: Arc<dyn Journal>,
+    state: State,
+    /// MySQL as the journal: its pool (the relay keeps its cursor there).
+    mysql_pool: Option<sqlx::MySqlPool>,
+    /// The relay's cursor in the data dir, read before the journal opened.
+    file_cursor: Option<FileCursorAt>,
+}
+
+/// Opens the journal the configuration names (embedded, MySQL, or embedded with MySQL behind),
+/// after the relay's cursor in the data dir, whose retention keeps every event after it.
+async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
     let schema = |error| match error {
         SchemaError::Journal(error) => ServeError::Journal(error),
         other => ServeError::Schema(other),
     };
-    // The relay's cursor, when it lives in the data dir: read before the journal opens, whose
-    // retention keeps every segment with an event after it.
     let mysql_journal = config.mysql.is_some() && !config.mysql_write_behind;
     let file_cursor = match (&config.amqp, mysql_journal) {
         (Some(_), false) => {
@@ -208,36 +331,56 @@ async fn serve(
         hold_events_after_seq: file_cursor.as_ref().map(|(_, _, hold)| Arc::clone(hold)),
         ..FileJournalConfig::default()
     };
-    let mut mysql_pool = None;
-    let (journal, state): (Arc<dyn Journal>, _) = match &config.mysql {
-        Some(mysql) => {
-            let mut mysql = mysql.clone();
-            mysql.retention = crate::journal::mysql::Retention {
-                order_ms: config.order_retention.as_millis() as i64,
-                answer_ms: config.idempotency_retention.as_millis() as i64,
-            };
-            if config.mysql_write_behind {
-                let (journal, state) = WriteBehindJournal::open(
-                    &config.data_dir,
-                    file_config,
-                    mysql,
-                    config.journal_timeout,
-                )
+    let Some(mysql) = &config.mysql else {
+        let (journal, state) = FileJournal::open_dir(&config.data_dir, file_config)?;
+        return Ok(Opened {
+            journal: Arc::new(journal),
+            state,
+            mysql_pool: None,
+            file_cursor,
+        });
+    };
+    let mut mysql = mysql.clone();
+    mysql.retention = crate::journal::mysql::Retention {
+        order_ms: config.order_retention.as_millis() as i64,
+        answer_ms: config.idempotency_retention.as_millis() as i64,
+    };
+    if config.mysql_write_behind {
+        let (journal, state) =
+            WriteBehindJournal::open(&config.data_dir, file_config, mysql, config.journal_timeout)
                 .await
                 .map_err(schema)?;
-                (Arc::new(journal), state)
-            } else {
-                let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
-                mysql_pool = Some(journal.pool().clone());
-                (Arc::new(journal), state)
-            }
-        }
-        None => {
-            let (journal, state) = FileJournal::open_dir(&config.data_dir, file_config)?;
-            (Arc::new(journal), state)
-        }
-    };
-    let engine = Engine::from_state(
+        return Ok(Opened {
+            journal: Arc::new(journal),
+            state,
+            mysql_pool: None,
+            file_cursor,
+        });
+    }
+    let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
+    Ok(Opened {
+        mysql_pool: Some(journal.pool().clone()),
+        journal: Arc::new(journal),
+        state,
+        file_cursor,
+    })
+}
+
+/// This node's name, kept in the data dir: in its Redis lock values and in the idempotency keys
+/// of its authorisations, so nodes sharing a gateway each reconcile only their own.
+fn node_name(config: &ServeConfig) -> Result<String, ServeError> {
+    data_dir::node_name(&config.data_dir).map_err(|source| ServeError::Io {
+        context: format!(
+            "reading the node's name ({} in the data dir)",
+            data_dir::NODE_NAME_FILE
+        ),
+        source,
+    })
+}
+
+/// The engine, rebuilt from the durable state.
+fn build_engine(config: &ServeConfig, workers: usize, state: &State) -> Result<Engine, ServeError> {
+    Ok(Engine::from_state(
         EngineConfig {
             shard_count: workers,
             hold_ttl_ms: config.hold_ttl.as_millis() as i64,
@@ -246,18 +389,19 @@ async fn serve(
             order_retention_ms: config.order_retention.as_millis() as i64,
             order_id_prefix: order_id_prefix(),
         },
-        &state,
-    )?;
-    drop(state);
-    // This node's name, kept in the data dir: in its Redis lock values and in the idempotency keys
-    // of its authorisations, so nodes sharing a gateway each reconcile only their own.
-    let node = data_dir::node_name(&config.data_dir).map_err(|source| ServeError::Io {
-        context: format!(
-            "reading the node's name ({} in the data dir)",
-            data_dir::NODE_NAME_FILE
-        ),
-        source,
-    })?;
+        state,
+    )?)
+}
+
+/// The payment side: the gateway checkouts call, the in-process simulator (whose webhooks need
+/// the listen address, known later), and the webhook secret.
+struct Payments {
+    gateway: Arc<dyn PaymentGateway>,
+    simulator: Arc<Simulator>,
+    webhook_secret: Vec<u8>,
+}
+
+fn build_payments(config: &ServeConfig) -> Result<Payments, ServeError> {
     let webhook_secret = match &config.webhook_secret {
         Some(secret) => secret.as_bytes().to_vec(),
         None => crate::random::random_bytes(32)?,
@@ -288,117 +432,128 @@ async fn serve(
         }
         None => Arc::new(Arc::clone(&simulator)),
     };
+    Ok(Payments {
+        gateway,
+        simulator,
+        webhook_secret,
+    })
+}
+
+/// A running RabbitMQ relay, and what says its thread ended.
+type RunningRelay = (Arc<Relay>, tokio::sync::oneshot::Receiver<()>);
+
+/// Starts the outbox relay when `--amqp-url` is given, from its durable cursor (the data dir's,
+/// or MySQL's `outbox_cursor` when MySQL is the journal).
+async fn start_relay(
+    config: &ServeConfig,
+    journal: &Arc<dyn Journal>,
+    file_cursor: Option<FileCursorAt>,
+    mysql_pool: Option<sqlx::MySqlPool>,
+) -> Result<Option<RunningRelay>, ServeError> {
     let relay = match (&config.amqp, file_cursor, mysql_pool) {
-        (Some(amqp), Some((cursor, confirmed, hold)), _) => Some(Relay::new(
+        (Some(amqp), Some((cursor, confirmed, hold)), _) => Relay::new(
             amqp.clone(),
-            Arc::clone(&journal),
+            Arc::clone(journal),
             Box::new(cursor),
             confirmed,
             Some(hold),
-        )),
+        ),
         (Some(amqp), None, Some(pool)) => {
             let cursor = MySqlCursor::new(pool);
             let confirmed = cursor.load().await.map_err(JournalError::Unavailable)?;
-            Some(Relay::new(
+            Relay::new(
                 amqp.clone(),
-                Arc::clone(&journal),
+                Arc::clone(journal),
                 Box::new(cursor),
                 confirmed,
                 None,
-            ))
+            )
         }
-        _ => None,
+        _ => return Ok(None),
     };
     // A cursor past the journal's last event (a data dir restored from an older backup, a cursor
     // from another node) would skip every new event up to it: refuse to start rather than lose.
-    if let Some(relay) = &relay {
-        let last = journal.last_event_seq();
-        if relay.confirmed() > last {
-            return Err(JournalError::Io {
-                context: "checking the RabbitMQ relay's cursor".into(),
-                message: format!(
-                    "the relay's cursor ({} in the data dir, or outbox_cursor in MySQL) says event {} was delivered but the journal ends at event {last}: the events from {} on would never be sent; remove the cursor (every event the journal keeps is sent again) or restore the matching journal",
-                    crate::events::relay::CURSOR_FILE,
-                    relay.confirmed(),
-                    last + 1
-                ),
-            }
-            .into());
+    let last = journal.last_event_seq();
+    if relay.confirmed() > last {
+        return Err(JournalError::Io {
+            context: "checking the RabbitMQ relay's cursor".into(),
+            message: format!(
+                "the relay's cursor ({} in the data dir, or outbox_cursor in MySQL) says event {} was delivered but the journal ends at event {last}: the events from {} on would never be sent; remove the cursor (every event the journal keeps is sent again) or restore the matching journal",
+                crate::events::relay::CURSOR_FILE,
+                relay.confirmed(),
+                last + 1
+            ),
         }
+        .into());
     }
-    let relay_task = relay
-        .as_ref()
-        .map(Relay::start)
-        .transpose()
-        .map_err(|source| ServeError::Io {
-            context: "starting the RabbitMQ relay's thread".into(),
-            source,
-        })?;
+    let task = Relay::start(&relay).map_err(|source| ServeError::Io {
+        context: "starting the RabbitMQ relay's thread".into(),
+        source,
+    })?;
+    Ok(Some((relay, task)))
+}
+
+/// A running Redis store and its tasks (the connection supervisor, the finisher, the renewer).
+type RunningRedis = (Arc<RedisStore>, Vec<tokio::task::JoinHandle<()>>);
+
+/// The carts: in process, or in Redis with the submission locks and answers every node shares
+/// (connected, and this node's recent answers sent again, see [`RedisStore::recover`]).
+async fn start_sessions(
+    config: &ServeConfig,
+    engine: &Engine,
+    node: &str,
+) -> Result<(Carts, Option<RunningRedis>), ServeError> {
     let cart_ttl_ms = config.cart_ttl.as_millis() as i64;
-    let (carts, redis) = match &config.redis {
-        Some(redis) => {
-            let store = Arc::new(RedisStore::new(redis, node.clone(), now_ms()).map_err(
-                |error| ServeError::Io {
-                    context: "setting up Redis".into(),
-                    source: std::io::Error::other(error.to_string()),
-                },
-            )?);
-            let tasks = store.start().await;
-            // Answers of the last two lock lifetimes, which a kill may have kept from Redis.
-            let now = now_ms();
-            let retention = engine.config().answer_retention_ms;
-            let recent = engine
-                .idempotency()
-                .recent_answers(
-                    now - 2 * store.lock_ttl().as_millis() as i64,
-                    RECOVERED_ANSWERS_MAX,
-                )
-                .into_iter()
-                .map(|(key, answer)| {
-                    let ttl_ms = answer.at_ms + retention - now;
-                    (key, (*answer).clone(), ttl_ms)
-                })
-                // A key past its retention may start afresh here: its old answer is not sent,
-                // nor its lock (maybe this run's own by then) freed.
-                .filter(|(_, _, ttl_ms)| *ttl_ms > 0)
-                .collect();
-            store.recover(recent);
-            (
-                Carts::redis(Arc::clone(&store), cart_ttl_ms, config.carts_max)?,
-                Some((store, tasks)),
-            )
-        }
-        None => (
+    let Some(redis) = &config.redis else {
+        return Ok((
             Carts::Memory(CartStore::new(cart_ttl_ms, config.carts_max)?),
             None,
-        ),
+        ));
     };
-    let app = Arc::new(AppState {
-        engine,
-        journal: Arc::clone(&journal),
-        carts,
-        gateway,
-        webhook_secret,
-        gateway_timeout: config.gateway_timeout,
-        journal_timeout: config.journal_timeout,
-        slow_client_timeout: config.slow_client_timeout,
-        metrics: Metrics::new(api::ROUTES),
-        settled: tokio::sync::Notify::new(),
-        checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
-        settler: api::money::Settler::default(),
-        relay: relay.clone(),
-        redis_optional: config.redis_optional,
-        response_budget: connections::ResponseBudget::leak(config.response_bytes_max),
-        node,
-        admin_token: config.admin_token.clone(),
-    });
+    let store = Arc::new(
+        RedisStore::new(redis, node.to_owned(), now_ms()).map_err(|error| ServeError::Io {
+            context: "setting up Redis".into(),
+            source: std::io::Error::other(error.to_string()),
+        })?,
+    );
+    let tasks = store.start().await;
+    // Answers of the last two lock lifetimes, which a kill may have kept from Redis.
+    let now = now_ms();
+    let retention = engine.config().answer_retention_ms;
+    let recent = engine
+        .idempotency()
+        .recent_answers(
+            now - 2 * store.lock_ttl().as_millis() as i64,
+            RECOVERED_ANSWERS_MAX,
+        )
+        .into_iter()
+        .map(|(key, answer)| {
+            let ttl_ms = answer.at_ms + retention - now;
+            (key, (*answer).clone(), ttl_ms)
+        })
+        // A key past its retention may start afresh here: its old answer is not sent, nor its
+        // lock (maybe this run's own by then) freed.
+        .filter(|(_, _, ttl_ms)| *ttl_ms > 0)
+        .collect();
+    store.recover(recent);
+    Ok((
+        Carts::redis(Arc::clone(&store), cart_ttl_ms, config.carts_max)?,
+        Some((store, tasks)),
+    ))
+}
 
+/// The listening sockets: one, or one per per-core worker (`SO_REUSEPORT`).
+fn bind_listeners(
+    config: &ServeConfig,
+    workers: usize,
+    placement: Option<Placement>,
+) -> Result<Listeners, ServeError> {
     let listen_error = |source| ServeError::Listen {
         addr: config.listen,
         source,
     };
     connections::check_kernel_limits(config.socket.backlog, config.connections_max);
-    let listeners = match placement {
+    Ok(match placement {
         None => Listeners::Shared(
             connections::bind(config.listen, &config.socket).map_err(listen_error)?,
         ),
@@ -407,15 +562,14 @@ async fn serve(
                 .map_err(listen_error)?,
             placement,
         ),
-    };
-    let local = listeners.local_addr().map_err(|source| ServeError::Io {
-        context: "reading the listen address".into(),
-        source,
-    })?;
-    simulator.set_webhook_target(local, tls.is_some());
+    })
+}
+
+/// The start-up line: what this node serves with.
+fn announce(config: &ServeConfig, app: &AppState, local: std::net::SocketAddr, tls: bool) {
     tracing::info!(
         %local,
-        tls = tls.is_some(),
+        tls,
         journal = match (&config.mysql, config.mysql_write_behind) {
             (Some(_), true) => "embedded, MySQL written behind",
             (Some(_), false) => "mysql",
@@ -432,46 +586,63 @@ async fn serve(
         },
         "serving"
     );
-    // Installed before the ready line: from that line on, SIGTERM is a clean stop.
-    let stop = stop_signal();
-    // The contract's ready line (API.md), on standard output for scripts to wait on.
-    let mut stdout = std::io::stdout().lock();
-    let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
-    drop(stdout);
+}
 
-    let sweeper = tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl));
-    let reconciler = tokio::spawn(api::money::reconcile(
-        Arc::clone(&app),
-        config.reconcile_after,
-    ));
-    let router = api::router(Arc::clone(&app));
-    let limits = ConnectionLimits {
-        slow_client_timeout: config.slow_client_timeout,
-        connections_max: config.connections_max,
-        nodelay: config.socket.nodelay,
-        response_budget: app.response_budget,
-    };
-    // Per-core workers keep their runtimes (and the tasks requests started on them) until the
-    // journal is flushed: the guard releases them when `serve` returns.
-    let _workers = match listeners {
-        Listeners::PerCore(listeners, placement) => Some(
+/// Serves on the listeners until the stop signal and every connection has ended; with per-core
+/// workers, returns the guard that keeps their runtimes until the journal is flushed.
+async fn run_listeners(
+    listeners: Listeners,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Option<Workers>, ServeError> {
+    match listeners {
+        Listeners::PerCore(listeners, placement) => Ok(Some(
             serve_per_core(listeners, placement, router, limits, tls, stop)
                 .await
                 .map_err(|source| ServeError::Io {
                     context: "starting the per-core workers".into(),
                     source,
                 })?,
-        ),
+        )),
         Listeners::Shared(listener) => {
             connections::serve(listener, router, limits, tls, stop).await;
-            None
+            Ok(None)
         }
-    };
-    sweeper.abort();
-    reconciler.abort();
-    // The relay stops first: its last cursor save may need the journal's database (MySQL).
-    if let (Some(relay), Some(task)) = (relay, relay_task) {
-        // Confirms in flight get a moment; whatever is not confirmed is sent after the next start.
+    }
+}
+
+/// What is still running once the listeners have stopped.
+struct Stopping {
+    app: Arc<AppState>,
+    /// The hold sweeper and the reconciler.
+    background: Vec<tokio::task::JoinHandle<()>>,
+    relay: Option<RunningRelay>,
+    redis: Option<RunningRedis>,
+    journal: Arc<dyn Journal>,
+    /// How long a checkout still running may take to finish.
+    checkouts_bound: Duration,
+    /// `--checkouts-in-flight-max`: the permits every running checkout holds one of.
+    checkouts_max: usize,
+}
+
+/// The one shutdown, in this order, once the listeners have stopped accepting and every
+/// connection has ended (its in-flight requests answered):
+/// 1. the background tasks that start new work (the hold sweeper, the reconciler) stop;
+/// 2. the RabbitMQ relay stops, its cursor saved: its last save may need the journal's database
+///    (MySQL), so before the journal; events not confirmed are sent after the next start;
+/// 3. checkouts whose clients went away finish (each in its own task: journal, answer, lock)
+///    within their own timeouts, so nothing of theirs is cut half way;
+/// 4. Redis gets the answers and lock releases still queued (past a moment the locks expire by
+///    themselves);
+/// 5. the journal is flushed and stopped (with MySQL behind it, the applier ships what it can);
+/// 6. the per-core workers' runtimes end when `serve` returns.
+async fn shutdown(parts: Stopping) {
+    for task in &parts.background {
+        task.abort();
+    }
+    if let Some((relay, task)) = parts.relay {
         relay.stop();
         if tokio::time::timeout(RELAY_STOP_WAIT, task).await.is_err() {
             tracing::warn!(
@@ -480,19 +651,19 @@ async fn serve(
             );
         }
     }
-    // Checkouts whose clients went away still run (each in its own task): they finish (journal,
-    // answer, lock) before the journal and Redis stop, within their own timeouts.
-    let checkouts = u32::try_from(config.checkouts_in_flight_max).unwrap_or(u32::MAX);
-    let finishing = app.checkouts_in_flight.acquire_many(checkouts);
-    let bound = config.gateway_timeout + config.journal_timeout;
-    if tokio::time::timeout(bound, finishing).await.is_err() {
+    let app = &parts.app;
+    let all = u32::try_from(parts.checkouts_max).unwrap_or(u32::MAX);
+    let finishing = app.checkouts_in_flight.acquire_many(all);
+    if tokio::time::timeout(parts.checkouts_bound, finishing)
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            running = config.checkouts_in_flight_max - app.checkouts_in_flight.available_permits(),
+            running = parts.checkouts_max - app.checkouts_in_flight.available_permits(),
             "checkouts still running at shutdown; the journal's recovery settles them at the next start"
         );
     }
-    if let Some((store, tasks)) = redis {
-        // Queued answers and lock releases get a moment to reach Redis; past it the locks expire.
+    if let Some((store, tasks)) = parts.redis {
         store.stop();
         for task in tasks {
             if tokio::time::timeout(REDIS_STOP_WAIT, task).await.is_err() {
@@ -501,8 +672,7 @@ async fn serve(
         }
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
-    journal.shutdown().await;
-    Ok(())
+    parts.journal.shutdown().await;
 }
 
 /// The listening sockets: one for the shared runtime, one per worker for the per-core one.
@@ -560,77 +730,25 @@ async fn serve_per_core(
     };
     let mut ended = Vec::new();
     for (index, listener) in listeners.into_iter().enumerate() {
-        let core = placement.topology.core_for(index).clone();
-        let every_cpu = placement.topology.cpus();
-        let pin = placement.pin;
-        let (router, tls, open_connections) =
-            (router.clone(), tls.clone(), Arc::clone(&open_connections));
-        let (mut stop_seen, mut release_seen) = (stop_seen.clone(), release_seen.clone());
         let (done, done_seen) = tokio::sync::oneshot::channel::<()>();
         ended.push(done_seen);
+        let worker = Worker {
+            index,
+            core: placement.topology.core_for(index).clone(),
+            every_cpu: placement.topology.cpus(),
+            pin: placement.pin,
+            listener,
+            router: router.clone(),
+            limits,
+            open_connections: Arc::clone(&open_connections),
+            tls: tls.clone(),
+            stop_seen: stop_seen.clone(),
+            release_seen: release_seen.clone(),
+            done,
+        };
         let thread = std::thread::Builder::new()
             .name(format!("turnstile-worker-{index}"))
-            .spawn(move || {
-                if pin {
-                    match topology::pin_current_thread(&core.cpus[..1]) {
-                        Ok(()) => tracing::info!(
-                            worker = index,
-                            cpu = core.cpus[0],
-                            node = core.node,
-                            "worker pinned"
-                        ),
-                        Err(error) => {
-                            tracing::warn!(
-                                worker = index,
-                                cpu = core.cpus[0],
-                                %error,
-                                "pinning not permitted; the worker runs unpinned"
-                            );
-                            // Not on the background threads' CPUs it inherited from the main
-                            // thread: anywhere this process may run.
-                            if let Err(error) = topology::pin_current_thread(&every_cpu) {
-                                tracing::debug!(worker = index, %error, "could not widen the worker's CPUs");
-                            }
-                        }
-                    }
-                }
-                crate::engine::inventory::set_home_shard(index);
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(error) => {
-                        tracing::error!(worker = index, %error, "could not start a worker's runtime; its share of connections waits in the backlog");
-                        return;
-                    }
-                };
-                runtime.block_on(async move {
-                    match tokio::net::TcpListener::from_std(listener) {
-                        Ok(listener) => {
-                            let stopped = async move {
-                                let _ = stop_seen.wait_for(|stop| *stop).await;
-                            };
-                            connections::serve_sharing(
-                                listener,
-                                router,
-                                limits,
-                                open_connections,
-                                tls,
-                                stopped,
-                            )
-                            .await;
-                        }
-                        Err(error) => {
-                            tracing::error!(worker = index, %error, "a worker could not take its listener")
-                        }
-                    }
-                    let _ = done.send(());
-                    // Tasks requests started here (a checkout finishing, a settlement) go on
-                    // until the server has flushed its journal.
-                    let _ = release_seen.wait_for(|release| *release).await;
-                });
-            });
+            .spawn(move || worker.run());
         match thread {
             Ok(thread) => workers.threads.push(thread),
             Err(error) => {
@@ -646,6 +764,110 @@ async fn serve_per_core(
         let _ = done.await;
     }
     Ok(workers)
+}
+
+/// One per-core worker: a thread pinned to its core (when asked) running a single-threaded
+/// runtime that serves its own listener.
+struct Worker {
+    index: usize,
+    core: topology::Core,
+    /// Every CPU this process may use: where an unpinnable worker runs.
+    every_cpu: Vec<usize>,
+    pin: bool,
+    listener: std::net::TcpListener,
+    router: axum::Router,
+    limits: ConnectionLimits,
+    /// The bound on open connections, shared by every worker.
+    open_connections: Arc<tokio::sync::Semaphore>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Becomes true when the server stops accepting.
+    stop_seen: tokio::sync::watch::Receiver<bool>,
+    /// Becomes true once the journal is flushed: the runtime may end.
+    release_seen: tokio::sync::watch::Receiver<bool>,
+    /// Sent once every connection of this worker has ended.
+    done: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Worker {
+    /// The worker thread's body.
+    fn run(self) {
+        let index = self.index;
+        if self.pin {
+            self.pin_to_core();
+        }
+        crate::engine::inventory::set_home_shard(index);
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(error) => {
+                tracing::error!(worker = index, %error, "could not start a worker's runtime; its share of connections waits in the backlog");
+                return;
+            }
+        };
+        let Worker {
+            listener,
+            router,
+            limits,
+            open_connections,
+            tls,
+            mut stop_seen,
+            mut release_seen,
+            done,
+            ..
+        } = self;
+        runtime.block_on(async move {
+            match tokio::net::TcpListener::from_std(listener) {
+                Ok(listener) => {
+                    let stopped = async move {
+                        let _ = stop_seen.wait_for(|stop| *stop).await;
+                    };
+                    connections::serve_sharing(
+                        listener,
+                        router,
+                        limits,
+                        open_connections,
+                        tls,
+                        stopped,
+                    )
+                    .await;
+                }
+                Err(error) => {
+                    tracing::error!(worker = index, %error, "a worker could not take its listener")
+                }
+            }
+            let _ = done.send(());
+            // Tasks requests started here (a checkout finishing, a settlement) go on until the
+            // server has flushed its journal.
+            let _ = release_seen.wait_for(|release| *release).await;
+        });
+    }
+
+    fn pin_to_core(&self) {
+        let (index, core) = (self.index, &self.core);
+        match topology::pin_current_thread(&core.cpus[..1]) {
+            Ok(()) => tracing::info!(
+                worker = index,
+                cpu = core.cpus[0],
+                node = core.node,
+                "worker pinned"
+            ),
+            Err(error) => {
+                tracing::warn!(
+                    worker = index,
+                    cpu = core.cpus[0],
+                    %error,
+                    "pinning not permitted; the worker runs unpinned"
+                );
+                // Not on the background threads' CPUs it inherited from the main thread:
+                // anywhere this process may run.
+                if let Err(error) = topology::pin_current_thread(&self.every_cpu) {
+                    tracing::debug!(worker = index, %error, "could not widen the worker's CPUs");
+                }
+            }
+        }
+    }
 }
 
 /// The certificates an `https://` gateway may chain to: the system's store (`/etc/ssl/certs`), read

@@ -7,7 +7,7 @@
 //! waiter is answered only after COMMIT returns. One batch is one transaction, never split: after
 //! any crash the durable records are a prefix of the log (no lsn or event seq of a batch can be
 //! durable while an earlier one is not). The materialised tables are projections the
-//! [`projection::Applier`] keeps behind the log, with a durable cursor; start-up first applies
+//! `projection::Applier` keeps behind the log, with a durable cursor; start-up first applies
 //! whatever the log holds past the cursor, then loads memory from the projections.
 //!
 //! Failures: a transient error (connection lost, server gone, deadlock 1213, lock wait timeout
@@ -26,7 +26,7 @@
 //! constraints hold within retention and never refuse a legitimate reuse.
 //!
 //! No wait is unbounded: every transaction and statement runs on a connection taken through
-//! [`bounded`], which gives up after `--mysql-timeout` (acquiring the connection included) and
+//! `bounded`, which gives up after `--mysql-timeout` (acquiring the connection included) and
 //! then closes that connection instead of giving it back to the pool. On a network that went
 //! silent (a stalled proxy, a dead host without a reset) a COMMIT would otherwise wait for ever,
 //! and with it every checkout of its batch. A COMMIT given up this way has an unknown outcome,
@@ -108,7 +108,7 @@ pub struct MySqlConfig {
     /// node reports not ready and, in write-behind, checkouts wait.
     pub lag_max: Duration,
     /// How long one transaction or statement may take (`--mysql-timeout`), the connection's
-    /// acquisition included; past it the connection is closed ([`bounded`]).
+    /// acquisition included; past it the connection is closed (`bounded`).
     pub statement_timeout: Duration,
 }
 
@@ -155,7 +155,7 @@ fn corrupt(table: &str, reason: impl Into<String>) -> JournalError {
     }
 }
 
-/// A pooled connection lent to one bounded piece of work ([`bounded`]): dropped before the work
+/// A pooled connection lent to one bounded piece of work (`bounded`): dropped before the work
 /// ended (the work was given up mid-statement), it is taken out of the pool and its socket closed,
 /// since its protocol state is unknown and a graceful close could wait on the same silent network.
 pub(crate) struct Bounded(Option<PoolConnection<MySql>>);
@@ -235,7 +235,7 @@ where
     }
 }
 
-/// Runs `$body` in one transaction on a [`bounded`] connection of `$pool`, within `$timeout`:
+/// Runs `$body` in one transaction on a `bounded` connection of `$pool`, within `$timeout`:
 /// `$tx` is the transaction (`&mut *$tx` for queries), `?` works inside the body, and the
 /// transaction commits after it. Given up at the timeout, the transaction is never committed by
 /// this side (its connection is closed; the server rolls it back, or had committed it already:

@@ -4,11 +4,11 @@
 //! nothing else is written with a record. The row of a record that places an order carries its
 //! claims (`journal.order_id`, `journal.idempotency_key`, `journal.payment_id`, each `UNIQUE`,
 //! NULL on every other row), so the database itself refuses a second order for one key or one
-//! payment. That is [`write_log`]: one row per record. (Until migration `20261127000005` the
+//! payment. That is `write_log`: one row per record. (Until migration `20261127000005` the
 //! claims were a row of their own in `order_claims`: two rows per new order.)
 //!
 //! **The projections.** `orders`, `order_items`, `idempotency_keys`, `inventory`, `products` and
-//! `outbox` are maintained from the log by the [`Applier`], *behind* the log's
+//! `outbox` are maintained from the log by the `Applier`, *behind* the log's
 //! COMMIT, in transactions of their own: each applies a run of records in lsn order and moves the
 //! durable cursor (`projection_cursor.applied_lsn`) in the same transaction, after reading it
 //! `FOR UPDATE` and dropping records at or below it. So a record is applied exactly once, whoever
