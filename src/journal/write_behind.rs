@@ -200,7 +200,7 @@ impl Journal for WriteBehindJournal {
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
-        Box::pin(purge_answers(&self.pool, cutoff_ms))
+        Box::pin(purge_answers(&self.pool, self.statement_timeout, cutoff_ms))
     }
 
     fn stats(&self) -> &JournalStats {

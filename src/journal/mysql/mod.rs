@@ -54,7 +54,7 @@ use sqlx::pool::PoolConnection;
 use sqlx::Row;
 use std::collections::{BTreeMap, HashMap};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
@@ -196,6 +196,11 @@ impl Drop for Bounded {
     }
 }
 
+/// Whether `outcome` is a piece of work given up at its timeout (see [`timed_out`]).
+pub(crate) fn given_up<T>(outcome: &Result<T, sqlx::Error>) -> bool {
+    matches!(outcome, Err(sqlx::Error::Io(error)) if error.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// The error of a piece of work given up after `timeout`: I/O, so transient (retried, and a lost
 /// COMMIT's outcome looked up first).
 fn timed_out(timeout: Duration) -> sqlx::Error {
@@ -237,21 +242,39 @@ where
 
 /// Runs `$body` in one transaction on a `bounded` connection of `$pool`, within `$timeout`:
 /// `$tx` is the transaction (`&mut *$tx` for queries), `?` works inside the body, and the
-/// transaction commits after it. Given up at the timeout, the transaction is never committed by
-/// this side (its connection is closed; the server rolls it back, or had committed it already:
-/// the caller learns which as after a lost connection).
+/// transaction commits after it. The transaction first asks for its session's id (one round
+/// trip): given up at the timeout, the transaction is never committed by this side (its
+/// connection is closed) and its session is ended on the server (`KILL`), so its locks go now,
+/// not whenever the server notices its client gone, and a COMMIT of it still on its way finds
+/// no session. Whether it had committed first, the caller learns as after a lost connection.
 macro_rules! in_transaction {
     ($pool:expr, $timeout:expr, |$tx:ident| $body:block) => {
-        $crate::journal::mysql::bounded($pool, $timeout, |mut connection| async move {
-            let result = async {
-                let mut $tx = sqlx::Connection::begin(&mut *connection).await?;
-                let value = $body;
-                $tx.commit().await?;
-                Ok::<_, sqlx::Error>(value)
+        async {
+            let (pool, timeout) = ($pool, $timeout);
+            let session = std::sync::atomic::AtomicU64::new(0);
+            let session_id = &session;
+            let outcome =
+                $crate::journal::mysql::bounded(pool, timeout, |mut connection| async move {
+                    let result = async {
+                        let mut $tx = sqlx::Connection::begin(&mut *connection).await?;
+                        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                            .fetch_one(&mut *$tx)
+                            .await?;
+                        session_id.store(id, std::sync::atomic::Ordering::Release);
+                        let value = $body;
+                        $tx.commit().await?;
+                        Ok::<_, sqlx::Error>(value)
+                    }
+                    .await;
+                    (connection, result)
+                })
+                .await;
+            let id = session.load(std::sync::atomic::Ordering::Acquire);
+            if id > 0 && $crate::journal::mysql::given_up(&outcome) {
+                $crate::journal::mysql::kill_session(pool, timeout, id).await;
             }
-            .await;
-            (connection, result)
-        })
+            outcome
+        }
     };
 }
 pub(crate) use in_transaction;
@@ -406,7 +429,12 @@ impl MySqlJournal {
         // one memory knows: a fresh use of it then replaces its rows instead of clashing with them.
         // One `now` for both, so no key falls between the purge's cutoff and the load's.
         let now = crate::time::now_ms();
-        purge_answers(&pool, now - config.retention.answer_ms).await?;
+        purge_answers(
+            &pool,
+            config.statement_timeout,
+            now - config.retention.answer_ms,
+        )
+        .await?;
         let mut state = load(&pool, config.retention, now).await?;
         state.last_lsn = last_lsn;
         let pipeline = Arc::new(Pipeline::new(last_lsn + 1, next_event_seq));
@@ -847,8 +875,7 @@ async fn commit_with_retries(
         // still land (sent on a connection given up on), until the look below says otherwise.
         let mut in_doubt = false;
         loop {
-            let session = AtomicU64::new(0);
-            let error = match commit_batch(pool, config.statement_timeout, part, &session).await {
+            let error = match commit_batch(pool, config.statement_timeout, part).await {
                 Ok(bytes) => return Ok(Ok(bytes)),
                 Err(error) => error,
             };
@@ -861,13 +888,9 @@ async fn commit_with_retries(
                 }
                 return Ok(Err(error));
             }
+            // A given-up attempt's session was ended on the server (`in_transaction`), so the
+            // look below can tell whether its COMMIT landed first.
             in_doubt = true;
-            // The given-up attempt's session may still hold the batch's rows, and its COMMIT
-            // may still be on its way: end it on the server's side, so the look below can tell.
-            let session = session.load(Ordering::Acquire);
-            if session > 0 {
-                kill_session(pool, config.statement_timeout, session).await;
-            }
             let reason = retry_reason(&error);
             pipeline.stats.retries[reason].fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%error, reason = super::RETRY_REASONS[reason], "retrying a batch");
@@ -939,7 +962,7 @@ async fn look_until_known(
 /// transaction is rolled back now instead of whenever the server notices the client is gone; a
 /// COMMIT of it arriving late then finds no session. Best effort: the session may be gone already
 /// (1094), and the locking look that follows waits for it either way.
-async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
+pub(crate) async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
     let killed = bounded(pool, timeout, |mut connection| async move {
         let done = sqlx::query(&format!("KILL {id}"))
             .execute(&mut *connection)
@@ -974,13 +997,11 @@ async fn batch_is_committed(
 }
 
 /// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records
-/// written. `session` gets the server's id of the connection it runs on, so an attempt given up
-/// on can be ended on the server's side ([`kill_session`]).
+/// written. Given up at `--mysql-timeout`, its session is ended on the server (`in_transaction`).
 async fn commit_batch(
     pool: &MySqlPool,
     timeout: Duration,
     batch: &[&Entry],
-    session: &AtomicU64,
 ) -> Result<u64, sqlx::Error> {
     let views: Vec<View<'_>> = batch
         .iter()
@@ -993,38 +1014,36 @@ async fn commit_batch(
             refused: None,
         })
         .collect();
-    in_transaction!(pool, timeout, |tx| {
-        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-            .fetch_one(&mut *tx)
-            .await?;
-        session.store(id, Ordering::Release);
-        write_log(&mut tx, &views).await?
-    })
-    .await
+    in_transaction!(pool, timeout, |tx| { write_log(&mut tx, &views).await? }).await
 }
 
 /// Removes the answers older than `cutoff_ms` and releases their keys' claims (only the claim of
 /// the order the answer belongs to: a newer order may hold the key again).
-pub(crate) async fn purge_answers(pool: &MySqlPool, cutoff_ms: i64) -> Result<u64, JournalError> {
+pub(crate) async fn purge_answers(
+    pool: &MySqlPool,
+    timeout: Duration,
+    cutoff_ms: i64,
+) -> Result<u64, JournalError> {
     let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
-    let mut tx = pool.begin().await.map_err(purge)?;
-    sqlx::query(
-        "UPDATE journal c JOIN idempotency_keys k \
-         ON c.idempotency_key = k.idempotency_key AND c.order_id = k.order_id \
-         SET c.idempotency_key = NULL WHERE k.at_ms < ?",
-    )
-    .bind(cutoff_ms)
-    .execute(&mut *tx)
-    .await
-    .map_err(purge)?;
-    let deleted = sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
+    // Bounded like every transaction: it locks rows of `journal`, which a stalled COMMIT of it
+    // would keep from the writer.
+    in_transaction!(pool, timeout, |tx| {
+        sqlx::query(
+            "UPDATE journal c JOIN idempotency_keys k \
+             ON c.idempotency_key = k.idempotency_key AND c.order_id = k.order_id \
+             SET c.idempotency_key = NULL WHERE k.at_ms < ?",
+        )
         .bind(cutoff_ms)
         .execute(&mut *tx)
-        .await
-        .map_err(purge)?
-        .rows_affected();
-    tx.commit().await.map_err(purge)?;
-    Ok(deleted)
+        .await?;
+        sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
+            .bind(cutoff_ms)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+    })
+    .await
+    .map_err(purge)
 }
 
 /// An order from the projections. Not there while a claim says the log holds it past what is
@@ -1098,7 +1117,7 @@ impl Journal for MySqlJournal {
     }
 
     fn purge_answers(&self, cutoff_ms: i64) -> BoxFuture<'_, Result<u64, JournalError>> {
-        Box::pin(purge_answers(&self.pool, cutoff_ms))
+        Box::pin(purge_answers(&self.pool, self.statement_timeout, cutoff_ms))
     }
 
     fn events(
