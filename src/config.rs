@@ -518,38 +518,41 @@ fn amqp_name(raw: &str) -> Result<String, String> {
     Ok(raw.to_owned())
 }
 
-/// Checks `--gateway-url` after parsing, without echoing it: `http://` or `https://`, a host, a
-/// port in 1–65535 if one is given, and no credentials (`user:password@`): this client would not
-/// send them, and they would be written wherever the URL is (the start-up line, errors). Returns
-/// the URL without a trailing `/`.
+/// Checks `--gateway-url` after parsing, without echoing it: an `http://` or `https://` URL that
+/// parses, with a host, a port in 1–65535 if one is given, and nothing but a base: no credentials
+/// (`user:password@`: this client would not send them, and they would be written wherever the URL
+/// is: the start-up line, errors, `/readyz`), no query or fragment (a token there would be too,
+/// and the calls' paths are appended to it). Returns the URL without a trailing `/`.
 pub fn check_gateway_url(raw: &str) -> Result<String, ConfigError> {
     let refuse = |why: &str| {
         ConfigError(format!(
             "--gateway-url {why} (the value given is not shown); give http://host:port or https://host"
         ))
     };
-    let rest = raw
-        .strip_prefix("http://")
-        .or_else(|| raw.strip_prefix("https://"))
-        .ok_or_else(|| refuse("must be an http:// or https:// URL"))?;
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
-    if authority.contains('@') {
+    if !raw.starts_with("http://") && !raw.starts_with("https://") {
+        return Err(refuse("must be an http:// or https:// URL"));
+    }
+    if raw.contains('?') || raw.contains('#') {
+        return Err(refuse("must not carry a query or a fragment"));
+    }
+    let uri: hyper::Uri = raw.parse().map_err(|_| refuse("is not a URL"))?;
+    let authority = uri.authority().ok_or_else(|| refuse("has no host"))?;
+    if authority.as_str().contains('@') {
         return Err(refuse(
             "must not carry credentials (user:password@ would never be sent)",
         ));
     }
-    let (host, port) = match authority.rsplit_once(':') {
-        // An IPv6 address in brackets has colons of its own.
-        Some((host, port)) if !port.contains(']') => (host, Some(port)),
-        _ => (authority, None),
-    };
-    if host.is_empty() {
+    if authority.host().is_empty() {
         return Err(refuse("has no host"));
     }
-    if let Some(port) = port {
-        if !matches!(port.parse::<u32>(), Ok(1..=65_535)) {
-            return Err(refuse("has a port outside 1-65535"));
-        }
+    // After the last ':' that is not inside an IPv6 address's brackets.
+    let port = authority
+        .as_str()
+        .rsplit_once(':')
+        .filter(|(_, port)| !port.contains(']'))
+        .map(|(_, port)| port);
+    if port.is_some_and(|port| !matches!(port.parse::<u32>(), Ok(1..=65_535))) {
+        return Err(refuse("has a port outside 1-65535"));
     }
     Ok(raw.trim_end_matches('/').to_owned())
 }
@@ -1167,7 +1170,11 @@ mod tests {
         for bad in [
             "http://merchant:SECRETPW@127.0.0.1:8090",
             "http://127.0.0.1:99999",
+            "http://127.0.0.1:0",
             "http://:8090",
+            "http://[x",
+            "http://pay.example.com/?api_key=SECRETPW",
+            "http://pay.example.com/#SECRETPW",
             "ftp://127.0.0.1:8090",
         ] {
             let text = message(serve(&["--gateway-url", bad]).unwrap_err());

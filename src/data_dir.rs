@@ -115,6 +115,15 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The file in the data dir that names the node.
 pub const NODE_NAME_FILE: &str = "node-id";
 
+/// Writes `name` as this data dir's node name (the one its MySQL journal keeps).
+pub fn keep_node_name(data_dir: &Path, name: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    write_atomic(
+        &data_dir.join(NODE_NAME_FILE),
+        format!("{name}\n").as_bytes(),
+    )
+}
+
 /// Where earlier versions kept the node's name (for Redis only).
 const LEGACY_NODE_NAME_FILE: &str = "redis-node-id";
 

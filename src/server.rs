@@ -199,7 +199,7 @@ async fn serve(
     } = open_journal(&config).await?;
     let engine = build_engine(&config, workers, &state)?;
     drop(state);
-    let node = node_name(&config)?;
+    let node = node_name(&config, mysql_pool.as_ref()).await?;
     let payments = build_payments(&config)?;
     let relay = start_relay(&config, &journal, file_cursor, mysql_pool).await?;
     let (carts, redis) = start_sessions(&config, &engine, &node).await?;
@@ -366,16 +366,32 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
     })
 }
 
-/// This node's name, kept in the data dir: in its Redis lock values and in the idempotency keys
-/// of its authorisations, so nodes sharing a gateway each reconcile only their own.
-fn node_name(config: &ServeConfig) -> Result<String, ServeError> {
-    data_dir::node_name(&config.data_dir).map_err(|source| ServeError::Io {
+/// This node's name: in its Redis lock values and in the idempotency keys of its authorisations,
+/// so nodes sharing a gateway each reconcile only their own. Kept in the data dir; with MySQL as
+/// the journal, kept with the journal too, and the journal's wins (the data dir may be new while
+/// the journal, and the authorisations its orders hold, are not): the data dir then gets it.
+async fn node_name(
+    config: &ServeConfig,
+    mysql_journal: Option<&sqlx::MySqlPool>,
+) -> Result<String, ServeError> {
+    let io = |source| ServeError::Io {
         context: format!(
-            "reading the node's name ({} in the data dir)",
+            "keeping the node's name ({} in the data dir)",
             data_dir::NODE_NAME_FILE
         ),
         source,
-    })
+    };
+    let local = data_dir::node_name(&config.data_dir).map_err(io)?;
+    let (Some(pool), Some(mysql)) = (mysql_journal, &config.mysql) else {
+        return Ok(local);
+    };
+    let kept =
+        crate::journal::mysql::journal_node_name(pool, mysql.statement_timeout, &local).await?;
+    if kept != local {
+        tracing::info!(node = %kept, data_dir_had = %local, "the node takes the name its MySQL journal keeps");
+        data_dir::keep_node_name(&config.data_dir, &kept).map_err(io)?;
+    }
+    Ok(kept)
 }
 
 /// The engine, rebuilt from the durable state.
@@ -903,6 +919,7 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
         .min(config.order_retention_ms)
         .min(app.carts.idle_ms());
     let slow_sweep_ms = (shortest_ms / 4).clamp(1_000, 60_000);
+    let mut slow_sweep: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         ticker.tick().await;
         let now = now_ms();
@@ -922,39 +939,47 @@ async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
                 tracing::warn!(error = %error.message, "could not journal an expired hold; the next sweep retries");
             }
         }
-        if now - last_slow_sweep >= slow_sweep_ms {
+        // The slow sweep runs beside the holds' (one at a time): a store slow to purge (MySQL
+        // stalled) never delays a hold's release.
+        let idle = slow_sweep.as_ref().is_none_or(|task| task.is_finished());
+        if now - last_slow_sweep >= slow_sweep_ms && idle {
             last_slow_sweep = now;
-            // The store forgets expired keys before memory does: a key memory still knows is
-            // reused as "past retention" (the store drops its old rows then), and one it forgot
-            // has no rows left in the store.
-            let cutoff = now - app.engine.config().answer_retention_ms;
-            let purged = app.journal.purge_answers(cutoff).await;
-            if let Err(error) = &purged {
-                tracing::warn!(%error, "could not purge expired idempotency keys; retrying later");
-            }
-            // Scanning every cart and kept answer takes milliseconds with millions of them: off
-            // the runtime's workers, so no request waits behind it.
-            let app = Arc::clone(&app);
-            let swept = tokio::task::spawn_blocking(move || {
-                let carts = app.carts.sweep(now);
-                let answers = if purged.is_ok() {
-                    app.engine.idempotency().purge_expired(now)
-                } else {
-                    0
-                };
-                let orders = app.engine.purge_orders(now, usize::MAX);
-                (carts, answers, orders)
-            })
-            .await;
-            if let Ok((carts, answers, orders)) = swept {
-                tracing::debug!(
-                    carts,
-                    answers,
-                    orders,
-                    "expired carts, answers and orders dropped"
-                );
-            }
+            slow_sweep = Some(tokio::spawn(sweep_retention(Arc::clone(&app), now)));
         }
+    }
+}
+
+/// Drops what is past its retention: the store's expired keys first, then the carts, kept
+/// answers and finished orders memory holds.
+async fn sweep_retention(app: Arc<AppState>, now: i64) {
+    // The store forgets expired keys before memory does: a key memory still knows is reused as
+    // "past retention" (the store drops its old rows then), and one it forgot has no rows left in
+    // the store.
+    let cutoff = now - app.engine.config().answer_retention_ms;
+    let purged = app.journal.purge_answers(cutoff).await;
+    if let Err(error) = &purged {
+        tracing::warn!(%error, "could not purge expired idempotency keys; retrying later");
+    }
+    // Scanning every cart and kept answer takes milliseconds with millions of them: off the
+    // runtime's workers, so no request waits behind it.
+    let swept = tokio::task::spawn_blocking(move || {
+        let carts = app.carts.sweep(now);
+        let answers = if purged.is_ok() {
+            app.engine.idempotency().purge_expired(now)
+        } else {
+            0
+        };
+        let orders = app.engine.purge_orders(now, usize::MAX);
+        (carts, answers, orders)
+    })
+    .await;
+    if let Ok((carts, answers, orders)) = swept {
+        tracing::debug!(
+            carts,
+            answers,
+            orders,
+            "expired carts, answers and orders dropped"
+        );
     }
 }
 

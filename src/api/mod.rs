@@ -151,6 +151,9 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
+/// The longest error message sent (bytes).
+pub const MESSAGE_CHARS_MAX: usize = 512;
+
 /// An error answer: `{"error": code, "message": text, ...extra}` with its status.
 #[derive(Debug, Clone)]
 pub struct ApiError {
@@ -183,12 +186,23 @@ struct ErrorBody<'a> {
 }
 
 impl ApiError {
-    /// An error with a status, code and message.
+    /// An error with a status, code and message. A message longer than [`MESSAGE_CHARS_MAX`]
+    /// is cut there: a message may quote the request (an unknown field's name), and an answer
+    /// must not grow with what the client sent.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        let mut message = message.into();
+        if message.len() > MESSAGE_CHARS_MAX {
+            let mut end = MESSAGE_CHARS_MAX;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
         Self {
             status,
             code,
-            message: message.into(),
+            message,
             extra: None,
             retry_after_seconds: None,
             first_seq: None,
@@ -610,6 +624,17 @@ mod tests {
         ] {
             assert_eq!(ApiError::from(error).status, status);
         }
+    }
+
+    #[test]
+    fn a_message_quoting_the_request_is_cut_to_its_limit() {
+        // Proves: an error quoting a 60 KB field name answers at most the limit (plus the cut
+        // mark), so a refusal never grows with what the client sent.
+        let quoted = format!("unknown field `{}`", "é".repeat(30_000));
+        let error = ApiError::invalid(quoted);
+        assert!(error.message.len() <= MESSAGE_CHARS_MAX + '…'.len_utf8());
+        assert!(error.message.ends_with('…'));
+        assert!(error.body().len() < 1_024);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //! body is counted against the server's [`ResponseBudget`] and this connection (`budget.rs`), and
 //! past the budget replaced by `503 overloaded`.
 
-use super::budget::{expected_bytes, CountedBody, ResponseBudget};
+use super::budget::{expected_bytes, CountedBody, ResponseBudget, Room};
 use crate::sync::lock;
 use axum::response::IntoResponse;
 use hyper::body::Incoming;
@@ -172,9 +172,8 @@ pin_project_lite::pin_project! {
         inner: Inner,
         guard: InFlight,
         budget: &'static ResponseBudget,
-        // Whether the answer may be replaced by `503 overloaded` past the budget: only a read's
-        // (GET, HEAD), never one that may report a change.
-        replaceable: bool,
+        // What the request was, for what its answer may be refused (`counted`).
+        kind: RequestKind,
     }
 }
 
@@ -188,7 +187,7 @@ impl Future for Counted {
             response,
             &this.guard.0,
             this.budget,
-            *this.replaceable,
+            *this.kind,
         )))
     }
 }
@@ -197,21 +196,59 @@ impl Future for Counted {
 /// product, a refusal; what fills memory is a flood of large ones.
 pub(super) const SMALL_ANSWER_BYTES: usize = 1024;
 
+/// What a request was, for what its answer may be refused past the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RequestKind {
+    /// A read (GET, HEAD) of the API: changes nothing.
+    Read,
+    /// A read an operator needs most when the server is under pressure (`/metrics`, `/readyz`,
+    /// `/healthz`): it may use the operations reserve past the bound.
+    Operations,
+    /// Any other method: its answer may report a change.
+    Write,
+}
+
+impl RequestKind {
+    fn of<B>(request: &Request<B>) -> Self {
+        match (request.method(), request.uri().path()) {
+            (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics" | "/readyz" | "/healthz") => {
+                Self::Operations
+            }
+            (&hyper::Method::GET | &hyper::Method::HEAD, _) => Self::Read,
+            _ => Self::Write,
+        }
+    }
+}
+
 /// The answer with its body counted against the budget and the connection, or, with no room
 /// left, `503 overloaded` instead (counted too, past the bound: it is small, and the client must
-/// hear why). Only a read's answer larger than [`SMALL_ANSWER_BYTES`] is ever replaced: the answer
-/// to a request that may have changed something (a checkout's `201`, a cancel's `200`) is the only
-/// word its client gets of that change, so it is always sent, and counted past the bound.
+/// hear why). What may be refused:
+/// - an answer of [`SMALL_ANSWER_BYTES`] or less: never;
+/// - an answer that may report a change (to a write, with a status other than a refusal's
+///   `4xx`: a checkout's `201`, a `402` or `504` that placed an order, a cancel's `200`, a `503`
+///   whose outcome is unknown): never, since it is the only word its client gets of that change;
+/// - an operations answer (`/metrics`, `/readyz`, `/healthz`): only past the bound plus
+///   [`super::budget::OPERATIONS_RESERVE_BYTES`], so the operator can still see the server;
+/// - any other (a read, or a write's refusal that changed nothing, which may echo its request):
+///   past the bound.
 fn counted(
     response: Response<axum::body::Body>,
     activity: &Arc<Activity>,
     budget: &'static ResponseBudget,
-    replaceable: bool,
+    kind: RequestKind,
 ) -> Response<CountedBody> {
     let (parts, body) = response.into_parts();
     let bytes = expected_bytes(&body);
-    let force = !replaceable || bytes <= SMALL_ANSWER_BYTES;
-    if let Some(held) = budget.reserve(bytes, activity, force) {
+    let status = parts.status.as_u16();
+    let refusal = (400..500).contains(&status) && status != 402;
+    let room = if bytes <= SMALL_ANSWER_BYTES || (kind == RequestKind::Write && !refusal) {
+        Room::Always
+    } else if kind == RequestKind::Operations {
+        Room::WithReserve
+    } else {
+        Room::WithinBound
+    };
+    if let Some(held) = budget.reserve(bytes, activity, room) {
         return Response::from_parts(parts, CountedBody::new(body, held));
     }
     let refusal = crate::api::ApiError::overloaded(
@@ -219,7 +256,7 @@ fn counted(
     )
     .into_response();
     let (parts, body) = refusal.into_parts();
-    match budget.reserve(expected_bytes(&body), activity, true) {
+    match budget.reserve(expected_bytes(&body), activity, Room::Always) {
         Some(held) => Response::from_parts(parts, CountedBody::new(body, held)),
         None => unreachable!("a forced reservation always succeeds"),
     }
@@ -232,9 +269,9 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        let replaceable = matches!(*request.method(), hyper::Method::GET | hyper::Method::HEAD);
+        let kind = RequestKind::of(&request);
         Counted {
-            replaceable,
+            kind,
             inner: hyper::service::Service::call(&self.inner, request),
             guard: InFlight(Arc::clone(&self.activity)),
             budget: self.budget,

@@ -40,6 +40,21 @@ use std::task::{Context, Poll};
 /// at a time moves at most this much per step.
 pub const CHUNK_BYTES: usize = 16 * 1024;
 
+/// How far past `--response-bytes-max` the operations answers (`/metrics`, `/readyz`,
+/// `/healthz`) may go, so the operator still sees the server while clients fill the bound.
+pub const OPERATIONS_RESERVE_BYTES: usize = 4 * 1024 * 1024;
+
+/// What an answer may take of the budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Room {
+    /// Up to the bound.
+    WithinBound,
+    /// Up to the bound plus [`OPERATIONS_RESERVE_BYTES`].
+    WithReserve,
+    /// Whatever it needs, counted past the bound (answers that must be sent).
+    Always,
+}
+
 /// The bytes of unsent answers, at most `max` across all connections.
 #[derive(Debug)]
 pub struct ResponseBudget {
@@ -83,17 +98,21 @@ impl ResponseBudget {
         self.refused.load(Ordering::Relaxed)
     }
 
-    /// Takes `bytes`; `force` takes them past the bound (the small answers that say there was
-    /// no room). `None`: no room. Racing reservations never pass the bound together: each adds
-    /// first and takes back what did not fit.
+    /// Takes `bytes` within what `room` allows. `None`: no room. Racing reservations never pass
+    /// their limit together: each adds first and takes back what did not fit.
     pub(super) fn reserve(
         &'static self,
         bytes: usize,
         activity: &Arc<Activity>,
-        force: bool,
+        room: Room,
     ) -> Option<Held> {
+        let limit = match room {
+            Room::Always => usize::MAX,
+            Room::WithReserve => self.max.saturating_add(OPERATIONS_RESERVE_BYTES),
+            Room::WithinBound => self.max,
+        };
         let before = self.held.0.fetch_add(bytes, Ordering::AcqRel);
-        if !force && before.saturating_add(bytes) > self.max {
+        if before.saturating_add(bytes) > limit {
             self.held.0.fetch_sub(bytes, Ordering::AcqRel);
             self.refused.fetch_add(1, Ordering::Relaxed);
             return None;
@@ -249,7 +268,7 @@ mod tests {
         let activity = Activity::new();
         let body = axum::body::Body::from(vec![7u8; 40_000]);
         let held = budget
-            .reserve(expected_bytes(&body), &activity, false)
+            .reserve(expected_bytes(&body), &activity, Room::WithinBound)
             .expect("room");
         assert_eq!(budget.unsent(), 40_000);
         let mut counted = CountedBody::new(body, held);
@@ -271,13 +290,25 @@ mod tests {
         assert!(activity.stalled_for().is_none());
 
         let big = budget
-            .reserve(1 << 20, &activity, false)
+            .reserve(1 << 20, &activity, Room::WithinBound)
             .expect("the whole budget");
-        assert!(budget.reserve(1, &activity, false).is_none());
+        assert!(budget.reserve(1, &activity, Room::WithinBound).is_none());
         assert_eq!(budget.refused(), 1);
-        let forced = budget.reserve(100, &activity, true).expect("forced");
+        let forced = budget
+            .reserve(100, &activity, Room::Always)
+            .expect("forced");
         assert_eq!(budget.unsent(), (1 << 20) + 100);
-        drop((big, forced));
+        let operations = budget
+            .reserve(OPERATIONS_RESERVE_BYTES, &activity, Room::WithReserve)
+            .is_none();
+        assert!(
+            operations,
+            "the reserve is counted from the bound, the forced bytes included"
+        );
+        let operations = budget
+            .reserve(1_000, &activity, Room::WithReserve)
+            .expect("within the reserve");
+        drop((big, forced, operations));
         assert_eq!(budget.unsent(), 0);
     }
 }

@@ -296,9 +296,11 @@ return {'locked', 'cart', lines(KEYS[4])}
 /// with `/`, so a checkout's own value matches only itself, and the node's prefix (`<node>/`,
 /// given by the start-up recovery) matches every lock of the node's earlier runs.
 ///
-/// Returns the indexes (from 1) of the ends whose key holds another answer than theirs: another
-/// node answered the key meanwhile (this node's answer could not reach Redis while its lock
-/// lived), so the key has an order on each of two nodes, which the node reports.
+/// Returns the indexes (from 1) of the ends whose answer finds the key taken by another: another
+/// answer there, or another checkout holding the lock while none is. Either way this node's
+/// answer could not reach Redis while its lock lived, and another node placed the key or is
+/// placing it: the key has (or is about to have) an order on each of two nodes, which the node
+/// reports.
 const FINISH: &str = r"
 local twins = {}
 for i = 1, #KEYS / 2 do
@@ -311,6 +313,8 @@ for i = 1, #KEYS / 2 do
     if there == false then
       if ours or lock == false then
         redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
+      else
+        twins[#twins + 1] = i
       end
     elseif type(there) == 'string' and there ~= ARGV[3 * i - 1] then
       twins[#twins + 1] = i
@@ -1002,7 +1006,7 @@ impl RedisStore {
                 continue;
             };
             self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(key = %finish.key.as_str(), "another node answered this key while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has an order on each of two nodes; look at both and cancel one");
+            tracing::error!(key = %finish.key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
         }
         Ok(())
     }

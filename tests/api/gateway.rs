@@ -618,3 +618,58 @@ async fn a_paid_order_whose_capture_is_refused_is_listed_counted_and_not_retried
     .await;
     assert_eq!(client.stock("R").await, (5, 5, 0, 0));
 }
+
+/// Found by attack: with MySQL as the journal the data dir held only the node's name, so a node
+/// started again on a new data dir (a container without a volume) took a new name, and the
+/// authorisation its earlier run left without an order was never voided (the orphan scan lists
+/// only its own name's). The name is kept with the journal now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mysql_a_node_started_on_a_new_data_dir_still_voids_its_orphans() {
+    let database = crate::helpers::TestDatabase::create().await;
+    let sim = Sim::start("127.0.0.1:0", &[]);
+    let mut args = server_args(&sim.url());
+    args.extend(["--mysql-url".to_owned(), database.url.clone()]);
+    let first_dir = tempfile::tempdir().expect("tempdir");
+    let first_data = first_dir.path().join("data");
+    {
+        let app = start(&first_data, &as_strs(&args));
+        app.client().put_product("O", 100, 3).await;
+    }
+    // Killed between the authorisation and the commit: an authorisation no order holds.
+    let mut app = start_with_env(
+        &first_data,
+        &as_strs(&args),
+        &[("TURNSTILE_TEST_PAUSE", "after_authorize")],
+    );
+    let addr = app.addr;
+    let checkout = tokio::spawn(async move {
+        Client::new(addr)
+            .try_send(
+                "POST",
+                "/v1/checkout",
+                &[("idempotency-key", "o-1")],
+                &checkout_body("O", "tok_ok"),
+            )
+            .await
+    });
+    eventually("the authorisation", Duration::from_secs(20), async || {
+        sim.ledger()
+            .await
+            .iter()
+            .any(|p| p["status"] == "authorized")
+    })
+    .await;
+    app.kill_9();
+    let _ = checkout.await;
+    drop(first_dir);
+
+    // Started again on a data dir of its own: the journal says whose it is.
+    let app = spawn_app(&as_strs(&args));
+    eventually(
+        "the orphan to be voided",
+        Duration::from_secs(30),
+        async || sim.ledger().await.iter().all(|p| p["status"] == "voided"),
+    )
+    .await;
+    assert_eq!(app.client().stock("O").await, (3, 3, 0, 0));
+}

@@ -361,3 +361,116 @@ async fn one_answer_stuck_closes_its_connection_however_its_other_streams_move()
         .expect("the connection ended")
         .expect("task");
 }
+
+/// Sends `count` checkouts with `body` on a new HTTP/2 connection whose window never opens, and
+/// keeps the answers' bodies unread until the server closes it; the statuses seen.
+async fn stingy_posts(addr: std::net::SocketAddr, body: bytes::Bytes, count: usize) -> Vec<u16> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (send, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, bytes::Bytes>(tcp)
+        .await
+        .expect("h2 handshake");
+    let task = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut pending = Vec::new();
+    for n in 0..count {
+        let Ok(mut ready) = send.clone().ready().await else {
+            break;
+        };
+        let request = axum::http::Request::post("http://turnstile/v1/checkout")
+            .header("idempotency-key", format!("k-{n}"))
+            .header("content-type", "application/json")
+            .body(())
+            .expect("request");
+        match ready.send_request(request, false) {
+            Ok((response, mut stream)) => {
+                let _ = stream.send_data(body.clone(), true);
+                pending.push((response, stream));
+            }
+            Err(_) => break,
+        }
+    }
+    let mut statuses = Vec::new();
+    let mut bodies = Vec::new();
+    for (response, stream) in pending {
+        if let Ok(response) = response.await {
+            statuses.push(response.status().as_u16());
+            bodies.push((response.into_body(), stream));
+        }
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
+    drop(bodies);
+    statuses
+}
+
+/// Found by attack: a `400` quoted its request (an unknown field's name), so a 60 KB body got a
+/// 60 KB refusal, which no budget refused since it answered a POST; connections that never read
+/// them held memory far past `--response-bytes-max`, and `/metrics` (refused past the bound)
+/// could not show it. Now an error message is cut at 512 bytes, a refusal that changed nothing
+/// may be refused like a read, and the operations endpoints have a reserve of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_that_quote_their_request_stay_small_and_metrics_stay_readable() {
+    const BUDGET: u64 = 1024 * 1024;
+    const CONNECTIONS: usize = 8;
+    let app = spawn_app(&[
+        "--slow-client-timeout",
+        "5s",
+        "--response-bytes-max",
+        &BUDGET.to_string(),
+    ]);
+    let field = "f".repeat(60_000);
+    let body = bytes::Bytes::from(format!("{{\"{field}\": 1}}"));
+    let one = app
+        .client()
+        .try_send(
+            "POST",
+            "/v1/checkout",
+            &[("Idempotency-Key", "probe")],
+            std::str::from_utf8(&body).expect("utf8"),
+        )
+        .await
+        .expect("answer");
+    assert_eq!(one.status, 400);
+    assert!(one.body.len() < 1_024, "{} bytes", one.body.len());
+
+    let rss_before = rss_bytes(app.pid());
+    let mut askers = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let (addr, body) = (app.addr, body.clone());
+        askers.push(tokio::spawn(
+            async move { stingy_posts(addr, body, 100).await },
+        ));
+    }
+    let mut most_unsent = 0.0f64;
+    let mut most_rss = 0u64;
+    let (mut scrapes, mut unreadable) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        scrapes += 1;
+        match reading(&app, "turnstile_response_bytes_unsent").await {
+            Some(unsent) => most_unsent = most_unsent.max(unsent),
+            None => unreadable += 1,
+        }
+        most_rss = most_rss.max(rss_bytes(app.pid()));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for asker in askers {
+        let _ = asker.await;
+    }
+    let bound = BUDGET as f64 + (CONNECTIONS * 100) as f64 * 1_024.0;
+    let grown = most_rss.saturating_sub(rss_before);
+    assert_eq!(
+        unreadable, 0,
+        "/metrics refused {unreadable} of {scrapes} times"
+    );
+    assert!(
+        most_unsent <= bound,
+        "{most_unsent} bytes unsent (bound {bound})"
+    );
+    assert!(
+        grown < 32 * 1024 * 1024,
+        "resident memory grew by {grown} bytes"
+    );
+}

@@ -765,6 +765,11 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
     let (status, first, _) = checkout(&mut on_a, "twin", &body).await;
     assert_eq!(status, 201, "{first}");
     redis.wait_answer("twin", Duration::from_secs(5)).await;
+    let (status, running, _) = checkout(&mut on_a, "twin-running", &body).await;
+    assert_eq!(status, 201, "{running}");
+    redis
+        .wait_answer("twin-running", Duration::from_secs(5))
+        .await;
     // Another node's answer under the key, as a partition longer than the lock would leave it.
     let answer_key = format!("{}answer:twin", redis.prefix);
     let mut connection = redis.connection().await;
@@ -782,6 +787,20 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
         .query_async(&mut connection)
         .await
         .unwrap();
+    // And another node running a key whose answer this node could not send yet.
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{}answer:twin-running", redis.prefix))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{}lock:twin-running", redis.prefix))
+        .arg("node_other/1/1/")
+        .arg("EX")
+        .arg(600)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
     let args = redis.args();
     let (data_dir, _dir) = a.into_parts();
     let a = super::helpers::start(
@@ -790,9 +809,9 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
     );
     let mut on_a = a.client();
     eventually(
-        "the restarted node to report the other answer",
+        "the restarted node to report both keys",
         Duration::from_secs(15),
-        async || super::helpers::metric(&mut on_a, "turnstile_redis_locks_lost_total").await == 1.0,
+        async || super::helpers::metric(&mut on_a, "turnstile_redis_locks_lost_total").await == 2.0,
     )
     .await;
     assert!(

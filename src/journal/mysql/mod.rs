@@ -650,6 +650,29 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
     Ok(state)
 }
 
+/// The node's name kept with the journal (`node_name`, one row): the one there, or `proposed`
+/// (the data dir's) if there is none yet. MySQL is the truth about whose journal this is: a node
+/// started again on a new data dir keeps the name its authorisations carry.
+pub async fn journal_node_name(
+    pool: &MySqlPool,
+    timeout: Duration,
+    proposed: &str,
+) -> Result<String, JournalError> {
+    let kept = |e: sqlx::Error| db_error("reading the node's name", &e);
+    in_transaction!(pool, timeout, |tx| {
+        sqlx::query("INSERT IGNORE INTO node_name (id, name) VALUES (1, ?)")
+            .bind(proposed)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query("SELECT name FROM node_name WHERE id = 1")
+            .fetch_one(&mut *tx)
+            .await?;
+        text(&row, 0)?
+    })
+    .await
+    .map_err(kept)
+}
+
 /// Claims migration `20261127000005` found no placing record for are kept aside, no longer
 /// enforced by a `UNIQUE` key: said at every start, so an operator sees it (none in a database
 /// this project's earlier versions wrote, which never deleted log rows).
@@ -1025,26 +1048,69 @@ pub(crate) async fn purge_answers(
     cutoff_ms: i64,
 ) -> Result<u64, JournalError> {
     let purge = |e: sqlx::Error| db_error("purging expired idempotency keys", &e);
-    // Bounded like every transaction: it locks rows of `journal`, which a stalled COMMIT of it
-    // would keep from the writer.
-    in_transaction!(pool, timeout, |tx| {
-        sqlx::query(
-            "UPDATE journal c JOIN idempotency_keys k \
-             ON c.idempotency_key = k.idempotency_key AND c.order_id = k.order_id \
-             SET c.idempotency_key = NULL WHERE k.at_ms < ?",
+    let mut purged = 0;
+    loop {
+        // The keys to purge first, read without a lock; then only their own rows are locked,
+        // through the unique keys (a join over `journal` could lock the whole table, and with it
+        // every insert of the writer).
+        let expired = sqlx::query(
+            "SELECT idempotency_key, order_id FROM idempotency_keys WHERE at_ms < ? LIMIT ?",
         )
         .bind(cutoff_ms)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("DELETE FROM idempotency_keys WHERE at_ms < ?")
-            .bind(cutoff_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
-    })
-    .await
-    .map_err(purge)
+        .bind(PURGE_KEYS_MAX as i64);
+        let rows = fetch_all_bounded(pool, timeout, expired)
+            .await
+            .map_err(purge)?;
+        if rows.is_empty() {
+            return Ok(purged);
+        }
+        let mut pairs = Vec::with_capacity(rows.len());
+        for row in &rows {
+            pairs.push((text(row, 0).map_err(purge)?, text(row, 1).map_err(purge)?));
+        }
+        let pairs = &pairs;
+        // Bounded like every transaction: a stalled COMMIT of it would keep these rows from the
+        // writer.
+        let deleted = in_transaction!(pool, timeout, |tx| {
+            // A row holds a key and an order each under a UNIQUE key, so "its key among the
+            // keys and its order among the orders" is the pairs themselves.
+            let mut release = sqlx::QueryBuilder::<MySql>::new(
+                "UPDATE journal SET idempotency_key = NULL WHERE idempotency_key IN (",
+            );
+            let mut keys = release.separated(", ");
+            for (key, _) in pairs {
+                keys.push_bind(key.as_str());
+            }
+            release.push(") AND order_id IN (");
+            let mut orders = release.separated(", ");
+            for (_, order) in pairs {
+                orders.push_bind(order.as_str());
+            }
+            release.push(")");
+            release.build().execute(&mut *tx).await?;
+            let mut delete =
+                sqlx::QueryBuilder::<MySql>::new("DELETE FROM idempotency_keys WHERE at_ms < ");
+            delete
+                .push_bind(cutoff_ms)
+                .push(" AND idempotency_key IN (");
+            let mut keys = delete.separated(", ");
+            for (key, _) in pairs {
+                keys.push_bind(key.as_str());
+            }
+            delete.push(")");
+            delete.build().execute(&mut *tx).await?.rows_affected()
+        })
+        .await
+        .map_err(purge)?;
+        purged += deleted;
+        if rows.len() < PURGE_KEYS_MAX {
+            return Ok(purged);
+        }
+    }
 }
+
+/// Expired keys purged in one transaction at most.
+const PURGE_KEYS_MAX: usize = 1_000;
 
 /// An order from the projections. Not there while a claim says the log holds it past what is
 /// applied: unavailable (lag), never "no such order".
