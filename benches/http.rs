@@ -60,7 +60,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         metrics: Metrics::new(api::ROUTES),
         settled: tokio::sync::Notify::new(),
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(10_000)),
-        settler: api::money::Settler::default(),
+        settler: turnstile::app::money::Settler::default(),
         relay: None,
         redis_optional: false,
         node: "node_bench".into(),

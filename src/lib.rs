@@ -25,10 +25,12 @@
 //! - [`sessions`]: carts with idle expiry and caps, in process or in Redis
 //!   ([`sessions::redis`]: carts any node serves, the submission locks and finished answers every
 //!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
+//! - [`app`]: the application layer, whatever door a request came in by: [`app::commit`] (append,
+//!   wait, apply or abort, then what follows), [`app::money`]: the settler and the reconciler
+//!   (capture, void, refund after the journal; each node reconciles only the authorisations it
+//!   made), [`app::sweep`]: expired holds released, what is past retention dropped.
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
-//!   [`api::money`]: the settler and the reconciler (capture, void, refund after the journal; each
-//!   node reconciles only the authorisations it made); `api::admin`: the operations desk
-//!   (`--admin-token`).
+//!   `api::admin`: the operations desk (`--admin-token`).
 //! - [`connections`]: the listeners (`socket2`: backlog, `TCP_NODELAY`, buffers; one per per-core
 //!   worker with `SO_REUSEPORT`) and the accept loop: HTTP/1.1 and HTTP/2, cleartext or over TLS
 //!   ([`connections::tls`]: rustls, TLS 1.3, ALPN), slow clients cut off, one bound on open
@@ -45,7 +47,7 @@
 //! - [`metrics`]: counters and histograms on our own atomics, one copy per core summed on scrape,
 //!   exposed through `prometheus-client`.
 //! - [`server`]: wiring, the two runtimes (per-core: one pinned single-threaded runtime per worker;
-//!   shared: one work-stealing runtime), the hold sweeper, the stop signal.
+//!   shared: one work-stealing runtime), the stop signal.
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
 //! - [`fault`]: fault points for tests (`--features fault-points`, on in the test build only).
 //! - [`backoff`]: the one backoff every retry uses (doubling, capped, spread by a per-thread PRNG).
@@ -57,6 +59,7 @@
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 pub mod api;
+pub mod app;
 pub mod backoff;
 pub mod config;
 pub mod connections;

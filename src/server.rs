@@ -16,13 +16,14 @@
 //! finishing after its client left, a settlement) end as they would on one runtime. **Shared**: one
 //! work-stealing runtime runs everything.
 
-use crate::api::{self, AppState};
+use crate::api;
+use crate::app::{self, AppState};
 use crate::config::{RuntimeKind, ServeConfig};
 use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
 use crate::engine::idempotency::RejectionLimits;
 use crate::engine::records::State;
-use crate::engine::{Applied, Engine, EngineConfig};
+use crate::engine::{Engine, EngineConfig};
 use crate::events::relay::{Cursor, FileCursor, MySqlCursor, Relay};
 use crate::http_client::{ClientOptions, HttpClient, Trust};
 use crate::journal::file::{FileJournal, FileJournalConfig};
@@ -50,9 +51,6 @@ const RECOVERED_ANSWERS_MAX: usize = 1_000_000;
 
 /// How long the Redis finisher may take at shutdown to send the answers and lock releases queued.
 const REDIS_STOP_WAIT: Duration = Duration::from_secs(2);
-
-/// The most holds one sweep releases, so one sweep never stalls the runtime.
-const SWEEP_HOLDS_MAX: usize = 10_000;
 
 /// Why the server stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -230,8 +228,8 @@ async fn serve(
     drop(stdout);
 
     let background = vec![
-        tokio::spawn(sweep(Arc::clone(&app), config.hold_ttl)),
-        tokio::spawn(api::money::reconcile(
+        tokio::spawn(app::sweep::sweep(Arc::clone(&app), config.hold_ttl)),
+        tokio::spawn(app::money::reconcile(
             Arc::clone(&app),
             config.reconcile_after,
         )),
@@ -282,7 +280,7 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         metrics: Metrics::new(api::ROUTES),
         settled: tokio::sync::Notify::new(),
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
-        settler: api::money::Settler::default(),
+        settler: app::money::Settler::default(),
         relay: parts.relay,
         redis_optional: config.redis_optional,
         response_budget: connections::ResponseBudget::leak(config.response_bytes_max),
@@ -903,84 +901,6 @@ fn platform_roots() -> rustls::RootCertStore {
         }
     }
     roots
-}
-
-/// Releases expired holds (voiding their payments), expired carts and answers past retention.
-async fn sweep(app: Arc<AppState>, hold_ttl: Duration) {
-    let interval = (hold_ttl / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last_slow_sweep = now_ms();
-    // Retention (and cart expiry) is enforced to within a quarter of the shortest one, at most
-    // once a second and at least once a minute.
-    let config = app.engine.config();
-    let shortest_ms = config
-        .answer_retention_ms
-        .min(config.order_retention_ms)
-        .min(app.carts.idle_ms());
-    let slow_sweep_ms = (shortest_ms / 4).clamp(1_000, 60_000);
-    let mut slow_sweep: Option<tokio::task::JoinHandle<()>> = None;
-    loop {
-        ticker.tick().await;
-        let now = now_ms();
-        // Each release commits on its own task; a slow journal delays none of the others.
-        let released = app.engine.expire_holds(now, SWEEP_HOLDS_MAX);
-        // A released order with an authorisation owes its void; the settler makes it after the
-        // commit (`api::money`).
-        let commits = released.into_iter().map(|change| {
-            api::commit(&app, change, |app, outcome| {
-                if let Ok(Applied::Order { .. }) = outcome {
-                    app.metrics.holds_expired.add(1);
-                }
-            })
-        });
-        for result in futures_util::future::join_all(commits).await {
-            if let Err(error) = result {
-                tracing::warn!(error = %error.message, "could not journal an expired hold; the next sweep retries");
-            }
-        }
-        // The slow sweep runs beside the holds' (one at a time): a store slow to purge (MySQL
-        // stalled) never delays a hold's release.
-        let idle = slow_sweep.as_ref().is_none_or(|task| task.is_finished());
-        if now - last_slow_sweep >= slow_sweep_ms && idle {
-            last_slow_sweep = now;
-            slow_sweep = Some(tokio::spawn(sweep_retention(Arc::clone(&app), now)));
-        }
-    }
-}
-
-/// Drops what is past its retention: the store's expired keys first, then the carts, kept
-/// answers and finished orders memory holds.
-async fn sweep_retention(app: Arc<AppState>, now: i64) {
-    // The store forgets expired keys before memory does: a key memory still knows is reused as
-    // "past retention" (the store drops its old rows then), and one it forgot has no rows left in
-    // the store.
-    let cutoff = now - app.engine.config().answer_retention_ms;
-    let purged = app.journal.purge_answers(cutoff).await;
-    if let Err(error) = &purged {
-        tracing::warn!(%error, "could not purge expired idempotency keys; retrying later");
-    }
-    // Scanning every cart and kept answer takes milliseconds with millions of them: off the
-    // runtime's workers, so no request waits behind it.
-    let swept = tokio::task::spawn_blocking(move || {
-        let carts = app.carts.sweep(now);
-        let answers = if purged.is_ok() {
-            app.engine.idempotency().purge_expired(now)
-        } else {
-            0
-        };
-        let orders = app.engine.purge_orders(now, usize::MAX);
-        (carts, answers, orders)
-    })
-    .await;
-    if let Ok((carts, answers, orders)) = swept {
-        tracing::debug!(
-            carts,
-            answers,
-            orders,
-            "expired carts, answers and orders dropped"
-        );
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -17,7 +17,8 @@
 //! checkout answers `503 session_store_unavailable`: no node can know that another does not run
 //! the key (`--redis-optional`, for one node, lets checkouts naming their items go on).
 
-use super::{check_length, commit, json_response, parse_json, read_body, ApiError, Shared};
+use super::{check_length, json_response, parse_json, read_body, ApiError, Shared};
+use crate::app::{commit, Settlement};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, Quantity, Sku};
 use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
@@ -564,7 +565,7 @@ impl Finishing {
         // shows the order and replays the answer under the key, and the capture it owes follows
         // (`money`); if the journal did not take it, the engine frees the units and the key, and
         // the authorisation waits for the client's retry (or the reconciler's orphan scan).
-        let follow = move |app: &Shared, outcome: &super::Settlement| match outcome {
+        let follow = move |app: &Shared, outcome: &Settlement| match outcome {
             Ok(Applied::Order { order, .. }) => {
                 if matches!(
                     order.status,
@@ -612,7 +613,7 @@ impl Finishing {
         .await;
         match committed {
             Ok(_) => answer(stored.status, stored.body, false),
-            Err(error) => error.into_response(),
+            Err(error) => ApiError::from(error).into_response(),
         }
     }
 }

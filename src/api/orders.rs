@@ -2,7 +2,8 @@
 
 use super::checkout::order_body;
 use super::products::path_error;
-use super::{commit, json_response, path_id, prepare_when_free, ApiError, Shared};
+use super::{json_response, path_id, ApiError, Shared};
+use crate::app::{commit, prepare_when_free};
 use crate::domain::OrderId;
 use crate::engine::{Applied, Prepared};
 use crate::time::now_ms;

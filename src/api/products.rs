@@ -1,8 +1,7 @@
 //! `PUT/GET /v1/products/{sku}`.
 
-use super::{
-    check_length, commit, json, parse_json, path_id, prepare_when_free, read_body, ApiError, Shared,
-};
+use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
+use crate::app::{commit, prepare_when_free};
 use crate::domain::{Cents, Currency, Sku, Stock};
 use crate::engine::inventory::StockView;
 use crate::engine::records::Product;

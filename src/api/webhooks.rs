@@ -2,9 +2,8 @@
 //! `Turnstile-Signature`. Deliveries are idempotent: a second one, or one for an order already
 //! finished, changes nothing (an approval for a released order leaves it owing a void).
 
-use super::{
-    check_length, commit, json, parse_json, prepare_when_free, read_body, ApiError, Shared,
-};
+use super::{check_length, json, parse_json, read_body, ApiError, Shared};
+use crate::app::{commit, prepare_when_free};
 use crate::domain::OrderId;
 use crate::engine::order::{OrderStatus, PaymentDue};
 use crate::engine::{EngineError, Prepared};
@@ -88,7 +87,7 @@ pub(super) async fn payment_webhook(
                 .order(&body.order_id)
                 .is_some_and(|o| o.status == OrderStatus::Released);
             if target == OrderStatus::Paid && released {
-                super::money::set_due(&state, &body.order_id, None, Some(PaymentDue::Void))
+                crate::app::money::set_due(&state, &body.order_id, None, Some(PaymentDue::Void))
                     .await
                     .map_err(ApiError::internal)?;
             }

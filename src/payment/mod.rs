@@ -5,7 +5,7 @@
 //! Money follows the order: a checkout only *authorises* before its order is journaled; capture,
 //! void and refund follow the journaled order (what it owes is on the order,
 //! [`crate::engine::order::PaymentDue`]) and are made by the settler and the reconciler
-//! (`crate::api::money`). Every authorisation carries an idempotency key derived from the client's
+//! ([`crate::app::money`]). Every authorisation carries an idempotency key derived from the client's
 //! `Idempotency-Key`, so a checkout re-run after a crash can never authorise twice.
 
 pub mod gateway_sim;

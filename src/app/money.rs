@@ -3,7 +3,7 @@
 //! The mechanism: a journaled order says what it still owes the gateway
 //! ([`crate::engine::order::PaymentDue`]: capture, void or refund), and nothing else moves money
 //! after an authorisation. Every change that leaves an order owing something is followed, once
-//! durable, by [`settle_soon`] (called from `api::commit`'s settlement, for every kind of change:
+//! durable, by [`settle_soon`] (called from [`super::commit`]'s settlement, for every kind of change:
 //! checkout, webhook, cancel, hold expiry, reconciler). It makes the gateway call (idempotent per
 //! payment) and hands the outcome to one task that journals the outcomes of many orders in one
 //! `Record::Payments` (what each owes now), gathered while the previous record commits, as a group
@@ -303,7 +303,7 @@ async fn record_outcomes(app: Shared, mut queue: tokio::sync::mpsc::UnboundedRec
                 ),
                 Ok(_) => {}
                 Err(error) => {
-                    tracing::warn!(error = %error.message, calls = batch.len(), "could not journal payment calls; the reconciler calls again");
+                    tracing::warn!(%error, calls = batch.len(), "could not journal payment calls; the reconciler calls again");
                 }
             }
         }
@@ -324,7 +324,7 @@ async fn record_outcomes(app: Shared, mut queue: tokio::sync::mpsc::UnboundedRec
 /// Journals that `order_id` owes `next` instead of `expected`, through the same `Payments`
 /// record the settler's calls use. Nothing changes if it no longer owes `expected`, or another
 /// change of it is in flight (the reconciler's next scan looks again).
-pub(super) async fn set_due(
+pub async fn set_due(
     app: &Shared,
     order_id: &OrderId,
     expected: Option<PaymentDue>,
@@ -334,7 +334,7 @@ pub(super) async fn set_due(
     if let Some(change) = app.engine.prepare_payments(&update, now_ms()) {
         commit(app, change, |_, _| {})
             .await
-            .map_err(|e| e.message)?;
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
 }
