@@ -115,8 +115,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The file in the data dir that names the node.
 pub const NODE_NAME_FILE: &str = "node-id";
 
-/// Writes `name` as this data dir's node name (the one its MySQL journal keeps).
+/// Writes `name` as this data dir's node name (with MySQL as the journal, the one it keeps).
 pub fn keep_node_name(data_dir: &Path, name: &str) -> std::io::Result<()> {
+    // With MySQL as the journal nothing else creates the data dir.
     std::fs::create_dir_all(data_dir)?;
     write_atomic(
         &data_dir.join(NODE_NAME_FILE),
@@ -139,11 +140,7 @@ pub fn node_name(data_dir: &Path) -> std::io::Result<String> {
         match std::fs::read_to_string(path) {
             Ok(text) => {
                 let id = text.trim_end_matches('\n');
-                let valid = id.len() > 5
-                    && id.len() <= 64
-                    && id.starts_with("node_")
-                    && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-                if valid {
+                if is_node_name(id) {
                     Ok(Some(id.to_owned()))
                 } else {
                     Err(std::io::Error::new(
@@ -161,15 +158,47 @@ pub fn node_name(data_dir: &Path) -> std::io::Result<String> {
     }
     let id = match read(&data_dir.join(LEGACY_NODE_NAME_FILE))? {
         Some(id) => id,
-        None => {
-            let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
-            ids.next("node_")[..21].to_owned()
+        None => new_node_name()?,
+    };
+    keep_node_name(data_dir, &id)?;
+    Ok(id)
+}
+
+/// Whether `name` is a node name: `node_` and then letters, digits or `_`, at most 64 bytes (it
+/// goes into Redis values and gateway idempotency keys as it is).
+pub fn is_node_name(name: &str) -> bool {
+    name.len() > 5
+        && name.len() <= 64
+        && name.starts_with("node_")
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// A new node name, at random: `node_` and 16 hex digits.
+pub fn new_node_name() -> std::io::Result<String> {
+    let ids = crate::random::TokenGenerator::new().map_err(std::io::Error::other)?;
+    Ok(ids.next("node_")[..21].to_owned())
+}
+
+/// The name to give a MySQL journal that keeps none yet: the one an earlier version's data dir
+/// kept for Redis (`redis-node-id`, its Redis locks carry it) if the data dir has no
+/// [`NODE_NAME_FILE`] yet, else a new one. Never the data dir's own name: that one belongs to the
+/// journal it was made with (the file journal, or another database, whose next node must keep
+/// it), and a data dir moved to a new database taking it along would give two live nodes one
+/// name, each voiding the other's payments as orphans.
+pub fn name_for_new_journal(data_dir: &Path) -> std::io::Result<String> {
+    let legacy = if data_dir.join(NODE_NAME_FILE).exists() {
+        None
+    } else {
+        match std::fs::read_to_string(data_dir.join(LEGACY_NODE_NAME_FILE)) {
+            Ok(text) => Some(text.trim_end_matches('\n').to_owned()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(error) => return Err(error),
         }
     };
-    // With MySQL as the journal nothing else creates the data dir.
-    std::fs::create_dir_all(data_dir)?;
-    write_atomic(&path, format!("{id}\n").as_bytes())?;
-    Ok(id)
+    match legacy {
+        Some(name) if is_node_name(&name) => Ok(name),
+        _ => new_node_name(),
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +232,31 @@ mod tests {
         let error = lock(&file.join("data")).unwrap_err();
         assert!(matches!(error, DataDirError::Io { .. }), "{error:?}");
         assert!(error.to_string().contains("plain-file"), "{error}");
+    }
+
+    #[test]
+    fn a_new_journal_gets_an_earlier_versions_redis_name_or_a_new_one_never_the_data_dirs() {
+        // Proves: a new MySQL journal takes the Redis name of a data dir an earlier version left
+        // (no node-id yet), and a new name when the data dir already has one of its own (that
+        // name belongs to the journal it was made with).
+        let parent = tempfile::tempdir().unwrap();
+        let earlier = parent.path().join("earlier");
+        std::fs::create_dir_all(&earlier).unwrap();
+        std::fs::write(
+            earlier.join(LEGACY_NODE_NAME_FILE),
+            "node_0123456789abcdef\n",
+        )
+        .unwrap();
+        assert_eq!(
+            name_for_new_journal(&earlier).unwrap(),
+            "node_0123456789abcdef"
+        );
+        let own = node_name(&earlier).unwrap();
+        let proposed = name_for_new_journal(&earlier).unwrap();
+        assert!(is_node_name(&proposed), "{proposed}");
+        assert_ne!(proposed, own);
+        let empty = parent.path().join("empty");
+        assert!(is_node_name(&name_for_new_journal(&empty).unwrap()));
     }
 
     #[test]

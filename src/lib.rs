@@ -26,7 +26,8 @@
 //!   ([`sessions::redis`]: carts any node serves, the submission locks and finished answers every
 //!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
 //! - [`app`]: the application layer, whatever door a request came in by: [`app::commit`] (append,
-//!   wait, apply or abort, then what follows), [`app::money`]: the settler and the reconciler
+//!   wait, apply or abort, then what follows), [`app::orders`]: cancel, restock, a payment's final
+//!   word, [`app::money`]: the settler and the reconciler
 //!   (capture, void, refund after the journal; each node reconciles only the authorisations it
 //!   made), [`app::sweep`]: expired holds released, what is past retention dropped.
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;

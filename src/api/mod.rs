@@ -10,6 +10,7 @@ mod orders;
 mod products;
 mod webhooks;
 
+use crate::app::orders::AppError;
 use crate::app::CommitError;
 pub use crate::app::{AppState, Shared};
 use crate::engine::EngineError;
@@ -297,6 +298,17 @@ impl From<CommitError> for ApiError {
         match error {
             CommitError::Journal(error) => Self::journal_unavailable(&error),
             CommitError::TimedOut(_) => Self::outcome_unknown(&error.to_string()),
+        }
+    }
+}
+
+/// A use case that did not happen, or may not have.
+impl From<AppError> for ApiError {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Engine(error) => error.into(),
+            AppError::Commit(error) => error.into(),
+            error @ AppError::ForeignPayment { .. } => Self::invalid(error.to_string()),
         }
     }
 }

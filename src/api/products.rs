@@ -1,11 +1,9 @@
 //! `PUT/GET /v1/products/{sku}`.
 
 use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
-use crate::app::{commit, prepare_when_free};
 use crate::domain::{Cents, Currency, Sku, Stock};
 use crate::engine::inventory::StockView;
 use crate::engine::records::Product;
-use crate::engine::Applied;
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -80,14 +78,8 @@ pub(super) async fn put_product(
         currency: body.currency,
         stock: body.stock,
     };
-    let change =
-        prepare_when_free(&state, || state.engine.prepare_product(product.clone())).await?;
-    match commit(&state, change, |_, _| {}).await? {
-        Applied::Product(product, view) => Ok(render(&product, view)),
-        Applied::Order { .. } | Applied::Payments(_) => {
-            Err(ApiError::internal("a product change applied an order"))
-        }
-    }
+    let (product, view) = crate::app::orders::put_product(&state, product).await?;
+    Ok(render(&product, view))
 }
 
 pub(super) async fn get_product(

@@ -3,10 +3,7 @@
 //! finished, changes nothing (an approval for a released order leaves it owing a void).
 
 use super::{check_length, json, parse_json, read_body, ApiError, Shared};
-use crate::app::{commit, prepare_when_free};
 use crate::domain::OrderId;
-use crate::engine::order::{OrderStatus, PaymentDue};
-use crate::engine::{EngineError, Prepared};
 use crate::payment::webhook::verify;
 use crate::time::now_ms;
 use axum::body::Body;
@@ -48,51 +45,8 @@ pub(super) async fn payment_webhook(
         )
     })?;
     let body: WebhookBody = parse_json(&raw)?;
-    let order = state
-        .engine
-        .order(&body.order_id)
-        .ok_or_else(|| ApiError::not_found(format!("no order {}", body.order_id)))?;
-    if order.payment_id.as_deref() != Some(body.payment_id.as_str()) {
-        return Err(ApiError::invalid(format!(
-            "payment {} does not belong to order {}",
-            body.payment_id, body.order_id
-        )));
-    }
-    let target = match body.status {
-        Decision::Approved => OrderStatus::Paid,
-        Decision::Declined => OrderStatus::Released,
-    };
-    let prepared = prepare_when_free(&state, || {
-        match state
-            .engine
-            .prepare_transition(&body.order_id, target, now_ms())
-        {
-            // Finished meanwhile (expired or cancelled): a late delivery, handled below.
-            Err(EngineError::IllegalTransition(_)) => Ok(None),
-            other => other.map(Some),
-        }
-    })
-    .await?;
-    match prepared {
-        Some(Prepared::Change(change)) => {
-            commit(&state, change, |_, _| {}).await?;
-        }
-        Some(Prepared::Unchanged(_)) => {}
-        None => {
-            // Finished meanwhile: an approval for an order that no longer holds its stock. The
-            // authorisation must not stay: the order owes a void (if it does not owe one already,
-            // or has done it; voiding again is harmless).
-            let released = state
-                .engine
-                .order(&body.order_id)
-                .is_some_and(|o| o.status == OrderStatus::Released);
-            if target == OrderStatus::Paid && released {
-                crate::app::money::set_due(&state, &body.order_id, None, Some(PaymentDue::Void))
-                    .await
-                    .map_err(ApiError::internal)?;
-            }
-        }
-    }
+    let approved = matches!(body.status, Decision::Approved);
+    crate::app::orders::payment_decided(&state, &body.order_id, &body.payment_id, approved).await?;
     Ok(received())
 }
 

@@ -6,13 +6,16 @@
 //! - [`commit`]: the one way a decided change becomes durable and visible (append, wait at most
 //!   `--journal-timeout`, apply or abort, then what follows it: money, carts, Redis), and
 //!   [`prepare_when_free`], which decides a change of an order or product another change holds;
+//! - [`orders`]: cancel, restock (a product's stock, name, price) and the gateway's final word on
+//!   a pending payment, with their one typed error [`orders::AppError`];
 //! - [`money`]: the settler and the reconciler (capture, void, refund after the journal);
 //! - [`sweep`]: holds past their deadline released, and what is past its retention dropped.
 //!
-//! Still in `api`, to come here next: placing an order (`api::checkout`'s authorise → journal →
-//! settle), cancel, the payment webhook and restock.
+//! Still in `api`, to come here next: placing an order (`api::checkout`: the submission lock,
+//! authorise, journal, settle, the shared answer).
 
 pub mod money;
+pub mod orders;
 pub mod sweep;
 
 use crate::engine::{Applied, Change, Engine, EngineError};

@@ -329,12 +329,10 @@ pub async fn set_due(
     order_id: &OrderId,
     expected: Option<PaymentDue>,
     next: Option<PaymentDue>,
-) -> Result<(), String> {
+) -> Result<(), super::CommitError> {
     let update = [(order_id.clone(), expected, next)];
     if let Some(change) = app.engine.prepare_payments(&update, now_ms()) {
-        commit(app, change, |_, _| {})
-            .await
-            .map_err(|e| e.to_string())?;
+        commit(app, change, |_, _| {}).await?;
     }
     Ok(())
 }

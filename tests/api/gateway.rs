@@ -673,3 +673,125 @@ async fn on_mysql_a_node_started_on_a_new_data_dir_still_voids_its_orphans() {
     .await;
     assert_eq!(app.client().stock("O").await, (3, 3, 0, 0));
 }
+
+/// Found by attack: a data dir moved to a new database (a node pointed at a new `--mysql-url`)
+/// gave that database its own name, and a node started on the old database with a new data dir
+/// (a container without a volume) took the same name from the old database's `node_name` row.
+/// Two live nodes with separate journals then shared one name at the gateway, and each one's
+/// orphan scan voided the other's live payments: a `202` still pending was voided and its order
+/// released. A new database now gets a new name, never the data dir's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_moved_to_another_database_never_gives_two_live_nodes_one_name() {
+    let first_db = crate::helpers::TestDatabase::create().await;
+    let second_db = crate::helpers::TestDatabase::create().await;
+    let sim = Sim::start("127.0.0.1:0", &["--pending-delay", "1h"]);
+    let with_db = |url: &str| {
+        let mut args = server_args(&sim.url());
+        args.extend(["--mysql-url".to_owned(), url.to_owned()]);
+        args
+    };
+    let (first_args, second_args) = (with_db(&first_db.url), with_db(&second_db.url));
+    let dir = tempfile::tempdir().expect("tempdir");
+    let moved = dir.path().join("moved");
+    {
+        // The node's first life, on the first database.
+        let app = start(&moved, &as_strs(&first_args));
+        app.client().put_product("M", 100, 5).await;
+    }
+    // Its data dir now serves the second database; the first gets a node on a new data dir.
+    let a = start(&moved, &as_strs(&second_args));
+    let c = spawn_app(&as_strs(&first_args));
+    let name_of = |app: &TestApp| turnstile::data_dir::node_name(&app.data_dir).expect("name");
+    assert_ne!(name_of(&a), name_of(&c), "two live nodes share one name");
+    let mut on_a = a.client();
+    on_a.put_product("M", 100, 5).await;
+    let pending = on_a
+        .send(
+            "POST",
+            "/v1/checkout",
+            &[("idempotency-key", "moved-1")],
+            &checkout_body("M", "tok_pending"),
+        )
+        .await;
+    assert_eq!(pending.status, 202, "{:?}", pending.json());
+    let order_id = pending.json()["order_id"]
+        .as_str()
+        .expect("order_id")
+        .to_owned();
+
+    // Node C's reconciler scans past --reconcile-after (3 s) several times.
+    let mut on_c = c.client();
+    let scans = metric(&mut on_c, "turnstile_reconciler_scans_total").await;
+    eventually(
+        "node C to scan four times",
+        Duration::from_secs(30),
+        async || metric(&mut on_c, "turnstile_reconciler_scans_total").await >= scans + 4.0,
+    )
+    .await;
+    let ledger = sim.ledger().await;
+    let status = ledger
+        .iter()
+        .find(|p| p["order_id"] == order_id.as_str())
+        .map(|p| p["status"].as_str().unwrap_or_default().to_owned());
+    assert_eq!(
+        status.as_deref(),
+        Some("pending"),
+        "node C voided node A's live payment: {ledger:?}"
+    );
+    let order = on_a.get(&format!("/v1/orders/{order_id}")).await.json();
+    assert_eq!(order["status"], "payment_pending", "{order}");
+}
+
+/// Found by attack: a `node_name` row edited by hand (`shop-1`, or empty) was taken as it was,
+/// written into the data dir, and the next start failed with exit 1 telling the operator to
+/// remove the data dir's file, which the start after wrote back. It is refused now: exit 2 naming
+/// the table, the data dir's name untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mysql_a_node_name_row_edited_by_hand_is_refused_with_exit_2() {
+    let database = crate::helpers::TestDatabase::create().await;
+    let sim = Sim::start("127.0.0.1:0", &[]);
+    let mut args = server_args(&sim.url());
+    args.extend(["--mysql-url".to_owned(), database.url.clone()]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("data");
+    let name = {
+        let app = start(&data, &as_strs(&args));
+        turnstile::data_dir::node_name(&app.data_dir).expect("name")
+    };
+    let pool = database.pool().await;
+    for edited in ["shop-1", ""] {
+        sqlx::query("UPDATE node_name SET name = ?")
+            .bind(edited)
+            .execute(&pool)
+            .await
+            .expect("edit the row");
+        let mut server = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data)
+            .args(&args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start turnstile");
+        // The ready line, or end of file when it exits: one that starts is killed here, so the
+        // test fails instead of hanging.
+        let mut line = String::new();
+        BufReader::new(server.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read stdout");
+        if !line.is_empty() {
+            let _ = server.kill();
+            let _ = server.wait();
+            panic!("a node started with node_name {edited:?}: {line:?}");
+        }
+        let output = server.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{edited:?}: {stderr}");
+        assert!(stderr.contains("node_name"), "{edited:?}: {stderr}");
+        assert_eq!(
+            turnstile::data_dir::node_name(&data).expect("the data dir's name"),
+            name,
+            "the data dir took {edited:?}"
+        );
+    }
+}

@@ -351,6 +351,9 @@ pub enum SchemaError {
     /// database name): the operator must change the URL.
     #[error("MySQL refused --mysql-url: {0} (check the user, password and database name in the URL; the URL is not shown)")]
     Refused(String),
+    /// The `node_name` table holds something else than a node name (edited by hand).
+    #[error("the node_name table holds {0:?}, not a node name (node_ and then letters, digits or _, at most 64 bytes): put back the name this journal's node had, or, if it never made a payment, delete the row for a new one")]
+    NodeName(String),
     /// The database could not be asked.
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -650,16 +653,17 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
     Ok(state)
 }
 
-/// The node's name kept with the journal (`node_name`, one row): the one there, or `proposed`
-/// (the data dir's) if there is none yet. MySQL is the truth about whose journal this is: a node
-/// started again on a new data dir keeps the name its authorisations carry.
+/// The node's name kept with the journal (`node_name`, one row): the one there, or `proposed` if
+/// there is none yet. MySQL is the truth about whose journal this is: a node started again on a
+/// new data dir keeps the name its authorisations carry. A row that does not hold a node name
+/// (edited by hand) is refused, naming the table: nothing is written back from it.
 pub async fn journal_node_name(
     pool: &MySqlPool,
     timeout: Duration,
     proposed: &str,
-) -> Result<String, JournalError> {
+) -> Result<String, SchemaError> {
     let kept = |e: sqlx::Error| db_error("reading the node's name", &e);
-    in_transaction!(pool, timeout, |tx| {
+    let name = in_transaction!(pool, timeout, |tx| {
         sqlx::query("INSERT IGNORE INTO node_name (id, name) VALUES (1, ?)")
             .bind(proposed)
             .execute(&mut *tx)
@@ -670,7 +674,12 @@ pub async fn journal_node_name(
         text(&row, 0)?
     })
     .await
-    .map_err(kept)
+    .map_err(kept)?;
+    if crate::data_dir::is_node_name(&name) {
+        Ok(name)
+    } else {
+        Err(SchemaError::NodeName(name))
+    }
 }
 
 /// Claims migration `20261127000005` found no placing record for are kept aside, no longer

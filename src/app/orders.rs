@@ -1,0 +1,110 @@
+//! The use cases on one order or product, whatever door they came in by: cancel, restock, and
+//! the gateway's final word on a pending payment. Each decides with the engine (waiting while
+//! another change of the same order or product is in flight), commits, and answers in domain
+//! types; money follows the commit (`super::money`), never the request.
+
+use super::{commit, prepare_when_free, CommitError, Shared};
+use crate::domain::OrderId;
+use crate::engine::inventory::StockView;
+use crate::engine::order::{Order, OrderStatus, PaymentDue};
+use crate::engine::records::Product;
+use crate::engine::{Applied, EngineError, Prepared};
+use crate::time::now_ms;
+
+/// Why a use case did not happen (or may not have).
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// The engine refused: nothing changed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The commit was not confirmed: nothing changed, or the outcome is unknown.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A payment named for an order that does not carry it: nothing changed.
+    #[error("payment {payment_id} does not belong to order {order_id}")]
+    ForeignPayment {
+        /// The payment named.
+        payment_id: String,
+        /// The order named.
+        order_id: OrderId,
+    },
+}
+
+/// Cancels an order (a hold or a paid order); an order already finished is answered as it is.
+/// A cancelled order owes a void or a refund, which the settler makes after the commit.
+pub async fn cancel(app: &Shared, order_id: &OrderId) -> Result<Order, AppError> {
+    let change =
+        match prepare_when_free(app, || app.engine.prepare_cancel(order_id, now_ms())).await? {
+            Prepared::Unchanged(order) => return Ok(order),
+            Prepared::Change(change) => change,
+        };
+    match commit(app, change, |_, _| {}).await? {
+        Applied::Order { order, .. } => Ok(order),
+        Applied::Product(..) | Applied::Payments(_) => Err(AppError::Engine(
+            EngineError::Inconsistent("a cancel applied another change".into()),
+        )),
+    }
+}
+
+/// Creates a product or changes its name, price or stock (never below what is reserved or sold).
+pub async fn put_product(app: &Shared, product: Product) -> Result<(Product, StockView), AppError> {
+    let change = prepare_when_free(app, || app.engine.prepare_product(product.clone())).await?;
+    match commit(app, change, |_, _| {}).await? {
+        Applied::Product(product, view) => Ok((product, view)),
+        Applied::Order { .. } | Applied::Payments(_) => Err(AppError::Engine(
+            EngineError::Inconsistent("a product change applied an order".into()),
+        )),
+    }
+}
+
+/// The gateway's final word on a pending payment: approved pays the order, declined releases it.
+/// Idempotent: a second word, or one for an order finished meanwhile, changes nothing, except
+/// that an approval for a released order leaves it owing a void (its authorisation must not stay).
+pub async fn payment_decided(
+    app: &Shared,
+    order_id: &OrderId,
+    payment_id: &str,
+    approved: bool,
+) -> Result<(), AppError> {
+    let order = app
+        .engine
+        .order(order_id)
+        .ok_or_else(|| EngineError::UnknownOrder(order_id.clone()))?;
+    if order.payment_id.as_deref() != Some(payment_id) {
+        return Err(AppError::ForeignPayment {
+            payment_id: payment_id.to_owned(),
+            order_id: order_id.clone(),
+        });
+    }
+    let target = if approved {
+        OrderStatus::Paid
+    } else {
+        OrderStatus::Released
+    };
+    let prepared = prepare_when_free(app, || {
+        match app.engine.prepare_transition(order_id, target, now_ms()) {
+            // Finished meanwhile (expired or cancelled): a late word, handled below.
+            Err(EngineError::IllegalTransition(_)) => Ok(None),
+            other => other.map(Some),
+        }
+    })
+    .await?;
+    match prepared {
+        Some(Prepared::Change(change)) => {
+            commit(app, change, |_, _| {}).await?;
+        }
+        Some(Prepared::Unchanged(_)) => {}
+        None => {
+            // Finished meanwhile: an approval for an order that no longer holds its stock owes a
+            // void (if it does not owe one already, or has made it; voiding again is harmless).
+            let released = app
+                .engine
+                .order(order_id)
+                .is_some_and(|o| o.status == OrderStatus::Released);
+            if approved && released {
+                super::money::set_due(app, order_id, None, Some(PaymentDue::Void)).await?;
+            }
+        }
+    }
+    Ok(())
+}
