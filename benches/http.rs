@@ -65,7 +65,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         redis_optional: false,
         node: "node_bench".into(),
         admin_token: None,
-        response_budget: turnstile::connections::ResponseBudget::leak(128 << 20),
+        response_budget: turnstile::connections::ResponseBudget::leak(128 << 20, None),
     });
     api::router(state)
 }

@@ -266,7 +266,7 @@ pub struct ServeArgs {
     /// Open client connections at most; past it new connections wait in the kernel's backlog until one closes
     #[arg(long, env = "TURNSTILE_CONNECTIONS_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub connections_max: u64,
-    /// Bytes of answers not yet sent to their clients at most, across all connections (in the handlers' bodies and in HTTP/2's send buffers); past it a new answer is 503 overloaded
+    /// Bytes of answers not yet sent to their clients at most, across all connections (in the handlers' bodies and in HTTP/2's send buffers); past it a large read's answer is 503 overloaded, and past it plus a quarter a write is refused before it runs
     #[arg(long, env = "TURNSTILE_RESPONSE_BYTES_MAX", default_value = "134217728", value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..=1 << 40))]
     pub response_bytes_max: u64,
     /// Checkouts past their hold (authorising, committing) at most at once; past it 503 overloaded with Retry-After
@@ -346,7 +346,7 @@ pub struct ServeArgs {
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
     pub reconcile_after: Duration,
-    /// Bearer token of the operations desk (/v1/admin/...); without it those paths answer 404
+    /// Bearer token of the operations desk (/v1/admin/...; without it those paths answer 404); set, only /metrics, /readyz and /healthz asked with it may use the reserve past --response-bytes-max
     #[arg(long, env = "TURNSTILE_ADMIN_TOKEN", value_name = "T", value_parser = non_empty, hide_env_values = true)]
     pub admin_token: Option<String>,
     /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)

@@ -283,7 +283,10 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         settler: app::money::Settler::default(),
         relay: parts.relay,
         redis_optional: config.redis_optional,
-        response_budget: connections::ResponseBudget::leak(config.response_bytes_max),
+        response_budget: connections::ResponseBudget::leak(
+            config.response_bytes_max,
+            config.admin_token.as_deref(),
+        ),
         node: parts.node,
         admin_token: config.admin_token.clone(),
     })

@@ -25,7 +25,7 @@ use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The largest request body accepted (API.md).
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -101,6 +101,22 @@ async fn method_not_allowed() -> ApiError {
         "method_not_allowed",
         "this endpoint does not take that method",
     )
+}
+
+/// Whether `headers` carry `Authorization: Bearer <token>`, compared in time that does not depend
+/// on where the first difference is.
+pub fn bears_token(headers: &axum::http::HeaderMap, token: &str) -> bool {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+            == 0
 }
 
 /// The longest error message sent (bytes).
@@ -204,6 +220,14 @@ impl ApiError {
     /// `503 overloaded` with `Retry-After`: nothing was changed.
     pub fn overloaded(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", message).retry_after(1)
+    }
+
+    /// `503 overloaded` for want of room in `--response-bytes-max`: a read's answer replaced, or a
+    /// write refused before it ran.
+    pub fn answers_unread() -> Self {
+        Self::overloaded(
+            "the server holds as many answers not yet read by their clients as it may (--response-bytes-max); nothing was changed, retry later",
+        )
     }
 
     /// The answer to a change the journal did not take. Only an error that knows the record is not
@@ -382,10 +406,21 @@ fn too_large() -> ApiError {
     )
 }
 
-/// Reads the whole body, at most [`BODY_BYTES_MAX`] bytes (`413` beyond), within the slow-client
-/// timeout (`408 request_timeout` after it, and the connection is closed).
+/// Reads the whole body of a write, at most [`BODY_BYTES_MAX`] bytes (`413` beyond), within the
+/// slow-client timeout (`408 request_timeout` after it, and the connection is closed). Then asks
+/// the byte budget once more whether the write may run (it was asked when the request began, but
+/// a body may take its time: writes let in together while their bodies trickle must not answer
+/// together past the bound): `503 overloaded`, nothing changed, if not.
 pub async fn read_body(state: &AppState, body: Body) -> Result<axum::body::Bytes, ApiError> {
     let timeout = state.slow_client_timeout;
+    let bytes = read_whole(timeout, body).await?;
+    if !state.response_budget.admits_write() {
+        return Err(ApiError::answers_unread());
+    }
+    Ok(bytes)
+}
+
+async fn read_whole(timeout: Duration, body: Body) -> Result<axum::body::Bytes, ApiError> {
     tokio::time::timeout(timeout, axum::body::to_bytes(body, BODY_BYTES_MAX))
         .await
         .map_err(|_| {

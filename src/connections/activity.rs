@@ -174,6 +174,8 @@ pin_project_lite::pin_project! {
         budget: &'static ResponseBudget,
         // What the request was, for what its answer may be refused (`counted`).
         kind: RequestKind,
+        // Whether the handler was let run (a write is asked at its first poll).
+        started: bool,
     }
 }
 
@@ -182,6 +184,15 @@ impl Future for Counted {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
+        if !*this.started {
+            // Asked at the first poll, not when the request arrived: an answer that completes
+            // in that poll (most do) is counted before the next write is asked, so a flood of
+            // streams cannot all pass together. The handler has not run: nothing changed.
+            if *this.kind == RequestKind::Write && !this.budget.admits_write() {
+                return Poll::Ready(Ok(refused(&this.guard.0, this.budget)));
+            }
+            *this.started = true;
+        }
         let Ok(response) = std::task::ready!(this.inner.poll(cx));
         Poll::Ready(Ok(counted(
             response,
@@ -209,9 +220,11 @@ pub(super) enum RequestKind {
 }
 
 impl RequestKind {
-    fn of<B>(request: &Request<B>) -> Self {
+    fn of<B>(request: &Request<B>, budget: &ResponseBudget) -> Self {
         match (request.method(), request.uri().path()) {
-            (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics" | "/readyz" | "/healthz") => {
+            (&hyper::Method::GET | &hyper::Method::HEAD, "/metrics" | "/readyz" | "/healthz")
+                if budget.may_use_reserve(request.headers()) =>
+            {
                 Self::Operations
             }
             (&hyper::Method::GET | &hyper::Method::HEAD, _) => Self::Read,
@@ -226,8 +239,11 @@ impl RequestKind {
 /// - an answer of [`SMALL_ANSWER_BYTES`] or less: never;
 /// - an answer that may report a change (to a write, with a status other than a refusal's
 ///   `4xx`: a checkout's `201`, a `402` or `504` that placed an order, a cancel's `200`, a `503`
-///   whose outcome is unknown): never, since it is the only word its client gets of that change;
-/// - an operations answer (`/metrics`, `/readyz`, `/healthz`): only past the bound plus
+///   whose outcome is unknown): never, since it is the only word its client gets of that change
+///   (the write itself is refused before it runs past the bound plus a quarter:
+///   [`ResponseBudget::admits_write`]);
+/// - an operations answer (`/metrics`, `/readyz`, `/healthz`) asked with the `--admin-token` (or
+///   by anyone without one): only past the writes' limit plus
 ///   [`super::budget::OPERATIONS_RESERVE_BYTES`], so the operator can still see the server;
 /// - any other (a read, or a write's refusal that changed nothing, which may echo its request):
 ///   past the bound.
@@ -251,10 +267,12 @@ fn counted(
     if let Some(held) = budget.reserve(bytes, activity, room) {
         return Response::from_parts(parts, CountedBody::new(body, held));
     }
-    let refusal = crate::api::ApiError::overloaded(
-        "the server holds as many answers not yet read by their clients as it may (--response-bytes-max); retry later",
-    )
-    .into_response();
+    refused(activity, budget)
+}
+
+/// `503 overloaded`, counted past the bound: it is small, and the client must hear why.
+fn refused(activity: &Arc<Activity>, budget: &'static ResponseBudget) -> Response<CountedBody> {
+    let refusal = crate::api::ApiError::answers_unread().into_response();
     let (parts, body) = refusal.into_parts();
     match budget.reserve(expected_bytes(&body), activity, Room::Always) {
         Some(held) => Response::from_parts(parts, CountedBody::new(body, held)),
@@ -269,9 +287,10 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        let kind = RequestKind::of(&request);
+        let kind = RequestKind::of(&request, self.budget);
         Counted {
             kind,
+            started: false,
             inner: hyper::service::Service::call(&self.inner, request),
             guard: InFlight(Arc::clone(&self.activity)),
             budget: self.budget,

@@ -10,12 +10,18 @@
 //!   counter for all cores: the bound is exact whatever an answer's size (a page of 1,000 events
 //!   of 100-line orders runs to megabytes), which shares split per core could not promise. It
 //!   costs an atomic add per answer and a subtract per chunk on one shared cache line. A read's
-//!   answer (GET, HEAD) larger than 1 KiB that does not fit is replaced by `503 overloaded` with
-//!   `Retry-After` (counted: `turnstile_responses_refused_total`). Every other answer is counted
-//!   past the bound if need be, never refused: the answer to a request that may have changed
-//!   something is its client's only word of the change (a `201` replaced by "nothing changed"
-//!   would make a careful client buy again under another key), and small answers (health checks,
-//!   refusals, the `503`s themselves) are what keeps the server reachable while large ones wait.
+//!   answer (GET, HEAD), or a write's refusal (`4xx`), larger than 1 KiB that does not fit is
+//!   replaced by `503 overloaded` with `Retry-After` (counted: `turnstile_responses_refused_total`).
+//!   An answer to a request that may have changed something is never refused (a `201` replaced by
+//!   "nothing changed" would make a careful client buy again under another key): so a write is
+//!   refused *before* it runs, with `503 overloaded` (true: nothing changed), once the unsent
+//!   bytes pass the bound plus a quarter ([`ResponseBudget::admits_write`]), and the answers of
+//!   the writes let in are counted past it. Writes still run while reads alone fill the bound, and
+//!   answers to writes nobody reads (a cancel that changes nothing, asked on many streams) cannot
+//!   pile up past the bound plus that quarter plus the few running when it was reached. Small
+//!   answers (health checks, the `503`s themselves) are never refused: they keep the server
+//!   reachable. The operations answers (`/metrics`, `/readyz`, `/healthz`) asked with the
+//!   `--admin-token` (by anyone when none is set) have a reserve past all of that.
 //! - [`CountedBody`] hands the body out in chunks of at most [`CHUNK_BYTES`], each a `Bytes`
 //!   whose owner gives its bytes back when the last reference goes: when hyper (or HTTP/2's send
 //!   buffer) has written it to the socket, or dropped it with a reset stream or a closed
@@ -49,7 +55,7 @@ pub const OPERATIONS_RESERVE_BYTES: usize = 4 * 1024 * 1024;
 pub(super) enum Room {
     /// Up to the bound.
     WithinBound,
-    /// Up to the bound plus [`OPERATIONS_RESERVE_BYTES`].
+    /// Up to the bound, the writes' quarter and [`OPERATIONS_RESERVE_BYTES`].
     WithReserve,
     /// Whatever it needs, counted past the bound (answers that must be sent).
     Always,
@@ -64,6 +70,9 @@ pub struct ResponseBudget {
     max: usize,
     /// Answers replaced by `503 overloaded` because they did not fit.
     refused: AtomicU64,
+    /// `--admin-token`: only operations answers asked with it may use the reserve (anyone's
+    /// may without one).
+    operations_token: Option<Box<str>>,
 }
 
 /// An atomic on two cache lines of its own (the adjacent-line prefetcher pulls pairs), so the
@@ -75,12 +84,21 @@ struct Padded(AtomicUsize);
 impl ResponseBudget {
     /// A budget of `max` bytes for the life of the process (the connections and `/metrics` share
     /// it; a `'static` reference keeps a shared reference count off the request path).
-    pub fn leak(max: usize) -> &'static Self {
+    pub fn leak(max: usize, operations_token: Option<&str>) -> &'static Self {
         Box::leak(Box::new(Self {
             held: Padded::default(),
             max,
             refused: AtomicU64::new(0),
+            operations_token: operations_token.map(Box::from),
         }))
+    }
+
+    /// Whether a request with `headers` may use the operations reserve: it carries the
+    /// `--admin-token`, or none is set.
+    pub(super) fn may_use_reserve(&self, headers: &axum::http::HeaderMap) -> bool {
+        self.operations_token
+            .as_deref()
+            .is_none_or(|token| crate::api::bears_token(headers, token))
     }
 
     /// Bytes of answers not yet sent, across all connections.
@@ -98,6 +116,22 @@ impl ResponseBudget {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// How far the answers of writes may take the unsent bytes before new writes are refused:
+    /// the bound plus a quarter, so reads filling the bound never stop checkouts.
+    fn write_limit(&self) -> usize {
+        self.max.saturating_add(self.max / 4)
+    }
+
+    /// Whether a write may run now (its answer will be counted whatever its size); counted as
+    /// refused if not.
+    pub fn admits_write(&self) -> bool {
+        let admitted = self.unsent() < self.write_limit();
+        if !admitted {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
     /// Takes `bytes` within what `room` allows. `None`: no room. Racing reservations never pass
     /// their limit together: each adds first and takes back what did not fit.
     pub(super) fn reserve(
@@ -108,7 +142,7 @@ impl ResponseBudget {
     ) -> Option<Held> {
         let limit = match room {
             Room::Always => usize::MAX,
-            Room::WithReserve => self.max.saturating_add(OPERATIONS_RESERVE_BYTES),
+            Room::WithReserve => self.write_limit().saturating_add(OPERATIONS_RESERVE_BYTES),
             Room::WithinBound => self.max,
         };
         let before = self.held.0.fetch_add(bytes, Ordering::AcqRel);
@@ -264,7 +298,7 @@ mod tests {
         // Proves: an answer's bytes stay counted (in the budget and on its connection) until the
         // chunk holding them is dropped, wherever they wait; chunks are at most CHUNK_BYTES;
         // past the bound a reservation is refused (and counted), a forced one is not.
-        let budget = ResponseBudget::leak(1 << 20);
+        let budget = ResponseBudget::leak(1 << 20, None);
         let activity = Activity::new();
         let body = axum::body::Body::from(vec![7u8; 40_000]);
         let held = budget
@@ -298,17 +332,26 @@ mod tests {
             .reserve(100, &activity, Room::Always)
             .expect("forced");
         assert_eq!(budget.unsent(), (1 << 20) + 100);
+        assert!(
+            budget.admits_write(),
+            "writes run up to the bound plus a quarter"
+        );
+        let writes = budget
+            .reserve(1 << 18, &activity, Room::Always)
+            .expect("forced");
+        assert!(!budget.admits_write());
+        assert_eq!(budget.refused(), 2, "a write turned away is counted");
         let operations = budget
             .reserve(OPERATIONS_RESERVE_BYTES, &activity, Room::WithReserve)
             .is_none();
         assert!(
             operations,
-            "the reserve is counted from the bound, the forced bytes included"
+            "the reserve is counted from the writes' limit, the forced bytes included"
         );
         let operations = budget
             .reserve(1_000, &activity, Room::WithReserve)
             .expect("within the reserve");
-        drop((big, forced, operations));
+        drop((big, forced, writes, operations));
         assert_eq!(budget.unsent(), 0);
     }
 }

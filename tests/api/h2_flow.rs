@@ -12,9 +12,14 @@ use std::time::Duration;
 /// the flood: the scrape itself may be refused past the byte budget, or wait its turn on a core
 /// rendering the large answers).
 async fn reading(app: &TestApp, name: &str) -> Option<f64> {
+    reading_as(app, name, &[]).await
+}
+
+/// [`reading`] with `headers` on the scrape (the operator's token).
+async fn reading_as(app: &TestApp, name: &str, headers: &[(&str, &str)]) -> Option<f64> {
     let answer = app
         .client()
-        .try_send("GET", "/metrics", &[], "")
+        .try_send("GET", "/metrics", headers, "")
         .await
         .ok()
         .filter(|answer| answer.status == 200)?;
@@ -365,6 +370,18 @@ async fn one_answer_stuck_closes_its_connection_however_its_other_streams_move()
 /// Sends `count` checkouts with `body` on a new HTTP/2 connection whose window never opens, and
 /// keeps the answers' bodies unread until the server closes it; the statuses seen.
 async fn stingy_posts(addr: std::net::SocketAddr, body: bytes::Bytes, count: usize) -> Vec<u16> {
+    stingy_writes(addr, "/v1/checkout", Some(body), count).await
+}
+
+/// Sends `count` POSTs to `path` (with `body`, if any) on a new HTTP/2 connection whose window
+/// never opens, and keeps the answers' bodies unread until the server closes it; the statuses
+/// seen.
+async fn stingy_writes(
+    addr: std::net::SocketAddr,
+    path: &str,
+    body: Option<bytes::Bytes>,
+    count: usize,
+) -> Vec<u16> {
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let (send, connection) = h2::client::Builder::new()
         .initial_window_size(0)
@@ -379,14 +396,16 @@ async fn stingy_posts(addr: std::net::SocketAddr, body: bytes::Bytes, count: usi
         let Ok(mut ready) = send.clone().ready().await else {
             break;
         };
-        let request = axum::http::Request::post("http://turnstile/v1/checkout")
+        let request = axum::http::Request::post(format!("http://turnstile{path}"))
             .header("idempotency-key", format!("k-{n}"))
             .header("content-type", "application/json")
             .body(())
             .expect("request");
-        match ready.send_request(request, false) {
+        match ready.send_request(request, body.is_none()) {
             Ok((response, mut stream)) => {
-                let _ = stream.send_data(body.clone(), true);
+                if let Some(body) = &body {
+                    let _ = stream.send_data(body.clone(), true);
+                }
                 pending.push((response, stream));
             }
             Err(_) => break,
@@ -473,4 +492,103 @@ async fn refusals_that_quote_their_request_stay_small_and_metrics_stay_readable(
         grown < 32 * 1024 * 1024,
         "resident memory grew by {grown} bytes"
     );
+}
+
+/// Found by attack: an answer to a write is never refused (it may be its client's only word of a
+/// change), so a cancel that changed nothing (a 100-line order's 18 KB), asked on many HTTP/2
+/// streams that never open their window, held memory far past `--response-bytes-max`; and
+/// anyone's stuck `/metrics` used up the operations reserve, so the operator's scrape was refused.
+/// Now a write is refused before it runs once the unsent bytes pass the bound plus a quarter, and
+/// only scrapes with the `--admin-token` may use the reserve.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_writes_nobody_reads_stay_near_the_bound_and_the_operator_still_scrapes() {
+    const BUDGET: f64 = 1024.0 * 1024.0;
+    const TOKEN: &str = "operator-token-0123456789";
+    let app = spawn_app(&[
+        "--slow-client-timeout",
+        "5s",
+        "--response-bytes-max",
+        &BUDGET.to_string(),
+        "--admin-token",
+        TOKEN,
+    ]);
+    let mut client = app.client();
+    let skus: Vec<String> = (0..100)
+        .map(|n| format!("{n:03}{}", "B".repeat(120)))
+        .collect();
+    for sku in &skus {
+        client.put_product(sku, 100, 10).await;
+    }
+    let lines: Vec<serde_json::Value> = skus
+        .iter()
+        .map(|sku| serde_json::json!({"sku": sku, "quantity": 1}))
+        .collect();
+    let order = serde_json::json!({"items": lines, "customer_id": "c", "payment_token": "tok_ok"});
+    let (status, text, _) = crate::sessions::checkout(&mut client, "big", &order).await;
+    assert_eq!(status, 201, "{text}");
+    let order_id = serde_json::from_str::<serde_json::Value>(&text).expect("json")["order_id"]
+        .as_str()
+        .expect("order_id")
+        .to_owned();
+    let cancel = format!("/v1/orders/{order_id}/cancel");
+    let cancelled = client.send("POST", &cancel, &[], "").await;
+    assert_eq!(cancelled.status, 200);
+    let answer_bytes = cancelled.body.len() as f64;
+    assert!(answer_bytes > 10_000.0, "{answer_bytes} bytes");
+
+    let mut askers = Vec::new();
+    for _ in 0..8 {
+        let (addr, cancel) = (app.addr, cancel.clone());
+        askers.push(tokio::spawn(async move {
+            stingy_writes(addr, &cancel, None, 100).await
+        }));
+    }
+    let mut holders = Vec::new();
+    let mut scrapers = Vec::new();
+    for _ in 0..2 {
+        let (send, task) = stingy_connection(&app).await;
+        holders.push(task);
+        scrapers.push(tokio::spawn(ask_for(send, "/metrics", 100)));
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    let mut most_unsent = 0.0f64;
+    let (mut scrapes, mut unreadable) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        scrapes += 1;
+        match reading_as(
+            &app,
+            "turnstile_response_bytes_unsent",
+            &[("authorization", &bearer)],
+        )
+        .await
+        {
+            Some(unsent) => most_unsent = most_unsent.max(unsent),
+            None => unreadable += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut statuses = Vec::new();
+    for asker in askers {
+        statuses.extend(asker.await.expect("asker"));
+    }
+    let mut kept = Vec::new();
+    for scraper in scrapers {
+        kept.push(scraper.await.expect("scraper").1);
+    }
+    assert!(statuses.contains(&503), "no cancel was turned away");
+    assert_eq!(
+        unreadable, 0,
+        "the operator's /metrics was refused {unreadable} of {scrapes} times"
+    );
+    // The bound, the writes' quarter, and a few answers running when it was reached.
+    let bound = BUDGET * 1.25 + 16.0 * answer_bytes;
+    assert!(
+        most_unsent <= bound,
+        "{most_unsent} bytes unsent (bound {bound})"
+    );
+    drop(kept);
+    for holder in holders {
+        holder.abort();
+    }
 }
