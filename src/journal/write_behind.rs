@@ -26,6 +26,7 @@
 
 use super::file::{FileJournal, FileJournalConfig};
 use super::mysql::projection::{Follower, Lag};
+use super::mysql::writer_lock::WriterLock;
 use super::mysql::{
     check_schema, connect, log_end, purge_answers, read_order, MySqlConfig, SchemaError,
 };
@@ -44,6 +45,8 @@ use std::time::Duration;
 pub struct WriteBehindJournal {
     file: Arc<FileJournal>,
     pool: MySqlPool,
+    /// This node's hold on the database it ships its log to (one node per journal database).
+    writer_lock: WriterLock,
     follower: Follower,
     lag_max: Duration,
     shutdown_grace: Duration,
@@ -76,6 +79,7 @@ impl WriteBehindJournal {
     ) -> Result<(Self, State), SchemaError> {
         let pool = connect(&mysql)?;
         check_schema(&pool).await?;
+        let writer_lock = WriterLock::take(&mysql.url, mysql.statement_timeout).await?;
         let (mysql_last_lsn, _) = log_end(&pool).await?;
         let applied_lsn = Arc::new(AtomicU64::new(0));
         file_config.hold_after_lsn = Some(Arc::clone(&applied_lsn));
@@ -123,6 +127,7 @@ impl WriteBehindJournal {
             Self {
                 file,
                 pool,
+                writer_lock,
                 follower,
                 lag_max: mysql.lag_max,
                 shutdown_grace: mysql.shutdown_grace,
@@ -216,7 +221,8 @@ impl Journal for WriteBehindJournal {
     }
 
     fn health(&self) -> Result<(), JournalError> {
-        self.file.health()
+        self.file.health()?;
+        self.writer_lock.check()
     }
 
     fn checks(&self) -> BoxFuture<'_, Vec<(&'static str, Result<(), String>)>> {
@@ -240,6 +246,7 @@ impl Journal for WriteBehindJournal {
         Box::pin(async move {
             self.file.shutdown().await;
             self.follower.stop(self.shutdown_grace).await;
+            self.writer_lock.release().await;
             super::mysql::close_pool(&self.pool).await;
         })
     }

@@ -765,28 +765,8 @@ async fn on_mysql_a_node_name_row_edited_by_hand_is_refused_with_exit_2() {
             .execute(&pool)
             .await
             .expect("edit the row");
-        let mut server = Command::new(env!("CARGO_BIN_EXE_turnstile"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&data)
-            .args(&args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start turnstile");
-        // The ready line, or end of file when it exits: one that starts is killed here, so the
-        // test fails instead of hanging.
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read stdout");
-        if !line.is_empty() {
-            let _ = server.kill();
-            let _ = server.wait();
-            panic!("a node started with node_name {edited:?}: {line:?}");
-        }
-        let output = server.wait_with_output().expect("wait");
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{edited:?}: {stderr}");
+        let (code, stderr) = crate::helpers::serve_refused(&data, &as_strs(&args));
+        assert_eq!(code, Some(2), "{edited:?}: {stderr}");
         assert!(stderr.contains("node_name"), "{edited:?}: {stderr}");
         assert_eq!(
             turnstile::data_dir::node_name(&data).expect("the data dir's name"),

@@ -31,6 +31,39 @@ pub fn spawn_app(args: &[&str]) -> TestApp {
 }
 
 /// Starts a server on `data_dir` (kept as it is) with extra `args`.
+/// Runs `turnstile serve` on `data_dir` with `args`, expecting it to refuse to start: its exit
+/// code and standard error. One that starts (prints its ready line) is killed and the test fails,
+/// instead of hanging.
+pub fn serve_refused(data_dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut server = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start turnstile");
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read stdout");
+    if !line.is_empty() {
+        let _ = server.kill();
+        let _ = server.wait();
+        panic!("turnstile started: {line:?}");
+    }
+    let mut stderr = String::new();
+    server
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    let status = server.wait().expect("wait for turnstile");
+    (status.code(), stderr)
+}
+
 pub fn start(data_dir: &Path, args: &[&str]) -> TestApp {
     start_with_env(data_dir, args, &[])
 }

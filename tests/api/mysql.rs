@@ -994,3 +994,40 @@ async fn upgrading_a_database_of_the_previous_version_moves_every_claim_onto_its
     assert_eq!(row.get::<String, _>(1), "k3");
     assert_no_lsn_gap(&pool, "after the upgrade").await;
 }
+
+/// Found by attack: a second node started on a database another node uses as its journal was
+/// not refused: it loaded a state the first kept changing, answered stock from it, and its
+/// checkouts failed on the log's keys with `500`. The database's own named lock, held by the
+/// journal's node on a connection of its own, refuses it now (exit 2), and is free again once
+/// that node is gone (its socket closed by `kill -9`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_one_journal_database_is_refused_until_the_first_is_gone() {
+    let database = TestDatabase::create().await;
+    let first = spawn_app(&["--mysql-url", &database.url]);
+    first.client().put_product("W", 100, 4).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let second_dir = dir.path().join("second");
+    for extra in [&[][..], &["--mysql-write-behind"][..]] {
+        let mut args = vec!["--mysql-url", database.url.as_str()];
+        args.extend_from_slice(extra);
+        let (code, stderr) = crate::helpers::serve_refused(&second_dir, &args);
+        assert_eq!(code, Some(2), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains("another node holds the journal of this database"),
+            "{extra:?}: {stderr}"
+        );
+    }
+    let mut client = first.client();
+    assert_eq!(
+        client
+            .checkout("w-1", "W", 1, "tok_ok")
+            .await
+            .expect("answer")
+            .status,
+        201,
+        "the first node goes on"
+    );
+    drop(first);
+    let second = crate::helpers::start(&second_dir, &["--mysql-url", &database.url]);
+    assert_eq!(second.client().stock("W").await, (4, 3, 0, 1));
+}

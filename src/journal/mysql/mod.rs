@@ -38,6 +38,7 @@
 
 pub mod apply_tool;
 pub mod projection;
+pub mod writer_lock;
 
 use super::pipeline::{Entry, Pipeline};
 use super::{Journal, JournalError, JournalStats, Ticket};
@@ -351,6 +352,12 @@ pub enum SchemaError {
     /// database name): the operator must change the URL.
     #[error("MySQL refused --mysql-url: {0} (check the user, password and database name in the URL; the URL is not shown)")]
     Refused(String),
+    /// Another node holds this database's journal lock ([`writer_lock`]).
+    #[error("another node holds the journal of this database (MySQL connection {}): one node per journal database; if that node is gone its hold ends within {}s of its last word, or end it with KILL on the server", holder.map_or("unknown".into(), |h| h.to_string()), writer_lock::SESSION_IDLE_MAX.as_secs())]
+    JournalHeld {
+        /// The holder's connection id, if the server said.
+        holder: Option<u64>,
+    },
     /// The `node_name` table holds something else than a node name (edited by hand).
     #[error("the node_name table holds {0:?}, not a node name (node_ and then letters, digits or _, at most 64 bytes): put back the name this journal's node had, or, if it never made a payment, delete the row for a new one")]
     NodeName(String),
@@ -398,6 +405,8 @@ pub async fn check_schema(pool: &MySqlPool) -> Result<(), SchemaError> {
 /// The journal on MySQL/MariaDB.
 pub struct MySqlJournal {
     pool: MySqlPool,
+    /// This node's hold on the database as its journal's one writer.
+    writer_lock: writer_lock::WriterLock,
     pipeline: Arc<Pipeline>,
     /// How many parts of the current batch the database did not take and the writer retries.
     degraded: Arc<AtomicUsize>,
@@ -417,6 +426,9 @@ impl MySqlJournal {
     pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
         let pool = connect(&config)?;
         check_schema(&pool).await?;
+        // Before anything is read: what is read is then what this node alone changes.
+        let writer_lock =
+            writer_lock::WriterLock::take(&config.url, config.statement_timeout).await?;
         let (last_lsn, next_event_seq) = log_end(&pool).await?;
         warn_of_unattached_claims(&pool).await;
         let (follower, applier) = projection::Follower::new(
@@ -463,6 +475,7 @@ impl MySqlJournal {
         Ok((
             Self {
                 pool,
+                writer_lock,
                 pipeline,
                 degraded,
                 writer: Mutex::new(Some(writer)),
@@ -1282,6 +1295,7 @@ impl Journal for MySqlJournal {
 
     fn health(&self) -> Result<(), JournalError> {
         self.pipeline.health()?;
+        self.writer_lock.check()?;
         if self.degraded.load(Ordering::Acquire) > 0 {
             return Err(JournalError::Unavailable(
                 "the last batch was not taken".into(),
@@ -1313,6 +1327,7 @@ impl Journal for MySqlJournal {
                 }
             }
             self.follower.stop(self.shutdown_grace).await;
+            self.writer_lock.release().await;
             close_pool(&self.pool).await;
         })
     }

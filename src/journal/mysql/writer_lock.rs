@@ -1,0 +1,193 @@
+//! One node per journal database: the node whose journal a database is (MySQL as the journal, or
+//! write-behind) holds the database server's own named lock (`GET_LOCK`, one per database) on a
+//! connection of its own for as long as it runs. A second node started on the same database is
+//! refused at start (exit 2, naming the holder's connection) instead of loading a state the first
+//! keeps changing, answering from it, and failing its commits on the log's keys.
+//!
+//! The lock is the server's, so it ends with its session: at once when the holding process dies
+//! (its socket closes), and within [`SESSION_IDLE_MAX`] when its host or network does (the
+//! session's `wait_timeout`; the keeper asks every [`PING`] so a live holder never idles that
+//! long). A node starting waits [`START_WAIT`] for it, past that. While running, a node that finds
+//! the lock held by another (its session ended, and another node took it) refuses changes
+//! ([`WriterLock::check`], in the journal's health: checkouts answer `503`, nothing changed,
+//! `/readyz` fails) until it gets the lock back. The database unreachable is not such a finding:
+//! the keeper reconnects and takes the lock again when it answers.
+
+use super::{db_error, SchemaError};
+use crate::journal::JournalError;
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use sqlx::{ConnectOptions, Connection};
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+/// How long the lock's session may stay idle before the server ends it (and the lock with it).
+pub const SESSION_IDLE_MAX: Duration = Duration::from_secs(10);
+
+/// How often the keeper asks whether it still holds the lock.
+const PING: Duration = Duration::from_secs(2);
+
+/// How long a starting node waits for the lock: a holder that died without closing its socket
+/// loses it within [`SESSION_IDLE_MAX`].
+pub const START_WAIT: Duration = Duration::from_secs(12);
+
+/// The lock's name on the server: one per database (names are server-wide, at most 64
+/// characters).
+const NAME: &str = "CONCAT('turnstile.journal.', LEFT(DATABASE(), 46))";
+
+/// The lock held for this node, and its keeper.
+pub struct WriterLock {
+    held: Arc<AtomicBool>,
+    keeper: Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
+}
+
+impl WriterLock {
+    /// Takes the database's lock, waiting at most [`START_WAIT`]; refused with
+    /// [`SchemaError::JournalHeld`] if another node keeps it.
+    pub async fn take(url: &str, timeout: Duration) -> Result<Self, SchemaError> {
+        let options = MySqlConnectOptions::from_str(url)
+            .map_err(|e| JournalError::Io {
+                context: "reading --mysql-url".into(),
+                message: e.to_string(),
+            })?
+            // A wait for the lock is no slow statement.
+            .disable_statement_logging();
+        let connection = match connect_and_take(&options, START_WAIT, timeout).await? {
+            Taken::Yes(connection) => connection,
+            Taken::No { holder } => return Err(SchemaError::JournalHeld { holder }),
+        };
+        let held = Arc::new(AtomicBool::new(true));
+        let (stop, stopped) = tokio::sync::oneshot::channel();
+        let keeper = tokio::spawn(keep(
+            connection,
+            options,
+            Arc::clone(&held),
+            timeout,
+            stopped,
+        ));
+        Ok(Self {
+            held,
+            keeper: Mutex::new(Some((keeper, stop))),
+        })
+    }
+
+    /// `Err` while another node holds the lock: this node must not change the journal.
+    pub fn check(&self) -> Result<(), JournalError> {
+        if self.held.load(Ordering::Acquire) {
+            Ok(())
+        } else {
+            Err(JournalError::Unavailable(
+                "another node holds this database's journal lock (one node per journal database)"
+                    .into(),
+            ))
+        }
+    }
+
+    /// Gives the lock back (at shutdown, once the writer has flushed).
+    pub async fn release(&self) {
+        let keeper = crate::sync::lock(&self.keeper).take();
+        if let Some((task, stop)) = keeper {
+            let _ = stop.send(());
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+    }
+}
+
+enum Taken {
+    Yes(MySqlConnection),
+    No { holder: Option<u64> },
+}
+
+/// A new connection whose sessions ends after [`SESSION_IDLE_MAX`] idle, holding the lock if it
+/// is free within `wait`.
+async fn connect_and_take(
+    options: &MySqlConnectOptions,
+    wait: Duration,
+    timeout: Duration,
+) -> Result<Taken, JournalError> {
+    let failed = |e: sqlx::Error| db_error("taking the journal's lock", &e);
+    let attempt = async {
+        let mut connection = MySqlConnection::connect_with(options).await?;
+        sqlx::query(&format!(
+            "SET SESSION wait_timeout = {}",
+            SESSION_IDLE_MAX.as_secs()
+        ))
+        .execute(&mut connection)
+        .await?;
+        let taken: Option<i64> = sqlx::query_scalar(&format!("SELECT GET_LOCK({NAME}, ?)"))
+            .bind(wait.as_secs())
+            .fetch_one(&mut connection)
+            .await?;
+        if taken == Some(1) {
+            return Ok(Taken::Yes(connection));
+        }
+        let holder: Option<i64> = sqlx::query_scalar(&format!("SELECT IS_USED_LOCK({NAME})"))
+            .fetch_one(&mut connection)
+            .await?;
+        let _ = connection.close().await;
+        Ok(Taken::No {
+            holder: holder.and_then(|h| u64::try_from(h).ok()),
+        })
+    };
+    match tokio::time::timeout(timeout + wait, attempt).await {
+        Ok(result) => result.map_err(failed),
+        Err(_) => Err(JournalError::Unavailable(format!(
+            "taking the journal's lock: no answer within {:?}",
+            timeout + wait
+        ))),
+    }
+}
+
+/// Asks every [`PING`] whether the lock is still this session's; takes it again on a new
+/// connection when the session ended; says when another node holds it.
+async fn keep(
+    connection: MySqlConnection,
+    options: MySqlConnectOptions,
+    held: Arc<AtomicBool>,
+    timeout: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    let mut connection = Some(connection);
+    let still_mine = format!("SELECT IS_USED_LOCK({NAME}) = CONNECTION_ID()");
+    let mut ticker = tokio::time::interval(PING);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            _ = ticker.tick() => {}
+        }
+        if let Some(current) = connection.as_mut() {
+            let mine = sqlx::query_scalar::<_, Option<i64>>(&still_mine).fetch_one(current);
+            if let Ok(Ok(Some(1))) = tokio::time::timeout(timeout, mine).await {
+                continue;
+            }
+            // The session ended (or cannot say): a new one takes the lock again if it is free.
+            connection = None;
+        }
+        match connect_and_take(&options, Duration::ZERO, timeout).await {
+            Ok(Taken::Yes(taken)) => {
+                connection = Some(taken);
+                if !held.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        "this node holds its journal database's lock again; changes resume"
+                    );
+                }
+            }
+            Ok(Taken::No { holder }) => {
+                if held.swap(false, Ordering::AcqRel) {
+                    tracing::error!(
+                        holder,
+                        "another node took this database's journal lock (this node's session with MySQL ended): this node refuses changes until it gets it back; one node per journal database"
+                    );
+                }
+            }
+            // The database does not answer: its writes fail anyway; asked again at the next tick.
+            Err(error) => tracing::debug!(%error, "the journal's lock could not be asked for"),
+        }
+    }
+    if let Some(connection) = connection {
+        let _ = connection.close().await;
+    }
+}
