@@ -25,7 +25,8 @@
 //! - [`sessions`]: carts with idle expiry and caps, in process or in Redis
 //!   ([`sessions::redis`]: carts any node serves, the submission locks and finished answers every
 //!   node shares; one Lua script, one round trip, per operation; Redis down never hangs a request).
-//! - [`app`]: the application layer, whatever door a request came in by: [`app::commit`] (append,
+//! - [`app`]: the application layer, whatever door a request came in by: [`app::checkout`]
+//!   (placing an order: key, hold, authorise, journal, settle), [`app::commit`] (append,
 //!   wait, apply or abort, then what follows), [`app::orders`]: cancel, restock, a payment's final
 //!   word, [`app::money`]: the settler and the reconciler
 //!   (capture, void, refund after the journal; each node reconciles only the authorisations it

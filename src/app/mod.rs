@@ -3,6 +3,8 @@
 //! node). It calls the pure engine and the journal, and speaks in domain types and typed errors;
 //! the HTTP layer (`crate::api`) parses, calls it, and renders. No arrow points back at `api`.
 //!
+//! - [`checkout`]: placing an order (the key, the submission lock, the hold, authorise, journal
+//!   the order with its answer, then settle), with its typed error [`checkout::CheckoutError`];
 //! - [`commit`]: the one way a decided change becomes durable and visible (append, wait at most
 //!   `--journal-timeout`, apply or abort, then what follows it: money, carts, Redis), and
 //!   [`prepare_when_free`], which decides a change of an order or product another change holds;
@@ -11,9 +13,10 @@
 //! - [`money`]: the settler and the reconciler (capture, void, refund after the journal);
 //! - [`sweep`]: holds past their deadline released, and what is past its retention dropped.
 //!
-//! Still in `api`, to come here next: placing an order (`api::checkout`: the submission lock,
-//! authorise, journal, settle, the shared answer).
+//! The answers a checkout keeps under its key are rendered by its door ([`checkout::Answers`]),
+//! so a replay gives the very bytes the first answer gave.
 
+pub mod checkout;
 pub mod money;
 pub mod orders;
 pub mod sweep;

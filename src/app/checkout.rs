@@ -1,0 +1,626 @@
+//! Placing an order: claim the idempotency key, hold every item (lock-free; a sold-out SKU is
+//! refused here without a disk write), authorise the payment, journal the order with its events
+//! and its answer in one record, and only then answer.
+//!
+//! The answer is kept under the key and replayed byte for byte, so it is rendered here, once, by
+//! the door the request came in by ([`Answers`]: the HTTP layer's shapes). A refusal (`404`, `409
+//! out_of_stock`) is kept in the key table's bounded rejection map; the `409`'s body is the SKU's
+//! refusal rendered once (`Engine::refusal`), so the flash sale's flood shares one body instead of
+//! rendering one each.
+//!
+//! With Redis (`--redis-url`) one round trip comes first: the answer any node gave under the key
+//! (replayed), else the submission lock ([`CheckoutError::KeyInUse`] while another node runs the
+//! key), and the cart. From the node's own key table to the hold everything is synchronous, so a
+//! caller that goes away cannot leave a key in flight (a lock taken is released by its guard); the
+//! rest runs in its own task, so it finishes even if the caller goes away. Past the hold the lock
+//! is renewed (`Submission::keep_alive`) until the outcome is known: released, with the answer
+//! stored, once the record is durable; released without one once it is known not to be; renewed
+//! for the life of the process if the journal cannot tell (`sessions::redis`). With Redis
+//! unreachable a checkout is refused ([`CheckoutError::SessionStore`]): no node can know that
+//! another does not run the key (`--redis-optional`, for one node, lets checkouts naming their
+//! items go on).
+
+use super::{commit, CommitError, Settlement, Shared};
+use crate::domain::{CartId, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
+use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
+use crate::engine::order::{Order, OrderStatus};
+use crate::engine::records::StoredAnswer;
+use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
+use crate::journal::JournalError;
+use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
+use crate::sessions::redis::{Begin as RemoteBegin, StoreError, Submission};
+use crate::sessions::Carts;
+use crate::time::now_ms;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// The most lines one checkout may have (API.md).
+pub const LINES_MAX: usize = 100;
+
+/// How long an answer that placed nothing (`404`, `409 out_of_stock`) is kept in Redis.
+const REJECTION_IN_REDIS_MS: i64 = 60_000;
+
+/// The longest payment token accepted.
+const TOKEN_CHARS_MAX: usize = 255;
+
+/// One line of a checkout naming its items.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Line {
+    /// The product.
+    pub sku: Sku,
+    /// How many.
+    pub quantity: Quantity,
+}
+
+/// A checkout as asked: a cart or the items, the customer, the payment token. Its fingerprint is
+/// taken of it re-serialised (field order and white space in a body do not make two requests
+/// different), so its fields and their order are part of the durable format: the fingerprint is
+/// pinned by a test below.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// The cart to buy.
+    #[serde(default)]
+    pub cart_id: Option<CartId>,
+    /// Or the items to buy.
+    #[serde(default)]
+    pub items: Option<Vec<Line>>,
+    /// Who buys.
+    pub customer_id: CustomerId,
+    /// The gateway's token for the payment.
+    pub payment_token: String,
+}
+
+/// An answer kept under a key, to be given now and replayed as it is.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// The status (`201`, `202`, `402`, `404`, `409`, `504`).
+    pub status: u16,
+    /// The body as rendered by [`Answers`].
+    pub body: Bytes,
+    /// Whether this is a replay of an earlier answer under the key.
+    pub replayed: bool,
+}
+
+impl Answer {
+    fn new(status: u16, body: impl Into<Bytes>, replayed: bool) -> Self {
+        Self {
+            status,
+            body: body.into(),
+            replayed,
+        }
+    }
+}
+
+/// An outcome whose answer is kept under the key.
+pub enum Kept<'a> {
+    /// The order placed (paid, or its payment pending).
+    Placed(&'a Order),
+    /// The order released: the payment was declined.
+    Declined(&'a Order),
+    /// The order released: the gateway did not answer in time.
+    GatewayTimedOut(&'a Order),
+    /// Nothing placed: an unknown SKU or one out of stock.
+    Refused(&'a EngineError),
+    /// Nothing placed: no such cart, or it expired.
+    NoCart,
+}
+
+/// How the door a checkout came in by renders the answers kept under its key.
+pub trait Answers: Send + Sync {
+    /// The status and body of `kept`.
+    fn render(&self, kept: Kept<'_>) -> (u16, String);
+}
+
+/// Why a checkout was refused before it placed anything, or may not have been answered.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckoutError {
+    /// The request cannot be a checkout: nothing changed.
+    #[error("{0}")]
+    Invalid(String),
+    /// A request with this key is still running (here, or on another node).
+    #[error("a request with this Idempotency-Key is still running")]
+    KeyInUse,
+    /// The key was used with another request.
+    #[error("this Idempotency-Key was used with another request")]
+    KeyReused,
+    /// The session store (Redis) failed: nothing changed.
+    #[error(transparent)]
+    SessionStore(StoreError),
+    /// The engine refused: nothing changed.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The journal cannot take an order now: nothing changed (the hold is given back).
+    #[error(transparent)]
+    JournalUnavailable(JournalError),
+    /// Too many checkouts in flight, or the event relay too far behind: nothing changed.
+    #[error("{0}")]
+    Overloaded(String),
+    /// The order's commit was not confirmed: nothing changed, or the outcome is unknown.
+    #[error(transparent)]
+    Commit(#[from] CommitError),
+    /// A broken invariant.
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// Places the order `request` asks for under `key`, or replays the answer the key has: an
+/// [`Answer`] is kept under the key (placed, declined, timed out, refused); an error kept nothing
+/// (retry with the same key). `answers` renders the kept answers; it outlives the checkout, which
+/// runs on in a task of its own past the hold.
+pub async fn place(
+    app: &Shared,
+    key: IdempotencyKey,
+    mut request: Request,
+    answers: &'static dyn Answers,
+) -> Result<Answer, CheckoutError> {
+    let lines_given = match (&request.cart_id, &request.items) {
+        (Some(_), Some(_)) => {
+            return Err(CheckoutError::Invalid(
+                "give either cart_id or items, not both".into(),
+            ))
+        }
+        (None, None) => return Err(CheckoutError::Invalid("give cart_id or items".into())),
+        (None, Some(items)) if items.is_empty() || items.len() > LINES_MAX => {
+            return Err(CheckoutError::Invalid(format!(
+                "items: must hold 1 to {LINES_MAX} lines"
+            )))
+        }
+        (_, items) => items.is_some(),
+    };
+    let token = &request.payment_token;
+    if token.is_empty()
+        || token.len() > TOKEN_CHARS_MAX
+        || !token.bytes().all(|b| b.is_ascii_graphic())
+    {
+        return Err(CheckoutError::Invalid(format!(
+            "payment_token: must be 1 to {TOKEN_CHARS_MAX} visible ASCII characters"
+        )));
+    }
+    let fingerprint = Fingerprint::of(&request);
+
+    // With Redis, one round trip first: the answer any node gave under this key, else the
+    // submission lock, and the cart. Before the node's own key table, so a caller gone while it
+    // runs leaves no key in flight here (the lock's guard releases it).
+    let mut submission = None;
+    // Whether `submission` holds the lock (not so for a checkout that went on without Redis).
+    let mut lock_held = false;
+    let mut redis_cart = None;
+    if let Some(store) = app.carts.store() {
+        // An order this node placed under the key is its answer, whatever Redis holds: a node
+        // cut off from Redis past its lock's life may find another node's answer there.
+        match app
+            .engine
+            .idempotency()
+            .placed_answer(&key, &fingerprint, now_ms())
+        {
+            Some(Ok(stored)) => {
+                app.metrics.replays.add(1);
+                return Ok(Answer::new(stored.status, stored.body, true));
+            }
+            Some(Err(_)) => return Err(CheckoutError::KeyReused),
+            None => {}
+        }
+        let cart = request
+            .cart_id
+            .as_ref()
+            .map(|id| (id, now_ms(), app.carts.idle_ms()));
+        let lock = store.submission(&key);
+        match store.begin(&lock, cart).await {
+            Ok(RemoteBegin::Answer(stored)) => {
+                lock.keep();
+                return if fingerprint.matches(&stored.fingerprint) {
+                    app.metrics.replays.add(1);
+                    Ok(Answer::new(stored.status, stored.body, true))
+                } else {
+                    Err(CheckoutError::KeyReused)
+                };
+            }
+            Ok(RemoteBegin::Held) => {
+                lock.keep();
+                return Err(CheckoutError::KeyInUse);
+            }
+            Ok(RemoteBegin::Locked(lines)) => {
+                submission = Some(lock);
+                lock_held = true;
+                redis_cart = lines;
+            }
+            // With `--redis-optional` (one node) a checkout naming its items goes on without
+            // Redis: this node's key table and journal keep the key unique here. The lock is kept
+            // all the same: a call that timed out may have taken it after all, and the answer
+            // must reach Redis (the lock released) once it is back.
+            Err(error @ StoreError::Unavailable(_)) if lines_given && app.redis_optional => {
+                tracing::debug!(%error, "checkout without a submission lock");
+                store.count_fallback();
+                submission = Some(lock);
+            }
+            // Otherwise nothing goes on without the lock: another node may be running this key,
+            // and no node can know it did not (the lock, if the call took it after all, is
+            // released). A cart lives only in Redis anyway.
+            Err(error) => return Err(CheckoutError::SessionStore(error)),
+        }
+    }
+
+    match app.engine.idempotency().begin(&key, &fingerprint, now_ms()) {
+        Ok(Begin::Started) => {}
+        Ok(Begin::Replay(stored)) => {
+            app.metrics.replays.add(1);
+            return Ok(Answer::new(stored.status, stored.body, true));
+        }
+        Err(KeyError::InUse) => return Err(CheckoutError::KeyInUse),
+        Err(KeyError::Reused) => return Err(CheckoutError::KeyReused),
+    }
+    let fingerprint = fingerprint.digest();
+    let refused = Refused {
+        app,
+        key: &key,
+        fingerprint,
+        answers,
+    };
+
+    let lines: Vec<(Sku, Quantity)> = if lines_given {
+        // Moved, not copied: the lines' allocation becomes the reservation's request.
+        request
+            .items
+            .take()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|line| (line.sku, line.quantity))
+            .collect()
+    } else {
+        let cart = match (app.carts.store(), &request.cart_id) {
+            (Some(_), _) => redis_cart,
+            (None, Some(id)) => match &app.carts {
+                Carts::Memory(carts) => carts.get(id, now_ms()).ok().map(|cart| cart.items),
+                Carts::Redis { .. } => None,
+            },
+            (None, None) => None,
+        };
+        match cart {
+            None => return Ok(refused.rendered(submission, Kept::NoCart)),
+            Some(items) if items.is_empty() => {
+                app.engine.idempotency().abandon(&key);
+                return Err(CheckoutError::Invalid("the cart is empty".into()));
+            }
+            Some(items) => {
+                let mut lines = Vec::with_capacity(items.len());
+                for (sku, quantity) in items {
+                    match Quantity::parse(quantity) {
+                        Ok(quantity) => lines.push((sku, quantity)),
+                        Err(e) => {
+                            app.engine.idempotency().abandon(&key);
+                            return Err(CheckoutError::Invalid(e.to_string()));
+                        }
+                    }
+                }
+                lines
+            }
+        }
+    };
+
+    let reservation = match app.engine.reserve(&lines) {
+        Ok(reservation) => reservation,
+        Err(EngineError::OutOfStock { sku }) => {
+            let error = || EngineError::OutOfStock { sku: sku.clone() };
+            // The SKU's refusal, rendered once (the flood's answers share its body).
+            return Ok(
+                match app
+                    .engine
+                    .refusal(&sku, || answers.render(Kept::Refused(&error())).1)
+                {
+                    Some(body) => refused.keep(submission, 409, Bytes::from_static(body)),
+                    None => refused.rendered(submission, Kept::Refused(&error())),
+                },
+            );
+        }
+        Err(error @ EngineError::UnknownSku(_)) => {
+            return Ok(refused.rendered(submission, Kept::Refused(&error)))
+        }
+        Err(other) => {
+            app.engine.idempotency().abandon(&key);
+            return Err(other.into());
+        }
+    };
+    // No payment for an order that cannot be recorded now: with the journal down or full, give
+    // the units back and say so (a rejection above needed no journal, so the flood stays cheap).
+    let ready = app
+        .journal
+        .health()
+        .map_err(CheckoutError::JournalUnavailable)
+        .and_then(|()| match &app.relay {
+            Some(relay) => relay.admit().map_err(CheckoutError::Overloaded),
+            None => Ok(()),
+        });
+    let permit = ready.and_then(|()| {
+        Arc::clone(&app.checkouts_in_flight)
+            .try_acquire_owned()
+            .map_err(|_| {
+                CheckoutError::Overloaded("too many checkouts in flight; retry later".into())
+            })
+    });
+    let permit = match permit {
+        Ok(permit) => permit,
+        Err(error) => {
+            app.engine.release_reservation(reservation);
+            app.engine.idempotency().abandon(&key);
+            return Err(error);
+        }
+    };
+    app.metrics.reservations.add(1);
+    // From here the checkout authorises and commits, which may take long (a commit whose outcome
+    // is unknown lands when the database is back): its lock is renewed until the outcome is known.
+    if let Some(submission) = submission.as_mut().filter(|_| lock_held) {
+        submission.keep_alive();
+    }
+
+    let finishing = Finishing {
+        app: Arc::clone(app),
+        key,
+        fingerprint: digest_text(fingerprint),
+        reservation,
+        customer_id: request.customer_id,
+        token: request.payment_token,
+        cart_id: request.cart_id,
+        submission,
+        answers,
+        _permit: permit,
+    };
+    tokio::spawn(finishing.run()).await.map_err(|error| {
+        CheckoutError::Internal(format!(
+            "the checkout failed unexpectedly ({error}); retry with the same Idempotency-Key"
+        ))
+    })?
+}
+
+/// Keeps an answer that placed nothing.
+struct Refused<'a> {
+    app: &'a Shared,
+    key: &'a IdempotencyKey,
+    fingerprint: u128,
+    answers: &'static dyn Answers,
+}
+
+impl Refused<'_> {
+    /// Keeps the answer (bounded map, and Redis for as long), counts it by its status (`404` not
+    /// found, `409` out of stock), and gives it. `body` is rendered once per SKU for a refusal of
+    /// stock (`Engine::refusal`).
+    fn keep(&self, submission: Option<Submission>, status: u16, body: Bytes) -> Answer {
+        let app = self.app;
+        let counter = match status {
+            409 => &app.metrics.rejections_out_of_stock,
+            _ => &app.metrics.rejections_not_found,
+        };
+        counter.add(1);
+        let at_ms = now_ms();
+        if let Some(submission) = submission {
+            let stored = StoredAnswer {
+                fingerprint: digest_text(self.fingerprint),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+                at_ms,
+            };
+            // Kept in Redis for a minute at most: a sold-out flood writes one per request, and
+            // Redis must not fill with them (this node's bounded map keeps them longer).
+            let ttl_ms = app
+                .engine
+                .config()
+                .rejections
+                .age_ms_max
+                .min(REJECTION_IN_REDIS_MS);
+            submission.finish(stored, ttl_ms);
+        }
+        app.engine.idempotency().finish_rejected(
+            self.key,
+            self.fingerprint,
+            status,
+            body.clone(),
+            at_ms,
+        );
+        Answer::new(status, body, false)
+    }
+
+    /// [`Self::keep`] with the answer [`Answers`] renders for `kept`.
+    fn rendered(&self, submission: Option<Submission>, kept: Kept<'_>) -> Answer {
+        let (status, body) = self.answers.render(kept);
+        self.keep(submission, status, Bytes::from(body))
+    }
+}
+
+/// The part of a checkout after the hold: payment, journal, answer.
+struct Finishing {
+    app: Shared,
+    key: IdempotencyKey,
+    fingerprint: String,
+    reservation: Reservation,
+    customer_id: CustomerId,
+    token: String,
+    cart_id: Option<CartId>,
+    /// The Redis submission lock, when taken.
+    submission: Option<Submission>,
+    answers: &'static dyn Answers,
+    /// Held until the checkout is answered.
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// How the payment went.
+enum Paid {
+    Approved(String),
+    Pending(String),
+    Declined(String),
+    TimedOut,
+}
+
+impl Finishing {
+    async fn run(self) -> Result<Answer, CheckoutError> {
+        let app = &self.app;
+        let period =
+            crate::payment::checkout_period(now_ms(), app.engine.config().answer_retention_ms);
+        let gateway_key = crate::payment::gateway_key(&app.node, &self.key, period);
+        let order_id = crate::payment::order_id_for(&self.key, period)
+            .unwrap_or_else(|| app.engine.new_order_id());
+        let request = AuthorizeRequest {
+            idempotency_key: gateway_key,
+            order_id: order_id.as_str().to_owned(),
+            token: self.token.clone(),
+            amount_cents: self.reservation.total_cents(),
+            currency: self.reservation.currency().as_str().to_owned(),
+        };
+        // Until its commit settles, the orphan scan leaves this checkout's authorisation alone.
+        app.settler.checkout_started(&order_id);
+        let settled_id: OrderId = order_id.clone();
+        let started = std::time::Instant::now();
+        let authorised =
+            tokio::time::timeout(app.gateway_timeout, app.gateway.authorize(request)).await;
+        crate::fault::pause_at("after_authorize").await;
+        let metrics = &app.metrics;
+        metrics
+            .gateway_authorize_seconds
+            .record(started.elapsed().as_secs_f64());
+        let paid = match authorised {
+            Ok(Ok(Authorization::Approved { payment_id })) => Paid::Approved(payment_id),
+            Ok(Ok(Authorization::Pending { payment_id })) => Paid::Pending(payment_id),
+            Ok(Ok(Authorization::Declined { payment_id })) => Paid::Declined(payment_id),
+            Ok(Err(PaymentError::Timeout)) | Err(_) => Paid::TimedOut,
+            // Whatever the gateway may have done is for the reconciler to find and void.
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "payment gateway failed");
+                Paid::TimedOut
+            }
+        };
+        let outcome_index = match &paid {
+            Paid::Approved(_) => 0,
+            Paid::Pending(_) => 1,
+            Paid::Declined(_) => 2,
+            Paid::TimedOut => 3,
+        };
+        metrics.gateway_outcomes[outcome_index].add(1);
+        let outcome = match &paid {
+            Paid::Approved(id) => PaymentOutcome::Authorized {
+                payment_id: id.clone(),
+            },
+            Paid::Pending(id) => PaymentOutcome::Pending {
+                payment_id: id.clone(),
+            },
+            Paid::Declined(id) => PaymentOutcome::Failed {
+                payment_id: Some(id.clone()),
+            },
+            Paid::TimedOut => PaymentOutcome::Failed { payment_id: None },
+        };
+        let answers = self.answers;
+        let render = |order: &Order| -> (u16, String) {
+            answers.render(match &paid {
+                Paid::Declined(_) => Kept::Declined(order),
+                Paid::TimedOut => Kept::GatewayTimedOut(order),
+                Paid::Approved(_) | Paid::Pending(_) => Kept::Placed(order),
+            })
+        };
+        let (change, stored) = app.engine.place_order(
+            NewOrder {
+                order_id,
+                reservation: self.reservation,
+                customer_id: self.customer_id,
+                outcome,
+            },
+            Some(AnswerSpec {
+                key: &self.key,
+                fingerprint: &self.fingerprint,
+                render: &render,
+            }),
+            now_ms(),
+        );
+        let Some(stored) = stored else {
+            app.settler.checkout_settled(&settled_id);
+            return Err(CheckoutError::Internal(
+                "the answer was not rendered".into(),
+            ));
+        };
+        let cart_id = self.cart_id;
+        // The record carries the order, its events and this answer: once it is durable the engine
+        // shows the order and replays the answer under the key, and the capture it owes follows
+        // (`money`); if the journal did not take it, the engine frees the units and the key, and
+        // the authorisation waits for the client's retry (or the reconciler's orphan scan).
+        let follow = move |app: &Shared, outcome: &Settlement| match outcome {
+            Ok(Applied::Order { order, .. }) => {
+                if matches!(
+                    order.status,
+                    OrderStatus::Paid | OrderStatus::PaymentPending
+                ) {
+                    if let Some(cart_id) = &cart_id {
+                        app.carts.clear(cart_id, now_ms());
+                    }
+                }
+            }
+            Ok(Applied::Product(..) | Applied::Payments(_)) => {}
+            // Not voided here: the client was told "nothing changed, retry", and its retry (same
+            // key, same gateway key) finds this authorisation and makes it the order's; one never
+            // retried is voided by the reconciler's orphan scan after `--reconcile-after`.
+            Err(_) => {}
+        };
+        let submission = self.submission;
+        let shared = stored.clone();
+        commit(app, change, move |app, outcome| {
+            // Durable and known, or known not to be; an unknown outcome (the record may be
+            // durable) keeps the authorisation out of the orphan scan until a restart.
+            let known = outcome
+                .as_ref()
+                .map_or_else(|e| e.nothing_changed(), |_| true);
+            if known {
+                app.settler.checkout_settled(&settled_id);
+            }
+            // Redis gets the answer once it is durable, for any node to replay; a change known
+            // not to be durable frees the lock (the guard's drop); one whose outcome stays
+            // unknown keeps it renewed while this process lives, so no other node starts the
+            // checkout again meanwhile.
+            if let Some(submission) = submission {
+                match outcome {
+                    Ok(_) => {
+                        let retention = app.engine.config().answer_retention_ms;
+                        let ttl_ms = shared.at_ms + retention - now_ms();
+                        submission.finish(shared, ttl_ms);
+                    }
+                    Err(_) if known => drop(submission),
+                    Err(_) => submission.hold_until_restart(),
+                }
+            }
+            follow(app, outcome);
+        })
+        .await?;
+        Ok(Answer::new(stored.status, stored.body, false))
+    }
+}
+
+#[cfg(test)]
+mod fingerprint_tests {
+    use super::*;
+
+    /// The fingerprint of a parsed checkout is the one pinned in `engine::idempotency` (kept
+    /// durably with orders): field order, white space and an explicit `null` make no difference,
+    /// and moving the items out afterwards does not change what was taken.
+    #[test]
+    fn a_checkout_bodys_fingerprint_is_the_pinned_one() {
+        const PINNED: &str = "072a091d8e5a078426313cbbc8f9181b";
+        for raw in [
+            r#"{"items":[{"sku":"sku-1","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#,
+            r#"{ "payment_token" : "tok_ok", "customer_id":"c", "cart_id": null,
+                 "items":[{"quantity":1,"sku":"sku-1"}] }"#,
+            r#"{"items":[{"sku":"sku\u002d1","quantity":1}],"customer_id":"\u0063","payment_token":"tok_ok"}"#,
+        ] {
+            let mut body: Request = serde_json::from_str(raw).unwrap();
+            let fingerprint = Fingerprint::of(&body);
+            assert_eq!(fingerprint.text(), PINNED, "{raw}");
+            assert!(fingerprint.matches(PINNED));
+            let digest = fingerprint.digest();
+            assert_eq!(digest_text(digest), PINNED);
+            let _ = body.items.take();
+            assert_ne!(Fingerprint::of(&body).text(), PINNED);
+        }
+        // Another request is another fingerprint.
+        let other: Request = serde_json::from_str(
+            r#"{"items":[{"sku":"sku-1","quantity":2}],"customer_id":"c","payment_token":"tok_ok"}"#,
+        )
+        .unwrap();
+        assert!(!Fingerprint::of(&other).matches(PINNED));
+    }
+}
