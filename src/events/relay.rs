@@ -1,9 +1,10 @@
 //! The outbox relay: every event of the journal, in `seq` order, to a RabbitMQ topic exchange,
 //! with publisher confirms (API.md's message shape).
 //!
-//! **Mechanism: an ordered reader with a durable cursor, go-back-N** (DESIGN.md's one pattern
-//! downstream of the journal). The relay reads events after its cursor from the journal (the
-//! embedded segments or MySQL's `outbox`, through [`Journal::events`]), publishes them on a channel
+//! **Mechanism: an ordered reader with a durable cursor, go-back-N** (the one pattern downstream
+//! of the journal, [`crate::journal::downstream`]). The relay reads events after its cursor from
+//! the journal (the embedded segments or MySQL's `outbox`, through [`Journal::events`]) with a
+//! [`Reader`], publishes them on a channel
 //! in confirm mode (`confirm.select`, `mandatory`), at most [`RelayConfig::window`] unconfirmed at
 //! once, and waits for their confirms in order. Only an `Ack` without a returned message moves the
 //! cursor. A `Nack`, a returned (unroutable) message, a channel without confirms
@@ -26,6 +27,7 @@
 
 use super::EventView;
 use crate::engine::records::Event;
+use crate::journal::downstream::{Cursor, Filled, Reader};
 use crate::journal::{Journal, JournalError};
 use crate::metrics::{encode_counter, encode_gauge};
 use crate::sync::lock;
@@ -86,14 +88,6 @@ impl RelayConfig {
             unconfirmed_max: 50_000_000,
         }
     }
-}
-
-/// Where the relay keeps the last confirmed seq.
-pub trait Cursor: Send + Sync {
-    /// The last seq confirmed by the broker (0: none).
-    fn load(&self) -> BoxFuture<'_, Result<u64, String>>;
-    /// Saves `seq` durably.
-    fn save(&self, seq: u64) -> BoxFuture<'_, Result<(), String>>;
 }
 
 /// The cursor as a file in the data dir (embedded journal and write-behind): replaced atomically
@@ -606,8 +600,11 @@ impl Relay {
     async fn pump(&self, channel: &lapin::Channel) -> Result<(), SessionError> {
         let window_max = self.config.window.max(1);
         let mut window: VecDeque<(u64, i64, lapin::PublisherConfirm)> = VecDeque::new();
-        let mut fetched: VecDeque<Event> = VecDeque::new();
-        let mut last_fetched = self.confirmed();
+        let mut events: Reader<Event, dyn Journal> = Reader::new(
+            Arc::clone(&self.journal),
+            self.confirmed(),
+            window_max.max(256),
+        );
         let mut last_save = Instant::now();
         let mut starved = false;
         let publish = BasicPublishOptions {
@@ -617,32 +614,24 @@ impl Relay {
         loop {
             // Fill the window.
             while !self.stopping() && window.len() < window_max {
-                if fetched.is_empty() {
-                    if self.journal.last_event_seq() <= last_fetched {
-                        break;
-                    }
-                    let events = match self.journal.events(last_fetched, window_max.max(256)).await
-                    {
-                        Err(JournalError::Pruned { first_seq }) => {
+                if events.is_empty() {
+                    match events.fill(self.journal.last_event_seq(), u64::MAX).await? {
+                        Filled::Items => starved = false,
+                        Filled::CaughtUp => break,
+                        Filled::Gap => {
+                            starved = true;
+                            break;
+                        }
+                        Filled::Pruned { first } => {
                             tracing::error!(
-                                after = last_fetched,
-                                first_seq,
-                                "RabbitMQ relay: events before {first_seq} left the journal before they were sent (the relay was not configured when they were written); sending from {first_seq}"
+                                first_seq = first,
+                                "RabbitMQ relay: events before {first} left the journal before they were sent (the relay was not configured when they were written); sending from {first}"
                             );
-                            last_fetched = first_seq - 1;
                             continue;
                         }
-                        other => other?,
-                    };
-                    let Some(last) = events.last() else {
-                        starved = true;
-                        break;
-                    };
-                    starved = false;
-                    last_fetched = last.seq;
-                    fetched.extend(events);
+                    }
                 }
-                let Some(event) = fetched.pop_front() else {
+                let Some(event) = events.pop() else {
                     break;
                 };
                 let (body, properties) = message(&event);

@@ -9,6 +9,7 @@
 //! that [`JournalError::nothing_changed`] when it is known not to be (and never to become)
 //! durable, and [`JournalError::Unknown`] when the journal cannot tell.
 
+pub mod downstream;
 pub mod event_log;
 pub mod file;
 pub mod mysql;

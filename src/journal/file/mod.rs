@@ -874,7 +874,7 @@ impl Shared {
 /// The segments on disk as a backlog of records (write-behind reads what it was not handed).
 struct FileBacklog(Arc<Shared>);
 
-impl crate::journal::mysql::projection::Backlog for FileBacklog {
+impl crate::journal::downstream::Source<super::pipeline::Committed> for FileBacklog {
     fn read(
         &self,
         after_lsn: u64,
@@ -1272,7 +1272,9 @@ impl FileJournal {
     }
 
     /// The durable records on disk, for write-behind's applier.
-    pub(crate) fn backlog(&self) -> Arc<dyn crate::journal::mysql::projection::Backlog> {
+    pub(crate) fn backlog(
+        &self,
+    ) -> Arc<dyn crate::journal::downstream::Source<super::pipeline::Committed>> {
         Arc::new(FileBacklog(Arc::clone(&self.shared)))
     }
 
