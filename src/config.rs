@@ -444,14 +444,22 @@ pub fn check_mysql_url(raw: &str) -> Result<(), ConfigError> {
     }
     // What the driver would refuse at the first connection (a port out of range, say): a
     // configuration error now, not a runtime failure later.
-    if let Err(error) = <sqlx::mysql::MySqlConnectOptions as std::str::FromStr>::from_str(raw) {
-        let reason = match &error {
-            sqlx::Error::Configuration(inner) => inner.to_string(),
-            _ => "it cannot be parsed".to_owned(),
-        };
-        return Err(ConfigError(format!(
-            "--mysql-url cannot be used: {reason} (the value given is not shown: it may hold a password)"
-        )));
+    let options = match <sqlx::mysql::MySqlConnectOptions as std::str::FromStr>::from_str(raw) {
+        Ok(options) => options,
+        Err(error) => {
+            let reason = match &error {
+                sqlx::Error::Configuration(inner) => inner.to_string(),
+                _ => "it cannot be parsed".to_owned(),
+            };
+            return Err(ConfigError(format!(
+                "--mysql-url cannot be used: {reason} (the value given is not shown: it may hold a password)"
+            )));
+        }
+    };
+    if options.get_database().is_none_or(str::is_empty) {
+        return Err(ConfigError(
+            "--mysql-url names no database: give mysql://user:password@host:3306/database (the value given is not shown: it may hold a password)".into(),
+        ));
     }
     Ok(())
 }
@@ -1307,6 +1315,14 @@ mod tests {
             error.contains("--mysql-url") && !error.contains("hunter2"),
             "{error}"
         );
+        // One that names no database is refused now, not at the first statement.
+        for url in ["mysql://u:hunter2@h:3306/", "mysql://u:hunter2@h:3306"] {
+            let error = message(serve(&["--mysql-url", url]).unwrap_err());
+            assert!(
+                error.contains("names no database") && !error.contains("hunter2"),
+                "{error}"
+            );
+        }
         // A bad AMQP URL, or amqps:// (no TLS to the broker in this build), is refused without
         // echoing it; a good one configures the relay with the contract's defaults.
         for bad in [

@@ -371,9 +371,10 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
 /// This node's name: in its Redis lock values and in the idempotency keys of its authorisations,
 /// so nodes sharing a gateway each reconcile only their own. The name belongs to the journal that
 /// holds the orders those authorisations are judged against: kept in the data dir with the file
-/// journal; with MySQL as the journal, kept in it (the data dir may be new while the journal is
-/// not), a new database getting a new name (never the data dir's, which belongs to the journal it
-/// was made with), and the data dir a copy of it.
+/// journal; with MySQL as the journal, kept in it alone (the data dir may be new while the journal
+/// is not), a new database getting a new name (never the data dir's, which belongs to the journal
+/// it was made with, and is left as it is: a data dir used once with MySQL and then again with its
+/// own journal is still its own node, not the database's).
 async fn node_name(
     config: &ServeConfig,
     mysql_journal: Option<&sqlx::MySqlPool>,
@@ -389,15 +390,9 @@ async fn node_name(
         return data_dir::node_name(&config.data_dir).map_err(io);
     };
     let proposed = data_dir::name_for_new_journal(&config.data_dir).map_err(io)?;
-    let kept = crate::journal::mysql::journal_node_name(pool, mysql.statement_timeout, &proposed)
+    crate::journal::mysql::journal_node_name(pool, mysql.statement_timeout, &proposed)
         .await
-        .map_err(ServeError::Schema)?;
-    let local = std::fs::read_to_string(config.data_dir.join(data_dir::NODE_NAME_FILE)).ok();
-    if local.as_deref().map(|l| l.trim_end_matches('\n')) != Some(kept.as_str()) {
-        tracing::info!(node = %kept, "the node takes the name its MySQL journal keeps");
-        data_dir::keep_node_name(&config.data_dir, &kept).map_err(io)?;
-    }
-    Ok(kept)
+        .map_err(ServeError::Schema)
 }
 
 /// The engine, rebuilt from the durable state.

@@ -203,8 +203,8 @@ impl Future for Counted {
     }
 }
 
-/// Answers this small are never refused (counted past the bound if need be): health checks, a
-/// product, a refusal; what fills memory is a flood of large ones.
+/// Answers this small are not refused at the bound, only past the writes' quarter above it:
+/// health checks, a product, a refusal; what fills memory first is a flood of large ones.
 pub(super) const SMALL_ANSWER_BYTES: usize = 1024;
 
 /// What a request was, for what its answer may be refused past the budget.
@@ -234,9 +234,11 @@ impl RequestKind {
 }
 
 /// The answer with its body counted against the budget and the connection, or, with no room
-/// left, `503 overloaded` instead (counted too, past the bound: it is small, and the client must
-/// hear why). What may be refused:
-/// - an answer of [`SMALL_ANSWER_BYTES`] or less: never;
+/// left, `503 overloaded` instead (counted too, up to the bound plus the writes' quarter: it is
+/// small, and the client must hear why; past that, a bare `503` with `Retry-After` and no body,
+/// so that even refusals nobody reads cannot fill memory). What may be refused:
+/// - an answer of [`SMALL_ANSWER_BYTES`] or less: past the bound plus the writes' quarter (the
+///   operations reserve above it stays the operator's);
 /// - an answer that may report a change (to a write, with a status other than a refusal's
 ///   `4xx`: a checkout's `201`, a `402` or `504` that placed an order, a cancel's `200`, a `503`
 ///   whose outcome is unknown): never, since it is the only word its client gets of that change
@@ -257,10 +259,12 @@ fn counted(
     let bytes = expected_bytes(&body);
     let status = parts.status.as_u16();
     let refusal = (400..500).contains(&status) && status != 402;
-    let room = if bytes <= SMALL_ANSWER_BYTES || (kind == RequestKind::Write && !refusal) {
+    let room = if kind == RequestKind::Write && !refusal {
         Room::Always
     } else if kind == RequestKind::Operations {
         Room::WithReserve
+    } else if bytes <= SMALL_ANSWER_BYTES {
+        Room::Small
     } else {
         Room::WithinBound
     };
@@ -270,12 +274,19 @@ fn counted(
     refused(activity, budget)
 }
 
-/// `503 overloaded`, counted past the bound: it is small, and the client must hear why.
+/// `503 overloaded`, counted up to the bound plus the writes' quarter (it is small, and the
+/// client must hear why); past that without its body.
 fn refused(activity: &Arc<Activity>, budget: &'static ResponseBudget) -> Response<CountedBody> {
     let refusal = crate::api::ApiError::answers_unread().into_response();
-    let (parts, body) = refusal.into_parts();
-    match budget.reserve(expected_bytes(&body), activity, Room::Always) {
-        Some(held) => Response::from_parts(parts, CountedBody::new(body, held)),
+    let (mut parts, body) = refusal.into_parts();
+    if let Some(held) = budget.reserve(expected_bytes(&body), activity, Room::Small) {
+        return Response::from_parts(parts, CountedBody::new(body, held));
+    }
+    parts.headers.remove(hyper::header::CONTENT_TYPE);
+    parts.headers.remove(hyper::header::CONTENT_LENGTH);
+    let empty = axum::body::Body::empty();
+    match budget.reserve(0, activity, Room::Always) {
+        Some(held) => Response::from_parts(parts, CountedBody::new(empty, held)),
         None => unreachable!("a forced reservation always succeeds"),
     }
 }

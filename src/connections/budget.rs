@@ -55,6 +55,9 @@ pub const OPERATIONS_RESERVE_BYTES: usize = 4 * 1024 * 1024;
 pub(super) enum Room {
     /// Up to the bound.
     WithinBound,
+    /// Up to the bound and the writes' quarter: a small answer (the operations reserve above it
+    /// stays the operator's).
+    Small,
     /// Up to the bound, the writes' quarter and [`OPERATIONS_RESERVE_BYTES`].
     WithReserve,
     /// Whatever it needs, counted past the bound (answers that must be sent).
@@ -142,6 +145,7 @@ impl ResponseBudget {
     ) -> Option<Held> {
         let limit = match room {
             Room::Always => usize::MAX,
+            Room::Small => self.write_limit(),
             Room::WithReserve => self.write_limit().saturating_add(OPERATIONS_RESERVE_BYTES),
             Room::WithinBound => self.max,
         };

@@ -112,7 +112,7 @@ impl WriteBehindJournal {
         let (follower, applier) = Follower::new(
             pool.clone(),
             backlog,
-            true,
+            Some(writer_lock.fence()),
             state.last_lsn,
             applied_lsn,
             mysql.statement_timeout,
@@ -154,6 +154,11 @@ fn backpressure_wait_max(journal_timeout: Duration) -> Duration {
 
 impl Journal for WriteBehindJournal {
     fn append(&self, record: Record) -> Ticket {
+        // None while another node holds the database's journal, or once it took over: the
+        // embedded journal would take it, but MySQL never would.
+        if let Err(error) = self.writer_lock.check() {
+            return Ticket::failed(error);
+        }
         let lag = Arc::clone(&self.follower.lag);
         if lag.seconds() <= self.lag_max.as_secs_f64() {
             return self.file.append(record);

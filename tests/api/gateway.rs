@@ -701,8 +701,11 @@ async fn a_data_dir_moved_to_another_database_never_gives_two_live_nodes_one_nam
     // Its data dir now serves the second database; the first gets a node on a new data dir.
     let a = start(&moved, &as_strs(&second_args));
     let c = spawn_app(&as_strs(&first_args));
-    let name_of = |app: &TestApp| turnstile::data_dir::node_name(&app.data_dir).expect("name");
-    assert_ne!(name_of(&a), name_of(&c), "two live nodes share one name");
+    let (a_name, c_name) = (
+        journal_node_name(&second_db).await,
+        journal_node_name(&first_db).await,
+    );
+    assert_ne!(a_name, c_name, "two live nodes share one name");
     let mut on_a = a.client();
     on_a.put_product("M", 100, 5).await;
     let pending = on_a
@@ -774,4 +777,45 @@ async fn on_mysql_a_node_name_row_edited_by_hand_is_refused_with_exit_2() {
             "the data dir took {edited:?}"
         );
     }
+}
+
+/// The name a MySQL journal keeps for its node.
+async fn journal_node_name(database: &crate::helpers::TestDatabase) -> String {
+    sqlx::query_scalar("SELECT CAST(name AS CHAR) FROM node_name WHERE id = 1")
+        .fetch_one(&database.pool().await)
+        .await
+        .expect("the node_name row")
+}
+
+/// Found by attack: a data dir used once with MySQL as the journal took that database's name into
+/// its `node-id`, so its own node, started on it again with the embedded journal, shared one name
+/// with the database's node (which then voided its live payment as an orphan). The data dir keeps
+/// its own name; the database's is the database's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_used_once_with_mysql_keeps_its_own_name() {
+    let database = crate::helpers::TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let own_dir = dir.path().join("own");
+    let read_name = || {
+        std::fs::read_to_string(own_dir.join(turnstile::data_dir::NODE_NAME_FILE)).expect("node-id")
+    };
+    {
+        let app = start(&own_dir, &[]);
+        assert_eq!(app.client().put_product("N", 100, 1).await.status, 200);
+    }
+    let own = read_name();
+    {
+        let app = start(&own_dir, &["--mysql-url", &database.url]);
+        assert_eq!(app.client().put_product("N", 100, 1).await.status, 200);
+    }
+    let theirs = journal_node_name(&database).await;
+    assert_ne!(
+        own.trim_end(),
+        theirs,
+        "the database took the data dir's name"
+    );
+    assert_eq!(read_name(), own, "the data dir took the database's name");
+    let again = start(&own_dir, &[]);
+    assert_eq!(again.client().stock("N").await.0, 1, "its own journal");
+    assert_eq!(read_name(), own);
 }

@@ -29,6 +29,45 @@ async fn reading_as(app: &TestApp, name: &str, headers: &[(&str, &str)]) -> Opti
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// Scrapes `turnstile_response_bytes_unsent` as the operator (with `token`) every 50 ms for 4 s
+/// (bounded: it stops by itself): the most seen, the scrapes, and how many were refused.
+async fn watch_unsent(app: &TestApp, token: &str) -> (f64, usize, usize) {
+    let bearer = format!("Bearer {token}");
+    let mut most_unsent = 0.0f64;
+    let (mut scrapes, mut unreadable) = (0, 0);
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        scrapes += 1;
+        match reading_as(
+            app,
+            "turnstile_response_bytes_unsent",
+            &[("authorization", &bearer)],
+        )
+        .await
+        {
+            Some(unsent) => most_unsent = most_unsent.max(unsent),
+            None => unreadable += 1,
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (most_unsent, scrapes, unreadable)
+}
+
+/// What [`watch_unsent`] saw held: every scrape answered, and the unsent bytes never past the
+/// bound, the writes' quarter, and a few answers racing when it was reached.
+fn assert_near_the_bound(watched: (f64, usize, usize), budget: f64, answer_bytes: f64) {
+    let (most_unsent, scrapes, unreadable) = watched;
+    assert_eq!(
+        unreadable, 0,
+        "the operator's /metrics was refused {unreadable} of {scrapes} times"
+    );
+    let bound = budget * 1.25 + 16.0 * answer_bytes;
+    assert!(
+        most_unsent <= bound,
+        "{most_unsent} bytes unsent (bound {bound})"
+    );
+}
+
 /// The resident memory of a process, in bytes.
 fn rss_bytes(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
@@ -550,24 +589,7 @@ async fn answers_to_writes_nobody_reads_stay_near_the_bound_and_the_operator_sti
         holders.push(task);
         scrapers.push(tokio::spawn(ask_for(send, "/metrics", 100)));
     }
-    let bearer = format!("Bearer {TOKEN}");
-    let mut most_unsent = 0.0f64;
-    let (mut scrapes, mut unreadable) = (0, 0);
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_secs(4) {
-        scrapes += 1;
-        match reading_as(
-            &app,
-            "turnstile_response_bytes_unsent",
-            &[("authorization", &bearer)],
-        )
-        .await
-        {
-            Some(unsent) => most_unsent = most_unsent.max(unsent),
-            None => unreadable += 1,
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let watched = watch_unsent(&app, TOKEN).await;
     let mut statuses = Vec::new();
     for asker in askers {
         statuses.extend(asker.await.expect("asker"));
@@ -577,16 +599,58 @@ async fn answers_to_writes_nobody_reads_stay_near_the_bound_and_the_operator_sti
         kept.push(scraper.await.expect("scraper").1);
     }
     assert!(statuses.contains(&503), "no cancel was turned away");
-    assert_eq!(
-        unreadable, 0,
-        "the operator's /metrics was refused {unreadable} of {scrapes} times"
-    );
-    // The bound, the writes' quarter, and a few answers running when it was reached.
-    let bound = BUDGET * 1.25 + 16.0 * answer_bytes;
-    assert!(
-        most_unsent <= bound,
-        "{most_unsent} bytes unsent (bound {bound})"
-    );
+    assert_near_the_bound(watched, BUDGET, answer_bytes);
+    drop(kept);
+    for holder in holders {
+        holder.abort();
+    }
+}
+
+/// Found by attack: answers of a kilobyte or less were never refused, so a product's answer asked
+/// on thousands of HTTP/2 streams that never open their window held memory several times past
+/// `--response-bytes-max`, and their `503` refusals, never refused either, ate the operator's
+/// reserve. Now a small answer is refused past the bound plus a quarter, and a refusal past that
+/// goes without its body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_answers_nobody_reads_stay_near_the_bound_and_the_operator_still_scrapes() {
+    const BUDGET: f64 = 1024.0 * 1024.0;
+    const TOKEN: &str = "operator-token-0123456789";
+    let app = spawn_app(&[
+        "--slow-client-timeout",
+        "10s",
+        "--response-bytes-max",
+        &BUDGET.to_string(),
+        "--admin-token",
+        TOKEN,
+    ]);
+    let mut client = app.client();
+    let product = serde_json::json!({"name": "n".repeat(500), "price_cents": 100, "currency": "EUR", "stock": 1});
+    let put = client
+        .send("PUT", "/v1/products/SMALL", &[], &product.to_string())
+        .await;
+    assert_eq!(put.status, 200, "{:?}", put.body);
+    let answer = client.get("/v1/products/SMALL").await;
+    assert!(answer.body.len() <= 1024, "{} bytes", answer.body.len());
+    let answer_bytes = answer.body.len() as f64;
+
+    // Sixty connections of a hundred streams: several times the bound if nothing were refused.
+    let mut holders = Vec::new();
+    let mut askers = Vec::new();
+    for _ in 0..60 {
+        let (send, task) = stingy_connection(&app).await;
+        holders.push(task);
+        askers.push(tokio::spawn(ask_for(send, "/v1/products/SMALL", 100)));
+    }
+    let watched = watch_unsent(&app, TOKEN).await;
+    let mut kept = Vec::new();
+    let mut refused = 0;
+    for asker in askers {
+        let (statuses, bodies) = asker.await.expect("asker");
+        refused += statuses.iter().filter(|&&s| s == 503).count();
+        kept.push(bodies);
+    }
+    assert!(refused > 0, "no answer was refused");
+    assert_near_the_bound(watched, BUDGET, answer_bytes);
     drop(kept);
     for holder in holders {
         holder.abort();

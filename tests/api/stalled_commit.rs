@@ -5,7 +5,8 @@
 //! database answers again (on new connections: the old ones stay silent for ever, so a wait on
 //! them without a bound would never end), both nodes replay the one order. In write-behind the
 //! wait for MySQL to catch up is bounded: the checkout is not journaled and says so, and the key
-//! is free at once.
+//! is free at once. A node cut off while another takes its journal database over writes nothing
+//! more when its network comes back (the database's fence).
 
 use crate::helpers::{
     eventually, metric, spawn_app, Client, StallProxy, TestApp, TestDatabase, TestRedis,
@@ -275,4 +276,89 @@ async fn a_commit_that_lands_late_is_never_taken_for_a_refused_record() {
     .expect("count");
     assert_eq!(rows, 1, "one order in A's journal");
     redis.delete().await;
+}
+
+/// A node whose network to MySQL went silent while a commit was on its way, and whose lock
+/// session ended meanwhile (the server saw its connections go), loses the journal to the node
+/// that takes it over: once its network is back it writes nothing more (the database's fence
+/// refuses its transactions), refuses every change, and the new node's journal stays whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_lost_its_journal_database_to_another_writes_nothing_more() {
+    let database = TestDatabase::create().await;
+    let proxy = StallProxy::start(MARIADB_ADDR.parse().expect("address")).await;
+    let url = through(&proxy, &database);
+    let first = spawn_app(&[
+        "--mysql-url",
+        &url,
+        "--journal-timeout",
+        "1s",
+        "--mysql-timeout",
+        "1s",
+    ]);
+    let mut on_first = first.client();
+    assert_eq!(on_first.put_product("S", 100, 1).await.status, 200);
+    eventually(
+        "the projections to catch up",
+        Duration::from_secs(10),
+        async || metric(&mut on_first, "turnstile_mysql_lag_records").await == 0.0,
+    )
+    .await;
+    proxy.stall_at_commit();
+    let (status, body, _) = checkout(&mut on_first, "cut").await;
+    assert_eq!(
+        (status, body["outcome"].as_str()),
+        (503, Some("unknown")),
+        "{body}"
+    );
+    // The server sees the first node's connections go (its lock session ends, its open
+    // transaction is rolled back); the node itself hears nothing yet.
+    proxy.abandon_open_connections();
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let second = crate::helpers::start(&dir.path().join("second"), &["--mysql-url", &database.url]);
+    let mut on_second = second.client();
+    assert_eq!(
+        on_second.stock("S").await,
+        (1, 1, 0, 0),
+        "the second node loads the journal as it is"
+    );
+    let (status, body, _) = checkout(&mut on_second, "taken-over").await;
+    assert_eq!(status, 201, "{body}");
+
+    // The first node's network comes back: whatever it still holds or is asked, it writes nothing.
+    proxy.stall(false);
+    eventually(
+        "the first node to refuse changes",
+        Duration::from_secs(30),
+        async || {
+            let answer = on_first.put_product("S", 100, 5).await;
+            assert!(
+                answer.status >= 500,
+                "the node that lost the journal changed it: {} {:?}",
+                answer.status,
+                answer.body
+            );
+            answer.status == 503
+        },
+    )
+    .await;
+    // A checkout there is refused too (here by the unit its unknown commit still holds).
+    let (status, body, _) = checkout(&mut on_first, "after").await;
+    assert!(matches!(status, 409 | 503), "{status} {body}");
+    assert_eq!(on_first.get("/readyz").await.status, 503);
+
+    // The journal is the second node's alone: a node started on it finds one unit sold, once.
+    drop(first);
+    drop(second);
+    let third = crate::helpers::start(&dir.path().join("third"), &["--mysql-url", &database.url]);
+    assert_eq!(third.client().stock("S").await, (1, 0, 0, 1));
+    let pool = database.pool().await;
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM journal WHERE refused IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(
+        rows, 0,
+        "no record of the first node was written after the takeover"
+    );
 }

@@ -38,7 +38,7 @@ pub async fn replay(config: &MySqlConfig, after_lsn: u64) -> Result<u64, SchemaE
     let (follower, applier) = Follower::new(
         pool.clone(),
         Arc::new(MySqlBacklog(pool.clone())),
-        false,
+        None,
         last_lsn,
         Arc::new(AtomicU64::new(0)),
         config.statement_timeout,

@@ -59,6 +59,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
+use writer_lock::Fence;
 
 /// The migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
@@ -358,6 +359,9 @@ pub enum SchemaError {
         /// The holder's connection id, if the server said.
         holder: Option<u64>,
     },
+    /// The node that held this database's journal before still has a transaction open on it.
+    #[error("a transaction of the node that held this journal before is still open on the database (its COMMIT may be in flight; it ends when the server ends that session, or with KILL: see information_schema.innodb_trx): start again once it is gone")]
+    JournalBusy,
     /// The `node_name` table holds something else than a node name (edited by hand).
     #[error("the node_name table holds {0:?}, not a node name (node_ and then letters, digits or _, at most 64 bytes): put back the name this journal's node had, or, if it never made a payment, delete the row for a new one")]
     NodeName(String),
@@ -434,7 +438,7 @@ impl MySqlJournal {
         let (follower, applier) = projection::Follower::new(
             pool.clone(),
             Arc::new(MySqlBacklog(pool.clone())),
-            false,
+            None,
             last_lsn,
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
             config.statement_timeout,
@@ -465,6 +469,7 @@ impl MySqlJournal {
             Arc::clone(&pipeline),
             Arc::clone(&degraded),
             config,
+            writer_lock.fence(),
         ));
         tracing::info!(
             records = state.last_lsn,
@@ -777,12 +782,16 @@ async fn run_writer(
     pipeline: Arc<Pipeline>,
     degraded: Arc<AtomicUsize>,
     config: MySqlConfig,
+    fence: Arc<Fence>,
 ) {
     let mut batch: Vec<Entry> = Vec::with_capacity(config.batch_records_max);
     while pipeline.take(config.batch_records_max, &mut batch).await {
         let started = Instant::now();
         let whole: Vec<&Entry> = batch.iter().collect();
-        let outcome = commit_part(&pool, &pipeline, &degraded, &whole, started, &config).await;
+        let outcome = commit_part(
+            &pool, &pipeline, &degraded, &whole, started, &config, &fence,
+        )
+        .await;
         drop(whole);
         match outcome {
             Ok(part) => {
@@ -819,17 +828,18 @@ async fn commit_part(
     part: &[&Entry],
     started: Instant,
     config: &MySqlConfig,
+    fence: &Fence,
 ) -> Result<PartOutcome, JournalError> {
-    let refused = match commit_with_retries(pool, pipeline, degraded, part, started, config).await?
-    {
-        Ok(bytes) => {
-            return Ok(PartOutcome {
-                bytes,
-                rejected: Vec::new(),
-            })
-        }
-        Err(refused) => refused,
-    };
+    let refused =
+        match commit_with_retries(pool, pipeline, degraded, part, started, config, fence).await? {
+            Ok(bytes) => {
+                return Ok(PartOutcome {
+                    bytes,
+                    rejected: Vec::new(),
+                })
+            }
+            Err(refused) => refused,
+        };
     let mut outcome = PartOutcome::default();
     if part.len() == 1 {
         refuse(
@@ -838,13 +848,16 @@ async fn commit_part(
             part[0],
             &refused,
             &mut outcome,
+            fence,
         )
         .await;
         return Ok(outcome);
     }
     tracing::warn!(error = %refused, records = part.len(), "the database refused a batch; committing its records one by one");
     for &entry in part {
-        match commit_with_retries(pool, pipeline, degraded, &[entry], started, config).await? {
+        match commit_with_retries(pool, pipeline, degraded, &[entry], started, config, fence)
+            .await?
+        {
             Ok(bytes) => outcome.bytes += bytes,
             Err(refused) => {
                 refuse(
@@ -853,6 +866,7 @@ async fn commit_part(
                     entry,
                     &refused,
                     &mut outcome,
+                    fence,
                 )
                 .await
             }
@@ -870,6 +884,7 @@ async fn refuse(
     entry: &Entry,
     error: &sqlx::Error,
     outcome: &mut PartOutcome,
+    fence: &Fence,
 ) {
     tracing::error!(lsn = entry.lsn, %error, "the database refused a record; it fails alone");
     let reason: String = format!("refused: {error}").chars().take(1_000).collect();
@@ -886,7 +901,7 @@ async fn refuse(
     let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     for _ in 0..20 {
         let written = in_transaction!(pool, timeout, |tx| {
-            write_log(&mut tx, std::slice::from_ref(view)).await?;
+            write_log(&mut tx, std::slice::from_ref(view), fence).await?;
         })
         .await;
         match written {
@@ -912,6 +927,7 @@ async fn commit_with_retries(
     part: &[&Entry],
     started: Instant,
     config: &MySqlConfig,
+    fence: &Fence,
 ) -> Result<Result<u64, sqlx::Error>, JournalError> {
     let mut retrying = false;
     let attempts = async {
@@ -920,8 +936,12 @@ async fn commit_with_retries(
         // still land (sent on a connection given up on), until the look below says otherwise.
         let mut in_doubt = false;
         loop {
-            let error = match commit_batch(pool, config.statement_timeout, part).await {
+            let error = match commit_batch(pool, config.statement_timeout, part, fence).await {
                 Ok(bytes) => return Ok(Ok(bytes)),
+                // Another node took over: nothing of this batch was written, nor ever will be.
+                Err(error) if writer_lock::is_fenced(&error) => {
+                    return Err(JournalError::Unavailable(error.to_string()))
+                }
                 Err(error) => error,
             };
             if !is_transient(&error) {
@@ -1047,6 +1067,7 @@ async fn commit_batch(
     pool: &MySqlPool,
     timeout: Duration,
     batch: &[&Entry],
+    fence: &Fence,
 ) -> Result<u64, sqlx::Error> {
     let views: Vec<View<'_>> = batch
         .iter()
@@ -1059,7 +1080,10 @@ async fn commit_batch(
             refused: None,
         })
         .collect();
-    in_transaction!(pool, timeout, |tx| { write_log(&mut tx, &views).await? }).await
+    in_transaction!(pool, timeout, |tx| {
+        write_log(&mut tx, &views, fence).await?
+    })
+    .await
 }
 
 /// Removes the answers older than `cutoff_ms` and releases their keys' claims (only the claim of
@@ -1194,6 +1218,11 @@ pub(crate) async fn read_order(
 
 impl Journal for MySqlJournal {
     fn append(&self, record: Record) -> Ticket {
+        // Whatever the change (a checkout, a cancel, a product, a sweep): none while another node
+        // holds this database's journal, or once it took over (the database refuses it then too).
+        if let Err(error) = self.writer_lock.check() {
+            return Ticket::failed(error);
+        }
         self.pipeline.submit(record)
     }
 

@@ -9,9 +9,20 @@
 //! session's `wait_timeout`; the keeper asks every [`PING`] so a live holder never idles that
 //! long). A node starting waits [`START_WAIT`] for it, past that. While running, a node that finds
 //! the lock held by another (its session ended, and another node took it) refuses changes
-//! ([`WriterLock::check`], in the journal's health: checkouts answer `503`, nothing changed,
+//! ([`WriterLock::check`], in the journal's health and at every append: `503`, nothing changed,
 //! `/readyz` fails) until it gets the lock back. The database unreachable is not such a finding:
 //! the keeper reconnects and takes the lock again when it answers.
+//!
+//! **The fence.** A lock is a finding, not a guard: a node whose network was cut may have a
+//! transaction open on the server when its lock session ends, and its own keeper may not know for
+//! a while. So the database itself refuses a node that lost its turn: a node that takes the lock
+//! adds one to `journal_writer.epoch` before it reads anything ([`Fence`]), and every transaction
+//! that writes log rows first reads the epoch under a shared lock and writes nothing unless it is
+//! its own ([`check_fence`]). The new node's increment waits for the old node's open transactions
+//! to end (a COMMIT in flight lands before the new node reads the journal, or never), and every
+//! later one of the old node finds another epoch: it is fenced for good (its memory no longer
+//! knows the journal), refuses every change, and says to restart it. A keeper that takes the lock
+//! again finds the epoch its node set, or knows its node was fenced.
 
 use super::{db_error, SchemaError};
 use crate::journal::JournalError;
@@ -34,13 +45,79 @@ const PING: Duration = Duration::from_secs(2);
 pub const START_WAIT: Duration = Duration::from_secs(12);
 
 /// The lock's name on the server: one per database (names are server-wide, at most 64
-/// characters).
-const NAME: &str = "CONCAT('turnstile.journal.', LEFT(DATABASE(), 46))";
+/// characters: the database's name is hashed, so two long names never share a lock).
+const NAME: &str = "CONCAT('turnstile.journal.', SHA1(DATABASE()))";
 
 /// The lock held for this node, and its keeper.
 pub struct WriterLock {
     held: Arc<AtomicBool>,
+    fence: Arc<Fence>,
     keeper: Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
+}
+
+/// This node's turn as the journal's writer: the epoch it set in `journal_writer` when it took
+/// the lock, and whether another node has taken over since.
+#[derive(Debug)]
+pub struct Fence {
+    epoch: u64,
+    lost: AtomicBool,
+}
+
+/// The error a fenced transaction ends with (inside `sqlx::Error::Configuration`, which no
+/// retry takes for a passing fault).
+#[derive(Debug, thiserror::Error)]
+#[error("another node took over this journal database (journal_writer.epoch {found}, this node's {mine}): this node writes nothing more; restart it")]
+pub struct Fenced {
+    mine: u64,
+    found: u64,
+}
+
+impl Fence {
+    /// A fence for a journal no other node can write (tests of the writer alone).
+    #[cfg(test)]
+    pub fn unfenced(epoch: u64) -> Self {
+        Self {
+            epoch,
+            lost: AtomicBool::new(false),
+        }
+    }
+
+    /// Whether another node has taken over.
+    pub fn is_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+
+    fn lose(&self, found: u64) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                mine = self.epoch,
+                found,
+                "another node took over this journal database: this node refuses every change from now on; restart it (it then waits for the database's journal lock)"
+            );
+        }
+    }
+}
+
+/// Whether `error` is a transaction refused by the fence.
+pub fn is_fenced(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Configuration(inner) if inner.is::<Fenced>())
+}
+
+/// First in every transaction that writes log rows: reads the epoch under a shared lock (a node
+/// taking over waits for this transaction to end) and refuses to go on unless it is `fence`'s.
+pub async fn check_fence(tx: &mut MySqlConnection, fence: &Fence) -> Result<(), sqlx::Error> {
+    let found: u64 =
+        sqlx::query_scalar("SELECT epoch FROM journal_writer WHERE id = 1 LOCK IN SHARE MODE")
+            .fetch_one(&mut *tx)
+            .await?;
+    if found == fence.epoch && !fence.is_lost() {
+        return Ok(());
+    }
+    fence.lose(found);
+    Err(sqlx::Error::Configuration(Box::new(Fenced {
+        mine: fence.epoch,
+        found,
+    })))
 }
 
 impl WriterLock {
@@ -54,28 +131,46 @@ impl WriterLock {
             })?
             // A wait for the lock is no slow statement.
             .disable_statement_logging();
-        let connection = match connect_and_take(&options, START_WAIT, timeout).await? {
+        let mut connection = match connect_and_take(&options, START_WAIT, timeout).await? {
             Taken::Yes(connection) => connection,
             Taken::No { holder } => return Err(SchemaError::JournalHeld { holder }),
         };
+        let epoch = take_turn(&mut connection, timeout).await?;
+        let fence = Arc::new(Fence {
+            epoch,
+            lost: AtomicBool::new(false),
+        });
         let held = Arc::new(AtomicBool::new(true));
         let (stop, stopped) = tokio::sync::oneshot::channel();
         let keeper = tokio::spawn(keep(
             connection,
             options,
             Arc::clone(&held),
+            Arc::clone(&fence),
             timeout,
             stopped,
         ));
         Ok(Self {
             held,
+            fence,
             keeper: Mutex::new(Some((keeper, stop))),
         })
     }
 
-    /// `Err` while another node holds the lock: this node must not change the journal.
+    /// This node's turn, for the transactions that write log rows ([`check_fence`]).
+    pub fn fence(&self) -> Arc<Fence> {
+        Arc::clone(&self.fence)
+    }
+
+    /// `Err` while another node holds the lock, and for good once another node took over: this
+    /// node must not change the journal.
     pub fn check(&self) -> Result<(), JournalError> {
-        if self.held.load(Ordering::Acquire) {
+        if self.fence.is_lost() {
+            Err(JournalError::Unavailable(
+                "another node took over this journal database: this node refuses changes; restart it"
+                    .into(),
+            ))
+        } else if self.held.load(Ordering::Acquire) {
             Ok(())
         } else {
             Err(JournalError::Unavailable(
@@ -98,6 +193,47 @@ impl WriterLock {
 enum Taken {
     Yes(MySqlConnection),
     No { holder: Option<u64> },
+}
+
+/// Takes this node's turn on the lock's session: one more than the last epoch, once every open
+/// transaction of the node before (which holds the epoch's row shared) has ended, waiting at
+/// most [`START_WAIT`].
+async fn take_turn(
+    connection: &mut MySqlConnection,
+    timeout: Duration,
+) -> Result<u64, SchemaError> {
+    let turn = async {
+        sqlx::query(&format!(
+            "SET SESSION innodb_lock_wait_timeout = {}",
+            START_WAIT.as_secs()
+        ))
+        .execute(&mut *connection)
+        .await?;
+        sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE id = 1")
+            .execute(&mut *connection)
+            .await?;
+        sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE id = 1")
+            .fetch_one(&mut *connection)
+            .await
+    };
+    match tokio::time::timeout(timeout + START_WAIT, turn).await {
+        Ok(Ok(epoch)) => Ok(epoch),
+        Ok(Err(error)) if lock_wait_timed_out(&error) => Err(SchemaError::JournalBusy),
+        Ok(Err(error)) => {
+            Err(db_error("taking the journal's turn (journal_writer)", &error).into())
+        }
+        Err(_) => Err(JournalError::Unavailable(format!(
+            "taking the journal's turn: no answer within {:?}",
+            timeout + START_WAIT
+        ))
+        .into()),
+    }
+}
+
+/// MySQL's 1205: a lock wait timed out.
+fn lock_wait_timed_out(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e)
+        if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|m| m.number()) == Some(1205))
 }
 
 /// A new connection whose sessions ends after [`SESSION_IDLE_MAX`] idle, holding the lock if it
@@ -146,6 +282,7 @@ async fn keep(
     connection: MySqlConnection,
     options: MySqlConnectOptions,
     held: Arc<AtomicBool>,
+    fence: Arc<Fence>,
     timeout: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
@@ -167,9 +304,22 @@ async fn keep(
             connection = None;
         }
         match connect_and_take(&options, Duration::ZERO, timeout).await {
-            Ok(Taken::Yes(taken)) => {
+            Ok(Taken::Yes(mut taken)) => {
+                // Taken again: this node's turn still, unless another node had it meanwhile.
+                let epoch =
+                    sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE id = 1")
+                        .fetch_one(&mut taken);
+                match tokio::time::timeout(timeout, epoch).await {
+                    Ok(Ok(epoch)) if epoch != fence.epoch => fence.lose(epoch),
+                    Ok(Ok(_)) => {}
+                    // Not known: asked again at the next tick, on a new session.
+                    _ => {
+                        let _ = taken.close().await;
+                        continue;
+                    }
+                }
                 connection = Some(taken);
-                if !held.swap(true, Ordering::AcqRel) {
+                if !held.swap(true, Ordering::AcqRel) && !fence.is_lost() {
                     tracing::warn!(
                         "this node holds its journal database's lock again; changes resume"
                     );

@@ -13,6 +13,7 @@ use super::{project, write_log, View};
 use crate::backoff::Backoff;
 use crate::engine::records::Record;
 use crate::journal::downstream::{Filled, Reader, Source};
+use crate::journal::mysql::writer_lock::{is_fenced, Fence};
 use crate::journal::mysql::{fetch_all_bounded, in_transaction, is_transient, retry_reason};
 use crate::journal::pipeline::Committed;
 use crate::journal::JournalError;
@@ -102,7 +103,7 @@ pub(crate) struct Applier {
     pub lag: Arc<Lag>,
     pub backlog: Arc<dyn Source<Committed>>,
     /// Write the log rows too (write-behind); otherwise only the projections.
-    pub ship: bool,
+    pub ship: Option<Arc<Fence>>,
     /// Set at shutdown: apply what is handed, then stop.
     pub closing: Arc<AtomicBool>,
     pub wake: Arc<Notify>,
@@ -398,6 +399,11 @@ impl Applier {
                 }
                 Err(error) => error,
             };
+            // Another node took over the database (write-behind): this node ships nothing more.
+            if is_fenced(&error) {
+                self.lag.set_problem(Some(error.to_string()));
+                return None;
+            }
             if !is_transient(&error) {
                 return Some(Outcome::Refused(error));
             }
@@ -416,7 +422,7 @@ impl Applier {
     /// One transaction: cursor read under lock, the records after it, the cursor moved; bounded
     /// by `--mysql-timeout` (a silent network ends in a transient error, retried, not a hang).
     async fn apply_once(&self, run: &[Committed], skipped: &[u64]) -> Result<(), sqlx::Error> {
-        let ship = self.ship;
+        let ship = self.ship.as_deref();
         let moved = in_transaction!(&self.pool, self.timeout, |tx| {
             let row = sqlx::query(
                 "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables' FOR UPDATE",
@@ -441,8 +447,8 @@ impl Applier {
                         .max()
                         .unwrap_or(0)
                         .max(applied_seq as u64);
-                    if ship {
-                        write_log(&mut tx, &views).await?;
+                    if let Some(fence) = ship {
+                        write_log(&mut tx, &views, fence).await?;
                     }
                     project(&mut tx, &views).await?;
                     sqlx::query(
@@ -486,7 +492,7 @@ impl Follower {
     pub fn new(
         pool: MySqlPool,
         backlog: Arc<dyn Source<Committed>>,
-        ship: bool,
+        ship: Option<Arc<Fence>>,
         committed_lsn: u64,
         applied_lsn: Arc<AtomicU64>,
         timeout: Duration,

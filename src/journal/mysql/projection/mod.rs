@@ -44,6 +44,7 @@ pub(crate) use applier::{committed_from_row, Follower, MySqlBacklog};
 pub use applier::{APPLY_LINGER, APPLY_RECORDS_MAX};
 pub use lag::Lag;
 
+use super::writer_lock::{check_fence, Fence};
 use super::StableChunks;
 use crate::domain::{IdempotencyKey, OrderId, Sku};
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
@@ -99,11 +100,14 @@ fn claims<'a>(view: &View<'a>) -> (Option<&'a str>, Option<&'a str>, Option<&'a 
 
 /// Writes the log rows of `views`: one `journal` row each, carrying the claims of the order it
 /// places (see [`claims`]), after releasing the claims of keys reused past their retention.
-/// Returns the payload bytes.
+/// Returns the payload bytes. Nothing is written unless the transaction's node still holds the
+/// journal's turn (`fence`: [`super::writer_lock::check_fence`], first in the transaction).
 pub(crate) async fn write_log(
     tx: &mut MySqlConnection,
     views: &[View<'_>],
+    fence: &Fence,
 ) -> Result<u64, sqlx::Error> {
+    check_fence(tx, fence).await?;
     let mut expired_keys: Vec<&str> = Vec::new();
     let mut bytes = 0u64;
     for view in views {
