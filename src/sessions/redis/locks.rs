@@ -1,0 +1,313 @@
+//! The submission locks past a checkout's hold: renewed until the checkout's outcome is known
+//! ([`Submission`]), and released with its answer stored (the ends queued and sent in batches
+//! after the journal's commit).
+
+use super::*;
+
+/// A checkout's end: its answer to store (and for how long), and its lock to release.
+pub(super) struct Finish {
+    pub(super) key: IdempotencyKey,
+    pub(super) value: String,
+    pub(super) answer: Option<(StoredAnswer, i64)>,
+    /// Past this an end that could not be sent is dropped.
+    pub(super) deadline: tokio::time::Instant,
+}
+
+impl Finish {
+    /// An end kept until its lock has expired anyway, or, with an answer, as long as the answer
+    /// lives: a checkout that went on without the lock (Redis down longer than a minute) must
+    /// still leave its answer once Redis is back, or a retry on another node buys again. FINISH
+    /// never replaces an answer nor stores one while another checkout holds the lock, so a late
+    /// one is safe.
+    pub(super) fn new(
+        key: IdempotencyKey,
+        value: String,
+        answer: Option<(StoredAnswer, i64)>,
+        lock: Duration,
+    ) -> Self {
+        let keep = answer.as_ref().map_or(lock, |(_, ttl_ms)| {
+            Duration::from_millis(u64::try_from(*ttl_ms).unwrap_or(0)).max(lock)
+        });
+        Self {
+            key,
+            value,
+            answer,
+            deadline: tokio::time::Instant::now() + keep,
+        }
+    }
+}
+
+impl RedisStore {
+    /// Renews the registered locks a third of their TTL at a time, and at once after a
+    /// reconnection (an outage may have used up most of their life), until [`Self::stop`].
+    pub(super) async fn renew_held_locks(&self) {
+        let every = Duration::from_millis(self.lock_ttl_ms / 3).max(Duration::from_millis(100));
+        loop {
+            let reconnected = self.reconnected.notified();
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = reconnected => {}
+            }
+            if self.stopped.load(Ordering::Acquire) {
+                return;
+            }
+            let held: Vec<(u64, IdempotencyKey, String)> = lock(&self.held)
+                .iter()
+                .map(|(id, (key, value))| (*id, key.clone(), value.clone()))
+                .collect();
+            for batch in held.chunks(RENEWALS_PER_CALL_MAX) {
+                if let Err(error) = self.renew_batch(batch).await {
+                    tracing::warn!(%error, locks = batch.len(), "could not renew submission locks in Redis; retrying at the next renewal");
+                    break;
+                }
+            }
+        }
+    }
+
+    pub(super) async fn renew_batch(
+        &self,
+        batch: &[(u64, IdempotencyKey, String)],
+    ) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.renew.prepare_invoke();
+        invocation.arg(self.lock_ttl_ms);
+        for (_, key, value) in batch {
+            invocation.key(self.key("lock", key.as_str())).arg(value);
+        }
+        let lost: Vec<usize> = self.run("a batch of submission locks", &invocation).await?;
+        self.stats
+            .renewals
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        for index in lost {
+            let Some((id, key, _)) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            // A checkout that ended meanwhile released its own lock: not lost.
+            if lock(&self.held).remove(id).is_some() {
+                self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(key = %key.as_str(), lock = %self.key("lock", key.as_str()), "a submission lock expired or was taken while this node's checkout under it has no known outcome: another node may start the same key (was Redis restarted without persistence, or unreachable for longer than --redis-lock-ttl?)");
+            }
+        }
+        Ok(())
+    }
+
+    /// A submission lock for a checkout under `key`, not taken yet: [`Self::begin`] takes it. Kept
+    /// by a checkout that goes on without Redis too, since a lock call that timed out may still
+    /// have taken it, and its answer must reach Redis (with the lock released) once Redis is back.
+    pub fn submission(self: &Arc<Self>, key: &IdempotencyKey) -> Submission {
+        let id = self.locks_taken.fetch_add(1, Ordering::Relaxed);
+        Submission {
+            store: Arc::clone(self),
+            key: key.clone(),
+            value: format!("{}/{}/{id}/", self.node, self.run_id),
+            id,
+            open: true,
+            renewed: false,
+        }
+    }
+
+    /// Sends the checkouts' ends as they come, up to [`FINISHES_PER_CALL_MAX`] in one call; a
+    /// batch Redis did not take is sent again (with backoff) until its locks expire.
+    pub(super) async fn send_finishes(&self, mut receiver: tokio::sync::mpsc::Receiver<Finish>) {
+        let mut batch: Vec<Finish> = Vec::with_capacity(FINISHES_PER_CALL_MAX);
+        let mut backoff = Backoff::new(Duration::from_millis(50), RECONNECT_BACKOFF_MAX);
+        loop {
+            if batch.is_empty() {
+                let stopping = self.stopped.load(Ordering::Acquire);
+                let next = if stopping {
+                    receiver.try_recv().ok()
+                } else {
+                    tokio::select! {
+                        finish = receiver.recv() => finish,
+                        () = self.finisher_stop.notified() => receiver.try_recv().ok(),
+                    }
+                };
+                match next {
+                    Some(finish) => batch.push(finish),
+                    None => return,
+                }
+            }
+            while batch.len() < FINISHES_PER_CALL_MAX {
+                match receiver.try_recv() {
+                    Ok(finish) => batch.push(finish),
+                    Err(_) => break,
+                }
+            }
+            match self.finish_batch(&batch).await {
+                Ok(()) => {
+                    batch.clear();
+                    backoff.reset();
+                }
+                Err(error) => {
+                    let now = tokio::time::Instant::now();
+                    let before = batch.len();
+                    batch.retain(|finish| finish.deadline > now);
+                    if batch.len() < before {
+                        tracing::warn!(%error, dropped = before - batch.len(), "could not store answers and release submission locks in Redis before the locks expired");
+                    }
+                    if self.stopped.load(Ordering::Acquire) {
+                        return;
+                    }
+                    // Sent again as soon as the connection is back, or after the backoff.
+                    tokio::select! {
+                        () = tokio::time::sleep(backoff.next_wait()) => {}
+                        () = self.reconnected.notified() => {}
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) async fn finish_batch(&self, batch: &[Finish]) -> Result<(), StoreError> {
+        let mut invocation = self.scripts.finish.prepare_invoke();
+        for finish in batch {
+            let (encoded, ttl_ms) = match &finish.answer {
+                Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
+                None => (String::new(), 0),
+            };
+            invocation
+                .key(self.key("answer", finish.key.as_str()))
+                .key(self.key("lock", finish.key.as_str()))
+                .arg(&finish.value)
+                .arg(encoded)
+                .arg(ttl_ms);
+        }
+        let twins: Vec<usize> = self
+            .run("a batch of answers and locks", &invocation)
+            .await?;
+        for index in twins {
+            let Some(finish) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
+                continue;
+            };
+            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(key = %finish.key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
+        }
+        Ok(())
+    }
+
+    /// Sends again, in the background, the answers this node gave since `answers`' oldest (read
+    /// back from its journal at start) with the locks its earlier runs left: a node killed after
+    /// answering and before its finisher reached Redis would otherwise leave other nodes `409` for
+    /// a minute, then free to take the keys again. An answer already in Redis is left as it is.
+    pub fn recover(self: &Arc<Self>, answers: Vec<(IdempotencyKey, StoredAnswer, i64)>) {
+        if answers.is_empty() {
+            return;
+        }
+        // Through the finisher's queue (waiting for room), so its batching and retries serve
+        // these too.
+        let (finishes, prefix) = (self.finishes.clone(), format!("{}/", self.node));
+        let lock_ttl = self.lock_ttl();
+        tokio::spawn(async move {
+            let count = answers.len();
+            for (key, answer, ttl_ms) in answers {
+                let end = Finish::new(key, prefix.clone(), Some((answer, ttl_ms)), lock_ttl);
+                if finishes.send(end).await.is_err() {
+                    return;
+                }
+            }
+            tracing::info!(answers = count, "queued this node's recent answers for Redis again, with the release of the locks its earlier run left on them");
+        });
+    }
+
+    /// Queues a checkout's end for the finisher (or, with the queue full, sends it alone).
+    pub(super) fn enqueue_finish(self: &Arc<Self>, finish: Finish) {
+        if let Err(tokio::sync::mpsc::error::TrySendError::Full(finish)) =
+            self.finishes.try_send(finish)
+        {
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return;
+            };
+            let store = Arc::clone(self);
+            runtime.spawn(async move {
+                if let Err(error) = store.finish_batch(std::slice::from_ref(&finish)).await {
+                    tracing::warn!(%error, key = %finish.key.as_str(), "could not release a submission lock in Redis; it expires by itself");
+                }
+            });
+        }
+    }
+}
+
+/// A submission lock this checkout holds. [`Submission::finish`] stores the answer and releases
+/// it; dropped unfinished, it is released (the checkout ended without an answer to keep);
+/// [`Submission::keep`] leaves a lock this checkout did not take to whoever holds it;
+/// [`Submission::hold_until_restart`] keeps it renewed for the life of the process (the outcome
+/// is unknown: another node must not start the same checkout while this one's commit may still
+/// land).
+pub struct Submission {
+    pub(super) store: Arc<RedisStore>,
+    pub(super) key: IdempotencyKey,
+    pub(super) value: String,
+    /// This submission's number in the store (its place in the renewed locks).
+    pub(super) id: u64,
+    pub(super) open: bool,
+    /// Registered with the store's renewer ([`Self::keep_alive`]).
+    pub(super) renewed: bool,
+}
+
+impl Submission {
+    /// Keeps the lock alive until this submission ends: renewed a third of `--redis-lock-ttl` at
+    /// a time while the checkout authorises and commits, however long its commit takes to be
+    /// known.
+    pub fn keep_alive(&mut self) {
+        if !self.renewed {
+            self.renewed = true;
+            lock(&self.store.held).insert(self.id, (self.key.clone(), self.value.clone()));
+        }
+    }
+
+    /// Stores `answer` for `ttl_ms` and releases the lock, in the background: the client's answer
+    /// does not wait for it. Retried while Redis is unreachable, for as long as the answer lives.
+    pub fn finish(mut self, answer: StoredAnswer, ttl_ms: i64) {
+        self.open = false;
+        self.stop_renewing();
+        self.send_end(Some((answer, ttl_ms)));
+    }
+
+    /// Leaves the lock as it is: for a checkout that did not take it (another holds it, or an
+    /// answer was found).
+    pub fn keep(mut self) {
+        self.open = false;
+        self.stop_renewing();
+    }
+
+    /// The checkout's outcome stays unknown until a restart's recovery: its lock, if
+    /// [`Self::keep_alive`] registered it, is renewed for as long as this process lives, then
+    /// expires (a restarted node learns the outcome from its journal and sends the answer again,
+    /// `RedisStore::recover`).
+    pub fn hold_until_restart(mut self) {
+        self.open = false;
+    }
+
+    fn stop_renewing(&mut self) {
+        if self.renewed {
+            self.renewed = false;
+            lock(&self.store.held).remove(&self.id);
+        }
+    }
+
+    fn send_end(&self, answer: Option<(StoredAnswer, i64)>) {
+        self.store.enqueue_finish(Finish::new(
+            self.key.clone(),
+            self.value.clone(),
+            answer,
+            self.store.lock_ttl(),
+        ));
+    }
+}
+
+impl std::fmt::Debug for Submission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Submission")
+            .field("key", &self.key.as_str())
+            .field("value", &self.value)
+            .finish()
+    }
+}
+
+impl Drop for Submission {
+    fn drop(&mut self) {
+        if self.open {
+            self.stop_renewing();
+            self.send_end(None);
+        }
+    }
+}
