@@ -16,7 +16,9 @@
 //!   table as the log with its claims, one COMMIT per batch; [`journal::mysql::projection`]: the
 //!   applier keeping the tables behind the log with a durable cursor; `turnstile mysql-apply`)
 //!   and write-behind ([`journal::write_behind`]: the embedded journal acknowledges, the same
-//!   applier ships the log to MySQL behind it, with bounded lag).
+//!   applier ships the log to MySQL behind it, with bounded lag); [`journal::downstream`]: the
+//!   one ordered reader of the journal (bounded by what is durable, with the far side's cursor)
+//!   that the applier and the RabbitMQ relay both read with.
 //! - [`events`]: the events downstream of the journal: their one JSON shape, the outbox relay to
 //!   RabbitMQ ([`events::relay`]: publisher confirms, go-back-N, a durable cursor, off the checkout
 //!   path) and `turnstile notify` ([`events::notify`]: exactly one line per paid order).
