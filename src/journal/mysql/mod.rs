@@ -294,7 +294,14 @@ pub(crate) async fn fetch_all_bounded(
     .await
 }
 
-/// Connects a pool (no query is sent yet).
+/// How long the server keeps a pool session that says nothing (its `wait_timeout`): a node that
+/// vanished without closing its sockets (a host gone, a network cut) leaves its sessions, and
+/// with them any transaction still open and the rows it locks, for at most this long, not the
+/// server's default of hours (a node taking the database over would wait on those rows).
+pub const POOL_SESSION_IDLE_MAX: Duration = Duration::from_secs(30);
+
+/// Connects a pool (no query is sent yet). The pool closes its idle connections before the server
+/// would ([`POOL_SESSION_IDLE_MAX`]).
 pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
     let options = MySqlConnectOptions::from_str(&config.url).map_err(|e| JournalError::Io {
         context: "reading --mysql-url".into(),
@@ -303,6 +310,18 @@ pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
     Ok(MySqlPoolOptions::new()
         .max_connections(config.pool_size.max(2))
         .acquire_timeout(config.connect_timeout)
+        .idle_timeout(POOL_SESSION_IDLE_MAX / 2)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::query(&format!(
+                    "SET SESSION wait_timeout = {}",
+                    POOL_SESSION_IDLE_MAX.as_secs()
+                ))
+                .execute(connection)
+                .await
+                .map(|_| ())
+            })
+        })
         .connect_lazy_with(options))
 }
 
@@ -948,7 +967,7 @@ async fn commit_with_retries(
                 // A refusal after an attempt in doubt may be this batch's own rows, committed
                 // late by that attempt (a duplicate lsn): believed only once the log says the
                 // batch is not there.
-                if in_doubt && look_until_known(pool, config, part[0].lsn, &mut backoff).await {
+                if in_doubt && look_until_known(pool, config, part[0], fence, &mut backoff).await? {
                     return Ok(Ok(0));
                 }
                 return Ok(Err(error));
@@ -969,7 +988,7 @@ async fn commit_with_retries(
             // A connection lost during COMMIT leaves the outcome unknown: know it before
             // retrying. A blind retry of a committed batch runs into its own rows (duplicate lsn)
             // and fails records that are in the journal.
-            if look_until_known(pool, config, part[0].lsn, &mut backoff).await {
+            if look_until_known(pool, config, part[0], fence, &mut backoff).await? {
                 return Ok(Ok(0));
             }
         }
@@ -1004,17 +1023,28 @@ pub(crate) async fn close_pool(pool: &MySqlPool) {
     }
 }
 
-/// Whether the batch starting at `lsn` is committed, asked until the database answers: a look
-/// that fails is looked again, never skipped.
+/// Whether the batch starting with `first` is committed, asked until the database answers: a look
+/// that fails is looked again, never skipped. Its first lsn holding another record means another
+/// node wrote the log there after taking this database over: this batch never landed and never
+/// will, and this node is fenced (an error: nothing of it changed).
 async fn look_until_known(
     pool: &MySqlPool,
     config: &MySqlConfig,
-    lsn: u64,
+    first: &Entry,
+    fence: &Fence,
     backoff: &mut Backoff,
-) -> bool {
+) -> Result<bool, JournalError> {
     loop {
-        match batch_is_committed(pool, config.statement_timeout, lsn).await {
-            Ok(committed) => return committed,
+        match batch_is_committed(pool, config.statement_timeout, first.lsn).await {
+            Ok(None) => return Ok(false),
+            Ok(Some(record)) if record == first.payload => return Ok(true),
+            Ok(Some(_)) => {
+                fence.overwritten(first.lsn);
+                return Err(JournalError::Unavailable(format!(
+                    "another node wrote journal record {} after taking this database over: this node's batch was not written, and this node writes nothing more; restart it",
+                    first.lsn
+                )));
+            }
             Err(error) => {
                 tracing::debug!(%error, "looking whether a batch was committed");
                 tokio::time::sleep(backoff.next_wait()).await;
@@ -1044,21 +1074,21 @@ pub(crate) async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
     }
 }
 
-/// Whether the row of `lsn` is in `journal`. A locking read: while a transaction that wrote it is
-/// still open (its COMMIT late, or its rollback not done), the look waits for it to end, so "not
-/// there" is never said of a batch that is about to be.
+/// The record in `journal` at `lsn`, if there is one (its bytes: the caller tells its own from
+/// another node's). A locking read: while a transaction that wrote it is still open (its COMMIT
+/// late, or its rollback not done), the look waits for it to end, so "not there" is never said of
+/// a batch that is about to be.
 async fn batch_is_committed(
     pool: &MySqlPool,
     timeout: Duration,
     lsn: u64,
-) -> Result<bool, sqlx::Error> {
-    let query = sqlx::query("SELECT COUNT(*) FROM journal WHERE lsn = ? LOCK IN SHARE MODE")
-        .bind(lsn as i64);
+) -> Result<Option<Vec<u8>>, sqlx::Error> {
+    let query =
+        sqlx::query("SELECT record FROM journal WHERE lsn = ? LOCK IN SHARE MODE").bind(lsn as i64);
     let rows = fetch_all_bounded(pool, timeout, query).await?;
-    match rows.first() {
-        Some(row) => Ok(row.try_get::<i64, _>(0)? > 0),
-        None => Ok(false),
-    }
+    rows.first()
+        .map(|row| row.try_get::<Vec<u8>, _>(0))
+        .transpose()
 }
 
 /// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records

@@ -44,6 +44,10 @@ const PING: Duration = Duration::from_secs(2);
 /// loses it within [`SESSION_IDLE_MAX`].
 pub const START_WAIT: Duration = Duration::from_secs(12);
 
+/// How long a starting node waits for the open transactions of the node before it to end: past
+/// the server's end of that node's sessions, should it have vanished.
+const TURN_WAIT: Duration = Duration::from_secs(super::POOL_SESSION_IDLE_MAX.as_secs() + 5);
+
 /// The lock's name on the server: one per database (names are server-wide, at most 64
 /// characters: the database's name is hashed, so two long names never share a lock).
 const NAME: &str = "CONCAT('turnstile.journal.', SHA1(DATABASE()))";
@@ -85,6 +89,16 @@ impl Fence {
     /// Whether another node has taken over.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
+    }
+
+    /// Another node wrote the log at `lsn` where this node's batch was to be: it took over.
+    pub fn overwritten(&self, lsn: u64) {
+        if !self.lost.swap(true, Ordering::AcqRel) {
+            tracing::error!(
+                lsn,
+                "another node wrote this journal database after taking it over: this node refuses every change from now on; restart it (it then waits for the database's journal lock)"
+            );
+        }
     }
 
     fn lose(&self, found: u64) {
@@ -197,7 +211,7 @@ enum Taken {
 
 /// Takes this node's turn on the lock's session: one more than the last epoch, once every open
 /// transaction of the node before (which holds the epoch's row shared) has ended, waiting at
-/// most [`START_WAIT`].
+/// most [`TURN_WAIT`] (a vanished node's sessions end within `POOL_SESSION_IDLE_MAX`).
 async fn take_turn(
     connection: &mut MySqlConnection,
     timeout: Duration,
@@ -205,7 +219,7 @@ async fn take_turn(
     let turn = async {
         sqlx::query(&format!(
             "SET SESSION innodb_lock_wait_timeout = {}",
-            START_WAIT.as_secs()
+            TURN_WAIT.as_secs()
         ))
         .execute(&mut *connection)
         .await?;
@@ -216,7 +230,7 @@ async fn take_turn(
             .fetch_one(&mut *connection)
             .await
     };
-    match tokio::time::timeout(timeout + START_WAIT, turn).await {
+    match tokio::time::timeout(timeout + TURN_WAIT, turn).await {
         Ok(Ok(epoch)) => Ok(epoch),
         Ok(Err(error)) if lock_wait_timed_out(&error) => Err(SchemaError::JournalBusy),
         Ok(Err(error)) => {
@@ -224,7 +238,7 @@ async fn take_turn(
         }
         Err(_) => Err(JournalError::Unavailable(format!(
             "taking the journal's turn: no answer within {:?}",
-            timeout + START_WAIT
+            timeout + TURN_WAIT
         ))
         .into()),
     }
