@@ -15,16 +15,10 @@ pub(super) async fn get_order(
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let order_id = path_id(raw, OrderId::parse)?;
-    // Memory holds the live orders; one past --order-retention is asked of the store (MySQL).
-    let order = match state.engine.order(&order_id) {
-        Some(order) => Some(order),
-        None => state
-            .journal
-            .order(&order_id)
-            .await
-            .map_err(|e| ApiError::journal_unavailable(&e))?,
-    };
-    let order = order.ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
+    let order = crate::app::orders::find(&state, &order_id)
+        .await
+        .map_err(|e| ApiError::journal_unavailable(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
     Ok(json_response(StatusCode::OK, order_body(&order)))
 }
 

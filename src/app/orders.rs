@@ -1,5 +1,5 @@
-//! The use cases on one order or product, whatever door they came in by: cancel, restock, and
-//! the gateway's final word on a pending payment. Each decides with the engine (waiting while
+//! The use cases on one order or product, whatever door they came in by: find, cancel, restock,
+//! and the gateway's final word on a pending payment. Each decides with the engine (waiting while
 //! another change of the same order or product is in flight), commits, and answers in domain
 //! types; money follows the commit (`super::money`), never the request.
 
@@ -9,6 +9,7 @@ use crate::engine::inventory::StockView;
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
 use crate::engine::records::Product;
 use crate::engine::{Applied, EngineError, Prepared};
+use crate::journal::JournalError;
 use crate::time::now_ms;
 
 /// Why a use case did not happen (or may not have).
@@ -28,6 +29,15 @@ pub enum AppError {
         /// The order named.
         order_id: OrderId,
     },
+}
+
+/// An order: from memory while it is live, else from the store past `--order-retention` (MySQL;
+/// the embedded journal keeps none beyond memory). `None`: no such order.
+pub async fn find(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, JournalError> {
+    match app.engine.order(order_id) {
+        Some(order) => Ok(Some(order)),
+        None => app.journal.order(order_id).await,
+    }
 }
 
 /// Cancels an order (a hold or a paid order); an order already finished is answered as it is.
