@@ -348,16 +348,22 @@ impl TestDatabase {
 
     /// A database of its own without any table yet.
     pub async fn create_empty() -> Self {
+        Self::create_named(&format!(
+            "turnstile_test_{}",
+            turnstile::random::hex(&turnstile::random::random_bytes(6).expect("random"))
+        ))
+        .await
+    }
+
+    /// A database named `name` (unique to the test), without any table yet.
+    pub async fn create_named(name: &str) -> Self {
         if tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_err() {
             panic!(
                 "MariaDB is not answering on {MARIADB_ADDR}: start it with \
                  `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`"
             );
         }
-        let name = format!(
-            "turnstile_test_{}",
-            turnstile::random::hex(&turnstile::random::random_bytes(6).expect("random"))
-        );
+        let name = name.to_owned();
         let admin = sqlx::MySqlPool::connect(&format!("mysql://root@{MARIADB_ADDR}/test"))
             .await
             .expect("connect to MariaDB as root");

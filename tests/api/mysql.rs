@@ -1031,3 +1031,23 @@ async fn a_second_node_on_one_journal_database_is_refused_until_the_first_is_gon
     let second = crate::helpers::start(&second_dir, &["--mysql-url", &database.url]);
     assert_eq!(second.client().stock("W").await, (4, 3, 0, 1));
 }
+
+/// Found by attack: the journal lock was named after the first 46 characters of the database's
+/// name, so a node on a second database whose name began like the first's was refused while a
+/// node ran on the first. The lock is named after a hash of the whole name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn databases_whose_long_names_begin_alike_each_take_a_node() {
+    let stem = format!(
+        "turnstile_test_{}_{}",
+        turnstile::random::hex(&turnstile::random::random_bytes(6).expect("random")),
+        "x".repeat(30)
+    );
+    let mut nodes = Vec::new();
+    for end in ["a", "b"] {
+        let database = TestDatabase::create_named(&format!("{stem}_{end}")).await;
+        database.migrate();
+        let node = spawn_app(&["--mysql-url", &database.url]);
+        assert_eq!(node.client().put_product("L", 100, 1).await.status, 200);
+        nodes.push(node);
+    }
+}
