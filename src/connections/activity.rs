@@ -176,6 +176,8 @@ pin_project_lite::pin_project! {
         kind: RequestKind,
         // Whether the handler was let run (a write is asked at its first poll).
         started: bool,
+        // The room a write let in holds until its answer is counted.
+        provision: Option<super::budget::Provision>,
     }
 }
 
@@ -188,18 +190,19 @@ impl Future for Counted {
             // Asked at the first poll, not when the request arrived: an answer that completes
             // in that poll (most do) is counted before the next write is asked, so a flood of
             // streams cannot all pass together. The handler has not run: nothing changed.
-            if *this.kind == RequestKind::Write && !this.budget.admits_write() {
-                return Poll::Ready(Ok(refused(&this.guard.0, this.budget)));
+            if *this.kind == RequestKind::Write {
+                match this.budget.admit_write() {
+                    Some(provision) => *this.provision = Some(provision),
+                    None => return Poll::Ready(Ok(refused(&this.guard.0, this.budget))),
+                }
             }
             *this.started = true;
         }
         let Ok(response) = std::task::ready!(this.inner.poll(cx));
-        Poll::Ready(Ok(counted(
-            response,
-            &this.guard.0,
-            this.budget,
-            *this.kind,
-        )))
+        let answer = counted(response, &this.guard.0, this.budget, *this.kind);
+        // Counted: the room held for it goes back.
+        *this.provision = None;
+        Poll::Ready(Ok(answer))
     }
 }
 
@@ -305,6 +308,7 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
             inner: hyper::service::Service::call(&self.inner, request),
             guard: InFlight(Arc::clone(&self.activity)),
             budget: self.budget,
+            provision: None,
         }
     }
 }

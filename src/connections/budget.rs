@@ -15,8 +15,9 @@
 //!   An answer to a request that may have changed something is never refused (a `201` replaced by
 //!   "nothing changed" would make a careful client buy again under another key): so a write is
 //!   refused *before* it runs, with `503 overloaded` (true: nothing changed), once the unsent
-//!   bytes pass the bound plus a quarter ([`ResponseBudget::admits_write`]), and the answers of
-//!   the writes let in are counted past it. Writes still run while reads alone fill the bound, and
+//!   bytes pass the bound plus a quarter ([`ResponseBudget::admit_write`]: each write let in holds
+//!   a small answer's room until its answer is counted, so writes let in together cannot all
+//!   answer past it), and the answers of the writes let in are counted past it. Writes still run while reads alone fill the bound, and
 //!   answers to writes nobody reads (a cancel that changes nothing, asked on many streams) cannot
 //!   pile up past the bound plus that quarter plus the few running when it was reached. Small
 //!   answers (health checks, the `503`s themselves) are never refused: they keep the server
@@ -125,6 +126,30 @@ impl ResponseBudget {
         self.max.saturating_add(self.max / 4)
     }
 
+    /// Lets a write run if there is room for a small answer below the writes' limit, and holds
+    /// that room ([`WRITE_PROVISION_BYTES`]) until its answer is counted: writes let in together
+    /// (thousands of streams at once) then cannot all answer past the limit. `None` (counted as
+    /// refused): the write must not run.
+    pub(super) fn admit_write(&'static self) -> Option<Provision> {
+        let bytes = WRITE_PROVISION_BYTES;
+        self.take(bytes, self.write_limit()).then_some(Provision {
+            budget: self,
+            bytes,
+        })
+    }
+
+    /// Counts `bytes` if they fit under `limit`; else counts a refusal. Racing takers never pass
+    /// the limit together: each adds first and takes back what did not fit.
+    fn take(&self, bytes: usize, limit: usize) -> bool {
+        let before = self.held.0.fetch_add(bytes, Ordering::AcqRel);
+        if before.saturating_add(bytes) > limit {
+            self.held.0.fetch_sub(bytes, Ordering::AcqRel);
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
     /// Whether a write may run now (its answer will be counted whatever its size); counted as
     /// refused if not.
     pub fn admits_write(&self) -> bool {
@@ -135,8 +160,7 @@ impl ResponseBudget {
         admitted
     }
 
-    /// Takes `bytes` within what `room` allows. `None`: no room. Racing reservations never pass
-    /// their limit together: each adds first and takes back what did not fit.
+    /// Takes `bytes` within what `room` allows ([`Self::take`]). `None`: no room.
     pub(super) fn reserve(
         &'static self,
         bytes: usize,
@@ -149,10 +173,7 @@ impl ResponseBudget {
             Room::WithReserve => self.write_limit().saturating_add(OPERATIONS_RESERVE_BYTES),
             Room::WithinBound => self.max,
         };
-        let before = self.held.0.fetch_add(bytes, Ordering::AcqRel);
-        if before.saturating_add(bytes) > limit {
-            self.held.0.fetch_sub(bytes, Ordering::AcqRel);
-            self.refused.fetch_add(1, Ordering::Relaxed);
+        if !self.take(bytes, limit) {
             return None;
         }
         Some(Held {
@@ -161,6 +182,21 @@ impl ResponseBudget {
             progress: activity.answer(bytes),
             activity: Arc::clone(activity),
         })
+    }
+}
+
+/// What an admitted write holds of the budget until its answer is counted: a small answer's room.
+pub(super) const WRITE_PROVISION_BYTES: usize = 1024;
+
+/// The room a write let in holds until its answer is counted; given back when dropped.
+pub(super) struct Provision {
+    budget: &'static ResponseBudget,
+    bytes: usize,
+}
+
+impl Drop for Provision {
+    fn drop(&mut self) {
+        self.budget.held.0.fetch_sub(self.bytes, Ordering::AcqRel);
     }
 }
 
