@@ -132,7 +132,8 @@ impl ResponseBudget {
     /// refused): the write must not run.
     pub(super) fn admit_write(&'static self) -> Option<Provision> {
         let bytes = WRITE_PROVISION_BYTES;
-        self.take(bytes, self.write_limit()).then_some(Provision {
+        // Made only when taken: a provision dropped gives its bytes back.
+        self.take(bytes, self.write_limit()).then(|| Provision {
             budget: self,
             bytes,
         })
@@ -392,6 +393,28 @@ mod tests {
             .reserve(1_000, &activity, Room::WithReserve)
             .expect("within the reserve");
         drop((big, forced, writes, operations));
+        assert_eq!(budget.unsent(), 0);
+    }
+
+    #[test]
+    fn writes_let_in_hold_room_until_answered_and_a_refused_one_holds_none() {
+        // Proves: each write let in holds WRITE_PROVISION_BYTES; past the writes' limit none is
+        // let in (counted), and what a refused one never took is never given back (the counter
+        // does not run below zero).
+        let budget = ResponseBudget::leak(8 * WRITE_PROVISION_BYTES, None);
+        let admitted: Vec<Provision> = std::iter::from_fn(|| budget.admit_write()).collect();
+        assert_eq!(
+            admitted.len(),
+            10,
+            "the bound plus a quarter, in provisions"
+        );
+        assert_eq!(budget.unsent(), 10 * WRITE_PROVISION_BYTES);
+        for _ in 0..5 {
+            assert!(budget.admit_write().is_none());
+        }
+        assert_eq!(budget.refused(), 6);
+        assert_eq!(budget.unsent(), 10 * WRITE_PROVISION_BYTES);
+        drop(admitted);
         assert_eq!(budget.unsent(), 0);
     }
 }
