@@ -4,6 +4,7 @@
 
 use super::{check_length, json_response, parse_json, read_body, ApiError, Shared};
 use crate::app::checkout::{place, Answer, Answers, CheckoutError, Kept, Request};
+use crate::connections::ChangedNothing;
 use crate::domain::IdempotencyKey;
 use crate::engine::order::{Order, OrderStatus};
 use crate::sessions::redis::StoreError;
@@ -61,6 +62,8 @@ fn answer(answer: Answer) -> Response {
         response
             .headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        // A replay tells of a change made before: refused, it can be asked again.
+        response.extensions_mut().insert(ChangedNothing);
     }
     response
 }

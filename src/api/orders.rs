@@ -3,6 +3,7 @@
 use super::checkout::order_body;
 use super::products::path_error;
 use super::{json_response, path_id, ApiError, Shared};
+use crate::connections::ChangedNothing;
 use crate::domain::OrderId;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -28,6 +29,10 @@ pub(super) async fn cancel_order(
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let order_id = path_id(raw, OrderId::parse)?;
-    let order = crate::app::orders::cancel(&state, &order_id).await?;
-    Ok(json_response(StatusCode::OK, order_body(&order)))
+    let (order, changed) = crate::app::orders::cancel(&state, &order_id).await?;
+    let mut response = json_response(StatusCode::OK, order_body(&order));
+    if !changed {
+        response.extensions_mut().insert(ChangedNothing);
+    }
+    Ok(response)
 }

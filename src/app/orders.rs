@@ -40,16 +40,17 @@ pub async fn find(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, Jou
     }
 }
 
-/// Cancels an order (a hold or a paid order); an order already finished is answered as it is.
-/// A cancelled order owes a void or a refund, which the settler makes after the commit.
-pub async fn cancel(app: &Shared, order_id: &OrderId) -> Result<Order, AppError> {
+/// Cancels an order (a hold or a paid order); an order already finished is answered as it is
+/// (`false`: nothing changed). A cancelled order owes a void or a refund, which the settler makes
+/// after the commit.
+pub async fn cancel(app: &Shared, order_id: &OrderId) -> Result<(Order, bool), AppError> {
     let change =
         match prepare_when_free(app, || app.engine.prepare_cancel(order_id, now_ms())).await? {
-            Prepared::Unchanged(order) => return Ok(order),
+            Prepared::Unchanged(order) => return Ok((order, false)),
             Prepared::Change(change) => change,
         };
     match commit(app, change, |_, _| {}).await? {
-        Applied::Order { order, .. } => Ok(order),
+        Applied::Order { order, .. } => Ok((order, true)),
         Applied::Product(..) | Applied::Payments(_) => Err(AppError::Engine(
             EngineError::Inconsistent("a cancel applied another change".into()),
         )),

@@ -206,6 +206,12 @@ impl Future for Counted {
     }
 }
 
+/// Marks the answer to a write that changed nothing (a cancel of an order already finished, a
+/// replay under an idempotency key): it may be refused like a read's, since asking again gives it
+/// again.
+#[derive(Debug, Clone, Copy)]
+pub struct ChangedNothing;
+
 /// Answers this small are not refused at the bound, only past the writes' quarter above it:
 /// health checks, a product, a refusal; what fills memory first is a flood of large ones.
 pub(super) const SMALL_ANSWER_BYTES: usize = 1024;
@@ -250,8 +256,8 @@ impl RequestKind {
 /// - an operations answer (`/metrics`, `/readyz`, `/healthz`) asked with the `--admin-token` (or
 ///   by anyone without one): only past the writes' limit plus
 ///   [`super::budget::OPERATIONS_RESERVE_BYTES`], so the operator can still see the server;
-/// - any other (a read, or a write's refusal that changed nothing, which may echo its request):
-///   past the bound.
+/// - any other (a read, a write's refusal, or a write's answer marked [`ChangedNothing`]: a cancel
+///   of an order already finished, a replay): past the bound.
 fn counted(
     response: Response<axum::body::Body>,
     activity: &Arc<Activity>,
@@ -262,7 +268,8 @@ fn counted(
     let bytes = expected_bytes(&body);
     let status = parts.status.as_u16();
     let refusal = (400..500).contains(&status) && status != 402;
-    let room = if kind == RequestKind::Write && !refusal {
+    let unchanged = parts.extensions.get::<ChangedNothing>().is_some();
+    let room = if kind == RequestKind::Write && !refusal && !unchanged {
         Room::Always
     } else if kind == RequestKind::Operations {
         Room::WithReserve

@@ -31,6 +31,7 @@ mod client_stream;
 mod request_heads;
 pub mod tls;
 
+pub use activity::ChangedNothing;
 use activity::{Activity, CountedService};
 pub use budget::ResponseBudget;
 use client_stream::ClientStream;

@@ -967,7 +967,7 @@ async fn commit_with_retries(
                 // A refusal after an attempt in doubt may be this batch's own rows, committed
                 // late by that attempt (a duplicate lsn): believed only once the log says the
                 // batch is not there.
-                if in_doubt && look_until_known(pool, config, part[0], fence, &mut backoff).await? {
+                if in_doubt && look_until_known(pool, config, part, fence, &mut backoff).await? {
                     return Ok(Ok(0));
                 }
                 return Ok(Err(error));
@@ -988,7 +988,7 @@ async fn commit_with_retries(
             // A connection lost during COMMIT leaves the outcome unknown: know it before
             // retrying. A blind retry of a committed batch runs into its own rows (duplicate lsn)
             // and fails records that are in the journal.
-            if look_until_known(pool, config, part[0], fence, &mut backoff).await? {
+            if look_until_known(pool, config, part, fence, &mut backoff).await? {
                 return Ok(Ok(0));
             }
         }
@@ -1023,26 +1023,39 @@ pub(crate) async fn close_pool(pool: &MySqlPool) {
     }
 }
 
-/// Whether the batch starting with `first` is committed, asked until the database answers: a look
-/// that fails is looked again, never skipped. Its first lsn holding another record means another
-/// node wrote the log there after taking this database over: this batch never landed and never
-/// will, and this node is fenced (an error: nothing of it changed).
+/// Whether `batch` is committed, asked until the database answers: a look that fails is looked
+/// again, never skipped. A batch commits whole, so it landed only if every one of its lsns holds
+/// its own record, byte for byte; none there: it did not land. Anything else (another record at
+/// one of its lsns, even if another of them matches: a product change carries no time, so a node
+/// taking over may write the same bytes at the same lsn) means another node wrote the log there
+/// after taking this database over: this batch never landed and never will, and this node is
+/// fenced (an error: nothing of it changed).
 async fn look_until_known(
     pool: &MySqlPool,
     config: &MySqlConfig,
-    first: &Entry,
+    batch: &[&Entry],
     fence: &Fence,
     backoff: &mut Backoff,
 ) -> Result<bool, JournalError> {
+    let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+        return Ok(false);
+    };
     loop {
-        match batch_is_committed(pool, config.statement_timeout, first.lsn).await {
-            Ok(None) => return Ok(false),
-            Ok(Some(record)) if record == first.payload => return Ok(true),
-            Ok(Some(_)) => {
+        match batch_is_committed(pool, config.statement_timeout, first.lsn, last.lsn).await {
+            Ok(rows) if rows.is_empty() => return Ok(false),
+            Ok(rows)
+                if rows.len() == batch.len()
+                    && rows.iter().zip(batch).all(|((lsn, record), entry)| {
+                        *lsn == entry.lsn && *record == entry.payload
+                    }) =>
+            {
+                return Ok(true)
+            }
+            Ok(_) => {
                 fence.overwritten(first.lsn);
                 return Err(JournalError::Unavailable(format!(
-                    "another node wrote journal record {} after taking this database over: this node's batch was not written, and this node writes nothing more; restart it",
-                    first.lsn
+                    "another node wrote journal records {}..={} after taking this database over: this node's batch was not written, and this node writes nothing more; restart it",
+                    first.lsn, last.lsn
                 )));
             }
             Err(error) => {
@@ -1074,21 +1087,30 @@ pub(crate) async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
     }
 }
 
-/// The record in `journal` at `lsn`, if there is one (its bytes: the caller tells its own from
-/// another node's). A locking read: while a transaction that wrote it is still open (its COMMIT
-/// late, or its rollback not done), the look waits for it to end, so "not there" is never said of
-/// a batch that is about to be.
+/// The records in `journal` from `first` to `last`, in order, with their lsns (their bytes: the
+/// caller tells its own from another node's). A locking read: while a transaction that wrote them
+/// is still open (its COMMIT late, or its rollback not done), the look waits for it to end, so
+/// "not there" is never said of a batch that is about to be.
 async fn batch_is_committed(
     pool: &MySqlPool,
     timeout: Duration,
-    lsn: u64,
-) -> Result<Option<Vec<u8>>, sqlx::Error> {
-    let query =
-        sqlx::query("SELECT record FROM journal WHERE lsn = ? LOCK IN SHARE MODE").bind(lsn as i64);
+    first: u64,
+    last: u64,
+) -> Result<Vec<(u64, Vec<u8>)>, sqlx::Error> {
+    let query = sqlx::query(
+        "SELECT lsn, record FROM journal WHERE lsn BETWEEN ? AND ? ORDER BY lsn LOCK IN SHARE MODE",
+    )
+    .bind(first as i64)
+    .bind(last as i64);
     let rows = fetch_all_bounded(pool, timeout, query).await?;
-    rows.first()
-        .map(|row| row.try_get::<Vec<u8>, _>(0))
-        .transpose()
+    rows.iter()
+        .map(|row| {
+            Ok((
+                row.try_get::<i64, _>(0)? as u64,
+                row.try_get::<Vec<u8>, _>(1)?,
+            ))
+        })
+        .collect()
 }
 
 /// One batch, one transaction: its log rows (see [`projection`]). Returns the bytes of records
