@@ -137,6 +137,16 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
             let _ = writeln!(std::io::stdout(), "{status}");
             ExitCode::SUCCESS
         }
+        // A URL, schema or lsn the operator must change: exit 2.
+        Err(
+            error @ (turnstile::journal::mysql::SchemaError::Refused(_)
+            | turnstile::journal::mysql::SchemaError::Unmigrated { .. }
+            | turnstile::journal::mysql::SchemaError::Newer { .. }
+            | turnstile::journal::mysql::SchemaError::NotSkippable { .. }),
+        ) => {
+            eprintln!("turnstile mysql-apply: {error}");
+            ExitCode::from(2)
+        }
         Err(error) => {
             eprintln!("turnstile mysql-apply: {error}");
             ExitCode::FAILURE

@@ -1051,3 +1051,37 @@ async fn databases_whose_long_names_begin_alike_each_take_a_node() {
         nodes.push(node);
     }
 }
+
+/// Found by attack: `mysql-apply --skip` took an lsn past the journal's end (stored, exit 0), and
+/// an unknown database was exit 1. Both are the operator's to change: exit 2, nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mysql_apply_refuses_a_skip_it_cannot_stop_at_and_an_unknown_database_with_exit_2() {
+    let database = TestDatabase::create().await;
+    let run = |url: &str, args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["mysql-apply", "--mysql-url", url])
+            .args(args)
+            .output()
+            .expect("run turnstile mysql-apply")
+    };
+    let past_the_end = run(&database.url, &["--skip", "999999999"]);
+    assert_eq!(
+        past_the_end.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&past_the_end.stderr)
+    );
+    assert!(String::from_utf8_lossy(&past_the_end.stderr).contains("cannot be skipped"));
+    let status = mysql_apply(&database.url, &[]);
+    assert!(status.contains("skipped=[]"), "{status}");
+    let unknown = database
+        .url
+        .replace(&database.name, "turnstile_no_such_database");
+    let missing = run(&unknown, &[]);
+    assert_eq!(
+        missing.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+}

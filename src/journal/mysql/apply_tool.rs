@@ -11,10 +11,18 @@ fn unavailable(error: sqlx::Error) -> SchemaError {
     SchemaError::Journal(JournalError::Unavailable(error.to_string()))
 }
 
-/// Records that the applier may go past `lsn` (a row in `journal_skips`).
+/// Records that the applier may go past `lsn` (a row in `journal_skips`): a record the applier has
+/// not applied yet, in the journal table or the next one it would ship there (write-behind);
+/// anything else is refused ([`SchemaError::NotSkippable`]), nothing stored.
 pub async fn skip(config: &MySqlConfig, lsn: u64, reason: &str) -> Result<(), SchemaError> {
     let pool = connect(config)?;
     check_schema(&pool).await?;
+    let (applied, _) = cursor(&pool).await?;
+    let (last, _) = log_end(&pool).await?;
+    if lsn <= applied || lsn > last + 1 {
+        pool.close().await;
+        return Err(SchemaError::NotSkippable { lsn, applied, last });
+    }
     sqlx::query(
         "INSERT INTO journal_skips (lsn, reason, at_ms) VALUES (?, ?, ?) \
          ON DUPLICATE KEY UPDATE reason = VALUES(reason), at_ms = VALUES(at_ms)",

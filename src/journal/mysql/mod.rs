@@ -378,6 +378,16 @@ pub enum SchemaError {
         /// The holder's connection id, if the server said.
         holder: Option<u64>,
     },
+    /// `mysql-apply --skip` of a record the applier cannot be stopped at.
+    #[error("record {lsn} cannot be skipped: the applier has applied up to {applied} and the journal table ends at {last} (skip a record after {applied}, at most {})", last + 1)]
+    NotSkippable {
+        /// The lsn asked for.
+        lsn: u64,
+        /// The projections' cursor.
+        applied: u64,
+        /// The journal table's last lsn.
+        last: u64,
+    },
     /// The node that held this database's journal before still has a transaction open on it.
     #[error("a transaction of the node that held this journal before is still open on the database (its COMMIT may be in flight; it ends when the server ends that session, or with KILL: see information_schema.innodb_trx): start again once it is gone")]
     JournalBusy,
