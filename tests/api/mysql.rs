@@ -1085,3 +1085,26 @@ async fn mysql_apply_refuses_a_skip_it_cannot_stop_at_and_an_unknown_database_wi
         String::from_utf8_lossy(&missing.stderr)
     );
 }
+
+/// The projections hold a prefix of the log, never more: a database whose cursor is past the
+/// log's end (tables holding records no journal has, as a node that had lost the database could
+/// once write) is refused at start with exit 2, instead of skipping the log's next records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projections_ahead_of_the_journal_are_refused_at_start_with_exit_2() {
+    let database = TestDatabase::create().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let pool = database.pool().await;
+    {
+        let app = crate::helpers::start(&data_dir, &["--mysql-url", &database.url]);
+        assert_eq!(app.client().put_product("A", 100, 1).await.status, 200);
+        wait_projected(&pool).await;
+    }
+    sqlx::query("UPDATE projection_cursor SET applied_lsn = applied_lsn + 5 WHERE name = 'tables'")
+        .execute(&pool)
+        .await
+        .expect("move the cursor");
+    let (code, stderr) = crate::helpers::serve_refused(&data_dir, &["--mysql-url", &database.url]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("ahead of the journal"), "{stderr}");
+}

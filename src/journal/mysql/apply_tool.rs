@@ -59,7 +59,7 @@ pub async fn replay(config: &MySqlConfig, after_lsn: u64) -> Result<u64, SchemaE
     Ok(after.0.saturating_sub(before.0))
 }
 
-async fn cursor(pool: &sqlx::MySqlPool) -> Result<(u64, u64), SchemaError> {
+pub(super) async fn cursor(pool: &sqlx::MySqlPool) -> Result<(u64, u64), SchemaError> {
     let row =
         sqlx::query("SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables'")
             .fetch_one(pool)

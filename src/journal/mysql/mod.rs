@@ -378,6 +378,14 @@ pub enum SchemaError {
         /// The holder's connection id, if the server said.
         holder: Option<u64>,
     },
+    /// The projections' cursor is past the log's end: the tables hold records no journal has.
+    #[error("the projections are ahead of the journal (projection_cursor.applied_lsn {applied}, the journal table ends at {last}): the tables hold records no journal has, written by a node that had lost this database; look at the orders, inventory and outbox rows past lsn {last}, remove them, and set the cursor back to {last} before starting a node")]
+    ProjectionsAhead {
+        /// The projections' cursor.
+        applied: u64,
+        /// The journal table's last lsn.
+        last: u64,
+    },
     /// `mysql-apply --skip` of a record the applier cannot be stopped at.
     #[error("record {lsn} cannot be skipped: the applier has applied up to {applied} and the journal table ends at {last} (skip a record after {applied}, at most {})", last + 1)]
     NotSkippable {
@@ -463,6 +471,15 @@ impl MySqlJournal {
         let writer_lock =
             writer_lock::WriterLock::take(&config.url, config.statement_timeout).await?;
         let (last_lsn, next_event_seq) = log_end(&pool).await?;
+        // The projections hold a prefix of the log, never more: a cursor past its end means the
+        // tables hold records no journal has (written by a node that had lost this database).
+        let (applied, _) = apply_tool::cursor(&pool).await?;
+        if applied > last_lsn {
+            return Err(SchemaError::ProjectionsAhead {
+                applied,
+                last: last_lsn,
+            });
+        }
         warn_of_unattached_claims(&pool).await;
         let (follower, applier) = projection::Follower::new(
             pool.clone(),
