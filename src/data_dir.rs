@@ -115,9 +115,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// The file in the data dir that names the node.
 pub const NODE_NAME_FILE: &str = "node-id";
 
-/// Writes `name` as this data dir's node name (with MySQL as the journal, the one it keeps).
-pub fn keep_node_name(data_dir: &Path, name: &str) -> std::io::Result<()> {
-    // With MySQL as the journal nothing else creates the data dir.
+/// Writes `name` as this data dir's node name (the file journal's node; with MySQL as the journal
+/// the name is the database's and the data dir is left alone).
+fn keep_node_name(data_dir: &Path, name: &str) -> std::io::Result<()> {
     std::fs::create_dir_all(data_dir)?;
     write_atomic(
         &data_dir.join(NODE_NAME_FILE),

@@ -77,15 +77,6 @@ pub struct Fenced {
 }
 
 impl Fence {
-    /// A fence for a journal no other node can write (tests of the writer alone).
-    #[cfg(test)]
-    pub fn unfenced(epoch: u64) -> Self {
-        Self {
-            epoch,
-            lost: AtomicBool::new(false),
-        }
-    }
-
     /// Whether another node has taken over.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
@@ -93,20 +84,17 @@ impl Fence {
 
     /// Another node wrote the log at `lsn` where this node's batch was to be: it took over.
     pub fn overwritten(&self, lsn: u64) {
-        if !self.lost.swap(true, Ordering::AcqRel) {
-            tracing::error!(
-                lsn,
-                "another node wrote this journal database after taking it over: this node refuses every change from now on; restart it (it then waits for the database's journal lock)"
-            );
-        }
+        self.lose(&format!(
+            "it wrote journal record {lsn} where this node's batch was to be"
+        ));
     }
 
-    fn lose(&self, found: u64) {
+    /// Fenced for good, said once: `how` another node took over.
+    fn lose(&self, how: &str) {
         if !self.lost.swap(true, Ordering::AcqRel) {
             tracing::error!(
                 mine = self.epoch,
-                found,
-                "another node took over this journal database: this node refuses every change from now on; restart it (it then waits for the database's journal lock)"
+                "another node took over this journal database ({how}): this node refuses every change from now on; restart it (it then waits for the database's journal lock)"
             );
         }
     }
@@ -127,7 +115,7 @@ pub async fn check_fence(tx: &mut MySqlConnection, fence: &Fence) -> Result<(), 
     if found == fence.epoch && !fence.is_lost() {
         return Ok(());
     }
-    fence.lose(found);
+    fence.lose(&format!("journal_writer.epoch is {found}"));
     Err(sqlx::Error::Configuration(Box::new(Fenced {
         mine: fence.epoch,
         found,
@@ -324,7 +312,9 @@ async fn keep(
                     sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE id = 1")
                         .fetch_one(&mut taken);
                 match tokio::time::timeout(timeout, epoch).await {
-                    Ok(Ok(epoch)) if epoch != fence.epoch => fence.lose(epoch),
+                    Ok(Ok(epoch)) if epoch != fence.epoch => {
+                        fence.lose(&format!("journal_writer.epoch is {epoch}"))
+                    }
                     Ok(Ok(_)) => {}
                     // Not known: asked again at the next tick, on a new session.
                     _ => {
