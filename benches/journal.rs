@@ -155,7 +155,9 @@ fn mysql_durable_appends(c: &mut Criterion) {
         eprintln!("skipping the MySQL journal benchmark: MariaDB at {server} is not usable ({error}); start it to measure");
         return;
     }
-    let config = MySqlConfig::new(url);
+    let mut config = MySqlConfig::new(url);
+    // The bench's own node: its log in the bench database.
+    config.node = "node_bench".to_owned();
     runtime
         .block_on(turnstile::journal::mysql::migrate(&config))
         .expect("migrate the bench database");

@@ -115,10 +115,11 @@ fn mysql_tool(
 /// `turnstile mysql-apply`: the applier's state; `--skip LSN`, `--replay-from LSN`.
 fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
     use turnstile::journal::mysql::apply_tool;
-    let (runtime, config) = match mysql_tool("mysql-apply", args.mysql_url) {
+    let (runtime, mut config) = match mysql_tool("mysql-apply", args.mysql_url) {
         Ok(ready) => ready,
         Err(code) => return code,
     };
+    config.node = args.node.unwrap_or_default();
     let outcome = runtime.block_on(async {
         if let Some(lsn) = args.skip {
             apply_tool::skip(&config, lsn, &args.reason).await?;
@@ -142,7 +143,8 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
             error @ (turnstile::journal::mysql::SchemaError::Refused(_)
             | turnstile::journal::mysql::SchemaError::Unmigrated { .. }
             | turnstile::journal::mysql::SchemaError::Newer { .. }
-            | turnstile::journal::mysql::SchemaError::NotSkippable { .. }),
+            | turnstile::journal::mysql::SchemaError::NotSkippable { .. }
+            | turnstile::journal::mysql::SchemaError::WhichNode { .. }),
         ) => {
             eprintln!("turnstile mysql-apply: {error}");
             ExitCode::from(2)

@@ -182,25 +182,26 @@ struct Placement {
     pin: bool,
 }
 
-/// Builds the parts in order (the journal first: everything else is rebuilt from it), serves
-/// until the stop signal, then stops the parts in the one order [`shutdown`] writes down.
+/// Builds the parts in order (the node's name, then the journal, which holds that node's log:
+/// everything else is rebuilt from it), serves until the stop signal, then stops the parts in
+/// the one order [`shutdown`] writes down.
 async fn serve(
     config: ServeConfig,
     workers: usize,
     placement: Option<Placement>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
+    let node = node_name(&config).await?;
     let Opened {
         journal,
         state,
         mysql_pool,
         file_cursor,
-    } = open_journal(&config).await?;
+    } = open_journal(&config, &node).await?;
     let engine = build_engine(&config, workers, &state)?;
     drop(state);
-    let node = node_name(&config, mysql_pool.as_ref()).await?;
     let payments = build_payments(&config)?;
-    let relay = start_relay(&config, &journal, file_cursor, mysql_pool).await?;
+    let relay = start_relay(&config, &journal, file_cursor, mysql_pool, &node).await?;
     let (carts, redis) = start_sessions(&config, &engine, &node).await?;
     let simulator = Arc::clone(&payments.simulator);
     let app = build_app(
@@ -307,13 +308,18 @@ struct Opened {
     file_cursor: Option<FileCursorAt>,
 }
 
-/// Opens the journal the configuration names (embedded, MySQL, or embedded with MySQL behind),
-/// after the relay's cursor in the data dir, whose retention keeps every event after it.
-async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
-    let schema = |error| match error {
+/// A schema error as the server reports it: an outage is the journal's, the rest the operator's.
+fn schema_error(error: SchemaError) -> ServeError {
+    match error {
         SchemaError::Journal(error) => ServeError::Journal(error),
         other => ServeError::Schema(other),
-    };
+    }
+}
+
+/// Opens the journal the configuration names (embedded, MySQL, or embedded with MySQL behind),
+/// after the relay's cursor in the data dir, whose retention keeps every event after it. With
+/// MySQL, the journal is `node`'s log in the database.
+async fn open_journal(config: &ServeConfig, node: &str) -> Result<Opened, ServeError> {
     let mysql_journal = config.mysql.is_some() && !config.mysql_write_behind;
     let file_cursor = match (&config.amqp, mysql_journal) {
         (Some(_), false) => {
@@ -343,6 +349,7 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
         });
     };
     let mut mysql = mysql.clone();
+    node.clone_into(&mut mysql.node);
     mysql.retention = crate::journal::mysql::Retention {
         order_ms: config.order_retention.as_millis() as i64,
         answer_ms: config.idempotency_retention.as_millis() as i64,
@@ -351,7 +358,7 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
         let (journal, state) =
             WriteBehindJournal::open(&config.data_dir, file_config, mysql, config.journal_timeout)
                 .await
-                .map_err(schema)?;
+                .map_err(schema_error)?;
         return Ok(Opened {
             journal: Arc::new(journal),
             state,
@@ -359,7 +366,7 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
             file_cursor,
         });
     }
-    let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema)?;
+    let (journal, state) = MySqlJournal::open(mysql).await.map_err(schema_error)?;
     Ok(Opened {
         mysql_pool: Some(journal.pool().clone()),
         journal: Arc::new(journal),
@@ -374,11 +381,10 @@ async fn open_journal(config: &ServeConfig) -> Result<Opened, ServeError> {
 /// journal; with MySQL as the journal, kept in it alone (the data dir may be new while the journal
 /// is not), a new database getting a new name (never the data dir's, which belongs to the journal
 /// it was made with, and is left as it is: a data dir used once with MySQL and then again with its
-/// own journal is still its own node, not the database's).
-async fn node_name(
-    config: &ServeConfig,
-    mysql_journal: Option<&sqlx::MySqlPool>,
-) -> Result<String, ServeError> {
+/// own journal is still its own node, not the database's). Write-behind's journal is the data
+/// dir's, so its node is the data dir's too. Decided before the journal opens: with MySQL, the
+/// journal is this node's log in the database (several nodes keep theirs in one database).
+async fn node_name(config: &ServeConfig) -> Result<String, ServeError> {
     let io = |source| ServeError::Io {
         context: format!(
             "keeping the node's name ({} in the data dir)",
@@ -386,13 +392,14 @@ async fn node_name(
         ),
         source,
     };
-    let (Some(pool), Some(mysql)) = (mysql_journal, &config.mysql) else {
-        return data_dir::node_name(&config.data_dir).map_err(io);
+    let mysql = match &config.mysql {
+        Some(mysql) if !config.mysql_write_behind => mysql,
+        _ => return data_dir::node_name(&config.data_dir).map_err(io),
     };
     let proposed = data_dir::name_for_new_journal(&config.data_dir).map_err(io)?;
-    crate::journal::mysql::journal_node_name(pool, mysql.statement_timeout, &proposed)
+    crate::journal::mysql::journal_node(mysql, &proposed)
         .await
-        .map_err(ServeError::Schema)
+        .map_err(schema_error)
 }
 
 /// The engine, rebuilt from the durable state.
@@ -466,6 +473,7 @@ async fn start_relay(
     journal: &Arc<dyn Journal>,
     file_cursor: Option<FileCursorAt>,
     mysql_pool: Option<sqlx::MySqlPool>,
+    node: &str,
 ) -> Result<Option<RunningRelay>, ServeError> {
     let relay = match (&config.amqp, file_cursor, mysql_pool) {
         (Some(amqp), Some((cursor, confirmed, hold)), _) => Relay::new(
@@ -476,7 +484,7 @@ async fn start_relay(
             Some(hold),
         ),
         (Some(amqp), None, Some(pool)) => {
-            let cursor = MySqlCursor::new(pool);
+            let cursor = MySqlCursor::new(pool, node.to_owned());
             let confirmed = cursor.load().await.map_err(JournalError::Unavailable)?;
             Relay::new(
                 amqp.clone(),

@@ -48,7 +48,11 @@ in the server's own journal (the data dir in write-behind) and in the MySQL jour
 
 --replay-from LSN: applies the journal table's records after LSN to the projections now (with the
 server running or not). Records the projections already hold are left alone (the applier's
-cursor is read under a lock in each transaction), so a replay never changes what is applied.")]
+cursor is read under a lock in each transaction), so a replay never changes what is applied.
+
+Each node keeps its own log in the database (lsns, skips and the applier's cursor are per node):
+--node NAME names it; without it, the database's only log is meant, and a database holding the
+logs of several nodes is refused (exit 2, naming them).")]
     MysqlApply(MysqlApplyArgs),
     /// Consume order.paid events from RabbitMQ and write one JSON line per paid order (the "confirmation e-mail"), exactly once per order
     #[command(long_about = "\
@@ -120,6 +124,9 @@ pub struct MysqlApplyArgs {
     /// Apply the journal table's records after this lsn to the projections (already applied ones are left alone)
     #[arg(long, value_name = "LSN")]
     pub replay_from: Option<u64>,
+    /// The node whose log to work on (default: the database's only one)
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
 }
 
 /// Lowest TLS version accepted.

@@ -143,27 +143,31 @@ impl Cursor for FileCursor {
     }
 }
 
-/// The cursor as a row of MySQL's `outbox_cursor` (MySQL as the journal): `relay = 'amqp'`,
-/// `published_seq` the last confirmed seq. It only moves forward.
+/// The cursor as a row of MySQL's `outbox_cursor` (MySQL as the journal): the node's row with
+/// `relay = 'amqp'`, `published_seq` the last confirmed seq of its events. It only moves forward.
 pub struct MySqlCursor {
     pool: sqlx::MySqlPool,
+    /// The node whose outbox the relay publishes (each node's events have seqs of their own).
+    node: String,
 }
 
 impl MySqlCursor {
-    /// The cursor in the database behind `pool`.
-    pub fn new(pool: sqlx::MySqlPool) -> Self {
-        Self { pool }
+    /// `node`'s cursor in the database behind `pool`.
+    pub fn new(pool: sqlx::MySqlPool, node: String) -> Self {
+        Self { pool, node }
     }
 }
 
 impl Cursor for MySqlCursor {
     fn load(&self) -> BoxFuture<'_, Result<u64, String>> {
         Box::pin(async move {
-            let seq: Option<i64> =
-                sqlx::query_scalar("SELECT published_seq FROM outbox_cursor WHERE relay = 'amqp'")
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(|e| format!("reading the relay's cursor: {e}"))?;
+            let seq: Option<i64> = sqlx::query_scalar(
+                "SELECT published_seq FROM outbox_cursor WHERE node = ? AND relay = 'amqp'",
+            )
+            .bind(self.node.as_str())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| format!("reading the relay's cursor: {e}"))?;
             Ok(seq.unwrap_or(0).max(0) as u64)
         })
     }
@@ -171,9 +175,10 @@ impl Cursor for MySqlCursor {
     fn save(&self, seq: u64) -> BoxFuture<'_, Result<(), String>> {
         Box::pin(async move {
             sqlx::query(
-                "INSERT INTO outbox_cursor (relay, published_seq) VALUES ('amqp', ?) \
+                "INSERT INTO outbox_cursor (node, relay, published_seq) VALUES (?, 'amqp', ?) \
                  ON DUPLICATE KEY UPDATE published_seq = GREATEST(published_seq, VALUES(published_seq))",
             )
+            .bind(self.node.as_str())
             .bind(seq as i64)
             .execute(&self.pool)
             .await

@@ -21,14 +21,18 @@
 //! unknown" and after its Redis lock expired, so another node could take the same key meanwhile
 //! (one key, two orders).
 //!
-//! Start-up refuses a data dir that is not the one MySQL follows: MySQL's last record must be in
-//! the data dir, byte for byte.
+//! The log MySQL holds is the node's own ([`MySqlConfig::node`]: the data dir's name, or the
+//! `--node-id`), beside other nodes' logs. Start-up refuses a data dir that is not the one MySQL
+//! follows: the last record of the node's log in MySQL must be in the data dir, byte for byte. A
+//! node with no log in MySQL yet adopts the database's unnamed log (a single node's, migrated
+//! from before several nodes) only if its data dir holds that log's last record.
 
 use super::file::{FileJournal, FileJournalConfig};
 use super::mysql::projection::{Follower, Lag};
 use super::mysql::writer_lock::WriterLock;
 use super::mysql::{
-    check_schema, connect, log_end, purge_answers, read_order, MySqlConfig, SchemaError,
+    adopt_unnamed_log, check_schema, connect, log_end, log_node, open_cursor, purge_answers,
+    read_order, unnamed_log_end, MySqlConfig, SchemaError,
 };
 use super::pipeline::QUEUE_RECORDS_MAX;
 use super::{Journal, JournalError, JournalStats, Ticket};
@@ -45,6 +49,8 @@ use std::time::Duration;
 pub struct WriteBehindJournal {
     file: Arc<FileJournal>,
     pool: MySqlPool,
+    /// The node whose log MySQL holds (the data dir's name, or the `--node-id`).
+    node: String,
     /// This node's hold on the database it ships its log to (one node per journal database).
     writer_lock: WriterLock,
     follower: Follower,
@@ -77,26 +83,44 @@ impl WriteBehindJournal {
         mysql: MySqlConfig,
         journal_timeout: Duration,
     ) -> Result<(Self, State), SchemaError> {
+        let node = log_node(&mysql)?;
         let pool = connect(&mysql)?;
         check_schema(&pool).await?;
-        let writer_lock = WriterLock::take(&mysql.url, mysql.statement_timeout).await?;
-        let (mysql_last_lsn, _) = log_end(&pool).await?;
+        let writer_lock = WriterLock::take(
+            &mysql.url,
+            &node,
+            mysql.node_id.is_none(),
+            mysql.statement_timeout,
+        )
+        .await?;
+        let (mut mysql_last_lsn, _) = log_end(&pool, &node).await?;
+        // No log of its own yet: the unnamed log is this node's if its data dir holds it.
+        let unnamed_last_lsn = match mysql_last_lsn {
+            0 => unnamed_log_end(&pool).await?,
+            _ => 0,
+        };
         let applied_lsn = Arc::new(AtomicU64::new(0));
         file_config.hold_after_lsn = Some(Arc::clone(&applied_lsn));
         let (file, state) = FileJournal::open_dir(dir, file_config)?;
         let file = Arc::new(file);
         let backlog = file.backlog();
-        if mysql_last_lsn > state.last_lsn {
+        let (log, followed_lsn) = match unnamed_last_lsn {
+            0 => (node.as_str(), mysql_last_lsn),
+            unnamed => ("", unnamed),
+        };
+        if followed_lsn > state.last_lsn {
             return Err(unfit(format!(
-                "MySQL holds records up to lsn {mysql_last_lsn}, but the data dir {} ends at {}: this is not the data dir MySQL follows (or MySQL was written in --mysql-url journal mode)",
+                "MySQL holds records up to lsn {followed_lsn} in the log of {}, but the data dir {} ends at {}: this is not the data dir MySQL follows (or MySQL was written in --mysql-url journal mode)",
+                log_name(log),
                 dir.display(),
                 state.last_lsn
             )));
         }
-        if mysql_last_lsn > 0 {
-            let mine = backlog.read(mysql_last_lsn - 1, 1).await?;
-            let theirs = sqlx::query("SELECT record FROM journal WHERE lsn = ?")
-                .bind(mysql_last_lsn as i64)
+        if followed_lsn > 0 {
+            let mine = backlog.read(followed_lsn - 1, 1).await?;
+            let theirs = sqlx::query("SELECT record FROM journal WHERE node = ? AND lsn = ?")
+                .bind(log)
+                .bind(followed_lsn as i64)
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| JournalError::Unavailable(e.to_string()))?;
@@ -104,13 +128,25 @@ impl WriteBehindJournal {
                 .map_err(|e| JournalError::Unavailable(e.to_string()))?;
             if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_slice()) {
                 return Err(unfit(format!(
-                    "record {mysql_last_lsn} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
+                    "record {followed_lsn} of the log of {} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
+                    log_name(log),
                     dir.display()
                 )));
             }
         }
+        if unnamed_last_lsn > 0 {
+            if !adopt_unnamed_log(&pool, &node).await? {
+                return Err(unfit(format!(
+                    "another node adopted the unnamed log while this one started (its data dir {} holds that log): start this node again",
+                    dir.display()
+                )));
+            }
+            mysql_last_lsn = log_end(&pool, &node).await?.0;
+        }
+        open_cursor(&pool, &node).await?;
         let (follower, applier) = Follower::new(
             pool.clone(),
+            node.clone(),
             backlog,
             Some(writer_lock.fence()),
             state.last_lsn,
@@ -119,6 +155,7 @@ impl WriteBehindJournal {
         );
         file.follow(follower.start(applier));
         tracing::info!(
+            node = %node,
             local_lsn = state.last_lsn,
             mysql_lsn = mysql_last_lsn,
             "write-behind: the embedded journal acknowledges, MySQL follows"
@@ -127,6 +164,7 @@ impl WriteBehindJournal {
             Self {
                 file,
                 pool,
+                node,
                 writer_lock,
                 follower,
                 lag_max: mysql.lag_max,
@@ -142,6 +180,14 @@ impl WriteBehindJournal {
     /// How far MySQL is behind the embedded journal.
     pub fn lag(&self) -> &Lag {
         &self.follower.lag
+    }
+}
+
+/// How a log is named in a message: the node's, or the unnamed one.
+fn log_name(node: &str) -> String {
+    match node {
+        "" => "the unnamed log (a single node's, from before several nodes)".to_owned(),
+        node => format!("node {node}"),
     }
 }
 
@@ -205,7 +251,14 @@ impl Journal for WriteBehindJournal {
     fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
         let order_id = order_id.clone();
         Box::pin(async move {
-            read_order(&self.pool, self.statement_timeout, self.lag(), &order_id).await
+            read_order(
+                &self.pool,
+                self.statement_timeout,
+                self.lag(),
+                &self.node,
+                &order_id,
+            )
+            .await
         })
     }
 

@@ -34,8 +34,9 @@ async fn a_second_order_for_one_key_or_payment_is_refused_by_the_database() {
     // The claims are columns of the log record's row, written in its transaction: a second row
     // claiming any of them is refused by its UNIQUE key (a row of its own lsn, so the primary key
     // is not what refuses it).
-    let insert = "INSERT INTO journal (lsn, first_event_seq, record, order_id, payment_id, idempotency_key) \
-                  VALUES (?, 0, 'planted', ?, ?, ?)";
+    // Planted in another node's log: the claims hold across nodes.
+    let insert = "INSERT INTO journal (node, lsn, first_event_seq, record, order_id, payment_id, idempotency_key) \
+                  VALUES ('node_planted', ?, 0, 'planted', ?, ?, ?)";
     for (lsn, what, id, payment, key, index) in [
         (
             -1,
@@ -108,10 +109,10 @@ async fn kill_9_on_mysql_loses_no_acknowledged_order_and_nothing_is_half_written
     // Nothing half-written: every order has its items, its first event and a journal record;
     // every kept answer names an existing order; inventory equals what the orders say.
     assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM order_items i WHERE i.order_id = o.order_id)").await, 0);
-    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.order_id = o.order_id AND e.type = 'order.reserved')").await, 0);
+    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.node = o.node AND e.order_id = o.order_id AND e.type = 'order.reserved')").await, 0);
     assert_eq!(count("SELECT COUNT(*) FROM idempotency_keys k WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.order_id = k.order_id)").await, 0);
     assert_eq!(
-        count("SELECT COUNT(*) FROM inventory i WHERE i.sold <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.status = 'paid') OR i.reserved <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.status IN ('reserved', 'payment_pending'))").await,
+        count("SELECT COUNT(*) FROM inventory i WHERE i.sold <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.node = i.node AND o.status = 'paid') OR i.reserved <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.node = i.node AND o.status IN ('reserved', 'payment_pending'))").await,
         0,
         "the inventory table disagrees with the orders"
     );
@@ -121,7 +122,7 @@ async fn kill_9_on_mysql_loses_no_acknowledged_order_and_nothing_is_half_written
     // The state change, its event and its journal record were written together: every order's
     // current status has its event, and its last change its journal row.
     assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM outbox e WHERE e.order_id = o.order_id AND e.type = CONCAT('order.', o.status))").await, 0);
-    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM journal j WHERE j.lsn = o.updated_lsn)").await, 0);
+    assert_eq!(count("SELECT COUNT(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM journal j WHERE j.node = o.node AND j.lsn = o.updated_lsn)").await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +233,7 @@ async fn a_record_the_database_refuses_fails_alone() {
     let mut client = app.client();
     client.put_product("V", 100, 1_000).await;
     let pool = database.pool().await;
-    sqlx::query("INSERT INTO journal (lsn, first_event_seq, record, order_id, idempotency_key) VALUES (0, 0, 'planted', 'ord_planted', 'victim')")
+    sqlx::query("INSERT INTO journal (node, lsn, first_event_seq, record, order_id, idempotency_key) VALUES ('node_planted', 0, 0, 'planted', 'ord_planted', 'victim')")
         .execute(&pool)
         .await
         .expect("plant a row");
@@ -562,7 +563,7 @@ async fn kill_9_in_a_loop(write_behind: bool) {
         assert_eq!(answer.json()["status"], status.as_str(), "{id}");
     }
     // Nothing counted twice: the inventory equals what the orders say.
-    let disagreeing: i64 = sqlx::query("SELECT COUNT(*) FROM inventory i WHERE i.sold <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.status = 'paid') OR i.reserved <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.status IN ('reserved', 'payment_pending'))")
+    let disagreeing: i64 = sqlx::query("SELECT COUNT(*) FROM inventory i WHERE i.sold <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.node = i.node AND o.status = 'paid') OR i.reserved <> (SELECT CAST(COALESCE(SUM(oi.quantity), 0) AS SIGNED) FROM order_items oi JOIN orders o ON o.order_id = oi.order_id WHERE oi.sku = i.sku AND o.node = i.node AND o.status IN ('reserved', 'payment_pending'))")
         .fetch_one(&pool)
         .await
         .map(|row| row.get(0))
@@ -693,7 +694,7 @@ async fn write_behind_stops_at_a_record_mysql_refuses_until_an_operator_skips_it
     let mut client = app.client();
     client.put_product("S", 100, 1_000).await;
     let pool = database.pool().await;
-    sqlx::query("INSERT INTO journal (lsn, first_event_seq, record, order_id, idempotency_key) VALUES (0, 0, 'planted', 'ord_planted', 'clash')")
+    sqlx::query("INSERT INTO journal (node, lsn, first_event_seq, record, order_id, idempotency_key) VALUES ('node_planted', 0, 0, 'planted', 'ord_planted', 'clash')")
         .execute(&pool)
         .await
         .expect("plant a claim");
@@ -947,7 +948,7 @@ async fn upgrading_a_database_of_the_previous_version_moves_every_claim_onto_its
             .expect("the claims kept aside");
     assert_eq!(unattached, ["ord_ghost"]);
     let second = sqlx::query(
-        "INSERT INTO journal (lsn, first_event_seq, record, idempotency_key) VALUES (-1, 0, 'x', 'k1')",
+        "INSERT INTO journal (node, lsn, first_event_seq, record, idempotency_key) VALUES ('node_planted', -1, 0, 'x', 'k1')",
     )
     .execute(&pool)
     .await;
@@ -1100,7 +1101,8 @@ async fn projections_ahead_of_the_journal_are_refused_at_start_with_exit_2() {
         assert_eq!(app.client().put_product("A", 100, 1).await.status, 200);
         wait_projected(&pool).await;
     }
-    sqlx::query("UPDATE projection_cursor SET applied_lsn = applied_lsn + 5 WHERE name = 'tables'")
+    // The database's one node's cursor.
+    sqlx::query("UPDATE projection_cursor SET applied_lsn = applied_lsn + 5")
         .execute(&pool)
         .await
         .expect("move the cursor");

@@ -10,6 +10,12 @@
 //! `projection::Applier` keeps behind the log, with a durable cursor; start-up first applies
 //! whatever the log holds past the cursor, then loads memory from the projections.
 //!
+//! Nodes: one database holds the logs of several nodes side by side, each node's rows carrying its
+//! name ([`MySqlConfig::node`], decided before the journal opens); a journal is one node's log, its
+//! lsns and event seqs its own, its writer lock and fence its own ([`writer_lock`]), and start-up
+//! loads that node's orders and stock counters. The projections and the claims are shared (see
+//! [`projection`]).
+//!
 //! Failures: a transient error (connection lost, server gone, deadlock 1213, lock wait timeout
 //! 1205) retries the same batch with bounded backoff, for as long as it takes; the journal reports
 //! itself unavailable meanwhile (`/readyz` 503, checkouts 503) and recovers by itself. Before a
@@ -112,6 +118,17 @@ pub struct MySqlConfig {
     /// How long one transaction or statement may take (`--mysql-timeout`), the connection's
     /// acquisition included; past it the connection is closed (`bounded`).
     pub statement_timeout: Duration,
+    /// `--node-id`: this process is one node of several, each with its own log in the database.
+    /// `None`: the database's one node, as before several nodes (it also holds the database's
+    /// own lock, so no second node sells from the same products beside it: see
+    /// [`writer_lock`]).
+    pub node_id: Option<String>,
+    /// The node whose log this journal is: every row of the log, the outbox, the cursors, the
+    /// skips and the fence carries it, and start-up loads this node's orders and stock counters
+    /// only. Decided before the journal opens: the `--node-id`; without one, the name kept in
+    /// `node_name` with MySQL as the journal ([`journal_node`]), or the data dir's name in
+    /// write-behind. Empty: not decided yet (opening the journal refuses it).
+    pub node: String,
 }
 
 /// How long finished orders and kept answers stay in memory.
@@ -134,6 +151,8 @@ impl MySqlConfig {
             shutdown_grace: Duration::from_secs(10),
             lag_max: Duration::from_secs(5),
             statement_timeout: Duration::from_secs(10),
+            node_id: None,
+            node: String::new(),
             retention: Retention {
                 order_ms: 7 * 24 * 3_600 * 1_000,
                 answer_ms: 24 * 3_600 * 1_000,
@@ -372,11 +391,14 @@ pub enum SchemaError {
     /// database name): the operator must change the URL.
     #[error("MySQL refused --mysql-url: {0} (check the user, password and database name in the URL; the URL is not shown)")]
     Refused(String),
-    /// Another node holds this database's journal lock ([`writer_lock`]).
-    #[error("another node holds the journal of this database (MySQL connection {}): one node per journal database; if that node is gone its hold ends within {}s of its last word, or end it with KILL on the server", holder.map_or("unknown".into(), |h| h.to_string()), writer_lock::SESSION_IDLE_MAX.as_secs())]
+    /// Another process holds a journal lock this node needs ([`writer_lock`]): its log's, or the
+    /// database's own (a node without `--node-id` is the database's one node).
+    #[error("another node holds the journal of this database ({held}, MySQL connection {}): one process per node's log, and one node per database without --node-id; if that node is gone its hold ends within {}s of its last word, or end it with KILL on the server", holder.map_or("unknown".into(), |h| h.to_string()), writer_lock::SESSION_IDLE_MAX.as_secs())]
     JournalHeld {
         /// The holder's connection id, if the server said.
         holder: Option<u64>,
+        /// What it holds: the log of a node, or the database.
+        held: String,
     },
     /// The projections' cursor is past the log's end: the tables hold records no journal has.
     #[error("the projections are ahead of the journal (projection_cursor.applied_lsn {applied}, the journal table ends at {last}): the tables hold records no journal has, written by a node that had lost this database; look at the orders, inventory and outbox rows past lsn {last}, remove them, and set the cursor back to {last} before starting a node")]
@@ -399,6 +421,15 @@ pub enum SchemaError {
     /// The node that held this database's journal before still has a transaction open on it.
     #[error("a transaction of the node that held this journal before is still open on the database (its COMMIT may be in flight; it ends when the server ends that session, or with KILL: see information_schema.innodb_trx): start again once it is gone")]
     JournalBusy,
+    /// The journal was to be opened without knowing whose log it is ([`MySqlConfig::node`]).
+    #[error("no node is named for the MySQL journal ({0:?}): a node's log needs its name")]
+    NoNode(String),
+    /// A tool was not told which node's log to work on, and the database holds several or none.
+    #[error("which node's log? this database holds {}: pass --node NAME", if nodes.is_empty() { "no node's log yet".to_owned() } else { format!("the logs of {}", nodes.join(", ")) })]
+    WhichNode {
+        /// The nodes whose logs the database holds.
+        nodes: Vec<String>,
+    },
     /// The `node_name` table holds something else than a node name (edited by hand).
     #[error("the node_name table holds {0:?}, not a node name (node_ and then letters, digits or _, at most 64 bytes): put back the name this journal's node had, or, if it never made a payment, delete the row for a new one")]
     NodeName(String),
@@ -443,9 +474,11 @@ pub async fn check_schema(pool: &MySqlPool) -> Result<(), SchemaError> {
     Ok(())
 }
 
-/// The journal on MySQL/MariaDB.
+/// The journal on MySQL/MariaDB: one node's log in it.
 pub struct MySqlJournal {
     pool: MySqlPool,
+    /// The node whose log this is ([`MySqlConfig::node`]).
+    node: String,
     /// This node's hold on the database as its journal's one writer.
     writer_lock: writer_lock::WriterLock,
     pipeline: Arc<Pipeline>,
@@ -462,18 +495,27 @@ pub struct MySqlJournal {
 }
 
 impl MySqlJournal {
-    /// Connects, checks the schema, applies what the log holds past the projections' cursor,
-    /// reads the durable state and starts the writer and the applier.
+    /// Connects, checks the schema, takes the node's log (its lock and turn; the unnamed log too
+    /// if the node has none yet: [`adopt_unnamed_log`]), applies what the log holds past the
+    /// projections' cursor, reads the node's durable state and starts the writer and the applier.
     pub async fn open(config: MySqlConfig) -> Result<(Self, State), SchemaError> {
+        let node = log_node(&config)?;
         let pool = connect(&config)?;
         check_schema(&pool).await?;
         // Before anything is read: what is read is then what this node alone changes.
-        let writer_lock =
-            writer_lock::WriterLock::take(&config.url, config.statement_timeout).await?;
-        let (last_lsn, next_event_seq) = log_end(&pool).await?;
+        let writer_lock = writer_lock::WriterLock::take(
+            &config.url,
+            &node,
+            config.node_id.is_none(),
+            config.statement_timeout,
+        )
+        .await?;
+        adopt_unnamed_log(&pool, &node).await?;
+        open_cursor(&pool, &node).await?;
+        let (last_lsn, next_event_seq) = log_end(&pool, &node).await?;
         // The projections hold a prefix of the log, never more: a cursor past its end means the
         // tables hold records no journal has (written by a node that had lost this database).
-        let (applied, _) = apply_tool::cursor(&pool).await?;
+        let (applied, _) = apply_tool::cursor(&pool, &node).await?;
         if applied > last_lsn {
             return Err(SchemaError::ProjectionsAhead {
                 applied,
@@ -483,7 +525,8 @@ impl MySqlJournal {
         warn_of_unattached_claims(&pool).await;
         let (follower, applier) = projection::Follower::new(
             pool.clone(),
-            Arc::new(MySqlBacklog(pool.clone())),
+            node.clone(),
+            Arc::new(MySqlBacklog::new(pool.clone(), node.clone())),
             None,
             last_lsn,
             Arc::new(std::sync::atomic::AtomicU64::new(0)),
@@ -500,7 +543,7 @@ impl MySqlJournal {
             now - config.retention.answer_ms,
         )
         .await?;
-        let mut state = load(&pool, config.retention, now).await?;
+        let mut state = load(&pool, &node, config.retention, now).await?;
         state.last_lsn = last_lsn;
         let pipeline = Arc::new(Pipeline::new(last_lsn + 1, next_event_seq));
         pipeline.follow(follower.start(applier));
@@ -518,6 +561,7 @@ impl MySqlJournal {
             writer_lock.fence(),
         ));
         tracing::info!(
+            node = %node,
             records = state.last_lsn,
             products = state.products.len(),
             orders = state.orders.len(),
@@ -526,6 +570,7 @@ impl MySqlJournal {
         Ok((
             Self {
                 pool,
+                node,
                 writer_lock,
                 pipeline,
                 degraded,
@@ -547,6 +592,146 @@ impl MySqlJournal {
     /// The pool, for tests and tools that read the tables.
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
+    }
+
+    /// The node whose log this journal is.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+}
+
+/// The node whose log a journal opened with `config` is: decided before (see
+/// [`MySqlConfig::node`]), never empty ('' names the unnamed log a migrated database may hold,
+/// which no node runs as: [`adopt_unnamed_log`]).
+pub(crate) fn log_node(config: &MySqlConfig) -> Result<String, SchemaError> {
+    let node = match (&config.node_id, config.node.as_str()) {
+        (Some(id), "") => id.as_str(),
+        (Some(id), node) if id != node => {
+            return Err(SchemaError::NoNode(format!(
+                "--node-id {id}, but the journal named {node}"
+            )))
+        }
+        (_, node) => node,
+    };
+    if node.is_empty() || node.len() > 64 {
+        return Err(SchemaError::NoNode(node.to_owned()));
+    }
+    Ok(node.to_owned())
+}
+
+/// The name of the node whose log the MySQL journal of `config` is, decided before the journal
+/// opens: its `--node-id`; without one, the name kept in `node_name` ([`journal_node_name`],
+/// `proposed` if the database keeps none yet).
+pub async fn journal_node(config: &MySqlConfig, proposed: &str) -> Result<String, SchemaError> {
+    if let Some(id) = &config.node_id {
+        return Ok(id.clone());
+    }
+    let pool = connect(config)?;
+    check_schema(&pool).await?;
+    let name = journal_node_name(&pool, config.statement_timeout, proposed).await;
+    close_pool(&pool).await;
+    name
+}
+
+/// Gives `node`'s log its projections' cursor (at the log's start) if it has none yet: a node
+/// writing its log for the first time.
+pub(crate) async fn open_cursor(pool: &MySqlPool, node: &str) -> Result<(), JournalError> {
+    sqlx::query(
+        "INSERT IGNORE INTO projection_cursor (node, applied_lsn, applied_seq) VALUES (?, 0, 0)",
+    )
+    .bind(node)
+    .execute(pool)
+    .await
+    .map(|_| ())
+    .map_err(|e| db_error("giving the node's log its cursor", &e))
+}
+
+/// How long adopting the unnamed log may take: it moves every row of that log (and of its
+/// projections) to the adopting node, once, in one transaction.
+const ADOPT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+/// The tables whose rows belong to a node's log or name the node (`orders`: the order's owner;
+/// `inventory`: the node's counters), each moved whole when a node adopts the unnamed log.
+const NODE_TABLES: [&str; 7] = [
+    "journal",
+    "outbox",
+    "journal_skips",
+    "projection_cursor",
+    "outbox_cursor",
+    "orders",
+    "inventory",
+];
+
+/// The end of the unnamed log (node ''): the rows of a single-node database migrated by
+/// `20261206000008` while its `node_name` was empty (written by write-behind, whose name is in its
+/// data dir). 0 when there is none.
+pub(crate) async fn unnamed_log_end(pool: &MySqlPool) -> Result<u64, JournalError> {
+    Ok(log_end(pool, "").await?.0)
+}
+
+/// Makes the unnamed log (see [`unnamed_log_end`]) `node`'s own, if `node` has no log yet: the
+/// single node of the database before several nodes goes on with its log under its name.
+/// Every row of it moves in one transaction, which first locks the unnamed log's cursor (two
+/// nodes adopting at once: the second finds nothing left). A node with a log of its own leaves it
+/// (said in the log). Returns whether it adopted. Call with `node`'s journal lock held.
+pub(crate) async fn adopt_unnamed_log(pool: &MySqlPool, node: &str) -> Result<bool, JournalError> {
+    let adopted = in_transaction!(pool, ADOPT_TIMEOUT, |tx| {
+        let unnamed =
+            sqlx::query("SELECT applied_lsn FROM projection_cursor WHERE node = '' FOR UPDATE")
+                .fetch_optional(&mut *tx)
+                .await?;
+        let own = sqlx::query("SELECT 1 FROM journal WHERE node = ? LIMIT 1")
+            .bind(node)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match (unnamed, own) {
+            (None, _) => None,
+            (Some(_), Some(_)) => Some(false),
+            (Some(_), None) => {
+                // What the node may hold without a record of its own (a cursor at 0, a relay
+                // cursor at 0, a skip asked for ahead) gives way to the log it takes.
+                for table in [
+                    "projection_cursor",
+                    "outbox_cursor",
+                    "journal_skips",
+                    "inventory",
+                ] {
+                    sqlx::query(&format!("DELETE FROM {table} WHERE node = ?"))
+                        .bind(node)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                for table in NODE_TABLES {
+                    sqlx::query(&format!("UPDATE {table} SET node = ? WHERE node = ''"))
+                        .bind(node)
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("DELETE FROM journal_writer WHERE node = ''")
+                    .execute(&mut *tx)
+                    .await?;
+                Some(true)
+            }
+        }
+    })
+    .await
+    .map_err(|e| db_error("adopting the unnamed log", &e))?;
+    match adopted {
+        Some(true) => {
+            tracing::warn!(
+                node,
+                "this node adopted the database's unnamed log (a single node's, from before several nodes): its records, events, orders and stock counters are this node's now"
+            );
+            Ok(true)
+        }
+        Some(false) => {
+            tracing::warn!(
+                node,
+                "the database holds an unnamed log (a single node's, from before several nodes) and this node a log of its own: the unnamed one is left to a node without a log yet"
+            );
+            Ok(false)
+        }
+        None => Ok(false),
     }
 }
 
@@ -619,8 +804,14 @@ fn order_from_row(
     })
 }
 
-/// Reads the durable state from the projections (caught up with the log).
-async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State, JournalError> {
+/// Reads `node`'s durable state from the projections (caught up with its log): every product,
+/// and the node's own orders, stock counters and answers.
+async fn load(
+    pool: &MySqlPool,
+    node: &str,
+    retention: Retention,
+    now: i64,
+) -> Result<State, JournalError> {
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
     for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
@@ -644,13 +835,14 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
     // Only what memory keeps: orders that hold stock or are within retention, answers within
     // retention (at `now`). The units of the older paid orders are counted from `inventory`.
     let order_cutoff = now - retention.order_ms;
-    let live = "o.status IN ('reserved', 'payment_pending') OR o.payment_due IS NOT NULL \
-                OR o.created_at_ms >= ?";
+    let live = "o.node = ? AND (o.status IN ('reserved', 'payment_pending') \
+                OR o.payment_due IS NOT NULL OR o.created_at_ms >= ?)";
     let mut items: HashMap<String, Vec<OrderItem>> = HashMap::new();
     for row in sqlx::query(&format!(
         "SELECT i.order_id, i.sku, i.quantity, i.unit_price_cents FROM order_items i \
          JOIN orders o ON o.order_id = i.order_id WHERE {live} ORDER BY i.order_id, i.line"
     ))
+    .bind(node)
     .bind(order_cutoff)
     .fetch_all(pool)
     .await
@@ -660,6 +852,7 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
         items.entry(order_id).or_default().push(item);
     }
     for row in sqlx::query(&format!("{ORDER_COLUMNS} WHERE {live}"))
+        .bind(node)
         .bind(order_cutoff)
         .fetch_all(pool)
         .await
@@ -679,7 +872,8 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
         }
     }
     let mut sold_pruned = BTreeMap::new();
-    for row in sqlx::query("SELECT sku, sold FROM inventory")
+    for row in sqlx::query("SELECT sku, sold FROM inventory WHERE node = ?")
+        .bind(node)
         .fetch_all(pool)
         .await
         .map_err(read)?
@@ -693,9 +887,12 @@ async fn load(pool: &MySqlPool, retention: Retention, now: i64) -> Result<State,
         }
     }
     state.sold_pruned = sold_pruned;
+    // The answers of this node's orders (keys are global; each node replays its own).
     for row in sqlx::query(
-        "SELECT idempotency_key, fingerprint, status, body, at_ms FROM idempotency_keys WHERE at_ms >= ?",
+        "SELECT k.idempotency_key, k.fingerprint, k.status, k.body, k.at_ms FROM idempotency_keys k \
+         JOIN orders o ON o.order_id = k.order_id WHERE o.node = ? AND k.at_ms >= ?",
     )
+    .bind(node)
     .bind(now - retention.answer_ms)
     .fetch_all(pool)
     .await
@@ -763,13 +960,15 @@ async fn warn_of_unattached_claims(pool: &MySqlPool) {
     }
 }
 
-/// The log's last lsn and the seq its next event gets, from its last row.
-pub(crate) async fn log_end(pool: &MySqlPool) -> Result<(u64, u64), JournalError> {
-    let row =
-        sqlx::query("SELECT lsn, first_event_seq, record FROM journal ORDER BY lsn DESC LIMIT 1")
-            .fetch_optional(pool)
-            .await
-            .map_err(read_error)?;
+/// `node`'s log's last lsn and the seq its next event gets, from its last row.
+pub(crate) async fn log_end(pool: &MySqlPool, node: &str) -> Result<(u64, u64), JournalError> {
+    let row = sqlx::query(
+        "SELECT lsn, first_event_seq, record FROM journal WHERE node = ? ORDER BY lsn DESC LIMIT 1",
+    )
+    .bind(node)
+    .fetch_optional(pool)
+    .await
+    .map_err(read_error)?;
     match row {
         None => Ok((0, 1)),
         Some(row) => {
@@ -1068,7 +1267,15 @@ async fn look_until_known(
         return Ok(false);
     };
     loop {
-        match batch_is_committed(pool, config.statement_timeout, first.lsn, last.lsn).await {
+        match batch_is_committed(
+            pool,
+            config.statement_timeout,
+            fence.node(),
+            first.lsn,
+            last.lsn,
+        )
+        .await
+        {
             Ok(rows) if rows.is_empty() => return Ok(false),
             Ok(rows)
                 if rows.len() == batch.len()
@@ -1114,19 +1321,22 @@ pub(crate) async fn kill_session(pool: &MySqlPool, timeout: Duration, id: u64) {
     }
 }
 
-/// The records in `journal` from `first` to `last`, in order, with their lsns (their bytes: the
-/// caller tells its own from another node's). A locking read: while a transaction that wrote them
-/// is still open (its COMMIT late, or its rollback not done), the look waits for it to end, so
-/// "not there" is never said of a batch that is about to be.
+/// The records of `node`'s log from `first` to `last`, in order, with their lsns (their bytes:
+/// the caller tells its own from another process's). A locking read: while a transaction that
+/// wrote them is still open (its COMMIT late, or its rollback not done), the look waits for it to
+/// end, so "not there" is never said of a batch that is about to be.
 async fn batch_is_committed(
     pool: &MySqlPool,
     timeout: Duration,
+    node: &str,
     first: u64,
     last: u64,
 ) -> Result<Vec<(u64, Vec<u8>)>, sqlx::Error> {
     let query = sqlx::query(
-        "SELECT lsn, record FROM journal WHERE lsn BETWEEN ? AND ? ORDER BY lsn LOCK IN SHARE MODE",
+        "SELECT lsn, record FROM journal WHERE node = ? AND lsn BETWEEN ? AND ? \
+         ORDER BY lsn LOCK IN SHARE MODE",
     )
+    .bind(node)
     .bind(first as i64)
     .bind(last as i64);
     let rows = fetch_all_bounded(pool, timeout, query).await?;
@@ -1237,29 +1447,55 @@ pub(crate) async fn purge_answers(
 /// Expired keys purged in one transaction at most.
 const PURGE_KEYS_MAX: usize = 1_000;
 
-/// An order from the projections. Not there while a claim says the log holds it past what is
-/// applied: unavailable (lag), never "no such order".
+/// An order from the projections (placed on any node). Not there while a claim says a log holds
+/// it past what its node's projections applied: unavailable (lag), never "no such order".
 pub(crate) async fn read_order(
     pool: &MySqlPool,
     timeout: Duration,
     lag: &Lag,
+    node: &str,
     order_id: &OrderId,
 ) -> Result<Option<Order>, JournalError> {
     let unavailable = |e: sqlx::Error| JournalError::Unavailable(e.to_string());
-    // What the projections held before the order was looked for: an applier run committing
-    // between the two reads below must not turn "not applied yet" into "no such order".
+    // What this node's projections held before the order was looked for: an applier run
+    // committing between the two reads below must not turn "not applied yet" into "no such
+    // order".
     let applied = lag.applied_lsn();
     let (row, claimed, lines) = bounded(pool, timeout, |mut connection| async move {
         let read = async {
-            let row = sqlx::query(&format!("{ORDER_COLUMNS} WHERE o.order_id = ?"))
+            let order = format!("{ORDER_COLUMNS} WHERE o.order_id = ?");
+            let mut row = sqlx::query(&order)
                 .bind(order_id.as_str())
                 .fetch_optional(&mut *connection)
                 .await?;
+            let mut claimed = None;
             if row.is_none() {
-                let claimed = sqlx::query("SELECT lsn FROM journal WHERE order_id = ?")
-                    .bind(order_id.as_str())
-                    .fetch_optional(&mut *connection)
-                    .await?;
+                // The claim, with the cursor of the node whose log holds it.
+                let claim = sqlx::query(
+                    "SELECT j.node, j.lsn, c.applied_lsn FROM journal j \
+                     LEFT JOIN projection_cursor c ON c.node = j.node WHERE j.order_id = ?",
+                )
+                .bind(order_id.as_str())
+                .fetch_optional(&mut *connection)
+                .await?;
+                if let Some(claim) = claim {
+                    let (owner, lsn, owner_applied) = (
+                        text(&claim, 0)?,
+                        claim.try_get::<i64, _>(1)?,
+                        claim.try_get::<Option<i64>, _>(2)?.unwrap_or(0),
+                    );
+                    // Another node's order its projections held when its cursor was read: read
+                    // again (the cursor moves in the transaction that writes what it covers).
+                    if owner != node && owner_applied >= lsn {
+                        row = sqlx::query(&order)
+                            .bind(order_id.as_str())
+                            .fetch_optional(&mut *connection)
+                            .await?;
+                    }
+                    claimed = Some((owner, lsn, owner_applied));
+                }
+            }
+            if row.is_none() {
                 return Ok((None, claimed, Vec::new()));
             }
             let lines = sqlx::query(
@@ -1269,7 +1505,7 @@ pub(crate) async fn read_order(
             .bind(order_id.as_str())
             .fetch_all(&mut *connection)
             .await?;
-            Ok((row, None, lines))
+            Ok((row, claimed, lines))
         }
         .await;
         (connection, read)
@@ -1277,11 +1513,15 @@ pub(crate) async fn read_order(
     .await
     .map_err(unavailable)?;
     let Some(row) = row else {
-        if let Some(claim) = claimed {
-            let lsn: i64 = claim.try_get(0).map_err(unavailable)?;
+        if let Some((owner, lsn, owner_applied)) = claimed {
+            let applied = if owner == node {
+                applied
+            } else {
+                owner_applied.max(0) as u64
+            };
             if lsn as u64 > applied {
                 return Err(JournalError::Unavailable(format!(
-                    "order {} is in the MySQL journal (lsn {lsn}) but not yet in its projections",
+                    "order {} is in the MySQL journal (node {owner}, lsn {lsn}) but not yet in its projections",
                     order_id.as_str()
                 )));
             }
@@ -1308,7 +1548,14 @@ impl Journal for MySqlJournal {
     fn order(&self, order_id: &OrderId) -> BoxFuture<'_, Result<Option<Order>, JournalError>> {
         let order_id = order_id.clone();
         Box::pin(async move {
-            read_order(&self.pool, self.statement_timeout, self.lag(), &order_id).await
+            read_order(
+                &self.pool,
+                self.statement_timeout,
+                self.lag(),
+                &self.node,
+                &order_id,
+            )
+            .await
         })
     }
 
@@ -1340,8 +1587,9 @@ impl Journal for MySqlJournal {
             let query = sqlx::query(
                 "SELECT x.seq, x.type, x.order_id, x.at_ms, x.total_cents, x.currency, o.customer_id \
                  FROM outbox x LEFT JOIN orders o ON o.order_id = x.order_id \
-                 WHERE x.seq > ? AND x.seq <= ? ORDER BY x.seq LIMIT ?",
+                 WHERE x.node = ? AND x.seq > ? AND x.seq <= ? ORDER BY x.seq LIMIT ?",
             )
+            .bind(self.node.as_str())
             .bind(after_seq as i64)
             .bind(self.follower.lag.applied_seq() as i64)
             .bind(limit as i64);

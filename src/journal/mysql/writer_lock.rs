@@ -1,8 +1,15 @@
-//! One node per journal database: the node whose journal a database is (MySQL as the journal, or
-//! write-behind) holds the database server's own named lock (`GET_LOCK`, one per database) on a
-//! connection of its own for as long as it runs. A second node started on the same database is
+//! One process per node's log: a database holds the logs of several nodes (each node's rows carry
+//! its name, `node`), and the node whose log it writes (MySQL as the journal, or write-behind)
+//! holds the database server's own named lock for that log (`GET_LOCK`, one per database and node)
+//! on a connection of its own for as long as it runs. A second process started as the same node is
 //! refused at start (exit 2, naming the holder's connection) instead of loading a state the first
-//! keeps changing, answering from it, and failing its commits on the log's keys.
+//! keeps changing, answering from it, and failing its commits on the log's keys. Nodes of other
+//! names run beside it, each on its own log.
+//!
+//! A node without `--node-id` is the database's one node, as before several nodes: it also holds
+//! the database's own lock (the one name every such node takes, whatever its node's name), so a
+//! second such node on the database is refused too, whichever name it runs under: nodes that do
+//! not share their stock (no leases) must not sell from one database's products side by side.
 //!
 //! The lock is the server's, so it ends with its session: at once when the holding process dies
 //! (its socket closes), and within [`SESSION_IDLE_MAX`] when its host or network does (the
@@ -16,9 +23,9 @@
 //! **The fence.** A lock is a finding, not a guard: a node whose network was cut may have a
 //! transaction open on the server when its lock session ends, and its own keeper may not know for
 //! a while. So the database itself refuses a node that lost its turn: a node that takes the lock
-//! adds one to `journal_writer.epoch` before it reads anything ([`Fence`]), and every transaction
-//! that writes log rows first reads the epoch under a shared lock and writes nothing unless it is
-//! its own ([`check_fence`]). The new node's increment waits for the old node's open transactions
+//! adds one to its log's `journal_writer.epoch` before it reads anything ([`Fence`]), and every
+//! transaction that writes its log's rows first reads that epoch under a shared lock and writes
+//! nothing unless it is its own ([`check_fence`]). The new node's increment waits for the old node's open transactions
 //! to end (a COMMIT in flight lands before the new node reads the journal, or never), and every
 //! later one of the old node finds another epoch: it is fenced for good (its memory no longer
 //! knows the journal), refuses every change, and says to restart it. A keeper that takes the lock
@@ -48,9 +55,32 @@ pub const START_WAIT: Duration = Duration::from_secs(12);
 /// the server's end of that node's sessions, should it have vanished.
 const TURN_WAIT: Duration = Duration::from_secs(super::POOL_SESSION_IDLE_MAX.as_secs() + 5);
 
-/// The lock's name on the server: one per database (names are server-wide, at most 64
-/// characters: the database's name is hashed, so two long names never share a lock).
-const NAME: &str = "CONCAT('turnstile.journal.', SHA1(DATABASE()))";
+/// The names of the locks a node takes, as the server computes them (lock names are server-wide,
+/// at most 64 characters: the database's and the node's names are hashed, so two long names never
+/// share a lock): its log's (per database and node), then the database's own.
+const NAMES: &str = "SELECT CONCAT('turnstile.journal.', SHA1(CONCAT(DATABASE(), '/', ?))), \
+                     CONCAT('turnstile.journal.', SHA1(DATABASE()))";
+
+/// Which locks a node holds: its log's always; the database's too when it is the database's one
+/// node (no `--node-id`).
+#[derive(Debug, Clone)]
+struct LockNames {
+    /// The lock of the node's log.
+    log: String,
+    /// The database's own lock, for a node without `--node-id`.
+    database: Option<String>,
+}
+
+impl LockNames {
+    /// The names, the database's first (a second node without `--node-id` is refused on it,
+    /// whichever name it runs under).
+    fn in_order(&self) -> impl Iterator<Item = &str> {
+        self.database
+            .as_deref()
+            .into_iter()
+            .chain(std::iter::once(self.log.as_str()))
+    }
+}
 
 /// The lock held for this node, and its keeper.
 pub struct WriterLock {
@@ -59,10 +89,12 @@ pub struct WriterLock {
     keeper: Mutex<Option<(JoinHandle<()>, tokio::sync::oneshot::Sender<()>)>>,
 }
 
-/// This node's turn as the journal's writer: the epoch it set in `journal_writer` when it took
-/// the lock, and whether another node has taken over since.
+/// This node's turn as its log's writer: the epoch it set in its `journal_writer` row when it
+/// took the lock, and whether another process has taken over since.
 #[derive(Debug)]
 pub struct Fence {
+    /// The node whose log this is (its `journal_writer` row).
+    node: String,
     epoch: u64,
     lost: AtomicBool,
 }
@@ -77,6 +109,11 @@ pub struct Fenced {
 }
 
 impl Fence {
+    /// The node whose log the fence guards.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
     /// Whether another node has taken over.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
@@ -109,7 +146,8 @@ pub fn is_fenced(error: &sqlx::Error) -> bool {
 /// taking over waits for this transaction to end) and refuses to go on unless it is `fence`'s.
 pub async fn check_fence(tx: &mut MySqlConnection, fence: &Fence) -> Result<(), sqlx::Error> {
     let found: u64 =
-        sqlx::query_scalar("SELECT epoch FROM journal_writer WHERE id = 1 LOCK IN SHARE MODE")
+        sqlx::query_scalar("SELECT epoch FROM journal_writer WHERE node = ? LOCK IN SHARE MODE")
+            .bind(fence.node.as_str())
             .fetch_one(&mut *tx)
             .await?;
     if found == fence.epoch && !fence.is_lost() {
@@ -123,9 +161,15 @@ pub async fn check_fence(tx: &mut MySqlConnection, fence: &Fence) -> Result<(), 
 }
 
 impl WriterLock {
-    /// Takes the database's lock, waiting at most [`START_WAIT`]; refused with
-    /// [`SchemaError::JournalHeld`] if another node keeps it.
-    pub async fn take(url: &str, timeout: Duration) -> Result<Self, SchemaError> {
+    /// Takes the lock of `node`'s log (and, for the database's one node, `alone`, the database's
+    /// own), waiting at most [`START_WAIT`]; refused with [`SchemaError::JournalHeld`] if another
+    /// process keeps one of them. Then takes the log's turn ([`Fence`]).
+    pub async fn take(
+        url: &str,
+        node: &str,
+        alone: bool,
+        timeout: Duration,
+    ) -> Result<Self, SchemaError> {
         let options = MySqlConnectOptions::from_str(url)
             .map_err(|e| JournalError::Io {
                 context: "reading --mysql-url".into(),
@@ -133,12 +177,23 @@ impl WriterLock {
             })?
             // A wait for the lock is no slow statement.
             .disable_statement_logging();
-        let mut connection = match connect_and_take(&options, START_WAIT, timeout).await? {
+        let names = lock_names(&options, node, alone, timeout).await?;
+        let mut connection = match connect_and_take(&options, &names, START_WAIT, timeout).await? {
             Taken::Yes(connection) => connection,
-            Taken::No { holder } => return Err(SchemaError::JournalHeld { holder }),
+            Taken::No { holder, database } => {
+                return Err(SchemaError::JournalHeld {
+                    holder,
+                    held: if database {
+                        "the database's one node".to_owned()
+                    } else {
+                        format!("the log of node {node}")
+                    },
+                })
+            }
         };
-        let epoch = take_turn(&mut connection, timeout).await?;
+        let epoch = take_turn(&mut connection, node, timeout).await?;
         let fence = Arc::new(Fence {
+            node: node.to_owned(),
             epoch,
             lost: AtomicBool::new(false),
         });
@@ -147,6 +202,7 @@ impl WriterLock {
         let keeper = tokio::spawn(keep(
             connection,
             options,
+            names,
             Arc::clone(&held),
             Arc::clone(&fence),
             timeout,
@@ -176,7 +232,7 @@ impl WriterLock {
             Ok(())
         } else {
             Err(JournalError::Unavailable(
-                "another node holds this database's journal lock (one node per journal database)"
+                "another process holds this node's journal lock on the database (one process per node's log)"
                     .into(),
             ))
         }
@@ -194,14 +250,50 @@ impl WriterLock {
 
 enum Taken {
     Yes(MySqlConnection),
-    No { holder: Option<u64> },
+    No {
+        /// The connection holding the lock not taken, if the server said.
+        holder: Option<u64>,
+        /// Whether that lock is the database's own (else the node's log's).
+        database: bool,
+    },
 }
 
-/// Takes this node's turn on the lock's session: one more than the last epoch, once every open
-/// transaction of the node before (which holds the epoch's row shared) has ended, waiting at
-/// most [`TURN_WAIT`] (a vanished node's sessions end within `POOL_SESSION_IDLE_MAX`).
+/// The server's names of the locks `node` takes (see [`NAMES`]), asked once on a connection of
+/// their own.
+async fn lock_names(
+    options: &MySqlConnectOptions,
+    node: &str,
+    alone: bool,
+    timeout: Duration,
+) -> Result<LockNames, JournalError> {
+    let ask = async {
+        let mut connection = MySqlConnection::connect_with(options).await?;
+        let names = sqlx::query_as::<_, (String, String)>(NAMES)
+            .bind(node)
+            .fetch_one(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        names
+    };
+    match tokio::time::timeout(timeout, ask).await {
+        Ok(Ok((log, database))) => Ok(LockNames {
+            log,
+            database: alone.then_some(database),
+        }),
+        Ok(Err(error)) => Err(db_error("naming the journal's lock", &error)),
+        Err(_) => Err(JournalError::Unavailable(format!(
+            "naming the journal's lock: no answer within {timeout:?}"
+        ))),
+    }
+}
+
+/// Takes `node`'s turn on the lock's session: one more than its log's last epoch, once every open
+/// transaction of the process before (which holds the epoch's row shared) has ended, waiting at
+/// most [`TURN_WAIT`] (a vanished process's sessions end within `POOL_SESSION_IDLE_MAX`). A node
+/// writing its log for the first time gets its row here.
 async fn take_turn(
     connection: &mut MySqlConnection,
+    node: &str,
     timeout: Duration,
 ) -> Result<u64, SchemaError> {
     let turn = async {
@@ -211,10 +303,16 @@ async fn take_turn(
         ))
         .execute(&mut *connection)
         .await?;
-        sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE id = 1")
+        sqlx::query("INSERT IGNORE INTO journal_writer (node, epoch) VALUES (?, 0)")
+            .bind(node)
             .execute(&mut *connection)
             .await?;
-        sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE id = 1")
+        sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE node = ?")
+            .bind(node)
+            .execute(&mut *connection)
+            .await?;
+        sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE node = ?")
+            .bind(node)
             .fetch_one(&mut *connection)
             .await
     };
@@ -238,10 +336,11 @@ fn lock_wait_timed_out(error: &sqlx::Error) -> bool {
         if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>().map(|m| m.number()) == Some(1205))
 }
 
-/// A new connection whose sessions ends after [`SESSION_IDLE_MAX`] idle, holding the lock if it
-/// is free within `wait`.
+/// A new connection whose sessions ends after [`SESSION_IDLE_MAX`] idle, holding every lock of
+/// `names` if each is free within `wait`.
 async fn connect_and_take(
     options: &MySqlConnectOptions,
+    names: &LockNames,
     wait: Duration,
     timeout: Duration,
 ) -> Result<Taken, JournalError> {
@@ -254,20 +353,27 @@ async fn connect_and_take(
         ))
         .execute(&mut connection)
         .await?;
-        let taken: Option<i64> = sqlx::query_scalar(&format!("SELECT GET_LOCK({NAME}, ?)"))
-            .bind(wait.as_secs())
-            .fetch_one(&mut connection)
-            .await?;
-        if taken == Some(1) {
-            return Ok(Taken::Yes(connection));
+        for name in names.in_order() {
+            let taken: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
+                .bind(name)
+                .bind(wait.as_secs())
+                .fetch_one(&mut connection)
+                .await?;
+            if taken == Some(1) {
+                continue;
+            }
+            let holder: Option<i64> = sqlx::query_scalar("SELECT IS_USED_LOCK(?)")
+                .bind(name)
+                .fetch_one(&mut connection)
+                .await?;
+            // Closing the session gives back the locks it took before this one.
+            let _ = connection.close().await;
+            return Ok(Taken::No {
+                holder: holder.and_then(|h| u64::try_from(h).ok()),
+                database: names.database.as_deref() == Some(name),
+            });
         }
-        let holder: Option<i64> = sqlx::query_scalar(&format!("SELECT IS_USED_LOCK({NAME})"))
-            .fetch_one(&mut connection)
-            .await?;
-        let _ = connection.close().await;
-        Ok(Taken::No {
-            holder: holder.and_then(|h| u64::try_from(h).ok()),
-        })
+        Ok(Taken::Yes(connection))
     };
     match tokio::time::timeout(timeout + wait, attempt).await {
         Ok(result) => result.map_err(failed),
@@ -283,13 +389,21 @@ async fn connect_and_take(
 async fn keep(
     connection: MySqlConnection,
     options: MySqlConnectOptions,
+    names: LockNames,
     held: Arc<AtomicBool>,
     fence: Arc<Fence>,
     timeout: Duration,
     mut stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let mut connection = Some(connection);
-    let still_mine = format!("SELECT IS_USED_LOCK({NAME}) = CONNECTION_ID()");
+    let still_mine = format!(
+        "SELECT {}",
+        names
+            .in_order()
+            .map(|_| "IS_USED_LOCK(?) = CONNECTION_ID()")
+            .collect::<Vec<_>>()
+            .join(" AND ")
+    );
     let mut ticker = tokio::time::interval(PING);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -298,18 +412,23 @@ async fn keep(
             _ = ticker.tick() => {}
         }
         if let Some(current) = connection.as_mut() {
-            let mine = sqlx::query_scalar::<_, Option<i64>>(&still_mine).fetch_one(current);
+            let mut mine = sqlx::query_scalar::<_, Option<i64>>(&still_mine);
+            for name in names.in_order() {
+                mine = mine.bind(name);
+            }
+            let mine = mine.fetch_one(current);
             if let Ok(Ok(Some(1))) = tokio::time::timeout(timeout, mine).await {
                 continue;
             }
             // The session ended (or cannot say): a new one takes the lock again if it is free.
             connection = None;
         }
-        match connect_and_take(&options, Duration::ZERO, timeout).await {
+        match connect_and_take(&options, &names, Duration::ZERO, timeout).await {
             Ok(Taken::Yes(mut taken)) => {
-                // Taken again: this node's turn still, unless another node had it meanwhile.
+                // Taken again: this node's turn still, unless another process had it meanwhile.
                 let epoch =
-                    sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE id = 1")
+                    sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE node = ?")
+                        .bind(fence.node.as_str())
                         .fetch_one(&mut taken);
                 match tokio::time::timeout(timeout, epoch).await {
                     Ok(Ok(epoch)) if epoch != fence.epoch => {
@@ -329,11 +448,11 @@ async fn keep(
                     );
                 }
             }
-            Ok(Taken::No { holder }) => {
+            Ok(Taken::No { holder, .. }) => {
                 if held.swap(false, Ordering::AcqRel) {
                     tracing::error!(
                         holder,
-                        "another node took this database's journal lock (this node's session with MySQL ended): this node refuses changes until it gets it back; one node per journal database"
+                        "another process took this node's journal lock (this node's session with MySQL ended): this node refuses changes until it gets it back; one process per node's log"
                     );
                 }
             }

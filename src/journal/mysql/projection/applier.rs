@@ -27,9 +27,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
-/// The MySQL `journal` table as the applier's source (the embedded journal's segments are the
-/// other).
-pub(crate) struct MySqlBacklog(pub MySqlPool);
+/// One node's log in the MySQL `journal` table as the applier's source (the embedded journal's
+/// segments are the other).
+pub(crate) struct MySqlBacklog {
+    pool: MySqlPool,
+    /// The node whose log it reads.
+    node: String,
+}
+
+impl MySqlBacklog {
+    /// `node`'s log in the database behind `pool`.
+    pub fn new(pool: MySqlPool, node: String) -> Self {
+        Self { pool, node }
+    }
+}
 
 impl Source<Committed> for MySqlBacklog {
     fn read(
@@ -40,11 +51,12 @@ impl Source<Committed> for MySqlBacklog {
         Box::pin(async move {
             let rows = sqlx::query(
                 "SELECT lsn, first_event_seq, record FROM journal \
-                 WHERE lsn > ? AND refused IS NULL ORDER BY lsn LIMIT ?",
+                 WHERE node = ? AND lsn > ? AND refused IS NULL ORDER BY lsn LIMIT ?",
             )
+            .bind(self.node.as_str())
             .bind(after_lsn as i64)
             .bind(limit as i64)
-            .fetch_all(&self.0)
+            .fetch_all(&self.pool)
             .await
             .map_err(|e| JournalError::Unavailable(e.to_string()))?;
             rows.iter().map(committed_from_row).collect()
@@ -97,9 +109,11 @@ pub const APPLY_RECORDS_MAX: usize = 4_096;
 /// How long the applier lets a short run wait for more records.
 pub const APPLY_LINGER: Duration = Duration::from_millis(25);
 
-/// Keeps the projections (and, in write-behind, the log) following a journal.
+/// Keeps the projections (and, in write-behind, the log) following one node's journal.
 pub(crate) struct Applier {
     pub pool: MySqlPool,
+    /// The node whose log it applies (its cursor, its skips, its rows of the projections).
+    pub node: String,
     pub lag: Arc<Lag>,
     pub backlog: Arc<dyn Source<Committed>>,
     /// Write the log rows too (write-behind); otherwise only the projections.
@@ -124,8 +138,9 @@ impl Applier {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let query = sqlx::query(
-                "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables'",
-            );
+                "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE node = ?",
+            )
+            .bind(self.node.as_str());
             let read = fetch_all_bounded(&self.pool, self.timeout, query)
                 .await
                 .and_then(|rows| rows.into_iter().next().ok_or(sqlx::Error::RowNotFound));
@@ -355,7 +370,8 @@ impl Applier {
             if self.closing.load(Ordering::Acquire) {
                 return false;
             }
-            let skipped = sqlx::query("SELECT 1 FROM journal_skips WHERE lsn = ?")
+            let skipped = sqlx::query("SELECT 1 FROM journal_skips WHERE node = ? AND lsn = ?")
+                .bind(self.node.as_str())
                 .bind(lsn as i64)
                 .fetch_optional(&self.pool)
                 .await;
@@ -423,10 +439,12 @@ impl Applier {
     /// by `--mysql-timeout` (a silent network ends in a transient error, retried, not a hang).
     async fn apply_once(&self, run: &[Committed], skipped: &[u64]) -> Result<(), sqlx::Error> {
         let ship = self.ship.as_deref();
+        let node = self.node.as_str();
         let moved = in_transaction!(&self.pool, self.timeout, |tx| {
             let row = sqlx::query(
-                "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE name = 'tables' FOR UPDATE",
+                "SELECT applied_lsn, applied_seq FROM projection_cursor WHERE node = ? FOR UPDATE",
             )
+            .bind(node)
             .fetch_one(&mut *tx)
             .await?;
             let applied: i64 = row.try_get(0)?;
@@ -450,12 +468,13 @@ impl Applier {
                     if let Some(fence) = ship {
                         write_log(&mut tx, &views, fence).await?;
                     }
-                    project(&mut tx, &views).await?;
+                    project(&mut tx, node, &views).await?;
                     sqlx::query(
-                        "UPDATE projection_cursor SET applied_lsn = ?, applied_seq = ? WHERE name = 'tables'",
+                        "UPDATE projection_cursor SET applied_lsn = ?, applied_seq = ? WHERE node = ?",
                     )
                     .bind(last as i64)
                     .bind(last_seq as i64)
+                    .bind(node)
                     .execute(&mut *tx)
                     .await?;
                     (last, last_seq, views.len())
@@ -488,9 +507,11 @@ pub(crate) struct Follower {
 }
 
 impl Follower {
-    /// An applier for a source whose last durable lsn is `committed_lsn`, not yet running.
+    /// An applier of `node`'s log for a source whose last durable lsn is `committed_lsn`, not yet
+    /// running.
     pub fn new(
         pool: MySqlPool,
+        node: String,
         backlog: Arc<dyn Source<Committed>>,
         ship: Option<Arc<Fence>>,
         committed_lsn: u64,
@@ -504,6 +525,7 @@ impl Follower {
         let wake = Arc::new(Notify::new());
         let applier = Applier {
             pool,
+            node,
             lag: Arc::clone(&lag),
             backlog,
             ship,

@@ -22,6 +22,14 @@
 //! table from the cursor); with `--mysql-write-behind` it follows the embedded journal and writes
 //! the log rows too, in the same transaction as the projections and the cursor.
 //!
+//! **Nodes.** A database holds the logs of several nodes: every row of a log (`journal`,
+//! `outbox`, `journal_skips`, `projection_cursor`, `outbox_cursor`, `journal_writer`) carries the
+//! node's name (`node`), and each node's lsns and event seqs run from 1 without a gap in its own
+//! log. The projections are shared: `products`, `order_items` and `idempotency_keys` as they are,
+//! `orders` with the node that owns the order, `inventory` by node and SKU (each node's own
+//! units held, sold and leased). The claims stay `UNIQUE` across every node's log: one key, one
+//! order, whichever node places it.
+//!
 //! What a reader of the tables sees: `journal` (with its claims) holds every acknowledged record
 //! at acknowledgement time; the projections hold a prefix of the log (every record up to
 //! `projection_cursor.applied_lsn`, nothing after it), normally milliseconds behind; the lag is in
@@ -98,10 +106,11 @@ fn claims<'a>(view: &View<'a>) -> (Option<&'a str>, Option<&'a str>, Option<&'a 
     }
 }
 
-/// Writes the log rows of `views`: one `journal` row each, carrying the claims of the order it
-/// places (see [`claims`]), after releasing the claims of keys reused past their retention.
-/// Returns the payload bytes. Nothing is written unless the transaction's node still holds the
-/// journal's turn (`fence`: [`super::writer_lock::check_fence`], first in the transaction).
+/// Writes the log rows of `views` in the log of `fence`'s node: one `journal` row each, carrying
+/// the claims of the order it places (see [`claims`]), after releasing the claims of keys reused
+/// past their retention (whichever node's they were: keys are global). Returns the payload bytes.
+/// Nothing is written unless the transaction's node still holds its log's turn (`fence`:
+/// [`super::writer_lock::check_fence`], first in the transaction).
 pub(crate) async fn write_log(
     tx: &mut MySqlConnection,
     views: &[View<'_>],
@@ -138,11 +147,12 @@ pub(crate) async fn write_log(
     // The record's bytes as they are (a LONGBLOB: no character set work for MariaDB).
     for chunk in views.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO journal (lsn, first_event_seq, record, refused, order_id, idempotency_key, payment_id) ",
+            "INSERT INTO journal (node, lsn, first_event_seq, record, refused, order_id, idempotency_key, payment_id) ",
         );
         q.push_values(chunk, |mut row, view| {
             let (order_id, key, payment_id) = claims(view);
-            row.push_bind(view.lsn as i64)
+            row.push_bind(fence.node())
+                .push_bind(view.lsn as i64)
                 .push_bind(view.first_event_seq as i64)
                 .push_bind(view.payload)
                 .push_bind(view.refused)
@@ -177,9 +187,12 @@ enum Folded<'a> {
     Settled(&'a SettledPayment, i64),
 }
 
-/// Writes the projections of `views`, in one transaction with the caller's other statements.
+/// Writes the projections of `views`, records of `node`'s log, in one transaction with the
+/// caller's other statements: the orders it places are `node`'s, its events go to `node`'s outbox,
+/// its units to `node`'s stock counters.
 pub(crate) async fn project(
     tx: &mut MySqlConnection,
+    node: &str,
     views: &[View<'_>],
 ) -> Result<(), sqlx::Error> {
     let mut products: BTreeMap<&Sku, (&Product, i64)> = BTreeMap::new();
@@ -269,9 +282,9 @@ pub(crate) async fn project(
              currency = VALUES(currency), stock = VALUES(stock), updated_lsn = VALUES(updated_lsn)",
         );
         q.build().execute(&mut *tx).await?;
-        let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (sku) ");
+        let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (node, sku) ");
         q.push_values(chunk, |mut row, (product, _)| {
-            row.push_bind(product.sku.as_str());
+            row.push_bind(node).push_bind(product.sku.as_str());
         });
         q.build().execute(&mut *tx).await?;
     }
@@ -291,11 +304,13 @@ pub(crate) async fn project(
     }
     for chunk in whole.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO orders (order_id, status, customer_id, total_cents, currency, created_at_ms, \
-             hold_deadline_ms, payment_id, payment_due, idempotency_key, updated_lsn) ",
+            "INSERT INTO orders (node, order_id, status, customer_id, total_cents, currency, \
+             created_at_ms, hold_deadline_ms, payment_id, payment_due, idempotency_key, updated_lsn) ",
         );
+        // The owner is the node that placed the order; a later change keeps it.
         q.push_values(chunk, |mut row, (order, key, due, lsn)| {
-            row.push_bind(order.order_id.as_str())
+            row.push_bind(node)
+                .push_bind(order.order_id.as_str())
                 .push_bind(order.status.as_str())
                 .push_bind(order.customer_id.as_str())
                 .push_bind(order.total_cents)
@@ -330,7 +345,9 @@ pub(crate) async fn project(
                 .push(" THEN ")
                 .push_bind(*lsn);
         }
-        q.push(" END WHERE order_id IN (");
+        q.push(" END WHERE node = ")
+            .push_bind(node)
+            .push(" AND order_id IN (");
         let mut ids = q.separated(", ");
         for (entry, _) in chunk {
             ids.push_bind(entry.order_id.as_str());
@@ -373,10 +390,11 @@ pub(crate) async fn project(
     }
     for chunk in events.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO outbox (seq, type, order_id, at_ms, total_cents, currency) ",
+            "INSERT INTO outbox (node, seq, type, order_id, at_ms, total_cents, currency) ",
         );
         q.push_values(chunk, |mut row, event| {
-            row.push_bind(event.seq as i64)
+            row.push_bind(node)
+                .push_bind(event.seq as i64)
                 .push_bind(event.status.event_type())
                 .push_bind(event.order_id.as_str())
                 .push_bind(event.at_ms)
@@ -387,9 +405,11 @@ pub(crate) async fn project(
     }
     let deltas: Vec<_> = deltas.into_iter().collect();
     for chunk in deltas.stable_chunks() {
-        let mut q = QueryBuilder::<MySql>::new("INSERT INTO inventory (sku, reserved, sold) ");
+        let mut q =
+            QueryBuilder::<MySql>::new("INSERT INTO inventory (node, sku, reserved, sold) ");
         q.push_values(chunk, |mut row, (sku, (reserved, sold))| {
-            row.push_bind(sku.as_str())
+            row.push_bind(node)
+                .push_bind(sku.as_str())
                 .push_bind(*reserved)
                 .push_bind(*sold);
         });
