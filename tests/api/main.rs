@@ -12,6 +12,7 @@ mod idempotency_attack;
 mod lifecycle;
 mod mysql;
 mod mysql_attack;
+mod node_logs;
 mod payments;
 mod per_core_attack;
 mod redis_outage;
