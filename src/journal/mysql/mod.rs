@@ -593,11 +593,6 @@ impl MySqlJournal {
     pub fn pool(&self) -> &MySqlPool {
         &self.pool
     }
-
-    /// The node whose log this journal is.
-    pub fn node(&self) -> &str {
-        &self.node
-    }
 }
 
 /// The node whose log a journal opened with `config` is: decided before (see
