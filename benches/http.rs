@@ -49,6 +49,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         HttpClient::new(ClientOptions::signed_webhooks()).expect("client"),
     );
     let state = Arc::new(AppState {
+        cluster: None,
         engine,
         journal,
         carts: Carts::Memory(CartStore::new(3_600_000, 1_000_000).expect("carts")),

@@ -65,6 +65,7 @@ pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T
 pub mod api;
 pub mod app;
 pub mod backoff;
+pub mod cluster;
 pub mod config;
 pub mod connections;
 pub mod data_dir;

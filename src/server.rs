@@ -18,6 +18,7 @@
 
 use crate::api;
 use crate::app::{self, AppState};
+use crate::cluster::{self, Cluster};
 use crate::config::{RuntimeKind, ServeConfig};
 use crate::connections::{self, ConnectionLimits};
 use crate::data_dir::{self, DataDirError};
@@ -86,6 +87,9 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// Several nodes: the cluster's tables in MySQL could not be read or written at start.
+    #[error("several nodes: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     /// A socket, the runtime or a signal handler failed.
     #[error("{context}: {source}")]
     Io {
@@ -192,12 +196,24 @@ async fn serve(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
     let node = node_name(&config).await?;
+    let cluster = match (&config.cluster, &config.mysql) {
+        (Some(cluster), Some(mysql)) => Some(Arc::new(Cluster::new(cluster.clone(), mysql)?)),
+        _ => None,
+    };
     let Opened {
         journal,
-        state,
+        mut state,
         mysql_pool,
         file_cursor,
     } = open_journal(&config, &node).await?;
+    if let Some(cluster) = &cluster {
+        // Several nodes: the catalogue is MySQL's, and this node's stock of each SKU its lease.
+        state.products = cluster::catalogue::at_start(cluster)
+            .await?
+            .into_iter()
+            .map(|product| (product.sku.clone(), product))
+            .collect();
+    }
     let engine = build_engine(&config, workers, &state)?;
     drop(state);
     let payments = build_payments(&config)?;
@@ -213,6 +229,7 @@ async fn serve(
             payments,
             relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
             node,
+            cluster: cluster.clone(),
         },
     );
     let listeners = bind_listeners(&config, workers, placement)?;
@@ -221,6 +238,10 @@ async fn serve(
         source,
     })?;
     simulator.set_webhook_target(local, tls.is_some());
+    let cluster = match cluster {
+        Some(cluster) => Some(join_cluster(&config, &app, cluster, local, tls.is_some()).await?),
+        None => None,
+    };
     announce(&config, &app, local, tls.is_some());
     // Installed before the ready line: from that line on, SIGTERM is a clean stop.
     let stop = stop_signal();
@@ -252,6 +273,7 @@ async fn serve(
         relay,
         redis,
         journal,
+        cluster,
         checkouts_bound: config.gateway_timeout + config.journal_timeout,
         checkouts_max: config.checkouts_in_flight_max,
     })
@@ -267,6 +289,7 @@ struct AppParts {
     payments: Payments,
     relay: Option<Arc<Relay>>,
     node: String,
+    cluster: Option<Arc<Cluster>>,
 }
 
 fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
@@ -291,6 +314,7 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         ),
         node: parts.node,
         admin_token: config.admin_token.clone(),
+        cluster: parts.cluster,
     })
 }
 
@@ -392,6 +416,10 @@ async fn node_name(config: &ServeConfig) -> Result<String, ServeError> {
         ),
         source,
     };
+    // Several nodes: the node's name is its --node-id, in MySQL as on its disk.
+    if let Some(cluster) = &config.cluster {
+        return Ok(cluster.node_id.clone());
+    }
     let mysql = match &config.mysql {
         Some(mysql) if !config.mysql_write_behind => mysql,
         _ => return data_dir::node_name(&config.data_dir).map_err(io),
@@ -638,6 +666,54 @@ async fn run_listeners(
     }
 }
 
+/// Several nodes: this node's part and its tasks (renewal, catalogue, leases), stopped together.
+struct RunningCluster {
+    cluster: Arc<Cluster>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// Joins the cluster once the listener is bound (where the others reach this node is known):
+/// registers, then starts the renewal, the catalogue's follower and the lease keeper.
+async fn join_cluster(
+    config: &ServeConfig,
+    app: &Arc<AppState>,
+    cluster: Arc<Cluster>,
+    local: std::net::SocketAddr,
+    tls: bool,
+) -> Result<RunningCluster, ServeError> {
+    cluster.bound(local, tls);
+    let mode = if config.mysql_write_behind {
+        "write-behind"
+    } else {
+        "mysql"
+    };
+    cluster::registry::register(&cluster, mode).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let tasks = vec![
+        tokio::spawn(cluster::registry::renew(
+            Arc::clone(&cluster),
+            Arc::clone(app),
+            stopped.clone(),
+        )),
+        tokio::spawn(cluster::catalogue::follow(
+            Arc::clone(&cluster),
+            Arc::clone(app),
+            stopped.clone(),
+        )),
+        tokio::spawn(cluster::leases::keep(
+            Arc::clone(&cluster),
+            Arc::clone(app),
+            stopped,
+        )),
+    ];
+    Ok(RunningCluster {
+        cluster,
+        stop,
+        tasks,
+    })
+}
+
 /// What is still running once the listeners have stopped.
 struct Stopping {
     app: Arc<AppState>,
@@ -646,6 +722,7 @@ struct Stopping {
     relay: Option<RunningRelay>,
     redis: Option<RunningRedis>,
     journal: Arc<dyn Journal>,
+    cluster: Option<RunningCluster>,
     /// How long a checkout still running may take to finish.
     checkouts_bound: Duration,
     /// `--checkouts-in-flight-max`: the permits every running checkout holds one of.
@@ -688,6 +765,9 @@ async fn shutdown(parts: Stopping) {
             "checkouts still running at shutdown; the journal's recovery settles them at the next start"
         );
     }
+    if let Some(running) = parts.cluster {
+        leave_cluster(&parts.app, running).await;
+    }
     if let Some((store, tasks)) = parts.redis {
         store.stop();
         for task in tasks {
@@ -698,6 +778,26 @@ async fn shutdown(parts: Stopping) {
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     parts.journal.shutdown().await;
+}
+
+/// Several nodes, at SIGTERM once the checkouts have finished: the lease keeper and the
+/// catalogue's follower stop, every unsold unit goes back to the pool, and the node's row says it
+/// left (so no reaper takes it for dead).
+async fn leave_cluster(app: &AppState, running: RunningCluster) {
+    let _ = running.stop.send(true);
+    for task in running.tasks {
+        let _ = task.await;
+    }
+    let cluster = &running.cluster;
+    match cluster::leases::give_back_all(cluster, &app.engine).await {
+        Ok(units) => tracing::info!(units, "gave this node's unsold units back to the pool"),
+        Err(error) => {
+            tracing::warn!(%error, "could not give every unsold unit back to the pool; they stay in this node's lease until it starts again")
+        }
+    }
+    if let Err(error) = cluster::registry::leave(cluster, &app.engine).await {
+        tracing::warn!(%error, "could not mark this node as left in cluster_nodes");
+    }
 }
 
 /// The listening sockets: one for the shared runtime, one per worker for the per-core one.

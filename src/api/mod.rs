@@ -45,6 +45,7 @@ pub const ROUTES: &[&str] = &[
     "/readyz",
     "/metrics",
     "/v1/admin/payments",
+    "/v1/cluster",
 ];
 
 /// The router with every route of API.md.
@@ -65,6 +66,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/v1/cluster", get(ops::cluster))
         .route("/v1/admin/payments", get(admin::payments))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
@@ -333,6 +335,40 @@ impl From<AppError> for ApiError {
             AppError::Engine(error) => error.into(),
             AppError::Commit(error) => error.into(),
             error @ AppError::ForeignPayment { .. } => Self::invalid(error.to_string()),
+            AppError::Cluster(error) => error.into(),
+        }
+    }
+}
+
+/// Several nodes' bookkeeping in MySQL, as HTTP.
+impl From<crate::cluster::ClusterError> for ApiError {
+    fn from(error: crate::cluster::ClusterError) -> Self {
+        use crate::cluster::ClusterError;
+        match error {
+            ClusterError::BelowCommitted {
+                requested,
+                committed,
+            } => EngineError::StockBelowCommitted {
+                requested,
+                committed,
+            }
+            .into(),
+            error @ (ClusterError::Database { .. } | ClusterError::Journal(_)) => {
+                tracing::warn!(%error, "the cluster's tables in MySQL are unavailable");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "journal_unavailable",
+                    format!("MySQL cannot record the change now ({error}); retry later"),
+                )
+                .retry_after(1)
+            }
+            error @ ClusterError::Fenced(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal_unavailable",
+                format!("{error}; nothing was changed, retry on another node"),
+            )
+            .retry_after(1),
+            error @ ClusterError::Unreadable { .. } => Self::internal(error.to_string()),
         }
     }
 }

@@ -28,6 +28,12 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     if let Some(store) = state.carts.store() {
         checks.push(("redis", store.check()));
     }
+    // Several nodes: a fenced node, or one that cannot renew its leases, takes no checkouts.
+    if let Some(cluster) = &state.cluster {
+        let unready = cluster.unready();
+        ready &= unready.is_none();
+        checks.push(("cluster", unready.map_or(Ok(()), Err)));
+    }
     // The gateway too: payments owed are retried when it is back.
     if let Some(check) = state.gateway.check() {
         checks.push(("gateway", check));
@@ -50,6 +56,18 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     )
 }
 
+/// `GET /v1/cluster`: the nodes, their leases and the pool (several nodes; `404` on a node that
+/// runs alone).
+pub(super) async fn cluster(State(state): State<Shared>) -> Result<Response, super::ApiError> {
+    let Some(cluster) = &state.cluster else {
+        return Err(super::ApiError::not_found(
+            "this node runs alone (no --node-id): there is no cluster to show",
+        ));
+    };
+    let view = crate::cluster::registry::view(cluster).await?;
+    Ok(json(StatusCode::OK, &view))
+}
+
 /// The server's metrics, read at scrape time from the atomics the request path updates.
 struct ServerMetrics(Shared);
 
@@ -69,6 +87,9 @@ impl Collector for ServerMetrics {
         }
         if let Some(store) = state.carts.store() {
             store.encode_metrics(&mut encoder)?;
+        }
+        if let Some(cluster) = &state.cluster {
+            cluster.encode_metrics(&state.engine, &mut encoder)?;
         }
         crate::metrics::encode_counter(
             &mut encoder,

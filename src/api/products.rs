@@ -88,9 +88,11 @@ pub(super) async fn get_product(
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let sku = path_id(raw, Sku::parse)?;
-    let (product, view) = state
-        .engine
-        .product(&sku)
-        .ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
+    let found = match &state.cluster {
+        // Several nodes: the whole shop's counters.
+        Some(cluster) => crate::cluster::catalogue::shop_view(cluster, &state.engine, &sku),
+        None => state.engine.product(&sku),
+    };
+    let (product, view) = found.ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
     Ok(render(&product, view))
 }

@@ -300,7 +300,25 @@ pub async fn place(
         }
     };
 
-    let reservation = match app.engine.reserve(&lines) {
+    let mut reserved = app.engine.reserve(&lines);
+    // Several nodes: a lease run dry while the pool has units is refilled, and tried again
+    // (within REFILL_WAIT). A pool known empty costs one atomic load here: the sold-out flood
+    // stays in memory.
+    if let Some(cluster) = &app.cluster {
+        let deadline = tokio::time::Instant::now() + crate::cluster::REFILL_WAIT;
+        while let Err(EngineError::OutOfStock { sku }) = &reserved {
+            let units = lines
+                .iter()
+                .filter(|(line, _)| line == sku)
+                .map(|(_, quantity)| quantity.get())
+                .sum();
+            if !cluster.refill(sku, units, deadline).await {
+                break;
+            }
+            reserved = app.engine.reserve(&lines);
+        }
+    }
+    let reservation = match reserved {
         Ok(reservation) => reservation,
         Err(EngineError::OutOfStock { sku }) => {
             let error = || EngineError::OutOfStock { sku: sku.clone() };

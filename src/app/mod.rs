@@ -81,6 +81,8 @@ pub struct AppState {
     pub node: String,
     /// The operations desk's bearer token; `None`: `/v1/admin/...` answers 404.
     pub admin_token: Option<String>,
+    /// Several nodes (`--node-id`): this node's part; `None`: one node.
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
     /// The bytes of answers not sent yet, across all connections (`--response-bytes-max`): the
     /// connections count them, `/metrics` shows them.
     pub response_budget: &'static crate::connections::ResponseBudget,

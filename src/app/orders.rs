@@ -29,6 +29,9 @@ pub enum AppError {
         /// The order named.
         order_id: OrderId,
     },
+    /// Several nodes: the shared catalogue in MySQL refused or did not answer.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 /// An order: from memory while it is live, else from the store past `--order-retention` (MySQL;
@@ -59,6 +62,10 @@ pub async fn cancel(app: &Shared, order_id: &OrderId) -> Result<(Order, bool), A
 
 /// Creates a product or changes its name, price or stock (never below what is reserved or sold).
 pub async fn put_product(app: &Shared, product: Product) -> Result<(Product, StockView), AppError> {
+    // Several nodes: the catalogue is MySQL's, and this node's stock is its lease.
+    if let Some(cluster) = &app.cluster {
+        return Ok(crate::cluster::catalogue::put(cluster, &app.engine, product).await?);
+    }
     let change = prepare_when_free(app, || app.engine.prepare_product(product.clone())).await?;
     match commit(app, change, |_, _| {}).await? {
         Applied::Product(product, view) => Ok((product, view)),

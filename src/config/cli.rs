@@ -333,6 +333,18 @@ pub struct ServeArgs {
     /// Bearer token of the operations desk (/v1/admin/...; without it those paths answer 404); set, only /metrics, /readyz and /healthz asked with it may use the reserve past --response-bytes-max
     #[arg(long, env = "TURNSTILE_ADMIN_TOKEN", value_name = "T", value_parser = non_empty, hide_env_values = true)]
     pub admin_token: Option<String>,
+    /// Several nodes selling one stock: this node's name, 1-63 characters [a-z0-9-] (a DNS label, like a pod name); needs --mysql-url, --redis-url and --cluster-secret
+    #[arg(long, env = "TURNSTILE_NODE_ID", value_name = "NAME", value_parser = node_id)]
+    pub node_id: Option<String>,
+    /// With --node-id: where the other nodes reach this one (default http://<--listen>; never an unspecified address such as 0.0.0.0)
+    #[arg(long, env = "TURNSTILE_ADVERTISE_URL", value_name = "URL")]
+    pub advertise_url: Option<String>,
+    /// With --node-id: the key that signs every call between nodes (the same on every node; it never travels)
+    #[arg(long, env = "TURNSTILE_CLUSTER_SECRET", value_name = "S", value_parser = non_empty, hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// With --node-id: a node that has not renewed its leases for this long is presumed dead
+    #[arg(long, env = "TURNSTILE_LEASE_TTL", default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub lease_ttl: Duration,
     /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)
     #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -349,6 +349,73 @@ mod tests {
     }
 
     #[test]
+    fn several_nodes_need_their_companions_and_a_reachable_address() {
+        // Proves: --node-id names whatever it lacks (MySQL, Redis, the cluster secret), refuses a
+        // name that is not a DNS label, an unspecified address to advertise, --redis-optional and
+        // a lease too short to renew; its companions without it are refused; a full set works.
+        let _guard = ENV.lock().unwrap_or_else(|e| e.into_inner());
+        let text = message(serve(&["--node-id", "node-1"]).unwrap_err());
+        for missing in ["--mysql-url", "--redis-url", "--cluster-secret"] {
+            assert!(text.contains(missing), "{text}");
+        }
+        let full = [
+            "--node-id",
+            "node-1",
+            "--mysql-url",
+            "mysql://root@127.0.0.1:3306/test",
+            "--redis-url",
+            "redis://127.0.0.1:6379",
+            "--cluster-secret",
+            "s3cret",
+        ];
+        let config = serve(&full).unwrap();
+        let cluster = config.cluster.expect("a cluster config");
+        assert_eq!(cluster.node_id, "node-1");
+        assert_eq!(cluster.advertise_url, None, "known once bound");
+        assert_eq!(cluster.lease_ttl, Duration::from_secs(10));
+        for bad in [
+            "--node-id=Node-1",
+            "--node-id=-node",
+            "--node-id=node_1",
+            "--node-id=node-",
+            "--node-id=",
+        ] {
+            let mut args = full[2..].to_vec();
+            args.push(bad);
+            let text = message(serve(&args).unwrap_err());
+            assert!(text.contains("--node-id"), "{bad:?}: {text}");
+        }
+        let with = |extra: &[&str]| {
+            let mut args = full.to_vec();
+            args.extend_from_slice(extra);
+            serve(&args)
+        };
+        let text = message(with(&["--listen", "0.0.0.0:8080"]).unwrap_err());
+        assert!(text.contains("--advertise-url"), "{text}");
+        let text = message(with(&["--advertise-url", "http://0.0.0.0:8080"]).unwrap_err());
+        assert!(text.contains("unspecified"), "{text}");
+        let given = with(&[
+            "--listen",
+            "0.0.0.0:8080",
+            "--advertise-url",
+            "http://turnstile-0.turnstile:8080/",
+        ])
+        .unwrap();
+        assert_eq!(
+            given.cluster.and_then(|c| c.advertise_url).as_deref(),
+            Some("http://turnstile-0.turnstile:8080")
+        );
+        let text = message(with(&["--redis-optional"]).unwrap_err());
+        assert!(text.contains("--redis-optional"), "{text}");
+        let text = message(with(&["--lease-ttl", "1s"]).unwrap_err());
+        assert!(text.contains("--lease-ttl"), "{text}");
+        let text = message(serve(&["--cluster-secret", "s"]).unwrap_err());
+        assert!(text.contains("needs --node-id"), "{text}");
+        let text = message(serve(&["--advertise-url", "http://10.0.0.1:8080"]).unwrap_err());
+        assert!(text.contains("needs --node-id"), "{text}");
+    }
+
+    #[test]
     fn redis_lock_and_optional_and_the_admin_token_are_checked() {
         // Proves: --redis-optional without Redis, a lock shorter than a checkout may take, and a
         // weak admin token are refused naming the option (and the token itself never shown).

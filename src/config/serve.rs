@@ -95,6 +95,8 @@ pub struct ServeConfig {
     pub redis_optional: bool,
     /// The operations desk's bearer token; `None`: `/v1/admin/...` answers 404.
     pub admin_token: Option<String>,
+    /// One node of several selling one stock (`--node-id`); `None`: one node.
+    pub cluster: Option<crate::cluster::ClusterConfig>,
 }
 
 /// The shortest retention that keeps the contract's promises: longer than a checkout can take
@@ -160,6 +162,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         )));
     }
     check_retentions(&args).map_err(CliError::Config)?;
+    let cluster = cluster_config(&args).map_err(CliError::Config)?;
     if let Some(token) = &args.admin_token {
         // Checked here, not by clap, so a refusal never echoes the token.
         if token.len() < 16 || token.len() > 256 || !token.bytes().all(|b| b.is_ascii_graphic()) {
@@ -205,6 +208,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         mysql.batch_records_max = args.journal_batch_max as usize;
         mysql.lag_max = args.mysql_lag_max;
         mysql.statement_timeout = args.mysql_timeout;
+        mysql.node_id = args.node_id.clone();
         mysql
     });
     let tls = match (args.tls_cert, args.tls_key) {
@@ -263,5 +267,66 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         response_bytes_max: usize::try_from(args.response_bytes_max).unwrap_or(usize::MAX),
         redis_optional: args.redis_optional,
         admin_token: args.admin_token,
+        cluster,
     })
+}
+
+/// `--node-id` and its companions: what several nodes need is all there, and nothing of theirs
+/// is given to one node, where it would do nothing.
+fn cluster_config(args: &ServeArgs) -> Result<Option<crate::cluster::ClusterConfig>, ConfigError> {
+    let Some(node_id) = &args.node_id else {
+        for (option, given) in [
+            ("--advertise-url", args.advertise_url.is_some()),
+            ("--cluster-secret", args.cluster_secret.is_some()),
+        ] {
+            if given {
+                return Err(ConfigError(format!(
+                    "{option} needs --node-id (it configures one node of several)"
+                )));
+            }
+        }
+        return Ok(None);
+    };
+    let missing: Vec<&str> = [
+        ("--mysql-url", args.mysql_url.is_none()),
+        ("--redis-url", args.redis_url.is_none()),
+        ("--cluster-secret", args.cluster_secret.is_none()),
+    ]
+    .into_iter()
+    .filter_map(|(option, absent)| absent.then_some(option))
+    .collect();
+    if !missing.is_empty() {
+        return Err(ConfigError(format!(
+            "--node-id needs {} (several nodes share their stock in MySQL, their idempotency keys in Redis, and sign their calls to each other with the cluster secret)",
+            missing.join(", ")
+        )));
+    }
+    if args.redis_optional {
+        return Err(ConfigError(
+            "--redis-optional is for one node only: with --node-id a checkout never runs without a guard that covers every node".into(),
+        ));
+    }
+    if args.lease_ttl < Duration::from_secs(2) {
+        return Err(ConfigError(format!(
+            "--lease-ttl {} is too short: at least 2s (a node renews every fifth of it, and a busy node must not be presumed dead)",
+            humantime::format_duration(args.lease_ttl)
+        )));
+    }
+    let advertise_url = match &args.advertise_url {
+        Some(url) => Some(check_advertise_url(url)?),
+        None if args.listen.ip().is_unspecified() => {
+            return Err(ConfigError(format!(
+                "--listen {} is an unspecified address, which no other node can reach: give --advertise-url with this node's own address or DNS name",
+                args.listen
+            )))
+        }
+        // Known once the listener is bound (`--listen` may name port 0).
+        None => None,
+    };
+    Ok(Some(crate::cluster::ClusterConfig {
+        node_id: node_id.clone(),
+        advertise_url,
+        secret: args.cluster_secret.clone().unwrap_or_default(),
+        lease_ttl: args.lease_ttl,
+    }))
 }

@@ -33,6 +33,49 @@ pub(super) fn positive_duration(raw: &str) -> Result<Duration, String> {
     Ok(parsed)
 }
 
+/// A node's name (`--node-id`): a DNS label, 1-63 characters of `[a-z0-9-]`, neither starting
+/// nor ending with `-` (a pod's name is one).
+pub(super) fn node_id(raw: &str) -> Result<String, String> {
+    let fits = (1..=63).contains(&raw.len())
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !raw.starts_with('-')
+        && !raw.ends_with('-');
+    if !fits {
+        return Err(
+            "must be 1 to 63 characters of a-z, 0-9 and -, not starting or ending with - (a DNS label, like a pod name)"
+                .into(),
+        );
+    }
+    Ok(raw.to_owned())
+}
+
+/// Where the other nodes reach this one (`--advertise-url`): an HTTP base URL whose host another
+/// machine can dial, so never an unspecified address (`0.0.0.0`, `[::]`).
+pub fn check_advertise_url(raw: &str) -> Result<String, ConfigError> {
+    let url = check_http_url("--advertise-url", raw)?;
+    let uri: hyper::Uri = url
+        .parse()
+        .map_err(|_| ConfigError("--advertise-url is not a URL".into()))?;
+    let host = uri.host().unwrap_or_default();
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host
+        .parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.is_unspecified())
+    {
+        return Err(ConfigError(format!(
+            "--advertise-url {url} names an unspecified address, which no other node can reach: give this node's own address or DNS name (with --listen 0.0.0.0:PORT, set --advertise-url http://<pod or host name>:PORT)"
+        )));
+    }
+    if uri.path() != "/" && !uri.path().is_empty() {
+        return Err(ConfigError(format!(
+            "--advertise-url {url} must be a base URL without a path (http://host:port)"
+        )));
+    }
+    Ok(url)
+}
+
 pub(super) fn non_empty(raw: &str) -> Result<String, String> {
     if raw.is_empty() {
         return Err("must not be empty".into());
@@ -138,9 +181,15 @@ pub(super) fn amqp_name(raw: &str) -> Result<String, String> {
 /// is: the start-up line, errors, `/readyz`), no query or fragment (a token there would be too,
 /// and the calls' paths are appended to it). Returns the URL without a trailing `/`.
 pub fn check_gateway_url(raw: &str) -> Result<String, ConfigError> {
+    check_http_url("--gateway-url", raw)
+}
+
+/// Checks an `http://` or `https://` base URL given to `option` (no query, fragment or
+/// credentials, a host, a port in range); gives it back without a trailing `/`.
+fn check_http_url(option: &str, raw: &str) -> Result<String, ConfigError> {
     let refuse = |why: &str| {
         ConfigError(format!(
-            "--gateway-url {why} (the value given is not shown); give http://host:port or https://host"
+            "{option} {why} (the value given is not shown); give http://host:port or https://host"
         ))
     };
     if !raw.starts_with("http://") && !raw.starts_with("https://") {

@@ -670,6 +670,17 @@ impl Inventory {
         Ok(entry.view())
     }
 
+    /// Adds `units` to a SKU's stock, available at once (a stock lease's block, taken from the
+    /// pool several nodes share). Callers serialise changes per SKU.
+    pub fn grow(&self, index: SkuIndex, units: i64) {
+        if units <= 0 {
+            return;
+        }
+        let entry = self.table.get(index);
+        entry.stock.fetch_add(units, Ordering::AcqRel);
+        entry.give_back(home_shard(self.shard_count), units);
+    }
+
     /// A consistent reading of one SKU's counters.
     pub fn view(&self, index: SkuIndex) -> StockView {
         self.table.get(index).view()

@@ -442,6 +442,33 @@ impl Engine {
         })
     }
 
+    /// Several nodes: a product as the shared catalogue defines it now. Its definition (name,
+    /// price, the shop's stock) replaces the one kept; this node's units for sale are its lease
+    /// ([`crate::cluster::leases`]), untouched here: a SKU new to this node starts with none.
+    pub fn catalogue_product(&self, product: Product) {
+        let mut products = lock(&self.products[shard_index(&product.sku)]);
+        match products.get_mut(&product.sku) {
+            Some(ProductEntry {
+                durable: Some((kept, _)),
+                ..
+            }) => {
+                if *kept != product {
+                    *kept = product;
+                }
+            }
+            _ => {
+                let index = self.inventory.add(&product.sku, 0, 0, 0);
+                products.insert(
+                    product.sku.clone(),
+                    ProductEntry {
+                        durable: Some((product, index)),
+                        busy: false,
+                    },
+                );
+            }
+        }
+    }
+
     /// A product and a consistent reading of its stock (durable products only).
     pub fn product(&self, sku: &Sku) -> Option<(Product, StockView)> {
         let products = lock(&self.products[shard_index(sku)]);

@@ -1,6 +1,7 @@
 //! HTTP tests: the real `turnstile` binary on a free port, driven over real HTTP.
 
 mod amqp;
+mod cluster;
 mod crash;
 mod durability;
 mod edges;

@@ -1,0 +1,386 @@
+//! Stock leases: how a node takes units from the pool, sells them in memory, and gives back what
+//! it does not sell.
+//!
+//! **The mechanism.** `stock_leases.units` (per node and SKU) is the truth of what a node was
+//! given: sold, held and for sale together. The engine's stock of a SKU on this node is that
+//! lease, never more: at start it is rebuilt with exactly `units` ([`super::catalogue::at_start`]);
+//! a **grant** is one MySQL transaction first (the pool's row taken under a guarded `UPDATE ...
+//! WHERE pool >= n`, so no grant takes more than the pool holds, and `units += n`), and only once
+//! it committed are the units added to the engine's shards; a **return** takes the units out of
+//! the shards first (held, so no checkout can sell them meanwhile), then gives them to the pool in
+//! one transaction (`units -= n`, `pool += n`), and only once it committed are they retired from
+//! the engine (on failure they are put back for sale). So at every moment the engine's stock is
+//! at most the lease MySQL holds, and the units MySQL counts as this node's are a superset of what
+//! it may sell: a crash between the two steps strands nothing (the restart rebuilds the engine
+//! from MySQL's `units`) and sells nothing twice. Every lease transaction first checks this
+//! node's epoch under a shared lock ([`fenced`]): a node taken over (its epoch moved) takes and
+//! gives nothing more.
+//!
+//! **Sizes.** The keeper looks at every SKU every [`TICK`]. It measures the rate at which this
+//! node's units are taken (an exponentially weighted average of held plus sold units per second)
+//! and aims to hold about one [`HORIZON`] of sales for sale: it refills once it holds less than
+//! half of that (so one MySQL round trip serves many sales, and a flood finds units already in
+//! memory), at least [`BLOCK_MIN`] units, never more than an even share of a small pool (so the
+//! end of a sale is not stranded on one node). A checkout that finds the lease dry while the pool
+//! has units asks for a refill at once and waits for it briefly ([`super::Cluster::refill`]). A
+//! SKU sold nothing for [`IDLE`] gives back everything it holds for sale; a lease far above its
+//! aim gives back the excess; a lowered stock's recall and another node's hunger (dry, with an
+//! empty pool, buyers waiting) take units back too. On SIGTERM everything unsold goes back
+//! ([`give_back_all`]).
+
+use super::{db, registry::DB_NOW_MS, Cluster, ClusterError, PoolSignal};
+use crate::domain::Sku;
+use crate::engine::inventory::SkuIndex;
+use crate::engine::Engine;
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// How often the keeper looks at every SKU (memory only, unless a lease must move).
+pub const TICK: Duration = Duration::from_millis(50);
+
+/// How much selling time a lease aims to hold.
+pub const HORIZON: Duration = Duration::from_secs(1);
+
+/// The smallest block taken.
+pub const BLOCK_MIN: i64 = 4;
+
+/// The largest block taken.
+pub const BLOCK_MAX: i64 = 1_000_000;
+
+/// A SKU that sold nothing for this long gives back every unit it holds for sale.
+pub const IDLE: Duration = Duration::from_secs(3);
+
+/// A node's hunger is heeded this long after it was said.
+const HUNGER_HEARD_MS: i64 = 1_000;
+
+/// How often, at most, a node says it is hungry for one SKU.
+const HUNGER_EVERY: Duration = Duration::from_millis(300);
+
+/// What the keeper remembers of one SKU between ticks.
+struct Kept {
+    /// Held plus sold units at the last tick.
+    taken: i64,
+    /// Units taken per second (weighted average).
+    rate: f64,
+    /// When units were last taken.
+    last_sale: Instant,
+    /// When this node last said it was hungry.
+    hungry_said: Option<Instant>,
+    /// When this node last gave units back for another's hunger.
+    hunger_heeded: Option<Instant>,
+}
+
+/// Checks, inside a lease transaction, that this node still has the epoch it registered with
+/// (a shared lock on its row: a takeover's update waits for this transaction, and this one sees
+/// its result).
+async fn fenced(
+    tx: &mut sqlx::MySqlConnection,
+    node: &str,
+    epoch: u64,
+) -> Result<bool, sqlx::Error> {
+    let current: Option<u64> = sqlx::query_scalar(
+        "SELECT epoch FROM cluster_nodes WHERE node_id = ? AND state IN ('live', 'left') LOCK IN SHARE MODE",
+    )
+    .bind(node)
+    .fetch_optional(&mut *tx)
+    .await?;
+    Ok(current != Some(epoch))
+}
+
+/// Takes up to `want` units of `sku` from the pool into this node's lease (in MySQL only);
+/// gives back how many it took (0: the pool is empty) and the pool left.
+async fn grant(cluster: &Cluster, sku: &Sku, want: i64) -> Result<(i64, i64), ClusterError> {
+    let (node, epoch) = (
+        cluster.node().to_owned(),
+        cluster.epoch.load(Ordering::Acquire),
+    );
+    let sku_text = sku.as_str().to_owned();
+    let outcome = crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+        if fenced(&mut tx, &node, epoch).await? {
+            None
+        } else {
+            let pool: i64 =
+                sqlx::query_scalar("SELECT pool FROM stock_pool WHERE sku = ? FOR UPDATE")
+                    .bind(&sku_text)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                    .unwrap_or(0);
+            let take = want.min(pool).max(0);
+            if take > 0 {
+                // Guarded: never more than the pool holds, whatever was read above.
+                let taken = sqlx::query(
+                    "UPDATE stock_pool SET pool = pool - ? WHERE sku = ? AND pool >= ?",
+                )
+                .bind(take)
+                .bind(&sku_text)
+                .bind(take)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if taken == 1 {
+                    sqlx::query(
+                        "INSERT INTO stock_leases (node_id, sku, units) VALUES (?, ?, ?) \
+                         ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+                    )
+                    .bind(&node)
+                    .bind(&sku_text)
+                    .bind(take)
+                    .execute(&mut *tx)
+                    .await?;
+                    Some((take, pool - take))
+                } else {
+                    Some((0, pool))
+                }
+            } else {
+                Some((0, pool))
+            }
+        }
+    })
+    .await
+    .map_err(db("taking a lease block from stock_pool"))?;
+    outcome.ok_or_else(|| {
+        cluster.fenced.store(true, Ordering::Release);
+        ClusterError::Fenced(cluster.node().to_owned())
+    })
+}
+
+/// Gives `units` of this node's lease of `sku` back to the pool (in MySQL only), paying a recall
+/// first. The caller has taken them out of the engine's shards.
+async fn give(cluster: &Cluster, sku: &Sku, units: i64) -> Result<(), ClusterError> {
+    let (node, epoch) = (
+        cluster.node().to_owned(),
+        cluster.epoch.load(Ordering::Acquire),
+    );
+    let sku_text = sku.as_str().to_owned();
+    let done = crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+        if fenced(&mut tx, &node, epoch).await? {
+            false
+        } else {
+            let moved = sqlx::query(
+                "UPDATE stock_leases SET units = units - ? WHERE node_id = ? AND sku = ? AND units >= ?",
+            )
+            .bind(units)
+            .bind(&node)
+            .bind(&sku_text)
+            .bind(units)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if moved == 1 {
+                sqlx::query(
+                    "UPDATE stock_pool SET pool = pool + ?, recall = GREATEST(recall - ?, 0) WHERE sku = ?",
+                )
+                .bind(units)
+                .bind(units)
+                .bind(&sku_text)
+                .execute(&mut *tx)
+                .await?;
+            }
+            moved == 1
+        }
+    })
+    .await
+    .map_err(db("giving lease units back to stock_pool"))?;
+    if done {
+        Ok(())
+    } else {
+        cluster.fenced.store(true, Ordering::Release);
+        Err(ClusterError::Fenced(cluster.node().to_owned()))
+    }
+}
+
+/// Takes a block into this node: MySQL first, then the engine's shards.
+async fn take_block(
+    cluster: &Cluster,
+    engine: &Engine,
+    sku: &Sku,
+    index: SkuIndex,
+    signal: &PoolSignal,
+    want: i64,
+) -> Result<i64, ClusterError> {
+    let (taken, pool_left) = grant(cluster, sku, want).await?;
+    signal.units.store(pool_left, Ordering::Release);
+    if taken > 0 {
+        engine.inventory().grow(index, taken);
+        cluster.grants.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(%sku, taken, pool_left, "lease block taken");
+    }
+    signal.refilled.notify_waiters();
+    Ok(taken)
+}
+
+/// Gives up to `units` unsold units of `sku` back: out of the shards, then MySQL, then retired
+/// (or put back for sale if MySQL did not take them). Gives back how many went.
+async fn give_block(
+    cluster: &Cluster,
+    engine: &Engine,
+    sku: &Sku,
+    index: SkuIndex,
+    units: i64,
+) -> Result<i64, ClusterError> {
+    let inventory = engine.inventory();
+    let mut units = units;
+    let hold = loop {
+        units = units.min(inventory.view(index).available);
+        if units <= 0 {
+            return Ok(0);
+        }
+        match inventory.reserve_one(index, units) {
+            Ok(hold) => break hold,
+            // Sold meanwhile: try fewer.
+            Err(_) => units -= 1,
+        }
+    };
+    match give(cluster, sku, units).await {
+        Ok(()) => {
+            inventory.retire(hold);
+            cluster.returns.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%sku, units, "lease units given back");
+            Ok(units)
+        }
+        Err(error) => {
+            inventory.release(hold);
+            Err(error)
+        }
+    }
+}
+
+/// Says in MySQL that this node's lease of `sku` is dry, the pool empty, and buyers waiting: the
+/// nodes holding unsold units give some back at their next look.
+async fn say_hungry(cluster: &Cluster, sku: &Sku) -> Result<(), ClusterError> {
+    let sku_text = sku.as_str().to_owned();
+    crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+        sqlx::query(&format!(
+            "UPDATE stock_pool SET hungry_at_ms = {DB_NOW_MS} WHERE sku = ?"
+        ))
+        .bind(&sku_text)
+        .execute(&mut *tx)
+        .await?;
+    })
+    .await
+    .map_err(db("saying a lease is dry in stock_pool"))
+}
+
+/// The keeper: every [`TICK`], or at once when a checkout finds a lease dry, looks at every SKU
+/// and moves leases as the module doc says, until `stop`.
+pub async fn keep(
+    cluster: Arc<Cluster>,
+    app: crate::app::Shared,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let kept = tokio::sync::Mutex::new((HashMap::<Sku, Kept>::new(), Instant::now()));
+    super::periodically(
+        "moving stock leases",
+        TICK,
+        Some(&cluster.wake),
+        stop,
+        || async {
+            let mut kept = kept.lock().await;
+            let (kept, last) = &mut *kept;
+            let now = Instant::now();
+            let elapsed = now.duration_since(*last).as_secs_f64().max(0.001);
+            *last = now;
+            tick(&cluster, &app.engine, kept, elapsed, now).await
+        },
+    )
+    .await;
+}
+
+async fn tick(
+    cluster: &Cluster,
+    engine: &Engine,
+    kept: &mut HashMap<Sku, Kept>,
+    elapsed: f64,
+    now: Instant,
+) -> Result<(), ClusterError> {
+    let signals = cluster.signals.load_full();
+    let shop = cluster.shop.load_full();
+    for (sku, signal) in signals.iter() {
+        let Some(index) = engine.inventory().lookup(sku) else {
+            continue;
+        };
+        let view = engine.inventory().view(index);
+        let taken = view.reserved + view.sold;
+        let entry = kept.entry(sku.clone()).or_insert(Kept {
+            taken,
+            rate: 0.0,
+            // Idle until a buyer comes: a SKU nobody buys here is not leased here.
+            last_sale: now.checked_sub(IDLE).unwrap_or(now),
+            hungry_said: None,
+            hunger_heeded: None,
+        });
+        let consumed = (taken - entry.taken).max(0);
+        entry.taken = taken;
+        if consumed > 0 {
+            entry.last_sale = now;
+        }
+        entry.rate = 0.7 * entry.rate + 0.3 * (consumed as f64 / elapsed);
+        let aim = ((entry.rate * HORIZON.as_secs_f64()).ceil() as i64).clamp(BLOCK_MIN, BLOCK_MAX);
+        let idle = now.duration_since(entry.last_sale) >= IDLE;
+        let wanted = signal.wanted.swap(false, Ordering::AcqRel);
+        let pool = signal.units.load(Ordering::Acquire);
+        let counts = shop.get(sku);
+        let recall = counts.map_or(0, |c| c.recall);
+        let hunger_heard = counts.is_some_and(|c| c.hungry_ms_ago < HUNGER_HEARD_MS)
+            && entry
+                .hungry_said
+                .is_none_or(|at| now.duration_since(at).as_millis() as i64 > HUNGER_HEARD_MS)
+            && entry
+                .hunger_heeded
+                .is_none_or(|at| now.duration_since(at).as_millis() as i64 > HUNGER_HEARD_MS);
+        if recall > 0 && view.available > 0 {
+            give_block(cluster, engine, sku, index, recall).await?;
+        } else if pool > 0 && (wanted || (!idle && view.available * 2 < aim)) {
+            let waiting = signal.waiting.load(Ordering::Acquire);
+            let mut want = (aim - view.available).max(waiting).max(BLOCK_MIN);
+            if pool < 3 * aim {
+                // An even share of a small pool, so the end of a sale is spread, not stranded.
+                want = want.min((pool + 2) / 3);
+            }
+            take_block(cluster, engine, sku, index, signal, want.max(1)).await?;
+        } else if view.available == 0 && signal.waiting.load(Ordering::Acquire) > 0 {
+            // Dry, the pool empty as last seen, buyers waiting, units left on other nodes: say
+            // so (at most every HUNGER_EVERY), so they give some back, and look at the pool
+            // meanwhile (a grant of what came back).
+            let said_lately = entry
+                .hungry_said
+                .is_some_and(|at| now.duration_since(at) < HUNGER_EVERY);
+            if !said_lately {
+                say_hungry(cluster, sku).await?;
+                entry.hungry_said = Some(now);
+            }
+            let want = signal.waiting.load(Ordering::Acquire).max(BLOCK_MIN);
+            take_block(cluster, engine, sku, index, signal, want).await?;
+        } else if view.available > 0 && idle {
+            give_block(cluster, engine, sku, index, view.available).await?;
+        } else if view.available > 3 * aim + BLOCK_MIN {
+            give_block(cluster, engine, sku, index, view.available - aim).await?;
+        } else if hunger_heard && view.available > 0 {
+            // Another node is dry and the pool empty: half of what this node holds goes back.
+            entry.hunger_heeded = Some(now);
+            give_block(cluster, engine, sku, index, (view.available + 1) / 2).await?;
+        } else if wanted {
+            signal.refilled.notify_waiters();
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM: every unsold unit of every lease goes back to the pool. Units held by orders still
+/// open stay in this node's lease.
+pub async fn give_back_all(cluster: &Cluster, engine: &Engine) -> Result<i64, ClusterError> {
+    let mut given = 0;
+    let signals = cluster.signals.load_full();
+    for sku in signals.keys() {
+        let Some(index) = engine.inventory().lookup(sku) else {
+            continue;
+        };
+        let available = engine.inventory().view(index).available;
+        if available > 0 {
+            given += give_block(cluster, engine, sku, index, available).await?;
+        }
+    }
+    Ok(given)
+}

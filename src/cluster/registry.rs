@@ -1,0 +1,249 @@
+//! Who runs: `cluster_nodes`, one row per node.
+//!
+//! A node registers at start (its URL, `state = 'live'`, one more on its `epoch`) and renews its
+//! row every fifth of `--lease-ttl` on a connection pool of its own, so a node busy with leases
+//! or a slow statement elsewhere is never presumed dead for it. Times are the database's clock
+//! (`NOW(3)`), so nodes' clocks never have to agree. A renewal is `UPDATE ... WHERE epoch = ours`:
+//! when it finds no row, another process registered as this node since (or a reaper presumed it
+//! dead and moved its epoch), and this node is fenced: it takes and gives back nothing more, and
+//! `/readyz` says so. A second live process with the same `--node-id` never gets that far: its
+//! journal's writer lock (one per node and database) refuses it at start.
+//!
+//! The renewal also reports this node's held and sold units per SKU (`stock_leases.reserved`,
+//! `.sold`), which every node's `GET /v1/products/{sku}` sums.
+
+use super::{db, Cluster, ClusterError};
+use crate::domain::Sku;
+use crate::engine::Engine;
+use serde::Serialize;
+use sqlx::Row;
+use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// The database's clock in Unix milliseconds, as SQL.
+pub(crate) const DB_NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
+
+/// Registers this node: its row made or taken over, its epoch moved on (fencing any earlier run of
+/// the same node still talking to the database).
+pub async fn register(cluster: &Cluster, mode: &str) -> Result<(), ClusterError> {
+    let node = cluster.node().to_owned();
+    let url = cluster.url().to_owned();
+    let mode = mode.to_owned();
+    let epoch: u64 = crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
+        sqlx::query(&format!(
+            "INSERT INTO cluster_nodes (node_id, url, epoch, state, mode, renewed_at_ms, started_at_ms) \
+             VALUES (?, ?, 1, 'live', ?, {DB_NOW_MS}, {DB_NOW_MS}) \
+             ON DUPLICATE KEY UPDATE url = VALUES(url), epoch = epoch + 1, state = 'live', \
+             mode = VALUES(mode), renewed_at_ms = VALUES(renewed_at_ms), started_at_ms = VALUES(started_at_ms)"
+        ))
+        .bind(&node)
+        .bind(&url)
+        .bind(&mode)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query_scalar::<_, u64>("SELECT epoch FROM cluster_nodes WHERE node_id = ?")
+            .bind(&node)
+            .fetch_one(&mut *tx)
+            .await?
+    })
+    .await
+    .map_err(db("registering the node in cluster_nodes"))?;
+    cluster.epoch.store(epoch, Ordering::Release);
+    cluster
+        .renewed_at_ms
+        .store(crate::time::now_ms(), Ordering::Release);
+    tracing::info!(node = %cluster.node(), url = %cluster.url(), epoch, "registered in the cluster");
+    Ok(())
+}
+
+/// One renewal: the row's time, and this node's counters of the SKUs it holds a lease of.
+async fn renew_once(cluster: &Cluster, engine: &Engine) -> Result<(), ClusterError> {
+    let node = cluster.node().to_owned();
+    let epoch = cluster.epoch.load(Ordering::Acquire);
+    let mut counts: Vec<(Sku, i64, i64)> = Vec::new();
+    for sku in cluster.signals.load().keys() {
+        if let Some((_, view)) = engine.product(sku) {
+            counts.push((sku.clone(), view.reserved, view.sold));
+        }
+    }
+    let renewed =
+        crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
+            let renewed = sqlx::query(&format!(
+                "UPDATE cluster_nodes SET renewed_at_ms = {DB_NOW_MS} \
+             WHERE node_id = ? AND epoch = ? AND state = 'live'"
+            ))
+            .bind(&node)
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
+                == 1;
+            if renewed {
+                for chunk in counts.chunks(500) {
+                    let mut sql = String::from(
+                        "INSERT INTO stock_leases (node_id, sku, units, reserved, sold) VALUES ",
+                    );
+                    for i in 0..chunk.len() {
+                        sql.push_str(if i == 0 {
+                            "(?, ?, 0, ?, ?)"
+                        } else {
+                            ", (?, ?, 0, ?, ?)"
+                        });
+                    }
+                    sql.push_str(
+                        " ON DUPLICATE KEY UPDATE reserved = VALUES(reserved), sold = VALUES(sold)",
+                    );
+                    let mut query = sqlx::query(&sql);
+                    for (sku, reserved, sold) in chunk {
+                        query = query
+                            .bind(&node)
+                            .bind(sku.as_str())
+                            .bind(reserved)
+                            .bind(sold);
+                    }
+                    query.execute(&mut *tx).await?;
+                }
+            }
+            renewed
+        })
+        .await
+        .map_err(db("renewing the node in cluster_nodes"))?;
+    if !renewed {
+        cluster.fenced.store(true, Ordering::Release);
+        return Err(ClusterError::Fenced(cluster.node().to_owned()));
+    }
+    cluster
+        .renewed_at_ms
+        .store(crate::time::now_ms(), Ordering::Release);
+    Ok(())
+}
+
+/// Renews this node's row every fifth of `--lease-ttl` (at most every 500 ms, so its counters
+/// are at most that old), until `stop`. A failure is logged once per change of state.
+pub async fn renew(
+    cluster: std::sync::Arc<Cluster>,
+    app: crate::app::Shared,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let every = (cluster.config.lease_ttl / 5).min(Duration::from_millis(500));
+    super::periodically(
+        "renewing this node in cluster_nodes",
+        every,
+        None,
+        stop,
+        || renew_once(&cluster, &app.engine),
+    )
+    .await;
+}
+
+/// The node left on purpose (SIGTERM): its last counters reported, and its row says it left, so
+/// no reaper takes it for dead. Its lease rows stay, holding what it sold and what its open orders
+/// hold.
+pub async fn leave(cluster: &Cluster, engine: &Engine) -> Result<(), ClusterError> {
+    renew_once(cluster, engine).await?;
+    let node = cluster.node().to_owned();
+    let epoch = cluster.epoch.load(Ordering::Acquire);
+    crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
+        sqlx::query("UPDATE cluster_nodes SET state = 'left' WHERE node_id = ? AND epoch = ?")
+            .bind(&node)
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
+    })
+    .await
+    .map_err(db("marking the node as left in cluster_nodes"))
+}
+
+/// One node as `GET /v1/cluster` shows it.
+#[derive(Debug, Serialize)]
+pub struct NodeView {
+    /// Its name.
+    pub node_id: String,
+    /// Where it is reached.
+    pub url: String,
+    /// Renewed within `--lease-ttl`.
+    pub alive: bool,
+    /// Its last renewal (RFC 3339).
+    pub last_seen: String,
+    /// Per SKU: the units it holds for sale, neither sold nor held by an order.
+    pub leased: BTreeMap<String, i64>,
+}
+
+/// `GET /v1/cluster`'s body.
+#[derive(Debug, Serialize)]
+pub struct ClusterView {
+    /// The nodes that run, and those presumed dead or gone that still hold units.
+    pub nodes: Vec<NodeView>,
+    /// Per SKU: the units leased to no node.
+    pub pool: BTreeMap<String, i64>,
+}
+
+/// What the cluster looks like in MySQL now (this node's own counters as it last reported them).
+pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
+    let ttl_ms = cluster.config.lease_ttl.as_millis() as i64;
+    let nodes = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(&format!(
+            "SELECT node_id, url, state, renewed_at_ms, {DB_NOW_MS} FROM cluster_nodes ORDER BY node_id"
+        )),
+    )
+    .await
+    .map_err(db("reading cluster_nodes"))?;
+    let leases = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(
+            "SELECT node_id, sku, units - reserved - sold FROM stock_leases ORDER BY node_id, sku",
+        ),
+    )
+    .await
+    .map_err(db("reading stock_leases"))?;
+    let pools = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query("SELECT sku, pool FROM stock_pool ORDER BY sku"),
+    )
+    .await
+    .map_err(db("reading stock_pool"))?;
+    let text = |row: &sqlx::mysql::MySqlRow, i: usize| -> String {
+        row.try_get::<Vec<u8>, _>(i)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
+    let mut leased: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    for row in &leases {
+        let units: i64 = row.try_get(2).unwrap_or_default();
+        if units > 0 {
+            leased
+                .entry(text(row, 0))
+                .or_default()
+                .insert(text(row, 1), units);
+        }
+    }
+    let mut views = Vec::new();
+    for row in &nodes {
+        let node_id = text(row, 0);
+        let state = text(row, 2);
+        let renewed: i64 = row.try_get(3).unwrap_or_default();
+        let now: i64 = row.try_get(4).unwrap_or_default();
+        let alive = state == "live" && now - renewed < ttl_ms;
+        let held = leased.remove(&node_id).unwrap_or_default();
+        if !alive && held.is_empty() {
+            continue;
+        }
+        views.push(NodeView {
+            node_id,
+            url: text(row, 1),
+            alive,
+            last_seen: crate::time::rfc3339(renewed),
+            leased: held,
+        });
+    }
+    let pool = pools
+        .iter()
+        .map(|row| (text(row, 0), row.try_get::<i64, _>(1).unwrap_or_default()))
+        .collect();
+    Ok(ClusterView { nodes: views, pool })
+}

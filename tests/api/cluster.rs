@@ -1,0 +1,393 @@
+//! Several nodes selling one stock (`--node-id`): 3–4 real `turnstile serve` processes on
+//! 127.0.0.1 sharing one MariaDB database and one Redis prefix. Each test checks the invariants
+//! across the nodes: never more paid than the stock, every unit sold when buyers keep coming,
+//! `pool + Σ leases == stock` in MySQL, one order per idempotency key, every order readable from
+//! every node.
+
+use crate::helpers::{eventually, start, JsonBody, TestApp, TestDatabase, TestRedis};
+use sqlx::Row;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+const SECRET: &str = "cluster-test-secret";
+
+/// The shared services and the nodes started on them.
+struct Shop {
+    database: TestDatabase,
+    redis: TestRedis,
+    dir: tempfile::TempDir,
+    write_behind: bool,
+}
+
+impl Shop {
+    async fn new(name: &str, write_behind: bool) -> Self {
+        Self {
+            database: TestDatabase::create().await,
+            redis: TestRedis::create(name).await,
+            dir: tempfile::tempdir().expect("tempdir"),
+            write_behind,
+        }
+    }
+
+    /// Starts node `name` (its data dir kept under the shop's temp dir, so a restart finds it).
+    fn node(&self, name: &str) -> TestApp {
+        let mut args: Vec<String> = vec![
+            "--mysql-url".into(),
+            self.database.url.clone(),
+            "--node-id".into(),
+            name.into(),
+            "--cluster-secret".into(),
+            SECRET.into(),
+            "--workers".into(),
+            "1".into(),
+        ];
+        args.extend(self.redis.args());
+        if self.write_behind {
+            args.push("--mysql-write-behind".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        start(&self.dir.path().join(name), &args)
+    }
+
+    fn nodes(&self, names: &[&str]) -> Vec<TestApp> {
+        names.iter().map(|name| self.node(name)).collect()
+    }
+
+    /// `pool + Σ leases == stock` for `sku` in MySQL, and the units leased and sold.
+    async fn assert_books_balance(&self, sku: &str) -> (i64, i64) {
+        let pool = self.database.pool().await;
+        let row = sqlx::query(
+            "SELECT p.stock, sp.pool, \
+               CAST((SELECT COALESCE(SUM(units), 0) FROM stock_leases l WHERE l.sku = p.sku) AS SIGNED) \
+             FROM products p JOIN stock_pool sp ON sp.sku = p.sku WHERE p.sku = ?",
+        )
+        .bind(sku)
+        .fetch_one(&pool)
+        .await
+        .expect("read the books");
+        let (stock, in_pool, leased): (i64, i64, i64) = (row.get(0), row.get(1), row.get(2));
+        assert_eq!(
+            in_pool + leased,
+            stock,
+            "pool {in_pool} + leases {leased} must be the stock {stock}"
+        );
+        pool.close().await;
+        (in_pool, leased)
+    }
+
+    /// Paid orders of `sku` in MySQL, once every node's projections caught up.
+    async fn paid_in_mysql(&self, expected: usize) -> usize {
+        let pool = self.database.pool().await;
+        let mut paid = 0;
+        eventually(
+            "every node's paid orders to reach MySQL",
+            Duration::from_secs(60),
+            async || {
+                paid = sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM orders WHERE status = 'paid'",
+                )
+                .fetch_one(&pool)
+                .await
+                .expect("count paid orders") as usize;
+                paid >= expected
+            },
+        )
+        .await;
+        pool.close().await;
+        paid
+    }
+}
+
+/// Buyers spread round-robin over `nodes`, `buyers` of them, 48 at once, one unit each; gives
+/// back (node, key, status, order id) per buyer.
+async fn sale(
+    nodes: &[&TestApp],
+    sku: &str,
+    buyers: usize,
+    prefix: &str,
+) -> Vec<(usize, String, u16, Option<String>)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let addrs: Vec<_> = nodes.iter().map(|n| n.addr).collect();
+    let tasks: Vec<_> = (0..48)
+        .map(|_| {
+            let next = Arc::clone(&next);
+            let mut clients: Vec<_> = addrs
+                .iter()
+                .map(|addr| crate::helpers::Client::new(*addr))
+                .collect();
+            let (sku, prefix) = (sku.to_owned(), prefix.to_owned());
+            tokio::spawn(async move {
+                let mut results = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= buyers {
+                        return results;
+                    }
+                    let node = i % clients.len();
+                    let key = format!("{prefix}-{i}");
+                    let Ok(answer) = clients[node].checkout(&key, &sku, 1, "tok_ok").await else {
+                        results.push((node, key, 0, None));
+                        continue;
+                    };
+                    let order = answer.json()["order_id"].as_str().map(str::to_owned);
+                    results.push((node, key, answer.status, order));
+                }
+            })
+        })
+        .collect();
+    let mut results = Vec::new();
+    for task in tasks {
+        results.extend(task.await.expect("buyer task"));
+    }
+    results
+}
+
+/// Waits until every node knows `sku` (within the catalogue's 1 s promise).
+async fn known_everywhere(nodes: &[&TestApp], sku: &str) {
+    for node in nodes {
+        let mut client = node.client();
+        let path = format!("/v1/products/{sku}");
+        eventually(
+            "the product to reach every node",
+            Duration::from_secs(1),
+            async || client.get(&path).await.status == 200,
+        )
+        .await;
+    }
+}
+
+fn count(results: &[(usize, String, u16, Option<String>)], status: u16) -> usize {
+    results.iter().filter(|r| r.2 == status).count()
+}
+
+async fn three_nodes_sell_exactly_the_stock(write_behind: bool) {
+    let shop = Shop::new("cluster-sale", write_behind).await;
+    let nodes = shop.nodes(&["node-a", "node-b", "node-c"]);
+    assert_eq!(
+        nodes[0]
+            .client()
+            .put_product("DROP", 1_999, 500)
+            .await
+            .status,
+        200
+    );
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    known_everywhere(&refs, "DROP").await;
+    let results = sale(&refs, "DROP", 5_000, "buyer").await;
+    let created = count(&results, 201);
+    assert!(created <= 500, "{created} orders for 500 units");
+    let others: HashMap<u16, usize> =
+        results
+            .iter()
+            .filter(|r| r.2 != 201 && r.2 != 409)
+            .fold(HashMap::new(), |mut m, r| {
+                *m.entry(r.2).or_default() += 1;
+                m
+            });
+    assert!(
+        others.is_empty(),
+        "answers other than 201 and 409: {others:?}"
+    );
+    assert_eq!(
+        created, 500,
+        "every unit sold: buyers kept coming on every node"
+    );
+    let per_node: Vec<usize> = (0..3)
+        .map(|n| results.iter().filter(|r| r.0 == n && r.2 == 201).count())
+        .collect();
+    assert!(
+        per_node.iter().all(|&n| n > 0),
+        "every node sold: {per_node:?}"
+    );
+    // Every acknowledged order is readable from every node.
+    let orders: Vec<&String> = results.iter().filter_map(|r| r.3.as_ref()).collect();
+    assert_eq!(orders.iter().collect::<HashSet<_>>().len(), 500);
+    for node in &nodes {
+        let mut client = node.client();
+        for order in orders.iter().step_by(7) {
+            let path = format!("/v1/orders/{order}");
+            eventually(
+                "an order to be readable from every node",
+                Duration::from_secs(30),
+                async || client.get(&path).await.status == 200,
+            )
+            .await;
+        }
+    }
+    assert_eq!(shop.paid_in_mysql(500).await, 500, "paid orders in MySQL");
+    let (in_pool, _) = shop.assert_books_balance("DROP").await;
+    assert_eq!(in_pool, 0, "the pool is empty once everything is sold");
+    // Every node shows the whole shop: 500 sold.
+    for node in &nodes {
+        let mut client = node.client();
+        eventually(
+            "every node to show the whole shop",
+            Duration::from_secs(3),
+            async || client.stock("DROP").await == (500, 0, 0, 500),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_mysql_journal_sell_exactly_the_stock() {
+    three_nodes_sell_exactly_the_stock(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_in_write_behind_sell_exactly_the_stock() {
+    three_nodes_sell_exactly_the_stock(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_sent_to_two_nodes_at_once_makes_one_order() {
+    let shop = Shop::new("cluster-keys", false).await;
+    let nodes = shop.nodes(&["node-a", "node-b"]);
+    assert_eq!(
+        nodes[0]
+            .client()
+            .put_product("KEYS", 500, 1_000)
+            .await
+            .status,
+        200
+    );
+    known_everywhere(&[&nodes[0], &nodes[1]], "KEYS").await;
+    let keys = 150;
+    let tasks: Vec<_> = (0..keys)
+        .map(|i| {
+            let (mut a, mut b) = (nodes[0].client(), nodes[1].client());
+            tokio::spawn(async move {
+                let key = format!("twice-{i}");
+                let (x, y) = tokio::join!(
+                    a.checkout(&key, "KEYS", 1, "tok_ok"),
+                    b.checkout(&key, "KEYS", 1, "tok_ok")
+                );
+                (key, x.expect("node a answers"), y.expect("node b answers"))
+            })
+        })
+        .collect();
+    let mut orders = HashSet::new();
+    for task in tasks {
+        let (key, x, y) = task.await.expect("task");
+        for answer in [&x, &y] {
+            assert!(
+                [201, 409].contains(&answer.status),
+                "{key}: {} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+        assert!(
+            x.status == 201 || y.status == 201,
+            "{key}: neither node placed it: {} / {}",
+            String::from_utf8_lossy(&x.body),
+            String::from_utf8_lossy(&y.body)
+        );
+        let ids: HashSet<String> = [&x, &y]
+            .iter()
+            .filter(|a| a.status == 201)
+            .filter_map(|a| a.json()["order_id"].as_str().map(str::to_owned))
+            .collect();
+        assert_eq!(ids.len(), 1, "{key}: one order id, got {ids:?}");
+        orders.extend(ids);
+        // A retry on either node replays the one answer.
+        let again = nodes[(orders.len()) % 2]
+            .client()
+            .checkout(&key, "KEYS", 1, "tok_ok")
+            .await
+            .expect("retry answered");
+        assert_eq!(
+            again.status,
+            201,
+            "{key}: retry {}",
+            String::from_utf8_lossy(&again.body)
+        );
+    }
+    assert_eq!(orders.len(), keys);
+    let pool = shop.database.pool().await;
+    let placed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM journal WHERE order_id IS NOT NULL")
+        .fetch_one(&pool)
+        .await
+        .expect("count claims");
+    assert_eq!(
+        placed as usize, keys,
+        "one placing record per key in all the nodes' logs"
+    );
+    shop.assert_books_balance("KEYS").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_mid_sale_sells_and_one_leaving_gives_its_units_back() {
+    let shop = Shop::new("cluster-join", false).await;
+    let mut nodes = shop.nodes(&["node-a", "node-b", "node-c"]);
+    assert_eq!(
+        nodes[0].client().put_product("WAVE", 700, 600).await.status,
+        200
+    );
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    known_everywhere(&refs, "WAVE").await;
+    // The first wave buys half: the pool still holds units when the fourth node comes.
+    let first = sale(&refs, "WAVE", 300, "first").await;
+    let sold_first = count(&first, 201);
+    assert_eq!(
+        sold_first, 300,
+        "units in the pool: every buyer of the first wave served"
+    );
+    // A fourth node joins: it takes leases and sells.
+    nodes.push(shop.node("node-d"));
+    known_everywhere(&[&nodes[3]], "WAVE").await;
+    let only_d = sale(&[&nodes[3]], "WAVE", 50, "fourth").await;
+    assert!(
+        count(&only_d, 201) > 0,
+        "the new node sold nothing: {:?}",
+        only_d.first()
+    );
+    // Node b leaves (SIGTERM): it exits 0 and its unsold units go back to the pool.
+    let status = nodes[1].terminate();
+    assert!(status.success(), "node b's exit: {status:?}");
+    let pool = shop.database.pool().await;
+    let (units, reserved, sold): (i64, i64, i64) = {
+        let row = sqlx::query(
+            "SELECT units, reserved, sold FROM stock_leases WHERE node_id = 'node-b' AND sku = 'WAVE'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("node b's lease");
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(
+        units,
+        reserved + sold,
+        "node b kept no unit for sale after SIGTERM"
+    );
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = 'node-b'")
+            .fetch_one(&pool)
+            .await
+            .expect("node b's row");
+    assert_eq!(state, "left");
+    shop.assert_books_balance("WAVE").await;
+    // The rest of the sale through the three left: every unit is sold in the end.
+    let left: Vec<&TestApp> = [0, 2, 3].iter().map(|&i| &nodes[i]).collect();
+    let rest = sale(&left, "WAVE", 3_000, "rest").await;
+    let total = sold_first + count(&only_d, 201) + count(&rest, 201);
+    assert_eq!(total, 600, "exactly the stock sold across the waves");
+    let (in_pool, _) = shop.assert_books_balance("WAVE").await;
+    assert_eq!(in_pool, 0);
+    let view = nodes[0].client().get("/v1/cluster").await;
+    assert_eq!(view.status, 200, "{}", String::from_utf8_lossy(&view.body));
+    let body = view.json();
+    let listed: Vec<&str> = body["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .filter_map(|n| n["node_id"].as_str())
+        .collect();
+    assert!(
+        listed.contains(&"node-a") && listed.contains(&"node-d"),
+        "{body}"
+    );
+    pool.close().await;
+}
