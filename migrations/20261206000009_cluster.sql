@@ -14,7 +14,10 @@ CREATE TABLE cluster_nodes (
     -- 'mysql' (MySQL is its journal) or 'write-behind' (its journal is on its own disk first).
     mode VARCHAR(16) CHARACTER SET ascii NOT NULL,
     renewed_at_ms BIGINT NOT NULL,
-    started_at_ms BIGINT NOT NULL
+    started_at_ms BIGINT NOT NULL,
+    -- A node presumed dead whose lease was settled (its unsold units back in the pool); NULL
+    -- while a reaper still has to (any live node may, the settling being idempotent).
+    reaped_at_ms BIGINT NULL
 ) ENGINE = InnoDB;
 
 -- Per SKU: the units leased to no node; `recall`, units a lowered stock asks the nodes to give

@@ -207,7 +207,9 @@ async fn serve(
         file_cursor,
     } = open_journal(&config, &node).await?;
     if let Some(cluster) = &cluster {
-        // Several nodes: the catalogue is MySQL's, and this node's stock of each SKU its lease.
+        // Several nodes: registered first (see `registry::register`), then the catalogue is
+        // MySQL's, and this node's stock of each SKU its lease.
+        cluster::registry::register(cluster, cluster_mode(&config)).await?;
         state.products = cluster::catalogue::at_start(cluster)
             .await?
             .into_iter()
@@ -239,7 +241,7 @@ async fn serve(
     })?;
     simulator.set_webhook_target(local, tls.is_some());
     let cluster = match cluster {
-        Some(cluster) => Some(join_cluster(&config, &app, cluster, local, tls.is_some()).await?),
+        Some(cluster) => Some(join_cluster(&app, cluster, local, tls.is_some()).await?),
         None => None,
     };
     announce(&config, &app, local, tls.is_some());
@@ -673,24 +675,29 @@ struct RunningCluster {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
+/// How this node's sales reach MySQL, as `cluster_nodes.mode` says (a reaper settles only the
+/// leases of `mysql` nodes).
+fn cluster_mode(config: &ServeConfig) -> &'static str {
+    if config.mysql_write_behind {
+        "write-behind"
+    } else {
+        "mysql"
+    }
+}
+
 /// Joins the cluster once the listener is bound (where the others reach this node is known):
 /// registers, then starts the renewal, the catalogue's follower and the lease keeper.
 async fn join_cluster(
-    config: &ServeConfig,
     app: &Arc<AppState>,
     cluster: Arc<Cluster>,
     local: std::net::SocketAddr,
     tls: bool,
 ) -> Result<RunningCluster, ServeError> {
     cluster.bound(local, tls);
-    let mode = if config.mysql_write_behind {
-        "write-behind"
-    } else {
-        "mysql"
-    };
-    cluster::registry::register(&cluster, mode).await?;
+    cluster::registry::advertise(&cluster).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let tasks = vec![
+        tokio::spawn(cluster::reaper::reap(Arc::clone(&cluster), stopped.clone())),
         tokio::spawn(cluster::registry::renew(
             Arc::clone(&cluster),
             Arc::clone(app),

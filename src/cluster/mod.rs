@@ -16,6 +16,7 @@
 
 pub mod catalogue;
 pub mod leases;
+pub mod reaper;
 pub mod registry;
 
 use crate::domain::Sku;
@@ -179,6 +180,8 @@ pub struct Cluster {
     /// Lease grants and returns done (for `/metrics` and `/v1/cluster`).
     pub(crate) grants: AtomicU64,
     pub(crate) returns: AtomicU64,
+    /// Dead nodes whose lease this node settled.
+    pub(crate) reaped: AtomicU64,
 }
 
 impl Cluster {
@@ -203,6 +206,7 @@ impl Cluster {
             wake: tokio::sync::Notify::new(),
             grants: AtomicU64::new(0),
             returns: AtomicU64::new(0),
+            reaped: AtomicU64::new(0),
         })
     }
 
@@ -217,7 +221,8 @@ impl Cluster {
     }
 
     /// Sets where the other nodes reach this one, once the listener is bound: `--advertise-url`
-    /// if given, else `http(s)://` and the bound address.
+    /// if given, else `http(s)://` and the bound address. (Registration comes before, with the
+    /// URL then known or empty: [`registry::advertise`] writes it.)
     pub fn bound(&self, local: std::net::SocketAddr, tls: bool) {
         let url = self
             .config
@@ -322,6 +327,12 @@ impl Cluster {
             "turnstile_cluster_lease_returns",
             "Times this node gave unsold units back to the pool.",
             returns,
+        )?;
+        crate::metrics::encode_counter(
+            encoder,
+            "turnstile_cluster_nodes_reaped",
+            "Dead nodes (MySQL as their journal) whose unsold units this node gave back to the pool.",
+            self.reaped.load(Ordering::Relaxed),
         )?;
         crate::metrics::encode_gauge(
             encoder,

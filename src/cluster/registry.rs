@@ -25,7 +25,9 @@ use std::time::Duration;
 pub(crate) const DB_NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED)";
 
 /// Registers this node: its row made or taken over, its epoch moved on (fencing any earlier run of
-/// the same node still talking to the database).
+/// the same node still talking to the database, and ending any reaper's settling of an earlier
+/// run presumed dead). Comes before the node reads its leases ([`super::catalogue::at_start`]),
+/// so a reaper that returns an earlier run's units does so before that read or not at all.
 pub async fn register(cluster: &Cluster, mode: &str) -> Result<(), ClusterError> {
     let node = cluster.node().to_owned();
     let url = cluster.url().to_owned();
@@ -35,7 +37,8 @@ pub async fn register(cluster: &Cluster, mode: &str) -> Result<(), ClusterError>
             "INSERT INTO cluster_nodes (node_id, url, epoch, state, mode, renewed_at_ms, started_at_ms) \
              VALUES (?, ?, 1, 'live', ?, {DB_NOW_MS}, {DB_NOW_MS}) \
              ON DUPLICATE KEY UPDATE url = VALUES(url), epoch = epoch + 1, state = 'live', \
-             mode = VALUES(mode), renewed_at_ms = VALUES(renewed_at_ms), started_at_ms = VALUES(started_at_ms)"
+             mode = VALUES(mode), renewed_at_ms = VALUES(renewed_at_ms), \
+             started_at_ms = VALUES(started_at_ms), reaped_at_ms = NULL"
         ))
         .bind(&node)
         .bind(&url)
@@ -55,6 +58,25 @@ pub async fn register(cluster: &Cluster, mode: &str) -> Result<(), ClusterError>
         .store(crate::time::now_ms(), Ordering::Release);
     tracing::info!(node = %cluster.node(), url = %cluster.url(), epoch, "registered in the cluster");
     Ok(())
+}
+
+/// Writes where the other nodes reach this node, once its listener is bound.
+pub async fn advertise(cluster: &Cluster) -> Result<(), ClusterError> {
+    let (node, url, epoch) = (
+        cluster.node().to_owned(),
+        cluster.url().to_owned(),
+        cluster.epoch.load(Ordering::Acquire),
+    );
+    crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
+        sqlx::query("UPDATE cluster_nodes SET url = ? WHERE node_id = ? AND epoch = ?")
+            .bind(&url)
+            .bind(&node)
+            .bind(epoch)
+            .execute(&mut *tx)
+            .await?;
+    })
+    .await
+    .map_err(db("writing the node's URL in cluster_nodes"))
 }
 
 /// One renewal: the row's time, and this node's counters of the SKUs it holds a lease of.

@@ -33,6 +33,11 @@ impl Shop {
 
     /// Starts node `name` (its data dir kept under the shop's temp dir, so a restart finds it).
     fn node(&self, name: &str) -> TestApp {
+        self.node_with(name, &[])
+    }
+
+    /// Starts node `name` with extra options.
+    fn node_with(&self, name: &str, extra: &[&str]) -> TestApp {
         let mut args: Vec<String> = vec![
             "--mysql-url".into(),
             self.database.url.clone(),
@@ -47,6 +52,7 @@ impl Shop {
         if self.write_behind {
             args.push("--mysql-write-behind".into());
         }
+        args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         start(&self.dir.path().join(name), &args)
     }
@@ -389,5 +395,208 @@ async fn a_node_joining_mid_sale_sells_and_one_leaving_gives_its_units_back() {
         listed.contains(&"node-a") && listed.contains(&"node-d"),
         "{body}"
     );
+    pool.close().await;
+}
+
+/// Sells to `nodes` in waves of 300 buyers until `target` units are sold in all (counting
+/// `sold` already), at most 40 s; gives back every wave's answers. Never more than `target`.
+async fn sell_out(
+    nodes: &[&TestApp],
+    sku: &str,
+    target: usize,
+    mut sold: usize,
+    prefix: &str,
+) -> Vec<(usize, String, u16, Option<String>)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    let mut all = Vec::new();
+    let mut wave = 0;
+    while sold < target && std::time::Instant::now() < deadline {
+        let results = sale(nodes, sku, 300, &format!("{prefix}-{wave}")).await;
+        sold += count(&results, 201);
+        assert!(sold <= target, "{sold} sold of {target}");
+        all.extend(results);
+        wave += 1;
+    }
+    assert_eq!(sold, target, "every unit sold within 40 s of buyers");
+    all
+}
+
+fn signal(app: &TestApp, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &app.pid().to_string()])
+        .status()
+        .expect("send a signal");
+    assert!(status.success());
+}
+
+const SHORT_TTL: &[&str] = &["--lease-ttl", "3s"];
+
+/// Three nodes (a, b, c) with a short lease TTL selling `sku` (stock 600), after a first wave
+/// of 300 buyers that all bought (the pool held units throughout).
+async fn half_sold(
+    shop: &Shop,
+    sku: &str,
+) -> (Vec<TestApp>, Vec<(usize, String, u16, Option<String>)>) {
+    let nodes: Vec<TestApp> = ["node-a", "node-b", "node-c"]
+        .iter()
+        .map(|n| shop.node_with(n, SHORT_TTL))
+        .collect();
+    assert_eq!(
+        nodes[0].client().put_product(sku, 900, 600).await.status,
+        200
+    );
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    known_everywhere(&refs, sku).await;
+    let first = sale(&refs, sku, 300, "first").await;
+    assert_eq!(count(&first, 201), 300);
+    (nodes, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_on_a_mysql_journal_gives_its_unsold_units_to_the_others() {
+    let shop = Shop::new("cluster-kill", false).await;
+    let (mut nodes, first) = half_sold(&shop, "DEAD").await;
+    let on_c: Vec<String> = first
+        .iter()
+        .filter(|r| r.0 == 2)
+        .filter_map(|r| r.3.clone())
+        .collect();
+    nodes[2].kill_9();
+    // The other two keep selling, and sell node c's unsold units once it is presumed dead.
+    let rest = sell_out(&[&nodes[0], &nodes[1]], "DEAD", 600, 300, "rest").await;
+    assert!(count(&rest, 201) > 0);
+    let pool = shop.database.pool().await;
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = 'node-c'")
+            .fetch_one(&pool)
+            .await
+            .expect("node c's row");
+    assert_eq!(state, "dead");
+    pool.close().await;
+    // Every order node c acknowledged is readable from the others.
+    for node in &nodes[..2] {
+        let mut client = node.client();
+        for order in &on_c {
+            let answer = client.get(&format!("/v1/orders/{order}")).await;
+            assert_eq!(
+                answer.status,
+                200,
+                "{order}: {}",
+                String::from_utf8_lossy(&answer.body)
+            );
+        }
+    }
+    assert_eq!(shop.paid_in_mysql(600).await, 600);
+    let (in_pool, _) = shop.assert_books_balance("DEAD").await;
+    assert_eq!(in_pool, 0);
+    // Started again on its disk and name, node c takes part anew.
+    nodes[2] = shop.node_with("node-c", SHORT_TTL);
+    let mut c = nodes[2].client();
+    eventually(
+        "node c to be ready again",
+        Duration::from_secs(5),
+        async || c.get("/readyz").await.status == 200,
+    )
+    .await;
+    shop.assert_books_balance("DEAD").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_resumes() {
+    let shop = Shop::new("cluster-pause", false).await;
+    let (nodes, _) = half_sold(&shop, "STOP").await;
+    signal(&nodes[2], "-STOP");
+    let pool = shop.database.pool().await;
+    eventually(
+        "node c to be presumed dead and settled",
+        Duration::from_secs(20),
+        async || {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT reaped_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("node c's row")
+            .is_some()
+        },
+    )
+    .await;
+    signal(&nodes[2], "-CONT");
+    // Resumed, it sells nothing: whatever its memory held was given away.
+    let resumed = sale(&[&nodes[2]], "STOP", 100, "resumed").await;
+    assert_eq!(
+        count(&resumed, 201),
+        0,
+        "a fenced node sold: {:?}",
+        resumed.iter().find(|r| r.2 == 201)
+    );
+    let mut c = nodes[2].client();
+    eventually(
+        "node c to say it is fenced",
+        Duration::from_secs(5),
+        async || c.get("/readyz").await.status == 503,
+    )
+    .await;
+    let rest = sell_out(&[&nodes[0], &nodes[1]], "STOP", 600, 300, "rest").await;
+    assert!(count(&rest, 201) > 0);
+    assert_eq!(shop.paid_in_mysql(600).await, 600);
+    let paid: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'paid'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(paid, 600, "exactly the stock paid");
+    let (in_pool, _) = shop.assert_books_balance("STOP").await;
+    assert_eq!(in_pool, 0);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_a_node_in_write_behind_keeps_its_lease_until_it_comes_back() {
+    let shop = Shop::new("cluster-wb-kill", true).await;
+    let (mut nodes, first) = half_sold(&shop, "KEEP").await;
+    let mut sold = count(&first, 201);
+    let pool = shop.database.pool().await;
+    let lease_of_c = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT units FROM stock_leases WHERE node_id = 'node-c' AND sku = 'KEEP'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .expect("node c's lease")
+        .unwrap_or(0)
+    };
+    nodes[2].kill_9();
+    let held = lease_of_c().await;
+    // Past its TTL, nothing of node c's is given away: its sales may be on its disk alone.
+    let meanwhile = sale(&[&nodes[0], &nodes[1]], "KEEP", 900, "meanwhile").await;
+    sold += count(&meanwhile, 201);
+    eventually("node c's last renewal to be well past its TTL", Duration::from_secs(20), async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) - renewed_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("node c's row")
+            > 5_000
+    })
+    .await;
+    assert_eq!(
+        lease_of_c().await,
+        held,
+        "a write-behind node's lease moved while it was down"
+    );
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = 'node-c'")
+            .fetch_one(&pool)
+            .await
+            .expect("node c's row");
+    assert_eq!(state, "live", "a write-behind node is never reaped");
+    // Back on its data dir, it ships its journal and the sale completes exactly.
+    nodes[2] = shop.node_with("node-c", SHORT_TTL);
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    sell_out(&refs, "KEEP", 600, sold, "rest").await;
+    assert_eq!(shop.paid_in_mysql(600).await, 600);
+    let (in_pool, _) = shop.assert_books_balance("KEEP").await;
+    assert_eq!(in_pool, 0);
     pool.close().await;
 }

@@ -79,22 +79,37 @@ pub async fn replay(config: &MySqlConfig, after_lsn: u64) -> Result<u64, SchemaE
         pool.close().await;
         return Ok(0);
     };
-    let (last_lsn, _) = log_end(&pool, &node).await?;
-    let (follower, applier) = Follower::new(
-        pool.clone(),
-        node.clone(),
-        Arc::new(MySqlBacklog::new(pool.clone(), node.clone())),
-        None,
-        last_lsn,
-        Arc::new(AtomicU64::new(0)),
-        config.statement_timeout,
-    );
     let before = cursor(&pool, &node).await?;
-    applier.catch_up_from(Some(after_lsn)).await?;
-    drop(follower);
+    catch_up_log(&pool, &node, Some(after_lsn), config.statement_timeout).await?;
     let after = cursor(&pool, &node).await?;
     pool.close().await;
     Ok(after.0.saturating_sub(before.0))
+}
+
+/// Applies `node`'s log after `from` (default: the projections' cursor) to the projections, on
+/// `pool`, through the one applier (`turnstile mysql-apply --replay-from`; several nodes' reaper,
+/// which brings a dead node's projections up to its log's end before it counts what its durable
+/// orders hold). Records the projections already hold are left alone, so it may run beside the
+/// node's own applier.
+pub(crate) async fn catch_up_log(
+    pool: &sqlx::MySqlPool,
+    node: &str,
+    from: Option<u64>,
+    timeout: std::time::Duration,
+) -> Result<(), JournalError> {
+    let (last_lsn, _) = log_end(pool, node).await?;
+    let (follower, applier) = Follower::new(
+        pool.clone(),
+        node.to_owned(),
+        Arc::new(MySqlBacklog::new(pool.clone(), node.to_owned())),
+        None,
+        last_lsn,
+        Arc::new(AtomicU64::new(0)),
+        timeout,
+    );
+    applier.catch_up_from(from).await?;
+    drop(follower);
+    Ok(())
 }
 
 /// `node`'s projections' cursor: the last lsn and event seq they hold (0, 0 for a node without a
