@@ -317,6 +317,15 @@ pub async fn place(
             }
             reserved = app.engine.reserve(&lines);
         }
+        if let Err(EngineError::OutOfStock { sku }) = &reserved {
+            if cluster.pool_has_units(sku) {
+                // Not sold out: the refill was slow (MySQL busy). Nothing kept under the key.
+                app.engine.idempotency().abandon(&key);
+                return Err(CheckoutError::Overloaded(format!(
+                    "this node's units of {sku} ran out and its refill from the shared pool did not come in time; nothing was changed, retry"
+                )));
+            }
+        }
     }
     let reservation = match reserved {
         Ok(reservation) => reservation,

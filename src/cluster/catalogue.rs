@@ -50,6 +50,8 @@ pub struct ShopCounts {
     /// How long ago (ms, by the database's clock) a node last found its lease dry and the pool
     /// empty while buyers were waiting: nodes holding unsold units then give some back.
     pub hungry_ms_ago: i64,
+    /// Units the other live nodes hold for sale (as they last reported).
+    pub live_unsold_elsewhere: i64,
 }
 
 fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String, sqlx::Error> {
@@ -85,13 +87,20 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
             "SELECT p.sku, p.name, p.price_cents, p.currency, p.stock, \
                     COALESCE(sp.pool, 0), COALESCE(sp.recall, 0), \
                     CAST(COALESCE(o.reserved, 0) AS SIGNED), CAST(COALESCE(o.sold, 0) AS SIGNED), \
-                    CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED) \
+                    CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED), \
+                    CAST(COALESCE(u.unsold, 0) AS SIGNED) \
              FROM products p \
              LEFT JOIN stock_pool sp ON sp.sku = p.sku \
              LEFT JOIN (SELECT sku, SUM(reserved) AS reserved, SUM(sold) AS sold \
-                        FROM stock_leases WHERE node_id <> ? GROUP BY sku) o ON o.sku = p.sku"
+                        FROM stock_leases WHERE node_id <> ? GROUP BY sku) o ON o.sku = p.sku \
+             LEFT JOIN (SELECT l.sku, SUM(l.units - l.reserved - l.sold) AS unsold \
+                        FROM stock_leases l JOIN cluster_nodes n ON n.node_id = l.node_id \
+                        WHERE l.node_id <> ? AND n.state = 'live' AND n.renewed_at_ms > {DB_NOW_MS} - ? \
+                        GROUP BY l.sku) u ON u.sku = p.sku"
         ))
-        .bind(cluster.node().to_owned()),
+        .bind(cluster.node().to_owned())
+        .bind(cluster.node().to_owned())
+        .bind(cluster.config.lease_ttl.as_millis() as i64),
     )
     .await
     .map_err(db("reading the catalogue"))?;
@@ -110,6 +119,7 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
                 others_reserved: number(7)?,
                 others_sold: number(8)?,
                 hungry_ms_ago: number(9)?,
+                live_unsold_elsewhere: number(10)?,
                 product,
             },
         );
@@ -168,17 +178,12 @@ fn take_in(cluster: &Cluster, engine: &Engine, shop: FxHashMap<Sku, ShopCounts>)
     for (sku, counts) in shop.iter() {
         engine.catalogue_product(counts.product.clone());
         let signal = cluster.signal(sku);
-        let own = engine
-            .product(sku)
-            .map_or(0, |(_, view)| view.reserved + view.sold);
-        let unsold_elsewhere = counts.product.stock.get()
-            - counts.pool
-            - counts.others_reserved
-            - counts.others_sold
-            - own;
-        signal
-            .elsewhere
-            .store(counts.pool <= 0 && unsold_elsewhere > 0, Ordering::Release);
+        // Only live nodes' units: a dead node's (write-behind, or not settled yet) come back
+        // by other means, and the sold-out flood must not wait for them.
+        signal.elsewhere.store(
+            counts.pool <= 0 && counts.live_unsold_elsewhere > 0,
+            Ordering::Release,
+        );
         let before = signal.units.swap(counts.pool, Ordering::AcqRel);
         if before <= 0 && counts.pool > 0 {
             // Units came back to the pool (a restock, a node's return): a node whose lease ran

@@ -275,6 +275,16 @@ impl Cluster {
         woken
     }
 
+    /// Whether the pool of `sku` held units at the last look: a checkout that found this node's
+    /// lease dry past its refill wait is then told to retry (`503`), not that the shop is sold
+    /// out.
+    pub fn pool_has_units(&self, sku: &Sku) -> bool {
+        self.signals
+            .load()
+            .get(sku)
+            .is_some_and(|signal| signal.units.load(Ordering::Acquire) > 0)
+    }
+
     /// Why this node cannot take checkouts now, if it cannot: fenced, or its renewals failing
     /// for longer than a third of `--lease-ttl` (well before another node would presume it dead).
     pub fn unready(&self) -> Option<String> {

@@ -277,39 +277,44 @@ async fn one_key_sent_to_two_nodes_at_once_makes_one_order() {
     let mut orders = HashSet::new();
     for task in tasks {
         let (key, x, y) = task.await.expect("task");
+        // Placed, running elsewhere (409 idempotency_key_in_use), or nothing changed (503: a
+        // refill from the pool that did not come in time); never out of stock, never two orders.
         for answer in [&x, &y] {
+            let body = String::from_utf8_lossy(&answer.body);
             assert!(
-                [201, 409].contains(&answer.status),
-                "{key}: {} {}",
-                answer.status,
-                String::from_utf8_lossy(&answer.body)
+                answer.status == 201
+                    || answer.status == 503
+                    || answer.status == 409 && body.contains("idempotency_key_in_use"),
+                "{key}: {} {body}",
+                answer.status
             );
         }
-        assert!(
-            x.status == 201 || y.status == 201,
-            "{key}: neither node placed it: {} / {}",
-            String::from_utf8_lossy(&x.body),
-            String::from_utf8_lossy(&y.body)
-        );
-        let ids: HashSet<String> = [&x, &y]
+        let mut ids: HashSet<String> = [&x, &y]
             .iter()
             .filter(|a| a.status == 201)
             .filter_map(|a| a.json()["order_id"].as_str().map(str::to_owned))
             .collect();
+        // A retry on either node replays the one answer (or places it, if neither had).
+        for attempt in 0..20 {
+            let again = nodes[attempt % 2]
+                .client()
+                .checkout(&key, "KEYS", 1, "tok_ok")
+                .await
+                .expect("retry answered");
+            if again.status == 201 {
+                ids.extend(again.json()["order_id"].as_str().map(str::to_owned));
+                break;
+            }
+            assert!(
+                [409, 503].contains(&again.status),
+                "{key}: retry {} {}",
+                again.status,
+                String::from_utf8_lossy(&again.body)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         assert_eq!(ids.len(), 1, "{key}: one order id, got {ids:?}");
         orders.extend(ids);
-        // A retry on either node replays the one answer.
-        let again = nodes[(orders.len()) % 2]
-            .client()
-            .checkout(&key, "KEYS", 1, "tok_ok")
-            .await
-            .expect("retry answered");
-        assert_eq!(
-            again.status,
-            201,
-            "{key}: retry {}",
-            String::from_utf8_lossy(&again.body)
-        );
     }
     assert_eq!(orders.len(), keys);
     let pool = shop.database.pool().await;
