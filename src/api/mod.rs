@@ -7,6 +7,7 @@ mod checkout;
 mod events;
 mod ops;
 mod orders;
+mod owner;
 mod products;
 mod webhooks;
 
@@ -368,7 +369,9 @@ impl From<crate::cluster::ClusterError> for ApiError {
                 format!("{error}; nothing was changed, retry on another node"),
             )
             .retry_after(1),
-            error @ ClusterError::Unreadable { .. } => Self::internal(error.to_string()),
+            error @ (ClusterError::Unreadable { .. } | ClusterError::Client(_)) => {
+                Self::internal(error.to_string())
+            }
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::connections::ChangedNothing;
 use crate::domain::OrderId;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
 pub(super) async fn get_order(
@@ -26,9 +26,19 @@ pub(super) async fn get_order(
 pub(super) async fn cancel_order(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let Path(raw) = path.map_err(path_error)?;
     let order_id = path_id(raw, OrderId::parse)?;
+    // Several nodes: another node's order is cancelled by its owner.
+    let route = format!("/v1/orders/{order_id}/cancel");
+    if !super::owner::forwarded(&state, &headers, "POST", &route, b"")? {
+        if let Some(answer) =
+            super::owner::elsewhere(&state, &order_id, "POST", &route, &[], Vec::new()).await?
+        {
+            return Ok(answer);
+        }
+    }
     let (order, changed) = crate::app::orders::cancel(&state, &order_id).await?;
     let mut response = json_response(StatusCode::OK, order_body(&order));
     if !changed {

@@ -15,6 +15,7 @@
 //! `stock_pool.pool + Σ stock_leases.units == products.stock`.
 
 pub mod catalogue;
+pub mod forward;
 pub mod leases;
 pub mod reaper;
 pub mod registry;
@@ -73,6 +74,9 @@ pub enum ClusterError {
         /// Held and sold, as the nodes last reported.
         committed: i64,
     },
+    /// The client of calls between nodes could not be built.
+    #[error("the client of calls between nodes: {0}")]
+    Client(String),
     /// A product's definition in MySQL is not one this version reads.
     #[error("product {sku} in MySQL is unreadable: {reason}")]
     Unreadable {
@@ -182,6 +186,10 @@ pub struct Cluster {
     pub(crate) returns: AtomicU64,
     /// Dead nodes whose lease this node settled.
     pub(crate) reaped: AtomicU64,
+    /// The one client of calls between nodes.
+    pub(crate) client: crate::http_client::HttpClient,
+    /// Calls forwarded to an order's owner.
+    pub(crate) forwarded: AtomicU64,
 }
 
 impl Cluster {
@@ -207,6 +215,8 @@ impl Cluster {
             grants: AtomicU64::new(0),
             returns: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
+            client: forward::client().map_err(|e| ClusterError::Client(e.to_string()))?,
+            forwarded: AtomicU64::new(0),
         })
     }
 
@@ -343,6 +353,12 @@ impl Cluster {
             "turnstile_cluster_nodes_reaped",
             "Dead nodes (MySQL as their journal) whose unsold units this node gave back to the pool.",
             self.reaped.load(Ordering::Relaxed),
+        )?;
+        crate::metrics::encode_counter(
+            encoder,
+            "turnstile_cluster_forwarded_calls",
+            "Cancels and webhooks this node forwarded to the node that owns their order.",
+            self.forwarded.load(Ordering::Relaxed),
         )?;
         crate::metrics::encode_gauge(
             encoder,

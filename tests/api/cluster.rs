@@ -605,3 +605,128 @@ async fn kill_9_of_a_node_in_write_behind_keeps_its_lease_until_it_comes_back() 
     assert_eq!(in_pool, 0);
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another() {
+    use crate::gateway::{free_port, Sim};
+    let port = free_port();
+    let gateway = format!("http://127.0.0.1:{port}");
+    let shop = Shop::new("cluster-owner", false).await;
+    let extra = ["--gateway-url", gateway.as_str()];
+    let nodes = [
+        shop.node_with("node-a", &extra),
+        shop.node_with("node-b", &extra),
+    ];
+    // The gateway's webhooks all arrive at node b.
+    let webhook = format!("http://{}/v1/webhooks/payment", nodes[1].addr);
+    let sim = Sim::start(
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--webhook-url",
+            &webhook,
+            "--webhook-secret",
+            crate::helpers::WEBHOOK_SECRET,
+            "--pending-delay",
+            "1s",
+        ],
+    );
+    assert_eq!(
+        nodes[0].client().put_product("ANY", 1_000, 10).await.status,
+        200
+    );
+    known_everywhere(&[&nodes[0], &nodes[1]], "ANY").await;
+    let (mut a, mut b) = (nodes[0].client(), nodes[1].client());
+    let paid = a
+        .checkout("owner-paid", "ANY", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(paid.status, 201, "{}", String::from_utf8_lossy(&paid.body));
+    let paid_id = paid.json()["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned();
+    // Read through node b (from MySQL), cancelled through node b (by its owner, node a).
+    let path = format!("/v1/orders/{paid_id}");
+    eventually(
+        "node b to read node a's order",
+        Duration::from_secs(10),
+        async || b.get(&path).await.status == 200,
+    )
+    .await;
+    let cancelled = b
+        .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")
+        .await;
+    assert_eq!(
+        cancelled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancelled.body)
+    );
+    assert_eq!(
+        cancelled.json()["status"],
+        "refunded",
+        "{}",
+        cancelled.json()
+    );
+    assert_eq!(a.get(&path).await.json()["status"], "refunded");
+    // A pending payment's webhook arrives at node b, which hands it to node a.
+    let pending = a
+        .checkout("owner-pending", "ANY", 1, "tok_pending")
+        .await
+        .expect("answer");
+    assert_eq!(
+        pending.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&pending.body)
+    );
+    let pending_id = pending.json()["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned();
+    let path = format!("/v1/orders/{pending_id}");
+    eventually(
+        "the webhook through node b to pay the order",
+        Duration::from_secs(15),
+        async || a.get(&path).await.json()["status"] == "paid",
+    )
+    .await;
+    let forwarded = crate::helpers::metric(&mut b, "turnstile_cluster_forwarded_calls_total").await;
+    assert!(forwarded >= 2.0, "node b forwarded {forwarded} calls");
+    // The money agrees: the refunded order's payment refunded, the paid one captured.
+    eventually(
+        "the gateway's ledger to settle",
+        Duration::from_secs(15),
+        async || {
+            let ledger = sim.ledger().await;
+            let status = |order: &str| {
+                ledger
+                    .iter()
+                    .find(|p| p["order_id"] == order)
+                    .map(|p| p["status"].as_str().unwrap_or_default().to_owned())
+            };
+            status(&paid_id).as_deref() == Some("refunded")
+                && status(&pending_id).as_deref() == Some("captured")
+        },
+    )
+    .await;
+    // A forged forwarded call is refused.
+    let forged = a
+        .send(
+            "POST",
+            &format!("/v1/orders/{pending_id}/cancel"),
+            &[
+                ("turnstile-forwarded-by", "node-b"),
+                ("turnstile-cluster-signature", "t=1,v1=00"),
+            ],
+            "",
+        )
+        .await;
+    assert_eq!(
+        forged.status,
+        401,
+        "{}",
+        String::from_utf8_lossy(&forged.body)
+    );
+    assert_eq!(a.get(&path).await.json()["status"], "paid");
+}

@@ -15,13 +15,13 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 /// A running `turnstile gateway-sim`.
-struct Sim {
+pub(crate) struct Sim {
     child: Child,
     addr: SocketAddr,
 }
 
 impl Sim {
-    fn start(listen: &str, args: &[&str]) -> Sim {
+    pub(crate) fn start(listen: &str, args: &[&str]) -> Sim {
         let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
             .args(["gateway-sim", "--listen", listen])
             .args(args)
@@ -43,7 +43,7 @@ impl Sim {
         Sim { child, addr }
     }
 
-    fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -54,7 +54,7 @@ impl Sim {
             .expect("kill");
     }
 
-    async fn ledger(&self) -> Vec<Value> {
+    pub(crate) async fn ledger(&self) -> Vec<Value> {
         let mut client = Client::new(self.addr);
         let ledger = client.get("/v1/ledger").await.json();
         ledger["payments"].as_array().cloned().unwrap_or_default()
@@ -70,7 +70,7 @@ impl Drop for Sim {
 }
 
 /// A free port on 127.0.0.1 (bound, then released for the process that takes it next).
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .expect("free port")

@@ -1,0 +1,89 @@
+//! Several nodes: a call that changes an order this node does not hold goes to the node that owns
+//! it ([`crate::cluster::forward`]), and a call forwarded here is checked before it runs.
+
+use super::{json_response, ApiError, AppState};
+use crate::cluster::forward::{self, FORWARDED_BY, SIGNATURE};
+use crate::domain::OrderId;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::Response;
+
+/// Whether this call was forwarded by another node, its signature checked (`401
+/// invalid_signature` if it does not hold). A forwarded call is never forwarded again.
+pub(super) fn forwarded(
+    state: &AppState,
+    headers: &HeaderMap,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> Result<bool, ApiError> {
+    if !headers.contains_key(FORWARDED_BY) {
+        return Ok(false);
+    }
+    let refused = |why: String| ApiError::new(StatusCode::UNAUTHORIZED, "invalid_signature", why);
+    let Some(cluster) = &state.cluster else {
+        return Err(refused(
+            "a call forwarded by another node, but this node runs alone (no --node-id)".into(),
+        ));
+    };
+    let signature = headers.get(SIGNATURE).and_then(|v| v.to_str().ok());
+    forward::verify(
+        &cluster.config.secret,
+        signature,
+        method,
+        path,
+        body,
+        crate::time::now_ms() / 1000,
+    )
+    .map_err(|error| refused(format!("a call between nodes: {error}")))?;
+    Ok(true)
+}
+
+/// For a call that changes `order_id`, when this node's engine does not hold it: the owner's
+/// answer if another node owns it, `None` to run it here (no cluster, this node owns it, or no
+/// node is known to: the use case then answers as it does alone).
+pub(super) async fn elsewhere(
+    state: &AppState,
+    order_id: &OrderId,
+    method: &str,
+    path: &str,
+    extra: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Result<Option<Response>, ApiError> {
+    let Some(cluster) = &state.cluster else {
+        return Ok(None);
+    };
+    if state.engine.order(order_id).is_some() {
+        return Ok(None);
+    }
+    let Some(owner) = forward::owner_of(cluster, order_id).await? else {
+        return Ok(None);
+    };
+    if owner.node == cluster.node() {
+        return Ok(None);
+    }
+    let unavailable = |why: String| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal_unavailable",
+            format!("order {order_id} belongs to node {}, which {why}; nothing was changed, retry later", owner.node),
+        )
+        .retry_after(1)
+    };
+    if !owner.alive {
+        return Err(unavailable(
+            "is down (its open orders go to a live node once it is presumed dead)".into(),
+        ));
+    }
+    let answer = forward::forward(cluster, &owner, method, path, extra, body)
+        .await
+        .map_err(|error| unavailable(format!("did not answer ({error})")))?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    let retry_after = answer
+        .header("retry-after")
+        .and_then(|v| HeaderValue::from_str(v).ok());
+    let mut response = json_response(status, answer.body);
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, seconds);
+    }
+    Ok(Some(response))
+}
