@@ -197,7 +197,11 @@ async fn serve(
 ) -> Result<(), ServeError> {
     let node = node_name(&config).await?;
     let cluster = match (&config.cluster, &config.mysql) {
-        (Some(cluster), Some(mysql)) => Some(Arc::new(Cluster::new(cluster.clone(), mysql)?)),
+        (Some(cluster), Some(mysql)) => Some(Arc::new(Cluster::new(
+            cluster.clone(),
+            mysql,
+            !config.mysql_write_behind,
+        )?)),
         _ => None,
     };
     let Opened {
@@ -210,6 +214,7 @@ async fn serve(
         // Several nodes: registered first (see `registry::register`), then the catalogue is
         // MySQL's, and this node's stock of each SKU its lease.
         cluster::registry::register(cluster, cluster_mode(&config)).await?;
+        cluster::adoption::drop_adopted_away(cluster, &mut state).await?;
         state.products = cluster::catalogue::at_start(cluster)
             .await?
             .into_iter()
@@ -697,7 +702,11 @@ async fn join_cluster(
     cluster::registry::advertise(&cluster).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let tasks = vec![
-        tokio::spawn(cluster::reaper::reap(Arc::clone(&cluster), stopped.clone())),
+        tokio::spawn(cluster::reaper::reap(
+            Arc::clone(&cluster),
+            Arc::clone(app),
+            stopped.clone(),
+        )),
         tokio::spawn(cluster::registry::renew(
             Arc::clone(&cluster),
             Arc::clone(app),
@@ -772,9 +781,10 @@ async fn shutdown(parts: Stopping) {
             "checkouts still running at shutdown; the journal's recovery settles them at the next start"
         );
     }
-    if let Some(running) = parts.cluster {
-        leave_cluster(&parts.app, running).await;
-    }
+    let cluster = match parts.cluster {
+        Some(running) => Some(give_back_leases(&parts.app, running).await),
+        None => None,
+    };
     if let Some((store, tasks)) = parts.redis {
         store.stop();
         for task in tasks {
@@ -785,12 +795,18 @@ async fn shutdown(parts: Stopping) {
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
     parts.journal.shutdown().await;
+    // Once MySQL holds everything this node journaled: its row says it left, and a live node
+    // adopts its open orders.
+    if let Some(cluster) = cluster {
+        if let Err(error) = cluster::registry::leave(&cluster, &app.engine).await {
+            tracing::warn!(%error, "could not mark this node as left in cluster_nodes; its open orders wait for it, or for it to be presumed dead");
+        }
+    }
 }
 
-/// Several nodes, at SIGTERM once the checkouts have finished: the lease keeper and the
-/// catalogue's follower stop, every unsold unit goes back to the pool, and the node's row says it
-/// left (so no reaper takes it for dead).
-async fn leave_cluster(app: &AppState, running: RunningCluster) {
+/// Several nodes, at SIGTERM once the checkouts have finished: the cluster's tasks stop and every
+/// unsold unit goes back to the pool. (The node's row says it left once its journal is flushed.)
+async fn give_back_leases(app: &AppState, running: RunningCluster) -> Arc<Cluster> {
     let _ = running.stop.send(true);
     for task in running.tasks {
         let _ = task.await;
@@ -802,9 +818,7 @@ async fn leave_cluster(app: &AppState, running: RunningCluster) {
             tracing::warn!(%error, "could not give every unsold unit back to the pool; they stay in this node's lease until it starts again")
         }
     }
-    if let Err(error) = cluster::registry::leave(cluster, &app.engine).await {
-        tracing::warn!(%error, "could not mark this node as left in cluster_nodes");
-    }
+    Arc::clone(cluster)
 }
 
 /// The listening sockets: one for the shared runtime, one per worker for the per-core one.

@@ -14,6 +14,7 @@
 //! node's last reported `reserved` and `sold`). For every SKU, in every transaction MySQL can see:
 //! `stock_pool.pool + Σ stock_leases.units == products.stock`.
 
+pub mod adoption;
 pub mod catalogue;
 pub mod forward;
 pub mod leases;
@@ -190,11 +191,19 @@ pub struct Cluster {
     pub(crate) client: crate::http_client::HttpClient,
     /// Calls forwarded to an order's owner.
     pub(crate) forwarded: AtomicU64,
+    /// Orders adopted from nodes that left or died.
+    pub(crate) adopted: AtomicU64,
+    /// MySQL is this node's journal: it may settle dead nodes' leases and adopt open orders.
+    pub(crate) journal_is_mysql: bool,
 }
 
 impl Cluster {
     /// This node's part, with its own two small MySQL pools (renewals apart from the rest).
-    pub fn new(config: ClusterConfig, mysql: &MySqlConfig) -> Result<Self, ClusterError> {
+    pub fn new(
+        config: ClusterConfig,
+        mysql: &MySqlConfig,
+        journal_is_mysql: bool,
+    ) -> Result<Self, ClusterError> {
         let mut small = mysql.clone();
         small.pool_size = 3;
         let db = crate::journal::mysql::connect(&small)?;
@@ -217,6 +226,8 @@ impl Cluster {
             reaped: AtomicU64::new(0),
             client: forward::client().map_err(|e| ClusterError::Client(e.to_string()))?,
             forwarded: AtomicU64::new(0),
+            adopted: AtomicU64::new(0),
+            journal_is_mysql,
         })
     }
 
@@ -359,6 +370,12 @@ impl Cluster {
             "turnstile_cluster_forwarded_calls",
             "Cancels and webhooks this node forwarded to the node that owns their order.",
             self.forwarded.load(Ordering::Relaxed),
+        )?;
+        crate::metrics::encode_counter(
+            encoder,
+            "turnstile_cluster_adopted_orders",
+            "Open orders this node adopted from nodes that left or were presumed dead.",
+            self.adopted.load(Ordering::Relaxed),
         )?;
         crate::metrics::encode_gauge(
             encoder,

@@ -161,13 +161,21 @@ async fn settle(cluster: &Cluster, node: &str, epoch: u64) -> Result<i64, Cluste
     Ok(returned.unwrap_or(0))
 }
 
-/// Looks for dead nodes every [`LOOK`] and settles them, until `stop`.
-pub async fn reap(cluster: Arc<Cluster>, stop: tokio::sync::watch::Receiver<bool>) {
+/// Every [`LOOK`], until `stop`: settles dead nodes, then adopts the open orders of the nodes
+/// that are gone ([`super::adoption`]). Only a node with MySQL as its journal does either.
+pub async fn reap(
+    cluster: Arc<Cluster>,
+    app: crate::app::Shared,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    if !cluster.journal_is_mysql {
+        return;
+    }
     super::periodically("reaping dead nodes", LOOK, None, stop, || async {
         for (node, epoch) in claim(&cluster).await? {
             settle(&cluster, &node, epoch).await?;
         }
-        Ok(())
+        super::adoption::adopt(&cluster, &app).await
     })
     .await;
 }

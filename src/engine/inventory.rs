@@ -681,6 +681,20 @@ impl Inventory {
         entry.give_back(home_shard(self.shard_count), units);
     }
 
+    /// Adds units already held (`reserved`) and sold to a SKU's stock: an adopted order's, with
+    /// the lease units that come with it (several nodes). Nothing becomes available. Callers
+    /// serialise changes per SKU.
+    pub fn adopt_units(&self, index: SkuIndex, reserved: i64, sold: i64) {
+        let entry = self.table.get(index);
+        let home = home_shard(self.shard_count);
+        // Readers retry a view whose stock changed while they summed.
+        entry.shards[home]
+            .reserved
+            .fetch_add(reserved, Ordering::AcqRel);
+        entry.shards[home].sold.fetch_add(sold, Ordering::AcqRel);
+        entry.stock.fetch_add(reserved + sold, Ordering::AcqRel);
+    }
+
     /// A consistent reading of one SKU's counters.
     pub fn view(&self, index: SkuIndex) -> StockView {
         self.table.get(index).view()

@@ -361,16 +361,7 @@ impl Engine {
         let mut by_time: Vec<&Order> = state.orders.values().collect();
         by_time.sort_by_key(|o| o.created_at_ms);
         for order in by_time {
-            let mut lines = Vec::with_capacity(order.items.len());
-            for item in &order.items {
-                let index = engine.inventory.lookup(&item.sku).ok_or_else(|| {
-                    EngineError::Inconsistent(format!(
-                        "order {} names unknown sku {}",
-                        order.order_id, item.sku
-                    ))
-                })?;
-                lines.push((index, item.quantity));
-            }
+            let lines = engine.lines_of(order)?;
             engine.index_order(order, None);
             lock(&engine.orders[shard_index(&order.order_id)]).insert(
                 order.order_id.clone(),
@@ -960,6 +951,53 @@ impl Engine {
         } else if previous.is_none_or(|p| p.holds_stock()) {
             lock(&self.finished_by_time).push_back((order.created_at_ms, order.order_id.clone()));
         }
+    }
+
+    /// An order's inventory lines; every SKU it names must be known.
+    fn lines_of(&self, order: &Order) -> Result<Vec<(SkuIndex, i64)>, EngineError> {
+        order
+            .items
+            .iter()
+            .map(|item| {
+                let index = self.inventory.lookup(&item.sku).ok_or_else(|| {
+                    EngineError::Inconsistent(format!(
+                        "order {} names unknown sku {}",
+                        order.order_id, item.sku
+                    ))
+                })?;
+                Ok((index, item.quantity))
+            })
+            .collect()
+    }
+
+    /// Several nodes: takes over an order another node placed (it left or died), with the units
+    /// it holds or sold, which came with it into this node's lease. From now on this node
+    /// finishes it as its own (hold expiry, webhook, payments owed). An order already known is
+    /// left alone (`false`).
+    pub fn adopt(&self, order: Order) -> Result<bool, EngineError> {
+        let mut orders = lock(&self.orders[shard_index(&order.order_id)]);
+        if orders.contains_key(&order.order_id) {
+            return Ok(false);
+        }
+        let lines = self.lines_of(&order)?;
+        for &(index, units) in &lines {
+            match order.status {
+                s if s.holds_stock() => self.inventory.adopt_units(index, units, 0),
+                OrderStatus::Paid => self.inventory.adopt_units(index, 0, units),
+                _ => {}
+            }
+        }
+        orders.insert(
+            order.order_id.clone(),
+            OrderEntry {
+                order: order.clone(),
+                lines,
+                busy: false,
+            },
+        );
+        drop(orders);
+        self.index_order(&order, None);
+        Ok(true)
     }
 
     /// Drops finished orders created before `now_ms - order_retention` from memory (at most

@@ -434,6 +434,63 @@ fn signal(app: &TestApp, signal: &str) {
     assert!(status.success());
 }
 
+/// Two nodes (a, b) on MySQL journals paying through one `turnstile gateway-sim`, whose webhooks
+/// all go to node b (a pending payment decided after `pending_delay`).
+fn two_nodes_and_a_gateway(
+    shop: &Shop,
+    pending_delay: &str,
+) -> ([TestApp; 2], crate::gateway::Sim, Vec<String>) {
+    use crate::gateway::{free_port, Sim};
+    let port = free_port();
+    let extra = vec![
+        "--gateway-url".to_owned(),
+        format!("http://127.0.0.1:{port}"),
+    ];
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let nodes = [
+        shop.node_with("node-a", &args),
+        shop.node_with("node-b", &args),
+    ];
+    let webhook = format!("http://{}/v1/webhooks/payment", nodes[1].addr);
+    let sim = Sim::start(
+        &format!("127.0.0.1:{port}"),
+        &[
+            "--webhook-url",
+            &webhook,
+            "--webhook-secret",
+            crate::helpers::WEBHOOK_SECRET,
+            "--pending-delay",
+            pending_delay,
+        ],
+    );
+    (nodes, sim, extra)
+}
+
+/// A checkout that must answer `status`; gives back its order id.
+async fn placed(
+    client: &mut crate::helpers::Client,
+    key: &str,
+    sku: &str,
+    units: i64,
+    token: &str,
+    status: u16,
+) -> String {
+    let answer = client
+        .checkout(key, sku, units, token)
+        .await
+        .expect("answer");
+    assert_eq!(
+        answer.status,
+        status,
+        "{key}: {}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    answer.json()["order_id"]
+        .as_str()
+        .expect("order id")
+        .to_owned()
+}
+
 const SHORT_TTL: &[&str] = &["--lease-ttl", "3s"];
 
 /// Three nodes (a, b, c) with a short lease TTL selling `sku` (stock 600), after a first wave
@@ -512,9 +569,11 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
     let (nodes, _) = half_sold(&shop, "STOP").await;
     signal(&nodes[2], "-STOP");
     let pool = shop.database.pool().await;
+    // Within the TTL plus the server's end of the paused node's sessions (30 s), should one of
+    // them hold a row the reaper needs (a transaction open when it was paused).
     eventually(
         "node c to be presumed dead and settled",
-        Duration::from_secs(20),
+        Duration::from_secs(60),
         async || {
             sqlx::query_scalar::<_, Option<i64>>(
                 "SELECT reaped_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
@@ -608,43 +667,15 @@ async fn kill_9_of_a_node_in_write_behind_keeps_its_lease_until_it_comes_back() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another() {
-    use crate::gateway::{free_port, Sim};
-    let port = free_port();
-    let gateway = format!("http://127.0.0.1:{port}");
     let shop = Shop::new("cluster-owner", false).await;
-    let extra = ["--gateway-url", gateway.as_str()];
-    let nodes = [
-        shop.node_with("node-a", &extra),
-        shop.node_with("node-b", &extra),
-    ];
-    // The gateway's webhooks all arrive at node b.
-    let webhook = format!("http://{}/v1/webhooks/payment", nodes[1].addr);
-    let sim = Sim::start(
-        &format!("127.0.0.1:{port}"),
-        &[
-            "--webhook-url",
-            &webhook,
-            "--webhook-secret",
-            crate::helpers::WEBHOOK_SECRET,
-            "--pending-delay",
-            "1s",
-        ],
-    );
+    let (nodes, sim, _) = two_nodes_and_a_gateway(&shop, "1s");
     assert_eq!(
         nodes[0].client().put_product("ANY", 1_000, 10).await.status,
         200
     );
     known_everywhere(&[&nodes[0], &nodes[1]], "ANY").await;
     let (mut a, mut b) = (nodes[0].client(), nodes[1].client());
-    let paid = a
-        .checkout("owner-paid", "ANY", 1, "tok_ok")
-        .await
-        .expect("answer");
-    assert_eq!(paid.status, 201, "{}", String::from_utf8_lossy(&paid.body));
-    let paid_id = paid.json()["order_id"]
-        .as_str()
-        .expect("order id")
-        .to_owned();
+    let paid_id = placed(&mut a, "owner-paid", "ANY", 1, "tok_ok", 201).await;
     // Read through node b (from MySQL), cancelled through node b (by its owner, node a).
     let path = format!("/v1/orders/{paid_id}");
     eventually(
@@ -670,20 +701,7 @@ async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another(
     );
     assert_eq!(a.get(&path).await.json()["status"], "refunded");
     // A pending payment's webhook arrives at node b, which hands it to node a.
-    let pending = a
-        .checkout("owner-pending", "ANY", 1, "tok_pending")
-        .await
-        .expect("answer");
-    assert_eq!(
-        pending.status,
-        202,
-        "{}",
-        String::from_utf8_lossy(&pending.body)
-    );
-    let pending_id = pending.json()["order_id"]
-        .as_str()
-        .expect("order id")
-        .to_owned();
+    let pending_id = placed(&mut a, "owner-pending", "ANY", 1, "tok_pending", 202).await;
     let path = format!("/v1/orders/{pending_id}");
     eventually(
         "the webhook through node b to pay the order",
@@ -729,4 +747,87 @@ async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another(
         String::from_utf8_lossy(&forged.body)
     );
     assert_eq!(a.get(&path).await.json()["status"], "paid");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_webhook_pays() {
+    let shop = Shop::new("cluster-adopt", false).await;
+    let (mut nodes, sim, extra) = two_nodes_and_a_gateway(&shop, "3s");
+    assert_eq!(
+        nodes[0]
+            .client()
+            .put_product("HAND", 1_000, 10)
+            .await
+            .status,
+        200
+    );
+    known_everywhere(&[&nodes[0], &nodes[1]], "HAND").await;
+    let order_id = placed(
+        &mut nodes[0].client(),
+        "handed-over",
+        "HAND",
+        2,
+        "tok_pending",
+        202,
+    )
+    .await;
+    // Node a leaves (a scale-down) with the payment undecided.
+    let status = nodes[0].terminate();
+    assert!(status.success(), "node a's exit: {status:?}");
+    // Node b adopts it; the gateway's webhook, sent to node b, pays it there.
+    let mut b = nodes[1].client();
+    let path = format!("/v1/orders/{order_id}");
+    eventually(
+        "the adopted order to be paid by its webhook",
+        Duration::from_secs(30),
+        async || b.get(&path).await.json()["status"] == "paid",
+    )
+    .await;
+    let adopted = crate::helpers::metric(&mut b, "turnstile_cluster_adopted_orders_total").await;
+    assert_eq!(adopted, 1.0);
+    let pool = shop.database.pool().await;
+    let owner: String =
+        sqlx::query_scalar("SELECT CAST(node AS CHAR) FROM orders WHERE order_id = ?")
+            .bind(&order_id)
+            .fetch_one(&pool)
+            .await
+            .expect("the order's row");
+    assert_eq!(owner, "node-b");
+    eventually(
+        "the capture to reach the gateway",
+        Duration::from_secs(15),
+        async || {
+            sim.ledger()
+                .await
+                .iter()
+                .any(|p| p["order_id"] == order_id.as_str() && p["status"] == "captured")
+        },
+    )
+    .await;
+    // The books balance, the two units sold on node b's lease, and the shop shows them sold.
+    shop.assert_books_balance("HAND").await;
+    eventually(
+        "node b to show the sale",
+        Duration::from_secs(3),
+        async || {
+            let (stock, _, reserved, sold) = b.stock("HAND").await;
+            (stock, reserved, sold) == (10, 0, 2)
+        },
+    )
+    .await;
+    // Node a started again does not take the order back.
+    let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    nodes[0] = shop.node_with("node-a", &args);
+    let again = nodes[0].client().get(&path).await;
+    assert_eq!(again.json()["status"], "paid");
+    assert_eq!(
+        nodes[0]
+            .client()
+            .send("POST", &format!("{path}/cancel"), &[], "")
+            .await
+            .json()["status"],
+        "refunded",
+        "a cancel through node a goes to the owner, node b"
+    );
+    pool.close().await;
 }

@@ -768,6 +768,42 @@ fn item_from_row(row: &sqlx::mysql::MySqlRow) -> Result<(String, OrderItem), Jou
     ))
 }
 
+/// Several nodes: the open orders of `node` (held, payment pending, or owing the gateway), at
+/// most `limit`, their rows locked (`FOR UPDATE`) in the caller's transaction, so one adopter
+/// alone takes each ([`crate::cluster::adoption`]).
+pub(crate) async fn lock_open_orders(
+    tx: &mut MySqlConnection,
+    node: &str,
+    limit: usize,
+) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = sqlx::query(&format!(
+        "{ORDER_COLUMNS} WHERE o.node = ? AND (o.status IN ('reserved', 'payment_pending') \
+         OR o.payment_due IS NOT NULL) ORDER BY o.order_id LIMIT ? FOR UPDATE"
+    ))
+    .bind(node)
+    .bind(limit as i64)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut orders = Vec::with_capacity(rows.len());
+    let bad = |e: JournalError| sqlx::Error::Protocol(e.to_string());
+    for row in &rows {
+        let id = text(row, 0)?;
+        let mut items = Vec::new();
+        for line in sqlx::query(
+            "SELECT order_id, sku, quantity, unit_price_cents FROM order_items \
+             WHERE order_id = ? ORDER BY line",
+        )
+        .bind(&id)
+        .fetch_all(&mut *tx)
+        .await?
+        {
+            items.push(item_from_row(&line).map_err(bad)?.1);
+        }
+        orders.push(order_from_row(row, items).map_err(bad)?);
+    }
+    Ok(orders)
+}
+
 /// An order from a row of [`ORDER_COLUMNS`] and its lines.
 fn order_from_row(
     row: &sqlx::mysql::MySqlRow,
