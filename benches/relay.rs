@@ -75,7 +75,7 @@ async fn bare(url: &str, exchange: &str, events: &[turnstile::engine::records::E
             let confirm: lapin::PublisherConfirm = window.pop_front().expect("front");
             assert!(confirm.await.expect("confirm").is_ack());
         }
-        let (body, properties) = message(event);
+        let (body, properties) = message(event, None);
         window.push_back(
             channel
                 .basic_publish(
@@ -158,7 +158,7 @@ fn main() {
             .await
             .expect("the events");
         assert_eq!(events.len() as u64, journal.last_event_seq(), "every event read");
-        let size = message(&events[0]).0.len();
+        let size = message(&events[0], None).0.len();
         println!(
             "{} events of {size} bytes, window {WINDOW}, {} cores",
             events.len(),

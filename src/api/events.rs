@@ -58,7 +58,13 @@ pub(super) async fn list_events(
         .map_err(|e| ApiError::journal_unavailable(&e))?;
     let next = events.last().map_or(after, |e| e.seq);
     let page = Page {
-        events: events.iter().map(crate::events::EventView::of).collect(),
+        events: events
+            .iter()
+            .map(|event| {
+                crate::events::EventView::of(event)
+                    .on(state.cluster.as_ref().map(|cluster| cluster.node()))
+            })
+            .collect(),
         next,
     };
     Ok(json(StatusCode::OK, &page))

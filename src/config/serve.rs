@@ -193,6 +193,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         exchange: args.amqp_exchange.clone(),
         window: args.amqp_window as usize,
         unconfirmed_max: args.amqp_unconfirmed_max,
+        node: args.node_id.clone(),
     });
     let redis = args
         .redis_url

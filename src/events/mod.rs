@@ -14,10 +14,12 @@ use crate::engine::records::Event;
 use crate::time::rfc3339;
 
 /// An event as the contract shows it (API.md): `{"seq", "type", "order_id", "at", "data"}`, in
-/// that order.
+/// that order, and `"node"` (whose log the event is in, whose `seq` it is) with `--node-id`.
 #[derive(Debug, serde::Serialize)]
 pub struct EventView<'a> {
     seq: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
     #[serde(rename = "type")]
     kind: &'static str,
     order_id: &'a str,
@@ -39,6 +41,7 @@ impl<'a> EventView<'a> {
     pub fn of(event: &'a Event) -> Self {
         Self {
             seq: event.seq,
+            node: None,
             kind: event.status.event_type(),
             order_id: event.order_id.as_str(),
             at: rfc3339(event.at_ms),
@@ -50,6 +53,12 @@ impl<'a> EventView<'a> {
                 items: &event.items,
             },
         }
+    }
+
+    /// The view naming the node whose event it is (several nodes: each has its own seqs).
+    pub fn on(mut self, node: Option<&'a str>) -> Self {
+        self.node = node;
+        self
     }
 
     /// The view as JSON bytes (a RabbitMQ message's body).

@@ -121,9 +121,29 @@ pub fn line_for(body: &[u8]) -> Result<String, String> {
     .map_err(|e| e.to_string())
 }
 
+/// A relay's `message_id`: the event's seq, or `<node>:<seq>` with several nodes (each node's
+/// seqs are its own, so the node is part of the event's identity).
+fn is_message_id(id: &str) -> bool {
+    let seq = match id.split_once(':') {
+        Some((node, seq)) => {
+            if node.is_empty()
+                || node.len() > 63
+                || !node
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            {
+                return false;
+            }
+            seq
+        }
+        None => id,
+    };
+    !seq.is_empty() && seq.len() <= 20 && seq.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// The output and the dedup state, on disk.
 struct Files {
-    seen: HashSet<u64>,
+    seen: HashSet<String>,
     state: File,
     out: Option<File>,
     out_len: u64,
@@ -156,7 +176,10 @@ impl Files {
                 }
                 let mut parts = line.split_whitespace();
                 let parsed = (
-                    parts.next().and_then(|s| s.parse::<u64>().ok()),
+                    parts
+                        .next()
+                        .filter(|id| is_message_id(id))
+                        .map(str::to_owned),
                     parts.next().and_then(|s| s.parse::<u64>().ok()),
                 );
                 let (Some(seq), Some(len)) = parsed else {
@@ -239,7 +262,7 @@ impl Files {
 
     /// Writes the `lines` of a batch of messages (by seq), durably, before the caller acks them:
     /// one `fsync` of the output, then one of the state, for the whole batch.
-    fn write(&mut self, lines: &[(u64, String)]) -> Result<(), NotifyError> {
+    fn write(&mut self, lines: &[(String, String)]) -> Result<(), NotifyError> {
         let failed = |what: &str, e: std::io::Error| NotifyError::Files(format!("{what}: {e}"));
         if lines.is_empty() {
             return Ok(());
@@ -274,7 +297,7 @@ impl Files {
             .write_all(state.as_bytes())
             .and_then(|()| self.state.sync_data())
             .map_err(|e| failed("writing the state", e))?;
-        self.seen.extend(lines.iter().map(|(seq, _)| *seq));
+        self.seen.extend(lines.iter().map(|(seq, _)| seq.clone()));
         Ok(())
     }
 }
@@ -416,16 +439,20 @@ async fn consume(config: &NotifyConfig, files: &mut Files) -> Result<(), Ended> 
                 _ => break,
             }
         }
-        let mut lines: Vec<(u64, String)> = Vec::new();
+        let mut lines: Vec<(String, String)> = Vec::new();
         let mut acks = Vec::new();
         for delivery in batch {
             let seq = delivery
                 .properties
                 .message_id()
                 .as_ref()
-                .and_then(|id| id.as_str().parse::<u64>().ok());
+                .map(|id| id.as_str().to_owned())
+                .filter(|id| is_message_id(id));
             let outcome = match seq {
-                None => Err("the message has no numeric message_id".to_owned()),
+                None => Err(
+                    "the message has no message_id `<seq>` or `<node>:<seq>` (several nodes)"
+                        .to_owned(),
+                ),
                 // A duplicate: already written, or earlier in this batch.
                 Some(seq) if files.seen.contains(&seq) || lines.iter().any(|(s, _)| *s == seq) => {
                     Ok(None)
@@ -536,7 +563,7 @@ mod tests {
         std::fs::write(dir.path().join("state"), "1 8\n2 1").expect("state");
         let files = Files::open(&config).expect("open");
         assert_eq!(files.out_len, 8);
-        assert!(files.seen.contains(&1) && !files.seen.contains(&2));
+        assert!(files.seen.contains("1") && !files.seen.contains("2"));
         assert_eq!(
             std::fs::read_to_string(dir.path().join("out")).expect("out"),
             "{\"a\":1}\n"
@@ -545,6 +572,20 @@ mod tests {
             std::fs::read_to_string(dir.path().join("state")).expect("state"),
             "1 8\n"
         );
+    }
+
+    #[test]
+    fn message_ids_are_a_seq_or_a_nodes_seq() {
+        // Proves: several nodes' ids (`<node>:<seq>`) are events of their own, one node's plain
+        // seqs still are, and anything else is refused.
+        for good in ["1", "18446744073709551615", "node-a:7", "turnstile-0:1"] {
+            assert!(is_message_id(good), "{good}");
+        }
+        for bad in [
+            "", "seven", "node-a:", ":7", "Node:7", "a:b:7", "node_a:7", "-1",
+        ] {
+            assert!(!is_message_id(bad), "{bad}");
+        }
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct RelayConfig {
     /// The most events durable and not yet confirmed before checkouts stop
     /// (`--amqp-unconfirmed-max`).
     pub unconfirmed_max: u64,
+    /// Several nodes (`--node-id`): the node whose events these are; their `message_id` is then
+    /// `<node>:<seq>` (each node's seqs are its own), and their body carries `"node"`.
+    pub node: Option<String>,
 }
 
 impl RelayConfig {
@@ -86,6 +89,7 @@ impl RelayConfig {
             exchange: "turnstile.orders".into(),
             window: 1_024,
             unconfirmed_max: 50_000_000,
+            node: None,
         }
     }
 }
@@ -315,8 +319,8 @@ pub fn dead_letter_exchange(exchange: &str) -> String {
 }
 
 /// The message of `event` (API.md): its body, and its properties (persistent, JSON, `message_id` =
-/// the seq, header `order_id`).
-pub fn message(event: &Event) -> (Vec<u8>, BasicProperties) {
+/// the seq, or `<node>:<seq>` with several nodes, header `order_id`).
+pub fn message(event: &Event, node: Option<&str>) -> (Vec<u8>, BasicProperties) {
     let mut headers = FieldTable::default();
     headers.insert(
         "order_id".into(),
@@ -325,9 +329,12 @@ pub fn message(event: &Event) -> (Vec<u8>, BasicProperties) {
     let properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(ShortString::from("application/json"))
-        .with_message_id(ShortString::from(event.seq.to_string()))
+        .with_message_id(ShortString::from(match node {
+            Some(node) => format!("{node}:{}", event.seq),
+            None => event.seq.to_string(),
+        }))
         .with_headers(headers);
-    (EventView::of(event).to_bytes(), properties)
+    (EventView::of(event).on(node).to_bytes(), properties)
 }
 
 /// What the broker's answer for event `seq` means: delivered only on an `Ack` with no returned
@@ -639,7 +646,7 @@ impl Relay {
                 let Some(event) = events.pop() else {
                     break;
                 };
-                let (body, properties) = message(&event);
+                let (body, properties) = message(&event, self.config.node.as_deref());
                 // Bounded, like every wait on the broker: a connection that hangs (no answer, no
                 // close) ends the session instead of stalling the relay until the heartbeat.
                 let confirm = bounded(channel.basic_publish(

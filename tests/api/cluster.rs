@@ -831,3 +831,56 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
     );
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_publish_events_whose_ids_name_their_node() {
+    let shop = Shop::new("cluster-events", false).await;
+    let broker = crate::helpers::TestBroker::create("cluster-events").await;
+    let amqp = broker.args();
+    let amqp: Vec<&str> = amqp.iter().map(String::as_str).collect();
+    let nodes = [
+        shop.node_with("node-a", &amqp),
+        shop.node_with("node-b", &amqp),
+    ];
+    assert_eq!(
+        nodes[0].client().put_product("NEWS", 100, 10).await.status,
+        200
+    );
+    known_everywhere(&[&nodes[0], &nodes[1]], "NEWS").await;
+    // Three paid orders on each node: each node's events are seqs 1..=6 of its own (each order
+    // enters reserved... and paid), so plain seqs would collide.
+    for (n, node) in nodes.iter().enumerate() {
+        let mut client = node.client();
+        for i in 0..3 {
+            placed(
+                &mut client,
+                &format!("news-{n}-{i}"),
+                "NEWS",
+                1,
+                "tok_ok",
+                201,
+            )
+            .await;
+        }
+    }
+    let mut listed = 0;
+    for (node, name) in nodes.iter().zip(["node-a", "node-b"]) {
+        let events = node.client().all_events().await;
+        assert!(!events.is_empty());
+        assert!(events.iter().all(|e| e["node"] == name), "{events:?}");
+        listed += events.len();
+    }
+    let mut broker = broker;
+    let received = broker.receive_raw(listed, Duration::from_secs(30)).await;
+    let ids: HashSet<&str> = received.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids.len(), listed, "every event its own message_id: {ids:?}");
+    for (id, body) in &received {
+        let (node, seq) = id.split_once(':').expect("<node>:<seq>");
+        assert_eq!(body["node"], node, "{body}");
+        assert_eq!(
+            body["seq"].as_u64().map(|s| s.to_string()).as_deref(),
+            Some(seq)
+        );
+    }
+    broker.delete().await;
+}

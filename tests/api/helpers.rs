@@ -730,6 +730,48 @@ impl TestBroker {
         received
     }
 
+    /// Receives (and acks) `count` messages from the test queue, for at most `limit`: each one's
+    /// `message_id` as it is (several nodes': `<node>:<seq>`) and its JSON body.
+    pub async fn receive_raw(&mut self, count: usize, limit: Duration) -> Vec<(String, Value)> {
+        use futures_util::StreamExt;
+        let mut consumer = self
+            .channel
+            .basic_consume(
+                self.queue.as_str().into(),
+                "test-raw".into(),
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await
+            .expect("consume the test queue");
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut received = Vec::new();
+        while received.len() < count {
+            let Ok(Some(delivery)) = tokio::time::timeout_at(deadline, consumer.next()).await
+            else {
+                panic!(
+                    "timed out after {limit:?}: {} of {count} messages reached the queue",
+                    received.len()
+                );
+            };
+            let delivery = delivery.expect("delivery");
+            let id = delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned())
+                .unwrap_or_default();
+            received.push((
+                id,
+                serde_json::from_slice(&delivery.data).expect("JSON body"),
+            ));
+        }
+        received
+    }
+
     /// Removes the exchange and its queues.
     pub async fn delete(self) {
         let ch = &self.channel;
