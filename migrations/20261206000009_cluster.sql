@@ -17,7 +17,10 @@ CREATE TABLE cluster_nodes (
     started_at_ms BIGINT NOT NULL,
     -- A node presumed dead whose lease was settled (its unsold units back in the pool); NULL
     -- while a reaper still has to (any live node may, the settling being idempotent).
-    reaped_at_ms BIGINT NULL
+    reaped_at_ms BIGINT NULL,
+    -- The last event seq the node journaled, as it last reported: `turnstile cluster forget`
+    -- compares it with the outbox MySQL holds to say what a lost disk takes with it.
+    event_seq BIGINT NOT NULL DEFAULT 0
 ) ENGINE = InnoDB;
 
 -- Per SKU: the units leased to no node; `recall`, units a lowered stock asks the nodes to give

@@ -70,6 +70,7 @@ fn main() -> ExitCode {
         },
         config::Invocation::Migrate(args) => migrate(args),
         config::Invocation::MysqlApply(args) => mysql_apply(args),
+        config::Invocation::Cluster(config::ClusterCommand::Forget(args)) => forget(args),
         config::Invocation::Notify(args) => notify(args),
         config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -151,6 +152,49 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
         }
         Err(error) => {
             eprintln!("turnstile mysql-apply: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `turnstile cluster forget NODE`: a dead node's disk declared lost.
+fn forget(args: config::ForgetArgs) -> ExitCode {
+    use turnstile::cluster::forget::{self, ForgetError};
+    use turnstile::journal::mysql::SchemaError;
+    let (runtime, config) = match mysql_tool("cluster forget", args.mysql_url) {
+        Ok(ready) => ready,
+        Err(code) => return code,
+    };
+    match runtime.block_on(forget::forget(&config, &args.node, args.lease_ttl)) {
+        Ok(done) => {
+            use std::io::Write;
+            let lost = match done.lost_events {
+                Some((first, last)) => format!(
+                    "{} event(s) it acknowledged (seqs {first}..={last}: orders placed or changed) never reached MySQL and are lost with its disk",
+                    last - first + 1
+                ),
+                None => "every event it acknowledged is in MySQL: nothing is lost with its disk".into(),
+            };
+            let _ = writeln!(
+                std::io::stdout(),
+                "node {} forgotten: {} unit(s) of its lease back in the pool; {lost}; {} open order(s) go to a live node with MySQL as its journal",
+                args.node, done.returned, done.open_orders
+            );
+            ExitCode::SUCCESS
+        }
+        Err(
+            error @ (ForgetError::Refused(_)
+            | ForgetError::Schema(
+                SchemaError::Refused(_)
+                | SchemaError::Unmigrated { .. }
+                | SchemaError::Newer { .. },
+            )),
+        ) => {
+            eprintln!("turnstile cluster forget: {error}");
+            ExitCode::from(2)
+        }
+        Err(error) => {
+            eprintln!("turnstile cluster forget: {error}");
             ExitCode::FAILURE
         }
     }

@@ -798,7 +798,7 @@ async fn shutdown(parts: Stopping) {
     // Once MySQL holds everything this node journaled: its row says it left, and a live node
     // adopts its open orders.
     if let Some(cluster) = cluster {
-        if let Err(error) = cluster::registry::leave(&cluster, &app.engine).await {
+        if let Err(error) = cluster::registry::leave(&cluster, app).await {
             tracing::warn!(%error, "could not mark this node as left in cluster_nodes; its open orders wait for it, or for it to be presumed dead");
         }
     }

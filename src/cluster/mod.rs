@@ -16,6 +16,7 @@
 
 pub mod adoption;
 pub mod catalogue;
+pub mod forget;
 pub mod forward;
 pub mod leases;
 pub mod reaper;

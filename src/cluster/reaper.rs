@@ -73,8 +73,28 @@ async fn claim(cluster: &Cluster) -> Result<Vec<(String, u64)>, ClusterError> {
 
 /// Steps 2–4 for one dead node claimed at `epoch`; gives back the units returned to the pool.
 async fn settle(cluster: &Cluster, node: &str, epoch: u64) -> Result<i64, ClusterError> {
+    let returned = settle_on(&cluster.db, cluster.timeout, node, epoch).await?;
+    if let Some(units) = returned {
+        tracing::warn!(
+            node,
+            units,
+            "a dead node's unsold units went back to the pool"
+        );
+        cluster.reaped.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(returned.unwrap_or(0))
+}
+
+/// Steps 2–4 on `db_pool` (a reaper, or `turnstile cluster forget`): the units returned to the
+/// pool, `None` if the node is no longer the dead one claimed at `epoch`.
+pub(crate) async fn settle_on(
+    db_pool: &sqlx::MySqlPool,
+    timeout: Duration,
+    node: &str,
+    epoch: u64,
+) -> Result<Option<i64>, ClusterError> {
     let owned = node.to_owned();
-    crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+    crate::journal::mysql::in_transaction!(db_pool, timeout, |tx| {
         sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE node = ?")
             .bind(&owned)
             .execute(&mut *tx)
@@ -82,9 +102,9 @@ async fn settle(cluster: &Cluster, node: &str, epoch: u64) -> Result<i64, Cluste
     })
     .await
     .map_err(db("fencing a dead node's journal"))?;
-    catch_up_log(&cluster.db, node, None, cluster.timeout).await?;
+    catch_up_log(db_pool, node, None, timeout).await?;
     let owned = node.to_owned();
-    let returned = crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+    crate::journal::mysql::in_transaction!(db_pool, timeout, |tx| {
         let still: Option<u64> = sqlx::query_scalar(
             "SELECT epoch FROM cluster_nodes WHERE node_id = ? AND state = 'dead' FOR UPDATE",
         )
@@ -149,16 +169,7 @@ async fn settle(cluster: &Cluster, node: &str, epoch: u64) -> Result<i64, Cluste
         }
     })
     .await
-    .map_err(db("returning a dead node's unsold units to stock_pool"))?;
-    if let Some(units) = returned {
-        tracing::warn!(
-            node,
-            units,
-            "a dead node's unsold units went back to the pool"
-        );
-        cluster.reaped.fetch_add(1, Ordering::Relaxed);
-    }
-    Ok(returned.unwrap_or(0))
+    .map_err(db("returning a dead node's unsold units to stock_pool"))
 }
 
 /// Every [`LOOK`], until `stop`: settles dead nodes, then adopts the open orders of the nodes

@@ -14,7 +14,6 @@
 
 use super::{db, Cluster, ClusterError};
 use crate::domain::Sku;
-use crate::engine::Engine;
 use serde::Serialize;
 use sqlx::Row;
 use std::collections::BTreeMap;
@@ -80,7 +79,9 @@ pub async fn advertise(cluster: &Cluster) -> Result<(), ClusterError> {
 }
 
 /// One renewal: the row's time, and this node's counters of the SKUs it holds a lease of.
-async fn renew_once(cluster: &Cluster, engine: &Engine) -> Result<(), ClusterError> {
+async fn renew_once(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), ClusterError> {
+    let engine = &app.engine;
+    let event_seq = app.journal.last_event_seq();
     let node = cluster.node().to_owned();
     let epoch = cluster.epoch.load(Ordering::Acquire);
     let mut counts: Vec<(Sku, i64, i64)> = Vec::new();
@@ -92,9 +93,10 @@ async fn renew_once(cluster: &Cluster, engine: &Engine) -> Result<(), ClusterErr
     let renewed =
         crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
             let renewed = sqlx::query(&format!(
-                "UPDATE cluster_nodes SET renewed_at_ms = {DB_NOW_MS} \
+                "UPDATE cluster_nodes SET renewed_at_ms = {DB_NOW_MS}, event_seq = ? \
              WHERE node_id = ? AND epoch = ? AND state = 'live'"
             ))
+            .bind(event_seq)
             .bind(&node)
             .bind(epoch)
             .execute(&mut *tx)
@@ -154,7 +156,7 @@ pub async fn renew(
         every,
         None,
         stop,
-        || renew_once(&cluster, &app.engine),
+        || renew_once(&cluster, &app),
     )
     .await;
 }
@@ -162,8 +164,8 @@ pub async fn renew(
 /// The node left on purpose (SIGTERM): its last counters reported, and its row says it left, so
 /// no reaper takes it for dead. Its lease rows stay, holding what it sold and what its open orders
 /// hold.
-pub async fn leave(cluster: &Cluster, engine: &Engine) -> Result<(), ClusterError> {
-    renew_once(cluster, engine).await?;
+pub async fn leave(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), ClusterError> {
+    renew_once(cluster, app).await?;
     let node = cluster.node().to_owned();
     let epoch = cluster.epoch.load(Ordering::Acquire);
     crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {

@@ -54,6 +54,9 @@ Each node keeps its own log in the database (lsns, skips and the applier's curso
 --node NAME names it; without it, the database's only log is meant, and a database holding the
 logs of several nodes is refused (exit 2, naming them).")]
     MysqlApply(MysqlApplyArgs),
+    /// Several nodes: operations on the cluster (`cluster forget NODE`)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Consume order.paid events from RabbitMQ and write one JSON line per paid order (the "confirmation e-mail"), exactly once per order
     #[command(long_about = "\
 Consume order.paid events from RabbitMQ and write one JSON line per paid order (the
@@ -348,6 +351,43 @@ pub struct ServeArgs {
     /// JSON config file (keys = option names, e.g. "data-dir"); refused unless only its owner may read it (chmod 600)
     #[arg(long, env = "TURNSTILE_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
+}
+
+/// `turnstile cluster ...`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum ClusterCommand {
+    /// Declare a dead node's disk lost: its lease goes back to the pool and its open orders to a live node
+    #[command(long_about = "\
+Declare a dead node's disk lost. With --mysql-write-behind a node's acknowledged orders may be
+on its own disk only, so nothing of a dead write-behind node is ever given away: its lease and
+its open orders wait for it to start again on its data dir. When that disk is gone for good, this
+command says so: the node is marked dead, and its lease and open orders are handled as those of a
+node with MySQL as its journal (its journal in MySQL fenced, its unsold units back in the pool,
+its open orders adopted by a live node with MySQL as its journal).
+
+It prints how many events (order changes) the node had acknowledged that MySQL never received:
+those orders are lost with the disk. Refused (exit 2) while the node is alive (renewed within
+--lease-ttl), or for a node the database does not know.")]
+    Forget(ForgetArgs),
+}
+
+/// `cluster forget`'s options.
+#[derive(Debug, Clone, Args)]
+pub struct ForgetArgs {
+    /// The node (its --node-id)
+    #[arg(value_name = "NODE", value_parser = node_id)]
+    pub node: String,
+    /// The database the nodes share (mysql://user:pass@host:3306/db)
+    #[arg(
+        long,
+        env = "TURNSTILE_MYSQL_URL",
+        value_name = "URL",
+        hide_env_values = true
+    )]
+    pub mysql_url: String,
+    /// The nodes' --lease-ttl: a node renewed within it is alive and is not forgotten
+    #[arg(long, env = "TURNSTILE_LEASE_TTL", default_value = "10s", value_name = "DURATION", value_parser = positive_duration)]
+    pub lease_ttl: Duration,
 }
 
 /// `migrate`'s options.

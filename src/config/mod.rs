@@ -52,6 +52,8 @@ pub enum Invocation {
     GatewaySim(GatewaySimArgs),
     /// Inspect or steer the MySQL applier.
     MysqlApply(MysqlApplyArgs),
+    /// Several nodes: an operation on the cluster.
+    Cluster(ClusterCommand),
     /// Consume order.paid events.
     Notify(NotifyArgs),
 }
@@ -76,6 +78,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
         Some(Command::Migrate(args)) => return Ok(Invocation::Migrate(args)),
         Some(Command::GatewaySim(args)) => return Ok(Invocation::GatewaySim(args)),
         Some(Command::MysqlApply(args)) => return Ok(Invocation::MysqlApply(args)),
+        Some(Command::Cluster(command)) => return Ok(Invocation::Cluster(command)),
         Some(Command::Notify(args)) => {
             check_amqp_url(&args.amqp_url).map_err(CliError::Config)?;
             return Ok(Invocation::Notify(args));

@@ -884,3 +884,57 @@ async fn two_nodes_publish_events_whose_ids_name_their_node() {
     }
     broker.delete().await;
 }
+
+/// `turnstile cluster forget NODE` on the shop's database: (exit code, stdout, stderr).
+fn forget(shop: &Shop, node: &str) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["cluster", "forget", node, "--mysql-url", &shop.database.url])
+        .args(["--lease-ttl", "3s"])
+        .output()
+        .expect("run turnstile cluster forget");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_node_whose_disk_is_forgotten_gives_its_units_to_the_others() {
+    let shop = Shop::new("cluster-forget", true).await;
+    let (mut nodes, first) = half_sold(&shop, "LOST").await;
+    let (code, _, stderr) = forget(&shop, "node-c");
+    assert_eq!(code, Some(2), "a live node is not forgotten: {stderr}");
+    assert!(stderr.contains("alive"), "{stderr}");
+    let (code, _, stderr) = forget(&shop, "node-z");
+    assert_eq!(code, Some(2), "{stderr}");
+    nodes[2].kill_9();
+    let mut said = String::new();
+    eventually(
+        "node c to be forgotten once past its TTL",
+        Duration::from_secs(20),
+        async || {
+            let (code, stdout, _) = forget(&shop, "node-c");
+            said = stdout;
+            code == Some(0)
+        },
+    )
+    .await;
+    assert!(said.contains("node node-c forgotten"), "{said}");
+    // What MySQL knows was sold is the truth now (what node c never shipped is lost with it):
+    // the others sell the rest, exactly.
+    // Sold so far: what nodes a and b acknowledged (on their disks, if not yet in MySQL), and
+    // what MySQL holds of node c's.
+    let pool = shop.database.pool().await;
+    let of_c: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE node = 'node-c' AND status = 'paid'")
+            .fetch_one(&pool)
+            .await
+            .expect("count");
+    let known = first.iter().filter(|r| r.0 != 2 && r.2 == 201).count() + of_c as usize;
+    sell_out(&[&nodes[0], &nodes[1]], "LOST", 600, known, "rest").await;
+    assert_eq!(shop.paid_in_mysql(600).await, 600);
+    let (in_pool, _) = shop.assert_books_balance("LOST").await;
+    assert_eq!(in_pool, 0);
+    pool.close().await;
+}

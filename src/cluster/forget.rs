@@ -1,0 +1,106 @@
+//! `turnstile cluster forget NODE`: a dead node's disk is declared lost.
+//!
+//! A write-behind node's acknowledged orders may be on its own disk only, so nothing of a dead
+//! write-behind node is given away ([`super::reaper`] settles only nodes with MySQL as their
+//! journal). When its disk is gone for good, an operator says so with this command: the node is
+//! marked dead as if MySQL were its journal (its epoch moved on), and settled at once as a reaper
+//! would (its log in MySQL fenced and applied, its unsold units back in the pool); its open orders
+//! are then adopted by a live node with MySQL as its journal. What MySQL never received of it
+//! (events past the outbox MySQL holds, by the seq the node last reported) is lost with the disk,
+//! and the command says how much.
+
+use super::registry::DB_NOW_MS;
+use super::{db, ClusterError};
+use crate::journal::mysql::{check_schema, connect, MySqlConfig, SchemaError};
+use sqlx::Row;
+use std::time::Duration;
+
+/// What forgetting a node did.
+#[derive(Debug)]
+pub struct Forgotten {
+    /// Units of its lease returned to the pool.
+    pub returned: i64,
+    /// Events (order changes) it acknowledged that MySQL never received: `(first seq, last seq)`.
+    pub lost_events: Option<(u64, u64)>,
+    /// Its open orders, now waiting for a live node with MySQL as its journal to adopt them.
+    pub open_orders: i64,
+}
+
+/// Why a node was not forgotten.
+#[derive(Debug, thiserror::Error)]
+pub enum ForgetError {
+    /// Something the operator must change (exit 2).
+    #[error("{0}")]
+    Refused(String),
+    /// The database's schema does not fit (exit 2 for an unmigrated or newer one).
+    #[error(transparent)]
+    Schema(#[from] SchemaError),
+    /// MySQL failed.
+    #[error(transparent)]
+    Cluster(#[from] ClusterError),
+}
+
+/// Forgets `node` in the database `mysql` names, unless it renewed within `ttl`.
+pub async fn forget(
+    mysql: &MySqlConfig,
+    node: &str,
+    ttl: Duration,
+) -> Result<Forgotten, ForgetError> {
+    let pool = connect(mysql).map_err(ClusterError::from)?;
+    check_schema(&pool).await?;
+    let timeout = mysql.statement_timeout;
+    let row = sqlx::query(&format!(
+        "SELECT state, {DB_NOW_MS} - renewed_at_ms, event_seq, \
+         (SELECT CAST(COALESCE(MAX(seq), 0) AS SIGNED) FROM outbox WHERE node = ?) \
+         FROM cluster_nodes WHERE node_id = ?"
+    ))
+    .bind(node)
+    .bind(node)
+    .fetch_optional(&pool)
+    .await
+    .map_err(db("reading the node in cluster_nodes"))?
+    .ok_or_else(|| ForgetError::Refused(format!("no node {node} in cluster_nodes")))?;
+    let state: String = row.try_get(0).map_err(db("reading cluster_nodes"))?;
+    let age_ms: i64 = row.try_get(1).map_err(db("reading cluster_nodes"))?;
+    let reported: i64 = row.try_get(2).map_err(db("reading cluster_nodes"))?;
+    let shipped: i64 = row.try_get(3).map_err(db("reading the outbox"))?;
+    if state == "live" && age_ms < ttl.as_millis() as i64 {
+        return Err(ForgetError::Refused(format!(
+            "node {node} renewed {age_ms} ms ago: it is alive (stop it first, or wait --lease-ttl {})",
+            humantime::format_duration(ttl)
+        )));
+    }
+    let owned = node.to_owned();
+    let epoch: u64 = crate::journal::mysql::in_transaction!(&pool, timeout, |tx| {
+        sqlx::query(
+            "UPDATE cluster_nodes SET state = 'dead', mode = 'mysql', epoch = epoch + 1, \
+             reaped_at_ms = NULL WHERE node_id = ?",
+        )
+        .bind(&owned)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query_scalar::<_, u64>("SELECT epoch FROM cluster_nodes WHERE node_id = ?")
+            .bind(&owned)
+            .fetch_one(&mut *tx)
+            .await?
+    })
+    .await
+    .map_err(db("marking the node dead in cluster_nodes"))?;
+    let returned = super::reaper::settle_on(&pool, timeout, node, epoch)
+        .await?
+        .unwrap_or(0);
+    let open_orders: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM orders WHERE node = ? \
+         AND (status IN ('reserved', 'payment_pending') OR payment_due IS NOT NULL)",
+    )
+    .bind(node)
+    .fetch_one(&pool)
+    .await
+    .map_err(db("counting the node's open orders"))?;
+    pool.close().await;
+    Ok(Forgotten {
+        returned,
+        lost_events: (reported > shipped).then_some((shipped as u64 + 1, reported as u64)),
+        open_orders,
+    })
+}
