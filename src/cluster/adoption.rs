@@ -194,7 +194,7 @@ pub async fn drop_adopted_away(
 pub async fn adopt(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), ClusterError> {
     for from in orphaned(cluster).await? {
         loop {
-            let orders = take_batch(cluster, &from).await?;
+            let orders = super::retrying(|| take_batch(cluster, &from)).await?;
             if orders.is_empty() {
                 break;
             }

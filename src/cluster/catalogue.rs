@@ -217,7 +217,9 @@ pub fn shop_view(cluster: &Cluster, engine: &Engine, sku: &Sku) -> Option<(Produ
     let shop = cluster.shop.load();
     let counts = shop.get(sku)?;
     let local = engine.product(sku).map(|(_, view)| view);
-    let (reserved, sold) = local.map_or((0, 0), |view| (view.reserved, view.sold));
+    let (reserved, sold) = local.map_or((0, 0), |view| {
+        ((view.reserved - cluster.returning(sku)).max(0), view.sold)
+    });
     let stock = counts.product.stock.get();
     // Reports of different moments may count a unit twice for a moment (held on a node that has
     // given it back since, and sold by another): the counters are clamped so they still add up.
@@ -252,7 +254,7 @@ pub async fn put(
 ) -> Result<(Product, StockView), ClusterError> {
     let deadline = tokio::time::Instant::now() + RECALL_WAIT;
     loop {
-        match put_once(cluster, &product).await? {
+        match super::retrying(|| put_once(cluster, &product)).await? {
             Put::Done => break,
             Put::Short if tokio::time::Instant::now() >= deadline => {
                 clear_recall(cluster, &product.sku).await?;
@@ -263,9 +265,19 @@ pub async fn put(
                     + engine
                         .product(&product.sku)
                         .map_or(0, |(_, v)| v.reserved + v.sold);
-                return Err(ClusterError::BelowCommitted {
-                    requested: product.stock.get(),
-                    committed,
+                let requested = product.stock.get();
+                return Err(if requested < committed {
+                    ClusterError::BelowCommitted {
+                        requested,
+                        committed,
+                    }
+                } else {
+                    // Not below what is held and sold: units leased to nodes that did not give
+                    // them back in time (busy, paused, or down in write-behind).
+                    ClusterError::NotReturned {
+                        requested,
+                        waited: RECALL_WAIT,
+                    }
                 });
             }
             Put::Short => {
@@ -276,10 +288,25 @@ pub async fn put(
     }
     let shop = read(cluster).await?;
     take_in(cluster, engine, shop);
-    shop_view(cluster, engine, &product.sku).ok_or_else(|| ClusterError::Unreadable {
-        sku: product.sku.to_string(),
-        reason: "not in the catalogue right after it was written".into(),
-    })
+    let (_, view) =
+        shop_view(cluster, engine, &product.sku).ok_or_else(|| ClusterError::Unreadable {
+            sku: product.sku.to_string(),
+            reason: "not in the catalogue right after it was written".into(),
+        })?;
+    // The answer is this change's product and stock (another change may have followed it
+    // already: the next read shows that one), with the counters as they are.
+    let stock = product.stock.get();
+    let sold = view.sold.min(stock);
+    let reserved = view.reserved.min(stock - sold);
+    Ok((
+        product,
+        StockView {
+            stock,
+            available: stock - reserved - sold,
+            reserved,
+            sold,
+        },
+    ))
 }
 
 async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterError> {

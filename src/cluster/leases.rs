@@ -101,13 +101,14 @@ async fn grant(cluster: &Cluster, sku: &Sku, want: i64) -> Result<(i64, i64), Cl
         if fenced(&mut tx, &node, epoch).await? {
             None
         } else {
-            let pool: i64 =
-                sqlx::query_scalar("SELECT pool FROM stock_pool WHERE sku = ? FOR UPDATE")
+            let (pool, recall): (i64, i64) =
+                sqlx::query_as("SELECT pool, recall FROM stock_pool WHERE sku = ? FOR UPDATE")
                     .bind(&sku_text)
                     .fetch_optional(&mut *tx)
                     .await?
-                    .unwrap_or(0);
-            let take = want.min(pool).max(0);
+                    .unwrap_or((0, 0));
+            // Units a lowered stock waits for are not granted again.
+            let take = want.min(pool - recall).max(0);
             if take > 0 {
                 // Guarded: never more than the pool holds, whatever was read above.
                 let taken = sqlx::query(
@@ -158,6 +159,11 @@ async fn give(cluster: &Cluster, sku: &Sku, units: i64) -> Result<(), ClusterErr
         if fenced(&mut tx, &node, epoch).await? {
             false
         } else {
+            // Locks in the one order of every cluster transaction: the pool's row, then leases.
+            sqlx::query("SELECT pool FROM stock_pool WHERE sku = ? FOR UPDATE")
+                .bind(&sku_text)
+                .fetch_optional(&mut *tx)
+                .await?;
             let moved = sqlx::query(
                 "UPDATE stock_leases SET units = units - ? WHERE node_id = ? AND sku = ? AND units >= ?",
             )
@@ -200,7 +206,7 @@ async fn take_block(
     signal: &PoolSignal,
     want: i64,
 ) -> Result<i64, ClusterError> {
-    let (taken, pool_left) = grant(cluster, sku, want).await?;
+    let (taken, pool_left) = super::retrying(|| grant(cluster, sku, want)).await?;
     signal.units.store(pool_left, Ordering::Release);
     if taken > 0 {
         engine.inventory().grow(index, taken);
@@ -221,6 +227,7 @@ async fn give_block(
     units: i64,
 ) -> Result<i64, ClusterError> {
     let inventory = engine.inventory();
+    let signal = cluster.signal(sku);
     let mut units = units;
     let hold = loop {
         units = units.min(inventory.view(index).available);
@@ -233,7 +240,11 @@ async fn give_block(
             Err(_) => units -= 1,
         }
     };
-    match give(cluster, sku, units).await {
+    signal.returning.fetch_add(units, Ordering::AcqRel);
+    let given = super::retrying(|| give(cluster, sku, units)).await;
+    // Retired (or put back), then no longer counted as returning: a report in between counts
+    // them as neither held nor returning for a moment (clamped), never as an order's.
+    let outcome = match given {
         Ok(()) => {
             inventory.retire(hold);
             cluster.returns.fetch_add(1, Ordering::Relaxed);
@@ -244,7 +255,9 @@ async fn give_block(
             inventory.release(hold);
             Err(error)
         }
-    }
+    };
+    signal.returning.fetch_sub(units, Ordering::AcqRel);
+    outcome
 }
 
 /// Says in MySQL that this node's lease of `sku` is dry, the pool empty, and buyers waiting: the

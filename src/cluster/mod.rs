@@ -76,6 +76,14 @@ pub enum ClusterError {
         /// Held and sold, as the nodes last reported.
         committed: i64,
     },
+    /// A lowered stock waited for the nodes to give back leased units and they did not in time.
+    #[error("stock {requested} needs units leased to nodes back, and they did not come back within {waited:?} (a node busy, paused, or down in write-behind: see GET /v1/cluster); nothing was changed, retry")]
+    NotReturned {
+        /// The stock asked for.
+        requested: i64,
+        /// How long the change waited.
+        waited: Duration,
+    },
     /// The client of calls between nodes could not be built.
     #[error("the client of calls between nodes: {0}")]
     Client(String),
@@ -136,6 +144,31 @@ pub(crate) async fn periodically<F, Fut>(
     }
 }
 
+/// Runs the transaction `attempt` makes again, a few times with the one backoff, while it fails
+/// on a lock conflict (deadlock, lock wait timeout): the cluster's transactions touch the same
+/// pool and lease rows from every node, and InnoDB picks a victim when two cross.
+pub(crate) async fn retrying<T, F, Fut>(mut attempt: F) -> Result<T, ClusterError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClusterError>>,
+{
+    const TRIES: u32 = 6;
+    let mut backoff =
+        crate::backoff::Backoff::new(Duration::from_millis(5), Duration::from_millis(200));
+    let mut tries = 1;
+    loop {
+        match attempt().await {
+            Err(ClusterError::Database { source, .. })
+                if tries < TRIES && crate::journal::mysql::is_lock_conflict(&source) =>
+            {
+                tries += 1;
+                tokio::time::sleep(backoff.next_wait()).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 pub(crate) fn db(context: &'static str) -> impl FnOnce(sqlx::Error) -> ClusterError {
     move |source| ClusterError::Database { context, source }
 }
@@ -149,6 +182,9 @@ pub struct PoolSignal {
     pub wanted: AtomicBool,
     /// Units the checkouts waiting for a refill ask for: the next block covers them all.
     pub waiting: AtomicI64,
+    /// Units on their way back to the pool: held in the shards while their transaction runs, and
+    /// no order's, so the node's reports and views count them neither held nor for sale.
+    pub returning: AtomicI64,
     /// At the last look the pool was empty but other nodes held unsold units: a checkout that
     /// finds this node dry waits while they give some back (instead of a refusal while units
     /// are left in the shop).
@@ -295,6 +331,14 @@ impl Cluster {
         let woken = tokio::time::timeout_at(deadline, refilled).await.is_ok();
         signal.waiting.fetch_sub(units, Ordering::AcqRel);
         woken
+    }
+
+    /// Units of `sku` this node is giving back right now (held in its shards for no order).
+    pub fn returning(&self, sku: &Sku) -> i64 {
+        self.signals
+            .load()
+            .get(sku)
+            .map_or(0, |signal| signal.returning.load(Ordering::Acquire))
     }
 
     /// Whether the pool of `sku` held units at the last look: a checkout that found this node's

@@ -115,6 +115,14 @@ pub(crate) async fn settle_on(
             // It came back (registered anew) or another reaper moved on: not ours to settle.
             None
         } else {
+            // Locks in the one order of every cluster transaction: pools, then leases.
+            sqlx::query(
+                "SELECT p.pool FROM stock_pool p JOIN stock_leases l ON l.sku = p.sku \
+                 WHERE l.node_id = ? FOR UPDATE",
+            )
+            .bind(&owned)
+            .fetch_all(&mut *tx)
+            .await?;
             let rows = sqlx::query(
                 "SELECT l.sku, l.units, \
                         CAST(COALESCE(i.reserved, 0) AS SIGNED), CAST(COALESCE(i.sold, 0) AS SIGNED) \

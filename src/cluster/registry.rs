@@ -87,7 +87,8 @@ async fn renew_once(cluster: &Cluster, app: &crate::app::AppState) -> Result<(),
     let mut counts: Vec<(Sku, i64, i64)> = Vec::new();
     for sku in cluster.signals.load().keys() {
         if let Some((_, view)) = engine.product(sku) {
-            counts.push((sku.clone(), view.reserved, view.sold));
+            let reserved = (view.reserved - cluster.returning(sku)).max(0);
+            counts.push((sku.clone(), reserved, view.sold));
         }
     }
     let renewed =
@@ -219,7 +220,8 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
         &cluster.db,
         cluster.timeout,
         sqlx::query(
-            "SELECT node_id, sku, units - reserved - sold FROM stock_leases ORDER BY node_id, sku",
+            "SELECT node_id, sku, units - reserved - sold, units - sold FROM stock_leases \
+             ORDER BY node_id, sku",
         ),
     )
     .await
@@ -237,8 +239,14 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
             .unwrap_or_default()
     };
     let mut leased: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
+    // Nodes holding units unsold or held by their orders: listed even when not alive.
+    let mut holding: std::collections::BTreeSet<String> = Default::default();
     for row in &leases {
         let units: i64 = row.try_get(2).unwrap_or_default();
+        let unsold_or_held: i64 = row.try_get(3).unwrap_or_default();
+        if unsold_or_held > 0 {
+            holding.insert(text(row, 0));
+        }
         if units > 0 {
             leased
                 .entry(text(row, 0))
@@ -254,7 +262,7 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
         let now: i64 = row.try_get(4).unwrap_or_default();
         let alive = state == "live" && now - renewed < ttl_ms;
         let held = leased.remove(&node_id).unwrap_or_default();
-        if !alive && held.is_empty() {
+        if !alive && !holding.contains(&node_id) {
             continue;
         }
         views.push(NodeView {

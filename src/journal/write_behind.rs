@@ -64,6 +64,56 @@ pub struct WriteBehindJournal {
     statement_timeout: Duration,
 }
 
+/// Whether the data dir `dir` (its journal ending at `local_last`, its records in `backlog`) is
+/// the one MySQL follows for `node`: MySQL's last record of the node's log (or of the unnamed log,
+/// when the node has none yet) is in the data dir, byte for byte. Gives back the node's log end
+/// in MySQL and the unnamed log's (0 when the node has a log of its own).
+async fn fits(
+    pool: &MySqlPool,
+    node: &str,
+    backlog: &Arc<dyn crate::journal::downstream::Source<crate::journal::pipeline::Committed>>,
+    local_last: u64,
+    dir: &std::path::Path,
+) -> Result<(u64, u64), SchemaError> {
+    let (mysql_last_lsn, _) = log_end(pool, node).await?;
+    // No log of its own yet: the unnamed log is this node's if its data dir holds it.
+    let unnamed_last_lsn = match mysql_last_lsn {
+        0 => unnamed_log_end(pool).await?,
+        _ => 0,
+    };
+    let (log, followed_lsn) = match unnamed_last_lsn {
+        0 => (node, mysql_last_lsn),
+        unnamed => ("", unnamed),
+    };
+    if followed_lsn > local_last {
+        return Err(unfit(format!(
+            "MySQL holds records up to lsn {followed_lsn} in the log of {}, but the data dir {} ends at {}: this is not the data dir MySQL follows (or MySQL was written in --mysql-url journal mode)",
+            log_name(log),
+            dir.display(),
+            local_last
+        )));
+    }
+    if followed_lsn > 0 {
+        let mine = backlog.read(followed_lsn - 1, 1).await?;
+        let theirs = sqlx::query("SELECT record FROM journal WHERE node = ? AND lsn = ?")
+            .bind(log)
+            .bind(followed_lsn as i64)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| JournalError::Unavailable(e.to_string()))?;
+        let theirs: Vec<u8> =
+            sqlx::Row::try_get(&theirs, 0).map_err(|e| JournalError::Unavailable(e.to_string()))?;
+        if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_slice()) {
+            return Err(unfit(format!(
+                "record {followed_lsn} of the log of {} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
+                log_name(log),
+                dir.display()
+            )));
+        }
+    }
+    Ok((mysql_last_lsn, unnamed_last_lsn))
+}
+
 fn unfit(reason: String) -> SchemaError {
     SchemaError::Journal(JournalError::Corrupt {
         file: "MySQL table journal".into(),
@@ -86,6 +136,16 @@ impl WriteBehindJournal {
         let node = log_node(&mysql)?;
         let pool = connect(&mysql)?;
         check_schema(&pool).await?;
+        let applied_lsn = Arc::new(AtomicU64::new(0));
+        file_config.hold_after_lsn = Some(Arc::clone(&applied_lsn));
+        let (file, state) = FileJournal::open_dir(dir, file_config)?;
+        let file = Arc::new(file);
+        let backlog = file.backlog();
+        // Whether this data dir is the one MySQL follows, checked before the writer lock is
+        // taken (taking it moves the node's fence on, which would stop a paused node of the same
+        // name for nothing if this start then failed), and again once it is held.
+        let fit = || fits(&pool, &node, &backlog, state.last_lsn, dir);
+        fit().await?;
         let writer_lock = WriterLock::take(
             &mysql.url,
             &node,
@@ -93,47 +153,7 @@ impl WriteBehindJournal {
             mysql.statement_timeout,
         )
         .await?;
-        let (mut mysql_last_lsn, _) = log_end(&pool, &node).await?;
-        // No log of its own yet: the unnamed log is this node's if its data dir holds it.
-        let unnamed_last_lsn = match mysql_last_lsn {
-            0 => unnamed_log_end(&pool).await?,
-            _ => 0,
-        };
-        let applied_lsn = Arc::new(AtomicU64::new(0));
-        file_config.hold_after_lsn = Some(Arc::clone(&applied_lsn));
-        let (file, state) = FileJournal::open_dir(dir, file_config)?;
-        let file = Arc::new(file);
-        let backlog = file.backlog();
-        let (log, followed_lsn) = match unnamed_last_lsn {
-            0 => (node.as_str(), mysql_last_lsn),
-            unnamed => ("", unnamed),
-        };
-        if followed_lsn > state.last_lsn {
-            return Err(unfit(format!(
-                "MySQL holds records up to lsn {followed_lsn} in the log of {}, but the data dir {} ends at {}: this is not the data dir MySQL follows (or MySQL was written in --mysql-url journal mode)",
-                log_name(log),
-                dir.display(),
-                state.last_lsn
-            )));
-        }
-        if followed_lsn > 0 {
-            let mine = backlog.read(followed_lsn - 1, 1).await?;
-            let theirs = sqlx::query("SELECT record FROM journal WHERE node = ? AND lsn = ?")
-                .bind(log)
-                .bind(followed_lsn as i64)
-                .fetch_one(&pool)
-                .await
-                .map_err(|e| JournalError::Unavailable(e.to_string()))?;
-            let theirs: Vec<u8> = sqlx::Row::try_get(&theirs, 0)
-                .map_err(|e| JournalError::Unavailable(e.to_string()))?;
-            if mine.first().map(|c| c.payload.as_slice()) != Some(theirs.as_slice()) {
-                return Err(unfit(format!(
-                    "record {followed_lsn} of the log of {} in MySQL differs from the one in the data dir {}: this is not the data dir MySQL follows",
-                    log_name(log),
-                    dir.display()
-                )));
-            }
-        }
+        let (mut mysql_last_lsn, unnamed_last_lsn) = fit().await?;
         if unnamed_last_lsn > 0 {
             if !adopt_unnamed_log(&pool, &node).await? {
                 return Err(unfit(format!(

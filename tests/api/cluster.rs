@@ -938,3 +938,50 @@ async fn a_write_behind_node_whose_disk_is_forgotten_gives_its_units_to_the_othe
     assert_eq!(in_pool, 0);
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stock_lowered_through_any_node_takes_leased_units_back_never_below_what_is_sold() {
+    let shop = Shop::new("cluster-lower", false).await;
+    let nodes = shop.nodes(&["node-a", "node-b", "node-c"]);
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    assert_eq!(
+        nodes[0].client().put_product("LOW", 100, 300).await.status,
+        200
+    );
+    known_everywhere(&refs, "LOW").await;
+    let first = sale(&refs, "LOW", 90, "first").await;
+    assert_eq!(count(&first, 201), 90);
+    // Lowered through node b while the nodes hold leases: the units come back from them.
+    let lowered = nodes[1].client().put_product("LOW", 100, 120).await;
+    assert_eq!(
+        lowered.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&lowered.body)
+    );
+    assert_eq!(lowered.json()["stock"], 120);
+    shop.assert_books_balance("LOW").await;
+    // Below what is sold: refused, nothing changed.
+    let refused = nodes[2].client().put_product("LOW", 100, 80).await;
+    assert_eq!(
+        refused.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    assert_eq!(refused.json()["error"], "stock_below_committed");
+    // Every node sees the new stock, and the sale ends at exactly it.
+    for node in &nodes {
+        let mut client = node.client();
+        eventually(
+            "every node to see the lowered stock",
+            Duration::from_secs(1),
+            async || client.stock("LOW").await.0 == 120,
+        )
+        .await;
+    }
+    sell_out(&refs, "LOW", 120, 90, "rest").await;
+    assert_eq!(shop.paid_in_mysql(120).await, 120);
+    let (in_pool, _) = shop.assert_books_balance("LOW").await;
+    assert_eq!(in_pool, 0);
+}

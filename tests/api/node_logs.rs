@@ -633,6 +633,20 @@ async fn a_single_nodes_database_keeps_every_order_through_the_migration_to_node
             .await
             .expect("answer");
         assert_eq!(fresh.status, 201);
+        // The fresh order reaches MySQL's log (in write-behind, behind its answer), then every
+        // record is applied.
+        crate::helpers::eventually(
+            "the fresh order to reach MySQL's log",
+            std::time::Duration::from_secs(60),
+            async || {
+                sqlx::query_scalar::<_, i64>("SELECT COALESCE(MAX(lsn), 0) FROM journal")
+                    .fetch_one(&pool)
+                    .await
+                    .expect("the log's end")
+                    > last_lsn as i64
+            },
+        )
+        .await;
         mysql_caught_up(&mut client, &pool).await;
         let logs = ranges(&pool, "journal", "lsn").await;
         assert_eq!(logs.len(), 1, "write-behind {write_behind}: {logs:?}");

@@ -1027,6 +1027,14 @@ fn retry_reason(error: &sqlx::Error) -> usize {
     }
 }
 
+/// True for a lock conflict another try of the same transaction may not meet: a deadlock (1213)
+/// or a lock wait timeout (1205).
+pub(crate) fn is_lock_conflict(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e)
+        if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|m| matches!(m.number(), 1205 | 1213)))
+}
+
 /// True for errors that go away by themselves: the connection, the server's availability, lock
 /// conflicts.
 fn is_transient(error: &sqlx::Error) -> bool {
