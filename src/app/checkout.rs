@@ -587,7 +587,8 @@ impl Finishing {
         };
         let submission = self.submission;
         let shared = stored.clone();
-        commit(app, change, move |app, outcome| {
+        let key = self.key.clone();
+        let committed = commit(app, change, move |app, outcome| {
             // Durable and known, or known not to be; an unknown outcome (the record may be
             // durable) keeps the authorisation out of the orphan scan until a restart.
             let known = outcome
@@ -613,8 +614,25 @@ impl Finishing {
             }
             follow(app, outcome);
         })
-        .await?;
-        Ok(Answer::new(stored.status, stored.body, false))
+        .await;
+        match committed {
+            Ok(_) => Ok(Answer::new(stored.status, stored.body, false)),
+            // Several nodes on one MySQL journal: the database refused the record because
+            // another node's order holds the key (its answer was lost from Redis, say). That
+            // order is the key's: its answer is replayed, and kept here for the next retry.
+            Err(CommitError::Journal(error @ JournalError::Rejected(_))) => {
+                match app.journal.claimed_answer(&key).await {
+                    Ok(Some(kept)) if kept.fingerprint == stored.fingerprint => {
+                        app.metrics.replays.add(1);
+                        app.engine.idempotency().restore(key, kept.clone());
+                        Ok(Answer::new(kept.status, kept.body, true))
+                    }
+                    Ok(Some(_)) => Err(CheckoutError::KeyReused),
+                    _ => Err(CommitError::Journal(error).into()),
+                }
+            }
+            Err(error) => Err(error.into()),
+        }
     }
 }
 

@@ -275,6 +275,16 @@ pub trait Journal: Send + Sync {
     ) -> BoxFuture<'_, Result<Option<crate::engine::order::Order>, JournalError>> {
         Box::pin(async { Ok(None) })
     }
+    /// The answer a record of any node's log placed an order with under `key`, when the store is
+    /// shared by several nodes and guards keys for all of them (MySQL as the journal: the claims
+    /// are global). A checkout whose record the store refused because another node's order holds
+    /// the key replays this answer. The embedded journal is one node's: `None`.
+    fn claimed_answer(
+        &self,
+        _key: &crate::domain::IdempotencyKey,
+    ) -> BoxFuture<'_, Result<Option<crate::engine::records::StoredAnswer>, JournalError>> {
+        Box::pin(async { Ok(None) })
+    }
     /// Removes what the store keeps of answers older than `cutoff_ms` (the idempotency retention),
     /// so a key past retention starts afresh; returns how many went. The embedded journal keeps
     /// nothing beyond its records (snapshots drop expired answers), so by default nothing to do.

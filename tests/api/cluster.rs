@@ -985,3 +985,54 @@ async fn a_stock_lowered_through_any_node_takes_leased_units_back_never_below_wh
     let (in_pool, _) = shop.assert_books_balance("LOW").await;
     assert_eq!(in_pool, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_answer_redis_lost_is_replayed_by_another_node_from_the_database() {
+    // Redis losing an answer (restarted without persistence, evicted): with MySQL as the journal
+    // the database's claim still holds the key, and another node replays the first answer.
+    let shop = Shop::new("cluster-lost-answer", false).await;
+    let nodes = shop.nodes(&["node-a", "node-b"]);
+    assert_eq!(
+        nodes[0].client().put_product("ONCE", 100, 10).await.status,
+        200
+    );
+    known_everywhere(&[&nodes[0], &nodes[1]], "ONCE").await;
+    let first = nodes[0]
+        .client()
+        .checkout("lost-1", "ONCE", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(first.status, 201);
+    let mut redis = shop.redis.connection().await;
+    let answer_key = format!("{}answer:lost-1", shop.redis.prefix);
+    shop.redis
+        .wait_answer("lost-1", Duration::from_secs(10))
+        .await;
+    let removed: i64 = redis::cmd("DEL")
+        .arg(&answer_key)
+        .query_async(&mut redis)
+        .await
+        .expect("DEL");
+    assert_eq!(removed, 1, "the answer was in Redis under {answer_key}");
+    for _ in 0..2 {
+        let again = nodes[1]
+            .client()
+            .checkout("lost-1", "ONCE", 1, "tok_ok")
+            .await
+            .expect("answer");
+        assert_eq!(
+            (again.status, &again.body),
+            (201, &first.body),
+            "{}",
+            String::from_utf8_lossy(&again.body)
+        );
+        assert!(again.replayed);
+    }
+    let pool = shop.database.pool().await;
+    let orders: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(orders, 1, "one order for the key");
+    pool.close().await;
+}

@@ -1602,6 +1602,35 @@ impl Journal for MySqlJournal {
         Box::pin(purge_answers(&self.pool, self.statement_timeout, cutoff_ms))
     }
 
+    fn claimed_answer(
+        &self,
+        key: &IdempotencyKey,
+    ) -> BoxFuture<'_, Result<Option<StoredAnswer>, JournalError>> {
+        let key = key.clone();
+        Box::pin(async move {
+            let rows = fetch_all_bounded(
+                &self.pool,
+                self.statement_timeout,
+                sqlx::query(
+                    "SELECT lsn, first_event_seq, record FROM journal WHERE idempotency_key = ?",
+                )
+                .bind(key.as_str()),
+            )
+            .await
+            .map_err(read_error)?;
+            let Some(row) = rows.first() else {
+                return Ok(None);
+            };
+            Ok(match projection::committed_from_row(row)?.record {
+                Record::Order {
+                    answer: Some((claimed, stored)),
+                    ..
+                } if claimed == key => Some(stored),
+                _ => None,
+            })
+        })
+    }
+
     fn events(
         &self,
         after_seq: u64,
