@@ -314,7 +314,11 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         checkouts_in_flight: Arc::new(tokio::sync::Semaphore::new(config.checkouts_in_flight_max)),
         settler: app::money::Settler::default(),
         relay: parts.relay,
-        redis_optional: config.redis_optional,
+        // Several nodes on a MySQL journal: the database's claims guard a key across every
+        // node, so checkouts naming their items go on while Redis is down (write-behind nodes,
+        // whose journal acknowledges before MySQL sees the claim, answer 503 instead).
+        redis_optional: config.redis_optional
+            || (config.cluster.is_some() && config.mysql.is_some() && !config.mysql_write_behind),
         response_budget: connections::ResponseBudget::leak(
             config.response_bytes_max,
             config.admin_token.as_deref(),

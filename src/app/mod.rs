@@ -73,8 +73,9 @@ pub struct AppState {
     pub settler: money::Settler,
     /// The RabbitMQ relay, when configured.
     pub relay: Option<Arc<crate::events::relay::Relay>>,
-    /// `--redis-optional`: with Redis unreachable, checkouts naming their items go on under this
-    /// node's own key table (one node only).
+    /// With Redis unreachable, checkouts naming their items go on under this node's own key
+    /// table: `--redis-optional` (one node), or several nodes on a MySQL journal, whose claims
+    /// guard a key across every node.
     pub redis_optional: bool,
     /// This node's name ([`crate::data_dir::node_name`]): in its gateway idempotency keys, so its
     /// orphan scan judges only the authorisations it made.

@@ -1036,3 +1036,71 @@ async fn a_key_whose_answer_redis_lost_is_replayed_by_another_node_from_the_data
     assert_eq!(orders, 1, "one order for the key");
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_down_nodes_on_a_mysql_journal_sell_on_under_the_databases_guard() {
+    // Several nodes on a MySQL journal: the database's claims guard a key across nodes, so
+    // checkouts naming their items go on while Redis is down; one key sent to both nodes is still
+    // one order (the second node replays the first's answer). Write-behind nodes answer 503.
+    let database = TestDatabase::create().await;
+    let mut redis = crate::helpers::PrivateRedis::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let node = |name: &str, extra: &[&str]| {
+        let mut args = vec![
+            "--mysql-url",
+            database.url.as_str(),
+            "--node-id",
+            name,
+            "--cluster-secret",
+            SECRET,
+            "--workers",
+            "1",
+            "--redis-timeout",
+            "300ms",
+        ];
+        let url = redis.url();
+        args.extend(["--redis-url", url.as_str()]);
+        args.extend_from_slice(extra);
+        start(&dir.path().join(name), &args)
+    };
+    let (a, b) = (node("node-a", &[]), node("node-b", &[]));
+    let behind = node("node-w", &["--mysql-write-behind"]);
+    assert_eq!(a.client().put_product("DOWN", 100, 10).await.status, 200);
+    known_everywhere(&[&a, &b, &behind], "DOWN").await;
+    redis.kill();
+    let first = a
+        .client()
+        .checkout("down-1", "DOWN", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let again = b
+        .client()
+        .checkout("down-1", "DOWN", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!((again.status, &again.body), (201, &first.body));
+    let refused = behind
+        .client()
+        .checkout("down-2", "DOWN", 1, "tok_ok")
+        .await
+        .expect("answer");
+    assert_eq!(
+        refused.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&refused.body)
+    );
+    let pool = database.pool().await;
+    let orders: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(orders, 1);
+    pool.close().await;
+}
