@@ -1104,3 +1104,54 @@ async fn with_redis_down_nodes_on_a_mysql_journal_sell_on_under_the_databases_gu
     assert_eq!(orders, 1);
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_node_paused_past_its_lease_keeps_it_and_sells_on() {
+    let shop = Shop::new("cluster-wb-pause", true).await;
+    let (nodes, first) = half_sold(&shop, "NAP").await;
+    let pool = shop.database.pool().await;
+    signal(&nodes[2], "-STOP");
+    let lease = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT units FROM stock_leases WHERE node_id = 'node-c' AND sku = 'NAP'",
+        )
+        .fetch_optional(&pool)
+        .await
+        .expect("node c's lease")
+        .unwrap_or(0)
+    };
+    let held = lease().await;
+    eventually("node c's last renewal to be well past its TTL", Duration::from_secs(20), async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) - renewed_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("node c's row")
+            > 5_000
+    })
+    .await;
+    assert_eq!(
+        lease().await,
+        held,
+        "a paused write-behind node's lease moved"
+    );
+    signal(&nodes[2], "-CONT");
+    let mut c = nodes[2].client();
+    eventually(
+        "node c to be ready again",
+        Duration::from_secs(10),
+        async || c.get("/readyz").await.status == 200,
+    )
+    .await;
+    let refs: Vec<&TestApp> = nodes.iter().collect();
+    let rest = sell_out(&refs, "NAP", 600, count(&first, 201), "rest").await;
+    assert!(
+        rest.iter().any(|r| r.0 == 2 && r.2 == 201),
+        "node c sold on"
+    );
+    assert_eq!(shop.paid_in_mysql(600).await, 600);
+    let (in_pool, _) = shop.assert_books_balance("NAP").await;
+    assert_eq!(in_pool, 0);
+    pool.close().await;
+}
