@@ -491,6 +491,33 @@ async fn placed(
         .to_owned()
 }
 
+/// `node`'s lease of `sku` in MySQL (0: none).
+async fn lease_units(pool: &sqlx::MySqlPool, node: &str, sku: &str) -> i64 {
+    sqlx::query_scalar("SELECT units FROM stock_leases WHERE node_id = ? AND sku = ?")
+        .bind(node)
+        .bind(sku)
+        .fetch_optional(pool)
+        .await
+        .expect("a lease")
+        .unwrap_or(0)
+}
+
+/// Waits until `node`'s last renewal is well past the short TTL (by the database's clock, and a
+/// reaper's look more).
+async fn until_past_ttl(pool: &sqlx::MySqlPool, node: &str) {
+    eventually("a node's last renewal to be well past its TTL", Duration::from_secs(20), async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) - renewed_at_ms FROM cluster_nodes WHERE node_id = ?",
+        )
+        .bind(node)
+        .fetch_one(pool)
+        .await
+        .expect("the node's row")
+            > 5_000
+    })
+    .await;
+}
+
 const SHORT_TTL: &[&str] = &["--lease-ttl", "3s"];
 
 /// Three nodes (a, b, c) with a short lease TTL selling `sku` (stock 600), after a first wave
@@ -620,32 +647,14 @@ async fn kill_9_of_a_node_in_write_behind_keeps_its_lease_until_it_comes_back() 
     let (mut nodes, first) = half_sold(&shop, "KEEP").await;
     let mut sold = count(&first, 201);
     let pool = shop.database.pool().await;
-    let lease_of_c = async || -> i64 {
-        sqlx::query_scalar(
-            "SELECT units FROM stock_leases WHERE node_id = 'node-c' AND sku = 'KEEP'",
-        )
-        .fetch_optional(&pool)
-        .await
-        .expect("node c's lease")
-        .unwrap_or(0)
-    };
     nodes[2].kill_9();
-    let held = lease_of_c().await;
+    let held = lease_units(&pool, "node-c", "KEEP").await;
     // Past its TTL, nothing of node c's is given away: its sales may be on its disk alone.
     let meanwhile = sale(&[&nodes[0], &nodes[1]], "KEEP", 900, "meanwhile").await;
     sold += count(&meanwhile, 201);
-    eventually("node c's last renewal to be well past its TTL", Duration::from_secs(20), async || {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) - renewed_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("node c's row")
-            > 5_000
-    })
-    .await;
+    until_past_ttl(&pool, "node-c").await;
     assert_eq!(
-        lease_of_c().await,
+        lease_units(&pool, "node-c", "KEEP").await,
         held,
         "a write-behind node's lease moved while it was down"
     );
@@ -1111,28 +1120,10 @@ async fn a_write_behind_node_paused_past_its_lease_keeps_it_and_sells_on() {
     let (nodes, first) = half_sold(&shop, "NAP").await;
     let pool = shop.database.pool().await;
     signal(&nodes[2], "-STOP");
-    let lease = async || -> i64 {
-        sqlx::query_scalar(
-            "SELECT units FROM stock_leases WHERE node_id = 'node-c' AND sku = 'NAP'",
-        )
-        .fetch_optional(&pool)
-        .await
-        .expect("node c's lease")
-        .unwrap_or(0)
-    };
-    let held = lease().await;
-    eventually("node c's last renewal to be well past its TTL", Duration::from_secs(20), async || {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED) - renewed_at_ms FROM cluster_nodes WHERE node_id = 'node-c'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("node c's row")
-            > 5_000
-    })
-    .await;
+    let held = lease_units(&pool, "node-c", "NAP").await;
+    until_past_ttl(&pool, "node-c").await;
     assert_eq!(
-        lease().await,
+        lease_units(&pool, "node-c", "NAP").await,
         held,
         "a paused write-behind node's lease moved"
     );
