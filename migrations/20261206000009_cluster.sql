@@ -30,6 +30,9 @@ CREATE TABLE stock_pool (
     sku VARCHAR(128) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
     pool BIGINT NOT NULL,
     recall BIGINT NOT NULL DEFAULT 0,
+    -- When the recall was asked (database clock): one older than a lowered stock's wait (its
+    -- asker gone) no longer holds units back.
+    recall_at_ms BIGINT NOT NULL DEFAULT 0,
     hungry_at_ms BIGINT NULL,
     CONSTRAINT stock_pool_never_negative CHECK (pool >= 0)
 ) ENGINE = InnoDB;

@@ -146,6 +146,22 @@ pub enum CheckoutError {
     Internal(String),
 }
 
+/// Whether `request` is one line of a SKU sold out as far as this node knows: its shards empty,
+/// and with several nodes the pool empty and no live node holding units for sale.
+fn sold_out_everywhere(app: &crate::app::AppState, request: &Request) -> bool {
+    let Some([line]) = request.items.as_deref() else {
+        return false;
+    };
+    let inventory = app.engine.inventory();
+    inventory
+        .lookup(&line.sku)
+        .is_some_and(|index| inventory.is_sold_out(index))
+        && app
+            .cluster
+            .as_ref()
+            .is_none_or(|cluster| cluster.sold_out_everywhere(&line.sku))
+}
+
 /// Places the order `request` asks for under `key`, or replays the answer the key has: an
 /// [`Answer`] is kept under the key (placed, declined, timed out, refused); an error kept nothing
 /// (retry with the same key). `answers` renders the kept answers; it outlives the checkout, which
@@ -188,6 +204,9 @@ pub async fn place(
     // Whether `submission` holds the lock (not so for a checkout that went on without Redis).
     let mut lock_held = false;
     let mut redis_cart = None;
+    // A sold-out refusal that took no lock: should units come back meanwhile, the checkout
+    // stops (`503`, retry) instead of going on unguarded.
+    let mut unguarded = false;
     if let Some(store) = app.carts.store() {
         // An order this node placed under the key is its answer, whatever Redis holds: a node
         // cut off from Redis past its lock's life may find another node's answer there.
@@ -203,12 +222,41 @@ pub async fn place(
             Some(Err(_)) => return Err(CheckoutError::KeyReused),
             None => {}
         }
+        // The flash sale's late flood: one line of a SKU sold out here (and with several nodes
+        // everywhere: the pool empty, no live node holding units) is refused without a Redis
+        // write: one look at the key's answer and lock (a retry of a key placed on any node still
+        // replays it, one running elsewhere is 409), no lock taken, the refusal kept by this node
+        // alone (a refusal is replayed by the node that gave it).
+        if lines_given && sold_out_everywhere(app, &request) {
+            match store.peek(&key).await {
+                Ok(RemoteBegin::Answer(stored)) => {
+                    return if fingerprint.matches(&stored.fingerprint) {
+                        app.metrics.replays.add(1);
+                        Ok(Answer::new(stored.status, stored.body, true))
+                    } else {
+                        Err(CheckoutError::KeyReused)
+                    };
+                }
+                Ok(RemoteBegin::Held) => return Err(CheckoutError::KeyInUse),
+                Ok(RemoteBegin::Locked(_)) => unguarded = true,
+                Err(error @ StoreError::Unavailable(_)) if app.redis_optional => {
+                    tracing::debug!(%error, "sold-out refusal without Redis");
+                    unguarded = true;
+                }
+                Err(error) => return Err(CheckoutError::SessionStore(error)),
+            }
+        }
         let cart = request
             .cart_id
             .as_ref()
             .map(|id| (id, now_ms(), app.carts.idle_ms()));
         let lock = store.submission(&key);
-        match store.begin(&lock, cart).await {
+        let begun = if unguarded {
+            Ok(RemoteBegin::Locked(None))
+        } else {
+            store.begin(&lock, cart).await
+        };
+        match begun {
             Ok(RemoteBegin::Answer(stored)) => {
                 lock.keep();
                 return if fingerprint.matches(&stored.fingerprint) {
@@ -222,6 +270,7 @@ pub async fn place(
                 lock.keep();
                 return Err(CheckoutError::KeyInUse);
             }
+            Ok(RemoteBegin::Locked(_)) if unguarded => lock.keep(),
             Ok(RemoteBegin::Locked(lines)) => {
                 submission = Some(lock);
                 lock_held = true;
@@ -328,6 +377,15 @@ pub async fn place(
         }
     }
     let reservation = match reserved {
+        Ok(reservation) if unguarded => {
+            // Units came back between the look and the hold (a restock, a release): this
+            // checkout took no lock, so it does not go on.
+            app.engine.release_reservation(reservation);
+            app.engine.idempotency().abandon(&key);
+            return Err(CheckoutError::Overloaded(
+                "units of this product came back just now; nothing was changed, retry".into(),
+            ));
+        }
         Ok(reservation) => reservation,
         Err(EngineError::OutOfStock { sku }) => {
             let error = || EngineError::OutOfStock { sku: sku.clone() };

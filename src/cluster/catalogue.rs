@@ -34,6 +34,10 @@ pub const POLL: Duration = Duration::from_millis(200);
 /// How long a lowered stock waits for the nodes to give back the units it asks back.
 pub const RECALL_WAIT: Duration = Duration::from_secs(3);
 
+/// A recall older than this (ms) is its asker's no more (it stopped without clearing it): it
+/// holds no unit back from grants and asks no node for any.
+pub(crate) const RECALL_LIVE_MS: u64 = 5_000;
+
 /// One SKU of the whole shop, as the last poll saw it.
 #[derive(Debug, Clone)]
 pub struct ShopCounts {
@@ -85,7 +89,8 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
         cluster.timeout,
         sqlx::query(&format!(
             "SELECT p.sku, p.name, p.price_cents, p.currency, p.stock, \
-                    COALESCE(sp.pool, 0), COALESCE(sp.recall, 0), \
+                    COALESCE(sp.pool, 0), \
+                    IF(sp.recall_at_ms > {DB_NOW_MS} - {RECALL_LIVE_MS}, sp.recall, 0), \
                     CAST(COALESCE(o.reserved, 0) AS SIGNED), CAST(COALESCE(o.sold, 0) AS SIGNED), \
                     CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED), \
                     CAST(COALESCE(u.unsold, 0) AS SIGNED) \
@@ -337,7 +342,9 @@ async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterEr
             Err((requested, committed))
         } else if change < 0 && pool < -change {
             let short = -change - pool;
-            sqlx::query("UPDATE stock_pool SET recall = ? WHERE sku = ?")
+            sqlx::query(&format!(
+                "UPDATE stock_pool SET recall = ?, recall_at_ms = {DB_NOW_MS} WHERE sku = ?"
+            ))
                 .bind(short)
                 .bind(&sku)
                 .execute(&mut *tx)

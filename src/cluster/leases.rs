@@ -101,12 +101,15 @@ async fn grant(cluster: &Cluster, sku: &Sku, want: i64) -> Result<(i64, i64), Cl
         if fenced(&mut tx, &node, epoch).await? {
             None
         } else {
-            let (pool, recall): (i64, i64) =
-                sqlx::query_as("SELECT pool, recall FROM stock_pool WHERE sku = ? FOR UPDATE")
-                    .bind(&sku_text)
-                    .fetch_optional(&mut *tx)
-                    .await?
-                    .unwrap_or((0, 0));
+            let (pool, recall): (i64, i64) = sqlx::query_as(&format!(
+                "SELECT pool, IF(recall_at_ms > {DB_NOW_MS} - {}, recall, 0) \
+                     FROM stock_pool WHERE sku = ? FOR UPDATE",
+                super::catalogue::RECALL_LIVE_MS
+            ))
+            .bind(&sku_text)
+            .fetch_optional(&mut *tx)
+            .await?
+            .unwrap_or((0, 0));
             // Units a lowered stock waits for are not granted again.
             let take = want.min(pool - recall).max(0);
             if take > 0 {

@@ -341,6 +341,14 @@ impl Cluster {
             .map_or(0, |signal| signal.returning.load(Ordering::Acquire))
     }
 
+    /// Whether `sku` is sold out in the whole shop as this node last saw it: the pool empty and no
+    /// live node holding units for sale.
+    pub fn sold_out_everywhere(&self, sku: &Sku) -> bool {
+        self.signals.load().get(sku).is_some_and(|signal| {
+            signal.units.load(Ordering::Acquire) <= 0 && !signal.elsewhere.load(Ordering::Acquire)
+        })
+    }
+
     /// Whether the pool of `sku` held units at the last look: a checkout that found this node's
     /// lease dry past its refill wait is then told to retry (`503`), not that the shop is sold
     /// out.

@@ -144,16 +144,21 @@ async fn a_cart_made_on_one_node_is_changed_and_checked_out_on_the_other() {
     )
     .await;
 
-    // An answer that placed nothing is shared too: sold out on A, replayed on B although B has
-    // the stock now.
+    // A sold-out refusal placed nothing and costs Redis no write: it is replayed by the node that
+    // gave it (API.md), and another node with stock places the key.
     let items = json!({"items": [{"sku": "Z", "quantity": 1}], "customer_id": "c2", "payment_token": "tok_ok"});
     let (status, rejected, _) = checkout(&mut on_a, "sold-out-key", &items).await;
     assert_eq!(status, 409, "{rejected}");
-    assert_eq!(on_b.put_product("Z", 250, 5).await.status, 200);
-    let (status, again, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    let (status, again, replayed) = checkout(&mut on_a, "sold-out-key", &items).await;
     assert_eq!((status, replayed), (409, true));
     assert_eq!(again, rejected);
-    assert_eq!(on_b.stock("Z").await, (5, 5, 0, 0));
+    assert_eq!(on_b.put_product("Z", 250, 5).await.status, 200);
+    let (status, placed, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    assert_eq!((status, replayed), (201, false), "{placed}");
+    assert_eq!(on_b.stock("Z").await, (5, 4, 0, 1));
+    // Once placed, the key's answer is the order's on every node that has not refused it.
+    let (status, _, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    assert_eq!((status, replayed), (201, true));
 
     redis.assert_every_key_expires().await;
     let keys = redis.keys().await;

@@ -420,6 +420,35 @@ impl RedisStore {
         }
     }
 
+    /// A sold-out refusal's look, in one round trip that writes nothing: the answer any node gave
+    /// under `key`, or whether a checkout holds its lock (`Held`), else `Free` (`Locked(None)`,
+    /// though no lock was taken: the caller refuses and keeps the refusal itself).
+    pub async fn peek(&self, key: &IdempotencyKey) -> Result<Begin, StoreError> {
+        let answer_key = self.key("answer", key.as_str());
+        let lock_key = self.key("lock", key.as_str());
+        let mut invocation = self.scripts.peek.key(&answer_key);
+        invocation.key(&lock_key);
+        let reply: Vec<String> = self.run(&answer_key, &invocation).await?;
+        match reply.first().map(String::as_str) {
+            Some("answer") => decode_answer(reply.get(1).map_or("", String::as_str))
+                .map(Begin::Answer)
+                .map_err(|what| StoreError::Unexpected {
+                    key: answer_key.clone(),
+                    what,
+                }),
+            Some("held") => Ok(Begin::Held),
+            Some("free") => Ok(Begin::Locked(None)),
+            Some("junk") => Err(StoreError::Unexpected {
+                key: lock_key,
+                what: "a value Turnstile did not write (another type, or a value without expiry), which would hold the key for ever".into(),
+            }),
+            other => Err(StoreError::Unexpected {
+                key: answer_key.clone(),
+                what: format!("script reply {other:?}"),
+            }),
+        }
+    }
+
     /// Counts a checkout that went on without the submission lock (Redis down).
     pub fn count_fallback(&self) {
         self.stats.fallbacks.fetch_add(1, Ordering::Relaxed);

@@ -9,6 +9,7 @@ pub(super) struct Scripts {
     pub(super) cart_set: Script,
     pub(super) cart_clear: Script,
     pub(super) begin: Script,
+    pub(super) peek: Script,
     pub(super) finish: Script,
     pub(super) renew: Script,
 }
@@ -101,6 +102,17 @@ refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
 return {'locked', 'cart', lines(KEYS[4])}
 ";
 
+/// A refusal's look (a sold-out SKU): the answer under the key, or whether a checkout holds its
+/// lock, without writing anything (no lock taken: the refusal is kept by this node alone).
+pub(super) const PEEK: &str = r"
+local answer = redis.call('GET', KEYS[1])
+if answer then return {'answer', answer} end
+local held = redis.pcall('GET', KEYS[2])
+if held == false then return {'free'} end
+if type(held) ~= 'string' or redis.call('PTTL', KEYS[2]) < 0 then return {'junk'} end
+return {'held'}
+";
+
 /// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
 /// if still that checkout's. KEYS = answer, lock, answer, lock, ...; ARGV = lock value, answer, its
 /// TTL in ms (0: none to store), for each in turn.
@@ -166,6 +178,7 @@ impl Scripts {
             cart_set: with_refresh(CART_SET),
             cart_clear: Script::new(CART_CLEAR),
             begin: with_refresh(BEGIN),
+            peek: Script::new(PEEK),
             finish: Script::new(FINISH),
             renew: Script::new(RENEW),
         }
