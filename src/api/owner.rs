@@ -69,6 +69,13 @@ pub(super) async fn elsewhere(
         )
         .retry_after(1)
     };
+    // A node gone for good: this node adopts the order now (with MySQL as its journal) and the
+    // call runs here.
+    if owner.gone
+        && crate::cluster::adoption::adopt_one(cluster, state, &owner.node, order_id).await?
+    {
+        return Ok(None);
+    }
     if !owner.alive {
         return Err(unavailable(
             "is down (its open orders go to a live node once it is presumed dead)".into(),

@@ -69,8 +69,13 @@ fn units_of(orders: &[Order]) -> BTreeMap<String, (i64, i64)> {
 
 /// One batch of `from`'s open orders, moved to this node in MySQL; gives them back (empty: none
 /// left, or `from` came back).
-async fn take_batch(cluster: &Cluster, from: &str) -> Result<Vec<Order>, ClusterError> {
+async fn take_batch(
+    cluster: &Cluster,
+    from: &str,
+    only: Option<&crate::domain::OrderId>,
+) -> Result<Vec<Order>, ClusterError> {
     let (me, from) = (cluster.node().to_owned(), from.to_owned());
+    let only = only.cloned();
     crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
         let gone: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM cluster_nodes WHERE node_id = ? \
@@ -82,7 +87,9 @@ async fn take_batch(cluster: &Cluster, from: &str) -> Result<Vec<Order>, Cluster
         if gone.is_none() {
             Vec::new()
         } else {
-            let orders = crate::journal::mysql::lock_open_orders(&mut tx, &from, BATCH).await?;
+            let orders =
+                crate::journal::mysql::lock_open_orders(&mut tx, &from, only.as_ref(), BATCH)
+                    .await?;
             for order in &orders {
                 sqlx::query("UPDATE orders SET node = ? WHERE order_id = ? AND node = ?")
                     .bind(&me)
@@ -190,11 +197,35 @@ pub async fn drop_adopted_away(
     Ok(gone.len())
 }
 
+/// Adopts one order of a node that is gone (left, or dead and settled), whatever its status: a
+/// call that changes it (cancel, a webhook) arrived, and a finished order (paid, nothing owed)
+/// is adopted by no sweep. `true` once this node owns it.
+pub async fn adopt_one(
+    cluster: &Cluster,
+    app: &crate::app::AppState,
+    from: &str,
+    order_id: &crate::domain::OrderId,
+) -> Result<bool, ClusterError> {
+    if !cluster.journal_is_mysql {
+        return Ok(false);
+    }
+    let orders = super::retrying(|| take_batch(cluster, from, Some(order_id))).await?;
+    let adopted = !orders.is_empty();
+    for order in orders {
+        if let Err(error) = app.engine.adopt(order) {
+            tracing::error!(%order_id, %error, "an adopted order could not be taken into memory; it is loaded at this node's next start");
+        }
+        cluster.adopted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(from = %from, %order_id, "adopted an order of a node that is gone, for a call that changes it");
+    }
+    Ok(adopted)
+}
+
 /// Adopts the open orders of every node that left or died, batch by batch, into `app`'s engine.
 pub async fn adopt(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), ClusterError> {
     for from in orphaned(cluster).await? {
         loop {
-            let orders = super::retrying(|| take_batch(cluster, &from)).await?;
+            let orders = super::retrying(|| take_batch(cluster, &from, None)).await?;
             if orders.is_empty() {
                 break;
             }

@@ -79,6 +79,8 @@ pub struct Owner {
     pub url: String,
     /// Renewed within `--lease-ttl` and not gone.
     pub alive: bool,
+    /// Gone for good: left, or presumed dead and settled (its orders may be adopted).
+    pub gone: bool,
 }
 
 /// The owner of `order_id` as MySQL knows it (`None`: no node placed it, as far as MySQL knows).
@@ -91,7 +93,8 @@ pub async fn owner_of(
         &cluster.db,
         cluster.timeout,
         sqlx::query(&format!(
-            "SELECT n.node_id, n.url, n.state = 'live' AND n.renewed_at_ms > {DB_NOW_MS} - ? \
+            "SELECT n.node_id, n.url, n.state = 'live' AND n.renewed_at_ms > {DB_NOW_MS} - ?, \
+                    n.state = 'left' OR (n.state = 'dead' AND n.reaped_at_ms IS NOT NULL) \
              FROM cluster_nodes n \
              WHERE n.node_id = COALESCE( \
                  (SELECT node FROM orders WHERE order_id = ?), \
@@ -111,10 +114,12 @@ pub async fn owner_of(
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     };
     let alive: i64 = row.try_get(2).map_err(db("finding an order's owner"))?;
+    let gone: i64 = row.try_get(3).map_err(db("finding an order's owner"))?;
     Ok(Some(Owner {
         node: text(0)?,
         url: text(1)?,
         alive: alive == 1,
+        gone: gone == 1,
     }))
 }
 

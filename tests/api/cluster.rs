@@ -780,6 +780,16 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
         202,
     )
     .await;
+    // And a paid order, finished: no sweep adopts it, a call for it does.
+    let paid_id = placed(
+        &mut nodes[0].client(),
+        "handed-paid",
+        "HAND",
+        1,
+        "tok_ok",
+        201,
+    )
+    .await;
     // Node a leaves (a scale-down) with the payment undecided.
     let status = nodes[0].terminate();
     assert!(status.success(), "node a's exit: {status:?}");
@@ -794,6 +804,17 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
     .await;
     let adopted = crate::helpers::metric(&mut b, "turnstile_cluster_adopted_orders_total").await;
     assert_eq!(adopted, 1.0);
+    // The paid order of the node that left is cancelled through node b: adopted for the call.
+    let cancelled = b
+        .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")
+        .await;
+    assert_eq!(
+        cancelled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancelled.body)
+    );
+    assert_eq!(cancelled.json()["status"], "refunded");
     let pool = shop.database.pool().await;
     let owner: String =
         sqlx::query_scalar("SELECT CAST(node AS CHAR) FROM orders WHERE order_id = ?")

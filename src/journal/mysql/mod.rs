@@ -319,6 +319,11 @@ pub(crate) async fn fetch_all_bounded(
 /// server's default of hours (a node taking the database over would wait on those rows).
 pub const POOL_SESSION_IDLE_MAX: Duration = Duration::from_secs(30);
 
+/// How long the server keeps a pool session's transaction open while the session says nothing
+/// (MariaDB's `idle_transaction_timeout`): every transaction sends its statements back to back,
+/// so only a process that stopped mid-transaction meets it.
+pub const POOL_TRANSACTION_IDLE_MAX: Duration = Duration::from_secs(5);
+
 /// Connects a pool (no query is sent yet). The pool closes its idle connections before the server
 /// would ([`POOL_SESSION_IDLE_MAX`]).
 pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
@@ -336,9 +341,27 @@ pub fn connect(config: &MySqlConfig) -> Result<MySqlPool, JournalError> {
                     "SET SESSION wait_timeout = {}",
                     POOL_SESSION_IDLE_MAX.as_secs()
                 ))
-                .execute(connection)
+                .execute(&mut *connection)
+                .await?;
+                // MariaDB: a transaction left open by a process that stopped (paused, host
+                // gone) ends after this, not after `wait_timeout`, so the rows it locks (a
+                // projection cursor a reaper needs) are free soon. MySQL has no such variable
+                // (error 1193): its sessions end with `wait_timeout`.
+                match sqlx::query(&format!(
+                    "SET SESSION idle_transaction_timeout = {}",
+                    POOL_TRANSACTION_IDLE_MAX.as_secs()
+                ))
+                .execute(&mut *connection)
                 .await
-                .map(|_| ())
+                {
+                    Err(sqlx::Error::Database(e))
+                        if e.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+                            .is_some_and(|m| m.number() == 1193) =>
+                    {
+                        Ok(())
+                    }
+                    other => other.map(|_| ()),
+                }
             })
         })
         .connect_lazy_with(options))
@@ -774,16 +797,31 @@ fn item_from_row(row: &sqlx::mysql::MySqlRow) -> Result<(String, OrderItem), Jou
 pub(crate) async fn lock_open_orders(
     tx: &mut MySqlConnection,
     node: &str,
+    only: Option<&OrderId>,
     limit: usize,
 ) -> Result<Vec<Order>, sqlx::Error> {
-    let rows = sqlx::query(&format!(
-        "{ORDER_COLUMNS} WHERE o.node = ? AND (o.status IN ('reserved', 'payment_pending') \
-         OR o.payment_due IS NOT NULL) ORDER BY o.order_id LIMIT ? FOR UPDATE"
-    ))
-    .bind(node)
-    .bind(limit as i64)
-    .fetch_all(&mut *tx)
-    .await?;
+    // `only`: that one order of the node, whatever its status (a call for it arrived).
+    let rows = match only {
+        None => {
+            sqlx::query(&format!(
+                "{ORDER_COLUMNS} WHERE o.node = ? AND (o.status IN ('reserved', 'payment_pending') \
+                 OR o.payment_due IS NOT NULL) ORDER BY o.order_id LIMIT ? FOR UPDATE"
+            ))
+            .bind(node)
+            .bind(limit as i64)
+            .fetch_all(&mut *tx)
+            .await?
+        }
+        Some(order_id) => {
+            sqlx::query(&format!(
+                "{ORDER_COLUMNS} WHERE o.node = ? AND o.order_id = ? FOR UPDATE"
+            ))
+            .bind(node)
+            .bind(order_id.as_str())
+            .fetch_all(&mut *tx)
+            .await?
+        }
+    };
     let mut orders = Vec::with_capacity(rows.len());
     let bad = |e: JournalError| sqlx::Error::Protocol(e.to_string());
     for row in &rows {
