@@ -518,6 +518,25 @@ async fn until_past_ttl(pool: &sqlx::MySqlPool, node: &str) {
     .await;
 }
 
+/// Cancels `order_id` through `client`'s node, which must answer 200 with the order refunded.
+async fn refunded_through(client: &mut crate::helpers::Client, order_id: &str) {
+    let cancelled = client
+        .send("POST", &format!("/v1/orders/{order_id}/cancel"), &[], "")
+        .await;
+    assert_eq!(
+        cancelled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancelled.body)
+    );
+    assert_eq!(
+        cancelled.json()["status"],
+        "refunded",
+        "{}",
+        cancelled.json()
+    );
+}
+
 const SHORT_TTL: &[&str] = &["--lease-ttl", "3s"];
 
 /// Three nodes (a, b, c) with a short lease TTL selling `sku` (stock 600), after a first wave
@@ -693,21 +712,7 @@ async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another(
         async || b.get(&path).await.status == 200,
     )
     .await;
-    let cancelled = b
-        .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")
-        .await;
-    assert_eq!(
-        cancelled.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&cancelled.body)
-    );
-    assert_eq!(
-        cancelled.json()["status"],
-        "refunded",
-        "{}",
-        cancelled.json()
-    );
+    refunded_through(&mut b, &paid_id).await;
     assert_eq!(a.get(&path).await.json()["status"], "refunded");
     // A pending payment's webhook arrives at node b, which hands it to node a.
     let pending_id = placed(&mut a, "owner-pending", "ANY", 1, "tok_pending", 202).await;
@@ -805,16 +810,7 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
     let adopted = crate::helpers::metric(&mut b, "turnstile_cluster_adopted_orders_total").await;
     assert_eq!(adopted, 1.0);
     // The paid order of the node that left is cancelled through node b: adopted for the call.
-    let cancelled = b
-        .send("POST", &format!("/v1/orders/{paid_id}/cancel"), &[], "")
-        .await;
-    assert_eq!(
-        cancelled.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&cancelled.body)
-    );
-    assert_eq!(cancelled.json()["status"], "refunded");
+    refunded_through(&mut b, &paid_id).await;
     let pool = shop.database.pool().await;
     let owner: String =
         sqlx::query_scalar("SELECT CAST(node AS CHAR) FROM orders WHERE order_id = ?")
