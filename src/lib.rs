@@ -34,7 +34,13 @@
 //!   (capture, void, refund after the journal; each node reconciles only the authorisations it
 //!   made), [`app::sweep`]: expired holds released, what is past retention dropped.
 //! - [`api`]: the HTTP API (axum): routes, exact body validation, the one error-to-HTTP mapping;
-//!   `api::admin`: the operations desk (`--admin-token`).
+//!   `api::admin`: the operations desk (`--admin-token`); `api::owner`: calls for another node's
+//!   order forwarded to its owner.
+//! - [`cluster`]: several nodes selling one stock (`--node-id`): the registry and its renewal
+//!   ([`cluster::registry`]), stock leases from the pool in MySQL ([`cluster::leases`]), the
+//!   shared catalogue ([`cluster::catalogue`]), dead nodes settled ([`cluster::reaper`]), open
+//!   orders adopted ([`cluster::adoption`]), calls forwarded to an order's owner
+//!   ([`cluster::forward`]), `turnstile cluster forget` ([`cluster::forget`]).
 //! - [`connections`]: the listeners (`socket2`: backlog, `TCP_NODELAY`, buffers; one per per-core
 //!   worker with `SO_REUSEPORT`) and the accept loop: HTTP/1.1 and HTTP/2, cleartext or over TLS
 //!   ([`connections::tls`]: rustls, TLS 1.3, ALPN), slow clients cut off, one bound on open

@@ -13,7 +13,7 @@
 //! at most the lease MySQL holds, and the units MySQL counts as this node's are a superset of what
 //! it may sell: a crash between the two steps strands nothing (the restart rebuilds the engine
 //! from MySQL's `units`) and sells nothing twice. Every lease transaction first checks this
-//! node's epoch under a shared lock ([`fenced`]): a node taken over (its epoch moved) takes and
+//! node's epoch under a shared lock (`fenced`): a node taken over (its epoch moved) takes and
 //! gives nothing more.
 //!
 //! **Sizes.** The keeper looks at every SKU every [`TICK`]. It measures the rate at which this

@@ -11,7 +11,7 @@
 //!    commit of that node in flight (they hold the row shared), and every later one finds another
 //!    epoch and writes nothing: its log is final, and a paused process that resumes sells
 //!    nothing more (its checkouts' commits are refused).
-//! 3. **Catch its projections up** to its log's end (the one applier, [`catch_up_log`]), so
+//! 3. **Catch its projections up** to its log's end (the one applier, `catch_up_log`), so
 //!    `inventory` holds exactly what its durable orders hold and sold.
 //! 4. **Settle**, in one transaction that first checks the node is still the dead one claimed
 //!    (same epoch, under `FOR UPDATE`: a restart registers with a new epoch, and whichever comes
