@@ -163,9 +163,23 @@ async fn in_write_behind_a_checkout_waiting_for_a_stalled_mysql_gives_up_and_fre
         body.get("outcome").is_none(),
         "the wait is given up before the request's timeout: nothing changed, and it says so: {body}"
     );
-    // The key is free: the other node places it.
-    let (status, placed, replayed) = checkout(&mut on_b, "waiting").await;
-    assert_eq!((status, replayed), (201, false), "{placed}");
+    // The key is free: the other node places it (A's lock release reaches Redis right after its
+    // answer, not before it: `409 idempotency_key_in_use` until then).
+    let mut placed = serde_json::Value::Null;
+    eventually(
+        "A's lock to be released and B to place the key",
+        Duration::from_secs(10),
+        async || {
+            let (status, body, replayed) = checkout(&mut on_b, "waiting").await;
+            if status == 409 && body["error"] == "idempotency_key_in_use" {
+                return false;
+            }
+            assert_eq!((status, replayed), (201, false), "{body}");
+            placed = body;
+            true
+        },
+    )
+    .await;
 
     proxy.stall(false);
     redis.wait_answer("waiting", Duration::from_secs(10)).await;
