@@ -211,9 +211,12 @@ async fn declare_notify_queue(broker: &TestBroker, queue: &str, max_attempts: u3
     let _ = connection.close(200, "".into()).await;
 }
 
+/// The complete lines of notify's output (a line being appended right now, its newline not yet
+/// written, is not one yet).
 fn lines(path: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect()
