@@ -18,9 +18,11 @@ pub(super) async fn get_order(
     let order_id = path_id(raw, OrderId::parse)?;
     let order = crate::app::orders::find(&state, &order_id)
         .await
-        .map_err(|e| ApiError::journal_unavailable(&e))?
-        .ok_or_else(|| ApiError::not_found(format!("no order {order_id}")))?;
-    Ok(json_response(StatusCode::OK, order_body(&order)))
+        .map_err(|e| ApiError::journal_unavailable(&e))?;
+    match order {
+        Some(order) => Ok(json_response(StatusCode::OK, order_body(&order))),
+        None => Err(super::owner::not_found(&state, &order_id).await),
+    }
 }
 
 pub(super) async fn cancel_order(
@@ -39,7 +41,12 @@ pub(super) async fn cancel_order(
             return Ok(answer);
         }
     }
-    let (order, changed) = crate::app::orders::cancel(&state, &order_id).await?;
+    let (order, changed) = match crate::app::orders::cancel(&state, &order_id).await {
+        Err(crate::app::orders::AppError::Engine(crate::engine::EngineError::UnknownOrder(_))) => {
+            return Err(super::owner::not_found(&state, &order_id).await)
+        }
+        other => other?,
+    };
     let mut response = json_response(StatusCode::OK, order_body(&order));
     if !changed {
         response.extensions_mut().insert(ChangedNothing);

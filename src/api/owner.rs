@@ -38,6 +38,27 @@ pub(super) fn forwarded(
     Ok(true)
 }
 
+/// An order neither this node nor MySQL knows. Alone, or with several nodes none of which may
+/// hold acknowledged orders MySQL lacks: `404`. Else (a write-behind node down, or behind in
+/// shipping what it reported): `503 journal_unavailable` with `Retry-After`, never a `404` for
+/// an order that may exist.
+pub(super) async fn not_found(state: &AppState, order_id: &OrderId) -> ApiError {
+    let missing = || ApiError::not_found(format!("no order {order_id}"));
+    let Some(cluster) = &state.cluster else {
+        return missing();
+    };
+    match forward::unshipped_on(cluster).await {
+        Ok(None) => missing(),
+        Ok(Some(node)) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "journal_unavailable",
+            format!("no order {order_id} in MySQL yet, and node {node} (write-behind) may hold acknowledged orders MySQL does not have yet; retry later"),
+        )
+        .retry_after(1),
+        Err(error) => error.into(),
+    }
+}
+
 /// For a call that changes `order_id`, when this node's engine does not hold it: the owner's
 /// answer if another node owns it, `None` to run it here (no cluster, this node owns it, or no
 /// node is known to: the use case then answers as it does alone).

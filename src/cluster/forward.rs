@@ -123,6 +123,37 @@ pub async fn owner_of(
     }))
 }
 
+/// A write-behind node that may hold acknowledged orders MySQL does not have yet: down (not
+/// renewed within `--lease-ttl`, not left, not forgotten), or live with events it reported that
+/// MySQL's outbox does not hold. `None`: every acknowledged order is in MySQL, as far as the nodes
+/// last reported (a renewal is at most 500 ms old).
+pub async fn unshipped_on(cluster: &Cluster) -> Result<Option<String>, ClusterError> {
+    let ttl_ms = cluster.config.lease_ttl.as_millis() as i64;
+    let rows = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(&format!(
+            "SELECT n.node_id FROM cluster_nodes n \
+             WHERE n.mode = 'write-behind' AND n.node_id <> ? \
+             AND ((n.state = 'live' AND n.renewed_at_ms <= {DB_NOW_MS} - ?) \
+                  OR (n.state = 'live' AND n.event_seq > \
+                      (SELECT COALESCE(MAX(o.seq), 0) FROM outbox o WHERE o.node = n.node_id))) \
+             LIMIT 1"
+        ))
+        .bind(cluster.node().to_owned())
+        .bind(ttl_ms),
+    )
+    .await
+    .map_err(db("looking for orders not shipped to MySQL yet"))?;
+    rows.first()
+        .map(|row| {
+            row.try_get::<Vec<u8>, _>(0)
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .map_err(db("looking for orders not shipped to MySQL yet"))
+        })
+        .transpose()
+}
+
 /// Forwards a call to `owner`, signed; gives back its answer.
 pub async fn forward(
     cluster: &Cluster,

@@ -1163,3 +1163,56 @@ async fn a_write_behind_node_paused_past_its_lease_keeps_it_and_sells_on() {
     assert_eq!(in_pool, 0);
     pool.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_order_is_503_while_a_write_behind_node_that_may_hold_it_is_down() {
+    // An order not in MySQL may be one a write-behind node acknowledged and has not shipped: while
+    // such a node is down, another node says so (503, retry) instead of "no such order".
+    let shop = Shop::new("cluster-unshipped", true).await;
+    let mut nodes = [
+        shop.node_with("node-a", SHORT_TTL),
+        shop.node_with("node-b", SHORT_TTL),
+    ];
+    let mut b = nodes[1].client();
+    let path = "/v1/orders/ord_000000000000000000000000";
+    eventually(
+        "every node's events to be in MySQL",
+        Duration::from_secs(10),
+        async || b.get(path).await.status == 404,
+    )
+    .await;
+    let cancel = b.send("POST", &format!("{path}/cancel"), &[], "").await;
+    assert_eq!(
+        cancel.status,
+        404,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    nodes[0].kill_9();
+    let pool = shop.database.pool().await;
+    until_past_ttl(&pool, "node-a").await;
+    let answer = b.get(path).await;
+    assert_eq!(
+        answer.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.json()["error"], "journal_unavailable");
+    let cancel = b.send("POST", &format!("{path}/cancel"), &[], "").await;
+    assert_eq!(
+        cancel.status,
+        503,
+        "{}",
+        String::from_utf8_lossy(&cancel.body)
+    );
+    // Back, it ships what it has: "no such order" again.
+    nodes[0] = shop.node_with("node-a", SHORT_TTL);
+    eventually(
+        "node a to be back and shipped",
+        Duration::from_secs(10),
+        async || b.get(path).await.status == 404,
+    )
+    .await;
+    pool.close().await;
+}
