@@ -34,7 +34,7 @@ use std::time::Duration;
 
 /// How long a checkout that found its node's lease dry waits for a refill from the pool (or, the
 /// pool empty, for other nodes to give back some of their unsold units).
-pub const REFILL_WAIT: Duration = Duration::from_secs(1);
+pub const REFILL_WAIT: Duration = Duration::from_secs(3);
 
 /// How a node takes part in several nodes' sale (`--node-id` and its companions).
 #[derive(Debug, Clone)]

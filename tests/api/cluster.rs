@@ -182,16 +182,22 @@ async fn three_nodes_sell_exactly_the_stock(write_behind: bool) {
     let refs: Vec<&TestApp> = nodes.iter().collect();
     known_everywhere(&refs, "DROP").await;
     let results = sale(&refs, "DROP", 5_000, "buyer").await;
+    let mut results = results;
     let created = count(&results, 201);
     assert!(created <= 500, "{created} orders for 500 units");
-    let others: HashMap<u16, usize> =
-        results
-            .iter()
-            .filter(|r| r.2 != 201 && r.2 != 409)
-            .fold(HashMap::new(), |mut m, r| {
-                *m.entry(r.2).or_default() += 1;
-                m
-            });
+    // A buyer told to retry (503: a refill slower than its wait, under load) is followed by
+    // others until the stock is sold.
+    if created < 500 {
+        results.extend(sell_out(&refs, "DROP", 500, created, "retried").await);
+    }
+    let created = count(&results, 201);
+    let others: HashMap<u16, usize> = results
+        .iter()
+        .filter(|r| r.2 != 201 && r.2 != 409 && r.2 != 503)
+        .fold(HashMap::new(), |mut m, r| {
+            *m.entry(r.2).or_default() += 1;
+            m
+        });
     assert!(
         others.is_empty(),
         "answers other than 201 and 409: {others:?}"
