@@ -285,7 +285,7 @@ pub struct ServeArgs {
         value_name = "VERSION"
     )]
     pub tls_min: TlsMin,
-    /// Carts, submission locks and finished answers in Redis, shared by every node (redis://host:6379[/db]); without it carts live in this process
+    /// Carts, submission locks and finished answers in Redis, shared by every node (redis://host:6379[/db]; a Redis Cluster: its nodes, comma-separated); without it carts live in this process
     #[arg(
         long,
         env = "TURNSTILE_REDIS_URL",

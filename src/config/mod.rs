@@ -520,6 +520,19 @@ mod tests {
             ("t1:", Duration::from_secs(1))
         );
         assert!(serve(&["--redis-prefix", "a{b}"]).is_err());
+        // A Redis Cluster's nodes, comma-separated: redis:// URLs only, none shown back.
+        assert!(serve(&["--redis-url", "redis://10.0.0.1:6379,redis://10.0.0.2:6379"]).is_ok());
+        for bad in [
+            "redis://:hunter2@10.0.0.1:6379,",
+            "redis://:hunter2@10.0.0.1:6379,redis+unix:///tmp/r.sock",
+            "redis://:hunter2@10.0.0.1:6379,http://b",
+        ] {
+            let text = message(serve(&["--redis-url", bad]).unwrap_err());
+            assert!(
+                text.contains("Redis Cluster") && !text.contains("hunter2"),
+                "{bad}: {text}"
+            );
+        }
         // A bad MySQL URL is refused without echoing it (it may hold a password).
         let error = message(serve(&["--mysql-url", "postgres://u:hunter2@h/db"]).unwrap_err());
         assert!(

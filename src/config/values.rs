@@ -139,6 +139,21 @@ pub fn check_redis_url(raw: &str) -> Result<(), ConfigError> {
             "--redis-url: rediss:// (TLS to Redis) is not supported by this build; use redis:// on a trusted network (the value given is not shown: it may hold a password)".into(),
         ));
     }
+    if raw.contains(',') {
+        // A Redis Cluster: its nodes (some or all; the client learns the rest from them).
+        let nodes: Vec<&str> = raw.split(',').map(str::trim).collect();
+        let valid = nodes.iter().all(|node| {
+            node.strip_prefix("redis://")
+                .is_some_and(|rest| !rest.is_empty())
+                && redis::Client::open(*node).is_ok()
+        });
+        if !valid {
+            return Err(ConfigError(
+                "--redis-url: the nodes of a Redis Cluster are redis://[:password@]host:port URLs separated by commas (the value given is not shown: it may hold a password)".into(),
+            ));
+        }
+        return Ok(());
+    }
     let scheme_ok = ["redis://", "redis+unix://", "unix://"]
         .iter()
         .any(|scheme| {

@@ -23,9 +23,13 @@ struct Shop {
 
 impl Shop {
     async fn new(name: &str, write_behind: bool) -> Self {
+        Self::on(TestRedis::create(name).await, write_behind).await
+    }
+
+    async fn on(redis: TestRedis, write_behind: bool) -> Self {
         Self {
             database: TestDatabase::create().await,
-            redis: TestRedis::create(name).await,
+            redis,
             dir: tempfile::tempdir().expect("tempdir"),
             write_behind,
         }
@@ -168,8 +172,7 @@ fn count(results: &[(usize, String, u16, Option<String>)], status: u16) -> usize
     results.iter().filter(|r| r.2 == status).count()
 }
 
-async fn three_nodes_sell_exactly_the_stock(write_behind: bool) {
-    let shop = Shop::new("cluster-sale", write_behind).await;
+async fn three_nodes_sell_exactly_the_stock(shop: Shop) {
     let nodes = shop.nodes(&["node-a", "node-b", "node-c"]);
     assert_eq!(
         nodes[0]
@@ -245,17 +248,32 @@ async fn three_nodes_sell_exactly_the_stock(write_behind: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_on_a_mysql_journal_sell_exactly_the_stock() {
-    three_nodes_sell_exactly_the_stock(false).await;
+    three_nodes_sell_exactly_the_stock(Shop::new("cluster-sale", false).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_in_write_behind_sell_exactly_the_stock() {
-    three_nodes_sell_exactly_the_stock(true).await;
+    three_nodes_sell_exactly_the_stock(Shop::new("cluster-sale", true).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_three_nodes_sell_exactly_the_stock() {
+    let redis = TestRedis::on_cluster("cluster-sale").await;
+    three_nodes_sell_exactly_the_stock(Shop::on(redis, false).await).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_key_sent_to_two_nodes_at_once_makes_one_order() {
-    let shop = Shop::new("cluster-keys", false).await;
+    one_key_at_two_nodes(Shop::new("cluster-keys", false).await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_one_key_sent_to_two_nodes_at_once_makes_one_order() {
+    let redis = TestRedis::on_cluster("cluster-keys").await;
+    one_key_at_two_nodes(Shop::on(redis, false).await).await;
+}
+
+async fn one_key_at_two_nodes(shop: Shop) {
     let nodes = shop.nodes(&["node-a", "node-b"]);
     assert_eq!(
         nodes[0]
@@ -333,6 +351,7 @@ async fn one_key_sent_to_two_nodes_at_once_makes_one_order() {
         "one placing record per key in all the nodes' logs"
     );
     shop.assert_books_balance("KEYS").await;
+    shop.redis.assert_spread().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -864,27 +864,46 @@ pub fn check_messages(events: &[Value], received: &[Received]) {
 /// The machine's Redis, as every Redis test reaches it.
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
 
-/// A test's own key prefix on the machine's Redis; [`TestRedis::delete`] removes its keys.
+/// A test's own key prefix on the machine's Redis (or on a [`RedisCluster`] of the test's own);
+/// [`TestRedis::delete`] removes its keys.
 pub struct TestRedis {
     pub prefix: String,
     client: redis::Client,
+    /// The cluster the keys live on, if any (stopped with this).
+    cluster: Option<RedisCluster>,
 }
 
 impl TestRedis {
     pub async fn create(name: &str) -> Self {
         let client = redis::Client::open(REDIS_URL).expect("redis url");
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
         let test = Self {
-            prefix: format!("test:{name}:{}:{nanos}:", std::process::id()),
+            prefix: Self::prefix(name),
             client,
+            cluster: None,
         };
         test.connection().await;
         test
     }
 
-    /// A new connection (one made before a Redis restart would be broken).
+    /// A prefix on a Redis Cluster of 3 masters started for this test.
+    pub async fn on_cluster(name: &str) -> Self {
+        let cluster = RedisCluster::start();
+        Self {
+            prefix: Self::prefix(name),
+            client: redis::Client::open(cluster.urls()[0].as_str()).expect("redis url"),
+            cluster: Some(cluster),
+        }
+    }
+
+    fn prefix(name: &str) -> String {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("test:{name}:{}:{nanos}:", std::process::id())
+    }
+
+    /// A new connection (one made before a Redis restart would be broken); on a cluster, to its
+    /// first node.
     pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
         self.client
             .get_multiplexed_async_connection()
@@ -894,11 +913,19 @@ impl TestRedis {
             })
     }
 
+    /// Where the keys live: the machine's Redis, or each node of the cluster.
+    fn urls(&self) -> Vec<String> {
+        match &self.cluster {
+            Some(cluster) => cluster.urls(),
+            None => vec![REDIS_URL.to_owned()],
+        }
+    }
+
     /// The server options that put its carts and locks under this prefix.
     pub fn args(&self) -> Vec<String> {
         vec![
             "--redis-url".into(),
-            REDIS_URL.into(),
+            self.urls().join(","),
             "--redis-prefix".into(),
             self.prefix.clone(),
         ]
@@ -906,7 +933,35 @@ impl TestRedis {
 
     /// Every key under the prefix, with its TTL in milliseconds (-1: none).
     pub async fn keys(&mut self) -> Vec<(String, i64)> {
-        let mut connection = self.connection().await;
+        self.keys_per_server().await.into_iter().flatten().collect()
+    }
+
+    /// On a cluster: every master holds some key under the prefix (the keys spread over the
+    /// slots); one server holds them all anyway.
+    pub async fn assert_spread(&self) {
+        for (url, keys) in self.urls().iter().zip(self.keys_per_server().await) {
+            assert!(!keys.is_empty(), "no key under {} on {url}", self.prefix);
+        }
+    }
+
+    /// The keys under the prefix on each server (each node of a cluster), in [`Self::urls`] order.
+    async fn keys_per_server(&self) -> Vec<Vec<(String, i64)>> {
+        let mut per_server = Vec::new();
+        for url in self.urls() {
+            let client = redis::Client::open(url.as_str()).expect("redis url");
+            let connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {url} is not reachable ({e})"));
+            per_server.push(self.keys_on(connection).await);
+        }
+        per_server
+    }
+
+    async fn keys_on(
+        &self,
+        mut connection: redis::aio::MultiplexedConnection,
+    ) -> Vec<(String, i64)> {
         let mut keys = Vec::new();
         let mut cursor = 0u64;
         loop {
@@ -951,6 +1006,9 @@ impl TestRedis {
     }
 
     pub async fn delete(mut self) {
+        if self.cluster.is_some() {
+            return; // the test's own cluster goes with it
+        }
         let mut connection = self.connection().await;
         for (key, _) in self.keys().await {
             let _: i64 = redis::cmd("DEL")
@@ -1064,6 +1122,111 @@ async fn wait_for_key(
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A Redis Cluster of 3 masters the test starts from the installed `redis-server` (cluster mode,
+/// its own ports and temp dir, nothing kept on disk) and joins with `redis-cli --cluster create`;
+/// killed when dropped.
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> Self {
+        // Killed on drop from the first node on, even if a later one fails to start.
+        let mut cluster = Self {
+            ports: Vec::new(),
+            children: Vec::new(),
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
+        for _ in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let own = cluster.dir.path().join(port.to_string());
+            std::fs::create_dir_all(&own).expect("node dir");
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-port", &bus.to_string()])
+                .args(["--cluster-node-timeout", "5000"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(&own)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot run redis-server ({e}): install Redis (Debian's redis-server package)")
+                });
+            cluster.ports.push(port);
+            cluster.children.push(child);
+        }
+        for port in &cluster.ports {
+            let addr = format!("127.0.0.1:{port}");
+            let started = Instant::now();
+            while std::net::TcpStream::connect(&addr).is_err() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the test's cluster node did not answer on {addr}"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let nodes: Vec<String> = cluster
+            .ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&nodes)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Redis's tools"));
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        // Every node sees every slot served before the test uses it.
+        for node in &nodes {
+            let started = Instant::now();
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-u", &format!("redis://{node}"), "CLUSTER", "INFO"])
+                    .output()
+                    .expect("redis-cli");
+                let info = String::from_utf8_lossy(&info.stdout);
+                if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the test's Redis Cluster is not ok on {node}: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+        cluster
+    }
+
+    /// Its nodes, as `--redis-url` lists them.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

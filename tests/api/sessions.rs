@@ -83,7 +83,35 @@ pub(crate) async fn checkout(client: &mut Client, key: &str, body: &Value) -> (u
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cart_made_on_one_node_is_changed_and_checked_out_on_the_other() {
-    let mut redis = TestRedis::create("carts").await;
+    cart_on_two_nodes(TestRedis::create("carts").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_a_cart_made_on_one_node_is_changed_and_checked_out_on_the_other() {
+    let redis = TestRedis::on_cluster("carts").await;
+    // One node of the cluster given as the only URL: not ready, saying what to give instead.
+    let mut args = redis.args();
+    args[1] = args[1].split(',').next().expect("a node").to_owned();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let alone = spawn_app(&args);
+    let mut client = alone.client();
+    eventually(
+        "the node to say its Redis is a cluster's",
+        Duration::from_secs(10),
+        async || {
+            let ready = client.get("/readyz").await;
+            ready.json()["checks"]["redis"]
+                .as_str()
+                .is_some_and(|r| r.contains("comma-separated"))
+        },
+    )
+    .await;
+    let cart = client.send("POST", "/v1/carts", &[], "").await;
+    assert_eq!(cart.status, 503, "nothing stored on a cluster's node alone");
+    cart_on_two_nodes(redis).await;
+}
+
+async fn cart_on_two_nodes(mut redis: TestRedis) {
     let (a, b) = two_nodes(&redis, &[], &[("A", 10), ("B", 10), ("Z", 0)]).await;
     let (mut on_a, mut on_b) = (a.client(), b.client());
 
@@ -178,7 +206,15 @@ async fn a_cart_made_on_one_node_is_changed_and_checked_out_on_the_other() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_key_fired_at_both_nodes_at_once_makes_one_order() {
-    let redis = TestRedis::create("race").await;
+    one_key_at_both_nodes(TestRedis::create("race").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_one_key_fired_at_both_nodes_at_once_makes_one_order() {
+    one_key_at_both_nodes(TestRedis::on_cluster("race").await).await;
+}
+
+async fn one_key_at_both_nodes(redis: TestRedis) {
     const KEYS: usize = 60;
     const PER_NODE: usize = 3;
     let (a, b) = two_nodes(&redis, &[], &[("A", 1_000)]).await;
@@ -235,6 +271,7 @@ async fn one_key_fired_at_both_nodes_at_once_makes_one_order() {
         on_a.stock("A").await.3 + on_b.stock("A").await.3
     };
     assert_eq!(sold, KEYS as i64, "one unit sold per key across both nodes");
+    redis.assert_spread().await;
     redis.delete().await;
 }
 
@@ -272,7 +309,15 @@ async fn a_cart_expires_after_its_ttl_and_is_then_404() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_carts_and_cart_lines_are_capped_across_nodes() {
-    let redis = TestRedis::create("caps").await;
+    carts_capped_across_nodes(TestRedis::create("caps").await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_a_redis_cluster_live_carts_and_cart_lines_are_capped_across_nodes() {
+    carts_capped_across_nodes(TestRedis::on_cluster("caps").await).await;
+}
+
+async fn carts_capped_across_nodes(redis: TestRedis) {
     let skus: Vec<(String, i64)> = (0..101).map(|i| (format!("s{i}"), 5)).collect();
     let products: Vec<(&str, i64)> = skus.iter().map(|(s, n)| (s.as_str(), *n)).collect();
     let (a, b) = two_nodes(&redis, &["--carts-max", "3"], &products).await;

@@ -1,17 +1,122 @@
 //! The one multiplexed connection and its supervisor: every call bounded by `--redis-timeout`; a
 //! call that finds the connection broken drops it and wakes the supervisor, which reconnects with
 //! the one backoff while calls fail at once with the last error.
+//!
+//! The connection is to one server, or to a Redis Cluster (`--redis-url` lists its nodes,
+//! comma-separated): redis-rs's cluster client then routes each call to the master of its key's
+//! slot, follows `MOVED`/`ASK` and keeps a connection per master. One server found to be a
+//! cluster's node is refused with a message saying so (its answers would be `MOVED` redirects).
 
 use super::*;
+use redis::aio::ConnectionLike;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+
+/// Where Redis is.
+pub(super) enum Client {
+    /// One server.
+    One(redis::Client, AsyncConnectionConfig),
+    /// The nodes of a Redis Cluster.
+    Cluster(ClusterClient),
+}
+
+impl Client {
+    /// The client for `--redis-url`: one URL, or a cluster's nodes separated by commas.
+    pub(super) fn open(url: &str, timeout: Duration) -> Result<Self, String> {
+        let nodes: Vec<&str> = url.split(',').map(str::trim).collect();
+        if nodes.len() == 1 {
+            let client = redis::Client::open(url).map_err(|e| e.to_string())?;
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(timeout)
+                .set_response_timeout(timeout);
+            return Ok(Self::One(client, config));
+        }
+        if nodes.iter().any(|node| !node.starts_with("redis://")) {
+            return Err("the nodes of a Redis Cluster are redis://host:port URLs".into());
+        }
+        ClusterClient::builder(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            // Redirections and a master's failover are followed within the call's own timeout.
+            .retries(3)
+            .build()
+            .map(Self::Cluster)
+            .map_err(|e| e.to_string())
+    }
+
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    async fn connect(&self) -> Result<Connection, String> {
+        match self {
+            Self::One(client, config) => {
+                let mut connection = client
+                    .get_multiplexed_async_connection_with_config(config)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let info: String = redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if info.contains("cluster_enabled:1") {
+                    return Err("this Redis is a node of a Redis Cluster: give --redis-url as the cluster's nodes, comma-separated (redis://a:6379,redis://b:6379)".into());
+                }
+                Ok(Connection::One(connection))
+            }
+            Self::Cluster(client) => client
+                .get_async_connection()
+                .await
+                .map(Connection::Cluster)
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// A connection to one server or to a cluster; cloning it is cheap (both are multiplexed).
+#[derive(Clone)]
+pub(super) enum Connection {
+    One(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Connection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::One(connection) => connection.req_packed_command(cmd),
+            Self::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::One(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::One(connection) => connection.get_db(),
+            Self::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
 
 impl RedisStore {
     pub(super) async fn connect(&self) -> Result<(), String> {
-        let attempt = self
-            .client
-            .get_multiplexed_async_connection_with_config(&self.connection_config);
+        let attempt = self.client.connect();
         let result = match tokio::time::timeout(self.timeout, attempt).await {
-            Ok(Ok(connection)) => Ok(connection),
-            Ok(Err(error)) => Err(error.to_string()),
+            Ok(result) => result,
             Err(_) => Err(format!("no connection within {:?}", self.timeout)),
         };
         match result {
@@ -99,7 +204,7 @@ impl RedisStore {
                 .unwrap_or_else(|| "not connected".into());
             return Err(StoreError::Unavailable(reason));
         };
-        let mut handle = MultiplexedConnection::clone(&connection);
+        let mut handle = Connection::clone(&connection);
         let outcome =
             match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle)).await {
                 Ok(Ok(value)) => return Ok(value),

@@ -64,16 +64,66 @@ impl RedisStore {
         }
     }
 
+    /// The parts of a batch one script call each takes: the whole batch with one server; on a
+    /// Redis Cluster (a script touches one slot, and each key of a batch has its own) each item
+    /// alone, the calls running concurrently over the one multiplexed connection. With the index
+    /// of each part's first item.
+    pub(super) fn slot_parts<'a, T>(&self, batch: &'a [T]) -> Vec<(usize, &'a [T])> {
+        match self.client.is_cluster() {
+            true => batch.chunks(1).enumerate().collect(),
+            false => vec![(0, batch)],
+        }
+    }
+
+    /// Runs one batched script per part ([`Self::slot_parts`]) at once: the indexes (from 1)
+    /// they return, in the batch's numbering. A part that failed fails the whole (which is sent
+    /// again: every batched script may run twice on the same items).
+    pub(super) async fn run_parts(
+        &self,
+        subject: &str,
+        parts: &[(usize, ScriptInvocation<'_>)],
+    ) -> Result<Vec<usize>, StoreError> {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut running: FuturesUnordered<_> = parts
+            .iter()
+            .map(|(at, invocation)| self.run_part(subject, *at, invocation))
+            .collect();
+        let mut indexes = Vec::new();
+        while let Some(part) = running.next().await {
+            indexes.extend(part?);
+        }
+        Ok(indexes)
+    }
+
+    async fn run_part(
+        &self,
+        subject: &str,
+        at: usize,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<Vec<usize>, StoreError> {
+        let indexes: Vec<usize> = self.run(subject, invocation).await?;
+        Ok(indexes.into_iter().map(|i| i + at).collect())
+    }
+
     pub(super) async fn renew_batch(
         &self,
         batch: &[(u64, IdempotencyKey, String)],
     ) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.renew.prepare_invoke();
-        invocation.arg(self.lock_ttl_ms);
-        for (_, key, value) in batch {
-            invocation.key(self.key("lock", key.as_str())).arg(value);
-        }
-        let lost: Vec<usize> = self.run("a batch of submission locks", &invocation).await?;
+        let parts: Vec<_> = self
+            .slot_parts(batch)
+            .into_iter()
+            .map(|(at, part)| {
+                let mut invocation = self.scripts.renew.prepare_invoke();
+                invocation.arg(self.lock_ttl_ms);
+                for (_, key, value) in part {
+                    invocation.key(self.key("lock", key.as_str())).arg(value);
+                }
+                (at, invocation)
+            })
+            .collect();
+        let lost = self
+            .run_parts("a batch of submission locks", &parts)
+            .await?;
         self.stats
             .renewals
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
@@ -158,21 +208,28 @@ impl RedisStore {
     }
 
     pub(super) async fn finish_batch(&self, batch: &[Finish]) -> Result<(), StoreError> {
-        let mut invocation = self.scripts.finish.prepare_invoke();
-        for finish in batch {
-            let (encoded, ttl_ms) = match &finish.answer {
-                Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
-                None => (String::new(), 0),
-            };
-            invocation
-                .key(self.key("answer", finish.key.as_str()))
-                .key(self.key("lock", finish.key.as_str()))
-                .arg(&finish.value)
-                .arg(encoded)
-                .arg(ttl_ms);
-        }
-        let twins: Vec<usize> = self
-            .run("a batch of answers and locks", &invocation)
+        let parts: Vec<_> = self
+            .slot_parts(batch)
+            .into_iter()
+            .map(|(at, part)| {
+                let mut invocation = self.scripts.finish.prepare_invoke();
+                for finish in part {
+                    let (encoded, ttl_ms) = match &finish.answer {
+                        Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
+                        None => (String::new(), 0),
+                    };
+                    invocation
+                        .key(self.key("answer", finish.key.as_str()))
+                        .key(self.key("lock", finish.key.as_str()))
+                        .arg(&finish.value)
+                        .arg(encoded)
+                        .arg(ttl_ms);
+                }
+                (at, invocation)
+            })
+            .collect();
+        let twins = self
+            .run_parts("a batch of answers and locks", &parts)
             .await?;
         for index in twins {
             let Some(finish) = index.checked_sub(1).and_then(|i| batch.get(i)) else {

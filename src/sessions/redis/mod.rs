@@ -13,6 +13,19 @@
 //!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
 //!   minute for `404` and `409 out_of_stock`: a sold-out flood writes one per request).
 //!
+//! # Redis Cluster
+//! `--redis-url` listing several nodes (comma-separated) speaks the cluster protocol (redis-rs's
+//! cluster client: each call goes to the master of its key's slot). A script may touch one slot
+//! only, so every key carries a hash tag: a key's lock and answer share the tag of the key's
+//! hash (`<p>lock:{<xxh3 hex>}:<key>`, `<p>answer:{<xxh3 hex>}:<key>`; the key itself may hold
+//! braces), and spread over every master, while every cart shares `{carts}` with the set of live
+//! carts (`<p>cart:{carts}:<id>`, `<p>carts:{carts}`): carts live on one master, and
+//! `--carts-max` stays one exact count across nodes. A checkout naming a cart takes its lock and
+//! reads its cart in two calls (their slots differ); the batched ends and renewals go one script
+//! per key, concurrently over the one multiplexed connection. One URL names one server; a
+//! cluster's node given alone is refused (not ready, saying so), since its answers would be
+//! redirections.
+//!
 //! # Mechanism
 //! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
 //! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
@@ -127,9 +140,8 @@ struct Stats {
 
 /// The connection to Redis and the scripts run over it.
 pub struct RedisStore {
-    client: redis::Client,
-    connection_config: AsyncConnectionConfig,
-    connection: ArcSwapOption<MultiplexedConnection>,
+    client: connection::Client,
+    connection: ArcSwapOption<connection::Connection>,
     /// Wakes the supervisor when a call found the connection broken.
     wake: tokio::sync::Notify,
     /// Why the last call or connection attempt failed; `None` once one succeeded since.
@@ -166,7 +178,7 @@ pub struct RedisStore {
 impl RedisStore {
     /// A store for `config` (the URL is parsed, nothing is connected yet: call [`Self::start`]).
     pub fn new(config: &RedisConfig, node: String, started_ms: i64) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
+        let client = connection::Client::open(&config.url, config.timeout)
             .map_err(|e| StoreError::Unavailable(format!("bad --redis-url: {e}")))?;
         let (finishes, finishes_to_send) = tokio::sync::mpsc::channel(FINISHES_QUEUED_MAX);
         let nonce = crate::random::random_bytes(4).map_err(|e| {
@@ -175,9 +187,6 @@ impl RedisStore {
         let run_id = format!("{started_ms}.{}", crate::random::hex(&nonce));
         Ok(Self {
             client,
-            connection_config: AsyncConnectionConfig::new()
-                .set_connection_timeout(config.timeout)
-                .set_response_timeout(config.timeout),
             connection: ArcSwapOption::empty(),
             wake: tokio::sync::Notify::new(),
             last_error: Mutex::new(Some("not connected yet".into())),
@@ -236,12 +245,28 @@ impl RedisStore {
         Duration::from_millis(self.lock_ttl_ms)
     }
 
+    /// The key of a cart (`kind` "cart") or of an idempotency key's lock or answer. On a Redis
+    /// Cluster every key carries a hash tag, so the keys one script touches share a slot: a key's
+    /// lock and answer share the tag of the key's hash (the key itself may hold braces), and
+    /// every cart shares `{carts}` with the set of live carts.
     fn key(&self, kind: &str, id: &str) -> String {
-        format!("{}{kind}:{id}", self.prefix)
+        match (self.client.is_cluster(), kind) {
+            (false, _) => format!("{}{kind}:{id}", self.prefix),
+            (true, "cart") => format!("{}cart:{{carts}}:{id}", self.prefix),
+            (true, _) => format!(
+                "{}{kind}:{{{:016x}}}:{id}",
+                self.prefix,
+                xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+            ),
+        }
     }
 
+    /// The set of live carts (`--carts-max` counts it).
     fn carts_key(&self) -> String {
-        format!("{}carts", self.prefix)
+        match self.client.is_cluster() {
+            false => format!("{}carts", self.prefix),
+            true => format!("{}carts:{{carts}}", self.prefix),
+        }
     }
 
     /// Whether Redis answers now, for `/readyz`: `Err` says why not.
@@ -360,9 +385,36 @@ impl RedisStore {
         .map(|_| ())
     }
 
-    /// A checkout's start, in one round trip: the answer cached under the lock's key, else the
-    /// submission lock, and with `cart` (its id, now, its TTL) the cart's lines.
+    /// A checkout's start, in one round trip (two with a cart on a Redis Cluster): the answer
+    /// cached under the lock's key, else the submission lock, and with `cart` (its id, now, its
+    /// TTL) the cart's lines.
     pub async fn begin(
+        &self,
+        lock: &Submission,
+        cart: Option<(&CartId, i64, i64)>,
+    ) -> Result<Begin, StoreError> {
+        if self.client.is_cluster() {
+            if let Some((cart_id, now_ms, ttl_ms)) = cart {
+                // A key's lock and a cart live in different slots: the lock first, then the cart.
+                return match self.begin_in_one_call(lock, None).await? {
+                    Begin::Locked(_) => match self.cart(cart_id, None, now_ms, ttl_ms).await {
+                        Ok(view) => Ok(Begin::Locked(Some(view.items))),
+                        Err(CartError::NotFound) => Ok(Begin::Locked(None)),
+                        Err(CartError::Store(error)) => Err(error),
+                        Err(other) => Err(StoreError::Unexpected {
+                            key: self.key("cart", cart_id.as_str()),
+                            what: other.to_string(),
+                        }),
+                    },
+                    other => Ok(other),
+                };
+            }
+        }
+        self.begin_in_one_call(lock, cart).await
+    }
+
+    /// [`Self::begin`] as one script (every key it names in one slot).
+    async fn begin_in_one_call(
         &self,
         lock: &Submission,
         cart: Option<(&CartId, i64, i64)>,
