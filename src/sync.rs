@@ -85,7 +85,13 @@ impl<T> PerCore<T> {
     /// The calling thread's copy.
     #[inline]
     pub fn local(&self) -> &T {
-        &self.slots[thread_slot() % self.slots.len()].0
+        &self.slots[self.local_index()].0
+    }
+
+    /// The index of the calling thread's copy (its place in [`Self::iter`]).
+    #[inline]
+    pub fn local_index(&self) -> usize {
+        thread_slot() % self.slots.len()
     }
 
     /// Every copy.

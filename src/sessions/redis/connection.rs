@@ -48,7 +48,7 @@ impl Client {
         matches!(self, Self::Cluster(_))
     }
 
-    async fn connect(&self) -> Result<Connection, String> {
+    pub(super) async fn connect(&self) -> Result<Connection, String> {
         match self {
             Self::One(client, config) => {
                 let mut connection = client
@@ -196,41 +196,19 @@ impl RedisStore {
         subject: &str,
         invocation: &ScriptInvocation<'_>,
     ) -> Result<T, StoreError> {
-        self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let Some(connection) = self.connection.load_full() else {
+            self.stats.calls.fetch_add(1, Ordering::Relaxed);
             self.stats.errors.fetch_add(1, Ordering::Relaxed);
             let reason = lock(&self.last_error)
                 .clone()
                 .unwrap_or_else(|| "not connected".into());
             return Err(StoreError::Unavailable(reason));
         };
-        let mut handle = Connection::clone(&connection);
-        let outcome =
-            match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle)).await {
-                Ok(Ok(value)) => return Ok(value),
-                // Redis answered, and what it said is not about being unavailable (a key of
-                // another type, bytes that are not UTF-8, a script failing on a value): something
-                // else wrote under the prefix. Not "unavailable", or a checkout would go on
-                // without the lock past an answer it could not read.
-                Ok(Err(error)) if is_unexpected(&error) => {
-                    self.stats.errors.fetch_add(1, Ordering::Relaxed);
-                    return Err(StoreError::Unexpected {
-                        key: subject.to_owned(),
-                        what: error.to_string(),
-                    });
-                }
-                Ok(Err(error)) => {
-                    let broken = error.is_io_error()
-                        || error.is_timeout()
-                        || error.is_connection_dropped()
-                        || error.is_connection_refusal()
-                        || error.is_unrecoverable_error();
-                    (error.to_string(), broken)
-                }
-                Err(_) => (format!("no answer within {:?}", self.timeout), true),
-            };
-        let (reason, broken) = outcome;
-        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        let (reason, broken) = match self.call_on(&connection, subject, invocation).await {
+            Ok(value) => return Ok(value),
+            Err(Failed::Answered(error)) => return Err(error),
+            Err(Failed::Lost(reason, broken)) => (reason, broken),
+        };
         *lock(&self.last_error) = Some(reason.clone());
         if broken {
             // Only the connection that failed is dropped: a newer one may already be in place.
@@ -246,4 +224,47 @@ impl RedisStore {
         }
         Err(StoreError::Unavailable(reason))
     }
+
+    /// One call on `connection` (the shared one, or a core's own: [`super::starts`]), counted.
+    pub(super) async fn call_on<T: redis::FromRedisValue>(
+        &self,
+        connection: &Connection,
+        subject: &str,
+        invocation: &ScriptInvocation<'_>,
+    ) -> Result<T, Failed> {
+        self.stats.calls.fetch_add(1, Ordering::Relaxed);
+        let mut handle = Connection::clone(connection);
+        let failed = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle))
+            .await
+        {
+            Ok(Ok(value)) => return Ok(value),
+            // Redis answered, and what it said is not about being unavailable (a key of
+            // another type, bytes that are not UTF-8, a script failing on a value): something
+            // else wrote under the prefix. Not "unavailable", or a checkout would go on
+            // without the lock past an answer it could not read.
+            Ok(Err(error)) if is_unexpected(&error) => Failed::Answered(StoreError::Unexpected {
+                key: subject.to_owned(),
+                what: error.to_string(),
+            }),
+            Ok(Err(error)) => {
+                let broken = error.is_io_error()
+                    || error.is_timeout()
+                    || error.is_connection_dropped()
+                    || error.is_connection_refusal()
+                    || error.is_unrecoverable_error();
+                Failed::Lost(error.to_string(), broken)
+            }
+            Err(_) => Failed::Lost(format!("no answer within {:?}", self.timeout), true),
+        };
+        self.stats.errors.fetch_add(1, Ordering::Relaxed);
+        Err(failed)
+    }
+}
+
+/// How a call failed.
+pub(super) enum Failed {
+    /// Redis answered something Turnstile did not write: the call's answer.
+    Answered(StoreError),
+    /// No usable answer (why), and whether the connection is broken.
+    Lost(String, bool),
 }

@@ -29,7 +29,9 @@
 //! # Mechanism
 //! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
 //! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
-//! answer, else the lock, and the cart when the checkout names one). A checkout's end (the answer
+//! answer, else the lock, and the cart when the checkout names one). The starts of checkouts
+//! naming their items and the looks of sold-out refusals are batched per core, many in one call
+//! ([`starts`]). A checkout's end (the answer
 //! stored and the lock released, atomically, answer first) is queued after the journal's commit
 //! and not awaited: one task sends the queued ends, up to 256 in one call, so Redis adds one round
 //! trip to a checkout, and a bit more than half a call's work under load. The journal stays the truth: the
@@ -69,6 +71,7 @@ use super::{CartError, CartView, CART_ITEMS_MAX};
 mod connection;
 mod locks;
 mod scripts;
+mod starts;
 
 pub use locks::Submission;
 use locks::*;
@@ -168,6 +171,8 @@ pub struct RedisStore {
     finishes: tokio::sync::mpsc::Sender<Finish>,
     /// Taken by [`Self::start`].
     finishes_to_send: Mutex<Option<tokio::sync::mpsc::Receiver<Finish>>>,
+    /// Checkouts' starts waiting to be sent, batched ([`starts`]).
+    starts: starts::Starts,
     /// Wakes the finisher to send what is queued and end.
     finisher_stop: tokio::sync::Notify,
     /// Wakes the finisher and the renewer when a new connection is up: ends that wait are sent,
@@ -202,6 +207,7 @@ impl RedisStore {
             scripts: Scripts::new(),
             finishes,
             finishes_to_send: Mutex::new(Some(finishes_to_send)),
+            starts: starts::Starts::new(),
             finisher_stop: tokio::sync::Notify::new(),
             reconnected: tokio::sync::Notify::new(),
         })
@@ -237,6 +243,7 @@ impl RedisStore {
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
         self.finisher_stop.notify_one();
+        self.starts.stop();
         self.reconnected.notify_waiters();
     }
 
@@ -385,120 +392,77 @@ impl RedisStore {
         .map(|_| ())
     }
 
-    /// A checkout's start, in one round trip (two with a cart on a Redis Cluster): the answer
-    /// cached under the lock's key, else the submission lock, and with `cart` (its id, now, its
-    /// TTL) the cart's lines.
+    /// A checkout's start: the answer cached under the lock's key, else the submission lock,
+    /// and with `cart` (its id, now, its TTL) the cart's lines. Without a cart it goes with
+    /// others' in one batched call ([`starts`]); with one, in one call of its own (two on a Redis
+    /// Cluster, where the key's lock and the cart live in different slots: the lock first).
     pub async fn begin(
-        &self,
+        self: &Arc<Self>,
         lock: &Submission,
         cart: Option<(&CartId, i64, i64)>,
     ) -> Result<Begin, StoreError> {
-        if self.client.is_cluster() {
-            if let Some((cart_id, now_ms, ttl_ms)) = cart {
-                // A key's lock and a cart live in different slots: the lock first, then the cart.
-                return match self.begin_in_one_call(lock, None).await? {
-                    Begin::Locked(_) => match self.cart(cart_id, None, now_ms, ttl_ms).await {
-                        Ok(view) => Ok(Begin::Locked(Some(view.items))),
-                        Err(CartError::NotFound) => Ok(Begin::Locked(None)),
-                        Err(CartError::Store(error)) => Err(error),
-                        Err(other) => Err(StoreError::Unexpected {
-                            key: self.key("cart", cart_id.as_str()),
-                            what: other.to_string(),
-                        }),
-                    },
-                    other => Ok(other),
-                };
-            }
+        let Some((cart_id, now_ms, ttl_ms)) = cart else {
+            return self.queue_start(&lock.key, Some(lock.value.clone())).await;
+        };
+        if !self.client.is_cluster() {
+            return self.begin_with_cart(lock, cart_id, now_ms, ttl_ms).await;
         }
-        self.begin_in_one_call(lock, cart).await
+        match self
+            .queue_start(&lock.key, Some(lock.value.clone()))
+            .await?
+        {
+            Begin::Locked(_) => match self.cart(cart_id, None, now_ms, ttl_ms).await {
+                Ok(view) => Ok(Begin::Locked(Some(view.items))),
+                Err(CartError::NotFound) => Ok(Begin::Locked(None)),
+                Err(CartError::Store(error)) => Err(error),
+                Err(other) => Err(StoreError::Unexpected {
+                    key: self.key("cart", cart_id.as_str()),
+                    what: other.to_string(),
+                }),
+            },
+            other => Ok(other),
+        }
     }
 
-    /// [`Self::begin`] as one script (every key it names in one slot).
-    async fn begin_in_one_call(
+    /// [`Self::begin`] with a cart, as one script (one server: every key in one place).
+    async fn begin_with_cart(
         &self,
         lock: &Submission,
-        cart: Option<(&CartId, i64, i64)>,
+        cart_id: &CartId,
+        now_ms: i64,
+        ttl_ms: i64,
     ) -> Result<Begin, StoreError> {
         let (key, value) = (&lock.key, &lock.value);
         let answer_key = self.key("answer", key.as_str());
+        let cart_key = self.key("cart", cart_id.as_str());
         let mut invocation = self.scripts.begin.key(&answer_key);
         invocation
             .key(self.key("lock", key.as_str()))
+            .key(self.carts_key())
+            .key(&cart_key)
             .arg(value)
-            .arg(self.lock_ttl_ms);
-        if let Some((cart_id, now_ms, ttl_ms)) = cart {
-            invocation
-                .key(self.carts_key())
-                .key(self.key("cart", cart_id.as_str()))
-                .arg(now_ms)
-                .arg(ttl_ms)
-                .arg(cart_id.as_str());
-        }
+            .arg(self.lock_ttl_ms)
+            .arg(now_ms)
+            .arg(ttl_ms)
+            .arg(cart_id.as_str());
         // A script error names no key: every key the script reads is named.
-        let subject = match cart {
-            Some((cart_id, ..)) => format!(
-                "{answer_key}, {} or {}",
-                self.key("cart", cart_id.as_str()),
-                self.carts_key()
-            ),
-            None => answer_key.clone(),
-        };
+        let subject = format!("{answer_key}, {cart_key} or {}", self.carts_key());
         let reply: Vec<String> = self.run(&subject, &invocation).await?;
-        let unexpected = |what: String| StoreError::Unexpected {
-            key: answer_key.clone(),
-            what,
-        };
-        match reply.first().map(String::as_str) {
-            Some("answer") => {
-                let raw = reply.get(1).map_or("", String::as_str);
-                decode_answer(raw).map(Begin::Answer).map_err(unexpected)
+        let tag = reply.first().map_or("", String::as_str);
+        match (tag, reply.get(1).map(String::as_str)) {
+            ("locked", Some("cart")) => {
+                Ok(Begin::Locked(Some(parse_lines(&cart_key, reply.get(2))?)))
             }
-            Some("held") => Ok(Begin::Held),
-            Some("junk") => Err(StoreError::Unexpected {
-                key: self.key("lock", key.as_str()),
-                what: "a value Turnstile did not write (another type, or a value without expiry), which would hold the key for ever".into(),
-            }),
-            Some("locked") => {
-                let lines = match (cart, reply.get(1).map(String::as_str)) {
-                    (Some((cart_id, ..)), Some("cart")) => Some(parse_lines(
-                        &self.key("cart", cart_id.as_str()),
-                        reply.get(2),
-                    )?),
-                    _ => None,
-                };
-                Ok(Begin::Locked(lines))
-            }
-            other => Err(unexpected(format!("script reply {other:?}"))),
+            ("locked", _) => Ok(Begin::Locked(None)),
+            (tag, payload) => self.read_begin(key, tag, payload.unwrap_or("")),
         }
     }
 
-    /// A sold-out refusal's look, in one round trip that writes nothing: the answer any node gave
-    /// under `key`, or whether a checkout holds its lock (`Held`), else `Free` (`Locked(None)`,
-    /// though no lock was taken: the caller refuses and keeps the refusal itself).
-    pub async fn peek(&self, key: &IdempotencyKey) -> Result<Begin, StoreError> {
-        let answer_key = self.key("answer", key.as_str());
-        let lock_key = self.key("lock", key.as_str());
-        let mut invocation = self.scripts.peek.key(&answer_key);
-        invocation.key(&lock_key);
-        let reply: Vec<String> = self.run(&answer_key, &invocation).await?;
-        match reply.first().map(String::as_str) {
-            Some("answer") => decode_answer(reply.get(1).map_or("", String::as_str))
-                .map(Begin::Answer)
-                .map_err(|what| StoreError::Unexpected {
-                    key: answer_key.clone(),
-                    what,
-                }),
-            Some("held") => Ok(Begin::Held),
-            Some("free") => Ok(Begin::Locked(None)),
-            Some("junk") => Err(StoreError::Unexpected {
-                key: lock_key,
-                what: "a value Turnstile did not write (another type, or a value without expiry), which would hold the key for ever".into(),
-            }),
-            other => Err(StoreError::Unexpected {
-                key: answer_key.clone(),
-                what: format!("script reply {other:?}"),
-            }),
-        }
+    /// A sold-out refusal's look, batched with other starts, writing nothing: the answer any
+    /// node gave under `key`, or whether a checkout holds its lock (`Held`), else `Locked(None)`
+    /// (though no lock was taken: the caller refuses and keeps the refusal itself).
+    pub async fn peek(self: &Arc<Self>, key: &IdempotencyKey) -> Result<Begin, StoreError> {
+        self.queue_start(key, None).await
     }
 
     /// Counts a checkout that went on without the submission lock (Redis down).

@@ -9,7 +9,7 @@ pub(super) struct Scripts {
     pub(super) cart_set: Script,
     pub(super) cart_clear: Script,
     pub(super) begin: Script,
-    pub(super) peek: Script,
+    pub(super) starts: Script,
     pub(super) finish: Script,
     pub(super) renew: Script,
 }
@@ -81,9 +81,9 @@ redis.call('PEXPIRE', KEYS[1], left)
 return 1
 ";
 
-/// A checkout's start. KEYS[1] = answer, KEYS[2] = lock, [KEYS[3] = carts, KEYS[4] = cart];
-/// ARGV[1] = lock value, ARGV[2] = lock ttl ms, [ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] =
-/// cart id].
+/// A checkout's start with a cart (without one, starts go batched: STARTS). KEYS[1] = answer,
+/// KEYS[2] = lock, KEYS[3] = carts, KEYS[4] = cart; ARGV[1] = lock value, ARGV[2] = lock ttl ms,
+/// ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] = cart id.
 ///
 /// A lock Turnstile wrote is a string with a TTL; anything else under the lock's key (another
 /// type, a value without expiry) would make the key answer `409` for ever, so it is `junk`: the
@@ -96,21 +96,47 @@ if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
   if type(held) ~= 'string' or redis.call('PTTL', KEYS[2]) < 0 then return {'junk'} end
   if held ~= ARGV[1] then return {'held'} end
 end
-if #KEYS < 4 then return {'locked'} end
 if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
 refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
 return {'locked', 'cart', lines(KEYS[4])}
 ";
 
-/// A refusal's look (a sold-out SKU): the answer under the key, or whether a checkout holds its
-/// lock, without writing anything (no lock taken: the refusal is kept by this node alone).
-pub(super) const PEEK: &str = r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {'answer', answer} end
-local held = redis.pcall('GET', KEYS[2])
-if held == false then return {'free'} end
-if type(held) ~= 'string' or redis.call('PTTL', KEYS[2]) < 0 then return {'junk'} end
-return {'held'}
+/// Checkouts' starts, many in one call ([`super::starts`]). KEYS = answer, lock, answer, lock,
+/// ...; ARGV[1] = the lock TTL in ms, ARGV[1 + i] = start i's lock value (empty: a look, which
+/// takes nothing). Returns a tag and a payload per start: `answer` and the answer any node
+/// stored; `locked` (the lock taken, or already this start's: a start may run twice); `free` (a
+/// look, nothing held); `held` (another checkout holds the lock); `junk` (a value under the lock
+/// Turnstile did not write, see BEGIN); `junk_answer` and the error (the answer's key holds
+/// another type). Every read is a `pcall`, so junk under one key fails only its own start.
+pub(super) const STARTS: &str = r"
+local out = {}
+local function push(tag, payload)
+  out[#out + 1] = tag
+  out[#out + 1] = payload
+end
+for i = 1, #KEYS / 2 do
+  local answer_key, lock_key, value = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+  local answer = redis.pcall('GET', answer_key)
+  if type(answer) == 'table' then
+    push('junk_answer', tostring(answer.err))
+  elseif answer then
+    push('answer', answer)
+  elseif value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then
+    push('locked', '')
+  else
+    local held = redis.pcall('GET', lock_key)
+    if held == false then
+      push('free', '')
+    elseif type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then
+      push('junk', '')
+    elseif held == value then
+      push('locked', '')
+    else
+      push('held', '')
+    end
+  end
+end
+return out
 ";
 
 /// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
@@ -178,7 +204,7 @@ impl Scripts {
             cart_set: with_refresh(CART_SET),
             cart_clear: Script::new(CART_CLEAR),
             begin: with_refresh(BEGIN),
-            peek: Script::new(PEEK),
+            starts: Script::new(STARTS),
             finish: Script::new(FINISH),
             renew: Script::new(RENEW),
         }
