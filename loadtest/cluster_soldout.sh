@@ -14,11 +14,9 @@ cd "$(dirname "$0")/.."
 duration=${1:-10s}
 connections=${2:-60}
 per_node=$((connections / 3))
-for tool in wrk mysql redis-cli; do
-  command -v "$tool" >/dev/null || { echo "$tool is missing" >&2; exit 2; }
-done
-bin=${TURNSTILE_BIN:-target/release/turnstile}
-[ -n "${TURNSTILE_BIN:-}" ] || cargo build --release --quiet --bin turnstile
+. loadtest/common.sh
+need wrk mysql redis-cli
+bin=$(turnstile_bin)
 db=turnstile_cluster_wrk
 url="mysql://root@127.0.0.1:3306/$db"
 prefix="bench:cluster:$$:"
@@ -65,7 +63,7 @@ echo "  Redis before: $r0"; echo "  Redis after:  $r1"
 echo "flood $duration: $connections connections, $per_node per node, a sold-out SKU, a new key per request:"
 outs=()
 for i in 0 1 2; do
-  wrk -t1 -c"$per_node" -d"$duration" -s loadtest/wrk/one_sku.lua "http://${addrs[$i]}" -- SOLDOUT > "$data/wrk$i" &
+  wrk -t1 -c"$per_node" -d"$duration" -s loadtest/wrk/one_sku.lua "http://${addrs[$i]}" -- SOLDOUT "n$i" > "$data/wrk$i" &
   outs+=($!)
 done
 for pid in "${outs[@]}"; do wait "$pid"; done

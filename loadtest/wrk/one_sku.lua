@@ -1,6 +1,7 @@
 -- Checkouts of one SKU (the first script argument: SOLDOUT for the flash-sale flood, HOT for
 -- successful checkouts of a hot SKU), each with a new Idempotency-Key (the SKU is part of it, so
 -- runs of the two never share keys: wrk's random prefix is the same in every run), paid with tok_ok.
+-- An optional second argument is added to the keys' prefix (wrk processes side by side).
 local counter = 0
 local prefix = tostring(math.random(1, 1000000000))
 local body
@@ -10,6 +11,7 @@ function setup(thread)
 end
 function init(args)
   sku = args[1] or "SOLDOUT"
+  prefix = prefix .. (args[2] or "")
   body = '{"items":[{"sku":"' .. sku .. '","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}'
 end
 request = function()

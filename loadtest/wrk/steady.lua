@@ -1,8 +1,13 @@
--- Successful single-item checkouts spread over 10,000 SKUs, paid with tok_ok.
+-- Successful single-item checkouts spread over 10,000 SKUs, paid with tok_ok. An optional script
+-- argument is added to the keys' prefix (wrk's random prefix is the same in every process: wrk
+-- processes run side by side give each its own).
 local counter = 0
 local prefix = tostring(math.random(1, 1000000000))
 function setup(thread)
   thread:set("prefix", tostring(math.random(1, 1000000000)))
+end
+function init(args)
+  prefix = prefix .. (args[1] or "")
 end
 request = function()
   counter = counter + 1

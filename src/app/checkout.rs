@@ -24,7 +24,6 @@ use super::{commit, CommitError, Settlement, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
 use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
-use crate::engine::records::StoredAnswer;
 use crate::engine::{AnswerSpec, Applied, EngineError, NewOrder, PaymentOutcome, Reservation};
 use crate::journal::JournalError;
 use crate::payment::{Authorization, AuthorizeRequest, PaymentError};
@@ -37,9 +36,6 @@ use std::sync::Arc;
 
 /// The most lines one checkout may have (API.md).
 pub const LINES_MAX: usize = 100;
-
-/// How long an answer that placed nothing (`404`, `409 out_of_stock`) is kept in Redis.
-const REJECTION_IN_REDIS_MS: i64 = 60_000;
 
 /// The longest payment token accepted.
 const TOKEN_CHARS_MAX: usize = 255;
@@ -468,7 +464,7 @@ struct Refused<'a> {
 }
 
 impl Refused<'_> {
-    /// Keeps the answer (bounded map, and Redis for as long), counts it by its status (`404` not
+    /// Keeps the answer (this node's bounded map), counts it by its status (`404` not
     /// found, `409` out of stock), and gives it. `body` is rendered once per SKU for a refusal of
     /// stock (`Engine::refusal`).
     fn keep(&self, submission: Option<Submission>, status: u16, body: Bytes) -> Answer {
@@ -479,23 +475,10 @@ impl Refused<'_> {
         };
         counter.add(1);
         let at_ms = now_ms();
-        if let Some(submission) = submission {
-            let stored = StoredAnswer {
-                fingerprint: digest_text(self.fingerprint),
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-                at_ms,
-            };
-            // Kept in Redis for a minute at most: a sold-out flood writes one per request, and
-            // Redis must not fill with them (this node's bounded map keeps them longer).
-            let ttl_ms = app
-                .engine
-                .config()
-                .rejections
-                .age_ms_max
-                .min(REJECTION_IN_REDIS_MS);
-            submission.finish(stored, ttl_ms);
-        }
+        // A refusal is replayed only by the node that gave it (API.md: another node with stock
+        // may place the key): the lock is released with nothing stored in Redis, and this node's
+        // bounded map keeps the answer.
+        drop(submission);
         app.engine.idempotency().finish_rejected(
             self.key,
             self.fingerprint,

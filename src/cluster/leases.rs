@@ -20,10 +20,13 @@
 //! node's units are taken (an exponentially weighted average of held plus sold units per second)
 //! and aims to hold about one [`HORIZON`] of sales for sale: it refills once it holds less than
 //! half of that (so one MySQL round trip serves many sales, and a flood finds units already in
-//! memory), at least [`BLOCK_MIN`] units, never more than an even share of a small pool (so the
-//! end of a sale is not stranded on one node). A checkout that finds the lease dry while the pool
-//! has units asks for a refill at once and waits for it briefly ([`super::Cluster::refill`]). A
-//! SKU sold nothing for [`IDLE`] gives back everything it holds for sale; a lease far above its
+//! memory), at least [`BLOCK_MIN`] units — or a [`POOL_SHARE`]th of the pool, up to
+//! [`BLOCK_FLOOR_MAX`], so a deep stock is taken in blocks that serve many sales — never more than
+//! an even share of a small pool (so the end of a sale is not stranded on one node). A checkout
+//! that finds the lease dry while the pool has units asks for a refill at once and waits for it
+//! briefly ([`super::Cluster::refill`]). A SKU sold nothing for [`IDLE`] gives back everything
+//! it holds for sale (for [`IDLE_LONG`] while the pool is [`PLENTY`] times that: then its units
+//! strand nothing, and a shop of many slow SKUs does not take and give a block per sale); a lease far above its
 //! aim gives back the excess; a lowered stock's recall and another node's hunger (dry, with an
 //! empty pool, buyers waiting) take units back too. On SIGTERM everything unsold goes back
 //! ([`give_back_all`]).
@@ -32,6 +35,7 @@ use super::{db, registry::DB_NOW_MS, Cluster, ClusterError, PoolSignal};
 use crate::domain::Sku;
 use crate::engine::inventory::SkuIndex;
 use crate::engine::Engine;
+use futures_util::StreamExt as _;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -49,14 +53,38 @@ pub const BLOCK_MIN: i64 = 4;
 /// The largest block taken.
 pub const BLOCK_MAX: i64 = 1_000_000;
 
-/// A SKU that sold nothing for this long gives back every unit it holds for sale.
+/// A SKU that sold nothing for this long gives back every unit it holds for sale, while those
+/// units are a fair share of what the pool still has (see [`PLENTY`]).
 pub const IDLE: Duration = Duration::from_secs(3);
+
+/// A SKU that sold nothing for this long gives back every unit it holds for sale, however
+/// plentiful the pool.
+pub const IDLE_LONG: Duration = Duration::from_secs(60);
+
+/// A pool at least this many times what a node holds for sale is plentiful: the node's idle
+/// units strand nothing (any node's grant still finds units), so they stay until [`IDLE_LONG`],
+/// and blocks grow to a share of the pool ([`POOL_SHARE`]). A shop of many SKUs with deep stock
+/// then costs a grant per block, not per sale.
+pub const PLENTY: i64 = 64;
+
+/// The smallest block a node takes is this fraction of the pool (at most [`BLOCK_FLOOR_MAX`]).
+pub const POOL_SHARE: i64 = 64;
+
+/// The largest floor a pool's size puts under a block.
+pub const BLOCK_FLOOR_MAX: i64 = 1_000;
 
 /// A node's hunger is heeded this long after it was said.
 const HUNGER_HEARD_MS: i64 = 1_000;
 
 /// How often, at most, a node says it is hungry for one SKU.
 const HUNGER_EVERY: Duration = Duration::from_millis(300);
+
+/// Lease moves run at once at most (each a transaction on the shared MySQL pool).
+const MOVES_AT_ONCE: usize = 4;
+
+/// One lease move of a tick.
+type Move<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClusterError>> + Send + 'a>>;
 
 /// What the keeper remembers of one SKU between ticks.
 struct Kept {
@@ -313,6 +341,7 @@ async fn tick(
 ) -> Result<(), ClusterError> {
     let signals = cluster.signals.load_full();
     let shop = cluster.shop.load_full();
+    let mut moves: Vec<Move<'_>> = Vec::new();
     for (sku, signal) in signals.iter() {
         let Some(index) = engine.inventory().lookup(sku) else {
             continue;
@@ -323,7 +352,7 @@ async fn tick(
             taken,
             rate: 0.0,
             // Idle until a buyer comes: a SKU nobody buys here is not leased here.
-            last_sale: now.checked_sub(IDLE).unwrap_or(now),
+            last_sale: now.checked_sub(IDLE_LONG).unwrap_or(now),
             hungry_said: None,
             hunger_heeded: None,
         });
@@ -333,10 +362,13 @@ async fn tick(
             entry.last_sale = now;
         }
         entry.rate = 0.7 * entry.rate + 0.3 * (consumed as f64 / elapsed);
-        let aim = ((entry.rate * HORIZON.as_secs_f64()).ceil() as i64).clamp(BLOCK_MIN, BLOCK_MAX);
-        let idle = now.duration_since(entry.last_sale) >= IDLE;
         let wanted = signal.wanted.swap(false, Ordering::AcqRel);
         let pool = signal.units.load(Ordering::Acquire);
+        let floor = (pool / POOL_SHARE).clamp(BLOCK_MIN, BLOCK_FLOOR_MAX);
+        let aim = ((entry.rate * HORIZON.as_secs_f64()).ceil() as i64).clamp(floor, BLOCK_MAX);
+        let plentiful = pool >= PLENTY * view.available.max(BLOCK_MIN);
+        let idle_after = if plentiful { IDLE_LONG } else { IDLE };
+        let idle = now.duration_since(entry.last_sale) >= idle_after;
         let counts = shop.get(sku);
         let recall = counts.map_or(0, |c| c.recall);
         let hunger_heard = counts.is_some_and(|c| c.hungry_ms_ago < HUNGER_HEARD_MS)
@@ -346,8 +378,22 @@ async fn tick(
             && entry
                 .hunger_heeded
                 .is_none_or(|at| now.duration_since(at).as_millis() as i64 > HUNGER_HEARD_MS);
+        let give = |units: i64| -> Move<'_> {
+            Box::pin(async move {
+                give_block(cluster, engine, sku, index, units)
+                    .await
+                    .map(drop)
+            })
+        };
+        let take = |want: i64| -> Move<'_> {
+            Box::pin(async move {
+                take_block(cluster, engine, sku, index, signal, want)
+                    .await
+                    .map(drop)
+            })
+        };
         if recall > 0 && view.available > 0 {
-            give_block(cluster, engine, sku, index, recall).await?;
+            moves.push(give(recall));
         } else if pool > 0 && (wanted || (!idle && view.available * 2 < aim)) {
             let waiting = signal.waiting.load(Ordering::Acquire);
             let mut want = (aim - view.available).max(waiting).max(BLOCK_MIN);
@@ -355,7 +401,7 @@ async fn tick(
                 // An even share of a small pool, so the end of a sale is spread, not stranded.
                 want = want.min((pool + 2) / 3);
             }
-            take_block(cluster, engine, sku, index, signal, want.max(1)).await?;
+            moves.push(take(want.max(1)));
         } else if view.available == 0 && signal.waiting.load(Ordering::Acquire) > 0 {
             // Dry, the pool empty as last seen, buyers waiting, units left on other nodes: say
             // so (at most every HUNGER_EVERY), so they give some back, and look at the pool
@@ -364,24 +410,39 @@ async fn tick(
                 .hungry_said
                 .is_some_and(|at| now.duration_since(at) < HUNGER_EVERY);
             if !said_lately {
-                say_hungry(cluster, sku).await?;
                 entry.hungry_said = Some(now);
             }
             let want = signal.waiting.load(Ordering::Acquire).max(BLOCK_MIN);
-            take_block(cluster, engine, sku, index, signal, want).await?;
+            moves.push(Box::pin(async move {
+                if !said_lately {
+                    say_hungry(cluster, sku).await?;
+                }
+                take_block(cluster, engine, sku, index, signal, want)
+                    .await
+                    .map(drop)
+            }));
         } else if view.available > 0 && idle {
-            give_block(cluster, engine, sku, index, view.available).await?;
+            moves.push(give(view.available));
         } else if view.available > 3 * aim + BLOCK_MIN {
-            give_block(cluster, engine, sku, index, view.available - aim).await?;
+            moves.push(give(view.available - aim));
         } else if hunger_heard && view.available > 0 {
             // Another node is dry and the pool empty: half of what this node holds goes back.
             entry.hunger_heeded = Some(now);
-            give_block(cluster, engine, sku, index, (view.available + 1) / 2).await?;
+            moves.push(give((view.available + 1) / 2));
         } else if wanted {
             signal.refilled.notify_waiters();
         }
     }
-    Ok(())
+    // The moves of different SKUs touch different rows: a few run at once, so a shop of many
+    // SKUs is not refilled one round trip at a time.
+    let mut running = futures_util::stream::iter(moves).buffer_unordered(MOVES_AT_ONCE);
+    let mut failed = None;
+    while let Some(moved) = futures_util::StreamExt::next(&mut running).await {
+        if let Err(error) = moved {
+            failed.get_or_insert(error);
+        }
+    }
+    failed.map_or(Ok(()), Err)
 }
 
 /// SIGTERM: every unsold unit of every lease goes back to the pool. Units held by orders still

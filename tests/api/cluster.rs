@@ -843,8 +843,10 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
         async || b.get(&path).await.json()["status"] == "paid",
     )
     .await;
+    // The pending order at least (the paid one too if its capture was still owed when node a
+    // left, a loaded machine's case).
     let adopted = crate::helpers::metric(&mut b, "turnstile_cluster_adopted_orders_total").await;
-    assert_eq!(adopted, 1.0);
+    assert!((1.0..=2.0).contains(&adopted), "{adopted} adopted");
     // The paid order of the node that left is cancelled through node b: adopted for the call.
     refunded_through(&mut b, &paid_id).await;
     let pool = shop.database.pool().await;

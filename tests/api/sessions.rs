@@ -146,16 +146,7 @@ async fn cart_on_two_nodes(mut redis: TestRedis) {
     // A replay on the other node is identical, byte for byte, and changes nothing.
     // `409 idempotency_key_in_use` until the first node has stored its answer (it does so right
     // after its commit, without making its client wait), then the replay.
-    let replay = async |client: &mut Client, key: &str, body: &Value| {
-        for _ in 0..10_000 {
-            let (status, text, replayed) = checkout(client, key, body).await;
-            if !text.contains("idempotency_key_in_use") {
-                return (status, text, replayed);
-            }
-        }
-        panic!("{key}: still in use after 10,000 tries");
-    };
-    let (status, again, replayed) = replay(&mut on_a, "cart-key", &body).await;
+    let (status, again, replayed) = settled(&mut on_a, "cart-key", &body).await;
     assert_eq!((status, replayed), (201, true));
     assert_eq!(again, first);
     assert_eq!(on_a.stock("A").await, (10, 10, 0, 0));
@@ -181,11 +172,11 @@ async fn cart_on_two_nodes(mut redis: TestRedis) {
     assert_eq!((status, replayed), (409, true));
     assert_eq!(again, rejected);
     assert_eq!(on_b.put_product("Z", 250, 5).await.status, 200);
-    let (status, placed, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    let (status, placed, replayed) = settled(&mut on_b, "sold-out-key", &items).await;
     assert_eq!((status, replayed), (201, false), "{placed}");
     assert_eq!(on_b.stock("Z").await, (5, 4, 0, 1));
     // Once placed, the key's answer is the order's on every node that has not refused it.
-    let (status, _, replayed) = replay(&mut on_b, "sold-out-key", &items).await;
+    let (status, _, replayed) = settled(&mut on_b, "sold-out-key", &items).await;
     assert_eq!((status, replayed), (201, true));
 
     redis.assert_every_key_expires().await;
@@ -272,6 +263,44 @@ async fn one_key_at_both_nodes(redis: TestRedis) {
     };
     assert_eq!(sold, KEYS as i64, "one unit sold per key across both nodes");
     redis.assert_spread().await;
+    redis.delete().await;
+}
+
+/// A checkout's answer once no other checkout holds the key (a lock's release or an answer
+/// reaches Redis right after the answer that ends it, without making its client wait).
+async fn settled(client: &mut Client, key: &str, body: &Value) -> (u16, String, bool) {
+    for _ in 0..10_000 {
+        let answer = checkout(client, key, body).await;
+        if !answer.1.contains("idempotency_key_in_use") {
+            return answer;
+        }
+    }
+    panic!("{key}: still in use after 10,000 tries");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_is_replayed_only_by_the_node_that_gave_it() {
+    let redis = TestRedis::create("refusals").await;
+    // S has 1 unit on a and 5 on b (stock is per node without --node-id); ONLY-B is b's alone.
+    let (a, b) = two_nodes(&redis, &[], &[("S", 1)]).await;
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    assert_eq!(on_b.put_product("S", 250, 5).await.status, 200);
+    assert_eq!(on_b.put_product("ONLY-B", 250, 5).await.status, 200);
+    let three = json!({"items": [{"sku": "S", "quantity": 3}], "customer_id": "c", "payment_token": "tok_ok"});
+    let unknown = json!({"items": [{"sku": "ONLY-B", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    for (key, body, refused) in [("too-many", &three, 409), ("unknown-here", &unknown, 404)] {
+        // Refused on a (the SKU had units, so the checkout took the lock), replayed there ...
+        let (status, first, replayed) = checkout(&mut on_a, key, body).await;
+        assert_eq!((status, replayed), (refused, false), "{key}: {first}");
+        // (`409 idempotency_key_in_use` for the moment its lock's release takes to reach Redis.)
+        let (status, again, replayed) = settled(&mut on_a, key, body).await;
+        assert_eq!((status, replayed, &again), (refused, true, &first), "{key}");
+        // ... and placed by b, which has the units: nothing of a's refusal in Redis.
+        let (status, placed, replayed) = settled(&mut on_b, key, body).await;
+        assert_eq!((status, replayed), (201, false), "{key}: {placed}");
+    }
+    assert_eq!(on_b.stock("S").await, (5, 2, 0, 3));
+    assert_eq!(on_a.stock("S").await, (1, 1, 0, 0));
     redis.delete().await;
 }
 

@@ -10,8 +10,8 @@
 //!   --redis-lock-ttl` (60 s) while a checkout with that key runs, renewed by its node while the
 //!   checkout's outcome is unknown there, deleted by its holder only (compare-and-delete).
 //! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
-//!   `PX` the key's retention (`--idempotency-retention` for answers that created an order, one
-//!   minute for `404` and `409 out_of_stock`: a sold-out flood writes one per request).
+//!   `PX --idempotency-retention`; only answers that created an order: a refusal (`404`, `409
+//!   out_of_stock`) is replayed by the node that gave it alone (API.md), from its own key table.
 //!
 //! # Redis Cluster
 //! `--redis-url` listing several nodes (comma-separated) speaks the cluster protocol (redis-rs's
