@@ -208,7 +208,7 @@ impl ApiError {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "session_store_unavailable",
-            format!("the session store cannot serve carts now ({error}); retry later"),
+            format!("the session store (Redis: carts and checkouts' idempotency keys) cannot serve this request now ({error}); retry later"),
         )
         .retry_after(1)
     }
