@@ -14,7 +14,8 @@
 //! A core's own connection is made only while the shared one is up (the supervisor's: the
 //! node's view of whether Redis answers); a batch it fails to carry is sent again on the shared
 //! connection, with its reconnection wait ([`RedisStore::run`]), and a broken one is dropped (the
-//! next batch makes a new one). Every start may run twice (`STARTS` takes a lock it already holds
+//! next batch makes a new one; one that cannot be made is tried again after
+//! [`OWN_CONNECTION_RETRY`], the shared connection carrying the core's starts meanwhile). Every start may run twice (`STARTS` takes a lock it already holds
 //! again).
 //!
 //! A start whose caller has gone (the request was dropped) while its batch ran, and which took
@@ -32,6 +33,10 @@ const STARTS_QUEUED_MAX: usize = 65_536;
 
 /// Starts sent in one call at most.
 const STARTS_PER_CALL_MAX: usize = 256;
+
+/// How long a core whose own connection could not be made sends on the shared one before it
+/// tries again.
+const OWN_CONNECTION_RETRY: Duration = Duration::from_secs(2);
 
 /// One queued start.
 pub(super) struct Start {
@@ -112,6 +117,9 @@ impl RedisStore {
             return;
         };
         let mut own: Option<Connection> = None;
+        // A failed attempt at its own connection is not made again for a while: meanwhile the
+        // shared connection carries this core's starts, and no batch waits on a slow connect.
+        let mut next_try = tokio::time::Instant::now();
         let mut batch = Vec::with_capacity(STARTS_PER_CALL_MAX);
         loop {
             tokio::select! {
@@ -122,7 +130,8 @@ impl RedisStore {
                 }
                 () = lane.stop.notified() => return,
             }
-            if own.is_none() && self.connection.load().is_some() {
+            let now = tokio::time::Instant::now();
+            if own.is_none() && now >= next_try && self.connection.load().is_some() {
                 own = match tokio::time::timeout(self.timeout, self.client.connect()).await {
                     Ok(Ok(connection)) => Some(connection),
                     Ok(Err(error)) => {
@@ -131,6 +140,9 @@ impl RedisStore {
                     }
                     Err(_) => None,
                 };
+                if own.is_none() {
+                    next_try = now + OWN_CONNECTION_RETRY;
+                }
             }
             self.send_batch(std::mem::take(&mut batch), &mut own).await;
         }
