@@ -233,33 +233,39 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
     )
     .await
     .map_err(db("reading stock_pool"))?;
-    let text = |row: &sqlx::mysql::MySqlRow, i: usize| -> String {
+    // A value MySQL gave that does not decode is an error, not a zero: this view is what an
+    // operator acts on.
+    let text = |row: &sqlx::mysql::MySqlRow, i: usize| -> Result<String, ClusterError> {
         row.try_get::<Vec<u8>, _>(i)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
-            .unwrap_or_default()
+            .map_err(db("decoding the cluster's view"))
+    };
+    let number = |row: &sqlx::mysql::MySqlRow, i: usize| -> Result<i64, ClusterError> {
+        row.try_get::<i64, _>(i)
+            .map_err(db("decoding the cluster's view"))
     };
     let mut leased: BTreeMap<String, BTreeMap<String, i64>> = BTreeMap::new();
     // Nodes holding units unsold or held by their orders: listed even when not alive.
     let mut holding: std::collections::BTreeSet<String> = Default::default();
     for row in &leases {
-        let units: i64 = row.try_get(2).unwrap_or_default();
-        let unsold_or_held: i64 = row.try_get(3).unwrap_or_default();
+        let units = number(row, 2)?;
+        let unsold_or_held = number(row, 3)?;
         if unsold_or_held > 0 {
-            holding.insert(text(row, 0));
+            holding.insert(text(row, 0)?);
         }
         if units > 0 {
             leased
-                .entry(text(row, 0))
+                .entry(text(row, 0)?)
                 .or_default()
-                .insert(text(row, 1), units);
+                .insert(text(row, 1)?, units);
         }
     }
     let mut views = Vec::new();
     for row in &nodes {
-        let node_id = text(row, 0);
-        let state = text(row, 2);
-        let renewed: i64 = row.try_get(3).unwrap_or_default();
-        let now: i64 = row.try_get(4).unwrap_or_default();
+        let node_id = text(row, 0)?;
+        let state = text(row, 2)?;
+        let renewed = number(row, 3)?;
+        let now = number(row, 4)?;
         let alive = state == "live" && now - renewed < ttl_ms;
         let held = leased.remove(&node_id).unwrap_or_default();
         if !alive && !holding.contains(&node_id) {
@@ -267,7 +273,7 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
         }
         views.push(NodeView {
             node_id,
-            url: text(row, 1),
+            url: text(row, 1)?,
             alive,
             last_seen: crate::time::rfc3339(renewed),
             leased: held,
@@ -275,7 +281,7 @@ pub async fn view(cluster: &Cluster) -> Result<ClusterView, ClusterError> {
     }
     let pool = pools
         .iter()
-        .map(|row| (text(row, 0), row.try_get::<i64, _>(1).unwrap_or_default()))
-        .collect();
+        .map(|row| Ok((text(row, 0)?, number(row, 1)?)))
+        .collect::<Result<_, ClusterError>>()?;
     Ok(ClusterView { nodes: views, pool })
 }

@@ -428,6 +428,7 @@ async fn a_node_joining_mid_sale_sells_and_one_leaving_gives_its_units_back() {
         listed.contains(&"node-a") && listed.contains(&"node-d"),
         "{body}"
     );
+    assert_eq!(body["pool"]["WAVE"], 0, "{body}");
     pool.close().await;
 }
 
