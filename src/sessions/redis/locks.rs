@@ -2,6 +2,7 @@
 //! ([`Submission`]), and released with its answer stored (the ends queued and sent in batches
 //! after the journal's commit).
 
+use super::connection::{Connection, Failed};
 use super::*;
 
 /// A checkout's end: its answer to store (and for how long), and its lock to release.
@@ -81,28 +82,60 @@ impl RedisStore {
     pub(super) async fn run_parts(
         &self,
         subject: &str,
-        parts: &[(usize, ScriptInvocation<'_>)],
+        parts: &[(usize, usize, ScriptInvocation<'_>)],
     ) -> Result<Vec<usize>, StoreError> {
-        use futures_util::stream::{FuturesUnordered, StreamExt};
-        let mut running: FuturesUnordered<_> = parts
-            .iter()
-            .map(|(at, invocation)| self.run_part(subject, *at, invocation))
-            .collect();
+        let (answers, _) = self.send_parts::<Vec<usize>>(subject, parts, None).await;
         let mut indexes = Vec::new();
-        while let Some(part) = running.next().await {
-            indexes.extend(part?);
+        for (at, _, answer) in answers {
+            indexes.extend(answer?.into_iter().map(|i| i + at));
         }
         Ok(indexes)
     }
 
-    async fn run_part(
+    /// Sends every part (its first item's index, its length, its script) at once, on `own` (a
+    /// core's own connection, [`super::starts`]) if given, else on the shared one: each part's
+    /// answer, and whether `own` broke (a part it failed is sent again on the shared one).
+    pub(super) async fn send_parts<R: redis::FromRedisValue>(
         &self,
         subject: &str,
-        at: usize,
+        parts: &[(usize, usize, ScriptInvocation<'_>)],
+        own: Option<&Connection>,
+    ) -> (Vec<(usize, usize, Result<R, StoreError>)>, bool) {
+        use futures_util::stream::{FuturesUnordered, StreamExt};
+        let mut running: FuturesUnordered<_> = parts
+            .iter()
+            .map(|(at, count, invocation)| async move {
+                let (answer, broke) = self.send_part(own, subject, invocation).await;
+                ((*at, *count, answer), broke)
+            })
+            .collect();
+        let (mut answers, mut broke) = (Vec::with_capacity(parts.len()), false);
+        while let Some((answer, broken)) = running.next().await {
+            answers.push(answer);
+            broke |= broken;
+        }
+        (answers, broke)
+    }
+
+    /// One part: on `own` if given (a failure sent again on the shared connection; `true` if
+    /// `own` is broken), else on the shared one.
+    async fn send_part<R: redis::FromRedisValue>(
+        &self,
+        own: Option<&Connection>,
+        subject: &str,
         invocation: &ScriptInvocation<'_>,
-    ) -> Result<Vec<usize>, StoreError> {
-        let indexes: Vec<usize> = self.run(subject, invocation).await?;
-        Ok(indexes.into_iter().map(|i| i + at).collect())
+    ) -> (Result<R, StoreError>, bool) {
+        let Some(connection) = own else {
+            return (self.run(subject, invocation).await, false);
+        };
+        match self.call_on(connection, subject, invocation).await {
+            Ok(answer) => (Ok(answer), false),
+            Err(Failed::Answered(error)) => (Err(error), false),
+            Err(Failed::Lost(reason, broken)) => {
+                tracing::debug!(%reason, "a core's own Redis connection failed a batch; it runs again on the shared one");
+                (self.run(subject, invocation).await, broken)
+            }
+        }
     }
 
     pub(super) async fn renew_batch(
@@ -118,7 +151,7 @@ impl RedisStore {
                 for (_, key, value) in part {
                     invocation.key(self.key("lock", key.as_str())).arg(value);
                 }
-                (at, invocation)
+                (at, part.len(), invocation)
             })
             .collect();
         let lost = self
@@ -225,7 +258,7 @@ impl RedisStore {
                         .arg(encoded)
                         .arg(ttl_ms);
                 }
-                (at, invocation)
+                (at, part.len(), invocation)
             })
             .collect();
         let twins = self

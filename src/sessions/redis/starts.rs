@@ -22,7 +22,7 @@
 //! the lock, has that lock released: the caller's own release may have reached Redis before the
 //! batch did.
 
-use super::connection::{Connection, Failed};
+use super::connection::Connection;
 use super::*;
 use crate::sync::PerCore;
 use std::sync::OnceLock;
@@ -151,7 +151,6 @@ impl RedisStore {
     /// One script call per part of `batch` (one with one server), on `own` (a core's own
     /// connection) if given, else (or once `own` failed) on the shared one; every start answered.
     async fn send_batch(&self, batch: Vec<Start>, own: &mut Option<Connection>) {
-        use futures_util::stream::{FuturesUnordered, StreamExt};
         let parts: Vec<(usize, usize, ScriptInvocation<'_>)> = self
             .slot_parts(&batch)
             .into_iter()
@@ -171,26 +170,21 @@ impl RedisStore {
             [one] => self.key("answer", one.key.as_str()),
             _ => "a batch of checkouts' starts".to_owned(),
         };
-        let broke = AtomicBool::new(false);
-        let mut running: FuturesUnordered<_> = parts
-            .iter()
-            .map(|(at, count, invocation)| {
-                self.send_part(own.as_ref(), &subject, invocation, &broke, *at, *count)
-            })
-            .collect();
+        let (answers, broke) = self
+            .send_parts::<Vec<String>>(&subject, &parts, own.as_ref())
+            .await;
+        if broke {
+            *own = None;
+        }
         let mut replies: Vec<Option<Result<Begin, StoreError>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
-        while let Some((at, count, reply)) = running.next().await {
+        for (at, count, answer) in answers {
             for (i, slot) in replies.iter_mut().enumerate().skip(at).take(count) {
-                *slot = Some(match &reply {
+                *slot = Some(match &answer {
                     Ok(fields) => self.read_start(&batch[i].key, fields, i - at),
                     Err(error) => Err(error.clone()),
                 });
             }
-        }
-        drop(running);
-        if broke.into_inner() {
-            *own = None;
         }
         for (start, reply) in batch.into_iter().zip(replies) {
             let reply = reply
@@ -202,32 +196,6 @@ impl RedisStore {
                 }
             }
         }
-    }
-
-    /// One part of a batch: on `own` if given (a failure sent again on the shared connection,
-    /// `broke` set if `own` is broken), else on the shared one.
-    async fn send_part(
-        &self,
-        own: Option<&Connection>,
-        subject: &str,
-        invocation: &ScriptInvocation<'_>,
-        broke: &AtomicBool,
-        at: usize,
-        count: usize,
-    ) -> (usize, usize, Result<Vec<String>, StoreError>) {
-        let reply = match own {
-            Some(connection) => match self.call_on(connection, subject, invocation).await {
-                Ok(reply) => Ok(reply),
-                Err(Failed::Answered(error)) => Err(error),
-                Err(Failed::Lost(reason, broken)) => {
-                    broke.fetch_or(broken, Ordering::Relaxed);
-                    tracing::debug!(%reason, "a core's own Redis connection failed a batch; it runs again on the shared one");
-                    self.run(subject, invocation).await
-                }
-            },
-            None => self.run(subject, invocation).await,
-        };
-        (at, count, reply)
     }
 
     /// Item `index` of a batch's reply (a tag and its payload per start).
