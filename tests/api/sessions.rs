@@ -909,3 +909,83 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
     assert_eq!(kept, other, "an answer in Redis is never replaced");
     redis.delete().await;
 }
+
+/// A node stopped (SIGTERM) under a steady stream of checkouts: their ends (answer stored, lock
+/// released) ride the cores' queues with later starts, and the stop hands what those queues hold
+/// to the finisher before its last batch. Every key the node answered `201` must then hold its
+/// answer in Redis and no lock, or the other node would say 409 for a minute and then sell the
+/// key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed_in_redis() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: usize = 16;
+    const PER_CLIENT: usize = 400;
+    const STOP_AFTER: usize = 1_000;
+    let redis = TestRedis::create("stop_ends").await;
+    let (mut a, b) = two_nodes(&redis, &[], &[("A", 10_000)]).await;
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"}).to_string();
+    let placed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (mut client, body, placed) = (a.client(), body.clone(), Arc::clone(&placed));
+            tokio::spawn(async move {
+                let mut keys = Vec::new();
+                for i in 0..PER_CLIENT {
+                    let key = format!("stop-{c}-{i}");
+                    let headers = [
+                        ("idempotency-key", key.as_str()),
+                        ("content-type", "application/json"),
+                    ];
+                    match client
+                        .try_send("POST", "/v1/checkout", &headers, &body)
+                        .await
+                    {
+                        Ok(answer) if answer.status == 201 => {
+                            keys.push(key);
+                            placed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Refused while stopping (503), or the connection closed: the end.
+                        _ => break,
+                    }
+                }
+                keys
+            })
+        })
+        .collect();
+    // SIGTERM once enough are placed, with the clients still sending.
+    eventually(
+        "checkouts to be placed",
+        Duration::from_secs(60),
+        async || placed.load(Ordering::Relaxed) >= STOP_AFTER,
+    )
+    .await;
+    a.send_sigterm();
+    let mut keys = Vec::new();
+    for client in clients {
+        keys.extend(client.await.expect("client task"));
+    }
+    assert!(a.wait().success(), "node a exits 0");
+    let mut connection = redis.connection().await;
+    for key in &keys {
+        let (answer, lock): (Option<String>, Option<String>) = redis::pipe()
+            .get(format!("{}answer:{key}", redis.prefix))
+            .get(format!("{}lock:{key}", redis.prefix))
+            .query_async(&mut connection)
+            .await
+            .expect("Redis answers");
+        assert!(
+            answer.is_some(),
+            "no answer in Redis for {key}, placed by the stopped node"
+        );
+        assert_eq!(lock, None, "the lock of {key} left behind");
+    }
+    // The other node replays them, and sold nothing.
+    let mut on_b = b.client();
+    let last = keys.last().expect("keys placed");
+    let (status, _, replayed) =
+        checkout(&mut on_b, last, &serde_json::from_str(&body).unwrap()).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(on_b.stock("A").await.3, 0, "node b sold nothing");
+    redis.delete().await;
+}

@@ -36,6 +36,19 @@ impl Finish {
             deadline: tokio::time::Instant::now() + keep,
         }
     }
+
+    /// Its arguments in a `STEPS` call (kind, lock value, answer, answer TTL).
+    pub(super) fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
+        let (encoded, ttl_ms) = match &self.answer {
+            Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
+            None => (String::new(), 0),
+        };
+        invocation
+            .arg("e")
+            .arg(&self.value)
+            .arg(encoded)
+            .arg(ttl_ms);
+    }
 }
 
 impl RedisStore {
@@ -201,7 +214,11 @@ impl RedisStore {
                 } else {
                     tokio::select! {
                         finish = receiver.recv() => finish,
-                        () = self.finisher_stop.notified() => receiver.try_recv().ok(),
+                        () = self.finisher_stop.notified() => {
+                            // The cores' queues hand their last ends over first.
+                            self.starts.ended().await;
+                            receiver.try_recv().ok()
+                        }
                     }
                 };
                 match next {
@@ -245,33 +262,41 @@ impl RedisStore {
             .slot_parts(batch)
             .into_iter()
             .map(|(at, part)| {
-                let mut invocation = self.scripts.finish.prepare_invoke();
+                let mut invocation = self.scripts.steps.prepare_invoke();
+                invocation.arg(self.lock_ttl_ms);
                 for finish in part {
-                    let (encoded, ttl_ms) = match &finish.answer {
-                        Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
-                        None => (String::new(), 0),
-                    };
                     invocation
                         .key(self.key("answer", finish.key.as_str()))
-                        .key(self.key("lock", finish.key.as_str()))
-                        .arg(&finish.value)
-                        .arg(encoded)
-                        .arg(ttl_ms);
+                        .key(self.key("lock", finish.key.as_str()));
+                    finish.push_args(&mut invocation);
                 }
                 (at, part.len(), invocation)
             })
             .collect();
-        let twins = self
-            .run_parts("a batch of answers and locks", &parts)
-            .await?;
+        let (answers, _) = self
+            .send_parts::<Vec<String>>("a batch of answers and locks", &parts, None)
+            .await;
+        let mut twins = Vec::new();
+        for (at, count, answer) in answers {
+            let tags = answer?;
+            twins.extend(
+                (0..count)
+                    .filter(|i| tags.get(2 * i).is_some_and(|tag| tag == "twin"))
+                    .map(|i| at + i),
+            );
+        }
         for index in twins {
-            let Some(finish) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
-                continue;
-            };
-            self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(key = %finish.key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
+            if let Some(finish) = batch.get(index) {
+                self.report_twin(&finish.key);
+            }
         }
         Ok(())
+    }
+
+    /// A key another node answered, or is running, while this node's answer could not reach Redis.
+    pub(super) fn report_twin(&self, key: &IdempotencyKey) {
+        self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
+        tracing::error!(key = %key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
     }
 
     /// Sends again, in the background, the answers this node gave since `answers`' oldest (read
@@ -298,8 +323,8 @@ impl RedisStore {
         });
     }
 
-    /// Queues a checkout's end for the finisher (or, with the queue full, sends it alone).
-    pub(super) fn enqueue_finish(self: &Arc<Self>, finish: Finish) {
+    /// Queues an end for the finisher (or, with its queue full, sends it alone).
+    pub(super) fn finish_later(self: &Arc<Self>, finish: Finish) {
         if let Err(tokio::sync::mpsc::error::TrySendError::Full(finish)) =
             self.finishes.try_send(finish)
         {

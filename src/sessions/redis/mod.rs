@@ -30,11 +30,13 @@
 //! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
 //! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
 //! answer, else the lock, and the cart when the checkout names one). The starts of checkouts
-//! naming their items and the looks of sold-out refusals are batched per core, many in one call
-//! ([`starts`]). A checkout's end (the answer
-//! stored and the lock released, atomically, answer first) is queued after the journal's commit
-//! and not awaited: one task sends the queued ends, up to 256 in one call, so Redis adds one round
-//! trip to a checkout, and a bit more than half a call's work under load. The journal stays the truth: the
+//! naming their items, the looks of sold-out refusals and every checkout's end (the answer
+//! stored and the lock released, atomically, answer first; queued after the journal's commit and
+//! not awaited) are batched per core, many in one `STEPS` call ([`starts`]): a checkout's end
+//! rides with later checkouts' starts, so Redis adds one awaited round trip to a checkout and,
+//! under load, a share of one call. Ends a core's queue cannot carry (Redis unreachable, the queue
+//! full or stopping) go to the finisher, one task that sends them again, up to 256 in one call,
+//! until their locks expire. The journal stays the truth: the
 //! answer is stored only once its record is durable, and a node that finds no answer in Redis
 //! falls back to its own key table and journal.
 //!

@@ -9,8 +9,7 @@ pub(super) struct Scripts {
     pub(super) cart_set: Script,
     pub(super) cart_clear: Script,
     pub(super) begin: Script,
-    pub(super) starts: Script,
-    pub(super) finish: Script,
+    pub(super) steps: Script,
     pub(super) renew: Script,
 }
 
@@ -81,7 +80,7 @@ redis.call('PEXPIRE', KEYS[1], left)
 return 1
 ";
 
-/// A checkout's start with a cart (without one, starts go batched: STARTS). KEYS[1] = answer,
+/// A checkout's start with a cart (without one, starts go batched: STEPS). KEYS[1] = answer,
 /// KEYS[2] = lock, KEYS[3] = carts, KEYS[4] = cart; ARGV[1] = lock value, ARGV[2] = lock ttl ms,
 /// ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] = cart id.
 ///
@@ -101,82 +100,75 @@ refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
 return {'locked', 'cart', lines(KEYS[4])}
 ";
 
-/// Checkouts' starts, many in one call ([`super::starts`]). KEYS = answer, lock, answer, lock,
-/// ...; ARGV[1] = the lock TTL in ms, ARGV[1 + i] = start i's lock value (empty: a look, which
-/// takes nothing). Returns a tag and a payload per start: `answer` and the answer any node
-/// stored; `locked` (the lock taken, or already this start's: a start may run twice); `free` (a
-/// look, nothing held); `held` (another checkout holds the lock); `junk` (a value under the lock
-/// Turnstile did not write, see BEGIN); `junk_answer` and the error (the answer's key holds
-/// another type). Every read is a `pcall`, so junk under one key fails only its own start.
-pub(super) const STARTS: &str = r"
+/// Checkouts' starts and ends, many in one call ([`super::starts`], and the finisher's ends). KEYS
+/// = answer, lock, answer, lock, ...; ARGV[1] = the lock TTL in ms, then four per step i:
+/// ARGV[4i - 2] its kind (`s` a start, `e` an end), ARGV[4i - 1] its lock value, ARGV[4i] the
+/// answer an end stores (empty for a start), ARGV[4i + 1] its TTL in ms (`0`: none to store).
+/// Returns a tag and a payload per step, in order.
+///
+/// A start (a start's lock value empty: a look, which takes nothing): `answer` and the answer any
+/// node stored; `locked` (the lock taken, or already this start's: a start may run twice);
+/// `free` (a look, nothing held); `held` (another checkout holds the lock); `junk` (a value under
+/// the lock Turnstile did not write, see BEGIN); `junk_answer` and the error (the answer's key
+/// holds another type).
+///
+/// An end: the answer stored (if any), then the lock released if still that checkout's; `done`,
+/// or `twin` when the answer finds the key taken by another (another answer there, or another
+/// checkout holding the lock while none is): this node's answer could not reach Redis while its
+/// lock lived, and another node placed the key or is placing it, so the key has (or is about to
+/// have) an order on each of two nodes, which the node reports. The answer is stored only if
+/// none is there yet and no other checkout holds the lock (one that went on without the lock,
+/// Redis being unreachable, or whose lock expired, must not replace the answer another node's
+/// clients already replay). A lock is "ours" when its value starts with the one given: lock
+/// values end with `/`, so a checkout's own value matches only itself, and the node's prefix
+/// (`<node>/`, given by the start-up recovery) matches every lock of the node's earlier runs.
+///
+/// Every read is a `pcall`, so junk under one key fails only its own step; every step may run
+/// twice (a batch whose answer was lost is sent again).
+pub(super) const STEPS: &str = r"
 local out = {}
 local function push(tag, payload)
   out[#out + 1] = tag
   out[#out + 1] = payload
 end
-for i = 1, #KEYS / 2 do
-  local answer_key, lock_key, value = KEYS[2 * i - 1], KEYS[2 * i], ARGV[i + 1]
+local function start(answer_key, lock_key, value)
   local answer = redis.pcall('GET', answer_key)
-  if type(answer) == 'table' then
-    push('junk_answer', tostring(answer.err))
-  elseif answer then
-    push('answer', answer)
-  elseif value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then
-    push('locked', '')
-  else
-    local held = redis.pcall('GET', lock_key)
-    if held == false then
-      push('free', '')
-    elseif type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then
-      push('junk', '')
-    elseif held == value then
-      push('locked', '')
-    else
-      push('held', '')
+  if type(answer) == 'table' then return push('junk_answer', tostring(answer.err)) end
+  if answer then return push('answer', answer) end
+  if value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then
+    return push('locked', '')
+  end
+  local held = redis.pcall('GET', lock_key)
+  if held == false then return push('free', '') end
+  if type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then return push('junk', '') end
+  if held == value then return push('locked', '') end
+  push('held', '')
+end
+local function finish(answer_key, lock_key, value, stored, ttl)
+  local lock = redis.pcall('GET', lock_key)
+  local ours = type(lock) == 'string' and string.sub(lock, 1, #value) == value
+  local twin = false
+  if ttl > 0 then
+    local stored_now = (ours or lock == false)
+      and redis.call('SET', answer_key, stored, 'NX', 'PX', ttl)
+    if not stored_now then
+      local there = redis.pcall('GET', answer_key)
+      twin = there == false or (type(there) == 'string' and there ~= stored)
     end
+  end
+  if ours then redis.call('DEL', lock_key) end
+  push(twin and 'twin' or 'done', '')
+end
+for i = 1, #KEYS / 2 do
+  local answer_key, lock_key = KEYS[2 * i - 1], KEYS[2 * i]
+  local kind, value = ARGV[4 * i - 2], ARGV[4 * i - 1]
+  if kind == 'e' then
+    finish(answer_key, lock_key, value, ARGV[4 * i], tonumber(ARGV[4 * i + 1]))
+  else
+    start(answer_key, lock_key, value)
   end
 end
 return out
-";
-
-/// Checkouts' ends, many in one call: for each, the answer stored (if any), then the lock released
-/// if still that checkout's. KEYS = answer, lock, answer, lock, ...; ARGV = lock value, answer, its
-/// TTL in ms (0: none to store), for each in turn.
-///
-/// The answer is stored only if none is there yet and no other checkout holds the lock (one that
-/// went on without the lock, Redis being unreachable, or whose lock expired, must not replace the
-/// answer another node's clients already replay); `pcall`, so junk under one key does not fail
-/// the whole batch. A lock is "ours" when its value starts with the one given: lock values end
-/// with `/`, so a checkout's own value matches only itself, and the node's prefix (`<node>/`,
-/// given by the start-up recovery) matches every lock of the node's earlier runs.
-///
-/// Returns the indexes (from 1) of the ends whose answer finds the key taken by another: another
-/// answer there, or another checkout holding the lock while none is. Either way this node's
-/// answer could not reach Redis while its lock lived, and another node placed the key or is
-/// placing it: the key has (or is about to have) an order on each of two nodes, which the node
-/// reports.
-pub(super) const FINISH: &str = r"
-local twins = {}
-for i = 1, #KEYS / 2 do
-  local ttl = tonumber(ARGV[3 * i])
-  local value = ARGV[3 * i - 2]
-  local lock = redis.pcall('GET', KEYS[2 * i])
-  local ours = type(lock) == 'string' and string.sub(lock, 1, #value) == value
-  if ttl > 0 then
-    local there = redis.pcall('GET', KEYS[2 * i - 1])
-    if there == false then
-      if ours or lock == false then
-        redis.call('SET', KEYS[2 * i - 1], ARGV[3 * i - 1], 'PX', ttl)
-      else
-        twins[#twins + 1] = i
-      end
-    elseif type(there) == 'string' and there ~= ARGV[3 * i - 1] then
-      twins[#twins + 1] = i
-    end
-  end
-  if ours then redis.call('DEL', KEYS[2 * i]) end
-end
-return twins
 ";
 
 /// Renews the locks of checkouts whose outcome is not known yet. KEYS = their locks; ARGV[1] = the
@@ -204,8 +196,7 @@ impl Scripts {
             cart_set: with_refresh(CART_SET),
             cart_clear: Script::new(CART_CLEAR),
             begin: with_refresh(BEGIN),
-            starts: Script::new(STARTS),
-            finish: Script::new(FINISH),
+            steps: Script::new(STEPS),
             renew: Script::new(RENEW),
         }
     }

@@ -1,22 +1,27 @@
-//! Checkouts' starts, batched per core: the look of a sold-out refusal (`peek`) and the start of
-//! a checkout naming its items (`begin`: the answer, else the lock) go through the queue of the
-//! calling thread's core slot (`sync::PerCore`). Each core's queue has a task of its own, started
-//! on that core's runtime at its first start, with a Redis connection of its own made there: a
-//! per-core worker's starts, their batching, the connection's socket and the wake-ups all stay on
-//! its thread. The task sends everything queued as one script call (up to
-//! [`STARTS_PER_CALL_MAX`]), then the next batch once that call is answered: an idle node sends a
-//! start at once, a busy one many per round trip, and Redis runs one script for all of them —
-//! what made Redis the ceiling of a sold-out flood and of steady checkouts. On a Redis Cluster a
-//! script touches one slot: the batch goes one script per key, concurrently
-//! ([`RedisStore::slot_parts`]). A checkout naming a cart starts alone (its cart read in the same
-//! script).
+//! Checkouts' starts and ends, batched per core: the look of a sold-out refusal (`peek`), the
+//! start of a checkout naming its items (`begin`: the answer, else the lock) and a checkout's end
+//! (its answer stored, its lock released: queued after the journal's commit, not awaited) go
+//! through the queue of the calling thread's core slot (`sync::PerCore`). Each core's queue has a
+//! task of its own, started on that core's runtime at its first start, with a Redis connection of
+//! its own made there: a per-core worker's starts and ends, their batching, the connection's
+//! socket and the wake-ups all stay on its thread. The task sends everything queued as one
+//! `STEPS` script call (up to [`STEPS_PER_CALL_MAX`]), then the next batch once that call is
+//! answered: an idle node sends a step at once, a busy one many per round trip, and Redis runs
+//! one script for all of them — so a checkout's end rides with later checkouts' starts, and a
+//! checkout costs Redis about one share of one call. On a Redis Cluster a script touches one
+//! slot: the batch goes one script per key, concurrently ([`RedisStore::slot_parts`]). A
+//! checkout naming a cart starts alone (its cart read in the same script).
 //!
 //! A core's own connection is made only while the shared one is up (the supervisor's: the
 //! node's view of whether Redis answers); a batch it fails to carry is sent again on the shared
 //! connection, with its reconnection wait ([`RedisStore::run`]), and a broken one is dropped (the
 //! next batch makes a new one; one that cannot be made is tried again after
-//! [`OWN_CONNECTION_RETRY`], the shared connection carrying the core's starts meanwhile). Every start may run twice (`STARTS` takes a lock it already holds
-//! again).
+//! [`OWN_CONNECTION_RETRY`], the shared connection carrying the core's steps meanwhile). Every
+//! step may run twice (`STEPS` takes a lock it already holds again, and an end finds its answer
+//! stored). Ends a batch could not carry go to the finisher, which sends them again with backoff
+//! until their locks expire; so do the ends of a core whose queue is full, or not started, and
+//! those left queued when the node stops (the finisher waits for every core's task to hand them
+//! over before its last batch).
 //!
 //! A start whose caller has gone (the request was dropped) while its batch ran, and which took
 //! the lock, has that lock released: the caller's own release may have reached Redis before the
@@ -28,11 +33,11 @@ use crate::sync::PerCore;
 use std::sync::OnceLock;
 use tokio::sync::oneshot;
 
-/// Starts queued at most; past it a start is sent alone.
-const STARTS_QUEUED_MAX: usize = 65_536;
+/// Steps queued at most per core; past it a start is sent alone, an end goes to the finisher.
+const STEPS_QUEUED_MAX: usize = 65_536;
 
-/// Starts sent in one call at most.
-const STARTS_PER_CALL_MAX: usize = 256;
+/// Steps sent in one call at most.
+const STEPS_PER_CALL_MAX: usize = 256;
 
 /// How long a core whose own connection could not be made sends on the shared one before it
 /// tries again.
@@ -46,29 +51,64 @@ pub(super) struct Start {
     reply: oneshot::Sender<Result<Begin, StoreError>>,
 }
 
-/// One core's queue of starts: its sending task is started at the core's first start.
+/// What a core's queue carries: a checkout's start, or its end.
+pub(super) enum Step {
+    Start(Start),
+    End(Finish),
+}
+
+impl Step {
+    fn key(&self) -> &IdempotencyKey {
+        match self {
+            Self::Start(start) => &start.key,
+            Self::End(end) => &end.key,
+        }
+    }
+}
+
+/// One core's queue of steps: its sending task is started at the core's first start.
 #[derive(Default)]
 struct Lane {
-    queue: OnceLock<tokio::sync::mpsc::Sender<Start>>,
+    queue: OnceLock<tokio::sync::mpsc::Sender<Step>>,
     stop: tokio::sync::Notify,
 }
 
-/// The per-core queues of starts.
+/// The per-core queues of steps.
 pub(super) struct Starts {
     lanes: PerCore<Lane>,
+    /// The cores' sending tasks still running: the finisher's last batch waits for them.
+    running: AtomicU64,
+    /// Wakes the finisher when a core's task has ended.
+    ended: tokio::sync::Notify,
 }
 
 impl Starts {
     pub(super) fn new() -> Self {
         Self {
             lanes: PerCore::default(),
+            running: AtomicU64::new(0),
+            ended: tokio::sync::Notify::new(),
         }
     }
 
-    /// Ends the sending tasks; starts queued then fail as unavailable.
+    /// Ends the sending tasks: each sends what it has queued once more, and hands the ends that
+    /// batch could not carry to the finisher.
     pub(super) fn stop(&self) {
         for lane in self.lanes.iter() {
             lane.stop.notify_one();
+        }
+    }
+
+    /// Once every core's sending task has ended.
+    pub(super) async fn ended(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if self.running.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            ended.await;
         }
     }
 }
@@ -87,17 +127,22 @@ impl RedisStore {
         let lane_index = self.starts.lanes.local_index();
         let lane = self.starts.lanes.local();
         let queue = lane.queue.get_or_init(|| {
-            let (queue, receiver) = tokio::sync::mpsc::channel(STARTS_QUEUED_MAX);
+            let (queue, receiver) = tokio::sync::mpsc::channel(STEPS_QUEUED_MAX);
             let store = Arc::clone(self);
-            tokio::spawn(async move { store.send_starts(lane_index, receiver).await });
+            self.starts.running.fetch_add(1, Ordering::AcqRel);
+            tokio::spawn(async move {
+                store.send_steps(lane_index, receiver).await;
+                store.starts.running.fetch_sub(1, Ordering::AcqRel);
+                store.starts.ended.notify_waiters();
+            });
             queue
         });
         let (reply, answer) = oneshot::channel();
-        let start = Start {
+        let start = Step::Start(Start {
             key: key.clone(),
             value,
             reply,
-        };
+        });
         match queue.try_send(start) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(start)) => {
@@ -108,34 +153,70 @@ impl RedisStore {
         answer.await.unwrap_or_else(|_| Err(stopping()))
     }
 
-    async fn send_starts(
-        &self,
+    /// Queues a checkout's end on the calling core's queue, where it rides with the next batch
+    /// of starts; if that queue is not started, full or stopped, for the finisher.
+    pub(super) fn enqueue_finish(self: &Arc<Self>, end: Finish) {
+        let Some(queue) = self.starts.lanes.local().queue.get() else {
+            return self.finish_later(end);
+        };
+        if let Err(error) = queue.try_send(Step::End(end)) {
+            if let Step::End(end) = error.into_inner() {
+                self.finish_later(end);
+            }
+        }
+    }
+
+    async fn send_steps(
+        self: &Arc<Self>,
         lane_index: usize,
-        mut receiver: tokio::sync::mpsc::Receiver<Start>,
+        mut receiver: tokio::sync::mpsc::Receiver<Step>,
     ) {
         let Some(lane) = self.starts.lanes.iter().nth(lane_index) else {
             return;
         };
         let mut own: Option<Connection> = None;
         // A failed attempt at its own connection is not made again for a while: meanwhile the
-        // shared connection carries this core's starts, and no batch waits on a slow connect.
+        // shared connection carries this core's steps, and no batch waits on a slow connect.
         let mut next_try = tokio::time::Instant::now();
-        let mut batch = Vec::with_capacity(STARTS_PER_CALL_MAX);
+        let mut batch = Vec::with_capacity(STEPS_PER_CALL_MAX);
         loop {
-            tokio::select! {
-                taken = receiver.recv_many(&mut batch, STARTS_PER_CALL_MAX) => {
+            let stopping = tokio::select! {
+                taken = receiver.recv_many(&mut batch, STEPS_PER_CALL_MAX) => {
                     if taken == 0 {
                         return;
                     }
+                    false
                 }
-                () = lane.stop.notified() => return,
+                () = lane.stop.notified() => true,
+            };
+            if stopping {
+                // What is queued goes once more (its starts fail: the node is stopping), and
+                // whatever comes after goes to the finisher.
+                receiver.close();
+                while let Ok(step) = receiver.try_recv() {
+                    batch.push(step);
+                }
+                let ends: Vec<Step> = batch
+                    .drain(..)
+                    .filter_map(|step| match step {
+                        Step::End(end) => Some(Step::End(end)),
+                        Step::Start(_) => None,
+                    })
+                    .collect();
+                let mut ends = ends;
+                while !ends.is_empty() {
+                    let rest = ends.split_off(ends.len().min(STEPS_PER_CALL_MAX));
+                    self.send_batch(ends, &mut own).await;
+                    ends = rest;
+                }
+                return;
             }
             let now = tokio::time::Instant::now();
             if own.is_none() && now >= next_try && self.connection.load().is_some() {
                 own = match tokio::time::timeout(self.timeout, self.client.connect()).await {
                     Ok(Ok(connection)) => Some(connection),
                     Ok(Err(error)) => {
-                        tracing::debug!(%error, "a core's own Redis connection failed; its starts go on the shared one");
+                        tracing::debug!(%error, "a core's own Redis connection failed; its steps go on the shared one");
                         None
                     }
                     Err(_) => None,
@@ -148,27 +229,45 @@ impl RedisStore {
         }
     }
 
+    /// The `STEPS` call of one part of a batch (the whole batch with one server).
+    pub(super) fn steps_invocation(&self, part: &[Step]) -> ScriptInvocation<'_> {
+        let mut invocation = self.scripts.steps.prepare_invoke();
+        invocation.arg(self.lock_ttl_ms);
+        for step in part {
+            invocation
+                .key(self.key("answer", step.key().as_str()))
+                .key(self.key("lock", step.key().as_str()));
+            match step {
+                Step::Start(start) => {
+                    invocation
+                        .arg("s")
+                        .arg(start.value.as_deref().unwrap_or(""))
+                        .arg("")
+                        .arg(0);
+                }
+                Step::End(end) => end.push_args(&mut invocation),
+            }
+        }
+        invocation
+    }
+
     /// One script call per part of `batch` (one with one server), on `own` (a core's own
-    /// connection) if given, else (or once `own` failed) on the shared one; every start answered.
-    async fn send_batch(&self, batch: Vec<Start>, own: &mut Option<Connection>) {
+    /// connection) if given, else (or once `own` failed) on the shared one. Every start is
+    /// answered; an end whose part failed goes to the finisher, which sends it again. Returns
+    /// whether every part was carried.
+    pub(super) async fn send_batch(
+        self: &Arc<Self>,
+        batch: Vec<Step>,
+        own: &mut Option<Connection>,
+    ) -> bool {
         let parts: Vec<(usize, usize, ScriptInvocation<'_>)> = self
             .slot_parts(&batch)
             .into_iter()
-            .map(|(at, part)| {
-                let mut invocation = self.scripts.starts.prepare_invoke();
-                invocation.arg(self.lock_ttl_ms);
-                for start in part {
-                    invocation
-                        .key(self.key("answer", start.key.as_str()))
-                        .key(self.key("lock", start.key.as_str()))
-                        .arg(start.value.as_deref().unwrap_or(""));
-                }
-                (at, part.len(), invocation)
-            })
+            .map(|(at, part)| (at, part.len(), self.steps_invocation(part)))
             .collect();
         let subject = match batch.as_slice() {
-            [one] => self.key("answer", one.key.as_str()),
-            _ => "a batch of checkouts' starts".to_owned(),
+            [one] => self.key("answer", one.key().as_str()),
+            _ => "a batch of checkouts' starts and ends".to_owned(),
         };
         let (answers, broke) = self
             .send_parts::<Vec<String>>(&subject, &parts, own.as_ref())
@@ -176,38 +275,45 @@ impl RedisStore {
         if broke {
             *own = None;
         }
-        let mut replies: Vec<Option<Result<Begin, StoreError>>> =
+        let mut replies: Vec<Option<Result<(String, String), StoreError>>> =
             std::iter::repeat_with(|| None).take(batch.len()).collect();
         for (at, count, answer) in answers {
             for (i, slot) in replies.iter_mut().enumerate().skip(at).take(count) {
                 *slot = Some(match &answer {
-                    Ok(fields) => self.read_start(&batch[i].key, fields, i - at),
+                    Ok(fields) => {
+                        let field = |n: usize| fields.get(n).cloned().unwrap_or_default();
+                        Ok((field(2 * (i - at)), field(2 * (i - at) + 1)))
+                    }
                     Err(error) => Err(error.clone()),
                 });
             }
         }
-        for (start, reply) in batch.into_iter().zip(replies) {
+        let mut carried = true;
+        for (step, reply) in batch.into_iter().zip(replies) {
             let reply = reply
-                .unwrap_or_else(|| Err(StoreError::Unavailable("no answer for a start".into())));
-            let took = matches!(reply, Ok(Begin::Locked(_))) && start.value.is_some();
-            if start.reply.send(reply).is_err() && took {
-                if let Some(value) = start.value {
-                    self.release_orphan(start.key, value);
+                .unwrap_or_else(|| Err(StoreError::Unavailable("no answer for a step".into())));
+            match step {
+                Step::Start(start) => {
+                    let begin = reply
+                        .and_then(|(tag, payload)| self.read_begin(&start.key, &tag, &payload));
+                    let took = matches!(begin, Ok(Begin::Locked(_))) && start.value.is_some();
+                    if start.reply.send(begin).is_err() && took {
+                        if let Some(value) = start.value {
+                            self.release_orphan(start.key, value);
+                        }
+                    }
                 }
+                Step::End(end) => match reply {
+                    Ok((tag, _)) if tag == "twin" => self.report_twin(&end.key),
+                    Ok(_) => {}
+                    Err(_) => {
+                        carried = false;
+                        self.finish_later(end);
+                    }
+                },
             }
         }
-    }
-
-    /// Item `index` of a batch's reply (a tag and its payload per start).
-    fn read_start(
-        &self,
-        key: &IdempotencyKey,
-        fields: &[String],
-        index: usize,
-    ) -> Result<Begin, StoreError> {
-        let tag = fields.get(2 * index).map_or("", String::as_str);
-        let payload = fields.get(2 * index + 1).map_or("", String::as_str);
-        self.read_begin(key, tag, payload)
+        carried
     }
 
     /// What a start script said (`tag`, `payload`) of `key`: shared by the batched starts and a
@@ -245,13 +351,7 @@ impl RedisStore {
     }
 
     /// Releases a lock a batch took for a caller that has gone.
-    fn release_orphan(&self, key: IdempotencyKey, value: String) {
-        let lock_ttl = self.lock_ttl();
-        if let Err(tokio::sync::mpsc::error::TrySendError::Full(_)) = self
-            .finishes
-            .try_send(Finish::new(key, value, None, lock_ttl))
-        {
-            tracing::debug!("the finishers' queue is full; a lock taken for a dropped request expires by itself");
-        }
+    fn release_orphan(self: &Arc<Self>, key: IdempotencyKey, value: String) {
+        self.finish_later(Finish::new(key, value, None, self.lock_ttl()));
     }
 }
