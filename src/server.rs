@@ -51,7 +51,8 @@ const RELAY_STOP_WAIT: Duration = Duration::from_secs(3);
 /// The most answers sent again to Redis at start (the newest).
 const RECOVERED_ANSWERS_MAX: usize = 1_000_000;
 
-/// How long the Redis finisher may take at shutdown to send the answers and lock releases queued.
+/// How long the Redis finisher may take at shutdown to send the answers and lock releases queued
+/// before the node says it waits for Redis (then up to `--redis-lock-ttl` more).
 const REDIS_STOP_WAIT: Duration = Duration::from_secs(2);
 
 /// Why the server stopped with an error.
@@ -756,8 +757,9 @@ struct Stopping {
 ///    (MySQL), so before the journal; events not confirmed are sent after the next start;
 /// 3. checkouts whose clients went away finish (each in its own task: journal, answer, lock)
 ///    within their own timeouts, so nothing of theirs is cut half way;
-/// 4. Redis gets the answers and lock releases still queued (past a moment the locks expire by
-///    themselves);
+/// 4. Redis gets the answers and lock releases still queued: with Redis unreachable the node
+///    waits for it until those locks expire (up to `--redis-lock-ttl`), since past that another
+///    node may place the same keys again;
 /// 5. the journal is flushed and stopped (with MySQL behind it, the applier ships what it can);
 /// 6. the per-core workers' runtimes end when `serve` returns.
 async fn shutdown(parts: Stopping) {
@@ -791,8 +793,20 @@ async fn shutdown(parts: Stopping) {
     };
     if let Some((store, tasks)) = parts.redis {
         store.stop();
-        for task in tasks {
-            if tokio::time::timeout(REDIS_STOP_WAIT, task).await.is_err() {
+        // The finisher waits for Redis while it holds answers Redis has not taken, until their
+        // locks expire: leaving earlier would let another node sell those keys again.
+        let limit = tokio::time::Instant::now() + store.lock_ttl() + REDIS_STOP_WAIT;
+        let mut tasks = futures_util::future::join_all(tasks);
+        if tokio::time::timeout(REDIS_STOP_WAIT, &mut tasks)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                answers = store.ends_waiting(),
+                lock_ttl = %humantime::format_duration(store.lock_ttl()),
+                "stopping: Redis has not taken the answers of recent checkouts yet; waiting for it until their submission locks expire, so no other node places their keys again"
+            );
+            if tokio::time::timeout_at(limit, tasks).await.is_err() {
                 tracing::warn!("Redis tasks did not stop in time; unreleased submission locks expire by themselves");
             }
         }

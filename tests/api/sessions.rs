@@ -989,3 +989,99 @@ async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed
     assert_eq!(on_b.stock("A").await.3, 0, "node b sold nothing");
     redis.delete().await;
 }
+
+/// A node stopped (SIGTERM) while it cannot reach Redis (a network gone silent: its open
+/// connections lost, new ones hanging), with answers of checkouts it placed not yet in Redis: it
+/// waits for Redis (up to its locks' life) instead of leaving them behind, since once their locks
+/// expire another node would place those keys again. The network comes back once the clients
+/// have gone: every key the node answered `201` then holds its answer and no lock, and the other
+/// node replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_while_cut_off_from_redis_waits_to_leave_its_answers_there() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    const CLIENTS: usize = 16;
+    const PER_CLIENT: usize = 500;
+    const CUT_AFTER: usize = 1_000;
+    let redis = super::helpers::PrivateRedis::start();
+    let proxy = super::helpers::StallProxy::start(
+        format!("127.0.0.1:{}", redis.port)
+            .parse()
+            .expect("address"),
+    )
+    .await;
+    let (direct, through) = (redis.url(), format!("redis://{}", proxy.addr));
+    let a = ["--redis-url", through.as_str(), "--redis-timeout", "300ms"];
+    let (mut a, b) = (spawn_app(&a), spawn_app(&["--redis-url", direct.as_str()]));
+    for app in [&a, &b] {
+        assert_eq!(app.client().put_product("A", 250, 10_000).await.status, 200);
+    }
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"}).to_string();
+    let placed = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..CLIENTS)
+        .map(|c| {
+            let (mut client, body, placed) = (a.client(), body.clone(), Arc::clone(&placed));
+            tokio::spawn(async move {
+                let mut keys = Vec::new();
+                for i in 0..PER_CLIENT {
+                    let key = format!("cut-{c}-{i}");
+                    let headers = [
+                        ("idempotency-key", key.as_str()),
+                        ("content-type", "application/json"),
+                    ];
+                    match client
+                        .try_send("POST", "/v1/checkout", &headers, &body)
+                        .await
+                    {
+                        Ok(answer) if answer.status == 201 => {
+                            keys.push(key);
+                            placed.fetch_add(1, Ordering::Relaxed);
+                        }
+                        // 503 once Redis is out of reach, or the connection closed by the stop.
+                        Ok(_) | Err(_) => {}
+                    }
+                }
+                keys
+            })
+        })
+        .collect();
+    eventually(
+        "checkouts to be placed",
+        Duration::from_secs(60),
+        async || placed.load(Ordering::Relaxed) >= CUT_AFTER,
+    )
+    .await;
+    proxy.stall(true);
+    proxy.abandon_open_connections();
+    a.send_sigterm();
+    let mut keys = Vec::new();
+    for client in clients {
+        keys.extend(client.await.expect("client task"));
+    }
+    // Every client has been answered or cut off: node a is stopping, Redis still out of reach.
+    proxy.stall(false);
+    assert!(
+        tokio::task::block_in_place(|| a.wait()).success(),
+        "node a exits 0"
+    );
+    let mut connection = redis.connection().await;
+    for key in &keys {
+        let (answer, lock): (Option<String>, Option<String>) = redis::pipe()
+            .get(format!("turnstile:answer:{key}"))
+            .get(format!("turnstile:lock:{key}"))
+            .query_async(&mut connection)
+            .await
+            .expect("Redis answers");
+        assert!(
+            answer.is_some(),
+            "no answer in Redis for {key}, placed by the stopped node"
+        );
+        assert_eq!(lock, None, "the lock of {key} left behind");
+    }
+    let mut on_b = b.client();
+    let last = keys.last().expect("keys placed");
+    let (status, _, replayed) =
+        checkout(&mut on_b, last, &serde_json::from_str(&body).unwrap()).await;
+    assert_eq!((status, replayed), (201, true));
+    assert_eq!(on_b.stock("A").await.3, 0, "node b sold nothing");
+}

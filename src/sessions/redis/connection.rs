@@ -136,7 +136,8 @@ impl RedisStore {
 
     pub(super) async fn supervise(&self) {
         let mut backoff = Backoff::new(Duration::from_millis(100), RECONNECT_BACKOFF_MAX);
-        while !self.stopped.load(Ordering::Acquire) {
+        // Until the finisher has ended: a stopping node still sends its last answers.
+        while !self.finisher_done.load(Ordering::Acquire) {
             if self.connection.load().is_some() {
                 backoff.reset();
                 self.wake.notified().await;

@@ -12,6 +12,9 @@ pub(super) struct Finish {
     pub(super) answer: Option<(StoredAnswer, i64)>,
     /// Past this an end that could not be sent is dropped.
     pub(super) deadline: tokio::time::Instant,
+    /// When its lock expires at the latest (it is no longer renewed): a stopping node waits for
+    /// Redis until then, since past it another node may start the key again.
+    pub(super) lock_deadline: tokio::time::Instant,
 }
 
 impl Finish {
@@ -29,11 +32,13 @@ impl Finish {
         let keep = answer.as_ref().map_or(lock, |(_, ttl_ms)| {
             Duration::from_millis(u64::try_from(*ttl_ms).unwrap_or(0)).max(lock)
         });
+        let now = tokio::time::Instant::now();
         Self {
             key,
             value,
             answer,
-            deadline: tokio::time::Instant::now() + keep,
+            deadline: now + keep,
+            lock_deadline: now + lock,
         }
     }
 
@@ -202,8 +207,20 @@ impl RedisStore {
     }
 
     /// Sends the checkouts' ends as they come, up to [`FINISHES_PER_CALL_MAX`] in one call; a
-    /// batch Redis did not take is sent again (with backoff) until its locks expire.
+    /// batch Redis did not take is sent again (with backoff) until its locks expire. Once the
+    /// node is stopping, what is queued is still sent again until its locks expire: a node that
+    /// left with answers Redis never got would let another node sell those keys again once the
+    /// locks are gone (the supervisor keeps reconnecting until this task ends).
     pub(super) async fn send_finishes(&self, mut receiver: tokio::sync::mpsc::Receiver<Finish>) {
+        self.send_finishes_until_stopped(&mut receiver).await;
+        self.finisher_done.store(true, Ordering::Release);
+        self.wake.notify_one();
+    }
+
+    async fn send_finishes_until_stopped(
+        &self,
+        receiver: &mut tokio::sync::mpsc::Receiver<Finish>,
+    ) {
         let mut batch: Vec<Finish> = Vec::with_capacity(FINISHES_PER_CALL_MAX);
         let mut backoff = Backoff::new(Duration::from_millis(50), RECONNECT_BACKOFF_MAX);
         loop {
@@ -236,17 +253,27 @@ impl RedisStore {
                 Ok(()) => {
                     batch.clear();
                     backoff.reset();
+                    self.ends_waiting.store(0, Ordering::Relaxed);
                 }
                 Err(error) => {
                     let now = tokio::time::Instant::now();
                     let before = batch.len();
-                    batch.retain(|finish| finish.deadline > now);
+                    let stopping = self.stopped.load(Ordering::Acquire);
+                    batch.retain(|finish| {
+                        finish.deadline > now && (!stopping || finish.lock_deadline > now)
+                    });
                     if batch.len() < before {
-                        tracing::warn!(%error, dropped = before - batch.len(), "could not store answers and release submission locks in Redis before the locks expired");
+                        let dropped = before - batch.len();
+                        match stopping {
+                            false => {
+                                tracing::warn!(%error, dropped, "could not store answers and release submission locks in Redis before the locks expired")
+                            }
+                            true => {
+                                tracing::error!(%error, dropped, "stopping: Redis did not take these checkouts' answers before their submission locks expired; another node may place their keys again (restart this node on its data dir to send them)")
+                            }
+                        }
                     }
-                    if self.stopped.load(Ordering::Acquire) {
-                        return;
-                    }
+                    self.ends_waiting.store(batch.len(), Ordering::Relaxed);
                     // Sent again as soon as the connection is back, or after the backoff.
                     tokio::select! {
                         () = tokio::time::sleep(backoff.next_wait()) => {}

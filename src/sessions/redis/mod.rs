@@ -177,6 +177,10 @@ pub struct RedisStore {
     starts: starts::Starts,
     /// Wakes the finisher to send what is queued and end.
     finisher_stop: tokio::sync::Notify,
+    /// Set when the finisher has ended: the supervisor keeps the connection up until then.
+    finisher_done: AtomicBool,
+    /// Ends the finisher holds that Redis did not take yet (as of its last failed batch).
+    ends_waiting: std::sync::atomic::AtomicUsize,
     /// Wakes the finisher and the renewer when a new connection is up: ends that wait are sent,
     /// and locks renewed, at once.
     reconnected: tokio::sync::Notify,
@@ -211,6 +215,8 @@ impl RedisStore {
             finishes_to_send: Mutex::new(Some(finishes_to_send)),
             starts: starts::Starts::new(),
             finisher_stop: tokio::sync::Notify::new(),
+            finisher_done: AtomicBool::new(false),
+            ends_waiting: std::sync::atomic::AtomicUsize::new(0),
             reconnected: tokio::sync::Notify::new(),
         })
     }
@@ -239,14 +245,19 @@ impl RedisStore {
         tasks
     }
 
-    /// Stops the supervisor and the renewer; the finisher sends what is queued (while Redis
-    /// answers), then ends.
+    /// Stops the renewer and the cores' queues; the finisher sends what is queued, waiting for
+    /// Redis until those ends' locks expire, then ends, and the supervisor with it.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::Release);
         self.wake.notify_one();
         self.finisher_stop.notify_one();
         self.starts.stop();
         self.reconnected.notify_waiters();
+    }
+
+    /// Ends (answers to store, locks to release) the finisher holds that Redis has not taken yet.
+    pub fn ends_waiting(&self) -> usize {
+        self.ends_waiting.load(Ordering::Relaxed)
     }
 
     /// The lock TTL (`--redis-lock-ttl`).

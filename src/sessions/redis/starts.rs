@@ -146,11 +146,23 @@ impl RedisStore {
         match queue.try_send(start) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(start)) => {
+                // Sent alone, its own call bounded by --redis-timeout.
                 self.send_batch(vec![start], &mut None).await;
+                return answer.await.unwrap_or_else(|_| Err(stopping()));
             }
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => return Err(stopping()),
         }
-        answer.await.unwrap_or_else(|_| Err(stopping()))
+        // A queued start waits for the batch ahead of it as well as for its own: bounded as a
+        // whole by --redis-timeout (a start given up on that took the lock has it released).
+        tokio::time::timeout(self.timeout, answer)
+            .await
+            .map(|answered| answered.unwrap_or_else(|_| Err(stopping())))
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(format!(
+                    "Redis did not answer within --redis-timeout ({})",
+                    humantime::format_duration(self.timeout)
+                )))
+            })
     }
 
     /// Queues a checkout's end on the calling core's queue, where it rides with the next batch
