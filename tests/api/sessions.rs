@@ -910,67 +910,91 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
     redis.delete().await;
 }
 
-/// A node stopped (SIGTERM) under a steady stream of checkouts: their ends (answer stored, lock
-/// released) ride the cores' queues with later starts, and the stop hands what those queues hold
-/// to the finisher before its last batch. Every key the node answered `201` must then hold its
-/// answer in Redis and no lock, or the other node would say 409 for a minute and then sell the
-/// key again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed_in_redis() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    const CLIENTS: usize = 16;
-    const PER_CLIENT: usize = 400;
-    const STOP_AFTER: usize = 1_000;
-    let redis = TestRedis::create("stop_ends").await;
-    let (mut a, b) = two_nodes(&redis, &[], &[("A", 10_000)]).await;
-    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"}).to_string();
-    let placed = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (mut client, body, placed) = (a.client(), body.clone(), Arc::clone(&placed));
-            tokio::spawn(async move {
-                let mut keys = Vec::new();
-                for i in 0..PER_CLIENT {
-                    let key = format!("stop-{c}-{i}");
-                    let headers = [
-                        ("idempotency-key", key.as_str()),
-                        ("content-type", "application/json"),
-                    ];
-                    match client
-                        .try_send("POST", "/v1/checkout", &headers, &body)
-                        .await
-                    {
-                        Ok(answer) if answer.status == 201 => {
-                            keys.push(key);
-                            placed.fetch_add(1, Ordering::Relaxed);
+/// Clients placing checkouts of one unit of `A` on a node, each under keys of its own
+/// (`<tag>-<client>-<n>`), `per_client` at most; a client stops at its first failure (with
+/// `until_failure`) or goes on to the end. Each client gives the keys answered `201`.
+struct Buyers {
+    placed: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    clients: Vec<tokio::task::JoinHandle<Vec<String>>>,
+}
+
+const ONE_A: &str =
+    r#"{"items":[{"sku":"A","quantity":1}],"customer_id":"c","payment_token":"tok_ok"}"#;
+
+impl Buyers {
+    fn start(
+        app: &TestApp,
+        tag: &str,
+        clients: usize,
+        per_client: usize,
+        until_failure: bool,
+    ) -> Self {
+        use std::sync::atomic::Ordering;
+        let placed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let clients = (0..clients)
+            .map(|c| {
+                let (mut client, placed) = (app.client(), std::sync::Arc::clone(&placed));
+                let tag = format!("{tag}-{c}");
+                tokio::spawn(async move {
+                    let mut keys = Vec::new();
+                    for i in 0..per_client {
+                        let key = format!("{tag}-{i}");
+                        let headers = [
+                            ("idempotency-key", key.as_str()),
+                            ("content-type", "application/json"),
+                        ];
+                        match client
+                            .try_send("POST", "/v1/checkout", &headers, ONE_A)
+                            .await
+                        {
+                            Ok(answer) if answer.status == 201 => {
+                                keys.push(key);
+                                placed.fetch_add(1, Ordering::Relaxed);
+                            }
+                            // Refused (503) or cut off by the stop.
+                            _ if until_failure => break,
+                            _ => {}
                         }
-                        // Refused while stopping (503), or the connection closed: the end.
-                        _ => break,
                     }
-                }
-                keys
+                    keys
+                })
             })
-        })
-        .collect();
-    // SIGTERM once enough are placed, with the clients still sending.
-    eventually(
-        "checkouts to be placed",
-        Duration::from_secs(60),
-        async || placed.load(Ordering::Relaxed) >= STOP_AFTER,
-    )
-    .await;
-    a.send_sigterm();
-    let mut keys = Vec::new();
-    for client in clients {
-        keys.extend(client.await.expect("client task"));
+            .collect();
+        Self { placed, clients }
     }
-    assert!(a.wait().success(), "node a exits 0");
-    let mut connection = redis.connection().await;
-    for key in &keys {
+
+    /// Once `count` checkouts are placed.
+    async fn placed(&self, count: usize) {
+        eventually(
+            "checkouts to be placed",
+            Duration::from_secs(60),
+            async || self.placed.load(std::sync::atomic::Ordering::Relaxed) >= count,
+        )
+        .await;
+    }
+
+    /// Every client's keys answered `201`, once all have ended.
+    async fn keys(self) -> Vec<String> {
+        let mut keys = Vec::new();
+        for client in self.clients {
+            keys.extend(client.await.expect("client task"));
+        }
+        keys
+    }
+}
+
+/// Every key holds its answer in Redis (under `prefix`) and no lock; `other`, a node that did
+/// not place them, replays the last and sold nothing.
+async fn assert_answers_left(
+    mut connection: redis::aio::MultiplexedConnection,
+    prefix: &str,
+    keys: &[String],
+    other: &TestApp,
+) {
+    for key in keys {
         let (answer, lock): (Option<String>, Option<String>) = redis::pipe()
-            .get(format!("{}answer:{key}", redis.prefix))
-            .get(format!("{}lock:{key}", redis.prefix))
+            .get(format!("{prefix}answer:{key}"))
+            .get(format!("{prefix}lock:{key}"))
             .query_async(&mut connection)
             .await
             .expect("Redis answers");
@@ -980,13 +1004,37 @@ async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed
         );
         assert_eq!(lock, None, "the lock of {key} left behind");
     }
-    // The other node replays them, and sold nothing.
-    let mut on_b = b.client();
+    let mut on_other = other.client();
     let last = keys.last().expect("keys placed");
-    let (status, _, replayed) =
-        checkout(&mut on_b, last, &serde_json::from_str(&body).unwrap()).await;
+    let body: Value = serde_json::from_str(ONE_A).expect("JSON");
+    let (status, _, replayed) = checkout(&mut on_other, last, &body).await;
     assert_eq!((status, replayed), (201, true));
-    assert_eq!(on_b.stock("A").await.3, 0, "node b sold nothing");
+    assert_eq!(
+        on_other.stock("A").await.3,
+        0,
+        "the other node sold nothing"
+    );
+}
+
+/// A node stopped (SIGTERM) under a steady stream of checkouts: their ends (answer stored, lock
+/// released) ride the cores' queues with later starts, and the stop hands what those queues hold
+/// to the finisher before its last batch. Every key the node answered `201` must then hold its
+/// answer in Redis and no lock, or the other node would say 409 for a minute and then sell the
+/// key again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed_in_redis() {
+    let redis = TestRedis::create("stop_ends").await;
+    let (mut a, b) = two_nodes(&redis, &[], &[("A", 10_000)]).await;
+    let buyers = Buyers::start(&a, "stop", 16, 400, true);
+    // SIGTERM once enough are placed, with the clients still sending.
+    buyers.placed(1_000).await;
+    a.send_sigterm();
+    let keys = buyers.keys().await;
+    assert!(
+        tokio::task::block_in_place(|| a.wait()).success(),
+        "node a exits 0"
+    );
+    assert_answers_left(redis.connection().await, &redis.prefix, &keys, &b).await;
     redis.delete().await;
 }
 
@@ -998,11 +1046,6 @@ async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed
 /// node replays it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_while_cut_off_from_redis_waits_to_leave_its_answers_there() {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::sync::Arc;
-    const CLIENTS: usize = 16;
-    const PER_CLIENT: usize = 500;
-    const CUT_AFTER: usize = 1_000;
     let redis = super::helpers::PrivateRedis::start();
     let proxy = super::helpers::StallProxy::start(
         format!("127.0.0.1:{}", redis.port)
@@ -1016,72 +1059,17 @@ async fn a_node_stopped_while_cut_off_from_redis_waits_to_leave_its_answers_ther
     for app in [&a, &b] {
         assert_eq!(app.client().put_product("A", 250, 10_000).await.status, 200);
     }
-    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"}).to_string();
-    let placed = Arc::new(AtomicUsize::new(0));
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (mut client, body, placed) = (a.client(), body.clone(), Arc::clone(&placed));
-            tokio::spawn(async move {
-                let mut keys = Vec::new();
-                for i in 0..PER_CLIENT {
-                    let key = format!("cut-{c}-{i}");
-                    let headers = [
-                        ("idempotency-key", key.as_str()),
-                        ("content-type", "application/json"),
-                    ];
-                    match client
-                        .try_send("POST", "/v1/checkout", &headers, &body)
-                        .await
-                    {
-                        Ok(answer) if answer.status == 201 => {
-                            keys.push(key);
-                            placed.fetch_add(1, Ordering::Relaxed);
-                        }
-                        // 503 once Redis is out of reach, or the connection closed by the stop.
-                        Ok(_) | Err(_) => {}
-                    }
-                }
-                keys
-            })
-        })
-        .collect();
-    eventually(
-        "checkouts to be placed",
-        Duration::from_secs(60),
-        async || placed.load(Ordering::Relaxed) >= CUT_AFTER,
-    )
-    .await;
+    let buyers = Buyers::start(&a, "cut", 16, 500, false);
+    buyers.placed(1_000).await;
     proxy.stall(true);
     proxy.abandon_open_connections();
     a.send_sigterm();
-    let mut keys = Vec::new();
-    for client in clients {
-        keys.extend(client.await.expect("client task"));
-    }
     // Every client has been answered or cut off: node a is stopping, Redis still out of reach.
+    let keys = buyers.keys().await;
     proxy.stall(false);
     assert!(
         tokio::task::block_in_place(|| a.wait()).success(),
         "node a exits 0"
     );
-    let mut connection = redis.connection().await;
-    for key in &keys {
-        let (answer, lock): (Option<String>, Option<String>) = redis::pipe()
-            .get(format!("turnstile:answer:{key}"))
-            .get(format!("turnstile:lock:{key}"))
-            .query_async(&mut connection)
-            .await
-            .expect("Redis answers");
-        assert!(
-            answer.is_some(),
-            "no answer in Redis for {key}, placed by the stopped node"
-        );
-        assert_eq!(lock, None, "the lock of {key} left behind");
-    }
-    let mut on_b = b.client();
-    let last = keys.last().expect("keys placed");
-    let (status, _, replayed) =
-        checkout(&mut on_b, last, &serde_json::from_str(&body).unwrap()).await;
-    assert_eq!((status, replayed), (201, true));
-    assert_eq!(on_b.stock("A").await.3, 0, "node b sold nothing");
+    assert_answers_left(redis.connection().await, "turnstile:", &keys, &b).await;
 }
