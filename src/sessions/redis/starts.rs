@@ -223,6 +223,18 @@ impl RedisStore {
                 }
                 return;
             }
+            // The core's other ready tasks (requests just read, checkouts just committed) queue
+            // their steps first: one pass of the scheduler, no timer, and under load a batch
+            // several times larger for the same round trip.
+            if batch.len() < STEPS_PER_CALL_MAX {
+                tokio::task::yield_now().await;
+                while batch.len() < STEPS_PER_CALL_MAX {
+                    match receiver.try_recv() {
+                        Ok(step) => batch.push(step),
+                        Err(_) => break,
+                    }
+                }
+            }
             let now = tokio::time::Instant::now();
             if own.is_none() && now >= next_try && self.connection.load().is_some() {
                 own = match tokio::time::timeout(self.timeout, self.client.connect()).await {
