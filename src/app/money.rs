@@ -46,6 +46,7 @@ use crate::backoff::Backoff;
 use crate::domain::OrderId;
 use crate::engine::order::{Order, OrderStatus, PaymentDue};
 use crate::engine::Prepared;
+use crate::journal::JournalError;
 use crate::payment::{PaymentError, PaymentStatus};
 use crate::sync::lock;
 use crate::time::now_ms;
@@ -365,6 +366,11 @@ async fn reconcile_loop(app: Shared, reconcile_after: Duration) {
             if void_orphans(&app, reconcile_after).await {
                 app.metrics.reconciler_scans.add(1);
             }
+            if let Some(cluster) = &app.cluster {
+                for node in crate::cluster::adoption::gone_to_scan(cluster).await {
+                    void_orphans_of(&app, &node, reconcile_after).await;
+                }
+            }
         }
     }
 }
@@ -421,10 +427,21 @@ async fn finish_pending(app: &Shared, now: i64, reconcile_after: Duration) {
     }
 }
 
-/// Authorisations older than the grace period that no durable order will capture: voided. Returns
-/// whether the scan ran (the gateway answered the listing).
+/// Authorisations this node made, older than the grace period, that no durable order will
+/// capture: voided. Returns whether the scan ran (the gateway answered the listing).
 async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
-    let ours = crate::payment::node_key_prefix(&app.node);
+    void_orphans_of(app, &app.node, reconcile_after).await
+}
+
+/// [`void_orphans`] for the authorisations `node` made: this node's own, or those of a node that
+/// is gone (left, or dead and settled: its log is all in MySQL and its epoch refuses any late
+/// commit), which no live node would judge otherwise ([`crate::cluster::adoption::gone_to_scan`]).
+/// Of a gone node's payments only those no durable order holds are touched (voided): one its
+/// order holds is its adopter's to finish. An order that cannot be read now leaves its payment
+/// for the next scan.
+pub(crate) async fn void_orphans_of(app: &Shared, node: &str, reconcile_after: Duration) -> bool {
+    let own = node == app.node;
+    let ours = crate::payment::node_key_prefix(node);
     let listed = tokio::time::timeout(
         app.gateway_timeout,
         app.gateway
@@ -446,14 +463,22 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
         }
         let order = match OrderId::parse(payment.order_id.clone()) {
             // Its checkout is still committing the order: not an orphan (yet).
-            Ok(order_id) if app.settler.checkout_in_flight(&order_id) => continue,
-            Ok(order_id) => known_order(app, &order_id).await,
+            Ok(order_id) if own && app.settler.checkout_in_flight(&order_id) => continue,
+            Ok(order_id) => match read_order(app, &order_id).await {
+                Ok(order) => order,
+                Err(error) => {
+                    tracing::debug!(%order_id, %error, "could not read the order of an old authorisation; judged at the next scan");
+                    continue;
+                }
+            },
             Err(_) => None,
         };
         let ours = order
             .as_ref()
             .filter(|o| o.payment_id.as_deref() == Some(payment.payment_id.as_str()));
         match ours {
+            // Another node's order: its adopter finishes it.
+            Some(_) if !own => {}
             // Finished by `finish_pending` (a pending payment with no order is voided below).
             Some(order) if order.status == OrderStatus::PaymentPending => {}
             // The journal knows it and owes something already: the settler is on it.
@@ -497,12 +522,13 @@ async fn void_orphans(app: &Shared, reconcile_after: Duration) -> bool {
     true
 }
 
-/// The order as memory holds it, or as the journal's store keeps it past retention (MySQL).
-async fn known_order(app: &Shared, order_id: &OrderId) -> Option<Order> {
+/// The order as memory holds it, or as the journal's store keeps it (MySQL: past retention, or
+/// another node's); `Err` when the store cannot say now.
+async fn read_order(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, JournalError> {
     if let Some(order) = app.engine.order(order_id) {
-        return Some(order);
+        return Ok(Some(order));
     }
-    app.journal.order(order_id).await.ok().flatten()
+    app.journal.order(order_id).await
 }
 
 #[cfg(test)]

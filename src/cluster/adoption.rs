@@ -17,6 +17,7 @@
 //! load them. Only nodes with MySQL as their journal adopt (a write-behind node's start-up reads
 //! its own disk, which would not know an adoption).
 
+use super::registry::DB_NOW_MS;
 use super::{db, Cluster, ClusterError};
 use crate::engine::order::{Order, OrderStatus};
 use sqlx::Row;
@@ -49,6 +50,43 @@ async fn orphaned(cluster: &Cluster) -> Result<Vec<String>, ClusterError> {
                 .map_err(db("finding orders without a live owner"))
         })
         .collect()
+}
+
+/// How long after a node is gone its authorisations are still scanned for orphans: longer than a
+/// gateway keeps an authorisation open.
+const GONE_SCAN_WINDOW_MS: i64 = 8 * 24 * 3_600_000;
+
+/// The gone nodes (left, or dead and settled, within [`GONE_SCAN_WINDOW_MS`]) whose orphan
+/// authorisations this node scans ([`crate::app::money::void_orphans_of`]): all of them when this
+/// node is the live node whose id sorts first, else none, so one node makes the gateway calls.
+/// A gone node's checkout whose order never became durable authorised a payment that no live
+/// node's own scan would list (gateway keys carry the node). Empty when MySQL cannot say.
+pub async fn gone_to_scan(cluster: &Cluster) -> Vec<String> {
+    let found = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(&format!(
+            "SELECT n.node_id FROM cluster_nodes n \
+             WHERE (n.state = 'left' OR (n.state = 'dead' AND n.reaped_at_ms IS NOT NULL)) \
+             AND n.node_id <> ? AND n.renewed_at_ms > {DB_NOW_MS} - ? \
+             AND ? = (SELECT MIN(l.node_id) FROM cluster_nodes l WHERE l.state = 'live')"
+        ))
+        .bind(cluster.node().to_owned())
+        .bind(GONE_SCAN_WINDOW_MS)
+        .bind(cluster.node().to_owned()),
+    )
+    .await;
+    match found {
+        Ok(rows) => rows
+            .iter()
+            .filter_map(|row| row.try_get::<Vec<u8>, _>(0).ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .collect(),
+        Err(error) => {
+            tracing::debug!(%error, "could not list the gone nodes whose orphan authorisations to scan");
+            Vec::new()
+        }
+    }
 }
 
 /// Units per SKU an order holds (`reserved`) or sold.

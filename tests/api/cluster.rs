@@ -42,6 +42,11 @@ impl Shop {
 
     /// Starts node `name` with extra options.
     fn node_with(&self, name: &str, extra: &[&str]) -> TestApp {
+        self.node_with_env(name, extra, &[])
+    }
+
+    /// Starts node `name` with extra options and environment.
+    fn node_with_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> TestApp {
         let mut args: Vec<String> = vec![
             "--mysql-url".into(),
             self.database.url.clone(),
@@ -58,7 +63,7 @@ impl Shop {
         }
         args.extend(extra.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        start(&self.dir.path().join(name), &args)
+        crate::helpers::start_with_env(&self.dir.path().join(name), &args, env)
     }
 
     fn nodes(&self, names: &[&str]) -> Vec<TestApp> {
@@ -1255,4 +1260,90 @@ async fn an_unknown_order_is_503_while_a_write_behind_node_that_may_hold_it_is_d
     )
     .await;
     pool.close().await;
+}
+
+/// A node on a MySQL journal killed (`kill -9`) with, at the gateway it shares with the others:
+/// an authorisation no durable order holds (a checkout that authorised and never journaled its
+/// order), a paid order's authorisation not captured yet, and a pending payment. Gateway keys
+/// carry their node, so no live node's own orphan scan lists that node's payments: once it is
+/// presumed dead and settled, the first live node scans them as well. It voids the orphan alone;
+/// the paid order is adopted and captured, the pending one adopted and left pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_orphan_authorisation_is_voided_by_a_live_node() {
+    use crate::gateway::{free_port, Sim};
+    let shop = Shop::new("cluster-orphans", false).await;
+    let port = free_port();
+    let sim = Sim::start(&format!("127.0.0.1:{port}"), &["--pending-delay", "1h"]);
+    let mut extra = crate::gateway::server_args(&sim.url());
+    extra.extend(["--lease-ttl".to_owned(), "3s".to_owned()]);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut a = shop.node_with_env(
+        "node-a",
+        &extra,
+        &[("TURNSTILE_TEST_PAUSE", "before_capture")],
+    );
+    let b = shop.node_with("node-b", &extra);
+    let mut on_a = a.client();
+    assert_eq!(on_a.put_product("ORPH", 100, 10).await.status, 200);
+    known_everywhere(&[&a, &b], "ORPH").await;
+    let pending = placed(&mut on_a, "orph-pending", "ORPH", 1, "tok_pending", 202).await;
+    let paid = placed(&mut on_a, "orph-paid", "ORPH", 1, "tok_ok", 201).await;
+    // What a checkout of node a that authorised and died before its order was durable leaves.
+    let orphan = crate::helpers::Client::new(
+        sim.url()
+            .trim_start_matches("http://")
+            .parse()
+            .expect("address"),
+    )
+    .send(
+        "POST",
+        "/v1/payments",
+        &[
+            ("idempotency-key", "turnstile:node-a:orph-lost:0"),
+            ("content-type", "application/json"),
+        ],
+        r#"{"order_id":"ord_lost","token":"tok_ok","amount_cents":100,"currency":"EUR"}"#,
+    )
+    .await;
+    assert_eq!(
+        orphan.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&orphan.body)
+    );
+    let orphan_id = orphan.json()["payment_id"]
+        .as_str()
+        .expect("payment id")
+        .to_owned();
+    a.kill_9();
+
+    let status_of = |ledger: &[serde_json::Value], field: &str, value: &str| -> String {
+        ledger
+            .iter()
+            .find(|p| p[field] == value)
+            .map(|p| p["status"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_default()
+    };
+    eventually(
+        "the dead node's orphan authorisation voided and its paid order captured",
+        Duration::from_secs(60),
+        async || {
+            let ledger = sim.ledger().await;
+            status_of(&ledger, "payment_id", &orphan_id) == "voided"
+                && status_of(&ledger, "order_id", &paid) == "captured"
+        },
+    )
+    .await;
+    let ledger = sim.ledger().await;
+    assert_eq!(
+        status_of(&ledger, "order_id", &pending),
+        "pending",
+        "{ledger:?}"
+    );
+    let mut on_b = b.client();
+    for (order, status) in [(&paid, "paid"), (&pending, "payment_pending")] {
+        let answer = on_b.get(&format!("/v1/orders/{order}")).await;
+        assert_eq!(answer.json()["status"], status, "{}", answer.json());
+    }
+    assert_eq!(ledger.len(), 3, "{ledger:?}");
 }

@@ -77,7 +77,7 @@ pub(crate) fn free_port() -> u16 {
         .port()
 }
 
-fn server_args(gateway_url: &str) -> Vec<String> {
+pub(crate) fn server_args(gateway_url: &str) -> Vec<String> {
     [
         "--gateway-url",
         gateway_url,
