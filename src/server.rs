@@ -812,11 +812,16 @@ async fn shutdown(parts: Stopping) {
         }
     }
     tracing::info!("stopped accepting; in-flight requests finished; flushing the journal");
-    parts.journal.shutdown().await;
-    // Once MySQL holds everything this node journaled: its row says it left, and a live node
-    // adopts its open orders.
+    let complete = parts.journal.shutdown().await;
+    // Only once MySQL holds everything this node journaled: its row says it left, a live node
+    // adopts its open orders and judges its old authorisations. Else the row stays live and the
+    // node is presumed dead past --lease-ttl: on a MySQL journal a reaper applies the rest of
+    // its log first; in write-behind the rest is on its disk, and its lease and orders wait for
+    // it to start again.
     if let Some(cluster) = cluster {
-        if let Err(error) = cluster::registry::leave(&cluster, app).await {
+        if !complete {
+            tracing::warn!("MySQL does not hold everything this node journaled: not marked as left; it is presumed dead past --lease-ttl (on a MySQL journal a reaper applies the rest; in write-behind its lease and open orders wait for it to start again)");
+        } else if let Err(error) = cluster::registry::leave(&cluster, app).await {
             tracing::warn!(%error, "could not mark this node as left in cluster_nodes; its open orders wait for it, or for it to be presumed dead");
         }
     }

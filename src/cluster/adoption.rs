@@ -56,7 +56,8 @@ async fn orphaned(cluster: &Cluster) -> Result<Vec<String>, ClusterError> {
 /// gateway keeps an authorisation open.
 const GONE_SCAN_WINDOW_MS: i64 = 8 * 24 * 3_600_000;
 
-/// The gone nodes (left, or dead and settled, within [`GONE_SCAN_WINDOW_MS`]) whose orphan
+/// The gone nodes on a MySQL journal (left, or dead and settled, within [`GONE_SCAN_WINDOW_MS`];
+/// a write-behind node's disk may hold orders MySQL lacks, until `cluster forget`) whose orphan
 /// authorisations this node scans ([`crate::app::money::void_orphans_of`]): all of them when this
 /// node is the live node whose id sorts first, else none, so one node makes the gateway calls.
 /// A gone node's checkout whose order never became durable authorised a payment that no live
@@ -68,6 +69,7 @@ pub async fn gone_to_scan(cluster: &Cluster) -> Vec<String> {
         sqlx::query(&format!(
             "SELECT n.node_id FROM cluster_nodes n \
              WHERE (n.state = 'left' OR (n.state = 'dead' AND n.reaped_at_ms IS NOT NULL)) \
+             AND n.mode = 'mysql' \
              AND n.node_id <> ? AND n.renewed_at_ms > {DB_NOW_MS} - ? \
              AND ? = (SELECT MIN(l.node_id) FROM cluster_nodes l WHERE l.state = 'live')"
         ))

@@ -320,6 +320,8 @@ pub trait Journal: Send + Sync {
         self.stats().encode(encoder)
     }
     /// Waits for everything appended so far to be durable, then stops the writer. Later appends
-    /// fail with [`JournalError::Closed`].
-    fn shutdown(&self) -> BoxFuture<'_, ()>;
+    /// fail with [`JournalError::Closed`]. `true` unless a database behind the journal (MySQL's
+    /// projections, or the write-behind copy) was left without part of it: then the node's
+    /// next start (or, on a MySQL journal, a reaper) applies the rest.
+    fn shutdown(&self) -> BoxFuture<'_, bool>;
 }

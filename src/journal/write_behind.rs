@@ -320,12 +320,13 @@ impl Journal for WriteBehindJournal {
         self.lag().encode(encoder)
     }
 
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
+    fn shutdown(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             self.file.shutdown().await;
-            self.follower.stop(self.shutdown_grace).await;
+            let drained = self.follower.stop(self.shutdown_grace).await;
             self.writer_lock.release().await;
             super::mysql::close_pool(&self.pool).await;
+            drained
         })
     }
 }

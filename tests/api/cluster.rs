@@ -1347,3 +1347,86 @@ async fn a_dead_nodes_orphan_authorisation_is_voided_by_a_live_node() {
     }
     assert_eq!(ledger.len(), 3, "{ledger:?}");
 }
+
+/// A write-behind node sent SIGTERM while MySQL does not take its log (its shipping blocked by a
+/// row lock the test holds): it must not say it left, since MySQL lacks orders its disk holds. A
+/// live node would otherwise adopt around them and judge their payments orphans (it voided the
+/// authorisations of durable `payment_pending` orders: found by attack). It stays registered
+/// (presumed dead later, and a write-behind node's lease and orders wait for it), its pending
+/// payments stay pending however often the live node scans, and started again it ships them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_node_that_leaves_before_mysql_has_its_log_is_not_taken_for_gone() {
+    use crate::gateway::{free_port, Sim};
+    let shop = Shop::new("cluster-leave-unshipped", false).await;
+    let sim = Sim::start(
+        &format!("127.0.0.1:{}", free_port()),
+        &["--pending-delay", "1h"],
+    );
+    let mut extra = crate::gateway::server_args(&sim.url());
+    extra.extend(["--lease-ttl".to_owned(), "3s".to_owned()]);
+    let a_args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut b_args = a_args.clone();
+    b_args.extend(["--mysql-write-behind", "--mysql-lag-max", "10m"]);
+    let a = shop.node_with("node-a", &a_args);
+    let mut b = shop.node_with("node-b", &b_args);
+    let mut on_b = b.client();
+    assert_eq!(on_b.put_product("UNSHIP", 100, 10).await.status, 200);
+    known_everywhere(&[&a, &b], "UNSHIP").await;
+    // Node b's shipping to MySQL waits on this lock until the test lets go.
+    let pool = shop.database.pool().await;
+    let mut blocking = pool.begin().await.expect("a transaction");
+    sqlx::query("SELECT * FROM journal_writer WHERE node = 'node-b' FOR UPDATE")
+        .fetch_all(&mut *blocking)
+        .await
+        .expect("lock node b's writer row");
+    let mut pending = Vec::new();
+    for i in 0..3 {
+        pending.push(
+            placed(
+                &mut on_b,
+                &format!("unship-{i}"),
+                "UNSHIP",
+                1,
+                "tok_pending",
+                202,
+            )
+            .await,
+        );
+    }
+    assert!(b.terminate().success(), "node b exits 0");
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = 'node-b'")
+            .fetch_one(&pool)
+            .await
+            .expect("node b's row");
+    assert_ne!(state, "left", "node b left while MySQL lacked its log");
+    let mut on_a = a.client();
+    let scans = crate::helpers::metric(&mut on_a, "turnstile_reconciler_scans_total").await;
+    eventually(
+        "node a to scan three times",
+        Duration::from_secs(30),
+        async || {
+            crate::helpers::metric(&mut on_a, "turnstile_reconciler_scans_total").await
+                >= scans + 3.0
+        },
+    )
+    .await;
+    let ledger = sim.ledger().await;
+    assert_eq!(ledger.len(), 3, "{ledger:?}");
+    for payment in &ledger {
+        assert_eq!(payment["status"], "pending", "{ledger:?}");
+    }
+    blocking.rollback().await.expect("let go of the lock");
+    let b = shop.node_with("node-b", &b_args);
+    let mut on_b = b.client();
+    for order in &pending {
+        let answer = on_b.get(&format!("/v1/orders/{order}")).await;
+        assert_eq!(
+            answer.json()["status"],
+            "payment_pending",
+            "{}",
+            answer.json()
+        );
+    }
+    pool.close().await;
+}

@@ -394,8 +394,11 @@ impl Journal for FileJournal {
         self.shared.pipeline.health()
     }
 
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
-        Box::pin(async move { self.close() })
+    fn shutdown(&self) -> BoxFuture<'_, bool> {
+        Box::pin(async move {
+            self.close();
+            true
+        })
     }
 }
 

@@ -1779,7 +1779,7 @@ impl Journal for MySqlJournal {
         })
     }
 
-    fn shutdown(&self) -> BoxFuture<'_, ()> {
+    fn shutdown(&self) -> BoxFuture<'_, bool> {
         Box::pin(async move {
             self.pipeline.close();
             let writer = lock(&self.writer).take();
@@ -1788,9 +1788,10 @@ impl Journal for MySqlJournal {
                     tracing::error!(%error, "the MySQL journal writer failed");
                 }
             }
-            self.follower.stop(self.shutdown_grace).await;
+            let drained = self.follower.stop(self.shutdown_grace).await;
             self.writer_lock.release().await;
             close_pool(&self.pool).await;
+            drained
         })
     }
 

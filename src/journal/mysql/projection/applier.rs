@@ -552,9 +552,11 @@ impl Follower {
     }
 
     /// Applies what the source made durable (up to `grace` while the database is unreachable),
-    /// then stops the applier. Call after the source's writer has stopped.
-    pub async fn stop(&self, grace: Duration) {
-        if !self.lag.wait_drained(grace).await {
+    /// then stops the applier. Call after the source's writer has stopped. `false` if MySQL did
+    /// not take everything.
+    pub async fn stop(&self, grace: Duration) -> bool {
+        let drained = self.lag.wait_drained(grace).await;
+        if !drained {
             tracing::warn!(
                 records = self.lag.records(),
                 "MySQL did not take everything before shutdown; the rest is applied at the next start"
@@ -568,5 +570,6 @@ impl Follower {
             task.abort();
             let _ = task.await;
         }
+        drained
     }
 }
