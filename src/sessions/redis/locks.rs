@@ -41,9 +41,15 @@ impl Finish {
             lock_deadline: now + lock,
         }
     }
+}
+
+impl super::starts::AsStep for Finish {
+    fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
 
     /// Its arguments in a `STEPS` call (kind, lock value, answer, answer TTL).
-    pub(super) fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
+    fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
         let (encoded, ttl_ms) = match &self.answer {
             Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
             None => (String::new(), 0),
@@ -285,35 +291,12 @@ impl RedisStore {
     }
 
     pub(super) async fn finish_batch(&self, batch: &[Finish]) -> Result<(), StoreError> {
-        let parts: Vec<_> = self
-            .slot_parts(batch)
-            .into_iter()
-            .map(|(at, part)| {
-                let mut invocation = self.scripts.steps.prepare_invoke();
-                invocation.arg(self.lock_ttl_ms);
-                for finish in part {
-                    invocation
-                        .key(self.key("answer", finish.key.as_str()))
-                        .key(self.key("lock", finish.key.as_str()));
-                    finish.push_args(&mut invocation);
-                }
-                (at, part.len(), invocation)
-            })
-            .collect();
+        let parts = self.steps_parts(batch);
         let (answers, _) = self
             .send_parts::<Vec<String>>("a batch of answers and locks", &parts, None)
             .await;
-        let mut twins = Vec::new();
-        for (at, count, answer) in answers {
-            let tags = answer?;
-            twins.extend(
-                (0..count)
-                    .filter(|i| tags.get(2 * i).is_some_and(|tag| tag == "twin"))
-                    .map(|i| at + i),
-            );
-        }
-        for index in twins {
-            if let Some(finish) = batch.get(index) {
+        for (finish, reply) in batch.iter().zip(Self::step_replies(batch.len(), answers)) {
+            if reply?.0 == "twin" {
                 self.report_twin(&finish.key);
             }
         }

@@ -57,11 +57,32 @@ pub(super) enum Step {
     End(Finish),
 }
 
-impl Step {
+/// What one step of a `STEPS` call needs: its idempotency key (its answer and lock keys) and its
+/// four arguments. A core's batch of steps and the finisher's batch of ends are both built with
+/// [`RedisStore::steps_parts`].
+pub(super) trait AsStep {
+    fn key(&self) -> &IdempotencyKey;
+    fn push_args(&self, invocation: &mut ScriptInvocation<'_>);
+}
+
+impl AsStep for Step {
     fn key(&self) -> &IdempotencyKey {
         match self {
             Self::Start(start) => &start.key,
             Self::End(end) => &end.key,
+        }
+    }
+
+    fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
+        match self {
+            Self::Start(start) => {
+                invocation
+                    .arg("s")
+                    .arg(start.value.as_deref().unwrap_or(""))
+                    .arg("")
+                    .arg(0);
+            }
+            Self::End(end) => end.push_args(invocation),
         }
     }
 }
@@ -253,42 +274,61 @@ impl RedisStore {
         }
     }
 
-    /// The `STEPS` call of one part of a batch (the whole batch with one server).
-    pub(super) fn steps_invocation(&self, part: &[Step]) -> ScriptInvocation<'_> {
-        let mut invocation = self.scripts.steps.prepare_invoke();
-        invocation.arg(self.lock_ttl_ms);
-        for step in part {
-            invocation
-                .key(self.key("answer", step.key().as_str()))
-                .key(self.key("lock", step.key().as_str()));
-            match step {
-                Step::Start(start) => {
+    /// The `STEPS` calls of `batch`: one per part ([`Self::slot_parts`]), with the index of its
+    /// first step and its length.
+    pub(super) fn steps_parts<T: AsStep>(
+        &self,
+        batch: &[T],
+    ) -> Vec<(usize, usize, ScriptInvocation<'_>)> {
+        self.slot_parts(batch)
+            .into_iter()
+            .map(|(at, part)| {
+                let mut invocation = self.scripts.steps.prepare_invoke();
+                invocation.arg(self.lock_ttl_ms);
+                for step in part {
                     invocation
-                        .arg("s")
-                        .arg(start.value.as_deref().unwrap_or(""))
-                        .arg("")
-                        .arg(0);
+                        .key(self.key("answer", step.key().as_str()))
+                        .key(self.key("lock", step.key().as_str()));
+                    step.push_args(&mut invocation);
                 }
-                Step::End(end) => end.push_args(&mut invocation),
+                (at, part.len(), invocation)
+            })
+            .collect()
+    }
+
+    /// The tag and payload `STEPS` gave each of a batch's `count` steps, from each part's answer
+    /// (a failed part fails each of its steps).
+    pub(super) fn step_replies(
+        count: usize,
+        answers: Vec<(usize, usize, Result<Vec<String>, StoreError>)>,
+    ) -> Vec<Result<(String, String), StoreError>> {
+        let mut replies: Vec<Result<(String, String), StoreError>> =
+            std::iter::repeat_with(|| Err(StoreError::Unavailable("no answer for a step".into())))
+                .take(count)
+                .collect();
+        for (at, length, answer) in answers {
+            for (i, slot) in replies.iter_mut().enumerate().skip(at).take(length) {
+                *slot = match &answer {
+                    Ok(fields) => {
+                        let field = |n: usize| fields.get(n).cloned().unwrap_or_default();
+                        Ok((field(2 * (i - at)), field(2 * (i - at) + 1)))
+                    }
+                    Err(error) => Err(error.clone()),
+                };
             }
         }
-        invocation
+        replies
     }
 
     /// One script call per part of `batch` (one with one server), on `own` (a core's own
     /// connection) if given, else (or once `own` failed) on the shared one. Every start is
-    /// answered; an end whose part failed goes to the finisher, which sends it again. Returns
-    /// whether every part was carried.
+    /// answered; an end whose part failed goes to the finisher, which sends it again.
     pub(super) async fn send_batch(
         self: &Arc<Self>,
         batch: Vec<Step>,
         own: &mut Option<Connection>,
-    ) -> bool {
-        let parts: Vec<(usize, usize, ScriptInvocation<'_>)> = self
-            .slot_parts(&batch)
-            .into_iter()
-            .map(|(at, part)| (at, part.len(), self.steps_invocation(part)))
-            .collect();
+    ) {
+        let parts = self.steps_parts(&batch);
         let subject = match batch.as_slice() {
             [one] => self.key("answer", one.key().as_str()),
             _ => "a batch of checkouts' starts and ends".to_owned(),
@@ -299,23 +339,8 @@ impl RedisStore {
         if broke {
             *own = None;
         }
-        let mut replies: Vec<Option<Result<(String, String), StoreError>>> =
-            std::iter::repeat_with(|| None).take(batch.len()).collect();
-        for (at, count, answer) in answers {
-            for (i, slot) in replies.iter_mut().enumerate().skip(at).take(count) {
-                *slot = Some(match &answer {
-                    Ok(fields) => {
-                        let field = |n: usize| fields.get(n).cloned().unwrap_or_default();
-                        Ok((field(2 * (i - at)), field(2 * (i - at) + 1)))
-                    }
-                    Err(error) => Err(error.clone()),
-                });
-            }
-        }
-        let mut carried = true;
+        let replies = Self::step_replies(batch.len(), answers);
         for (step, reply) in batch.into_iter().zip(replies) {
-            let reply = reply
-                .unwrap_or_else(|| Err(StoreError::Unavailable("no answer for a step".into())));
             match step {
                 Step::Start(start) => {
                     let begin = reply
@@ -330,14 +355,10 @@ impl RedisStore {
                 Step::End(end) => match reply {
                     Ok((tag, _)) if tag == "twin" => self.report_twin(&end.key),
                     Ok(_) => {}
-                    Err(_) => {
-                        carried = false;
-                        self.finish_later(end);
-                    }
+                    Err(_) => self.finish_later(end),
                 },
             }
         }
-        carried
     }
 
     /// What a start script said (`tag`, `payload`) of `key`: shared by the batched starts and a
