@@ -214,7 +214,7 @@ async fn serve(
     if let Some(cluster) = &cluster {
         // Several nodes: registered first (see `registry::register`), then the catalogue is
         // MySQL's, and this node's stock of each SKU its lease.
-        cluster::registry::register(cluster, cluster_mode(&config)).await?;
+        cluster::registry::register(cluster, cluster_mode(&config), journal.writer_turn()).await?;
         cluster::adoption::drop_adopted_away(cluster, &mut state).await?;
         state.products = cluster::catalogue::at_start(cluster)
             .await?

@@ -364,7 +364,7 @@ impl From<crate::cluster::ClusterError> for ApiError {
                 .retry_after(1)
             }
             error @ ClusterError::NotReturned { .. } => Self::overloaded(error.to_string()),
-            error @ ClusterError::Fenced(_) => Self::new(
+            error @ (ClusterError::Fenced(_) | ClusterError::Start(_)) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "journal_unavailable",
                 format!("{error}; nothing was changed, retry on another node"),

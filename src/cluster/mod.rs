@@ -68,6 +68,9 @@ pub enum ClusterError {
     /// reaper that presumed this one dead): this node must take nothing more.
     #[error("node {0} was taken over (its epoch moved): it takes and gives back nothing more; restart it")]
     Fenced(String),
+    /// This run cannot join the cluster as it is; starting it again can (the message says why).
+    #[error("{0}")]
+    Start(String),
     /// A lowered stock would be below the units held and sold across the nodes.
     #[error("stock {requested} is below the {committed} units held or sold across the nodes")]
     BelowCommitted {

@@ -7,10 +7,16 @@
 //!    `UPDATE` (only while its last renewal is older than the TTL by the database's clock). From
 //!    then its lease transactions, which check the epoch under a shared lock, take and give
 //!    nothing.
-//! 2. **Fence its journal**: `journal_writer.epoch` of its log moved on. The update waits for any
-//!    commit of that node in flight (they hold the row shared), and every later one finds another
-//!    epoch and writes nothing: its log is final, and a paused process that resumes sells
-//!    nothing more (its checkouts' commits are refused).
+//! 2. **Fence its journal**: `journal_writer.epoch` of its log moved on from the turn the dead run
+//!    registered with (`cluster_nodes.journal_turn`). The update waits for any commit of that
+//!    run in flight (they hold the row shared), and every later one finds another epoch and
+//!    writes nothing: its log is final, and a paused process that resumes sells nothing more
+//!    (its checkouts' commits are refused). Only that turn is fenced: a run of the node started
+//!    since took a later turn when it opened its journal (which fenced the dead run already, and
+//!    waited for its commits just the same), and the reaper leaves it alone. Before, a reaper
+//!    whose fence landed between a restarted run's turn and its registration left that run
+//!    registered live with every commit refused (found by attack). The update is conditional,
+//!    so a second reaper repeating the step fences nothing more.
 //! 3. **Catch its projections up** to its log's end (the one applier, `catch_up_log`), so
 //!    `inventory` holds exactly what its durable orders hold and sold.
 //! 4. **Settle**, in one transaction that first checks the node is still the dead one claimed
@@ -94,14 +100,38 @@ pub(crate) async fn settle_on(
     epoch: u64,
 ) -> Result<Option<i64>, ClusterError> {
     let owned = node.to_owned();
-    crate::journal::mysql::in_transaction!(db_pool, timeout, |tx| {
-        sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE node = ?")
-            .bind(&owned)
-            .execute(&mut *tx)
-            .await?;
+    let fenced = crate::journal::mysql::in_transaction!(db_pool, timeout, |tx| {
+        // The turn of its log the dead run registered with (NULL: a run registered before the
+        // turn was recorded), read without a lock: it changes only with a new registration.
+        let claimed: Option<Option<u64>> = sqlx::query_scalar(
+            "SELECT journal_turn FROM cluster_nodes WHERE node_id = ? AND state = 'dead' AND epoch = ?",
+        )
+        .bind(&owned)
+        .bind(epoch)
+        .fetch_optional(&mut *tx)
+        .await?;
+        match claimed {
+            // It came back (registered anew) or another reaper moved on: not ours to settle.
+            None => false,
+            Some(turn) => {
+                sqlx::query(
+                    "UPDATE journal_writer SET epoch = epoch + 1 \
+                     WHERE node = ? AND (? IS NULL OR epoch = ?)",
+                )
+                .bind(&owned)
+                .bind(turn)
+                .bind(turn)
+                .execute(&mut *tx)
+                .await?;
+                true
+            }
+        }
     })
     .await
     .map_err(db("fencing a dead node's journal"))?;
+    if !fenced {
+        return Ok(None);
+    }
     catch_up_log(db_pool, node, None, timeout).await?;
     let owned = node.to_owned();
     crate::journal::mysql::in_transaction!(db_pool, timeout, |tx| {

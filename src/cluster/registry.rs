@@ -27,36 +27,85 @@ pub(crate) const DB_NOW_MS: &str = "CAST(UNIX_TIMESTAMP(NOW(3)) * 1000 AS SIGNED
 /// the same node still talking to the database, and ending any reaper's settling of an earlier
 /// run presumed dead). Comes before the node reads its leases ([`super::catalogue::at_start`]),
 /// so a reaper that returns an earlier run's units does so before that read or not at all.
-pub async fn register(cluster: &Cluster, mode: &str) -> Result<(), ClusterError> {
+///
+/// `journal_turn` is the turn of its log this run took when it opened its journal
+/// (`journal_writer.epoch`, [`crate::journal::Journal::writer_turn`]): recorded in the row, so a
+/// reaper settling this run later fences that turn and no later one ([`super::reaper`]), and
+/// checked in the same transaction to be still the log's turn. A run whose turn was moved on
+/// between opening its journal and registering (by a reaper or `turnstile cluster forget` whose
+/// row lacked the turn) would register live with every commit refused: its start fails instead,
+/// and says to start it again.
+pub async fn register(
+    cluster: &Cluster,
+    mode: &str,
+    journal_turn: Option<u64>,
+) -> Result<(), ClusterError> {
     let node = cluster.node().to_owned();
     let url = cluster.url().to_owned();
     let mode = mode.to_owned();
-    let epoch: u64 = crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
-        sqlx::query(&format!(
-            "INSERT INTO cluster_nodes (node_id, url, epoch, state, mode, renewed_at_ms, started_at_ms) \
-             VALUES (?, ?, 1, 'live', ?, {DB_NOW_MS}, {DB_NOW_MS}) \
+    let registered =
+        crate::journal::mysql::in_transaction!(&cluster.renew_db, cluster.timeout, |tx| {
+            sqlx::query(&format!(
+                "INSERT INTO cluster_nodes \
+               (node_id, url, epoch, state, mode, renewed_at_ms, started_at_ms, journal_turn) \
+             VALUES (?, ?, 1, 'live', ?, {DB_NOW_MS}, {DB_NOW_MS}, ?) \
              ON DUPLICATE KEY UPDATE url = VALUES(url), epoch = epoch + 1, state = 'live', \
              mode = VALUES(mode), renewed_at_ms = VALUES(renewed_at_ms), \
-             started_at_ms = VALUES(started_at_ms), reaped_at_ms = NULL"
-        ))
-        .bind(&node)
-        .bind(&url)
-        .bind(&mode)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query_scalar::<_, u64>("SELECT epoch FROM cluster_nodes WHERE node_id = ?")
+             started_at_ms = VALUES(started_at_ms), reaped_at_ms = NULL, \
+             journal_turn = VALUES(journal_turn)"
+            ))
             .bind(&node)
-            .fetch_one(&mut *tx)
-            .await?
-    })
-    .await
-    .map_err(db("registering the node in cluster_nodes"))?;
+            .bind(&url)
+            .bind(&mode)
+            .bind(journal_turn)
+            .execute(&mut *tx)
+            .await?;
+            let found = match journal_turn {
+                Some(_) => {
+                    sqlx::query_scalar::<_, u64>(
+                        "SELECT epoch FROM journal_writer WHERE node = ? LOCK IN SHARE MODE",
+                    )
+                    .bind(&node)
+                    .fetch_optional(&mut *tx)
+                    .await?
+                }
+                None => None,
+            };
+            if found != journal_turn {
+                // Rolled back: this run is not registered.
+                return Err(sqlx::Error::Configuration(Box::new(TurnMovedOn {
+                    node: node.clone(),
+                    mine: journal_turn.unwrap_or_default(),
+                    found: found.unwrap_or_default(),
+                })));
+            }
+            sqlx::query_scalar::<_, u64>("SELECT epoch FROM cluster_nodes WHERE node_id = ?")
+                .bind(&node)
+                .fetch_one(&mut *tx)
+                .await?
+        })
+        .await;
+    let epoch = match registered {
+        Err(sqlx::Error::Configuration(inner)) if inner.is::<TurnMovedOn>() => {
+            return Err(ClusterError::Start(inner.to_string()))
+        }
+        other => other.map_err(db("registering the node in cluster_nodes"))?,
+    };
     cluster.epoch.store(epoch, Ordering::Release);
     cluster
         .renewed_at_ms
         .store(crate::time::now_ms(), Ordering::Release);
-    tracing::info!(node = %cluster.node(), url = %cluster.url(), epoch, "registered in the cluster");
+    tracing::info!(node = %cluster.node(), url = %cluster.url(), epoch, journal_turn, "registered in the cluster");
     Ok(())
+}
+
+/// Why a run did not register: its log's turn moved on since it opened its journal.
+#[derive(Debug, thiserror::Error)]
+#[error("node {node}'s journal was fenced while it started (journal_writer.epoch {found}, this run's turn {mine}): a reaper or `turnstile cluster forget` settled an earlier run of it; nothing was sold, start it again")]
+struct TurnMovedOn {
+    node: String,
+    mine: u64,
+    found: u64,
 }
 
 /// Writes where the other nodes reach this node, once its listener is bound.

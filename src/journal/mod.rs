@@ -296,6 +296,11 @@ pub trait Journal: Send + Sync {
     fn last_event_seq(&self) -> u64;
     /// Counters.
     fn stats(&self) -> &JournalStats;
+    /// The turn this process holds as its log's one writer in MySQL (`journal_writer.epoch`, see
+    /// [`mysql::writer_lock`]); `None` for a journal with no log in MySQL.
+    fn writer_turn(&self) -> Option<u64> {
+        None
+    }
     /// How many events are held in memory (0 for a journal that reads them from its store).
     fn events_in_memory(&self) -> usize {
         0

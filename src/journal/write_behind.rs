@@ -290,6 +290,10 @@ impl Journal for WriteBehindJournal {
         self.file.stats()
     }
 
+    fn writer_turn(&self) -> Option<u64> {
+        Some(self.writer_lock.fence().epoch())
+    }
+
     fn last_event_seq(&self) -> u64 {
         self.file.last_event_seq()
     }

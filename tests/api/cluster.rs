@@ -47,6 +47,13 @@ impl Shop {
 
     /// Starts node `name` with extra options and environment.
     fn node_with_env(&self, name: &str, extra: &[&str], env: &[(&str, &str)]) -> TestApp {
+        let (dir, args) = self.node_args(name, extra);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::helpers::start_with_env(&dir, &args, env)
+    }
+
+    /// Node `name`'s data dir and options (with `extra`), to start it elsewhere.
+    fn node_args(&self, name: &str, extra: &[&str]) -> (std::path::PathBuf, Vec<String>) {
         let mut args: Vec<String> = vec![
             "--mysql-url".into(),
             self.database.url.clone(),
@@ -62,8 +69,7 @@ impl Shop {
             args.push("--mysql-write-behind".into());
         }
         args.extend(extra.iter().map(|a| a.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        crate::helpers::start_with_env(&self.dir.path().join(name), &args, env)
+        (self.dir.path().join(name), args)
     }
 
     fn nodes(&self, names: &[&str]) -> Vec<TestApp> {
@@ -589,17 +595,28 @@ async fn half_sold(
     );
     let refs: Vec<&TestApp> = nodes.iter().collect();
     known_everywhere(&refs, sku).await;
-    // 300 sold: a buyer whose node's refill was slow (503, retry) is followed by another.
+    let first = bought(&refs, sku, 300, "first").await;
+    (nodes, first)
+}
+
+/// Exactly `units` sold through `nodes` (as many buyers, then one more for each refused, at most
+/// 40 s): a buyer whose node's refill was slow (503, retry) is followed by another.
+async fn bought(
+    nodes: &[&TestApp],
+    sku: &str,
+    units: usize,
+    prefix: &str,
+) -> Vec<(usize, String, u16, Option<String>)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    let mut first = Vec::new();
+    let mut all = Vec::new();
     let mut wave = 0;
-    while count(&first, 201) < 300 && std::time::Instant::now() < deadline {
-        let more = 300 - count(&first, 201);
-        first.extend(sale(&refs, sku, more, &format!("first-{wave}")).await);
+    while count(&all, 201) < units && std::time::Instant::now() < deadline {
+        let more = units - count(&all, 201);
+        all.extend(sale(nodes, sku, more, &format!("{prefix}-{wave}")).await);
         wave += 1;
     }
-    assert_eq!(count(&first, 201), 300);
-    (nodes, first)
+    assert_eq!(count(&all, 201), units, "{units} sold within 40 s");
+    all
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -698,6 +715,91 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
         .expect("count");
     assert_eq!(paid, 600, "exactly the stock paid");
     let (in_pool, _) = shop.assert_books_balance("STOP").await;
+    assert_eq!(in_pool, 0);
+    pool.close().await;
+}
+
+/// Statements of `database` updating `journal_writer` (waiting for its lock: nothing else
+/// updates it for long).
+async fn waiting_on_journal_writer(pool: &sqlx::MySqlPool, database: &str) -> i64 {
+    sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+         WHERE DB = ? AND STATE = 'Updating' AND INFO LIKE 'UPDATE journal_writer %'",
+    )
+    .bind(database)
+    .fetch_one(pool)
+    .await
+    .expect("read the server's statements")
+}
+
+/// A node started again while a reaper settles its previous run (presumed dead) takes part and
+/// sells. A run opens its journal (taking its turn of the log) before it registers, and a
+/// reaper's fence landing in between left it registered live with every commit refused, its
+/// lease stranded (found by attack). The test makes that order happen: a transaction holds node
+/// a's `journal_writer` row, so node a's restart waits for its turn, and node b's fence of the
+/// dead run queues behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_again_while_a_reaper_settles_its_previous_run_sells() {
+    let shop = Shop::new("cluster-back", false).await;
+    let mut a = shop.node_with("node-a", SHORT_TTL);
+    let b = shop.node_with("node-b", SHORT_TTL);
+    assert_eq!(b.client().put_product("BACK", 100, 40).await.status, 200);
+    known_everywhere(&[&a, &b], "BACK").await;
+    bought(&[&a], "BACK", 10, "first").await;
+    a.kill_9();
+    let pool = shop.database.pool().await;
+    let mut held = pool.begin().await.expect("a transaction");
+    sqlx::query("SELECT epoch FROM journal_writer WHERE node = 'node-a' LOCK IN SHARE MODE")
+        .fetch_all(&mut *held)
+        .await
+        .expect("hold node a's turn");
+    let (dir, args) = shop.node_args("node-a", SHORT_TTL);
+    let restart = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::helpers::start(&dir, &args)
+    });
+    let name = &shop.database.name;
+    eventually(
+        "node a's restart to wait for its turn",
+        Duration::from_secs(20),
+        async || waiting_on_journal_writer(&pool, name).await >= 1,
+    )
+    .await;
+    eventually(
+        "node b to presume node a's first run dead",
+        Duration::from_secs(20),
+        async || {
+            sqlx::query_scalar::<_, String>(
+                "SELECT state FROM cluster_nodes WHERE node_id = 'node-a'",
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("node a's row")
+                == "dead"
+        },
+    )
+    .await;
+    eventually(
+        "node b's fence to queue behind node a's turn",
+        Duration::from_secs(20),
+        async || waiting_on_journal_writer(&pool, name).await >= 2,
+    )
+    .await;
+    held.rollback().await.expect("let go");
+    let a = restart.await.expect("node a started again");
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = 'node-a'")
+            .fetch_one(&pool)
+            .await
+            .expect("node a's row");
+    assert_eq!(state, "live");
+    // Its commits are taken: it sells (from a lease taken anew), then both sell out the stock.
+    bought(&[&a], "BACK", 10, "again").await;
+    sell_out(&[&a, &b], "BACK", 40, 20, "rest").await;
+    let mut client = a.client();
+    assert_eq!(client.get("/readyz").await.status, 200);
+    assert_eq!(shop.paid_in_mysql(40).await, 40);
+    let (in_pool, _) = shop.assert_books_balance("BACK").await;
     assert_eq!(in_pool, 0);
     pool.close().await;
 }

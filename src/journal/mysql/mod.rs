@@ -1751,6 +1751,10 @@ impl Journal for MySqlJournal {
         &self.pipeline.stats
     }
 
+    fn writer_turn(&self) -> Option<u64> {
+        Some(self.writer_lock.fence().epoch())
+    }
+
     fn last_event_seq(&self) -> u64 {
         self.pipeline.durable_event_seq()
     }

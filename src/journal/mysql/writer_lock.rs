@@ -114,6 +114,11 @@ impl Fence {
         &self.node
     }
 
+    /// The turn this process took (`journal_writer.epoch` when it took the lock).
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Whether another node has taken over.
     pub fn is_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
@@ -307,12 +312,13 @@ async fn take_turn(
             .bind(node)
             .execute(&mut *connection)
             .await?;
-        sqlx::query("UPDATE journal_writer SET epoch = epoch + 1 WHERE node = ?")
+        // The turn is this update's own value (the session's LAST_INSERT_ID), never one read
+        // after it: a reaper's fence may land between the two.
+        sqlx::query("UPDATE journal_writer SET epoch = LAST_INSERT_ID(epoch + 1) WHERE node = ?")
             .bind(node)
             .execute(&mut *connection)
             .await?;
-        sqlx::query_scalar::<_, u64>("SELECT epoch FROM journal_writer WHERE node = ?")
-            .bind(node)
+        sqlx::query_scalar::<_, u64>("SELECT LAST_INSERT_ID()")
             .fetch_one(&mut *connection)
             .await
     };
