@@ -55,8 +55,7 @@ impl super::starts::AsStep for Finish {
             None => (String::new(), 0),
         };
         invocation
-            .arg("e")
-            .arg(&self.value)
+            .arg(super::starts::step_arg(b'e', &self.value))
             .arg(encoded)
             .arg(ttl_ms);
     }

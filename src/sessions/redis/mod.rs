@@ -270,15 +270,24 @@ impl RedisStore {
     /// lock and answer share the tag of the key's hash (the key itself may hold braces), and
     /// every cart shares `{carts}` with the set of live carts.
     fn key(&self, kind: &str, id: &str) -> String {
+        // Built by hand, not with `format!`: two of these go into every step of every batch.
+        let mut key = String::with_capacity(self.prefix.len() + kind.len() + id.len() + 20);
+        key.push_str(&self.prefix);
+        key.push_str(kind);
         match (self.client.is_cluster(), kind) {
-            (false, _) => format!("{}{kind}:{id}", self.prefix),
-            (true, "cart") => format!("{}cart:{{carts}}:{id}", self.prefix),
-            (true, _) => format!(
-                "{}{kind}:{{{:016x}}}:{id}",
-                self.prefix,
-                xxhash_rust::xxh3::xxh3_64(id.as_bytes())
-            ),
+            (false, _) => key.push(':'),
+            (true, "cart") => key.push_str(":{carts}:"),
+            (true, _) => {
+                use std::fmt::Write;
+                let _ = write!(
+                    key,
+                    ":{{{:016x}}}:",
+                    xxhash_rust::xxh3::xxh3_64(id.as_bytes())
+                );
+            }
         }
+        key.push_str(id);
+        key
     }
 
     /// The set of live carts (`--carts-max` counts it).

@@ -101,48 +101,50 @@ return {'locked', 'cart', lines(KEYS[4])}
 ";
 
 /// Checkouts' starts and ends, many in one call ([`super::starts`], and the finisher's ends). KEYS
-/// = answer, lock, answer, lock, ...; ARGV[1] = the lock TTL in ms, then four per step i:
-/// ARGV[4i - 2] its kind (`s` a start, `e` an end), ARGV[4i - 1] its lock value, ARGV[4i] the
-/// answer an end stores (empty for a start), ARGV[4i + 1] its TTL in ms (`0`: none to store).
-/// Returns a tag and a payload per step, in order.
+/// = answer, lock, answer, lock, ...; ARGV[1] = the lock TTL in ms, then per step: a start, one
+/// argument, `s` and its lock value (`s` alone: a look, which takes nothing); an end, three, `e`
+/// and its lock value, the answer it stores, and that answer's TTL in ms (`0`: none to store).
+/// Returns one string with a code per step, in order, then the payload of each step that has one
+/// (an answer found, a junk answer's error), in order: the few bytes each side parses per step
+/// are what a checkout costs Redis and the node beyond the commands themselves.
 ///
-/// A start (a start's lock value empty: a look, which takes nothing): `answer` and the answer any
-/// node stored; `locked` (the lock taken, or already this start's: a start may run twice);
-/// `free` (a look, nothing held); `held` (another checkout holds the lock); `junk` (a value under
-/// the lock Turnstile did not write, see BEGIN); `junk_answer` and the error (the answer's key
-/// holds another type).
+/// A start (codes as [`STEP_CODES`] names them): `A` and the answer any node stored; `L` (the
+/// lock taken, or already this start's: a start may run twice); `F` (a look, nothing held); `H`
+/// (another checkout holds the lock); `J` (a value under the lock Turnstile did not write, see
+/// BEGIN); `j` and the error (the answer's key holds another type).
 ///
-/// An end: the answer stored (if any), then the lock released if still that checkout's; `done`,
-/// or `twin` when the answer finds the key taken by another (another answer there, or another
-/// checkout holding the lock while none is): this node's answer could not reach Redis while its
-/// lock lived, and another node placed the key or is placing it, so the key has (or is about to
-/// have) an order on each of two nodes, which the node reports. The answer is stored only if
-/// none is there yet and no other checkout holds the lock (one that went on without the lock,
-/// Redis being unreachable, or whose lock expired, must not replace the answer another node's
-/// clients already replay). A lock is "ours" when its value starts with the one given: lock
-/// values end with `/`, so a checkout's own value matches only itself, and the node's prefix
-/// (`<node>/`, given by the start-up recovery) matches every lock of the node's earlier runs.
+/// An end: the answer stored (if any), then the lock released if still that checkout's; `D`,
+/// or `T` (a twin) when the answer finds the key taken by another (another answer there, or
+/// another checkout holding the lock while none is): this node's answer could not reach Redis
+/// while its lock lived, and another node placed the key or is placing it, so the key has (or is
+/// about to have) an order on each of two nodes, which the node reports. The answer is stored
+/// only if none is there yet and no other checkout holds the lock (one that went on without the
+/// lock, Redis being unreachable, or whose lock expired, must not replace the answer another
+/// node's clients already replay). A lock is "ours" when its value starts with the one given:
+/// lock values end with `/`, so a checkout's own value matches only itself, and the node's
+/// prefix (`<node>/`, given by the start-up recovery) matches every lock of the node's earlier
+/// runs.
 ///
 /// Every read is a `pcall`, so junk under one key fails only its own step; every step may run
 /// twice (a batch whose answer was lost is sent again).
 pub(super) const STEPS: &str = r"
-local out = {}
-local function push(tag, payload)
-  out[#out + 1] = tag
-  out[#out + 1] = payload
-end
+local payloads = {}
 local function start(answer_key, lock_key, value)
   local answer = redis.pcall('GET', answer_key)
-  if type(answer) == 'table' then return push('junk_answer', tostring(answer.err)) end
-  if answer then return push('answer', answer) end
-  if value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then
-    return push('locked', '')
+  if type(answer) == 'table' then
+    payloads[#payloads + 1] = tostring(answer.err)
+    return 'j'
   end
+  if answer then
+    payloads[#payloads + 1] = answer
+    return 'A'
+  end
+  if value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then return 'L' end
   local held = redis.pcall('GET', lock_key)
-  if held == false then return push('free', '') end
-  if type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then return push('junk', '') end
-  if held == value then return push('locked', '') end
-  push('held', '')
+  if held == false then return 'F' end
+  if type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then return 'J' end
+  if held == value then return 'L' end
+  return 'H'
 end
 local function finish(answer_key, lock_key, value, stored, ttl)
   local lock = redis.pcall('GET', lock_key)
@@ -157,19 +159,38 @@ local function finish(answer_key, lock_key, value, stored, ttl)
     end
   end
   if ours then redis.call('DEL', lock_key) end
-  push(twin and 'twin' or 'done', '')
+  if twin then return 'T' end
+  return 'D'
 end
+local codes, at = {}, 2
 for i = 1, #KEYS / 2 do
-  local answer_key, lock_key = KEYS[2 * i - 1], KEYS[2 * i]
-  local kind, value = ARGV[4 * i - 2], ARGV[4 * i - 1]
-  if kind == 'e' then
-    finish(answer_key, lock_key, value, ARGV[4 * i], tonumber(ARGV[4 * i + 1]))
+  local step = ARGV[at]
+  if string.byte(step, 1) == 101 then
+    codes[i] = finish(KEYS[2 * i - 1], KEYS[2 * i], string.sub(step, 2), ARGV[at + 1],
+      tonumber(ARGV[at + 2]))
+    at = at + 3
   else
-    start(answer_key, lock_key, value)
+    codes[i] = start(KEYS[2 * i - 1], KEYS[2 * i], string.sub(step, 2))
+    at = at + 1
   end
 end
+local out = {table.concat(codes)}
+for i = 1, #payloads do out[i + 1] = payloads[i] end
 return out
 ";
+
+/// What each code of a `STEPS` reply says, by the names [`super::RedisStore::read_begin`] reads
+/// (shared with BEGIN's tags), and whether a payload comes with it.
+pub(super) const STEP_CODES: [(u8, &str, bool); 8] = [
+    (b'A', "answer", true),
+    (b'j', "junk_answer", true),
+    (b'L', "locked", false),
+    (b'F', "free", false),
+    (b'H', "held", false),
+    (b'J', "junk", false),
+    (b'D', "done", false),
+    (b'T', "twin", false),
+];
 
 /// Renews the locks of checkouts whose outcome is not known yet. KEYS = their locks; ARGV[1] = the
 /// TTL in ms, ARGV[1 + i] = the value of lock i. A lock still holding its checkout's value gets a

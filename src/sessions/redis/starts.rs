@@ -57,8 +57,16 @@ pub(super) enum Step {
     End(Finish),
 }
 
+/// A step's first argument in a `STEPS` call: its kind (`s` or `e`), then its lock value.
+pub(super) fn step_arg(kind: u8, value: &str) -> Vec<u8> {
+    let mut arg = Vec::with_capacity(1 + value.len());
+    arg.push(kind);
+    arg.extend_from_slice(value.as_bytes());
+    arg
+}
+
 /// What one step of a `STEPS` call needs: its idempotency key (its answer and lock keys) and its
-/// four arguments. A core's batch of steps and the finisher's batch of ends are both built with
+/// arguments. A core's batch of steps and the finisher's batch of ends are both built with
 /// [`RedisStore::steps_parts`].
 pub(super) trait AsStep {
     fn key(&self) -> &IdempotencyKey;
@@ -76,11 +84,7 @@ impl AsStep for Step {
     fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
         match self {
             Self::Start(start) => {
-                invocation
-                    .arg("s")
-                    .arg(start.value.as_deref().unwrap_or(""))
-                    .arg("")
-                    .arg(0);
+                invocation.arg(step_arg(b's', start.value.as_deref().unwrap_or("")));
             }
             Self::End(end) => end.push_args(invocation),
         }
@@ -297,22 +301,20 @@ impl RedisStore {
     }
 
     /// The tag and payload `STEPS` gave each of a batch's `count` steps, from each part's answer
-    /// (a failed part fails each of its steps).
+    /// (a failed part, or one whose answer is not what `STEPS` writes, fails each of its steps).
     pub(super) fn step_replies(
         count: usize,
         answers: Vec<(usize, usize, Result<Vec<String>, StoreError>)>,
-    ) -> Vec<Result<(String, String), StoreError>> {
-        let mut replies: Vec<Result<(String, String), StoreError>> =
+    ) -> Vec<Result<(&'static str, String), StoreError>> {
+        let mut replies: Vec<Result<(&'static str, String), StoreError>> =
             std::iter::repeat_with(|| Err(StoreError::Unavailable("no answer for a step".into())))
                 .take(count)
                 .collect();
         for (at, length, answer) in answers {
+            let read = answer.and_then(|fields| read_steps(length, fields));
             for (i, slot) in replies.iter_mut().enumerate().skip(at).take(length) {
-                *slot = match &answer {
-                    Ok(fields) => {
-                        let field = |n: usize| fields.get(n).cloned().unwrap_or_default();
-                        Ok((field(2 * (i - at)), field(2 * (i - at) + 1)))
-                    }
+                *slot = match &read {
+                    Ok(steps) => Ok(steps[i - at].clone()),
                     Err(error) => Err(error.clone()),
                 };
             }
@@ -343,8 +345,8 @@ impl RedisStore {
         for (step, reply) in batch.into_iter().zip(replies) {
             match step {
                 Step::Start(start) => {
-                    let begin = reply
-                        .and_then(|(tag, payload)| self.read_begin(&start.key, &tag, &payload));
+                    let begin =
+                        reply.and_then(|(tag, payload)| self.read_begin(&start.key, tag, &payload));
                     let took = matches!(begin, Ok(Begin::Locked(_))) && start.value.is_some();
                     if start.reply.send(begin).is_err() && took {
                         if let Some(value) = start.value {
@@ -353,7 +355,7 @@ impl RedisStore {
                     }
                 }
                 Step::End(end) => match reply {
-                    Ok((tag, _)) if tag == "twin" => self.report_twin(&end.key),
+                    Ok(("twin", _)) => self.report_twin(&end.key),
                     Ok(_) => {}
                     Err(_) => self.finish_later(end),
                 },
@@ -398,5 +400,90 @@ impl RedisStore {
     /// Releases a lock a batch took for a caller that has gone.
     fn release_orphan(self: &Arc<Self>, key: IdempotencyKey, value: String) {
         self.finish_later(Finish::new(key, value, None, self.lock_ttl()));
+    }
+}
+
+/// The (tag, payload) of each of a `STEPS` call's `count` steps from its reply: the codes, then
+/// the payloads of the steps that have one ([`STEPS`]).
+fn read_steps(
+    count: usize,
+    fields: Vec<String>,
+) -> Result<Vec<(&'static str, String)>, StoreError> {
+    let unexpected = |what: String| StoreError::Unexpected {
+        key: "a batch of checkouts' starts and ends".into(),
+        what,
+    };
+    let mut fields = fields.into_iter();
+    let codes = fields.next().unwrap_or_default();
+    if codes.len() != count {
+        return Err(unexpected(format!(
+            "{} step codes for {count} steps",
+            codes.len()
+        )));
+    }
+    codes
+        .bytes()
+        .map(|code| {
+            let (_, tag, with_payload) = STEP_CODES
+                .iter()
+                .find(|(known, ..)| *known == code)
+                .ok_or_else(|| unexpected(format!("step code {:?}", code as char)))?;
+            let payload = match with_payload {
+                true => fields
+                    .next()
+                    .ok_or_else(|| unexpected("a step's payload missing".into()))?,
+                false => String::new(),
+            };
+            Ok((*tag, payload))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_steps_reply_gives_each_step_its_tag_and_its_payload_in_order() {
+        let reply = vec![
+            "LAFjDTHJ".to_owned(),
+            "201 1 f\n{}".to_owned(),
+            "WRONGTYPE".to_owned(),
+        ];
+        let steps = read_steps(8, reply).unwrap();
+        let tags: Vec<&str> = steps.iter().map(|(tag, _)| *tag).collect();
+        assert_eq!(
+            tags,
+            [
+                "locked",
+                "answer",
+                "free",
+                "junk_answer",
+                "done",
+                "twin",
+                "held",
+                "junk"
+            ]
+        );
+        assert_eq!(steps[1].1, "201 1 f\n{}");
+        assert_eq!(steps[3].1, "WRONGTYPE");
+        assert!(steps
+            .iter()
+            .enumerate()
+            .all(|(i, (_, p))| i == 1 || i == 3 || p.is_empty()));
+    }
+
+    #[test]
+    fn a_steps_reply_that_does_not_fit_the_batch_fails_every_step() {
+        for (count, reply) in [
+            (2, vec!["L".to_owned()]),
+            (1, vec!["A".to_owned()]),
+            (1, vec!["?".to_owned()]),
+            (1, vec![]),
+        ] {
+            assert!(read_steps(count, reply.clone()).is_err(), "{reply:?}");
+        }
+        let failed = RedisStore::step_replies(2, vec![(0, 2, Ok(vec!["LZ".to_owned()]))]);
+        assert!(failed.iter().all(Result::is_err));
     }
 }
