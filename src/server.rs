@@ -222,7 +222,16 @@ async fn serve(
             .map(|product| (product.sku.clone(), product))
             .collect();
     }
-    let engine = build_engine(&config, workers, &state)?;
+    let engine = build_engine(&config, workers, &state).map_err(|error| match (&cluster, error) {
+        // Its disk holds sales its lease in MySQL does not: that lease was settled without them.
+        (Some(cluster), ServeError::Engine(crate::engine::EngineError::Inconsistent(what))) => {
+            ServeError::Cluster(cluster::ClusterError::Start(format!(
+                "node {}'s data dir holds orders beyond its lease in MySQL ({what}): the lease was settled without them (`turnstile cluster forget` declared this disk lost, or the node was presumed dead while its log in MySQL lacked them); this data dir cannot rejoin as this node: start the node on a new data dir (its units and orders are the cluster's now), and keep this one to look at",
+                cluster.node()
+            )))
+        }
+        (_, error) => error,
+    })?;
     drop(state);
     let payments = build_payments(&config)?;
     let relay = start_relay(&config, &journal, file_cursor, mysql_pool, &node).await?;

@@ -409,6 +409,10 @@ pub async fn place(
     let ready = app
         .journal
         .health()
+        .and_then(|()| match &app.cluster {
+            Some(cluster) => cluster.may_sell().map_err(JournalError::Unavailable),
+            None => Ok(()),
+        })
         .map_err(CheckoutError::JournalUnavailable)
         .and_then(|()| match &app.relay {
             Some(relay) => relay.admit().map_err(CheckoutError::Overloaded),

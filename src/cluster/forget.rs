@@ -6,8 +6,16 @@
 //! marked dead as if MySQL were its journal (its epoch moved on), and settled at once as a reaper
 //! would (its log in MySQL fenced and applied, its unsold units back in the pool); its open orders
 //! are then adopted by a live node with MySQL as its journal. What MySQL never received of it
-//! (events past the outbox MySQL holds, by the seq the node last reported) is lost with the disk,
-//! and the command says how much.
+//! (events past those of its log and outbox in MySQL, by the seq the node last reported) is lost
+//! with the disk, and the command says how much.
+//!
+//! Refused while the node renewed within `--lease-ttl`, and while a process still holds the
+//! node's journal lock in MySQL (it runs, or was paused less than the lock session's idle limit
+//! ago): such a process could resume and sell from the lease given away. One that resumes later
+//! still sells nothing: a node whose last renewal is older than `--lease-ttl` takes no checkout
+//! until a renewal succeeds, and that renewal finds it fenced ([`super::Cluster::may_sell`]).
+//! Started again on the forgotten disk, a node whose disk holds orders MySQL lacked refuses to
+//! start (its lease was settled without them).
 
 use super::registry::DB_NOW_MS;
 use super::{db, ClusterError};
@@ -63,11 +71,28 @@ pub async fn forget(
     let state: String = row.try_get(0).map_err(db("reading cluster_nodes"))?;
     let age_ms: i64 = row.try_get(1).map_err(db("reading cluster_nodes"))?;
     let reported: i64 = row.try_get(2).map_err(db("reading cluster_nodes"))?;
-    let shipped: i64 = row.try_get(3).map_err(db("reading the outbox"))?;
+    // What MySQL holds of its events: its outbox (a MySQL journal's, or one relayed from it), or
+    // the events of the last record of its log MySQL has (write-behind ships its log there).
+    let in_outbox: i64 = row.try_get(3).map_err(db("reading the outbox"))?;
+    let (_, next_seq) = crate::journal::mysql::log_end(&pool, node)
+        .await
+        .map_err(ClusterError::from)?;
+    let shipped = in_outbox.max(i64::try_from(next_seq).unwrap_or(i64::MAX) - 1);
     if state == "live" && age_ms < ttl.as_millis() as i64 {
         return Err(ForgetError::Refused(format!(
             "node {node} renewed {age_ms} ms ago: it is alive (stop it first, or wait --lease-ttl {})",
             humantime::format_duration(ttl)
+        )));
+    }
+    // A process that holds the node's journal lock runs (or was paused less than the lock
+    // session's idle limit ago): forgetting it would give away a lease it may still sell from.
+    let holder = crate::journal::mysql::writer_lock::holder(&pool, node)
+        .await
+        .map_err(db("asking who holds the node's journal lock"))?;
+    if let Some(connection) = holder {
+        return Err(ForgetError::Refused(format!(
+            "node {node}'s process still holds its journal lock in MySQL (connection {connection}): it runs, or is paused; stop it first (a paused process's hold ends within {}s of its last word, or end it with KILL {connection} on the server)",
+            crate::journal::mysql::writer_lock::SESSION_IDLE_MAX.as_secs()
         )));
     }
     let owned = node.to_owned();

@@ -362,6 +362,29 @@ impl Cluster {
             .is_some_and(|signal| signal.units.load(Ordering::Acquire) > 0)
     }
 
+    /// `Err` when this node must not sell now: fenced, or its last renewal older than
+    /// `--lease-ttl` (paused, or cut off from MySQL: meanwhile another node may have presumed it
+    /// dead, or an operator forgotten it, and given its lease away). It sells again once a
+    /// renewal succeeds; a renewal that finds its epoch moved fences it. Checked on every
+    /// checkout that reserved units, before anything is recorded: a write-behind node acknowledges
+    /// from its own disk, so nothing else stops a node that resumes from selling a lease it lost.
+    pub fn may_sell(&self) -> Result<(), String> {
+        if self.fenced.load(Ordering::Acquire) {
+            return Err(format!(
+                "node {} was taken over (fenced): it sells nothing more; restart it",
+                self.node()
+            ));
+        }
+        let since = crate::time::now_ms() - self.renewed_at_ms.load(Ordering::Acquire);
+        if since > self.config.lease_ttl.as_millis() as i64 {
+            return Err(format!(
+                "node {} last renewed its lease {since} ms ago, past --lease-ttl: it may have been presumed dead; it sells again once a renewal succeeds",
+                self.node()
+            ));
+        }
+        Ok(())
+    }
+
     /// Why this node cannot take checkouts now, if it cannot: fenced, or its renewals failing
     /// for longer than a third of `--lease-ttl` (well before another node would presume it dead).
     pub fn unready(&self) -> Option<String> {

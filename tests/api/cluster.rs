@@ -1111,6 +1111,124 @@ async fn a_write_behind_node_whose_disk_is_forgotten_gives_its_units_to_the_othe
     pool.close().await;
 }
 
+/// A write-behind node forgotten while its disk held orders MySQL lacked (the operator said the
+/// disk was lost, and it was not): started again on that disk, it refuses with a message that
+/// says why (its lease was settled without them) and what to do, and `forget` counted the events
+/// it lost from the log MySQL holds (a write-behind node's outbox is not in MySQL). Found by
+/// attack: it failed at every start with "the journal is inconsistent", and `forget` counted every
+/// event of the node as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forgotten_write_behind_node_started_again_on_its_old_disk_says_why_it_cannot_rejoin() {
+    let shop = Shop::new("cluster-forgotten-disk", true).await;
+    let b_extra = ["--lease-ttl", "3s", "--mysql-lag-max", "10m"];
+    let a = shop.node_with("node-a", SHORT_TTL);
+    let mut b = shop.node_with("node-b", &b_extra);
+    assert_eq!(a.client().put_product("DISK", 100, 50).await.status, 200);
+    known_everywhere(&[&a, &b], "DISK").await;
+    bought(&[&b], "DISK", 5, "shipped").await;
+    shop.paid_in_mysql(5).await;
+    // Node b's shipping to MySQL waits on this lock: its next sales are on its disk alone.
+    let pool = shop.database.pool().await;
+    let blocking = holding(&pool, "journal_writer").await;
+    bought(&[&b], "DISK", 3, "unshipped").await;
+    // Its renewals report the events it journaled: past what its log in MySQL holds.
+    eventually("node b to report events MySQL lacks", Duration::from_secs(10), async || {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT CAST(n.event_seq AS SIGNED) - CAST(COALESCE( \
+               (SELECT MAX(first_event_seq) FROM journal WHERE node = 'node-b'), 0) AS SIGNED) \
+             FROM cluster_nodes n WHERE n.node_id = 'node-b'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("node b's row")
+            > 2
+    })
+    .await;
+    b.kill_9();
+    blocking.rollback().await.expect("let go");
+    let mut said = String::new();
+    eventually(
+        "node b to be forgotten once past its TTL",
+        Duration::from_secs(20),
+        async || {
+            let (code, stdout, _) = forget(&shop, "node-b");
+            said = stdout;
+            code == Some(0)
+        },
+    )
+    .await;
+    // Three orders' events never reached MySQL, not every event of the node.
+    let lost: Vec<u64> = said
+        .split("seqs ")
+        .nth(1)
+        .and_then(|rest| rest.split(':').next())
+        .map(|range| range.split("..=").filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert!(
+        lost.len() == 2 && lost[0] > 1 && lost[1] >= lost[0],
+        "forget's count of lost events: {said}"
+    );
+    let (dir, args) = shop.node_args("node-b", &b_extra);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (code, stderr) = crate::helpers::serve_refused(&dir, &args);
+    assert_ne!(code, Some(0));
+    assert!(
+        stderr.contains("cannot rejoin") && stderr.contains("new data dir"),
+        "{stderr}"
+    );
+    pool.close().await;
+}
+
+/// A write-behind node paused past its TTL and forgotten (`forget` refused while the paused
+/// process still holds its journal lock, then taken), then continued: it sells nothing from the
+/// lease it lost, and exactly the stock is sold. Found by attack: it confirmed sales from its own
+/// disk after it knew it was fenced (nothing on the checkout path asked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resumes() {
+    let shop = Shop::new("cluster-forgotten-paused", true).await;
+    let a = shop.node_with("node-a", SHORT_TTL);
+    let b = shop.node_with("node-b", SHORT_TTL);
+    assert_eq!(a.client().put_product("NAP", 100, 200).await.status, 200);
+    known_everywhere(&[&a, &b], "NAP").await;
+    bought(&[&b], "NAP", 20, "before").await;
+    bought(&[&a], "NAP", 20, "before-a").await;
+    // Everything node b sold is in MySQL: forgetting it loses nothing.
+    shop.paid_in_mysql(40).await;
+    signal(&b, "-STOP");
+    eventually(
+        "node b to be forgotten",
+        Duration::from_secs(40),
+        async || forget(&shop, "node-b").0 == Some(0),
+    )
+    .await;
+    signal(&b, "-CONT");
+    let resumed = sale(&[&b], "NAP", 50, "resumed").await;
+    assert_eq!(
+        count(&resumed, 201),
+        0,
+        "a forgotten node sold: {:?}",
+        resumed.iter().find(|r| r.2 == 201)
+    );
+    let mut on_b = b.client();
+    eventually(
+        "node b to say it is fenced",
+        Duration::from_secs(5),
+        async || on_b.get("/readyz").await.status == 503,
+    )
+    .await;
+    sell_out(&[&a], "NAP", 200, 40, "rest").await;
+    assert_eq!(shop.paid_in_mysql(200).await, 200);
+    let pool = shop.database.pool().await;
+    let paid: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM orders WHERE status = 'paid'")
+        .fetch_one(&pool)
+        .await
+        .expect("count");
+    assert_eq!(paid, 200, "exactly the stock paid");
+    pool.close().await;
+    let (in_pool, _) = shop.assert_books_balance("NAP").await;
+    assert_eq!(in_pool, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_lowered_through_any_node_takes_leased_units_back_never_below_what_is_sold() {
     let shop = Shop::new("cluster-lower", false).await;

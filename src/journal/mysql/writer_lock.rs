@@ -336,6 +336,17 @@ async fn take_turn(
     }
 }
 
+/// The MySQL connection holding the lock of `node`'s log, if a process holds it (it runs, or is
+/// paused within [`SESSION_IDLE_MAX`] of its last word).
+pub async fn holder(pool: &sqlx::MySqlPool, node: &str) -> Result<Option<u64>, sqlx::Error> {
+    let (log, _): (String, String) = sqlx::query_as(NAMES).bind(node).fetch_one(pool).await?;
+    let holder: Option<i64> = sqlx::query_scalar("SELECT IS_USED_LOCK(?)")
+        .bind(log)
+        .fetch_one(pool)
+        .await?;
+    Ok(holder.and_then(|h| u64::try_from(h).ok()))
+}
+
 /// MySQL's 1205: a lock wait timed out.
 fn lock_wait_timed_out(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(e)
