@@ -1132,17 +1132,21 @@ async fn a_forgotten_write_behind_node_started_again_on_its_old_disk_says_why_it
     let blocking = holding(&pool, "journal_writer").await;
     bought(&[&b], "DISK", 3, "unshipped").await;
     // Its renewals report the events it journaled: past what its log in MySQL holds.
-    eventually("node b to report events MySQL lacks", Duration::from_secs(10), async || {
-        sqlx::query_scalar::<_, i64>(
-            "SELECT CAST(n.event_seq AS SIGNED) - CAST(COALESCE( \
+    eventually(
+        "node b to report events MySQL lacks",
+        Duration::from_secs(10),
+        async || {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT CAST(n.event_seq AS SIGNED) - CAST(COALESCE( \
                (SELECT MAX(first_event_seq) FROM journal WHERE node = 'node-b'), 0) AS SIGNED) \
              FROM cluster_nodes n WHERE n.node_id = 'node-b'",
-        )
-        .fetch_one(&pool)
-        .await
-        .expect("node b's row")
-            > 2
-    })
+            )
+            .fetch_one(&pool)
+            .await
+            .expect("node b's row")
+                > 2
+        },
+    )
     .await;
     b.kill_9();
     blocking.rollback().await.expect("let go");
@@ -1295,7 +1299,7 @@ async fn a_key_whose_answer_redis_lost_is_replayed_by_another_node_from_the_data
         .expect("answer");
     assert_eq!(first.status, 201);
     let mut redis = shop.redis.connection().await;
-    let answer_key = format!("{}answer:lost-1", shop.redis.prefix);
+    let answer_key = format!("{}key:lost-1", shop.redis.prefix);
     shop.redis
         .wait_answer("lost-1", Duration::from_secs(10))
         .await;

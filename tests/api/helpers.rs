@@ -944,6 +944,33 @@ impl TestRedis {
         }
     }
 
+    /// The idempotency keys' Redis keys that hold a submission lock (`~...`), not an answer, on
+    /// any server.
+    pub async fn locks_left(&self) -> Vec<String> {
+        let mut locks = Vec::new();
+        for url in self.urls() {
+            let client = redis::Client::open(url.as_str()).expect("redis url");
+            let mut connection = client
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {url} is not reachable ({e})"));
+            for (key, _) in self.keys_on(connection.clone()).await {
+                if !key.contains(":key:") {
+                    continue;
+                }
+                let value: Option<String> = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async(&mut connection)
+                    .await
+                    .unwrap_or(None);
+                if value.is_some_and(|v| v.starts_with('~')) {
+                    locks.push(key);
+                }
+            }
+        }
+        locks
+    }
+
     /// The keys under the prefix on each server (each node of a cluster), in [`Self::urls`] order.
     async fn keys_per_server(&self) -> Vec<Vec<(String, i64)>> {
         let mut per_server = Vec::new();
@@ -992,7 +1019,7 @@ impl TestRedis {
     /// Waits until Redis holds the answer under idempotency key `key` (the finisher sends it
     /// after the commit, without making the client wait).
     pub async fn wait_answer(&self, key: &str, limit: Duration) {
-        let answer_key = format!("{}answer:{key}", self.prefix);
+        let answer_key = format!("{}key:{key}", self.prefix);
         wait_for_key(self.connection().await, &answer_key, limit).await;
     }
 
@@ -1097,7 +1124,7 @@ impl PrivateRedis {
 
     /// Waits until it holds the answer under idempotency key `key` (default prefix).
     pub async fn wait_answer(&self, key: &str, limit: Duration) {
-        let answer_key = format!("turnstile:answer:{key}");
+        let answer_key = format!("turnstile:key:{key}");
         wait_for_key(self.connection().await, &answer_key, limit).await;
     }
 }
@@ -1108,13 +1135,15 @@ async fn wait_for_key(
     key: &str,
     limit: Duration,
 ) {
+    // A key holds its checkout's lock (`~...`) until the answer replaces it.
     eventually("the answer in Redis", limit, async || {
-        redis::cmd("EXISTS")
+        redis::cmd("GET")
             .arg(key)
-            .query_async::<i64>(&mut connection)
+            .query_async::<Option<String>>(&mut connection)
             .await
-            .unwrap_or(0)
-            == 1
+            .ok()
+            .flatten()
+            .is_some_and(|value| !value.starts_with('~'))
     })
     .await;
 }

@@ -181,16 +181,17 @@ async fn cart_on_two_nodes(mut redis: TestRedis) {
 
     redis.assert_every_key_expires().await;
     let keys = redis.keys().await;
-    for kind in ["cart:", "carts", "answer:"] {
+    for kind in ["cart:", "carts", "key:"] {
         assert!(
             keys.iter()
                 .any(|(k, _)| k.starts_with(&format!("{}{kind}", redis.prefix))),
             "a {kind} key under the prefix: {keys:?}"
         );
     }
+    let locks = redis.locks_left().await;
     assert!(
-        !keys.iter().any(|(k, _)| k.contains(":lock:")),
-        "every submission lock released: {keys:?}"
+        locks.is_empty(),
+        "every submission lock released: {locks:?}"
     );
     redis.delete().await;
 }
@@ -461,7 +462,7 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
     for (key, junk) in [("junk-hash", 0), ("junk-bytes", 1)] {
         let (status, first, _) = checkout(&mut on_a, key, &body).await;
         assert_eq!(status, 201, "{first}");
-        let answer_key = format!("{}answer:{key}", redis.prefix);
+        let answer_key = format!("{}key:{key}", redis.prefix);
         redis.wait_answer(key, Duration::from_secs(5)).await;
         let _: () = redis::cmd("DEL")
             .arg(&answer_key)
@@ -512,7 +513,7 @@ async fn junk_under_a_lock_key_is_a_500_naming_it_not_a_lock_held_for_ever() {
     let mut on_a = a.client();
     let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
     let mut connection = redis.connection().await;
-    let hash_key = format!("{}lock:junk-hash", redis.prefix);
+    let hash_key = format!("{}key:junk-hash", redis.prefix);
     let _: () = redis::cmd("HSET")
         .arg(&hash_key)
         .arg("x")
@@ -520,10 +521,10 @@ async fn junk_under_a_lock_key_is_a_500_naming_it_not_a_lock_held_for_ever() {
         .query_async(&mut connection)
         .await
         .unwrap();
-    let forever_key = format!("{}lock:junk-forever", redis.prefix);
+    let forever_key = format!("{}key:junk-forever", redis.prefix);
     let _: () = redis::cmd("SET")
         .arg(&forever_key)
-        .arg("node_other/1/1/")
+        .arg("~node_other/1/1/")
         .query_async(&mut connection)
         .await
         .unwrap();
@@ -536,10 +537,10 @@ async fn junk_under_a_lock_key_is_a_500_naming_it_not_a_lock_held_for_ever() {
         );
     }
     // A real lock (with its TTL) is still a lock.
-    let held_key = format!("{}lock:held", redis.prefix);
+    let held_key = format!("{}key:held", redis.prefix);
     let _: () = redis::cmd("SET")
         .arg(&held_key)
-        .arg("node_other/1/1/")
+        .arg("~node_other/1/1/")
         .arg("EX")
         .arg(60)
         .query_async(&mut connection)
@@ -626,20 +627,12 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
     assert_eq!(status, 201, "{first}");
     // The state a kill between the answer and the finisher leaves: the lock of A's run, no answer.
     let mut connection = redis.connection().await;
-    let (answer_key, lock_key) = (
-        format!("{}answer:killed", redis.prefix),
-        format!("{}lock:killed", redis.prefix),
-    );
+    let lock_key = format!("{}key:killed", redis.prefix);
     redis.wait_answer("killed", Duration::from_secs(5)).await;
     let node = turnstile::data_dir::node_name(&a.data_dir).expect("node name");
-    let _: () = redis::cmd("DEL")
-        .arg(&answer_key)
-        .query_async(&mut connection)
-        .await
-        .unwrap();
     let _: () = redis::cmd("SET")
         .arg(&lock_key)
-        .arg(format!("{node}/1/7/"))
+        .arg(format!("~{node}/1/7/"))
         .arg("EX")
         .arg(60)
         .query_async(&mut connection)
@@ -664,12 +657,15 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
         },
     )
     .await;
-    let lock: Option<String> = redis::cmd("GET")
+    let left: Option<String> = redis::cmd("GET")
         .arg(&lock_key)
         .query_async(&mut connection)
         .await
         .unwrap();
-    assert_eq!(lock, None, "the old run's lock freed");
+    assert!(
+        left.is_some_and(|value| !value.starts_with('~')),
+        "the old run's lock replaced by the answer"
+    );
     let sold = a.client().stock("A").await.3 + on_b.stock("A").await.3;
     assert_eq!(sold, 1);
     redis.delete().await;
@@ -850,7 +846,7 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
         .wait_answer("twin-running", Duration::from_secs(5))
         .await;
     // Another node's answer under the key, as a partition longer than the lock would leave it.
-    let answer_key = format!("{}answer:twin", redis.prefix);
+    let answer_key = format!("{}key:twin", redis.prefix);
     let mut connection = redis.connection().await;
     let stored: String = redis::cmd("GET")
         .arg(&answer_key)
@@ -867,14 +863,9 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
         .await
         .unwrap();
     // And another node running a key whose answer this node could not send yet.
-    let _: () = redis::cmd("DEL")
-        .arg(format!("{}answer:twin-running", redis.prefix))
-        .query_async(&mut connection)
-        .await
-        .unwrap();
     let _: () = redis::cmd("SET")
-        .arg(format!("{}lock:twin-running", redis.prefix))
-        .arg("node_other/1/1/")
+        .arg(format!("{}key:twin-running", redis.prefix))
+        .arg("~node_other/1/1/")
         .arg("EX")
         .arg(600)
         .query_async(&mut connection)
@@ -992,17 +983,19 @@ async fn assert_answers_left(
     other: &TestApp,
 ) {
     for key in keys {
-        let (answer, lock): (Option<String>, Option<String>) = redis::pipe()
-            .get(format!("{prefix}answer:{key}"))
-            .get(format!("{prefix}lock:{key}"))
+        let value: Option<String> = redis::cmd("GET")
+            .arg(format!("{prefix}key:{key}"))
             .query_async(&mut connection)
             .await
             .expect("Redis answers");
         assert!(
-            answer.is_some(),
+            value.is_some(),
             "no answer in Redis for {key}, placed by the stopped node"
         );
-        assert_eq!(lock, None, "the lock of {key} left behind");
+        assert!(
+            !value.is_some_and(|v| v.starts_with('~')),
+            "the lock of {key} left behind, not its answer"
+        );
     }
     let mut on_other = other.client();
     let last = keys.last().expect("keys placed");

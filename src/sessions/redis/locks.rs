@@ -172,7 +172,7 @@ impl RedisStore {
                 let mut invocation = self.scripts.renew.prepare_invoke();
                 invocation.arg(self.lock_ttl_ms);
                 for (_, key, value) in part {
-                    invocation.key(self.key("lock", key.as_str())).arg(value);
+                    invocation.key(self.key("key", key.as_str())).arg(value);
                 }
                 (at, part.len(), invocation)
             })
@@ -190,7 +190,7 @@ impl RedisStore {
             // A checkout that ended meanwhile released its own lock: not lost.
             if lock(&self.held).remove(id).is_some() {
                 self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(key = %key.as_str(), lock = %self.key("lock", key.as_str()), "a submission lock expired or was taken while this node's checkout under it has no known outcome: another node may start the same key (was Redis restarted without persistence, or unreachable for longer than --redis-lock-ttl?)");
+                tracing::error!(key = %key.as_str(), lock = %self.key("key", key.as_str()), "a submission lock expired or was taken while this node's checkout under it has no known outcome: another node may start the same key (was Redis restarted without persistence, or unreachable for longer than --redis-lock-ttl?)");
             }
         }
         Ok(())
@@ -204,7 +204,7 @@ impl RedisStore {
         Submission {
             store: Arc::clone(self),
             key: key.clone(),
-            value: format!("{}/{}/{id}/", self.node, self.run_id),
+            value: format!("~{}/{}/{id}/", self.node, self.run_id),
             id,
             open: true,
             renewed: false,
@@ -318,7 +318,7 @@ impl RedisStore {
         }
         // Through the finisher's queue (waiting for room), so its batching and retries serve
         // these too.
-        let (finishes, prefix) = (self.finishes.clone(), format!("{}/", self.node));
+        let (finishes, prefix) = (self.finishes.clone(), format!("~{}/", self.node));
         let lock_ttl = self.lock_ttl();
         tokio::spawn(async move {
             let count = answers.len();

@@ -6,19 +6,24 @@
 //!   `<position>:<quantity>`; `PEXPIRE --cart-ttl`, refreshed by every use.
 //! - `<p>carts`: a sorted set of live cart ids scored by expiry (Unix ms), so `--carts-max` holds
 //!   across nodes; its TTL is kept at least as long as its newest cart's.
-//! - `<p>lock:<idempotency key>`: the submission lock, `<node>/<start ms>.<random>/<n>/`, `SET NX PX
-//!   --redis-lock-ttl` (60 s) while a checkout with that key runs, renewed by its node while the
-//!   checkout's outcome is unknown there, deleted by its holder only (compare-and-delete).
-//! - `<p>answer:<idempotency key>`: the finished answer, `<status> <at_ms> <fingerprint>\n<body>`,
-//!   `PX --idempotency-retention`; only answers that created an order: a refusal (`404`, `409
-//!   out_of_stock`) is replayed by the node that gave it alone (API.md), from its own key table.
+//! - `<p>key:<idempotency key>`: one string per key, first its submission lock, then its answer.
+//!   The lock, `~<node>/<start ms>.<random>/<n>/`, is `SET NX PX --redis-lock-ttl` (60 s) while a
+//!   checkout with that key runs, renewed by its node while the checkout's outcome is unknown
+//!   there; the checkout's end replaces it with the finished answer, `<status> <at_ms>
+//!   <fingerprint>\n<body>`, `PX --idempotency-retention` (only answers that created an order: a
+//!   refusal, `404` or `409 out_of_stock`, is replayed by the node that gave it alone, API.md,
+//!   from its own key table; its end deletes the lock). Either is changed by the lock's holder
+//!   only (compare-and-set). One key, not a lock and an answer side by side: a checkout costs
+//!   Redis three commands (its start's `SET NX`, its end's `GET` and `SET`) instead of five, and
+//!   one key lookup each. (The layout of versions before it, `<p>lock:` and `<p>answer:`, is not
+//!   read: see README on upgrading.)
 //!
 //! # Redis Cluster
 //! `--redis-url` listing several nodes (comma-separated) speaks the cluster protocol (redis-rs's
 //! cluster client: each call goes to the master of its key's slot). A script may touch one slot
-//! only, so every key carries a hash tag: a key's lock and answer share the tag of the key's
-//! hash (`<p>lock:{<xxh3 hex>}:<key>`, `<p>answer:{<xxh3 hex>}:<key>`; the key itself may hold
-//! braces), and spread over every master, while every cart shares `{carts}` with the set of live
+//! only, so every key carries a hash tag: an idempotency key's Redis key has the tag of the key's
+//! hash (`<p>key:{<xxh3 hex>}:<key>`; the key itself may hold braces, which would otherwise pick
+//! its slot), and they spread over every master, while every cart shares `{carts}` with the set of live
 //! carts (`<p>cart:{carts}:<id>`, `<p>carts:{carts}`): carts live on one master, and
 //! `--carts-max` stays one exact count across nodes. A checkout naming a cart takes its lock and
 //! reads its cart in two calls (their slots differ); the batched ends and renewals go one script
@@ -455,11 +460,10 @@ impl RedisStore {
         ttl_ms: i64,
     ) -> Result<Begin, StoreError> {
         let (key, value) = (&lock.key, &lock.value);
-        let answer_key = self.key("answer", key.as_str());
+        let answer_key = self.key("key", key.as_str());
         let cart_key = self.key("cart", cart_id.as_str());
         let mut invocation = self.scripts.begin.key(&answer_key);
         invocation
-            .key(self.key("lock", key.as_str()))
             .key(self.carts_key())
             .key(&cart_key)
             .arg(value)

@@ -80,97 +80,98 @@ redis.call('PEXPIRE', KEYS[1], left)
 return 1
 ";
 
-/// A checkout's start with a cart (without one, starts go batched: STEPS). KEYS[1] = answer,
-/// KEYS[2] = lock, KEYS[3] = carts, KEYS[4] = cart; ARGV[1] = lock value, ARGV[2] = lock ttl ms,
-/// ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] = cart id.
+/// A checkout's start with a cart (without one, starts go batched: STEPS). KEYS[1] = the key's
+/// (its lock, or its answer), KEYS[2] = carts, KEYS[3] = cart; ARGV[1] = lock value, ARGV[2] =
+/// lock ttl ms, ARGV[3] = now ms, ARGV[4] = cart ttl ms, ARGV[5] = cart id.
 ///
-/// A lock Turnstile wrote is a string with a TTL; anything else under the lock's key (another
-/// type, a value without expiry) would make the key answer `409` for ever, so it is `junk`: the
-/// checkout fails naming the key, as junk under an answer key does.
+/// A lock Turnstile wrote is a string starting with `~` with a TTL; a lock value without expiry
+/// would make the key answer `409` for ever, so it is `junk`: the checkout fails naming the key,
+/// as a value of another type under the key does (`junk_answer`).
 pub(super) const BEGIN: &str = r"
-local answer = redis.call('GET', KEYS[1])
-if answer then return {'answer', answer} end
-if not redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
-  local held = redis.pcall('GET', KEYS[2])
-  if type(held) ~= 'string' or redis.call('PTTL', KEYS[2]) < 0 then return {'junk'} end
-  if held ~= ARGV[1] then return {'held'} end
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+  local there = redis.pcall('GET', KEYS[1])
+  if type(there) == 'table' then return {'junk_answer', tostring(there.err)} end
+  if there then
+    if string.byte(there, 1) ~= 126 then return {'answer', there} end
+    if redis.call('PTTL', KEYS[1]) < 0 then return {'junk'} end
+    if there ~= ARGV[1] then return {'held'} end
+  end
 end
-if redis.call('EXISTS', KEYS[4]) == 0 then return {'locked', 'none'} end
-refresh(KEYS[3], KEYS[4], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
-return {'locked', 'cart', lines(KEYS[4])}
+if redis.call('EXISTS', KEYS[3]) == 0 then return {'locked', 'none'} end
+refresh(KEYS[2], KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
+return {'locked', 'cart', lines(KEYS[3])}
 ";
 
 /// Checkouts' starts and ends, many in one call ([`super::starts`], and the finisher's ends). KEYS
-/// = answer, lock, answer, lock, ...; ARGV[1] = the lock TTL in ms, then per step: a start, one
-/// argument, `s` and its lock value (`s` alone: a look, which takes nothing); an end, three, `e`
-/// and its lock value, the answer it stores, and that answer's TTL in ms (`0`: none to store).
-/// Returns one string with a code per step, in order, then the payload of each step that has one
-/// (an answer found, a junk answer's error), in order: the few bytes each side parses per step
-/// are what a checkout costs Redis and the node beyond the commands themselves.
+/// = one per step, the key's (`<p>key:<idempotency key>`: its lock while a checkout runs, then
+/// its answer); ARGV[1] = the lock TTL in ms, then per step: a start, one argument, `s` and its
+/// lock value (`s` alone: a look, which takes nothing); an end, three, `e` and its lock value,
+/// the answer it stores, and that answer's TTL in ms (`0`: none to store). Returns one string
+/// with a code per step, in order, then the payload of each step that has one (an answer found,
+/// a junk value's error), in order: the few bytes each side parses per step, and the three
+/// commands a checkout runs (its start's `SET NX`, its end's `GET` and `SET`), are what a
+/// checkout costs Redis.
 ///
-/// A start (codes as [`STEP_CODES`] names them): `A` and the answer any node stored; `L` (the
-/// lock taken, or already this start's: a start may run twice); `F` (a look, nothing held); `H`
-/// (another checkout holds the lock); `J` (a value under the lock Turnstile did not write, see
-/// BEGIN); `j` and the error (the answer's key holds another type).
+/// A lock value starts with `~` (an answer starts with its status, a digit), so one string says
+/// which it is. A start (codes as [`STEP_CODES`] names them): `A` and the answer any node
+/// stored; `L` (the lock taken, or already this start's: a start may run twice); `F` (a look,
+/// nothing there); `H` (another checkout holds the lock); `J` (a lock value without expiry,
+/// which would hold the key for ever: junk Turnstile did not write); `j` and the error (a value
+/// of another type under the key).
 ///
-/// An end: the answer stored (if any), then the lock released if still that checkout's; `D`,
-/// or `T` (a twin) when the answer finds the key taken by another (another answer there, or
-/// another checkout holding the lock while none is): this node's answer could not reach Redis
-/// while its lock lived, and another node placed the key or is placing it, so the key has (or is
-/// about to have) an order on each of two nodes, which the node reports. The answer is stored
-/// only if none is there yet and no other checkout holds the lock (one that went on without the
-/// lock, Redis being unreachable, or whose lock expired, must not replace the answer another
-/// node's clients already replay). A lock is "ours" when its value starts with the one given:
-/// lock values end with `/`, so a checkout's own value matches only itself, and the node's
-/// prefix (`<node>/`, given by the start-up recovery) matches every lock of the node's earlier
-/// runs.
+/// An end: the answer replaces the lock if the lock is still that checkout's (or is gone), then
+/// `D`; an end without an answer (a refusal, a failure) deletes the lock if still its own. `T`
+/// (a twin) when the key is taken by another (another answer there, or another checkout's
+/// lock): this node's answer could not reach Redis while its lock lived, and another node placed
+/// the key or is placing it, so the key has (or is about to have) an order on each of two
+/// nodes, which the node reports; nothing is replaced (the answer another node's clients
+/// already replay stays). A lock is "ours" when its value starts with the one given: lock values
+/// end with `/`, so a checkout's own value matches only itself, and the node's prefix (`~<node>/`,
+/// given by the start-up recovery) matches every lock of the node's earlier runs.
 ///
 /// Every read is a `pcall`, so junk under one key fails only its own step; every step may run
-/// twice (a batch whose answer was lost is sent again).
+/// twice (a batch whose answer was lost is sent again: an end finds its own answer there).
 pub(super) const STEPS: &str = r"
 local payloads = {}
-local function start(answer_key, lock_key, value)
-  local answer = redis.pcall('GET', answer_key)
-  if type(answer) == 'table' then
-    payloads[#payloads + 1] = tostring(answer.err)
+local function start(key, value)
+  if value ~= '' and redis.call('SET', key, value, 'NX', 'PX', ARGV[1]) then return 'L' end
+  local there = redis.pcall('GET', key)
+  if type(there) == 'table' then
+    payloads[#payloads + 1] = tostring(there.err)
     return 'j'
   end
-  if answer then
-    payloads[#payloads + 1] = answer
+  if there == false then return 'F' end
+  if string.byte(there, 1) ~= 126 then
+    payloads[#payloads + 1] = there
     return 'A'
   end
-  if value ~= '' and redis.call('SET', lock_key, value, 'NX', 'PX', ARGV[1]) then return 'L' end
-  local held = redis.pcall('GET', lock_key)
-  if held == false then return 'F' end
-  if type(held) ~= 'string' or redis.call('PTTL', lock_key) < 0 then return 'J' end
-  if held == value then return 'L' end
+  if redis.call('PTTL', key) < 0 then return 'J' end
+  if there == value then return 'L' end
   return 'H'
 end
-local function finish(answer_key, lock_key, value, stored, ttl)
-  local lock = redis.pcall('GET', lock_key)
-  local ours = type(lock) == 'string' and string.sub(lock, 1, #value) == value
-  local twin = false
+local function finish(key, value, stored, ttl)
+  local there = redis.pcall('GET', key)
+  if type(there) == 'table' then return 'D' end
+  local ours = there ~= false and string.sub(there, 1, #value) == value
   if ttl > 0 then
-    local stored_now = (ours or lock == false)
-      and redis.call('SET', answer_key, stored, 'NX', 'PX', ttl)
-    if not stored_now then
-      local there = redis.pcall('GET', answer_key)
-      twin = there == false or (type(there) == 'string' and there ~= stored)
+    if ours or there == false then
+      redis.call('SET', key, stored, 'PX', ttl)
+      return 'D'
     end
+    if there == stored then return 'D' end
+    return 'T'
   end
-  if ours then redis.call('DEL', lock_key) end
-  if twin then return 'T' end
+  if ours then redis.call('DEL', key) end
   return 'D'
 end
 local codes, at = {}, 2
-for i = 1, #KEYS / 2 do
+for i = 1, #KEYS do
   local step = ARGV[at]
   if string.byte(step, 1) == 101 then
-    codes[i] = finish(KEYS[2 * i - 1], KEYS[2 * i], string.sub(step, 2), ARGV[at + 1],
-      tonumber(ARGV[at + 2]))
+    codes[i] = finish(KEYS[i], string.sub(step, 2), ARGV[at + 1], tonumber(ARGV[at + 2]))
     at = at + 3
   else
-    codes[i] = start(KEYS[2 * i - 1], KEYS[2 * i], string.sub(step, 2))
+    codes[i] = start(KEYS[i], string.sub(step, 2))
     at = at + 1
   end
 end

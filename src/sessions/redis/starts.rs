@@ -65,8 +65,7 @@ pub(super) fn step_arg(kind: u8, value: &str) -> Vec<u8> {
     arg
 }
 
-/// What one step of a `STEPS` call needs: its idempotency key (its answer and lock keys) and its
-/// arguments. A core's batch of steps and the finisher's batch of ends are both built with
+/// What one step of a `STEPS` call needs: its idempotency key (its Redis key) and its arguments. A core's batch of steps and the finisher's batch of ends are both built with
 /// [`RedisStore::steps_parts`].
 pub(super) trait AsStep {
     fn key(&self) -> &IdempotencyKey;
@@ -290,9 +289,7 @@ impl RedisStore {
                 let mut invocation = self.scripts.steps.prepare_invoke();
                 invocation.arg(self.lock_ttl_ms);
                 for step in part {
-                    invocation
-                        .key(self.key("answer", step.key().as_str()))
-                        .key(self.key("lock", step.key().as_str()));
+                    invocation.key(self.key("key", step.key().as_str()));
                     step.push_args(&mut invocation);
                 }
                 (at, part.len(), invocation)
@@ -332,7 +329,7 @@ impl RedisStore {
     ) {
         let parts = self.steps_parts(&batch);
         let subject = match batch.as_slice() {
-            [one] => self.key("answer", one.key().as_str()),
+            [one] => self.key("key", one.key().as_str()),
             _ => "a batch of checkouts' starts and ends".to_owned(),
         };
         let (answers, broke) = self
@@ -371,7 +368,7 @@ impl RedisStore {
         tag: &str,
         payload: &str,
     ) -> Result<Begin, StoreError> {
-        let answer_key = || self.key("answer", key.as_str());
+        let answer_key = || self.key("key", key.as_str());
         match tag {
             "answer" => decode_answer(payload)
                 .map(Begin::Answer)
@@ -387,8 +384,8 @@ impl RedisStore {
             // Taken (a begin), or free (a look: nothing taken, the caller refuses and keeps it).
             "locked" | "free" => Ok(Begin::Locked(None)),
             "junk" => Err(StoreError::Unexpected {
-                key: self.key("lock", key.as_str()),
-                what: "a value Turnstile did not write (another type, or a value without expiry), which would hold the key for ever".into(),
+                key: self.key("key", key.as_str()),
+                what: "a lock value without expiry, which would hold the key for ever (Turnstile writes none)".into(),
             }),
             other => Err(StoreError::Unexpected {
                 key: answer_key(),
