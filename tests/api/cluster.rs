@@ -148,7 +148,16 @@ async fn sale(
                     }
                     let node = i % clients.len();
                     let key = format!("{prefix}-{i}");
-                    let Ok(answer) = clients[node].checkout(&key, &sku, 1, "tok_ok").await else {
+                    // A request lost with its connection (one the server closed as it went out,
+                    // on a loaded machine) is sent again under its key, as a buyer's client does.
+                    let mut answer = None;
+                    for _ in 0..3 {
+                        if let Ok(got) = clients[node].checkout(&key, &sku, 1, "tok_ok").await {
+                            answer = Some(got);
+                            break;
+                        }
+                    }
+                    let Some(answer) = answer else {
                         results.push((node, key, 0, None));
                         continue;
                     };
@@ -1245,7 +1254,11 @@ async fn a_stock_lowered_through_any_node_takes_leased_units_back_never_below_wh
     known_everywhere(&refs, "LOW").await;
     let first = sale(&refs, "LOW", 90, "first").await;
     let sold_first = count(&first, 201);
-    assert!(first.iter().all(|r| r.2 == 201 || r.2 == 503));
+    assert!(
+        first.iter().all(|r| r.2 == 201 || r.2 == 503),
+        "{:?}",
+        first.iter().find(|r| r.2 != 201 && r.2 != 503)
+    );
     // Lowered through node b while the nodes hold leases: the units come back from them.
     let lowered = nodes[1].client().put_product("LOW", 100, 120).await;
     assert_eq!(
