@@ -129,7 +129,14 @@ pub async fn commit<F>(state: &Shared, change: Change, then: F) -> Result<Applie
 where
     F: FnOnce(&Shared, &Settlement) + Send + 'static,
 {
-    let ticket = state.journal.append(change.record().clone());
+    // Several nodes: a node that may have lost its lease (fenced, or its last renewal older than
+    // --lease-ttl: paused, or cut off) records nothing, right before the record would go, not
+    // only when the use case began: a checkout that waited on the gateway through a pause would
+    // otherwise commit on a write-behind node's own disk after its lease was given away.
+    let ticket = match state.cluster.as_ref().map(|cluster| cluster.may_sell()) {
+        Some(Err(why)) => Ticket::failed(JournalError::Unavailable(why)),
+        _ => state.journal.append(change.record().clone()),
+    };
     let mut settle = Settle {
         app: Arc::clone(state),
         ticket,

@@ -1242,6 +1242,86 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
     assert_eq!(in_pool, 0);
 }
 
+/// Connections open to 127.0.0.1:`port` (their client ends: requests waiting on the gateway).
+fn connections_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// Checkouts waiting on the gateway while their write-behind node is paused past its TTL and
+/// forgotten: once both resume, the node records none of them (they are refused, nothing sold),
+/// since its lease was given away meanwhile. Found by attack: the node checked that it may sell
+/// only before authorising, and committed these on its own disk after it knew it was fenced
+/// (50 paid for a stock of 40).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkouts_waiting_on_the_gateway_of_a_node_forgotten_meanwhile_are_not_recorded() {
+    use crate::gateway::{free_port, Sim};
+    let shop = Shop::new("cluster-forgotten-inflight", true).await;
+    let port = free_port();
+    let sim = Sim::start(&format!("127.0.0.1:{port}"), &[]);
+    let url = sim.url();
+    let extra = [
+        "--gateway-url",
+        &url,
+        "--gateway-timeout",
+        "30s",
+        "--reconcile-after",
+        "2m",
+        "--redis-lock-ttl",
+        "2m",
+        "--lease-ttl",
+        "3s",
+    ];
+    let a = shop.node_with("node-a", &extra);
+    let b = shop.node_with("node-b", &extra);
+    assert_eq!(a.client().put_product("WAIT", 100, 40).await.status, 200);
+    known_everywhere(&[&a, &b], "WAIT").await;
+    sim.signal("-STOP");
+    let waiting: Vec<_> = (0..8)
+        .map(|i| {
+            let mut client = b.client();
+            tokio::spawn(async move {
+                client
+                    .checkout(&format!("wait-{i}"), "WAIT", 1, "tok_ok")
+                    .await
+                    .map(|answer| answer.status)
+            })
+        })
+        .collect();
+    eventually(
+        "node b's checkouts to wait on the gateway",
+        Duration::from_secs(10),
+        async || connections_to(port) >= 8,
+    )
+    .await;
+    signal(&b, "-STOP");
+    eventually(
+        "node b to be forgotten",
+        Duration::from_secs(40),
+        async || forget(&shop, "node-b").0 == Some(0),
+    )
+    .await;
+    sim.signal("-CONT");
+    signal(&b, "-CONT");
+    for task in waiting {
+        let status = task.await.expect("buyer task");
+        assert_ne!(status, Ok(201), "a forgotten node recorded a checkout");
+    }
+    sell_out(&[&a], "WAIT", 40, 0, "rest").await;
+    assert_eq!(shop.paid_in_mysql(40).await, 40);
+    let (in_pool, _) = shop.assert_books_balance("WAIT").await;
+    assert_eq!(in_pool, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stock_lowered_through_any_node_takes_leased_units_back_never_below_what_is_sold() {
     let shop = Shop::new("cluster-lower", false).await;

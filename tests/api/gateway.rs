@@ -47,7 +47,7 @@ impl Sim {
         format!("http://{}", self.addr)
     }
 
-    fn signal(&self, signal: &str) {
+    pub(crate) fn signal(&self, signal: &str) {
         Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()

@@ -305,7 +305,7 @@ impl RedisStore {
     /// A key another node answered, or is running, while this node's answer could not reach Redis.
     pub(super) fn report_twin(&self, key: &IdempotencyKey) {
         self.stats.locks_lost.fetch_add(1, Ordering::Relaxed);
-        tracing::error!(key = %key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
+        tracing::error!(key = %key.as_str(), "another node answered this key, or is running it, while this node's answer could not reach Redis (cut off from it for longer than --redis-lock-ttl, Redis restarted without its data, or something else wrote the key): the key has, or is about to have, an order on each of two nodes; look at both and cancel one");
     }
 
     /// Sends again, in the background, the answers this node gave since `answers`' oldest (read

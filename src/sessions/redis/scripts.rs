@@ -121,8 +121,9 @@ return {'locked', 'cart', lines(KEYS[3])}
 ///
 /// An end: the answer replaces the lock if the lock is still that checkout's (or is gone), then
 /// `D`; an end without an answer (a refusal, a failure) deletes the lock if still its own. `T`
-/// (a twin) when the key is taken by another (another answer there, or another checkout's
-/// lock): this node's answer could not reach Redis while its lock lived, and another node placed
+/// (a twin) when the key is taken by another (another answer there, another checkout's lock, or
+/// a value of another type put over this checkout's lock, which another node may start the key
+/// past): this node's answer could not reach Redis while its lock lived, and another node placed
 /// the key or is placing it, so the key has (or is about to have) an order on each of two
 /// nodes, which the node reports; nothing is replaced (the answer another node's clients
 /// already replay stays). A lock is "ours" when its value starts with the one given: lock values
@@ -151,7 +152,7 @@ local function start(key, value)
 end
 local function finish(key, value, stored, ttl)
   local there = redis.pcall('GET', key)
-  if type(there) == 'table' then return 'D' end
+  if type(there) == 'table' then return 'T' end
   local ours = there ~= false and string.sub(there, 1, #value) == value
   if ttl > 0 then
     if ours or there == false then
