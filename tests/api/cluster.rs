@@ -1207,13 +1207,7 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
     bought(&[&a], "NAP", 20, "before-a").await;
     // Everything node b sold is in MySQL: forgetting it loses nothing.
     shop.paid_in_mysql(40).await;
-    signal(&b, "-STOP");
-    eventually(
-        "node b to be forgotten",
-        Duration::from_secs(40),
-        async || forget(&shop, "node-b").0 == Some(0),
-    )
-    .await;
+    paused_and_forgotten(&shop, &b).await;
     signal(&b, "-CONT");
     let resumed = sale(&[&b], "NAP", 50, "resumed").await;
     assert_eq!(
@@ -1240,6 +1234,18 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
     pool.close().await;
     let (in_pool, _) = shop.assert_books_balance("NAP").await;
     assert_eq!(in_pool, 0);
+}
+
+/// Pauses node b (SIGSTOP) and forgets it once `cluster forget` takes it (past its TTL and its
+/// journal lock's session).
+async fn paused_and_forgotten(shop: &Shop, b: &TestApp) {
+    signal(b, "-STOP");
+    eventually(
+        "node b to be forgotten",
+        Duration::from_secs(40),
+        async || forget(shop, "node-b").0 == Some(0),
+    )
+    .await;
 }
 
 /// Connections open to 127.0.0.1:`port` (their client ends: requests waiting on the gateway).
@@ -1303,13 +1309,7 @@ async fn checkouts_waiting_on_the_gateway_of_a_node_forgotten_meanwhile_are_not_
         async || connections_to(port) >= 8,
     )
     .await;
-    signal(&b, "-STOP");
-    eventually(
-        "node b to be forgotten",
-        Duration::from_secs(40),
-        async || forget(&shop, "node-b").0 == Some(0),
-    )
-    .await;
+    paused_and_forgotten(&shop, &b).await;
     sim.signal("-CONT");
     signal(&b, "-CONT");
     for task in waiting {
