@@ -208,11 +208,17 @@ pub async fn follow(
     app: crate::app::Shared,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    super::periodically("reading the catalogue", POLL, None, stop, || async {
-        let shop = read(&cluster).await?;
-        take_in(&cluster, &app.engine, shop);
-        Ok(())
-    })
+    super::periodically(
+        "reading the catalogue",
+        POLL,
+        Some(&cluster.catalogue_wake),
+        stop,
+        || async {
+            let shop = read(&cluster).await?;
+            take_in(&cluster, &app.engine, shop);
+            Ok(())
+        },
+    )
     .await;
 }
 

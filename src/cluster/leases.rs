@@ -239,6 +239,15 @@ async fn take_block(
 ) -> Result<i64, ClusterError> {
     let (taken, pool_left) = super::retrying(|| grant(cluster, sku, want)).await?;
     signal.units.store(pool_left, Ordering::Release);
+    if taken > 0 && pool_left <= 0 {
+        // This grant emptied the pool. Whether other live nodes still hold unsold units is the
+        // catalogue's to say, and its last read is older than this grant: until it is read
+        // again (at once), a buyer this node cannot serve waits for a refill instead of being
+        // told "sold out" while units are for sale elsewhere (seen in CI: a node refused `409`
+        // with units unsold on the other).
+        signal.elsewhere.store(true, Ordering::Release);
+        cluster.catalogue_wake.notify_one();
+    }
     if taken > 0 {
         engine.inventory().grow(index, taken);
         cluster.grants.fetch_add(1, Ordering::Relaxed);

@@ -222,6 +222,8 @@ pub struct Cluster {
     pub(crate) shop: ArcSwap<FxHashMap<Sku, catalogue::ShopCounts>>,
     /// Woken when a checkout finds its lease dry.
     pub(crate) wake: tokio::sync::Notify,
+    /// Wakes the catalogue's reader (a grant emptied a pool: what is left elsewhere is read now).
+    pub(crate) catalogue_wake: tokio::sync::Notify,
     /// Lease grants and returns done (for `/metrics` and `/v1/cluster`).
     pub(crate) grants: AtomicU64,
     pub(crate) returns: AtomicU64,
@@ -261,6 +263,7 @@ impl Cluster {
             signals: ArcSwap::from_pointee(FxHashMap::default()),
             shop: ArcSwap::from_pointee(FxHashMap::default()),
             wake: tokio::sync::Notify::new(),
+            catalogue_wake: tokio::sync::Notify::new(),
             grants: AtomicU64::new(0),
             returns: AtomicU64::new(0),
             reaped: AtomicU64::new(0),
