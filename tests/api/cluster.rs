@@ -1248,21 +1248,6 @@ async fn paused_and_forgotten(shop: &Shop, b: &TestApp) {
     .await;
 }
 
-/// Connections open to 127.0.0.1:`port` (their client ends: requests waiting on the gateway).
-fn connections_to(port: u16) -> usize {
-    let out = std::process::Command::new("ss")
-        .args([
-            "-Htn",
-            "state",
-            "established",
-            "dst",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .output()
-        .expect("run ss (iproute2)");
-    String::from_utf8_lossy(&out.stdout).lines().count()
-}
-
 /// Checkouts waiting on the gateway while their write-behind node is paused past its TTL and
 /// forgotten: once both resume, the node records none of them (they are refused, nothing sold),
 /// since its lease was given away meanwhile. Found by attack: the node checked that it may sell
@@ -1306,7 +1291,7 @@ async fn checkouts_waiting_on_the_gateway_of_a_node_forgotten_meanwhile_are_not_
     eventually(
         "node b's checkouts to wait on the gateway",
         Duration::from_secs(10),
-        async || connections_to(port) >= 8,
+        async || crate::helpers::connections_to(port) >= 8,
     )
     .await;
     paused_and_forgotten(&shop, &b).await;

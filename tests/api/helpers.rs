@@ -1047,6 +1047,21 @@ impl TestRedis {
     }
 }
 
+/// Connections open to 127.0.0.1:`port` (their client ends: requests waiting on the gateway).
+pub fn connections_to(port: u16) -> usize {
+    let out = std::process::Command::new("ss")
+        .args([
+            "-Htn",
+            "state",
+            "established",
+            "dst",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("run ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
 /// A free port on 127.0.0.1 (bound, then released for the process that takes it next).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

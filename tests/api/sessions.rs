@@ -671,6 +671,75 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
     redis.delete().await;
 }
 
+/// Something of another type written over a running checkout's lock (by hand, or another
+/// program under the prefix): the checkout's end cannot leave its answer there, so another node
+/// may start the key again once that value is gone. The node says so (a twin: ERROR and
+/// `turnstile_redis_locks_lost_total`) instead of dropping its answer silently (found by attack).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_written_over_a_running_checkouts_lock_is_reported_not_dropped() {
+    use crate::gateway::{free_port, Sim};
+    let redis = TestRedis::create("junk-over-lock").await;
+    let port = free_port();
+    let sim = Sim::start(&format!("127.0.0.1:{port}"), &[]);
+    let url = sim.url();
+    let (a, _b) = two_nodes(
+        &redis,
+        &["--gateway-url", &url, "--gateway-timeout", "20s"],
+        &[("A", 10)],
+    )
+    .await;
+    sim.signal("-STOP");
+    let mut on_a = a.client();
+    let body = json!({"items": [{"sku": "A", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    let running = tokio::spawn(async move { checkout(&mut on_a, "overwritten", &body).await });
+    // Its lock is taken before it asks the gateway, which does not answer: it holds it there.
+    let key = format!("{}key:overwritten", redis.prefix);
+    let mut connection = redis.connection().await;
+    eventually(
+        "the checkout to hold its lock",
+        Duration::from_secs(10),
+        async || {
+            redis::cmd("GET")
+                .arg(&key)
+                .query_async::<Option<String>>(&mut connection)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|value| value.starts_with('~'))
+        },
+    )
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("x")
+        .arg("y")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("PEXPIRE")
+        .arg(&key)
+        .arg(600_000)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    sim.signal("-CONT");
+    let (status, text, _) = running.await.expect("the checkout");
+    assert_eq!(status, 201, "{text}");
+    let mut on_a = a.client();
+    eventually(
+        "node a to report the key",
+        Duration::from_secs(10),
+        async || super::helpers::metric(&mut on_a, "turnstile_redis_locks_lost_total").await >= 1.0,
+    )
+    .await;
+    redis.delete().await;
+}
+
 /// A data dir cloned with its `redis-node-id` (a copied volume or image): two nodes then share a
 /// name. Started in the same millisecond, their lock values were identical (`<node>/<ms>/<n>/`)
 /// and BEGIN, which takes a lock it already holds again, let both run the same key at once.
