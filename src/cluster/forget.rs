@@ -12,7 +12,7 @@
 //! Refused while the node renewed within `--lease-ttl`, and while a process still holds the
 //! node's journal lock in MySQL (it runs, or was paused less than the lock session's idle limit
 //! ago): such a process could resume and sell from the lease given away. One that resumes later
-//! still sells nothing: a node whose last renewal is older than `--lease-ttl` takes no checkout
+//! still sells nothing: a node whose last renewal is older than `--lease-ttl` records nothing
 //! until a renewal succeeds, and that renewal finds it fenced ([`super::Cluster::may_sell`]).
 //! Started again on the forgotten disk, a node whose disk holds orders MySQL lacked refuses to
 //! start (its lease was settled without them).

@@ -365,32 +365,31 @@ impl Cluster {
             .is_some_and(|signal| signal.units.load(Ordering::Acquire) > 0)
     }
 
-    /// `Err` when this node must not sell now: fenced, or its last renewal older than
-    /// `--lease-ttl` (paused, or cut off from MySQL: meanwhile another node may have presumed it
-    /// dead, or an operator forgotten it, and given its lease away). It sells again once a
-    /// renewal succeeds; a renewal that finds its epoch moved fences it. Checked on every
-    /// checkout that reserved units, before anything is recorded: a write-behind node acknowledges
-    /// from its own disk, so nothing else stops a node that resumes from selling a lease it lost.
+    /// `Err` when this node must not record anything now: fenced, or its last renewal older
+    /// than `--lease-ttl` (paused, or cut off from MySQL: meanwhile another node may have
+    /// presumed it dead, or an operator forgotten it, and given its lease away). It records again
+    /// once a renewal succeeds; a renewal that finds its epoch moved fences it. Checked by every
+    /// commit ([`crate::app::commit`]) right before its record goes, and by a checkout before it
+    /// authorises (no payment for an order that cannot be recorded): a write-behind node
+    /// acknowledges from its own disk, so nothing else stops a node that resumes from selling a
+    /// lease it lost.
     pub fn may_sell(&self) -> Result<(), String> {
-        if self.fenced.load(Ordering::Acquire) {
-            return Err(format!(
-                "node {} was taken over (fenced): it sells nothing more; restart it",
-                self.node()
-            ));
+        match self.behind(self.config.lease_ttl) {
+            Some(why) => Err(format!(
+                "this node records nothing now ({why}; past --lease-ttl another node may have taken its lease)"
+            )),
+            None => Ok(()),
         }
-        let since = crate::time::now_ms() - self.renewed_at_ms.load(Ordering::Acquire);
-        if since > self.config.lease_ttl.as_millis() as i64 {
-            return Err(format!(
-                "node {} last renewed its lease {since} ms ago, past --lease-ttl: it may have been presumed dead; it sells again once a renewal succeeds",
-                self.node()
-            ));
-        }
-        Ok(())
     }
 
     /// Why this node cannot take checkouts now, if it cannot: fenced, or its renewals failing
     /// for longer than a third of `--lease-ttl` (well before another node would presume it dead).
     pub fn unready(&self) -> Option<String> {
+        self.behind(self.config.lease_ttl / 3)
+    }
+
+    /// Fenced, or its last renewal older than `bound`: why, if so.
+    fn behind(&self, bound: Duration) -> Option<String> {
         if self.fenced.load(Ordering::Acquire) {
             return Some(format!(
                 "fenced: node {} was taken over; restart it",
@@ -398,8 +397,8 @@ impl Cluster {
             ));
         }
         let since = crate::time::now_ms() - self.renewed_at_ms.load(Ordering::Acquire);
-        let bound = (self.config.lease_ttl / 3).as_millis() as i64;
-        (since > bound).then(|| format!("cannot renew its leases in MySQL for {since} ms"))
+        (since > bound.as_millis() as i64)
+            .then(|| format!("cannot renew its leases in MySQL for {since} ms"))
     }
 
     /// The cluster's metrics: leases held, pools as last seen, grants and returns, fenced.

@@ -1090,17 +1090,7 @@ async fn a_write_behind_node_whose_disk_is_forgotten_gives_its_units_to_the_othe
     let (code, _, stderr) = forget(&shop, "node-z");
     assert_eq!(code, Some(2), "{stderr}");
     nodes[2].kill_9();
-    let mut said = String::new();
-    eventually(
-        "node c to be forgotten once past its TTL",
-        Duration::from_secs(20),
-        async || {
-            let (code, stdout, _) = forget(&shop, "node-c");
-            said = stdout;
-            code == Some(0)
-        },
-    )
-    .await;
+    let said = forgotten(&shop, "node-c").await;
     assert!(said.contains("node node-c forgotten"), "{said}");
     // What MySQL knows was sold is the truth now (what node c never shipped is lost with it):
     // the others sell the rest, exactly.
@@ -1159,17 +1149,7 @@ async fn a_forgotten_write_behind_node_started_again_on_its_old_disk_says_why_it
     .await;
     b.kill_9();
     blocking.rollback().await.expect("let go");
-    let mut said = String::new();
-    eventually(
-        "node b to be forgotten once past its TTL",
-        Duration::from_secs(20),
-        async || {
-            let (code, stdout, _) = forget(&shop, "node-b");
-            said = stdout;
-            code == Some(0)
-        },
-    )
-    .await;
+    let said = forgotten(&shop, "node-b").await;
     // Three orders' events never reached MySQL, not every event of the node.
     let lost: Vec<u64> = said
         .split("seqs ")
@@ -1240,12 +1220,24 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
 /// journal lock's session).
 async fn paused_and_forgotten(shop: &Shop, b: &TestApp) {
     signal(b, "-STOP");
+    forgotten(shop, "node-b").await;
+}
+
+/// Runs `cluster forget node` until it takes the node (past its TTL, and its journal lock's
+/// session ended), at most 40 s: what it printed.
+async fn forgotten(shop: &Shop, node: &str) -> String {
+    let mut said = String::new();
     eventually(
-        "node b to be forgotten",
+        "the node to be forgotten",
         Duration::from_secs(40),
-        async || forget(shop, "node-b").0 == Some(0),
+        async || {
+            let (code, stdout, _) = forget(shop, node);
+            said = stdout;
+            code == Some(0)
+        },
     )
     .await;
+    said
 }
 
 /// Checkouts waiting on the gateway while their write-behind node is paused past its TTL and

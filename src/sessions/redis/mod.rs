@@ -36,7 +36,7 @@
 //! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
 //! answer, else the lock, and the cart when the checkout names one). The starts of checkouts
 //! naming their items, the looks of sold-out refusals and every checkout's end (the answer
-//! stored and the lock released, atomically, answer first; queued after the journal's commit and
+//! replacing the lock, atomically, if the lock is still the checkout's; queued after the journal's commit and
 //! not awaited) are batched per core, many in one `STEPS` call ([`starts`]): a checkout's end
 //! rides with later checkouts' starts, so Redis adds one awaited round trip to a checkout and,
 //! under load, a share of one call. Ends a core's queue cannot carry (Redis unreachable, the queue

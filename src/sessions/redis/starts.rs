@@ -1,6 +1,6 @@
 //! Checkouts' starts and ends, batched per core: the look of a sold-out refusal (`peek`), the
 //! start of a checkout naming its items (`begin`: the answer, else the lock) and a checkout's end
-//! (its answer stored, its lock released: queued after the journal's commit, not awaited) go
+//! (its answer replacing its lock: queued after the journal's commit, not awaited) go
 //! through the queue of the calling thread's core slot (`sync::PerCore`). Each core's queue has a
 //! task of its own, started on that core's runtime at its first start, with a Redis connection of
 //! its own made there: a per-core worker's starts and ends, their batching, the connection's
