@@ -1,7 +1,9 @@
 -- Checkouts of one SKU (the first script argument: SOLDOUT for the flash-sale flood, HOT for
 -- successful checkouts of a hot SKU), each with a new Idempotency-Key (the SKU is part of it, so
--- runs of the two never share keys: wrk's random prefix is the same in every run), paid with tok_ok.
--- An optional second argument is added to the keys' prefix (wrk processes side by side).
+-- runs of the two never share keys), paid with tok_ok. An optional second argument is added to the
+-- keys' prefix.
+-- Keys differ from one wrk process to the next (seed.lua).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "seed.lua")
 local counter = 0
 local prefix = tostring(math.random(1, 1000000000))
 local body

@@ -1,6 +1,7 @@
 -- Successful single-item checkouts spread over 10,000 SKUs, paid with tok_ok. An optional script
--- argument is added to the keys' prefix (wrk's random prefix is the same in every process: wrk
--- processes run side by side give each its own).
+-- argument is added to the keys' prefix.
+-- Keys differ from one wrk process to the next (seed.lua).
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "./") .. "seed.lua")
 local counter = 0
 local prefix = tostring(math.random(1, 1000000000))
 function setup(thread)

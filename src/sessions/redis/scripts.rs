@@ -154,7 +154,7 @@ local function finish(key, value, stored, ttl)
   local there = redis.pcall('GET', key)
   if type(there) == 'table' then return 'T' end
   local ours = there ~= false and string.sub(there, 1, #value) == value
-  if ttl > 0 then
+  if ttl ~= '0' then
     if ours or there == false then
       redis.call('SET', key, stored, 'PX', ttl)
       return 'D'
@@ -169,7 +169,7 @@ local codes, at = {}, 2
 for i = 1, #KEYS do
   local step = ARGV[at]
   if string.byte(step, 1) == 101 then
-    codes[i] = finish(KEYS[i], string.sub(step, 2), ARGV[at + 1], tonumber(ARGV[at + 2]))
+    codes[i] = finish(KEYS[i], string.sub(step, 2), ARGV[at + 1], ARGV[at + 2])
     at = at + 3
   else
     codes[i] = start(KEYS[i], string.sub(step, 2))
