@@ -36,9 +36,21 @@ pub enum AppError {
 
 /// An order: from memory while it is live, else from the store past `--order-retention` (MySQL;
 /// the embedded journal keeps none beyond memory). `None`: no such order.
+///
+/// Several nodes: a node that may have lost its lease (fenced, or its last renewal older than
+/// `--lease-ttl`: [`crate::cluster::Cluster::may_sell`]) may have lost its open orders with it to
+/// an adopter, which changes them in MySQL. Its memory may be stale, so it answers MySQL's
+/// order, and its own only where MySQL has none (a write-behind node's order not shipped yet:
+/// nothing moves such an order but `cluster forget`); `503 journal_unavailable` when MySQL does
+/// not answer.
 pub async fn find(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, JournalError> {
+    let stale = app
+        .cluster
+        .as_ref()
+        .is_some_and(|cluster| cluster.may_sell().is_err());
     match app.engine.order(order_id) {
-        Some(order) => Ok(Some(order)),
+        Some(order) if !stale => Ok(Some(order)),
+        Some(order) => Ok(app.journal.order(order_id).await?.or(Some(order))),
         None => app.journal.order(order_id).await,
     }
 }

@@ -728,6 +728,98 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
     pool.close().await;
 }
 
+/// A node paused past its lease on a MySQL journal, whose pending order was adopted and cancelled
+/// through another node meanwhile, answers that order as MySQL has it once it resumes (cancelled),
+/// not as its memory left it (payment pending), and changes none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
+    let shop = Shop::new("cluster-stale-read", false).await;
+    // The gateway decides nothing within the test: the order stays pending until it is cancelled.
+    let (nodes, _sim, _) = two_nodes_and_a_gateway(&shop, "10m");
+    let mut a = nodes[0].client();
+    assert_eq!(a.put_product("STALE", 1_000, 10).await.status, 200);
+    known_everywhere(&[&nodes[0], &nodes[1]], "STALE").await;
+    let order_id = placed(&mut a, "stale-read", "STALE", 2, "tok_pending", 202).await;
+    let path = format!("/v1/orders/{order_id}");
+    signal(&nodes[0], "-STOP");
+    let pool = shop.database.pool().await;
+    // (None until a node's projections hold the order.)
+    let status_in_mysql = async |pool: &sqlx::MySqlPool| -> Option<(String, String)> {
+        sqlx::query(
+            "SELECT CAST(node AS CHAR), CAST(status AS CHAR) FROM orders WHERE order_id = ?",
+        )
+        .bind(&order_id)
+        .fetch_optional(pool)
+        .await
+        .expect("the orders table")
+        .map(|row| (row.get(0), row.get(1)))
+    };
+    eventually(
+        "node a to be presumed dead and its order adopted by node b",
+        Duration::from_secs(60),
+        async || {
+            status_in_mysql(&pool)
+                .await
+                .is_some_and(|(node, _)| node == "node-b")
+        },
+    )
+    .await;
+    let mut b = nodes[1].client();
+    let cancelled = b.send("POST", &format!("{path}/cancel"), &[], "").await;
+    assert_eq!(
+        cancelled.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&cancelled.body)
+    );
+    assert_eq!(cancelled.json()["status"], "released");
+    eventually(
+        "the cancel to reach MySQL's orders",
+        Duration::from_secs(10),
+        async || {
+            status_in_mysql(&pool)
+                .await
+                .is_some_and(|(_, status)| status == "released")
+        },
+    )
+    .await;
+    signal(&nodes[0], "-CONT");
+    // At once (its last renewal is long past) and once it knows it is fenced.
+    let read = a.get(&path).await;
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
+    assert_eq!(
+        read.json()["status"],
+        "released",
+        "node a answered its stale memory"
+    );
+    eventually(
+        "node a to say it is fenced",
+        Duration::from_secs(10),
+        async || a.get("/readyz").await.status == 503,
+    )
+    .await;
+    let read = a.get(&path).await;
+    assert_eq!(
+        read.json()["status"],
+        "released",
+        "node a answered its stale memory"
+    );
+    // And it changes nothing of it: a cancel through it goes to the owner, or is refused.
+    let again = a.send("POST", &format!("{path}/cancel"), &[], "").await;
+    assert!(
+        again.status == 200 && again.json()["status"] == "released" || again.status == 503,
+        "{} {}",
+        again.status,
+        String::from_utf8_lossy(&again.body)
+    );
+    assert_eq!(
+        status_in_mysql(&pool).await,
+        Some(("node-b".to_owned(), "released".to_owned()))
+    );
+    shop.assert_books_balance("STALE").await;
+    pool.close().await;
+}
+
 /// Statements of `database` updating `journal_writer` (waiting for its lock: nothing else
 /// updates it for long).
 async fn waiting_on_journal_writer(pool: &sqlx::MySqlPool, database: &str) -> i64 {
