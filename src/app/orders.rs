@@ -37,19 +37,20 @@ pub enum AppError {
 /// An order: from memory while it is live, else from the store past `--order-retention` (MySQL;
 /// the embedded journal keeps none beyond memory). `None`: no such order.
 ///
-/// Several nodes: a node that may have lost its lease (fenced, or its last renewal older than
-/// `--lease-ttl`: [`crate::cluster::Cluster::may_sell`]) may have lost its open orders with it to
-/// an adopter, which changes them in MySQL. Its memory may be stale, so it answers MySQL's
-/// order, and its own only where MySQL has none (a write-behind node's order not shipped yet:
-/// nothing moves such an order but `cluster forget`); `503 journal_unavailable` when MySQL does
-/// not answer.
+/// Several nodes: a node that learnt it was fenced (presumed dead and settled while it was
+/// paused or cut off) may have lost its open orders to an adopter, which changes them in MySQL:
+/// its memory is stale, so it answers MySQL's order, and its own only where MySQL has none (`503
+/// journal_unavailable` when MySQL does not answer). A node whose renewals merely fail answers
+/// from memory: while no node can reach MySQL, none can have adopted its orders, and a node cut
+/// off alone answers `/readyz` 503 and learns it was fenced at its first renewal that reaches
+/// MySQL.
 pub async fn find(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, JournalError> {
-    let stale = app
+    let fenced = app
         .cluster
         .as_ref()
-        .is_some_and(|cluster| cluster.may_sell().is_err());
+        .is_some_and(|cluster| cluster.is_fenced());
     match app.engine.order(order_id) {
-        Some(order) if !stale => Ok(Some(order)),
+        Some(order) if !fenced => Ok(Some(order)),
         Some(order) => Ok(app.journal.order(order_id).await?.or(Some(order))),
         None => app.journal.order(order_id).await,
     }

@@ -382,6 +382,11 @@ impl Cluster {
         }
     }
 
+    /// Whether a renewal found this node fenced (another node took its lease over).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::Acquire)
+    }
+
     /// Why this node cannot take checkouts now, if it cannot: fenced, or its renewals failing
     /// for longer than a third of `--lease-ttl` (well before another node would presume it dead).
     pub fn unready(&self) -> Option<String> {
@@ -390,7 +395,7 @@ impl Cluster {
 
     /// Fenced, or its last renewal older than `bound`: why, if so.
     fn behind(&self, bound: Duration) -> Option<String> {
-        if self.fenced.load(Ordering::Acquire) {
+        if self.is_fenced() {
             return Some(format!(
                 "fenced: node {} was taken over; restart it",
                 self.node()

@@ -729,8 +729,8 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
 }
 
 /// A node paused past its lease on a MySQL journal, whose pending order was adopted and cancelled
-/// through another node meanwhile, answers that order as MySQL has it once it resumes (cancelled),
-/// not as its memory left it (payment pending), and changes none of it.
+/// through another node meanwhile, answers that order as MySQL has it once it resumed and learnt
+/// it was fenced (cancelled), not as its memory left it (payment pending), and changes none of it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
     let shop = Shop::new("cluster-stale-read", false).await;
@@ -784,21 +784,17 @@ async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
     )
     .await;
     signal(&nodes[0], "-CONT");
-    // At once (its last renewal is long past) and once it knows it is fenced.
-    let read = a.get(&path).await;
-    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
-    assert_eq!(
-        read.json()["status"],
-        "released",
-        "node a answered its stale memory"
-    );
+    // (A new connection: the paused node's idle ones may have been closed.)
+    let mut a = nodes[0].client();
+    // Its first renewal tells it it was fenced; from then on it reads MySQL.
     eventually(
-        "node a to say it is fenced",
+        "node a to learn it was fenced",
         Duration::from_secs(10),
-        async || a.get("/readyz").await.status == 503,
+        async || crate::helpers::metric(&mut a, "turnstile_cluster_fenced").await == 1.0,
     )
     .await;
     let read = a.get(&path).await;
+    assert_eq!(read.status, 200, "{}", String::from_utf8_lossy(&read.body));
     assert_eq!(
         read.json()["status"],
         "released",
