@@ -8,12 +8,12 @@
 # Usage: [REDIS_URL=...] [TURNSTILE_BIN=path] loadtest/redis_commandstats.sh [DURATION]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 duration=${1:-8s}
 redis=${REDIS_URL:-redis://127.0.0.1:6379}
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
+need wrk redis-cli python3
 redis-cli -u "$redis" ping > /dev/null || { echo "Redis does not answer at $redis" >&2; exit 1; }
-bin=${TURNSTILE_BIN:-target/release/turnstile}
-[ -n "${TURNSTILE_BIN:-}" ] || cargo build --release --quiet --bin turnstile
+bin=$(turnstile_bin)
 data=$(mktemp -d -p target cs-data.XXXXXX)
 prefix="bench:cs:$$:$(date +%s):"
 server=
