@@ -56,6 +56,11 @@ pub struct ShopCounts {
     pub hungry_ms_ago: i64,
     /// Units the other live nodes hold for sale (as they last reported).
     pub live_unsold_elsewhere: i64,
+    /// This node's units held for orders, as MySQL has them: what a fenced node shows instead of
+    /// its memory (its orders may have been adopted, its lease settled, meanwhile).
+    pub own_reserved: i64,
+    /// This node's units sold, as MySQL has them (shown once it is fenced, as `own_reserved`).
+    pub own_sold: i64,
 }
 
 fn text(row: &sqlx::mysql::MySqlRow, i: usize) -> Result<String, sqlx::Error> {
@@ -93,7 +98,8 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
                     IF(sp.recall_at_ms > {DB_NOW_MS} - {RECALL_LIVE_MS}, sp.recall, 0), \
                     CAST(COALESCE(o.reserved, 0) AS SIGNED), CAST(COALESCE(o.sold, 0) AS SIGNED), \
                     CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED), \
-                    CAST(COALESCE(u.unsold, 0) AS SIGNED) \
+                    CAST(COALESCE(u.unsold, 0) AS SIGNED), \
+                    CAST(COALESCE(me.reserved, 0) AS SIGNED), CAST(COALESCE(me.sold, 0) AS SIGNED) \
              FROM products p \
              LEFT JOIN stock_pool sp ON sp.sku = p.sku \
              LEFT JOIN (SELECT sku, SUM(reserved) AS reserved, SUM(sold) AS sold \
@@ -101,11 +107,13 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
              LEFT JOIN (SELECT l.sku, SUM(l.units - l.reserved - l.sold) AS unsold \
                         FROM stock_leases l JOIN cluster_nodes n ON n.node_id = l.node_id \
                         WHERE l.node_id <> ? AND n.state = 'live' AND n.renewed_at_ms > {DB_NOW_MS} - ? \
-                        GROUP BY l.sku) u ON u.sku = p.sku"
+                        GROUP BY l.sku) u ON u.sku = p.sku \
+             LEFT JOIN stock_leases me ON me.sku = p.sku AND me.node_id = ?"
         ))
         .bind(cluster.node().to_owned())
         .bind(cluster.node().to_owned())
-        .bind(cluster.config.lease_ttl.as_millis() as i64),
+        .bind(cluster.config.lease_ttl.as_millis() as i64)
+        .bind(cluster.node().to_owned()),
     )
     .await
     .map_err(db("reading the catalogue"))?;
@@ -125,6 +133,8 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
                 others_sold: number(8)?,
                 hungry_ms_ago: number(9)?,
                 live_unsold_elsewhere: number(10)?,
+                own_reserved: number(11)?,
+                own_sold: number(12)?,
                 product,
             },
         );
@@ -222,15 +232,19 @@ pub async fn follow(
     .await;
 }
 
-/// A product of the whole shop: its definition, and counters that add this node's own (live)
-/// to the other nodes' (as they last reported), so `available + reserved + sold == stock`.
+/// A product of the whole shop: its definition, and counters that add this node's own (live;
+/// once it learnt it was fenced, as MySQL has them) to the other nodes' (as they last reported),
+/// so `available + reserved + sold == stock`.
 pub fn shop_view(cluster: &Cluster, engine: &Engine, sku: &Sku) -> Option<(Product, StockView)> {
     let shop = cluster.shop.load();
     let counts = shop.get(sku)?;
-    let local = engine.product(sku).map(|(_, view)| view);
-    let (reserved, sold) = local.map_or((0, 0), |view| {
-        ((view.reserved - cluster.returning(sku)).max(0), view.sold)
-    });
+    let (reserved, sold) = if cluster.is_fenced() {
+        (counts.own_reserved, counts.own_sold)
+    } else {
+        engine.product(sku).map_or((0, 0), |(_, view)| {
+            ((view.reserved - cluster.returning(sku)).max(0), view.sold)
+        })
+    };
     let stock = counts.product.stock.get();
     // Reports of different moments may count a unit twice for a moment (held on a node that has
     // given it back since, and sold by another): the counters are clamped so they still add up.

@@ -48,6 +48,16 @@ pub enum ForgetError {
     Cluster(#[from] ClusterError),
 }
 
+/// The refusal for a node that renewed within `ttl` (`None`: it may be forgotten).
+fn alive(node: &str, state: &str, age_ms: i64, ttl: Duration) -> Option<ForgetError> {
+    (state == "live" && age_ms < ttl.as_millis() as i64).then(|| {
+        ForgetError::Refused(format!(
+            "node {node} renewed {age_ms} ms ago: it is alive (stop it first, or wait --lease-ttl {})",
+            humantime::format_duration(ttl)
+        ))
+    })
+}
+
 /// Forgets `node` in the database `mysql` names, unless it renewed within `ttl`.
 pub async fn forget(
     mysql: &MySqlConfig,
@@ -78,11 +88,8 @@ pub async fn forget(
         .await
         .map_err(ClusterError::from)?;
     let shipped = in_outbox.max(i64::try_from(next_seq).unwrap_or(i64::MAX) - 1);
-    if state == "live" && age_ms < ttl.as_millis() as i64 {
-        return Err(ForgetError::Refused(format!(
-            "node {node} renewed {age_ms} ms ago: it is alive (stop it first, or wait --lease-ttl {})",
-            humantime::format_duration(ttl)
-        )));
+    if let Some(refused) = alive(node, &state, age_ms, ttl) {
+        return Err(refused);
     }
     // A process that holds the node's journal lock runs (or was paused less than the lock
     // session's idle limit ago): forgetting it would give away a lease it may still sell from.
@@ -95,22 +102,40 @@ pub async fn forget(
             crate::journal::mysql::writer_lock::SESSION_IDLE_MAX.as_secs()
         )));
     }
+    // Judged again in the transaction that marks it dead, on its row locked: a node that started
+    // since (it registers on that row) is alive, and is not forgotten.
     let owned = node.to_owned();
-    let epoch: u64 = crate::journal::mysql::in_transaction!(&pool, timeout, |tx| {
-        sqlx::query(
-            "UPDATE cluster_nodes SET state = 'dead', mode = 'mysql', epoch = epoch + 1, \
-             reaped_at_ms = NULL WHERE node_id = ?",
-        )
-        .bind(&owned)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query_scalar::<_, u64>("SELECT epoch FROM cluster_nodes WHERE node_id = ?")
+    let marked: Result<u64, ForgetError> =
+        crate::journal::mysql::in_transaction!(&pool, timeout, |tx| {
+            let row = sqlx::query(&format!(
+                "SELECT state, {DB_NOW_MS} - renewed_at_ms FROM cluster_nodes \
+                 WHERE node_id = ? FOR UPDATE"
+            ))
             .bind(&owned)
             .fetch_one(&mut *tx)
-            .await?
-    })
-    .await
-    .map_err(db("marking the node dead in cluster_nodes"))?;
+            .await?;
+            let (state, age_ms): (String, i64) = (row.try_get(0)?, row.try_get(1)?);
+            if let Some(refused) = alive(&owned, &state, age_ms, ttl) {
+                Err(refused)
+            } else {
+                sqlx::query(
+                    "UPDATE cluster_nodes SET state = 'dead', mode = 'mysql', epoch = epoch + 1, \
+                     reaped_at_ms = NULL WHERE node_id = ?",
+                )
+                .bind(&owned)
+                .execute(&mut *tx)
+                .await?;
+                Ok(sqlx::query_scalar::<_, u64>(
+                    "SELECT epoch FROM cluster_nodes WHERE node_id = ?",
+                )
+                .bind(&owned)
+                .fetch_one(&mut *tx)
+                .await?)
+            }
+        })
+        .await
+        .map_err(db("marking the node dead in cluster_nodes"))?;
+    let epoch = marked?;
     let returned = super::reaper::settle_on(&pool, timeout, node, epoch)
         .await?
         .unwrap_or(0);

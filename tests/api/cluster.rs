@@ -800,6 +800,17 @@ async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
         "released",
         "node a answered its stale memory"
     );
+    // Its product shows the shop as MySQL has it too (within the catalogue's 1 s): the units
+    // of the adopted order, now released, are held by no one.
+    eventually(
+        "node a to show the product as MySQL has it",
+        Duration::from_secs(5),
+        async || {
+            let product = a.get("/v1/products/STALE").await.json();
+            product["reserved"] == 0 && product["available"] == 10 && product["sold"] == 0
+        },
+    )
+    .await;
     // And it changes nothing of it: a cancel through it goes to the owner, or is refused.
     let again = a.send("POST", &format!("{path}/cancel"), &[], "").await;
     assert!(
