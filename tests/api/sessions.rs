@@ -193,7 +193,7 @@ async fn cart_on_two_nodes(mut redis: TestRedis) {
         locks.is_empty(),
         "every submission lock released: {locks:?}"
     );
-    redis.delete().await;
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -264,7 +264,7 @@ async fn one_key_at_both_nodes(redis: TestRedis) {
     };
     assert_eq!(sold, KEYS as i64, "one unit sold per key across both nodes");
     redis.assert_spread().await;
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A checkout's answer once no other checkout holds the key (a lock's release or an answer
@@ -302,7 +302,7 @@ async fn a_refusal_is_replayed_only_by_the_node_that_gave_it() {
     }
     assert_eq!(on_b.stock("S").await, (5, 2, 0, 3));
     assert_eq!(on_a.stock("S").await, (1, 1, 0, 0));
-    redis.delete().await;
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,7 +334,7 @@ async fn a_cart_expires_after_its_ttl_and_is_then_404() {
     let (status, text, _) = checkout(&mut on_b, "expired-cart", &body).await;
     assert_eq!(status, 404, "{text}");
     assert_eq!(on_b.stock("A").await, (10, 10, 0, 0));
-    redis.delete().await;
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -376,7 +376,7 @@ async fn carts_capped_across_nodes(redis: TestRedis) {
     assert_eq!(status, 200);
     assert_eq!(lines(&body).len(), 99);
     assert_eq!(set_item(&mut on_a, &cart, "s100", 1).await.0, 200);
-    redis.delete().await;
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -500,7 +500,7 @@ async fn junk_under_an_answer_key_never_buys_the_key_again_on_the_other_node() {
     }
     let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
     assert_eq!(sold, 2, "one unit per key across both nodes");
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A key of another type (or a string without expiry) planted under a lock's key would make that
@@ -553,7 +553,7 @@ async fn junk_under_a_lock_key_is_a_500_naming_it_not_a_lock_held_for_ever() {
         (10, 10, 0, 0),
         "nothing held or sold"
     );
-    redis.delete().await;
+    drop(redis);
 }
 
 /// Redis stalls (`CLIENT PAUSE` here) past `--redis-timeout` while a checkout asks for its lock: the
@@ -668,7 +668,7 @@ async fn a_node_restarted_after_a_kill_sends_its_recent_answers_again() {
     );
     let sold = a.client().stock("A").await.3 + on_b.stock("A").await.3;
     assert_eq!(sold, 1);
-    redis.delete().await;
+    drop(redis);
 }
 
 /// Something of another type written over a running checkout's lock (by hand, or another
@@ -737,7 +737,7 @@ async fn a_value_written_over_a_running_checkouts_lock_is_reported_not_dropped()
         async || super::helpers::metric(&mut on_a, "turnstile_redis_locks_lost_total").await >= 1.0,
     )
     .await;
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A data dir cloned with its `redis-node-id` (a copied volume or image): two nodes then share a
@@ -776,7 +776,7 @@ async fn two_nodes_sharing_a_copied_node_name_never_share_a_submission_lock() {
     for task in tasks_a.into_iter().chain(tasks_b) {
         let _ = tokio::time::timeout(Duration::from_secs(3), task).await;
     }
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A TCP proxy to the machine's Redis that can be cut (connections dropped, new ones closed at
@@ -885,7 +885,7 @@ async fn an_answer_given_without_the_lock_reaches_redis_after_an_outage_longer_t
     redis.wait_answer("outage", Duration::from_secs(15)).await;
     let (status, again, replayed) = checkout(&mut on_b, "outage", &body).await;
     let sold = on_a.stock("A").await.3 + on_b.stock("A").await.3;
-    redis.delete().await;
+    drop(redis);
     assert_eq!(
         (status, replayed, sold),
         (201, true, 1),
@@ -967,7 +967,7 @@ async fn a_node_whose_answer_finds_another_in_redis_reports_it_and_replays_its_o
         .await
         .unwrap();
     assert_eq!(kept, other, "an answer in Redis is never replaced");
-    redis.delete().await;
+    drop(redis);
 }
 
 /// Clients placing checkouts of one unit of `A` on a node, each under keys of its own
@@ -1097,7 +1097,7 @@ async fn a_node_stopped_under_load_leaves_the_answer_of_every_checkout_it_placed
         "node a exits 0"
     );
     assert_answers_left(redis.connection().await, &redis.prefix, &keys, &b).await;
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A node stopped (SIGTERM) while it cannot reach Redis (a network gone silent: its open

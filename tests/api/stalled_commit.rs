@@ -121,7 +121,7 @@ async fn a_commit_stalled_on_mysql_keeps_its_key_locked_until_its_outcome_is_kno
         metric(&mut on_a, "turnstile_redis_locks_lost_total").await,
         0.0
     );
-    redis.delete().await;
+    drop(redis);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -194,7 +194,7 @@ async fn in_write_behind_a_checkout_waiting_for_a_stalled_mysql_gives_up_and_fre
         async || on_a.get("/readyz").await.status == 200,
     )
     .await;
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A COMMIT that reaches MariaDB late (its flow held, as segments waiting out a retransmission,
@@ -289,7 +289,7 @@ async fn a_commit_that_lands_late_is_never_taken_for_a_refused_record() {
     .await
     .expect("count");
     assert_eq!(rows, 1, "one order in A's journal");
-    redis.delete().await;
+    drop(redis);
 }
 
 /// A node on `database` through `proxy` with `stock` units of `S`, whose network goes silent while
