@@ -168,12 +168,15 @@ fn forget(args: config::ForgetArgs) -> ExitCode {
     match runtime.block_on(forget::forget(&config, &args.node, args.lease_ttl)) {
         Ok(done) => {
             use std::io::Write;
+            // The node reports its last event seq at its renewals only: what it acknowledged
+            // after its last report (until --lease-ttl past its last renewal) is not counted.
+            let after = "what it acknowledged after its last report (it reports at every renewal, and records for up to --lease-ttl after its last one) cannot be counted here and is lost too";
             let lost = match done.lost_events {
                 Some((first, last)) => format!(
-                    "{} event(s) it acknowledged (seqs {first}..={last}: orders placed or changed) never reached MySQL and are lost with its disk",
+                    "by its last report, {} event(s) it acknowledged (seqs {first}..={last}: orders placed or changed) never reached MySQL and are lost with its disk; {after}",
                     last - first + 1
                 ),
-                None => "every event it acknowledged is in MySQL: nothing is lost with its disk".into(),
+                None => format!("every event it reported is in MySQL; {after}"),
             };
             let _ = writeln!(
                 std::io::stdout(),

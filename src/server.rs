@@ -226,7 +226,7 @@ async fn serve(
         // Its disk holds sales its lease in MySQL does not: that lease was settled without them.
         (Some(cluster), ServeError::Engine(crate::engine::EngineError::Inconsistent(what))) => {
             ServeError::Cluster(cluster::ClusterError::Start(format!(
-                "node {}'s data dir holds orders beyond its lease in MySQL ({what}): the lease was settled without them (`turnstile cluster forget` declared this disk lost, or the node was presumed dead while its log in MySQL lacked them); this data dir cannot rejoin as this node: start the node on a new data dir (its units and orders are the cluster's now), and keep this one to look at",
+                "node {}'s data dir holds orders beyond its lease in MySQL ({what}): the lease was settled without them (`turnstile cluster forget` declared this disk lost, or the node was presumed dead while its log in MySQL lacked them); this data dir cannot rejoin as this node, nor can a new data dir under the same name (MySQL holds this node's log): start a node with a new --node-id on a new data dir (its units and orders are the cluster's now), and keep this data dir to look at",
                 cluster.node()
             )))
         }

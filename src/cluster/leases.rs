@@ -5,8 +5,9 @@
 //! given: sold, held and for sale together. The engine's stock of a SKU on this node is that
 //! lease, never more: at start it is rebuilt with exactly `units` ([`super::catalogue::at_start`]);
 //! a **grant** is one MySQL transaction first (the pool's row taken under a guarded `UPDATE ...
-//! WHERE pool >= n`, so no grant takes more than the pool holds, and `units += n`), and only once
-//! it committed are the units added to the engine's shards; a **return** takes the units out of
+//! WHERE pool >= n`, so no grant takes more than the pool holds, and `units += n`; the grants of
+//! one tick share a transaction, up to [`GRANTS_PER_TRANSACTION`] SKUs, their pool rows locked in
+//! SKU order), and only once it committed are the units added to the engine's shards; a **return** takes the units out of
 //! the shards first (held, so no checkout can sell them meanwhile), then gives them to the pool in
 //! one transaction (`units -= n`, `pool += n`), and only once it committed are they retired from
 //! the engine (on failure they are put back for sale). So at every moment the engine's stock is
@@ -82,6 +83,11 @@ const HUNGER_EVERY: Duration = Duration::from_millis(300);
 /// Lease moves run at once at most (each a transaction on the shared MySQL pool).
 const MOVES_AT_ONCE: usize = 4;
 
+/// The SKUs a tick's grants take blocks of in one transaction at most (one commit for them all:
+/// a shop of many SKUs is leased at its first sales many SKUs per commit; few enough that the
+/// pool rows they lock are not held long).
+const GRANTS_PER_TRANSACTION: usize = 64;
+
 /// One lease move of a tick.
 type Move<'a> =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ClusterError>> + Send + 'a>>;
@@ -117,61 +123,68 @@ async fn fenced(
     Ok(current != Some(epoch))
 }
 
-/// Takes up to `want` units of `sku` from the pool into this node's lease (in MySQL only);
-/// gives back how many it took (0: the pool is empty) and the pool left.
-async fn grant(cluster: &Cluster, sku: &Sku, want: i64) -> Result<(i64, i64), ClusterError> {
+/// Takes up to `want` units of each SKU of `wants` from its pool into this node's lease (in MySQL
+/// only), all in one transaction (one commit for a tick's grants: a shop of many SKUs is leased
+/// many SKUs per round of commits, not one); gives back, in the same order, how many it took of
+/// each (0: its pool is empty) and the pool left. `wants` is sorted by SKU, so every grant locks
+/// pool rows in one order.
+async fn grant_many(
+    cluster: &Cluster,
+    wants: &[(String, i64)],
+) -> Result<Vec<(i64, i64)>, ClusterError> {
     let (node, epoch) = (
         cluster.node().to_owned(),
         cluster.epoch.load(Ordering::Acquire),
     );
-    let sku_text = sku.as_str().to_owned();
     let outcome = crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
         if fenced(&mut tx, &node, epoch).await? {
             None
         } else {
-            let (pool, recall): (i64, i64) = sqlx::query_as(&format!(
-                "SELECT pool, IF(recall_at_ms > {DB_NOW_MS} - {}, recall, 0) \
-                     FROM stock_pool WHERE sku = ? FOR UPDATE",
-                super::catalogue::RECALL_LIVE_MS
-            ))
-            .bind(&sku_text)
-            .fetch_optional(&mut *tx)
-            .await?
-            .unwrap_or((0, 0));
-            // Units a lowered stock waits for are not granted again.
-            let take = want.min(pool - recall).max(0);
-            if take > 0 {
-                // Guarded: never more than the pool holds, whatever was read above.
-                let taken = sqlx::query(
-                    "UPDATE stock_pool SET pool = pool - ? WHERE sku = ? AND pool >= ?",
-                )
-                .bind(take)
-                .bind(&sku_text)
-                .bind(take)
-                .execute(&mut *tx)
+            let mut granted = Vec::with_capacity(wants.len());
+            for (sku_text, want) in wants {
+                let (pool, recall): (i64, i64) = sqlx::query_as(&format!(
+                    "SELECT pool, IF(recall_at_ms > {DB_NOW_MS} - {}, recall, 0) \
+                         FROM stock_pool WHERE sku = ? FOR UPDATE",
+                    super::catalogue::RECALL_LIVE_MS
+                ))
+                .bind(sku_text)
+                .fetch_optional(&mut *tx)
                 .await?
-                .rows_affected();
-                if taken == 1 {
-                    sqlx::query(
-                        "INSERT INTO stock_leases (node_id, sku, units) VALUES (?, ?, ?) \
-                         ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+                .unwrap_or((0, 0));
+                // Units a lowered stock waits for are not granted again.
+                let take = (*want).min(pool - recall).max(0);
+                let mut taken = 0;
+                if take > 0 {
+                    // Guarded: never more than the pool holds, whatever was read above.
+                    let updated = sqlx::query(
+                        "UPDATE stock_pool SET pool = pool - ? WHERE sku = ? AND pool >= ?",
                     )
-                    .bind(&node)
-                    .bind(&sku_text)
+                    .bind(take)
+                    .bind(sku_text)
                     .bind(take)
                     .execute(&mut *tx)
-                    .await?;
-                    Some((take, pool - take))
-                } else {
-                    Some((0, pool))
+                    .await?
+                    .rows_affected();
+                    if updated == 1 {
+                        sqlx::query(
+                            "INSERT INTO stock_leases (node_id, sku, units) VALUES (?, ?, ?) \
+                             ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+                        )
+                        .bind(&node)
+                        .bind(sku_text)
+                        .bind(take)
+                        .execute(&mut *tx)
+                        .await?;
+                        taken = take;
+                    }
                 }
-            } else {
-                Some((0, pool))
+                granted.push((taken, pool - taken));
             }
+            Some(granted)
         }
     })
     .await
-    .map_err(db("taking a lease block from stock_pool"))?;
+    .map_err(db("taking lease blocks from stock_pool"))?;
     outcome.ok_or_else(|| {
         cluster.fenced.store(true, Ordering::Release);
         ClusterError::Fenced(cluster.node().to_owned())
@@ -228,33 +241,48 @@ async fn give(cluster: &Cluster, sku: &Sku, units: i64) -> Result<(), ClusterErr
     }
 }
 
-/// Takes a block into this node: MySQL first, then the engine's shards.
-async fn take_block(
+/// One block a tick asks for: its SKU, where the engine keeps it, its pool's signal, and how
+/// many units.
+struct Want<'a> {
+    sku: &'a Sku,
+    index: SkuIndex,
+    signal: &'a PoolSignal,
+    units: i64,
+}
+
+/// Takes blocks into this node: MySQL first (one transaction for all of them), then the engine's
+/// shards.
+async fn take_blocks(
     cluster: &Cluster,
     engine: &Engine,
-    sku: &Sku,
-    index: SkuIndex,
-    signal: &PoolSignal,
-    want: i64,
-) -> Result<i64, ClusterError> {
-    let (taken, pool_left) = super::retrying(|| grant(cluster, sku, want)).await?;
-    signal.units.store(pool_left, Ordering::Release);
-    if taken > 0 && pool_left <= 0 {
-        // This grant emptied the pool. Whether other live nodes still hold unsold units is the
-        // catalogue's to say, and its last read is older than this grant: until it is read
-        // again (at once), a buyer this node cannot serve waits for a refill instead of being
-        // told "sold out" while units are for sale elsewhere (seen in CI: a node refused `409`
-        // with units unsold on the other).
-        signal.elsewhere.store(true, Ordering::Release);
-        cluster.catalogue_wake.notify_one();
+    mut wants: Vec<Want<'_>>,
+) -> Result<(), ClusterError> {
+    wants.sort_by(|a, b| a.sku.as_str().cmp(b.sku.as_str()));
+    let asked: Vec<(String, i64)> = wants
+        .iter()
+        .map(|want| (want.sku.as_str().to_owned(), want.units))
+        .collect();
+    let granted = super::retrying(|| grant_many(cluster, &asked)).await?;
+    for (want, (taken, pool_left)) in wants.iter().zip(granted) {
+        let (sku, signal) = (want.sku, want.signal);
+        signal.units.store(pool_left, Ordering::Release);
+        if taken > 0 && pool_left <= 0 {
+            // This grant emptied the pool. Whether other live nodes still hold unsold units is
+            // the catalogue's to say, and its last read is older than this grant: until it is
+            // read again (at once), a buyer this node cannot serve waits for a refill instead of
+            // being told "sold out" while units are for sale elsewhere (seen in CI: a node
+            // refused `409` with units unsold on the other).
+            signal.elsewhere.store(true, Ordering::Release);
+            cluster.catalogue_wake.notify_one();
+        }
+        if taken > 0 {
+            engine.inventory().grow(want.index, taken);
+            cluster.grants.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%sku, taken, pool_left, "lease block taken");
+        }
+        signal.refilled.notify_waiters();
     }
-    if taken > 0 {
-        engine.inventory().grow(index, taken);
-        cluster.grants.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(%sku, taken, pool_left, "lease block taken");
-    }
-    signal.refilled.notify_waiters();
-    Ok(taken)
+    Ok(())
 }
 
 /// Gives up to `units` unsold units of `sku` back: out of the shards, then MySQL, then retired
@@ -351,6 +379,7 @@ async fn tick(
     let signals = cluster.signals.load_full();
     let shop = cluster.shop.load_full();
     let mut moves: Vec<Move<'_>> = Vec::new();
+    let mut takes: Vec<Want<'_>> = Vec::new();
     for (sku, signal) in signals.iter() {
         let Some(index) = engine.inventory().lookup(sku) else {
             continue;
@@ -394,23 +423,22 @@ async fn tick(
                     .map(drop)
             })
         };
-        let take = |want: i64| -> Move<'_> {
-            Box::pin(async move {
-                take_block(cluster, engine, sku, index, signal, want)
-                    .await
-                    .map(drop)
-            })
+        let want = |units: i64| Want {
+            sku,
+            index,
+            signal,
+            units,
         };
         if recall > 0 && view.available > 0 {
             moves.push(give(recall));
         } else if pool > 0 && (wanted || (!idle && view.available * 2 < aim)) {
             let waiting = signal.waiting.load(Ordering::Acquire);
-            let mut want = (aim - view.available).max(waiting).max(BLOCK_MIN);
+            let mut want_units = (aim - view.available).max(waiting).max(BLOCK_MIN);
             if pool < 3 * aim {
                 // An even share of a small pool, so the end of a sale is spread, not stranded.
-                want = want.min((pool + 2) / 3);
+                want_units = want_units.min((pool + 2) / 3);
             }
-            moves.push(take(want.max(1)));
+            takes.push(want(want_units.max(1)));
         } else if view.available == 0 && signal.waiting.load(Ordering::Acquire) > 0 {
             // Dry, the pool empty as last seen, buyers waiting, units left on other nodes: say
             // so (at most every HUNGER_EVERY), so they give some back, and look at the pool
@@ -421,14 +449,12 @@ async fn tick(
             if !said_lately {
                 entry.hungry_said = Some(now);
             }
-            let want = signal.waiting.load(Ordering::Acquire).max(BLOCK_MIN);
+            let hungry = want(signal.waiting.load(Ordering::Acquire).max(BLOCK_MIN));
             moves.push(Box::pin(async move {
                 if !said_lately {
                     say_hungry(cluster, sku).await?;
                 }
-                take_block(cluster, engine, sku, index, signal, want)
-                    .await
-                    .map(drop)
+                take_blocks(cluster, engine, vec![hungry]).await
             }));
         } else if view.available > 0 && idle {
             moves.push(give(view.available));
@@ -442,8 +468,14 @@ async fn tick(
             signal.refilled.notify_waiters();
         }
     }
-    // The moves of different SKUs touch different rows: a few run at once, so a shop of many
-    // SKUs is not refilled one round trip at a time.
+    // The grants go [`GRANTS_PER_TRANSACTION`] SKUs to a transaction, and the moves of different
+    // SKUs touch different rows: a few run at once, so a shop of many SKUs is not refilled one
+    // round trip at a time.
+    while !takes.is_empty() {
+        let rest = takes.split_off(takes.len().min(GRANTS_PER_TRANSACTION));
+        let batch = std::mem::replace(&mut takes, rest);
+        moves.push(Box::pin(take_blocks(cluster, engine, batch)));
+    }
     let mut running = futures_util::stream::iter(moves).buffer_unordered(MOVES_AT_ONCE);
     let mut failed = None;
     while let Some(moved) = futures_util::StreamExt::next(&mut running).await {
