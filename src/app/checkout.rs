@@ -20,7 +20,7 @@
 //! another does not run the key (`--redis-optional`, for one node, lets checkouts naming their
 //! items go on).
 
-use super::{commit, CommitError, Settlement, Shared};
+use super::{commit_guarded, CommitError, Settlement, Shared};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
 use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
@@ -449,6 +449,7 @@ pub async fn place(
         token: request.payment_token,
         cart_id: request.cart_id,
         submission,
+        lock_held,
         answers,
         _permit: permit,
     };
@@ -511,6 +512,8 @@ struct Finishing {
     cart_id: Option<CartId>,
     /// The Redis submission lock, when taken.
     submission: Option<Submission>,
+    /// Whether `submission` holds its lock (not so for a checkout that went on without Redis).
+    lock_held: bool,
     answers: &'static dyn Answers,
     /// Held until the checkout is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -631,9 +634,20 @@ impl Finishing {
             Err(_) => {}
         };
         let submission = self.submission;
+        // The key's Redis lock must still be this checkout's when its record goes: a process
+        // paused (or cut off from Redis) past --redis-lock-ttl may have lost it to another node
+        // placing the same key, and this node's own journal would not refuse a second order
+        // (write-behind, or nodes without `--node-id`). A lock last confirmed (taken or renewed)
+        // more than two thirds of its TTL ago records nothing: `503`, the client's retry finds
+        // the key's answer or takes the lock again.
+        let lock_clock = submission
+            .as_ref()
+            .filter(|_| self.lock_held)
+            .map(Submission::lock_clock);
         let shared = stored.clone();
         let key = self.key.clone();
-        let committed = commit(app, change, move |app, outcome| {
+        let guard = move || lock_clock.map_or(Ok(()), |clock| clock.check());
+        let committed = commit_guarded(app, change, guard, move |app, outcome| {
             // Durable and known, or known not to be; an unknown outcome (the record may be
             // durable) keeps the authorisation out of the orphan scan until a restart.
             let known = outcome

@@ -129,13 +129,31 @@ pub async fn commit<F>(state: &Shared, change: Change, then: F) -> Result<Applie
 where
     F: FnOnce(&Shared, &Settlement) + Send + 'static,
 {
+    commit_guarded(state, change, || Ok(()), then).await
+}
+
+/// [`commit`], with `guard` asked right before the record would go (with the node's own
+/// checks): its `Err` records nothing, and the change fails as "nothing changed" with that reason.
+pub async fn commit_guarded<F>(
+    state: &Shared,
+    change: Change,
+    guard: impl FnOnce() -> Result<(), String>,
+    then: F,
+) -> Result<Applied, CommitError>
+where
+    F: FnOnce(&Shared, &Settlement) + Send + 'static,
+{
     // Several nodes: a node that may have lost its lease (fenced, or its last renewal older than
     // --lease-ttl: paused, or cut off) records nothing, right before the record would go, not
     // only when the use case began: a checkout that waited on the gateway through a pause would
     // otherwise commit on a write-behind node's own disk after its lease was given away.
-    let ticket = match state.cluster.as_ref().map(|cluster| cluster.may_sell()) {
-        Some(Err(why)) => Ticket::failed(JournalError::Unavailable(why)),
-        _ => state.journal.append(change.record().clone()),
+    let allowed = match state.cluster.as_ref().map(|cluster| cluster.may_sell()) {
+        Some(Err(why)) => Err(why),
+        _ => guard(),
+    };
+    let ticket = match allowed {
+        Err(why) => Ticket::failed(JournalError::Unavailable(why)),
+        Ok(()) => state.journal.append(change.record().clone()),
     };
     let mut settle = Settle {
         app: Arc::clone(state),

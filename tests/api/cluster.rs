@@ -475,14 +475,6 @@ async fn sell_out(
     all
 }
 
-fn signal(app: &TestApp, signal: &str) {
-    let status = std::process::Command::new("kill")
-        .args([signal, &app.pid().to_string()])
-        .status()
-        .expect("send a signal");
-    assert!(status.success());
-}
-
 /// Two nodes (a, b) on MySQL journals paying through one `turnstile gateway-sim`, whose webhooks
 /// all go to node b (a pending payment decided after `pending_delay`).
 fn two_nodes_and_a_gateway(
@@ -681,7 +673,7 @@ async fn kill_9_of_a_node_on_a_mysql_journal_gives_its_unsold_units_to_the_other
 async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_resumes() {
     let shop = Shop::new("cluster-pause", false).await;
     let (nodes, _) = half_sold(&shop, "STOP").await;
-    signal(&nodes[2], "-STOP");
+    nodes[2].signal("-STOP");
     let pool = shop.database.pool().await;
     // Within the TTL plus the server's end of the paused node's sessions (30 s), should one of
     // them hold a row the reaper needs (a transaction open when it was paused).
@@ -699,7 +691,7 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
         },
     )
     .await;
-    signal(&nodes[2], "-CONT");
+    nodes[2].signal("-CONT");
     // Resumed, it sells nothing: whatever its memory held was given away.
     let resumed = sale(&[&nodes[2]], "STOP", 100, "resumed").await;
     assert_eq!(
@@ -741,7 +733,7 @@ async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
     known_everywhere(&[&nodes[0], &nodes[1]], "STALE").await;
     let order_id = placed(&mut a, "stale-read", "STALE", 2, "tok_pending", 202).await;
     let path = format!("/v1/orders/{order_id}");
-    signal(&nodes[0], "-STOP");
+    nodes[0].signal("-STOP");
     let pool = shop.database.pool().await;
     // (None until a node's projections hold the order.)
     let status_in_mysql = async |pool: &sqlx::MySqlPool| -> Option<(String, String)> {
@@ -783,7 +775,7 @@ async fn a_node_resumed_after_its_orders_were_adopted_reads_them_from_mysql() {
         },
     )
     .await;
-    signal(&nodes[0], "-CONT");
+    nodes[0].signal("-CONT");
     // (A new connection: the paused node's idle ones may have been closed.)
     let mut a = nodes[0].client();
     // Its first renewal tells it it was fenced; from then on it reads MySQL.
@@ -1287,7 +1279,7 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
     // Everything node b sold is in MySQL: forgetting it loses nothing.
     shop.paid_in_mysql(40).await;
     paused_and_forgotten(&shop, &b).await;
-    signal(&b, "-CONT");
+    b.signal("-CONT");
     let resumed = sale(&[&b], "NAP", 50, "resumed").await;
     assert_eq!(
         count(&resumed, 201),
@@ -1318,7 +1310,7 @@ async fn a_write_behind_node_forgotten_while_paused_sells_nothing_when_it_resume
 /// Pauses node b (SIGSTOP) and forgets it once `cluster forget` takes it (past its TTL and its
 /// journal lock's session).
 async fn paused_and_forgotten(shop: &Shop, b: &TestApp) {
-    signal(b, "-STOP");
+    b.signal("-STOP");
     forgotten(shop, "node-b").await;
 }
 
@@ -1387,7 +1379,7 @@ async fn checkouts_waiting_on_the_gateway_of_a_node_forgotten_meanwhile_are_not_
     .await;
     paused_and_forgotten(&shop, &b).await;
     sim.signal("-CONT");
-    signal(&b, "-CONT");
+    b.signal("-CONT");
     for task in waiting {
         let status = task.await.expect("buyer task");
         assert_ne!(status, Ok(201), "a forgotten node recorded a checkout");
@@ -1574,7 +1566,7 @@ async fn a_write_behind_node_paused_past_its_lease_keeps_it_and_sells_on() {
     let shop = Shop::new("cluster-wb-pause", true).await;
     let (nodes, first) = half_sold(&shop, "NAP").await;
     let pool = shop.database.pool().await;
-    signal(&nodes[2], "-STOP");
+    nodes[2].signal("-STOP");
     let held = lease_units(&pool, "node-c", "NAP").await;
     until_past_ttl(&pool, "node-c").await;
     assert_eq!(
@@ -1582,7 +1574,7 @@ async fn a_write_behind_node_paused_past_its_lease_keeps_it_and_sells_on() {
         held,
         "a paused write-behind node's lease moved"
     );
-    signal(&nodes[2], "-CONT");
+    nodes[2].signal("-CONT");
     let mut c = nodes[2].client();
     eventually(
         "node c to be ready again",

@@ -146,6 +146,15 @@ impl TestApp {
         self.child.id()
     }
 
+    /// Sends the server `signal` (as `kill` names it: `-STOP`, `-CONT`, `-TERM`).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .expect("send a signal");
+        assert!(status.success(), "kill {signal} {}", self.pid());
+    }
+
     /// What the server logged so far (its stderr, next to its data dir).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()

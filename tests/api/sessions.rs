@@ -1135,3 +1135,70 @@ async fn a_node_stopped_while_cut_off_from_redis_waits_to_leave_its_answers_ther
     );
     assert_answers_left(redis.connection().await, "turnstile:", &keys, &b).await;
 }
+
+/// Found by attack: a node paused (`SIGSTOP`) with a checkout in flight for longer than the key's
+/// lock lives: meanwhile the lock expired and another node placed the same key. Resumed, the first
+/// node recorded an order of its own under the key (its own journal refuses nothing), so the key
+/// had two orders and two answers. Now a checkout whose lock was last renewed more than two thirds
+/// of its TTL ago records nothing (`503`): the key keeps one order, and the retry on the paused
+/// node replays the other node's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_paused_past_its_lock_records_nothing_under_a_key_placed_meanwhile() {
+    use crate::gateway::{free_port, server_args, Sim};
+    let redis = TestRedis::create("paused-past-lock").await;
+    let sim = Sim::start(&format!("127.0.0.1:{}", free_port()), &[]);
+    let mut args = redis.args();
+    args.extend(server_args(&sim.url()));
+    args.extend(["--redis-timeout", "300ms", "--redis-lock-ttl", "3s"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (a, b) = (spawn_app(&args), spawn_app(&args));
+    let (mut on_a, mut on_b) = (a.client(), b.client());
+    for client in [&mut on_a, &mut on_b] {
+        assert_eq!(client.put_product("P", 250, 10).await.status, 200);
+    }
+    let body = json!({"items": [{"sku": "P", "quantity": 1}], "customer_id": "c", "payment_token": "tok_ok"});
+    // Node a's checkout takes the key's lock and waits on the gateway (stopped), and then node a
+    // itself stops: its lock is renewed no more.
+    sim.signal("-STOP");
+    let mut first_client = a.client();
+    let first_body = body.clone();
+    let first =
+        tokio::spawn(async move { checkout(&mut first_client, "paused", &first_body).await });
+    eventually(
+        "node a's checkout to take the key's lock",
+        Duration::from_secs(10),
+        async || redis.locks_left().await.len() == 1,
+    )
+    .await;
+    a.signal("-STOP");
+    sim.signal("-CONT");
+    eventually(
+        "the paused node's lock to expire",
+        Duration::from_secs(10),
+        async || redis.locks_left().await.is_empty(),
+    )
+    .await;
+    let (status, placed, _) = checkout(&mut on_b, "paused", &body).await;
+    assert_eq!(status, 201, "{placed}");
+    a.signal("-CONT");
+    let (status, answer, _) = first.await.expect("node a's checkout");
+    assert_eq!(
+        status, 503,
+        "node a recorded a second order under the key: {answer}"
+    );
+    assert!(
+        answer.contains("journal_unavailable") && answer.contains("lock"),
+        "{answer}"
+    );
+    let mut on_a = a.client();
+    let (status, again, replayed) = checkout(&mut on_a, "paused", &body).await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, placed, "the retry on node a replays node b's answer");
+    let sold = on_a.stock("P").await.3 + on_b.stock("P").await.3;
+    let held = on_a.stock("P").await.2 + on_b.stock("P").await.2;
+    assert_eq!(
+        (sold, held),
+        (1, 0),
+        "one unit sold under the key, none held"
+    );
+}

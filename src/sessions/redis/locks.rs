@@ -75,9 +75,9 @@ impl RedisStore {
             if self.stopped.load(Ordering::Acquire) {
                 return;
             }
-            let held: Vec<(u64, IdempotencyKey, String)> = lock(&self.held)
+            let held: Vec<(u64, Held)> = lock(&self.held)
                 .iter()
-                .map(|(id, (key, value))| (*id, key.clone(), value.clone()))
+                .map(|(id, held)| (*id, held.clone()))
                 .collect();
             for batch in held.chunks(RENEWALS_PER_CALL_MAX) {
                 if let Err(error) = self.renew_batch(batch).await {
@@ -161,18 +161,19 @@ impl RedisStore {
         }
     }
 
-    pub(super) async fn renew_batch(
-        &self,
-        batch: &[(u64, IdempotencyKey, String)],
-    ) -> Result<(), StoreError> {
+    pub(super) async fn renew_batch(&self, batch: &[(u64, Held)]) -> Result<(), StoreError> {
+        // Sent now: a lock renewed lives at least its TTL from here.
+        let sent = monotonic_ms();
         let parts: Vec<_> = self
             .slot_parts(batch)
             .into_iter()
             .map(|(at, part)| {
                 let mut invocation = self.scripts.renew.prepare_invoke();
                 invocation.arg(self.lock_ttl_ms);
-                for (_, key, value) in part {
-                    invocation.key(self.key("key", key.as_str())).arg(value);
+                for (_, held) in part {
+                    invocation
+                        .key(self.key("key", held.key.as_str()))
+                        .arg(&held.value);
                 }
                 (at, part.len(), invocation)
             })
@@ -183,8 +184,15 @@ impl RedisStore {
         self.stats
             .renewals
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let lost: std::collections::HashSet<usize> = lost.into_iter().collect();
+        for (i, (_, held)) in batch.iter().enumerate() {
+            if !lost.contains(&(i + 1)) {
+                held.confirmed.fetch_max(sent, Ordering::AcqRel);
+            }
+        }
         for index in lost {
-            let Some((id, key, _)) = index.checked_sub(1).and_then(|i| batch.get(i)) else {
+            let Some((id, Held { key, .. })) = index.checked_sub(1).and_then(|i| batch.get(i))
+            else {
                 continue;
             };
             // A checkout that ended meanwhile released its own lock: not lost.
@@ -208,6 +216,8 @@ impl RedisStore {
             id,
             open: true,
             renewed: false,
+            // Before the lock is asked for: it lives at least its TTL from here.
+            confirmed: Arc::new(AtomicU64::new(monotonic_ms())),
         }
     }
 
@@ -365,6 +375,54 @@ pub struct Submission {
     pub(super) open: bool,
     /// Registered with the store's renewer ([`Self::keep_alive`]).
     pub(super) renewed: bool,
+    /// When the lock was last known to live on for its TTL ([`monotonic_ms`]): asked for, or
+    /// renewed.
+    pub(super) confirmed: Arc<AtomicU64>,
+}
+
+/// A lock the renewer keeps alive: its key, its value, and when it was last renewed.
+#[derive(Clone)]
+pub(super) struct Held {
+    key: IdempotencyKey,
+    value: String,
+    confirmed: Arc<AtomicU64>,
+}
+
+/// Milliseconds of a monotonic clock that runs on while the process is paused (`SIGSTOP`):
+/// what a lock's age is measured in.
+fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(
+        BASE.get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+/// How long ago a checkout's lock was last known to be its own, read when its record is about
+/// to go ([`Submission::lock_clock`]).
+#[derive(Clone)]
+pub struct LockClock {
+    confirmed: Arc<AtomicU64>,
+    ttl_ms: u64,
+}
+
+impl LockClock {
+    /// `Err` (why) when the lock was last confirmed more than two thirds of `--redis-lock-ttl`
+    /// ago: it may have expired meanwhile (the process paused, Redis unreachable) and another
+    /// node taken the key. Renewed every third of the TTL, a live lock is never that old.
+    pub fn check(&self) -> Result<(), String> {
+        let age = monotonic_ms().saturating_sub(self.confirmed.load(Ordering::Acquire));
+        if age.saturating_mul(3) > self.ttl_ms.saturating_mul(2) {
+            Err(format!(
+                "this checkout's Redis submission lock was last renewed {age} ms ago (--redis-lock-ttl {} ms): it may have expired and another node may be placing the key, so nothing was recorded",
+                self.ttl_ms
+            ))
+        } else {
+            Ok(())
+        }
+    }
 }
 
 impl Submission {
@@ -374,7 +432,22 @@ impl Submission {
     pub fn keep_alive(&mut self) {
         if !self.renewed {
             self.renewed = true;
-            lock(&self.store.held).insert(self.id, (self.key.clone(), self.value.clone()));
+            lock(&self.store.held).insert(
+                self.id,
+                Held {
+                    key: self.key.clone(),
+                    value: self.value.clone(),
+                    confirmed: Arc::clone(&self.confirmed),
+                },
+            );
+        }
+    }
+
+    /// How long ago this checkout's lock was last known to be its own ([`LockClock::check`]).
+    pub fn lock_clock(&self) -> LockClock {
+        LockClock {
+            confirmed: Arc::clone(&self.confirmed),
+            ttl_ms: self.store.lock_ttl_ms,
         }
     }
 

@@ -80,8 +80,8 @@ mod locks;
 mod scripts;
 mod starts;
 
-pub use locks::Submission;
 use locks::*;
+pub use locks::{LockClock, Submission};
 use scripts::*;
 pub use scripts::{decode_answer, encode_answer};
 
@@ -163,7 +163,7 @@ pub struct RedisStore {
     lock_ttl_ms: u64,
     /// The locks of checkouts past their hold, renewed until each one's outcome is known (by
     /// submission number: its key and lock value).
-    held: Mutex<FxHashMap<u64, (IdempotencyKey, String)>>,
+    held: Mutex<FxHashMap<u64, Held>>,
     /// This node, in lock values: `node_<hex>`, the same across restarts
     /// ([`crate::data_dir::node_name`]).
     node: String,
