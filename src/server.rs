@@ -215,7 +215,8 @@ async fn serve(
         // Several nodes: registered first (see `registry::register`), then the catalogue is
         // MySQL's, and this node's stock of each SKU its lease.
         cluster::registry::register(cluster, cluster_mode(&config), journal.writer_turn()).await?;
-        cluster::adoption::drop_adopted_away(cluster, &mut state).await?;
+        cluster::adoption::drop_adopted_away(cluster, &*journal, &mut state).await?;
+        cluster::adoption::journal_unjournaled_at_start(cluster, &*journal, &mut state).await?;
         state.products = cluster::catalogue::at_start(cluster)
             .await?
             .into_iter()

@@ -14,12 +14,27 @@
 //! ([`crate::engine::Engine::adopt`]). MySQL is the record of the adoption: a node whose journal
 //! is MySQL loads its orders from the projections at start (`orders.node`), so a crash between
 //! the two steps loses nothing; and a node started again after its orders were adopted does not
-//! load them. Only nodes with MySQL as their journal adopt (a write-behind node's start-up reads
-//! its own disk, which would not know an adoption).
+//! load them. Every adoption is also a row of `order_adoptions` (written in the same
+//! transaction), which is how a node whose journal is its own disk learns, when it starts again,
+//! which of its orders left it ([`drop_adopted_away`]).
+//!
+//! **Write-behind adopters.** A write-behind node rebuilds its state from its own disk, which
+//! knows nothing of MySQL's transaction: restarted, it would forget the orders it adopted while
+//! their units stay in its lease, free to be sold twice. So its adoption has two more steps, in
+//! this order, under [`super::Cluster::adopting`]: the orders go to its own log as one
+//! [`Record::Adopted`] (durable; the applier ships it to MySQL as a log row and changes nothing
+//! else, the transaction having moved everything), then their `order_adoptions` rows say
+//! `journaled`, then they go into memory. An order is thus in memory only once its disk holds it
+//! and MySQL says so; while a row is not `journaled` no change of the order can have been
+//! journaled, so MySQL's copy is its last version, and [`journal_unjournaled`] writes that copy
+//! (at start, before the engine is built, and at every look of the adopting loop: a crash or a
+//! journal that failed between the steps costs a delay, never an order or a unit).
 
 use super::registry::DB_NOW_MS;
 use super::{db, Cluster, ClusterError};
 use crate::engine::order::{Order, OrderStatus};
+use crate::engine::records::Record;
+use crate::journal::Journal;
 use sqlx::Row;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -116,6 +131,7 @@ async fn take_batch(
 ) -> Result<Vec<Order>, ClusterError> {
     let (me, from) = (cluster.node().to_owned(), from.to_owned());
     let only = only.cloned();
+    let journaled = cluster.journal_is_mysql;
     crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
         let gone: Option<i64> = sqlx::query_scalar(
             "SELECT 1 FROM cluster_nodes WHERE node_id = ? \
@@ -137,6 +153,16 @@ async fn take_batch(
                     .bind(&from)
                     .execute(&mut *tx)
                     .await?;
+                sqlx::query(&format!(
+                    "INSERT INTO order_adoptions (order_id, from_node, to_node, at_ms, journaled) \
+                     VALUES (?, ?, ?, {DB_NOW_MS}, ?)"
+                ))
+                .bind(order.order_id.as_str())
+                .bind(&from)
+                .bind(&me)
+                .bind(journaled)
+                .execute(&mut *tx)
+                .await?;
             }
             for (sku, (reserved, sold)) in units_of(&orders) {
                 let units = reserved + sold;
@@ -193,48 +219,250 @@ async fn take_batch(
     .map_err(db("adopting another node's open orders"))
 }
 
-/// At start, before the engine is rebuilt: the open orders this node's journal knows that
-/// another node adopted since (it left, or was presumed dead) are no longer this node's: they
-/// leave the state, their units having left this node's lease with them.
+/// At start, before the engine is rebuilt: the orders this node's journal knows that another
+/// node adopted since (it left, or was presumed dead) and still owns are no longer this node's:
+/// they leave the state, their units having left this node's lease with them. A write-behind
+/// node journals that first ([`Record::AdoptedAway`]), so its log's fold (its snapshots, the
+/// orders retention moves into its sold counts) agrees with its memory.
 pub async fn drop_adopted_away(
     cluster: &Cluster,
+    journal: &dyn Journal,
     state: &mut crate::engine::records::State,
 ) -> Result<usize, ClusterError> {
-    let open: Vec<String> = state
-        .orders
-        .values()
-        .filter(|o| o.status.holds_stock() || o.payment_due.is_some())
-        .map(|o| o.order_id.as_str().to_owned())
-        .collect();
+    let rows = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(
+            "SELECT DISTINCT a.order_id FROM order_adoptions a \
+             JOIN orders o ON o.order_id = a.order_id \
+             WHERE a.from_node = ? AND o.node <> ?",
+        )
+        .bind(cluster.node().to_owned())
+        .bind(cluster.node().to_owned()),
+    )
+    .await
+    .map_err(db("finding this node's orders adopted by another"))?;
     let mut gone = Vec::new();
-    for chunk in open.chunks(500) {
-        let mut query =
-            sqlx::QueryBuilder::<sqlx::MySql>::new("SELECT order_id FROM orders WHERE node <> ");
-        query.push_bind(cluster.node().to_owned());
-        query.push(" AND order_id IN (");
-        let mut ids = query.separated(", ");
-        for id in chunk {
-            ids.push_bind(id.clone());
-        }
-        query.push(")");
-        let rows =
-            crate::journal::mysql::fetch_all_bounded(&cluster.db, cluster.timeout, query.build())
-                .await
-                .map_err(db("finding this node's orders adopted by another"))?;
-        for row in &rows {
-            let id: Vec<u8> = row.try_get(0).map_err(db("finding adopted orders"))?;
-            gone.push(String::from_utf8_lossy(&id).into_owned());
+    for row in &rows {
+        let id: Vec<u8> = row.try_get(0).map_err(db("finding adopted orders"))?;
+        if let Ok(id) = crate::domain::OrderId::parse(String::from_utf8_lossy(&id).into_owned()) {
+            if state.orders.contains_key(&id) {
+                gone.push(id);
+            }
         }
     }
-    let gone_set: std::collections::HashSet<&str> = gone.iter().map(String::as_str).collect();
-    state.orders.retain(|id, _| !gone_set.contains(id.as_str()));
-    if !gone.is_empty() {
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    if !cluster.journal_is_mysql {
+        journal
+            .append(Record::AdoptedAway {
+                orders: gone.clone(),
+                at_ms: crate::time::now_ms(),
+            })
+            .await
+            .map_err(ClusterError::Journal)?;
+    }
+    for id in &gone {
+        state.orders.remove(id);
+    }
+    tracing::info!(
+        count = gone.len(),
+        "orders of this node adopted by another while it was away"
+    );
+    Ok(gone.len())
+}
+
+/// Write-behind: the orders adopted by this node whose `order_adoptions` row is not `journaled`,
+/// as MySQL has them (their last version: see the module's doc), `(from, order)`.
+async fn unjournaled(cluster: &Cluster) -> Result<Vec<(String, Order)>, ClusterError> {
+    let me = cluster.node().to_owned();
+    crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+        let rows = sqlx::query(
+            "SELECT order_id, from_node FROM order_adoptions \
+             WHERE to_node = ? AND journaled = FALSE ORDER BY id",
+        )
+        .bind(&me)
+        .fetch_all(&mut *tx)
+        .await?;
+        // By order, the node of its last adoption.
+        let mut last: BTreeMap<String, String> = BTreeMap::new();
+        for row in &rows {
+            let id = String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(0)?).into_owned();
+            let from = String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(1)?).into_owned();
+            last.insert(id, from);
+        }
+        let mut found = Vec::with_capacity(last.len());
+        for (id, from) in last {
+            let Ok(order_id) = crate::domain::OrderId::parse(id) else {
+                continue;
+            };
+            // Owned by this node still (another may have adopted it since: then it is not ours).
+            let mut order =
+                crate::journal::mysql::lock_open_orders(&mut tx, &me, Some(&order_id), 1).await?;
+            if let Some(order) = order.pop() {
+                found.push((from, order));
+            }
+        }
+        found
+    })
+    .await
+    .map_err(db("reading the adopted orders this node's journal lacks"))
+}
+
+/// Write-behind: says in MySQL that this node's journal holds the adoptions of `orders`.
+async fn mark_journaled(cluster: &Cluster, orders: &[Order]) -> Result<(), ClusterError> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let me = cluster.node().to_owned();
+    crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
+        for chunk in orders.chunks(BATCH) {
+            let mut query = sqlx::QueryBuilder::<sqlx::MySql>::new(
+                "UPDATE order_adoptions SET journaled = TRUE WHERE journaled = FALSE AND to_node = ",
+            );
+            query.push_bind(&me);
+            query.push(" AND order_id IN (");
+            let mut ids = query.separated(", ");
+            for order in chunk {
+                ids.push_bind(order.order_id.as_str());
+            }
+            query.push(")");
+            query.build().execute(&mut *tx).await?;
+        }
+    })
+    .await
+    .map_err(db("marking adopted orders as journaled"))
+}
+
+/// Journals `orders`, adopted from `from`, in this node's own log: `Ok` once durable.
+async fn journal_adopted(
+    journal: &dyn Journal,
+    from: &str,
+    orders: &[Order],
+) -> Result<(), ClusterError> {
+    journal
+        .append(Record::Adopted {
+            from: from.to_owned(),
+            orders: orders.to_vec(),
+            at_ms: crate::time::now_ms(),
+        })
+        .await
+        .map(|_| ())
+        .map_err(ClusterError::Journal)
+}
+
+/// Write-behind, at start (before the engine is built from `state`): the adopted orders this
+/// node's disk lacks (it stopped between MySQL's adoption and its own journal) are journaled now
+/// from MySQL's copy and join `state`.
+pub async fn journal_unjournaled_at_start(
+    cluster: &Cluster,
+    journal: &dyn Journal,
+    state: &mut crate::engine::records::State,
+) -> Result<usize, ClusterError> {
+    if cluster.journal_is_mysql {
+        return Ok(0);
+    }
+    let found = unjournaled(cluster).await?;
+    for (from, orders) in by_origin(found.clone()) {
+        journal_adopted(journal, &from, &orders).await?;
+    }
+    let orders: Vec<Order> = found.into_iter().map(|(_, order)| order).collect();
+    mark_journaled(cluster, &orders).await?;
+    for order in &orders {
+        state.orders.insert(order.order_id.clone(), order.clone());
+    }
+    if !orders.is_empty() {
         tracing::info!(
-            count = gone.len(),
-            "orders of this node adopted by another while it was away"
+            count = orders.len(),
+            "adopted orders this node's disk lacked journaled from MySQL's copy"
         );
     }
-    Ok(gone.len())
+    Ok(orders.len())
+}
+
+/// `(from, order)` pairs grouped by the node they came from.
+fn by_origin(found: Vec<(String, Order)>) -> BTreeMap<String, Vec<Order>> {
+    let mut grouped: BTreeMap<String, Vec<Order>> = BTreeMap::new();
+    for (from, order) in found {
+        grouped.entry(from).or_default().push(order);
+    }
+    grouped
+}
+
+/// Write-behind, while serving: journals the adopted orders whose journal step failed or was
+/// cut short (and that are not in memory), then takes them into memory. Returns how many.
+async fn journal_unjournaled(
+    cluster: &Cluster,
+    app: &crate::app::AppState,
+) -> Result<usize, ClusterError> {
+    if cluster.journal_is_mysql {
+        return Ok(0);
+    }
+    let _adopting = cluster.adopting.lock().await;
+    let found = unjournaled(cluster).await?;
+    let (known, missing): (Vec<_>, Vec<_>) = found
+        .into_iter()
+        .partition(|(_, order)| app.engine.order(&order.order_id).is_some());
+    // In memory already: journaled and marked once; only the mark was lost.
+    let known: Vec<Order> = known.into_iter().map(|(_, order)| order).collect();
+    mark_journaled(cluster, &known).await?;
+    let mut count = 0;
+    for (from, orders) in by_origin(missing) {
+        count += into_log_and_memory(cluster, app, &from, orders).await?;
+    }
+    Ok(count)
+}
+
+/// Write-behind, with [`super::Cluster::adopting`] held: `orders` (adopted in MySQL) to this
+/// node's log, then marked `journaled`, then into memory. Returns how many went into memory.
+async fn into_log_and_memory(
+    cluster: &Cluster,
+    app: &crate::app::AppState,
+    from: &str,
+    orders: Vec<Order>,
+) -> Result<usize, ClusterError> {
+    let journaled = tokio::time::timeout(
+        app.journal_timeout,
+        journal_adopted(&*app.journal, from, &orders),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(ClusterError::Journal(
+            crate::journal::JournalError::Unknown("journaling adopted orders timed out".into()),
+        ))
+    });
+    journaled?;
+    super::retrying(|| mark_journaled(cluster, &orders)).await?;
+    Ok(into_memory(app, orders))
+}
+
+/// Adopted orders into the engine. Returns how many.
+fn into_memory(app: &crate::app::AppState, orders: Vec<Order>) -> usize {
+    let count = orders.len();
+    for order in orders {
+        let order_id = order.order_id.clone();
+        if let Err(error) = app.engine.adopt(order) {
+            tracing::error!(%order_id, %error, "an adopted order could not be taken into memory; it is loaded at this node's next start");
+        }
+    }
+    count
+}
+
+/// This node's part of an adoption MySQL committed: the orders into its memory (write-behind:
+/// through its own log first, see the module's doc). Returns how many went into memory; an
+/// error leaves the rest to [`journal_unjournaled`].
+async fn take_in(
+    cluster: &Cluster,
+    app: &crate::app::AppState,
+    from: &str,
+    orders: Vec<Order>,
+) -> Result<usize, ClusterError> {
+    if cluster.journal_is_mysql {
+        return Ok(into_memory(app, orders));
+    }
+    let _adopting = cluster.adopting.lock().await;
+    into_log_and_memory(cluster, app, from, orders).await
 }
 
 /// Adopts one order of a node that is gone (left, or dead and settled), whatever its status: a
@@ -246,23 +474,19 @@ pub async fn adopt_one(
     from: &str,
     order_id: &crate::domain::OrderId,
 ) -> Result<bool, ClusterError> {
-    if !cluster.journal_is_mysql {
-        return Ok(false);
-    }
     let orders = super::retrying(|| take_batch(cluster, from, Some(order_id))).await?;
-    let adopted = !orders.is_empty();
-    for order in orders {
-        if let Err(error) = app.engine.adopt(order) {
-            tracing::error!(%order_id, %error, "an adopted order could not be taken into memory; it is loaded at this node's next start");
-        }
+    if !orders.is_empty() {
         cluster.adopted.fetch_add(1, Ordering::Relaxed);
         tracing::info!(from = %from, %order_id, "adopted an order of a node that is gone, for a call that changes it");
+        take_in(cluster, app, from, orders).await?;
     }
-    Ok(adopted)
+    Ok(app.engine.order(order_id).is_some())
 }
 
 /// Adopts the open orders of every node that left or died, batch by batch, into `app`'s engine.
+/// (Write-behind: first the adopted orders its journal still lacks.)
 pub async fn adopt(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), ClusterError> {
+    journal_unjournaled(cluster, app).await?;
     for from in orphaned(cluster).await? {
         loop {
             let orders = super::retrying(|| take_batch(cluster, &from, None)).await?;
@@ -270,13 +494,8 @@ pub async fn adopt(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), 
                 break;
             }
             let count = orders.len();
-            for order in orders {
-                let order_id = order.order_id.clone();
-                if let Err(error) = app.engine.adopt(order) {
-                    tracing::error!(%order_id, %error, "an adopted order could not be taken into memory; it is loaded at this node's next start");
-                }
-            }
             cluster.adopted.fetch_add(count as u64, Ordering::Relaxed);
+            take_in(cluster, app, &from, orders).await?;
             tracing::info!(from = %from, count, "adopted open orders of a node that is gone");
             app.settled.notify_waiters();
         }

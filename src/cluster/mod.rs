@@ -235,8 +235,11 @@ pub struct Cluster {
     pub(crate) forwarded: AtomicU64,
     /// Orders adopted from nodes that left or died.
     pub(crate) adopted: AtomicU64,
-    /// MySQL is this node's journal: it may settle dead nodes' leases and adopt open orders.
+    /// MySQL is this node's journal: it may settle dead nodes' leases.
     pub(crate) journal_is_mysql: bool,
+    /// Held while adopted orders go into this node's log and memory (write-behind: one writer
+    /// of `Record::Adopted` at a time, [`adoption`]).
+    pub(crate) adopting: tokio::sync::Mutex<()>,
 }
 
 impl Cluster {
@@ -271,6 +274,7 @@ impl Cluster {
             forwarded: AtomicU64::new(0),
             adopted: AtomicU64::new(0),
             journal_is_mysql,
+            adopting: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -210,19 +210,18 @@ pub(crate) async fn settle_on(
     .map_err(db("returning a dead node's unsold units to stock_pool"))
 }
 
-/// Every [`LOOK`], until `stop`: settles dead nodes, then adopts the open orders of the nodes
-/// that are gone ([`super::adoption`]). Only a node with MySQL as its journal does either.
+/// Every [`LOOK`], until `stop`: settles dead nodes (only a node with MySQL as its journal), then
+/// adopts the open orders of the nodes that are gone ([`super::adoption`]; every node).
 pub async fn reap(
     cluster: Arc<Cluster>,
     app: crate::app::Shared,
     stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    if !cluster.journal_is_mysql {
-        return;
-    }
     super::periodically("reaping dead nodes", LOOK, None, stop, || async {
-        for (node, epoch) in claim(&cluster).await? {
-            settle(&cluster, &node, epoch).await?;
+        if cluster.journal_is_mysql {
+            for (node, epoch) in claim(&cluster).await? {
+                settle(&cluster, &node, epoch).await?;
+            }
         }
         super::adoption::adopt(&cluster, &app).await
     })

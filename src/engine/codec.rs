@@ -6,7 +6,7 @@
 //! on field names; this form spends nothing on them.
 //!
 //! Format (version 1): the byte `0x01`, then the record's kind (`0` product, `1` order, `2`
-//! payments), then its fields in a fixed order. Integers are LEB128 varints (signed ones zigzag);
+//! payments, `3` adopted orders, `4` orders adopted away), then its fields in a fixed order. Integers are LEB128 varints (signed ones zigzag);
 //! strings are a varint length then UTF-8 bytes; statuses are one byte each. In an order record the
 //! times are stored relative to the record's `at_ms` (they are usually equal or close), and a
 //! fingerprint of 32 or 64 lowercase hex digits (the xxh3-128 ones, or the SHA-256 ones of earlier
@@ -27,6 +27,8 @@ const VERSION_1: u8 = 0x01;
 const KIND_PRODUCT: u8 = 0;
 const KIND_ORDER: u8 = 1;
 const KIND_PAYMENTS: u8 = 2;
+const KIND_ADOPTED: u8 = 3;
+const KIND_ADOPTED_AWAY: u8 = 4;
 
 // Flags of an order record: which optional parts follow.
 const HAS_PAYMENT_ID: u8 = 1;
@@ -74,13 +76,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
             replaces_expired_key,
         } => {
             out.push(KIND_ORDER);
-            let mut flags = 0;
-            if order.payment_id.is_some() {
-                flags |= HAS_PAYMENT_ID;
-            }
-            if order.payment_due.is_some() {
-                flags |= HAS_PAYMENT_DUE;
-            }
+            let mut flags = order_flags(order);
             if previous.is_some() {
                 flags |= HAS_PREVIOUS;
             }
@@ -92,28 +88,7 @@ pub fn encode(record: &Record) -> Vec<u8> {
             }
             out.push(flags);
             put_i64(&mut out, *at_ms);
-            put_str(&mut out, order.order_id.as_str());
-            out.push(status_byte(order.status));
-            put_str(&mut out, order.customer_id.as_str());
-            put_u64(&mut out, order.items.len() as u64);
-            for item in &order.items {
-                put_str(&mut out, item.sku.as_str());
-                put_i64(&mut out, item.quantity);
-                put_i64(&mut out, item.unit_price_cents.get());
-            }
-            put_i64(&mut out, order.total_cents);
-            out.extend_from_slice(order.currency.as_str().as_bytes());
-            put_i64(&mut out, order.created_at_ms.wrapping_sub(*at_ms));
-            put_i64(
-                &mut out,
-                order.hold_deadline_ms.wrapping_sub(order.created_at_ms),
-            );
-            if let Some(payment_id) = &order.payment_id {
-                put_str(&mut out, payment_id);
-            }
-            if let Some(due) = order.payment_due {
-                out.push(due_byte(due));
-            }
+            put_order(&mut out, order, *at_ms);
             if let Some(previous) = previous {
                 out.push(status_byte(*previous));
             }
@@ -145,8 +120,68 @@ pub fn encode(record: &Record) -> Vec<u8> {
                 }
             }
         }
+        Record::Adopted {
+            from,
+            orders,
+            at_ms,
+        } => {
+            out.push(KIND_ADOPTED);
+            put_i64(&mut out, *at_ms);
+            put_str(&mut out, from);
+            put_u64(&mut out, orders.len() as u64);
+            for order in orders {
+                out.push(order_flags(order));
+                put_order(&mut out, order, *at_ms);
+            }
+        }
+        Record::AdoptedAway { orders, at_ms } => {
+            out.push(KIND_ADOPTED_AWAY);
+            put_i64(&mut out, *at_ms);
+            put_u64(&mut out, orders.len() as u64);
+            for order_id in orders {
+                put_str(&mut out, order_id.as_str());
+            }
+        }
     }
     out
+}
+
+/// The flags of an order's optional parts.
+fn order_flags(order: &Order) -> u8 {
+    let mut flags = 0;
+    if order.payment_id.is_some() {
+        flags |= HAS_PAYMENT_ID;
+    }
+    if order.payment_due.is_some() {
+        flags |= HAS_PAYMENT_DUE;
+    }
+    flags
+}
+
+/// An order's fields (its optional parts as [`order_flags`] says), times relative to `at_ms`.
+fn put_order(out: &mut Vec<u8>, order: &Order, at_ms: i64) {
+    put_str(out, order.order_id.as_str());
+    out.push(status_byte(order.status));
+    put_str(out, order.customer_id.as_str());
+    put_u64(out, order.items.len() as u64);
+    for item in &order.items {
+        put_str(out, item.sku.as_str());
+        put_i64(out, item.quantity);
+        put_i64(out, item.unit_price_cents.get());
+    }
+    put_i64(out, order.total_cents);
+    out.extend_from_slice(order.currency.as_str().as_bytes());
+    put_i64(out, order.created_at_ms.wrapping_sub(at_ms));
+    put_i64(
+        out,
+        order.hold_deadline_ms.wrapping_sub(order.created_at_ms),
+    );
+    if let Some(payment_id) = &order.payment_id {
+        put_str(out, payment_id);
+    }
+    if let Some(due) = order.payment_due {
+        out.push(due_byte(due));
+    }
 }
 
 /// The record in `bytes` (either form).
@@ -387,6 +422,16 @@ impl<'a> Reader<'a> {
                 }
                 Ok(Record::Payments { settled, at_ms })
             }
+            KIND_ADOPTED => self.adopted(),
+            KIND_ADOPTED_AWAY => {
+                let at_ms = self.i64("time")?;
+                let count = self.count("orders adopted away")?;
+                let mut orders = Vec::with_capacity(count);
+                for _ in 0..count {
+                    orders.push(OrderId::parse(self.string("order id")?).map_err(invalid)?);
+                }
+                Ok(Record::AdoptedAway { orders, at_ms })
+            }
             other => Err(DecodeError::new(format!("unknown record kind {other}"))),
         }
     }
@@ -397,32 +442,7 @@ impl<'a> Reader<'a> {
             return Err(DecodeError::new(format!("unknown flags {flags:#04x}")));
         }
         let at_ms = self.i64("time")?;
-        let order_id = OrderId::parse(self.string("order id")?).map_err(invalid)?;
-        let status = self.status("status")?;
-        let customer_id = CustomerId::parse(self.string("customer id")?).map_err(invalid)?;
-        let count = self.count("items")?;
-        let mut items = Vec::with_capacity(count);
-        for _ in 0..count {
-            items.push(OrderItem {
-                sku: Sku::parse(self.string("sku")?).map_err(invalid)?,
-                quantity: self.i64("quantity")?,
-                unit_price_cents: Cents::parse(self.i64("unit price")?).map_err(invalid)?,
-            });
-        }
-        let total_cents = self.i64("total")?;
-        let currency = self.currency()?;
-        let created_at_ms = at_ms.wrapping_add(self.i64("creation time")?);
-        let hold_deadline_ms = created_at_ms.wrapping_add(self.i64("hold deadline")?);
-        let payment_id = if flags & HAS_PAYMENT_ID != 0 {
-            Some(self.string("payment id")?)
-        } else {
-            None
-        };
-        let payment_due = if flags & HAS_PAYMENT_DUE != 0 {
-            Some(self.due()?)
-        } else {
-            None
-        };
+        let order = self.order_fields(flags, at_ms)?;
         let previous = if flags & HAS_PREVIOUS != 0 {
             Some(self.status("previous status")?)
         } else {
@@ -453,23 +473,73 @@ impl<'a> Reader<'a> {
             None
         };
         Ok(Record::Order {
-            order: Order {
-                order_id,
-                status,
-                customer_id,
-                items,
-                total_cents,
-                currency,
-                created_at_ms,
-                hold_deadline_ms,
-                payment_id,
-                payment_due,
-            },
+            order,
             previous,
             entered,
             at_ms,
             answer,
             replaces_expired_key: flags & REPLACES_EXPIRED_KEY != 0,
+        })
+    }
+
+    /// An order's fields as [`put_order`] wrote them.
+    fn order_fields(&mut self, flags: u8, at_ms: i64) -> Result<Order, DecodeError> {
+        let order_id = OrderId::parse(self.string("order id")?).map_err(invalid)?;
+        let status = self.status("status")?;
+        let customer_id = CustomerId::parse(self.string("customer id")?).map_err(invalid)?;
+        let count = self.count("items")?;
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            items.push(OrderItem {
+                sku: Sku::parse(self.string("sku")?).map_err(invalid)?,
+                quantity: self.i64("quantity")?,
+                unit_price_cents: Cents::parse(self.i64("unit price")?).map_err(invalid)?,
+            });
+        }
+        let total_cents = self.i64("total")?;
+        let currency = self.currency()?;
+        let created_at_ms = at_ms.wrapping_add(self.i64("creation time")?);
+        let hold_deadline_ms = created_at_ms.wrapping_add(self.i64("hold deadline")?);
+        let payment_id = if flags & HAS_PAYMENT_ID != 0 {
+            Some(self.string("payment id")?)
+        } else {
+            None
+        };
+        let payment_due = if flags & HAS_PAYMENT_DUE != 0 {
+            Some(self.due()?)
+        } else {
+            None
+        };
+        Ok(Order {
+            order_id,
+            status,
+            customer_id,
+            items,
+            total_cents,
+            currency,
+            created_at_ms,
+            hold_deadline_ms,
+            payment_id,
+            payment_due,
+        })
+    }
+
+    fn adopted(&mut self) -> Result<Record, DecodeError> {
+        let at_ms = self.i64("time")?;
+        let from = self.string("node")?;
+        let count = self.count("adopted orders")?;
+        let mut orders = Vec::with_capacity(count);
+        for _ in 0..count {
+            let flags = self.byte("flags")?;
+            if flags & !(HAS_PAYMENT_ID | HAS_PAYMENT_DUE) != 0 {
+                return Err(DecodeError::new(format!("unknown flags {flags:#04x}")));
+            }
+            orders.push(self.order_fields(flags, at_ms)?);
+        }
+        Ok(Record::Adopted {
+            from,
+            orders,
+            at_ms,
         })
     }
 }
@@ -628,6 +698,22 @@ mod tests {
                         .collect(),
                     at_ms,
                 }),
+            (id(), proptest::collection::vec(order(), 0..3), any::<i64>()).prop_map(
+                |(from, orders, at_ms)| Record::Adopted {
+                    from,
+                    orders,
+                    at_ms
+                }
+            ),
+            (proptest::collection::vec(id(), 0..3), any::<i64>()).prop_map(|(ids, at_ms)| {
+                Record::AdoptedAway {
+                    orders: ids
+                        .into_iter()
+                        .map(|id| OrderId::parse(id).expect("order id"))
+                        .collect(),
+                    at_ms,
+                }
+            }),
         ]
     }
 

@@ -253,7 +253,10 @@ impl Change {
     pub fn order(&self) -> Option<&Order> {
         match &self.record {
             Record::Order { order, .. } => Some(order),
-            Record::Product { .. } | Record::Payments { .. } => None,
+            Record::Product { .. }
+            | Record::Payments { .. }
+            | Record::Adopted { .. }
+            | Record::AdoptedAway { .. } => None,
         }
     }
 }

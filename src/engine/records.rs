@@ -75,6 +75,28 @@ pub enum Record {
         /// When the calls were journaled (Unix milliseconds).
         at_ms: i64,
     },
+    /// Several nodes, write-behind: orders of a node that left (or whose disk was forgotten),
+    /// adopted by this node in MySQL (`orders.node`, their units moved into this node's lease,
+    /// [`crate::cluster::adoption`]), whole as they stood then. Journaled in the adopter's own log,
+    /// so its disk knows them at its next start; MySQL's projections already hold the move (the
+    /// applier writes the record to the log and changes nothing else).
+    Adopted {
+        /// The node they came from.
+        from: String,
+        /// The orders, whole.
+        orders: Vec<Order>,
+        /// When they were adopted (Unix milliseconds).
+        at_ms: i64,
+    },
+    /// Several nodes, write-behind: orders of this node that another node adopted while this one
+    /// was away (it left), learnt from MySQL at start ([`crate::cluster::adoption`]): they leave
+    /// the state, their units having left this node's lease with them. Changes nothing in MySQL.
+    AdoptedAway {
+        /// The orders.
+        orders: Vec<OrderId>,
+        /// When this node learnt it (Unix milliseconds).
+        at_ms: i64,
+    },
 }
 
 /// What one order owes the gateway after a settled call (one entry of [`Record::Payments`]).
@@ -96,7 +118,10 @@ impl Record {
     /// How many events this record carries (one per status entered).
     pub fn event_count(&self) -> u32 {
         match self {
-            Record::Product { .. } | Record::Payments { .. } => 0,
+            Record::Product { .. }
+            | Record::Payments { .. }
+            | Record::Adopted { .. }
+            | Record::AdoptedAway { .. } => 0,
             Record::Order { entered, .. } => entered.len() as u32,
         }
     }
@@ -105,14 +130,20 @@ impl Record {
     pub fn at_ms(&self) -> Option<i64> {
         match self {
             Record::Product { .. } => None,
-            Record::Order { at_ms, .. } | Record::Payments { at_ms, .. } => Some(*at_ms),
+            Record::Order { at_ms, .. }
+            | Record::Payments { at_ms, .. }
+            | Record::Adopted { at_ms, .. }
+            | Record::AdoptedAway { at_ms, .. } => Some(*at_ms),
         }
     }
 
     /// The events this record carries, numbered from `first_seq`.
     pub fn events(&self, first_seq: u64) -> Vec<Event> {
         match self {
-            Record::Product { .. } | Record::Payments { .. } => Vec::new(),
+            Record::Product { .. }
+            | Record::Payments { .. }
+            | Record::Adopted { .. }
+            | Record::AdoptedAway { .. } => Vec::new(),
             Record::Order {
                 order,
                 entered,
@@ -251,6 +282,16 @@ impl State {
                     if let Some(order) = self.orders.get_mut(&entry.order_id) {
                         order.payment_due = entry.payment_due;
                     }
+                }
+            }
+            Record::Adopted { orders, .. } => {
+                for order in orders {
+                    self.orders.insert(order.order_id.clone(), order);
+                }
+            }
+            Record::AdoptedAway { orders, .. } => {
+                for order_id in &orders {
+                    self.orders.remove(order_id);
                 }
             }
         }

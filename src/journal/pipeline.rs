@@ -620,7 +620,9 @@ pub(crate) mod tests {
         match record {
             Record::Product { product } => product.sku.as_str().to_owned(),
             Record::Order { order, .. } => order.order_id.as_str().to_owned(),
-            Record::Payments { .. } => String::new(),
+            Record::Payments { .. } | Record::Adopted { .. } | Record::AdoptedAway { .. } => {
+                String::new()
+            }
         }
     }
 

@@ -1009,7 +1009,19 @@ async fn an_order_placed_on_one_node_is_read_cancelled_and_paid_through_another(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_webhook_pays() {
-    let shop = Shop::new("cluster-adopt", false).await;
+    leaving_with_a_pending_payment(Shop::new("cluster-adopt", false).await).await;
+}
+
+/// The scale-down of a StatefulSet of write-behind nodes: the adopter journals what it adopted
+/// in its own log, so a `kill -9` and restart of it keeps the orders and their units held (it
+/// would otherwise sell them again), and the node that left, started again, drops them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_behind_node_leaving_with_a_pending_payment_hands_it_to_another_which_keeps_it_through_a_crash(
+) {
+    leaving_with_a_pending_payment(Shop::new("cluster-adopt-wb", true).await).await;
+}
+
+async fn leaving_with_a_pending_payment(shop: Shop) {
     let (mut nodes, sim, extra) = two_nodes_and_a_gateway(&shop, "3s");
     assert_eq!(
         nodes[0]
@@ -1087,8 +1099,24 @@ async fn a_node_leaving_with_a_pending_payment_hands_it_to_another_which_the_web
         },
     )
     .await;
-    // Node a started again does not take the order back.
     let args: Vec<&str> = extra.iter().map(String::as_str).collect();
+    if shop.write_behind {
+        // Node b crashes and starts again from its own disk: the adopted order is still its
+        // own, paid, its two units sold, and the rest of the stock sells exactly.
+        nodes[1].kill_9();
+        nodes[1] = shop.node_with("node-b", &args);
+        let mut b = nodes[1].client();
+        assert_eq!(b.get(&path).await.json()["status"], "paid");
+        let (stock, _, reserved, sold) = b.stock("HAND").await;
+        assert_eq!(
+            (stock, reserved, sold),
+            (10, 0, 2),
+            "node b after its restart"
+        );
+        sell_out(&[&nodes[1]], "HAND", 10, 2, "after-restart").await;
+        shop.assert_books_balance("HAND").await;
+    }
+    // Node a started again does not take the order back.
     nodes[0] = shop.node_with("node-a", &args);
     let again = nodes[0].client().get(&path).await;
     assert_eq!(again.json()["status"], "paid");

@@ -210,6 +210,8 @@ pub(crate) async fn project(
             Record::Product { product } => {
                 products.insert(&product.sku, (product, lsn));
             }
+            // The adoption's transaction moved the orders and their units already.
+            Record::Adopted { .. } | Record::AdoptedAway { .. } => {}
             Record::Payments { settled, .. } => {
                 for entry in settled {
                     match orders.get_mut(entry.order_id.as_str()) {
