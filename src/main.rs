@@ -180,7 +180,7 @@ fn forget(args: config::ForgetArgs) -> ExitCode {
             };
             let _ = writeln!(
                 std::io::stdout(),
-                "node {} forgotten: {} unit(s) of its lease back in the pool; {lost}; {} open order(s) go to a live node with MySQL as its journal",
+                "node {} forgotten: {} unit(s) of its lease back in the pool; {lost}; {} open order(s) go to a live node",
                 args.node, done.returned, done.open_orders
             );
             ExitCode::SUCCESS

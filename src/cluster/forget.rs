@@ -5,7 +5,7 @@
 //! journal). When its disk is gone for good, an operator says so with this command: the node is
 //! marked dead as if MySQL were its journal (its epoch moved on), and settled at once as a reaper
 //! would (its log in MySQL fenced and applied, its unsold units back in the pool); its open orders
-//! are then adopted by a live node with MySQL as its journal. What MySQL never received of it
+//! are then adopted by a live node. What MySQL never received of it
 //! (events past those of its log and outbox in MySQL, by the seq the node last reported) is lost
 //! with the disk, and the command says how much.
 //!
@@ -30,7 +30,7 @@ pub struct Forgotten {
     pub returned: i64,
     /// Events (order changes) it acknowledged that MySQL never received: `(first seq, last seq)`.
     pub lost_events: Option<(u64, u64)>,
-    /// Its open orders, now waiting for a live node with MySQL as its journal to adopt them.
+    /// Its open orders, now waiting for a live node to adopt them.
     pub open_orders: i64,
 }
 

@@ -363,7 +363,7 @@ on its own disk only, so nothing of a dead write-behind node is ever given away:
 its open orders wait for it to start again on its data dir. When that disk is gone for good, this
 command says so: the node is marked dead, and its lease and open orders are handled as those of a
 node with MySQL as its journal (its journal in MySQL fenced, its unsold units back in the pool,
-its open orders adopted by a live node with MySQL as its journal).
+its open orders adopted by a live node).
 
 It prints how many events (order changes) the node had acknowledged that MySQL never received:
 those orders are lost with the disk. Refused (exit 2) while the node is alive (renewed within
