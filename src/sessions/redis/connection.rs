@@ -55,6 +55,12 @@ impl Client {
                     .get_multiplexed_async_connection_with_config(config)
                     .await
                     .map_err(|e| e.to_string())?;
+                let server: String = redis::cmd("INFO")
+                    .arg("server")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                check_version(&server)?;
                 let info: String = redis::cmd("INFO")
                     .arg("cluster")
                     .query_async(&mut connection)
@@ -71,6 +77,59 @@ impl Client {
                 .map(Connection::Cluster)
                 .map_err(|e| e.to_string()),
         }
+    }
+}
+
+/// Turnstile needs Redis 7.0 or later (a checkout's start is `SET ... NX GET`): the version `INFO
+/// server` gives, else why not.
+fn check_version(info: &str) -> Result<(), String> {
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .map(str::trim);
+    let major = version.and_then(|v| v.split('.').next()?.parse::<u32>().ok());
+    match (version, major) {
+        (Some(version), Some(major)) if major < 7 => Err(format!(
+            "Redis {version} is too old: Turnstile needs Redis 7.0 or later (SET with NX and GET together)"
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redis_before_7_is_refused_with_its_version() {
+        let refused = super::check_version("# Server\r\nredis_version:6.2.14\r\n").unwrap_err();
+        assert!(
+            refused.contains("6.2.14") && refused.contains("7.0"),
+            "{refused}"
+        );
+        assert!(super::check_version("redis_version:7.0.15\r\n").is_ok());
+        // A server that says no version (a proxy, a fork) is tried.
+        assert!(super::check_version("# Server\r\n").is_ok());
+    }
+}
+
+/// What goes to Redis in one call: a script, or a pipeline of plain commands (one round trip,
+/// every command's reply given back as it came, errors included, so a value of another type
+/// under one key fails only its own step: [`super::starts`]).
+pub(super) trait Call: Sync {
+    fn call<'a>(&'a self, connection: &'a mut Connection) -> redis::RedisFuture<'a, redis::Value>;
+}
+
+impl Call for ScriptInvocation<'_> {
+    fn call<'a>(&'a self, connection: &'a mut Connection) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(self.invoke_async(connection))
+    }
+}
+
+impl Call for redis::Pipeline {
+    fn call<'a>(&'a self, connection: &'a mut Connection) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let replies = connection.req_packed_commands(self, 0, self.len()).await?;
+            Ok(redis::Value::Array(replies))
+        })
     }
 }
 
@@ -163,7 +222,7 @@ impl RedisStore {
     pub(super) async fn run<T: redis::FromRedisValue>(
         &self,
         subject: &str,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &impl Call,
     ) -> Result<T, StoreError> {
         let started = tokio::time::Instant::now();
         let had_connection = self.connection.load().is_some();
@@ -195,7 +254,7 @@ impl RedisStore {
     pub(super) async fn run_once<T: redis::FromRedisValue>(
         &self,
         subject: &str,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &impl Call,
     ) -> Result<T, StoreError> {
         let Some(connection) = self.connection.load_full() else {
             self.stats.calls.fetch_add(1, Ordering::Relaxed);
@@ -231,13 +290,14 @@ impl RedisStore {
         &self,
         connection: &Connection,
         subject: &str,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &impl Call,
     ) -> Result<T, Failed> {
         self.stats.calls.fetch_add(1, Ordering::Relaxed);
         let mut handle = Connection::clone(connection);
-        let failed = match tokio::time::timeout(self.timeout, invocation.invoke_async(&mut handle))
+        let answer = tokio::time::timeout(self.timeout, invocation.call(&mut handle))
             .await
-        {
+            .map(|called| called.and_then(redis::from_owned_redis_value));
+        let failed = match answer {
             Ok(Ok(value)) => return Ok(value),
             // Redis answered, and what it said is not about being unavailable (a key of
             // another type, bytes that are not UTF-8, a script failing on a value): something

@@ -2,7 +2,7 @@
 //! ([`Submission`]), and released with its answer stored (the ends queued and sent in batches
 //! after the journal's commit).
 
-use super::connection::{Connection, Failed};
+use super::connection::{Call, Connection, Failed};
 use super::*;
 
 /// A checkout's end: its answer to store (and for how long), and its lock to release.
@@ -43,19 +43,15 @@ impl Finish {
     }
 }
 
-impl super::starts::AsStep for Finish {
-    fn key(&self) -> &IdempotencyKey {
-        &self.key
-    }
-
-    /// Its arguments in a `STEPS` call (kind, lock value, answer, answer TTL).
-    fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
+impl Finish {
+    /// Its arguments in a `STEPS` call (`e` and its lock value, answer, answer TTL).
+    pub(super) fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
         let (encoded, ttl_ms) = match &self.answer {
             Some((answer, ttl_ms)) => (encode_answer(answer), (*ttl_ms).max(1)),
             None => (String::new(), 0),
         };
         invocation
-            .arg(super::starts::step_arg(b'e', &self.value))
+            .arg(format!("e{}", self.value))
             .arg(encoded)
             .arg(ttl_ms);
     }
@@ -107,7 +103,7 @@ impl RedisStore {
         subject: &str,
         parts: &[(usize, usize, ScriptInvocation<'_>)],
     ) -> Result<Vec<usize>, StoreError> {
-        let (answers, _) = self.send_parts::<Vec<usize>>(subject, parts, None).await;
+        let (answers, _) = self.send_parts::<Vec<usize>, _>(subject, parts, None).await;
         let mut indexes = Vec::new();
         for (at, _, answer) in answers {
             indexes.extend(answer?.into_iter().map(|i| i + at));
@@ -118,10 +114,10 @@ impl RedisStore {
     /// Sends every part (its first item's index, its length, its script) at once, on `own` (a
     /// core's own connection, [`super::starts`]) if given, else on the shared one: each part's
     /// answer, and whether `own` broke (a part it failed is sent again on the shared one).
-    pub(super) async fn send_parts<R: redis::FromRedisValue>(
+    pub(super) async fn send_parts<R: redis::FromRedisValue, C: Call>(
         &self,
         subject: &str,
-        parts: &[(usize, usize, ScriptInvocation<'_>)],
+        parts: &[(usize, usize, C)],
         own: Option<&Connection>,
     ) -> (Vec<(usize, usize, Result<R, StoreError>)>, bool) {
         use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -146,7 +142,7 @@ impl RedisStore {
         &self,
         own: Option<&Connection>,
         subject: &str,
-        invocation: &ScriptInvocation<'_>,
+        invocation: &impl Call,
     ) -> (Result<R, StoreError>, bool) {
         let Some(connection) = own else {
             return (self.run(subject, invocation).await, false);
@@ -302,7 +298,7 @@ impl RedisStore {
     pub(super) async fn finish_batch(&self, batch: &[Finish]) -> Result<(), StoreError> {
         let parts = self.steps_parts(batch);
         let (answers, _) = self
-            .send_parts::<Vec<String>>("a batch of answers and locks", &parts, None)
+            .send_parts::<Vec<String>, _>("a batch of answers and locks", &parts, None)
             .await;
         for (finish, reply) in batch.iter().zip(Self::step_replies(batch.len(), answers)) {
             if reply?.0 == "twin" {

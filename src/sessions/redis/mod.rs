@@ -32,16 +32,17 @@
 //! redirections.
 //!
 //! # Mechanism
-//! Every operation is one Lua script, so each is atomic and costs one round trip: a cart change
-//! (read-modify-write of its hash, the line cap, the expiry), and a checkout's start (the cached
-//! answer, else the lock, and the cart when the checkout names one). The starts of checkouts
-//! naming their items, the looks of sold-out refusals and every checkout's end (the answer
-//! replacing the lock, atomically, if the lock is still the checkout's; queued after the journal's commit and
-//! not awaited) are batched per core, many in one `STEPS` call ([`starts`]): a checkout's end
-//! rides with later checkouts' starts, so Redis adds one awaited round trip to a checkout and,
-//! under load, a share of one call. Ends a core's queue cannot carry (Redis unreachable, the queue
-//! full or stopping) go to the finisher, one task that sends them again, up to 256 in one call,
-//! until their locks expire. The journal stays the truth: the
+//! Every operation costs one round trip: a cart change is one Lua script (read-modify-write of its
+//! hash, the line cap, the expiry), and so is a checkout's start when it names a cart (the cached
+//! answer, else the lock, and the cart). The starts of checkouts naming their items, the looks of
+//! sold-out refusals and every checkout's end (the answer replacing the lock; queued after the
+//! journal's commit and not awaited) are batched per core, many plain commands in one pipeline
+//! ([`starts`]: `SET NX GET` to start, `SET GET` to end, no script): a checkout's end rides with
+//! later checkouts' starts, so Redis adds one awaited round trip to a checkout and, under load, a
+//! share of one call. Ends a core's queue cannot carry (Redis unreachable, the queue full or
+//! stopping) and lock releases without an answer go to the finisher, one task that sends them,
+//! up to 256 in one `STEPS` script call (compare-and-set: it replaces only the checkout's own
+//! lock), again until their locks expire. The journal stays the truth: the
 //! answer is stored only once its record is durable, and a node that finds no answer in Redis
 //! falls back to its own key table and journal.
 //!
@@ -510,7 +511,7 @@ impl RedisStore {
         )?;
         let stats = &self.stats;
         for (name, help, counter) in [
-            ("turnstile_redis_calls", "Redis calls (one script each).", &stats.calls),
+            ("turnstile_redis_calls", "Redis calls (a script, or one pipeline of a core's batch of steps).", &stats.calls),
             ("turnstile_redis_errors", "Redis calls that failed or timed out.", &stats.errors),
             ("turnstile_redis_reconnects", "Attempts to reconnect to Redis.", &stats.reconnects),
             (

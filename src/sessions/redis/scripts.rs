@@ -102,54 +102,29 @@ refresh(KEYS[2], KEYS[3], tonumber(ARGV[3]), tonumber(ARGV[4]), ARGV[5])
 return {'locked', 'cart', lines(KEYS[3])}
 ";
 
-/// Checkouts' starts and ends, many in one call ([`super::starts`], and the finisher's ends). KEYS
-/// = one per step, the key's (`<p>key:<idempotency key>`: its lock while a checkout runs, then
-/// its answer); ARGV[1] = the lock TTL in ms, then per step: a start, one argument, `s` and its
-/// lock value (`s` alone: a look, which takes nothing); an end, three, `e` and its lock value,
-/// the answer it stores, and that answer's TTL in ms (`0`: none to store). Returns one string
-/// with a code per step, in order, then the payload of each step that has one (an answer found,
-/// a junk value's error), in order: the few bytes each side parses per step, and the three
-/// commands a checkout runs (its start's `SET NX`, its end's `GET` and `SET`), are what a
-/// checkout costs Redis.
+/// Checkouts' ends, many in one call: the finisher's (an end a core's batch could not carry, a
+/// refusal's or a failure's lock release, the answers a restarted node sends again: late ends,
+/// which may meet another node's lock or answer). A core's batch of starts and ends goes as plain
+/// commands instead ([`super::starts`]). KEYS = one per end, the key's (`<p>key:<idempotency
+/// key>`: its lock while a checkout runs, then its answer); ARGV[1] = unused (the lock TTL), then
+/// per end three: `e` and its lock value, the answer it stores, and that answer's TTL in ms (`0`:
+/// none to store). Returns one string with a code per end, in order (as [`STEP_CODES`] names
+/// them).
 ///
-/// A lock value starts with `~` (an answer starts with its status, a digit), so one string says
-/// which it is. A start (codes as [`STEP_CODES`] names them): `A` and the answer any node
-/// stored; `L` (the lock taken, or already this start's: a start may run twice); `F` (a look,
-/// nothing there); `H` (another checkout holds the lock); `J` (a lock value without expiry,
-/// which would hold the key for ever: junk Turnstile did not write); `j` and the error (a value
-/// of another type under the key).
+/// The answer replaces the lock if the lock is still that checkout's (or is gone), then `D`; an
+/// end without an answer deletes the lock if still its own. `T` (a twin) when the key is taken by
+/// another (another answer there, another checkout's lock, or a value of another type put over
+/// this checkout's lock, which another node may start the key past): this node's answer could
+/// not reach Redis while its lock lived, and another node placed the key or is placing it, so the
+/// key has (or is about to have) an order on each of two nodes, which the node reports; nothing
+/// is replaced (the answer another node's clients already replay stays). A lock is "ours" when
+/// its value starts with the one given: lock values start with `~` and end with `/`, so a
+/// checkout's own value matches only itself, and the node's prefix (`~<node>/`, given by the
+/// start-up recovery) matches every lock of the node's earlier runs.
 ///
-/// An end: the answer replaces the lock if the lock is still that checkout's (or is gone), then
-/// `D`; an end without an answer (a refusal, a failure) deletes the lock if still its own. `T`
-/// (a twin) when the key is taken by another (another answer there, another checkout's lock, or
-/// a value of another type put over this checkout's lock, which another node may start the key
-/// past): this node's answer could not reach Redis while its lock lived, and another node placed
-/// the key or is placing it, so the key has (or is about to have) an order on each of two
-/// nodes, which the node reports; nothing is replaced (the answer another node's clients
-/// already replay stays). A lock is "ours" when its value starts with the one given: lock values
-/// end with `/`, so a checkout's own value matches only itself, and the node's prefix (`~<node>/`,
-/// given by the start-up recovery) matches every lock of the node's earlier runs.
-///
-/// Every read is a `pcall`, so junk under one key fails only its own step; every step may run
+/// Every read is a `pcall`, so junk under one key fails only its own step; every end may run
 /// twice (a batch whose answer was lost is sent again: an end finds its own answer there).
 pub(super) const STEPS: &str = r"
-local payloads = {}
-local function start(key, value)
-  if value ~= '' and redis.call('SET', key, value, 'NX', 'PX', ARGV[1]) then return 'L' end
-  local there = redis.pcall('GET', key)
-  if type(there) == 'table' then
-    payloads[#payloads + 1] = tostring(there.err)
-    return 'j'
-  end
-  if there == false then return 'F' end
-  if string.byte(there, 1) ~= 126 then
-    payloads[#payloads + 1] = there
-    return 'A'
-  end
-  if redis.call('PTTL', key) < 0 then return 'J' end
-  if there == value then return 'L' end
-  return 'H'
-end
 local function finish(key, value, stored, ttl)
   local there = redis.pcall('GET', key)
   if type(there) == 'table' then return 'T' end
@@ -167,32 +142,14 @@ local function finish(key, value, stored, ttl)
 end
 local codes, at = {}, 2
 for i = 1, #KEYS do
-  local step = ARGV[at]
-  if string.byte(step, 1) == 101 then
-    codes[i] = finish(KEYS[i], string.sub(step, 2), ARGV[at + 1], ARGV[at + 2])
-    at = at + 3
-  else
-    codes[i] = start(KEYS[i], string.sub(step, 2))
-    at = at + 1
-  end
+  codes[i] = finish(KEYS[i], string.sub(ARGV[at], 2), ARGV[at + 1], ARGV[at + 2])
+  at = at + 3
 end
-local out = {table.concat(codes)}
-for i = 1, #payloads do out[i + 1] = payloads[i] end
-return out
+return {table.concat(codes)}
 ";
 
-/// What each code of a `STEPS` reply says, by the names [`super::RedisStore::read_begin`] reads
-/// (shared with BEGIN's tags), and whether a payload comes with it.
-pub(super) const STEP_CODES: [(u8, &str, bool); 8] = [
-    (b'A', "answer", true),
-    (b'j', "junk_answer", true),
-    (b'L', "locked", false),
-    (b'F', "free", false),
-    (b'H', "held", false),
-    (b'J', "junk", false),
-    (b'D', "done", false),
-    (b'T', "twin", false),
-];
+/// What each code of a `STEPS` reply says, and whether a payload comes with it (none does).
+pub(super) const STEP_CODES: [(u8, &str, bool); 2] = [(b'D', "done", false), (b'T', "twin", false)];
 
 /// Renews the locks of checkouts whose outcome is not known yet. KEYS = their locks; ARGV[1] = the
 /// TTL in ms, ARGV[1 + i] = the value of lock i. A lock still holding its checkout's value gets a

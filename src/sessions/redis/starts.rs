@@ -5,20 +5,31 @@
 //! task of its own, started on that core's runtime at its first start, with a Redis connection of
 //! its own made there: a per-core worker's starts and ends, their batching, the connection's
 //! socket and the wake-ups all stay on its thread. The task sends everything queued as one
-//! `STEPS` script call (up to [`STEPS_PER_CALL_MAX`]), then the next batch once that call is
-//! answered: an idle node sends a step at once, a busy one many per round trip, and Redis runs
-//! one script for all of them — so a checkout's end rides with later checkouts' starts, and a
-//! checkout costs Redis about one share of one call. On a Redis Cluster a script touches one
-//! slot: the batch goes one script per key, concurrently ([`RedisStore::slot_parts`]). A
-//! checkout naming a cart starts alone (its cart read in the same script).
+//! pipeline of plain commands (up to [`STEPS_PER_CALL_MAX`] steps; one write, one round trip),
+//! then the next batch once that is answered: an idle node sends a step at once, a busy one many
+//! per round trip — so a checkout's end rides with later checkouts' starts.
+//!
+//! **What a checkout costs Redis: two plain commands and a `PTTL`, no script.** A start is
+//! `SET key <lock> NX PX <ttl> GET`: one command takes the lock and says what was there (an
+//! answer to replay, another checkout's lock, its own lock from a start sent twice), with `PTTL`
+//! behind it to tell a lock without expiry (junk) from a live one. An end is `SET key <answer> PX
+//! <ttl> GET`: the answer replaces the lock, and what it replaced says whether the lock was still
+//! its own (or gone: `done`) or another's (a twin, reported: see [`read_plain`]). The script this
+//! replaced (`STEPS` for every step) spent about two thirds of its time in the Lua around the
+//! same commands; an end checks ownership after the fact instead of before, which matters only
+//! for a twin, and only an end sent right after its commit takes this path (its lock confirmed
+//! within two thirds of its TTL just before: `Submission::lock_clock`). Late ends (after an
+//! outage, a restart's recovery) and lock releases without an answer go through the finisher's
+//! `STEPS` script, which replaces nothing it does not own. On a Redis Cluster the batch goes one
+//! pipeline per key, concurrently ([`RedisStore::slot_parts`]). A checkout naming a cart starts
+//! alone (its cart read in the same script, `BEGIN`). Needs Redis 7.0 (`NX` with `GET`).
 //!
 //! A core's own connection is made only while the shared one is up (the supervisor's: the
 //! node's view of whether Redis answers); a batch it fails to carry is sent again on the shared
 //! connection, with its reconnection wait ([`RedisStore::run`]), and a broken one is dropped (the
 //! next batch makes a new one; one that cannot be made is tried again after
 //! [`OWN_CONNECTION_RETRY`], the shared connection carrying the core's steps meanwhile). Every
-//! step may run twice (`STEPS` takes a lock it already holds again, and an end finds its answer
-//! stored). Ends a batch could not carry go to the finisher, which sends them again with backoff
+//! step may run twice (a start finds its own lock, an end its own answer). Ends a batch could not carry go to the finisher, which sends them again with backoff
 //! until their locks expire; so do the ends of a core whose queue is full, or not started, and
 //! those left queued when the node stops (the finisher waits for every core's task to hand them
 //! over before its last batch).
@@ -55,39 +66,6 @@ pub(super) struct Start {
 pub(super) enum Step {
     Start(Start),
     End(Finish),
-}
-
-/// A step's first argument in a `STEPS` call: its kind (`s` or `e`), then its lock value.
-pub(super) fn step_arg(kind: u8, value: &str) -> Vec<u8> {
-    let mut arg = Vec::with_capacity(1 + value.len());
-    arg.push(kind);
-    arg.extend_from_slice(value.as_bytes());
-    arg
-}
-
-/// What one step of a `STEPS` call needs: its idempotency key (its Redis key) and its arguments. A core's batch of steps and the finisher's batch of ends are both built with
-/// [`RedisStore::steps_parts`].
-pub(super) trait AsStep {
-    fn key(&self) -> &IdempotencyKey;
-    fn push_args(&self, invocation: &mut ScriptInvocation<'_>);
-}
-
-impl AsStep for Step {
-    fn key(&self) -> &IdempotencyKey {
-        match self {
-            Self::Start(start) => &start.key,
-            Self::End(end) => &end.key,
-        }
-    }
-
-    fn push_args(&self, invocation: &mut ScriptInvocation<'_>) {
-        match self {
-            Self::Start(start) => {
-                invocation.arg(step_arg(b's', start.value.as_deref().unwrap_or("")));
-            }
-            Self::End(end) => end.push_args(invocation),
-        }
-    }
 }
 
 /// One core's queue of steps: its sending task is started at the core's first start.
@@ -277,20 +255,20 @@ impl RedisStore {
         }
     }
 
-    /// The `STEPS` calls of `batch`: one per part ([`Self::slot_parts`]), with the index of its
-    /// first step and its length.
-    pub(super) fn steps_parts<T: AsStep>(
+    /// The `STEPS` calls of the finisher's `batch` of ends: one per part
+    /// ([`Self::slot_parts`]), with the index of its first end and its length.
+    pub(super) fn steps_parts(
         &self,
-        batch: &[T],
+        batch: &[Finish],
     ) -> Vec<(usize, usize, ScriptInvocation<'_>)> {
         self.slot_parts(batch)
             .into_iter()
             .map(|(at, part)| {
                 let mut invocation = self.scripts.steps.prepare_invoke();
                 invocation.arg(self.lock_ttl_ms);
-                for step in part {
-                    invocation.key(self.key("key", step.key().as_str()));
-                    step.push_args(&mut invocation);
+                for end in part {
+                    invocation.key(self.key("key", end.key.as_str()));
+                    end.push_args(&mut invocation);
                 }
                 (at, part.len(), invocation)
             })
@@ -319,27 +297,98 @@ impl RedisStore {
         replies
     }
 
-    /// One script call per part of `batch` (one with one server), on `own` (a core's own
+    /// The plain commands of a core's batch, one pipeline per part ([`Self::slot_parts`]): a
+    /// start `SET key <lock> NX PX <ttl> GET` then `PTTL key` (a look: `GET key`, `PTTL key`); an
+    /// end `SET key <answer> PX <ttl> GET`. Each part gives back its first step's index, its
+    /// length and its pipeline.
+    fn plain_parts(&self, batch: &[Step]) -> Vec<(usize, usize, redis::Pipeline)> {
+        self.slot_parts(batch)
+            .into_iter()
+            .map(|(at, part)| {
+                let mut pipe = redis::pipe();
+                for step in part {
+                    match step {
+                        Step::Start(start) => {
+                            let key = self.key("key", start.key.as_str());
+                            match &start.value {
+                                Some(value) => pipe
+                                    .cmd("SET")
+                                    .arg(&key)
+                                    .arg(value)
+                                    .arg("NX")
+                                    .arg("PX")
+                                    .arg(self.lock_ttl_ms)
+                                    .arg("GET"),
+                                None => pipe.cmd("GET").arg(&key),
+                            };
+                            pipe.cmd("PTTL").arg(key);
+                        }
+                        Step::End(end) => {
+                            let (answer, ttl_ms) = end.answer.as_ref().map_or_else(
+                                || (String::new(), 1),
+                                |(answer, ttl_ms)| (encode_answer(answer), (*ttl_ms).max(1)),
+                            );
+                            pipe.cmd("SET")
+                                .arg(self.key("key", end.key.as_str()))
+                                .arg(answer)
+                                .arg("PX")
+                                .arg(ttl_ms)
+                                .arg("GET");
+                        }
+                    }
+                }
+                (at, part.len(), pipe)
+            })
+            .collect()
+    }
+
+    /// One pipeline per part of `batch` (one with one server), on `own` (a core's own
     /// connection) if given, else (or once `own` failed) on the shared one. Every start is
-    /// answered; an end whose part failed goes to the finisher, which sends it again.
+    /// answered; an end whose part failed goes to the finisher, which sends it again. An end
+    /// without an answer (a refusal, a failure: its lock released only if still its own) goes to
+    /// the finisher's script at once.
     pub(super) async fn send_batch(
         self: &Arc<Self>,
         batch: Vec<Step>,
         own: &mut Option<Connection>,
     ) {
-        let parts = self.steps_parts(&batch);
+        let (batch, releases): (Vec<Step>, Vec<Step>) = batch
+            .into_iter()
+            .partition(|step| !matches!(step, Step::End(end) if end.answer.is_none()));
+        for release in releases {
+            if let Step::End(end) = release {
+                self.finish_later(end);
+            }
+        }
+        if batch.is_empty() {
+            return;
+        }
+        let parts = self.plain_parts(&batch);
         let subject = match batch.as_slice() {
-            [one] => self.key("key", one.key().as_str()),
+            [Step::Start(one)] => self.key("key", one.key.as_str()),
+            [Step::End(one)] => self.key("key", one.key.as_str()),
             _ => "a batch of checkouts' starts and ends".to_owned(),
         };
         let (answers, broke) = self
-            .send_parts::<Vec<String>>(&subject, &parts, own.as_ref())
+            .send_parts::<Vec<redis::Value>, _>(&subject, &parts, own.as_ref())
             .await;
         if broke {
             *own = None;
         }
-        let replies = Self::step_replies(batch.len(), answers);
-        for (step, reply) in batch.into_iter().zip(replies) {
+        // Each part's replies, read step by step in the batch's order.
+        let mut answers = answers;
+        answers.sort_by_key(|(at, ..)| *at);
+        let mut answers = answers.into_iter().peekable();
+        let mut replies: Result<std::vec::IntoIter<redis::Value>, StoreError> =
+            Err(StoreError::Unavailable("no answer for a step".into()));
+        for (i, step) in batch.into_iter().enumerate() {
+            if let Some((_, _, answer)) = answers.next_if(|(at, ..)| *at == i) {
+                replies = answer.map(Vec::into_iter);
+            }
+            let reply = match replies.as_mut() {
+                Ok(values) => read_plain(&step, values),
+                Err(error) => Err(error.clone()),
+            };
             match step {
                 Step::Start(start) => {
                     let begin =
@@ -400,6 +449,78 @@ impl RedisStore {
     }
 }
 
+/// What one step's replies in a core's pipeline say ([`RedisStore::plain_parts`]), as the tags
+/// [`RedisStore::read_begin`] reads: a start `locked` (taken, or already its own: a start may run
+/// twice), `answer` and the answer any node stored, `held` (another checkout's lock), `junk` (a
+/// lock value without expiry, which would hold the key for ever: Turnstile writes none) or
+/// `junk_answer` and the error (a value of another type under the key); a look `free` instead of
+/// `locked`. An end `done`, or `twin` when what its answer replaced was neither its own lock nor
+/// gone nor that answer: another node answered the key, or is running it, while this node's
+/// answer could not reach Redis (its lock expired meanwhile), and the key has, or is about to
+/// have, an order on each of two nodes; the node reports it. A lock value starts with `~` (an
+/// answer with its status, a digit), and a lock is the end's own when its value starts with the
+/// one given (values end with `/`: see `STEPS`).
+fn read_plain(
+    step: &Step,
+    replies: &mut impl Iterator<Item = redis::Value>,
+) -> Result<(&'static str, String), StoreError> {
+    use redis::Value;
+    let missing = || StoreError::Unexpected {
+        key: "a batch of checkouts' starts and ends".into(),
+        what: "fewer replies than commands".into(),
+    };
+    let text = |bytes: Vec<u8>| String::from_utf8(bytes).map_err(|e| e.utf8_error().to_string());
+    match step {
+        Step::Start(start) => {
+            let (value, ttl) = (replies.next().ok_or_else(missing)?, replies.next());
+            let there = match value {
+                Value::Nil => {
+                    return Ok((
+                        if start.value.is_some() {
+                            "locked"
+                        } else {
+                            "free"
+                        },
+                        String::new(),
+                    ))
+                }
+                Value::BulkString(bytes) => match text(bytes) {
+                    Ok(there) => there,
+                    Err(what) => return Ok(("junk_answer", what)),
+                },
+                Value::ServerError(error) => {
+                    return Ok(("junk_answer", redis::RedisError::from(error).to_string()))
+                }
+                other => return Ok(("junk_answer", format!("{other:?}"))),
+            };
+            if start.value.as_deref() == Some(there.as_str()) {
+                return Ok(("locked", String::new()));
+            }
+            if !there.starts_with('~') {
+                return Ok(("answer", there));
+            }
+            match ttl {
+                Some(Value::Int(ttl)) if ttl < 0 => Ok(("junk", String::new())),
+                _ => Ok(("held", String::new())),
+            }
+        }
+        Step::End(end) => {
+            let ours = match replies.next().ok_or_else(missing)? {
+                Value::Nil => true,
+                Value::BulkString(bytes) => {
+                    bytes.starts_with(end.value.as_bytes())
+                        || end
+                            .answer
+                            .as_ref()
+                            .is_some_and(|(answer, _)| bytes == encode_answer(answer).as_bytes())
+                }
+                _ => false,
+            };
+            Ok((if ours { "done" } else { "twin" }, String::new()))
+        }
+    }
+}
+
 /// The (tag, payload) of each of a `STEPS` call's `count` steps from its reply: the codes, then
 /// the payloads of the steps that have one ([`STEPS`]).
 fn read_steps(
@@ -441,46 +562,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_steps_reply_gives_each_step_its_tag_and_its_payload_in_order() {
-        let reply = vec![
-            "LAFjDTHJ".to_owned(),
-            "201 1 f\n{}".to_owned(),
-            "WRONGTYPE".to_owned(),
-        ];
-        let steps = read_steps(8, reply).unwrap();
+    fn a_steps_reply_gives_each_end_its_tag_in_order() {
+        let steps = read_steps(3, vec!["DTD".to_owned()]).unwrap();
         let tags: Vec<&str> = steps.iter().map(|(tag, _)| *tag).collect();
-        assert_eq!(
-            tags,
-            [
-                "locked",
-                "answer",
-                "free",
-                "junk_answer",
-                "done",
-                "twin",
-                "held",
-                "junk"
-            ]
-        );
-        assert_eq!(steps[1].1, "201 1 f\n{}");
-        assert_eq!(steps[3].1, "WRONGTYPE");
-        assert!(steps
-            .iter()
-            .enumerate()
-            .all(|(i, (_, p))| i == 1 || i == 3 || p.is_empty()));
+        assert_eq!(tags, ["done", "twin", "done"]);
+        assert!(steps.iter().all(|(_, payload)| payload.is_empty()));
     }
 
     #[test]
     fn a_steps_reply_that_does_not_fit_the_batch_fails_every_step() {
         for (count, reply) in [
-            (2, vec!["L".to_owned()]),
-            (1, vec!["A".to_owned()]),
+            (2, vec!["D".to_owned()]),
+            (1, vec!["L".to_owned()]),
             (1, vec!["?".to_owned()]),
             (1, vec![]),
         ] {
             assert!(read_steps(count, reply.clone()).is_err(), "{reply:?}");
         }
-        let failed = RedisStore::step_replies(2, vec![(0, 2, Ok(vec!["LZ".to_owned()]))]);
+        let failed = RedisStore::step_replies(2, vec![(0, 2, Ok(vec!["DZ".to_owned()]))]);
         assert!(failed.iter().all(Result::is_err));
     }
 }
