@@ -11,6 +11,7 @@ CREATE TABLE order_adoptions (
     to_node VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL,
     at_ms BIGINT NOT NULL,
     journaled BOOLEAN NOT NULL,
+    KEY order_adoptions_order (order_id),
     KEY order_adoptions_from (from_node),
     KEY order_adoptions_to (to_node, journaled)
 ) ENGINE = InnoDB;

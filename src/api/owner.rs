@@ -76,11 +76,29 @@ pub(super) async fn elsewhere(
     if state.engine.order(order_id).is_some() {
         return Ok(None);
     }
-    let Some(owner) = forward::owner_of(cluster, order_id).await? else {
+    let Some(mut owner) = forward::owner_of(cluster, order_id).await? else {
         return Ok(None);
     };
+    // A node gone for good: this node adopts the order now and the call runs here. Another call
+    // (or node) may have adopted it first: then MySQL names the owner now.
+    if owner.gone {
+        if crate::cluster::adoption::adopt_one(cluster, state, &owner.node, order_id).await? {
+            return Ok(None);
+        }
+        if let Some(now) = forward::owner_of(cluster, order_id).await? {
+            owner = now;
+        }
+    }
     if owner.node == cluster.node() {
-        return Ok(None);
+        return match crate::cluster::adoption::taken_in(cluster, state, order_id).await? {
+            true => Ok(None),
+            false => Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "journal_unavailable",
+                format!("order {order_id} is being taken over by this node (adopted from a node that left); nothing was changed, retry"),
+            )
+            .retry_after(1)),
+        };
     }
     let unavailable = |why: String| {
         ApiError::new(
@@ -90,13 +108,6 @@ pub(super) async fn elsewhere(
         )
         .retry_after(1)
     };
-    // A node gone for good: this node adopts the order now (with MySQL as its journal) and the
-    // call runs here.
-    if owner.gone
-        && crate::cluster::adoption::adopt_one(cluster, state, &owner.node, order_id).await?
-    {
-        return Ok(None);
-    }
     if !owner.alive {
         return Err(unavailable(
             "is down (its open orders go to a live node once it is presumed dead)".into(),

@@ -71,9 +71,9 @@ async fn orphaned(cluster: &Cluster) -> Result<Vec<String>, ClusterError> {
 /// gateway keeps an authorisation open.
 const GONE_SCAN_WINDOW_MS: i64 = 8 * 24 * 3_600_000;
 
-/// The gone nodes on a MySQL journal (left, or dead and settled, within [`GONE_SCAN_WINDOW_MS`];
-/// a write-behind node's disk may hold orders MySQL lacks, until `cluster forget`) whose orphan
-/// authorisations this node scans ([`crate::app::money::void_orphans_of`]): all of them when this
+/// The gone nodes (left, or dead and settled, within [`GONE_SCAN_WINDOW_MS`]: a write-behind node
+/// leaves only once MySQL holds all of its log, and is settled only by `cluster forget`, which
+/// declares the rest lost) whose orphan authorisations this node scans ([`crate::app::money::void_orphans_of`]): all of them when this
 /// node is the live node whose id sorts first, else none, so one node makes the gateway calls.
 /// A gone node's checkout whose order never became durable authorised a payment that no live
 /// node's own scan would list (gateway keys carry the node). Empty when MySQL cannot say.
@@ -84,7 +84,6 @@ pub async fn gone_to_scan(cluster: &Cluster) -> Vec<String> {
         sqlx::query(&format!(
             "SELECT n.node_id FROM cluster_nodes n \
              WHERE (n.state = 'left' OR (n.state = 'dead' AND n.reaped_at_ms IS NOT NULL)) \
-             AND n.mode = 'mysql' \
              AND n.node_id <> ? AND n.renewed_at_ms > {DB_NOW_MS} - ? \
              AND ? = (SELECT MIN(l.node_id) FROM cluster_nodes l WHERE l.state = 'live')"
         ))
@@ -458,11 +457,58 @@ async fn take_in(
     from: &str,
     orders: Vec<Order>,
 ) -> Result<usize, ClusterError> {
+    let _adopting = cluster.adopting.lock().await;
     if cluster.journal_is_mysql {
         return Ok(into_memory(app, orders));
     }
-    let _adopting = cluster.adopting.lock().await;
+    // Taken in meanwhile by the catch-up (its row unjournaled, not yet in memory, when this call
+    // waited for the lock): journaled and in memory already, and maybe changed since, so this
+    // call's copy, read before, must not go to the log.
+    let orders: Vec<Order> = orders
+        .into_iter()
+        .filter(|order| app.engine.order(&order.order_id).is_none())
+        .collect();
+    if orders.is_empty() {
+        return Ok(0);
+    }
     into_log_and_memory(cluster, app, from, orders).await
+}
+
+/// How long after an adoption this node, owning an order in MySQL that its memory lacks, takes it
+/// for an adoption still on its way into memory (answered `503`, retry) rather than for an order
+/// of its own that memory no longer holds (past retention).
+const TAKING_IN_MS: i64 = 60_000;
+
+/// For a call about `order_id`, which MySQL says this node owns and its memory lacks: `true` once
+/// it is in memory, or when it is no recent adoption (an own order past retention: the call runs
+/// as on one node); `false` while an adoption of it is on its way into memory (a call that
+/// adopted it is journaling it, or its journal step failed and waits for the next look): the
+/// caller answers `503`, retry, never `404` for an order that exists.
+pub async fn taken_in(
+    cluster: &Cluster,
+    app: &crate::app::AppState,
+    order_id: &crate::domain::OrderId,
+) -> Result<bool, ClusterError> {
+    // Waits for a take-in in flight; in write-behind, journals what waits for it.
+    journal_unjournaled(cluster, app).await?;
+    drop(cluster.adopting.lock().await);
+    if app.engine.order(order_id).is_some() {
+        return Ok(true);
+    }
+    let recent = crate::journal::mysql::fetch_all_bounded(
+        &cluster.db,
+        cluster.timeout,
+        sqlx::query(&format!(
+            "SELECT 1 FROM order_adoptions WHERE order_id = ? AND to_node = ? \
+             AND at_ms > {DB_NOW_MS} - ? LIMIT 1"
+        ))
+        .bind(order_id.as_str())
+        .bind(cluster.node().to_owned())
+        .bind(TAKING_IN_MS),
+    )
+    .await
+    .map_err(db("finding an adoption on its way"))?;
+    Ok(recent.is_empty())
 }
 
 /// Adopts one order of a node that is gone (left, or dead and settled), whatever its status: a

@@ -79,7 +79,8 @@ pub enum Record {
     /// adopted by this node in MySQL (`orders.node`, their units moved into this node's lease,
     /// [`crate::cluster::adoption`]), whole as they stood then. Journaled in the adopter's own log,
     /// so its disk knows them at its next start; MySQL's projections already hold the move (the
-    /// applier writes the record to the log and changes nothing else).
+    /// applier writes the record to the log and changes nothing else). An order the state already
+    /// holds keeps its copy (a second adoption record of it is never newer).
     Adopted {
         /// The node they came from.
         from: String,
@@ -284,9 +285,11 @@ impl State {
                     }
                 }
             }
+            // What the log already holds of an order is as new as an adoption's copy or newer (the
+            // node that adopts it dropped it first, `AdoptedAway`, if it was ever its own).
             Record::Adopted { orders, .. } => {
                 for order in orders {
-                    self.orders.insert(order.order_id.clone(), order);
+                    self.orders.entry(order.order_id.clone()).or_insert(order);
                 }
             }
             Record::AdoptedAway { orders, .. } => {
