@@ -51,7 +51,7 @@ mysql_counts() {
     | awk '{printf "%s=%s ", $1, $2}'
 }
 redis_counts() {
-  redis-cli info commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/{total+=$3; if ($1 ~ /evalsha|eval$|set$|del$|get$/) printf "%s=%s ", $1, $3} END {printf "total=%s", total}'
+  redis-cli info commandstats | tr -d '\r' | awk -F'[:=,]' '/^cmdstat_/{total+=$3; if ($1 ~ /evalsha|eval$|set$|del$|get$|pttl$/) printf "%s=%s ", $1, $3} END {printf "total=%s", total}'
 }
 seconds=${duration%s}
 echo "idle $duration (3 nodes renewing, reading the catalogue, looking for dead nodes):"
