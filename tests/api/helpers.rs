@@ -94,9 +94,14 @@ pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> T
         .trim()
         .strip_prefix("listening on ")
         .unwrap_or_else(|| {
+            // The log's tail in the message: the data dir (and the log beside it) may be in a
+            // temp dir the failing test deletes.
+            let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(15).collect();
             panic!(
-                "turnstile did not start: {line:?} (see {})",
-                data_dir.with_extension("log").display()
+                "turnstile did not start: {line:?} ({}); its log ends:\n{}",
+                data_dir.with_extension("log").display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             )
         })
         .parse()
