@@ -34,12 +34,16 @@ pub(super) async fn cancel_order(
     let order_id = path_id(raw, OrderId::parse)?;
     // Several nodes: another node's order is cancelled by its owner.
     let route = format!("/v1/orders/{order_id}/cancel");
-    if !super::owner::forwarded(&state, &headers, "POST", &route, b"")? {
-        if let Some(answer) =
-            super::owner::elsewhere(&state, &order_id, "POST", &route, &[], Vec::new()).await?
-        {
-            return Ok(answer);
-        }
+    let forwarded = super::owner::forwarded(&state, &headers, "POST", &route, b"")?;
+    let call = super::owner::Call {
+        method: "POST",
+        path: &route,
+        extra: &[],
+        body: Vec::new(),
+        forwarded,
+    };
+    if let Some(answer) = super::owner::elsewhere(&state, &order_id, call).await? {
+        return Ok(answer);
     }
     let (order, changed) = match crate::app::orders::cancel(&state, &order_id).await {
         Err(crate::app::orders::AppError::Engine(crate::engine::EngineError::UnknownOrder(_))) => {

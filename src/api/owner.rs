@@ -59,16 +59,35 @@ pub(super) async fn not_found(state: &AppState, order_id: &OrderId) -> ApiError 
     }
 }
 
+/// A call that changes an order, as it came: to forward it as it is.
+pub(super) struct Call<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    /// Headers the owner needs too (a webhook's signature).
+    pub extra: &'a [(&'a str, &'a str)],
+    pub body: Vec<u8>,
+    /// Forwarded here by another node ([`forwarded`]): never forwarded again.
+    pub forwarded: bool,
+}
+
+/// `503 journal_unavailable`, retry: `order_id` is on its way into this node's memory.
+fn taking_in(order_id: &OrderId) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "journal_unavailable",
+        format!("order {order_id} is being taken over by this node (adopted from a node that left); nothing was changed, retry"),
+    )
+    .retry_after(1)
+}
+
 /// For a call that changes `order_id`, when this node's engine does not hold it: the owner's
 /// answer if another node owns it, `None` to run it here (no cluster, this node owns it, or no
-/// node is known to: the use case then answers as it does alone).
+/// node is known to: the use case then answers as it does alone). A call another node forwarded
+/// here runs here, or waits (`503`) while this node takes the order in.
 pub(super) async fn elsewhere(
     state: &AppState,
     order_id: &OrderId,
-    method: &str,
-    path: &str,
-    extra: &[(&str, &str)],
-    body: Vec<u8>,
+    call: Call<'_>,
 ) -> Result<Option<Response>, ApiError> {
     let Some(cluster) = &state.cluster else {
         return Ok(None);
@@ -79,6 +98,16 @@ pub(super) async fn elsewhere(
     let Some(mut owner) = forward::owner_of(cluster, order_id).await? else {
         return Ok(None);
     };
+    if call.forwarded {
+        // The node that forwarded it found this node the owner (it may just have won the race
+        // to adopt the order, and be taking it in).
+        return match owner.node == cluster.node()
+            && !crate::cluster::adoption::taken_in(cluster, state, order_id).await?
+        {
+            true => Err(taking_in(order_id)),
+            false => Ok(None),
+        };
+    }
     // A node gone for good: this node adopts the order now and the call runs here. Another call
     // (or node) may have adopted it first: then MySQL names the owner now.
     if owner.gone {
@@ -92,12 +121,7 @@ pub(super) async fn elsewhere(
     if owner.node == cluster.node() {
         return match crate::cluster::adoption::taken_in(cluster, state, order_id).await? {
             true => Ok(None),
-            false => Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "journal_unavailable",
-                format!("order {order_id} is being taken over by this node (adopted from a node that left); nothing was changed, retry"),
-            )
-            .retry_after(1)),
+            false => Err(taking_in(order_id)),
         };
     }
     let unavailable = |why: String| {
@@ -113,9 +137,16 @@ pub(super) async fn elsewhere(
             "is down (its open orders go to a live node once it is presumed dead)".into(),
         ));
     }
-    let answer = forward::forward(cluster, &owner, method, path, extra, body)
-        .await
-        .map_err(|error| unavailable(format!("did not answer ({error})")))?;
+    let answer = forward::forward(
+        cluster,
+        &owner,
+        call.method,
+        call.path,
+        call.extra,
+        call.body,
+    )
+    .await
+    .map_err(|error| unavailable(format!("did not answer ({error})")))?;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
     let retry_after = answer
         .header("retry-after")

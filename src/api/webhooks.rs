@@ -47,20 +47,17 @@ pub(super) async fn payment_webhook(
     let body: WebhookBody = parse_json(&raw)?;
     // Several nodes: another node's order hears its gateway through its owner.
     let route = "/v1/webhooks/payment";
-    if !super::owner::forwarded(&state, &headers, "POST", route, &raw)? {
-        let forwarded_signature = [("turnstile-signature", signature.unwrap_or_default())];
-        if let Some(answer) = super::owner::elsewhere(
-            &state,
-            &body.order_id,
-            "POST",
-            route,
-            &forwarded_signature,
-            raw.to_vec(),
-        )
-        .await?
-        {
-            return Ok(answer);
-        }
+    let forwarded = super::owner::forwarded(&state, &headers, "POST", route, &raw)?;
+    let forwarded_signature = [("turnstile-signature", signature.unwrap_or_default())];
+    let call = super::owner::Call {
+        method: "POST",
+        path: route,
+        extra: &forwarded_signature,
+        body: raw.to_vec(),
+        forwarded,
+    };
+    if let Some(answer) = super::owner::elsewhere(&state, &body.order_id, call).await? {
+        return Ok(answer);
     }
     let approved = matches!(body.status, Decision::Approved);
     crate::app::orders::payment_decided(&state, &body.order_id, &body.payment_id, approved).await?;

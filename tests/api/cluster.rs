@@ -1220,6 +1220,61 @@ async fn cancels_racing_the_adoption_of_a_left_nodes_orders_leave_the_adopters_d
     shop.assert_books_balance("RACE").await;
 }
 
+/// Found by attack: two nodes adopting a left node's orders at once, each for a cancel of the same
+/// order: the loser forwards the cancel to the winner, which may still be taking the order in;
+/// it answered `404` for an order that exists. Every cancel here is answered `200`, or `503`
+/// with `Retry-After` (retry), and every order ends cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_adopting_at_once_for_cancels_of_the_same_orders_never_say_404() {
+    let shop = Shop::new("cluster-adopt-two", true).await;
+    let slow = ["--sim-pending-delay", "1h"];
+    let mut a = shop.node_with("node-a", &slow);
+    let (b, c) = (
+        shop.node_with("node-b", &slow),
+        shop.node_with("node-c", &slow),
+    );
+    assert_eq!(a.client().put_product("TWO", 100, 400).await.status, 200);
+    known_everywhere(&[&a, &b, &c], "TWO").await;
+    let mut on_a = a.client();
+    let mut placed_ids = Vec::new();
+    for i in 0..150 {
+        placed_ids.push(placed(&mut on_a, &format!("two-{i}"), "TWO", 1, "tok_pending", 202).await);
+    }
+    assert!(a.terminate().success(), "node a's exit");
+    let tasks: Vec<_> = placed_ids
+        .iter()
+        .flat_map(|order| [(b.addr, order.clone()), (c.addr, order.clone())])
+        .map(|(addr, order)| {
+            tokio::spawn(async move {
+                let path = format!("/v1/orders/{order}/cancel");
+                let answer = crate::helpers::Client::new(addr)
+                    .try_send("POST", &path, &[], "")
+                    .await;
+                answer.map(|a| (a.status, String::from_utf8_lossy(&a.body).into_owned()))
+            })
+        })
+        .collect();
+    for task in tasks {
+        if let Ok((status, body)) = task.await.expect("cancel task") {
+            assert!(status == 200 || status == 503, "a cancel: {status} {body}");
+        }
+    }
+    let mut on_b = b.client();
+    for order in &placed_ids {
+        let path = format!("/v1/orders/{order}");
+        eventually(
+            &format!("{order} cancelled"),
+            Duration::from_secs(30),
+            async || {
+                on_b.send("POST", &format!("{path}/cancel"), &[], "").await;
+                on_b.get(&path).await.json()["status"] == "released"
+            },
+        )
+        .await;
+    }
+    shop.assert_books_balance("TWO").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_publish_events_whose_ids_name_their_node() {
     let shop = Shop::new("cluster-events", false).await;

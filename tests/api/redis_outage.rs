@@ -163,3 +163,90 @@ async fn a_key_sold_during_an_outage_by_an_optional_node_is_replayed_once_redis_
     );
     assert_eq!(on_a.stock("A").await.3 + on_b.stock("A").await.3, 1);
 }
+
+/// Found by attack: Redis refusing writes for a moment while a checkout waits on the gateway
+/// (`READONLY` during a failover, `OOM` under `maxmemory`, `LOADING` after a restart; here
+/// `NOREPLICAS`) made the checkout's end read as a twin: its answer was never sent again, its lock
+/// expired, and a retry on another node placed the key a second time. The end goes to the
+/// finisher instead, reaches Redis once it takes writes again, and the other node replays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_redis_refused_for_a_moment_reaches_it_and_the_other_node_replays_it() {
+    let redis = PrivateRedis::start();
+    let sim = crate::gateway::Sim::start("127.0.0.1:0", &[]);
+    let url = sim.url();
+    let mut shared = args(
+        &redis,
+        &["--redis-lock-ttl", "4s", "--journal-timeout", "1s"],
+    );
+    shared.extend(
+        ["--gateway-url", &url, "--gateway-timeout", "2s"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let shared: Vec<&str> = shared.iter().map(String::as_str).collect();
+    let (a, b) = (spawn_app(&shared), spawn_app(&shared));
+    for app in [&a, &b] {
+        assert_eq!(app.client().put_product("A", 500, 100).await.status, 200);
+    }
+    // The gateway holds the checkout's payment until Redis refuses writes.
+    sim.signal("-STOP");
+    let addr = a.addr;
+    let placing = tokio::spawn(async move {
+        crate::helpers::Client::new(addr)
+            .checkout("refused-end", "A", 1, "tok_ok")
+            .await
+            .expect("answered")
+    });
+    let mut connection = redis.connection().await;
+    eventually("the checkout's lock", Duration::from_secs(10), async || {
+        redis::cmd("GET")
+            .arg("turnstile:key:refused-end")
+            .query_async::<Option<String>>(&mut connection)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.starts_with('~'))
+    })
+    .await;
+    let refuse = |replicas: u32| {
+        let mut command = redis::cmd("CONFIG");
+        command
+            .arg("SET")
+            .arg("min-replicas-to-write")
+            .arg(replicas);
+        command
+    };
+    let _: () = refuse(1)
+        .query_async(&mut connection)
+        .await
+        .expect("refuse writes");
+    sim.signal("-CONT");
+    let first = placing.await.expect("checkout task");
+    assert_eq!(
+        first.status,
+        201,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    // The end met the refusal; Redis takes writes again well inside the lock's 4 s.
+    let _: () = refuse(0)
+        .query_async(&mut connection)
+        .await
+        .expect("take writes");
+    redis
+        .wait_answer("refused-end", Duration::from_secs(10))
+        .await;
+    let again = b
+        .client()
+        .checkout("refused-end", "A", 1, "tok_ok")
+        .await
+        .expect("answered");
+    assert_eq!((again.status, again.replayed), (201, true));
+    assert_eq!(again.body, first.body, "the other node replays the answer");
+    let mut on_a = a.client();
+    assert_eq!(
+        metric(&mut on_a, "turnstile_redis_locks_lost_total").await,
+        0.0,
+        "a refusal is not a twin"
+    );
+}

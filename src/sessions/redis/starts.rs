@@ -489,7 +489,7 @@ fn read_plain(
                     Err(what) => return Ok(("junk_answer", what)),
                 },
                 Value::ServerError(error) => {
-                    return Ok(("junk_answer", redis::RedisError::from(error).to_string()))
+                    return Ok(("junk_answer", about_the_key(error.into())?))
                 }
                 other => return Ok(("junk_answer", format!("{other:?}"))),
             };
@@ -499,8 +499,10 @@ fn read_plain(
             if !there.starts_with('~') {
                 return Ok(("answer", there));
             }
+            // -1: no expiry. (-2, gone: the other checkout's lock was released or expired
+            // between the two commands, which Redis may run apart: held, retry.)
             match ttl {
-                Some(Value::Int(ttl)) if ttl < 0 => Ok(("junk", String::new())),
+                Some(Value::Int(-1)) => Ok(("junk", String::new())),
                 _ => Ok(("held", String::new())),
             }
         }
@@ -514,10 +516,31 @@ fn read_plain(
                             .as_ref()
                             .is_some_and(|(answer, _)| bytes == encode_answer(answer).as_bytes())
                 }
+                Value::ServerError(error) => {
+                    about_the_key(error.into())?;
+                    false
+                }
                 _ => false,
             };
             Ok((if ours { "done" } else { "twin" }, String::new()))
         }
+    }
+}
+
+/// A command's error among a pipeline's replies, as a failed call's would be read
+/// ([`super::scripts::is_unexpected`]): a value of another type under the key (`WRONGTYPE`) is the
+/// key's own (its text given back: junk under a start's key; an end's answer not stored over it,
+/// a twin); anything else is Redis not taking the step now (`READONLY` during a failover, `OOM`
+/// under `maxmemory`, `BUSY`, `LOADING` after a restart, a redirection): unavailable, so a start
+/// answers `503` and an end goes to the finisher, which sends it again. Found by attack: read as
+/// junk or a twin, an end refused for a second was never sent again, its lock expired, and another
+/// node placed the key a second time.
+fn about_the_key(error: redis::RedisError) -> Result<String, StoreError> {
+    match super::scripts::is_unexpected(&error) {
+        true => Ok(error.to_string()),
+        false => Err(StoreError::Unavailable(format!(
+            "Redis refused a step: {error}"
+        ))),
     }
 }
 
@@ -567,6 +590,79 @@ mod tests {
         let tags: Vec<&str> = steps.iter().map(|(tag, _)| *tag).collect();
         assert_eq!(tags, ["done", "twin", "done"]);
         assert!(steps.iter().all(|(_, payload)| payload.is_empty()));
+    }
+
+    fn start(value: Option<&str>) -> Step {
+        let (reply, _) = oneshot::channel();
+        Step::Start(Start {
+            key: IdempotencyKey::parse("k".to_owned()).expect("key"),
+            value: value.map(str::to_owned),
+            reply,
+        })
+    }
+
+    fn end() -> Step {
+        let key = IdempotencyKey::parse("k".to_owned()).expect("key");
+        Step::End(Finish::new(
+            key,
+            "~me/1/2/".to_owned(),
+            None,
+            Duration::from_secs(1),
+        ))
+    }
+
+    fn read(step: &Step, replies: Vec<redis::Value>) -> Result<&'static str, StoreError> {
+        read_plain(step, &mut replies.into_iter()).map(|(tag, _)| tag)
+    }
+
+    /// Found by attack: another checkout's lock released or expired between the start's `SET`
+    /// and its `PTTL` (Redis may read a pipeline in pieces) read as junk, a `500`.
+    #[test]
+    fn a_lock_gone_between_a_starts_two_commands_is_held_and_only_no_expiry_is_junk() {
+        let lock = redis::Value::BulkString(b"~other/1/1/".to_vec());
+        for (ttl, tag) in [(-2, "held"), (1_500, "held"), (-1, "junk")] {
+            let replies = vec![lock.clone(), redis::Value::Int(ttl)];
+            assert_eq!(read(&start(Some("~me/1/2/")), replies).unwrap(), tag);
+        }
+        let own = vec![
+            redis::Value::BulkString(b"~me/1/2/".to_vec()),
+            redis::Value::Int(900),
+        ];
+        assert_eq!(read(&start(Some("~me/1/2/")), own).unwrap(), "locked");
+        assert_eq!(
+            read(&start(None), vec![redis::Value::Nil, redis::Value::Int(-2)]).unwrap(),
+            "free"
+        );
+    }
+
+    /// Found by attack: a write Redis refused for a moment (READONLY, OOM, BUSY, LOADING) read as
+    /// junk at a start and as a twin at an end, whose answer was then never sent again.
+    #[test]
+    fn a_refusal_inside_the_pipeline_is_unavailable_and_a_wrong_type_is_the_keys() {
+        let refused = || {
+            redis::parse_redis_value(b"-READONLY You can't write against a read only replica.\r\n")
+                .expect("an error reply")
+        };
+        let wrong = || {
+            redis::parse_redis_value(
+                b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            )
+            .expect("an error reply")
+        };
+        let int = || redis::Value::Int(-2);
+        assert!(matches!(
+            read(&start(Some("~me/1/2/")), vec![refused(), int()]),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert!(matches!(
+            read(&end(), vec![refused()]),
+            Err(StoreError::Unavailable(_))
+        ));
+        assert_eq!(
+            read(&start(Some("~me/1/2/")), vec![wrong(), int()]).unwrap(),
+            "junk_answer"
+        );
+        assert_eq!(read(&end(), vec![wrong()]).unwrap(), "twin");
     }
 
     #[test]
