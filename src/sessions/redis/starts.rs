@@ -323,18 +323,22 @@ impl RedisStore {
                             };
                             pipe.cmd("PTTL").arg(key);
                         }
-                        Step::End(end) => {
-                            let (answer, ttl_ms) = end.answer.as_ref().map_or_else(
-                                || (String::new(), 1),
-                                |(answer, ttl_ms)| (encode_answer(answer), (*ttl_ms).max(1)),
-                            );
-                            pipe.cmd("SET")
-                                .arg(self.key("key", end.key.as_str()))
-                                .arg(answer)
-                                .arg("PX")
-                                .arg(ttl_ms)
-                                .arg("GET");
-                        }
+                        Step::End(end) => match &end.answer {
+                            Some((answer, ttl_ms)) => {
+                                pipe.cmd("SET")
+                                    .arg(self.key("key", end.key.as_str()))
+                                    .arg(encode_answer(answer))
+                                    .arg("PX")
+                                    .arg((*ttl_ms).max(1))
+                                    .arg("GET");
+                            }
+                            // A release is the finisher's (compare-and-delete, [`Self::send_batch`]
+                            // sends it there): never a plain write here, only a read that keeps
+                            // the replies in step ([`read_plain`] hands it to the finisher).
+                            None => {
+                                pipe.cmd("PTTL").arg(self.key("key", end.key.as_str()));
+                            }
+                        },
                     }
                 }
                 (at, part.len(), pipe)
@@ -506,6 +510,12 @@ fn read_plain(
                 _ => Ok(("held", String::new())),
             }
         }
+        Step::End(end) if end.answer.is_none() => {
+            replies.next().ok_or_else(missing)?;
+            Err(StoreError::Unavailable(
+                "a lock release goes through the finisher's script".into(),
+            ))
+        }
         Step::End(end) => {
             let ours = match replies.next().ok_or_else(missing)? {
                 Value::Nil => true,
@@ -603,10 +613,16 @@ mod tests {
 
     fn end() -> Step {
         let key = IdempotencyKey::parse("k".to_owned()).expect("key");
+        let answer = StoredAnswer {
+            fingerprint: "f".into(),
+            status: 201,
+            body: "{}".into(),
+            at_ms: 1,
+        };
         Step::End(Finish::new(
             key,
             "~me/1/2/".to_owned(),
-            None,
+            Some((answer, 60_000)),
             Duration::from_secs(1),
         ))
     }
