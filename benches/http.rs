@@ -67,6 +67,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         node: "node_bench".into(),
         admin_token: None,
         response_budget: turnstile::connections::ResponseBudget::leak(128 << 20, None),
+        stopping: std::sync::atomic::AtomicBool::new(false),
     });
     api::router(state)
 }

@@ -262,7 +262,7 @@ async fn serve(
     };
     announce(&config, &app, local, tls.is_some());
     // Installed before the ready line: from that line on, SIGTERM is a clean stop.
-    let stop = stop_signal();
+    let stop = stopping(Arc::clone(&app), stop_signal(), config.shutdown_delay);
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
@@ -337,6 +337,7 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         node: parts.node,
         admin_token: config.admin_token.clone(),
         cluster: parts.cluster,
+        stopping: std::sync::atomic::AtomicBool::new(false),
     })
 }
 
@@ -1066,6 +1067,27 @@ fn platform_roots() -> rustls::RootCertStore {
         }
     }
     roots
+}
+
+/// Resolves `shutdown_delay` after `signal`: from the signal on, `/readyz` answers 503 (load
+/// balancers and probes take the node out) while it serves on; then the listeners stop accepting
+/// and the drain begins. A Kubernetes pod's `preStop` sleep plays the same part before the
+/// signal; the delay covers whoever learns of a stopping node from `/readyz` alone.
+async fn stopping(
+    app: Arc<AppState>,
+    signal: impl std::future::Future<Output = ()>,
+    shutdown_delay: Duration,
+) {
+    signal.await;
+    app.stopping
+        .store(true, std::sync::atomic::Ordering::Release);
+    if !shutdown_delay.is_zero() {
+        tracing::info!(
+            delay = %humantime::format_duration(shutdown_delay),
+            "stopping: /readyz answers 503; serving on for --shutdown-delay before accepting stops"
+        );
+        tokio::time::sleep(shutdown_delay).await;
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -34,6 +34,15 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
         ready &= unready.is_none();
         checks.push(("cluster", unready.map_or(Ok(()), Err)));
     }
+    // Stopping (SIGTERM): not ready at once, whatever else holds, so traffic goes elsewhere
+    // while the node serves on for --shutdown-delay and drains.
+    if state.stopping.load(std::sync::atomic::Ordering::Acquire) {
+        ready = false;
+        checks.push((
+            "stopping",
+            Err("the node is stopping (SIGTERM): it finishes what it has and exits".to_owned()),
+        ));
+    }
     // The gateway too: payments owed are retried when it is back.
     if let Some(check) = state.gateway.check() {
         checks.push(("gateway", check));

@@ -87,6 +87,9 @@ pub struct AppState {
     /// The bytes of answers not sent yet, across all connections (`--response-bytes-max`): the
     /// connections count them, `/metrics` shows them.
     pub response_budget: &'static crate::connections::ResponseBudget,
+    /// Set at the stop signal: `/readyz` answers 503 from then on, while the node serves on for
+    /// `--shutdown-delay` and then drains.
+    pub stopping: std::sync::atomic::AtomicBool,
 }
 
 /// The state as handlers receive it.

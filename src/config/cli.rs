@@ -333,6 +333,9 @@ pub struct ServeArgs {
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
     pub reconcile_after: Duration,
+    /// On SIGTERM/SIGINT, answer /readyz 503 at once and serve on for this long before stopping accepting, so load balancers that probe /readyz (or an ingress still routing here) take this node out first (a Kubernetes preStop sleep does the same before the signal); 0s stops accepting at once
+    #[arg(long, env = "TURNSTILE_SHUTDOWN_DELAY", default_value = "0s", value_name = "DURATION", value_parser = duration)]
+    pub shutdown_delay: Duration,
     /// Bearer token of the operations desk (/v1/admin/...; without it those paths answer 404); set, only /metrics, /readyz and /healthz asked with it may use the reserve past --response-bytes-max
     #[arg(long, env = "TURNSTILE_ADMIN_TOKEN", value_name = "T", value_parser = non_empty, hide_env_values = true)]
     pub admin_token: Option<String>,

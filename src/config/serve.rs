@@ -56,6 +56,9 @@ pub struct ServeConfig {
     pub gateway_url: Option<String>,
     /// How long the reconciler leaves a payment pending, owed or orphaned before it acts.
     pub reconcile_after: Duration,
+    /// After the stop signal: how long the node serves on, `/readyz` answering 503, before it
+    /// stops accepting.
+    pub shutdown_delay: Duration,
     /// The MySQL journal, if configured (else the embedded file journal).
     pub mysql: Option<crate::journal::mysql::MySqlConfig>,
     /// With `mysql`: the embedded journal acknowledges and MySQL follows it.
@@ -252,6 +255,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         sim_pending_delay: args.sim_pending_delay,
         gateway_url,
         reconcile_after: args.reconcile_after,
+        shutdown_delay: args.shutdown_delay,
         mysql,
         mysql_write_behind: args.mysql_write_behind,
         amqp,

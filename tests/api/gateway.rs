@@ -9,73 +9,9 @@ use crate::helpers::{
 };
 use serde_json::Value;
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-/// A running `turnstile gateway-sim`.
-pub(crate) struct Sim {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Sim {
-    pub(crate) fn start(listen: &str, args: &[&str]) -> Sim {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
-            .args(["gateway-sim", "--listen", listen])
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start gateway-sim");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("ready line");
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .unwrap_or_else(|| panic!("gateway-sim did not start: {line:?}"))
-            .parse()
-            .expect("address");
-        Sim { child, addr }
-    }
-
-    pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub(crate) fn signal(&self, signal: &str) {
-        Command::new("kill")
-            .args([signal, &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-    }
-
-    pub(crate) async fn ledger(&self) -> Vec<Value> {
-        let mut client = Client::new(self.addr);
-        let ledger = client.get("/v1/ledger").await.json();
-        ledger["payments"].as_array().cloned().unwrap_or_default()
-    }
-}
-
-impl Drop for Sim {
-    fn drop(&mut self) {
-        self.signal("-CONT");
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// A free port on 127.0.0.1 (bound, then released for the process that takes it next).
-pub(crate) fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+pub(crate) use crate::helpers::{free_port, Sim};
 
 pub(crate) fn server_args(gateway_url: &str) -> Vec<String> {
     [

@@ -70,17 +70,25 @@ pub fn start(data_dir: &Path, args: &[&str]) -> TestApp {
 
 /// Starts a server on `data_dir` with extra `args` and environment variables.
 pub fn start_with_env(data_dir: &Path, args: &[&str], env: &[(&str, &str)]) -> TestApp {
-    let log = std::fs::File::create(data_dir.with_extension("log"))
-        .or_else(|_| std::fs::File::create("/dev/null"))
-        .expect("log file");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+    command
         .arg("serve")
         .args(["--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .args(["--webhook-secret", WEBHOOK_SECRET])
         .args(args)
         .env("RUST_LOG", "warn")
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    start_command(command, data_dir)
+}
+
+/// Runs `command` (a `turnstile serve` as the caller put it together) on `data_dir`, its log
+/// beside it, and waits for its ready line.
+pub fn start_command(mut command: Command, data_dir: &Path) -> TestApp {
+    let log = std::fs::File::create(data_dir.with_extension("log"))
+        .or_else(|_| std::fs::File::create("/dev/null"))
+        .expect("log file");
+    let mut child = command
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         .spawn()
@@ -1469,5 +1477,60 @@ async fn pump(
 impl Drop for StallProxy {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+/// A running `turnstile gateway-sim`.
+pub struct Sim {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Sim {
+    pub fn start(listen: &str, args: &[&str]) -> Sim {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["gateway-sim", "--listen", listen])
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start gateway-sim");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("ready line");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("gateway-sim did not start: {line:?}"))
+            .parse()
+            .expect("address");
+        Sim { child, addr }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn signal(&self, signal: &str) {
+        Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+    }
+
+    pub async fn ledger(&self) -> Vec<Value> {
+        let mut client = Client::new(self.addr);
+        let ledger = client.get("/v1/ledger").await.json();
+        ledger["payments"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        self.signal("-CONT");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

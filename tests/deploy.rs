@@ -1,0 +1,827 @@
+//! `deploy/kubernetes` as it runs. Two tests:
+//!
+//! - the rendered manifests pass the Kubernetes schemas in strict mode and checkov's policies
+//!   (`deploy/check.sh`, which CI runs through this test);
+//! - three pods of the StatefulSet, started as the kubelet would start them: the entrypoint from
+//!   the Dockerfile, the arguments, environment (ConfigMap, downward API, Secret) and probes read
+//!   from the rendered manifests, never retyped. Only what differs between a pod and a process on
+//!   this machine is replaced, each by name in [`SUBSTITUTED`]; a variable or source the test
+//!   does not know fails it. One pod is sent SIGTERM under load, as a scale-down does: `/readyz`
+//!   turns 503 at once, every checkout it had taken is answered, it exits 0 within the
+//!   manifest's grace period, its unsold units are back in the pool, and the two left sell every
+//!   unit.
+//!
+//! Needs kubectl (renders with `kubectl kustomize`), python3 and PyPI for the validators
+//! (installed into `target/deploy-tools` on first use), MariaDB, Redis and RabbitMQ.
+
+#[path = "api/helpers.rs"]
+#[allow(dead_code)]
+mod helpers;
+
+use helpers::{
+    eventually, free_port, start_command, Client, JsonBody, Sim, TestApp, TestBroker, TestDatabase,
+    TestRedis, REDIS_URL,
+};
+use serde_json::Value;
+use sqlx::Row;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The only differences between a pod and a process here. Every other variable and argument is
+/// passed exactly as the manifests give it.
+const SUBSTITUTED: &[(&str, &str)] = &[
+    (
+        "TURNSTILE_LISTEN",
+        "the pod's own address → 127.0.0.1 and a free port per pod",
+    ),
+    (
+        "TURNSTILE_DATA_DIR",
+        "the pod's volume → a directory of the test's",
+    ),
+    (
+        "TURNSTILE_ADVERTISE_URL",
+        "the pod's DNS name in the headless Service → its local address",
+    ),
+    (
+        "TURNSTILE_MYSQL_URL",
+        "Secret mysql-url → the test's own database",
+    ),
+    (
+        "TURNSTILE_REDIS_URL",
+        "Secret redis-url → the machine's Redis",
+    ),
+    (
+        "TURNSTILE_REDIS_PREFIX",
+        "→ the test's own key prefix (tests share that Redis)",
+    ),
+    (
+        "TURNSTILE_AMQP_URL",
+        "Secret amqp-url → the machine's RabbitMQ",
+    ),
+    (
+        "TURNSTILE_AMQP_EXCHANGE",
+        "→ the test's own exchange (tests share that broker)",
+    ),
+    (
+        "TURNSTILE_GATEWAY_URL",
+        "the payment gateway → a `turnstile gateway-sim` of the test's",
+    ),
+    (
+        "TURNSTILE_CLUSTER_SECRET",
+        "Secret placeholder → a test value",
+    ),
+    (
+        "TURNSTILE_WEBHOOK_SECRET",
+        "Secret placeholder → a test value",
+    ),
+    ("TURNSTILE_ADMIN_TOKEN", "Secret placeholder → a test value"),
+];
+
+/// Variables the manifests may set that are not `turnstile serve` options.
+const NOT_OPTIONS: &[(&str, &str)] = &[
+    (
+        "POD_NAMESPACE",
+        "read by TURNSTILE_ADVERTISE_URL's $(POD_NAMESPACE)",
+    ),
+    ("RUST_LOG", "the log filter"),
+];
+
+#[test]
+fn the_rendered_manifests_pass_strict_schema_validation_and_checkov() {
+    let output = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/check.sh"))
+        .output()
+        .expect("run deploy/check.sh");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(output.status.success(), "deploy/check.sh failed:\n{said}");
+    assert!(said.contains("all checks passed"), "{said}");
+}
+
+/// The rendered manifests, by kind and name.
+struct Manifests(Vec<Value>);
+
+impl Manifests {
+    fn render() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let json = dir.path().join("manifests.json");
+        let output = Command::new("bash")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/check.sh"))
+            .arg("--json")
+            .arg(&json)
+            .output()
+            .expect("run deploy/check.sh --json");
+        assert!(
+            output.status.success(),
+            "rendering deploy/kubernetes failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let text = std::fs::read_to_string(&json).expect("the rendered manifests");
+        Self(serde_json::from_str(&text).expect("JSON manifests"))
+    }
+
+    fn get(&self, kind: &str, name: &str) -> &Value {
+        self.0
+            .iter()
+            .find(|m| m["kind"] == kind && m["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+    }
+}
+
+/// What the Dockerfile gives a container: its environment, entrypoint and command.
+struct Image {
+    env: Vec<(String, String)>,
+    entrypoint: Vec<String>,
+    cmd: Vec<String>,
+}
+
+impl Image {
+    /// The final stage of the Dockerfile (the one the image is).
+    fn read() -> Self {
+        let text =
+            std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile"))
+                .expect("read the Dockerfile");
+        let joined = text
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("\\\n", " ");
+        let mut image = Image {
+            env: Vec::new(),
+            entrypoint: Vec::new(),
+            cmd: Vec::new(),
+        };
+        for line in joined.lines() {
+            let (instruction, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
+            let array = || -> Vec<String> {
+                serde_json::from_str(rest.trim())
+                    .unwrap_or_else(|e| panic!("{instruction} must be a JSON array ({e}): {rest}"))
+            };
+            match instruction {
+                // A new stage starts afresh: only the last one is the image.
+                "FROM" => {
+                    image = Image {
+                        env: Vec::new(),
+                        entrypoint: Vec::new(),
+                        cmd: Vec::new(),
+                    }
+                }
+                "ENV" => {
+                    for pair in rest.split_whitespace() {
+                        let (name, value) = pair
+                            .split_once('=')
+                            .unwrap_or_else(|| panic!("ENV {pair}: write NAME=value"));
+                        assert!(
+                            !value.contains(['"', '\'', '$']),
+                            "ENV {pair}: quotes or $ are not read here"
+                        );
+                        image.env.push((name.to_owned(), value.to_owned()));
+                    }
+                }
+                "ENTRYPOINT" => image.entrypoint = array(),
+                "CMD" => image.cmd = array(),
+                _ => {}
+            }
+        }
+        image
+    }
+}
+
+/// A Kubernetes quantity (`2`, `500m`, `1.5`) in thousandths.
+fn milli(quantity: &str) -> u64 {
+    match quantity.strip_suffix('m') {
+        Some(m) => m.parse().expect("a quantity in m"),
+        None => (quantity.parse::<f64>().expect("a quantity") * 1000.0).round() as u64,
+    }
+}
+
+/// Expands `$(NAME)` from the variables defined before, as the kubelet does.
+fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = value.to_owned();
+    for (name, defined) in env {
+        out = out.replace(&format!("$({name})"), defined);
+    }
+    assert!(
+        !out.contains("$("),
+        "{value}: a $(VAR) the kubelet would not expand"
+    );
+    out
+}
+
+/// The environment the kubelet gives container `container` of a pod named `pod` (in
+/// `namespace`): the image's, then `envFrom`, then `env` in order, secrets read from `secret`.
+fn pod_env(
+    image: &Image,
+    manifests: &Manifests,
+    container: &Value,
+    pod: &str,
+    namespace: &str,
+) -> BTreeMap<String, String> {
+    let mut env: BTreeMap<String, String> = image.env.iter().cloned().collect();
+    for source in container["envFrom"].as_array().into_iter().flatten() {
+        let name = source["configMapRef"]["name"]
+            .as_str()
+            .unwrap_or_else(|| panic!("envFrom {source}: only configMapRef is known here"));
+        let map = manifests.get("ConfigMap", name);
+        for (key, value) in map["data"].as_object().expect("ConfigMap data") {
+            env.insert(key.clone(), value.as_str().expect("string data").to_owned());
+        }
+    }
+    for var in container["env"].as_array().into_iter().flatten() {
+        let name = var["name"].as_str().expect("env name").to_owned();
+        let value = if let Some(value) = var["value"].as_str() {
+            expand(value, &env)
+        } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+            match field {
+                "metadata.name" => pod.to_owned(),
+                "metadata.namespace" => namespace.to_owned(),
+                other => panic!("fieldRef {other}: not known here"),
+            }
+        } else if let Some(resource) = var["valueFrom"]["resourceFieldRef"].as_object() {
+            let wanted = resource["resource"].as_str().expect("resource");
+            let (kind, what) = wanted.split_once('.').expect("limits.cpu or the like");
+            let quantity = container["resources"][kind][what]
+                .as_str()
+                .unwrap_or_else(|| panic!("{wanted} is not set on the container"));
+            let divisor = resource
+                .get("divisor")
+                .and_then(Value::as_str)
+                .unwrap_or("1");
+            // The kubelet rounds up: 1500m with divisor 1 is 2.
+            milli(quantity).div_ceil(milli(divisor)).to_string()
+        } else if let Some(key) = var["valueFrom"]["secretKeyRef"].as_object() {
+            let secret = manifests.get("Secret", key["name"].as_str().expect("secret name"));
+            let item = key["key"].as_str().expect("secret key");
+            secret["stringData"][item]
+                .as_str()
+                .unwrap_or_else(|| panic!("Secret key {item} is missing"))
+                .to_owned()
+        } else {
+            panic!("env {name}: a source not known here: {var}")
+        };
+        env.insert(name, value);
+    }
+    env
+}
+
+/// Every `TURNSTILE_*` variable `turnstile serve` reads, from its `--help`.
+fn serve_options() -> HashSet<String> {
+    let help = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["serve", "--help"])
+        .output()
+        .expect("turnstile serve --help");
+    String::from_utf8_lossy(&help.stdout)
+        .split("[env: ")
+        .skip(1)
+        .filter_map(|rest| rest.split(['=', ']']).next())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Fails on a variable the test does not know: neither a `serve` option nor in [`NOT_OPTIONS`].
+fn assert_known(env: &BTreeMap<String, String>, options: &HashSet<String>) {
+    for name in env.keys() {
+        assert!(
+            options.contains(name) || NOT_OPTIONS.iter().any(|(known, _)| known == name),
+            "the manifests set {name}, which `turnstile serve` does not read (not in its --help) \
+             and tests/deploy.rs does not know"
+        );
+    }
+    assert!(
+        SUBSTITUTED.iter().all(|(name, _)| options.contains(*name)),
+        "a substituted variable is no longer a serve option"
+    );
+}
+
+/// The local services the substitutions point at.
+struct Local {
+    database: TestDatabase,
+    redis: TestRedis,
+    broker: TestBroker,
+    sim: Sim,
+    dir: tempfile::TempDir,
+}
+
+const CLUSTER_SECRET: &str = "deploy-test-cluster-secret";
+const ADMIN_TOKEN: &str = "deploy-test-admin-token";
+
+impl Local {
+    /// [`SUBSTITUTED`], applied to pod `pod`'s environment, listening on `port`; `pod_dns` is
+    /// the pod's address in the headless Service (`host:port`), `volume` its data mount.
+    fn substitute(
+        &self,
+        env: &mut BTreeMap<String, String>,
+        pod: &str,
+        port: u16,
+        pod_dns: &str,
+        volume: &str,
+    ) {
+        let mut replace = |name: &str, expected: Option<&str>, local: String| {
+            let given = env
+                .get(name)
+                .unwrap_or_else(|| panic!("the manifests no longer set {name}"));
+            if let Some(expected) = expected {
+                assert_eq!(given, expected, "{name} as the manifests give it");
+            }
+            env.insert(name.to_owned(), local);
+        };
+        let container_port = pod_dns.rsplit(':').next().expect("port");
+        replace(
+            "TURNSTILE_LISTEN",
+            Some(&format!("0.0.0.0:{container_port}")),
+            format!("127.0.0.1:{port}"),
+        );
+        replace(
+            "TURNSTILE_DATA_DIR",
+            Some(volume),
+            self.dir.path().join(pod).display().to_string(),
+        );
+        replace(
+            "TURNSTILE_ADVERTISE_URL",
+            Some(&format!("http://{pod_dns}")),
+            format!("http://127.0.0.1:{port}"),
+        );
+        replace("TURNSTILE_MYSQL_URL", None, self.database.url.clone());
+        replace("TURNSTILE_REDIS_URL", None, REDIS_URL.to_owned());
+        replace("TURNSTILE_REDIS_PREFIX", None, self.redis.prefix.clone());
+        let broker = self.broker.args();
+        replace("TURNSTILE_AMQP_URL", None, broker[1].clone());
+        replace("TURNSTILE_AMQP_EXCHANGE", None, broker[3].clone());
+        replace("TURNSTILE_GATEWAY_URL", None, self.sim.url());
+        replace("TURNSTILE_CLUSTER_SECRET", None, CLUSTER_SECRET.to_owned());
+        replace(
+            "TURNSTILE_WEBHOOK_SECRET",
+            None,
+            helpers::WEBHOOK_SECRET.to_owned(),
+        );
+        replace("TURNSTILE_ADMIN_TOKEN", None, ADMIN_TOKEN.to_owned());
+    }
+}
+
+/// The container's command line: `command`/`args`, else the image's entrypoint and command, the
+/// image's binary path replaced by the one cargo built.
+fn command_line(image: &Image, container: &Value) -> Command {
+    let strings = |v: &Value| -> Option<Vec<String>> {
+        v.as_array().map(|a| {
+            a.iter()
+                .map(|s| s.as_str().expect("a string").to_owned())
+                .collect()
+        })
+    };
+    let entrypoint = strings(&container["command"]).unwrap_or_else(|| image.entrypoint.clone());
+    let args = strings(&container["args"]).unwrap_or_else(|| image.cmd.clone());
+    assert_eq!(
+        entrypoint,
+        ["/usr/local/bin/turnstile"],
+        "the entrypoint the Dockerfile installs"
+    );
+    let mut command = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+    command.args(args).env_clear();
+    command
+}
+
+/// A checkout's end as a buyer saw it.
+#[derive(Debug, Clone)]
+struct Attempt {
+    pod: usize,
+    key: String,
+    sent: Instant,
+    answer: Result<u16, String>,
+    order_id: Option<String>,
+}
+
+/// Buyers sending one-unit checkouts of `sku` round-robin over the `pods` still in the Service's
+/// endpoints, a new key per buyer; a transport error or a 503 is retried with the same key on the
+/// next pod, as a buyer's retry through the Service would be. Stops once `stock` units are sold,
+/// or after `ATTEMPTS_MAX` attempts or two minutes.
+struct Buyers {
+    stop: Arc<AtomicBool>,
+    /// Pods taken out of the endpoints (a pod being deleted is, at once): no new request goes
+    /// there; those already sent finish.
+    out: Arc<Vec<AtomicBool>>,
+    sold: Arc<AtomicUsize>,
+    attempts: Arc<Mutex<Vec<Attempt>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Buyers {
+    fn start(pods: Vec<std::net::SocketAddr>, sku: &str, stock: usize, buyers: usize) -> Self {
+        const ATTEMPTS_MAX: usize = 200_000;
+        let stop = Arc::new(AtomicBool::new(false));
+        let out: Arc<Vec<AtomicBool>> =
+            Arc::new(pods.iter().map(|_| AtomicBool::new(false)).collect());
+        let sold = Arc::new(AtomicUsize::new(0));
+        let attempts: Arc<Mutex<Vec<Attempt>>> = Arc::new(Mutex::new(Vec::new()));
+        let next_key = Arc::new(AtomicUsize::new(0));
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let tasks = (0..buyers)
+            .map(|buyer| {
+                let (stop, out, sold, attempts, next_key, pods) = (
+                    Arc::clone(&stop),
+                    Arc::clone(&out),
+                    Arc::clone(&sold),
+                    Arc::clone(&attempts),
+                    Arc::clone(&next_key),
+                    pods.clone(),
+                );
+                let sku = sku.to_owned();
+                tokio::spawn(async move {
+                    let mut clients: Vec<Client> = pods.iter().map(|&a| Client::new(a)).collect();
+                    let mut pod = buyer % pods.len();
+                    while !stop.load(Ordering::Acquire)
+                        && sold.load(Ordering::Acquire) < stock
+                        && Instant::now() < deadline
+                    {
+                        let key = format!("deploy-{}", next_key.fetch_add(1, Ordering::AcqRel));
+                        for _ in 0..pods.len() * 4 {
+                            pod = (pod + 1) % pods.len();
+                            if out[pod].load(Ordering::Acquire) {
+                                continue;
+                            }
+                            let sent = Instant::now();
+                            let got = clients[pod].checkout(&key, &sku, 1, "tok_ok").await;
+                            let answer = got.as_ref().map(|a| a.status).map_err(Clone::clone);
+                            let order_id = got.as_ref().ok().and_then(|a| {
+                                serde_json::from_slice::<Value>(&a.body).ok()?["order_id"]
+                                    .as_str()
+                                    .map(str::to_owned)
+                            });
+                            let done = matches!(answer, Ok(status) if status != 503);
+                            if answer == Ok(201) {
+                                sold.fetch_add(1, Ordering::AcqRel);
+                            }
+                            let mut all = attempts.lock().expect("attempts");
+                            all.push(Attempt {
+                                pod,
+                                key: key.clone(),
+                                sent,
+                                answer,
+                                order_id,
+                            });
+                            if done || all.len() >= ATTEMPTS_MAX {
+                                break;
+                            }
+                        }
+                        if attempts.lock().expect("attempts").len() >= ATTEMPTS_MAX {
+                            return;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Buyers {
+            stop,
+            out,
+            sold,
+            attempts,
+            tasks,
+        }
+    }
+
+    /// Takes `pod` out of the endpoints.
+    fn remove(&self, pod: usize) {
+        self.out[pod].store(true, Ordering::Release);
+    }
+
+    async fn finish(self) -> Vec<Attempt> {
+        for task in self.tasks {
+            task.await.expect("a buyer");
+        }
+        self.stop.store(true, Ordering::Release);
+        let attempts = self.attempts.lock().expect("attempts").clone();
+        attempts
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drains_within_its_grace()
+{
+    const STOCK: usize = 600;
+    let manifests = Manifests::render();
+    let image = Image::read();
+    let options = serve_options();
+    let set = manifests.get("StatefulSet", "turnstile");
+    let namespace = set["metadata"]["namespace"].as_str().expect("namespace");
+    let spec = &set["spec"]["template"]["spec"];
+    let container = &spec["containers"][0];
+    assert_eq!(spec["containers"].as_array().map(Vec::len), Some(1));
+    let service = set["spec"]["serviceName"].as_str().expect("serviceName");
+    assert_eq!(
+        manifests.get("Service", service)["spec"]["clusterIP"],
+        "None",
+        "the pods' DNS names come from a headless Service"
+    );
+    let port = container["ports"]
+        .as_array()
+        .expect("ports")
+        .iter()
+        .find(|p| p["name"] == "http")
+        .expect("a port named http")["containerPort"]
+        .as_u64()
+        .expect("containerPort");
+    let volume = container["volumeMounts"]
+        .as_array()
+        .expect("volumeMounts")
+        .iter()
+        .find(|m| m["name"] == set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"])
+        .expect("the data volume is mounted")["mountPath"]
+        .as_str()
+        .expect("mountPath")
+        .to_owned();
+    let grace = Duration::from_secs(
+        spec["terminationGracePeriodSeconds"]
+            .as_u64()
+            .expect("terminationGracePeriodSeconds"),
+    );
+    let pre_stop = Duration::from_secs(
+        container["lifecycle"]["preStop"]["sleep"]["seconds"]
+            .as_u64()
+            .expect("a preStop sleep"),
+    );
+    let probes: Vec<(&str, String)> = ["startupProbe", "livenessProbe", "readinessProbe"]
+        .into_iter()
+        .map(|probe| {
+            assert_eq!(
+                container[probe]["httpGet"]["port"], "http",
+                "{probe}'s port"
+            );
+            let path = container[probe]["httpGet"]["path"].as_str().expect("path");
+            (probe, path.to_owned())
+        })
+        .collect();
+
+    let local = Local {
+        database: TestDatabase::create_empty().await,
+        redis: TestRedis::create("deploy").await,
+        broker: TestBroker::create("deploy").await,
+        sim: Sim::start(&format!("127.0.0.1:{}", free_port()), &[]),
+        dir: tempfile::tempdir().expect("tempdir"),
+    };
+
+    // The migrate Job first, as an upgrade runs it: its own command and environment.
+    let job = manifests.get("Job", "turnstile-migrate");
+    let job_container = &job["spec"]["template"]["spec"]["containers"][0];
+    let mut job_env = pod_env(
+        &image,
+        &manifests,
+        job_container,
+        "turnstile-migrate-x",
+        namespace,
+    );
+    assert_known(&job_env, &options);
+    job_env.insert("TURNSTILE_MYSQL_URL".into(), local.database.url.clone());
+    let migrated = command_line(&image, job_container)
+        .envs(&job_env)
+        .output()
+        .expect("run the migrate Job's command");
+    assert!(
+        migrated.status.success(),
+        "the migrate Job failed: {}",
+        String::from_utf8_lossy(&migrated.stderr)
+    );
+
+    // Three pods, as the kubelet starts them.
+    let set_name = set["metadata"]["name"].as_str().expect("name");
+    let mut pods: Vec<TestApp> = (0..3)
+        .map(|ordinal| {
+            let pod = format!("{set_name}-{ordinal}");
+            let mut env = pod_env(&image, &manifests, container, &pod, namespace);
+            assert_known(&env, &options);
+            let dns = format!("{pod}.{service}.{namespace}.svc.cluster.local:{port}");
+            local.substitute(&mut env, &pod, free_port(), &dns, &volume);
+            let mut command = command_line(&image, container);
+            command.envs(&env);
+            start_command(command, &local.dir.path().join(&pod))
+        })
+        .collect();
+    for (pod, app) in pods.iter().enumerate() {
+        let mut client = app.client();
+        for (probe, path) in &probes {
+            eventually(
+                &format!("pod {pod}'s {probe} ({path}) to pass"),
+                Duration::from_secs(30),
+                async || client.get(path).await.status == 200,
+            )
+            .await;
+        }
+    }
+
+    assert_eq!(
+        pods[0]
+            .client()
+            .put_product("DROP", 1_500, STOCK as i64)
+            .await
+            .status,
+        200
+    );
+    for app in &pods {
+        let mut client = app.client();
+        eventually(
+            "the product to reach every pod",
+            Duration::from_secs(5),
+            async || client.get("/v1/products/DROP").await.status == 200,
+        )
+        .await;
+    }
+
+    // Buyers through all three; once a third of the stock is sold, pod 2 is scaled away.
+    let buyers = Buyers::start(pods.iter().map(|p| p.addr).collect(), "DROP", STOCK, 16);
+    {
+        let sold = Arc::clone(&buyers.sold);
+        eventually(
+            "a third of the stock to sell",
+            Duration::from_secs(60),
+            async || sold.load(Ordering::Acquire) >= STOCK / 3,
+        )
+        .await;
+    }
+    let stopping = 2;
+    let mut readyz = pods[stopping].client();
+    eventually(
+        "pod 2 to be ready before its SIGTERM",
+        Duration::from_secs(10),
+        async || readyz.get("/readyz").await.status == 200,
+    )
+    .await;
+    // The kubelet sends SIGTERM once the preStop sleep is over; the sleep itself changes nothing
+    // in the process, so it is not repeated here.
+    // Deleting the pod takes it out of the Service's endpoints (new checkouts go to the others)
+    // and, after the preStop sleep, sends SIGTERM.
+    buyers.remove(stopping);
+    let signalled = Instant::now();
+    pods[stopping].send_sigterm();
+    // `/readyz` turns 503 at once and stays so until the pod stops listening.
+    let mut answers = Vec::new();
+    loop {
+        match readyz.try_send("GET", "/readyz", &[], "").await {
+            Ok(answer) => {
+                let stopping_said =
+                    answer.status == 503 && answer.json()["checks"]["stopping"].as_str().is_some();
+                answers.push((answer.status, stopping_said));
+                if answers.len() >= 50 {
+                    break;
+                }
+            }
+            Err(_) => break,
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // (Answers before the first 503 may precede the signal's delivery to the process.)
+    let first_503 = answers
+        .iter()
+        .position(|(status, _)| *status == 503)
+        .unwrap_or_else(|| panic!("/readyz never answered 503 after SIGTERM, while the pod still listened: {answers:?}"));
+    assert!(
+        answers[first_503..]
+            .iter()
+            .all(|&(status, said)| status == 503 && said),
+        "/readyz must stay 503, saying the node is stopping: {answers:?}"
+    );
+
+    // It exits 0 within the grace the manifest gives it after its preStop sleep.
+    let bound = grace - pre_stop;
+    let exited = loop {
+        if let Some(status) = pods[stopping].try_wait() {
+            break status;
+        }
+        if signalled.elapsed() > bound {
+            pods[stopping].kill_9();
+            panic!("pod 2 did not exit within terminationGracePeriodSeconds less its preStop sleep ({bound:?}): the kubelet would have killed it");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let drained = signalled.elapsed();
+    assert!(exited.success(), "pod 2's exit after SIGTERM: {exited:?}");
+
+    let attempts = buyers.finish().await;
+    // Every checkout pod 2 had taken before the signal was answered by it.
+    let unanswered: Vec<&Attempt> = attempts
+        .iter()
+        .filter(|a| a.pod == stopping && a.sent < signalled && a.answer.is_err())
+        .collect();
+    assert!(
+        unanswered.is_empty(),
+        "checkouts pod 2 took before SIGTERM and never answered: {unanswered:?}"
+    );
+    let sold_by_2 = attempts
+        .iter()
+        .filter(|a| a.pod == stopping && a.answer == Ok(201))
+        .count();
+    assert!(sold_by_2 > 0, "pod 2 sold nothing before it was stopped");
+    eprintln!(
+        "pod 2 sold {sold_by_2}, exited 0 {drained:?} after SIGTERM (bound {bound:?}); {} checkout attempts in all",
+        attempts.len()
+    );
+
+    // Its leases are back in the pool: nothing left for sale in its lease, its row says it left.
+    let pool = local.database.pool().await;
+    let row = sqlx::query(
+        "SELECT CAST(COALESCE(SUM(units), 0) AS SIGNED), CAST(COALESCE(SUM(reserved + sold), 0) AS SIGNED) \
+         FROM stock_leases WHERE node_id = ?",
+    )
+    .bind(format!("{set_name}-{stopping}"))
+    .fetch_one(&pool)
+    .await
+    .expect("pod 2's leases");
+    let (units, committed): (i64, i64) = (row.get(0), row.get(1));
+    assert_eq!(units, committed, "pod 2 kept units for sale after it left");
+    let state: String = sqlx::query_scalar("SELECT state FROM cluster_nodes WHERE node_id = ?")
+        .bind(format!("{set_name}-{stopping}"))
+        .fetch_one(&pool)
+        .await
+        .expect("pod 2's row");
+    assert_eq!(state, "left");
+
+    // The two left sold every unit: exactly the stock, one order per key (a retry of a key
+    // whose answer was lost replays the same order).
+    let mut orders: HashMap<String, String> = HashMap::new();
+    record(&mut orders, &attempts);
+    if orders.len() < STOCK {
+        // Buyers ran out of attempts or time before the last units: a second wave, pods 0 and 1.
+        let more = Buyers::start(
+            pods[..2].iter().map(|p| p.addr).collect(),
+            "DROP",
+            STOCK - orders.len(),
+            8,
+        );
+        record(&mut orders, &more.finish().await);
+    }
+    let orders: HashSet<String> = orders.into_values().collect();
+    assert_eq!(orders.len(), STOCK, "every unit sold, never more");
+    let (stock, in_pool, leased): (i64, i64, i64) = {
+        let row = sqlx::query(
+            "SELECT p.stock, sp.pool, \
+               CAST((SELECT COALESCE(SUM(units), 0) FROM stock_leases l WHERE l.sku = p.sku) AS SIGNED) \
+             FROM products p JOIN stock_pool sp ON sp.sku = p.sku WHERE p.sku = 'DROP'",
+        )
+        .fetch_one(&pool)
+        .await
+        .expect("the books");
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(in_pool + leased, stock, "pool + Σ leases == stock");
+    assert_eq!(in_pool, 0, "the pool is empty once every unit is sold");
+    for app in &pods[..2] {
+        let mut client = app.client();
+        eventually(
+            "every pod left to see the stock sold out",
+            Duration::from_secs(10),
+            async || {
+                let (stock, available, _, sold) = client.stock("DROP").await;
+                available == 0 && sold == stock
+            },
+        )
+        .await;
+    }
+    // MySQL holds every order as paid (pod 2's too), and the gateway captured each once.
+    let mut paid: Vec<String> = Vec::new();
+    eventually(
+        "every paid order to reach MySQL",
+        Duration::from_secs(60),
+        async || {
+            paid = sqlx::query_scalar(
+                "SELECT CAST(order_id AS CHAR) FROM orders WHERE status = 'paid'",
+            )
+            .fetch_all(&pool)
+            .await
+            .expect("paid orders");
+            paid.len() >= STOCK
+        },
+    )
+    .await;
+    let paid: HashSet<String> = paid.into_iter().collect();
+    assert_eq!(
+        paid, orders,
+        "the paid orders in MySQL are the ones the buyers were sold"
+    );
+    let ledger = local.sim.ledger().await;
+    let captured = ledger.iter().filter(|p| p["status"] == "captured").count();
+    assert_eq!(captured, STOCK, "one capture per unit sold");
+    pool.close().await;
+    for pod in &mut pods {
+        pod.kill_9();
+    }
+    let Local { broker, .. } = local;
+    broker.delete().await;
+}
+
+/// Adds the orders of `attempts`' sales to `orders` by key: a key sold twice must name one order.
+fn record(orders: &mut HashMap<String, String>, attempts: &[Attempt]) {
+    for attempt in attempts.iter().filter(|a| a.answer == Ok(201)) {
+        let order = attempt.order_id.clone().expect("a 201 names its order");
+        let earlier = orders.insert(attempt.key.clone(), order.clone());
+        assert!(
+            earlier.is_none_or(|earlier| earlier == order),
+            "two orders under {}",
+            attempt.key
+        );
+    }
+}
