@@ -761,8 +761,9 @@ struct Stopping {
     checkouts_max: usize,
 }
 
-/// The one shutdown, in this order, once the listeners have stopped accepting and every
-/// connection has ended (its in-flight requests answered):
+/// The one shutdown. From the stop signal the node answers `/readyz` 503 and serves on for
+/// `--shutdown-delay` ([`stopping`]); then the listeners stop accepting, and once every
+/// connection has ended (its in-flight requests answered), in this order:
 /// 1. the background tasks that start new work (the hold sweeper, the reconciler) stop;
 /// 2. the RabbitMQ relay stops, its cursor saved: its last save may need the journal's database
 ///    (MySQL), so before the journal; events not confirmed are sent after the next start;
