@@ -359,11 +359,28 @@ pub const MARIADB_ADDR: &str = "127.0.0.1:3306";
 pub struct TestDatabase {
     pub url: String,
     pub name: String,
+    /// The server's `host:port`.
+    pub addr: String,
 }
 
 impl TestDatabase {
     pub async fn create() -> Self {
         let database = Self::create_empty().await;
+        database.migrate();
+        database
+    }
+
+    /// A migrated database of its own on the server at `addr` (a [`PrivateMariaDb`]).
+    #[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+    pub async fn create_on(addr: &str) -> Self {
+        let database = Self::create_named_on(
+            addr,
+            &format!(
+                "turnstile_test_{}",
+                turnstile::random::hex(&turnstile::random::random_bytes(6).expect("random"))
+            ),
+        )
+        .await;
         database.migrate();
         database
     }
@@ -379,14 +396,20 @@ impl TestDatabase {
 
     /// A database named `name` (unique to the test), without any table yet.
     pub async fn create_named(name: &str) -> Self {
-        if tokio::net::TcpStream::connect(MARIADB_ADDR).await.is_err() {
+        Self::create_named_on(MARIADB_ADDR, name).await
+    }
+
+    /// A database named `name`, without any table yet, on the server at `addr`.
+    pub async fn create_named_on(addr: &str, name: &str) -> Self {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
             panic!(
-                "MariaDB is not answering on {MARIADB_ADDR}: start it with \
+                "MariaDB is not answering on {addr}: start it with \
                  `start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd`"
             );
         }
         let name = name.to_owned();
-        let admin = sqlx::MySqlPool::connect(&format!("mysql://root@{MARIADB_ADDR}/test"))
+        // The machine's server has a `test` database; a private one only `mysql`.
+        let admin = sqlx::MySqlPool::connect(&format!("mysql://root@{addr}/mysql"))
             .await
             .expect("connect to MariaDB as root");
         sqlx::query(&format!("CREATE DATABASE {name}"))
@@ -394,8 +417,12 @@ impl TestDatabase {
             .await
             .expect("create the test database");
         admin.close().await;
-        let url = format!("mysql://root@{MARIADB_ADDR}/{name}");
-        Self { url, name }
+        let url = format!("mysql://root@{addr}/{name}");
+        Self {
+            url,
+            name,
+            addr: addr.to_owned(),
+        }
     }
 
     /// `turnstile migrate`: every migration this binary has.
@@ -444,10 +471,12 @@ impl Drop for TestDatabase {
     fn drop(&mut self) {
         // Best effort: a failed test leaves its database for a look; a passing one cleans up.
         if !std::thread::panicking() {
+            let (host, port) = self.addr.rsplit_once(':').unwrap_or((&self.addr, "3306"));
             let _ = Command::new("mariadb")
                 .args([
                     "-uroot",
-                    "-h127.0.0.1",
+                    &format!("-h{host}"),
+                    &format!("-P{port}"),
                     "-e",
                     &format!("DROP DATABASE IF EXISTS {}", self.name),
                 ])
@@ -606,6 +635,8 @@ pub struct Received {
 /// A test's own exchange (and its default and dead-letter queues, as the server declares them)
 /// plus a test queue bound to `#`, on the machine's RabbitMQ; [`TestBroker::delete`] removes them.
 pub struct TestBroker {
+    /// The broker's URL: the machine's, or a [`PrivateRabbitMq`]'s.
+    pub url: String,
     pub exchange: String,
     pub queue: String,
     connection: lapin::Connection,
@@ -615,10 +646,15 @@ pub struct TestBroker {
 
 impl TestBroker {
     pub async fn create(name: &str) -> Self {
-        let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        Self::create_on(AMQP_URL, name).await
+    }
+
+    /// An exchange and a queue of the test's own on the broker at `url`.
+    pub async fn create_on(url: &str, name: &str) -> Self {
+        let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
             .await
             .unwrap_or_else(|e| {
-                panic!("RabbitMQ at {AMQP_URL} is not reachable ({e}): start it with `rabbitmq-server -detached`")
+                panic!("RabbitMQ at {url} is not reachable ({e}): start it with `rabbitmq-server -detached`")
             });
         let channel = connection.create_channel().await.expect("channel");
         let unique = format!(
@@ -654,6 +690,7 @@ impl TestBroker {
             .await
             .expect("bind the test queue");
         Self {
+            url: url.to_owned(),
             exchange: unique,
             queue,
             connection,
@@ -666,7 +703,7 @@ impl TestBroker {
     #[allow(dead_code)] // used by the RabbitMQ-restart test, not by every test binary
     pub async fn reconnect(&mut self) {
         self.connection =
-            lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            lapin::Connection::connect(&self.url, lapin::ConnectionProperties::default())
                 .await
                 .expect("reconnect to RabbitMQ");
         self.channel = self.connection.create_channel().await.expect("channel");
@@ -677,7 +714,7 @@ impl TestBroker {
     pub fn args(&self) -> Vec<String> {
         vec![
             "--amqp-url".into(),
-            AMQP_URL.into(),
+            self.url.clone(),
             "--amqp-exchange".into(),
             self.exchange.clone(),
         ]
@@ -1532,5 +1569,204 @@ impl Drop for Sim {
         self.signal("-CONT");
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// Waits until something accepts connections on `addr` (a server of the test's own starting), for
+/// at most `limit`; panics naming `what` and the tail of `log`.
+#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+fn wait_answering(addr: &str, limit: Duration, what: &str, log: &Path) {
+    let started = Instant::now();
+    while std::net::TcpStream::connect(addr).is_err() {
+        if started.elapsed() > limit {
+            let said = std::fs::read_to_string(log).unwrap_or_default();
+            let tail: Vec<&str> = said.lines().rev().take(20).collect();
+            panic!(
+                "{what} did not answer on {addr} within {limit:?}; {} ends:\n{}",
+                log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A MariaDB server of the test's own: the installed `mariadbd`, its data dir made by
+/// `mariadb-install-db` in a temp dir, on a free port of 127.0.0.1, without grant checks (it
+/// lives as long as the test and listens on loopback only). A test may stop, kill and start it
+/// again without touching the machine's MariaDB; killed when dropped, also when the test fails.
+#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+pub struct PrivateMariaDb {
+    pub addr: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+#[allow(dead_code)]
+impl PrivateMariaDb {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let installed = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(["--user=root", "--skip-test-db", "--auth-root-authentication-method=normal"])
+            .output()
+            .unwrap_or_else(|e| {
+                panic!("cannot run mariadb-install-db ({e}): install MariaDB (Debian's mariadb-server package)")
+            });
+        assert!(
+            installed.status.success(),
+            "mariadb-install-db: {}",
+            String::from_utf8_lossy(&installed.stderr)
+        );
+        let mut mariadb = Self {
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+        };
+        mariadb.start_again();
+        mariadb
+    }
+
+    /// Starts the server (again) on its data dir and port, and waits until it answers.
+    pub fn start_again(&mut self) {
+        let dir = self.dir.path();
+        let port = self.addr.rsplit(':').next().expect("port");
+        let child = Command::new("/usr/sbin/mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .args([&format!("--port={port}"), "--bind-address=127.0.0.1"])
+            .args(["--user=root", "--skip-grant-tables", "--skip-name-resolve"])
+            .args(["--innodb-buffer-pool-size=128M", "--max-connections=500"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run /usr/sbin/mariadbd ({e}): install MariaDB"));
+        self.child = Some(child);
+        wait_answering(
+            &self.addr,
+            Duration::from_secs(60),
+            "the test's mariadbd",
+            &dir.join("error.log"),
+        );
+    }
+
+    /// A clean shutdown (SIGTERM, as `mariadb-admin shutdown` would), waiting until it exited.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGKILL: the server is gone at once, mid-transaction.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// True while it accepts connections.
+    pub async fn answers(&self) -> bool {
+        tokio::net::TcpStream::connect(&self.addr).await.is_ok()
+    }
+}
+
+impl Drop for PrivateMariaDb {
+    fn drop(&mut self) {
+        self.kill_9();
+    }
+}
+
+/// A RabbitMQ node of the test's own: the installed `rabbitmq-server` under a node name, ports and
+/// directories of the test's (its own config file, so the machine's listener setting is not
+/// read), so a test may stop and start it without touching the machine's broker. Stopped when
+/// dropped, also when the test fails.
+#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+pub struct PrivateRabbitMq {
+    pub url: String,
+    node: String,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+#[allow(dead_code)]
+impl PrivateRabbitMq {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        for sub in ["log", "mnesia"] {
+            std::fs::create_dir_all(dir.path().join(sub)).expect("broker dir");
+        }
+        std::fs::write(
+            dir.path().join("rabbitmq.conf"),
+            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+        )
+        .expect("broker config");
+        std::fs::write(dir.path().join("enabled_plugins"), "").expect("plugins file");
+        // The server script runs the broker as the `rabbitmq` user when started by root.
+        let _ = Command::new("chown")
+            .args(["-R", "rabbitmq:rabbitmq"])
+            .arg(dir.path())
+            .output();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mut broker = Self {
+            url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            node: format!("turnstile-test-{}-{nanos}@localhost", std::process::id()),
+            dir,
+            child: None,
+        };
+        let dir = broker.dir.path();
+        let child = Command::new("rabbitmq-server")
+            .env("RABBITMQ_NODENAME", &broker.node)
+            .env("RABBITMQ_NODE_PORT", port.to_string())
+            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run rabbitmq-server ({e}): install RabbitMQ (Debian's rabbitmq-server package)")
+            });
+        broker.child = Some(child);
+        let log = dir.join("log").join(format!("{}.log", broker.node));
+        wait_answering(
+            &format!("127.0.0.1:{port}"),
+            Duration::from_secs(120),
+            "the test's rabbitmq-server",
+            &log,
+        );
+        broker
+    }
+
+    /// `rabbitmqctl stop_app` / `start_app` on this node: the broker stops (or starts) serving,
+    /// its Erlang node stays up. True when rabbitmqctl succeeded.
+    pub fn ctl(&self, action: &str) -> bool {
+        Command::new("rabbitmqctl")
+            .args(["-n", &self.node, action])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }
+}
+
+impl Drop for PrivateRabbitMq {
+    fn drop(&mut self) {
+        self.ctl("stop");
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
