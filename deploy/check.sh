@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Renders deploy/kubernetes and checks what it renders, offline:
-#   1. every manifest against the Kubernetes schemas of each version we support, in strict mode
+#   1. every manifest (the base, data-stores/ and secret.example.yaml) against the Kubernetes schemas of each version we support, in strict mode
 #      (an unknown or misspelt field fails): kubernetes-validate --strict;
 #   2. checkov's Kubernetes policies on the manifests and its Dockerfile policies on the
 #      Dockerfile: no failed check (those skipped on purpose say why in a checkov.io/skip
 #      annotation, or a checkov:skip comment in the Dockerfile).
 # Usage: deploy/check.sh              run both checks (tests/deploy.rs runs this)
-#        deploy/check.sh --json FILE  only render, as a JSON list of the manifests, into FILE
+#        deploy/check.sh --json FILE  only render (all three), as a JSON list of manifests, into FILE
 # Needs kubectl (or kustomize) and python3; the validators (deploy/requirements.txt) are installed
 # into target/deploy-tools from PyPI on first use.
 set -euo pipefail
@@ -41,11 +41,12 @@ ensure_tools() {
   flock -u 9
 }
 
+# One kustomization, rendered.
 render() {
   if command -v kubectl >/dev/null; then
-    kubectl kustomize deploy/kubernetes
+    kubectl kustomize "$1"
   elif command -v kustomize >/dev/null; then
-    kustomize build deploy/kubernetes
+    kustomize build "$1"
   else
     echo "deploy/check.sh: neither kubectl nor kustomize is installed; install kubectl (it renders with 'kubectl kustomize')" >&2
     exit 1
@@ -53,18 +54,27 @@ render() {
 }
 
 ensure_tools
-render >"$out/rendered.yaml"
+# What is checked: the base (rendered.yaml), plus the data stores' policies and the example
+# Secret, which the base does not apply but a deployment does (all.yaml).
+render deploy/kubernetes >"$out/rendered.yaml"
+{
+  cat "$out/rendered.yaml"
+  echo "---"
+  render deploy/kubernetes/data-stores
+  echo "---"
+  cat deploy/kubernetes/secret.example.yaml
+} >"$out/all.yaml"
 
 if [[ ${1:-} == --json ]]; then
   "$tools/bin/python" -c 'import json, sys, yaml
 json.dump([d for d in yaml.safe_load_all(open(sys.argv[1])) if d], open(sys.argv[2], "w"))' \
-    "$out/rendered.yaml" "${2:?--json needs a file}"
+    "$out/all.yaml" "${2:?--json needs a file}"
   exit 0
 fi
 
-echo "== kubernetes-validate --strict ($(grep -c '^kind:' "$out/rendered.yaml") manifests)"
+echo "== kubernetes-validate --strict ($(grep -c '^kind:' "$out/all.yaml") manifests)"
 for version in $KUBERNETES_VERSIONS; do
-  "$tools/bin/python" "$tools/bin/kubernetes-validate" --strict --quiet --kubernetes-version "$version" "$out/rendered.yaml"
+  "$tools/bin/python" "$tools/bin/kubernetes-validate" --strict --quiet --kubernetes-version "$version" "$out/all.yaml"
   echo "Kubernetes $version: every manifest valid"
 done
 
@@ -89,6 +99,6 @@ if summary["failed"] or summary["parsing_errors"] or not summary["passed"]:
     sys.exit(1)
 PY
 }
-checkov kubernetes "$out/rendered.yaml"
+checkov kubernetes "$out/all.yaml"
 checkov dockerfile Dockerfile
 echo "deploy/check.sh: all checks passed"

@@ -916,6 +916,7 @@ async fn serve_per_core(
         let worker = Worker {
             index,
             core: placement.topology.core_for(index).clone(),
+            cpu: placement.topology.cpu_for(index),
             every_cpu: placement.topology.cpus(),
             pin: placement.pin,
             listener,
@@ -952,6 +953,8 @@ async fn serve_per_core(
 struct Worker {
     index: usize,
     core: topology::Core,
+    /// The logical CPU it is pinned to (one of `core`'s).
+    cpu: usize,
     /// Every CPU this process may use: where an unpinnable worker runs.
     every_cpu: Vec<usize>,
     pin: bool,
@@ -1027,17 +1030,17 @@ impl Worker {
 
     fn pin_to_core(&self) {
         let (index, core) = (self.index, &self.core);
-        match topology::pin_current_thread(&core.cpus[..1]) {
+        match topology::pin_current_thread(&[self.cpu]) {
             Ok(()) => tracing::info!(
                 worker = index,
-                cpu = core.cpus[0],
+                cpu = self.cpu,
                 node = core.node,
                 "worker pinned"
             ),
             Err(error) => {
                 tracing::warn!(
                     worker = index,
-                    cpu = core.cpus[0],
+                    cpu = self.cpu,
                     %error,
                     "pinning not permitted; the worker runs unpinned"
                 );

@@ -142,6 +142,15 @@ impl Topology {
         &self.cores[index % self.cores.len()]
     }
 
+    /// The logical CPU worker `index` is pinned to: the first CPU of its core ([`Self::core_for`])
+    /// for the first round of workers, then that core's next SMT sibling, so workers past the
+    /// number of physical cores (a container given two hyperthreads of one core, say) each get a
+    /// CPU of their own rather than sharing one while its sibling idles.
+    pub fn cpu_for(&self, index: usize) -> usize {
+        let core = self.core_for(index);
+        core.cpus[(index / self.cores.len()) % core.cpus.len()]
+    }
+
     /// The CPUs no worker of `workers` sits on (their SMT siblings excluded): where background
     /// threads go. Empty when the workers take every core.
     pub fn spare_cpus(&self, workers: usize) -> Vec<usize> {
@@ -301,6 +310,11 @@ mod tests {
             "the first workers spread over both nodes"
         );
         assert_eq!(topology.core_for(5).cpus, vec![2, 6], "wraps around");
+        assert_eq!(
+            (0..9).map(|w| topology.cpu_for(w)).collect::<Vec<_>>(),
+            vec![0, 2, 1, 3, 4, 6, 5, 7, 0],
+            "a worker per logical CPU: SMT siblings once every core has one"
+        );
         assert_eq!(topology.spare_cpus(3), vec![3, 7]);
         assert_eq!(topology.cpus(), (0..8).collect::<Vec<_>>());
         assert!(topology.spare_cpus(4).is_empty());

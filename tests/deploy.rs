@@ -88,6 +88,7 @@ const NOT_OPTIONS: &[(&str, &str)] = &[
         "read by TURNSTILE_ADVERTISE_URL's $(POD_NAMESPACE)",
     ),
     ("RUST_LOG", "the log filter"),
+    ("HOSTNAME", "set by the container runtime to the pod's name"),
 ];
 
 #[test]
@@ -105,7 +106,8 @@ fn the_rendered_manifests_pass_strict_schema_validation_and_checkov() {
     assert!(said.contains("all checks passed"), "{said}");
 }
 
-/// The rendered manifests, by kind and name.
+/// The rendered manifests (the base, `data-stores/` and the example Secret), by kind, namespace
+/// and name.
 struct Manifests(Vec<Value>);
 
 impl Manifests {
@@ -127,12 +129,31 @@ impl Manifests {
         Self(serde_json::from_str(&text).expect("JSON manifests"))
     }
 
-    fn get(&self, kind: &str, name: &str) -> &Value {
+    /// The `kind` named `name` in `namespace`, as the kubelet would look it up for a pod there.
+    fn get(&self, kind: &str, namespace: &str, name: &str) -> &Value {
         self.0
             .iter()
-            .find(|m| m["kind"] == kind && m["metadata"]["name"] == name)
-            .unwrap_or_else(|| panic!("no {kind} {name} in the rendered manifests"))
+            .find(|m| {
+                m["kind"] == kind
+                    && m["metadata"]["name"] == name
+                    && m["metadata"]["namespace"] == namespace
+            })
+            .unwrap_or_else(|| panic!("no {kind} {name} in namespace {namespace}"))
     }
+
+    /// Every `kind` in `namespace`.
+    fn all<'a>(&'a self, kind: &'a str, namespace: &'a str) -> impl Iterator<Item = &'a Value> {
+        self.0
+            .iter()
+            .filter(move |m| m["kind"] == kind && m["metadata"]["namespace"] == namespace)
+    }
+}
+
+/// True when `selector` (a `matchLabels` object) selects `labels`.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .is_some_and(|wanted| wanted.iter().all(|(k, v)| labels[k] == *v))
 }
 
 /// What the Dockerfile gives a container: its environment, entrypoint and command.
@@ -154,11 +175,12 @@ impl Image {
             .collect::<Vec<_>>()
             .join("\n")
             .replace("\\\n", " ");
-        let mut image = Image {
+        let empty = || Image {
             env: Vec::new(),
             entrypoint: Vec::new(),
             cmd: Vec::new(),
         };
+        let mut image = empty();
         for line in joined.lines() {
             let (instruction, rest) = line.trim().split_once(' ').unwrap_or((line.trim(), ""));
             let array = || -> Vec<String> {
@@ -167,13 +189,7 @@ impl Image {
             };
             match instruction {
                 // A new stage starts afresh: only the last one is the image.
-                "FROM" => {
-                    image = Image {
-                        env: Vec::new(),
-                        entrypoint: Vec::new(),
-                        cmd: Vec::new(),
-                    }
-                }
+                "FROM" => image = empty(),
                 "ENV" => {
                     for pair in rest.split_whitespace() {
                         let (name, value) = pair
@@ -203,73 +219,216 @@ fn milli(quantity: &str) -> u64 {
     }
 }
 
-/// Expands `$(NAME)` from the variables defined before, as the kubelet does.
-fn expand(value: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = value.to_owned();
-    for (name, defined) in env {
-        out = out.replace(&format!("$({name})"), defined);
+/// Expands `$(NAME)` from `defined` in one pass, `$$` being a literal `$`, as the kubelet does;
+/// a reference to a variable not defined (which the kubelet would leave as it is) fails.
+fn expand(value: &str, defined: &BTreeMap<String, String>) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(at) = rest.find('$') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        if let Some(after) = after.strip_prefix('$') {
+            out.push('$');
+            rest = after;
+        } else if let Some(reference) = after.strip_prefix('(') {
+            let end = reference
+                .find(')')
+                .unwrap_or_else(|| panic!("{value}: an unclosed $("));
+            let name = &reference[..end];
+            let found = defined.get(name).unwrap_or_else(|| {
+                panic!("{value}: $({name}) is not defined before it (envFrom or an earlier env entry), so the kubelet would leave it as it is")
+            });
+            out.push_str(found);
+            rest = &reference[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
     }
-    assert!(
-        !out.contains("$("),
-        "{value}: a $(VAR) the kubelet would not expand"
-    );
+    out.push_str(rest);
     out
 }
 
-/// The environment the kubelet gives container `container` of a pod named `pod` (in
-/// `namespace`): the image's, then `envFrom`, then `env` in order, secrets read from `secret`.
-fn pod_env(
-    image: &Image,
-    manifests: &Manifests,
-    container: &Value,
-    pod: &str,
-    namespace: &str,
-) -> BTreeMap<String, String> {
-    let mut env: BTreeMap<String, String> = image.env.iter().cloned().collect();
-    for source in container["envFrom"].as_array().into_iter().flatten() {
-        let name = source["configMapRef"]["name"]
-            .as_str()
-            .unwrap_or_else(|| panic!("envFrom {source}: only configMapRef is known here"));
-        let map = manifests.get("ConfigMap", name);
-        for (key, value) in map["data"].as_object().expect("ConfigMap data") {
-            env.insert(key.clone(), value.as_str().expect("string data").to_owned());
-        }
-    }
-    for var in container["env"].as_array().into_iter().flatten() {
-        let name = var["name"].as_str().expect("env name").to_owned();
-        let value = if let Some(value) = var["value"].as_str() {
-            expand(value, &env)
-        } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
-            match field {
-                "metadata.name" => pod.to_owned(),
-                "metadata.namespace" => namespace.to_owned(),
-                other => panic!("fieldRef {other}: not known here"),
+/// A container of a pod as the kubelet starts it: its environment (the image's, then `envFrom`,
+/// then `env` in order) and the variables its `$(VAR)` references may use.
+struct Container {
+    env: BTreeMap<String, String>,
+    referable: BTreeMap<String, String>,
+}
+
+impl Container {
+    /// Container `container` of pod `pod` in `namespace`.
+    fn new(
+        image: &Image,
+        manifests: &Manifests,
+        container: &Value,
+        pod: &str,
+        namespace: &str,
+    ) -> Self {
+        // What `$(VAR)` may name: envFrom and the env entries before it, not the image's ENV.
+        let mut referable: BTreeMap<String, String> = BTreeMap::new();
+        for source in container["envFrom"].as_array().into_iter().flatten() {
+            let name = source["configMapRef"]["name"]
+                .as_str()
+                .unwrap_or_else(|| panic!("envFrom {source}: only configMapRef is known here"));
+            let prefix = source["prefix"].as_str().unwrap_or("");
+            assert!(
+                source["configMapRef"]["optional"] != true,
+                "envFrom {name}: an optional ConfigMap may be missing in a cluster"
+            );
+            let map = manifests.get("ConfigMap", namespace, name);
+            for (key, value) in map["data"].as_object().expect("ConfigMap data") {
+                let value = value.as_str().expect("string data").to_owned();
+                referable.insert(format!("{prefix}{key}"), value);
             }
-        } else if let Some(resource) = var["valueFrom"]["resourceFieldRef"].as_object() {
-            let wanted = resource["resource"].as_str().expect("resource");
-            let (kind, what) = wanted.split_once('.').expect("limits.cpu or the like");
-            let quantity = container["resources"][kind][what]
-                .as_str()
-                .unwrap_or_else(|| panic!("{wanted} is not set on the container"));
-            let divisor = resource
-                .get("divisor")
-                .and_then(Value::as_str)
-                .unwrap_or("1");
-            // The kubelet rounds up: 1500m with divisor 1 is 2.
-            milli(quantity).div_ceil(milli(divisor)).to_string()
-        } else if let Some(key) = var["valueFrom"]["secretKeyRef"].as_object() {
-            let secret = manifests.get("Secret", key["name"].as_str().expect("secret name"));
-            let item = key["key"].as_str().expect("secret key");
-            secret["stringData"][item]
-                .as_str()
-                .unwrap_or_else(|| panic!("Secret key {item} is missing"))
-                .to_owned()
-        } else {
-            panic!("env {name}: a source not known here: {var}")
-        };
-        env.insert(name, value);
+        }
+        for var in container["env"].as_array().into_iter().flatten() {
+            let name = var["name"].as_str().expect("env name").to_owned();
+            let value = if let Some(value) = var["value"].as_str() {
+                expand(value, &referable)
+            } else if let Some(field) = var["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                match field {
+                    "metadata.name" => pod.to_owned(),
+                    "metadata.namespace" => namespace.to_owned(),
+                    other => panic!("fieldRef {other}: not known here"),
+                }
+            } else if let Some(resource) = var["valueFrom"]["resourceFieldRef"].as_object() {
+                let wanted = resource["resource"].as_str().expect("resource");
+                let (kind, what) = wanted.split_once('.').expect("limits.cpu or the like");
+                let quantity = container["resources"][kind][what]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{wanted} is not set on the container"));
+                let divisor = resource
+                    .get("divisor")
+                    .and_then(Value::as_str)
+                    .unwrap_or("1");
+                // The kubelet rounds up: 1500m with divisor 1 is 2.
+                milli(quantity).div_ceil(milli(divisor)).to_string()
+            } else if let Some(key) = var["valueFrom"]["secretKeyRef"].as_object() {
+                assert!(
+                    key.get("optional") != Some(&Value::Bool(true)),
+                    "env {name}: an optional secret may be missing in a cluster"
+                );
+                let secret = manifests.get(
+                    "Secret",
+                    namespace,
+                    key["name"].as_str().expect("secret name"),
+                );
+                let item = key["key"].as_str().expect("secret key");
+                secret["stringData"][item]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("Secret key {item} is missing"))
+                    .to_owned()
+            } else {
+                panic!("env {name}: a source not known here: {var}")
+            };
+            referable.insert(name, value);
+        }
+        let mut env: BTreeMap<String, String> = image.env.iter().cloned().collect();
+        env.extend(referable.clone());
+        env.insert("HOSTNAME".into(), pod.to_owned());
+        Container { env, referable }
     }
-    env
+
+    /// Its command line: `command` (else the image's entrypoint) and `args` (else, without a
+    /// `command`, the image's command), `$(VAR)` expanded; the image's binary path replaced by
+    /// the one cargo built. The process gets [`Self::env`] and nothing else.
+    fn command(&self, image: &Image, container: &Value) -> Command {
+        let strings = |v: &Value| -> Option<Vec<String>> {
+            v.as_array().map(|a| {
+                a.iter()
+                    .map(|s| expand(s.as_str().expect("a string"), &self.referable))
+                    .collect()
+            })
+        };
+        let command = strings(&container["command"]);
+        let args = strings(&container["args"]).unwrap_or_else(|| match command {
+            Some(_) => Vec::new(),
+            None => image.cmd.clone(),
+        });
+        let entrypoint = command.unwrap_or_else(|| image.entrypoint.clone());
+        assert_eq!(
+            entrypoint,
+            ["/usr/local/bin/turnstile"],
+            "the entrypoint the Dockerfile installs"
+        );
+        let mut process = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        process.args(args).env_clear().envs(&self.env);
+        process
+    }
+}
+
+/// Runs `process` as the pod's user and group (`securityContext`, the container's over the
+/// pod's), as the kubelet does, when the test runs as root; the data dir `volume` owned by them
+/// as `fsGroup` makes a volume. Elsewhere the process runs as the test's user.
+fn as_pod_user(process: &mut Command, spec: &Value, container: &Value, volume: Option<&Path>) {
+    let field = |name: &str| {
+        container["securityContext"][name]
+            .as_u64()
+            .or_else(|| spec["securityContext"][name].as_u64())
+    };
+    let uid = field("runAsUser").expect("runAsUser") as u32;
+    let gid = field("runAsGroup").expect("runAsGroup") as u32;
+    assert_ne!(uid, 0, "the pods run as a user other than root");
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("not root: the pods run as the test's user, not as {uid}");
+        return;
+    }
+    if let Some(volume) = volume {
+        let group = spec["securityContext"]["fsGroup"]
+            .as_u64()
+            .expect("fsGroup");
+        std::fs::create_dir_all(volume).expect("the pod's volume");
+        let owned = Command::new("chown")
+            .arg(format!("{uid}:{group}"))
+            .arg(volume)
+            .status()
+            .expect("chown");
+        assert!(owned.success());
+    }
+    std::os::unix::process::CommandExt::uid(process, uid);
+    std::os::unix::process::CommandExt::gid(process, gid);
+}
+
+/// The NetworkPolicies of `namespace` that select a pod labelled `labels`, for `direction`
+/// (`Ingress` or `Egress`).
+fn policies<'a>(
+    manifests: &'a Manifests,
+    namespace: &'a str,
+    labels: &'a Value,
+    direction: &'a str,
+) -> impl Iterator<Item = &'a Value> {
+    manifests
+        .all("NetworkPolicy", namespace)
+        .filter(move |p| selects(&p["spec"]["podSelector"]["matchLabels"], labels))
+        .filter(move |p| {
+            p["spec"]["policyTypes"]
+                .as_array()
+                .is_some_and(|t| t.iter().any(|t| t == direction))
+        })
+}
+
+/// True when a rule of `rules` opens TCP `port` (a rule without ports opens every port).
+fn opens(rule: &Value, port: u64) -> bool {
+    rule["ports"].as_array().is_none_or(|ports| {
+        ports
+            .iter()
+            .any(|p| p["port"].as_u64() == Some(port) && p["protocol"] != "UDP")
+    })
+}
+
+/// The port of a `scheme://[user@]host[:port][/...]` URL (`default` without one).
+fn url_port(url: &str, default: u64) -> u64 {
+    let authority = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    let host = authority.rsplit('@').next().unwrap_or_default();
+    host.rsplit_once(':')
+        .map_or(default, |(_, port)| port.parse().expect("a port"))
 }
 
 /// Every `TURNSTILE_*` variable `turnstile serve` reads, from its `--help`.
@@ -364,28 +523,6 @@ impl Local {
         );
         replace("TURNSTILE_ADMIN_TOKEN", None, ADMIN_TOKEN.to_owned());
     }
-}
-
-/// The container's command line: `command`/`args`, else the image's entrypoint and command, the
-/// image's binary path replaced by the one cargo built.
-fn command_line(image: &Image, container: &Value) -> Command {
-    let strings = |v: &Value| -> Option<Vec<String>> {
-        v.as_array().map(|a| {
-            a.iter()
-                .map(|s| s.as_str().expect("a string").to_owned())
-                .collect()
-        })
-    };
-    let entrypoint = strings(&container["command"]).unwrap_or_else(|| image.entrypoint.clone());
-    let args = strings(&container["args"]).unwrap_or_else(|| image.cmd.clone());
-    assert_eq!(
-        entrypoint,
-        ["/usr/local/bin/turnstile"],
-        "the entrypoint the Dockerfile installs"
-    );
-    let mut command = Command::new(env!("CARGO_BIN_EXE_turnstile"));
-    command.args(args).env_clear();
-    command
 }
 
 /// A checkout's end as a buyer saw it.
@@ -508,16 +645,25 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
     let manifests = Manifests::render();
     let image = Image::read();
     let options = serve_options();
-    let set = manifests.get("StatefulSet", "turnstile");
-    let namespace = set["metadata"]["namespace"].as_str().expect("namespace");
+    let namespace = "turnstile";
+    let set = manifests.get("StatefulSet", namespace, "turnstile");
     let spec = &set["spec"]["template"]["spec"];
+    let labels = &set["spec"]["template"]["metadata"]["labels"];
     let container = &spec["containers"][0];
     assert_eq!(spec["containers"].as_array().map(Vec::len), Some(1));
-    let service = set["spec"]["serviceName"].as_str().expect("serviceName");
+    assert!(
+        selects(&set["spec"]["selector"]["matchLabels"], labels),
+        "the StatefulSet selects its pods"
+    );
     assert_eq!(
-        manifests.get("Service", service)["spec"]["clusterIP"],
-        "None",
-        "the pods' DNS names come from a headless Service"
+        spec["enableServiceLinks"], false,
+        "without it the kubelet adds TURNSTILE_SERVICE_HOST, TURNSTILE_PORT... (from the Service `turnstile`) to the pods' environment"
+    );
+    assert_eq!(
+        Container::new(&image, &manifests, container, "turnstile-0", namespace).env
+            ["TURNSTILE_MYSQL_WRITE_BEHIND"],
+        "true",
+        "the pods run in write-behind"
     );
     let port = container["ports"]
         .as_array()
@@ -527,15 +673,86 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
         .expect("a port named http")["containerPort"]
         .as_u64()
         .expect("containerPort");
+    // The Services: the pods' DNS names from a headless one that publishes them before they
+    // are ready; the buyers' one on the same port, both selecting the pods.
+    let service = set["spec"]["serviceName"].as_str().expect("serviceName");
+    let peers = manifests.get("Service", namespace, service);
+    assert_eq!(peers["spec"]["clusterIP"], "None", "{service} is headless");
+    assert_eq!(peers["spec"]["publishNotReadyAddresses"], true);
+    let selecting: Vec<&Value> = manifests
+        .all("Service", namespace)
+        .filter(|s| selects(&s["spec"]["selector"], labels))
+        .collect();
+    assert!(
+        selecting.iter().any(|s| s["spec"]["clusterIP"] != "None"),
+        "a Service for buyers selects the pods"
+    );
+    for service in &selecting {
+        for p in service["spec"]["ports"].as_array().expect("ports") {
+            assert_eq!(
+                p["targetPort"], "http",
+                "{}'s targetPort",
+                service["metadata"]["name"]
+            );
+        }
+    }
+    // The NetworkPolicies let the pods reach what their URLs name and one another.
+    let secret = manifests.get("Secret", namespace, "turnstile-secrets");
+    let config = Container::new(&image, &manifests, container, "turnstile-0", namespace);
+    let reachable = |port: u64| {
+        policies(&manifests, namespace, labels, "Egress")
+            .flat_map(|p| p["spec"]["egress"].as_array().cloned().unwrap_or_default())
+            .any(|rule| opens(&rule, port))
+    };
+    for (what, url, default) in [
+        (
+            "mysql-url",
+            secret["stringData"]["mysql-url"].as_str(),
+            3306,
+        ),
+        (
+            "redis-url",
+            secret["stringData"]["redis-url"].as_str(),
+            6379,
+        ),
+        ("amqp-url", secret["stringData"]["amqp-url"].as_str(), 5672),
+        (
+            "gateway",
+            config.env.get("TURNSTILE_GATEWAY_URL").map(String::as_str),
+            443,
+        ),
+    ] {
+        let port = url_port(url.expect(what), default);
+        assert!(
+            reachable(port),
+            "no egress rule lets the pods reach {what} on {port}"
+        );
+    }
+    assert!(reachable(53), "no egress rule lets the pods reach DNS");
+    assert!(
+        reachable(port),
+        "no egress rule lets the pods reach one another"
+    );
+    assert!(
+        policies(&manifests, namespace, labels, "Ingress")
+            .flat_map(|p| p["spec"]["ingress"].as_array().cloned().unwrap_or_default())
+            .any(|rule| opens(&rule, port)
+                && rule["from"]
+                    .as_array()
+                    .is_some_and(|from| from.iter().any(|peer| {
+                        peer.get("namespaceSelector").is_none()
+                            && selects(&peer["podSelector"]["matchLabels"], labels)
+                    }))),
+        "no ingress rule lets the pods reach one another on {port}"
+    );
     let volume = container["volumeMounts"]
         .as_array()
         .expect("volumeMounts")
         .iter()
         .find(|m| m["name"] == set["spec"]["volumeClaimTemplates"][0]["metadata"]["name"])
-        .expect("the data volume is mounted")["mountPath"]
-        .as_str()
-        .expect("mountPath")
-        .to_owned();
+        .expect("the data volume is mounted");
+    assert!(volume.get("subPath").is_none() && volume["readOnly"] != true);
+    let volume = volume["mountPath"].as_str().expect("mountPath").to_owned();
     let grace = Duration::from_secs(
         spec["terminationGracePeriodSeconds"]
             .as_u64()
@@ -546,17 +763,21 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
             .as_u64()
             .expect("a preStop sleep"),
     );
-    let probes: Vec<(&str, String)> = ["startupProbe", "livenessProbe", "readinessProbe"]
-        .into_iter()
-        .map(|probe| {
-            assert_eq!(
-                container[probe]["httpGet"]["port"], "http",
-                "{probe}'s port"
-            );
-            let path = container[probe]["httpGet"]["path"].as_str().expect("path");
-            (probe, path.to_owned())
-        })
-        .collect();
+    let probe = |probe: &str| {
+        assert_eq!(
+            container[probe]["httpGet"]["port"], "http",
+            "{probe}'s port"
+        );
+        container[probe]["httpGet"]["path"]
+            .as_str()
+            .expect("path")
+            .to_owned()
+    };
+    let (startup, liveness, readiness) = (
+        probe("startupProbe"),
+        probe("livenessProbe"),
+        probe("readinessProbe"),
+    );
 
     let local = Local {
         database: TestDatabase::create_empty().await,
@@ -565,23 +786,53 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
         sim: Sim::start(&format!("127.0.0.1:{}", free_port()), &[]),
         dir: tempfile::tempdir().expect("tempdir"),
     };
+    // Pods running as their own user reach their volumes under it.
+    let opened = Command::new("chmod")
+        .arg("755")
+        .arg(local.dir.path())
+        .status()
+        .expect("chmod");
+    assert!(opened.success());
 
-    // The migrate Job first, as an upgrade runs it: its own command and environment.
-    let job = manifests.get("Job", "turnstile-migrate");
-    let job_container = &job["spec"]["template"]["spec"]["containers"][0];
-    let mut job_env = pod_env(
+    // The migrate Job first, as an upgrade runs it: its own command, environment and user.
+    let job = manifests
+        .all("Job", namespace)
+        .find(|j| {
+            j["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "migrate"
+        })
+        .expect("the migrate Job");
+    let job_spec = &job["spec"]["template"]["spec"];
+    let job_container = &job_spec["containers"][0];
+    let job_labels = &job["spec"]["template"]["metadata"]["labels"];
+    let job_reaches = |port: u64| {
+        policies(&manifests, namespace, job_labels, "Egress")
+            .flat_map(|p| p["spec"]["egress"].as_array().cloned().unwrap_or_default())
+            .any(|rule| opens(&rule, port))
+    };
+    assert!(
+        job_reaches(53)
+            && job_reaches(url_port(
+                secret["stringData"]["mysql-url"]
+                    .as_str()
+                    .expect("mysql-url"),
+                3306
+            )),
+        "the migrate Job's pod reaches DNS and MySQL"
+    );
+    let mut job_run = Container::new(
         &image,
         &manifests,
         job_container,
         "turnstile-migrate-x",
         namespace,
     );
-    assert_known(&job_env, &options);
-    job_env.insert("TURNSTILE_MYSQL_URL".into(), local.database.url.clone());
-    let migrated = command_line(&image, job_container)
-        .envs(&job_env)
-        .output()
-        .expect("run the migrate Job's command");
+    assert_known(&job_run.env, &options);
+    job_run
+        .env
+        .insert("TURNSTILE_MYSQL_URL".into(), local.database.url.clone());
+    let mut migrate = job_run.command(&image, job_container);
+    as_pod_user(&mut migrate, job_spec, job_container, None);
+    let migrated = migrate.output().expect("run the migrate Job's command");
     assert!(
         migrated.status.success(),
         "the migrate Job failed: {}",
@@ -593,26 +844,36 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
     let mut pods: Vec<TestApp> = (0..3)
         .map(|ordinal| {
             let pod = format!("{set_name}-{ordinal}");
-            let mut env = pod_env(&image, &manifests, container, &pod, namespace);
-            assert_known(&env, &options);
+            let mut run = Container::new(&image, &manifests, container, &pod, namespace);
+            assert_known(&run.env, &options);
             let dns = format!("{pod}.{service}.{namespace}.svc.cluster.local:{port}");
-            local.substitute(&mut env, &pod, free_port(), &dns, &volume);
-            let mut command = command_line(&image, container);
-            command.envs(&env);
-            start_command(command, &local.dir.path().join(&pod))
+            local.substitute(&mut run.env, &pod, free_port(), &dns, &volume);
+            let mut command = run.command(&image, container);
+            let data = local.dir.path().join(&pod);
+            as_pod_user(&mut command, spec, container, Some(&data));
+            start_command(command, &data)
         })
         .collect();
     for (pod, app) in pods.iter().enumerate() {
         let mut client = app.client();
-        for (probe, path) in &probes {
+        for path in [&startup, &liveness, &readiness] {
             eventually(
-                &format!("pod {pod}'s {probe} ({path}) to pass"),
+                &format!("pod {pod}'s probe {path} to pass"),
                 Duration::from_secs(30),
                 async || client.get(path).await.status == 200,
             )
             .await;
         }
     }
+    let pool = local.database.pool().await;
+    let modes: Vec<String> = sqlx::query_scalar("SELECT mode FROM cluster_nodes")
+        .fetch_all(&pool)
+        .await
+        .expect("the nodes' modes");
+    assert_eq!(
+        modes, ["write-behind"; 3],
+        "three nodes, each in write-behind"
+    );
 
     assert_eq!(
         pods[0]
@@ -644,24 +905,24 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
         .await;
     }
     let stopping = 2;
-    let mut readyz = pods[stopping].client();
+    let (mut readyz, mut livez) = (pods[stopping].client(), pods[stopping].client());
     eventually(
         "pod 2 to be ready before its SIGTERM",
         Duration::from_secs(10),
-        async || readyz.get("/readyz").await.status == 200,
+        async || readyz.get(&readiness).await.status == 200,
     )
     .await;
-    // The kubelet sends SIGTERM once the preStop sleep is over; the sleep itself changes nothing
-    // in the process, so it is not repeated here.
     // Deleting the pod takes it out of the Service's endpoints (new checkouts go to the others)
-    // and, after the preStop sleep, sends SIGTERM.
+    // and, after the preStop sleep, sends SIGTERM. The sleep changes nothing in the process, so
+    // it is not repeated here.
     buyers.remove(stopping);
     let signalled = Instant::now();
     pods[stopping].send_sigterm();
-    // `/readyz` turns 503 at once and stays so until the pod stops listening.
+    // The readiness probe turns 503 at once and stays so until the pod stops listening; the
+    // liveness probe stays 200 meanwhile (a failing one would have the kubelet kill the drain).
     let mut answers = Vec::new();
     loop {
-        match readyz.try_send("GET", "/readyz", &[], "").await {
+        match readyz.try_send("GET", &readiness, &[], "").await {
             Ok(answer) => {
                 let stopping_said =
                     answer.status == 503 && answer.json()["checks"]["stopping"].as_str().is_some();
@@ -672,18 +933,24 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
             }
             Err(_) => break,
         }
+        if let Ok(alive) = livez.try_send("GET", &liveness, &[], "").await {
+            assert_eq!(
+                alive.status, 200,
+                "the liveness probe failed during the drain"
+            );
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // (Answers before the first 503 may precede the signal's delivery to the process.)
     let first_503 = answers
         .iter()
         .position(|(status, _)| *status == 503)
-        .unwrap_or_else(|| panic!("/readyz never answered 503 after SIGTERM, while the pod still listened: {answers:?}"));
+        .unwrap_or_else(|| panic!("the readiness probe ({readiness}) never answered 503 after SIGTERM, while the pod still listened: {answers:?}"));
     assert!(
         answers[first_503..]
             .iter()
             .all(|&(status, said)| status == 503 && said),
-        "/readyz must stay 503, saying the node is stopping: {answers:?}"
+        "the readiness probe ({readiness}) must stay 503, saying the node is stopping: {answers:?}"
     );
 
     // It exits 0 within the grace the manifest gives it after its preStop sleep.
@@ -722,7 +989,6 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
     );
 
     // Its leases are back in the pool: nothing left for sale in its lease, its row says it left.
-    let pool = local.database.pool().await;
     let row = sqlx::query(
         "SELECT CAST(COALESCE(SUM(units), 0) AS SIGNED), CAST(COALESCE(SUM(reserved + sold), 0) AS SIGNED) \
          FROM stock_leases WHERE node_id = ?",
