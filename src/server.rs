@@ -196,34 +196,43 @@ async fn serve(
     placement: Option<Placement>,
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> Result<(), ServeError> {
-    let node = node_name(&config).await?;
-    let cluster = match (&config.cluster, &config.mysql) {
-        (Some(cluster), Some(mysql)) => Some(Arc::new(Cluster::new(
-            cluster.clone(),
-            mysql,
-            !config.mysql_write_behind,
-        )?)),
-        _ => None,
-    };
-    let Opened {
-        journal,
-        mut state,
-        mysql_pool,
-        file_cursor,
-    } = open_journal(&config, &node).await?;
-    if let Some(cluster) = &cluster {
-        // Several nodes: registered first (see `registry::register`), then the catalogue is
-        // MySQL's, and this node's stock of each SKU its lease.
-        cluster::registry::register(cluster, cluster_mode(&config), journal.writer_turn()).await?;
-        cluster::adoption::drop_adopted_away(cluster, &*journal, &mut state).await?;
-        cluster::adoption::journal_unjournaled_at_start(cluster, &*journal, &mut state).await?;
-        state.products = cluster::catalogue::at_start(cluster)
-            .await?
-            .into_iter()
-            .map(|product| (product.sku.clone(), product))
-            .collect();
-    }
-    let engine = build_engine(&config, workers, &state).map_err(|error| match (&cluster, error) {
+    // Installed first: a stop signal during start-up (a pod deleted while its journal is being
+    // recovered) ends it, instead of killing the process unflushed or, as a container's PID 1,
+    // being ignored until the kubelet's SIGKILL. Start-up writes nothing a crash could not leave
+    // (the journal's recovery and MySQL's transactions are crash-safe), so it is given up where it
+    // stands; a node already registered in the cluster is then presumed dead past --lease-ttl,
+    // as after a crash.
+    let mut signal = Box::pin(stop_signal());
+    let started = async {
+        let node = node_name(&config).await?;
+        let cluster = match (&config.cluster, &config.mysql) {
+            (Some(cluster), Some(mysql)) => Some(Arc::new(Cluster::new(
+                cluster.clone(),
+                mysql,
+                !config.mysql_write_behind,
+            )?)),
+            _ => None,
+        };
+        let Opened {
+            journal,
+            mut state,
+            mysql_pool,
+            file_cursor,
+        } = open_journal(&config, &node).await?;
+        if let Some(cluster) = &cluster {
+            // Several nodes: registered first (see `registry::register`), then the catalogue is
+            // MySQL's, and this node's stock of each SKU its lease.
+            cluster::registry::register(cluster, cluster_mode(&config), journal.writer_turn())
+                .await?;
+            cluster::adoption::drop_adopted_away(cluster, &*journal, &mut state).await?;
+            cluster::adoption::journal_unjournaled_at_start(cluster, &*journal, &mut state).await?;
+            state.products = cluster::catalogue::at_start(cluster)
+                .await?
+                .into_iter()
+                .map(|product| (product.sku.clone(), product))
+                .collect();
+        }
+        let engine = build_engine(&config, workers, &state).map_err(|error| match (&cluster, error) {
         // Its disk holds sales its lease in MySQL does not: that lease was settled without them.
         (Some(cluster), ServeError::Engine(crate::engine::EngineError::Inconsistent(what))) => {
             ServeError::Cluster(cluster::ClusterError::Start(format!(
@@ -233,36 +242,45 @@ async fn serve(
         }
         (_, error) => error,
     })?;
-    drop(state);
-    let payments = build_payments(&config)?;
-    let relay = start_relay(&config, &journal, file_cursor, mysql_pool, &node).await?;
-    let (carts, redis) = start_sessions(&config, &engine, &node).await?;
-    let simulator = Arc::clone(&payments.simulator);
-    let app = build_app(
-        &config,
-        AppParts {
-            engine,
-            journal: Arc::clone(&journal),
-            carts,
-            payments,
-            relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
-            node,
-            cluster: cluster.clone(),
-        },
-    );
-    let listeners = bind_listeners(&config, workers, placement)?;
-    let local = listeners.local_addr().map_err(|source| ServeError::Io {
-        context: "reading the listen address".into(),
-        source,
-    })?;
-    simulator.set_webhook_target(local, tls.is_some());
-    let cluster = match cluster {
-        Some(cluster) => Some(join_cluster(&app, cluster, local, tls.is_some()).await?),
-        None => None,
+        drop(state);
+        let payments = build_payments(&config)?;
+        let relay = start_relay(&config, &journal, file_cursor, mysql_pool, &node).await?;
+        let (carts, redis) = start_sessions(&config, &engine, &node).await?;
+        let simulator = Arc::clone(&payments.simulator);
+        let app = build_app(
+            &config,
+            AppParts {
+                engine,
+                journal: Arc::clone(&journal),
+                carts,
+                payments,
+                relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
+                node,
+                cluster: cluster.clone(),
+            },
+        );
+        let listeners = bind_listeners(&config, workers, placement)?;
+        let local = listeners.local_addr().map_err(|source| ServeError::Io {
+            context: "reading the listen address".into(),
+            source,
+        })?;
+        simulator.set_webhook_target(local, tls.is_some());
+        let cluster = match cluster {
+            Some(cluster) => Some(join_cluster(&app, cluster, local, tls.is_some()).await?),
+            None => None,
+        };
+        announce(&config, &app, local, tls.is_some());
+        Ok::<_, ServeError>((app, relay, redis, journal, cluster, listeners, local))
     };
-    announce(&config, &app, local, tls.is_some());
-    // Installed before the ready line: from that line on, SIGTERM is a clean stop.
-    let stop = stopping(Arc::clone(&app), stop_signal(), config.shutdown_delay);
+    let (app, relay, redis, journal, cluster, listeners, local) = tokio::select! {
+        started = started => started?,
+        () = &mut signal => {
+            tracing::warn!("stop signal during start-up: stopping before serving anything");
+            return Ok(());
+        }
+    };
+    // From the ready line on, SIGTERM is the clean stop `shutdown` writes down.
+    let stop = stopping(Arc::clone(&app), signal, config.shutdown_delay);
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
