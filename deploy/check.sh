@@ -17,10 +17,13 @@ tools=target/deploy-tools
 out=target/deploy
 mkdir -p "$out"
 
-# The validators, once (a lock: two test binaries may ask at once).
+# One run at a time (two tests may ask at once, and the files under target/deploy are shared):
+# the lock is held until the script ends.
+exec 9>"$out/check.lock"
+flock 9
+
+# The validators, once.
 ensure_tools() {
-  exec 9>"$out/tools.lock"
-  flock 9
   # (Scripts are run through the venv's python: their #! lines name the directory the venv was
   # made in, and target/ may have moved since.)
   if ! cmp -s deploy/requirements.txt "$tools/requirements.txt" 2>/dev/null \
@@ -38,7 +41,6 @@ ensure_tools() {
     }
     cp deploy/requirements.txt "$tools/requirements.txt"
   fi
-  flock -u 9
 }
 
 # One kustomization, rendered.
