@@ -3,62 +3,8 @@
 //! server says why it is not ready, keeps `/healthz` at 200, and recovers by itself once the disk
 //! has room again.
 
-use crate::helpers::{eventually, start, Answer, Client, JsonBody};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use crate::helpers::{eventually, start, Answer, Client, JsonBody, SmallDisk};
 use std::time::Duration;
-
-/// A tmpfs of its own, unmounted when dropped (the test runs as root, as CI does).
-struct SmallDisk {
-    mount: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(megabytes: u32) -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mount = dir.path().join("disk");
-        std::fs::create_dir(&mount).expect("mount point");
-        let mounted = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
-            .arg(&mount)
-            .status()
-            .expect("run mount");
-        assert!(
-            mounted.success(),
-            "this test mounts a small tmpfs to fill it up: run it as root (as CI does)"
-        );
-        Self { mount, _dir: dir }
-    }
-
-    /// Fills the disk up to about `leave` free bytes with a file of its own.
-    fn fill(&self, leave: u64) -> PathBuf {
-        let filler = self.mount.join("filler");
-        let free = free_bytes(&self.mount);
-        let size = free.saturating_sub(leave);
-        std::fs::write(&filler, vec![0xAAu8; size as usize]).expect("fill the disk");
-        filler
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
-    }
-}
-
-fn free_bytes(path: &Path) -> u64 {
-    let out = Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(path)
-        .output()
-        .expect("df");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .expect("df output")
-}
 
 /// A paid checkout of one tee under `key`.
 async fn checkout(client: &mut Client, key: &str) -> Answer {

@@ -723,6 +723,23 @@ impl TestBroker {
     /// Receives (and acks) messages from the test queue until every seq in `1..=last_seq` has
     /// arrived at least once, for at most `limit`; returns them in arrival order.
     pub async fn receive_through(&mut self, last_seq: u64, limit: Duration) -> Vec<Received> {
+        let received = self.receive_until(last_seq, limit).await;
+        let seen: std::collections::HashSet<u64> = received
+            .iter()
+            .map(|r| r.seq)
+            .filter(|&seq| seq <= last_seq)
+            .collect();
+        assert!(
+            seen.len() as u64 >= last_seq,
+            "timed out after {limit:?}: {} of the {last_seq} events reached the queue",
+            seen.len()
+        );
+        received
+    }
+
+    /// As [`Self::receive_through`], but gives back what arrived when `limit` runs out instead
+    /// of failing.
+    pub async fn receive_until(&mut self, last_seq: u64, limit: Duration) -> Vec<Received> {
         use futures_util::StreamExt;
         if self.consumer.is_none() {
             self.consumer = Some(
@@ -747,10 +764,7 @@ impl TestBroker {
         while (seen.len() as u64) < last_seq {
             let next = tokio::time::timeout_at(deadline, consumer.next()).await;
             let Ok(Some(delivery)) = next else {
-                panic!(
-                    "timed out after {limit:?}: {} of the {last_seq} events reached the queue",
-                    seen.len()
-                );
+                break;
             };
             let delivery = delivery.expect("delivery");
             let properties = &delivery.properties;
@@ -1686,12 +1700,14 @@ impl Drop for PrivateMariaDb {
 
 /// A RabbitMQ node of the test's own: the installed `rabbitmq-server` under a node name, ports and
 /// directories of the test's (its own config file, so the machine's listener setting is not
-/// read), so a test may stop and start it without touching the machine's broker. Stopped when
-/// dropped, also when the test fails.
+/// read), so a test may stop, kill and start it without touching the machine's broker. Stopped
+/// when dropped, also when the test fails.
 #[allow(dead_code)] // used by tests/faults.rs, not by every test binary
 pub struct PrivateRabbitMq {
     pub url: String,
     node: String,
+    port: u16,
+    dist_port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
 }
@@ -1721,14 +1737,23 @@ impl PrivateRabbitMq {
         let mut broker = Self {
             url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
             node: format!("turnstile-test-{}-{nanos}@localhost", std::process::id()),
+            port,
+            dist_port: free_port(),
             dir,
             child: None,
         };
-        let dir = broker.dir.path();
+        broker.start_again();
+        broker
+    }
+
+    /// Starts the broker (again) on its node name, ports and directories (its durable queues
+    /// and persistent messages kept), and waits until it takes connections.
+    pub fn start_again(&mut self) {
+        let dir = self.dir.path();
         let child = Command::new("rabbitmq-server")
-            .env("RABBITMQ_NODENAME", &broker.node)
-            .env("RABBITMQ_NODE_PORT", port.to_string())
-            .env("RABBITMQ_DIST_PORT", free_port().to_string())
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
             .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
@@ -1740,15 +1765,34 @@ impl PrivateRabbitMq {
             .unwrap_or_else(|e| {
                 panic!("cannot run rabbitmq-server ({e}): install RabbitMQ (Debian's rabbitmq-server package)")
             });
-        broker.child = Some(child);
-        let log = dir.join("log").join(format!("{}.log", broker.node));
+        self.child = Some(child);
+        let log = dir.join("log").join(format!("{}.log", self.node));
         wait_answering(
-            &format!("127.0.0.1:{port}"),
+            &format!("127.0.0.1:{}", self.port),
             Duration::from_secs(120),
             "the test's rabbitmq-server",
             &log,
         );
-        broker
+    }
+
+    /// SIGKILL of the broker's Erlang VM: gone at once, its connections cut; waits until its
+    /// port is closed.
+    pub fn kill_9(&mut self) {
+        let pid = std::fs::read_to_string(self.dir.path().join("rabbitmq.pid"))
+            .expect("the broker's pid file");
+        let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        let addr = format!("127.0.0.1:{}", self.port);
+        let started = Instant::now();
+        while std::net::TcpStream::connect(&addr).is_ok() {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the killed broker still answers"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// `rabbitmqctl stop_app` / `start_app` on this node: the broker stops (or starts) serving,
@@ -1763,10 +1807,78 @@ impl PrivateRabbitMq {
 
 impl Drop for PrivateRabbitMq {
     fn drop(&mut self) {
-        self.ctl("stop");
+        if self.child.is_some() && !self.ctl("stop") {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.path().join("rabbitmq.pid")) {
+                let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+            }
+        }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// A tmpfs of its own, unmounted when dropped (the test runs as root, as CI does).
+pub struct SmallDisk {
+    pub mount: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(megabytes: u32) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mount = dir.path().join("disk");
+        std::fs::create_dir(&mount).expect("mount point");
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={megabytes}m"), "tmpfs"])
+            .arg(&mount)
+            .status()
+            .expect("run mount");
+        assert!(
+            mounted.success(),
+            "this test mounts a small tmpfs to fill it up: run it as root (as CI does)"
+        );
+        Self { mount, _dir: dir }
+    }
+
+    /// Fills the disk up to about `leave` free bytes with a file of its own (or up to full,
+    /// when a server writing beside it took some of that room meanwhile).
+    pub fn fill(&self, leave: u64) -> PathBuf {
+        use std::io::Write;
+        let filler = self.mount.join("filler");
+        let free = free_bytes(&self.mount);
+        let mut left = free.saturating_sub(leave);
+        let mut file = std::fs::File::create(&filler).expect("the filler file");
+        let chunk = vec![0xAAu8; 1 << 20];
+        while left > 0 {
+            let part = &chunk[..chunk.len().min(left as usize)];
+            match file.write(part) {
+                Ok(0) => break,
+                Ok(written) => left -= written as u64,
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("fill the disk: {e}"),
+            }
+        }
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+pub fn free_bytes(path: &Path) -> u64 {
+    let out = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(path)
+        .output()
+        .expect("df");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .expect("df output")
 }

@@ -68,6 +68,7 @@ impl StorageFile for DiskFile {
     }
 
     fn sync_data(&mut self) -> io::Result<()> {
+        crate::fault::sync_may_fail()?;
         self.0.sync_data()
     }
 }
