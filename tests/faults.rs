@@ -603,14 +603,6 @@ impl Rig {
             &format!("mysql://root@{}/{}", proxy.addr, database.name),
             "--redis-url",
             &redis.url(),
-            "--gateway-url",
-            &sim.url(),
-            "--gateway-timeout",
-            "1s",
-            "--journal-timeout",
-            "1s",
-            "--reconcile-after",
-            "3s",
             // A key whose checkout ran when the node was killed waits for its lock to expire
             // (a retry meanwhile is told to come back): 5 s here rather than a minute.
             "--redis-lock-ttl",
@@ -622,6 +614,7 @@ impl Rig {
         .map(|a| a.to_string())
         .collect();
         args.extend(broker.args());
+        args.extend(helpers::server_args(&sim.url()));
         if write_behind {
             args.push("--mysql-write-behind".into());
         }

@@ -11,23 +11,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
 
-pub(crate) use crate::helpers::{free_port, Sim};
-
-pub(crate) fn server_args(gateway_url: &str) -> Vec<String> {
-    [
-        "--gateway-url",
-        gateway_url,
-        "--gateway-timeout",
-        "1s",
-        "--journal-timeout",
-        "1s",
-        "--reconcile-after",
-        "3s",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
+pub(crate) use crate::helpers::{free_port, server_args, Sim};
 
 fn as_strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()

@@ -1882,3 +1882,21 @@ pub fn free_bytes(path: &Path) -> u64 {
         .and_then(|l| l.trim().parse().ok())
         .expect("df output")
 }
+
+/// The options that put a server on the gateway at `gateway_url`, with short timeouts and a
+/// reconciler that acts after 3 s.
+pub fn server_args(gateway_url: &str) -> Vec<String> {
+    [
+        "--gateway-url",
+        gateway_url,
+        "--gateway-timeout",
+        "1s",
+        "--journal-timeout",
+        "1s",
+        "--reconcile-after",
+        "3s",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
