@@ -68,6 +68,7 @@
 /// A boxed future, so traits with async methods stay object-safe.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
+pub mod admin_cli;
 pub mod api;
 pub mod app;
 pub mod backoff;

@@ -25,21 +25,75 @@ impl std::io::Write for LossyStderr {
     }
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(|| LossyStderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+/// A log file, where a failed write is dropped (as [`LossyStderr`]).
+struct LossyFile(std::fs::File);
 
+impl std::io::Write for LossyFile {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        let _ = self.0.write_all(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.0.flush();
+        Ok(())
+    }
+}
+
+/// Sets up the log: `RUST_LOG` (default `info`), as text or JSON lines, to standard error or
+/// appended to a file (`serve --log-format`, `--log-file`).
+fn init_logs(
+    format: config::LogFormat,
+    file: Option<&std::path::Path>,
+) -> Result<(), std::io::Error> {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, ansi) = match file {
+        Some(path) => {
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?;
+            (
+                BoxMakeWriter::new(std::sync::Mutex::new(LossyFile(file))),
+                false,
+            )
+        }
+        None => (
+            BoxMakeWriter::new(|| LossyStderr),
+            std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        ),
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        config::LogFormat::Text => builder.with_ansi(ansi).init(),
+        config::LogFormat::Json => builder.json().with_ansi(false).init(),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
     // Non-UTF-8 arguments reach clap as they are, and it refuses them with its message.
     let args: Vec<String> = std::env::args_os()
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
-    let invocation = match config::parse(&args) {
+    let parsed = config::parse(&args);
+    let (format, file) = match &parsed {
+        Ok(config::Invocation::Serve(config)) => (config.log_format, config.log_file.clone()),
+        _ => (config::LogFormat::Text, None),
+    };
+    if let Err(error) = init_logs(format, file.as_deref()) {
+        eprintln!(
+            "turnstile: cannot open the log file {}: {error}",
+            file.as_deref()
+                .map_or_else(String::new, |p| p.display().to_string())
+        );
+        return ExitCode::from(2);
+    }
+    let invocation = match parsed {
         Ok(invocation) => invocation,
         Err(config::CliError::Clap(error)) => {
             // `--help` and `--version` (exit 0) print to stdout; usage errors to stderr (exit 2).
@@ -72,6 +126,24 @@ fn main() -> ExitCode {
         config::Invocation::MysqlApply(args) => mysql_apply(args),
         config::Invocation::Cluster(config::ClusterCommand::Forget(args)) => forget(args),
         config::Invocation::Notify(args) => notify(args),
+        config::Invocation::Admin(args) => match turnstile::admin_cli::run(args) {
+            Ok(text) => {
+                use std::io::Write;
+                let mut stdout = std::io::stdout().lock();
+                let _ = stdout
+                    .write_all(text.as_bytes())
+                    .and_then(|()| stdout.flush());
+                ExitCode::SUCCESS
+            }
+            Err(error @ turnstile::admin_cli::AdminError::Usage(_)) => {
+                eprintln!("turnstile admin: {error}");
+                ExitCode::from(2)
+            }
+            Err(error) => {
+                eprintln!("turnstile admin: {error}");
+                ExitCode::FAILURE
+            }
+        },
         config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error @ turnstile::payment::gateway_sim::SimError::Usage(_)) => {

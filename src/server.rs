@@ -1075,7 +1075,7 @@ impl Worker {
 /// The certificates an `https://` gateway may chain to: the system's store (`/etc/ssl/certs`), read
 /// with rustls's PEM parser. Empty if there is none: then only `http://` gateways work, and an
 /// `https://` one fails its calls with a certificate error in the log.
-fn platform_roots() -> rustls::RootCertStore {
+pub fn platform_roots() -> rustls::RootCertStore {
     use rustls::pki_types::pem::PemObject;
     let mut roots = rustls::RootCertStore::empty();
     for path in [

@@ -147,8 +147,17 @@ impl Topology {
     /// number of physical cores (a container given two hyperthreads of one core, say) each get a
     /// CPU of their own rather than sharing one while its sibling idles.
     pub fn cpu_for(&self, index: usize) -> usize {
-        let core = self.core_for(index);
-        core.cpus[(index / self.cores.len()) % core.cpus.len()]
+        // The first CPU of every core, then the second of every core that has one, and so on:
+        // cores with fewer SMT threads than others never get a CPU twice while one idles.
+        let rounds = self.cores.iter().map(|c| c.cpus.len()).max().unwrap_or(1);
+        let order: Vec<usize> = (0..rounds)
+            .flat_map(|round| {
+                self.cores
+                    .iter()
+                    .filter_map(move |c| c.cpus.get(round).copied())
+            })
+            .collect();
+        order[index % order.len()]
     }
 
     /// The CPUs no worker of `workers` sits on (their SMT siblings excluded): where background
@@ -318,6 +327,27 @@ mod tests {
         assert_eq!(topology.spare_cpus(3), vec![3, 7]);
         assert_eq!(topology.cpus(), (0..8).collect::<Vec<_>>());
         assert!(topology.spare_cpus(4).is_empty());
+    }
+
+    #[test]
+    fn workers_past_the_cores_take_each_cpu_once_however_many_threads_a_core_has() {
+        let topology = Topology {
+            cores: vec![
+                Core {
+                    cpus: vec![2],
+                    node: 0,
+                },
+                Core {
+                    cpus: vec![3, 7],
+                    node: 0,
+                },
+            ],
+            source: "test".into(),
+        };
+        assert_eq!(
+            (0..4).map(|w| topology.cpu_for(w)).collect::<Vec<_>>(),
+            vec![2, 3, 7, 2]
+        );
     }
 
     #[test]

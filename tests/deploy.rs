@@ -418,6 +418,69 @@ fn opens(rule: &Value, port: u64) -> bool {
     })
 }
 
+/// A namespace's labels, as Kubernetes sets them.
+fn namespace_labels(name: &str) -> Value {
+    serde_json::json!({ "kubernetes.io/metadata.name": name })
+}
+
+/// True when `peer` (an entry of a rule's `to` or `from`, in a policy of `namespace`) selects a
+/// pod labelled `pod` in namespace `other`.
+fn peer_selects(peer: &Value, namespace: &str, other: &str, pod: &Value) -> bool {
+    if peer.get("ipBlock").is_some() {
+        return false;
+    }
+    let namespace_ok = match peer.get("namespaceSelector") {
+        None => namespace == other,
+        Some(selector) => selects(&selector["matchLabels"], &namespace_labels(other)),
+    };
+    let pod_ok = peer
+        .get("podSelector")
+        .is_none_or(|selector| selects(&selector["matchLabels"], pod));
+    namespace_ok && pod_ok
+}
+
+/// True when the policies let a pod labelled `labels` in `namespace` send to, or (`Ingress`)
+/// receive from, a pod labelled `peer` in `peer_namespace`, on TCP `port`. A pod no policy of
+/// that direction selects is not isolated.
+fn allows(
+    manifests: &Manifests,
+    direction: &str,
+    (namespace, labels): (&str, &Value),
+    (peer_namespace, peer): (&str, &Value),
+    port: u64,
+) -> bool {
+    let (rules, peers) = match direction {
+        "Egress" => ("egress", "to"),
+        _ => ("ingress", "from"),
+    };
+    let mut selecting = policies(manifests, namespace, labels, direction).peekable();
+    if selecting.peek().is_none() {
+        return true;
+    }
+    selecting
+        .flat_map(|p| p["spec"][rules].as_array().cloned().unwrap_or_default())
+        .any(|rule| {
+            opens(&rule, port)
+                && rule[peers].as_array().is_none_or(|list| {
+                    list.iter()
+                        .any(|p| peer_selects(p, namespace, peer_namespace, peer))
+                })
+        })
+}
+
+/// True when the pods labelled `labels` in `namespace` may send to addresses outside the cluster
+/// on TCP `port` (an `ipBlock` rule).
+fn egress_outside(manifests: &Manifests, namespace: &str, labels: &Value, port: u64) -> bool {
+    policies(manifests, namespace, labels, "Egress")
+        .flat_map(|p| p["spec"]["egress"].as_array().cloned().unwrap_or_default())
+        .any(|rule| {
+            opens(&rule, port)
+                && rule["to"]
+                    .as_array()
+                    .is_some_and(|to| to.iter().any(|peer| peer.get("ipBlock").is_some()))
+        })
+}
+
 /// The port of a `scheme://[user@]host[:port][/...]` URL (`default` without one).
 fn url_port(url: &str, default: u64) -> u64 {
     let authority = url
@@ -699,51 +762,62 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
     // The NetworkPolicies let the pods reach what their URLs name and one another.
     let secret = manifests.get("Secret", namespace, "turnstile-secrets");
     let config = Container::new(&image, &manifests, container, "turnstile-0", namespace);
-    let reachable = |port: u64| {
-        policies(&manifests, namespace, labels, "Egress")
-            .flat_map(|p| p["spec"]["egress"].as_array().cloned().unwrap_or_default())
-            .any(|rule| opens(&rule, port))
+    // Both sides of each connection the pods make: their own egress, and the ingress policies
+    // of the data stores' namespace (data-stores/), each store by its label.
+    let stores = "databases";
+    let dns = serde_json::json!({ "k8s-app": "kube-dns" });
+    let both_ways = |from: (&str, &Value), to: (&str, &Value), port: u64| {
+        allows(&manifests, "Egress", from, to, port)
+            && allows(&manifests, "Ingress", to, from, port)
     };
-    for (what, url, default) in [
+    for (what, url, default, store) in [
         (
             "mysql-url",
             secret["stringData"]["mysql-url"].as_str(),
             3306,
+            "mysql",
         ),
         (
             "redis-url",
             secret["stringData"]["redis-url"].as_str(),
             6379,
+            "redis",
         ),
-        ("amqp-url", secret["stringData"]["amqp-url"].as_str(), 5672),
         (
-            "gateway",
-            config.env.get("TURNSTILE_GATEWAY_URL").map(String::as_str),
-            443,
+            "amqp-url",
+            secret["stringData"]["amqp-url"].as_str(),
+            5672,
+            "rabbitmq",
         ),
     ] {
         let port = url_port(url.expect(what), default);
+        let store_pods = serde_json::json!({ "app.kubernetes.io/name": store });
         assert!(
-            reachable(port),
-            "no egress rule lets the pods reach {what} on {port}"
+            both_ways((namespace, labels), (stores, &store_pods), port),
+            "the policies do not let the pods reach {what} ({store} in {stores}) on {port}"
         );
     }
-    assert!(reachable(53), "no egress rule lets the pods reach DNS");
+    let gateway = config
+        .env
+        .get("TURNSTILE_GATEWAY_URL")
+        .expect("the gateway's URL");
     assert!(
-        reachable(port),
-        "no egress rule lets the pods reach one another"
+        egress_outside(&manifests, namespace, labels, url_port(gateway, 443)),
+        "no egress rule lets the pods reach the gateway"
     );
     assert!(
-        policies(&manifests, namespace, labels, "Ingress")
-            .flat_map(|p| p["spec"]["ingress"].as_array().cloned().unwrap_or_default())
-            .any(|rule| opens(&rule, port)
-                && rule["from"]
-                    .as_array()
-                    .is_some_and(|from| from.iter().any(|peer| {
-                        peer.get("namespaceSelector").is_none()
-                            && selects(&peer["podSelector"]["matchLabels"], labels)
-                    }))),
-        "no ingress rule lets the pods reach one another on {port}"
+        allows(
+            &manifests,
+            "Egress",
+            (namespace, labels),
+            ("kube-system", &dns),
+            53
+        ),
+        "no egress rule lets the pods reach DNS"
+    );
+    assert!(
+        both_ways((namespace, labels), (namespace, labels), port),
+        "the policies do not let the pods reach one another on {port}"
     );
     let volume = container["volumeMounts"]
         .as_array()
@@ -804,21 +878,37 @@ async fn three_pods_of_the_statefulset_sell_the_stock_and_one_sent_sigterm_drain
     let job_spec = &job["spec"]["template"]["spec"];
     let job_container = &job_spec["containers"][0];
     let job_labels = &job["spec"]["template"]["metadata"]["labels"];
-    let job_reaches = |port: u64| {
-        policies(&manifests, namespace, job_labels, "Egress")
-            .flat_map(|p| p["spec"]["egress"].as_array().cloned().unwrap_or_default())
-            .any(|rule| opens(&rule, port))
-    };
-    assert!(
-        job_reaches(53)
-            && job_reaches(url_port(
-                secret["stringData"]["mysql-url"]
-                    .as_str()
-                    .expect("mysql-url"),
-                3306
-            )),
-        "the migrate Job's pod reaches DNS and MySQL"
+    let mysql_pods = serde_json::json!({ "app.kubernetes.io/name": "mysql" });
+    let mysql_port = url_port(
+        secret["stringData"]["mysql-url"]
+            .as_str()
+            .expect("mysql-url"),
+        3306,
     );
+    assert!(
+        allows(
+            &manifests,
+            "Egress",
+            (namespace, job_labels),
+            ("kube-system", &dns),
+            53
+        ) && both_ways((namespace, job_labels), (stores, &mysql_pods), mysql_port),
+        "the policies do not let the migrate Job reach DNS and MySQL"
+    );
+    // Named after the version it migrates to, as deploy/README.md's upgrade asks, with the image.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        job["metadata"]["name"],
+        format!("turnstile-migrate-{}", version.replace('.', "-")),
+        "the migrate Job is named after the crate's version"
+    );
+    for image_of in [job_container, container] {
+        let image = image_of["image"].as_str().expect("image");
+        assert!(
+            image.ends_with(&format!(":{version}")),
+            "{image}: the image's tag is the crate's version"
+        );
+    }
     let mut job_run = Container::new(
         &image,
         &manifests,

@@ -6,10 +6,27 @@
 //!   action, how many calls failed since when, the gateway's last words, and whether a capture
 //!   was refused for good, which is not retried) and the checkouts waiting on the gateway
 //!   (`pending`).
+//! - `GET /v1/admin/holds[?older_than=<duration>]`: the orders still holding stock (the stuck
+//!   inventory locks), oldest first.
+//! - `POST /v1/admin/orders/{order_id}/release`: a held order released through the engine, as a
+//!   cancel of a hold is (journaled, stock back, its authorisation voided after the commit): the
+//!   safe replacement for killing a database session that holds a lock. A paid order is `409
+//!   not_held` (a refund is a cancel); twice is harmless. With several nodes the order's owner
+//!   releases it (the call is forwarded, the token with it).
+//! - `GET /v1/admin/journal`: the journal's state, its lags and RabbitMQ's, read from the same
+//!   counters `/metrics` shows.
+//!
+//! Every action is logged at `info` with its `order_id`.
 
-use super::{json, ApiError, Shared};
+use super::checkout::order_body;
+use super::products::path_error;
+use super::{json, json_response, path_id, ApiError, Shared};
+use crate::domain::OrderId;
+use crate::engine::order::OrderStatus;
 use crate::time::{now_ms, rfc3339};
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::State;
+use axum::extract::{Path, Query};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 
@@ -73,5 +90,166 @@ pub(super) async fn payments(
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({ "owed": owed, "pending": pending }),
+    ))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct HoldsQuery {
+    older_than: Option<String>,
+}
+
+/// `GET /v1/admin/holds[?older_than=<duration>]`.
+pub(super) async fn holds(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+    query: Result<Query<HoldsQuery>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let Query(query) = query.map_err(|e| ApiError::invalid(format!("older_than: {e}")))?;
+    let older_than = match query.older_than.as_deref() {
+        None => std::time::Duration::ZERO,
+        Some(raw) => crate::config::parse_duration(raw)
+            .map_err(|e| ApiError::invalid(format!("older_than: {e}")))?,
+    };
+    let now = now_ms();
+    let cutoff = now.saturating_sub(i64::try_from(older_than.as_millis()).unwrap_or(i64::MAX));
+    let holds: Vec<serde_json::Value> = state
+        .engine
+        .held_orders_created_before(cutoff.saturating_add(1), LISTED_MAX)
+        .into_iter()
+        .map(|order| {
+            serde_json::json!({
+                "order_id": order.order_id.as_str(),
+                "status": order.status.as_str(),
+                "customer_id": order.customer_id.as_str(),
+                "items": order.items.iter().map(|item| serde_json::json!({
+                    "sku": item.sku.as_str(),
+                    "quantity": item.quantity,
+                    "unit_price_cents": item.unit_price_cents,
+                })).collect::<Vec<_>>(),
+                "created_at": rfc3339(order.created_at_ms),
+                "age_s": (now - order.created_at_ms).max(0) / 1_000,
+            })
+        })
+        .collect();
+    Ok(json(StatusCode::OK, &serde_json::json!({ "holds": holds })))
+}
+
+/// `POST /v1/admin/orders/{order_id}/release`.
+pub(super) async fn release(
+    State(state): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let Path(raw) = path.map_err(path_error)?;
+    let order_id = path_id(raw, OrderId::parse)?;
+    // Several nodes: another node's order is released by its owner.
+    let route = format!("/v1/admin/orders/{order_id}/release");
+    let forwarded = super::owner::forwarded(&state, &headers, "POST", &route, b"")?;
+    let bearer = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let extra = [("authorization", bearer.as_str())];
+    let call = super::owner::Call {
+        method: "POST",
+        path: &route,
+        extra: &extra,
+        body: Vec::new(),
+        forwarded,
+    };
+    if let Some(answer) = super::owner::elsewhere(&state, &order_id, call).await? {
+        return Ok(answer);
+    }
+    let (order, changed) = match crate::app::orders::release_held(&state, &order_id).await {
+        Err(crate::app::orders::AppError::Engine(crate::engine::EngineError::UnknownOrder(_))) => {
+            return Err(super::owner::not_found(&state, &order_id).await)
+        }
+        other => other?,
+    };
+    if matches!(order.status, OrderStatus::Paid | OrderStatus::Refunded) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_held",
+            format!(
+                "order {order_id} is {}: it holds no stock to release (a paid order is refunded by POST /v1/orders/{order_id}/cancel)",
+                order.status.as_str()
+            ),
+        ));
+    }
+    tracing::info!(%order_id, changed, status = order.status.as_str(), "admin: released a held order");
+    Ok(json_response(StatusCode::OK, order_body(&order)))
+}
+
+/// The journal's and the relay's counters, as `/metrics` shows them.
+struct JournalMetrics(Shared);
+
+impl std::fmt::Debug for JournalMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JournalMetrics")
+    }
+}
+
+impl prometheus_client::collector::Collector for JournalMetrics {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        self.0.journal.encode_metrics(&mut encoder)?;
+        if let Some(relay) = &self.0.relay {
+            relay.encode_metrics(&mut encoder)?;
+        }
+        Ok(())
+    }
+}
+
+/// `GET /v1/admin/journal`.
+pub(super) async fn journal(
+    State(state): State<Shared>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authorise(&state, &headers)?;
+    let checks: serde_json::Map<String, serde_json::Value> = state
+        .journal
+        .checks()
+        .await
+        .into_iter()
+        .map(|(name, check)| {
+            let value = check.map_or_else(|reason| reason, |()| "ok".to_owned());
+            (name.to_owned(), serde_json::Value::String(value))
+        })
+        .collect();
+    // Every sample of the journal's and the relay's counters, by its name as /metrics writes it
+    // (labels included): one source for both views.
+    let text = crate::metrics::render(JournalMetrics(std::sync::Arc::clone(&state)));
+    let counters: serde_json::Map<String, serde_json::Value> = text
+        .lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .filter_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            Some((name.to_owned(), serde_json::json!(value)))
+        })
+        .filter(|(name, _)| !name.contains("_bucket{"))
+        .collect();
+    let amqp = state.relay.as_ref().map(|relay| {
+        serde_json::json!({
+            "lag_events": relay.lag_events(),
+            "lag_seconds": relay.lag_seconds(),
+            "confirmed_seq": relay.confirmed(),
+            "oldest_unconfirmed_seq": (relay.lag_events() > 0).then(|| relay.confirmed() + 1),
+        })
+    });
+    Ok(json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "last_event_seq": state.journal.last_event_seq(),
+            "checks": checks,
+            "amqp": amqp,
+            "counters": counters,
+        }),
     ))
 }

@@ -46,6 +46,9 @@ pub const ROUTES: &[&str] = &[
     "/readyz",
     "/metrics",
     "/v1/admin/payments",
+    "/v1/admin/holds",
+    "/v1/admin/orders/{order_id}/release",
+    "/v1/admin/journal",
     "/v1/cluster",
 ];
 
@@ -69,6 +72,9 @@ pub fn router(state: Shared) -> Router {
         .route("/metrics", get(ops::metrics))
         .route("/v1/cluster", get(ops::cluster))
         .route("/v1/admin/payments", get(admin::payments))
+        .route("/v1/admin/holds", get(admin::holds))
+        .route("/v1/admin/orders/{order_id}/release", post(admin::release))
+        .route("/v1/admin/journal", get(admin::journal))
         .route_layer(middleware::from_fn_with_state(
             Arc::clone(&state),
             record_metrics,

@@ -209,6 +209,35 @@ impl<F: FnOnce(&Shared, &Settlement) + Send + 'static> Drop for Settle<F> {
 
 /// Applies or aborts a change by its commit's outcome, wakes requests waiting for it, and runs
 /// what follows.
+/// The order moves the log shows at `info` (API.md, Operations desk): an order not paid at once
+/// (`payment_pending`, and `released` when declined or timed out at the gateway), released or
+/// refunded; with the idempotency key when the record carries it. Paid orders are not logged one
+/// by one (a sale's thousands a second).
+fn logged_move(change: &Change) -> Option<(String, &'static str, Option<String>)> {
+    let crate::engine::records::Record::Order {
+        order,
+        previous,
+        answer,
+        ..
+    } = change.record()
+    else {
+        return None;
+    };
+    let logged = matches!(
+        order.status,
+        crate::engine::order::OrderStatus::PaymentPending
+            | crate::engine::order::OrderStatus::Released
+            | crate::engine::order::OrderStatus::Refunded
+    );
+    (logged && *previous != Some(order.status)).then(|| {
+        (
+            order.order_id.to_string(),
+            order.status.as_str(),
+            answer.as_ref().map(|(key, _)| key.as_str().to_owned()),
+        )
+    })
+}
+
 fn settle<F: FnOnce(&Shared, &Settlement)>(
     app: &Shared,
     change: Change,
@@ -217,7 +246,11 @@ fn settle<F: FnOnce(&Shared, &Settlement)>(
 ) -> Settlement {
     let outcome = match committed {
         Ok(_) => {
+            let logged = logged_move(&change);
             let applied = app.engine.apply(change);
+            if let Some((order_id, status, key)) = logged {
+                tracing::info!(%order_id, status, idempotency_key = key.as_deref().unwrap_or(""), "order {status}");
+            }
             // Money follows the durable order: whatever it now owes the gateway is called for.
             match &applied {
                 Applied::Order { order, .. } if order.payment_due.is_some() => {

@@ -60,17 +60,40 @@ pub async fn find(app: &Shared, order_id: &OrderId) -> Result<Option<Order>, Jou
 /// (`false`: nothing changed). A cancelled order owes a void or a refund, which the settler makes
 /// after the commit.
 pub async fn cancel(app: &Shared, order_id: &OrderId) -> Result<(Order, bool), AppError> {
-    let change =
-        match prepare_when_free(app, || app.engine.prepare_cancel(order_id, now_ms())).await? {
-            Prepared::Unchanged(order) => return Ok((order, false)),
-            Prepared::Change(change) => change,
-        };
+    move_order(app, "a cancel", || {
+        app.engine.prepare_cancel(order_id, now_ms())
+    })
+    .await
+}
+
+/// Decides an order's move with `prepare` (waiting while another change of it is in flight) and
+/// commits it; an order `prepare` leaves as it is is answered as it is (`false`).
+async fn move_order(
+    app: &Shared,
+    what: &str,
+    prepare: impl FnMut() -> Result<Prepared, EngineError>,
+) -> Result<(Order, bool), AppError> {
+    let change = match prepare_when_free(app, prepare).await? {
+        Prepared::Unchanged(order) => return Ok((order, false)),
+        Prepared::Change(change) => change,
+    };
     match commit(app, change, |_, _| {}).await? {
         Applied::Order { order, .. } => Ok((order, true)),
         Applied::Product(..) | Applied::Payments(_) => Err(AppError::Engine(
-            EngineError::Inconsistent("a cancel applied another change".into()),
+            EngineError::Inconsistent(format!("{what} applied another change")),
         )),
     }
+}
+
+/// Releases a held order through the engine (stock back; its authorisation voided by the settler
+/// after the commit): the operations desk's way to clear a stuck hold. An order that is not held
+/// is answered as it is (`false`: nothing changed); the caller tells a paid one from a released
+/// one.
+pub async fn release_held(app: &Shared, order_id: &OrderId) -> Result<(Order, bool), AppError> {
+    move_order(app, "a release", || {
+        app.engine.prepare_release(order_id, now_ms())
+    })
+    .await
 }
 
 /// Creates a product or changes its name, price or stock (never below what is reserved or sold).

@@ -541,7 +541,11 @@ pub async fn adopt(cluster: &Cluster, app: &crate::app::AppState) -> Result<(), 
             }
             let count = orders.len();
             cluster.adopted.fetch_add(count as u64, Ordering::Relaxed);
+            let ids: Vec<String> = orders.iter().map(|o| o.order_id.to_string()).collect();
             take_in(cluster, app, &from, orders).await?;
+            for order_id in ids {
+                tracing::info!(from = %from, %order_id, "adopted an order of a node that is gone");
+            }
             tracing::info!(from = %from, count, "adopted open orders of a node that is gone");
             app.settled.notify_waiters();
         }

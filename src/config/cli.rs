@@ -69,6 +69,71 @@ message_id) are dropped, so with --out FILE every paid order has exactly one lin
 and restarts. A message that cannot be turned into a line goes to the dead-letter queue
 <exchange>.dead after --max-attempts deliveries. Stops on SIGTERM or Ctrl-C.")]
     Notify(NotifyArgs),
+    /// The operations desk of a running server: stuck holds and their release, payments owed, the journal's state
+    #[command(long_about = "\
+The operations desk of a running server, over its HTTP API (/v1/admin/..., which exists only with
+the server's --admin-token; the same token goes here).
+
+  holds [--older-than D]   orders still holding stock (reserved or payment pending): the stuck
+                           inventory locks, oldest first
+  release ORDER_ID         release a held order through the engine: its stock back, its
+                           authorisation voided, journaled like any change (a paid order is
+                           refused: refund it with POST /v1/orders/{id}/cancel)
+  payments                 captures, voids and refunds the node still owes the gateway, with their
+                           last error, and checkouts waiting on the gateway
+  journal                  the journal's state: its checks, lags behind MySQL and RabbitMQ, counters
+
+Prints a table; --json prints the server's answer as it is. Exit 0 on success, 1 when the server
+cannot be reached or refuses (its error printed), 2 for bad usage.")]
+    Admin(AdminArgs),
+}
+
+/// `admin`'s options.
+#[derive(Debug, Clone, Args)]
+pub struct AdminArgs {
+    #[command(subcommand)]
+    pub action: AdminAction,
+    /// The server's base URL
+    #[arg(
+        long,
+        env = "TURNSTILE_ADMIN_URL",
+        default_value = "http://127.0.0.1:8080",
+        value_name = "URL",
+        global = true
+    )]
+    pub url: String,
+    /// The server's --admin-token
+    #[arg(
+        long,
+        env = "TURNSTILE_ADMIN_TOKEN",
+        value_name = "T",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
+    /// Print the server's JSON answer instead of a table
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// What `admin` does.
+#[derive(Debug, Clone, Subcommand)]
+pub enum AdminAction {
+    /// Orders still holding stock (the stuck inventory locks), oldest first
+    Holds {
+        /// Only holds at least this old (500ms, 90s, 15m...)
+        #[arg(long, value_name = "DURATION", value_parser = duration)]
+        older_than: Option<Duration>,
+    },
+    /// Release a held order through the engine (stock back, authorisation voided)
+    Release {
+        /// The order to release
+        order_id: String,
+    },
+    /// Payments owed to the gateway, and checkouts waiting on it
+    Payments,
+    /// The journal's state and lags
+    Journal,
 }
 
 /// `notify`'s options.
@@ -141,6 +206,15 @@ pub enum RuntimeKind {
     PerCore,
     /// One work-stealing runtime for every connection (tokio's multi-threaded scheduler).
     Shared,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per line (timestamp, level, target, message and fields).
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -333,6 +407,17 @@ pub struct ServeArgs {
     /// The reconciler finishes payments left pending, owed or orphaned for longer than this (must exceed --gateway-timeout plus --journal-timeout)
     #[arg(long, env = "TURNSTILE_RECONCILE_AFTER", default_value = "60s", value_name = "DURATION", value_parser = positive_duration)]
     pub reconcile_after: Duration,
+    /// Log lines as text, or one JSON object per line (filtered by RUST_LOG, default info)
+    #[arg(
+        long,
+        env = "TURNSTILE_LOG_FORMAT",
+        default_value = "text",
+        value_name = "FORMAT"
+    )]
+    pub log_format: LogFormat,
+    /// Append the log to this file instead of standard error
+    #[arg(long, env = "TURNSTILE_LOG_FILE", value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
     /// On SIGTERM/SIGINT, answer /readyz 503 at once and serve on for this long before stopping accepting, so load balancers that probe /readyz (or an ingress still routing here) take this node out first (a Kubernetes preStop sleep does the same before the signal); 0s stops accepting at once
     #[arg(long, env = "TURNSTILE_SHUTDOWN_DELAY", default_value = "0s", value_name = "DURATION", value_parser = duration)]
     pub shutdown_delay: Duration,

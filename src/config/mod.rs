@@ -56,6 +56,8 @@ pub enum Invocation {
     Cluster(ClusterCommand),
     /// Consume order.paid events.
     Notify(NotifyArgs),
+    /// The operations desk of a running server.
+    Admin(AdminArgs),
 }
 
 /// Why the command line could not be used.
@@ -79,6 +81,7 @@ pub fn parse(args: &[String]) -> Result<Invocation, CliError> {
         Some(Command::GatewaySim(args)) => return Ok(Invocation::GatewaySim(args)),
         Some(Command::MysqlApply(args)) => return Ok(Invocation::MysqlApply(args)),
         Some(Command::Cluster(command)) => return Ok(Invocation::Cluster(command)),
+        Some(Command::Admin(args)) => return Ok(Invocation::Admin(args)),
         Some(Command::Notify(args)) => {
             check_amqp_url(&args.amqp_url).map_err(CliError::Config)?;
             return Ok(Invocation::Notify(args));

@@ -56,6 +56,10 @@ pub struct ServeConfig {
     pub gateway_url: Option<String>,
     /// How long the reconciler leaves a payment pending, owed or orphaned before it acts.
     pub reconcile_after: Duration,
+    /// How log lines are written.
+    pub log_format: LogFormat,
+    /// Where the log goes (`None`: standard error).
+    pub log_file: Option<PathBuf>,
     /// After the stop signal: how long the node serves on, `/readyz` answering 503, before it
     /// stops accepting.
     pub shutdown_delay: Duration,
@@ -256,6 +260,8 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         gateway_url,
         reconcile_after: args.reconcile_after,
         shutdown_delay: args.shutdown_delay,
+        log_format: args.log_format,
+        log_file: args.log_file,
         mysql,
         mysql_write_behind: args.mysql_write_behind,
         amqp,

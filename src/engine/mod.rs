@@ -658,6 +658,18 @@ impl Engine {
         })
     }
 
+    /// Decides the release of a held order (the operations desk's release of a stuck hold): a
+    /// paid, refunded or released order stays as it is (`Unchanged`; the caller says which).
+    pub fn prepare_release(
+        &self,
+        order_id: &OrderId,
+        now_ms: i64,
+    ) -> Result<Prepared, EngineError> {
+        self.prepare_move(order_id, now_ms, |status| {
+            status.holds_stock().then_some(OrderStatus::Released)
+        })
+    }
+
     /// Decides, for many orders at once, that each owes `next` instead of `expected` (calls to
     /// the gateway done, in one record). Orders that no longer owe `expected`, are gone, or have a
     /// change in flight are left out (`None` if none is left); the caller finds them owing still.
@@ -708,13 +720,30 @@ impl Engine {
     /// Orders waiting for the gateway's word (`payment_pending`) created before `cutoff_ms`, at
     /// most `limit`.
     pub fn pending_orders_created_before(&self, cutoff_ms: i64, limit: usize) -> Vec<Order> {
+        self.held_orders(cutoff_ms, limit, |status| {
+            status == OrderStatus::PaymentPending
+        })
+    }
+
+    /// Orders holding stock (reserved or payment pending) created before `cutoff_ms`, at most
+    /// `limit`, soonest hold deadline first: the operations desk's stuck holds.
+    pub fn held_orders_created_before(&self, cutoff_ms: i64, limit: usize) -> Vec<Order> {
+        self.held_orders(cutoff_ms, limit, OrderStatus::holds_stock)
+    }
+
+    fn held_orders(
+        &self,
+        cutoff_ms: i64,
+        limit: usize,
+        wanted: impl Fn(OrderStatus) -> bool,
+    ) -> Vec<Order> {
         let ids: Vec<OrderId> = lock(&self.holds_by_deadline)
             .iter()
             .map(|(_, id)| id.clone())
             .collect();
         ids.iter()
             .filter_map(|id| self.order(id))
-            .filter(|o| o.status == OrderStatus::PaymentPending && o.created_at_ms < cutoff_ms)
+            .filter(|o| o.status.holds_stock() && wanted(o.status) && o.created_at_ms < cutoff_ms)
             .take(limit)
             .collect()
     }

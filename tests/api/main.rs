@@ -1,5 +1,6 @@
 //! HTTP tests: the real `turnstile` binary on a free port, driven over real HTTP.
 
+mod admin_desk;
 mod amqp;
 mod cluster;
 mod crash;

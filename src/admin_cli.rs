@@ -1,0 +1,259 @@
+//! `turnstile admin ...`: the operations desk of a running server, over its HTTP API
+//! (`/v1/admin/...`, API.md "Operations desk"), printed as tables for a person (or, with
+//! `--json`, the server's answer as it is).
+
+use crate::config::{AdminAction, AdminArgs};
+use crate::http_client::{ClientOptions, HttpClient, Trust};
+use serde_json::Value;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+/// Why the desk could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Bad usage (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The server could not be reached, or refused (exit 1).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Runs one desk command; what to print.
+pub fn run(args: AdminArgs) -> Result<String, AdminError> {
+    let token = args.token.clone().ok_or_else(|| {
+        AdminError::Usage(
+            "needs --token (or TURNSTILE_ADMIN_TOKEN): the server's --admin-token".into(),
+        )
+    })?;
+    let base = args.url.trim_end_matches('/').to_owned();
+    if !(base.starts_with("http://") || base.starts_with("https://")) {
+        return Err(AdminError::Usage(format!(
+            "--url {base:?} must start with http:// or https://"
+        )));
+    }
+    let (method, path) = match &args.action {
+        AdminAction::Holds { older_than } => (
+            "GET",
+            match older_than {
+                Some(age) => format!("/v1/admin/holds?older_than={}ms", age.as_millis()),
+                None => "/v1/admin/holds".to_owned(),
+            },
+        ),
+        AdminAction::Release { order_id } => {
+            if order_id.is_empty()
+                || !order_id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return Err(AdminError::Usage(format!(
+                    "{order_id:?} is not an order id"
+                )));
+            }
+            ("POST", format!("/v1/admin/orders/{order_id}/release"))
+        }
+        AdminAction::Payments => ("GET", "/v1/admin/payments".to_owned()),
+        AdminAction::Journal => ("GET", "/v1/admin/journal".to_owned()),
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AdminError::Failed(format!("cannot start the runtime: {e}")))?;
+    let client = HttpClient::new(ClientOptions {
+        timeout: Duration::from_secs(30),
+        connect_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(1),
+        idle_per_host: 1,
+        trust: Trust::Roots(std::sync::Arc::new(crate::server::platform_roots())),
+    })
+    .map_err(|e| AdminError::Failed(e.to_string()))?;
+    let bearer = format!("Bearer {token}");
+    let url = format!("{base}{path}");
+    let answer = runtime
+        .block_on(client.send(method, &url, &[("authorization", &bearer)], Vec::new()))
+        .map_err(|e| AdminError::Failed(format!("{method} {base}{path}: {e}")))?;
+    let body: Value = serde_json::from_slice(&answer.body).map_err(|e| {
+        AdminError::Failed(format!(
+            "{method} {path}: {} with a body that is not JSON ({e})",
+            answer.status
+        ))
+    })?;
+    if !(200..300).contains(&answer.status) {
+        return Err(AdminError::Failed(format!(
+            "{method} {path}: {} {}: {}",
+            answer.status,
+            body["error"].as_str().unwrap_or("?"),
+            body["message"].as_str().unwrap_or("")
+        )));
+    }
+    if args.json {
+        return Ok(format!("{body}\n"));
+    }
+    Ok(match args.action {
+        AdminAction::Holds { .. } => holds(&body),
+        AdminAction::Release { .. } => format!(
+            "{} {} ({} {})\n",
+            body["order_id"].as_str().unwrap_or("?"),
+            body["status"].as_str().unwrap_or("?"),
+            body["customer_id"].as_str().unwrap_or("?"),
+            items(&body["items"])
+        ),
+        AdminAction::Payments => payments(&body),
+        AdminAction::Journal => journal(&body),
+    })
+}
+
+/// `sku×quantity, ...`.
+fn items(items: &Value) -> String {
+    items
+        .as_array()
+        .map(|lines| {
+            lines
+                .iter()
+                .map(|line| {
+                    format!(
+                        "{}×{}",
+                        line["sku"].as_str().unwrap_or("?"),
+                        line["quantity"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        })
+        .unwrap_or_default()
+}
+
+/// Rows under a header, each column as wide as its widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: Vec<&str>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        let _ = writeln!(out, "{}", padded.join("  ").trim_end());
+    };
+    line(&mut out, header.to_vec());
+    for row in rows {
+        line(&mut out, row.iter().map(String::as_str).collect());
+    }
+    out
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".to_owned(),
+        other => other.to_string(),
+    }
+}
+
+fn holds(body: &Value) -> String {
+    let rows: Vec<Vec<String>> = body["holds"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|hold| {
+            vec![
+                text(&hold["order_id"]),
+                text(&hold["status"]),
+                text(&hold["customer_id"]),
+                format!("{}s", hold["age_s"]),
+                text(&hold["created_at"]),
+                items(&hold["items"]),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return "no order holds stock\n".to_owned();
+    }
+    table(
+        &["ORDER", "STATUS", "CUSTOMER", "AGE", "CREATED", "ITEMS"],
+        &rows,
+    )
+}
+
+fn payments(body: &Value) -> String {
+    let owed: Vec<Vec<String>> = body["owed"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                text(&p["order_id"]),
+                text(&p["action"]),
+                text(&p["status"]),
+                text(&p["attempts"]),
+                text(&p["since"]),
+                if p["refused"] == true {
+                    "refused for good".to_owned()
+                } else {
+                    String::new()
+                },
+                text(&p["last_error"]),
+            ]
+        })
+        .collect();
+    let pending: Vec<Vec<String>> = body["pending"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| vec![text(&p["order_id"]), format!("{}s", p["age_s"])])
+        .collect();
+    let mut out = String::new();
+    if owed.is_empty() {
+        out.push_str("nothing owed to the gateway\n");
+    } else {
+        out.push_str(&table(
+            &[
+                "ORDER",
+                "OWES",
+                "STATUS",
+                "FAILED",
+                "SINCE",
+                "",
+                "LAST ERROR",
+            ],
+            &owed,
+        ));
+    }
+    out.push('\n');
+    if pending.is_empty() {
+        out.push_str("no checkout waiting on the gateway\n");
+    } else {
+        out.push_str(&table(&["WAITING ON THE GATEWAY", "AGE"], &pending));
+    }
+    out
+}
+
+fn journal(body: &Value) -> String {
+    let mut out = format!("last event seq  {}\n", body["last_event_seq"]);
+    for (name, check) in body["checks"].as_object().into_iter().flatten() {
+        let _ = writeln!(out, "check {name:<10} {}", text(check));
+    }
+    if let Some(amqp) = body["amqp"].as_object() {
+        let _ = writeln!(
+            out,
+            "RabbitMQ        {} events not confirmed ({}s), confirmed through {}",
+            text(&amqp["lag_events"]),
+            text(&amqp["lag_seconds"]),
+            text(&amqp["confirmed_seq"])
+        );
+    }
+    let rows: Vec<Vec<String>> = body["counters"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .map(|(name, value)| vec![name.clone(), text(value)])
+        .collect();
+    out.push('\n');
+    out.push_str(&table(&["COUNTER", "VALUE"], &rows));
+    out
+}

@@ -1,0 +1,285 @@
+//! The operations desk (`--admin-token`, `/v1/admin/...`, `turnstile admin ...`) and the log an
+//! operator reads (`--log-format json`, `--log-file`): a stuck hold listed and released through
+//! the engine, a paid order refused, the desk absent without a token and closed to a wrong one,
+//! and no secret in any log line.
+
+use crate::helpers::{spawn_app, start_with_env, Client, JsonBody, TestApp, TestDatabase};
+use serde_json::Value;
+use std::process::Command;
+
+const TOKEN: &str = "desk-test-admin-token";
+
+/// `turnstile admin <args>` against `app`: exit code, standard output, standard error.
+fn desk(app: &TestApp, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .arg("admin")
+        .args(args)
+        .args(["--url", &format!("http://{}", app.addr), "--token", TOKEN])
+        .output()
+        .expect("run turnstile admin");
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+async fn admin(client: &mut Client, method: &str, path: &str, token: Option<&str>) -> u16 {
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    client.send(method, path, &headers, "").await.status
+}
+
+async fn checkout(client: &mut Client, key: &str, token: &str) -> Value {
+    let body = serde_json::json!({
+        "items": [{"sku": "A", "quantity": 2}],
+        "customer_id": "desk",
+        "payment_token": token,
+    })
+    .to_string();
+    client
+        .send("POST", "/v1/checkout", &[("idempotency-key", key)], &body)
+        .await
+        .json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_an_admin_token_the_desk_does_not_exist_and_a_wrong_token_is_401() {
+    const PATHS: [(&str, &str); 4] = [
+        ("GET", "/v1/admin/holds"),
+        ("GET", "/v1/admin/payments"),
+        ("GET", "/v1/admin/journal"),
+        ("POST", "/v1/admin/orders/ord_x/release"),
+    ];
+    let closed = spawn_app(&[]);
+    let mut client = closed.client();
+    for (method, path) in PATHS {
+        assert_eq!(
+            admin(&mut client, method, path, Some(TOKEN)).await,
+            404,
+            "{path}"
+        );
+    }
+    let open = spawn_app(&["--admin-token", TOKEN]);
+    let mut client = open.client();
+    for (method, path) in PATHS {
+        assert_eq!(admin(&mut client, method, path, None).await, 401, "{path}");
+        assert_eq!(
+            admin(&mut client, method, path, Some("not-the-admin-token")).await,
+            401,
+            "{path}"
+        );
+    }
+    let (code, _, said) = desk(&closed, &["holds"]);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("404"), "{said}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_hold_is_listed_and_released_through_the_engine_and_a_paid_order_is_not_held() {
+    let app = spawn_app(&["--admin-token", TOKEN, "--sim-pending-delay", "1h"]);
+    let mut client = app.client();
+    assert_eq!(client.put_product("A", 300, 10).await.status, 200);
+    let pending = checkout(&mut client, "desk-pending", "tok_pending").await;
+    let pending_id = pending["order_id"].as_str().expect("order_id").to_owned();
+    assert_eq!(pending["status"], "payment_pending");
+    let paid = checkout(&mut client, "desk-paid", "tok_ok").await;
+    let paid_id = paid["order_id"].as_str().expect("order_id").to_owned();
+
+    // Listed: through the API, and as a table and as JSON by the desk command.
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    let holds = client
+        .send("GET", "/v1/admin/holds", &auth, "")
+        .await
+        .json();
+    let listed: Vec<&str> = holds["holds"]
+        .as_array()
+        .expect("holds")
+        .iter()
+        .filter_map(|h| h["order_id"].as_str())
+        .collect();
+    assert_eq!(listed, [pending_id.as_str()], "{holds}");
+    assert_eq!(holds["holds"][0]["items"][0]["quantity"], 2, "{holds}");
+    let older = client
+        .send("GET", "/v1/admin/holds?older_than=1h", &auth, "")
+        .await
+        .json();
+    assert_eq!(older["holds"].as_array().map(Vec::len), Some(0), "{older}");
+    assert_eq!(
+        client
+            .send("GET", "/v1/admin/holds?older_than=soon", &auth, "")
+            .await
+            .status,
+        400
+    );
+    let (code, table, said) = desk(&app, &["holds"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        table.contains(&pending_id) && table.contains("payment_pending"),
+        "{table}"
+    );
+    let (code, json, said) = desk(&app, &["payments", "--json"]);
+    assert_eq!(code, Some(0), "{said}");
+    let payments: Value = serde_json::from_str(&json).expect("--json prints JSON");
+    assert_eq!(
+        payments["pending"][0]["order_id"],
+        pending_id.as_str(),
+        "{payments}"
+    );
+
+    // Released through the engine: the stock back, journaled (an event), twice harmless.
+    let (code, said, err) = desk(&app, &["release", &pending_id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(said.contains("released"), "{said}");
+    let (_, available, reserved, sold) = client.stock("A").await;
+    assert_eq!((available, reserved, sold), (8, 0, 2));
+    let events = client.all_events().await;
+    assert!(
+        events
+            .iter()
+            .any(|e| e["order_id"] == pending_id.as_str() && e["type"] == "order.released"),
+        "no order.released event"
+    );
+    let again = client
+        .send(
+            "POST",
+            &format!("/v1/admin/orders/{pending_id}/release"),
+            &auth,
+            "",
+        )
+        .await;
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["status"], "released");
+    // A paid order holds nothing: refused (a refund is a cancel); an unknown one is 404.
+    let refused = client
+        .send(
+            "POST",
+            &format!("/v1/admin/orders/{paid_id}/release"),
+            &auth,
+            "",
+        )
+        .await;
+    assert_eq!(refused.status, 409);
+    assert_eq!(refused.json()["error"], "not_held");
+    let (code, _, said) = desk(&app, &["release", "ord_unknown"]);
+    assert_eq!(code, Some(1));
+    assert!(said.contains("404"), "{said}");
+    // The journal's state.
+    let journal = client
+        .send("GET", "/v1/admin/journal", &auth, "")
+        .await
+        .json();
+    assert!(journal["last_event_seq"].as_u64() >= Some(4), "{journal}");
+    assert_eq!(journal["checks"]["journal"], "ok", "{journal}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_json_log_names_each_order_not_paid_at_once_and_holds_no_secret() {
+    // A MySQL user with a password of its own, so the password could show if it ever leaked.
+    let database = TestDatabase::create().await;
+    let password = "desk-mysql-password-9f3e";
+    let user = format!("u{}", &database.name[database.name.len() - 10..]);
+    let pool = database.pool().await;
+    for statement in [
+        format!("CREATE USER '{user}'@'%' IDENTIFIED BY '{password}'"),
+        format!("GRANT ALL ON {}.* TO '{user}'@'%'", database.name),
+    ] {
+        sqlx::query(&statement)
+            .execute(&pool)
+            .await
+            .expect("a user of the test's own");
+    }
+    pool.close().await;
+    let url = format!(
+        "mysql://{user}:{password}@{}/{}",
+        database.addr, database.name
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("turnstile.json");
+    let log_arg = log.display().to_string();
+    let app = start_with_env(
+        &dir.path().join("data"),
+        &[
+            "--admin-token",
+            TOKEN,
+            "--mysql-url",
+            &url,
+            "--sim-pending-delay",
+            "1h",
+            "--log-format",
+            "json",
+            "--log-file",
+            &log_arg,
+        ],
+        &[("RUST_LOG", "info")],
+    );
+    let mut client = app.client();
+    assert_eq!(client.put_product("A", 300, 10).await.status, 200);
+    let pending = checkout(&mut client, "log-pending", "tok_pending").await;
+    let pending_id = pending["order_id"].as_str().expect("order_id").to_owned();
+    let declined = checkout(&mut client, "log-declined", "tok_decline").await;
+    let declined_id = declined["order_id"].as_str().expect("order_id").to_owned();
+    assert_eq!(
+        client
+            .send(
+                "POST",
+                &format!("/v1/admin/orders/{pending_id}/release"),
+                &[("authorization", &format!("Bearer {TOKEN}"))],
+                "",
+            )
+            .await
+            .status,
+        200
+    );
+    // A wrong token and a bad URL say so without the secrets either.
+    let _ = client
+        .send(
+            "GET",
+            "/v1/admin/holds",
+            &[("authorization", "Bearer nope")],
+            "",
+        )
+        .await;
+    let mut app = app;
+    assert!(app.terminate().success());
+    let text = std::fs::read_to_string(&log).expect("the log file");
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")))
+        .collect();
+    let says = |order: &str, key: &str, status: &str| {
+        lines.iter().any(|l| {
+            l["fields"]["order_id"] == order
+                && l["fields"]["idempotency_key"] == key
+                && l["fields"]["status"] == status
+        })
+    };
+    assert!(
+        says(&pending_id, "log-pending", "payment_pending"),
+        "{text}"
+    );
+    assert!(says(&declined_id, "log-declined", "released"), "{text}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["fields"]["order_id"] == pending_id.as_str()
+                && l["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("admin:"))),
+        "no line for the admin's release: {text}"
+    );
+    for secret in [password, TOKEN, crate::helpers::WEBHOOK_SECRET] {
+        assert!(!text.contains(secret), "the log holds a secret: {text}");
+        assert!(!app.log().contains(secret));
+    }
+    let pool = database.pool().await;
+    sqlx::query(&format!("DROP USER '{user}'@'%'"))
+        .execute(&pool)
+        .await
+        .expect("drop the test's user");
+    pool.close().await;
+}
