@@ -22,25 +22,9 @@ mkdir -p "$out"
 exec 9>"$out/check.lock"
 flock 9
 
-# The validators, once.
+# The validators, once (tests/tools/venv.sh: made on first use, again when the list changed).
 ensure_tools() {
-  # (Scripts are run through the venv's python: their #! lines name the directory the venv was
-  # made in, and target/ may have moved since.)
-  if ! cmp -s deploy/requirements.txt "$tools/requirements.txt" 2>/dev/null \
-    || ! "$tools/bin/python" -c "import checkov, kubernetes_validate" 2>/dev/null; then
-    echo "deploy/check.sh: installing the validators (deploy/requirements.txt) into $tools" >&2
-    rm -rf "$tools"
-    python3 -m venv "$tools" || {
-      echo "deploy/check.sh: python3 -m venv failed: install Python 3 with venv (Debian: python3-venv)" >&2
-      exit 1
-    }
-    "$tools/bin/pip" install --quiet --disable-pip-version-check -r deploy/requirements.txt || {
-      echo "deploy/check.sh: pip could not install deploy/requirements.txt (is PyPI reachable?)" >&2
-      rm -rf "$tools"
-      exit 1
-    }
-    cp deploy/requirements.txt "$tools/requirements.txt"
-  fi
+  bash tests/tools/venv.sh deploy/requirements.txt "$tools"
 }
 
 # One kustomization, rendered.

@@ -45,6 +45,7 @@ pub const ROUTES: &[&str] = &[
     "/healthz",
     "/readyz",
     "/metrics",
+    "/openapi.json",
     "/v1/admin/payments",
     "/v1/admin/holds",
     "/v1/admin/orders/{order_id}/release",
@@ -70,6 +71,7 @@ pub fn router(state: Shared) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
         .route("/v1/cluster", get(ops::cluster))
         .route("/v1/admin/payments", get(admin::payments))
         .route("/v1/admin/holds", get(admin::holds))

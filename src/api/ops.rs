@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz`, `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics`, `/openapi.json`.
 
 use super::{json, Shared};
 use crate::metrics::{encode_gauge, render, CONTENT_TYPE};
@@ -7,6 +7,20 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::DescriptorEncoder;
+
+/// The contract as an OpenAPI 3.1 document (`docs/openapi.json`, built into the binary;
+/// `tests/contract.rs` validates it and runs schemathesis against a server that serves it).
+const OPENAPI: &str = include_str!("../../docs/openapi.json");
+
+/// `GET /openapi.json`.
+pub(super) async fn openapi() -> Response {
+    let mut response = (StatusCode::OK, OPENAPI).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
 
 pub(super) async fn healthz() -> Response {
     json(StatusCode::OK, &serde_json::json!({ "status": "ok" }))
