@@ -80,6 +80,8 @@ pub mod domain;
 pub mod engine;
 pub mod events;
 pub mod fault;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http_client;
 pub mod journal;
 pub mod metrics;

@@ -9,7 +9,7 @@ mod ops;
 mod orders;
 mod owner;
 mod products;
-mod webhooks;
+pub(crate) mod webhooks;
 
 use crate::app::orders::AppError;
 use crate::app::CommitError;

@@ -27,6 +27,11 @@ struct WebhookBody {
     status: Decision,
 }
 
+/// Parses a webhook body as the handler does (for the fuzz targets, [`crate::fuzzing`]).
+pub(crate) fn parse_body(bytes: &[u8]) -> bool {
+    parse_json::<WebhookBody>(bytes).is_ok()
+}
+
 pub(super) async fn payment_webhook(
     State(state): State<Shared>,
     headers: HeaderMap,

@@ -413,3 +413,13 @@ fn is_connection_error(error: &std::io::Error) -> bool {
         ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
     )
 }
+
+/// Runs the request-head scanner over `bytes` read in pieces of `piece` bytes, as a connection
+/// would (for the fuzz targets, [`crate::fuzzing`]).
+#[doc(hidden)]
+pub fn scan_request_heads_in_pieces(bytes: &mut [u8], piece: usize) {
+    let mut heads = request_heads::RequestHeads::new();
+    for chunk in bytes.chunks_mut(piece.max(1)) {
+        heads.scan(chunk);
+    }
+}
