@@ -86,6 +86,20 @@ pub fn run(args: AdminArgs) -> Result<String, AdminError> {
             body["message"].as_str().unwrap_or("")
         )));
     }
+    // An answer of another shape is not the desk's (a --url that is not the server, a proxy's
+    // page): saying "nothing is stuck" from it would mislead.
+    let expected: &[&str] = match args.action {
+        AdminAction::Holds { .. } => &["holds"],
+        AdminAction::Release { .. } => &["order_id", "status"],
+        AdminAction::Payments => &["owed", "pending"],
+        AdminAction::Journal => &["last_event_seq", "checks"],
+    };
+    if let Some(missing) = expected.iter().find(|field| body.get(**field).is_none()) {
+        return Err(AdminError::Failed(format!(
+            "{method} {path}: {} without \"{missing}\": not an answer of the operations desk (is --url the server?)",
+            answer.status
+        )));
+    }
     if args.json {
         return Ok(format!("{body}\n"));
     }
@@ -93,9 +107,9 @@ pub fn run(args: AdminArgs) -> Result<String, AdminError> {
         AdminAction::Holds { .. } => holds(&body),
         AdminAction::Release { .. } => format!(
             "{} {} ({} {})\n",
-            body["order_id"].as_str().unwrap_or("?"),
-            body["status"].as_str().unwrap_or("?"),
-            body["customer_id"].as_str().unwrap_or("?"),
+            text(&body["order_id"]),
+            text(&body["status"]),
+            text(&body["customer_id"]),
             items(&body["items"])
         ),
         AdminAction::Payments => payments(&body),
@@ -110,13 +124,7 @@ fn items(items: &Value) -> String {
         .map(|lines| {
             lines
                 .iter()
-                .map(|line| {
-                    format!(
-                        "{}×{}",
-                        line["sku"].as_str().unwrap_or("?"),
-                        line["quantity"]
-                    )
-                })
+                .map(|line| format!("{}×{}", text(&line["sku"]), text(&line["quantity"])))
                 .collect::<Vec<_>>()
                 .join(", ")
         })
@@ -147,12 +155,26 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A cell: the value as text, control characters (escape sequences, line breaks) shown as `?`,
+/// so what a server sends cannot move the terminal's cursor or forge a row.
 fn text(value: &Value) -> String {
-    match value {
+    let raw = match value {
         Value::String(s) => s.clone(),
         Value::Null => "-".to_owned(),
         other => other.to_string(),
-    }
+    };
+    raw.chars()
+        .map(|c| {
+            if c.is_control()
+                || ('\u{202a}'..='\u{202e}').contains(&c)
+                || ('\u{2066}'..='\u{2069}').contains(&c)
+            {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 fn holds(body: &Value) -> String {
@@ -238,7 +260,8 @@ fn journal(body: &Value) -> String {
     for (name, check) in body["checks"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "check {name:<10} {}", text(check));
     }
-    if let Some(amqp) = body["amqp"].as_object() {
+    let amqp = &body["amqp"];
+    if amqp.is_object() {
         let _ = writeln!(
             out,
             "RabbitMQ        {} events not confirmed ({}s), confirmed through {}",

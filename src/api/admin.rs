@@ -35,7 +35,7 @@ use axum::response::Response;
 const LISTED_MAX: usize = 10_000;
 
 /// Checks the bearer token: `404` without `--admin-token`, `401` for a wrong or missing one.
-fn authorise(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(super) fn authorise(state: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = state.admin_token.as_deref() else {
         return Err(ApiError::not_found("no such endpoint"));
     };
@@ -171,6 +171,7 @@ pub(super) async fn release(
         other => other?,
     };
     if matches!(order.status, OrderStatus::Paid | OrderStatus::Refunded) {
+        tracing::info!(%order_id, status = order.status.as_str(), "admin: release refused, the order holds no stock");
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "not_held",

@@ -83,7 +83,24 @@ pub fn router(state: Shared) -> Router {
         ))
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(unknown_route)
+        .layer(middleware::from_fn_with_state(
+            Arc::clone(&state),
+            admin_gate,
+        ))
         .with_state(state)
+}
+
+/// `/v1/admin` and everything under it, whatever the method: without `--admin-token` nothing
+/// there exists (`404`); with it, a call without the token is `401` before routing answers (a
+/// wrong method's `405` or an unknown path's `404` would tell an outsider what exists).
+async fn admin_gate(State(state): State<Shared>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if path == "/v1/admin" || path.starts_with("/v1/admin/") {
+        if let Err(refused) = admin::authorise(&state, request.headers()) {
+            return refused.into_response();
+        }
+    }
+    next.run(request).await
 }
 
 async fn record_metrics(State(state): State<Shared>, request: Request, next: Next) -> Response {

@@ -53,9 +53,15 @@ pub(super) fn read_config_file(
             serde_json::Value::Number(n) => n.to_string(),
             serde_json::Value::Bool(b) => b.to_string(),
             other => {
+                // The value is not shown: it may be a secret (a URL with a password, a token).
+                let kind = match other {
+                    serde_json::Value::Null => "null",
+                    serde_json::Value::Array(_) => "an array",
+                    _ => "an object",
+                };
                 return Err(ConfigError(format!(
-                "config file {shown}: {key} must be a string, a number or a boolean, not {other}"
-            )))
+                    "config file {shown}: {key} must be a string, a number or a boolean, not {kind} (the value given is not shown)"
+                )));
             }
         };
         if values.insert(id, text).is_some() {

@@ -726,7 +726,7 @@ impl Engine {
     }
 
     /// Orders holding stock (reserved or payment pending) created before `cutoff_ms`, at most
-    /// `limit`, soonest hold deadline first: the operations desk's stuck holds.
+    /// `limit`, oldest first: the operations desk's stuck holds.
     pub fn held_orders_created_before(&self, cutoff_ms: i64, limit: usize) -> Vec<Order> {
         self.held_orders(cutoff_ms, limit, OrderStatus::holds_stock)
     }
@@ -741,11 +741,16 @@ impl Engine {
             .iter()
             .map(|(_, id)| id.clone())
             .collect();
-        ids.iter()
+        let mut held: Vec<Order> = ids
+            .iter()
             .filter_map(|id| self.order(id))
             .filter(|o| o.status.holds_stock() && wanted(o.status) && o.created_at_ms < cutoff_ms)
-            .take(limit)
-            .collect()
+            .collect();
+        // Oldest first, before the limit: hold deadlines follow --hold-ttl, which may have
+        // changed between runs.
+        held.sort_by_key(|o| o.created_at_ms);
+        held.truncate(limit);
+        held
     }
 
     /// How many orders owe the gateway a call.

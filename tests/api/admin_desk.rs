@@ -54,25 +54,49 @@ async fn without_an_admin_token_the_desk_does_not_exist_and_a_wrong_token_is_401
         ("GET", "/v1/admin/journal"),
         ("POST", "/v1/admin/orders/ord_x/release"),
     ];
+    // Odd methods and paths too: a 405 or a 404 of the router would say what exists.
+    const ODD: [(&str, &str); 6] = [
+        ("DELETE", "/v1/admin/holds"),
+        ("POST", "/v1/admin/journal"),
+        ("GET", "/v1/admin/orders/ord_x/release"),
+        ("GET", "/v1/admin/holds/"),
+        ("GET", "/v1/admin"),
+        ("GET", "/v1/admin/nonexistent"),
+    ];
     let closed = spawn_app(&[]);
     let mut client = closed.client();
-    for (method, path) in PATHS {
+    for (method, path) in PATHS.iter().chain(&ODD) {
         assert_eq!(
             admin(&mut client, method, path, Some(TOKEN)).await,
             404,
-            "{path}"
+            "{method} {path}"
         );
     }
     let open = spawn_app(&["--admin-token", TOKEN]);
     let mut client = open.client();
-    for (method, path) in PATHS {
-        assert_eq!(admin(&mut client, method, path, None).await, 401, "{path}");
+    for (method, path) in PATHS.iter().chain(&ODD) {
+        assert_eq!(
+            admin(&mut client, method, path, None).await,
+            401,
+            "{method} {path}"
+        );
         assert_eq!(
             admin(&mut client, method, path, Some("not-the-admin-token")).await,
             401,
-            "{path}"
+            "{method} {path}"
         );
     }
+    // The desk command refuses an answer that is not the desk's (here the server's /healthz,
+    // the admin path cut off as a fragment), rather than saying nothing is stuck.
+    let output = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["admin", "holds", "--token", TOKEN, "--url"])
+        .arg(format!("http://{}/healthz#", open.addr))
+        .output()
+        .expect("run turnstile admin");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("not an answer of the operations desk")
+    );
     let (code, _, said) = desk(&closed, &["holds"]);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("404"), "{said}");
@@ -282,4 +306,35 @@ async fn the_json_log_names_each_order_not_paid_at_once_and_holds_no_secret() {
         .await
         .expect("drop the test's user");
     pool.close().await;
+}
+
+#[test]
+fn a_config_file_error_never_shows_the_value_of_a_secret() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (key, secret) in [
+        ("webhook-secret", "desk-secret-in-an-array"),
+        ("mysql-url", "desk-password-in-an-object"),
+        ("admin-token", "desk-token-in-an-array"),
+    ] {
+        let config = dir.path().join("config.json");
+        let value = if key == "mysql-url" {
+            serde_json::json!({ key: { "url": format!("mysql://u:{secret}@h/db") } })
+        } else {
+            serde_json::json!({ key: [secret] })
+        };
+        std::fs::write(&config, value.to_string()).expect("config");
+        let chmod = Command::new("chmod")
+            .arg("600")
+            .arg(&config)
+            .status()
+            .expect("chmod");
+        assert!(chmod.success());
+        let (code, said) = crate::helpers::serve_refused(
+            &dir.path().join("data"),
+            &["--config", &config.display().to_string()],
+        );
+        assert_eq!(code, Some(2), "{said}");
+        assert!(said.contains(key), "{said}");
+        assert!(!said.contains(secret), "the error shows the secret: {said}");
+    }
 }
