@@ -37,9 +37,12 @@ fn tools() -> PathBuf {
 
 /// Runs `tool` of the venv with `args`; its exit status and what it printed.
 fn run(tools: &Path, tool: &str, args: &[&str]) -> (bool, String) {
+    // Run from a directory of its own: schemathesis keeps a cache where it runs.
+    let cwd = tempfile::tempdir().expect("tempdir");
     let output = Command::new(tools.join("bin/python"))
         .arg(tools.join("bin").join(tool))
         .args(args)
+        .current_dir(cwd.path())
         .env("SCHEMATHESIS_TELEMETRY", "false")
         .output()
         .unwrap_or_else(|e| panic!("run {tool}: {e}"));
