@@ -1,6 +1,8 @@
 //! The operations desk (`/v1/admin/...`, with `--admin-token`): what an operator needs to see that
 //! metrics cannot list. Every call needs `Authorization: Bearer <token>` (`401 unauthorized`
-//! otherwise); without `--admin-token` the paths do not exist (`404`).
+//! otherwise); without `--admin-token` the paths do not exist (`404`). [`authorise`] is asked
+//! once, by the router's gate in front of every `/v1/admin` path (`super::admin_gate`), so the
+//! handlers here run only for an authorised call.
 //!
 //! - `GET /v1/admin/payments`: what the settler still owes the gateway (`owed`: each order's
 //!   action, how many calls failed since when, the gateway's last words, and whether a capture
@@ -50,11 +52,7 @@ pub(super) fn authorise(state: &Shared, headers: &HeaderMap) -> Result<(), ApiEr
     }
 }
 
-pub(super) async fn payments(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+pub(super) async fn payments(State(state): State<Shared>) -> Result<Response, ApiError> {
     let now = now_ms();
     let failing = state.settler.failing();
     let owed: Vec<serde_json::Value> = state
@@ -102,10 +100,8 @@ pub(super) struct HoldsQuery {
 /// `GET /v1/admin/holds[?older_than=<duration>]`.
 pub(super) async fn holds(
     State(state): State<Shared>,
-    headers: HeaderMap,
     query: Result<Query<HoldsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(format!("older_than: {e}")))?;
     let older_than = match query.older_than.as_deref() {
         None => std::time::Duration::ZERO,
@@ -142,7 +138,6 @@ pub(super) async fn release(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
     let Path(raw) = path.map_err(path_error)?;
     let order_id = path_id(raw, OrderId::parse)?;
     // Several nodes: another node's order is released by its owner.
@@ -208,11 +203,7 @@ impl prometheus_client::collector::Collector for JournalMetrics {
 }
 
 /// `GET /v1/admin/journal`.
-pub(super) async fn journal(
-    State(state): State<Shared>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authorise(&state, &headers)?;
+pub(super) async fn journal(State(state): State<Shared>) -> Result<Response, ApiError> {
     let checks: serde_json::Map<String, serde_json::Value> = state
         .journal
         .checks()

@@ -207,8 +207,6 @@ impl<F: FnOnce(&Shared, &Settlement) + Send + 'static> Drop for Settle<F> {
     }
 }
 
-/// Applies or aborts a change by its commit's outcome, wakes requests waiting for it, and runs
-/// what follows.
 /// The order moves the log shows at `info` (API.md, Operations desk): an order not paid at once
 /// (`payment_pending`, and `released` when declined or timed out at the gateway), released or
 /// refunded; with the idempotency key when the record carries it. Paid orders are not logged one
@@ -238,6 +236,8 @@ fn logged_move(change: &Change) -> Option<(String, &'static str, Option<String>)
     })
 }
 
+/// Applies or aborts a change by its commit's outcome, wakes requests waiting for it, and runs
+/// what follows.
 fn settle<F: FnOnce(&Shared, &Settlement)>(
     app: &Shared,
     change: Change,
