@@ -65,6 +65,8 @@ pub fn run(args: AdminArgs) -> Result<String, AdminError> {
         idle_timeout: Duration::from_secs(1),
         idle_per_host: 1,
         trust: Trust::Roots(std::sync::Arc::new(crate::server::platform_roots())),
+        // The desk lists at most 10,000 orders (a few MB); a longer answer is not the desk's.
+        body_max: 64 << 20,
     })
     .map_err(|e| AdminError::Failed(e.to_string()))?;
     let bearer = format!("Bearer {token}");
@@ -227,7 +229,17 @@ fn payments(body: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|p| vec![text(&p["order_id"]), format!("{}s", p["age_s"])])
+        .map(|p| {
+            vec![
+                text(&p["order_id"]),
+                format!("{}s", p["age_s"]),
+                match p["waiting_for"].as_str() {
+                    Some("webhook") => "the gateway's webhook (order payment_pending)".to_owned(),
+                    Some("checkout") => "its checkout (at the gateway, or committing)".to_owned(),
+                    _ => text(&p["waiting_for"]),
+                },
+            ]
+        })
         .collect();
     let mut out = String::new();
     if owed.is_empty() {
@@ -250,13 +262,60 @@ fn payments(body: &Value) -> String {
     if pending.is_empty() {
         out.push_str("no checkout waiting on the gateway\n");
     } else {
-        out.push_str(&table(&["WAITING ON THE GATEWAY", "AGE"], &pending));
+        out.push_str(&table(&["WAITING ON THE GATEWAY", "AGE", "FOR"], &pending));
     }
     out
 }
 
 fn journal(body: &Value) -> String {
     let mut out = format!("last event seq  {}\n", body["last_event_seq"]);
+    let position = &body["journal"];
+    if position.is_object() {
+        let _ = writeln!(
+            out,
+            "journal         {}, last lsn {}",
+            text(&position["kind"]),
+            text(&position["last_lsn"])
+        );
+        let mysql = &position["mysql"];
+        if mysql.is_object() {
+            let _ = writeln!(
+                out,
+                "MySQL           log {:?} (writer turn {}), applied through lsn {} (event {}), {} records behind ({}s){}",
+                text(&mysql["log"]),
+                text(&mysql["writer_turn"]),
+                text(&mysql["applied_lsn"]),
+                text(&mysql["applied_event_seq"]),
+                text(&mysql["lag_records"]),
+                text(&mysql["lag_seconds"]),
+                if mysql["problem"].is_string() {
+                    format!(": {}", text(&mysql["problem"]))
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let segments: Vec<Vec<String>> = position["segments"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|s| {
+                vec![
+                    text(&s["file"]),
+                    text(&s["first_lsn"]),
+                    text(&s["first_event_seq"]),
+                    text(&s["last_record_at"]),
+                ]
+            })
+            .collect();
+        if !segments.is_empty() {
+            out.push('\n');
+            out.push_str(&table(
+                &["SEGMENT", "FIRST LSN", "FIRST EVENT", "LAST RECORD AT"],
+                &segments,
+            ));
+        }
+    }
     for (name, check) in body["checks"].as_object().into_iter().flatten() {
         let _ = writeln!(out, "check {name:<10} {}", text(check));
     }

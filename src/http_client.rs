@@ -1,9 +1,11 @@
 //! The one HTTP client the server calls out with (the simulator's webhooks, and the payment
 //! gateway with `--gateway-url`): hyper-util's pooled client, so calls to one host reuse keep-alive connections, over
 //! `hyper-rustls` for `https://` (the same rustls and ring as the listener). Every call has a
-//! timeout covering the connection, the request and the whole answer.
+//! timeout covering the connection, the request and the whole answer, and an answer's body is read
+//! up to [`ClientOptions::body_max`] only: a peer (a gateway, a node, a server the desk was pointed
+//! at) cannot make the caller hold more than that in memory.
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Bytes;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,6 +29,14 @@ pub enum ClientError {
     /// No answer in time.
     #[error("no answer within {0:?}")]
     Timeout(Duration),
+    /// The answer's body was longer than the caller accepts.
+    #[error("the answer from {url} is longer than {max} bytes: not read")]
+    TooLong {
+        /// Where it came from.
+        url: String,
+        /// The bound.
+        max: usize,
+    },
 }
 
 /// A response: status, headers and the whole body.
@@ -73,6 +83,8 @@ pub struct ClientOptions {
     pub idle_per_host: usize,
     /// Certificates accepted for `https://`.
     pub trust: Trust,
+    /// The longest answer body read; a longer one fails the call with [`ClientError::TooLong`].
+    pub body_max: usize,
 }
 
 impl ClientOptions {
@@ -85,6 +97,8 @@ impl ClientOptions {
             idle_timeout: Duration::from_secs(60),
             idle_per_host: 16,
             trust: Trust::OwnListener,
+            // A webhook's answer is read for its status only.
+            body_max: 64 << 10,
         }
     }
 }
@@ -94,6 +108,7 @@ impl ClientOptions {
 pub struct HttpClient {
     client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     timeout: Duration,
+    body_max: usize,
 }
 
 impl std::fmt::Debug for HttpClient {
@@ -134,6 +149,7 @@ impl HttpClient {
         Ok(Self {
             client,
             timeout: options.timeout,
+            body_max: options.body_max,
         })
     }
 
@@ -172,11 +188,19 @@ impl HttpClient {
                     )
                 })
                 .collect();
-            let body = response
-                .into_body()
+            let body = Limited::new(response.into_body(), self.body_max)
                 .collect()
                 .await
-                .map_err(|e| ClientError::Io(format!("reading from {url}: {e}")))?
+                .map_err(|e| {
+                    if e.is::<LengthLimitError>() {
+                        ClientError::TooLong {
+                            url: url.to_owned(),
+                            max: self.body_max,
+                        }
+                    } else {
+                        ClientError::Io(format!("reading from {url}: {}", error_chain(&*e)))
+                    }
+                })?
                 .to_bytes();
             Ok(Response {
                 status,

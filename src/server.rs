@@ -520,6 +520,8 @@ fn build_payments(config: &ServeConfig) -> Result<Payments, ServeError> {
                 idle_timeout: Duration::from_secs(60),
                 idle_per_host: 256,
                 trust: Trust::Roots(Arc::new(platform_roots())),
+                // A gateway's answer is a small JSON object.
+                body_max: 1 << 20,
             })?;
             Arc::new(HttpGateway::new(url, client))
         }

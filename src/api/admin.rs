@@ -7,7 +7,9 @@
 //! - `GET /v1/admin/payments`: what the settler still owes the gateway (`owed`: each order's
 //!   action, how many calls failed since when, the gateway's last words, and whether a capture
 //!   was refused for good, which is not retried) and the checkouts waiting on the gateway
-//!   (`pending`).
+//!   (`pending`): orders `payment_pending` until the gateway's webhook (`"waiting_for":
+//!   "webhook"`), and checkouts still running, at the gateway or committing its answer, which are
+//!   no order yet (`"checkout"`: their units are held, they are not in `holds`).
 //! - `GET /v1/admin/holds[?older_than=<duration>]`: the orders still holding stock (the stuck
 //!   inventory locks), oldest first.
 //! - `POST /v1/admin/orders/{order_id}/release`: a held order released through the engine, as a
@@ -15,8 +17,9 @@
 //!   safe replacement for killing a database session that holds a lock. A paid order is `409
 //!   not_held` (a refund is a cancel); twice is harmless. With several nodes the order's owner
 //!   releases it (the call is forwarded, the token with it).
-//! - `GET /v1/admin/journal`: the journal's state, its lags and RabbitMQ's, read from the same
-//!   counters `/metrics` shows.
+//! - `GET /v1/admin/journal`: the journal's state: its last durable record and, by kind, its
+//!   segment files on disk or this node's log in MySQL (`Journal::position`), the applier's and
+//!   RabbitMQ's lags, the checks `/readyz` shows, and the counters `/metrics` shows.
 //!
 //! Every action is logged at `info` with its `order_id`.
 
@@ -74,14 +77,29 @@ pub(super) async fn payments(State(state): State<Shared>) -> Result<Response, Ap
             }))
         })
         .collect();
-    let pending: Vec<serde_json::Value> = state
-        .engine
-        .pending_orders_created_before(now, LISTED_MAX)
+    // Durable orders waiting for the gateway's webhook, then checkouts still running (at the
+    // gateway, or committing what it answered): neither kind is in `owed` yet.
+    let durable = state.engine.pending_orders_created_before(now, LISTED_MAX);
+    let running: Vec<(OrderId, i64)> = state
+        .settler
+        .checkouts_in_flight(LISTED_MAX)
         .into_iter()
-        .map(|order| {
+        .filter(|(id, _)| state.engine.order(id).is_none())
+        .collect();
+    let pending: Vec<serde_json::Value> = durable
+        .iter()
+        .map(|order| (order.order_id.as_str(), order.created_at_ms, "webhook"))
+        .chain(
+            running
+                .iter()
+                .map(|(id, at)| (id.as_str(), *at, "checkout")),
+        )
+        .take(LISTED_MAX)
+        .map(|(order_id, since_ms, waiting_for)| {
             serde_json::json!({
-                "order_id": order.order_id.as_str(),
-                "age_s": (now - order.created_at_ms).max(0) / 1_000,
+                "order_id": order_id,
+                "age_s": (now - since_ms).max(0) / 1_000,
+                "waiting_for": waiting_for,
             })
         })
         .collect();
@@ -239,6 +257,7 @@ pub(super) async fn journal(State(state): State<Shared>) -> Result<Response, Api
         StatusCode::OK,
         &serde_json::json!({
             "last_event_seq": state.journal.last_event_seq(),
+            "journal": state.journal.position(),
             "checks": checks,
             "amqp": amqp,
             "counters": counters,

@@ -93,14 +93,22 @@ pub fn router(state: Shared) -> Router {
 /// `/v1/admin` and everything under it, whatever the method: without `--admin-token` nothing
 /// there exists (`404`); with it, a call without the token is `401` before routing answers (a
 /// wrong method's `405` or an unknown path's `404` would tell an outsider what exists).
+///
+/// Every authorised desk call is logged at `info` when answered (method, path, status; never the
+/// token or the query); a refused one is not, so a flood of wrong tokens cannot flood the log (the
+/// `401`s are counted in `/metrics`).
 async fn admin_gate(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
-    if path == "/v1/admin" || path.starts_with("/v1/admin/") {
-        if let Err(refused) = admin::authorise(&state, request.headers()) {
-            return refused.into_response();
-        }
+    if path != "/v1/admin" && !path.starts_with("/v1/admin/") {
+        return next.run(request).await;
     }
-    next.run(request).await
+    if let Err(refused) = admin::authorise(&state, request.headers()) {
+        return refused.into_response();
+    }
+    let (method, path) = (request.method().clone(), path.to_owned());
+    let response = next.run(request).await;
+    tracing::info!(%method, %path, status = response.status().as_u16(), "admin: desk call answered");
+    response
 }
 
 async fn record_metrics(State(state): State<Shared>, request: Request, next: Next) -> Response {
@@ -297,8 +305,9 @@ impl ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "journal_unavailable",
             format!(
-                "the change was not confirmed in time ({reason}); it may still take effect: retry \
-                 with the same Idempotency-Key (or read the resource) to learn the outcome"
+                "the change was not confirmed in time ({reason}); it may still take effect: read \
+                 the resource, or send the same request again (a checkout with the same \
+                 Idempotency-Key), to learn the outcome"
             ),
         )
         .with("outcome", "unknown")

@@ -543,7 +543,7 @@ impl Finishing {
             currency: self.reservation.currency().as_str().to_owned(),
         };
         // Until its commit settles, the orphan scan leaves this checkout's authorisation alone.
-        app.settler.checkout_started(&order_id);
+        app.settler.checkout_started(&order_id, now_ms());
         let settled_id: OrderId = order_id.clone();
         let started = std::time::Instant::now();
         let authorised =

@@ -82,8 +82,9 @@ pub struct Settler {
     retry: Mutex<FxHashMap<OrderId, Failing>>,
     /// Orders of checkouts between their authorisation and the settlement of their commit: the
     /// orphan scan must not void their authorisations, however long the commit takes (a commit
-    /// may land after `--journal-timeout`, so the grace period alone does not cover it).
-    checkouts: Mutex<FxHashSet<OrderId>>,
+    /// may land after `--journal-timeout`, so the grace period alone does not cover it). With
+    /// when each started (Unix milliseconds), for the operations desk's `pending`.
+    checkouts: Mutex<FxHashMap<OrderId, i64>>,
     /// Bounds the gateway calls in flight ([`SETTLER_CALLS_MAX`]).
     calls: tokio::sync::Semaphore,
     /// Calls done, waiting to be journaled: (order, what it owed, what it owes now).
@@ -119,8 +120,8 @@ fn backoff_ms(failures: u32) -> i64 {
 
 impl Settler {
     /// A checkout is about to authorise the payment of `order_id`.
-    pub fn checkout_started(&self, order_id: &OrderId) {
-        lock(&self.checkouts).insert(order_id.clone());
+    pub fn checkout_started(&self, order_id: &OrderId, at_ms: i64) {
+        lock(&self.checkouts).insert(order_id.clone(), at_ms);
     }
 
     /// The checkout of `order_id` settled: its order is durable and known, or known not to be.
@@ -129,7 +130,19 @@ impl Settler {
     }
 
     fn checkout_in_flight(&self, order_id: &OrderId) -> bool {
-        lock(&self.checkouts).contains(order_id)
+        lock(&self.checkouts).contains_key(order_id)
+    }
+
+    /// The checkouts at the gateway or committing their order (not yet known to the engine as
+    /// orders, or only just), with when each started, oldest first, at most `limit`.
+    pub fn checkouts_in_flight(&self, limit: usize) -> Vec<(OrderId, i64)> {
+        let mut started: Vec<(OrderId, i64)> = lock(&self.checkouts)
+            .iter()
+            .map(|(id, at)| (id.clone(), *at))
+            .collect();
+        started.sort_by_key(|(_, at)| *at);
+        started.truncate(limit);
+        started
     }
 
     /// The orders whose last call failed, with why (for the operations desk).

@@ -35,6 +35,8 @@ pub fn client() -> Result<HttpClient, crate::http_client::ClientError> {
         idle_per_host: 16,
         // The calls are signed; the nodes' certificates are their listeners' own.
         trust: Trust::OwnListener,
+        // A forwarded answer is one of the API's (an order, a desk listing of one node).
+        body_max: 64 << 20,
     })
 }
 

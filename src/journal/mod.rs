@@ -257,6 +257,53 @@ impl JournalStats {
     }
 }
 
+/// Where a journal stands, for the operations desk (`GET /v1/admin/journal`, API.md): which
+/// journal, its last durable record, and by kind the segment files on disk or this node's log in
+/// MySQL.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Position {
+    /// `embedded`, `mysql` (MySQL is the journal) or `write-behind`.
+    pub kind: &'static str,
+    /// The lsn of the last durable record of this node's log (0: none yet).
+    pub last_lsn: u64,
+    /// The embedded journal's segment files (write-behind's too), oldest first; `None` for MySQL.
+    pub segments: Option<Vec<SegmentPosition>>,
+    /// This node's log in MySQL; `None` for the embedded journal.
+    pub mysql: Option<MySqlPosition>,
+}
+
+/// One segment file of the embedded journal.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SegmentPosition {
+    /// Its name in the data dir.
+    pub file: String,
+    /// The lsn of its first record.
+    pub first_lsn: u64,
+    /// The seq of its first event (or, with none, of the next one).
+    pub first_event_seq: u64,
+    /// When its last record was written (RFC 3339; `None` for a segment still empty).
+    pub last_record_at: Option<String>,
+}
+
+/// This node's log in MySQL.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MySqlPosition {
+    /// The log's node (`""`: the unnamed log of a single node).
+    pub log: String,
+    /// The turn this process holds as the log's one writer (`journal_writer.epoch`).
+    pub writer_turn: u64,
+    /// The last lsn MySQL holds in the projections (write-behind: the last record shipped).
+    pub applied_lsn: u64,
+    /// The last event seq the projections hold (readable from `outbox`).
+    pub applied_event_seq: u64,
+    /// Records durable and not yet applied, and how old the oldest of them is.
+    pub lag_records: u64,
+    /// Seconds.
+    pub lag_seconds: f64,
+    /// The error the applier is retrying, if any.
+    pub problem: Option<String>,
+}
+
 /// A durable, ordered store of records with group commit.
 pub trait Journal: Send + Sync {
     /// Enqueues a record; the ticket resolves once it is durable.
@@ -317,6 +364,8 @@ pub trait Journal: Send + Sync {
     fn checks(&self) -> BoxFuture<'_, Vec<(&'static str, Result<(), String>)>> {
         Box::pin(async move { vec![("journal", self.ready().await.map_err(|e| e.to_string()))] })
     }
+    /// Where the journal stands (the operations desk's `GET /v1/admin/journal`).
+    fn position(&self) -> Position;
     /// Writes the journal's metrics.
     fn encode_metrics(
         &self,

@@ -108,6 +108,8 @@ pub(crate) struct Pipeline {
     /// The seq of the last durable event (0: none yet): read lock-free by whoever follows the
     /// event log (the RabbitMQ relay).
     durable_event_seq: AtomicU64,
+    /// The lsn of the last durable record (0: none yet), for the operations desk.
+    durable_lsn: AtomicU64,
 }
 
 impl Pipeline {
@@ -133,12 +135,18 @@ impl Pipeline {
             stats: JournalStats::default(),
             sink: OnceLock::new(),
             durable_event_seq: AtomicU64::new(next_event_seq.saturating_sub(1)),
+            durable_lsn: AtomicU64::new(next_lsn.saturating_sub(1)),
         }
     }
 
     /// The seq of the last durable event (0: none yet).
     pub fn durable_event_seq(&self) -> u64 {
         self.durable_event_seq.load(Ordering::Acquire)
+    }
+
+    /// The lsn of the last durable record (0: none yet).
+    pub fn durable_lsn(&self) -> u64 {
+        self.durable_lsn.load(Ordering::Acquire)
     }
 
     /// Hands every batch committed from now on to `sink`, in lsn order. Set once, before the
@@ -292,6 +300,9 @@ impl Pipeline {
                 }),
             };
             let durable = answer.is_ok();
+            if durable {
+                self.durable_lsn.fetch_max(entry.lsn, Ordering::Release);
+            }
             // From the record: a writer may have moved the events out already.
             let count = u64::from(entry.record.event_count());
             if durable && count > 0 {
@@ -353,6 +364,8 @@ impl Pipeline {
         control.next_event_seq = next_event_seq;
         self.durable_event_seq
             .fetch_max(next_event_seq.saturating_sub(1), Ordering::Release);
+        self.durable_lsn
+            .fetch_max(next_lsn.saturating_sub(1), Ordering::Release);
         control.phase = Phase::Open;
         if !control.closing {
             self.open.store(true, Ordering::Release);

@@ -298,6 +298,19 @@ impl Journal for WriteBehindJournal {
         self.file.last_event_seq()
     }
 
+    fn position(&self) -> super::Position {
+        let local = self.file.position();
+        super::Position {
+            kind: "write-behind",
+            mysql: Some(
+                self.follower
+                    .lag
+                    .position(&self.node, self.writer_lock.fence().epoch()),
+            ),
+            ..local
+        }
+    }
+
     fn events_in_memory(&self) -> usize {
         self.file.events_in_memory()
     }

@@ -104,7 +104,16 @@ async fn without_an_admin_token_the_desk_does_not_exist_and_a_wrong_token_is_401
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_hold_is_listed_and_released_through_the_engine_and_a_paid_order_is_not_held() {
-    let app = spawn_app(&["--admin-token", TOKEN, "--sim-pending-delay", "1h"]);
+    let app = spawn_app(&[
+        "--admin-token",
+        TOKEN,
+        "--sim-pending-delay",
+        "1h",
+        "--gateway-timeout",
+        "60s",
+        "--reconcile-after",
+        "5m",
+    ]);
     let mut client = app.client();
     assert_eq!(client.put_product("A", 300, 10).await.status, 200);
     let pending = checkout(&mut client, "desk-pending", "tok_pending").await;
@@ -154,6 +163,7 @@ async fn a_stuck_hold_is_listed_and_released_through_the_engine_and_a_paid_order
         pending_id.as_str(),
         "{payments}"
     );
+    assert_eq!(payments["pending"][0]["waiting_for"], "webhook");
 
     // Released through the engine: the stock back, journaled (an event), twice harmless.
     let (code, said, err) = desk(&app, &["release", &pending_id]);
@@ -199,6 +209,54 @@ async fn a_stuck_hold_is_listed_and_released_through_the_engine_and_a_paid_order
         .json();
     assert!(journal["last_event_seq"].as_u64() >= Some(4), "{journal}");
     assert_eq!(journal["checks"]["journal"], "ok", "{journal}");
+    let position = &journal["journal"];
+    assert_eq!(position["kind"], "embedded", "{journal}");
+    assert!(position["last_lsn"].as_u64() >= Some(4), "{journal}");
+    assert!(position["mysql"].is_null(), "{journal}");
+    let segments = position["segments"].as_array().expect("segments");
+    assert!(
+        !segments.is_empty()
+            && segments
+                .iter()
+                .all(|s| s["file"].as_str().is_some_and(|f| f.ends_with(".wal"))),
+        "{journal}"
+    );
+    let (code, table, said) = desk(&app, &["journal"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(
+        table.contains("embedded") && table.contains(".wal"),
+        "{table}"
+    );
+
+    // A checkout still at the gateway (which never answers it here) holds units and is no order
+    // yet: the desk lists it as pending, waiting on its checkout, and not among the holds.
+    let mut buyer = app.client();
+    let at_gateway =
+        tokio::spawn(async move { checkout(&mut buyer, "desk-at-gateway", "tok_timeout").await });
+    let mut running = Value::Null;
+    crate::helpers::eventually(
+        "the checkout at the gateway listed",
+        std::time::Duration::from_secs(30),
+        async || {
+            running = client
+                .send("GET", "/v1/admin/payments", &auth, "")
+                .await
+                .json();
+            running["pending"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|e| e["waiting_for"] == "checkout"))
+        },
+    )
+    .await;
+    let holds = client
+        .send("GET", "/v1/admin/holds", &auth, "")
+        .await
+        .json();
+    assert_eq!(holds["holds"].as_array().map(Vec::len), Some(0), "{holds}");
+    let (code, table, said) = desk(&app, &["payments"]);
+    assert_eq!(code, Some(0), "{said}");
+    assert!(table.contains("its checkout"), "{running}\n{table}");
+    at_gateway.abort();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

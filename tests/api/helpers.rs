@@ -371,7 +371,7 @@ impl TestDatabase {
     }
 
     /// A migrated database of its own on the server at `addr` (a [`PrivateMariaDb`]).
-    #[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+    #[allow(dead_code)] // used by tests/faults.rs and tests/fault_suite.rs, not by every test binary
     pub async fn create_on(addr: &str) -> Self {
         let database = Self::create_named_on(
             addr,
@@ -1157,14 +1157,22 @@ pub struct PrivateRedis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// `requirepass`, when it has one.
+    password: Option<String>,
 }
 
 impl PrivateRedis {
     pub fn start() -> Self {
+        Self::start_with_password(None)
+    }
+
+    /// One that asks every client for `password` (`requirepass`), when given.
+    pub fn start_with_password(password: Option<&str>) -> Self {
         let mut redis = Self {
             port: free_port(),
             dir: tempfile::tempdir().expect("tempdir"),
             child: None,
+            password: password.map(str::to_owned),
         };
         redis.restart();
         redis
@@ -1175,6 +1183,11 @@ impl PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(
+                self.password
+                    .iter()
+                    .flat_map(|password| ["--requirepass", password.as_str()]),
+            )
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null())
@@ -1205,7 +1218,10 @@ impl PrivateRedis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match &self.password {
+            Some(password) => format!("redis://:{password}@127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     /// A connection to it.
@@ -1588,7 +1604,7 @@ impl Drop for Sim {
 
 /// Waits until something accepts connections on `addr` (a server of the test's own starting), for
 /// at most `limit`; panics naming `what` and the tail of `log`.
-#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+#[allow(dead_code)] // used by tests/faults.rs and tests/fault_suite.rs, not by every test binary
 fn wait_answering(addr: &str, limit: Duration, what: &str, log: &Path) {
     let started = Instant::now();
     while std::net::TcpStream::connect(addr).is_err() {
@@ -1609,7 +1625,7 @@ fn wait_answering(addr: &str, limit: Duration, what: &str, log: &Path) {
 /// `mariadb-install-db` in a temp dir, on a free port of 127.0.0.1, without grant checks (it
 /// lives as long as the test and listens on loopback only). A test may stop, kill and start it
 /// again without touching the machine's MariaDB; killed when dropped, also when the test fails.
-#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+#[allow(dead_code)] // used by tests/faults.rs and tests/fault_suite.rs, not by every test binary
 pub struct PrivateMariaDb {
     pub addr: String,
     dir: tempfile::TempDir,
@@ -1702,7 +1718,7 @@ impl Drop for PrivateMariaDb {
 /// directories of the test's (its own config file, so the machine's listener setting is not
 /// read), so a test may stop, kill and start it without touching the machine's broker. Stopped
 /// when dropped, also when the test fails.
-#[allow(dead_code)] // used by tests/faults.rs, not by every test binary
+#[allow(dead_code)] // used by tests/faults.rs and tests/fault_suite.rs, not by every test binary
 pub struct PrivateRabbitMq {
     pub url: String,
     node: String,
@@ -1715,6 +1731,12 @@ pub struct PrivateRabbitMq {
 #[allow(dead_code)]
 impl PrivateRabbitMq {
     pub fn start() -> Self {
+        Self::start_with_user("guest", "guest")
+    }
+
+    /// One whose user (made at its first start, with every permission on `/`) is `user` with
+    /// `password`.
+    pub fn start_with_user(user: &str, password: &str) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
         for sub in ["log", "mnesia"] {
@@ -1722,7 +1744,9 @@ impl PrivateRabbitMq {
         }
         std::fs::write(
             dir.path().join("rabbitmq.conf"),
-            format!("listeners.tcp.local = 127.0.0.1:{port}\n"),
+            format!(
+                "listeners.tcp.local = 127.0.0.1:{port}\ndefault_user = {user}\ndefault_pass = {password}\n"
+            ),
         )
         .expect("broker config");
         std::fs::write(dir.path().join("enabled_plugins"), "").expect("plugins file");
@@ -1735,7 +1759,7 @@ impl PrivateRabbitMq {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos());
         let mut broker = Self {
-            url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+            url: format!("amqp://{user}:{password}@127.0.0.1:{port}/%2f"),
             node: format!("turnstile-test-{}-{nanos}@localhost", std::process::id()),
             port,
             dist_port: free_port(),

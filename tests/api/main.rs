@@ -20,6 +20,7 @@ mod per_core_attack;
 mod redis_outage;
 mod retention;
 mod runtime;
+mod secrets;
 mod sessions;
 mod stalled_commit;
 mod tls;

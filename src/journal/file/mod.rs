@@ -386,6 +386,29 @@ impl Journal for FileJournal {
         self.shared.pipeline.durable_event_seq()
     }
 
+    fn position(&self) -> super::Position {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|segment| super::SegmentPosition {
+                file: segment_name(segment.first_lsn),
+                first_lsn: segment.first_lsn,
+                first_event_seq: segment.first_event_seq,
+                last_record_at: (segment.last_at_ms > 0)
+                    .then(|| crate::time::rfc3339(segment.last_at_ms)),
+            })
+            .collect();
+        super::Position {
+            kind: "embedded",
+            last_lsn: self.shared.pipeline.durable_lsn(),
+            segments: Some(segments),
+            mysql: None,
+        }
+    }
+
     fn events_in_memory(&self) -> usize {
         FileJournal::events_in_memory(self)
     }

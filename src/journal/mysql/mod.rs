@@ -1759,6 +1759,19 @@ impl Journal for MySqlJournal {
         self.pipeline.durable_event_seq()
     }
 
+    fn position(&self) -> crate::journal::Position {
+        crate::journal::Position {
+            kind: "mysql",
+            last_lsn: self.pipeline.durable_lsn(),
+            segments: None,
+            mysql: Some(
+                self.follower
+                    .lag
+                    .position(&self.node, self.writer_lock.fence().epoch()),
+            ),
+        }
+    }
+
     fn health(&self) -> Result<(), JournalError> {
         self.pipeline.health()?;
         self.writer_lock.check()?;

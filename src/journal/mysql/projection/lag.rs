@@ -155,6 +155,19 @@ impl Lag {
         }
     }
 
+    /// What the applier stands at, for the operations desk.
+    pub fn position(&self, log: &str, writer_turn: u64) -> crate::journal::MySqlPosition {
+        crate::journal::MySqlPosition {
+            log: log.to_owned(),
+            writer_turn,
+            applied_lsn: self.applied_lsn(),
+            applied_event_seq: self.applied_seq(),
+            lag_records: self.records(),
+            lag_seconds: self.seconds(),
+            problem: lock(&self.problem).clone(),
+        }
+    }
+
     /// The last lsn durable at the source.
     pub fn committed_lsn(&self) -> u64 {
         self.committed_lsn.load(Ordering::Acquire)
