@@ -103,7 +103,9 @@ fn engine_paths(c: &mut Criterion) {
         price_cents: turnstile::domain::Cents::parse(999).expect("price"),
         currency: turnstile::domain::Currency::parse("EUR").expect("currency"),
         stock: turnstile::domain::Stock::parse(stock).expect("stock"),
+        max_per_customer: None,
     };
+    let customer = turnstile::domain::CustomerId::parse("bench").expect("customer");
     // The records are not journaled: the benchmark isolates the engine's own cost.
     for (name, stock) in [("gone", 0), ("hot", 1 << 30)] {
         let change = engine
@@ -113,14 +115,14 @@ fn engine_paths(c: &mut Criterion) {
     }
     let gone = [(sku("gone"), Quantity::parse(1).expect("quantity"))];
     group.bench_function("reject_sold_out_by_sku", |b| {
-        b.iter(|| black_box(engine.reserve(black_box(&gone)).is_err()))
+        b.iter(|| black_box(engine.reserve(black_box(&gone), &customer).is_err()))
     });
     let hot = [(sku("hot"), Quantity::parse(1).expect("quantity"))];
     group.bench_function("reserve_priced_release_by_sku", |b| {
         b.iter_batched(
             || (),
             |()| {
-                if let Ok(reservation) = engine.reserve(black_box(&hot)) {
+                if let Ok(reservation) = engine.reserve(black_box(&hot), &customer) {
                     engine.release_reservation(reservation);
                 }
             },

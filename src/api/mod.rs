@@ -423,6 +423,14 @@ impl From<EngineError> for ApiError {
                 format!("not enough units of {sku}"),
             )
             .with("sku", sku.as_str()),
+            EngineError::CustomerLimit { sku } => Self::new(
+                StatusCode::CONFLICT,
+                "customer_limit_reached",
+                format!(
+                    "this checkout would take the customer past the limit of units of {sku} per customer"
+                ),
+            )
+            .with("sku", sku.as_str()),
             EngineError::MixedCurrency => Self::new(
                 StatusCode::BAD_REQUEST,
                 "mixed_currency",

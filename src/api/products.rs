@@ -1,4 +1,9 @@
 //! `PUT/GET /v1/products/{sku}`.
+//!
+//! `max_per_customer` (API.md, "Per-customer limit"): omitted in a `PUT`, the product keeps the
+//! limit it has; `null` clears it; an integer from 1 sets it. With several nodes this build refuses
+//! to set one (`400`): the count is one node's (`engine::customers`), and a limit that each node
+//! enforced alone would let a customer buy it once per node.
 
 use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
 use crate::domain::{Cents, Currency, Sku, Stock};
@@ -21,6 +26,16 @@ struct ProductBody {
     price_cents: Cents,
     currency: Currency,
     stock: Stock,
+    /// Omitted: `None` (keep the current limit); `null`: `Some(None)` (no limit).
+    #[serde(default, deserialize_with = "present")]
+    max_per_customer: Option<Option<u32>>,
+}
+
+/// A field that is present, `null` or not.
+fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<u32>>, D::Error> {
+    Option::<u32>::deserialize(deserializer).map(Some)
 }
 
 #[derive(Serialize)]
@@ -33,6 +48,7 @@ struct ProductView<'a> {
     available: i64,
     reserved: i64,
     sold: i64,
+    max_per_customer: Option<u32>,
 }
 
 fn render(product: &Product, view: StockView) -> Response {
@@ -47,6 +63,7 @@ fn render(product: &Product, view: StockView) -> Response {
             available: view.available,
             reserved: view.reserved,
             sold: view.sold,
+            max_per_customer: product.max_per_customer,
         },
     )
 }
@@ -71,12 +88,30 @@ pub(super) async fn put_product(
             "name: must be 1 to {NAME_CHARS_MAX} characters"
         )));
     }
+    let max_per_customer =
+        match body.max_per_customer {
+            Some(Some(0)) => {
+                return Err(ApiError::invalid(
+                    "max_per_customer: must be at least 1 (null: no limit)",
+                ))
+            }
+            Some(Some(_)) if state.cluster.is_some() => return Err(ApiError::invalid(
+                "max_per_customer: not supported with several nodes (--node-id) in this build; \
+                 each node would count a customer's units alone",
+            )),
+            Some(limit) => limit,
+            None => state
+                .engine
+                .product(&sku)
+                .and_then(|(product, _)| product.max_per_customer),
+        };
     let product = Product {
         sku,
         name: body.name,
         price_cents: body.price_cents,
         currency: body.currency,
         stock: body.stock,
+        max_per_customer,
     };
     let (product, view) = crate::app::orders::put_product(&state, product).await?;
     Ok(render(&product, view))

@@ -345,7 +345,7 @@ pub async fn place(
         }
     };
 
-    let mut reserved = app.engine.reserve(&lines);
+    let mut reserved = app.engine.reserve(&lines, &request.customer_id);
     // Several nodes: a lease run dry while the pool has units is refilled, and tried again
     // (within REFILL_WAIT). A pool known empty costs one atomic load here: the sold-out flood
     // stays in memory.
@@ -360,7 +360,7 @@ pub async fn place(
             if !cluster.refill(sku, units, deadline).await {
                 break;
             }
-            reserved = app.engine.reserve(&lines);
+            reserved = app.engine.reserve(&lines, &request.customer_id);
         }
         if let Err(EngineError::OutOfStock { sku }) = &reserved {
             if cluster.pool_has_units(sku) {
@@ -445,7 +445,6 @@ pub async fn place(
         key,
         fingerprint: digest_text(fingerprint),
         reservation,
-        customer_id: request.customer_id,
         token: request.payment_token,
         cart_id: request.cart_id,
         submission,
@@ -507,7 +506,6 @@ struct Finishing {
     key: IdempotencyKey,
     fingerprint: String,
     reservation: Reservation,
-    customer_id: CustomerId,
     token: String,
     cart_id: Option<CartId>,
     /// The Redis submission lock, when taken.
@@ -595,7 +593,6 @@ impl Finishing {
             NewOrder {
                 order_id,
                 reservation: self.reservation,
-                customer_id: self.customer_id,
                 outcome,
             },
             Some(AnswerSpec {

@@ -6,7 +6,10 @@
 //! on field names; this form spends nothing on them.
 //!
 //! Format (version 1): the byte `0x01`, then the record's kind (`0` product, `1` order, `2`
-//! payments, `3` adopted orders, `4` orders adopted away), then its fields in a fixed order. Integers are LEB128 varints (signed ones zigzag);
+//! payments, `3` adopted orders, `4` orders adopted away, `5` a product with limits: a product's
+//! fields, then a flags byte saying which limits follow, `max_per_customer` as bit 0), then its
+//! fields in a fixed order. A product without limits is still written as kind `0`, byte for byte
+//! as before. Integers are LEB128 varints (signed ones zigzag);
 //! strings are a varint length then UTF-8 bytes; statuses are one byte each. In an order record the
 //! times are stored relative to the record's `at_ms` (they are usually equal or close), and a
 //! fingerprint of 32 or 64 lowercase hex digits (the xxh3-128 ones, or the SHA-256 ones of earlier
@@ -29,6 +32,11 @@ const KIND_ORDER: u8 = 1;
 const KIND_PAYMENTS: u8 = 2;
 const KIND_ADOPTED: u8 = 3;
 const KIND_ADOPTED_AWAY: u8 = 4;
+const KIND_PRODUCT_LIMITS: u8 = 5;
+
+// Flags of a product with limits: which limits follow.
+const HAS_MAX_PER_CUSTOMER: u8 = 1;
+const KNOWN_PRODUCT_FLAGS: u8 = HAS_MAX_PER_CUSTOMER;
 
 // Flags of an order record: which optional parts follow.
 const HAS_PAYMENT_ID: u8 = 1;
@@ -60,12 +68,21 @@ pub fn encode(record: &Record) -> Vec<u8> {
     out.push(VERSION_1);
     match record {
         Record::Product { product } => {
-            out.push(KIND_PRODUCT);
+            let limited = product.max_per_customer.is_some();
+            out.push(if limited {
+                KIND_PRODUCT_LIMITS
+            } else {
+                KIND_PRODUCT
+            });
             put_str(&mut out, product.sku.as_str());
             put_str(&mut out, &product.name);
             put_i64(&mut out, product.price_cents.get());
             out.extend_from_slice(product.currency.as_str().as_bytes());
             put_i64(&mut out, product.stock.get());
+            if let Some(limit) = product.max_per_customer {
+                out.push(HAS_MAX_PER_CUSTOMER);
+                put_u64(&mut out, u64::from(limit));
+            }
         }
         Record::Order {
             order,
@@ -382,15 +399,36 @@ impl<'a> Reader<'a> {
 
     fn record(&mut self) -> Result<Record, DecodeError> {
         match self.byte("kind")? {
-            KIND_PRODUCT => Ok(Record::Product {
-                product: Product {
+            kind @ (KIND_PRODUCT | KIND_PRODUCT_LIMITS) => {
+                let mut product = Product {
                     sku: Sku::parse(self.string("sku")?).map_err(invalid)?,
                     name: self.string("name")?,
                     price_cents: Cents::parse(self.i64("price")?).map_err(invalid)?,
                     currency: self.currency()?,
                     stock: Stock::parse(self.i64("stock")?).map_err(invalid)?,
-                },
-            }),
+                    max_per_customer: None,
+                };
+                if kind == KIND_PRODUCT_LIMITS {
+                    let flags = self.byte("product flags")?;
+                    if flags & !KNOWN_PRODUCT_FLAGS != 0 {
+                        return Err(DecodeError::new(format!(
+                            "unknown product flags {flags:#04x}"
+                        )));
+                    }
+                    if flags & HAS_MAX_PER_CUSTOMER != 0 {
+                        let limit = self.u64("max_per_customer")?;
+                        product.max_per_customer = Some(
+                            u32::try_from(limit)
+                                .ok()
+                                .filter(|limit| *limit > 0)
+                                .ok_or_else(|| {
+                                    DecodeError::new(format!("max_per_customer {limit}"))
+                                })?,
+                        );
+                    }
+                }
+                Ok(Record::Product { product })
+            }
             KIND_ORDER => self.order(),
             KIND_PAYMENTS => {
                 let at_ms = self.i64("time")?;
@@ -640,17 +678,22 @@ mod tests {
                 ".{0,40}",
                 0..=1_000_000i64,
                 currency(),
-                0..=1_000_000i64
+                0..=1_000_000i64,
+                proptest::option::of(1..=u32::MAX),
             )
-                .prop_map(|(sku, name, price, currency, stock)| Record::Product {
-                    product: Product {
-                        sku: Sku::parse(sku).expect("sku"),
-                        name,
-                        price_cents: Cents::parse(price)
-                            .unwrap_or_else(|_| Cents::parse(0).expect("0")),
-                        currency,
-                        stock: Stock::parse(stock).unwrap_or_else(|_| Stock::parse(0).expect("0")),
-                    },
+                .prop_map(|(sku, name, price, currency, stock, limit)| {
+                    Record::Product {
+                        product: Product {
+                            sku: Sku::parse(sku).expect("sku"),
+                            name,
+                            price_cents: Cents::parse(price)
+                                .unwrap_or_else(|_| Cents::parse(0).expect("0")),
+                            currency,
+                            stock: Stock::parse(stock)
+                                .unwrap_or_else(|_| Stock::parse(0).expect("0")),
+                            max_per_customer: limit,
+                        },
+                    }
                 }),
             (
                 order(),

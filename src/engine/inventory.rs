@@ -24,7 +24,7 @@
 use crate::domain::Sku;
 use arc_swap::ArcSwap;
 use rustc_hash::FxHashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// The most shards one SKU is split into: more cores than this share shards.
@@ -76,6 +76,9 @@ pub struct SkuStock {
     /// The answer a refusal of this SKU gets, rendered once by the caller on first use
     /// ([`Inventory::refusal`]).
     refusal: OnceLock<&'static [u8]>,
+    /// The product's `max_per_customer` (0: none), read by every reservation of the SKU
+    /// (`engine::customers`).
+    max_per_customer: AtomicU32,
 }
 
 /// A consistent reading of one SKU's counters: `available + reserved + sold == stock`, none negative.
@@ -94,6 +97,14 @@ pub struct StockView {
 /// A position in the inventory's append-only SKU table; valid for the inventory that issued it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SkuIndex(u32);
+
+impl SkuIndex {
+    /// An index made up by a unit test.
+    #[cfg(test)]
+    pub(crate) fn for_tests(index: u32) -> Self {
+        Self(index)
+    }
+}
 
 /// Units held by one reservation, per SKU. Give it back with [`Inventory::release`], turn it into
 /// sold units with [`Inventory::commit`]. Dropping it without either leaks the units (on purpose a
@@ -165,6 +176,7 @@ impl SkuStock {
             shards,
             in_hand: PaddedCounter::default(),
             refusal: OnceLock::new(),
+            max_per_customer: AtomicU32::new(0),
         };
         sku.sold_out.0.store(stock == 0, Ordering::SeqCst);
         sku
@@ -546,6 +558,28 @@ impl Inventory {
     /// True before the first SKU is added.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Sets the SKU's limit of units per customer (`None`: no limit).
+    pub fn set_max_per_customer(&self, index: SkuIndex, limit: Option<u32>) {
+        self.table
+            .get(index)
+            .max_per_customer
+            .store(limit.unwrap_or(0), Ordering::Release);
+    }
+
+    /// The SKU's limit of units per customer (`None`: no limit).
+    #[inline]
+    pub fn max_per_customer(&self, index: SkuIndex) -> Option<u32> {
+        match self
+            .table
+            .get(index)
+            .max_per_customer
+            .load(Ordering::Acquire)
+        {
+            0 => None,
+            limit => Some(limit),
+        }
     }
 
     /// True if the SKU was flagged sold out (a cache: it clears when units come back).

@@ -26,6 +26,7 @@
 //! append needs no rebuild of the engine, only the release of what the change held.
 
 pub mod codec;
+pub mod customers;
 pub mod idempotency;
 pub mod inventory;
 pub mod order;
@@ -91,6 +92,12 @@ pub enum EngineError {
         /// The first short SKU, in request order.
         sku: Sku,
     },
+    /// The checkout would take the customer's units of this SKU past its `max_per_customer`.
+    #[error("the customer's units of sku {sku} would pass its limit per customer")]
+    CustomerLimit {
+        /// The first SKU whose limit would be passed, in request order.
+        sku: Sku,
+    },
     /// The products of one checkout have different currencies.
     #[error("the products of one checkout must share one currency")]
     MixedCurrency,
@@ -147,6 +154,8 @@ struct OrderEntry {
 #[must_use = "a reservation holds stock until placed or released"]
 pub struct Reservation {
     hold: Hold,
+    /// The buyer, whose units of each SKU count the hold's ([`customers`]).
+    customer: CustomerId,
     items: Vec<OrderItem>,
     total_cents: i64,
     currency: Currency,
@@ -189,16 +198,14 @@ pub enum PaymentOutcome {
     },
 }
 
-/// An order about to be placed: its id (taken before the payment), its held units, its buyer and
-/// how its payment ended.
+/// An order about to be placed: its id (taken before the payment), its held units and buyer,
+/// and how its payment ended.
 #[derive(Debug)]
 pub struct NewOrder {
     /// From [`Engine::new_order_id`].
     pub order_id: OrderId,
-    /// The held units and prices.
+    /// The held units and prices, and the buyer.
     pub reservation: Reservation,
-    /// The buyer.
-    pub customer_id: CustomerId,
     /// How the payment ended.
     pub outcome: PaymentOutcome,
 }
@@ -304,6 +311,8 @@ pub struct Engine {
     /// Orders that owe the gateway a call (capture, void, refund), so the settler never scans the
     /// others.
     payments_due: Mutex<FxHashSet<OrderId>>,
+    /// Units per customer and SKU, for `max_per_customer`.
+    customers: customers::CustomerUnits,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
@@ -318,6 +327,7 @@ impl Engine {
             holds_by_deadline: Mutex::default(),
             finished_by_time: Mutex::default(),
             payments_due: Mutex::default(),
+            customers: customers::CustomerUnits::default(),
             idempotency: IdempotencyStore::new(config.rejections, config.answer_retention_ms),
             next_order_number: AtomicU64::new(1),
             config,
@@ -352,6 +362,9 @@ impl Engine {
                 )));
             }
             let index = engine.inventory.add(sku, stock, reserved, sold);
+            engine
+                .inventory
+                .set_max_per_customer(index, product.max_per_customer);
             lock(&engine.products[shard_index(sku)]).insert(
                 sku.clone(),
                 ProductEntry {
@@ -365,6 +378,9 @@ impl Engine {
         by_time.sort_by_key(|o| o.created_at_ms);
         for order in by_time {
             let lines = engine.lines_of(order)?;
+            if order.status.counts_for_customer() {
+                engine.customers.add(&order.customer_id, &lines);
+            }
             engine.index_order(order, None);
             lock(&engine.orders[shard_index(&order.order_id)]).insert(
                 order.order_id.clone(),
@@ -443,15 +459,19 @@ impl Engine {
         let mut products = lock(&self.products[shard_index(&product.sku)]);
         match products.get_mut(&product.sku) {
             Some(ProductEntry {
-                durable: Some((kept, _)),
+                durable: Some((kept, index)),
                 ..
             }) => {
                 if *kept != product {
+                    self.inventory
+                        .set_max_per_customer(*index, product.max_per_customer);
                     *kept = product;
                 }
             }
             _ => {
                 let index = self.inventory.add(&product.sku, 0, 0, 0);
+                self.inventory
+                    .set_max_per_customer(index, product.max_per_customer);
                 products.insert(
                     product.sku.clone(),
                     ProductEntry {
@@ -473,7 +493,11 @@ impl Engine {
     /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
     /// lock: a sold-out SKU costs one load), then mixed currencies. Once held, each line is priced
     /// under its product's shard lock.
-    pub fn reserve(&self, lines: &[(Sku, Quantity)]) -> Result<Reservation, EngineError> {
+    pub fn reserve(
+        &self,
+        lines: &[(Sku, Quantity)],
+        customer: &CustomerId,
+    ) -> Result<Reservation, EngineError> {
         // The flash sale's flood: one line of a SKU flagged sold out is refused with one lookup
         // and one load, before anything is allocated (the answer the full path below would give).
         if let [(sku, _)] = lines {
@@ -491,14 +515,31 @@ impl Engine {
                 .ok_or_else(|| EngineError::UnknownSku(sku.clone()))?;
             indexed.push((index, quantity.get()));
         }
-        let hold = self.inventory.reserve(&indexed).map_err(|e| match e {
-            ReserveError::OutOfStock { index } => {
-                let position = indexed.iter().position(|(i, _)| *i == index).unwrap_or(0);
-                EngineError::OutOfStock {
-                    sku: lines[position].0.clone(),
-                }
+        let sku_of = |index: SkuIndex| {
+            let position = indexed.iter().position(|(i, _)| *i == index).unwrap_or(0);
+            lines[position].0.clone()
+        };
+        // The customer's units first (one line per SKU, as the hold will have them): a customer
+        // at a limit is refused before holding a unit another buyer could have had.
+        let mut per_sku: Vec<(SkuIndex, i64)> = Vec::with_capacity(indexed.len());
+        for &(index, units) in &indexed {
+            match per_sku.iter_mut().find(|(i, _)| *i == index) {
+                Some((_, total)) => *total += units,
+                None => per_sku.push((index, units)),
             }
-        })?;
+        }
+        self.customers
+            .take(customer, &per_sku, |index| {
+                self.inventory.max_per_customer(index)
+            })
+            .map_err(|index| EngineError::CustomerLimit { sku: sku_of(index) })?;
+        let hold = match self.inventory.reserve(&indexed) {
+            Ok(hold) => hold,
+            Err(ReserveError::OutOfStock { index }) => {
+                self.customers.give(customer, &per_sku);
+                return Err(EngineError::OutOfStock { sku: sku_of(index) });
+            }
+        };
         // The hold merged lines naming one SKU; price them in its order.
         let mut items = Vec::with_capacity(hold.lines().len());
         let mut currency = None;
@@ -509,12 +550,14 @@ impl Engine {
             let products = lock(&self.products[shard_index(sku)]);
             let Some((product, _)) = products.get(sku).and_then(|e| e.durable.as_ref()) else {
                 drop(products);
+                self.customers.give(customer, hold.lines());
                 self.inventory.release(hold);
                 return Err(EngineError::UnknownSku(sku.clone()));
             };
             let price = product.price_cents;
             if *currency.get_or_insert(product.currency) != product.currency {
                 drop(products);
+                self.customers.give(customer, hold.lines());
                 self.inventory.release(hold);
                 return Err(EngineError::MixedCurrency);
             }
@@ -529,6 +572,7 @@ impl Engine {
             .ok_or_else(|| EngineError::Inconsistent("a reservation without lines".to_owned()))?;
         Ok(Reservation {
             hold,
+            customer: customer.clone(),
             items,
             total_cents,
             currency,
@@ -544,7 +588,16 @@ impl Engine {
 
     /// Gives a reservation's units back (the checkout ended before an order was placed).
     pub fn release_reservation(&self, reservation: Reservation) {
+        self.customers
+            .give(&reservation.customer, reservation.hold.lines());
         self.inventory.release(reservation.hold);
+    }
+
+    /// The units `customer` holds or bought of `sku` (as `max_per_customer` counts them).
+    pub fn customer_units(&self, sku: &Sku, customer: &CustomerId) -> i64 {
+        self.inventory
+            .lookup(sku)
+            .map_or(0, |index| self.customers.units(index, customer))
     }
 
     /// A fresh order id, unique across restarts. The checkout takes it before authorising the
@@ -569,7 +622,6 @@ impl Engine {
         let NewOrder {
             order_id,
             reservation,
-            customer_id,
             outcome,
         } = new_order;
         let (status, payment_id) = match outcome {
@@ -582,7 +634,7 @@ impl Engine {
         let order = Order {
             order_id,
             status,
-            customer_id,
+            customer_id: reservation.customer,
             items: reservation.items,
             total_cents: reservation.total_cents,
             currency: reservation.currency,
@@ -840,6 +892,8 @@ impl Engine {
                     }
                     None => self.inventory.add(&product.sku, product.stock.get(), 0, 0),
                 };
+                self.inventory
+                    .set_max_per_customer(index, product.max_per_customer);
                 let view = self.inventory.view(index);
                 entry.durable = Some((product.clone(), index));
                 Applied::Product(product, view)
@@ -855,7 +909,10 @@ impl Engine {
             ) => {
                 match order.status {
                     OrderStatus::Paid => self.inventory.commit(hold),
-                    OrderStatus::Released => self.inventory.release(hold),
+                    OrderStatus::Released => {
+                        self.customers.give(&order.customer_id, hold.lines());
+                        self.inventory.release(hold);
+                    }
                     // Held: the order's lines know the units from now on.
                     _ => drop(hold),
                 }
@@ -888,6 +945,9 @@ impl Engine {
                 };
                 drop(orders);
                 let hold = self.inventory.hold_of(lines.clone());
+                if previous.counts_for_customer() && !order.status.counts_for_customer() {
+                    self.customers.give(&order.customer_id, &lines);
+                }
                 match (previous.holds_stock(), order.status) {
                     (true, OrderStatus::Paid) => self.inventory.commit(hold),
                     (true, OrderStatus::Released) => self.inventory.release(hold),
@@ -939,6 +999,9 @@ impl Engine {
                 }
             }
             Effect::NewOrder { hold, answer, .. } => {
+                if let Record::Order { order, .. } = &record {
+                    self.customers.give(&order.customer_id, hold.lines());
+                }
                 self.inventory.release(hold);
                 if let Some((key, _)) = answer {
                     self.idempotency.abandon(&key);
@@ -1017,6 +1080,9 @@ impl Engine {
             return Ok(false);
         }
         let lines = self.lines_of(&order)?;
+        if order.status.counts_for_customer() {
+            self.customers.add(&order.customer_id, &lines);
+        }
         for &(index, units) in &lines {
             match order.status {
                 s if s.holds_stock() => self.inventory.adopt_units(index, units, 0),
@@ -1078,7 +1144,12 @@ impl Engine {
                 }
                 continue;
             }
-            orders.remove(&order_id);
+            if let Some(entry) = orders.remove(&order_id) {
+                // Past retention an order counts for its customer no more (API.md).
+                if entry.order.status.counts_for_customer() {
+                    self.customers.give(&entry.order.customer_id, &entry.lines);
+                }
+            }
             dropped += 1;
         }
         dropped

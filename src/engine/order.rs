@@ -63,6 +63,12 @@ impl OrderStatus {
         matches!(self, OrderStatus::Reserved | OrderStatus::PaymentPending)
     }
 
+    /// True while the order's units count for its customer's `max_per_customer`: held or sold,
+    /// not released or refunded.
+    pub fn counts_for_customer(self) -> bool {
+        self.holds_stock() || self == OrderStatus::Paid
+    }
+
     /// True once no further transition is possible.
     pub fn is_final(self) -> bool {
         matches!(self, OrderStatus::Released | OrderStatus::Refunded)

@@ -23,6 +23,9 @@ pub struct Product {
     pub currency: Currency,
     /// Units the shop owns: available, held and sold together.
     pub stock: Stock,
+    /// The most units of it one customer may hold or have bought (`None`: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_per_customer: Option<u32>,
 }
 
 /// The answer given to a request under an idempotency key, kept so a replay returns it unchanged.

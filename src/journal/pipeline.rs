@@ -433,6 +433,7 @@ pub(crate) mod tests {
                 price_cents: Cents::parse(1).unwrap(),
                 currency: Currency::parse("EUR").unwrap(),
                 stock: Stock::parse(1).unwrap(),
+                max_per_customer: None,
             },
         }
     }
@@ -477,6 +478,7 @@ pub(crate) mod tests {
                                         price_cents: Cents::parse(1).unwrap(),
                                         currency: Currency::parse("EUR").unwrap(),
                                         stock: Stock::parse(1).unwrap(),
+                                        max_per_customer: None,
                                     },
                                 });
                                 (sku, ticket)

@@ -4,6 +4,7 @@ mod admin_desk;
 mod amqp;
 mod cluster;
 mod crash;
+mod customer_limits;
 mod durability;
 mod edges;
 mod flash_sale;

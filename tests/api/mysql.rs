@@ -846,6 +846,7 @@ async fn write_previous_version_rows(pool: &sqlx::MySqlPool) {
                     price_cents: Cents::parse(100).expect("price"),
                     currency: eur,
                     stock: Stock::parse(10).expect("stock"),
+                    max_per_customer: None,
                 },
             },
             None,

@@ -39,6 +39,7 @@ fn product(name: &str, stock: i64) -> Record {
             price_cents: Cents::parse(100).expect("price"),
             currency: Currency::parse("EUR").expect("currency"),
             stock: Stock::parse(stock).expect("stock"),
+            max_per_customer: None,
         },
     }
 }

@@ -73,6 +73,7 @@ pub fn product(name: &str, price_cents: i64, stock: i64) -> Product {
         price_cents: turnstile::domain::Cents::parse(price_cents).expect("test price"),
         currency: Currency::parse("EUR").expect("test currency"),
         stock: Stock::parse(stock).expect("test stock"),
+        max_per_customer: None,
     }
 }
 
@@ -91,7 +92,10 @@ pub fn new_order(
     now_ms: i64,
 ) -> Change {
     let reservation = engine
-        .reserve(&[(sku(name), Quantity::parse(units).expect("quantity"))])
+        .reserve(
+            &[(sku(name), Quantity::parse(units).expect("quantity"))],
+            &CustomerId::parse("c").expect("customer"),
+        )
         .expect("reserve");
     let answer = key.map(|key| AnswerSpec {
         key,
@@ -103,7 +107,6 @@ pub fn new_order(
             NewOrder {
                 order_id: engine.new_order_id(),
                 reservation,
-                customer_id: CustomerId::parse("c").expect("customer"),
                 outcome,
             },
             answer,

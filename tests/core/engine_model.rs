@@ -198,7 +198,7 @@ fn run(ops: Vec<Op>) {
                 let short = merged
                     .iter()
                     .find(|(i, q)| model.view(*i).is_some_and(|v| v.available < *q));
-                let result = engine.reserve(&request);
+                let result = engine.reserve(&request, &CustomerId::parse("c").expect("customer"));
                 if let Some(&(i, _)) = unknown {
                     assert_eq!(result.err(), Some(EngineError::UnknownSku(sku(&name(i)))));
                 } else if let Some(&(i, _)) = short {
@@ -221,7 +221,6 @@ fn run(ops: Vec<Op>) {
                         NewOrder {
                             order_id: engine.new_order_id(),
                             reservation,
-                            customer_id: CustomerId::parse("c").expect("customer"),
                             outcome: payment_outcome,
                         },
                         None,

@@ -67,16 +67,18 @@ fn restart_rebuilds_engine_orders_keys_and_events() {
             Ok(Begin::Started)
         );
         let reservation = engine
-            .reserve(&[
-                (sku("a"), Quantity::parse(2).expect("q")),
-                (sku("b"), Quantity::parse(1).expect("q")),
-            ])
+            .reserve(
+                &[
+                    (sku("a"), Quantity::parse(2).expect("q")),
+                    (sku("b"), Quantity::parse(1).expect("q")),
+                ],
+                &CustomerId::parse("c1").expect("customer"),
+            )
             .expect("reserve");
         let (change, answer) = engine.place_order(
             NewOrder {
                 order_id: engine.new_order_id(),
                 reservation,
-                customer_id: CustomerId::parse("c1").expect("customer"),
                 outcome,
             },
             Some(AnswerSpec {

@@ -883,10 +883,12 @@ async fn load(
 ) -> Result<State, JournalError> {
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
-    for row in sqlx::query("SELECT sku, name, price_cents, currency, stock FROM products")
-        .fetch_all(pool)
-        .await
-        .map_err(read)?
+    for row in sqlx::query(
+        "SELECT sku, name, price_cents, currency, stock, max_per_customer FROM products",
+    )
+    .fetch_all(pool)
+    .await
+    .map_err(read)?
     {
         let sku = text(&row, 0).map_err(read)?;
         let product = Product {
@@ -898,6 +900,7 @@ async fn load(
                 .map_err(|e| corrupt("products", e.to_string()))?,
             stock: Stock::parse(row.try_get(4).map_err(read)?)
                 .map_err(|e| corrupt("products", e.to_string()))?,
+            max_per_customer: row.try_get(5).map_err(read)?,
         };
         state.products.insert(product.sku.clone(), product);
     }

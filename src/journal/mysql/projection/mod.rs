@@ -269,7 +269,8 @@ pub(crate) async fn project(
     let products: Vec<_> = products.into_values().collect();
     for chunk in products.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
-            "INSERT INTO products (sku, name, price_cents, currency, stock, updated_lsn) ",
+            "INSERT INTO products (sku, name, price_cents, currency, stock, max_per_customer, \
+             updated_lsn) ",
         );
         q.push_values(chunk, |mut row, (product, lsn)| {
             row.push_bind(product.sku.as_str())
@@ -277,11 +278,13 @@ pub(crate) async fn project(
                 .push_bind(product.price_cents.get())
                 .push_bind(product.currency.as_str())
                 .push_bind(product.stock.get())
+                .push_bind(product.max_per_customer)
                 .push_bind(*lsn);
         });
         q.push(
             " ON DUPLICATE KEY UPDATE name = VALUES(name), price_cents = VALUES(price_cents), \
-             currency = VALUES(currency), stock = VALUES(stock), updated_lsn = VALUES(updated_lsn)",
+             currency = VALUES(currency), stock = VALUES(stock), \
+             max_per_customer = VALUES(max_per_customer), updated_lsn = VALUES(updated_lsn)",
         );
         q.build().execute(&mut *tx).await?;
         let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (node, sku) ");

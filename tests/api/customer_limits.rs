@@ -1,0 +1,216 @@
+//! `max_per_customer` (API.md, "Per-customer limit"): 50 checkouts of one customer at once under
+//! 50 keys buy exactly the limit; a cancelled order gives its units back (one more, and only one);
+//! a declined payment never counted; a refused key is judged afresh when sent again; the limit
+//! holds after `kill -9` and a restart, on the embedded journal and on MySQL; `PUT` keeps, changes
+//! and clears it; several nodes refuse it in this build.
+
+use crate::helpers::{start, Client, JsonBody, TestDatabase};
+use serde_json::{json, Value};
+
+const CUSTOMER: &str = "greedy";
+
+async fn put(client: &mut Client, body: Value) -> (u16, Value) {
+    let answer = client
+        .send("PUT", "/v1/products/LTD", &[], &body.to_string())
+        .await;
+    let status = answer.status;
+    (status, answer.json())
+}
+
+fn product(limit: Option<Value>) -> Value {
+    let mut body =
+        json!({"name": "limited drop", "price_cents": 2_500, "currency": "EUR", "stock": 100});
+    if let Some(limit) = limit {
+        body["max_per_customer"] = limit;
+    }
+    body
+}
+
+/// One unit of `LTD` for `customer` under `key`: status and body.
+async fn buy(client: &mut Client, key: &str, customer: &str, token: &str) -> (u16, Value) {
+    let body = json!({
+        "items": [{"sku": "LTD", "quantity": 1}],
+        "customer_id": customer,
+        "payment_token": token,
+    })
+    .to_string();
+    let answer = client
+        .send("POST", "/v1/checkout", &[("idempotency-key", key)], &body)
+        .await;
+    let status = answer.status;
+    (
+        status,
+        serde_json::from_slice(&answer.body).unwrap_or_default(),
+    )
+}
+
+/// 50 checkouts of the customer at once, each under its own key and connection: the keys that
+/// bought, with their orders.
+async fn fifty_at_once(app: &crate::helpers::TestApp, round: &str) -> Vec<(String, String)> {
+    let tasks: Vec<_> = (0..50)
+        .map(|n| {
+            let mut client = app.client();
+            let key = format!("{round}-{n}");
+            tokio::spawn(async move {
+                let (status, body) = buy(&mut client, &key, CUSTOMER, "tok_ok").await;
+                (key, status, body)
+            })
+        })
+        .collect();
+    let mut bought = Vec::new();
+    for task in tasks {
+        let (key, status, body) = task.await.expect("buyer");
+        match status {
+            201 => {
+                let order_id = body["order_id"].as_str().expect("order_id").to_owned();
+                bought.push((key, order_id));
+            }
+            409 => {
+                assert_eq!(body["error"], "customer_limit_reached", "{body}");
+                assert_eq!(body["sku"], "LTD", "{body}");
+            }
+            other => panic!("{key}: {other} {body}"),
+        }
+    }
+    bought
+}
+
+async fn the_limit_holds(journal: &[&str]) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data_dir = dir.path().join("data");
+    let mut app = start(&data_dir, journal);
+    let mut client = app.client();
+    let (status, body) = put(&mut client, product(Some(json!(2)))).await;
+    assert_eq!(
+        (status, &body["max_per_customer"]),
+        (200, &json!(2)),
+        "{body}"
+    );
+
+    // Exactly the limit, whatever the concurrency.
+    let bought = fifty_at_once(&app, "first").await;
+    assert_eq!(bought.len(), 2, "{bought:?}");
+    let (_, available, reserved, sold) = client.stock("LTD").await;
+    assert_eq!((available, reserved, sold), (98, 0, 2));
+    // Another customer has a limit of its own; a declined payment never counts.
+    assert_eq!(
+        buy(&mut client, "other-1", "someone-else", "tok_ok")
+            .await
+            .0,
+        201
+    );
+    assert_eq!(
+        buy(&mut client, "declined", "careful", "tok_decline")
+            .await
+            .0,
+        402
+    );
+    assert_eq!(
+        buy(&mut client, "careful-1", "careful", "tok_ok").await.0,
+        201
+    );
+    assert_eq!(
+        buy(&mut client, "careful-2", "careful", "tok_ok").await.0,
+        201
+    );
+
+    // A cancelled order gives its unit back: one more, and only one. A key refused for the
+    // limit is judged afresh when sent again (the refusal is not kept under it).
+    let refused_key = (0..50)
+        .map(|n| format!("first-{n}"))
+        .find(|key| bought.iter().all(|(k, _)| k != key))
+        .expect("a refused key");
+    let order_id = &bought[0].1;
+    let cancelled = client
+        .send("POST", &format!("/v1/orders/{order_id}/cancel"), &[], "")
+        .await;
+    assert_eq!(cancelled.status, 200);
+    assert_eq!(
+        buy(&mut client, &refused_key, CUSTOMER, "tok_ok").await.0,
+        201
+    );
+    assert_eq!(
+        buy(&mut client, "after-cancel", CUSTOMER, "tok_ok").await.0,
+        409
+    );
+
+    // kill -9 and a restart: the count is rebuilt from the journal.
+    app.kill_9();
+    let app = start(&data_dir, journal);
+    let mut client = app.client();
+    assert_eq!(fifty_at_once(&app, "after-restart").await.len(), 0);
+    let (status, body) = put(&mut client, product(None)).await;
+    assert_eq!(
+        (status, &body["max_per_customer"]),
+        (200, &json!(2)),
+        "omitted keeps it: {body}"
+    );
+    assert_eq!(fifty_at_once(&app, "still").await.len(), 0);
+    // Raised to 3: one more; cleared: no limit.
+    assert_eq!(put(&mut client, product(Some(json!(3)))).await.0, 200);
+    assert_eq!(fifty_at_once(&app, "raised").await.len(), 1);
+    let (status, body) = put(&mut client, product(Some(Value::Null))).await;
+    assert_eq!(
+        (status, &body["max_per_customer"]),
+        (200, &Value::Null),
+        "{body}"
+    );
+    assert_eq!(
+        buy(&mut client, "unlimited", CUSTOMER, "tok_ok").await.0,
+        201
+    );
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!(1.5),
+        json!("2"),
+        json!(4_294_967_296u64),
+    ] {
+        assert_eq!(
+            put(&mut client, product(Some(bad.clone()))).await.0,
+            400,
+            "{bad}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_checkouts_of_one_customer_buy_exactly_the_limit_through_cancels_and_kill_9() {
+    the_limit_holds(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_mysql_journal_the_limit_holds_through_cancels_and_kill_9() {
+    let database = TestDatabase::create().await;
+    the_limit_holds(&["--mysql-url", &database.url]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_nodes_refuse_a_limit_per_customer_in_this_build() {
+    let database = TestDatabase::create().await;
+    let redis = crate::helpers::TestRedis::create("limits").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut args = vec![
+        "--mysql-url".to_owned(),
+        database.url.clone(),
+        "--node-id".to_owned(),
+        "node-a".to_owned(),
+        "--cluster-secret".to_owned(),
+        "limits-cluster-secret".to_owned(),
+    ];
+    args.extend(redis.args());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let app = start(&dir.path().join("node-a"), &args);
+    let mut client = app.client();
+    let (status, body) = put(&mut client, product(Some(json!(2)))).await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("several nodes")),
+        "{body}"
+    );
+    // Without a limit (or clearing one) the product is taken.
+    assert_eq!(put(&mut client, product(None)).await.0, 200);
+    assert_eq!(put(&mut client, product(Some(Value::Null))).await.0, 200);
+}
