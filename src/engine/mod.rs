@@ -490,9 +490,10 @@ impl Engine {
         Some((product.clone(), self.inventory.view(*index)))
     }
 
-    /// Holds every line or none. Unknown SKUs are refused first, then short ones (without taking a
-    /// lock: a sold-out SKU costs one load), then mixed currencies. Once held, each line is priced
-    /// under its product's shard lock.
+    /// Holds every line or none, for `customer`. Unknown SKUs are refused first, then short ones
+    /// (without taking a lock: a sold-out SKU costs one load), then lines past the customer's
+    /// limit (`max_per_customer`: checked and counted before any unit is held), then mixed
+    /// currencies. Once held, each line is priced under its product's shard lock.
     pub fn reserve(
         &self,
         lines: &[(Sku, Quantity)],
@@ -528,11 +529,19 @@ impl Engine {
                 None => per_sku.push((index, units)),
             }
         }
-        self.customers
-            .take(customer, &per_sku, |index| {
-                self.inventory.max_per_customer(index)
-            })
-            .map_err(|index| EngineError::CustomerLimit { sku: sku_of(index) })?;
+        if let Err(over) = self.customers.take(customer, &per_sku, |index| {
+            self.inventory.max_per_customer(index)
+        }) {
+            // A SKU without the units says so first, to this customer as to everyone (as the
+            // sold-out flag above does).
+            let short = per_sku
+                .iter()
+                .find(|&&(index, units)| self.inventory.view(index).available < units);
+            return Err(match short {
+                Some(&(index, _)) => EngineError::OutOfStock { sku: sku_of(index) },
+                None => EngineError::CustomerLimit { sku: sku_of(over) },
+            });
+        }
         let hold = match self.inventory.reserve(&indexed) {
             Ok(hold) => hold,
             Err(ReserveError::OutOfStock { index }) => {

@@ -1,5 +1,6 @@
-//! A property test of the engine (products, checkouts, the order state machine, hold expiry)
-//! against a plain model: after every step the engine's stock and orders equal the model's; a
+//! A property test of the engine (products with limits per customer, checkouts of several
+//! customers, the order state machine, hold expiry) against a plain model: after every step the
+//! engine's stock, orders and units per customer equal the model's; a
 //! change whose append fails (aborted) leaves no trace; while a change is in flight readers see
 //! the durable state; and the records of the applied changes rebuild an identical engine. A second
 //! property test races a cancel against a webhook approval under every schedule. Both print their
@@ -18,6 +19,7 @@ use turnstile::engine::{
 };
 
 const SKUS: usize = 3;
+const CUSTOMERS: usize = 3;
 const HOLD_TTL_MS: i64 = 1_000;
 
 /// Stands in for the journal: a change either becomes durable (its record is kept, in commit
@@ -42,9 +44,11 @@ enum Op {
     Upsert {
         sku: usize,
         stock: i64,
+        limit: Option<u32>,
         fails: bool,
     },
     Checkout {
+        customer: usize,
         lines: Vec<(usize, i64)>,
         outcome: u8,
         fails: bool,
@@ -67,9 +71,10 @@ fn op() -> impl Strategy<Value = Op> {
     let status = prop::sample::select(OrderStatus::ALL.to_vec());
     let fails = || prop::bool::weighted(0.2);
     prop_oneof![
-        2 => (0..SKUS, 0..12i64, fails()).prop_map(|(sku, stock, fails)| Op::Upsert { sku, stock, fails }),
-        4 => (prop::collection::vec((0..SKUS + 1, 1..4i64), 1..4), 0..3u8, fails())
-            .prop_map(|(lines, outcome, fails)| Op::Checkout { lines, outcome, fails }),
+        2 => (0..SKUS, 0..12i64, prop::option::of(1..5u32), fails())
+            .prop_map(|(sku, stock, limit, fails)| Op::Upsert { sku, stock, limit, fails }),
+        4 => (0..CUSTOMERS, prop::collection::vec((0..SKUS + 1, 1..4i64), 1..4), 0..3u8, fails())
+            .prop_map(|(customer, lines, outcome, fails)| Op::Checkout { customer, lines, outcome, fails }),
         2 => (0..32usize, status, fails()).prop_map(|(order, to, fails)| Op::Transition { order, to, fails }),
         1 => (0..32usize, fails()).prop_map(|(order, fails)| Op::Cancel { order, fails }),
         1 => (0..1_500i64).prop_map(|ms| Op::Advance { ms }),
@@ -78,6 +83,7 @@ fn op() -> impl Strategy<Value = Op> {
 
 struct ModelOrder {
     id: OrderId,
+    customer: usize,
     status: OrderStatus,
     lines: Vec<(usize, i64)>,
     deadline_ms: i64,
@@ -86,10 +92,22 @@ struct ModelOrder {
 #[derive(Default)]
 struct Model {
     stock: [Option<i64>; SKUS],
+    limits: [Option<u32>; SKUS],
     orders: Vec<ModelOrder>,
 }
 
 impl Model {
+    /// The units `customer` holds or bought of `sku`.
+    fn customer_units(&self, customer: usize, sku: usize) -> i64 {
+        self.orders
+            .iter()
+            .filter(|o| o.customer == customer && o.status.counts_for_customer())
+            .flat_map(|o| &o.lines)
+            .filter(|(s, _)| *s == sku)
+            .map(|(_, units)| units)
+            .sum()
+    }
+
     fn committed(&self, sku: usize) -> (i64, i64) {
         let (mut reserved, mut sold) = (0, 0);
         for order in &self.orders {
@@ -125,6 +143,10 @@ fn name(i: usize) -> String {
     format!("s{i}")
 }
 
+fn customer(c: usize) -> CustomerId {
+    CustomerId::parse(format!("c{c}")).expect("customer")
+}
+
 fn check(engine: &Engine, model: &Model) {
     for i in 0..SKUS {
         let got = engine.product(&sku(&name(i))).map(|(_, view)| view);
@@ -133,6 +155,15 @@ fn check(engine: &Engine, model: &Model) {
     for order in &model.orders {
         let got = engine.order(&order.id).map(|o| o.status);
         assert_eq!(got, Some(order.status), "status of {}", order.id);
+    }
+    for c in 0..CUSTOMERS {
+        for i in 0..SKUS {
+            assert_eq!(
+                engine.customer_units(&sku(&name(i)), &customer(c)),
+                model.customer_units(c, i),
+                "units of s{i} for c{c}"
+            );
+        }
     }
 }
 
@@ -152,9 +183,12 @@ fn run(ops: Vec<Op>) {
             Op::Upsert {
                 sku: i,
                 stock,
+                limit,
                 fails,
             } => {
-                let result = engine.prepare_product(product(&name(i), 100 + i as i64, stock));
+                let mut defined = product(&name(i), 100 + i as i64, stock);
+                defined.max_per_customer = limit;
+                let result = engine.prepare_product(defined);
                 let committed = model.committed(i);
                 if model.stock[i].is_some() && stock < committed.0 + committed.1 {
                     assert!(
@@ -171,10 +205,12 @@ fn run(ops: Vec<Op>) {
                     assert_eq!(seen, model.view(i).map(|v| (v.stock, v.sold)));
                     if journal.settle(&engine, change, fails).is_some() {
                         model.stock[i] = Some(stock);
+                        model.limits[i] = limit;
                     }
                 }
             }
             Op::Checkout {
+                customer: c,
                 lines,
                 outcome,
                 fails,
@@ -195,16 +231,29 @@ fn run(ops: Vec<Op>) {
                 let unknown = lines
                     .iter()
                     .find(|(i, _)| *i >= SKUS || model.stock[*i].is_none());
+                let over = merged.iter().find(|(i, q)| {
+                    model
+                        .limits
+                        .get(*i)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|limit| model.customer_units(c, *i) + q > i64::from(limit))
+                });
                 let short = merged
                     .iter()
                     .find(|(i, q)| model.view(*i).is_some_and(|v| v.available < *q));
-                let result = engine.reserve(&request, &CustomerId::parse("c").expect("customer"));
+                let result = engine.reserve(&request, &customer(c));
                 if let Some(&(i, _)) = unknown {
                     assert_eq!(result.err(), Some(EngineError::UnknownSku(sku(&name(i)))));
                 } else if let Some(&(i, _)) = short {
                     assert_eq!(
                         result.err(),
                         Some(EngineError::OutOfStock { sku: sku(&name(i)) })
+                    );
+                } else if let Some(&(i, _)) = over {
+                    assert_eq!(
+                        result.err(),
+                        Some(EngineError::CustomerLimit { sku: sku(&name(i)) })
                     );
                 } else {
                     let reservation = result.expect("reservation");
@@ -238,6 +287,7 @@ fn run(ops: Vec<Op>) {
                         assert_eq!(order.hold_deadline_ms, now_ms + HOLD_TTL_MS);
                         model.orders.push(ModelOrder {
                             id: order.order_id,
+                            customer: c,
                             status: order.status,
                             lines: merged,
                             deadline_ms: now_ms + HOLD_TTL_MS,
