@@ -210,6 +210,8 @@ pub struct Metrics {
     pub rejections_out_of_stock: Counter,
     /// Checkouts refused because a SKU or cart was unknown.
     pub rejections_not_found: Counter,
+    /// Checkouts refused for a product's limit per customer.
+    pub rejections_customer_limit: Counter,
     /// Answers replayed from an idempotency key.
     pub replays: Counter,
     /// Holds released by the sweeper after their deadline.
@@ -250,6 +252,7 @@ impl Metrics {
             reservations: Counter::default(),
             rejections_out_of_stock: Counter::default(),
             rejections_not_found: Counter::default(),
+            rejections_customer_limit: Counter::default(),
             replays: Counter::default(),
             holds_expired: Counter::default(),
             gateway_authorize_seconds: Histogram::new(LATENCY_BOUNDS_SECONDS),
@@ -329,6 +332,11 @@ impl Metrics {
                 "turnstile_rejections_not_found",
                 "Checkouts refused for an unknown SKU or cart.",
                 &self.rejections_not_found,
+            ),
+            (
+                "turnstile_rejections_customer_limit",
+                "Checkouts refused for a product's limit per customer.",
+                &self.rejections_customer_limit,
             ),
             (
                 "turnstile_idempotent_replays",

@@ -400,6 +400,10 @@ pub async fn place(
             return Ok(refused.rendered(submission, Kept::Refused(&error)))
         }
         Err(other) => {
+            if matches!(other, EngineError::CustomerLimit { .. }) {
+                app.metrics.rejections_customer_limit.add(1);
+            }
+            // Not kept under the key (API.md): a retry is judged afresh.
             app.engine.idempotency().abandon(&key);
             return Err(other.into());
         }

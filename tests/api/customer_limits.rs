@@ -90,6 +90,10 @@ async fn the_limit_holds(journal: &[&str]) {
     // Exactly the limit, whatever the concurrency.
     let bought = fifty_at_once(&app, "first").await;
     assert_eq!(bought.len(), 2, "{bought:?}");
+    assert_eq!(
+        crate::helpers::metric(&mut client, "turnstile_rejections_customer_limit_total").await,
+        48.0
+    );
     let (_, available, reserved, sold) = client.stock("LTD").await;
     assert_eq!((available, reserved, sold), (98, 0, 2));
     // Another customer has a limit of its own; a declined payment never counts.
