@@ -68,6 +68,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         admin_token: None,
         response_budget: turnstile::connections::ResponseBudget::leak(128 << 20, None),
         stopping: std::sync::atomic::AtomicBool::new(false),
+        streams: turnstile::app::streams::StockStreams::new(1_000),
     });
     api::router(state)
 }

@@ -280,13 +280,21 @@ async fn serve(
         }
     };
     // From the ready line on, SIGTERM is the clean stop `shutdown` writes down.
-    let stop = stopping(Arc::clone(&app), signal, config.shutdown_delay);
+    let stop = {
+        let (app, delay) = (Arc::clone(&app), config.shutdown_delay);
+        async move {
+            stopping(Arc::clone(&app), signal, delay).await;
+            // Accepting stops now: the live stock streams end, so the drain waits for none.
+            app.streams.close();
+        }
+    };
     // The contract's ready line (API.md), on standard output for scripts to wait on.
     let mut stdout = std::io::stdout().lock();
     let _ = writeln!(stdout, "listening on {local}").and_then(|()| stdout.flush());
     drop(stdout);
 
     let background = vec![
+        tokio::spawn(app::streams::feed(Arc::clone(&app))),
         tokio::spawn(app::sweep::sweep(Arc::clone(&app), config.hold_ttl)),
         tokio::spawn(app::money::reconcile(
             Arc::clone(&app),
@@ -356,6 +364,7 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         admin_token: config.admin_token.clone(),
         cluster: parts.cluster,
         stopping: std::sync::atomic::AtomicBool::new(false),
+        streams: app::streams::StockStreams::new(config.streams_max),
     })
 }
 
@@ -781,6 +790,9 @@ struct Stopping {
     checkouts_max: usize,
 }
 
+/// How long the shutdown waits for the live stock streams' connections to finish.
+const STREAMS_STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// The one shutdown. From the stop signal the node answers `/readyz` 503 and serves on for
 /// `--shutdown-delay` ([`stopping`]); then the listeners stop accepting, and once every
 /// connection has ended (its in-flight requests answered), in this order:
@@ -797,6 +809,14 @@ struct Stopping {
 async fn shutdown(parts: Stopping) {
     for task in &parts.background {
         task.abort();
+    }
+    // The live stock streams ended when accepting stopped; their connections write their last
+    // bytes (a reader that stopped reading is cut by the slow-client rule meanwhile).
+    if !parts.app.streams.wait_closed(STREAMS_STOP_WAIT).await {
+        tracing::info!(
+            open = parts.app.streams.open(),
+            "live stock streams still writing their last bytes at shutdown; they are cut"
+        );
     }
     if let Some((relay, task)) = parts.relay {
         relay.stop();

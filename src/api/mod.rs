@@ -34,6 +34,7 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 /// Every route, for the metrics' labels.
 pub const ROUTES: &[&str] = &[
     "/v1/products/{sku}",
+    "/v1/products/{sku}/stream",
     "/v1/carts",
     "/v1/carts/{cart_id}",
     "/v1/carts/{cart_id}/items/{sku}",
@@ -60,6 +61,7 @@ pub fn router(state: Shared) -> Router {
             "/v1/products/{sku}",
             put(products::put_product).get(products::get_product),
         )
+        .route("/v1/products/{sku}/stream", get(products::stream_product))
         .route("/v1/carts", post(carts::create_cart))
         .route("/v1/carts/{cart_id}", get(carts::get_cart))
         .route("/v1/carts/{cart_id}/items/{sku}", put(carts::put_item))

@@ -117,6 +117,37 @@ pub(super) async fn put_product(
     Ok(render(&product, view))
 }
 
+/// `GET /v1/products/{sku}/stream`: the product's counters as Server-Sent Events
+/// ([`crate::app::streams`]). The connection gives its place under `--connections-max` back: the
+/// stream counts against `--streams-max`.
+pub(super) async fn stream_product(
+    State(state): State<Shared>,
+    path: Result<Path<String>, PathRejection>,
+    extensions: axum::http::Extensions,
+) -> Result<Response, ApiError> {
+    use crate::app::streams::{self, StreamError};
+    let Path(raw) = path.map_err(path_error)?;
+    let sku = path_id(raw, Sku::parse)?;
+    let now = streams::counters(&state, &sku)
+        .ok_or_else(|| ApiError::not_found(format!("no product {sku}")))?;
+    let subscription = state.streams.subscribe(&sku, now).map_err(|e| match e {
+        StreamError::Full(_) => ApiError::overloaded(e.to_string()),
+        StreamError::Stopping => {
+            ApiError::overloaded("the server is stopping; open the stream on another node")
+        }
+    })?;
+    if let Some(slot) = extensions.get::<crate::connections::ConnectionSlot>() {
+        slot.release();
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
+        .header(axum::http::header::CACHE_CONTROL, "no-cache")
+        .header("x-accel-buffering", "no")
+        .body(Body::from_stream(streams::body(subscription)))
+        .map_err(|e| ApiError::internal(e.to_string()))
+}
+
 pub(super) async fn get_product(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,

@@ -19,6 +19,7 @@
 pub mod checkout;
 pub mod money;
 pub mod orders;
+pub mod streams;
 pub mod sweep;
 
 use crate::engine::{Applied, Change, Engine, EngineError};
@@ -90,6 +91,8 @@ pub struct AppState {
     /// Set at the stop signal: `/readyz` answers 503 from then on, while the node serves on for
     /// `--shutdown-delay` and then drains.
     pub stopping: std::sync::atomic::AtomicBool,
+    /// The live stock streams (`--streams-max`).
+    pub streams: streams::StockStreams,
 }
 
 /// The state as handlers receive it.

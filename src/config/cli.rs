@@ -330,6 +330,9 @@ pub struct ServeArgs {
     /// Bytes of answers not yet sent to their clients at most, across all connections (in the handlers' bodies and in HTTP/2's send buffers); past it a large read's answer is 503 overloaded, and past it plus a quarter a write is refused before it runs
     #[arg(long, env = "TURNSTILE_RESPONSE_BYTES_MAX", default_value = "134217728", value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1_048_576..=1 << 40))]
     pub response_bytes_max: u64,
+    /// Live stock streams (GET /v1/products/{sku}/stream) open at most; past it 503 overloaded. They do not count against --connections-max
+    #[arg(long, env = "TURNSTILE_STREAMS_MAX", default_value = "100000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub streams_max: u64,
     /// Checkouts past their hold (authorising, committing) at most at once; past it 503 overloaded with Retry-After
     #[arg(long, env = "TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub checkouts_in_flight_max: u64,

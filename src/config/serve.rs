@@ -93,6 +93,8 @@ pub struct ServeConfig {
     /// The most checkouts past their hold at once: bounds the tasks and gateway calls a flood can
     /// start.
     pub checkouts_in_flight_max: usize,
+    /// The most live stock streams open at once (`--streams-max`).
+    pub streams_max: usize,
     /// The most bytes of answers not yet sent to their clients, across all connections, so
     /// clients that never read (or never open an HTTP/2 window) cannot make the server hold
     /// answers without bound.
@@ -275,6 +277,7 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         carts_max: args.carts_max as usize,
         connections_max: args.connections_max as usize,
         checkouts_in_flight_max: args.checkouts_in_flight_max as usize,
+        streams_max: args.streams_max as usize,
         response_bytes_max: usize::try_from(args.response_bytes_max).unwrap_or(usize::MAX),
         redis_optional: args.redis_optional,
         admin_token: args.admin_token,

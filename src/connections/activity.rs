@@ -146,6 +146,8 @@ pub(super) struct CountedService {
     inner: TowerToHyperService<axum::Router>,
     activity: Arc<Activity>,
     budget: &'static ResponseBudget,
+    /// The connection's permit, given to every request (a live stock stream gives it back).
+    slot: super::ConnectionSlot,
 }
 
 impl CountedService {
@@ -153,11 +155,13 @@ impl CountedService {
         router: axum::Router,
         activity: Arc<Activity>,
         budget: &'static ResponseBudget,
+        slot: super::ConnectionSlot,
     ) -> Self {
         Self {
             inner: TowerToHyperService::new(router),
             activity,
             budget,
+            slot,
         }
     }
 }
@@ -306,8 +310,9 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
     type Error = Infallible;
     type Future = Counted;
 
-    fn call(&self, request: Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        request.extensions_mut().insert(self.slot.clone());
         let kind = RequestKind::of(&request, self.budget);
         Counted {
             kind,

@@ -60,6 +60,23 @@ pub struct ConnectionLimits {
     pub response_budget: &'static ResponseBudget,
 }
 
+/// A connection's place under `--connections-max`, held by the connection's task until it ends.
+/// Every request of the connection carries it (an extension): a live stock stream gives it back
+/// ([`Self::release`]), so open streams count against `--streams-max` instead.
+#[derive(Clone)]
+pub struct ConnectionSlot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+
+impl ConnectionSlot {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
+    }
+
+    /// Gives the connection's permit back (once; later calls do nothing).
+    pub fn release(&self) {
+        drop(crate::sync::lock(&self.0).take());
+    }
+}
+
 /// Requests one HTTP/2 connection may have open at once (hyper's default is 200): with
 /// `--connections-max` it bounds the streams a client can keep waiting, and each stream's
 /// answer is counted against `--response-bytes-max` besides.
@@ -271,6 +288,7 @@ pub async fn serve_sharing(
                 tracing::debug!(%error, "could not set TCP_NODELAY");
             }
         }
+        let permit = ConnectionSlot::new(permit);
         let router = router.clone();
         let builder = Arc::clone(&builder);
         let stopping = stopping_seen.clone();
@@ -280,7 +298,10 @@ pub async fn serve_sharing(
             None => {
                 let io = ClientStream::new(stream, timeout);
                 tokio::spawn(async move {
-                    serve_one(&builder, io, router, stopping, timeout, budget, remote).await;
+                    serve_one(
+                        &builder, io, router, &permit, stopping, timeout, budget, remote,
+                    )
+                    .await;
                     drop(permit);
                 });
             }
@@ -299,8 +320,10 @@ pub async fn serve_sharing(
                     match handshake {
                         Ok(Ok(stream)) => {
                             let io = ClientStream::new(stream, timeout);
-                            serve_one(&builder, io, router, stopping, timeout, budget, remote)
-                                .await;
+                            serve_one(
+                                &builder, io, router, &permit, stopping, timeout, budget, remote,
+                            )
+                            .await;
                         }
                         Ok(Err(error)) => {
                             tracing::debug!(%remote, %error, "TLS handshake failed");
@@ -339,10 +362,13 @@ pub async fn serve_sharing(
 /// - a connection told to close gracefully (HTTP/2: a GOAWAY) is closed at once once no handler
 ///   has run on it for `timeout` since, whatever its streams still wait for: a graceful close
 ///   that waits for streams that cannot drain would never end.
+// Each argument is one of the connection's parts; a struct for them would be built once, here.
+#[allow(clippy::too_many_arguments)]
 async fn serve_one<S>(
     builder: &auto::Builder<TokioExecutor>,
     io: ClientStream<S>,
     router: axum::Router,
+    slot: &ConnectionSlot,
     mut stopping: tokio::sync::watch::Receiver<bool>,
     timeout: Duration,
     budget: &'static ResponseBudget,
@@ -352,7 +378,7 @@ async fn serve_one<S>(
 {
     use tokio::time::Instant;
     let activity = Activity::new();
-    let service = CountedService::new(router, Arc::clone(&activity), budget);
+    let service = CountedService::new(router, Arc::clone(&activity), budget, slot.clone());
     let connection = builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let check = tokio::time::sleep(timeout);

@@ -24,5 +24,6 @@ mod runtime;
 mod secrets;
 mod sessions;
 mod stalled_commit;
+mod stock_stream;
 mod tls;
 mod validation;
