@@ -100,11 +100,10 @@ pub(super) async fn put_product(
                  each node would count a customer's units alone",
             )),
             Some(limit) => limit,
-            None => state
-                .engine
-                .product(&sku)
-                .and_then(|(product, _)| product.max_per_customer),
+            // Omitted: the engine keeps the limit the product has when it decides the change.
+            None => None,
         };
+    let keep_limit = body.max_per_customer.is_none();
     let product = Product {
         sku,
         name: body.name,
@@ -113,7 +112,7 @@ pub(super) async fn put_product(
         stock: body.stock,
         max_per_customer,
     };
-    let (product, view) = crate::app::orders::put_product(&state, product).await?;
+    let (product, view) = crate::app::orders::put_product(&state, product, keep_limit).await?;
     Ok(render(&product, view))
 }
 

@@ -97,12 +97,24 @@ pub async fn release_held(app: &Shared, order_id: &OrderId) -> Result<(Order, bo
 }
 
 /// Creates a product or changes its name, price or stock (never below what is reserved or sold).
-pub async fn put_product(app: &Shared, product: Product) -> Result<(Product, StockView), AppError> {
-    // Several nodes: the catalogue is MySQL's, and this node's stock is its lease.
+pub async fn put_product(
+    app: &Shared,
+    product: Product,
+    keep_limit: bool,
+) -> Result<(Product, StockView), AppError> {
+    // Several nodes: the catalogue is MySQL's, and this node's stock is its lease (no limits per
+    // customer there in this build: `api::products` refuses to set one).
     if let Some(cluster) = &app.cluster {
         return Ok(crate::cluster::catalogue::put(cluster, &app.engine, product).await?);
     }
-    let change = prepare_when_free(app, || app.engine.prepare_product(product.clone())).await?;
+    let change = prepare_when_free(app, || {
+        if keep_limit {
+            app.engine.prepare_product_keeping_limit(product.clone())
+        } else {
+            app.engine.prepare_product(product.clone())
+        }
+    })
+    .await?;
     match commit(app, change, |_, _| {}).await? {
         Applied::Product(product, view) => Ok((product, view)),
         Applied::Order { .. } | Applied::Payments(_) => Err(AppError::Engine(

@@ -530,6 +530,18 @@ impl Inventory {
     /// when rebuilding from the journal). Returns the existing index if the SKU is already known,
     /// unchanged.
     pub fn add(&self, sku: &Sku, stock: i64, reserved: i64, sold: i64) -> SkuIndex {
+        self.add_limited(sku, stock, reserved, sold, None)
+    }
+
+    /// [`Self::add`], with the SKU's limit per customer set before any reservation can see it.
+    pub fn add_limited(
+        &self,
+        sku: &Sku,
+        stock: i64,
+        reserved: i64,
+        sold: i64,
+        max_per_customer: Option<u32>,
+    ) -> SkuIndex {
         let _writer = crate::sync::lock(&self.add_lock);
         if let Some(existing) = self.lookup(sku) {
             return existing;
@@ -539,6 +551,9 @@ impl Inventory {
             "rebuilt stock of {sku} breaks the identity: stock {stock}, reserved {reserved}, sold {sold}"
         );
         let entry = SkuStock::new(self.shard_count, stock - reserved - sold);
+        entry
+            .max_per_customer
+            .store(max_per_customer.unwrap_or(0), Ordering::Release);
         entry.stock.store(stock, Ordering::Release);
         entry.shards[0].reserved.store(reserved, Ordering::Release);
         entry.shards[0].sold.store(sold, Ordering::Release);

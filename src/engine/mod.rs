@@ -361,10 +361,10 @@ impl Engine {
                     "sku {sku} has stock {stock} but {reserved} reserved and {sold} sold"
                 )));
             }
-            let index = engine.inventory.add(sku, stock, reserved, sold);
-            engine
-                .inventory
-                .set_max_per_customer(index, product.max_per_customer);
+            let index =
+                engine
+                    .inventory
+                    .add_limited(sku, stock, reserved, sold, product.max_per_customer);
             lock(&engine.products[shard_index(sku)]).insert(
                 sku.clone(),
                 ProductEntry {
@@ -417,6 +417,21 @@ impl Engine {
     /// units it removes at once (as a hold), so no checkout can sell them while the change commits;
     /// a raised stock adds its units only once applied.
     pub fn prepare_product(&self, product: Product) -> Result<Change, EngineError> {
+        self.prepare_product_with(product, false)
+    }
+
+    /// [`Self::prepare_product`] of a product that keeps the limit per customer it has (a `PUT`
+    /// without `max_per_customer`): read under the product's lock, after any change in flight
+    /// settled, so a limit set by a change just before is kept, not overwritten.
+    pub fn prepare_product_keeping_limit(&self, product: Product) -> Result<Change, EngineError> {
+        self.prepare_product_with(product, true)
+    }
+
+    fn prepare_product_with(
+        &self,
+        mut product: Product,
+        keep_limit: bool,
+    ) -> Result<Change, EngineError> {
         let mut products = lock(&self.products[shard_index(&product.sku)]);
         let entry = products.entry(product.sku.clone()).or_insert(ProductEntry {
             durable: None,
@@ -424,6 +439,12 @@ impl Engine {
         });
         if entry.busy {
             return Err(EngineError::Busy(format!("product {}", product.sku)));
+        }
+        if keep_limit {
+            product.max_per_customer = entry
+                .durable
+                .as_ref()
+                .and_then(|(kept, _)| kept.max_per_customer);
         }
         let mut decrease = None;
         if let Some((_, index)) = &entry.durable {
@@ -469,9 +490,9 @@ impl Engine {
                 }
             }
             _ => {
-                let index = self.inventory.add(&product.sku, 0, 0, 0);
-                self.inventory
-                    .set_max_per_customer(index, product.max_per_customer);
+                let index =
+                    self.inventory
+                        .add_limited(&product.sku, 0, 0, 0, product.max_per_customer);
                 products.insert(
                     product.sku.clone(),
                     ProductEntry {
@@ -899,7 +920,13 @@ impl Engine {
                         }
                         index
                     }
-                    None => self.inventory.add(&product.sku, product.stock.get(), 0, 0),
+                    None => self.inventory.add_limited(
+                        &product.sku,
+                        product.stock.get(),
+                        0,
+                        0,
+                        product.max_per_customer,
+                    ),
                 };
                 self.inventory
                     .set_max_per_customer(index, product.max_per_customer);

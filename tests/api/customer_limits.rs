@@ -218,3 +218,30 @@ async fn several_nodes_refuse_a_limit_per_customer_in_this_build() {
     assert_eq!(put(&mut client, product(None)).await.0, 200);
     assert_eq!(put(&mut client, product(Some(Value::Null))).await.0, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_put_without_the_limit_racing_one_that_sets_it_keeps_it() {
+    // Found by attack: the handler read the limit to keep before its change waited for the one
+    // in flight, so a restock racing the PUT that set the limit cleared it.
+    let app = crate::helpers::spawn_app(&[]);
+    let mut client = app.client();
+    for round in 0..30 {
+        assert_eq!(put(&mut client, product(Some(Value::Null))).await.0, 200);
+        let (mut a, mut b) = (app.client(), app.client());
+        let stock = 1_000 + round;
+        let sets = tokio::spawn(async move {
+            let mut body = product(Some(json!(2)));
+            body["stock"] = json!(stock);
+            put(&mut a, body).await.0
+        });
+        let keeps = tokio::spawn(async move {
+            let mut body = product(None);
+            body["stock"] = json!(stock + 1);
+            put(&mut b, body).await.0
+        });
+        assert_eq!(sets.await.expect("put"), 200);
+        assert_eq!(keeps.await.expect("put"), 200);
+        let now = client.get("/v1/products/LTD").await.json();
+        assert_eq!(now["max_per_customer"], 2, "round {round}: {now}");
+    }
+}
