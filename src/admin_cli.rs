@@ -84,21 +84,30 @@ pub fn run(args: AdminArgs) -> Result<String, AdminError> {
         return Err(AdminError::Failed(format!(
             "{method} {path}: {} {}: {}",
             answer.status,
-            body["error"].as_str().unwrap_or("?"),
-            body["message"].as_str().unwrap_or("")
+            text(&body["error"]),
+            text(&body["message"])
         )));
     }
     // An answer of another shape is not the desk's (a --url that is not the server, a proxy's
     // page): saying "nothing is stuck" from it would mislead.
-    let expected: &[&str] = match args.action {
-        AdminAction::Holds { .. } => &["holds"],
-        AdminAction::Release { .. } => &["order_id", "status"],
-        AdminAction::Payments => &["owed", "pending"],
-        AdminAction::Journal => &["last_event_seq", "checks"],
+    // Each field the desk gives, with the JSON type it has.
+    let expected: &[(&str, Shape)] = match args.action {
+        AdminAction::Holds { .. } => &[("holds", Value::is_array)],
+        AdminAction::Release { .. } => {
+            &[("order_id", Value::is_string), ("status", Value::is_string)]
+        }
+        AdminAction::Payments => &[("owed", Value::is_array), ("pending", Value::is_array)],
+        AdminAction::Journal => &[
+            ("last_event_seq", Value::is_u64),
+            ("checks", Value::is_object),
+        ],
     };
-    if let Some(missing) = expected.iter().find(|field| body.get(**field).is_none()) {
+    if let Some((missing, _)) = expected
+        .iter()
+        .find(|(field, is_right)| !body.get(*field).is_some_and(is_right))
+    {
         return Err(AdminError::Failed(format!(
-            "{method} {path}: {} without \"{missing}\": not an answer of the operations desk (is --url the server?)",
+            "{method} {path}: {} without a right \"{missing}\": not an answer of the operations desk (is --url the server?)",
             answer.status
         )));
     }
@@ -118,6 +127,9 @@ pub fn run(args: AdminArgs) -> Result<String, AdminError> {
         AdminAction::Journal => journal(&body),
     })
 }
+
+/// Whether a field of an answer has the JSON type the desk gives it.
+type Shape = fn(&Value) -> bool;
 
 /// `sku×quantity, ...`.
 fn items(items: &Value) -> String {
@@ -168,6 +180,7 @@ fn text(value: &Value) -> String {
     raw.chars()
         .map(|c| {
             if c.is_control()
+                || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}')
                 || ('\u{202a}'..='\u{202e}').contains(&c)
                 || ('\u{2066}'..='\u{2069}').contains(&c)
             {
@@ -189,7 +202,7 @@ fn holds(body: &Value) -> String {
                 text(&hold["order_id"]),
                 text(&hold["status"]),
                 text(&hold["customer_id"]),
-                format!("{}s", hold["age_s"]),
+                format!("{}s", text(&hold["age_s"])),
                 text(&hold["created_at"]),
                 items(&hold["items"]),
             ]
@@ -232,7 +245,7 @@ fn payments(body: &Value) -> String {
         .map(|p| {
             vec![
                 text(&p["order_id"]),
-                format!("{}s", p["age_s"]),
+                format!("{}s", text(&p["age_s"])),
                 match p["waiting_for"].as_str() {
                     Some("webhook") => "the gateway's webhook (order payment_pending)".to_owned(),
                     Some("checkout") => "its checkout (at the gateway, or committing)".to_owned(),
@@ -268,7 +281,7 @@ fn payments(body: &Value) -> String {
 }
 
 fn journal(body: &Value) -> String {
-    let mut out = format!("last event seq  {}\n", body["last_event_seq"]);
+    let mut out = format!("last event seq  {}\n", text(&body["last_event_seq"]));
     let position = &body["journal"];
     if position.is_object() {
         let _ = writeln!(
@@ -317,6 +330,7 @@ fn journal(body: &Value) -> String {
         }
     }
     for (name, check) in body["checks"].as_object().into_iter().flatten() {
+        let name = text(&Value::String(name.clone()));
         let _ = writeln!(out, "check {name:<10} {}", text(check));
     }
     let amqp = &body["amqp"];
@@ -333,7 +347,7 @@ fn journal(body: &Value) -> String {
         .as_object()
         .into_iter()
         .flatten()
-        .map(|(name, value)| vec![name.clone(), text(value)])
+        .map(|(name, value)| vec![text(&Value::String(name.clone())), text(value)])
         .collect();
     out.push('\n');
     out.push_str(&table(&["COUNTER", "VALUE"], &rows));

@@ -61,6 +61,8 @@
 //! - [`http_client`]: the one pooled keep-alive client for outbound calls (hyper-util, rustls).
 //! - [`fault`]: fault points for tests (`--features fault-points`, on in the test build only).
 //! - [`backoff`]: the one backoff every retry uses (doubling, capped, spread by a per-thread PRNG).
+//! - [`secrets`]: every secret the process was given is replaced in every log line and error
+//!   body (the net under messages that never show one).
 //! - [`random`], [`time`], `sync`: small helpers at the edges (`sync` says which lock and why,
 //!   gives each thread its core slot and keeps per-core copies, and lowers background threads'
 //!   priority).
@@ -87,6 +89,7 @@ pub mod journal;
 pub mod metrics;
 pub mod payment;
 pub mod random;
+pub mod secrets;
 pub mod server;
 pub mod sessions;
 mod sync;

@@ -3,10 +3,19 @@
 use mimalloc::MiMalloc;
 use std::process::ExitCode;
 use turnstile::config;
+use turnstile::secrets::Scrubbing;
 use turnstile::server;
 
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
+
+/// A command's own words on standard error, scrubbed of every secret it was given
+/// (`turnstile::secrets`).
+macro_rules! say {
+    ($($arg:tt)*) => {
+        eprintln!("{}", turnstile::secrets::scrub(&format!($($arg)*)))
+    };
+}
 
 /// Standard error for logs, where a failed write is dropped: a log line lost to a full disk or a
 /// closed pipe must never take a thread of the server down with it (tracing's own fallback for a
@@ -56,12 +65,12 @@ fn init_logs(
                 .append(true)
                 .open(path)?;
             (
-                BoxMakeWriter::new(std::sync::Mutex::new(LossyFile(file))),
+                BoxMakeWriter::new(std::sync::Mutex::new(Scrubbing(LossyFile(file)))),
                 false,
             )
         }
         None => (
-            BoxMakeWriter::new(|| LossyStderr),
+            BoxMakeWriter::new(|| Scrubbing(LossyStderr)),
             std::io::IsTerminal::is_terminal(&std::io::stderr()),
         ),
     };
@@ -81,12 +90,16 @@ fn main() -> ExitCode {
         .map(|a| a.to_string_lossy().into_owned())
         .collect();
     let parsed = config::parse(&args);
+    // Every secret given, before the first log line (`turnstile::secrets`).
+    if let Ok(invocation) = &parsed {
+        invocation.register_secrets();
+    }
     let (format, file) = match &parsed {
         Ok(config::Invocation::Serve(config)) => (config.log_format, config.log_file.clone()),
         _ => (config::LogFormat::Text, None),
     };
     if let Err(error) = init_logs(format, file.as_deref()) {
-        eprintln!(
+        say!(
             "turnstile: cannot open the log file {}: {error}",
             file.as_deref()
                 .map_or_else(String::new, |p| p.display().to_string())
@@ -101,7 +114,7 @@ fn main() -> ExitCode {
             return ExitCode::from(u8::try_from(error.exit_code()).unwrap_or(2));
         }
         Err(config::CliError::Config(error)) => {
-            eprintln!("turnstile: {error}");
+            say!("turnstile: {error}");
             return ExitCode::from(2);
         }
     };
@@ -114,7 +127,7 @@ fn main() -> ExitCode {
                 | server::ServeError::Tls(_)
                 | server::ServeError::Listen { .. }),
             ) => {
-                eprintln!("turnstile serve: {error}");
+                say!("turnstile serve: {error}");
                 ExitCode::from(2)
             }
             Err(error) => {
@@ -136,18 +149,18 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(error @ turnstile::admin_cli::AdminError::Usage(_)) => {
-                eprintln!("turnstile admin: {error}");
+                say!("turnstile admin: {error}");
                 ExitCode::from(2)
             }
             Err(error) => {
-                eprintln!("turnstile admin: {error}");
+                say!("turnstile admin: {error}");
                 ExitCode::FAILURE
             }
         },
         config::Invocation::GatewaySim(args) => match turnstile::payment::gateway_sim::run(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error @ turnstile::payment::gateway_sim::SimError::Usage(_)) => {
-                eprintln!("turnstile gateway-sim: {error}");
+                say!("turnstile gateway-sim: {error}");
                 ExitCode::from(2)
             }
             Err(error) => {
@@ -170,7 +183,7 @@ fn mysql_tool(
     ExitCode,
 > {
     if let Err(error) = config::check_mysql_url(&url) {
-        eprintln!("turnstile {command}: {error}");
+        say!("turnstile {command}: {error}");
         return Err(ExitCode::from(2));
     }
     match tokio::runtime::Builder::new_current_thread()
@@ -179,7 +192,7 @@ fn mysql_tool(
     {
         Ok(runtime) => Ok((runtime, turnstile::journal::mysql::MySqlConfig::new(url))),
         Err(error) => {
-            eprintln!("turnstile {command}: cannot start the runtime: {error}");
+            say!("turnstile {command}: cannot start the runtime: {error}");
             Err(ExitCode::FAILURE)
         }
     }
@@ -196,11 +209,11 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
     let outcome = runtime.block_on(async {
         if let Some(lsn) = args.skip {
             apply_tool::skip(&config, lsn, &args.reason).await?;
-            eprintln!("turnstile mysql-apply: record {lsn} will be skipped (a running applier goes on within a second)");
+            say!("turnstile mysql-apply: record {lsn} will be skipped (a running applier goes on within a second)");
         }
         if let Some(after) = args.replay_from {
             let applied = apply_tool::replay(&config, after).await?;
-            eprintln!("turnstile mysql-apply: replayed the journal after lsn {after}: {applied} record(s) newly applied");
+            say!("turnstile mysql-apply: replayed the journal after lsn {after}: {applied} record(s) newly applied");
         }
         apply_tool::status(&config).await
     });
@@ -219,11 +232,11 @@ fn mysql_apply(args: config::MysqlApplyArgs) -> ExitCode {
             | turnstile::journal::mysql::SchemaError::NotSkippable { .. }
             | turnstile::journal::mysql::SchemaError::WhichNode { .. }),
         ) => {
-            eprintln!("turnstile mysql-apply: {error}");
+            say!("turnstile mysql-apply: {error}");
             ExitCode::from(2)
         }
         Err(error) => {
-            eprintln!("turnstile mysql-apply: {error}");
+            say!("turnstile mysql-apply: {error}");
             ExitCode::FAILURE
         }
     }
@@ -265,11 +278,11 @@ fn forget(args: config::ForgetArgs) -> ExitCode {
                 | SchemaError::Newer { .. },
             )),
         ) => {
-            eprintln!("turnstile cluster forget: {error}");
+            say!("turnstile cluster forget: {error}");
             ExitCode::from(2)
         }
         Err(error) => {
-            eprintln!("turnstile cluster forget: {error}");
+            say!("turnstile cluster forget: {error}");
             ExitCode::FAILURE
         }
     }
@@ -283,7 +296,7 @@ fn notify(args: config::NotifyArgs) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("turnstile notify: cannot start the runtime: {error}");
+            say!("turnstile notify: cannot start the runtime: {error}");
             return ExitCode::FAILURE;
         }
     };
@@ -302,7 +315,7 @@ fn notify(args: config::NotifyArgs) -> ExitCode {
     }) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("turnstile notify: {error}");
+            say!("turnstile notify: {error}");
             ExitCode::FAILURE
         }
     }
@@ -316,16 +329,16 @@ fn migrate(args: config::MigrateArgs) -> ExitCode {
     };
     match runtime.block_on(turnstile::journal::mysql::migrate(&config)) {
         Ok(applied) => {
-            eprintln!("turnstile migrate: {applied} migration(s) applied; the schema is current");
+            say!("turnstile migrate: {applied} migration(s) applied; the schema is current");
             ExitCode::SUCCESS
         }
         // A login or database the server refuses: the URL must change (exit 2).
         Err(error @ turnstile::journal::mysql::SchemaError::Refused(_)) => {
-            eprintln!("turnstile migrate: {error}");
+            say!("turnstile migrate: {error}");
             ExitCode::from(2)
         }
         Err(error) => {
-            eprintln!("turnstile migrate: {error}");
+            say!("turnstile migrate: {error}");
             ExitCode::FAILURE
         }
     }

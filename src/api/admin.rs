@@ -72,7 +72,7 @@ pub(super) async fn payments(State(state): State<Shared>) -> Result<Response, Ap
                 "action": action,
                 "since": failed.map(|f| rfc3339(f.since_ms)),
                 "attempts": failed.map_or(0, |f| f.attempts),
-                "last_error": failed.map(|f| f.last_error.clone()),
+                "last_error": failed.map(|f| crate::secrets::scrub(&f.last_error).into_owned()),
                 "refused": failed.is_some_and(|f| f.refused),
             }))
         })
@@ -228,7 +228,10 @@ pub(super) async fn journal(State(state): State<Shared>) -> Result<Response, Api
         .await
         .into_iter()
         .map(|(name, check)| {
-            let value = check.map_or_else(|reason| reason, |()| "ok".to_owned());
+            let value = check.map_or_else(
+                |reason| crate::secrets::scrub(&reason).into_owned(),
+                |()| "ok".to_owned(),
+            );
             (name.to_owned(), serde_json::Value::String(value))
         })
         .collect();
@@ -253,11 +256,18 @@ pub(super) async fn journal(State(state): State<Shared>) -> Result<Response, Api
             "oldest_unconfirmed_seq": (relay.lag_events() > 0).then(|| relay.confirmed() + 1),
         })
     });
+    let mut position = state.journal.position();
+    if let Some(mysql) = position.mysql.as_mut() {
+        mysql.problem = mysql
+            .problem
+            .take()
+            .map(|p| crate::secrets::scrub(&p).into_owned());
+    }
     Ok(json(
         StatusCode::OK,
         &serde_json::json!({
             "last_event_seq": state.journal.last_event_seq(),
-            "journal": state.journal.position(),
+            "journal": position,
             "checks": checks,
             "amqp": amqp,
             "counters": counters,

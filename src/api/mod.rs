@@ -197,6 +197,10 @@ impl ApiError {
     /// must not grow with what the client sent.
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         let mut message = message.into();
+        // A service's own words may repeat a secret (`crate::secrets`).
+        if let std::borrow::Cow::Owned(clean) = crate::secrets::scrub(&message) {
+            message = clean;
+        }
         if message.len() > MESSAGE_CHARS_MAX {
             let mut end = MESSAGE_CHARS_MAX;
             while !message.is_char_boundary(end) {

@@ -64,7 +64,10 @@ pub(super) async fn readyz(State(state): State<Shared>) -> Response {
     let checks: serde_json::Map<String, serde_json::Value> = checks
         .into_iter()
         .map(|(name, check)| {
-            let value = check.map_or_else(|reason| reason, |()| "ok".to_owned());
+            let value = check.map_or_else(
+                |reason| crate::secrets::scrub(&reason).into_owned(),
+                |()| "ok".to_owned(),
+            );
             (name.to_owned(), serde_json::Value::String(value))
         })
         .collect();

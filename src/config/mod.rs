@@ -69,6 +69,50 @@ pub enum CliError {
     Config(ConfigError),
 }
 
+impl Invocation {
+    /// Registers every secret this command was given (`crate::secrets`): passwords in URLs,
+    /// tokens and signing secrets, from flags, environment and config file alike.
+    pub fn register_secrets(&self) {
+        use crate::secrets::{register, register_url};
+        match self {
+            Invocation::Serve(config) => {
+                if let Some(mysql) = &config.mysql {
+                    register_url(&mysql.url);
+                }
+                if let Some(redis) = &config.redis {
+                    register_url(&redis.url);
+                }
+                if let Some(amqp) = &config.amqp {
+                    register_url(&amqp.url);
+                }
+                for secret in [&config.webhook_secret, &config.admin_token]
+                    .into_iter()
+                    .flatten()
+                {
+                    register(secret);
+                }
+                if let Some(cluster) = &config.cluster {
+                    register(&cluster.secret);
+                }
+            }
+            Invocation::Migrate(args) => register_url(&args.mysql_url),
+            Invocation::MysqlApply(args) => register_url(&args.mysql_url),
+            Invocation::Cluster(ClusterCommand::Forget(args)) => register_url(&args.mysql_url),
+            Invocation::Notify(args) => register_url(&args.amqp_url),
+            Invocation::Admin(args) => {
+                if let Some(token) = &args.token {
+                    register(token);
+                }
+            }
+            Invocation::GatewaySim(args) => {
+                if let Some(secret) = &args.webhook_secret {
+                    register(secret);
+                }
+            }
+        }
+    }
+}
+
 /// Parses the whole command line (`args[0]` is the program name). `turnstile` alone, or with only
 /// options, is `serve`.
 pub fn parse(args: &[String]) -> Result<Invocation, CliError> {

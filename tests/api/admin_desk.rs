@@ -396,3 +396,55 @@ fn a_config_file_error_never_shows_the_value_of_a_secret() {
         assert!(!said.contains(secret), "the error shows the secret: {said}");
     }
 }
+
+/// A server that answers every request with `status` and `body`, for the desk command to read.
+async fn answering(status: u16, body: &'static str) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut head = [0u8; 4096];
+            let _ = stream.read(&mut head).await;
+            let answer = format!(
+                "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(answer.as_bytes()).await;
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_desk_command_shows_no_control_character_a_server_sent_and_refuses_a_wrong_shape() {
+    // Found by attack: an error's code and message, the journal's check names and ages were
+    // printed as the server sent them (escape sequences, a bidi override, a line break).
+    let hostile = answering(
+        500,
+        r#"{"error":"boom\u001b[31mRED\u001b]0;pwned\u0007","message":"\r\nFAKE LINE \u202eevil"}"#,
+    )
+    .await;
+    let wrong_shape = answering(200, r#"{"holds": null}"#).await;
+    for (addr, command) in [
+        (hostile, "holds"),
+        (wrong_shape, "holds"),
+        (hostile, "journal"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .args(["admin", command, "--token", TOKEN, "--url"])
+            .arg(format!("http://{addr}"))
+            .output()
+            .expect("run turnstile admin");
+        assert_eq!(output.status.code(), Some(1), "{output:?}");
+        let said = String::from_utf8_lossy(&output.stderr).into_owned()
+            + &String::from_utf8_lossy(&output.stdout);
+        assert!(
+            !said.contains('\u{1b}') && !said.contains('\u{7}') && !said.contains('\u{202e}'),
+            "{said:?}"
+        );
+        assert_eq!(said.trim_end().lines().count(), 1, "one line: {said:?}");
+    }
+}

@@ -277,3 +277,68 @@ async fn no_secret_reaches_a_log_or_an_error_of_two_nodes_through_faults_and_ref
         .expect("drop the test's user");
     admin.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_a_service_repeats_in_its_error_is_scrubbed_from_answers_and_logs() {
+    // Found by attack: a Redis without HELLO refuses `HELLO 3 AUTH default <password>` and says
+    // the password back; the error reached /readyz, the 503 bodies and the log as it was.
+    let port = crate::helpers::free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut redis = Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--requirepass",
+            REDIS_PASSWORD,
+        ])
+        .args(["--rename-command", "HELLO", ""])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("redis-server (install Debian's redis-server package)");
+    let addr = format!("127.0.0.1:{port}");
+    eventually(
+        "the test's redis-server",
+        Duration::from_secs(10),
+        async || tokio::net::TcpStream::connect(&addr).await.is_ok(),
+    )
+    .await;
+    let url = format!("redis://:{REDIS_PASSWORD}@127.0.0.1:{port}/?protocol=resp3");
+    let app = start_with_env(
+        &dir.path().join("data"),
+        &["--redis-url", &url, "--redis-prefix", "scrub:"],
+        &[("RUST_LOG", "debug")],
+    );
+    let mut client = app.client();
+    let mut said = String::new();
+    eventually(
+        "Redis's refusal to be seen",
+        Duration::from_secs(20),
+        async || {
+            let ready = client.get("/readyz").await;
+            said = String::from_utf8_lossy(&ready.body).into_owned();
+            said.contains("HELLO")
+        },
+    )
+    .await;
+    let cart = client.send("POST", "/v1/carts", &[], "").await;
+    assert_eq!(cart.status, 503);
+    said.push_str(&String::from_utf8_lossy(&cart.body));
+    let mut app = app;
+    assert!(app.terminate().success());
+    said.push_str(&app.log());
+    assert!(
+        said.contains("***"),
+        "the refusal is shown, scrubbed: {said}"
+    );
+    if let Some(line) = said.lines().find(|line| line.contains(REDIS_PASSWORD)) {
+        panic!("a secret a service repeated got out: {line}");
+    }
+    let _ = redis.kill();
+    let _ = redis.wait();
+}
