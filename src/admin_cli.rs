@@ -317,16 +317,12 @@ fn journal(body: &Value) -> String {
                     text(&s["file"]),
                     text(&s["first_lsn"]),
                     text(&s["first_event_seq"]),
-                    text(&s["last_record_at"]),
                 ]
             })
             .collect();
         if !segments.is_empty() {
             out.push('\n');
-            out.push_str(&table(
-                &["SEGMENT", "FIRST LSN", "FIRST EVENT", "LAST RECORD AT"],
-                &segments,
-            ));
+            out.push_str(&table(&["SEGMENT", "FIRST LSN", "FIRST EVENT"], &segments));
         }
     }
     for (name, check) in body["checks"].as_object().into_iter().flatten() {

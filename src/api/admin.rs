@@ -55,7 +55,26 @@ pub(super) fn authorise(state: &Shared, headers: &HeaderMap) -> Result<(), ApiEr
     }
 }
 
+/// A node another node took over (fenced) lists nothing: its memory still holds orders that were
+/// adopted, and maybe finished, elsewhere (found by attack: a fenced node's desk listed an order
+/// its adopter had released). Its orders are read through `GET /v1/orders/{id}` (MySQL's copy)
+/// and listed by the live nodes' desks.
+fn not_fenced(state: &Shared) -> Result<(), ApiError> {
+    match &state.cluster {
+        Some(cluster) if cluster.is_fenced() => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "fenced",
+            format!(
+                "node {} was taken over by another node: its orders are the live nodes' now (ask their desks); restart it",
+                cluster.node()
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 pub(super) async fn payments(State(state): State<Shared>) -> Result<Response, ApiError> {
+    not_fenced(&state)?;
     let now = now_ms();
     let failing = state.settler.failing();
     let owed: Vec<serde_json::Value> = state
@@ -120,6 +139,7 @@ pub(super) async fn holds(
     State(state): State<Shared>,
     query: Result<Query<HoldsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    not_fenced(&state)?;
     let Query(query) = query.map_err(|e| ApiError::invalid(format!("older_than: {e}")))?;
     let older_than = match query.older_than.as_deref() {
         None => std::time::Duration::ZERO,

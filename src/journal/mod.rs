@@ -281,8 +281,6 @@ pub struct SegmentPosition {
     pub first_lsn: u64,
     /// The seq of its first event (or, with none, of the next one).
     pub first_event_seq: u64,
-    /// When its last record was written (RFC 3339; `None` for a segment still empty).
-    pub last_record_at: Option<String>,
 }
 
 /// This node's log in MySQL.
@@ -294,8 +292,9 @@ pub struct MySqlPosition {
     pub writer_turn: u64,
     /// The last lsn MySQL holds in the projections (write-behind: the last record shipped).
     pub applied_lsn: u64,
-    /// The last event seq the projections hold (readable from `outbox`).
-    pub applied_event_seq: u64,
+    /// The last event seq the projections hold (readable from `outbox`); `None` in write-behind,
+    /// whose events live in the data dir only (MySQL gets the orders, not the outbox).
+    pub applied_event_seq: Option<u64>,
     /// Records durable and not yet applied, and how old the oldest of them is.
     pub lag_records: u64,
     /// Seconds.

@@ -300,13 +300,14 @@ impl Journal for WriteBehindJournal {
 
     fn position(&self) -> super::Position {
         let local = self.file.position();
+        let mut mysql = self
+            .follower
+            .lag
+            .position(&self.node, self.writer_lock.fence().epoch());
+        mysql.applied_event_seq = None;
         super::Position {
             kind: "write-behind",
-            mysql: Some(
-                self.follower
-                    .lag
-                    .position(&self.node, self.writer_lock.fence().epoch()),
-            ),
+            mysql: Some(mysql),
             ..local
         }
     }

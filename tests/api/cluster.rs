@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 const SECRET: &str = "cluster-test-secret";
+const ADMIN_TOKEN: &str = "cluster-test-admin-token";
 
 /// The shared services and the nodes started on them.
 struct Shop {
@@ -63,6 +64,8 @@ impl Shop {
             SECRET.into(),
             "--workers".into(),
             "1".into(),
+            "--admin-token".into(),
+            ADMIN_TOKEN.into(),
         ];
         args.extend(self.redis.args());
         if self.write_behind {
@@ -707,6 +710,13 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
         async || c.get("/readyz").await.status == 503,
     )
     .await;
+    // Its desk lists nothing: its memory is not where its orders are any more.
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    for path in ["/v1/admin/holds", "/v1/admin/payments"] {
+        let listed = c.send("GET", path, &[("authorization", &bearer)], "").await;
+        assert_eq!(listed.status, 503, "{path}");
+        assert_eq!(listed.json()["error"], "fenced", "{path}");
+    }
     let rest = sell_out(&[&nodes[0], &nodes[1]], "STOP", 600, 300, "rest").await;
     assert!(count(&rest, 201) > 0);
     assert_eq!(shop.paid_in_mysql(600).await, 600);

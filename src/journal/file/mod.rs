@@ -397,8 +397,6 @@ impl Journal for FileJournal {
                 file: segment_name(segment.first_lsn),
                 first_lsn: segment.first_lsn,
                 first_event_seq: segment.first_event_seq,
-                last_record_at: (segment.last_at_ms > 0)
-                    .then(|| crate::time::rfc3339(segment.last_at_ms)),
             })
             .collect();
         super::Position {

@@ -161,7 +161,7 @@ impl Lag {
             log: log.to_owned(),
             writer_turn,
             applied_lsn: self.applied_lsn(),
-            applied_event_seq: self.applied_seq(),
+            applied_event_seq: Some(self.applied_seq()),
             lag_records: self.records(),
             lag_seconds: self.seconds(),
             problem: lock(&self.problem).clone(),
