@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# What open live stock streams cost the sold-out flood (API.md "Live stock": a stream costs the
+# checkout path nothing it would not pay without streams). One release server; the flood (wrk, 1
+# thread, 64 connections, checkouts of the sold-out SKU, loadtest/wrk/one_sku.lua) runs alternately
+# without streams (A) and with STREAMS streams of that SKU held open by
+# loadtest/wrk/hold_streams.py (B), in ABBA order, ROUNDS pairs. Prints each run's req/s, p99 and
+# the server's CPU per request, then the medians and the B/A ratio of each pair.
+# Bounded: every run lasts DURATION; the holder stops itself after DURATION + 120 s.
+# Usage: loadtest/stream_cost.sh [STREAMS] [DURATION] [ROUNDS]     (needs wrk and python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+streams=${1:-10000}
+duration=${2:-8s}
+rounds=${3:-3}
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
+ulimit -n $((streams * 2 + 4096))
+cargo build --release --quiet --bin turnstile
+dir=$(mktemp -d)
+server=
+holder=
+cleanup() {
+  [ -z "$holder" ] || kill "$holder" 2>/dev/null || true
+  [ -z "$server" ] || kill "$server" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$dir"
+}
+trap cleanup EXIT
+target/release/turnstile serve --listen 127.0.0.1:0 --data-dir "$dir/data" > "$dir/out" 2> "$dir/log" &
+server=$!
+for _ in $(seq 1 100); do grep -q "listening on" "$dir/out" && break; sleep 0.1; done
+addr=$(sed -n 's/^listening on //p' "$dir/out")
+[ -n "$addr" ] || { echo "the server did not start:" >&2; cat "$dir/log" >&2; exit 1; }
+url="http://$addr"
+python3 loadtest/wrk/setup_products.py "$url" > /dev/null
+ticks() { awk '{print $14 + $15}' "/proc/$server/stat"; }
+seconds=${duration%s}
+run() { # A or B
+  local label=$1 t0 result requests rps p99
+  if [ "$label" = B ]; then
+    python3 loadtest/wrk/hold_streams.py "$url" SOLDOUT "$streams" $((seconds + 120)) > "$dir/holder" &
+    holder=$!
+    for _ in $(seq 1 600); do grep -q "holding" "$dir/holder" && break; sleep 0.2; done
+    grep -q "holding" "$dir/holder" || { echo "the streams did not open" >&2; exit 1; }
+  fi
+  t0=$(ticks)
+  result=$(wrk -t1 -c64 -d"$duration" --latency -s loadtest/wrk/one_sku.lua "$url" -- SOLDOUT)
+  requests=$(echo "$result" | awk '/requests in/ {print $1}')
+  rps=$(echo "$result" | sed -n 's/Requests\/sec: *//p')
+  p99=$(echo "$result" | awk '$1 == "99%" {print $2}')
+  awk -v l="$label" -v r="$rps" -v p="$p99" -v s="$(( $(ticks) - t0 ))" -v n="$requests" \
+    -v hz="$(getconf CLK_TCK)" -v k="$streams" 'BEGIN {
+      printf "%s %s %.0f req/s  p99 %s  server CPU %.2f us/request\n", l, (l == "B" ? k " streams" : "no streams"), r, p, s / hz * 1e6 / n }'
+  if [ "$label" = B ]; then
+    kill "$holder" 2>/dev/null || true
+    wait "$holder" 2>/dev/null || true
+    holder=
+  fi
+}
+echo "machine: $(nproc) cores; server $url (release build); wrk 1 thread, 64 connections, $duration per run; B holds $streams streams on the sold-out SKU"
+out="$dir/runs"
+for round in $(seq 1 "$rounds"); do
+  order="A B"; (( round % 2 == 0 )) && order="B A"
+  for label in $order; do run "$label" | sed "s/^/round $round /" | tee -a "$out"; done
+done
+awk '
+  { label = $3; rps[label, ++n[label]] = $6; cpu[label, n[label]] = $(NF - 1) + 0 }
+  function median(arr, label, count,   i, j, t, v) {
+    for (i = 1; i <= count; i++) v[i] = arr[label, i]
+    for (i = 1; i <= count; i++) for (j = i + 1; j <= count; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+    return count % 2 ? v[(count + 1) / 2] : (v[count / 2] + v[count / 2 + 1]) / 2
+  }
+  END {
+    printf "medians: A %.0f req/s, %.2f us/request; B %.0f req/s, %.2f us/request; B/A throughput %.2f, CPU %.2f\n",
+      median(rps, "A", n["A"]), median(cpu, "A", n["A"]), median(rps, "B", n["B"]), median(cpu, "B", n["B"]),
+      median(rps, "B", n["B"]) / median(rps, "A", n["A"]), median(cpu, "B", n["B"]) / median(cpu, "A", n["A"])
+    for (i = 1; i <= n["A"]; i++) printf "pair %d: B/A throughput %.2f, CPU %.2f\n", i, rps["B", i] / rps["A", i], cpu["B", i] / cpu["A", i]
+  }' "$out"
