@@ -122,6 +122,7 @@ pub(super) async fn put_product(
 pub(super) async fn stream_product(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,
+    version: axum::http::Version,
     extensions: axum::http::Extensions,
 ) -> Result<Response, ApiError> {
     use crate::app::streams::{self, StreamError};
@@ -135,15 +136,18 @@ pub(super) async fn stream_product(
             ApiError::overloaded("the server is stopping; open the stream on another node")
         }
     })?;
-    if let Some(slot) = extensions.get::<crate::connections::ConnectionSlot>() {
-        slot.release();
-    }
+    let on_connection = extensions
+        .get::<crate::connections::ConnectionSlot>()
+        .map(|slot| slot.stream_started(version < axum::http::Version::HTTP_2));
     Response::builder()
         .status(StatusCode::OK)
         .header(axum::http::header::CONTENT_TYPE, "text/event-stream")
         .header(axum::http::header::CACHE_CONTROL, "no-cache")
         .header("x-accel-buffering", "no")
-        .body(Body::from_stream(streams::body(subscription)))
+        .body(Body::from_stream(streams::body(
+            subscription,
+            on_connection,
+        )))
         .map_err(|e| ApiError::internal(e.to_string()))
 }
 

@@ -18,9 +18,13 @@
 //! [`HEARTBEAT`] keeps an idle stream's connection alive through proxies.
 //!
 //! Open streams are bounded by `--streams-max` (a permit each, `503 overloaded` past it) and not
-//! by `--connections-max`: a connection gives its connection permit back when it starts a stream
-//! ([`crate::connections::ConnectionSlot`]). When the server stops accepting, every stream ends
-//! (its body finishes, so the drain is not held), and the shutdown waits for the streams' permits.
+//! by `--connections-max`: an HTTP/1 connection gives its place back when it starts a stream (it
+//! carries nothing else until the stream ends, and ends with it); an HTTP/2 connection keeps its
+//! place, one for up to 100 streams (its streams can be reset while it lives on). A connection
+//! carrying a stream is never idle ([`crate::connections::ConnectionSlot::stream_started`]), while
+//! the rule that cuts an answer whose bytes stop leaving still drops a reader that stopped
+//! reading. When the server stops accepting, every stream ends (its body finishes, so the drain
+//! is not held), and the shutdown waits for the streams' permits.
 
 use crate::domain::Sku;
 use crate::sync::lock;
@@ -169,11 +173,15 @@ pub async fn feed(app: super::Shared) {
 }
 
 /// A product's counters as `GET /v1/products/{sku}` shows them (with several nodes, the shop's).
+/// One node: read from the stock counters alone (no lock, no copy of the product).
 pub fn counters(app: &super::AppState, sku: &Sku) -> Option<Counters> {
-    let (_, view) = match &app.cluster {
-        Some(cluster) => crate::cluster::catalogue::shop_view(cluster, &app.engine, sku),
-        None => app.engine.product(sku),
-    }?;
+    let view = match &app.cluster {
+        Some(cluster) => crate::cluster::catalogue::shop_view(cluster, &app.engine, sku)?.1,
+        None => {
+            let inventory = app.engine.inventory();
+            inventory.view(inventory.lookup(sku)?)
+        }
+    };
     Some(Counters {
         stock: view.stock,
         available: view.available,
@@ -195,26 +203,30 @@ fn event(name: &str, sku: &Sku, counters: Counters) -> String {
 }
 
 /// Where a stream stands.
-struct Cursor {
+struct Cursor<G> {
     subscription: Subscription,
     /// When the last event went out (`None`: none yet, the first goes at once).
     last_sent: Option<tokio::time::Instant>,
-    /// A `sold_out` was sent for the current sell-out.
-    sold_out_sent: bool,
+    /// The stock at the last `sold_out` sent, while the units stay out (`None`: none sent since
+    /// units were last seen). A restock bought up between two readings shows no unit at all, only
+    /// a new stock: that is a new sell-out, told again (found by attack).
+    sold_out_at_stock: Option<i64>,
+    /// Held while the stream runs (the connection's part: `connections::StreamOnConnection`).
+    _held: G,
 }
 
-impl Cursor {
+impl<G> Cursor<G> {
     /// The events for the reading now: `stock`, and `sold_out` when the units ran out.
     fn events(&mut self) -> Option<Bytes> {
         let now = *self.subscription.feed.borrow_and_update();
         let counters = now?;
         let sku = &self.subscription.sku;
         let mut text = event("stock", sku, counters);
-        if counters.available == 0 && !self.sold_out_sent {
+        if counters.available > 0 {
+            self.sold_out_at_stock = None;
+        } else if self.sold_out_at_stock != Some(counters.stock) {
             text.push_str(&event("sold_out", sku, counters));
-            self.sold_out_sent = true;
-        } else if counters.available > 0 {
-            self.sold_out_sent = false;
+            self.sold_out_at_stock = Some(counters.stock);
         }
         self.last_sent = Some(tokio::time::Instant::now());
         Some(Bytes::from(text))
@@ -227,14 +239,17 @@ async fn closed(closing: &mut watch::Receiver<bool>) {
     let _ = closing.wait_for(|closing| *closing).await.map(|_| ());
 }
 
-/// The body of a stream: its events as they come, ending when the server stops.
-pub fn body(
+/// The body of a stream: its events as they come, ending when the server stops. `held` lives as
+/// long as the stream.
+pub fn body<G: Send + 'static>(
     subscription: Subscription,
+    held: G,
 ) -> impl futures_util::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send {
     let cursor = Cursor {
         subscription,
         last_sent: None,
-        sold_out_sent: false,
+        sold_out_at_stock: None,
+        _held: held,
     };
     futures_util::stream::unfold(cursor, |mut cursor| async move {
         if cursor.last_sent.is_none() {
@@ -287,7 +302,7 @@ mod tests {
         use futures_util::StreamExt;
         let streams = StockStreams::new(2);
         let subscription = streams.subscribe(&sku(), counters(3)).expect("open");
-        let mut body = std::pin::pin!(body(subscription));
+        let mut body = std::pin::pin!(body(subscription, ()));
         let first = body.next().await.expect("first").expect("bytes");
         assert!(String::from_utf8_lossy(&first).starts_with("event: stock\n"));
         // Three changes within one gap: one event, with the last reading, then sold_out.

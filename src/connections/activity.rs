@@ -35,6 +35,9 @@ fn now_ms() -> u64 {
 #[derive(Debug)]
 pub(super) struct Activity {
     in_flight: AtomicUsize,
+    /// Live stock streams open on it (`app::streams`): a connection carrying one is not idle,
+    /// however long it waits for the next event.
+    pub(super) streams: AtomicUsize,
     /// When the last request ended (or the connection began), from [`now_ms`].
     last_ms: AtomicU64,
     /// Bytes of this connection's answers not sent yet.
@@ -58,6 +61,7 @@ impl Activity {
     pub(super) fn new() -> Arc<Self> {
         Arc::new(Self {
             in_flight: AtomicUsize::new(0),
+            streams: AtomicUsize::new(0),
             last_ms: AtomicU64::new(now_ms()),
             unsent: AtomicUsize::new(0),
             answers: Mutex::new(Vec::new()),
@@ -123,7 +127,7 @@ impl Activity {
     /// How long the connection has had nothing to do: no request in flight and no answer
     /// waiting to be sent; `None` while it has.
     pub(super) fn idle_for(&self) -> Option<Duration> {
-        if self.unsent.load(Ordering::Acquire) > 0 {
+        if self.unsent.load(Ordering::Acquire) > 0 || self.streams.load(Ordering::Acquire) > 0 {
             return None;
         }
         self.handlers_idle_for()
@@ -312,7 +316,9 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        request.extensions_mut().insert(self.slot.clone());
+        request
+            .extensions_mut()
+            .insert(self.slot.with_activity(&self.activity));
         let kind = RequestKind::of(&request, self.budget);
         Counted {
             kind,

@@ -60,20 +60,60 @@ pub struct ConnectionLimits {
     pub response_budget: &'static ResponseBudget,
 }
 
-/// A connection's place under `--connections-max`, held by the connection's task until it ends.
-/// Every request of the connection carries it (an extension): a live stock stream gives it back
-/// ([`Self::release`]), so open streams count against `--streams-max` instead.
+/// A connection's place under `--connections-max`, held by the connection's task until it ends,
+/// and what the connection is doing. Every request of the connection carries it (an extension),
+/// so a live stock stream can say it runs ([`Self::stream_started`]).
 #[derive(Clone)]
-pub struct ConnectionSlot(Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>);
+pub struct ConnectionSlot {
+    permit: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,
+    activity: Option<Arc<Activity>>,
+}
 
 impl ConnectionSlot {
     fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
-        Self(Arc::new(std::sync::Mutex::new(Some(permit))))
+        Self {
+            permit: Arc::new(std::sync::Mutex::new(Some(permit))),
+            activity: None,
+        }
     }
 
-    /// Gives the connection's permit back (once; later calls do nothing).
-    pub fn release(&self) {
-        drop(crate::sync::lock(&self.0).take());
+    fn with_activity(&self, activity: &Arc<Activity>) -> Self {
+        Self {
+            permit: Arc::clone(&self.permit),
+            activity: Some(Arc::clone(activity)),
+        }
+    }
+
+    /// A live stock stream begins on this connection; it runs until the guard is dropped. The
+    /// connection is not idle meanwhile (the idle rule would cut a stream waiting for its next
+    /// event). An HTTP/1 connection, which carries nothing else until the stream ends and ends
+    /// with it, gives its place under `--connections-max` back: the stream counts against
+    /// `--streams-max` instead. An HTTP/2 connection keeps its place (found by attack: its
+    /// streams can be reset while it lives on, so a place given back would be free for good and
+    /// `--connections-max` bypassed; one place carries up to `H2_STREAMS_MAX` streams anyway).
+    pub fn stream_started(&self, http1: bool) -> StreamOnConnection {
+        if http1 {
+            drop(crate::sync::lock(&self.permit).take());
+        }
+        if let Some(activity) = &self.activity {
+            activity
+                .streams
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        }
+        StreamOnConnection(self.activity.clone())
+    }
+}
+
+/// A live stock stream running on a connection ([`ConnectionSlot::stream_started`]).
+pub struct StreamOnConnection(Option<Arc<Activity>>);
+
+impl Drop for StreamOnConnection {
+    fn drop(&mut self) {
+        if let Some(activity) = &self.0 {
+            activity
+                .streams
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
     }
 }
 

@@ -170,6 +170,43 @@ async fn a_stream_sees_available_fall_and_sold_out_after_the_last_unit() {
             break;
         }
     }
+    // A restock bought up at once, between two readings of the feed (found by attack: the stream
+    // never saw a unit, so it did not tell the second sell-out).
+    assert_eq!(client.put_product("LIVE", 100, 22).await.status, 200);
+    assert_eq!(buy(&mut client, "live-at-once").await, 201);
+    loop {
+        let (name, data) = stream
+            .next(Duration::from_secs(10))
+            .await
+            .expect("sold out a third time");
+        if name == "sold_out" {
+            assert_eq!(data["stock"], 22, "{data}");
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_outlives_the_idle_rule_of_its_connection() {
+    // Found by attack: a stream waiting for its next event looked idle, and the connection was
+    // closed after twice the slow-client timeout, whether its client read or not.
+    let app = spawn_app(&["--slow-client-timeout", "1s"]);
+    let mut client = app.client();
+    assert_eq!(client.put_product("LIVE", 100, 5).await.status, 200);
+    let mut stream = Sse::open(&app, "LIVE").await;
+    assert!(stream.next(Duration::from_secs(5)).await.is_some());
+    // Quiet for well past the idle rule (1 s idle, then 1 s to close), then a change.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut client = app.client();
+    assert_eq!(buy(&mut client, "after-quiet").await, 201);
+    let (name, data) = stream
+        .next(Duration::from_secs(5))
+        .await
+        .expect("the stream is still open");
+    assert_eq!(
+        (name.as_str(), data["available"].as_i64()),
+        ("stock", Some(4))
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
