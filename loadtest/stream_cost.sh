@@ -13,7 +13,14 @@ streams=${1:-10000}
 duration=${2:-8s}
 rounds=${3:-3}
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install wrk" >&2; exit 2; }
-ulimit -n $((streams * 2 + 4096))
+# The server and the holder each need a descriptor per stream (each its own process and limit).
+want=$((streams + 4096))
+hard=$(ulimit -Hn)
+if [ "$hard" != unlimited ] && (( hard < want )); then
+  echo "the file limit's hard bound ($hard) is below $want: lower STREAMS or raise it" >&2
+  exit 2
+fi
+ulimit -n "$want"
 cargo build --release --quiet --bin turnstile
 dir=$(mktemp -d)
 server=
