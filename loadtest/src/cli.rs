@@ -31,6 +31,10 @@ pub enum Command {
     /// Each buyer creates a cart, puts 1–3 lines in it and checks out by cart_id (Turnstile
     /// only: the reference servers serve the item-list form alone).
     Mixed(LoadArgs),
+    /// A limited drop: one hot SKU with --stock units and max_per_customer --limit, bought by
+    /// --customers customers who each come back many times under new keys (Turnstile only);
+    /// checks that no customer got more than the limit.
+    Drop(LoadArgs),
     /// Runs one scenario against GET /healthz of the target, Turnstile and the two reference
     /// servers, and prints the ratio tables.
     #[command(long_about = "\
@@ -104,9 +108,15 @@ pub struct RunArgs {
     /// flash-sale: percent of buyers who submit twice with one key.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
     pub double_percent: u64,
-    /// flash-sale: percent of buyers whose card is declined.
+    /// flash-sale, drop: percent of buyers whose card is declined.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=100))]
     pub decline_percent: u64,
+    /// drop: the product's max_per_customer.
+    #[arg(long, value_name = "N", default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub limit: u32,
+    /// drop: how many customers share the requests (0: as many as --stock units).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub customers: u64,
     /// The database of the reference servers.
     #[arg(
         long,
@@ -283,7 +293,10 @@ mod tests {
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
             .command
         {
-            Command::FlashSale(load) | Command::Steady(load) | Command::Mixed(load) => load,
+            Command::FlashSale(load)
+            | Command::Steady(load)
+            | Command::Mixed(load)
+            | Command::Drop(load) => load,
             other => panic!("{args:?} parsed as {other:?}"),
         }
     }

@@ -113,6 +113,11 @@ async fn measure(
         skus: usize::try_from(run_args.skus).unwrap_or(usize::MAX),
         double_percent: run_args.double_percent,
         decline_percent: run_args.decline_percent,
+        limit: run_args.limit,
+        customers: match run_args.customers {
+            0 => u64::try_from(run_args.stock).unwrap_or(1).max(1),
+            n => n,
+        },
     };
     eprintln!(
         "setting up {} on {target_name} at {}{}",
@@ -355,6 +360,7 @@ fn main() -> ExitCode {
         Command::FlashSale(args) => runtime.block_on(load(Kind::FlashSale, args)),
         Command::Steady(args) => runtime.block_on(load(Kind::Steady, args)),
         Command::Mixed(args) => runtime.block_on(load(Kind::Mixed, args)),
+        Command::Drop(args) => runtime.block_on(load(Kind::Drop, args)),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

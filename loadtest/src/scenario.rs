@@ -3,6 +3,8 @@
 //! - `flash-sale`: one hot SKU with `stock` units, far more buyers than units, a share of
 //!   double-submits (the same key sent twice) and of declined cards.
 //! - `steady`: many SKUs with large stock; single-item checkouts and 3-line baskets.
+//! - `drop`: a limited drop: one hot SKU with `max_per_customer`, bought by customers who come
+//!   back under new keys; checks that no customer got more than the limit.
 //!
 //! After every run the harness counts, from the answers it received itself, the units sold per SKU
 //! (never more than the stock), checks `available + reserved + sold == stock` on the target, that
@@ -20,6 +22,8 @@ pub enum Kind {
     /// Carts: each buyer creates a cart, puts 1–3 lines in it and checks out by `cart_id`
     /// (Turnstile only: the references serve the item-list form alone).
     Mixed,
+    /// A limited drop (Turnstile only: `max_per_customer`).
+    Drop,
 }
 
 impl Kind {
@@ -28,6 +32,7 @@ impl Kind {
             "flash-sale" => Some(Kind::FlashSale),
             "steady" => Some(Kind::Steady),
             "mixed" => Some(Kind::Mixed),
+            "drop" => Some(Kind::Drop),
             _ => None,
         }
     }
@@ -37,6 +42,7 @@ impl Kind {
             Kind::FlashSale => "flash-sale",
             Kind::Steady => "steady",
             Kind::Mixed => "mixed",
+            Kind::Drop => "drop",
         }
     }
 }
@@ -53,8 +59,12 @@ pub struct Scenario {
     pub skus: usize,
     /// Percent of buyers who submit twice with the same key (flash-sale).
     pub double_percent: u64,
-    /// Percent of buyers whose card is declined (flash-sale).
+    /// Percent of buyers whose card is declined (flash-sale, drop).
     pub decline_percent: u64,
+    /// The hot SKU's `max_per_customer` (drop).
+    pub limit: u32,
+    /// Customers sharing the requests (drop).
+    pub customers: u64,
 }
 
 /// What the checks found.
@@ -66,6 +76,8 @@ pub struct Verification {
     pub checked: Vec<String>,
     /// Orders the harness saw placed (201/202), by SKU: units.
     pub units_sold_by_harness: BTreeMap<String, i64>,
+    /// Checkouts refused for the limit per customer (drop).
+    pub customer_limit_refusals: u64,
 }
 
 fn spread(i: u64) -> u64 {
@@ -88,7 +100,7 @@ impl Scenario {
     /// The SKUs this scenario sells.
     pub fn all_skus(&self) -> Vec<String> {
         match self.kind {
-            Kind::FlashSale => vec![self.hot_sku()],
+            Kind::FlashSale | Kind::Drop => vec![self.hot_sku()],
             Kind::Steady | Kind::Mixed => (0..self.skus as u64).map(|n| self.sku(n)).collect(),
         }
     }
@@ -96,9 +108,10 @@ impl Scenario {
     /// Creates the products through the API (several connections at once).
     pub async fn setup(&self, endpoint: &Endpoint) -> Result<(), String> {
         let stock = match self.kind {
-            Kind::FlashSale => self.stock,
+            Kind::FlashSale | Kind::Drop => self.stock,
             Kind::Steady | Kind::Mixed => 1_000_000_000,
         };
+        let limit = (self.kind == Kind::Drop).then_some(self.limit);
         let skus = self.all_skus();
         let chunks: Vec<Vec<String>> = skus
             .chunks(skus.len().div_ceil(16).max(1))
@@ -111,7 +124,11 @@ impl Scenario {
                 tokio::spawn(async move {
                     let mut connection = Connection::to(endpoint);
                     for sku in chunk {
-                        let body = serde_json::json!({"name": sku, "price_cents": 1999, "currency": "EUR", "stock": stock}).to_string();
+                        let mut body = serde_json::json!({"name": sku, "price_cents": 1999, "currency": "EUR", "stock": stock});
+                        if let Some(limit) = limit {
+                            body["max_per_customer"] = limit.into();
+                        }
+                        let body = body.to_string();
                         let request = Request { method: "PUT", path: format!("/v1/products/{sku}"), key: None, body };
                         connection.expect(&request, 200).await?;
                     }
@@ -138,7 +155,7 @@ impl Scenario {
     pub fn lines(&self, i: u64) -> Vec<(String, i64)> {
         let buyer = self.buyer(i);
         match self.kind {
-            Kind::FlashSale => vec![(self.hot_sku(), 1)],
+            Kind::FlashSale | Kind::Drop => vec![(self.hot_sku(), 1)],
             Kind::Steady | Kind::Mixed => {
                 let choice = spread(buyer);
                 let count = if choice.is_multiple_of(5) { 3 } else { 1 };
@@ -157,7 +174,9 @@ impl Scenario {
     }
 
     fn token(&self, buyer: u64) -> &'static str {
-        if self.kind == Kind::FlashSale && spread(buyer) % 100 < self.decline_percent {
+        if matches!(self.kind, Kind::FlashSale | Kind::Drop)
+            && spread(buyer) % 100 < self.decline_percent
+        {
             "tok_decline"
         } else {
             "tok_ok"
@@ -168,7 +187,11 @@ impl Scenario {
     pub fn job(&self, i: u64) -> Job {
         let buyer = self.buyer(i);
         let key = format!("{}-{buyer}", self.run_id);
-        let customer_id = format!("buyer-{buyer}");
+        let customer_id = match self.kind {
+            // Each customer comes back many times, under a new key each time.
+            Kind::Drop => format!("customer-{}", spread(buyer) % self.customers.max(1)),
+            _ => format!("buyer-{buyer}"),
+        };
         let lines = self.lines(i);
         if self.kind == Kind::Mixed {
             return Job::CartCheckout {
@@ -198,6 +221,7 @@ impl Scenario {
         let mut first_answer: HashMap<u64, (u16, &[u8])> = HashMap::new();
         let mut counted_orders: HashSet<String> = HashSet::new();
         let mut units: BTreeMap<String, i64> = BTreeMap::new();
+        let mut units_of_customer: HashMap<u64, i64> = HashMap::new();
         let mut replays = 0;
         for outcome in &recording.outcomes {
             let buyer = self.buyer(outcome.index);
@@ -236,14 +260,46 @@ impl Scenario {
                 {
                     for (sku, quantity) in self.lines(outcome.index) {
                         *units.entry(sku).or_default() += quantity;
+                        if self.kind == Kind::Drop {
+                            *units_of_customer
+                                .entry(spread(buyer) % self.customers.max(1))
+                                .or_default() += quantity;
+                        }
                     }
                 }
+            } else if outcome.status == 409
+                && outcome
+                    .body
+                    .windows(22)
+                    .any(|w| w == b"customer_limit_reached")
+            {
+                verification.customer_limit_refusals += 1;
             }
         }
         verification.checked.push(format!(
             "{} keys answered, {replays} second answers compared with the first",
             first_answer.len()
         ));
+        if self.kind == Kind::Drop {
+            // Units of orders later cancelled or released would count no more; this scenario
+            // cancels nothing, and a declined card places a released order, not a 201/202.
+            let over: Vec<_> = units_of_customer
+                .iter()
+                .filter(|(_, units)| **units > i64::from(self.limit))
+                .collect();
+            for (customer, units) in &over {
+                verification.violations.push(format!(
+                    "customer-{customer} got {units} units, past max_per_customer {}",
+                    self.limit
+                ));
+            }
+            verification.checked.push(format!(
+                "{} customers bought, none past max_per_customer {} ({} checkouts refused for it)",
+                units_of_customer.len(),
+                self.limit,
+                verification.customer_limit_refusals
+            ));
+        }
         let mut connection = Connection::to(endpoint.clone());
         let mut skus_checked = 0;
         for sku in self.all_skus() {

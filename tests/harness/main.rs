@@ -26,6 +26,8 @@ fn flash_sale(stock: i64) -> Scenario {
         skus: 1,
         double_percent: 10,
         decline_percent: 10,
+        limit: 1,
+        customers: 1,
     }
 }
 
@@ -108,6 +110,40 @@ async fn the_harness_counts_agree_with_the_servers_state() {
     // The outcome histograms add up to what was sent.
     let counted: u64 = report.by_outcome.iter().map(|o| o.count).sum();
     assert_eq!(counted, report.sent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_a_limited_drop_no_customer_gets_more_than_the_limit() {
+    let app = spawn_app(&[]);
+    let scenario = Scenario {
+        kind: Kind::Drop,
+        run_id: "drop".into(),
+        stock: 100,
+        skus: 1,
+        double_percent: 0,
+        decline_percent: 10,
+        limit: 2,
+        customers: 60,
+    };
+    let report = drive(
+        app.addr,
+        &scenario,
+        Model::Open { rate: 2_000.0 },
+        Duration::from_secs(2),
+        3_000,
+    )
+    .await;
+    assert!(report.passed(), "{}", report.text());
+    assert!(
+        report.verification.customer_limit_refusals > 0,
+        "{}",
+        report.text()
+    );
+    let mut client = app.client();
+    let (stock, _, reserved, sold) = client.stock(&scenario.hot_sku()).await;
+    assert_eq!((stock, reserved), (100, 0));
+    // 60 customers × 2 may take 120 units: the 100 sell out.
+    assert_eq!(sold, 100, "{}", report.text());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
