@@ -19,7 +19,8 @@
 //!   releases it (the call is forwarded, the token with it).
 //! - `GET /v1/admin/journal`: the journal's state: its last durable record and, by kind, its
 //!   segment files on disk or this node's log in MySQL (`Journal::position`), the applier's and
-//!   RabbitMQ's lags, the checks `/readyz` shows, and the counters `/metrics` shows.
+//!   RabbitMQ's lags, the journal's own checks (its part of `/readyz`: the journal and MySQL; Redis,
+//!   RabbitMQ and the cluster are in `/readyz`), and the counters `/metrics` shows.
 //!
 //! Every action is logged at `info` with its `order_id`.
 

@@ -11,15 +11,15 @@ use serde_json::Value;
 use std::time::{Duration, Instant};
 
 /// A stream read as it comes: its status and events.
-struct Sse {
-    status: u16,
+pub(crate) struct Sse {
+    pub(crate) status: u16,
     content_type: String,
     body: hyper::body::Incoming,
     pending: String,
 }
 
 impl Sse {
-    async fn open(app: &TestApp, sku: &str) -> Sse {
+    pub(crate) async fn open(app: &TestApp, sku: &str) -> Sse {
         let stream = tokio::net::TcpStream::connect(app.addr)
             .await
             .expect("connect");
@@ -47,7 +47,7 @@ impl Sse {
 
     /// The next event (name, data), skipping comments; `None` when the stream ended. Waits at
     /// most `limit`.
-    async fn next(&mut self, limit: Duration) -> Option<(String, Value)> {
+    pub(crate) async fn next(&mut self, limit: Duration) -> Option<(String, Value)> {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             if let Some(end) = self.pending.find("\n\n") {
