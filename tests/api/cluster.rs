@@ -710,12 +710,20 @@ async fn a_node_paused_past_its_lease_on_a_mysql_journal_sells_nothing_when_it_r
         async || c.get("/readyz").await.status == 503,
     )
     .await;
-    // Its desk lists nothing: its memory is not where its orders are any more.
+    // Its desk lists nothing once it knows it was taken over: its memory is not where its
+    // orders are any more. (`/readyz` turns 503 as soon as its renewals are seen to be late,
+    // before its next renewal learns of the fence: so the desk is waited for, not assumed.)
     let bearer = format!("Bearer {ADMIN_TOKEN}");
     for path in ["/v1/admin/holds", "/v1/admin/payments"] {
-        let listed = c.send("GET", path, &[("authorization", &bearer)], "").await;
-        assert_eq!(listed.status, 503, "{path}");
-        assert_eq!(listed.json()["error"], "fenced", "{path}");
+        eventually(
+            "the fenced node's desk to say so",
+            Duration::from_secs(30),
+            async || {
+                let listed = c.send("GET", path, &[("authorization", &bearer)], "").await;
+                listed.status == 503 && listed.json()["error"] == "fenced"
+            },
+        )
+        .await;
     }
     let rest = sell_out(&[&nodes[0], &nodes[1]], "STOP", 600, 300, "rest").await;
     assert!(count(&rest, 201) > 0);
