@@ -88,22 +88,23 @@ pub(super) async fn put_product(
             "name: must be 1 to {NAME_CHARS_MAX} characters"
         )));
     }
-    let max_per_customer =
-        match body.max_per_customer {
-            Some(Some(0)) => {
-                return Err(ApiError::invalid(
-                    "max_per_customer: must be at least 1 (null: no limit)",
-                ))
-            }
-            Some(Some(_)) if state.cluster.is_some() => return Err(ApiError::invalid(
+    match body.max_per_customer {
+        Some(Some(0)) => {
+            return Err(ApiError::invalid(
+                "max_per_customer: must be at least 1 (null: no limit)",
+            ))
+        }
+        Some(Some(_)) if state.cluster.is_some() => {
+            return Err(ApiError::invalid(
                 "max_per_customer: not supported with several nodes (--node-id) in this build; \
                  each node would count a customer's units alone",
-            )),
-            Some(limit) => limit,
-            // Omitted: the engine keeps the limit the product has when it decides the change.
-            None => None,
-        };
+            ))
+        }
+        _ => {}
+    }
+    // Omitted: the engine keeps the limit the product has when it decides the change.
     let keep_limit = body.max_per_customer.is_none();
+    let max_per_customer = body.max_per_customer.flatten();
     let product = Product {
         sku,
         name: body.name,
@@ -117,8 +118,8 @@ pub(super) async fn put_product(
 }
 
 /// `GET /v1/products/{sku}/stream`: the product's counters as Server-Sent Events
-/// ([`crate::app::streams`]). The connection gives its place under `--connections-max` back: the
-/// stream counts against `--streams-max`.
+/// ([`crate::app::streams`]). The stream counts against `--streams-max`; its connection is told a
+/// stream runs on it (`ConnectionSlot::stream_started`: an HTTP/1 one leaves `--connections-max`).
 pub(super) async fn stream_product(
     State(state): State<Shared>,
     path: Result<Path<String>, PathRejection>,

@@ -150,7 +150,7 @@ pub(super) struct CountedService {
     inner: TowerToHyperService<axum::Router>,
     activity: Arc<Activity>,
     budget: &'static ResponseBudget,
-    /// The connection's permit, given to every request (a live stock stream gives it back).
+    /// The connection's permit, given to a live stock stream's request (`ConnectionSlot`).
     slot: super::ConnectionSlot,
 }
 
@@ -316,9 +316,13 @@ impl hyper::service::Service<Request<Incoming>> for CountedService {
 
     fn call(&self, mut request: Request<Incoming>) -> Self::Future {
         self.activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        request
-            .extensions_mut()
-            .insert(self.slot.with_activity(&self.activity));
+        // Only a live stock stream uses the slot: every other request (the sold-out flood among
+        // them) goes on without an extension, which would allocate its map.
+        if request.uri().path().ends_with("/stream") {
+            request
+                .extensions_mut()
+                .insert(self.slot.with_activity(&self.activity));
+        }
         let kind = RequestKind::of(&request, self.budget);
         Counted {
             kind,

@@ -61,8 +61,9 @@ pub struct ConnectionLimits {
 }
 
 /// A connection's place under `--connections-max`, held by the connection's task until it ends,
-/// and what the connection is doing. Every request of the connection carries it (an extension),
-/// so a live stock stream can say it runs ([`Self::stream_started`]).
+/// and what the connection is doing. A request for a path ending in `/stream` carries it (an
+/// extension; no other request pays for one), so a live stock stream can say it runs
+/// ([`Self::stream_started`]).
 #[derive(Clone)]
 pub struct ConnectionSlot {
     permit: Arc<std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>>,

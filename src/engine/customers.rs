@@ -59,13 +59,14 @@ impl CustomerUnits {
         for (taken, &(index, units)) in lines.iter().enumerate() {
             let limit = limit_of(index);
             let mut shard = lock(self.shard(index, customer));
-            let held = shard.get(&(index, customer.clone())).copied().unwrap_or(0);
+            let key = (index, customer.clone());
+            let held = shard.get(&key).copied().unwrap_or(0);
             if limit.is_some_and(|limit| held + units > i64::from(limit)) {
                 drop(shard);
                 self.give(customer, &lines[..taken]);
                 return Err(index);
             }
-            *shard.entry((index, customer.clone())).or_insert(0) += units;
+            *shard.entry(key).or_insert(0) += units;
         }
         Ok(())
     }
