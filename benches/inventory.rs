@@ -104,6 +104,7 @@ fn engine_paths(c: &mut Criterion) {
         currency: turnstile::domain::Currency::parse("EUR").expect("currency"),
         stock: turnstile::domain::Stock::parse(stock).expect("stock"),
         max_per_customer: None,
+        admission_rate: None,
     };
     let customer = turnstile::domain::CustomerId::parse("bench").expect("customer");
     // The records are not journaled: the benchmark isolates the engine's own cost.

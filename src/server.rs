@@ -247,6 +247,7 @@ async fn serve(
         let relay = start_relay(&config, &journal, file_cursor, mysql_pool, &node).await?;
         let (carts, redis) = start_sessions(&config, &engine, &node).await?;
         let simulator = Arc::clone(&payments.simulator);
+        let waiting_room = build_waiting_room(&config, &carts)?;
         let app = build_app(
             &config,
             AppParts {
@@ -254,6 +255,7 @@ async fn serve(
                 journal: Arc::clone(&journal),
                 carts,
                 payments,
+                waiting_room,
                 relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
                 node,
                 cluster: cluster.clone(),
@@ -331,6 +333,7 @@ struct AppParts {
     journal: Arc<dyn Journal>,
     carts: Carts,
     payments: Payments,
+    waiting_room: Arc<app::waiting_room::WaitingRoom>,
     relay: Option<Arc<Relay>>,
     node: String,
     cluster: Option<Arc<Cluster>>,
@@ -365,7 +368,28 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         cluster: parts.cluster,
         stopping: std::sync::atomic::AtomicBool::new(false),
         streams: app::streams::StockStreams::new(config.streams_max),
+        waiting_room: parts.waiting_room,
     })
+}
+
+/// The waiting rooms: tickets signed with `--ticket-secret` (else the cluster's secret, else a
+/// random one), their queues and claims in Redis when it is configured.
+fn build_waiting_room(
+    config: &ServeConfig,
+    carts: &Carts,
+) -> Result<Arc<app::waiting_room::WaitingRoom>, ServeError> {
+    let secret = match (&config.ticket_secret, &config.cluster) {
+        (Some(secret), _) => secret.as_bytes().to_vec(),
+        (None, Some(cluster)) => {
+            [b"turnstile-tickets:".as_slice(), cluster.secret.as_bytes()].concat()
+        }
+        (None, None) => crate::random::random_bytes(32)?,
+    };
+    Ok(Arc::new(app::waiting_room::WaitingRoom::new(
+        secret,
+        config.ticket_ttl,
+        carts.store().cloned(),
+    )?))
 }
 
 /// The RabbitMQ relay's cursor when it lives in the data dir: the cursor, the seq it confirmed,

@@ -122,6 +122,12 @@ impl From<CheckoutError> for ApiError {
             CheckoutError::Overloaded(message) => Self::overloaded(message),
             CheckoutError::Commit(error) => error.into(),
             CheckoutError::Internal(message) => Self::internal(message),
+            CheckoutError::QueueRequired(message) => {
+                Self::new(StatusCode::TOO_MANY_REQUESTS, "queue_required", message).retry_after(1)
+            }
+            CheckoutError::InvalidTicket(message) => {
+                Self::new(StatusCode::FORBIDDEN, "invalid_ticket", message)
+            }
         }
     }
 }
@@ -146,8 +152,12 @@ pub(super) async fn checkout(
         .to_str()
         .map_err(|_| ApiError::invalid("Idempotency-Key: must be visible ASCII characters"))
         .and_then(|raw| IdempotencyKey::parse(raw).map_err(|e| ApiError::invalid(e.to_string())))?;
+    // A ticket that is not text cannot be one this shop signed: judged as forged.
+    let ticket = headers
+        .get("admission-ticket")
+        .map(|value| value.to_str().unwrap_or("\u{0}"));
     check_length(&headers)?;
     let request: Request = parse_json(&read_body(&state, body).await?)?;
     static ANSWERS: HttpAnswers = HttpAnswers;
-    Ok(answer(place(&state, key, request, &ANSWERS).await?))
+    Ok(answer(place(&state, key, request, ticket, &ANSWERS).await?))
 }

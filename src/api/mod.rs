@@ -9,6 +9,7 @@ mod ops;
 mod orders;
 mod owner;
 mod products;
+mod queue;
 pub(crate) mod webhooks;
 
 use crate::app::orders::AppError;
@@ -35,6 +36,8 @@ pub const BODY_BYTES_MAX: usize = 64 * 1024;
 pub const ROUTES: &[&str] = &[
     "/v1/products/{sku}",
     "/v1/products/{sku}/stream",
+    "/v1/products/{sku}/queue",
+    "/v1/queue/{ticket}",
     "/v1/carts",
     "/v1/carts/{cart_id}",
     "/v1/carts/{cart_id}/items/{sku}",
@@ -62,6 +65,8 @@ pub fn router(state: Shared) -> Router {
             put(products::put_product).get(products::get_product),
         )
         .route("/v1/products/{sku}/stream", get(products::stream_product))
+        .route("/v1/products/{sku}/queue", post(queue::take_ticket))
+        .route("/v1/queue/{ticket}", get(queue::ticket_status))
         .route("/v1/carts", post(carts::create_cart))
         .route("/v1/carts/{cart_id}", get(carts::get_cart))
         .route("/v1/carts/{cart_id}/items/{sku}", put(carts::put_item))

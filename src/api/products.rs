@@ -29,6 +29,9 @@ struct ProductBody {
     /// Omitted: `None` (keep the current limit); `null`: `Some(None)` (no limit).
     #[serde(default, deserialize_with = "present")]
     max_per_customer: Option<Option<u32>>,
+    /// Omitted or `null`: no waiting room.
+    #[serde(default)]
+    admission_rate: Option<u32>,
 }
 
 /// A field that is present, `null` or not.
@@ -49,6 +52,7 @@ struct ProductView<'a> {
     reserved: i64,
     sold: i64,
     max_per_customer: Option<u32>,
+    admission_rate: Option<u32>,
 }
 
 fn render(product: &Product, view: StockView) -> Response {
@@ -64,6 +68,7 @@ fn render(product: &Product, view: StockView) -> Response {
             reserved: view.reserved,
             sold: view.sold,
             max_per_customer: product.max_per_customer,
+            admission_rate: product.admission_rate,
         },
     )
 }
@@ -102,6 +107,11 @@ pub(super) async fn put_product(
         }
         _ => {}
     }
+    if body.admission_rate == Some(0) {
+        return Err(ApiError::invalid(
+            "admission_rate: must be at least 1 buyer per second (null: no waiting room)",
+        ));
+    }
     // Omitted: the engine keeps the limit the product has when it decides the change.
     let keep_limit = body.max_per_customer.is_none();
     let max_per_customer = body.max_per_customer.flatten();
@@ -112,6 +122,7 @@ pub(super) async fn put_product(
         currency: body.currency,
         stock: body.stock,
         max_per_customer,
+        admission_rate: body.admission_rate,
     };
     let (product, view) = crate::app::orders::put_product(&state, product, keep_limit).await?;
     Ok(render(&product, view))

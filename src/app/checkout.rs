@@ -21,6 +21,7 @@
 //! items go on).
 
 use super::{commit_guarded, CommitError, Settlement, Shared};
+use crate::app::waiting_room::{Claimed, Ticket, TicketError};
 use crate::domain::{CartId, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
 use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
@@ -140,6 +141,59 @@ pub enum CheckoutError {
     /// A broken invariant.
     #[error("{0}")]
     Internal(String),
+    /// A product of the checkout sells through its waiting room and no ticket came: nothing
+    /// changed.
+    #[error("{0}")]
+    QueueRequired(String),
+    /// The checkout's ticket is forged, expired, not admitted yet, another product's or used:
+    /// nothing changed.
+    #[error("{0}")]
+    InvalidTicket(String),
+}
+
+impl From<TicketError> for CheckoutError {
+    fn from(error: TicketError) -> Self {
+        match error {
+            TicketError::Required(why) => Self::QueueRequired(why),
+            TicketError::Invalid(why) => Self::InvalidTicket(why),
+            TicketError::Store(error) => Self::SessionStore(error),
+        }
+    }
+}
+
+/// The waiting room's judgement of a checkout naming `skus`, from its `Admission-Ticket` alone:
+/// the ticket to claim when one of them sells through a waiting room (one such product per
+/// checkout), `None` when none does. One lookup and one atomic load per line.
+fn admission<'a>(
+    app: &crate::app::AppState,
+    skus: impl Iterator<Item = &'a Sku>,
+    ticket: Option<&str>,
+) -> Result<Option<Ticket>, CheckoutError> {
+    let inventory = app.engine.inventory();
+    let mut queued: Option<&Sku> = None;
+    for sku in skus {
+        let Some(index) = inventory.lookup(sku) else {
+            continue;
+        };
+        if inventory.admission_rate(index).is_some() {
+            match queued {
+                Some(other) if other != sku => {
+                    return Err(CheckoutError::Invalid(format!(
+                        "{other} and {sku} each sell through a waiting room: check them out one at a time, each with its own Admission-Ticket"
+                    )))
+                }
+                _ => queued = Some(sku),
+            }
+        }
+    }
+    let Some(sku) = queued else {
+        return Ok(None);
+    };
+    Ok(Some(app.waiting_room.judge(
+        sku,
+        ticket,
+        now_ms().saturating_mul(1000),
+    )?))
 }
 
 /// Whether `request` is one line of a SKU sold out as far as this node knows: its shards empty,
@@ -166,6 +220,7 @@ pub async fn place(
     app: &Shared,
     key: IdempotencyKey,
     mut request: Request,
+    ticket: Option<&str>,
     answers: &'static dyn Answers,
 ) -> Result<Answer, CheckoutError> {
     let lines_given = match (&request.cart_id, &request.items) {
@@ -192,6 +247,18 @@ pub async fn place(
         )));
     }
     let fingerprint = Fingerprint::of(&request);
+    // The waiting room judges the ticket of a checkout naming its items from the header alone. A
+    // refusal is not kept and comes after the key's kept answer (a replay first), found as a
+    // sold-out refusal finds it: no lock, no write.
+    let (mut admitted, mut ticket_refused) = (None, None);
+    if let Some(items) = &request.items {
+        match admission(app, items.iter().map(|line| &line.sku), ticket) {
+            Ok(judged) => admitted = judged,
+            Err(refusal) => ticket_refused = Some(refusal),
+        }
+    }
+    // A ticket claimed for this key, given back unless the checkout places an order.
+    let mut claimed: Option<Claimed> = None;
 
     // With Redis, one round trip first: the answer any node gave under this key, else the
     // submission lock, and the cart. Before the node's own key table, so a caller gone while it
@@ -223,7 +290,7 @@ pub async fn place(
         // write: one look at the key's answer and lock (a retry of a key placed on any node still
         // replays it, one running elsewhere is 409), no lock taken, the refusal kept by this node
         // alone (a refusal is replayed by the node that gave it).
-        if lines_given && sold_out_everywhere(app, &request) {
+        if lines_given && (ticket_refused.is_some() || sold_out_everywhere(app, &request)) {
             match store.peek(&key).await {
                 Ok(RemoteBegin::Answer(stored)) => {
                     return if fingerprint.matches(&stored.fingerprint) {
@@ -268,6 +335,23 @@ pub async fn place(
             }
             Ok(RemoteBegin::Locked(_)) if unguarded => lock.keep(),
             Ok(RemoteBegin::Locked(lines)) => {
+                // A cart's lines are known now: its ticket is judged (a refusal releases the lock).
+                if let Some(cart) = &lines {
+                    admitted = admission(app, cart.iter().map(|(sku, _)| sku), ticket)?;
+                }
+                // The key's lock is this checkout's: its ticket is claimed for the key (in Redis:
+                // an await, before this node's key table, which a caller gone would leave in
+                // flight).
+                if let Some(ticket) = admitted.take() {
+                    app.waiting_room
+                        .claim(&ticket, &key, now_ms().saturating_mul(1000))
+                        .await?;
+                    claimed = Some(Claimed::new(
+                        Arc::clone(&app.waiting_room),
+                        ticket,
+                        key.clone(),
+                    ));
+                }
                 submission = Some(lock);
                 lock_held = true;
                 redis_cart = lines;
@@ -288,6 +372,17 @@ pub async fn place(
         }
     }
 
+    // A ticket judged but not claimed in Redis (Redis failed and --redis-optional let the
+    // checkout go on): its claim cannot be made where the other nodes would see it.
+    if admitted.is_some() && app.waiting_room.claims_in_redis() {
+        if !unguarded {
+            return Err(CheckoutError::SessionStore(StoreError::Unavailable(
+                "the waiting room's tickets are claimed in Redis".into(),
+            )));
+        }
+        // A sold-out refusal without a lock: refused (or told to retry) without a claim.
+        admitted = None;
+    }
     match app.engine.idempotency().begin(&key, &fingerprint, now_ms()) {
         Ok(Begin::Started) => {}
         Ok(Begin::Replay(stored)) => {
@@ -296,6 +391,10 @@ pub async fn place(
         }
         Err(KeyError::InUse) => return Err(CheckoutError::KeyInUse),
         Err(KeyError::Reused) => return Err(CheckoutError::KeyReused),
+    }
+    if let Some(refusal) = ticket_refused {
+        app.engine.idempotency().abandon(&key);
+        return Err(refusal);
     }
     let fingerprint = fingerprint.digest();
     let refused = Refused {
@@ -344,6 +443,31 @@ pub async fn place(
             }
         }
     };
+    // Without Redis a cart's ticket is judged now that its lines are known, and a ticket is
+    // claimed in this process, under the key this node's table holds (no await in between).
+    if !lines_given && app.carts.store().is_none() {
+        match admission(app, lines.iter().map(|(sku, _)| sku), ticket) {
+            Ok(judged) => admitted = judged,
+            Err(refusal) => {
+                app.engine.idempotency().abandon(&key);
+                return Err(refusal);
+            }
+        }
+    }
+    if let Some(ticket) = admitted.take() {
+        if let Err(refusal) =
+            app.waiting_room
+                .claim_in_process(&ticket, &key, now_ms().saturating_mul(1000))
+        {
+            app.engine.idempotency().abandon(&key);
+            return Err(refusal.into());
+        }
+        claimed = Some(Claimed::new(
+            Arc::clone(&app.waiting_room),
+            ticket,
+            key.clone(),
+        ));
+    }
 
     let mut reserved = app.engine.reserve(&lines, &request.customer_id);
     // Several nodes: a lease run dry while the pool has units is refilled, and tried again
@@ -453,6 +577,7 @@ pub async fn place(
         cart_id: request.cart_id,
         submission,
         lock_held,
+        claimed,
         answers,
         _permit: permit,
     };
@@ -516,6 +641,9 @@ struct Finishing {
     submission: Option<Submission>,
     /// Whether `submission` holds its lock (not so for a checkout that went on without Redis).
     lock_held: bool,
+    /// Its waiting-room ticket, claimed for its key: kept once an order is placed (or its outcome
+    /// is unknown), else given back.
+    claimed: Option<Claimed>,
     answers: &'static dyn Answers,
     /// Held until the checkout is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -617,6 +745,7 @@ impl Finishing {
         // shows the order and replays the answer under the key, and the capture it owes follows
         // (`money`); if the journal did not take it, the engine frees the units and the key, and
         // the authorisation waits for the client's retry (or the reconciler's orphan scan).
+        let claimed = self.claimed;
         let follow = move |app: &Shared, outcome: &Settlement| match outcome {
             Ok(Applied::Order { order, .. }) => {
                 if matches!(
@@ -626,13 +755,27 @@ impl Finishing {
                     if let Some(cart_id) = &cart_id {
                         app.carts.clear(cart_id, now_ms());
                     }
+                    // The ticket is used: by this order, under this key.
+                    if let Some(claimed) = claimed {
+                        claimed.keep();
+                    }
                 }
+                // Declined, or the gateway timed out: the order was released, and the ticket
+                // is given back (dropped).
             }
             Ok(Applied::Product(..) | Applied::Payments(_)) => {}
             // Not voided here: the client was told "nothing changed, retry", and its retry (same
             // key, same gateway key) finds this authorisation and makes it the order's; one never
             // retried is voided by the reconciler's orphan scan after `--reconcile-after`.
-            Err(_) => {}
+            // Nothing recorded: the ticket is given back (dropped); an outcome unknown keeps it
+            // for the key's retry.
+            Err(error) => {
+                if !error.nothing_changed() {
+                    if let Some(claimed) = claimed {
+                        claimed.keep();
+                    }
+                }
+            }
         };
         let submission = self.submission;
         // The key's Redis lock must still be this checkout's when its record goes: a process

@@ -21,6 +21,7 @@ pub mod money;
 pub mod orders;
 pub mod streams;
 pub mod sweep;
+pub mod waiting_room;
 
 use crate::engine::{Applied, Change, Engine, EngineError};
 use crate::journal::{Journal, JournalError, Ticket};
@@ -93,6 +94,8 @@ pub struct AppState {
     pub stopping: std::sync::atomic::AtomicBool,
     /// The live stock streams (`--streams-max`).
     pub streams: streams::StockStreams,
+    /// The products' waiting rooms (`admission_rate`).
+    pub waiting_room: Arc<waiting_room::WaitingRoom>,
 }
 
 /// The state as handlers receive it.

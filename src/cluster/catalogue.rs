@@ -86,6 +86,7 @@ fn product_from(row: &sqlx::mysql::MySqlRow) -> Result<Product, ClusterError> {
             .map_err(|e| unreadable(e.to_string()))?,
         // Several nodes refuse a limit per customer in this build (`api::products`).
         max_per_customer: None,
+        admission_rate: row.try_get(13).map_err(db("reading products"))?,
     })
 }
 
@@ -101,7 +102,8 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
                     CAST(COALESCE(o.reserved, 0) AS SIGNED), CAST(COALESCE(o.sold, 0) AS SIGNED), \
                     CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED), \
                     CAST(COALESCE(u.unsold, 0) AS SIGNED), \
-                    CAST(COALESCE(me.reserved, 0) AS SIGNED), CAST(COALESCE(me.sold, 0) AS SIGNED) \
+                    CAST(COALESCE(me.reserved, 0) AS SIGNED), CAST(COALESCE(me.sold, 0) AS SIGNED), \
+                    p.admission_rate \
              FROM products p \
              LEFT JOIN stock_pool sp ON sp.sku = p.sku \
              LEFT JOIN (SELECT sku, SUM(reserved) AS reserved, SUM(sold) AS sold \
@@ -374,15 +376,17 @@ async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterEr
             Ok(Put::Short)
         } else {
             sqlx::query(
-                "INSERT INTO products (sku, name, price_cents, currency, stock, updated_lsn) \
-                 VALUES (?, ?, ?, ?, ?, 0) ON DUPLICATE KEY UPDATE name = VALUES(name), \
-                 price_cents = VALUES(price_cents), currency = VALUES(currency), stock = VALUES(stock)",
+                "INSERT INTO products (sku, name, price_cents, currency, stock, admission_rate, \
+                 updated_lsn) VALUES (?, ?, ?, ?, ?, ?, 0) ON DUPLICATE KEY UPDATE name = VALUES(name), \
+                 price_cents = VALUES(price_cents), currency = VALUES(currency), stock = VALUES(stock), \
+                 admission_rate = VALUES(admission_rate)",
             )
             .bind(&sku)
             .bind(&product.name)
             .bind(product.price_cents.get())
             .bind(product.currency.as_str())
             .bind(requested)
+            .bind(product.admission_rate)
             .execute(&mut *tx)
             .await?;
             sqlx::query("UPDATE stock_pool SET pool = pool + ?, recall = 0 WHERE sku = ?")

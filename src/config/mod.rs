@@ -85,9 +85,13 @@ impl Invocation {
                 if let Some(amqp) = &config.amqp {
                     register_url(&amqp.url);
                 }
-                for secret in [&config.webhook_secret, &config.admin_token]
-                    .into_iter()
-                    .flatten()
+                for secret in [
+                    &config.webhook_secret,
+                    &config.admin_token,
+                    &config.ticket_secret,
+                ]
+                .into_iter()
+                .flatten()
                 {
                     register(secret);
                 }

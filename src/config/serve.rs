@@ -95,6 +95,11 @@ pub struct ServeConfig {
     pub checkouts_in_flight_max: usize,
     /// The most live stock streams open at once (`--streams-max`).
     pub streams_max: usize,
+    /// How long an admitted ticket stays valid (`--ticket-ttl`).
+    pub ticket_ttl: Duration,
+    /// Signs the waiting rooms' tickets (`--ticket-secret`; `None`: the cluster's secret with
+    /// several nodes, else random at start).
+    pub ticket_secret: Option<String>,
     /// The most bytes of answers not yet sent to their clients, across all connections, so
     /// clients that never read (or never open an HTTP/2 window) cannot make the server hold
     /// answers without bound.
@@ -278,6 +283,8 @@ pub fn serve_config(args: ServeArgs) -> Result<ServeConfig, CliError> {
         connections_max: args.connections_max as usize,
         checkouts_in_flight_max: args.checkouts_in_flight_max as usize,
         streams_max: args.streams_max as usize,
+        ticket_ttl: args.ticket_ttl,
+        ticket_secret: args.ticket_secret,
         response_bytes_max: usize::try_from(args.response_bytes_max).unwrap_or(usize::MAX),
         redis_optional: args.redis_optional,
         admin_token: args.admin_token,

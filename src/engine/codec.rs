@@ -7,7 +7,8 @@
 //!
 //! Format (version 1): the byte `0x01`, then the record's kind (`0` product, `1` order, `2`
 //! payments, `3` adopted orders, `4` orders adopted away, `5` a product with limits: a product's
-//! fields, then a flags byte saying which limits follow, `max_per_customer` as bit 0), then its
+//! fields, then a flags byte saying which limits follow, `max_per_customer` as bit 0,
+//! `admission_rate` as bit 1, each a varint in bit order), then its
 //! fields in a fixed order. A product without limits is still written as kind `0`, byte for byte
 //! as before. Integers are LEB128 varints (signed ones zigzag);
 //! strings are a varint length then UTF-8 bytes; statuses are one byte each. In an order record the
@@ -36,7 +37,8 @@ const KIND_PRODUCT_LIMITS: u8 = 5;
 
 // Flags of a product with limits: which limits follow.
 const HAS_MAX_PER_CUSTOMER: u8 = 1;
-const KNOWN_PRODUCT_FLAGS: u8 = HAS_MAX_PER_CUSTOMER;
+const HAS_ADMISSION_RATE: u8 = 2;
+const KNOWN_PRODUCT_FLAGS: u8 = HAS_MAX_PER_CUSTOMER | HAS_ADMISSION_RATE;
 
 // Flags of an order record: which optional parts follow.
 const HAS_PAYMENT_ID: u8 = 1;
@@ -68,7 +70,14 @@ pub fn encode(record: &Record) -> Vec<u8> {
     out.push(VERSION_1);
     match record {
         Record::Product { product } => {
-            let limited = product.max_per_customer.is_some();
+            let mut flags = 0;
+            if product.max_per_customer.is_some() {
+                flags |= HAS_MAX_PER_CUSTOMER;
+            }
+            if product.admission_rate.is_some() {
+                flags |= HAS_ADMISSION_RATE;
+            }
+            let limited = flags != 0;
             out.push(if limited {
                 KIND_PRODUCT_LIMITS
             } else {
@@ -79,8 +88,13 @@ pub fn encode(record: &Record) -> Vec<u8> {
             put_i64(&mut out, product.price_cents.get());
             out.extend_from_slice(product.currency.as_str().as_bytes());
             put_i64(&mut out, product.stock.get());
-            if let Some(limit) = product.max_per_customer {
-                out.push(HAS_MAX_PER_CUSTOMER);
+            if limited {
+                out.push(flags);
+            }
+            for limit in [product.max_per_customer, product.admission_rate]
+                .into_iter()
+                .flatten()
+            {
                 put_u64(&mut out, u64::from(limit));
             }
         }
@@ -322,6 +336,15 @@ impl<'a> Reader<'a> {
         Err(DecodeError::new(format!("{what}: a number out of range")))
     }
 
+    /// A varint from 1 to `u32::MAX` (a product's limits).
+    fn positive_u32(&mut self, what: &str) -> Result<u32, DecodeError> {
+        let value = self.u64(what)?;
+        u32::try_from(value)
+            .ok()
+            .filter(|value| *value > 0)
+            .ok_or_else(|| DecodeError::new(format!("{what} {value}")))
+    }
+
     fn i64(&mut self, what: &str) -> Result<i64, DecodeError> {
         let raw = self.u64(what)?;
         Ok((raw >> 1) as i64 ^ -((raw & 1) as i64))
@@ -407,6 +430,7 @@ impl<'a> Reader<'a> {
                     currency: self.currency()?,
                     stock: Stock::parse(self.i64("stock")?).map_err(invalid)?,
                     max_per_customer: None,
+                    admission_rate: None,
                 };
                 if kind == KIND_PRODUCT_LIMITS {
                     let flags = self.byte("product flags")?;
@@ -416,15 +440,10 @@ impl<'a> Reader<'a> {
                         )));
                     }
                     if flags & HAS_MAX_PER_CUSTOMER != 0 {
-                        let limit = self.u64("max_per_customer")?;
-                        product.max_per_customer = Some(
-                            u32::try_from(limit)
-                                .ok()
-                                .filter(|limit| *limit > 0)
-                                .ok_or_else(|| {
-                                    DecodeError::new(format!("max_per_customer {limit}"))
-                                })?,
-                        );
+                        product.max_per_customer = Some(self.positive_u32("max_per_customer")?);
+                    }
+                    if flags & HAS_ADMISSION_RATE != 0 {
+                        product.admission_rate = Some(self.positive_u32("admission_rate")?);
                     }
                 }
                 Ok(Record::Product { product })
@@ -680,8 +699,9 @@ mod tests {
                 currency(),
                 0..=1_000_000i64,
                 proptest::option::of(1..=u32::MAX),
+                proptest::option::of(1..=u32::MAX),
             )
-                .prop_map(|(sku, name, price, currency, stock, limit)| {
+                .prop_map(|(sku, name, price, currency, stock, limit, rate)| {
                     Record::Product {
                         product: Product {
                             sku: Sku::parse(sku).expect("sku"),
@@ -692,6 +712,7 @@ mod tests {
                             stock: Stock::parse(stock)
                                 .unwrap_or_else(|_| Stock::parse(0).expect("0")),
                             max_per_customer: limit,
+                            admission_rate: rate,
                         },
                     }
                 }),

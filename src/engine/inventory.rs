@@ -79,6 +79,18 @@ pub struct SkuStock {
     /// The product's `max_per_customer` (0: none), read by every reservation of the SKU
     /// (`engine::customers`).
     max_per_customer: AtomicU32,
+    /// The product's `admission_rate` (0: no waiting room), read by every checkout naming the SKU
+    /// (`app::waiting_room`).
+    admission_rate: AtomicU32,
+}
+
+/// A product's limits, as the checkout path reads them per line.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// The most units one customer may hold or have bought.
+    pub max_per_customer: Option<u32>,
+    /// Buyers per second let through its waiting room.
+    pub admission_rate: Option<u32>,
 }
 
 /// A consistent reading of one SKU's counters: `available + reserved + sold == stock`, none negative.
@@ -161,6 +173,13 @@ fn home_shard(shard_count: usize) -> usize {
 }
 
 impl SkuStock {
+    fn set_limits(&self, limits: Limits) {
+        self.max_per_customer
+            .store(limits.max_per_customer.unwrap_or(0), Ordering::Release);
+        self.admission_rate
+            .store(limits.admission_rate.unwrap_or(0), Ordering::Release);
+    }
+
     fn new(shard_count: usize, stock: i64) -> Self {
         let shards: Box<[Shard]> = (0..shard_count).map(|_| Shard::default()).collect();
         // Spread the initial units evenly so every core starts with a local supply.
@@ -177,6 +196,7 @@ impl SkuStock {
             in_hand: PaddedCounter::default(),
             refusal: OnceLock::new(),
             max_per_customer: AtomicU32::new(0),
+            admission_rate: AtomicU32::new(0),
         };
         sku.sold_out.0.store(stock == 0, Ordering::SeqCst);
         sku
@@ -530,17 +550,17 @@ impl Inventory {
     /// when rebuilding from the journal). Returns the existing index if the SKU is already known,
     /// unchanged.
     pub fn add(&self, sku: &Sku, stock: i64, reserved: i64, sold: i64) -> SkuIndex {
-        self.add_limited(sku, stock, reserved, sold, None)
+        self.add_limited(sku, stock, reserved, sold, Limits::default())
     }
 
-    /// [`Self::add`], with the SKU's limit per customer set before any reservation can see it.
+    /// [`Self::add`], with the SKU's limits set before any reservation can see it.
     pub fn add_limited(
         &self,
         sku: &Sku,
         stock: i64,
         reserved: i64,
         sold: i64,
-        max_per_customer: Option<u32>,
+        limits: Limits,
     ) -> SkuIndex {
         let _writer = crate::sync::lock(&self.add_lock);
         if let Some(existing) = self.lookup(sku) {
@@ -551,9 +571,7 @@ impl Inventory {
             "rebuilt stock of {sku} breaks the identity: stock {stock}, reserved {reserved}, sold {sold}"
         );
         let entry = SkuStock::new(self.shard_count, stock - reserved - sold);
-        entry
-            .max_per_customer
-            .store(max_per_customer.unwrap_or(0), Ordering::Release);
+        entry.set_limits(limits);
         entry.stock.store(stock, Ordering::Release);
         entry.shards[0].reserved.store(reserved, Ordering::Release);
         entry.shards[0].sold.store(sold, Ordering::Release);
@@ -575,12 +593,18 @@ impl Inventory {
         self.len() == 0
     }
 
-    /// Sets the SKU's limit of units per customer (`None`: no limit).
-    pub fn set_max_per_customer(&self, index: SkuIndex, limit: Option<u32>) {
-        self.table
-            .get(index)
-            .max_per_customer
-            .store(limit.unwrap_or(0), Ordering::Release);
+    /// Sets the SKU's limits.
+    pub fn set_limits(&self, index: SkuIndex, limits: Limits) {
+        self.table.get(index).set_limits(limits);
+    }
+
+    /// The SKU's waiting room's rate, buyers per second (`None`: no waiting room).
+    #[inline]
+    pub fn admission_rate(&self, index: SkuIndex) -> Option<u32> {
+        match self.table.get(index).admission_rate.load(Ordering::Acquire) {
+            0 => None,
+            rate => Some(rate),
+        }
     }
 
     /// The SKU's limit of units per customer (`None`: no limit).

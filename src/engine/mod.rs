@@ -361,10 +361,9 @@ impl Engine {
                     "sku {sku} has stock {stock} but {reserved} reserved and {sold} sold"
                 )));
             }
-            let index =
-                engine
-                    .inventory
-                    .add_limited(sku, stock, reserved, sold, product.max_per_customer);
+            let index = engine
+                .inventory
+                .add_limited(sku, stock, reserved, sold, product.limits());
             lock(&engine.products[shard_index(sku)]).insert(
                 sku.clone(),
                 ProductEntry {
@@ -484,15 +483,14 @@ impl Engine {
                 ..
             }) => {
                 if *kept != product {
-                    self.inventory
-                        .set_max_per_customer(*index, product.max_per_customer);
+                    self.inventory.set_limits(*index, product.limits());
                     *kept = product;
                 }
             }
             _ => {
-                let index =
-                    self.inventory
-                        .add_limited(&product.sku, 0, 0, 0, product.max_per_customer);
+                let index = self
+                    .inventory
+                    .add_limited(&product.sku, 0, 0, 0, product.limits());
                 products.insert(
                     product.sku.clone(),
                     ProductEntry {
@@ -925,11 +923,10 @@ impl Engine {
                         product.stock.get(),
                         0,
                         0,
-                        product.max_per_customer,
+                        product.limits(),
                     ),
                 };
-                self.inventory
-                    .set_max_per_customer(index, product.max_per_customer);
+                self.inventory.set_limits(index, product.limits());
                 let view = self.inventory.view(index);
                 entry.durable = Some((product.clone(), index));
                 Applied::Product(product, view)

@@ -26,6 +26,20 @@ pub struct Product {
     /// The most units of it one customer may hold or have bought (`None`: no limit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_per_customer: Option<u32>,
+    /// Buyers per second let through the product's waiting room to checkout (`None`: no queue;
+    /// `app::waiting_room`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admission_rate: Option<u32>,
+}
+
+impl Product {
+    /// Its limits, as the stock counters keep them for the checkout path.
+    pub fn limits(&self) -> crate::engine::inventory::Limits {
+        crate::engine::inventory::Limits {
+            max_per_customer: self.max_per_customer,
+            admission_rate: self.admission_rate,
+        }
+    }
 }
 
 /// The answer given to a request under an idempotency key, kept so a replay returns it unchanged.

@@ -434,6 +434,7 @@ pub(crate) mod tests {
                 currency: Currency::parse("EUR").unwrap(),
                 stock: Stock::parse(1).unwrap(),
                 max_per_customer: None,
+                admission_rate: None,
             },
         }
     }
@@ -479,6 +480,7 @@ pub(crate) mod tests {
                                         currency: Currency::parse("EUR").unwrap(),
                                         stock: Stock::parse(1).unwrap(),
                                         max_per_customer: None,
+                                        admission_rate: None,
                                     },
                                 });
                                 (sku, ticket)

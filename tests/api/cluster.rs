@@ -2169,3 +2169,77 @@ async fn a_stream_on_one_node_sees_the_sale_on_another_and_its_sold_out() {
         last_sold.elapsed()
     );
 }
+
+/// The waiting room with several nodes: positions are one queue across the nodes (Redis), a
+/// ticket taken on one node is checked out on another, it is used once whichever node sees it
+/// again, its key's retry elsewhere is a replay, and at the sell-out every ticket says so on every
+/// node within 1 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_taken_on_one_node_is_checked_out_on_another_and_used_once() {
+    use crate::waiting_room::{buy, put_queued, status, take};
+    let shop = Shop::new("cluster-tickets", false).await;
+    let nodes = shop.nodes(&["node-a", "node-b"]);
+    let (mut on_a, mut on_b) = (nodes[0].client(), nodes[1].client());
+    put_queued(&mut on_a, "QUEUED", 3, 100).await;
+    known_everywhere(&[&nodes[0], &nodes[1]], "QUEUED").await;
+    let (first, p1) = take(&mut on_a, "QUEUED").await;
+    let (second, p2) = take(&mut on_b, "QUEUED").await;
+    let (third, p3) = take(&mut on_a, "QUEUED").await;
+    assert_eq!((p1, p2, p3), (1, 2, 3), "one queue across the nodes");
+    assert_eq!(status(&mut on_b, &first).await["position"], 1);
+
+    let (code, body, _) = buy(&mut on_b, "QUEUED", "c-none", None, "tok_ok").await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (429, Some("queue_required")),
+        "{body}"
+    );
+    for ticket in [&first, &second, &third] {
+        eventually(
+            "the ticket's admission",
+            Duration::from_secs(5),
+            async || status(&mut on_b, ticket).await["admitted"] == true,
+        )
+        .await;
+    }
+    let (code, placed, _) = buy(&mut on_b, "QUEUED", "c-1", Some(&first), "tok_ok").await;
+    assert_eq!(code, 201, "node a's ticket checked out on node b: {placed}");
+    let (code, body, _) = buy(&mut on_a, "QUEUED", "c-1-other", Some(&first), "tok_ok").await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (403, Some("invalid_ticket")),
+        "used on node b, again on node a: {body}"
+    );
+    // The key's retry on node a replays node b's answer (`409 idempotency_key_in_use` until node
+    // b's answer has replaced its lock in Redis).
+    let mut again = None;
+    for _ in 0..10_000 {
+        let answer = buy(&mut on_a, "QUEUED", "c-1", Some(&first), "tok_ok").await;
+        if answer.0 != 409 {
+            again = Some(answer);
+            break;
+        }
+    }
+    let (code, body, replayed) = again.expect("the key's retry answered");
+    assert_eq!((code, replayed, &body), (201, true, &placed));
+
+    let (code, body, _) = buy(&mut on_a, "QUEUED", "c-2", Some(&second), "tok_decline").await;
+    assert_eq!(code, 402, "{body}");
+    let (code, body, _) = buy(&mut on_b, "QUEUED", "c-2-ok", Some(&second), "tok_ok").await;
+    assert_eq!(
+        code, 201,
+        "a declined checkout on node a left the ticket unused: {body}"
+    );
+    let (code, body, _) = buy(&mut on_a, "QUEUED", "c-3", Some(&third), "tok_ok").await;
+    assert_eq!(code, 201, "{body}");
+    for client in [&mut on_a, &mut on_b] {
+        for ticket in [&first, &second, &third] {
+            eventually(
+                "every ticket to say sold_out",
+                Duration::from_secs(1),
+                async || status(client, ticket).await["sold_out"] == true,
+            )
+            .await;
+        }
+    }
+}

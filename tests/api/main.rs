@@ -27,3 +27,4 @@ mod stalled_commit;
 mod stock_stream;
 mod tls;
 mod validation;
+mod waiting_room;

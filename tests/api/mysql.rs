@@ -847,6 +847,7 @@ async fn write_previous_version_rows(pool: &sqlx::MySqlPool) {
                     currency: eur,
                     stock: Stock::parse(10).expect("stock"),
                     max_per_customer: None,
+                    admission_rate: None,
                 },
             },
             None,

@@ -40,6 +40,7 @@ fn product(name: &str, stock: i64) -> Record {
             currency: Currency::parse("EUR").expect("currency"),
             stock: Stock::parse(stock).expect("stock"),
             max_per_customer: None,
+            admission_rate: None,
         },
     }
 }

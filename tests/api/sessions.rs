@@ -1191,7 +1191,9 @@ async fn a_node_paused_past_its_lock_records_nothing_under_a_key_placed_meanwhil
         "{answer}"
     );
     let mut on_a = a.client();
-    let (status, again, replayed) = checkout(&mut on_a, "paused", &body).await;
+    // `409 idempotency_key_in_use` until node b's answer has replaced its lock in Redis (stored
+    // right after its commit, without making its client wait), then the replay.
+    let (status, again, replayed) = settled(&mut on_a, "paused", &body).await;
     assert_eq!((status, replayed), (201, true), "{again}");
     assert_eq!(again, placed, "the retry on node a replays node b's answer");
     let sold = on_a.stock("P").await.3 + on_b.stock("P").await.3;

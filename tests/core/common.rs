@@ -74,6 +74,7 @@ pub fn product(name: &str, price_cents: i64, stock: i64) -> Product {
         currency: Currency::parse("EUR").expect("test currency"),
         stock: Stock::parse(stock).expect("test stock"),
         max_per_customer: None,
+        admission_rate: None,
     }
 }
 

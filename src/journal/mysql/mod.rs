@@ -884,7 +884,8 @@ async fn load(
     let read = |e: sqlx::Error| db_error("reading the durable state", &e);
     let mut state = State::default();
     for row in sqlx::query(
-        "SELECT sku, name, price_cents, currency, stock, max_per_customer FROM products",
+        "SELECT sku, name, price_cents, currency, stock, max_per_customer, admission_rate \
+         FROM products",
     )
     .fetch_all(pool)
     .await
@@ -901,6 +902,7 @@ async fn load(
             stock: Stock::parse(row.try_get(4).map_err(read)?)
                 .map_err(|e| corrupt("products", e.to_string()))?,
             max_per_customer: row.try_get(5).map_err(read)?,
+            admission_rate: row.try_get(6).map_err(read)?,
         };
         state.products.insert(product.sku.clone(), product);
     }

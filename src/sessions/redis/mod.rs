@@ -80,11 +80,13 @@ mod connection;
 mod locks;
 mod scripts;
 mod starts;
+mod tickets;
 
 use locks::*;
 pub use locks::{LockClock, Submission};
 use scripts::*;
 pub use scripts::{decode_answer, encode_answer};
+pub use tickets::TicketClaim;
 
 /// The longest wait between two reconnection attempts.
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -175,6 +177,7 @@ pub struct RedisStore {
     locks_taken: AtomicU64,
     stats: Stats,
     scripts: Scripts,
+    tickets: tickets::TicketScripts,
     /// Checkouts' ends waiting to be sent, batched by the finisher task.
     finishes: tokio::sync::mpsc::Sender<Finish>,
     /// Taken by [`Self::start`].
@@ -217,6 +220,7 @@ impl RedisStore {
             locks_taken: AtomicU64::new(0),
             stats: Stats::default(),
             scripts: Scripts::new(),
+            tickets: tickets::TicketScripts::new(),
             finishes,
             finishes_to_send: Mutex::new(Some(finishes_to_send)),
             starts: starts::Starts::new(),

@@ -270,7 +270,7 @@ pub(crate) async fn project(
     for chunk in products.stable_chunks() {
         let mut q = QueryBuilder::<MySql>::new(
             "INSERT INTO products (sku, name, price_cents, currency, stock, max_per_customer, \
-             updated_lsn) ",
+             admission_rate, updated_lsn) ",
         );
         q.push_values(chunk, |mut row, (product, lsn)| {
             row.push_bind(product.sku.as_str())
@@ -279,12 +279,14 @@ pub(crate) async fn project(
                 .push_bind(product.currency.as_str())
                 .push_bind(product.stock.get())
                 .push_bind(product.max_per_customer)
+                .push_bind(product.admission_rate)
                 .push_bind(*lsn);
         });
         q.push(
             " ON DUPLICATE KEY UPDATE name = VALUES(name), price_cents = VALUES(price_cents), \
              currency = VALUES(currency), stock = VALUES(stock), \
-             max_per_customer = VALUES(max_per_customer), updated_lsn = VALUES(updated_lsn)",
+             max_per_customer = VALUES(max_per_customer), admission_rate = VALUES(admission_rate), \
+             updated_lsn = VALUES(updated_lsn)",
         );
         q.build().execute(&mut *tx).await?;
         let mut q = QueryBuilder::<MySql>::new("INSERT IGNORE INTO inventory (node, sku) ");

@@ -1,0 +1,167 @@
+//! The waiting rooms' queues and tickets' claims in Redis (`app::waiting_room`), so that every
+//! node hands out positions of one queue per SKU and a ticket is used once whichever node checks
+//! it out.
+//!
+//! A queue is a hash (`<prefix>queue:<sku>`: `epoch`, `given`, `last` admission in Unix µs) that
+//! lives as long as its last ticket could be valid; a claim is a string next to it
+//! (`<prefix>queue:<sku>/<epoch>/<position>`, the key that uses the ticket) that expires with its
+//! ticket. On a Redis Cluster both carry the SKU's hash tag, so one script reaches both.
+
+use super::*;
+
+/// What a ticket's claim found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TicketClaim {
+    /// Claimed for this key (now, or by an earlier try under the same key).
+    Claimed,
+    /// Another key uses it.
+    Used,
+    /// Its queue is not the one Redis holds (Redis lost it, and with it the ticket's claims).
+    Stale,
+}
+
+/// Takes the next place in a SKU's queue. KEYS[1] = the queue; ARGV = now µs, the interval µs, a
+/// fresh epoch (for a queue not held yet), how long to keep the queue past its last admission
+/// (ms). Returns the epoch, the position and the admission time (µs, as text: Lua numbers are
+/// doubles, exact to 2^53, far past any Unix µs).
+const TAKE: &str = r"
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  epoch = ARGV[3]
+  redis.call('HSET', KEYS[1], 'epoch', epoch)
+end
+local position = redis.call('HINCRBY', KEYS[1], 'given', 1)
+local now = tonumber(ARGV[1])
+local last = redis.call('HGET', KEYS[1], 'last')
+local admit = now
+if last then admit = math.max(now, tonumber(last) + tonumber(ARGV[2])) end
+local text = string.format('%.0f', admit)
+redis.call('HSET', KEYS[1], 'last', text)
+redis.call('PEXPIRE', KEYS[1], math.floor((admit - now) / 1000) + tonumber(ARGV[4]))
+return {epoch, position, text}
+";
+
+/// Claims a ticket. KEYS[1] = its queue, KEYS[2] = its claim; ARGV = its epoch, the key, the
+/// claim's TTL in ms.
+const CLAIM: &str = r"
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'stale' end
+local there = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3], 'GET')
+if not there or there == ARGV[2] then return 'claimed' end
+return 'used'
+";
+
+/// Gives a claim back if it is still the key's. KEYS[1] = the claim; ARGV[1] = the key.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+";
+
+pub(super) struct TicketScripts {
+    take: Script,
+    claim: Script,
+    release: Script,
+}
+
+impl TicketScripts {
+    pub(super) fn new() -> Self {
+        Self {
+            take: Script::new(TAKE),
+            claim: Script::new(CLAIM),
+            release: Script::new(RELEASE),
+        }
+    }
+}
+
+impl RedisStore {
+    fn queue_key(&self, sku: &Sku) -> String {
+        self.key("queue", sku.as_str())
+    }
+
+    fn claim_key(&self, sku: &Sku, epoch: u64, position: u64) -> String {
+        // A SKU has no '/': no claim's key is another SKU's queue.
+        format!("{}/{epoch}/{position}", self.queue_key(sku))
+    }
+
+    /// The next place in `sku`'s queue: its epoch, position and admission time (µs).
+    pub async fn take_ticket(
+        &self,
+        sku: &Sku,
+        now_us: i64,
+        interval_us: i64,
+        fresh_epoch: u64,
+        keep_ms: i64,
+    ) -> Result<(u64, u64, i64), StoreError> {
+        let queue = self.queue_key(sku);
+        let mut invocation = self.tickets.take.key(&queue);
+        invocation
+            .arg(now_us)
+            .arg(interval_us)
+            .arg(fresh_epoch.to_string())
+            .arg(keep_ms);
+        let (epoch, position, admit): (String, u64, String) = self.run(&queue, &invocation).await?;
+        let unexpected = |what: String| StoreError::Unexpected {
+            key: queue.clone(),
+            what,
+        };
+        Ok((
+            epoch
+                .parse()
+                .map_err(|_| unexpected(format!("epoch {epoch:?}")))?,
+            position,
+            admit
+                .parse()
+                .map_err(|_| unexpected(format!("last admission {admit:?}")))?,
+        ))
+    }
+
+    /// Claims a ticket for `key` until `ttl_ms` from now.
+    pub async fn claim_ticket(
+        &self,
+        sku: &Sku,
+        epoch: u64,
+        position: u64,
+        key: &IdempotencyKey,
+        ttl_ms: i64,
+    ) -> Result<TicketClaim, StoreError> {
+        let claim = self.claim_key(sku, epoch, position);
+        let mut invocation = self.tickets.claim.key(self.queue_key(sku));
+        invocation
+            .key(&claim)
+            .arg(epoch.to_string())
+            .arg(key.as_str())
+            .arg(ttl_ms.max(1));
+        let found: String = self.run(&claim, &invocation).await?;
+        match found.as_str() {
+            "claimed" => Ok(TicketClaim::Claimed),
+            "used" => Ok(TicketClaim::Used),
+            "stale" => Ok(TicketClaim::Stale),
+            other => Err(StoreError::Unexpected {
+                key: claim,
+                what: format!("the claim script answered {other:?}"),
+            }),
+        }
+    }
+
+    /// Gives `key`'s claim of a ticket back, in the background (a claim not given back stays
+    /// until its ticket expires).
+    pub fn release_ticket(
+        self: &Arc<Self>,
+        sku: Sku,
+        epoch: u64,
+        position: u64,
+        key: IdempotencyKey,
+    ) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = Arc::clone(self);
+        runtime.spawn(async move {
+            let claim = store.claim_key(&sku, epoch, position);
+            let mut invocation = store.tickets.release.key(&claim);
+            invocation.arg(key.as_str());
+            if let Err(error) = store.run::<i64>(&claim, &invocation).await {
+                tracing::warn!(%error, %sku, position, "could not give back a ticket's claim; the ticket stays used until it expires");
+            }
+        });
+    }
+}
