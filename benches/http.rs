@@ -69,6 +69,7 @@ fn app(dir: &std::path::Path) -> axum::Router {
         response_budget: turnstile::connections::ResponseBudget::leak(128 << 20, None),
         stopping: std::sync::atomic::AtomicBool::new(false),
         streams: turnstile::app::streams::StockStreams::new(1_000),
+        shared_limits: None,
         waiting_room: Arc::new(
             turnstile::app::waiting_room::WaitingRoom::new(
                 b"bench-tickets".to_vec(),

@@ -248,6 +248,14 @@ async fn serve(
         let (carts, redis) = start_sessions(&config, &engine, &node).await?;
         let simulator = Arc::clone(&payments.simulator);
         let waiting_room = build_waiting_room(&config, &carts)?;
+        let shared_limits = match (&cluster, carts.store()) {
+            (Some(_), Some(store)) => Some(cluster::limits::SharedLimits::new(
+                Arc::clone(store),
+                config.order_retention,
+                &engine,
+            )?),
+            _ => None,
+        };
         let app = build_app(
             &config,
             AppParts {
@@ -256,6 +264,7 @@ async fn serve(
                 carts,
                 payments,
                 waiting_room,
+                shared_limits,
                 relay: relay.as_ref().map(|(relay, _)| Arc::clone(relay)),
                 node,
                 cluster: cluster.clone(),
@@ -334,6 +343,7 @@ struct AppParts {
     carts: Carts,
     payments: Payments,
     waiting_room: Arc<app::waiting_room::WaitingRoom>,
+    shared_limits: Option<Arc<cluster::limits::SharedLimits>>,
     relay: Option<Arc<Relay>>,
     node: String,
     cluster: Option<Arc<Cluster>>,
@@ -369,6 +379,7 @@ fn build_app(config: &ServeConfig, parts: AppParts) -> Arc<AppState> {
         stopping: std::sync::atomic::AtomicBool::new(false),
         streams: app::streams::StockStreams::new(config.streams_max),
         waiting_room: parts.waiting_room,
+        shared_limits: parts.shared_limits,
     })
 }
 
@@ -770,7 +781,7 @@ async fn join_cluster(
     cluster.bound(local, tls);
     cluster::registry::advertise(&cluster).await?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(cluster::reaper::reap(
             Arc::clone(&cluster),
             Arc::clone(app),
@@ -789,9 +800,14 @@ async fn join_cluster(
         tokio::spawn(cluster::leases::keep(
             Arc::clone(&cluster),
             Arc::clone(app),
-            stopped,
+            stopped.clone(),
         )),
     ];
+    if let Some(limits) = &app.shared_limits {
+        tasks.push(tokio::spawn(
+            Arc::clone(limits).run(Arc::clone(app), stopped),
+        ));
+    }
     Ok(RunningCluster {
         cluster,
         stop,

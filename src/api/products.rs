@@ -1,9 +1,10 @@
 //! `PUT/GET /v1/products/{sku}`.
 //!
 //! `max_per_customer` (API.md, "Per-customer limit"): omitted in a `PUT`, the product keeps the
-//! limit it has; `null` clears it; an integer from 1 sets it. With several nodes this build refuses
-//! to set one (`400`): the count is one node's (`engine::customers`), and a limit that each node
-//! enforced alone would let a customer buy it once per node.
+//! limit it has; `null` clears it; an integer from 1 sets it. One node counts in its engine
+//! (`engine::customers`); several nodes share one count in Redis (`cluster::limits`).
+//! `admission_rate` (API.md, "Waiting room"): omitted or `null`, no waiting room
+//! (`app::waiting_room`).
 
 use super::{check_length, json, parse_json, path_id, read_body, ApiError, Shared};
 use crate::domain::{Cents, Currency, Sku, Stock};
@@ -93,19 +94,10 @@ pub(super) async fn put_product(
             "name: must be 1 to {NAME_CHARS_MAX} characters"
         )));
     }
-    match body.max_per_customer {
-        Some(Some(0)) => {
-            return Err(ApiError::invalid(
-                "max_per_customer: must be at least 1 (null: no limit)",
-            ))
-        }
-        Some(Some(_)) if state.cluster.is_some() => {
-            return Err(ApiError::invalid(
-                "max_per_customer: not supported with several nodes (--node-id) in this build; \
-                 each node would count a customer's units alone",
-            ))
-        }
-        _ => {}
+    if body.max_per_customer == Some(Some(0)) {
+        return Err(ApiError::invalid(
+            "max_per_customer: must be at least 1 (null: no limit)",
+        ));
     }
     if body.admission_rate == Some(0) {
         return Err(ApiError::invalid(

@@ -22,6 +22,7 @@
 
 use super::{commit_guarded, CommitError, Settlement, Shared};
 use crate::app::waiting_room::{Claimed, Ticket, TicketError};
+use crate::cluster::limits::Allowance;
 use crate::domain::{CartId, CustomerId, IdempotencyKey, OrderId, Quantity, Sku};
 use crate::engine::idempotency::{digest_text, Begin, Fingerprint, Fingerprinted, KeyError};
 use crate::engine::order::{Order, OrderStatus};
@@ -194,6 +195,29 @@ fn admission<'a>(
         ticket,
         now_ms().saturating_mul(1000),
     )?))
+}
+
+/// The units per product with `max_per_customer` that `lines` (SKU, units) take, merged per SKU,
+/// with each limit.
+fn limited_units<'a>(
+    app: &crate::app::AppState,
+    lines: impl Iterator<Item = (&'a Sku, i64)>,
+) -> Vec<(Sku, i64, u32)> {
+    let inventory = app.engine.inventory();
+    let mut units: Vec<(Sku, i64, u32)> = Vec::new();
+    for (sku, count) in lines {
+        let Some(limit) = inventory
+            .lookup(sku)
+            .and_then(|index| inventory.max_per_customer(index))
+        else {
+            continue;
+        };
+        match units.iter_mut().find(|(s, ..)| s == sku) {
+            Some((_, total, _)) => *total += count,
+            None => units.push((sku.clone(), count, limit)),
+        }
+    }
+    units
 }
 
 /// Whether `request` is one line of a SKU sold out as far as this node knows: its shards empty,
@@ -374,6 +398,32 @@ pub async fn place(
 
     // A ticket judged but not claimed in Redis (Redis failed and --redis-optional let the
     // checkout go on): its claim cannot be made where the other nodes would see it.
+    // Several nodes: the units of products with a limit are taken in the shop's count (Redis)
+    // before this node's key table or any unit (an await); refused there, nothing is held.
+    let period = crate::payment::checkout_period(now_ms(), app.engine.config().answer_retention_ms);
+    let order_id =
+        crate::payment::order_id_for(&key, period).unwrap_or_else(|| app.engine.new_order_id());
+    let mut allowance = None;
+    if let Some(limits) = app.shared_limits.as_ref().filter(|_| !unguarded) {
+        let units = match (&request.items, &redis_cart) {
+            (Some(items), _) => limited_units(
+                app,
+                items.iter().map(|line| (&line.sku, line.quantity.get())),
+            ),
+            (None, Some(cart)) => limited_units(app, cart.iter().map(|(sku, n)| (sku, *n))),
+            (None, None) => Vec::new(),
+        };
+        if !units.is_empty() && ticket_refused.is_none() {
+            match limits.take(&request.customer_id, &order_id, &units).await {
+                Ok(Ok(taken)) => allowance = Some(taken),
+                Ok(Err(sku)) => {
+                    app.metrics.rejections_customer_limit.add(1);
+                    return Err(EngineError::CustomerLimit { sku }.into());
+                }
+                Err(error) => return Err(CheckoutError::SessionStore(error)),
+            }
+        }
+    }
     if admitted.is_some() && app.waiting_room.claims_in_redis() {
         if !unguarded {
             return Err(CheckoutError::SessionStore(StoreError::Unavailable(
@@ -578,6 +628,9 @@ pub async fn place(
         submission,
         lock_held,
         claimed,
+        allowance,
+        period,
+        order_id,
         answers,
         _permit: permit,
     };
@@ -644,6 +697,13 @@ struct Finishing {
     /// Its waiting-room ticket, claimed for its key: kept once an order is placed (or its outcome
     /// is unknown), else given back.
     claimed: Option<Claimed>,
+    /// Several nodes: its units of products with a limit, taken in the shop's count: kept once
+    /// its order is durable (or its outcome unknown), else given back.
+    allowance: Option<Allowance>,
+    /// The retention period its gateway key and order id are derived in.
+    period: i64,
+    /// Its order's id (derived from the key: the same checkout always names the same order).
+    order_id: OrderId,
     answers: &'static dyn Answers,
     /// Held until the checkout is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -660,11 +720,8 @@ enum Paid {
 impl Finishing {
     async fn run(self) -> Result<Answer, CheckoutError> {
         let app = &self.app;
-        let period =
-            crate::payment::checkout_period(now_ms(), app.engine.config().answer_retention_ms);
-        let gateway_key = crate::payment::gateway_key(&app.node, &self.key, period);
-        let order_id = crate::payment::order_id_for(&self.key, period)
-            .unwrap_or_else(|| app.engine.new_order_id());
+        let gateway_key = crate::payment::gateway_key(&app.node, &self.key, self.period);
+        let order_id = self.order_id;
         let request = AuthorizeRequest {
             idempotency_key: gateway_key,
             order_id: order_id.as_str().to_owned(),
@@ -746,8 +803,13 @@ impl Finishing {
         // (`money`); if the journal did not take it, the engine frees the units and the key, and
         // the authorisation waits for the client's retry (or the reconciler's orphan scan).
         let claimed = self.claimed;
+        let allowance = self.allowance;
         let follow = move |app: &Shared, outcome: &Settlement| match outcome {
             Ok(Applied::Order { order, .. }) => {
+                // The order is durable: its units count (the engine tells when they stop).
+                if let Some(allowance) = allowance {
+                    allowance.keep();
+                }
                 if matches!(
                     order.status,
                     OrderStatus::Paid | OrderStatus::PaymentPending
@@ -773,6 +835,9 @@ impl Finishing {
                 if !error.nothing_changed() {
                     if let Some(claimed) = claimed {
                         claimed.keep();
+                    }
+                    if let Some(allowance) = allowance {
+                        allowance.keep();
                     }
                 }
             }

@@ -96,6 +96,9 @@ pub struct AppState {
     pub streams: streams::StockStreams,
     /// The products' waiting rooms (`admission_rate`).
     pub waiting_room: Arc<waiting_room::WaitingRoom>,
+    /// Several nodes: the shop's count of customers' units of products with `max_per_customer`
+    /// (in Redis).
+    pub shared_limits: Option<Arc<crate::cluster::limits::SharedLimits>>,
 }
 
 /// The state as handlers receive it.

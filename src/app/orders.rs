@@ -102,10 +102,11 @@ pub async fn put_product(
     product: Product,
     keep_limit: bool,
 ) -> Result<(Product, StockView), AppError> {
-    // Several nodes: the catalogue is MySQL's, and this node's stock is its lease (no limits per
-    // customer there in this build: `api::products` refuses to set one).
+    // Several nodes: the catalogue is MySQL's, and this node's stock is its lease.
     if let Some(cluster) = &app.cluster {
-        return Ok(crate::cluster::catalogue::put(cluster, &app.engine, product).await?);
+        return Ok(
+            crate::cluster::catalogue::put(cluster, &app.engine, product, keep_limit).await?,
+        );
     }
     let change = prepare_when_free(app, || {
         if keep_limit {

@@ -84,9 +84,8 @@ fn product_from(row: &sqlx::mysql::MySqlRow) -> Result<Product, ClusterError> {
             .map_err(|e| unreadable(e.to_string()))?,
         stock: Stock::parse(row.try_get(4).map_err(db("reading products"))?)
             .map_err(|e| unreadable(e.to_string()))?,
-        // Several nodes refuse a limit per customer in this build (`api::products`).
-        max_per_customer: None,
-        admission_rate: row.try_get(13).map_err(db("reading products"))?,
+        max_per_customer: row.try_get(13).map_err(db("reading products"))?,
+        admission_rate: row.try_get(14).map_err(db("reading products"))?,
     })
 }
 
@@ -103,7 +102,7 @@ async fn read(cluster: &Cluster) -> Result<FxHashMap<Sku, ShopCounts>, ClusterEr
                     CAST({DB_NOW_MS} - COALESCE(sp.hungry_at_ms, 0) AS SIGNED), \
                     CAST(COALESCE(u.unsold, 0) AS SIGNED), \
                     CAST(COALESCE(me.reserved, 0) AS SIGNED), CAST(COALESCE(me.sold, 0) AS SIGNED), \
-                    p.admission_rate \
+                    p.max_per_customer, p.admission_rate \
              FROM products p \
              LEFT JOIN stock_pool sp ON sp.sku = p.sku \
              LEFT JOIN (SELECT sku, SUM(reserved) AS reserved, SUM(sold) AS sold \
@@ -267,8 +266,8 @@ pub fn shop_view(cluster: &Cluster, engine: &Engine, sku: &Sku) -> Option<(Produ
 
 /// What a product's change did in MySQL.
 enum Put {
-    /// Written.
-    Done,
+    /// Written, with this limit per customer.
+    Done(Option<u32>),
     /// The pool held fewer units than the stock's decrease: the rest was asked back.
     Short,
 }
@@ -279,12 +278,16 @@ enum Put {
 pub async fn put(
     cluster: &Cluster,
     engine: &Engine,
-    product: Product,
+    mut product: Product,
+    keep_limit: bool,
 ) -> Result<(Product, StockView), ClusterError> {
     let deadline = tokio::time::Instant::now() + RECALL_WAIT;
     loop {
-        match super::retrying(|| put_once(cluster, &product)).await? {
-            Put::Done => break,
+        match super::retrying(|| put_once(cluster, &product, keep_limit)).await? {
+            Put::Done(limit) => {
+                product.max_per_customer = limit;
+                break;
+            }
             Put::Short if tokio::time::Instant::now() >= deadline => {
                 clear_recall(cluster, &product.sku).await?;
                 let shop = read(cluster).await?;
@@ -338,15 +341,26 @@ pub async fn put(
     ))
 }
 
-async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterError> {
+async fn put_once(
+    cluster: &Cluster,
+    product: &Product,
+    keep_limit: bool,
+) -> Result<Put, ClusterError> {
     let sku = product.sku.as_str().to_owned();
     let requested = product.stock.get();
     let outcome = crate::journal::mysql::in_transaction!(&cluster.db, cluster.timeout, |tx| {
-        let old: Option<i64> =
-            sqlx::query_scalar("SELECT stock FROM products WHERE sku = ? FOR UPDATE")
-                .bind(&sku)
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row: Option<(i64, Option<u32>)> = sqlx::query_as(
+            "SELECT stock, max_per_customer FROM products WHERE sku = ? FOR UPDATE",
+        )
+        .bind(&sku)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let old = row.map(|(stock, _)| stock);
+        // A PUT without `max_per_customer` keeps the limit the product has, read under its lock.
+        let limit = match keep_limit {
+            true => row.and_then(|(_, limit)| limit),
+            false => product.max_per_customer,
+        };
         sqlx::query("INSERT IGNORE INTO stock_pool (sku, pool, recall) VALUES (?, 0, 0)")
             .bind(&sku)
             .execute(&mut *tx)
@@ -376,9 +390,10 @@ async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterEr
             Ok(Put::Short)
         } else {
             sqlx::query(
-                "INSERT INTO products (sku, name, price_cents, currency, stock, admission_rate, \
-                 updated_lsn) VALUES (?, ?, ?, ?, ?, ?, 0) ON DUPLICATE KEY UPDATE name = VALUES(name), \
-                 price_cents = VALUES(price_cents), currency = VALUES(currency), stock = VALUES(stock), \
+                "INSERT INTO products (sku, name, price_cents, currency, stock, max_per_customer, \
+                 admission_rate, updated_lsn) VALUES (?, ?, ?, ?, ?, ?, ?, 0) ON DUPLICATE KEY UPDATE \
+                 name = VALUES(name), price_cents = VALUES(price_cents), currency = VALUES(currency), \
+                 stock = VALUES(stock), max_per_customer = VALUES(max_per_customer), \
                  admission_rate = VALUES(admission_rate)",
             )
             .bind(&sku)
@@ -386,6 +401,7 @@ async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterEr
             .bind(product.price_cents.get())
             .bind(product.currency.as_str())
             .bind(requested)
+            .bind(limit)
             .bind(product.admission_rate)
             .execute(&mut *tx)
             .await?;
@@ -394,7 +410,7 @@ async fn put_once(cluster: &Cluster, product: &Product) -> Result<Put, ClusterEr
             .bind(&sku)
             .execute(&mut *tx)
             .await?;
-            Ok(Put::Done)
+            Ok(Put::Done(limit))
         }
     })
     .await

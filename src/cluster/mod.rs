@@ -19,6 +19,7 @@ pub mod catalogue;
 pub mod forget;
 pub mod forward;
 pub mod leases;
+pub mod limits;
 pub mod reaper;
 pub mod registry;
 

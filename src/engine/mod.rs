@@ -313,11 +313,99 @@ pub struct Engine {
     payments_due: Mutex<FxHashSet<OrderId>>,
     /// Units per customer and SKU, for `max_per_customer`.
     customers: customers::CustomerUnits,
+    /// Told of every durable order whose units stop counting for its customer (released,
+    /// refunded, past retention) that names a SKU with a limit: several nodes give its units back
+    /// in the count they share ([`Self::on_units_given_back`]).
+    units_given_back: std::sync::OnceLock<GivenBack>,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
 
+/// An order that counts for its customer: the customer, the order, its units per limited SKU.
+pub type CountingOrder = (CustomerId, OrderId, Vec<(Sku, i64)>);
+
+/// The hook [`Engine::on_units_given_back`] sets: the customer, the order, its SKUs with a limit.
+pub type GivenBack = Box<dyn Fn(&CustomerId, &OrderId, Vec<Sku>) + Send + Sync>;
+
 impl Engine {
+    /// Sets the hook told of every durable order whose units stop counting for its customer
+    /// (released, refunded, past retention) and that names a SKU with `max_per_customer` (once).
+    pub fn on_units_given_back(&self, hook: GivenBack) {
+        let _ = self.units_given_back.set(hook);
+    }
+
+    /// A durable order's units count for its customer no more.
+    fn order_stops_counting(&self, order: &Order, lines: &[(SkuIndex, i64)]) {
+        self.customers.give(&order.customer_id, lines);
+        if let Some(hook) = self.units_given_back.get() {
+            let limited: Vec<Sku> = order
+                .items
+                .iter()
+                .filter(|item| {
+                    self.inventory
+                        .lookup(&item.sku)
+                        .is_some_and(|index| self.inventory.max_per_customer(index).is_some())
+                })
+                .map(|item| item.sku.clone())
+                .collect();
+            if !limited.is_empty() {
+                hook(&order.customer_id, &order.order_id, limited);
+            }
+        }
+    }
+
+    /// Every product's `max_per_customer`, sorted by SKU (products without one left out).
+    pub fn limits_per_customer(&self) -> Vec<(Sku, u32)> {
+        let mut limits: Vec<(Sku, u32)> = self
+            .products
+            .iter()
+            .flat_map(|shard| {
+                lock(shard)
+                    .values()
+                    .filter_map(|entry| entry.durable.as_ref())
+                    .filter_map(|(product, _)| {
+                        Some((product.sku.clone(), product.max_per_customer?))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        limits.sort();
+        limits
+    }
+
+    /// Every order that counts for its customer now (held, pending or paid, within retention)
+    /// naming a SKU with `max_per_customer`: its customer, its id and its units of those SKUs.
+    pub fn orders_counting_for_limits(&self) -> Vec<CountingOrder> {
+        let limited = |sku: &Sku| {
+            self.inventory
+                .lookup(sku)
+                .is_some_and(|index| self.inventory.max_per_customer(index).is_some())
+        };
+        let mut out = Vec::new();
+        for shard in self.orders.iter() {
+            for entry in lock(shard).values() {
+                if !entry.order.status.counts_for_customer() {
+                    continue;
+                }
+                let mut units: Vec<(Sku, i64)> = Vec::new();
+                for item in entry.order.items.iter().filter(|item| limited(&item.sku)) {
+                    match units.iter_mut().find(|(sku, _)| *sku == item.sku) {
+                        Some((_, total)) => *total += item.quantity,
+                        None => units.push((item.sku.clone(), item.quantity)),
+                    }
+                }
+                if !units.is_empty() {
+                    out.push((
+                        entry.order.customer_id.clone(),
+                        entry.order.order_id.clone(),
+                        units,
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// An empty engine.
     pub fn new(config: EngineConfig) -> Self {
         Self {
@@ -328,6 +416,7 @@ impl Engine {
             finished_by_time: Mutex::default(),
             payments_due: Mutex::default(),
             customers: customers::CustomerUnits::default(),
+            units_given_back: std::sync::OnceLock::new(),
             idempotency: IdempotencyStore::new(config.rejections, config.answer_retention_ms),
             next_order_number: AtomicU64::new(1),
             config,
@@ -943,7 +1032,7 @@ impl Engine {
                 match order.status {
                     OrderStatus::Paid => self.inventory.commit(hold),
                     OrderStatus::Released => {
-                        self.customers.give(&order.customer_id, hold.lines());
+                        self.order_stops_counting(&order, hold.lines());
                         self.inventory.release(hold);
                     }
                     // Held: the order's lines know the units from now on.
@@ -979,7 +1068,7 @@ impl Engine {
                 drop(orders);
                 let hold = self.inventory.hold_of(lines.clone());
                 if previous.counts_for_customer() && !order.status.counts_for_customer() {
-                    self.customers.give(&order.customer_id, &lines);
+                    self.order_stops_counting(&order, &lines);
                 }
                 match (previous.holds_stock(), order.status) {
                     (true, OrderStatus::Paid) => self.inventory.commit(hold),
@@ -1180,7 +1269,7 @@ impl Engine {
             if let Some(entry) = orders.remove(&order_id) {
                 // Past retention an order counts for its customer no more (API.md).
                 if entry.order.status.counts_for_customer() {
-                    self.customers.give(&entry.order.customer_id, &entry.lines);
+                    self.order_stops_counting(&entry.order, &entry.lines);
                 }
             }
             dropped += 1;

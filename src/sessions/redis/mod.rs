@@ -76,12 +76,14 @@ use std::time::Duration;
 
 use super::{CartError, CartView, CART_ITEMS_MAX};
 
+mod allowances;
 mod connection;
 mod locks;
 mod scripts;
 mod starts;
 mod tickets;
 
+pub use allowances::AllowanceTaken;
 use locks::*;
 pub use locks::{LockClock, Submission};
 use scripts::*;
@@ -178,6 +180,7 @@ pub struct RedisStore {
     stats: Stats,
     scripts: Scripts,
     tickets: tickets::TicketScripts,
+    allowances: allowances::AllowanceScripts,
     /// Checkouts' ends waiting to be sent, batched by the finisher task.
     finishes: tokio::sync::mpsc::Sender<Finish>,
     /// Taken by [`Self::start`].
@@ -221,6 +224,7 @@ impl RedisStore {
             stats: Stats::default(),
             scripts: Scripts::new(),
             tickets: tickets::TicketScripts::new(),
+            allowances: allowances::AllowanceScripts::new(),
             finishes,
             finishes_to_send: Mutex::new(Some(finishes_to_send)),
             starts: starts::Starts::new(),
