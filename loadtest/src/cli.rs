@@ -117,6 +117,9 @@ pub struct RunArgs {
     /// drop: how many customers share the requests (0: as many as --stock units).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub customers: u64,
+    /// drop: the product's admission_rate (buyers per second through its waiting room): every buyer takes a ticket, waits for it and checks out with it, and a live stock stream watches for sold_out
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub admission_rate: Option<u32>,
     /// The database of the reference servers.
     #[arg(
         long,

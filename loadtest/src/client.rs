@@ -20,11 +20,40 @@ pub struct Request {
     pub body: String,
 }
 
+/// What a waiting room's buyers saw ([`Job::Queued`]): per ticket, when it was last seen waiting
+/// (before the asking) and first seen admitted (after the answer); and when the last sale was
+/// answered.
+#[derive(Debug, Default)]
+pub struct AdmissionLog {
+    pub admissions: std::sync::Mutex<Vec<Admission>>,
+    pub last_sale: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// One ticket's admission as its buyer saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission {
+    pub position: u64,
+    pub last_waiting: Option<std::time::Instant>,
+    pub admitted: std::time::Instant,
+}
+
+/// How long a queued buyer waits for its admission at most.
+const ADMISSION_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
 /// What one scheduled arrival does: one request, or a buyer's cart flow (create a cart, put its
 /// lines, check it out by `cart_id`), measured as one.
 #[derive(Debug, Clone)]
 pub enum Job {
     Single(Request),
+    /// A buyer of a product with a waiting room: takes a ticket, asks where it stands (waiting
+    /// about as long as the tickets ahead take at `rate`) until it is admitted or the product sold
+    /// out, then sends `checkout` with its `Admission-Ticket`.
+    Queued {
+        sku: String,
+        checkout: Request,
+        rate: u32,
+        log: std::sync::Arc<AdmissionLog>,
+    },
     CartCheckout {
         /// (sku, quantity) lines.
         lines: Vec<(String, i64)>,
@@ -254,6 +283,42 @@ pub struct Connection {
     sender: Option<Sender>,
 }
 
+/// Opens `sku`'s live stock stream (plain HTTP/1.1 to `addr`; asked again every 50 ms while the
+/// product does not exist yet) and reads it until its `sold_out` event: when it came, or `None`
+/// if the stream ended or `deadline` passed first.
+pub async fn watch_sold_out(
+    addr: SocketAddr,
+    sku: String,
+    deadline: std::time::Instant,
+) -> Option<std::time::Instant> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let work = async {
+        let mut lines = loop {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+            let head = format!(
+                "GET /v1/products/{sku}/stream HTTP/1.1\r\nhost: {addr}\r\naccept: text/event-stream\r\nconnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.ok()?;
+            let mut lines = BufReader::new(stream).lines();
+            let status = lines.next_line().await.ok()??;
+            if status.split(' ').nth(1) == Some("200") {
+                break lines;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        };
+        while let Some(line) = lines.next_line().await.ok()? {
+            if line.trim_end() == "event: sold_out" {
+                return Some(std::time::Instant::now());
+            }
+        }
+        None
+    };
+    tokio::time::timeout_at(deadline.into(), work)
+        .await
+        .ok()
+        .flatten()
+}
+
 impl Connection {
     /// An HTTP/1.1 connection to `addr`.
     pub fn new(addr: SocketAddr) -> Self {
@@ -351,6 +416,12 @@ impl Connection {
     pub async fn run(&mut self, job: &Job) -> Result<Answer, String> {
         match job {
             Job::Single(request) => self.send(request).await,
+            Job::Queued {
+                sku,
+                checkout,
+                rate,
+                log,
+            } => self.queued(sku, checkout, *rate, log).await,
             Job::CartCheckout {
                 lines,
                 customer_id,
@@ -385,6 +456,73 @@ impl Connection {
                 self.send(&checkout).await
             }
         }
+    }
+
+    async fn queued(
+        &mut self,
+        sku: &str,
+        checkout: &Request,
+        rate: u32,
+        log: &AdmissionLog,
+    ) -> Result<Answer, String> {
+        use std::time::{Duration, Instant};
+        let queue = Request {
+            method: "POST",
+            path: format!("/v1/products/{sku}/queue"),
+            key: None,
+            body: String::new(),
+        };
+        let taken = self.expect(&queue, 201).await?;
+        let taken: serde_json::Value =
+            serde_json::from_slice(&taken.body).map_err(|e| e.to_string())?;
+        let ticket = taken["ticket"].as_str().ok_or("no ticket")?.to_owned();
+        let position = taken["position"].as_u64().ok_or("no position")?;
+        let status = Request {
+            method: "GET",
+            path: format!("/v1/queue/{ticket}"),
+            key: None,
+            body: String::new(),
+        };
+        let started = Instant::now();
+        let mut last_waiting = None;
+        loop {
+            let asked = Instant::now();
+            let answer = self.expect(&status, 200).await?;
+            let seen: serde_json::Value =
+                serde_json::from_slice(&answer.body).map_err(|e| e.to_string())?;
+            if seen["admitted"] == true {
+                if let Ok(mut admissions) = log.admissions.lock() {
+                    admissions.push(Admission {
+                        position,
+                        last_waiting,
+                        admitted: Instant::now(),
+                    });
+                }
+                break;
+            }
+            if seen["sold_out"] == true || started.elapsed() > ADMISSION_WAIT_MAX {
+                break;
+            }
+            last_waiting = Some(asked);
+            let ahead = seen["ahead"].as_u64().unwrap_or(0) as f64;
+            let wait = ((ahead + 1.0) / f64::from(rate.max(1))).clamp(0.01, 1.0);
+            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+        }
+        let key = checkout.key.as_deref().unwrap_or_default();
+        let answer = self
+            .send_with(
+                checkout.method,
+                &checkout.path,
+                &[("idempotency-key", key), ("admission-ticket", &ticket)],
+                &checkout.body,
+            )
+            .await?;
+        if matches!(answer.status, 201 | 202) {
+            if let Ok(mut last) = log.last_sale.lock() {
+                *last = Some(Instant::now());
+            }
+        }
+        Ok(answer)
     }
 
     /// Sends a request that must be answered with `expected`; the error names what happened.

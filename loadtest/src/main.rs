@@ -18,6 +18,7 @@ use loadtest::scenario::{Kind, Scenario};
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Command as Process, ExitCode, Stdio};
+use std::time::Duration;
 
 /// Why a command failed: bad usage or configuration (exit 2), or a failure at run time (exit 1).
 enum Failure {
@@ -118,6 +119,8 @@ async fn measure(
             0 => u64::try_from(run_args.stock).unwrap_or(1).max(1),
             n => n,
         },
+        admission_rate: run_args.admission_rate,
+        admissions: Default::default(),
     };
     eprintln!(
         "setting up {} on {target_name} at {}{}",
@@ -129,9 +132,43 @@ async fn measure(
         .setup(endpoint)
         .await
         .map_err(|e| format!("setting up {} on {target_name}: {e}", kind.name()))?;
+    // A waiting room's drop: a live stock stream of the SKU watches for sold_out meanwhile (plain
+    // HTTP/1.1 targets).
+    let watcher = (kind == Kind::Drop
+        && scenario.admission_rate.is_some()
+        && !endpoint.is_tls()
+        && !endpoint.http2)
+        .then(|| {
+            tokio::spawn(loadtest::client::watch_sold_out(
+                endpoint.addr,
+                scenario.hot_sku(),
+                std::time::Instant::now() + run_args.duration + Duration::from_secs(180),
+            ))
+        });
     let requests = scenario.clone();
     let recording = run(&config, move |i| requests.job(i)).await;
-    let verification = scenario.verify(endpoint, &recording).await;
+    let mut verification = scenario.verify(endpoint, &recording).await;
+    if let Some(watcher) = watcher {
+        let last_sale = scenario
+            .admissions
+            .last_sale
+            .lock()
+            .ok()
+            .and_then(|last| *last);
+        let seen = tokio::time::timeout(Duration::from_secs(5), watcher)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        verification.checked.push(match (seen, last_sale) {
+            (Some(seen), Some(last)) => format!(
+                "live stock stream: sold_out {:.0?} after the last sale was answered",
+                seen.saturating_duration_since(last)
+            ),
+            (None, _) => "live stock stream: no sold_out within 5 s of the run's end (did the stock sell out?)".into(),
+            (Some(_), None) => "live stock stream: sold_out, with no sale seen".into(),
+        });
+    }
     Ok(Report::new(
         target_name,
         kind.name(),

@@ -4,13 +4,17 @@
 //!   double-submits (the same key sent twice) and of declined cards.
 //! - `steady`: many SKUs with large stock; single-item checkouts and 3-line baskets.
 //! - `drop`: a limited drop: one hot SKU with `max_per_customer`, bought by customers who come
-//!   back under new keys; checks that no customer got more than the limit.
+//!   back under new keys; checks that no customer got more than the limit. With an admission
+//!   rate, the SKU has a waiting room: every buyer takes a ticket, waits for its admission and
+//!   checks out with it; checks that admissions came in ticket order and never more than the rate
+//!   in a second (from what the buyers saw, a check slowness cannot fail), that no buyer with an
+//!   admitted ticket was refused it, and a live stock stream watches for `sold_out`.
 //!
 //! After every run the harness counts, from the answers it received itself, the units sold per SKU
 //! (never more than the stock), checks `available + reserved + sold == stock` on the target, that
 //! each idempotency key maps to one order, and that replays are identical to first answers.
 
-use crate::client::{Connection, Endpoint, Job, Request};
+use crate::client::{AdmissionLog, Connection, Endpoint, Job, Request};
 use crate::run::Recording;
 use std::collections::{BTreeMap, HashMap, HashSet};
 
@@ -65,6 +69,10 @@ pub struct Scenario {
     pub limit: u32,
     /// Customers sharing the requests (drop).
     pub customers: u64,
+    /// The hot SKU's `admission_rate`: its buyers go through its waiting room (drop).
+    pub admission_rate: Option<u32>,
+    /// What the waiting room's buyers saw.
+    pub admissions: std::sync::Arc<AdmissionLog>,
 }
 
 /// What the checks found.
@@ -89,6 +97,78 @@ fn spread(i: u64) -> u64 {
 }
 
 impl Scenario {
+    /// The waiting room's admissions as its buyers saw them. A ticket seen admitted at `a` was
+    /// admitted by then; one seen waiting at `w` (before it was asked) was not admitted at `w`.
+    /// So: a ticket seen admitted before an earlier one was last seen waiting came out of order;
+    /// and ticket `p + rate` seen admitted less than 1 s after ticket `p` was last seen waiting
+    /// means more than `rate` admissions in a second. Slow buyers only widen both margins.
+    fn verify_admissions(&self, rate: u32, verification: &mut Verification) {
+        let mut admissions = self
+            .admissions
+            .admissions
+            .lock()
+            .map(|a| a.clone())
+            .unwrap_or_default();
+        admissions.sort_by_key(|a| a.position);
+        let mut latest_waiting: Option<(u64, std::time::Instant)> = None;
+        for admission in &admissions {
+            if let Some((position, waiting)) = latest_waiting {
+                if admission.admitted < waiting {
+                    verification.violations.push(format!(
+                        "ticket {} was admitted while ticket {position}, ahead of it, still waited",
+                        admission.position
+                    ));
+                }
+            }
+            if let Some(waiting) = admission.last_waiting {
+                if latest_waiting.is_none_or(|(_, latest)| waiting > latest) {
+                    latest_waiting = Some((admission.position, waiting));
+                }
+            }
+        }
+        let by_position: HashMap<u64, &crate::client::Admission> =
+            admissions.iter().map(|a| (a.position, a)).collect();
+        let mut windows = 0;
+        for admission in &admissions {
+            let (Some(waiting), Some(later)) = (
+                admission.last_waiting,
+                by_position.get(&(admission.position + u64::from(rate))),
+            ) else {
+                continue;
+            };
+            windows += 1;
+            if later.admitted.duration_since(waiting) < std::time::Duration::from_millis(999) {
+                verification.violations.push(format!(
+                    "tickets {} to {} were admitted within {:?}: more than {rate} in a second",
+                    admission.position,
+                    later.position,
+                    later.admitted.duration_since(waiting)
+                ));
+            }
+        }
+        // Admissions per second as the buyers saw them (they ask every 10 ms to 1 s, so a
+        // second may show a few of the next one's): for the report, not a check.
+        let first = admissions.iter().map(|a| a.admitted).min();
+        let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
+        if let Some(first) = first {
+            for admission in &admissions {
+                *per_second
+                    .entry(admission.admitted.duration_since(first).as_secs())
+                    .or_default() += 1;
+            }
+        }
+        verification.checked.push(format!(
+            "waiting room at {rate}/s: {} tickets admitted in ticket order; {windows} one-second windows checked, none past the rate; admissions seen per second: max {}, median {}",
+            admissions.len(),
+            per_second.values().max().unwrap_or(&0),
+            {
+                let mut counts: Vec<u64> = per_second.values().copied().collect();
+                counts.sort_unstable();
+                counts.get(counts.len() / 2).copied().unwrap_or(0)
+            }
+        ));
+    }
+
     pub fn hot_sku(&self) -> String {
         format!("flash-{}", self.run_id)
     }
@@ -112,6 +192,7 @@ impl Scenario {
             Kind::Steady | Kind::Mixed => 1_000_000_000,
         };
         let limit = (self.kind == Kind::Drop).then_some(self.limit);
+        let admission_rate = self.admission_rate.filter(|_| self.kind == Kind::Drop);
         let skus = self.all_skus();
         let chunks: Vec<Vec<String>> = skus
             .chunks(skus.len().div_ceil(16).max(1))
@@ -127,6 +208,9 @@ impl Scenario {
                         let mut body = serde_json::json!({"name": sku, "price_cents": 1999, "currency": "EUR", "stock": stock});
                         if let Some(limit) = limit {
                             body["max_per_customer"] = limit.into();
+                        }
+                        if let Some(rate) = admission_rate {
+                            body["admission_rate"] = rate.into();
                         }
                         let body = body.to_string();
                         let request = Request { method: "PUT", path: format!("/v1/products/{sku}"), key: None, body };
@@ -206,12 +290,21 @@ impl Scenario {
             .map(|(sku, quantity)| serde_json::json!({"sku": sku, "quantity": quantity}))
             .collect();
         let body = serde_json::json!({"items": items, "customer_id": customer_id, "payment_token": self.token(buyer)});
-        Job::Single(Request {
+        let checkout = Request {
             method: "POST",
             path: "/v1/checkout".into(),
             key: Some(key),
             body: body.to_string(),
-        })
+        };
+        match self.admission_rate.filter(|_| self.kind == Kind::Drop) {
+            Some(rate) => Job::Queued {
+                sku: self.hot_sku(),
+                checkout,
+                rate,
+                log: std::sync::Arc::clone(&self.admissions),
+            },
+            None => Job::Single(checkout),
+        }
     }
 
     /// Checks the invariants against the answers and the target's state.
@@ -223,6 +316,7 @@ impl Scenario {
         let mut units: BTreeMap<String, i64> = BTreeMap::new();
         let mut units_of_customer: HashMap<u64, i64> = HashMap::new();
         let mut replays = 0;
+        let mut left_at_sell_out = 0u64;
         for outcome in &recording.outcomes {
             let buyer = self.buyer(outcome.index);
             if outcome.status == 0
@@ -274,7 +368,23 @@ impl Scenario {
                     .any(|w| w == b"customer_limit_reached")
             {
                 verification.customer_limit_refusals += 1;
+            } else if self.admission_rate.is_some()
+                && outcome.status == 403
+                && outcome.body.windows(16).any(|w| w == b"not admitted yet")
+            {
+                // A buyer that saw the sell-out before its admission and tried anyway.
+                left_at_sell_out += 1;
+            } else if self.admission_rate.is_some() && matches!(outcome.status, 403 | 429) {
+                verification.violations.push(format!(
+                    "key {}-{buyer}: a buyer that waited for its ticket's admission was refused {}: {}",
+                    self.run_id,
+                    outcome.status,
+                    String::from_utf8_lossy(&outcome.body)
+                ));
             }
+        }
+        if let Some(rate) = self.admission_rate.filter(|_| self.kind == Kind::Drop) {
+            self.verify_admissions(rate, &mut verification);
         }
         verification.checked.push(format!(
             "{} keys answered, {replays} second answers compared with the first",
@@ -327,6 +437,12 @@ impl Scenario {
                 field("reserved"),
                 field("sold"),
             );
+            if left_at_sell_out > 0 && available > 0 {
+                // Units can come back after a sell-out (a declined card's hold released).
+                verification.checked.push(format!(
+                    "{sku}: {available} units came back after the sell-out that {left_at_sell_out} waiting buyers saw"
+                ));
+            }
             if available < 0 || reserved < 0 || sold < 0 || available + reserved + sold != stock {
                 verification.violations.push(format!(
                     "{sku}: available {available} + reserved {reserved} + sold {sold} != stock {stock}"
@@ -345,6 +461,11 @@ impl Scenario {
                 ));
             }
             skus_checked += 1;
+        }
+        if self.admission_rate.is_some() {
+            verification.checked.push(format!(
+                "{left_at_sell_out} buyers saw sold_out before their admission and were refused (403, ticket not admitted yet)"
+            ));
         }
         verification.checked.push(format!(
             "{skus_checked} SKUs: identity holds, units ordered (counted by the harness) <= stock and <= held + sold"

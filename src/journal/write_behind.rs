@@ -8,7 +8,8 @@
 //! reaches MySQL exactly once, in lsn order, however often it is replayed. Records it was not
 //! handed (after a restart, or durable before it started) it reads from the segments on disk;
 //! the embedded journal keeps every segment holding a record past MySQL's cursor, whatever
-//! `--event-retention` says.
+//! `--event-retention` says. MySQL's `outbox` stays empty in this mode: the events live in the
+//! embedded journal, where the relay and `GET /v1/events` read them.
 //!
 //! The trade: an acknowledged order is on this node's disk before it is in MySQL. The lag is
 //! bounded: past `--mysql-lag-max` (the age of the oldest record MySQL does not hold yet)

@@ -28,6 +28,25 @@ fn flash_sale(stock: i64) -> Scenario {
         decline_percent: 10,
         limit: 1,
         customers: 1,
+        admission_rate: None,
+        admissions: Default::default(),
+    }
+}
+
+/// A drop of 100 units, limit 2, for 60 customers (10% declined cards), through a waiting room
+/// at `admission_rate` if given.
+fn limited_drop(run_id: &str, admission_rate: Option<u32>) -> Scenario {
+    Scenario {
+        kind: Kind::Drop,
+        run_id: run_id.into(),
+        stock: 100,
+        skus: 1,
+        double_percent: 0,
+        decline_percent: 10,
+        limit: 2,
+        customers: 60,
+        admission_rate,
+        admissions: Default::default(),
     }
 }
 
@@ -115,16 +134,7 @@ async fn the_harness_counts_agree_with_the_servers_state() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_a_limited_drop_no_customer_gets_more_than_the_limit() {
     let app = spawn_app(&[]);
-    let scenario = Scenario {
-        kind: Kind::Drop,
-        run_id: "drop".into(),
-        stock: 100,
-        skus: 1,
-        double_percent: 0,
-        decline_percent: 10,
-        limit: 2,
-        customers: 60,
-    };
+    let scenario = limited_drop("drop", None);
     let report = drive(
         app.addr,
         &scenario,
@@ -144,6 +154,45 @@ async fn in_a_limited_drop_no_customer_gets_more_than_the_limit() {
     assert_eq!((stock, reserved), (100, 0));
     // 60 customers × 2 may take 120 units: the 100 sell out.
     assert_eq!(sold, 100, "{}", report.text());
+}
+
+/// The flash-sale features together: a drop with a limit per customer, a waiting room and a live
+/// stock stream (the harness's `drop --admission-rate`): admissions in ticket order and never past
+/// the rate as the buyers saw them, no buyer with an admitted ticket refused it, no customer past
+/// the limit, the stream's `sold_out` reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drop_through_a_waiting_room_keeps_order_rate_and_limit() {
+    let app = spawn_app(&[]);
+    let scenario = limited_drop("queued", Some(200));
+    let watcher = tokio::spawn(loadtest::client::watch_sold_out(
+        app.addr,
+        scenario.hot_sku(),
+        std::time::Instant::now() + Duration::from_secs(60),
+    ));
+    let report = drive(
+        app.addr,
+        &scenario,
+        Model::Open { rate: 400.0 },
+        Duration::from_secs(2),
+        800,
+    )
+    .await;
+    assert!(report.passed(), "{}", report.text());
+    let text = report.text();
+    assert!(text.contains("waiting room at 200/s"), "{text}");
+    let admitted = scenario.admissions.admissions.lock().unwrap().len();
+    assert!(admitted > 100, "only {admitted} tickets were seen admitted");
+    let mut client = app.client();
+    let (stock, _, reserved, sold) = client.stock(&scenario.hot_sku()).await;
+    assert_eq!((stock, reserved, sold), (100, 0, 100), "{text}");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), watcher)
+            .await
+            .expect("the stream's sold_out")
+            .expect("watcher")
+            .is_some(),
+        "the stream ended without sold_out"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
