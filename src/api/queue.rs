@@ -70,7 +70,11 @@ pub(super) async fn ticket_status(
     let ticket = state
         .waiting_room
         .read(&raw)
-        .ok_or_else(|| ApiError::not_found("no such ticket (not one this shop signed)"))?;
+        .ok_or_else(|| {
+            ApiError::not_found(
+                "no such ticket (not one this shop signed, or from an earlier run of a server without Redis)",
+            )
+        })?;
     let now = now_us();
     let sold_out = crate::app::streams::counters(&state, &ticket.sku)
         .is_none_or(|counters| counters.available == 0);

@@ -819,7 +819,7 @@ impl Finishing {
                     }
                     // The ticket is used: by this order, under this key.
                     if let Some(claimed) = claimed {
-                        claimed.keep();
+                        claimed.used();
                     }
                 }
                 // Declined, or the gateway timed out: the order was released, and the ticket

@@ -153,9 +153,9 @@ fn used() -> TicketError {
     )
 }
 
-/// Tickets claimed in this process, by (SKU, epoch, position): the key that uses each and when
-/// the ticket expires (µs).
-type Uses = FxHashMap<(Sku, u64, u64), (IdempotencyKey, i64)>;
+/// Tickets claimed in this process, by (SKU, epoch, position): the key that uses each, when the
+/// ticket expires (µs), and whether the key's order was placed.
+type Uses = FxHashMap<(Sku, u64, u64), (IdempotencyKey, i64, bool)>;
 
 /// One queue of this process (one node without Redis).
 #[derive(Default)]
@@ -244,9 +244,11 @@ impl WaitingRoom {
         })
     }
 
-    /// The ticket `text` says, if this room signed it.
+    /// The ticket `text` says, if this room signed it for a queue it still has (without Redis,
+    /// a ticket of an earlier run of the process is none).
     pub fn read(&self, text: &str) -> Option<Ticket> {
         Ticket::decode(text, &self.secret)
+            .filter(|ticket| self.redis.is_some() || ticket.epoch == self.epoch)
     }
 
     /// Judges a checkout's ticket for `sku` from the header alone: `Ok` if it may be claimed.
@@ -257,7 +259,7 @@ impl WaitingRoom {
             )));
         };
         let invalid = |why: String| Err(TicketError::Invalid(why));
-        let Some(ticket) = self.read(text) else {
+        let Some(ticket) = Ticket::decode(text, &self.secret) else {
             return invalid("this Admission-Ticket is not one this shop signed".into());
         };
         if ticket.sku != *sku {
@@ -325,42 +327,55 @@ impl WaitingRoom {
     ) -> Result<(), TicketError> {
         let mut uses = lock(&self.uses);
         if uses.len() >= 1024 && uses.len().is_power_of_two() {
-            uses.retain(|_, (_, expires)| *expires > now_us);
+            uses.retain(|_, (_, expires, _)| *expires > now_us);
         }
         let id = (ticket.sku.clone(), ticket.epoch, ticket.position);
         match uses.get(&id) {
-            Some((holder, expires)) if *expires > now_us && holder != key => Err(used()),
+            Some((holder, expires, order_placed))
+                if *expires > now_us && (holder != key || *order_placed) =>
+            {
+                Err(used())
+            }
             _ => {
-                uses.insert(id, (key.clone(), ticket.expires_us));
+                uses.insert(id, (key.clone(), ticket.expires_us, false));
                 Ok(())
             }
         }
     }
 
-    /// Gives back `key`'s claim of `ticket` (its checkout placed no order): in the background
-    /// with Redis (a claim not given back stays until the ticket expires: the buyer takes a new
-    /// ticket).
-    pub fn unclaim(&self, ticket: &Ticket, key: &IdempotencyKey) {
+    /// Ends `key`'s claim of `ticket`: given back (its checkout placed no order), or marked used
+    /// by the key's order (`used`), after which no checkout uses it again, not even under the same
+    /// key once its answer is no longer kept. In the background with Redis (a claim not given back
+    /// stays until the ticket expires: the buyer takes a new ticket).
+    pub fn end_claim(&self, ticket: &Ticket, key: &IdempotencyKey, used: bool) {
         match &self.redis {
-            Some(redis) => redis.release_ticket(
+            Some(redis) => redis.end_ticket_claim(
                 ticket.sku.clone(),
                 ticket.epoch,
                 ticket.position,
                 key.clone(),
+                used,
             ),
             None => {
                 let mut uses = lock(&self.uses);
                 let id = (ticket.sku.clone(), ticket.epoch, ticket.position);
-                if uses.get(&id).is_some_and(|(holder, _)| holder == key) {
-                    uses.remove(&id);
+                if let Some((holder, _, order_placed)) = uses.get_mut(&id) {
+                    if holder == key {
+                        match used {
+                            true => *order_placed = true,
+                            false => {
+                                uses.remove(&id);
+                            }
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// A claimed ticket: given back when dropped, unless [`Self::keep`] was called (the checkout
-/// placed an order, or its outcome is unknown).
+/// A claimed ticket: given back when dropped, unless [`Self::used`] (the checkout placed an
+/// order) or [`Self::keep`] (its outcome is unknown: its key's retry claims it again) was called.
 pub struct Claimed {
     room: Arc<WaitingRoom>,
     ticket: Ticket,
@@ -379,16 +394,22 @@ impl Claimed {
         }
     }
 
-    /// The ticket stays used.
+    /// The claim stays as it is: the key's retry may claim the ticket again.
     pub fn keep(mut self) {
         self.kept = true;
+    }
+
+    /// The key's order was placed: the ticket is used for good.
+    pub fn used(mut self) {
+        self.kept = true;
+        self.room.end_claim(&self.ticket, &self.key, true);
     }
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
         if !self.kept {
-            self.room.unclaim(&self.ticket, &self.key);
+            self.room.end_claim(&self.ticket, &self.key, false);
         }
     }
 }

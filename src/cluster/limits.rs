@@ -10,13 +10,16 @@
 //!
 //! **The mechanism.** A checkout naming a product with a limit, once it holds its key's lock and
 //! before this node's key table or any unit, takes its units in the product's hash for its
-//! customer (`<prefix>limit:<customer>/<sku>`, a field per order, `sessions::redis::allowances`):
-//! refused there, it is `409 customer_limit_reached`, nothing held. A checkout that ends without a
-//! durable order gives them back (compare-and-delete on the attempt's nonce: a late give-back never
-//! removes a retry's units); a durable order keeps them while it counts, and the engine tells this
-//! module when it stops counting (released, refunded, past `--order-retention`: the field goes).
-//! Each node also counts in its engine, as one node does (`engine::customers`), which never
-//! refuses what the shared count allows.
+//! customer (`<prefix>limit:<customer>/<sku>`, a field per order, `sessions::redis::allowances`),
+//! provisionally: refused there, it is `409 customer_limit_reached`, nothing held. The engine
+//! tells this module of every durable order that starts counting (placed, adopted) and every one
+//! that stops (released, refunded, past `--order-retention`): the first confirms the field (added
+//! if absent: a limit set, or Redis emptied, while the checkout ran), the second removes it. A
+//! checkout that ends without a durable order gives its units back (compare-and-delete on the
+//! attempt's nonce: a late give-back never removes a retry's units); one that dies on the way
+//! (`kill -9`) leaves a provisional field, which counts no more past the checkout's longest life
+//! (gateway and journal timeouts, plus a margin). Each node also counts in its engine, as one node
+//! does (`engine::customers`), which never refuses what the shared count allows.
 //!
 //! **When Redis is down** a checkout naming a limited product is `503 session_store_unavailable`
 //! (even on a MySQL journal, where other checkouts go on without Redis): no node could know what
@@ -27,47 +30,50 @@
 
 use crate::app::Shared;
 use crate::domain::{CustomerId, OrderId, Sku};
-use crate::engine::Engine;
+use crate::engine::{CountChange, Engine};
 use crate::sessions::redis::{AllowanceTaken, RedisStore, StoreError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How often a node looks whether a product's limit changed (and then adds its orders).
+/// How often a node looks whether a product's limit changed, or its mark in Redis is gone (and
+/// then adds its orders).
 const LIMITS_LOOK: Duration = Duration::from_secs(1);
-
-/// An order that counts no more: its customer, its id, its limited SKUs.
-type Gone = (CustomerId, OrderId, Vec<Sku>);
 
 /// The shop's count of customers' units, as this node uses it.
 pub struct SharedLimits {
     store: Arc<RedisStore>,
     ttl_ms: i64,
-    gone_to_send: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<Gone>>>,
+    /// How long a take stays provisional: a checkout's longest life.
+    provisional_ms: i64,
+    changes_to_send: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<CountChange>>>,
     run: u64,
     attempts: AtomicU64,
 }
 
 impl SharedLimits {
-    /// The count in `store`, its hashes kept `ttl` after their last change (`--order-retention`);
-    /// `engine` tells it of orders that count no more.
+    /// The count in `store`, its hashes kept `ttl` after their last change (`--order-retention`),
+    /// a take provisional for `checkout_life`; `engine` tells it of orders that start or stop
+    /// counting.
     pub fn new(
         store: Arc<RedisStore>,
         ttl: Duration,
+        checkout_life: Duration,
         engine: &Engine,
     ) -> Result<Arc<Self>, crate::random::RandomError> {
-        let (gone, gone_to_send) = tokio::sync::mpsc::unbounded_channel();
+        let (changes, changes_to_send) = tokio::sync::mpsc::unbounded_channel();
         let mut run = [0u8; 8];
         run.copy_from_slice(&crate::random::random_bytes(8)?);
         let limits = Arc::new(Self {
             store,
             ttl_ms: i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX / 4),
-            gone_to_send: std::sync::Mutex::new(Some(gone_to_send)),
+            provisional_ms: i64::try_from(checkout_life.as_millis()).unwrap_or(i64::MAX / 4),
+            changes_to_send: std::sync::Mutex::new(Some(changes_to_send)),
             run: u64::from_be_bytes(run),
             attempts: AtomicU64::new(0),
         });
-        engine.on_units_given_back(Box::new(move |customer, order, skus| {
-            let _ = gone.send((customer.clone(), order.clone(), skus));
+        engine.on_count_changes(Box::new(move |change| {
+            let _ = changes.send(change);
         }));
         Ok(limits)
     }
@@ -87,7 +93,14 @@ impl SharedLimits {
         );
         let taken = self
             .store
-            .take_allowance(customer, order, &nonce, units, self.ttl_ms)
+            .take_allowance(
+                customer,
+                order,
+                &nonce,
+                units,
+                self.ttl_ms,
+                self.provisional_ms,
+            )
             .await?;
         Ok(match taken {
             AllowanceTaken::Over(sku) => Err(sku),
@@ -104,33 +117,40 @@ impl SharedLimits {
         })
     }
 
-    /// Gives back what orders that count no more took, as the engine tells of them (retried
-    /// until Redis takes them); and adds the orders this node knows count, at start, at every
-    /// reconnection to Redis, and when a product's limit changes. Runs until the node stops.
+    /// Sends the engine's changes to Redis in order (retried until Redis takes them), and adds
+    /// the orders this node knows count at start, when its mark in Redis is gone (Redis emptied)
+    /// and when a product's limit changes. Runs until the node stops.
     pub async fn run(
         self: Arc<Self>,
         app: Shared,
         mut stopped: tokio::sync::watch::Receiver<bool>,
     ) {
-        let Some(mut gone) = crate::sync::lock(&self.gone_to_send).take() else {
+        let Some(mut changes) = crate::sync::lock(&self.changes_to_send).take() else {
             return;
         };
-        let mut limits_seen = Vec::new();
+        // Every change of a limit (cleared and set again between two looks included).
+        let mut limits_seen = None;
         let mut must_add = true;
         let mut backoff =
             crate::backoff::Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
-        let mut waiting: Vec<Gone> = Vec::new();
+        let mut waiting: std::collections::VecDeque<CountChange> = Default::default();
+        let mut next_look = tokio::time::Instant::now();
         loop {
-            let reconnected = self.store.reconnection();
-            tokio::pin!(reconnected);
-            reconnected.as_mut().enable();
-            let limits_now = app.engine.limits_per_customer();
-            if limits_now != limits_seen {
-                limits_seen = limits_now;
-                must_add = true;
-            }
             let mut failed = false;
-            if must_add {
+            if tokio::time::Instant::now() >= next_look {
+                next_look = tokio::time::Instant::now() + LIMITS_LOOK;
+                let limits_now = Some(app.engine.inventory().limits_version());
+                if limits_now != limits_seen {
+                    limits_seen = limits_now;
+                    must_add = true;
+                }
+                match self.store.allowances_mark_was_gone(self.ttl_ms).await {
+                    Ok(true) => must_add = true,
+                    Ok(false) => {}
+                    Err(_) => failed = true,
+                }
+            }
+            if must_add && !failed {
                 let orders = app.engine.orders_counting_for_limits();
                 match self.store.add_allowances(&orders, self.ttl_ms).await {
                     Ok(()) => must_add = false,
@@ -140,45 +160,75 @@ impl SharedLimits {
                     }
                 }
             }
-            while let Ok(one) = gone.try_recv() {
-                waiting.push(one);
+            while let Ok(change) = changes.try_recv() {
+                waiting.push_back(change);
             }
-            if !waiting.is_empty() {
-                match self.store.forget_allowances(&waiting).await {
-                    Ok(()) => waiting.clear(),
-                    Err(error) => {
-                        tracing::warn!(%error, orders = waiting.len(), "could not give back released orders' units in the shared count of customers' units; retrying");
-                        failed = true;
-                    }
+            if !failed {
+                if let Err(error) = self.send(&mut waiting).await {
+                    tracing::warn!(%error, changes = waiting.len(), "could not bring the shared count of customers' units up to date; retrying");
+                    failed = true;
                 }
             }
             let wait = match failed {
                 true => backoff.next_wait(),
                 false => {
                     backoff.reset();
-                    LIMITS_LOOK
+                    next_look.saturating_duration_since(tokio::time::Instant::now())
                 }
             };
             tokio::select! {
-                () = &mut reconnected => must_add = true,
-                one = gone.recv(), if !failed => match one {
-                    Some(one) => waiting.push(one),
+                change = changes.recv(), if !failed => match change {
+                    Some(change) => waiting.push_back(change),
                     None => return,
                 },
                 () = tokio::time::sleep(wait) => {}
                 _ = stopped.changed() => {
-                    while let Ok(one) = gone.try_recv() {
-                        waiting.push(one);
+                    while let Ok(change) = changes.try_recv() {
+                        waiting.push_back(change);
                     }
-                    if !waiting.is_empty() {
-                        if let Err(error) = self.store.forget_allowances(&waiting).await {
-                            tracing::warn!(%error, orders = waiting.len(), "stopping: released orders' units stay in the shared count of customers' units until they expire (--order-retention)");
-                        }
+                    if let Err(error) = self.send(&mut waiting).await {
+                        tracing::warn!(%error, changes = waiting.len(), "stopping: the shared count of customers' units misses changes (released orders' units count until --order-retention)");
                     }
                     return;
                 }
             }
         }
+    }
+
+    /// Sends `waiting` in order, runs of one kind at a time; what was sent leaves it.
+    async fn send(
+        &self,
+        waiting: &mut std::collections::VecDeque<CountChange>,
+    ) -> Result<(), StoreError> {
+        while let Some(first) = waiting.front() {
+            let counts = matches!(first, CountChange::Counts(_));
+            let run = waiting
+                .iter()
+                .take_while(|change| matches!(change, CountChange::Counts(_)) == counts)
+                .count();
+            let batch: Vec<CountChange> = waiting.iter().take(run).cloned().collect();
+            if counts {
+                let orders: Vec<_> = batch
+                    .into_iter()
+                    .filter_map(|change| match change {
+                        CountChange::Counts(order) => Some(order),
+                        CountChange::Stops(..) => None,
+                    })
+                    .collect();
+                self.store.add_allowances(&orders, self.ttl_ms).await?;
+            } else {
+                let gone: Vec<_> = batch
+                    .into_iter()
+                    .filter_map(|change| match change {
+                        CountChange::Stops(customer, order, skus) => Some((customer, order, skus)),
+                        CountChange::Counts(_) => None,
+                    })
+                    .collect();
+                self.store.forget_allowances(&gone).await?;
+            }
+            waiting.drain(..run);
+        }
+        Ok(())
     }
 }
 

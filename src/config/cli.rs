@@ -337,7 +337,7 @@ pub struct ServeArgs {
     #[arg(long, env = "TURNSTILE_TICKET_TTL", default_value = "5m", value_name = "DURATION", value_parser = positive_duration)]
     pub ticket_ttl: Duration,
     /// Signs waiting-room tickets, so any node can check them (default: --cluster-secret with several nodes, else random at start: a restart then refuses earlier tickets)
-    #[arg(long, env = "TURNSTILE_TICKET_SECRET", value_name = "SECRET")]
+    #[arg(long, env = "TURNSTILE_TICKET_SECRET", value_name = "SECRET", value_parser = non_empty, hide_env_values = true)]
     pub ticket_secret: Option<String>,
     /// Checkouts past their hold (authorising, committing) at most at once; past it 503 overloaded with Retry-After
     #[arg(long, env = "TURNSTILE_CHECKOUTS_IN_FLIGHT_MAX", default_value = "10000", value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1_000_000))]

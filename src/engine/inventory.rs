@@ -173,11 +173,12 @@ fn home_shard(shard_count: usize) -> usize {
 }
 
 impl SkuStock {
-    fn set_limits(&self, limits: Limits) {
-        self.max_per_customer
-            .store(limits.max_per_customer.unwrap_or(0), Ordering::Release);
+    /// Sets the limits; whether `max_per_customer` changed.
+    fn set_limits(&self, limits: Limits) -> bool {
         self.admission_rate
             .store(limits.admission_rate.unwrap_or(0), Ordering::Release);
+        let limit = limits.max_per_customer.unwrap_or(0);
+        self.max_per_customer.swap(limit, Ordering::AcqRel) != limit
     }
 
     fn new(shard_count: usize, stock: i64) -> Self {
@@ -515,6 +516,9 @@ pub struct Inventory {
     index: Box<[ArcSwap<FxHashMap<Sku, SkuIndex>>]>,
     /// Serialises additions of SKUs (never taken on the reserve path).
     add_lock: Mutex<()>,
+    /// Moves on at every change of a SKU's `max_per_customer` (several nodes then count the
+    /// orders they know again: `cluster::limits`).
+    limits_version: std::sync::atomic::AtomicU64,
 }
 
 impl Inventory {
@@ -528,6 +532,7 @@ impl Inventory {
                 .map(|_| ArcSwap::from_pointee(FxHashMap::default()))
                 .collect(),
             add_lock: Mutex::new(()),
+            limits_version: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -571,7 +576,9 @@ impl Inventory {
             "rebuilt stock of {sku} breaks the identity: stock {stock}, reserved {reserved}, sold {sold}"
         );
         let entry = SkuStock::new(self.shard_count, stock - reserved - sold);
-        entry.set_limits(limits);
+        if entry.set_limits(limits) {
+            self.limits_version.fetch_add(1, Ordering::AcqRel);
+        }
         entry.stock.store(stock, Ordering::Release);
         entry.shards[0].reserved.store(reserved, Ordering::Release);
         entry.shards[0].sold.store(sold, Ordering::Release);
@@ -595,7 +602,14 @@ impl Inventory {
 
     /// Sets the SKU's limits.
     pub fn set_limits(&self, index: SkuIndex, limits: Limits) {
-        self.table.get(index).set_limits(limits);
+        if self.table.get(index).set_limits(limits) {
+            self.limits_version.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Moves on at every change of a SKU's `max_per_customer`.
+    pub fn limits_version(&self) -> u64 {
+        self.limits_version.load(Ordering::Acquire)
     }
 
     /// The SKU's waiting room's rate, buyers per second (`None`: no waiting room).

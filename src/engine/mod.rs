@@ -313,10 +313,10 @@ pub struct Engine {
     payments_due: Mutex<FxHashSet<OrderId>>,
     /// Units per customer and SKU, for `max_per_customer`.
     customers: customers::CustomerUnits,
-    /// Told of every durable order whose units stop counting for its customer (released,
-    /// refunded, past retention) that names a SKU with a limit: several nodes give its units back
-    /// in the count they share ([`Self::on_units_given_back`]).
-    units_given_back: std::sync::OnceLock<GivenBack>,
+    /// Told of every durable order that starts counting for its customer naming a SKU with a
+    /// limit, and of every one that stops (released, refunded, past retention): several nodes
+    /// keep the count they share by it ([`Self::on_count_changes`]).
+    count_changes: std::sync::OnceLock<CountHook>,
     idempotency: IdempotencyStore,
     next_order_number: AtomicU64,
 }
@@ -324,76 +324,84 @@ pub struct Engine {
 /// An order that counts for its customer: the customer, the order, its units per limited SKU.
 pub type CountingOrder = (CustomerId, OrderId, Vec<(Sku, i64)>);
 
-/// The hook [`Engine::on_units_given_back`] sets: the customer, the order, its SKUs with a limit.
-pub type GivenBack = Box<dyn Fn(&CustomerId, &OrderId, Vec<Sku>) + Send + Sync>;
+/// A change of what counts for customers' limits ([`Engine::on_count_changes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CountChange {
+    /// A durable order counts: its units of SKUs with a limit now.
+    Counts(CountingOrder),
+    /// A durable order counts no more: its customer, its id and every SKU it names (with a limit
+    /// or not: one cleared since may be set again).
+    Stops(CustomerId, OrderId, Vec<Sku>),
+}
+
+/// The hook [`Engine::on_count_changes`] sets.
+pub type CountHook = Box<dyn Fn(CountChange) + Send + Sync>;
 
 impl Engine {
-    /// Sets the hook told of every durable order whose units stop counting for its customer
-    /// (released, refunded, past retention) and that names a SKU with `max_per_customer` (once).
-    pub fn on_units_given_back(&self, hook: GivenBack) {
-        let _ = self.units_given_back.set(hook);
+    /// Sets the hook told of every durable order that starts counting for its customer naming a
+    /// SKU with `max_per_customer`, and of every one that stops counting (once).
+    pub fn on_count_changes(&self, hook: CountHook) {
+        let _ = self.count_changes.set(hook);
     }
 
     /// A durable order's units count for its customer no more.
     fn order_stops_counting(&self, order: &Order, lines: &[(SkuIndex, i64)]) {
         self.customers.give(&order.customer_id, lines);
-        if let Some(hook) = self.units_given_back.get() {
-            let limited: Vec<Sku> = order
-                .items
-                .iter()
-                .filter(|item| {
-                    self.inventory
-                        .lookup(&item.sku)
-                        .is_some_and(|index| self.inventory.max_per_customer(index).is_some())
-                })
-                .map(|item| item.sku.clone())
-                .collect();
-            if !limited.is_empty() {
-                hook(&order.customer_id, &order.order_id, limited);
+        if let Some(hook) = self.count_changes.get() {
+            let mut skus: Vec<Sku> = order.items.iter().map(|item| item.sku.clone()).collect();
+            skus.sort();
+            skus.dedup();
+            hook(CountChange::Stops(
+                order.customer_id.clone(),
+                order.order_id.clone(),
+                skus,
+            ));
+        }
+    }
+
+    /// A durable order counts for its customer from now (placed, or adopted).
+    fn order_counts(&self, order: &Order) {
+        if let Some(hook) = self.count_changes.get() {
+            let units = self.limited_units_of(order);
+            if !units.is_empty() {
+                hook(CountChange::Counts((
+                    order.customer_id.clone(),
+                    order.order_id.clone(),
+                    units,
+                )));
             }
         }
     }
 
-    /// Every product's `max_per_customer`, sorted by SKU (products without one left out).
-    pub fn limits_per_customer(&self) -> Vec<(Sku, u32)> {
-        let mut limits: Vec<(Sku, u32)> = self
-            .products
-            .iter()
-            .flat_map(|shard| {
-                lock(shard)
-                    .values()
-                    .filter_map(|entry| entry.durable.as_ref())
-                    .filter_map(|(product, _)| {
-                        Some((product.sku.clone(), product.max_per_customer?))
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        limits.sort();
-        limits
+    /// An order's units per SKU that has `max_per_customer` now.
+    fn limited_units_of(&self, order: &Order) -> Vec<(Sku, i64)> {
+        let mut units: Vec<(Sku, i64)> = Vec::new();
+        for item in &order.items {
+            let limited = self
+                .inventory
+                .lookup(&item.sku)
+                .is_some_and(|index| self.inventory.max_per_customer(index).is_some());
+            if !limited {
+                continue;
+            }
+            match units.iter_mut().find(|(sku, _)| *sku == item.sku) {
+                Some((_, total)) => *total += item.quantity,
+                None => units.push((item.sku.clone(), item.quantity)),
+            }
+        }
+        units
     }
 
     /// Every order that counts for its customer now (held, pending or paid, within retention)
     /// naming a SKU with `max_per_customer`: its customer, its id and its units of those SKUs.
     pub fn orders_counting_for_limits(&self) -> Vec<CountingOrder> {
-        let limited = |sku: &Sku| {
-            self.inventory
-                .lookup(sku)
-                .is_some_and(|index| self.inventory.max_per_customer(index).is_some())
-        };
         let mut out = Vec::new();
         for shard in self.orders.iter() {
             for entry in lock(shard).values() {
                 if !entry.order.status.counts_for_customer() {
                     continue;
                 }
-                let mut units: Vec<(Sku, i64)> = Vec::new();
-                for item in entry.order.items.iter().filter(|item| limited(&item.sku)) {
-                    match units.iter_mut().find(|(sku, _)| *sku == item.sku) {
-                        Some((_, total)) => *total += item.quantity,
-                        None => units.push((item.sku.clone(), item.quantity)),
-                    }
-                }
+                let units = self.limited_units_of(&entry.order);
                 if !units.is_empty() {
                     out.push((
                         entry.order.customer_id.clone(),
@@ -416,7 +424,7 @@ impl Engine {
             finished_by_time: Mutex::default(),
             payments_due: Mutex::default(),
             customers: customers::CustomerUnits::default(),
-            units_given_back: std::sync::OnceLock::new(),
+            count_changes: std::sync::OnceLock::new(),
             idempotency: IdempotencyStore::new(config.rejections, config.answer_retention_ms),
             next_order_number: AtomicU64::new(1),
             config,
@@ -1038,6 +1046,9 @@ impl Engine {
                     // Held: the order's lines know the units from now on.
                     _ => drop(hold),
                 }
+                if order.status.counts_for_customer() {
+                    self.order_counts(&order);
+                }
                 self.index_order(&order, None);
                 lock(&self.orders[shard_index(&order.order_id)]).insert(
                     order.order_id.clone(),
@@ -1204,6 +1215,7 @@ impl Engine {
         let lines = self.lines_of(&order)?;
         if order.status.counts_for_customer() {
             self.customers.add(&order.customer_id, &lines);
+            self.order_counts(&order);
         }
         for &(index, units) in &lines {
             match order.status {

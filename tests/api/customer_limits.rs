@@ -264,6 +264,73 @@ async fn across_two_nodes_the_limit_holds_through_a_cancel_and_kill_9() {
     a.kill_9();
     let a = start_node("node-a");
     assert_eq!(fifty_at_once(&[&a, &b], "after-restart").await.len(), 0);
+
+    // Found by attack: a limit set on a product that already sold counts those orders (each node
+    // adds its own within a second), and an order refunded while the limit was cleared counts no
+    // more once it is set again.
+    let mut on_a = a.client();
+    let limit_everywhere = async |limit: Value| {
+        for app in [&a, &b] {
+            let mut client = app.client();
+            crate::helpers::eventually(
+                "every node to know the limit",
+                std::time::Duration::from_secs(5),
+                async || client.get("/v1/products/LTD").await.json()["max_per_customer"] == limit,
+            )
+            .await;
+        }
+    };
+    assert_eq!(put(&mut on_a, product(Some(Value::Null))).await.0, 200);
+    limit_everywhere(Value::Null).await;
+    for n in 0..3 {
+        let mut client = [&a, &b][n % 2].client();
+        assert_eq!(
+            buy(&mut client, &format!("early-{n}"), "early", "tok_ok")
+                .await
+                .0,
+            201
+        );
+    }
+    let (status, flipped) = buy(&mut on_b, "flip-1", "flip", "tok_ok").await;
+    assert_eq!(status, 201, "{flipped}");
+    let flipped = flipped["order_id"].as_str().expect("order_id").to_owned();
+    // Bought with the limit set, then refunded while it is cleared.
+    assert_eq!(put(&mut on_a, product(Some(json!(2)))).await.0, 200);
+    limit_everywhere(json!(2)).await;
+    assert_eq!(buy(&mut on_a, "flip-0", "flip", "tok_ok").await.0, 201);
+    assert_eq!(put(&mut on_a, product(Some(Value::Null))).await.0, 200);
+    limit_everywhere(Value::Null).await;
+    let cancelled = on_a
+        .send("POST", &format!("/v1/orders/{flipped}/cancel"), &[], "")
+        .await;
+    assert_eq!(cancelled.status, 200);
+    assert_eq!(put(&mut on_a, product(Some(json!(2)))).await.0, 200);
+    limit_everywhere(json!(2)).await;
+    let mut shared = redis.connection().await;
+    let early_orders = format!("{}limit:early/LTD", redis.prefix);
+    crate::helpers::eventually(
+        "both nodes to add the orders bought before the limit",
+        std::time::Duration::from_secs(5),
+        async || {
+            redis::cmd("HLEN")
+                .arg(&early_orders)
+                .query_async::<i64>(&mut shared)
+                .await
+                .unwrap_or(0)
+                == 3
+        },
+    )
+    .await;
+    for (n, client) in [&mut on_a, &mut on_b].into_iter().enumerate() {
+        let (status, body) = buy(client, &format!("early-more-{n}"), "early", "tok_ok").await;
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (409, Some("customer_limit_reached")),
+            "3 bought before the limit of 2: {body}"
+        );
+    }
+    let (status, body) = buy(&mut on_b, "flip-2", "flip", "tok_ok").await;
+    assert_eq!(status, 201, "the refunded order counts no more: {body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

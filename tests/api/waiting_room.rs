@@ -289,3 +289,39 @@ async fn two_thousand_tickets_are_admitted_in_order_at_the_rate_used_once_and_le
         started.elapsed()
     );
 }
+
+/// Found by attack: a ticket's use outlives its key's kept answer. With `--idempotency-retention`
+/// shorter than a ticket's life, the same key sent again once its answer is no longer kept was a
+/// second use of the ticket (a second order); it is `403` now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_used_ticket_stays_used_after_its_keys_answer_expires() {
+    let app = spawn_app(&[
+        "--idempotency-retention",
+        "3s",
+        "--gateway-timeout",
+        "1s",
+        "--journal-timeout",
+        "1s",
+    ]);
+    let mut client = app.client();
+    put_queued(&mut client, "RET", 5, 1_000).await;
+    let (ticket, _) = take(&mut client, "RET").await;
+    admitted(&mut client, &ticket).await;
+    let (code, body, _) = buy(&mut client, "RET", "ret-1", Some(&ticket), "tok_ok").await;
+    assert_eq!(code, 201, "{body}");
+    eventually(
+        "the key's answer to be kept no more",
+        Duration::from_secs(15),
+        async || {
+            let (code, body, replayed) =
+                buy(&mut client, "RET", "ret-1", Some(&ticket), "tok_ok").await;
+            assert!(
+                replayed || (code, body["error"].as_str()) == (403, Some("invalid_ticket")),
+                "the ticket bought twice: {code} {body}"
+            );
+            !replayed
+        },
+    )
+    .await;
+    assert_eq!(client.stock("RET").await.3, 1, "one order");
+}

@@ -20,23 +20,34 @@ pub enum AllowanceTaken {
 
 /// Checks and takes a checkout's units of its limited SKUs, all or none. KEYS = one hash per
 /// limited SKU; ARGV[1] = the order id (the field), ARGV[2] = the value's nonce, ARGV[3] = the
-/// hashes' TTL in ms, then per key its units and its limit. Returns 0 (taken), -1 (the order's
-/// units are there already: an earlier try of the same checkout took them, and keeps them), or the
-/// index (from 1) of the first SKU that would go past its limit.
+/// hashes' TTL in ms, ARGV[4] = now (Unix ms), ARGV[5] = until when the take is provisional (Unix
+/// ms), then per key its units and its limit.
+///
+/// A field is `<units>:<nonce>` once its order is durable (confirmed by `ADD`), or
+/// `<units>:<nonce>:<until ms>` while its checkout runs: a provisional one past its time (its
+/// checkout died, or never recorded its order) counts no more and is removed here. Returns 0
+/// (taken), -1 (the order's units are there already: an earlier try of the same checkout took
+/// them, and keeps them), or the index (from 1) of the first SKU that would go past its limit.
 const TAKE: &str = r"
-local order, ttl = ARGV[1], ARGV[3]
+local order, ttl, now = ARGV[1], ARGV[3], tonumber(ARGV[4])
 if redis.call('HEXISTS', KEYS[1], order) == 1 then return -1 end
 for i = 1, #KEYS do
-  local units, limit = tonumber(ARGV[2 + 2 * i]), tonumber(ARGV[3 + 2 * i])
+  local units, limit = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
   local sum = 0
   local fields = redis.call('HGETALL', KEYS[i])
   for f = 1, #fields, 2 do
-    if fields[f] ~= order then sum = sum + (tonumber(string.match(fields[f + 1], '^(%d+)')) or 0) end
+    local value = fields[f + 1]
+    local until_ms = tonumber(string.match(value, '^%d+:[^:]*:(%d+)$'))
+    if until_ms and until_ms < now then
+      redis.call('HDEL', KEYS[i], fields[f])
+    else
+      sum = sum + (tonumber(string.match(value, '^(%d+)')) or 0)
+    end
   end
   if sum + units > limit then return i end
 end
 for i = 1, #KEYS do
-  redis.call('HSET', KEYS[i], order, ARGV[2 + 2 * i] .. ':' .. ARGV[2])
+  redis.call('HSET', KEYS[i], order, ARGV[4 + 2 * i] .. ':' .. ARGV[2] .. ':' .. ARGV[5])
   redis.call('PEXPIRE', KEYS[i], ttl)
 end
 return 0
@@ -47,16 +58,24 @@ return 0
 const RELEASE: &str = r"
 for i = 1, #KEYS do
   local there = redis.call('HGET', KEYS[i], ARGV[1])
-  if there and string.match(there, ':(.*)$') == ARGV[2] then redis.call('HDEL', KEYS[i], ARGV[1]) end
+  if there and string.match(there, '^%d+:([^:]*)') == ARGV[2] then redis.call('HDEL', KEYS[i], ARGV[1]) end
 end
 return 1
 ";
 
-/// Adds orders a node knows count, where absent (start-up, a reconnection, a limit newly set).
-/// KEYS = hashes; ARGV[1] = the TTL in ms, then per key the order id and its units.
+/// Confirms orders that count (durable: placed, adopted, or known at a rebuild): a field absent
+/// is added, a provisional one made final. KEYS = hashes; ARGV[1] = the TTL in ms, then per key
+/// the order id and its units.
 const ADD: &str = r"
 for i = 1, #KEYS do
-  redis.call('HSETNX', KEYS[i], ARGV[2 * i], ARGV[1 + 2 * i] .. ':known')
+  local order = ARGV[2 * i]
+  local there = redis.call('HGET', KEYS[i], order)
+  if not there then
+    redis.call('HSET', KEYS[i], order, ARGV[1 + 2 * i] .. ':known')
+  else
+    local final = string.match(there, '^(%d+:[^:]*):%d+$')
+    if final then redis.call('HSET', KEYS[i], order, final) end
+  end
   if redis.call('PTTL', KEYS[i]) < tonumber(ARGV[1]) then redis.call('PEXPIRE', KEYS[i], ARGV[1]) end
 end
 return 1
@@ -84,7 +103,8 @@ impl RedisStore {
         format!("{}/{}", self.key("limit", customer.as_str()), sku.as_str())
     }
 
-    /// Takes `units` (SKU, units, limit) of `customer` for `order`, all or none.
+    /// Takes `units` (SKU, units, limit) of `customer` for `order`, all or none, provisionally
+    /// for `provisional_ms` (until [`Self::add_allowances`] confirms the order).
     pub async fn take_allowance(
         &self,
         customer: &CustomerId,
@@ -92,13 +112,20 @@ impl RedisStore {
         nonce: &str,
         units: &[(Sku, i64, u32)],
         ttl_ms: i64,
+        provisional_ms: i64,
     ) -> Result<AllowanceTaken, StoreError> {
         let Some((first, ..)) = units.first() else {
             return Ok(AllowanceTaken::Present);
         };
         let subject = self.allowance_key(customer, first);
         let mut invocation = self.allowances.take.prepare_invoke();
-        invocation.arg(order.as_str()).arg(nonce).arg(ttl_ms.max(1));
+        let now = crate::time::now_ms();
+        invocation
+            .arg(order.as_str())
+            .arg(nonce)
+            .arg(ttl_ms.max(1))
+            .arg(now)
+            .arg(now.saturating_add(provisional_ms));
         for (sku, count, limit) in units {
             invocation
                 .key(self.allowance_key(customer, sku))
@@ -142,7 +169,7 @@ impl RedisStore {
     }
 
     /// Forgets orders whose units count no more (released, refunded, past retention): each
-    /// (customer, order, its limited SKUs).
+    /// (customer, order, its SKUs).
     pub async fn forget_allowances(
         &self,
         gone: &[(CustomerId, OrderId, Vec<Sku>)],
@@ -159,7 +186,23 @@ impl RedisStore {
         self.run::<()>("the count of customers' units", &pipe).await
     }
 
-    /// Adds, where absent, orders that count (customer, order, units per limited SKU).
+    /// Whether this node's mark in the count is gone (first use, or Redis lost its keys): the
+    /// mark is set again, for `ttl_ms`, and the node must add the orders it knows count.
+    pub async fn allowances_mark_was_gone(&self, ttl_ms: i64) -> Result<bool, StoreError> {
+        let mark = self.key("limit-node", &self.node);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(&mark)
+            .arg("1")
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms.max(1));
+        let (set,): (Option<String>,) = self.run(&mark, &pipe).await?;
+        Ok(set.is_some())
+    }
+
+    /// Confirms orders that count (customer, order, units per limited SKU): added where absent,
+    /// made final where provisional.
     pub async fn add_allowances(
         &self,
         orders: &[crate::engine::CountingOrder],

@@ -42,12 +42,20 @@ return {epoch, position, text}
 ";
 
 /// Claims a ticket. KEYS[1] = its queue, KEYS[2] = its claim; ARGV = its epoch, the key, the
-/// claim's TTL in ms.
+/// claim's TTL in ms. The claim is the key while its checkout runs (the same key claims again: a
+/// retry), `u:<key>` once the key's order is placed (used: a retry under the key is a replay
+/// while the key's answer is kept, and past that the ticket stays used).
 const CLAIM: &str = r"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'stale' end
 local there = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3], 'GET')
 if not there or there == ARGV[2] then return 'claimed' end
 return 'used'
+";
+
+/// Marks a claim used by its key's order. KEYS[1] = the claim; ARGV[1] = the key.
+const USED: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], 'u:' .. ARGV[1], 'KEEPTTL') end
+return 1
 ";
 
 /// Gives a claim back if it is still the key's. KEYS[1] = the claim; ARGV[1] = the key.
@@ -59,6 +67,7 @@ return 1
 pub(super) struct TicketScripts {
     take: Script,
     claim: Script,
+    used: Script,
     release: Script,
 }
 
@@ -67,6 +76,7 @@ impl TicketScripts {
         Self {
             take: Script::new(TAKE),
             claim: Script::new(CLAIM),
+            used: Script::new(USED),
             release: Script::new(RELEASE),
         }
     }
@@ -142,14 +152,15 @@ impl RedisStore {
         }
     }
 
-    /// Gives `key`'s claim of a ticket back, in the background (a claim not given back stays
-    /// until its ticket expires).
-    pub fn release_ticket(
+    /// Gives `key`'s claim of a ticket back (`used`: false), or marks it used by the key's order
+    /// (`used`: true), in the background (a claim not given back stays until its ticket expires).
+    pub fn end_ticket_claim(
         self: &Arc<Self>,
         sku: Sku,
         epoch: u64,
         position: u64,
         key: IdempotencyKey,
+        used: bool,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
@@ -157,10 +168,14 @@ impl RedisStore {
         let store = Arc::clone(self);
         runtime.spawn(async move {
             let claim = store.claim_key(&sku, epoch, position);
-            let mut invocation = store.tickets.release.key(&claim);
+            let script = match used {
+                true => &store.tickets.used,
+                false => &store.tickets.release,
+            };
+            let mut invocation = script.key(&claim);
             invocation.arg(key.as_str());
             if let Err(error) = store.run::<i64>(&claim, &invocation).await {
-                tracing::warn!(%error, %sku, position, "could not give back a ticket's claim; the ticket stays used until it expires");
+                tracing::warn!(%error, %sku, position, used, "could not end a ticket's claim; it stays as it is until the ticket expires");
             }
         });
     }
