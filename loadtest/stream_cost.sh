@@ -9,6 +9,7 @@
 # Usage: loadtest/stream_cost.sh [STREAMS] [DURATION] [ROUNDS]     (needs wrk and python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. loadtest/common.sh
 streams=${1:-10000}
 duration=${2:-8s}
 rounds=${3:-3}
@@ -32,13 +33,7 @@ cleanup() {
   rm -rf "$dir"
 }
 trap cleanup EXIT
-target/release/turnstile serve --listen 127.0.0.1:0 --data-dir "$dir/data" > "$dir/out" 2> "$dir/log" &
-server=$!
-for _ in $(seq 1 100); do grep -q "listening on" "$dir/out" && break; sleep 0.1; done
-addr=$(sed -n 's/^listening on //p' "$dir/out")
-[ -n "$addr" ] || { echo "the server did not start:" >&2; cat "$dir/log" >&2; exit 1; }
-url="http://$addr"
-python3 loadtest/wrk/setup_products.py "$url" > /dev/null
+serve_release "$dir"
 ticks() { awk '{print $14 + $15}' "/proc/$server/stat"; }
 seconds=${duration%s}
 run() { # A or B
@@ -69,16 +64,4 @@ for round in $(seq 1 "$rounds"); do
   order="A B"; (( round % 2 == 0 )) && order="B A"
   for label in $order; do run "$label" | sed "s/^/round $round /" | tee -a "$out"; done
 done
-awk '
-  { label = $3; rps[label, ++n[label]] = $6; cpu[label, n[label]] = $(NF - 1) + 0 }
-  function median(arr, label, count,   i, j, t, v) {
-    for (i = 1; i <= count; i++) v[i] = arr[label, i]
-    for (i = 1; i <= count; i++) for (j = i + 1; j <= count; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-    return count % 2 ? v[(count + 1) / 2] : (v[count / 2] + v[count / 2 + 1]) / 2
-  }
-  END {
-    printf "medians: A %.0f req/s, %.2f us/request; B %.0f req/s, %.2f us/request; B/A throughput %.2f, CPU %.2f\n",
-      median(rps, "A", n["A"]), median(cpu, "A", n["A"]), median(rps, "B", n["B"]), median(cpu, "B", n["B"]),
-      median(rps, "B", n["B"]) / median(rps, "A", n["A"]), median(cpu, "B", n["B"]) / median(cpu, "A", n["A"])
-    for (i = 1; i <= n["A"]; i++) printf "pair %d: B/A throughput %.2f, CPU %.2f\n", i, rps["B", i] / rps["A", i], cpu["B", i] / cpu["A", i]
-  }' "$out"
+abba_summary "$out" 6

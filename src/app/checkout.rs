@@ -197,6 +197,14 @@ fn admission<'a>(
     )?))
 }
 
+/// The retention period a checkout under `key` runs in, and the id of the order it places.
+fn order_naming(app: &crate::app::AppState, key: &IdempotencyKey) -> (i64, OrderId) {
+    let period = crate::payment::checkout_period(now_ms(), app.engine.config().answer_retention_ms);
+    let order_id =
+        crate::payment::order_id_for(key, period).unwrap_or_else(|| app.engine.new_order_id());
+    (period, order_id)
+}
+
 /// The units per product with `max_per_customer` that `lines` (SKU, units) take, merged per SKU,
 /// with each limit.
 fn limited_units<'a>(
@@ -400,9 +408,9 @@ pub async fn place(
     // checkout go on): its claim cannot be made where the other nodes would see it.
     // Several nodes: the units of products with a limit are taken in the shop's count (Redis)
     // before this node's key table or any unit (an await); refused there, nothing is held.
-    let period = crate::payment::checkout_period(now_ms(), app.engine.config().answer_retention_ms);
-    let order_id =
-        crate::payment::order_id_for(&key, period).unwrap_or_else(|| app.engine.new_order_id());
+    // The retention period and order id the checkout's gateway key and order derive from: taken
+    // here when the shared count needs the order id (the sold-out flood never computes them).
+    let mut named: Option<(i64, OrderId)> = None;
     let mut allowance = None;
     if let Some(limits) = app.shared_limits.as_ref().filter(|_| !unguarded) {
         let units = match (&request.items, &redis_cart) {
@@ -414,7 +422,8 @@ pub async fn place(
             (None, None) => Vec::new(),
         };
         if !units.is_empty() && ticket_refused.is_none() {
-            match limits.take(&request.customer_id, &order_id, &units).await {
+            let (_, order_id) = named.insert(order_naming(app, &key));
+            match limits.take(&request.customer_id, order_id, &units).await {
                 Ok(Ok(taken)) => allowance = Some(taken),
                 Ok(Err(sku)) => {
                     app.metrics.rejections_customer_limit.add(1);
@@ -629,8 +638,7 @@ pub async fn place(
         lock_held,
         claimed,
         allowance,
-        period,
-        order_id,
+        named,
         answers,
         _permit: permit,
     };
@@ -700,10 +708,9 @@ struct Finishing {
     /// Several nodes: its units of products with a limit, taken in the shop's count: kept once
     /// its order is durable (or its outcome unknown), else given back.
     allowance: Option<Allowance>,
-    /// The retention period its gateway key and order id are derived in.
-    period: i64,
-    /// Its order's id (derived from the key: the same checkout always names the same order).
-    order_id: OrderId,
+    /// The retention period its gateway key and its order's id derive from, if taken already
+    /// (derived from the key: the same checkout always names the same order).
+    named: Option<(i64, OrderId)>,
     answers: &'static dyn Answers,
     /// Held until the checkout is answered.
     _permit: tokio::sync::OwnedSemaphorePermit,
@@ -720,8 +727,11 @@ enum Paid {
 impl Finishing {
     async fn run(self) -> Result<Answer, CheckoutError> {
         let app = &self.app;
-        let gateway_key = crate::payment::gateway_key(&app.node, &self.key, self.period);
-        let order_id = self.order_id;
+        let (period, order_id) = match self.named {
+            Some(named) => named,
+            None => order_naming(app, &self.key),
+        };
+        let gateway_key = crate::payment::gateway_key(&app.node, &self.key, period);
         let request = AuthorizeRequest {
             idempotency_key: gateway_key,
             order_id: order_id.as_str().to_owned(),
