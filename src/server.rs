@@ -252,8 +252,11 @@ async fn serve(
             (Some(_), Some(store)) => Some(cluster::limits::SharedLimits::new(
                 Arc::clone(store),
                 config.order_retention,
-                // A checkout's longest life: the gateway's answer, then its commit.
-                config.gateway_timeout + config.journal_timeout + Duration::from_secs(10),
+                // A checkout's longest life: a refill, the gateway's answer, then its commit.
+                cluster::REFILL_WAIT
+                    + config.gateway_timeout
+                    + config.journal_timeout
+                    + Duration::from_secs(10),
                 &engine,
             )?),
             _ => None,

@@ -374,15 +374,15 @@ pub async fn place(
                 // The key's lock is this checkout's: its ticket is claimed for the key (in Redis:
                 // an await, before this node's key table, which a caller gone would leave in
                 // flight).
+                // The guard first: a caller gone during the call (or a call whose answer was
+                // lost) gives back what the key may have claimed (only a claim of this key).
                 if let Some(ticket) = admitted.take() {
+                    let guard =
+                        Claimed::new(Arc::clone(&app.waiting_room), ticket.clone(), key.clone());
                     app.waiting_room
                         .claim(&ticket, &key, now_ms().saturating_mul(1000))
                         .await?;
-                    claimed = Some(Claimed::new(
-                        Arc::clone(&app.waiting_room),
-                        ticket,
-                        key.clone(),
-                    ));
+                    claimed = Some(guard);
                 }
                 submission = Some(lock);
                 lock_held = true;
@@ -840,9 +840,11 @@ impl Finishing {
             // key, same gateway key) finds this authorisation and makes it the order's; one never
             // retried is voided by the reconciler's orphan scan after `--reconcile-after`.
             // Nothing recorded: the ticket is given back (dropped); an outcome unknown keeps it
-            // for the key's retry.
+            // for the key's retry. So does a record the database refused because another
+            // node's order holds the key (its answer is replayed below): that order is this
+            // key's, with this ticket and these units.
             Err(error) => {
-                if !error.nothing_changed() {
+                if !error.nothing_changed() || matches!(error, JournalError::Rejected(_)) {
                     if let Some(claimed) = claimed {
                         claimed.keep();
                     }

@@ -18,15 +18,20 @@
 //! checkout that ends without a durable order gives its units back (compare-and-delete on the
 //! attempt's nonce: a late give-back never removes a retry's units); one that dies on the way
 //! (`kill -9`) leaves a provisional field, which counts no more past the checkout's longest life
-//! (gateway and journal timeouts, plus a margin). Each node also counts in its engine, as one node
+//! (a refill, the gateway and journal timeouts, plus a margin; by Redis's clock). Each node also counts in its engine, as one node
 //! does (`engine::customers`), which never refuses what the shared count allows.
 //!
 //! **When Redis is down** a checkout naming a limited product is `503 session_store_unavailable`
 //! (even on a MySQL journal, where other checkouts go on without Redis): no node could know what
 //! the others sold. **When Redis comes back empty** (restarted without persistence), each node
-//! adds the orders it knows that count, at every reconnection and at start; until every node has
-//! (milliseconds after it reconnects), a customer could buy past the limit. A limit set on a
-//! product that already sold is counted the same way, each node adding its orders within a second.
+//! finds its mark (`<prefix>limit-node:<node>`) gone within a second, busy or idle, and adds the
+//! orders it knows count; until every node has, a customer could buy past the limit. A limit set
+//! on a product that already sold is counted the same way, each node adding its orders within a
+//! second. **Not covered:** the paid orders of a node gone for good (their units come back to the
+//! count only while a node that knows them runs); a give-back queued while Redis is unreachable
+//! when its node dies before Redis returns (the units count until `--order-retention`); a commit
+//! whose outcome stays unknown past its take's provisional window (a journal stalled that long:
+//! another checkout of the customer may pass meanwhile; its units count again when it lands).
 
 use crate::app::Shared;
 use crate::domain::{CustomerId, OrderId, Sku};
@@ -91,29 +96,38 @@ impl SharedLimits {
             self.run,
             self.attempts.fetch_add(1, Ordering::Relaxed)
         );
+        // The guard first: a caller gone during the call, or a call whose answer was lost, gives
+        // back what this try may have taken (compare-and-delete on its nonce).
+        let mut allowance = Allowance {
+            limits: Arc::clone(self),
+            customer: customer.clone(),
+            order: order.clone(),
+            nonce,
+            skus: units.iter().map(|(sku, ..)| sku.clone()).collect(),
+            kept: false,
+        };
         let taken = self
             .store
             .take_allowance(
                 customer,
                 order,
-                &nonce,
+                &allowance.nonce,
                 units,
                 self.ttl_ms,
                 self.provisional_ms,
             )
             .await?;
         Ok(match taken {
-            AllowanceTaken::Over(sku) => Err(sku),
-            // Taken now: given back unless kept. Present: an earlier try of this checkout (its
-            // key, so its order id) took them, and gives them back or keeps them itself.
-            taken => Ok(Allowance {
-                limits: Arc::clone(self),
-                customer: customer.clone(),
-                order: order.clone(),
-                nonce,
-                skus: units.iter().map(|(sku, ..)| sku.clone()).collect(),
-                kept: taken == AllowanceTaken::Present,
-            }),
+            AllowanceTaken::Over(sku) => {
+                allowance.kept = true;
+                Err(sku)
+            }
+            // Present: the order is durable and counted; nothing of this try's to give back.
+            AllowanceTaken::Present => {
+                allowance.kept = true;
+                Ok(allowance)
+            }
+            AllowanceTaken::Taken => Ok(allowance),
         })
     }
 

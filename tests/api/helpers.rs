@@ -1636,9 +1636,13 @@ pub struct PrivateMariaDb {
 impl PrivateMariaDb {
     pub fn start() -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
+        // Its own temporary dir: the bootstrap's temporary tables in the shared /tmp once went
+        // missing under a concurrent run ("Could not remove temporary table", CI).
+        std::fs::create_dir(dir.path().join("tmp")).expect("the server's tmpdir");
         let installed = Command::new("mariadb-install-db")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .arg(format!("--tmpdir={}", dir.path().join("tmp").display()))
             .args(["--user=root", "--skip-test-db", "--auth-root-authentication-method=normal"])
             .output()
             .unwrap_or_else(|e| {
@@ -1668,6 +1672,7 @@ impl PrivateMariaDb {
             .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
             .arg(format!("--log-error={}", dir.join("error.log").display()))
+            .arg(format!("--tmpdir={}", dir.join("tmp").display()))
             .args([&format!("--port={port}"), "--bind-address=127.0.0.1"])
             .args(["--user=root", "--skip-grant-tables", "--skip-name-resolve"])
             .args(["--innodb-buffer-pool-size=128M", "--max-connections=500"])

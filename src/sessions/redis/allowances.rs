@@ -12,7 +12,7 @@ use crate::domain::{CustomerId, OrderId};
 pub enum AllowanceTaken {
     /// Taken now, under this try's nonce.
     Taken,
-    /// An earlier try of the same checkout (same order id) holds them.
+    /// The order is durable and counted already (a retry of a checkout that placed it).
     Present,
     /// This SKU would go past its limit: nothing taken.
     Over(Sku),
@@ -20,19 +20,24 @@ pub enum AllowanceTaken {
 
 /// Checks and takes a checkout's units of its limited SKUs, all or none. KEYS = one hash per
 /// limited SKU; ARGV[1] = the order id (the field), ARGV[2] = the value's nonce, ARGV[3] = the
-/// hashes' TTL in ms, ARGV[4] = now (Unix ms), ARGV[5] = until when the take is provisional (Unix
-/// ms), then per key its units and its limit.
+/// hashes' TTL in ms, ARGV[4] = how long the take is provisional (ms), then per key its units and
+/// its limit. Times are Redis's clock (`TIME`), so the nodes' clocks need not agree.
 ///
 /// A field is `<units>:<nonce>` once its order is durable (confirmed by `ADD`), or
 /// `<units>:<nonce>:<until ms>` while its checkout runs: a provisional one past its time (its
-/// checkout died, or never recorded its order) counts no more and is removed here. Returns 0
-/// (taken), -1 (the order's units are there already: an earlier try of the same checkout took
-/// them, and keeps them), or the index (from 1) of the first SKU that would go past its limit.
+/// checkout died, or never recorded its order) counts no more and is removed here. The order's
+/// own provisional field (an earlier try of the same checkout) is replaced: this try owns the
+/// units and their give-back, and the earlier try's compare-and-delete misses. Returns 0
+/// (taken), -1 (the order is durable and counted already), or the index (from 1) of the first SKU
+/// that would go past its limit.
 const TAKE: &str = r"
-local order, ttl, now = ARGV[1], ARGV[3], tonumber(ARGV[4])
-if redis.call('HEXISTS', KEYS[1], order) == 1 then return -1 end
+local order, ttl = ARGV[1], ARGV[3]
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local mine = redis.call('HGET', KEYS[1], order)
+if mine and not string.match(mine, '^%d+:[^:]*:%d+$') then return -1 end
 for i = 1, #KEYS do
-  local units, limit = tonumber(ARGV[4 + 2 * i]), tonumber(ARGV[5 + 2 * i])
+  local units, limit = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
   local sum = 0
   local fields = redis.call('HGETALL', KEYS[i])
   for f = 1, #fields, 2 do
@@ -40,14 +45,15 @@ for i = 1, #KEYS do
     local until_ms = tonumber(string.match(value, '^%d+:[^:]*:(%d+)$'))
     if until_ms and until_ms < now then
       redis.call('HDEL', KEYS[i], fields[f])
-    else
+    elseif fields[f] ~= order then
       sum = sum + (tonumber(string.match(value, '^(%d+)')) or 0)
     end
   end
   if sum + units > limit then return i end
 end
+local until_ms = string.format('%d', now + tonumber(ARGV[4]))
 for i = 1, #KEYS do
-  redis.call('HSET', KEYS[i], order, ARGV[4 + 2 * i] .. ':' .. ARGV[2] .. ':' .. ARGV[5])
+  redis.call('HSET', KEYS[i], order, ARGV[3 + 2 * i] .. ':' .. ARGV[2] .. ':' .. until_ms)
   redis.call('PEXPIRE', KEYS[i], ttl)
 end
 return 0
@@ -119,13 +125,11 @@ impl RedisStore {
         };
         let subject = self.allowance_key(customer, first);
         let mut invocation = self.allowances.take.prepare_invoke();
-        let now = crate::time::now_ms();
         invocation
             .arg(order.as_str())
             .arg(nonce)
             .arg(ttl_ms.max(1))
-            .arg(now)
-            .arg(now.saturating_add(provisional_ms));
+            .arg(provisional_ms.max(1));
         for (sku, count, limit) in units {
             invocation
                 .key(self.allowance_key(customer, sku))

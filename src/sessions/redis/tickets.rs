@@ -43,7 +43,8 @@ return {epoch, position, text}
 
 /// Claims a ticket. KEYS[1] = its queue, KEYS[2] = its claim; ARGV = its epoch, the key, the
 /// claim's TTL in ms. The claim is the key while its checkout runs (the same key claims again: a
-/// retry), `u:<key>` once the key's order is placed (used: a retry under the key is a replay
+/// retry), `u <key>` once the key's order is placed (a key has no space: no key is ever equal to a
+/// used mark) (used: a retry under the key is a replay
 /// while the key's answer is kept, and past that the ticket stays used).
 const CLAIM: &str = r"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'stale' end
@@ -54,7 +55,7 @@ return 'used'
 
 /// Marks a claim used by its key's order. KEYS[1] = the claim; ARGV[1] = the key.
 const USED: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], 'u:' .. ARGV[1], 'KEEPTTL') end
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], 'u ' .. ARGV[1], 'KEEPTTL') end
 return 1
 ";
 
