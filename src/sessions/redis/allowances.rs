@@ -230,10 +230,4 @@ impl RedisStore {
         }
         Ok(())
     }
-
-    /// Resolves once a new connection to Redis is up (after an outage, or a restart of Redis);
-    /// enable it before the work it must not miss a reconnection during.
-    pub fn reconnection(&self) -> tokio::sync::futures::Notified<'_> {
-        self.reconnected.notified()
-    }
 }
