@@ -76,6 +76,57 @@ pub fn webhook_signature(bytes: &[u8]) {
     );
 }
 
+/// The admission ticket (`Admission-Ticket`, `GET /v1/queue/{ticket}`), checked against a fixed
+/// secret: never a panic, for the bytes as a ticket's text and for a ticket made of the bytes'
+/// fields; a text that decodes is the one its ticket encodes to (one ticket, one text); a ticket
+/// encoded decodes to itself, and not under another secret; `ahead` never counts more tickets
+/// than are before it.
+pub fn admission_ticket(bytes: &[u8]) {
+    use crate::app::waiting_room::Ticket;
+    const SECRET: &[u8] = b"fuzzing-ticket-secret";
+    if let Ok(text) = std::str::from_utf8(bytes) {
+        if let Some(ticket) = Ticket::decode(text, SECRET) {
+            assert_eq!(ticket.encode(SECRET), text, "a ticket with two texts");
+        }
+    }
+    let Some((fields, sku)) = bytes.split_first_chunk::<48>() else {
+        return;
+    };
+    let word = |n: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&fields[8 * n..8 * n + 8]);
+        b
+    };
+    let Ok(sku) = std::str::from_utf8(sku).map(crate::domain::Sku::parse) else {
+        return;
+    };
+    let Ok(sku) = sku else { return };
+    let ticket = Ticket {
+        sku,
+        epoch: u64::from_be_bytes(word(0)),
+        position: u64::from_be_bytes(word(1)),
+        admit_us: i64::from_be_bytes(word(2)),
+        interval_us: i64::from_be_bytes(word(3)),
+        expires_us: i64::from_be_bytes(word(4)),
+    };
+    let text = ticket.encode(SECRET);
+    assert_eq!(
+        Ticket::decode(&text, SECRET).as_ref(),
+        Some(&ticket),
+        "a ticket that does not decode to itself"
+    );
+    assert_eq!(
+        Ticket::decode(&text, b"another-secret"),
+        None,
+        "a ticket accepted under another secret"
+    );
+    let now = i64::from_be_bytes(word(5));
+    assert!(
+        ticket.ahead(now) <= ticket.position.saturating_sub(1),
+        "more tickets ahead than before it"
+    );
+}
+
 /// A fuzz target: arbitrary bytes in, a panic only when its property breaks.
 pub type Target = fn(&[u8]);
 
@@ -86,4 +137,5 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("request_heads", request_heads),
     ("json_bodies", json_bodies),
     ("webhook_signature", webhook_signature),
+    ("admission_ticket", admission_ticket),
 ];

@@ -10,8 +10,9 @@
 //!
 //! With Redis (`--redis-url`) one round trip comes first: the answer any node gave under the key
 //! (replayed), else the submission lock ([`CheckoutError::KeyInUse`] while another node runs the
-//! key), and the cart. From the node's own key table to the hold everything is synchronous, so a
-//! caller that goes away cannot leave a key in flight (a lock taken is released by its guard); the
+//! key), and the cart. From the node's own key table to the hold everything is synchronous but the
+//! refill from the shared pool (several nodes), which frees the key if dropped, so a caller that
+//! goes away cannot leave a key in flight (a lock taken is released by its guard); the
 //! rest runs in its own task, so it finishes even if the caller goes away. Past the hold the lock
 //! is renewed (`Submission::keep_alive`) until the outcome is known: released, with the answer
 //! stored, once the record is durable; released without one once it is known not to be; renewed
@@ -242,6 +243,29 @@ fn sold_out_everywhere(app: &crate::app::AppState, request: &Request) -> bool {
             .cluster
             .as_ref()
             .is_none_or(|cluster| cluster.sold_out_everywhere(&line.sku))
+}
+
+/// A key this node's table holds in flight while a checkout waits (the refill from the shared
+/// pool): abandoned if the wait is dropped, as a caller gone away drops it.
+struct KeyInFlight<'a> {
+    app: &'a Shared,
+    key: &'a IdempotencyKey,
+    armed: bool,
+}
+
+impl KeyInFlight<'_> {
+    /// The wait is over: the checkout goes on with its key.
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for KeyInFlight<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.app.engine.idempotency().abandon(self.key);
+        }
+    }
 }
 
 /// Places the order `request` asks for under `key`, or replays the answer the key has: an
@@ -534,6 +558,13 @@ pub async fn place(
     // stays in memory.
     if let Some(cluster) = &app.cluster {
         let deadline = tokio::time::Instant::now() + crate::cluster::REFILL_WAIT;
+        // The one wait between the key table and the hold: a caller gone during it frees the key
+        // (nothing is held while it waits; a claimed ticket's guard gives the ticket back).
+        let in_flight = KeyInFlight {
+            app,
+            key: &key,
+            armed: true,
+        };
         while let Err(EngineError::OutOfStock { sku }) = &reserved {
             let units = lines
                 .iter()
@@ -545,6 +576,7 @@ pub async fn place(
             }
             reserved = app.engine.reserve(&lines, &request.customer_id);
         }
+        in_flight.disarm();
         if let Err(EngineError::OutOfStock { sku }) = &reserved {
             if cluster.pool_has_units(sku) {
                 // Not sold out: the refill was slow (MySQL busy). Nothing kept under the key.

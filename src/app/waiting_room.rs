@@ -115,9 +115,12 @@ impl Ticket {
         if now_us >= self.admit_us {
             return 0;
         }
-        let intervals = (self.admit_us - now_us + self.interval_us - 1) / self.interval_us.max(1);
+        // In i128: no field of a ticket can overflow it (the fuzz target makes every one).
+        let wait = i128::from(self.admit_us) - i128::from(now_us);
+        let interval = i128::from(self.interval_us.max(1));
+        let intervals = (wait + interval - 1) / interval;
         u64::try_from(intervals - 1)
-            .unwrap_or(0)
+            .unwrap_or(u64::MAX)
             .min(self.position.saturating_sub(1))
     }
 }

@@ -336,12 +336,12 @@ impl Cluster {
         let refilled = signal.refilled.notified();
         tokio::pin!(refilled);
         refilled.as_mut().enable();
-        signal.waiting.fetch_add(units, Ordering::AcqRel);
+        // Counted as waiting until this call ends, however it ends (a caller gone mid-wait drops
+        // it: the count must not stay, or the node would ask the pool for units nobody waits for).
+        let _waiting = Waiting::add(&signal.waiting, units);
         signal.wanted.store(true, Ordering::Release);
         self.wake.notify_one();
-        let woken = tokio::time::timeout_at(deadline, refilled).await.is_ok();
-        signal.waiting.fetch_sub(units, Ordering::AcqRel);
-        woken
+        tokio::time::timeout_at(deadline, refilled).await.is_ok()
     }
 
     /// Units of `sku` this node is giving back right now (held in its shards for no order).
@@ -482,5 +482,24 @@ impl Cluster {
             self.grants.load(Ordering::Relaxed),
             self.returns.load(Ordering::Relaxed),
         )
+    }
+}
+
+/// Units added to a waiting count, taken off again when dropped.
+struct Waiting<'a> {
+    count: &'a AtomicI64,
+    units: i64,
+}
+
+impl<'a> Waiting<'a> {
+    fn add(count: &'a AtomicI64, units: i64) -> Self {
+        count.fetch_add(units, Ordering::AcqRel);
+        Self { count, units }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.count.fetch_sub(self.units, Ordering::AcqRel);
     }
 }

@@ -1275,7 +1275,23 @@ pub struct RedisCluster {
 }
 
 impl RedisCluster {
+    /// Starts and joins the cluster; a try that fails (a port picked free and taken before its
+    /// node bound it, a node that exited) is killed and made again on fresh ports, three times.
     pub fn start() -> Self {
+        let mut failures = Vec::new();
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(cluster) => return cluster,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!(
+            "the test's Redis Cluster did not start in 3 tries:\n{}",
+            failures.join("\n")
+        );
+    }
+
+    fn try_start() -> Result<Self, String> {
         // Killed on drop from the first node on, even if a later one fails to start.
         let mut cluster = Self {
             ports: Vec::new(),
@@ -1293,6 +1309,8 @@ impl RedisCluster {
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
                 .arg(&own)
+                .arg("--logfile")
+                .arg(own.join("redis.log"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -1302,14 +1320,27 @@ impl RedisCluster {
             cluster.ports.push(port);
             cluster.children.push(child);
         }
-        for port in &cluster.ports {
-            let addr = format!("127.0.0.1:{port}");
+        // Each node answers PING as a cluster node of its own (not some other process that took
+        // the port), and is still running.
+        for (port, child) in cluster.ports.iter().zip(&mut cluster.children) {
             let started = Instant::now();
-            while std::net::TcpStream::connect(&addr).is_err() {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "the test's cluster node did not answer on {addr}"
-                );
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    return Err(cluster.failure(*port, &format!("exited ({status})")));
+                }
+                let info = Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "CLUSTER", "MYID"])
+                    .output()
+                    .unwrap_or_else(|e| {
+                        panic!("cannot run redis-cli ({e}): install Redis's tools")
+                    });
+                let id = String::from_utf8_lossy(&info.stdout);
+                if info.status.success() && id.trim().len() == 40 {
+                    break;
+                }
+                if started.elapsed() > Duration::from_secs(10) {
+                    return Err(cluster.failure(*port, "did not answer CLUSTER MYID in 10 s"));
+                }
                 std::thread::sleep(Duration::from_millis(10));
             }
         }
@@ -1324,12 +1355,13 @@ impl RedisCluster {
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .output()
             .unwrap_or_else(|e| panic!("cannot run redis-cli ({e}): install Redis's tools"));
-        assert!(
-            created.status.success(),
-            "redis-cli --cluster create: {}{}",
-            String::from_utf8_lossy(&created.stdout),
-            String::from_utf8_lossy(&created.stderr)
-        );
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
+            ));
+        }
         // Every node sees every slot served before the test uses it.
         for node in &nodes {
             let started = Instant::now();
@@ -1342,14 +1374,26 @@ impl RedisCluster {
                 if info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:3") {
                     break;
                 }
-                assert!(
-                    started.elapsed() < Duration::from_secs(30),
-                    "the test's Redis Cluster is not ok on {node}: {info}"
-                );
+                if started.elapsed() > Duration::from_secs(30) {
+                    return Err(format!(
+                        "the test's Redis Cluster is not ok on {node}: {info}"
+                    ));
+                }
                 std::thread::sleep(Duration::from_millis(50));
             }
         }
-        cluster
+        Ok(cluster)
+    }
+
+    /// Why node `port` failed, with the end of its log.
+    fn failure(&self, port: u16, what: &str) -> String {
+        let log = std::fs::read_to_string(self.dir.path().join(port.to_string()).join("redis.log"))
+            .unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        format!(
+            "cluster node 127.0.0.1:{port} {what}; its log ends: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )
     }
 
     /// Its nodes, as `--redis-url` lists them.

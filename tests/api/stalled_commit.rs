@@ -437,3 +437,81 @@ async fn a_node_killed_mid_commit_behind_a_silent_network_does_not_stop_the_next
     assert_eq!(available + sold, 3);
     drop(proxy);
 }
+
+/// A checkout whose node's lease is dry waits for a refill from the pool (several nodes); a
+/// caller gone during that wait (MySQL silent, so the refill cannot come) leaves its key free:
+/// the same key sent again is answered (503 while the pool cannot be reached, then one order),
+/// never `409 idempotency_key_in_use` for a checkout nobody runs any more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_gone_while_waiting_for_a_refill_leaves_its_key_free() {
+    let database = TestDatabase::create().await;
+    let proxy = StallProxy::start(MARIADB_ADDR.parse().expect("address")).await;
+    let redis = TestRedis::create("gone-in-refill").await;
+    let node = start(
+        &redis,
+        &[
+            "--mysql-url".into(),
+            through(&proxy, &database),
+            "--node-id".into(),
+            "refill-a".into(),
+            "--cluster-secret".into(),
+            "stalled-commit-secret".into(),
+        ],
+    );
+    let mut client = node.client();
+    assert_eq!(client.put_product("S", 100, 10).await.status, 200);
+    // The node holds no unit of S (nothing sold: any block it took went back, idle) and knows
+    // the pool has all ten.
+    eventually(
+        "the node to hold no unit and see the pool's ten",
+        Duration::from_secs(30),
+        async || {
+            metric(&mut client, "turnstile_cluster_leased_units").await == 0.0
+                && metric(&mut client, "turnstile_cluster_pool_units").await == 10.0
+        },
+    )
+    .await;
+
+    proxy.stall(true);
+    let mut gone = node.client();
+    let waited = tokio::time::timeout(Duration::from_secs(1), checkout(&mut gone, "gone")).await;
+    assert!(
+        waited.is_err(),
+        "the checkout was to wait for its refill: {waited:?}"
+    );
+    drop(gone);
+    // Sent again while MySQL is still silent: told to retry (the refill cannot come), once the
+    // first try's Redis lock is released; never the first try's key still in flight.
+    let mut retry = node.client();
+    eventually(
+        "the key to be free again",
+        Duration::from_secs(15),
+        async || {
+            let (status, body, _) = checkout(&mut retry, "gone").await;
+            assert_ne!(status, 201, "an order while MySQL is silent: {body}");
+            status != 409
+        },
+    )
+    .await;
+
+    proxy.stall(false);
+    let mut first = serde_json::Value::Null;
+    eventually("the key's one order", Duration::from_secs(30), async || {
+        let (status, body, replayed) = checkout(&mut retry, "gone").await;
+        assert!(
+            status == 201
+                || status == 503
+                || (status, body["error"].as_str()) == (409, Some("idempotency_key_in_use")),
+            "{status}: {body}"
+        );
+        assert!(!replayed || status == 201, "{body}");
+        first = body;
+        status == 201
+    })
+    .await;
+    let (status, again, replayed) = checkout(&mut retry, "gone").await;
+    assert_eq!((status, replayed), (201, true), "{again}");
+    assert_eq!(again, first, "one order under the key");
+    assert_eq!(client.stock("S").await.3, 1, "one unit sold");
+    drop(redis);
+}
