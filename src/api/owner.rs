@@ -1,11 +1,18 @@
 //! Several nodes: a call that changes an order this node does not hold goes to the node that owns
-//! it ([`crate::cluster::forward`]), and a call forwarded here is checked before it runs.
+//! it ([`crate::cluster::forward`]), and a call forwarded here is checked before it runs. An
+//! order of a node that is gone is adopted here first; the adoption (MySQL, then this node's
+//! engine) runs in a task of its own, so a caller that goes away mid-way cannot leave an order
+//! owned in MySQL but missing from memory.
 
-use super::{json_response, ApiError, AppState};
+use super::{json_response, ApiError, AppState, Shared};
+use crate::cluster::adoption;
 use crate::cluster::forward::{self, FORWARDED_BY, SIGNATURE};
+use crate::cluster::{Cluster, ClusterError};
 use crate::domain::OrderId;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::Response;
+use std::future::Future;
+use std::sync::Arc;
 
 /// Whether this call was forwarded by another node, its signature checked (`401
 /// invalid_signature` if it does not hold). A forwarded call is never forwarded again.
@@ -85,7 +92,7 @@ fn taking_in(order_id: &OrderId) -> ApiError {
 /// node is known to: the use case then answers as it does alone). A call another node forwarded
 /// here runs here, or waits (`503`) while this node takes the order in.
 pub(super) async fn elsewhere(
-    state: &AppState,
+    state: &Shared,
     order_id: &OrderId,
     call: Call<'_>,
 ) -> Result<Option<Response>, ApiError> {
@@ -101,9 +108,7 @@ pub(super) async fn elsewhere(
     if call.forwarded {
         // The node that forwarded it found this node the owner (it may just have won the race
         // to adopt the order, and be taking it in).
-        return match owner.node == cluster.node()
-            && !crate::cluster::adoption::taken_in(cluster, state, order_id).await?
-        {
+        return match owner.node == cluster.node() && !taken_in(cluster, state, order_id).await? {
             true => Err(taking_in(order_id)),
             false => Ok(None),
         };
@@ -111,7 +116,11 @@ pub(super) async fn elsewhere(
     // A node gone for good: this node adopts the order now and the call runs here. Another call
     // (or node) may have adopted it first: then MySQL names the owner now.
     if owner.gone {
-        if crate::cluster::adoption::adopt_one(cluster, state, &owner.node, order_id).await? {
+        let (from, id) = (owner.node.clone(), order_id.clone());
+        let adopted = unbroken(cluster, state, move |cluster, state| async move {
+            adoption::adopt_one(&cluster, &state, &from, &id).await
+        });
+        if adopted.await? {
             return Ok(None);
         }
         if let Some(now) = forward::owner_of(cluster, order_id).await? {
@@ -119,7 +128,7 @@ pub(super) async fn elsewhere(
         }
     }
     if owner.node == cluster.node() {
-        return match crate::cluster::adoption::taken_in(cluster, state, order_id).await? {
+        return match taken_in(cluster, state, order_id).await? {
             true => Ok(None),
             false => Err(taking_in(order_id)),
         };
@@ -156,4 +165,56 @@ pub(super) async fn elsewhere(
         response.headers_mut().insert(header::RETRY_AFTER, seconds);
     }
     Ok(Some(response))
+}
+
+/// Whether `order_id`, which MySQL says this node owns, is in its engine now
+/// ([`adoption::taken_in`], which may take adopted orders in), run [`unbroken`].
+async fn taken_in(
+    cluster: &Arc<Cluster>,
+    state: &Shared,
+    order_id: &OrderId,
+) -> Result<bool, ClusterError> {
+    let id = order_id.clone();
+    unbroken(cluster, state, move |cluster, state| async move {
+        adoption::taken_in(&cluster, &state, &id).await
+    })
+    .await
+}
+
+/// Runs an adoption step in a task of its own and waits for it. A step moves orders to this node
+/// in MySQL first and into its engine after: run in the caller's future, a caller gone between the
+/// two (its future dropped) would leave orders this node owns in MySQL but not in memory, which
+/// nothing takes in again before a restart (their stock held, their payments unsettled).
+async fn unbroken<T: Send + 'static, F>(
+    cluster: &Arc<Cluster>,
+    state: &Shared,
+    step: impl FnOnce(Arc<Cluster>, Shared) -> F,
+) -> Result<T, ClusterError>
+where
+    F: Future<Output = Result<T, ClusterError>> + Send + 'static,
+{
+    let step = tokio::spawn(step(Arc::clone(cluster), Arc::clone(state)));
+    let mut waiting = CallerWaits { done: false };
+    let outcome = step.await;
+    waiting.done = true;
+    match outcome {
+        Ok(outcome) => outcome,
+        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+        // Cancelled: the runtime is shutting down.
+        Err(_) => Err(ClusterError::Journal(crate::journal::JournalError::Closed)),
+    }
+}
+
+/// A caller waiting for an adoption step: dropped while it waits, it says so (the step runs on).
+struct CallerWaits {
+    done: bool,
+}
+
+impl Drop for CallerWaits {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        tracing::info!("the caller of an adoption went away; the adoption runs on in its own task");
+    }
 }

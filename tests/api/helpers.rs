@@ -1432,6 +1432,9 @@ struct ProxyState {
     stall_at_commit: bool,
     /// Hold the next `COMMIT` a client sends, and what follows it on that connection only.
     hold_next_commit: bool,
+    /// Hold the next `COMMIT` of a transaction that sent these bytes (a table's name, say), as
+    /// `hold_next_commit` does.
+    hold_commit_after: Option<&'static [u8]>,
     /// The connection whose `COMMIT` is held, until released.
     holding: Option<u64>,
     /// Connections numbered below this are never forwarded again.
@@ -1505,6 +1508,13 @@ impl StallProxy {
             .send_modify(|state| state.hold_next_commit = true);
     }
 
+    /// Holds the next `COMMIT` of a transaction that sent `bytes` (in a statement's text: the
+    /// first use of a statement on its connection), as [`Self::hold_next_commit`] does.
+    pub fn hold_commit_after(&self, bytes: &'static [u8]) {
+        self.state
+            .send_modify(|state| state.hold_commit_after = Some(bytes));
+    }
+
     /// Whether a `COMMIT` is held now.
     pub fn holding(&self) -> bool {
         self.state.borrow().holding.is_some()
@@ -1542,6 +1552,8 @@ async fn pump(
 ) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut buffer = vec![0u8; 16 * 1024];
+    // Whether the transaction on this connection sent the bytes `hold_commit_after` names.
+    let mut sent_marked = false;
     loop {
         if state.wait_for(flowing).await.is_err() {
             return;
@@ -1559,9 +1571,11 @@ async fn pump(
             Ok(n) => n,
         };
         if let Some((number, control)) = control {
-            let commit = buffer[..n]
-                .windows(6)
-                .any(|w| w.eq_ignore_ascii_case(b"COMMIT"));
+            let read = &buffer[..n];
+            if let Some(marked) = control.borrow().hold_commit_after {
+                sent_marked |= read.windows(marked.len()).any(|w| w == marked);
+            }
+            let commit = read.windows(6).any(|w| w.eq_ignore_ascii_case(b"COMMIT"));
             if commit {
                 control.send_modify(|state| {
                     if state.stall_at_commit {
@@ -1572,7 +1586,12 @@ async fn pump(
                         state.holding = Some(number);
                         state.hold_next_commit = false;
                     }
+                    if sent_marked && state.hold_commit_after.is_some() {
+                        state.holding = Some(number);
+                        state.hold_commit_after = None;
+                    }
                 });
+                sent_marked = false;
             }
         }
         // What was read before a stop is held until it flows again.
