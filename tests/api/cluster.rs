@@ -535,6 +535,32 @@ async fn placed(
         .to_owned()
 }
 
+/// Sends the request until it is answered `status`, through `503`s (retry) only, for 30 s at most.
+async fn through_503s(
+    client: &mut crate::helpers::Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    status: u16,
+) {
+    eventually(
+        &format!("{method} {path} to be answered {status}"),
+        Duration::from_secs(30),
+        async || {
+            let answer = client.send(method, path, headers, body).await;
+            assert!(
+                answer.status == status || answer.status == 503,
+                "{method} {path}: {} {}",
+                answer.status,
+                String::from_utf8_lossy(&answer.body)
+            );
+            answer.status == status
+        },
+    )
+    .await;
+}
+
 /// `node`'s lease of `sku` in MySQL (0: none).
 async fn lease_units(pool: &sqlx::MySqlPool, node: &str, sku: &str) -> i64 {
     sqlx::query_scalar("SELECT units FROM stock_leases WHERE node_id = ? AND sku = ?")
@@ -1341,26 +1367,38 @@ async fn a_cancel_gone_mid_adoption_leaves_the_order_taken_in_by_the_adopter() {
     proxy.release_held();
 
     let mut on_b = b.client();
-    eventually(
-        "the order refunded through node b",
-        Duration::from_secs(30),
-        async || {
-            let answer = on_b.send("POST", &cancel, &[], "").await;
-            assert!(
-                answer.status == 200 || answer.status == 503,
-                "a cancel through the adopter: {} {}",
-                answer.status,
-                String::from_utf8_lossy(&answer.body)
-            );
-            answer.status == 200
-        },
-    )
-    .await;
+    through_503s(&mut on_b, "POST", &cancel, &[], "", 200).await;
     let answer = on_b.get(&format!("/v1/orders/{order}")).await.json();
     assert_eq!(answer["status"], "refunded", "{answer}");
     let (stock, _, reserved, sold) = on_b.stock("GONE").await;
     assert_eq!((stock, reserved, sold), (10, 0, 0));
     shop.assert_books_balance("GONE").await;
+}
+
+/// A checkout naming two products no one bought on this node yet: each line's refill must not give
+/// the other's units back as idle while it waits (they went back and forth until the checkout's
+/// refill wait ran out: `503` on every try). It is placed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkout_of_two_products_never_bought_here_is_placed() {
+    let shop = Shop::new("cluster-two-new", false).await;
+    let node = shop.node("node-a");
+    let mut client = node.client();
+    for sku in ["PAIR-1", "PAIR-2"] {
+        assert_eq!(client.put_product(sku, 100, 10).await.status, 200);
+        known_everywhere(&[&node], sku).await;
+    }
+    let body = serde_json::json!({
+        "items": [{"sku": "PAIR-1", "quantity": 1}, {"sku": "PAIR-2", "quantity": 1}],
+        "customer_id": "c",
+        "payment_token": "tok_ok",
+    })
+    .to_string();
+    let headers = [("Idempotency-Key", "pair")];
+    through_503s(&mut client, "POST", "/v1/checkout", &headers, &body, 201).await;
+    for sku in ["PAIR-1", "PAIR-2"] {
+        assert_eq!(client.stock(sku).await.3, 1, "{sku} sold once");
+        shop.assert_books_balance(sku).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
