@@ -401,11 +401,8 @@ pub async fn place(
                 // The guard first: a caller gone during the call (or a call whose answer was
                 // lost) gives back what the key may have claimed (only a claim of this key).
                 if let Some(ticket) = admitted.take() {
-                    let guard =
-                        Claimed::new(Arc::clone(&app.waiting_room), ticket.clone(), key.clone());
-                    app.waiting_room
-                        .claim(&ticket, &key, now_ms().saturating_mul(1000))
-                        .await?;
+                    let guard = Claimed::new(Arc::clone(&app.waiting_room), ticket, key.clone());
+                    guard.claim(now_ms().saturating_mul(1000)).await?;
                     claimed = Some(guard);
                 }
                 submission = Some(lock);
@@ -578,11 +575,12 @@ pub async fn place(
         }
         in_flight.disarm();
         if let Err(EngineError::OutOfStock { sku }) = &reserved {
-            if cluster.pool_has_units(sku) {
-                // Not sold out: the refill was slow (MySQL busy). Nothing kept under the key.
+            if !cluster.sold_out_everywhere(sku) {
+                // Not sold out: the refill was slow (MySQL busy), or the units are on other nodes
+                // that did not give some back in time. Nothing kept under the key.
                 app.engine.idempotency().abandon(&key);
                 return Err(CheckoutError::Overloaded(format!(
-                    "this node's units of {sku} ran out and its refill from the shared pool did not come in time; nothing was changed, retry"
+                    "this node's units of {sku} ran out and no refill (from the shared pool, or given back by another node) came in time; nothing was changed, retry"
                 )));
             }
         }

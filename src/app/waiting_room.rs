@@ -37,6 +37,7 @@ use crate::sync::lock;
 use hmac::{Hmac, Mac};
 use rustc_hash::FxHashMap;
 use sha2::Sha256;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The first byte of a ticket's payload.
@@ -178,6 +179,8 @@ pub struct WaitingRoom {
     /// expires (µs). Without Redis.
     uses: Mutex<Uses>,
     redis: Option<Arc<RedisStore>>,
+    /// Claims made by this process (each try's claim is told apart by its number).
+    claims: AtomicU64,
 }
 
 /// A ticket handed out.
@@ -205,6 +208,7 @@ impl WaitingRoom {
             queues: Mutex::default(),
             uses: Mutex::default(),
             redis,
+            claims: AtomicU64::new(0),
         })
     }
 
@@ -293,19 +297,20 @@ impl WaitingRoom {
         self.redis.is_some()
     }
 
-    /// Claims `ticket` for the checkout under `key`: once claimed by another key it is used. In
-    /// Redis if the room has it, else [`Self::claim_in_process`].
-    pub async fn claim(
+    /// Claims `ticket` for the checkout under `key` (this try of it: `nonce`): once claimed by
+    /// another key it is used. In Redis if the room has it, else [`Self::claim_in_process`].
+    async fn claim(
         &self,
         ticket: &Ticket,
         key: &IdempotencyKey,
+        nonce: &str,
         now_us: i64,
     ) -> Result<(), TicketError> {
         match &self.redis {
             Some(redis) => {
                 let ttl_ms = ((ticket.expires_us - now_us) / 1000).max(1);
                 match redis
-                    .claim_ticket(&ticket.sku, ticket.epoch, ticket.position, key, ttl_ms)
+                    .claim_ticket(&ticket.sku, ticket.epoch, ticket.position, key, nonce, ttl_ms)
                     .await?
                 {
                     TicketClaim::Claimed => Ok(()),
@@ -350,13 +355,14 @@ impl WaitingRoom {
     /// by the key's order (`used`), after which no checkout uses it again, not even under the same
     /// key once its answer is no longer kept. In the background with Redis (a claim not given back
     /// stays until the ticket expires: the buyer takes a new ticket).
-    pub fn end_claim(&self, ticket: &Ticket, key: &IdempotencyKey, used: bool) {
+    fn end_claim(&self, ticket: &Ticket, key: &IdempotencyKey, nonce: &str, used: bool) {
         match &self.redis {
             Some(redis) => redis.end_ticket_claim(
                 ticket.sku.clone(),
                 ticket.epoch,
                 ticket.position,
                 key.clone(),
+                nonce.to_owned(),
                 used,
             ),
             None => {
@@ -379,22 +385,39 @@ impl WaitingRoom {
 
 /// A claimed ticket: given back when dropped, unless [`Self::used`] (the checkout placed an
 /// order) or [`Self::keep`] (its outcome is unknown: its key's retry claims it again) was called.
+/// Each try claims with a nonce of its own, and gives back only its own claim: a late give-back of
+/// an earlier try under the same key (in the background, with Redis) never frees a retry's claim.
 pub struct Claimed {
     room: Arc<WaitingRoom>,
     ticket: Ticket,
     key: IdempotencyKey,
+    nonce: String,
     kept: bool,
 }
 
 impl Claimed {
-    /// A claim of `ticket` by `key`, given back when dropped.
+    /// A claim of `ticket` by `key` (not made yet: [`Self::claim`]), given back when dropped.
     pub fn new(room: Arc<WaitingRoom>, ticket: Ticket, key: IdempotencyKey) -> Self {
+        let nonce = format!(
+            "{:x}.{:x}",
+            room.epoch,
+            room.claims.fetch_add(1, Ordering::Relaxed)
+        );
         Self {
             room,
             ticket,
             key,
+            nonce,
             kept: false,
         }
+    }
+
+    /// Claims the ticket: once claimed by another key it is used. In Redis if the room has it,
+    /// else in this process ([`WaitingRoom::claim_in_process`]).
+    pub async fn claim(&self, now_us: i64) -> Result<(), TicketError> {
+        self.room
+            .claim(&self.ticket, &self.key, &self.nonce, now_us)
+            .await
     }
 
     /// The claim stays as it is: the key's retry may claim the ticket again.
@@ -405,14 +428,16 @@ impl Claimed {
     /// The key's order was placed: the ticket is used for good.
     pub fn used(mut self) {
         self.kept = true;
-        self.room.end_claim(&self.ticket, &self.key, true);
+        self.room
+            .end_claim(&self.ticket, &self.key, &self.nonce, true);
     }
 }
 
 impl Drop for Claimed {
     fn drop(&mut self) {
         if !self.kept {
-            self.room.end_claim(&self.ticket, &self.key, false);
+            self.room
+                .end_claim(&self.ticket, &self.key, &self.nonce, false);
         }
     }
 }

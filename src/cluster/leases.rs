@@ -25,7 +25,7 @@
 //! [`BLOCK_FLOOR_MAX`], so a deep stock is taken in blocks that serve many sales — never more than
 //! an even share of a small pool (so the end of a sale is not stranded on one node). A checkout
 //! that finds the lease dry while the pool has units asks for a refill at once and waits for it
-//! briefly ([`super::Cluster::refill`]). A SKU that sold nothing (and had no buyer waiting) for [`IDLE`] gives back everything
+//! briefly ([`super::Cluster::refill`]). A SKU that sold nothing (and had no buyer waiting for a grant the pool can give) for [`IDLE`] gives back everything
 //! it holds for sale (for [`IDLE_LONG`] while the pool is [`PLENTY`] times that: then its units
 //! strand nothing, and a shop of many slow SKUs does not take and give a block per sale); a lease far above its
 //! aim gives back the excess; a lowered stock's recall and another node's hunger (dry, with an
@@ -397,14 +397,16 @@ async fn tick(
         let consumed = (taken - entry.taken).max(0);
         entry.taken = taken;
         let wanted = signal.wanted.swap(false, Ordering::AcqRel);
-        // A buyer waiting for units counts as a sale: a checkout of several SKUs holds none of
-        // them until every one has units, so the first one's refill must not go back as idle
-        // while the next one's comes (they went back and forth until the checkout gave up).
-        if consumed > 0 || wanted || signal.waiting.load(Ordering::Acquire) > 0 {
+        let pool = signal.units.load(Ordering::Acquire);
+        // A buyer waiting for a grant the pool can give counts as a sale: a checkout of several
+        // SKUs holds none of them until every one has units, so the first one's grant must not go
+        // back as idle while the next one's comes (they went back and forth until the checkout
+        // gave up). With the pool empty it does not: units too few here for the buyers who wait
+        // go back once idle, so another node's grant can gather them.
+        if consumed > 0 || (wanted && pool > 0) {
             entry.last_sale = now;
         }
         entry.rate = 0.7 * entry.rate + 0.3 * (consumed as f64 / elapsed);
-        let pool = signal.units.load(Ordering::Acquire);
         let floor = (pool / POOL_SHARE).clamp(BLOCK_MIN, BLOCK_FLOOR_MAX);
         let aim = ((entry.rate * HORIZON.as_secs_f64()).ceil() as i64).clamp(floor, BLOCK_MAX);
         let plentiful = pool >= PLENTY * view.available.max(BLOCK_MIN);

@@ -360,16 +360,6 @@ impl Cluster {
         })
     }
 
-    /// Whether the pool of `sku` held units at the last look: a checkout that found this node's
-    /// lease dry past its refill wait is then told to retry (`503`), not that the shop is sold
-    /// out.
-    pub fn pool_has_units(&self, sku: &Sku) -> bool {
-        self.signals
-            .load()
-            .get(sku)
-            .is_some_and(|signal| signal.units.load(Ordering::Acquire) > 0)
-    }
-
     /// `Err` when this node must not record anything now: fenced, or its last renewal older
     /// than `--lease-ttl` (paused, or cut off from MySQL: meanwhile another node may have
     /// presumed it dead, or an operator forgotten it, and given its lease away). It records again

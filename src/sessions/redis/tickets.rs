@@ -42,26 +42,35 @@ return {epoch, position, text}
 ";
 
 /// Claims a ticket. KEYS[1] = its queue, KEYS[2] = its claim; ARGV = its epoch, the key, the
-/// claim's TTL in ms. The claim is the key while its checkout runs (the same key claims again: a
-/// retry), `u <key>` once the key's order is placed (a key has no space: no key is ever equal to a
-/// used mark) (used: a retry under the key is a replay
-/// while the key's answer is kept, and past that the ticket stays used).
+/// claim's TTL in ms, the try's nonce. The claim is `c <key> <nonce>` while a checkout under the
+/// key runs (the same key claims again, a retry: the claim becomes the retry's, so an earlier
+/// try's late give-back misses it), `u <key>` once the key's order is placed (a key has no space:
+/// the two forms never meet) (used: a retry under the key is a replay while the key's answer is
+/// kept, and past that the ticket stays used). A bare `<key>` is a claim of an earlier version.
 const CLAIM: &str = r"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'stale' end
-local there = redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3], 'GET')
-if not there or there == ARGV[2] then return 'claimed' end
-return 'used'
+local mine = 'c ' .. ARGV[2] .. ' '
+local there = redis.call('GET', KEYS[2])
+if there and there ~= ARGV[2] and string.sub(there, 1, #mine) ~= mine then return 'used' end
+redis.call('SET', KEYS[2], mine .. ARGV[4], 'PX', ARGV[3])
+return 'claimed'
 ";
 
-/// Marks a claim used by its key's order. KEYS[1] = the claim; ARGV[1] = the key.
+/// Marks a claim used by its key's order. KEYS[1] = the claim; ARGV[1] = the key (any try's
+/// claim under it: only one try of a key places its order).
 const USED: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('SET', KEYS[1], 'u ' .. ARGV[1], 'KEEPTTL') end
+local mine = 'c ' .. ARGV[1] .. ' '
+local there = redis.call('GET', KEYS[1])
+if there and (there == ARGV[1] or string.sub(there, 1, #mine) == mine) then
+  redis.call('SET', KEYS[1], 'u ' .. ARGV[1], 'KEEPTTL')
+end
 return 1
 ";
 
-/// Gives a claim back if it is still the key's. KEYS[1] = the claim; ARGV[1] = the key.
+/// Gives a claim back if it is still this try's. KEYS[1] = the claim; ARGV = the key, the nonce.
 const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+local there = redis.call('GET', KEYS[1])
+if there == 'c ' .. ARGV[1] .. ' ' .. ARGV[2] or there == ARGV[1] then redis.call('DEL', KEYS[1]) end
 return 1
 ";
 
@@ -125,13 +134,14 @@ impl RedisStore {
         ))
     }
 
-    /// Claims a ticket for `key` until `ttl_ms` from now.
+    /// Claims a ticket for `key` (its try `nonce`) until `ttl_ms` from now.
     pub async fn claim_ticket(
         &self,
         sku: &Sku,
         epoch: u64,
         position: u64,
         key: &IdempotencyKey,
+        nonce: &str,
         ttl_ms: i64,
     ) -> Result<TicketClaim, StoreError> {
         let claim = self.claim_key(sku, epoch, position);
@@ -140,7 +150,8 @@ impl RedisStore {
             .key(&claim)
             .arg(epoch.to_string())
             .arg(key.as_str())
-            .arg(ttl_ms.max(1));
+            .arg(ttl_ms.max(1))
+            .arg(nonce);
         let found: String = self.run(&claim, &invocation).await?;
         match found.as_str() {
             "claimed" => Ok(TicketClaim::Claimed),
@@ -153,14 +164,16 @@ impl RedisStore {
         }
     }
 
-    /// Gives `key`'s claim of a ticket back (`used`: false), or marks it used by the key's order
-    /// (`used`: true), in the background (a claim not given back stays until its ticket expires).
+    /// Gives the claim of a ticket by `key`'s try `nonce` back (`used`: false), or marks it used
+    /// by the key's order (`used`: true), in the background (a claim not given back stays until
+    /// its ticket expires).
     pub fn end_ticket_claim(
         self: &Arc<Self>,
         sku: Sku,
         epoch: u64,
         position: u64,
         key: IdempotencyKey,
+        nonce: String,
         used: bool,
     ) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -175,6 +188,9 @@ impl RedisStore {
             };
             let mut invocation = script.key(&claim);
             invocation.arg(key.as_str());
+            if !used {
+                invocation.arg(&nonce);
+            }
             if let Err(error) = store.run::<i64>(&claim, &invocation).await {
                 tracing::warn!(%error, %sku, position, used, "could not end a ticket's claim; it stays as it is until the ticket expires");
             }
