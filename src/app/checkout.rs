@@ -401,7 +401,8 @@ pub async fn place(
                 // The guard first: a caller gone during the call (or a call whose answer was
                 // lost) gives back what the key may have claimed (only a claim of this key).
                 if let Some(ticket) = admitted.take() {
-                    let guard = Claimed::new(Arc::clone(&app.waiting_room), ticket, key.clone());
+                    let mut guard =
+                        Claimed::new(Arc::clone(&app.waiting_room), ticket, key.clone());
                     guard.claim(now_ms().saturating_mul(1000)).await?;
                     claimed = Some(guard);
                 }
@@ -575,7 +576,16 @@ pub async fn place(
         }
         in_flight.disarm();
         if let Err(EngineError::OutOfStock { sku }) = &reserved {
-            if !cluster.sold_out_everywhere(sku) {
+            let units = lines
+                .iter()
+                .filter(|(line, _)| line == sku)
+                .map(|(_, quantity)| quantity.get())
+                .sum();
+            let inventory = app.engine.inventory();
+            let here = inventory
+                .lookup(sku)
+                .map_or(0, |index| inventory.view(index).available);
+            if cluster.may_serve(sku, units, here) {
                 // Not sold out: the refill was slow (MySQL busy), or the units are on other nodes
                 // that did not give some back in time. Nothing kept under the key.
                 app.engine.idempotency().abandon(&key);

@@ -299,13 +299,14 @@ impl WaitingRoom {
 
     /// Claims `ticket` for the checkout under `key` (this try of it: `nonce`): once claimed by
     /// another key it is used. In Redis if the room has it, else [`Self::claim_in_process`].
+    /// `true` when it took over an earlier try's claim under the key.
     async fn claim(
         &self,
         ticket: &Ticket,
         key: &IdempotencyKey,
         nonce: &str,
         now_us: i64,
-    ) -> Result<(), TicketError> {
+    ) -> Result<bool, TicketError> {
         match &self.redis {
             Some(redis) => {
                 let ttl_ms = ((ticket.expires_us - now_us) / 1000).max(1);
@@ -313,7 +314,8 @@ impl WaitingRoom {
                     .claim_ticket(&ticket.sku, ticket.epoch, ticket.position, key, nonce, ttl_ms)
                     .await?
                 {
-                    TicketClaim::Claimed => Ok(()),
+                    TicketClaim::Claimed => Ok(false),
+                    TicketClaim::Retaken => Ok(true),
                     TicketClaim::Used => Err(used()),
                     TicketClaim::Stale => Err(TicketError::Invalid(
                         "this Admission-Ticket's queue is gone (its store was emptied): take a new one"
@@ -321,7 +323,7 @@ impl WaitingRoom {
                     )),
                 }
             }
-            None => self.claim_in_process(ticket, key, now_us),
+            None => self.claim_in_process(ticket, key, now_us).map(|()| false),
         }
     }
 
@@ -413,11 +415,17 @@ impl Claimed {
     }
 
     /// Claims the ticket: once claimed by another key it is used. In Redis if the room has it,
-    /// else in this process ([`WaitingRoom::claim_in_process`]).
-    pub async fn claim(&self, now_us: i64) -> Result<(), TicketError> {
-        self.room
+    /// else in this process ([`WaitingRoom::claim_in_process`]). A claim taken over from an
+    /// earlier try under the key is never given back (it expires with the ticket): that try may
+    /// have placed the key's order on a node that died before marking the ticket used, and a
+    /// give-back would free the ticket for another key.
+    pub async fn claim(&mut self, now_us: i64) -> Result<(), TicketError> {
+        let retaken = self
+            .room
             .claim(&self.ticket, &self.key, &self.nonce, now_us)
-            .await
+            .await?;
+        self.kept |= retaken;
+        Ok(())
     }
 
     /// The claim stays as it is: the key's retry may claim the ticket again.

@@ -194,7 +194,8 @@ pub async fn at_start(cluster: &Cluster) -> Result<Vec<Product>, ClusterError> {
 /// Applies a read of the catalogue to this node: products to the engine, pools to the signals.
 fn take_in(cluster: &Cluster, engine: &Engine, shop: FxHashMap<Sku, ShopCounts>) {
     for (sku, counts) in shop.iter() {
-        engine.catalogue_product(counts.product.clone());
+        // The signal first, with this read's counts: a checkout of a product the engine knows
+        // finds its pool's signal as this read saw it.
         let signal = cluster.signal(sku);
         // Only live nodes' units: a dead node's (write-behind, or not settled yet) come back
         // by other means, and the sold-out flood must not wait for them.
@@ -203,6 +204,7 @@ fn take_in(cluster: &Cluster, engine: &Engine, shop: FxHashMap<Sku, ShopCounts>)
             Ordering::Release,
         );
         let before = signal.units.swap(counts.pool, Ordering::AcqRel);
+        engine.catalogue_product(counts.product.clone());
         if before <= 0 && counts.pool > 0 {
             // Units came back to the pool (a restock, a node's return): a node whose lease ran
             // dry takes some at once.

@@ -352,6 +352,27 @@ impl Cluster {
             .map_or(0, |signal| signal.returning.load(Ordering::Acquire))
     }
 
+    /// Whether the whole shop may hold `units` of `sku` for sale, as this node last saw it: the
+    /// pool, the other live nodes' unsold units (as they last reported) and `here` (this node's
+    /// own for sale) together. A checkout whose lease ran dry and whose refill did not come in
+    /// time is told to retry (`503`) if so, and that the SKU is out of stock (`409`, kept) if not:
+    /// a line asking more than the shop has left is refused, not sent round again.
+    pub fn may_serve(&self, sku: &Sku, units: i64, here: i64) -> bool {
+        let Some(signal) = self.signals.load().get(sku).cloned() else {
+            return false;
+        };
+        let pool = signal.units.load(Ordering::Acquire).max(0);
+        let elsewhere = self
+            .shop
+            .load()
+            .get(sku)
+            .map_or(0, |counts| counts.live_unsold_elsewhere.max(0));
+        // Just after this node's grant emptied the pool the catalogue's count of the others' is
+        // older than the grant: units there are assumed until it is read again.
+        let unknown = signal.elsewhere.load(Ordering::Acquire) && elsewhere == 0;
+        unknown || pool + elsewhere + here.max(0) >= units
+    }
+
     /// Whether `sku` is sold out in the whole shop as this node last saw it: the pool empty and no
     /// live node holding units for sale.
     pub fn sold_out_everywhere(&self, sku: &Sku) -> bool {

@@ -325,3 +325,54 @@ async fn a_used_ticket_stays_used_after_its_keys_answer_expires() {
     .await;
     assert_eq!(client.stock("RET").await.3, 1, "one order");
 }
+
+/// With Redis, a try that takes over an earlier try's claim under its key never gives it back:
+/// that try may have placed the key's order on a node that died before marking the ticket used
+/// (here its claim is planted in Redis). The taking try's declined payment leaves the ticket the
+/// key's, so another key cannot buy with it (found by attack: the give-back freed it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_a_claim_taken_over_from_an_earlier_try_is_never_given_back() {
+    let redis = crate::helpers::TestRedis::create("ticket-retaken").await;
+    let app = spawn_app(&redis.args().iter().map(String::as_str).collect::<Vec<_>>());
+    let mut client = app.client();
+    put_queued(&mut client, "HELD", 10, 1_000).await;
+    let (ticket, position) = take(&mut client, "HELD").await;
+    admitted(&mut client, &ticket).await;
+    let mut connection = redis.connection().await;
+    let queue = format!("{}queue:HELD", redis.prefix);
+    let epoch: String = redis::cmd("HGET")
+        .arg(&queue)
+        .arg("epoch")
+        .query_async(&mut connection)
+        .await
+        .expect("the queue's epoch");
+    let claim = format!("{queue}/{epoch}/{position}");
+    let () = redis::cmd("SET")
+        .arg(&claim)
+        .arg("c k1 an-earlier-try")
+        .arg("PX")
+        .arg(600_000)
+        .query_async(&mut connection)
+        .await
+        .expect("plant the earlier try's claim");
+
+    let (code, body, _) = buy(&mut client, "HELD", "k1", Some(&ticket), "tok_decline").await;
+    assert_eq!(code, 402, "{body}");
+    let (code, body, _) = buy(&mut client, "HELD", "k2", Some(&ticket), "tok_ok").await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (403, Some("invalid_ticket")),
+        "another key bought with a ticket its key may have used: {body}"
+    );
+    let held: Option<String> = redis::cmd("GET")
+        .arg(&claim)
+        .query_async(&mut connection)
+        .await
+        .expect("the claim");
+    let held = held.expect("the key's claim is kept");
+    assert!(
+        held.starts_with("c k1 ") && held != "c k1 an-earlier-try",
+        "{held}"
+    );
+    assert_eq!(client.stock("HELD").await.3, 0, "nothing sold");
+}

@@ -12,8 +12,11 @@ use super::*;
 /// What a ticket's claim found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TicketClaim {
-    /// Claimed for this key (now, or by an earlier try under the same key).
+    /// Claimed for this key.
     Claimed,
+    /// Claimed for this key, over an earlier try's claim under it (that try may have placed the
+    /// key's order on a node that died before marking the ticket used).
+    Retaken,
     /// Another key uses it.
     Used,
     /// Its queue is not the one Redis holds (Redis lost it, and with it the ticket's claims).
@@ -47,12 +50,19 @@ return {epoch, position, text}
 /// try's late give-back misses it), `u <key>` once the key's order is placed (a key has no space:
 /// the two forms never meet) (used: a retry under the key is a replay while the key's answer is
 /// kept, and past that the ticket stays used). A bare `<key>` is a claim of an earlier version.
+/// A claim's life is never shortened (a node's clock running fast must not end it early).
 const CLAIM: &str = r"
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return 'stale' end
 local mine = 'c ' .. ARGV[2] .. ' '
 local there = redis.call('GET', KEYS[2])
 if there and there ~= ARGV[2] and string.sub(there, 1, #mine) ~= mine then return 'used' end
-redis.call('SET', KEYS[2], mine .. ARGV[4], 'PX', ARGV[3])
+local ttl = tonumber(ARGV[3])
+if there then
+  local left = redis.call('PTTL', KEYS[2])
+  if left > ttl then ttl = left end
+end
+redis.call('SET', KEYS[2], mine .. ARGV[4], 'PX', ttl)
+if there then return 'retaken' end
 return 'claimed'
 ";
 
@@ -155,6 +165,7 @@ impl RedisStore {
         let found: String = self.run(&claim, &invocation).await?;
         match found.as_str() {
             "claimed" => Ok(TicketClaim::Claimed),
+            "retaken" => Ok(TicketClaim::Retaken),
             "used" => Ok(TicketClaim::Used),
             "stale" => Ok(TicketClaim::Stale),
             other => Err(StoreError::Unexpected {
