@@ -649,13 +649,20 @@ impl TestBroker {
         Self::create_on(AMQP_URL, name).await
     }
 
-    /// An exchange and a queue of the test's own on the broker at `url`.
+    /// An exchange and a queue of the test's own on the broker at `url`. A broker still booting
+    /// (it takes TCP connections and closes them until it is up: a private one just started) is
+    /// asked again, for 60 s.
     pub async fn create_on(url: &str, name: &str) -> Self {
-        let connection = lapin::Connection::connect(url, lapin::ConnectionProperties::default())
-            .await
-            .unwrap_or_else(|e| {
-                panic!("RabbitMQ at {url} is not reachable ({e}): start it with `rabbitmq-server -detached`")
-            });
+        let started = Instant::now();
+        let connection = loop {
+            match lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await {
+                Ok(connection) => break connection,
+                Err(e) if started.elapsed() > Duration::from_secs(60) => {
+                    panic!("RabbitMQ at {url} is not reachable ({e}): start it with `rabbitmq-server -detached`")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        };
         let channel = connection.create_channel().await.expect("channel");
         let unique = format!(
             "test.{name}.{}.{}",
