@@ -1401,6 +1401,33 @@ async fn a_checkout_of_two_products_never_bought_here_is_placed() {
     }
 }
 
+/// A line asking more units than the whole shop has left, on a node whose lease is dry while the
+/// other node holds the rest: refused `409 out_of_stock` (kept: the key's retry replays it), not
+/// told to retry round after round (found by attack on the dry node's `503`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_line_asking_more_than_the_shop_has_left_is_out_of_stock_on_a_dry_node() {
+    let shop = Shop::new("cluster-too-many", false).await;
+    let [a, b] = [shop.node("node-a"), shop.node("node-b")];
+    assert_eq!(a.client().put_product("FEW", 100, 5).await.status, 200);
+    known_everywhere(&[&a, &b], "FEW").await;
+    placed(&mut b.client(), "few-1", "FEW", 1, "tok_ok", 201).await;
+    let body = serde_json::json!({
+        "items": [{"sku": "FEW", "quantity": 5}],
+        "customer_id": "c",
+        "payment_token": "tok_ok",
+    })
+    .to_string();
+    let headers = [("Idempotency-Key", "few-2")];
+    let mut on_a = a.client();
+    through_503s(&mut on_a, "POST", "/v1/checkout", &headers, &body, 409).await;
+    let again = on_a.send("POST", "/v1/checkout", &headers, &body).await;
+    assert_eq!((again.status, again.replayed), (409, true));
+    assert_eq!(again.json()["error"], "out_of_stock");
+    // The four left are still for sale, one at a time.
+    sell_out(&[&a, &b], "FEW", 5, 1, "few-rest").await;
+    shop.assert_books_balance("FEW").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_publish_events_whose_ids_name_their_node() {
     let shop = Shop::new("cluster-events", false).await;
