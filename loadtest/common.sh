@@ -15,6 +15,15 @@ turnstile_bin() {
     echo target/release/turnstile
   fi
 }
+# abba_rounds ROUNDS FILE: ROUNDS rounds of `run A` and `run B` (the caller's function), in the order
+# A B, then B A, ...; each line prefixed "round N " and appended to FILE (read by abba_summary).
+abba_rounds() {
+  local round label order
+  for round in $(seq 1 "$1"); do
+    order="A B"; (( round % 2 == 0 )) && order="B A"
+    for label in $order; do run "$label" | sed "s/^/round $round /" | tee -a "$2"; done
+  done
+}
 # abba_summary FILE RPS_FIELD: the medians and each pair's B/A of an ABBA run's lines in FILE
 # ("round N A|B ... <req/s at field RPS_FIELD> ... <CPU> us/request"): throughput and server CPU per
 # request.

@@ -49,10 +49,7 @@ run() { # A or B
 }
 echo "machine: $(nproc) cores; server $url (release build); wrk 1 thread, 64 connections, $duration per run; A: checkouts of the sold-out SKU, B: of a queued SKU without a ticket"
 out="$dir/runs"
-for round in $(seq 1 "$rounds"); do
-  order="A B"; (( round % 2 == 0 )) && order="B A"
-  for label in $order; do run "$label" | sed "s/^/round $round /" | tee -a "$out"; done
-done
+abba_rounds "$rounds" "$out"
 # One check of what B was answered.
 python3 - "$addr" <<'PY'
 import http.client, json, sys

@@ -60,8 +60,5 @@ run() { # A or B
 }
 echo "machine: $(nproc) cores; server $url (release build); wrk 1 thread, 64 connections, $duration per run; B holds $streams streams on the sold-out SKU"
 out="$dir/runs"
-for round in $(seq 1 "$rounds"); do
-  order="A B"; (( round % 2 == 0 )) && order="B A"
-  for label in $order; do run "$label" | sed "s/^/round $round /" | tee -a "$out"; done
-done
+abba_rounds "$rounds" "$out"
 abba_summary "$out" 6
